@@ -1,0 +1,19 @@
+"""fastmaml: MAML's inner loop and exact meta-gradient for many tasks at once, in fused kernels.
+
+Public API (see README.md and docs/):
+    maml(params, x_support, y_support, x_query, y_query, ...) -> MAMLOutput
+    adapt(params, x_support, y_support, ...) -> adapted params, each [T, *shape]
+    mlp(batched_params, x, activation) -> [T, N, D_out]
+    reptile(params, x, y, ...) -> meta-direction, one tensor per param
+    MAML(model, ...)  the drop-in nn.Module
+    explain(...)      which backend `auto` picks and why
+    list_backends()   the registered backend names
+"""
+
+from .api import MAMLOutput, adapt, explain, maml, mlp, reptile
+from .dispatch import list_backends
+from .nn import MAML
+
+__version__ = "0.1.0"
+
+__all__ = ["MAML", "MAMLOutput", "adapt", "explain", "list_backends", "maml", "mlp", "reptile", "__version__"]

@@ -1,0 +1,39 @@
+"""The MLP and the two losses, written once for the reference path, the public `mlp` and the tests.
+
+Layout (nn.Linear): `params = [W1, b1, ..., WL, bL]`, `W_l [out, in]`, `b_l [out]`, optionally with
+leading batch (task) dimensions on every tensor. Hidden layers use the activation, the last is linear.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+}
+LOSSES = ("mse", "cross_entropy")
+
+
+def mlp_forward(params: Sequence[torch.Tensor], x: torch.Tensor, activation: str) -> torch.Tensor:
+    """Evaluate the MLP. `x [..., N, D_in]` -> `[..., N, D_out]`; params may carry the same leading dims."""
+    act = ACTIVATIONS[activation]
+    h = x
+    n_layers = len(params) // 2
+    for layer in range(n_layers):
+        weight, bias = params[2 * layer], params[2 * layer + 1]
+        h = torch.matmul(h, weight.transpose(-1, -2)) + bias.unsqueeze(-2)
+        if layer < n_layers - 1:
+            h = act(h)
+    return h
+
+
+def task_loss(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Loss of one task. mse: `out, target [N, D]`, mean over points and dims; cross_entropy:
+    `out [N, C]` logits, `target [N]` int64, mean over points."""
+    if loss == "mse":
+        return F.mse_loss(out, target)
+    return F.cross_entropy(out, target)

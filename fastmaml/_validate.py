@@ -1,0 +1,354 @@
+"""Input validation and normalisation for the public API.
+
+Every public function turns its arguments into a `Problem` here, so the backends see one checked,
+normalised form: the inner learning rates as one tensor per parameter viewed as `[K, *param.shape]`,
+the query-loss weights as `[K + 1]` or `None`, and the sizes `T, Ns, Nq, dims`. Bad input raises
+`ValueError` (wrong value or shape) or `TypeError` (wrong type or dtype) naming the argument and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ._mlp import ACTIVATIONS, LOSSES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Problem:
+    """A validated call. `params` are the user's tensors (autograd flows through them).
+
+    For an MLP problem `forward is None` and `dims = [D_in, D_1, ..., D_out]`; for a generic module
+    (`fastmaml.MAML` on a non-MLP), `forward(params, x)` evaluates one task and `dims` is `None`.
+    """
+
+    params: list[torch.Tensor]
+    x_support: torch.Tensor
+    y_support: torch.Tensor
+    x_query: Optional[torch.Tensor]
+    y_query: Optional[torch.Tensor]
+    inner_steps: int
+    inner_lr: list[torch.Tensor]  # one per param, each viewed as [K, *param.shape]
+    first_order: bool
+    activation: str
+    loss: str
+    query_loss_weights: Optional[torch.Tensor]  # [K + 1] or None (= only the last step)
+    dims: Optional[list[int]] = None
+    forward: Optional[Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]] = None
+    inner_lr_is_float: bool = False  # True when the rate was given as a Python number
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.x_support.shape[0]
+
+    @property
+    def n_support(self) -> int:
+        return self.x_support.shape[1]
+
+    @property
+    def n_query(self) -> int:
+        return 0 if self.x_query is None else self.x_query.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def is_mlp(self) -> bool:
+        return self.forward is None
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether autograd will need gradients from this call."""
+        if not torch.is_grad_enabled():
+            return False
+        tensors = list(self.params) + list(self.inner_lr) + [self.x_support]
+        if self.x_query is not None:
+            tensors.append(self.x_query)
+        if self.query_loss_weights is not None:
+            tensors.append(self.query_loss_weights)
+        return any(t.requires_grad for t in tensors)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_tensor(name: str, t: Any) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_params(params: Any) -> list[int]:
+    """Check `[W1, b1, ..., WL, bL]` (nn.Linear layout) and return `dims = [D_in, D_1, ..., D_out]`."""
+    if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
+        raise TypeError("params must be a sequence of tensors [W1, b1, ..., WL, bL]")
+    params = list(params)
+    if len(params) == 0 or len(params) % 2 != 0:
+        raise ValueError(
+            f"params must hold an even, non-zero number of tensors [W1, b1, ..., WL, bL], got {len(params)}"
+        )
+    for i, p in enumerate(params):
+        _check_tensor(f"params[{i}]", p)
+        if p.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"params[{i}] must be a floating-point tensor, got dtype {p.dtype}")
+    dtype, device = params[0].dtype, params[0].device
+    for i, p in enumerate(params):
+        if p.dtype != dtype:
+            raise TypeError(f"params[{i}] has dtype {p.dtype} but params[0] has {dtype}: all must match")
+        if p.device != device:
+            raise ValueError(f"params[{i}] is on {p.device} but params[0] is on {device}: all must match")
+    dims = []
+    for layer in range(len(params) // 2):
+        w, b = params[2 * layer], params[2 * layer + 1]
+        if w.dim() != 2:
+            raise ValueError(f"params[{2 * layer}] (W{layer + 1}) must be [out, in], got shape {_shape(w)}")
+        if b.dim() != 1 or b.shape[0] != w.shape[0]:
+            raise ValueError(
+                f"params[{2 * layer + 1}] (b{layer + 1}) must be [{w.shape[0]}] to match W{layer + 1} "
+                f"{_shape(w)}, got shape {_shape(b)}"
+            )
+        if layer == 0:
+            dims.append(w.shape[1])
+        elif w.shape[1] != dims[-1]:
+            raise ValueError(
+                f"params[{2 * layer}] (W{layer + 1}) must be [out, {dims[-1]}] to chain with the previous "
+                f"layer's {dims[-1]} outputs, got shape {_shape(w)}"
+            )
+        dims.append(w.shape[0])
+    if min(dims) < 1:
+        raise ValueError(f"params: every layer width must be at least 1, got dims {dims}")
+    return dims
+
+
+def check_inner_steps(inner_steps: Any) -> int:
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral):
+        raise TypeError(f"inner_steps must be an int >= 0, got {type(inner_steps).__name__}")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    return int(inner_steps)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _check_like(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} (the dtype of params)")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of params)")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.detach()).all())
+
+
+def check_inner_lr(
+    inner_lr: Any, params: Sequence[torch.Tensor], K: int
+) -> tuple[list[torch.Tensor], bool]:
+    """Normalise `inner_lr` to one tensor per param viewed as `[K, *param.shape]` (expand: no copy).
+
+    Accepted: a finite number; a tensor broadcastable to `[K]` (scalar, `[1]` or `[K]`); a sequence of
+    `len(params)` tensors, tensor `i` broadcastable to `[K, *params[i].shape]`.
+    """
+    dtype, device = params[0].dtype, params[0].device
+    if isinstance(inner_lr, bool):
+        raise TypeError("inner_lr must be a float, a tensor or a sequence of tensors, got bool")
+    if isinstance(inner_lr, numbers.Real):
+        if not math.isfinite(float(inner_lr)):
+            raise ValueError(f"inner_lr must be finite, got {inner_lr}")
+        rate = torch.full((K,), float(inner_lr), dtype=dtype, device=device)
+        return [rate.view(K, *([1] * p.dim())).expand(K, *p.shape) for p in params], True
+    if isinstance(inner_lr, torch.Tensor):
+        _check_like("inner_lr", inner_lr, dtype, device)
+        if inner_lr.dim() > 1 or (inner_lr.dim() == 1 and inner_lr.shape[0] not in (1, K)):
+            raise ValueError(
+                f"inner_lr as one tensor must broadcast to [K] = [{K}] (a scalar, [1] or [{K}]), "
+                f"got shape {_shape(inner_lr)}; give a sequence of tensors for per-parameter rates"
+            )
+        if not _all_finite(inner_lr):
+            raise ValueError("inner_lr must be finite, got a tensor with inf or nan")
+        rate = inner_lr.reshape(-1).expand(K)
+        return [rate.view(K, *([1] * p.dim())).expand(K, *p.shape) for p in params], False
+    if isinstance(inner_lr, Sequence) and not isinstance(inner_lr, str):
+        rates = list(inner_lr)
+        if len(rates) != len(params):
+            raise ValueError(
+                f"inner_lr as a sequence must hold one tensor per param ({len(params)}), got {len(rates)}"
+            )
+        out = []
+        for i, (r, p) in enumerate(zip(rates, params)):
+            _check_tensor(f"inner_lr[{i}]", r)
+            _check_like(f"inner_lr[{i}]", r, dtype, device)
+            target = (K, *p.shape)
+            try:
+                if torch.broadcast_shapes(r.shape, target) != torch.Size(target):
+                    raise RuntimeError
+            except RuntimeError:
+                raise ValueError(
+                    f"inner_lr[{i}] must broadcast to [K, *params[{i}].shape] = "
+                    f"[{', '.join(map(str, target))}], got shape {_shape(r)}"
+                ) from None
+            if not _all_finite(r):
+                raise ValueError(f"inner_lr[{i}] must be finite, got a tensor with inf or nan")
+            out.append(r.expand(target))
+        return out, False
+    raise TypeError(
+        f"inner_lr must be a float, a tensor or a sequence of tensors, got {type(inner_lr).__name__}"
+    )
+
+
+def check_query_loss_weights(w: Any, K: int, dtype: torch.dtype, device: torch.device):
+    if w is None:
+        return None
+    _check_tensor("query_loss_weights", w)
+    _check_like("query_loss_weights", w, dtype, device)
+    if w.shape != (K + 1,):
+        raise ValueError(
+            f"query_loss_weights must be [inner_steps + 1] = [{K + 1}], got shape {_shape(w)}"
+        )
+    if not _all_finite(w):
+        raise ValueError("query_loss_weights must be finite, got a tensor with inf or nan")
+    return w
+
+
+def check_data(
+    name_x: str,
+    x: Any,
+    name_y: str,
+    y: Any,
+    *,
+    loss: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_tasks: Optional[int],
+    d_in: Optional[int],
+    d_out: Optional[int],
+    x_rank: Optional[int] = 3,
+) -> None:
+    """Check one (x, y) pair: `x [T, N, D_in]`; `y [T, N, D_out]` float (mse) or `[T, N]` int64 (cross_entropy).
+
+    `x_rank=None` (generic modules) accepts `x [T, N, ...]` of any rank >= 2; `d_in`/`d_out` may then be None.
+    """
+    _check_tensor(name_x, x)
+    _check_tensor(name_y, y)
+    want = "[T, N, D_in]" if x_rank == 3 else "[T, N, ...]"
+    if (x_rank is not None and x.dim() != x_rank) or x.dim() < 2:
+        raise ValueError(f"{name_x} must be {want}, got shape {_shape(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name_x} must be floating point ({dtype}), got dtype {x.dtype}")
+    _check_like(name_x, x, dtype, device)
+    T, N = x.shape[0], x.shape[1]
+    if T < 1 or N < 1:
+        raise ValueError(f"{name_x} must have at least one task and one point, got shape {_shape(x)}")
+    if num_tasks is not None and T != num_tasks:
+        raise ValueError(f"{name_x} has {T} tasks (dim 0) but x_support has {num_tasks}")
+    if d_in is not None and x_rank == 3 and x.shape[2] != d_in:
+        raise ValueError(
+            f"{name_x} must be [T, N, D_in] with D_in = {d_in} (params[0] is [D_1, {d_in}]), "
+            f"got shape {_shape(x)}"
+        )
+    if loss == "mse":
+        if y.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name_y} must be floating point for loss='mse', got dtype {y.dtype}")
+        _check_like(name_y, y, dtype, device)
+        if d_out is not None:
+            if y.shape != (T, N, d_out):
+                raise ValueError(
+                    f"{name_y} must be [T, N, D_out] = [{T}, {N}, {d_out}] for loss='mse', got shape {_shape(y)}"
+                )
+        elif y.dim() < 2 or y.shape[:2] != (T, N):
+            raise ValueError(f"{name_y} must be [T, N, ...] = [{T}, {N}, ...], got shape {_shape(y)}")
+    else:
+        if y.dtype != torch.int64:
+            raise TypeError(
+                f"{name_y} must hold int64 class indices [T, N] for loss='cross_entropy', got dtype {y.dtype}"
+            )
+        if y.device != device:
+            raise ValueError(f"{name_y} is on {y.device}, expected {device} (the device of params)")
+        if y.shape != (T, N):
+            raise ValueError(f"{name_y} must be [T, N] = [{T}, {N}] for loss='cross_entropy', got shape {_shape(y)}")
+        if d_out is not None and y.numel() > 0:
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= d_out:
+                raise ValueError(
+                    f"{name_y} holds class indices in [{lo}, {hi}] but must be in [0, {d_out - 1}] "
+                    f"(D_out = {d_out} logits)"
+                )
+
+
+def make_problem(
+    params: Any,
+    x_support: Any,
+    y_support: Any,
+    x_query: Any = None,
+    y_query: Any = None,
+    *,
+    inner_steps: Any = 1,
+    inner_lr: Any = 0.01,
+    first_order: Any = False,
+    activation: Any = "relu",
+    loss: Any = "mse",
+    query_loss_weights: Any = None,
+    need_query: bool = True,
+    forward: Optional[Callable] = None,
+) -> Problem:
+    """Validate a call and build its `Problem`. `forward` is set for generic modules (no MLP checks)."""
+    loss = check_choice("loss", loss, LOSSES)
+    if forward is None:
+        activation = check_choice("activation", activation, tuple(ACTIVATIONS))
+        dims = check_params(params)
+    else:
+        dims = None
+        params = list(params)
+    if not isinstance(first_order, bool):
+        raise TypeError(f"first_order must be a bool, got {type(first_order).__name__}")
+    K = check_inner_steps(inner_steps)
+    dtype, device = params[0].dtype, params[0].device
+    x_rank = 3 if forward is None else None
+    d_in = dims[0] if dims else None
+    d_out = dims[-1] if dims else None
+    check_data("x_support", x_support, "y_support", y_support, loss=loss, dtype=dtype, device=device,
+               num_tasks=None, d_in=d_in, d_out=d_out, x_rank=x_rank)
+    if need_query:
+        check_data("x_query", x_query, "y_query", y_query, loss=loss, dtype=dtype, device=device,
+                   num_tasks=x_support.shape[0], d_in=d_in, d_out=d_out, x_rank=x_rank)
+        if forward is not None and x_query.shape[2:] != x_support.shape[2:]:
+            raise ValueError(
+                f"x_query must be [T, Nq, {', '.join(map(str, x_support.shape[2:]))}] like x_support, "
+                f"got shape {_shape(x_query)}"
+            )
+    rates, is_float = check_inner_lr(inner_lr, params, K)
+    weights = check_query_loss_weights(query_loss_weights, K, dtype, device)
+    return Problem(
+        params=list(params),
+        x_support=x_support,
+        y_support=y_support,
+        x_query=x_query if need_query else None,
+        y_query=y_query if need_query else None,
+        inner_steps=K,
+        inner_lr=rates,
+        first_order=first_order,
+        activation=activation,
+        loss=loss,
+        query_loss_weights=weights,
+        dims=dims,
+        forward=forward,
+        inner_lr_is_float=is_float,
+    )

@@ -1,0 +1,138 @@
+"""What the fused backends (cpu, cuda, triton) share: flattening a problem into the flat operations of
+`docs/kernels.md`, and the autograd formula registered once for every forward operation.
+
+The backward of `maml_fwd` is the kernel's own reverse sweep (`maml_bwd`), not autograd through the
+kernel. `maml_bwd` itself is not differentiable: asking for a gradient of the meta-gradient raises.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .._validate import Problem
+
+ACTIVATION_IDS = {"relu": 0, "tanh": 1}
+LOSS_IDS = {"mse": 0, "cross_entropy": 1}
+
+
+def flat_theta(problem: Problem) -> torch.Tensor:
+    """`[P]`: W1 (row-major), b1, ..., WL, bL."""
+    return torch.cat([p.reshape(-1) for p in problem.params])
+
+
+def flat_lr(problem: Problem) -> torch.Tensor:
+    """`[K, P]`: every step's rate for every scalar parameter (differentiable in the user's rates)."""
+    K = problem.inner_steps
+    return torch.cat([r.reshape(K, -1) for r in problem.inner_lr], dim=1).contiguous()
+
+
+def flat_query_weights(problem: Problem) -> torch.Tensor:
+    """`[K + 1]`: the query-loss weights; `[0, ..., 0, 1]` for plain MAML."""
+    if problem.query_loss_weights is not None:
+        return problem.query_loss_weights.detach().contiguous()
+    w = torch.zeros(problem.inner_steps + 1, dtype=problem.dtype, device=problem.device)
+    w[-1] = 1
+    return w
+
+
+def unflatten(flat: torch.Tensor, problem: Problem) -> list[torch.Tensor]:
+    """`[..., P]` -> one tensor per param, `[..., *param.shape]`."""
+    out, offset = [], 0
+    lead = flat.shape[:-1]
+    for p in problem.params:
+        n = p.numel()
+        out.append(flat[..., offset:offset + n].reshape(*lead, *p.shape))
+        offset += n
+    return out
+
+
+def fused_args(problem: Problem) -> tuple:
+    """Positional arguments of `maml_fwd` for this problem."""
+    return (
+        flat_theta(problem),
+        flat_lr(problem),
+        problem.x_support.contiguous(),
+        problem.y_support.contiguous(),
+        problem.x_query.contiguous(),
+        problem.y_query.contiguous(),
+        flat_query_weights(problem),
+        list(problem.dims),
+        ACTIVATION_IDS[problem.activation],
+        LOSS_IDS[problem.loss],
+        problem.first_order,
+    )
+
+
+def adapt_args(problem: Problem) -> tuple:
+    """Positional arguments of `maml_adapt` for this problem."""
+    return (
+        flat_theta(problem).detach(),
+        flat_lr(problem).detach(),
+        problem.x_support.detach().contiguous(),
+        problem.y_support.detach().contiguous(),
+        list(problem.dims),
+        ACTIVATION_IDS[problem.activation],
+        LOSS_IDS[problem.loss],
+    )
+
+
+def common_reject(problem: Problem, op: str) -> str | None:
+    """Reasons shared by every fused backend (the kernels run MLPs in float32/float64 only)."""
+    if not problem.is_mlp:
+        return "the model is not an MLP of nn.Linear layers (fused kernels run MLPs only)"
+    if problem.dtype not in (torch.float32, torch.float64):
+        return f"dtype {problem.dtype} (fused kernels run float32 and float64)"
+    if problem.query_loss_weights is not None and problem.query_loss_weights.requires_grad and torch.is_grad_enabled():
+        return "query_loss_weights requires grad (the fused kernels treat it as a constant)"
+    if op == "adapt" and problem.requires_grad:
+        return "adapt through a fused kernel is not differentiable; call it under torch.no_grad() or use reference"
+    return None
+
+
+def register_fused_autograd(fwd_op, bwd_op) -> None:
+    """Register `bwd_op` (the reverse sweep) as the autograd formula of `fwd_op`."""
+
+    def setup_context(ctx, inputs, output):
+        theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order = inputs
+        ctx.save_for_backward(theta, lr, xs, ys, xq, yq, qw)
+        ctx.options = (list(dims), activation, loss, first_order)
+
+    def backward(ctx, g_task_losses, g_query_preds):
+        theta, lr, xs, ys, xq, yq, qw = ctx.saved_tensors
+        dims, activation, loss, first_order = ctx.options
+        need_lr = bool(ctx.needs_input_grad[1])
+        need_x = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[4])
+        if g_task_losses is None:
+            g_task_losses = torch.zeros(xs.shape[0], dtype=theta.dtype, device=theta.device)
+        if g_query_preds is None:
+            g_query_preds = torch.zeros(xq.shape[0], xq.shape[1], dims[-1], dtype=theta.dtype, device=theta.device)
+        g_theta, g_lr, g_xs, g_xq = bwd_op(
+            theta, lr, xs, ys, xq, yq, qw,
+            g_task_losses.contiguous(), g_query_preds.contiguous(),
+            dims, activation, loss, first_order, need_lr, need_x,
+        )
+        return (
+            g_theta if ctx.needs_input_grad[0] else None,
+            g_lr if need_lr else None,
+            g_xs if ctx.needs_input_grad[2] else None,
+            None,
+            g_xq if ctx.needs_input_grad[4] else None,
+            None, None, None, None, None, None,
+        )
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            "fastmaml: the fused backends compute the meta-gradient once; differentiating it again "
+            "(create_graph=True through fastmaml.maml) needs backend='reference'"
+        )
+
+    torch.library.register_autograd(bwd_op, no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def run_fused(fwd: Callable, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call a registered `maml_fwd` operation on a problem."""
+    return fwd(*fused_args(problem))

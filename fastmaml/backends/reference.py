@@ -1,0 +1,159 @@
+"""The plain-PyTorch reference backend: any model, every option, the oracle of every kernel.
+
+The inner loop of one task is written with `torch.func.grad`; `torch.func.vmap` runs it for all tasks
+at once. Outer autograd differentiates through it (second order unless `first_order`, where the inner
+gradients are detached). Where vmap cannot run the model (batch-norm statistics, data-dependent
+control flow), the same per-task function runs in a loop over tasks with `torch.autograd.grad`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .._mlp import mlp_forward, task_loss
+from .._validate import Problem
+
+log = logging.getLogger("fastmaml")
+
+Params = list[torch.Tensor]
+
+
+def _forward_fn(problem: Problem) -> Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]:
+    if problem.forward is not None:
+        return problem.forward
+    activation = problem.activation
+    return lambda params, x: mlp_forward(params, x, activation)
+
+
+def _inner_loop_func(forward, loss: str, K: int, first_order: bool):
+    """`run(params, rates, xs, ys) -> [theta_0, ..., theta_K]` for one task, with torch.func.grad."""
+
+    def support_loss(theta, xs, ys):
+        return task_loss(forward(theta, xs), ys, loss)
+
+    grad_fn = torch.func.grad(support_loss)
+
+    def run(params, rates, xs, ys):
+        thetas = [list(params)]
+        theta = list(params)
+        for k in range(K):
+            grads = grad_fn(theta, xs, ys)
+            if first_order:
+                grads = [g.detach() for g in grads]
+            theta = [p - r[k] * g for p, r, g in zip(theta, rates, grads)]
+            thetas.append(theta)
+        return thetas
+
+    return run
+
+
+def _inner_loop_autograd(forward, loss: str, K: int, first_order: bool):
+    """The same inner loop with `torch.autograd.grad`, for models vmap cannot batch."""
+
+    def run(params, rates, xs, ys):
+        theta = list(params)
+        thetas = [theta]
+        for k in range(K):
+            with torch.enable_grad():
+                # Leaves that need no grad still get a gradient in the inner loop.
+                inner = [p if p.requires_grad else p.detach().requires_grad_() for p in theta]
+                grads = torch.autograd.grad(
+                    task_loss(forward(inner, xs), ys, loss),
+                    inner,
+                    create_graph=not first_order and torch.is_grad_enabled(),
+                )
+            if first_order or not torch.is_grad_enabled():
+                grads = [g.detach() for g in grads]
+            theta = [p - r[k] * g for p, r, g in zip(theta, rates, grads)]
+            thetas.append(theta)
+        return thetas
+
+    return run
+
+
+def _maml_task(problem: Problem, inner: Callable):
+    forward, loss, K = _forward_fn(problem), problem.loss, problem.inner_steps
+    weights = problem.query_loss_weights
+
+    def task(params, rates, weights, xs, ys, xq, yq):
+        thetas = inner(params, rates, xs, ys)
+        preds = forward(thetas[-1], xq)
+        final = task_loss(preds, yq, loss)
+        if weights is None:
+            return final, preds
+        total = weights[K] * final
+        for k in range(K):
+            total = total + weights[k] * task_loss(forward(thetas[k], xq), yq, loss)
+        return total, preds
+
+    return task, weights
+
+
+def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args):
+    """Run the per-task function under vmap; fall back to a task loop where vmap cannot run the model."""
+    if problem.forward is None or not problem.extras.get("no_vmap", False):
+        try:
+            return torch.func.vmap(make_vmap_task(), in_dims=in_dims)(*args)
+        except Exception as err:  # vmap refuses some modules (in-place buffer updates, .item(), ...)
+            if problem.forward is None:
+                raise
+            log.debug("fastmaml reference: vmap failed (%s); looping over tasks", err)
+            problem.extras["no_vmap"] = True
+    task = make_loop_task()
+    outs = []
+    for t in range(problem.num_tasks):
+        outs.append(task(*[a if d is None else a[t] for a, d in zip(args, in_dims)]))
+    if isinstance(outs[0], (tuple, list)):
+        return type(outs[0])(_stack(parts) for parts in zip(*outs))
+    return torch.stack(outs)
+
+
+def _stack(parts):
+    if isinstance(parts[0], (tuple, list)):
+        return [torch.stack(p) for p in zip(*parts)]
+    return torch.stack(parts)
+
+
+class ReferenceBackend:
+    """Plain PyTorch with torch.func; supports every model, option, dtype and device."""
+
+    name = "reference"
+
+    def unavailable(self) -> Optional[str]:
+        return None
+
+    def reject(self, problem: Problem, op: str) -> Optional[str]:
+        return None
+
+    def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        forward, loss, K, fo = _forward_fn(problem), problem.loss, problem.inner_steps, problem.first_order
+
+        def vmap_task():
+            return _maml_task(problem, _inner_loop_func(forward, loss, K, fo))[0]
+
+        def loop_task():
+            return _maml_task(problem, _inner_loop_autograd(forward, loss, K, fo))[0]
+
+        args = (problem.params, problem.inner_lr, problem.query_loss_weights,
+                problem.x_support, problem.y_support, problem.x_query, problem.y_query)
+        in_dims = (None, None, None, 0, 0, 0, 0)
+        task_losses, preds = _run_batched(problem, vmap_task, loop_task, in_dims, args)
+        return task_losses, preds
+
+    def adapt(self, problem: Problem) -> list[torch.Tensor]:
+        forward, loss, K, fo = _forward_fn(problem), problem.loss, problem.inner_steps, problem.first_order
+
+        def vmap_task():
+            inner = _inner_loop_func(forward, loss, K, fo)
+            return lambda params, rates, xs, ys: inner(params, rates, xs, ys)[-1]
+
+        def loop_task():
+            inner = _inner_loop_autograd(forward, loss, K, fo)
+            return lambda params, rates, xs, ys: inner(params, rates, xs, ys)[-1]
+
+        args = (problem.params, problem.inner_lr, problem.x_support, problem.y_support)
+        out = _run_batched(problem, vmap_task, loop_task, (None, None, 0, 0), args)
+        return list(out)

@@ -1,0 +1,132 @@
+"""Backend registry and the `auto` choice.
+
+A backend is an object with a `name`, `unavailable()` (why it cannot run at all here: not built, no
+Triton, ...) and `reject(problem, op)` (why it cannot take this call: device, sizes, options), both
+returning a reason string or `None`, and the methods `maml(problem)` and `adapt(problem)`.
+`auto` walks the preference order of the problem's device and takes the first backend that accepts;
+`explain` reports, for every backend, whether it was chosen and why not. An explicit backend that
+cannot run raises `ValueError` with its reason: the dispatcher never silently changes the math.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Optional, Protocol
+
+import torch
+
+from ._validate import Problem
+
+log = logging.getLogger("fastmaml")
+
+# Preference of `auto`, per device type: fastest first. Backends absent from a device's list are never
+# chosen automatically there (e.g. Triton on CPU tensors runs only in the slow interpreter).
+AUTO_ORDER: dict[str, list[str]] = {
+    "cuda": ["cuda", "triton", "reference"],
+    "cpu": ["cpu", "reference"],
+}
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable(self) -> Optional[str]: ...
+
+    def reject(self, problem: Problem, op: str) -> Optional[str]: ...
+
+    def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(task_losses [T], query_preds [T, Nq, D_out])`, differentiable."""
+        ...
+
+    def adapt(self, problem: Problem) -> list[torch.Tensor]:
+        """Returns the adapted parameters, each `[T, *param.shape]`."""
+        ...
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend under `backend.name`."""
+    _REGISTRY[backend.name] = backend
+
+
+def list_backends() -> list[str]:
+    """Names of the registered backends (available or not)."""
+    _load_builtin()
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    _load_builtin()
+    return _REGISTRY[name]
+
+
+def _load_builtin() -> None:
+    if not _REGISTRY:
+        importlib.import_module("fastmaml.backends")  # registers the built-in backends
+
+
+def _reason(backend: Backend, problem: Problem, op: str) -> Optional[str]:
+    why = backend.unavailable()
+    if why is None:
+        why = backend.reject(problem, op)
+    return why
+
+
+def candidates(problem: Problem, op: str = "maml") -> list[tuple[str, Optional[str]]]:
+    """Every registered backend with the reason it cannot take this call (`None`: it can)."""
+    _load_builtin()
+    order = AUTO_ORDER.get(problem.device.type, ["reference"])
+    out = []
+    for name, backend in _REGISTRY.items():
+        why = _reason(backend, problem, op)
+        if why is None and name not in order:
+            why = f"not chosen automatically for {problem.device.type} tensors (ask for it explicitly)"
+        out.append((name, why))
+    rank = {name: i for i, name in enumerate(order)}
+    out.sort(key=lambda item: rank.get(item[0], len(rank)))
+    return out
+
+
+def select(problem: Problem, backend: str = "auto", op: str = "maml") -> Backend:
+    """The backend that runs this call: the named one (or an error saying why it cannot), or the
+    first that accepts in the device's preference order for `auto`."""
+    _load_builtin()
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        rejected = []
+        for name, why in candidates(problem, op):
+            if why is None:
+                if rejected:
+                    log.debug("fastmaml %s: backend %r chosen; %s", op, name, "; ".join(rejected))
+                return _REGISTRY[name]
+            rejected.append(f"{name}: {why}")
+        raise RuntimeError("fastmaml: no backend can run this call: " + "; ".join(rejected))
+    if backend not in _REGISTRY:
+        raise ValueError(f"backend must be 'auto' or one of {list(_REGISTRY)}, got {backend!r}")
+    chosen = _REGISTRY[backend]
+    why = _reason(chosen, problem, op)
+    if why is not None:
+        raise ValueError(f"backend={backend!r} cannot run this call: {why}")
+    return chosen
+
+
+def explain_problem(problem: Problem, op: str = "maml") -> str:
+    """A short report: which backend `auto` picks for this call and why each other one was not."""
+    lines = []
+    chosen = None
+    for name, why in candidates(problem, op):
+        if why is None and chosen is None:
+            chosen = name
+            lines.append(f"  {name:<10} chosen")
+        elif why is None:
+            lines.append(f"  {name:<10} can run it (lower preference)")
+        else:
+            lines.append(f"  {name:<10} rejected: {why}")
+    head = f"fastmaml.{op} on {problem.device.type}, T={problem.num_tasks}, K={problem.inner_steps}"
+    if problem.dims is not None:
+        head += f", dims={problem.dims}"
+    return "\n".join([head] + lines)
