@@ -25,7 +25,8 @@ def flat_theta(problem: Problem) -> torch.Tensor:
 def flat_lr(problem: Problem) -> torch.Tensor:
     """`[K, P]`: every step's rate for every scalar parameter (differentiable in the user's rates)."""
     K = problem.inner_steps
-    return torch.cat([r.reshape(K, -1) for r in problem.inner_lr], dim=1).contiguous()
+    # The width is given explicitly: reshape(K, -1) is ambiguous when K = 0.
+    return torch.cat([r.reshape(K, p.numel()) for r, p in zip(problem.inner_lr, problem.params)], dim=1).contiguous()
 
 
 def flat_query_weights(problem: Problem) -> torch.Tensor:
