@@ -1,0 +1,290 @@
+// fastmaml: the CPU kernels of maml_fwd, maml_bwd and maml_adapt (docs/kernels.md).
+//
+// Tasks are independent: at::parallel_for runs them on the intra-op threads, each thread with one scratch
+// workspace reused for all its tasks (no allocation per task). The per-task math is csrc/maml_task.h.
+// The meta-gradient is reduced over tasks deterministically: tasks are cut into chunks whose size
+// depends only on the problem (never on the thread count), each chunk sums its tasks in order into its
+// own partial row, and the partial rows are then summed in chunk order.
+
+#include "maml_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../maml_task.h"
+
+namespace fastmaml {
+namespace cpu {
+namespace {
+
+using task::Net;
+using task::TaskData;
+
+// Partial sums of the backward: at most this many chunks, and at most this many bytes of partial rows
+// (but never fewer than kMinChunks chunks, so large models still run in parallel).
+constexpr int64_t kMaxChunks = 256;
+constexpr int64_t kMinChunks = 16;
+constexpr int64_t kPartialBytes = int64_t(256) << 20;
+
+struct Sizes {
+  Net net;
+  int64_t T, Ns, Nq, K;
+};
+
+void check_float(const at::Tensor& t, const char* name, const at::Tensor& theta) {
+  TORCH_CHECK(t.scalar_type() == theta.scalar_type(), "fastmaml: ", name, " has dtype ", t.scalar_type(),
+              ", expected ", theta.scalar_type(), " (the dtype of theta)");
+  TORCH_CHECK(t.device() == theta.device(), "fastmaml: ", name, " is on ", t.device(), ", expected ",
+              theta.device());
+}
+
+void check_targets(const at::Tensor& y, const char* name, const at::Tensor& theta, int64_t loss, int64_t T,
+                   int64_t N, int64_t d_out) {
+  if (loss == task::kMse) {
+    check_float(y, name, theta);
+    TORCH_CHECK(y.dim() == 3 && y.size(0) == T && y.size(1) == N && y.size(2) == d_out, "fastmaml: ", name,
+                " must be [", T, ", ", N, ", ", d_out, "] for mse, got ", y.sizes());
+  } else {
+    TORCH_CHECK(y.scalar_type() == at::kLong, "fastmaml: ", name, " must hold int64 class indices, got ",
+                y.scalar_type());
+    TORCH_CHECK(y.dim() == 2 && y.size(0) == T && y.size(1) == N, "fastmaml: ", name, " must be [", T, ", ", N,
+                "] for cross-entropy, got ", y.sizes());
+  }
+}
+
+// Checks the arguments shared by the three operations and returns the sizes. Query tensors may be
+// undefined (maml_adapt).
+Sizes check_args(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& xs, const at::Tensor& ys,
+                 const at::Tensor* xq, const at::Tensor* yq, c10::IntArrayRef dims, int64_t activation,
+                 int64_t loss) {
+  TORCH_CHECK(theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble,
+              "fastmaml: theta must be float32 or float64, got ", theta.scalar_type());
+  TORCH_CHECK(theta.device().is_cpu(), "fastmaml: the CPU kernel got theta on ", theta.device());
+  TORCH_CHECK(activation == task::kRelu || activation == task::kTanh,
+              "fastmaml: activation must be 0 (relu) or 1 (tanh), got ", activation);
+  TORCH_CHECK(loss == task::kMse || loss == task::kCrossEntropy,
+              "fastmaml: loss must be 0 (mse) or 1 (cross-entropy), got ", loss);
+  const int64_t n_dims = static_cast<int64_t>(dims.size());
+  TORCH_CHECK(n_dims >= 2 && n_dims <= task::kMaxLayers + 1, "fastmaml: dims must hold 2 to ",
+              task::kMaxLayers + 1, " sizes [D_in, ..., D_out], got ", dims);
+  for (int64_t d : dims) {
+    TORCH_CHECK(d >= 1 && d <= (int64_t(1) << 24), "fastmaml: every size in dims must be in [1, 2^24], got ", dims);
+  }
+  Sizes s;
+  TORCH_CHECK(task::make_net(s.net, dims.data(), static_cast<int>(n_dims), static_cast<int>(activation),
+                             static_cast<int>(loss)),
+              "fastmaml: invalid dims ", dims);
+  const int64_t P = s.net.P;
+  TORCH_CHECK(theta.dim() == 1 && theta.size(0) == P, "fastmaml: theta must be [P] = [", P, "] for dims ", dims,
+              ", got ", theta.sizes());
+  check_float(lr, "lr", theta);
+  TORCH_CHECK(lr.dim() == 2 && lr.size(1) == P, "fastmaml: lr must be [K, P] with P = ", P, ", got ", lr.sizes());
+  s.K = lr.size(0);
+  check_float(xs, "x_support", theta);
+  TORCH_CHECK(xs.dim() == 3 && xs.size(2) == dims[0], "fastmaml: x_support must be [T, Ns, ", dims[0], "], got ",
+              xs.sizes());
+  s.T = xs.size(0);
+  s.Ns = xs.size(1);
+  TORCH_CHECK(s.Ns >= 1 && s.Ns <= (int64_t(1) << 30), "fastmaml: x_support needs at least one point per task");
+  check_targets(ys, "y_support", theta, loss, s.T, s.Ns, dims.back());
+  s.Nq = 0;
+  if (xq != nullptr) {
+    check_float(*xq, "x_query", theta);
+    TORCH_CHECK(xq->dim() == 3 && xq->size(0) == s.T && xq->size(2) == dims[0], "fastmaml: x_query must be [",
+                s.T, ", Nq, ", dims[0], "], got ", xq->sizes());
+    s.Nq = xq->size(1);
+    TORCH_CHECK(s.Nq >= 1 && s.Nq <= (int64_t(1) << 30), "fastmaml: x_query needs at least one point per task");
+    check_targets(*yq, "y_query", theta, loss, s.T, s.Nq, dims.back());
+  }
+  return s;
+}
+
+template <typename scalar_t>
+TaskData<scalar_t> task_data(const Sizes& s, int64_t t, const scalar_t* xs, const at::Tensor& ys,
+                             const scalar_t* xq, const at::Tensor& yq) {
+  const int64_t d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
+  const bool ce = s.net.loss == task::kCrossEntropy;
+  TaskData<scalar_t> td;
+  td.xs = xs + t * s.Ns * d_in;
+  td.ys_float = ce ? nullptr : ys.const_data_ptr<scalar_t>() + t * s.Ns * d_out;
+  td.ys_index = ce ? ys.const_data_ptr<int64_t>() + t * s.Ns : nullptr;
+  td.ns = static_cast<int>(s.Ns);
+  td.xq = xq == nullptr ? nullptr : xq + t * s.Nq * d_in;
+  td.yq_float = (xq == nullptr || ce) ? nullptr : yq.const_data_ptr<scalar_t>() + t * s.Nq * d_out;
+  td.yq_index = (xq == nullptr || !ce) ? nullptr : yq.const_data_ptr<int64_t>() + t * s.Nq;
+  td.nq = static_cast<int>(s.Nq);
+  return td;
+}
+
+void check_class_range(const at::Tensor& y, const char* name, int64_t n_classes) {
+  // Out-of-range classes would index out of the logits: check once per call (cheap next to the kernel).
+  const int64_t* p = y.const_data_ptr<int64_t>();
+  const int64_t n = y.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < n_classes, "fastmaml: ", name, " holds class ", p[i], ", expected 0 .. ",
+                n_classes - 1);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> maml_fwd(const at::Tensor& theta_in, const at::Tensor& lr_in,
+                                            const at::Tensor& xs_in, const at::Tensor& ys_in,
+                                            const at::Tensor& xq_in, const at::Tensor& yq_in,
+                                            const at::Tensor& qw_in, c10::IntArrayRef dims, int64_t activation,
+                                            int64_t loss, bool first_order) {
+  (void)first_order;  // read by the autograd formula only
+  const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
+  check_float(qw_in, "qw", theta_in);
+  TORCH_CHECK(qw_in.dim() == 1 && qw_in.size(0) == s.K + 1, "fastmaml: qw must be [K + 1] = [", s.K + 1, "], got ",
+              qw_in.sizes());
+  const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
+                   qw = qw_in.contiguous();
+  if (loss == task::kCrossEntropy) {
+    check_class_range(ys, "y_support", s.net.dims[s.net.L]);
+    check_class_range(yq, "y_query", s.net.dims[s.net.L]);
+  }
+  const int64_t d_out = s.net.dims[s.net.L];
+  at::Tensor task_losses = at::empty({s.T}, theta.options());
+  at::Tensor preds = at::empty({s.T, s.Nq, d_out}, theta.options());
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_fwd_cpu", [&] {
+    const Net net = s.net;
+    const int64_t nmax = std::max(s.Ns, s.Nq);
+    const int64_t ws = task::forward_workspace(net, nmax);
+    const scalar_t* th = theta.const_data_ptr<scalar_t>();
+    const scalar_t* lrp = lr.const_data_ptr<scalar_t>();
+    const scalar_t* qwp = qw.const_data_ptr<scalar_t>();
+    const scalar_t* xsp = xs.const_data_ptr<scalar_t>();
+    const scalar_t* xqp = xq.const_data_ptr<scalar_t>();
+    scalar_t* out_loss = task_losses.mutable_data_ptr<scalar_t>();
+    scalar_t* out_preds = preds.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.T, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> work(static_cast<size_t>(ws));
+      for (int64_t t = begin; t < end; ++t) {
+        const TaskData<scalar_t> td = task_data<scalar_t>(s, t, xsp, ys, xqp, yq);
+        out_loss[t] = task::task_forward(net, td, th, lrp, static_cast<int>(s.K), qwp, out_preds + t * s.Nq * d_out,
+                                         work.data());
+      }
+    });
+  });
+  return {task_losses, preds};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
+    const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
+    const at::Tensor& xq_in, const at::Tensor& yq_in, const at::Tensor& qw_in, const at::Tensor& gl_in,
+    const at::Tensor& gp_in, c10::IntArrayRef dims, int64_t activation, int64_t loss, bool first_order,
+    bool need_lr_grad, bool need_x_grad) {
+  const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
+  const int64_t P = s.net.P, K = s.K, T = s.T, d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
+  check_float(qw_in, "qw", theta_in);
+  TORCH_CHECK(qw_in.dim() == 1 && qw_in.size(0) == K + 1, "fastmaml: qw must be [K + 1] = [", K + 1, "], got ",
+              qw_in.sizes());
+  check_float(gl_in, "g_task_losses", theta_in);
+  TORCH_CHECK(gl_in.dim() == 1 && gl_in.size(0) == T, "fastmaml: g_task_losses must be [", T, "], got ",
+              gl_in.sizes());
+  check_float(gp_in, "g_query_preds", theta_in);
+  TORCH_CHECK(gp_in.dim() == 3 && gp_in.size(0) == T && gp_in.size(1) == s.Nq && gp_in.size(2) == d_out,
+              "fastmaml: g_query_preds must be [", T, ", ", s.Nq, ", ", d_out, "], got ", gp_in.sizes());
+  const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
+                   qw = qw_in.contiguous(), gl = gl_in.contiguous(), gp = gp_in.contiguous();
+  if (loss == task::kCrossEntropy) {
+    check_class_range(ys, "y_support", d_out);
+    check_class_range(yq, "y_query", d_out);
+  }
+
+  // Chunks of tasks for the deterministic reduction: a function of (T, P, K, dtype) only.
+  const int64_t row = P * (K + 1) * static_cast<int64_t>(theta.element_size());
+  const int64_t by_memory = std::max<int64_t>(kMinChunks, kPartialBytes / std::max<int64_t>(row, 1));
+  const int64_t max_chunks = std::max<int64_t>(1, std::min<int64_t>({kMaxChunks, by_memory, T}));
+  const int64_t chunk = (T + max_chunks - 1) / std::max<int64_t>(max_chunks, 1);
+  const int64_t n_chunks = T == 0 ? 0 : (T + chunk - 1) / chunk;
+
+  at::Tensor part_theta = at::zeros({std::max<int64_t>(n_chunks, 1), P}, theta.options());
+  at::Tensor part_lr = need_lr_grad ? at::zeros({std::max<int64_t>(n_chunks, 1), K * P}, theta.options())
+                                    : at::empty({0}, theta.options());
+  at::Tensor g_xs = need_x_grad ? at::empty({T, s.Ns, d_in}, theta.options()) : at::empty({0}, theta.options());
+  at::Tensor g_xq = need_x_grad ? at::empty({T, s.Nq, d_in}, theta.options()) : at::empty({0}, theta.options());
+  at::Tensor g_theta = at::empty({P}, theta.options());
+  at::Tensor g_lr = need_lr_grad ? at::empty({K, P}, theta.options()) : at::empty({0}, theta.options());
+
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_bwd_cpu", [&] {
+    const Net net = s.net;
+    const int64_t nmax = std::max(s.Ns, s.Nq);
+    const int64_t ws = task::backward_workspace(net, K, nmax);
+    const scalar_t* th = theta.const_data_ptr<scalar_t>();
+    const scalar_t* lrp = lr.const_data_ptr<scalar_t>();
+    const scalar_t* qwp = qw.const_data_ptr<scalar_t>();
+    const scalar_t* xsp = xs.const_data_ptr<scalar_t>();
+    const scalar_t* xqp = xq.const_data_ptr<scalar_t>();
+    const scalar_t* glp = gl.const_data_ptr<scalar_t>();
+    const scalar_t* gpp = gp.const_data_ptr<scalar_t>();
+    scalar_t* pth = part_theta.mutable_data_ptr<scalar_t>();
+    scalar_t* plr = need_lr_grad ? part_lr.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxs = need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxq = need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+      std::vector<scalar_t> work(static_cast<size_t>(ws));
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const int64_t t_end = std::min(T, (c + 1) * chunk);
+        for (int64_t t = c * chunk; t < t_end; ++t) {
+          const TaskData<scalar_t> td = task_data<scalar_t>(s, t, xsp, ys, xqp, yq);
+          task::task_backward(net, td, th, lrp, static_cast<int>(K), qwp, glp[t], gpp + t * s.Nq * d_out,
+                              first_order, pth + c * P, plr == nullptr ? nullptr : plr + c * K * P,
+                              gxs == nullptr ? nullptr : gxs + t * s.Ns * d_in,
+                              gxq == nullptr ? nullptr : gxq + t * s.Nq * d_in, work.data());
+        }
+      }
+    });
+    // Sum the partial rows in chunk order; columns in parallel (each column's order is fixed).
+    auto reduce = [&](const scalar_t* part, scalar_t* out, int64_t width) {
+      at::parallel_for(0, width, 2048, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) out[i] = 0;
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          const scalar_t* r = part + c * width;
+          for (int64_t i = begin; i < end; ++i) out[i] += r[i];
+        }
+      });
+    };
+    reduce(pth, g_theta.mutable_data_ptr<scalar_t>(), P);
+    if (need_lr_grad) reduce(plr, g_lr.mutable_data_ptr<scalar_t>(), K * P);
+  });
+  return {g_theta, g_lr, g_xs, g_xq};
+}
+
+at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in,
+                      const at::Tensor& ys_in, c10::IntArrayRef dims, int64_t activation, int64_t loss) {
+  const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, nullptr, nullptr, dims, activation, loss);
+  const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous();
+  if (loss == task::kCrossEntropy) check_class_range(ys, "y_support", s.net.dims[s.net.L]);
+  const int64_t P = s.net.P;
+  at::Tensor thetas = at::empty({s.T, P}, theta.options());
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_adapt_cpu", [&] {
+    const Net net = s.net;
+    const int64_t ws = task::adapt_workspace(net, s.Ns);
+    const scalar_t* th = theta.const_data_ptr<scalar_t>();
+    const scalar_t* lrp = lr.const_data_ptr<scalar_t>();
+    const scalar_t* xsp = xs.const_data_ptr<scalar_t>();
+    scalar_t* out = thetas.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.T, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> work(static_cast<size_t>(ws));
+      for (int64_t t = begin; t < end; ++t) {
+        const TaskData<scalar_t> td = task_data<scalar_t>(s, t, xsp, ys, nullptr, ys);
+        task::task_adapt(net, td, th, lrp, static_cast<int>(s.K), out + t * P, work.data());
+      }
+    });
+  });
+  return thetas;
+}
+
+}  // namespace cpu
+}  // namespace fastmaml

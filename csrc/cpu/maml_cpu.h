@@ -1,0 +1,27 @@
+// fastmaml: the CPU implementations of the flat operations of docs/kernels.md (maml_cpu.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <tuple>
+
+namespace fastmaml {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> maml_fwd(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& x_support,
+                                            const at::Tensor& y_support, const at::Tensor& x_query,
+                                            const at::Tensor& y_query, const at::Tensor& qw, c10::IntArrayRef dims,
+                                            int64_t activation, int64_t loss, bool first_order);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
+    const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& x_support, const at::Tensor& y_support,
+    const at::Tensor& x_query, const at::Tensor& y_query, const at::Tensor& qw, const at::Tensor& g_task_losses,
+    const at::Tensor& g_query_preds, c10::IntArrayRef dims, int64_t activation, int64_t loss, bool first_order,
+    bool need_lr_grad, bool need_x_grad);
+
+at::Tensor maml_adapt(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& x_support,
+                      const at::Tensor& y_support, c10::IntArrayRef dims, int64_t activation, int64_t loss);
+
+}  // namespace cpu
+}  // namespace fastmaml

@@ -1,0 +1,43 @@
+// fastmaml: the schemas of the flat operations (docs/kernels.md) and their CPU implementations.
+//
+// The schemas are declared once here; each device registers its kernels under its dispatch key. The
+// autograd formula (maml_bwd as the backward of maml_fwd) and the fake (meta) kernels are registered
+// from Python (fastmaml/_ext.py, fastmaml/backends/_fused.py).
+
+#include <torch/library.h>
+
+#include "cpu/maml_cpu.h"
+
+// The hash of the sources this library was built from, given as -DFASTMAML_SOURCE_HASH=h<hex> (a bare
+// token: no quotes to survive the build tools' shells). fastmaml/_ext.py uses a prebuilt library only
+// when it matches the sources it sits beside.
+#define FASTMAML_STR_(x) #x
+#define FASTMAML_STR(x) FASTMAML_STR_(x)
+#ifdef FASTMAML_SOURCE_HASH
+extern "C" const char* fastmaml_source_hash() { return FASTMAML_STR(FASTMAML_SOURCE_HASH) + 1; }
+#else
+extern "C" const char* fastmaml_source_hash() { return ""; }
+#endif
+
+TORCH_LIBRARY(fastmaml, m) {
+  m.def(
+      "maml_fwd(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, "
+      "Tensor qw, int[] dims, int activation, int loss, bool first_order) -> (Tensor, Tensor)");
+  m.def(
+      "maml_bwd(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, "
+      "Tensor qw, Tensor g_task_losses, Tensor g_query_preds, int[] dims, int activation, int loss, "
+      "bool first_order, bool need_lr_grad, bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "maml_adapt(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
+      "int loss) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastmaml, CPU, m) {
+  m.impl("maml_fwd", &fastmaml::cpu::maml_fwd);
+  m.impl("maml_bwd", &fastmaml::cpu::maml_bwd);
+  m.impl("maml_adapt", &fastmaml::cpu::maml_adapt);
+}
+
+// The CUDA kernels (csrc/cuda/, which include ../maml_task.h for the per-task math) register under the
+// CUDA key with TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) from their own translation unit, so that a build
+// without nvcc still provides the schemas and the CPU kernels.

@@ -1,0 +1,549 @@
+// fastmaml: the per-task math of the fused MAML kernels, written once.
+//
+// One task's MLP forward, loss, gradient, Hessian-vector product, SGD update, and the three per-task
+// drivers of docs/kernels.md (forward, adapt, reverse sweep). The CPU kernel (csrc/cpu/) calls the
+// drivers in a loop over tasks; a CUDA kernel can include this header as is: no torch headers, no
+// allocation, no exceptions, no standard library beyond <cstdint>. Every buffer is a raw pointer the
+// caller provides (a scratch workspace of `*_workspace()` elements per task).
+//
+// Notation (DESIGN.md): layers l = 0 .. L-1 here (W_{l+1} in the design's 1-based names), layer l maps
+// `dims[l]` inputs to `dims[l+1]` outputs: z_l = h_{l-1} W_l^T + b_l, h_l = s(z_l) for hidden layers,
+// h_{-1} = x, output z_{L-1}. Activations are stored row-major [N, width].
+#pragma once
+
+#include <cstdint>
+#include <math.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTMAML_HD __host__ __device__
+#else
+#define FASTMAML_HD
+#endif
+
+namespace fastmaml {
+namespace task {
+
+// Depth is bounded so the network description fits in a fixed-size struct passed by value (registers
+// or constant memory on a GPU). Widths and point counts are bounded only by the workspace.
+constexpr int kMaxLayers = 8;
+
+enum Activation : int { kRelu = 0, kTanh = 1 };
+enum Loss : int { kMse = 0, kCrossEntropy = 1 };
+
+// The network and its flat parameter layout: theta = [W_0 (row-major [out, in]), b_0, W_1, b_1, ...].
+struct Net {
+  int L;                          // number of linear layers
+  int dims[kMaxLayers + 1];       // [D_in, D_1, ..., D_out]
+  int64_t w_off[kMaxLayers];      // offset of W_l in theta
+  int64_t b_off[kMaxLayers];      // offset of b_l in theta
+  int64_t act_off[kMaxLayers];    // offset of layer l's outputs in an activation buffer, per point
+  int64_t P;                      // number of parameters
+  int64_t width_sum;              // sum of the layer output widths (per-point size of one buffer)
+  int activation;                 // Activation
+  int loss;                       // Loss
+};
+
+// Fills `net`; returns false when the depth is outside [1, kMaxLayers] or a width is < 1.
+template <typename Int>
+FASTMAML_HD inline bool make_net(Net& net, const Int* dims, int n_dims, int activation, int loss) {
+  const int L = n_dims - 1;
+  if (L < 1 || L > kMaxLayers) return false;
+  net.L = L;
+  net.activation = activation;
+  net.loss = loss;
+  int64_t off = 0, act = 0;
+  for (int l = 0; l <= L; ++l) {
+    if (dims[l] < 1) return false;
+    net.dims[l] = static_cast<int>(dims[l]);
+  }
+  for (int l = 0; l < L; ++l) {
+    net.w_off[l] = off;
+    off += static_cast<int64_t>(net.dims[l + 1]) * net.dims[l];
+    net.b_off[l] = off;
+    off += net.dims[l + 1];
+    net.act_off[l] = act;
+    act += net.dims[l + 1];
+  }
+  net.P = off;
+  net.width_sum = act;
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Small helpers. Math functions by scalar type: the float overloads keep float32 kernels in float.
+
+FASTMAML_HD inline float fm_exp(float x) { return expf(x); }
+FASTMAML_HD inline double fm_exp(double x) { return exp(x); }
+FASTMAML_HD inline float fm_log(float x) { return logf(x); }
+FASTMAML_HD inline double fm_log(double x) { return log(x); }
+FASTMAML_HD inline float fm_tanh(float x) { return tanhf(x); }
+FASTMAML_HD inline double fm_tanh(double x) { return tanh(x); }
+
+// Dot product with four independent accumulators: a fixed summation order (deterministic) that the
+// compiler can still map onto vector registers, which a single running sum forbids without -ffast-math.
+template <typename T>
+FASTMAML_HD inline T dot(const T* __restrict__ a, const T* __restrict__ b, int n) {
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {
+    s0 += a[j] * b[j];
+    s1 += a[j + 1] * b[j + 1];
+    s2 += a[j + 2] * b[j + 2];
+    s3 += a[j + 3] * b[j + 3];
+  }
+  for (; j < n; ++j) s0 += a[j] * b[j];
+  return (s0 + s1) + (s2 + s3);
+}
+
+// y += a * x
+template <typename T>
+FASTMAML_HD inline void axpy(T a, const T* __restrict__ x, T* __restrict__ y, int n) {
+  for (int j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
+// y += a * x + b * w
+template <typename T>
+FASTMAML_HD inline void axpy2(T a, const T* __restrict__ x, T b, const T* __restrict__ w, T* __restrict__ y, int n) {
+  for (int j = 0; j < n; ++j) y[j] += a * x[j] + b * w[j];
+}
+
+template <typename T>
+FASTMAML_HD inline void fill(T* p, int64_t n, T value) {
+  for (int64_t i = 0; i < n; ++i) p[i] = value;
+}
+
+template <typename T>
+FASTMAML_HD inline void copy(const T* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Activation buffers of one pass over N <= nmax points: layer l's slice starts at nmax * act_off[l].
+
+template <typename T>
+struct Acts {
+  T* z;    // pre-activations z_l                     [N, D_{l+1}] per layer
+  T* h;    // activations h_l = s(z_l) (hidden layers)
+  T* d;    // dloss/dz_l
+  T* rz;   // tangents of z_l along the HVP direction
+  T* rh;   // tangents of h_l
+  T* rd;   // tangents of d_l
+  T* p;    // softmax of the output (cross-entropy) [N, D_out]
+  int64_t nmax;
+};
+
+// Elements of one Acts for passes of at most `nmax` points.
+FASTMAML_HD inline int64_t acts_size(const Net& net, int64_t nmax) {
+  return nmax * (6 * net.width_sum + net.dims[net.L]);
+}
+
+template <typename T>
+FASTMAML_HD inline Acts<T> make_acts(const Net& net, T* buf, int64_t nmax) {
+  const int64_t s = nmax * net.width_sum;
+  Acts<T> a;
+  a.z = buf;
+  a.h = buf + s;
+  a.d = buf + 2 * s;
+  a.rz = buf + 3 * s;
+  a.rh = buf + 4 * s;
+  a.rd = buf + 5 * s;
+  a.p = buf + 6 * s;
+  a.nmax = nmax;
+  return a;
+}
+
+template <typename T>
+FASTMAML_HD inline int64_t slice(const Net& net, const Acts<T>& a, int l) {
+  return a.nmax * net.act_off[l];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward: z_l and h_l of every layer for x [N, D_in]. The output is the slice of layer L-1 in a.z.
+
+template <typename T>
+FASTMAML_HD inline void forward(const Net& net, const T* __restrict__ theta, const T* __restrict__ x, int N,
+                                Acts<T>& a) {
+  for (int l = 0; l < net.L; ++l) {
+    const int din = net.dims[l], dout = net.dims[l + 1];
+    const T* W = theta + net.w_off[l];
+    const T* b = theta + net.b_off[l];
+    const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
+    T* z = a.z + slice(net, a, l);
+    for (int n = 0; n < N; ++n) {
+      const T* row = in + static_cast<int64_t>(n) * din;
+      T* zr = z + static_cast<int64_t>(n) * dout;
+      for (int i = 0; i < dout; ++i) zr[i] = b[i] + dot(row, W + static_cast<int64_t>(i) * din, din);
+    }
+    if (l < net.L - 1) {
+      T* h = a.h + slice(net, a, l);
+      const int64_t m = static_cast<int64_t>(N) * dout;
+      if (net.activation == kRelu) {
+        for (int64_t j = 0; j < m; ++j) h[j] = z[j] > T(0) ? z[j] : T(0);
+      } else {
+        for (int64_t j = 0; j < m; ++j) h[j] = fm_tanh(z[j]);
+      }
+    }
+  }
+}
+
+// The loss of the output `out [N, D]` against `y` (mse: `y_float [N, D]`; cross-entropy: `y_index [N]`,
+// classes 0..D-1), unscaled. Writes `dout = scale * dloss/dout` and, for cross-entropy, the softmax `p`
+// (which the Hessian-vector product reads).
+template <typename T>
+FASTMAML_HD inline T loss_and_grad(const Net& net, const T* __restrict__ out, const T* __restrict__ y_float,
+                                   const int64_t* __restrict__ y_index, int N, T scale, T* __restrict__ dout,
+                                   T* __restrict__ p) {
+  const int D = net.dims[net.L];
+  const int64_t m = static_cast<int64_t>(N) * D;
+  if (net.loss == kMse) {
+    T total = 0;
+    const T c = scale * T(2) / static_cast<T>(m);
+    for (int64_t j = 0; j < m; ++j) {
+      const T r = out[j] - y_float[j];
+      total += r * r;
+      dout[j] = c * r;
+    }
+    return total / static_cast<T>(m);
+  }
+  // Cross-entropy through a stable log-softmax: lse = max + log(sum exp(z - max)).
+  T total = 0;
+  const T c = scale / static_cast<T>(N);
+  for (int n = 0; n < N; ++n) {
+    const T* zr = out + static_cast<int64_t>(n) * D;
+    T* pr = p + static_cast<int64_t>(n) * D;
+    T* dr = dout + static_cast<int64_t>(n) * D;
+    T mx = zr[0];
+    for (int i = 1; i < D; ++i) mx = zr[i] > mx ? zr[i] : mx;
+    T se = 0;
+    for (int i = 0; i < D; ++i) {
+      pr[i] = fm_exp(zr[i] - mx);
+      se += pr[i];
+    }
+    const int64_t cls = y_index[n];
+    total += mx + fm_log(se) - zr[cls];
+    const T inv = T(1) / se;
+    for (int i = 0; i < D; ++i) {
+      pr[i] *= inv;
+      dr[i] = c * pr[i];
+    }
+    dr[cls] -= c;
+  }
+  return total / static_cast<T>(N);
+}
+
+// d_{l-1} = e * s'(z_{l-1}) in place on e (e = d_l W_l), for hidden layer `l`.
+template <typename T>
+FASTMAML_HD inline void apply_act_grad(const Net& net, const T* __restrict__ z, const T* __restrict__ h,
+                                       T* __restrict__ e, int64_t m) {
+  if (net.activation == kRelu) {
+    for (int64_t j = 0; j < m; ++j) e[j] = z[j] > T(0) ? e[j] : T(0);
+  } else {
+    for (int64_t j = 0; j < m; ++j) e[j] *= T(1) - h[j] * h[j];
+  }
+}
+
+// Backward from the output gradient (the slice of layer L-1 in a.d, set by loss_and_grad): fills d_l
+// of every layer, adds the parameter gradient to `g [P]`, and, when `gx` is given, adds
+// dloss/dx = d_0 W_0 to `gx [N, D_in]`.
+template <typename T>
+FASTMAML_HD inline void backward(const Net& net, const T* __restrict__ theta, const T* __restrict__ x, int N,
+                                 Acts<T>& a, T* __restrict__ g, T* __restrict__ gx) {
+  for (int l = net.L - 1; l >= 0; --l) {
+    const int din = net.dims[l], dout = net.dims[l + 1];
+    const T* W = theta + net.w_off[l];
+    const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
+    const T* d = a.d + slice(net, a, l);
+    T* gW = g + net.w_off[l];
+    T* gb = g + net.b_off[l];
+    for (int n = 0; n < N; ++n) {
+      const T* dr = d + static_cast<int64_t>(n) * dout;
+      const T* row = in + static_cast<int64_t>(n) * din;
+      for (int i = 0; i < dout; ++i) axpy(dr[i], row, gW + static_cast<int64_t>(i) * din, din);
+      for (int i = 0; i < dout; ++i) gb[i] += dr[i];
+    }
+    if (l == 0 && gx == nullptr) break;
+    T* e = l == 0 ? gx : a.d + slice(net, a, l - 1);
+    if (l > 0) fill(e, static_cast<int64_t>(N) * din, T(0));
+    for (int n = 0; n < N; ++n) {
+      const T* dr = d + static_cast<int64_t>(n) * dout;
+      T* er = e + static_cast<int64_t>(n) * din;
+      for (int i = 0; i < dout; ++i) axpy(dr[i], W + static_cast<int64_t>(i) * din, er, din);
+    }
+    if (l > 0) {
+      apply_act_grad(net, a.z + slice(net, a, l - 1), a.h + slice(net, a, l - 1), e,
+                     static_cast<int64_t>(N) * din);
+    }
+  }
+}
+
+// Hessian-vector product of the loss at the state left by forward + loss_and_grad(scale = 1) +
+// backward (forward-over-reverse, DESIGN.md): adds `alpha * H u` to `out [P]` and, when `gx` is given,
+// `alpha * d/dx (g . u) = alpha * (Rd_0 W_0 + d_0 U_0)` to `gx [N, D_in]`. `u [P]` is the direction.
+template <typename T>
+FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T* __restrict__ u,
+                            const T* __restrict__ x, int N, Acts<T>& a, T alpha, T* __restrict__ out,
+                            T* __restrict__ gx) {
+  const int L = net.L;
+  // Tangents forward: Rz_l = Rh_{l-1} W_l^T + h_{l-1} U_l^T + ub_l (Rh_{-1} = 0); Rh_l = s'(z_l) Rz_l.
+  for (int l = 0; l < L; ++l) {
+    const int din = net.dims[l], dout = net.dims[l + 1];
+    const T* W = theta + net.w_off[l];
+    const T* U = u + net.w_off[l];
+    const T* ub = u + net.b_off[l];
+    const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
+    const T* rin = l == 0 ? nullptr : a.rh + slice(net, a, l - 1);
+    T* rz = a.rz + slice(net, a, l);
+    for (int n = 0; n < N; ++n) {
+      const T* row = in + static_cast<int64_t>(n) * din;
+      T* rzr = rz + static_cast<int64_t>(n) * dout;
+      if (rin == nullptr) {
+        for (int i = 0; i < dout; ++i) rzr[i] = ub[i] + dot(row, U + static_cast<int64_t>(i) * din, din);
+      } else {
+        const T* rrow = rin + static_cast<int64_t>(n) * din;
+        for (int i = 0; i < dout; ++i) {
+          rzr[i] = ub[i] + dot(row, U + static_cast<int64_t>(i) * din, din) +
+                   dot(rrow, W + static_cast<int64_t>(i) * din, din);
+        }
+      }
+    }
+    if (l < L - 1) {
+      const T* z = a.z + slice(net, a, l);
+      const T* h = a.h + slice(net, a, l);
+      T* rh = a.rh + slice(net, a, l);
+      const int64_t m = static_cast<int64_t>(N) * dout;
+      if (net.activation == kRelu) {
+        for (int64_t j = 0; j < m; ++j) rh[j] = z[j] > T(0) ? rz[j] : T(0);
+      } else {
+        for (int64_t j = 0; j < m; ++j) rh[j] = (T(1) - h[j] * h[j]) * rz[j];
+      }
+    }
+  }
+
+  // Tangent of the output gradient: the loss curvature times Rz_out.
+  {
+    const int D = net.dims[L];
+    const int64_t s = slice(net, a, L - 1);
+    const T* rz = a.rz + s;
+    T* rd = a.rd + s;
+    if (net.loss == kMse) {
+      const int64_t m = static_cast<int64_t>(N) * D;
+      const T c = T(2) / static_cast<T>(m);
+      for (int64_t j = 0; j < m; ++j) rd[j] = c * rz[j];
+    } else {
+      // (diag(p) - p p^T) Rz / N per point.
+      const T c = T(1) / static_cast<T>(N);
+      for (int n = 0; n < N; ++n) {
+        const T* pr = a.p + static_cast<int64_t>(n) * D;
+        const T* rzr = rz + static_cast<int64_t>(n) * D;
+        T* rdr = rd + static_cast<int64_t>(n) * D;
+        const T pz = dot(pr, rzr, D);
+        for (int i = 0; i < D; ++i) rdr[i] = c * pr[i] * (rzr[i] - pz);
+      }
+    }
+  }
+
+  // Tangents backward: R gW_l = Rd_l^T h_{l-1} + d_l^T Rh_{l-1}; R gb_l = sum_n Rd_l;
+  // Rd_{l-1} = (Rd_l W_l + d_l U_l) * s'(z_{l-1}) + (d_l W_l) * s''(z_{l-1}) * Rz_{l-1}.
+  for (int l = L - 1; l >= 0; --l) {
+    const int din = net.dims[l], dout = net.dims[l + 1];
+    const T* W = theta + net.w_off[l];
+    const T* U = u + net.w_off[l];
+    const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
+    const T* rin = l == 0 ? nullptr : a.rh + slice(net, a, l - 1);
+    const T* d = a.d + slice(net, a, l);
+    const T* rd = a.rd + slice(net, a, l);
+    T* oW = out + net.w_off[l];
+    T* ob = out + net.b_off[l];
+    for (int n = 0; n < N; ++n) {
+      const T* dr = d + static_cast<int64_t>(n) * dout;
+      const T* rdr = rd + static_cast<int64_t>(n) * dout;
+      const T* row = in + static_cast<int64_t>(n) * din;
+      if (rin == nullptr) {
+        for (int i = 0; i < dout; ++i) axpy(alpha * rdr[i], row, oW + static_cast<int64_t>(i) * din, din);
+      } else {
+        const T* rrow = rin + static_cast<int64_t>(n) * din;
+        for (int i = 0; i < dout; ++i) {
+          axpy2(alpha * rdr[i], row, alpha * dr[i], rrow, oW + static_cast<int64_t>(i) * din, din);
+        }
+      }
+      for (int i = 0; i < dout; ++i) ob[i] += alpha * rdr[i];
+    }
+    if (l == 0 && gx == nullptr) break;
+    // re = Rd_l W_l + d_l U_l (scaled by alpha when it is the input term).
+    const T scale = l == 0 ? alpha : T(1);
+    T* re = l == 0 ? gx : a.rd + slice(net, a, l - 1);
+    if (l > 0) fill(re, static_cast<int64_t>(N) * din, T(0));
+    for (int n = 0; n < N; ++n) {
+      const T* dr = d + static_cast<int64_t>(n) * dout;
+      const T* rdr = rd + static_cast<int64_t>(n) * dout;
+      T* rer = re + static_cast<int64_t>(n) * din;
+      for (int i = 0; i < dout; ++i) {
+        axpy2(scale * rdr[i], W + static_cast<int64_t>(i) * din, scale * dr[i], U + static_cast<int64_t>(i) * din,
+              rer, din);
+      }
+    }
+    if (l > 0) {
+      const int64_t s = slice(net, a, l - 1);
+      const int64_t m = static_cast<int64_t>(N) * din;
+      const T* z = a.z + s;
+      const T* h = a.h + s;
+      const T* dprev = a.d + s;
+      const T* rzprev = a.rz + s;
+      if (net.activation == kRelu) {
+        // s'' = 0: only the mask.
+        for (int64_t j = 0; j < m; ++j) re[j] = z[j] > T(0) ? re[j] : T(0);
+      } else {
+        // tanh: s' = 1 - h^2, s'' = -2 h s', so (d_l W_l) s'' Rz = -2 h d_{l-1} Rz.
+        for (int64_t j = 0; j < m; ++j) re[j] = re[j] * (T(1) - h[j] * h[j]) - T(2) * h[j] * dprev[j] * rzprev[j];
+      }
+    }
+  }
+}
+
+// theta_next = theta - lr * g (elementwise over P; theta_next may alias theta).
+template <typename T>
+FASTMAML_HD inline void sgd_update(const T* theta, const T* __restrict__ lr, const T* __restrict__ g, T* theta_next,
+                                   int64_t P) {
+  for (int64_t i = 0; i < P; ++i) theta_next[i] = theta[i] - lr[i] * g[i];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Per-task drivers.
+
+// One task's data: support and query points, targets as floats (mse) or class indices (cross-entropy).
+template <typename T>
+struct TaskData {
+  const T* xs;
+  const T* ys_float;
+  const int64_t* ys_index;
+  int ns;
+  const T* xq;
+  const T* yq_float;
+  const int64_t* yq_index;
+  int nq;
+};
+
+// The support gradient g [P] at theta (overwritten); leaves the support pass's state in `a`.
+template <typename T>
+FASTMAML_HD inline void support_grad(const Net& net, const TaskData<T>& td, const T* theta, Acts<T>& a, T* g) {
+  forward(net, theta, td.xs, td.ns, a);
+  const int64_t s = slice(net, a, net.L - 1);
+  loss_and_grad(net, a.z + s, td.ys_float, td.ys_index, td.ns, T(1), a.d + s, a.p);
+  fill(g, net.P, T(0));
+  backward(net, theta, td.xs, td.ns, a, g, static_cast<T*>(nullptr));
+}
+
+// Workspace elements of `task_forward` / `task_adapt` / `task_backward` (nmax = max(Ns, Nq)).
+FASTMAML_HD inline int64_t forward_workspace(const Net& net, int64_t nmax) {
+  return acts_size(net, nmax) + 2 * net.P;
+}
+FASTMAML_HD inline int64_t adapt_workspace(const Net& net, int64_t nmax) {
+  return acts_size(net, nmax) + net.P;
+}
+FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax) {
+  return acts_size(net, nmax) + (K + 3) * net.P;
+}
+
+// theta_K of one task, written to `theta_out [P]`. `lr [K, P]`.
+template <typename T>
+FASTMAML_HD inline void task_adapt(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
+                                   T* theta_out, T* work) {
+  Acts<T> a = make_acts(net, work, td.ns);
+  T* g = work + acts_size(net, td.ns);
+  copy(theta0, theta_out, net.P);
+  for (int k = 0; k < K; ++k) {
+    support_grad(net, td, theta_out, a, g);
+    sgd_update(theta_out, lr + k * net.P, g, theta_out, net.P);
+  }
+}
+
+// The forward of maml_fwd for one task: returns sum_k qw[k] * L_query(theta_k) and writes the query
+// output at theta_K to `preds [Nq, D_out]`. Query passes whose weight is 0 are skipped (k < K).
+template <typename T>
+FASTMAML_HD inline T task_forward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
+                                  const T* qw, T* preds, T* work) {
+  const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
+  Acts<T> a = make_acts(net, work, nmax);
+  T* theta = work + acts_size(net, nmax);
+  T* g = theta + net.P;
+  const int64_t s = slice(net, a, net.L - 1);
+  copy(theta0, theta, net.P);
+  T total = 0;
+  for (int k = 0; k <= K; ++k) {
+    if (k == K || qw[k] != T(0)) {
+      forward(net, theta, td.xq, td.nq, a);
+      total += qw[k] * loss_and_grad(net, a.z + s, td.yq_float, td.yq_index, td.nq, T(0), a.d + s, a.p);
+    }
+    if (k == K) break;
+    support_grad(net, td, theta, a, g);
+    sgd_update(theta, lr + k * net.P, g, theta, net.P);
+  }
+  copy(a.z + s, preds, static_cast<int64_t>(td.nq) * net.dims[net.L]);
+  return total;
+}
+
+// theta_k in the reverse sweep's storage: theta_0 is the caller's, theta_1..theta_K are [K, P] in scratch.
+template <typename T>
+FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, int64_t P) {
+  return k == 0 ? theta0 : thetas + (k - 1) * P;
+}
+
+// The reverse sweep of maml_bwd for one task (docs/kernels.md). Recomputes theta_1..theta_K from theta0
+// in the workspace (the forward saves nothing). `c` is the cotangent of the task loss, `gpreds [Nq, D_out]`
+// that of the query output. Adds dL/dtheta_0 to `g_theta [P]` and, when given, -(g_k * v) to
+// `g_lr [K, P]`; writes the input gradients to `gxs [Ns, D_in]` and `gxq [Nq, D_in]` when given.
+template <typename T>
+FASTMAML_HD inline void task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
+                                      const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
+                                      T* gxs, T* gxq, T* work) {
+  const int64_t P = net.P;
+  const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
+  Acts<T> a = make_acts(net, work, nmax);
+  T* thetas = work + acts_size(net, nmax);  // theta_1 .. theta_K, [K, P]
+  T* g = thetas + K * P;
+  T* u = g + P;
+  T* v = u + P;
+  const int64_t s = slice(net, a, net.L - 1);
+  const int D = net.dims[net.L];
+  const int64_t m_out = static_cast<int64_t>(td.nq) * D;
+  for (int k = 0; k < K; ++k) {
+    support_grad(net, td, theta_at(theta0, thetas, k, P), a, g);
+    sgd_update(theta_at(theta0, thetas, k, P), lr + k * P, g, thetas + k * P, P);
+  }
+  if (gxs != nullptr) fill(gxs, static_cast<int64_t>(td.ns) * net.dims[0], T(0));
+  if (gxq != nullptr) fill(gxq, static_cast<int64_t>(td.nq) * net.dims[0], T(0));
+
+  // v = dL/dtheta_K: the weighted query loss at theta_K plus the cotangent of the query output.
+  fill(v, P, T(0));
+  {
+    const T* th = theta_at(theta0, thetas, K, P);
+    forward(net, th, td.xq, td.nq, a);
+    loss_and_grad(net, a.z + s, td.yq_float, td.yq_index, td.nq, c * qw[K], a.d + s, a.p);
+    for (int64_t j = 0; j < m_out; ++j) a.d[s + j] += gpreds[j];
+    backward(net, th, td.xq, td.nq, a, v, gxq);
+  }
+
+  for (int k = K - 1; k >= 0; --k) {
+    const T* th = theta_at(theta0, thetas, k, P);
+    const T* lrk = lr + k * P;
+    support_grad(net, td, th, a, g);
+    if (g_lr != nullptr) {
+      T* gl = g_lr + k * P;
+      for (int64_t i = 0; i < P; ++i) gl[i] -= g[i] * v[i];
+    }
+    if (!first_order) {
+      for (int64_t i = 0; i < P; ++i) u[i] = lrk[i] * v[i];
+      hvp(net, th, u, td.xs, td.ns, a, T(-1), v, gxs);  // v -= H_k u; gxs -= d/dx_s (g_k . u)
+    }
+    const T w = c * qw[k];
+    if (w != T(0)) {
+      forward(net, th, td.xq, td.nq, a);
+      loss_and_grad(net, a.z + s, td.yq_float, td.yq_index, td.nq, w, a.d + s, a.p);
+      backward(net, th, td.xq, td.nq, a, v, gxq);
+    }
+  }
+  for (int64_t i = 0; i < P; ++i) g_theta[i] += v[i];
+}
+
+}  // namespace task
+}  // namespace fastmaml

@@ -1,0 +1,232 @@
+"""Building and loading fastmaml's C++ extension (the `torch.ops.fastmaml.*` operations).
+
+The extension is a shared library that registers the op schemas and the CPU kernels with the
+dispatcher (`csrc/fastmaml.cpp`); it is not a Python module. It comes from one of two places:
+
+- a prebuilt library `fastmaml/_C*.so`, made by `FASTMAML_BUILD_EXT=1 pip install --no-build-isolation .`
+  (setup.py), used when it was built from the same sources as the ones found here (or when no sources
+  are shipped);
+- otherwise a build on first use with `torch.utils.cpp_extension.load` (ninja) against the installed
+  torch, into `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`), in a folder named by a
+  hash of the sources, the torch and Python versions and the flags. Later processes load that library
+  directly: nothing is rebuilt until one of those changes.
+
+Nothing happens at import; `load()` builds or loads once per process and registers the fake (meta)
+kernels and the autograd formula. `unavailable()` returns why the extension cannot be had (no compiler,
+a build error), or `None`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("fastmaml")
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# The editable checkout's top-level csrc/, then the copy that setup.py ships inside the package.
+_CSRC_CANDIDATES = (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc")
+_SOURCES = ("fastmaml.cpp", "cpu/maml_cpu.cpp")
+# Files whose content defines the CPU library (the CUDA kernels in csrc/cuda/ are built separately).
+_HASHED_GLOBS = ("*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp")
+# Portable flags: the library may be shared between machines (no -march=native), and the kernels must
+# match the float64 reference to ~1e-12, so no -ffast-math.
+CFLAGS = ("-O3",)
+LIB_NAME = "fastmaml_cpu"
+# Printed before a build; the figure is the measured time of a build on 2 cores.
+BUILD_SECONDS = 40
+
+_lock = threading.Lock()
+_state: dict = {"loaded": False, "error": None, "path": None}
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The C++ extension cannot be built or loaded here; the message says why."""
+
+
+def csrc_dir() -> Optional[Path]:
+    """The folder holding the C++ sources (`fastmaml.cpp`, `maml_task.h`, `cpu/`), or None."""
+    for path in _CSRC_CANDIDATES:
+        if (path / "fastmaml.cpp").is_file():
+            return path
+    return None
+
+
+def source_hash(csrc: Path) -> str:
+    """A hash of the sources, the torch and Python versions and the flags: the build's identity."""
+    h = hashlib.sha256()
+    files = sorted({p for pattern in _HASHED_GLOBS for p in csrc.glob(pattern)})
+    for path in files:
+        h.update(path.relative_to(csrc).as_posix().encode())
+        h.update(path.read_bytes())
+    h.update(f"torch={torch.__version__};python={sys.version_info[:2]};flags={CFLAGS}".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "torch_extensions"
+
+
+def build_directory(csrc: Path) -> Path:
+    """Where the JIT build of these sources lives."""
+    return _cache_root() / f"fastmaml_{source_hash(csrc)}"
+
+
+def _prebuilt() -> Optional[Path]:
+    found = sorted(glob.glob(str(_PACKAGE_DIR / "_C*.so")) + glob.glob(str(_PACKAGE_DIR / "_C*.pyd")))
+    return Path(found[0]) if found else None
+
+
+def _embedded_hash(path: Path) -> Optional[str]:
+    """The source hash a prebuilt library was compiled with (`fastmaml_source_hash()`), if any."""
+    try:
+        fn = ctypes.CDLL(str(path)).fastmaml_source_hash
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
+def _ops_registered() -> bool:
+    try:
+        torch.ops.fastmaml.maml_fwd  # noqa: B018 (attribute lookup raises when the schema is absent)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _short(err: BaseException, lines: int = 3, limit: int = 800) -> str:
+    """The gist of a build error: its first line and the compiler's first `error` lines (not the long
+    command lines before them), cut to `limit` characters."""
+    text = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not text:
+        return type(err).__name__
+    errors = [ln for ln in text[1:] if "error" in ln.lower() and not ln.startswith(("c++ ", "g++ ", "FAILED"))]
+    out = " | ".join([text[0].split(": [1/")[0]] + errors[:lines])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _jit_build(csrc: Path) -> Path:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise ExtensionUnavailable(f"no C++ compiler found ({compiler!r} is not on PATH; set CXX or install g++)")
+    build_dir = build_directory(csrc)
+    lib = build_dir / f"{LIB_NAME}.so"
+    stamp = build_dir / "fastmaml.ok"
+    if lib.is_file() and stamp.is_file():
+        return lib
+    from torch.utils import cpp_extension
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print(f"fastmaml: building the C++ extension (once, ~{BUILD_SECONDS} s) in {build_dir} ...",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        path = cpp_extension.load(
+            name=LIB_NAME,
+            sources=[str(csrc / s) for s in _SOURCES],
+            extra_cflags=[*CFLAGS, f"-DFASTMAML_SOURCE_HASH=h{source_hash(csrc)}"],
+            build_directory=str(build_dir),
+            verbose=os.environ.get("FASTMAML_VERBOSE_BUILD", "") == "1",
+            is_python_module=False,
+            with_cuda=False,
+        )
+    except Exception as err:  # compiler or ninja errors arrive as RuntimeError/OSError/CalledProcessError
+        raise ExtensionUnavailable(f"building the C++ extension failed: {_short(err)}") from err
+    stamp.write_text(f"built in {time.perf_counter() - start:.1f} s\n")
+    log.info("fastmaml: built the C++ extension in %.1f s", time.perf_counter() - start)
+    return Path(path)
+
+
+def _locate() -> Path:
+    """The library to load: a prebuilt one matching the sources, else the JIT build."""
+    csrc = csrc_dir()
+    prebuilt = _prebuilt()
+    if prebuilt is not None:
+        if csrc is None:
+            return prebuilt
+        embedded = _embedded_hash(prebuilt)
+        if embedded == source_hash(csrc):
+            return prebuilt
+        log.debug("fastmaml: ignoring %s (built from other sources: %s)", prebuilt, embedded)
+    if csrc is None:
+        raise ExtensionUnavailable(
+            f"no prebuilt library and no C++ sources (looked in {', '.join(map(str, _CSRC_CANDIDATES))})"
+        )
+    return _jit_build(csrc)
+
+
+def load() -> None:
+    """Build (once) or load the extension and register its Python-side parts. Raises
+    `ExtensionUnavailable` with the reason when that is impossible (the reason is cached)."""
+    with _lock:
+        if _state["loaded"]:
+            return
+        if _state["error"] is not None:
+            raise ExtensionUnavailable(_state["error"])
+        try:
+            if not _ops_registered():
+                path = _locate()
+                torch.ops.load_library(str(path))
+                _state["path"] = str(path)
+            _register_python_parts()
+        except ExtensionUnavailable as err:
+            _state["error"] = str(err)
+            raise
+        except Exception as err:  # a library that exists but cannot be loaded (ABI mismatch, ...)
+            _state["error"] = f"loading the C++ extension failed: {_short(err)}"
+            raise ExtensionUnavailable(_state["error"]) from err
+        _state["loaded"] = True
+
+
+def unavailable() -> Optional[str]:
+    """Why the extension cannot be used here (building it on first call if needed), or None."""
+    try:
+        load()
+    except ExtensionUnavailable as err:
+        return str(err)
+    return None
+
+
+def library_path() -> Optional[str]:
+    """The loaded library's path (None before `load()` or when it was loaded by someone else)."""
+    return _state["path"]
+
+
+def _register_python_parts() -> None:
+    """Fake kernels (shapes only, for torch.compile and meta tensors) and the autograd formula."""
+    from .backends._fused import register_fused_autograd
+
+    @torch.library.register_fake("fastmaml::maml_fwd")
+    def _(theta, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order):
+        T, Nq = x_query.shape[0], x_query.shape[1]
+        return theta.new_empty((T,)), theta.new_empty((T, Nq, dims[-1]))
+
+    @torch.library.register_fake("fastmaml::maml_bwd")
+    def _(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_losses, g_query_preds, dims,
+          activation, loss, first_order, need_lr_grad, need_x_grad):
+        g_lr = lr.new_empty(lr.shape) if need_lr_grad else lr.new_empty((0,))
+        g_xs = x_support.new_empty(x_support.shape) if need_x_grad else x_support.new_empty((0,))
+        g_xq = x_query.new_empty(x_query.shape) if need_x_grad else x_query.new_empty((0,))
+        return theta.new_empty(theta.shape), g_lr, g_xs, g_xq
+
+    @torch.library.register_fake("fastmaml::maml_adapt")
+    def _(theta, lr, x_support, y_support, dims, activation, loss):
+        return theta.new_empty((x_support.shape[0], theta.shape[0]))
+
+    register_fused_autograd(torch.ops.fastmaml.maml_fwd.default, torch.ops.fastmaml.maml_bwd.default)

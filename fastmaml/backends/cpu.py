@@ -1,0 +1,80 @@
+"""The `cpu` backend: the fused C++ kernel (`torch.ops.fastmaml.*`, csrc/) on CPU tensors.
+
+One call of `maml_fwd` runs the whole inner loop and query loss of every task; its registered backward
+(`maml_bwd`) runs the exact reverse sweep with Hessian-vector products, reduced over tasks in a fixed
+order. Importing this module builds nothing: the extension is built or loaded on the first
+`unavailable()` (fastmaml/_ext.py).
+
+Size limits (`reject` names the one exceeded; `auto` then takes the reference backend):
+    MAX_LAYERS          8 linear layers (the kernel's network description is a fixed-size struct)
+    MAX_WIDTH           4096 units in any layer, input or output
+    MAX_POINTS          65536 support or query points per task
+    MAX_WORKSPACE_BYTES 64 MiB of scratch per thread: the backward keeps K + 3 copies of the parameters
+                        and 6 activation buffers per layer for one task; past this the kernel would
+                        trade cache for memory traffic and the reference path is the better choice.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from .._validate import Problem
+from ._fused import adapt_args, common_reject, fused_args, unflatten
+
+MAX_LAYERS = 8
+MAX_WIDTH = 4096
+MAX_POINTS = 65536
+MAX_WORKSPACE_BYTES = 64 << 20
+
+
+def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: int, op: str = "maml") -> int:
+    """Bytes of scratch one thread of the kernel uses (csrc/maml_task.h: `*_workspace`)."""
+    P = sum(dims[i + 1] * dims[i] + dims[i + 1] for i in range(len(dims) - 1))
+    acts = n_points * (6 * sum(dims[1:]) + dims[-1])
+    copies = inner_steps + 3 if op == "maml" else 1
+    return (acts + copies * P) * itemsize
+
+
+def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:
+    """Why this MLP problem is outside the kernel's size limits, or None."""
+    dims = problem.dims
+    if len(dims) - 1 > MAX_LAYERS:
+        return f"{len(dims) - 1} layers (the cpu kernel runs at most {MAX_LAYERS})"
+    if max(dims) > MAX_WIDTH:
+        return f"a layer of width {max(dims)} (the cpu kernel runs widths up to {MAX_WIDTH})"
+    n_points = max(problem.n_support, problem.n_query)
+    if n_points > MAX_POINTS:
+        return f"{n_points} points per task (the cpu kernel runs at most {MAX_POINTS})"
+    need = workspace_bytes(dims, problem.inner_steps, n_points, problem.params[0].element_size(), op)
+    if need > MAX_WORKSPACE_BYTES:
+        return (f"{need / 2**20:.0f} MiB of scratch per thread for this size and inner_steps "
+                f"(the cpu kernel takes up to {MAX_WORKSPACE_BYTES >> 20} MiB)")
+    return None
+
+
+class CpuBackend:
+    """Fused C++ kernel for MLPs on CPU tensors, float32 and float64."""
+
+    name = "cpu"
+
+    def unavailable(self) -> Optional[str]:
+        return _ext.unavailable()
+
+    def reject(self, problem: Problem, op: str) -> Optional[str]:
+        if problem.device.type != "cpu":
+            return f"tensors are on {problem.device} (the cpu backend runs CPU tensors)"
+        why = common_reject(problem, op)
+        if why is not None:
+            return why
+        return size_limit_reason(problem, op)
+
+    def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        _ext.load()
+        return torch.ops.fastmaml.maml_fwd.default(*fused_args(problem))
+
+    def adapt(self, problem: Problem) -> list[torch.Tensor]:
+        _ext.load()
+        return unflatten(torch.ops.fastmaml.maml_adapt.default(*adapt_args(problem)), problem)
