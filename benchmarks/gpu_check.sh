@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: environment, build, GPU tests, and the throughput sweep on cuda.
+#
+#   benchmarks/gpu_check.sh [OUT_DIR]            # OUT_DIR defaults to $OUT, else ./gpu_out
+#   benchmarks/gpu_check.sh --dry-run [OUT_DIR]  # (or DRY_RUN=1) the CPU-side parts, on a machine without a GPU
+#   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
+#
+# Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
+# nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
+# Every stage has a time limit and the whole run ends within TOTAL_S (default 470 s). The output
+# folder gets at most 7 files: env.txt, build.log, tests.log, sweep.log, throughput.csv,
+# throughput.png, summary.txt. The last thing printed is the compact summary table.
+#
+# Stage limits (seconds, override by environment): BUILD_S=120 TESTS_S=150, the sweep gets what is
+# left of TOTAL_S minus a reserve for the summary.
+set -uo pipefail
+
+DRY_RUN="${DRY_RUN:-0}"
+OUT_ARG=""
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) OUT_ARG="$arg" ;;
+  esac
+done
+DIR="${OUT_ARG:-${OUT:-./gpu_out}}"
+mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd)"
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+
+TOTAL_S="${TOTAL_S:-470}"
+BUILD_S="${BUILD_S:-120}"
+TESTS_S="${TESTS_S:-150}"
+RESERVE_S=20
+START=$SECONDS
+left() { echo $(( TOTAL_S - RESERVE_S - (SECONDS - START) )); }
+stage() { echo "== [$(( SECONDS - START ))s] $*"; }
+
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+if [ -z "${FASTMAML_COMMIT:-}" ]; then
+  FASTMAML_COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  export FASTMAML_COMMIT
+fi
+
+if [ "$DRY_RUN" = 1 ]; then
+  DEVICE=cpu
+  SWEEP=(--tasks 25 --steps 1 --width 40 --warmup 1 --repeats 3 --max-seconds 20)
+else
+  DEVICE=cuda
+  SWEEP=(--tasks 25 1024 65536 --steps 1 5 --width 40 128 --warmup 2 --repeats 10 --max-seconds 6)
+fi
+
+# ---- environment -------------------------------------------------------------------------------
+stage "environment -> $DIR/env.txt (dry run: $DRY_RUN, commit $FASTMAML_COMMIT)"
+{
+  date -Is
+  echo "commit: $FASTMAML_COMMIT"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    timeout 20 nvidia-smi || echo "nvidia-smi failed"
+  else
+    echo "nvidia-smi: not found"
+  fi
+  command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -2 || echo "nvcc: not found"
+  timeout 60 python - <<'EOF' || echo "python environment check failed"
+import sys, platform, torch
+print("python", sys.version.split()[0], platform.machine())
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as err:
+    print("triton: not importable:", err)
+EOF
+} > "$DIR/env.txt" 2>&1
+grep -E "^(torch|gpu|triton|python)|MiB|not found" "$DIR/env.txt" | head -8
+
+# ---- build -------------------------------------------------------------------------------------
+stage "build (limit ${BUILD_S}s) -> $DIR/build.log"
+{
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "dry run: no pip install (fastmaml runs from PYTHONPATH=$REPO)"
+  else
+    timeout 60 python -m pip install -e . --no-deps --no-build-isolation -q \
+      || echo "pip install -e . failed; running from PYTHONPATH=$REPO"
+  fi
+  # Asking every backend whether it can run builds what it needs (the C++ extension, the CUDA kernels).
+  timeout "$BUILD_S" python - <<'EOF' || echo "build step failed or timed out"
+import time
+import fastmaml
+from fastmaml.dispatch import get_backend
+for name in fastmaml.list_backends():
+    t0 = time.perf_counter()
+    try:
+        why = get_backend(name).unavailable()
+    except Exception as err:
+        why = f"unavailable() raised {type(err).__name__}: {err}"
+    print(f"backend {name:<10} {'available' if why is None else 'unavailable: ' + why} "
+          f"({time.perf_counter() - t0:.1f} s)", flush=True)
+EOF
+} > "$DIR/build.log" 2>&1
+grep -E "^backend|failed" "$DIR/build.log" | cut -c1-200
+
+# ---- tests -------------------------------------------------------------------------------------
+if [ "$DRY_RUN" = 1 ]; then
+  stage "tests: collection only in a dry run (limit ${TESTS_S}s) -> $DIR/tests.log"
+  timeout "$TESTS_S" python -m pytest tests -q --co > "$DIR/tests.log" 2>&1
+else
+  stage "tests (limit ${TESTS_S}s) -> $DIR/tests.log"
+  timeout "$TESTS_S" python -m pytest tests -x -q -p no:cacheprovider > "$DIR/tests.log" 2>&1
+fi
+rc=$?
+[ $rc = 124 ] && echo "tests: timed out after ${TESTS_S}s" | tee -a "$DIR/tests.log"
+echo "tests exit code $rc"
+tail -n 6 "$DIR/tests.log" | cut -c1-300
+
+# ---- sweep -------------------------------------------------------------------------------------
+budget=$(left)
+if [ "$budget" -lt 30 ]; then
+  stage "sweep: skipped, only ${budget}s left"
+else
+  stage "sweep on $DEVICE (limit ${budget}s) -> $DIR/throughput.csv, throughput.png, sweep.log"
+  timeout "$budget" python benchmarks/bench_throughput.py --device "$DEVICE" --order second "${SWEEP[@]}" \
+    --time-budget $(( budget - 25 )) --out "$DIR" > "$DIR/sweep.log" 2>&1
+  rc=$?
+  [ $rc = 124 ] && echo "sweep: timed out after ${budget}s (the CSV keeps the rows measured)" | tee -a "$DIR/sweep.log"
+  echo "sweep exit code $rc (1: a method failed its check)"
+  grep -E "failed|oom|Error" "$DIR/sweep.log" | head -8 | cut -c1-200
+fi
+
+# ---- summary (last output) ---------------------------------------------------------------------
+stage "summary -> $DIR/summary.txt (total $(( SECONDS - START ))s)"
+if [ -s "$DIR/throughput.csv" ]; then
+  [ -f "$DIR/throughput.png" ] || timeout 60 python benchmarks/report.py "$DIR/throughput.csv" --plot "$DIR/throughput.png" > /dev/null 2>&1
+  timeout 60 python benchmarks/report.py "$DIR/throughput.csv" --compact > "$DIR/summary.txt" 2>&1
+  cat "$DIR/summary.txt"
+else
+  echo "no throughput.csv: see $DIR/sweep.log" | tee "$DIR/summary.txt"
+fi

@@ -1,0 +1,180 @@
+"""Tables and plots from a `throughput.csv` written by `bench_throughput.py`.
+
+    python benchmarks/report.py DIR/throughput.csv              # the full text table
+    python benchmarks/report.py DIR/throughput.csv --compact    # short: method, T, K, width, tasks/s, ratios
+    python benchmarks/report.py DIR/throughput.csv --markdown   # the tables of benchmarks/RESULTS.md
+    python benchmarks/report.py DIR/throughput.csv --plot DIR/throughput.png
+
+Ratios are tasks/s of a method over tasks/s of a peer in the same setting (device, T, K, width, order):
+above 1 means faster than the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Optional
+
+PEERS = ("vmap", "loop", "higher")
+
+
+def load(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _key(row: dict) -> tuple:
+    return (row["device"], int(row["T"]), int(row["K"]), int(row["width"]), row["order"])
+
+
+def _rate(row: dict) -> Optional[float]:
+    if row.get("status") != "ok" or not row.get("tasks_per_s"):
+        return None
+    return float(row["tasks_per_s"])
+
+
+def ratio(rows: list[dict], row: dict, peer: str) -> Optional[float]:
+    """tasks/s of `row` over tasks/s of `peer` in the same setting (None if either is missing)."""
+    mine = _rate(row)
+    for other in rows:
+        if other["method"] == peer and _key(other) == _key(row):
+            theirs = _rate(other)
+            if mine is not None and theirs:
+                return mine / theirs
+    return None
+
+
+def _fmt_rate(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _fmt_ratio(x: Optional[float]) -> str:
+    return "-" if x is None else (f"{x:.1f}x" if x >= 10 else f"{x:.2f}x")
+
+
+def text_table(rows: list[dict], compact: bool = False) -> str:
+    """A fixed-width table, one line per row of the CSV; rows not measured say why at the end."""
+    head = ["method", "T", "K", "width", "tasks/s"] + ([] if compact else ["ms"]) + ["vs vmap", "vs loop"]
+    if not compact:
+        head.append("peak MB")
+    lines, notes = [head], [""]
+    for row in rows:
+        ok = row.get("status") == "ok"
+        line = [row["method"], row["T"], row["K"], row["width"], _fmt_rate(_rate(row)) if ok else row.get("status", "?")]
+        if not compact:
+            line.append(f"{float(row['ms']):.3g}" if ok and row.get("ms") else "-")
+        line += [_fmt_ratio(ratio(rows, row, "vmap")), _fmt_ratio(ratio(rows, row, "loop"))]
+        if not compact:
+            peak = row.get("peak_mem_mb")
+            line.append(f"{float(peak):.4g}" if peak else "-")
+        lines.append([str(c) for c in line])
+        note = row.get("note", "") or ""
+        notes.append(_short(note) if compact else note)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for line, note in zip(lines, notes):
+        cells = [c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        out.append(("  ".join(cells) + "  " + note).rstrip())
+    return "\n".join(out)
+
+
+def _short(note: str) -> str:
+    return note if len(note) <= 60 else note[:57] + "..."
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per setting: tasks/s of every method; then every fastmaml backend's ratio to every peer."""
+    settings = sorted({_key(r) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    peers = [m for m in PEERS if m in methods]
+    backends = [m for m in methods if m not in PEERS]
+    out = ["| T | K | width | " + " | ".join(methods) + " |",
+           "|---:|---:|---:|" + "---:|" * len(methods)]
+    by = {(_key(r), r["method"]): r for r in rows}
+    for key in settings:
+        cells = []
+        for m in methods:
+            r = by.get((key, m))
+            if r is None:
+                cells.append("")
+            elif _rate(r) is None:
+                cells.append(r.get("status", "?"))
+            else:
+                cells.append(_fmt_rate(_rate(r)))
+        out.append(f"| {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
+    out += ["", "Speed-up (tasks/s of the backend over tasks/s of the peer):", ""]
+    pairs = [(b, p) for b in backends for p in peers]
+    out.append("| T | K | width | " + " | ".join(f"{b} / {p}" for b, p in pairs) + " |")
+    out.append("|---:|---:|---:|" + "---:|" * len(pairs))
+    for key in settings:
+        cells = []
+        for b, p in pairs:
+            r = by.get((key, b))
+            cells.append(_fmt_ratio(ratio(rows, r, p)) if r else "")
+        out.append(f"| {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
+    notes = [f"- {r['method']} at T={r['T']} K={r['K']} width={r['width']}: {r['status']} ({r.get('note', '')})"
+             for r in rows if r.get("status") != "ok"]
+    if notes:
+        out += ["", "Not measured:", ""] + notes
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path, value: str = "tasks_per_s", ylabel: str = "tasks / s") -> None:
+    """Log-log `value` vs T, one line per method, one panel per (K, width)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(int(r["K"]), int(r["width"])) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ncols = min(len(panels), 2) or 1
+    nrows = (len(panels) + ncols - 1) // ncols or 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
+    for ax, (K, width) in zip(axes.flat, panels):
+        for m in methods:
+            pts = sorted((int(r["T"]), float(r[value])) for r in rows
+                         if r["method"] == m and int(r["K"]) == K and int(r["width"]) == width
+                         and r.get("status") == "ok" and r.get(value))
+            if pts:
+                style = "--" if m in PEERS else "-"
+                ax.plot(*zip(*pts), style, marker="o", label=m)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tasks per meta-batch T")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"K={K}, width={width}, {rows[0]['order']} order")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if rows:
+        fig.suptitle(f"{rows[0]['device_name']} | torch {rows[0]['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("csv", type=Path)
+    ap.add_argument("--compact", action="store_true")
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--plot", type=Path)
+    args = ap.parse_args(argv)
+    rows = load(args.csv)
+    if not rows:
+        print(f"{args.csv}: no rows")
+        return 1
+    if args.plot:
+        plot(rows, args.plot)
+    print(markdown(rows) if args.markdown else text_table(rows, compact=args.compact))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
