@@ -1,0 +1,50 @@
+"""The `fastmaml` command line: `fastmaml train <job> [options]` (also `python -m fastmaml ...`).
+
+Jobs live in their own modules, each with `add_arguments(parser)` and `main(args) -> exit code`;
+`JOBS` maps a job name to its module. `fastmaml train sinusoid --help` lists a job's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# job name -> (module under fastmaml, one-line description)
+JOBS: dict[str, tuple[str, str]] = {
+    "sinusoid": ("fastmaml.sinusoid", "the MAML paper's sinusoid regression: meta-train, evaluate, plot"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: `train` with one sub-command per job."""
+    parser = argparse.ArgumentParser(
+        prog="fastmaml",
+        description="fastmaml: MAML's inner loop and exact meta-gradient for many tasks at once.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser("train", help="run a training job", description="Run a training job.")
+    jobs = train.add_subparsers(dest="job", metavar="JOB", title="jobs")
+    for name, (module, description) in JOBS.items():
+        job = jobs.add_parser(name, help=description, description=description)
+        importlib.import_module(module).add_arguments(job)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `fastmaml` console script. Returns the exit code (argparse exits with 2 on
+    bad usage, e.g. an unknown job name, after naming the valid choices)."""
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "train" and args.job is None:
+        parser.parse_args(["train", "--help"])  # prints the list of jobs and exits
+    module, _ = JOBS[args.job]
+    return importlib.import_module(module).main(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
