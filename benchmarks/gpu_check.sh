@@ -12,7 +12,7 @@
 # throughput.png, summary.txt. The last thing printed is the compact summary table.
 #
 # Stage limits (seconds, override by environment): BUILD_S=120 TESTS_S=150, the sweep gets what is
-# left of TOTAL_S minus a reserve for the summary.
+# left of TOTAL_S minus a reserve for the summary. PYTEST_ARGS (default "tests -x -q") picks the tests.
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -111,7 +111,8 @@ if [ "$DRY_RUN" = 1 ]; then
   timeout "$TESTS_S" python -m pytest tests -q --co > "$DIR/tests.log" 2>&1
 else
   stage "tests (limit ${TESTS_S}s) -> $DIR/tests.log"
-  timeout "$TESTS_S" python -m pytest tests -x -q -p no:cacheprovider > "$DIR/tests.log" 2>&1
+  # shellcheck disable=SC2086
+  timeout "$TESTS_S" python -m pytest ${PYTEST_ARGS:-tests -x -q} -p no:cacheprovider > "$DIR/tests.log" 2>&1
 fi
 rc=$?
 [ $rc = 124 ] && echo "tests: timed out after ${TESTS_S}s" | tee -a "$DIR/tests.log"

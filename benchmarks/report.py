@@ -82,8 +82,23 @@ def text_table(rows: list[dict], compact: bool = False) -> str:
     return "\n".join(out)
 
 
+def compact_table(rows: list[dict]) -> str:
+    """The measured rows (and failures) as a short table, then one line per method and reason for
+    the rows skipped."""
+    shown = [r for r in rows if r.get("status") != "skipped"]
+    lines = [text_table(shown, compact=True)] if shown else ["no row measured"]
+    groups: dict[tuple, int] = {}
+    for r in rows:
+        if r.get("status") == "skipped":
+            key = (r["method"], r.get("note", ""))
+            groups[key] = groups.get(key, 0) + 1
+    for (method, note), n in groups.items():
+        lines.append(f"skipped {method} at {n} setting{'s' if n > 1 else ''}: {_short(note)}")
+    return "\n".join(lines)
+
+
 def _short(note: str) -> str:
-    return note if len(note) <= 60 else note[:57] + "..."
+    return note if len(note) <= 90 else note[:87] + "..."
 
 
 def markdown(rows: list[dict]) -> str:
@@ -116,11 +131,32 @@ def markdown(rows: list[dict]) -> str:
             r = by.get((key, b))
             cells.append(_fmt_ratio(ratio(rows, r, p)) if r else "")
         out.append(f"| {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
+    if any(r.get("peak_mem_mb") for r in rows):
+        out += ["", "Peak memory of one meta-iteration, MiB (see benchmarks/_harness.py for what it measures):", "",
+                "| T | K | width | " + " | ".join(methods) + " |", "|---:|---:|---:|" + "---:|" * len(methods)]
+        for key in settings:
+            cells = []
+            for m in methods:
+                r = by.get((key, m))
+                cells.append(f"{float(r['peak_mem_mb']):.3g}" if r and r.get("peak_mem_mb") else "")
+            out.append(f"| {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
     notes = [f"- {r['method']} at T={r['T']} K={r['K']} width={r['width']}: {r['status']} ({r.get('note', '')})"
              for r in rows if r.get("status") != "ok"]
     if notes:
         out += ["", "Not measured:", ""] + notes
     return "\n".join(out)
+
+
+def update_section(md_path, name: str, body: str) -> None:
+    """Replace the text between `<!-- begin NAME -->` and `<!-- end NAME -->` in a markdown file."""
+    path = Path(md_path)
+    text = path.read_text()
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path}: markers {begin} / {end} not found")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{body.strip()}\n{end}{tail}")
 
 
 def plot(rows: list[dict], path, value: str = "tasks_per_s", ylabel: str = "tasks / s") -> None:
@@ -165,6 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compact", action="store_true")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--update", type=Path, metavar="MD", help="write the markdown tables into this file ...")
+    ap.add_argument("--section", default="cpu", help="... between <!-- begin SECTION --> and <!-- end SECTION -->")
+    ap.add_argument("--preamble", default="", help="text put before the tables in that section")
     args = ap.parse_args(argv)
     rows = load(args.csv)
     if not rows:
@@ -172,7 +211,13 @@ def main(argv=None) -> int:
         return 1
     if args.plot:
         plot(rows, args.plot)
-    print(markdown(rows) if args.markdown else text_table(rows, compact=args.compact))
+    if args.update:
+        update_section(args.update, args.section, args.preamble + "\n\n" + markdown(rows))
+        print(f"updated section {args.section!r} of {args.update}")
+    if args.markdown:
+        print(markdown(rows))
+    else:
+        print(compact_table(rows) if args.compact else text_table(rows))
     return 0
 
 

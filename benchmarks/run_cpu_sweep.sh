@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The CPU sweep of benchmarks/RESULTS.md, regenerated with one command (run it on a quiet machine):
+#
+#   benchmarks/run_cpu_sweep.sh            # measures, writes benchmarks/results/cpu/, updates RESULTS.md
+#   benchmarks/run_cpu_sweep.sh --print    # measures and prints the markdown, RESULTS.md untouched
+#
+# Settings: T in {25, 256, 4096}, K in {1, 5}, width 40, second order, float32, every fastmaml backend
+# that runs CPU tensors and the peers (vmap, loop, higher). A method is given MAX_SECONDS (default 60)
+# per setting; one estimated to need more for a single call is skipped with the estimate.
+# Extra arguments after --print (or alone) go to bench_throughput.py, e.g. --threads 2.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+update=1
+if [ "${1:-}" = "--print" ]; then update=0; shift; fi
+out="benchmarks/results/cpu"
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+cpu="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+cores="$(nproc)"
+cmd="python benchmarks/bench_throughput.py --device cpu --tasks 25 256 4096 --steps 1 5 --width 40 --order second --max-seconds ${MAX_SECONDS:-60} --out $out $*"
+
+echo "load average before: $load_before"
+status=0
+$cmd || status=$?   # 1: a method failed its correctness check (its row says so); still reported
+load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
+python benchmarks/report.py "$out/throughput.csv" --plot "$out/throughput.png" > /dev/null
+
+torch_version="$(python -c 'import torch; print(torch.__version__)')"
+commit="$(sed -n 2p "$out/throughput.csv" | python -c 'import csv,sys; print(next(csv.reader(sys.stdin))[13])')"
+preamble="Measured $(date -I) on ${cpu} (${cores} cores), torch ${torch_version}, fastmaml commit ${commit}.
+Load average (1, 5, 15 min) before: ${load_before}; after: ${load_after}.
+
+Command: \`benchmarks/run_cpu_sweep.sh\` (runs \`${cmd}\`). CSV and plot: \`${out}/\`."
+
+if [ "$update" = 1 ]; then
+  python benchmarks/report.py "$out/throughput.csv" --update benchmarks/RESULTS.md --section cpu \
+    --preamble "$preamble" > /dev/null
+  echo "updated benchmarks/RESULTS.md"
+else
+  echo "$preamble"
+  echo
+  python benchmarks/report.py "$out/throughput.csv" --markdown
+fi
+exit $status
