@@ -221,14 +221,15 @@ class Timing:
 
 
 def measure(step: Step, device: torch.device, *, warmup: int, repeats: int, max_seconds: float) -> Timing:
-    """The first call (its result is returned for the correctness check), `warmup` untimed calls,
-    then up to `repeats` timed calls; the calls are cut to fit in `max_seconds` (at least one timed)."""
-    started = time.perf_counter()
+    """The first call (its result is returned for the correctness check; it may include compilation),
+    then `warmup` untimed and up to `repeats` timed calls, cut to fit in `max_seconds` after the first
+    call (at least one timed call)."""
     result, first_ms = time_call(step, device)
+    started = time.perf_counter()
     last = first_ms
-    for _ in range(warmup):
-        if time.perf_counter() - started + last / 1e3 > max_seconds:
-            break
+    for i in range(warmup):
+        if i and time.perf_counter() - started + last / 1e3 > max_seconds:
+            break  # the first warm-up always runs: it gives the warm time of a call
         _, last = time_call(step, device)
     left = max_seconds - (time.perf_counter() - started)
     n = max(1, min(repeats, int(left / max(last / 1e3, 1e-9))))
@@ -237,21 +238,36 @@ def measure(step: Step, device: torch.device, *, warmup: int, repeats: int, max_
 
 
 class Estimator:
-    """Estimates a call's time at a larger T from the same method's largest smaller T (linear in T:
-    an upper bound for batched methods, exact for task loops), to skip what would take too long."""
+    """Estimates the time of one call at a larger T from the same method's measurements at smaller T
+    (same K, width, order), to skip what would take too long: a straight line through the two largest
+    measured T (fixed cost + cost per task), or proportional to T from a single one (an upper bound
+    for batched methods, about right for task loops)."""
 
     def __init__(self):
-        self._seen: dict[tuple, list[tuple[int, float]]] = {}
+        self._seen: dict[tuple, dict[int, float]] = {}
 
     def add(self, method: str, w: Workload, ms: float) -> None:
-        self._seen.setdefault((method, w.K, w.width, w.order), []).append((w.T, ms))
+        self._seen.setdefault((method, w.K, w.width, w.order), {})[w.T] = ms
 
     def estimate_s(self, method: str, w: Workload) -> Optional[float]:
-        smaller = [(T, ms) for T, ms in self._seen.get((method, w.K, w.width, w.order), []) if T <= w.T]
-        if not smaller:
+        pts = sorted(item for item in self._seen.get((method, w.K, w.width, w.order), {}).items() if item[0] <= w.T)
+        if not pts:
             return None
-        T, ms = max(smaller)
-        return ms / 1e3 * w.T / T
+        T2, ms2 = pts[-1]
+        if len(pts) == 1:
+            return ms2 / 1e3 * w.T / T2
+        T1, ms1 = pts[-2]
+        slope = max(ms2 - ms1, 0.0) / (T2 - T1)
+        return (ms2 + slope * (w.T - T2)) / 1e3
+
+    def probe(self, method: str, w: Workload, sizes=(16, 64)) -> None:
+        """Time `method` on the first tasks of `w` (after one untimed call), so that a large first
+        setting has an estimate too."""
+        for n in sizes:
+            small = head(w, min(n, w.T))
+            step = make_step(method, small)
+            step()
+            self.add(method, small, time_call(step, w.device)[1])
 
 
 # --------------------------------------------------------------------------------------------------

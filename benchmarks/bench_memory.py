@@ -100,6 +100,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax_k.plot(*zip(*pts), color=colors[m], marker="o", label=m)
     ax_t.set(xscale="log", yscale="log", xlabel="tasks T", ylabel="peak MiB", title="peak memory vs T")
     ax_k.set(yscale="log", xlabel="inner steps K", ylabel="peak MiB", title=f"peak memory vs K at T={T_max}")
+    ax_k.set_xticks(Ks)
     for ax in (ax_t, ax_k):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

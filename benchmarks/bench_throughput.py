@@ -29,6 +29,8 @@ import report
 
 # Tasks the meta-gradient is checked on when the reference cannot hold the full setting in memory.
 CHECK_TASKS = 4096
+# A method with no measurement at a smaller T is first timed on a few tasks when T is above this.
+PROBE_ABOVE = 256
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +117,12 @@ def _skip_reason(method, w, explicit, estimator, args, deadline):
     if deadline is not None and time.perf_counter() > deadline:
         return "sweep time budget spent"
     est = estimator.estimate_s(method, w)
+    if est is None and w.T > PROBE_ABOVE:
+        try:
+            estimator.probe(method, w)
+        except Exception as err:  # the measurement proper will report it
+            print(f"  ({method}: probe on a few tasks failed: {type(err).__name__})", flush=True)
+        est = estimator.estimate_s(method, w)
     if est is not None and est > args.max_seconds:
         return f"estimated {est:.0f} s per call (> --max-seconds {args.max_seconds:g})"
     if deadline is not None and est is not None and time.perf_counter() + est > deadline:
