@@ -199,13 +199,16 @@ class Case:
         """Keyword arguments of `maml` (and of `maml_loop`)."""
         return dict(inner_lr=self.inner_lr, query_loss_weights=self.query_loss_weights, **self.options)
 
-    def to(self, dtype: torch.dtype) -> "Case":
-        """The same problem in another dtype, as fresh leaves (same requires_grad)."""
+    def to(self, dtype: torch.dtype, device="cpu") -> "Case":
+        """The same problem in another dtype (float tensors) and on `device`, as fresh leaves (same
+        requires_grad)."""
 
         def conv(t):
-            if t is None or not t.is_floating_point():
+            if t is None:
                 return t
-            return t.detach().to(dtype).requires_grad_(t.requires_grad)
+            if not t.is_floating_point():
+                return t.to(device)
+            return t.detach().to(device, dtype).requires_grad_(t.requires_grad)
 
         lr = self.inner_lr
         if isinstance(lr, torch.Tensor):

@@ -1,0 +1,306 @@
+"""Every kernel backend against the reference backend, on fresh random problems.
+
+Parametrised over the registered backends other than "reference" (`fastmaml.list_backends()`;
+`FASTMAML_TEST_BACKENDS=a,b` picks others, "reference" included, to check this file itself).
+Compared in float64 to 1e-9 relative and in float32 to 1e-4 relative (against the float64 reference
+on the same rounded inputs): the loss, task losses, query predictions and the gradients of params,
+rate tensors and both inputs, for every option; `adapt` and `reptile` too.
+
+Skips, and when a skip is a failure instead:
+- a backend whose `unavailable()` gives a reason is skipped with it, unless it should run on this
+  machine (cpu with a C++ compiler, triton when installed and either a GPU or the interpreter is
+  there, cuda with a GPU): then the test fails;
+- a backend that rejects a call (device, dtype, an option) is skipped with its reason, except
+  `cpu`, which must take every call here;
+- the "triton" backend runs on CPU tensors in the Triton interpreter (~10 ms a program): it gets a
+  reduced grid of 2 to 3 tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import itertools
+import os
+import shutil
+
+import pytest
+import torch
+
+import fastmaml
+from fastmaml import dispatch
+from _reference_loop import DIMS_BY_DEPTH, LR_FORMS, assert_close, gradients, make_case, objective, output_cotangents
+
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+MUST_ACCEPT = {"cpu"}  # backends that must take every call of this file when they can run here
+F32, F64 = torch.float32, torch.float64
+
+
+def _selected_backends() -> list[str]:
+    wanted = os.environ.get("FASTMAML_TEST_BACKENDS")
+    if wanted:
+        return [name.strip() for name in wanted.split(",") if name.strip()]
+    return [name for name in fastmaml.list_backends() if name != "reference"]
+
+
+BACKENDS = _selected_backends()
+
+
+def should_run_here(name: str) -> bool:
+    """Whether this machine has what the backend needs (so that being unavailable is a bug)."""
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return shutil.which(os.environ.get("CXX", "c++")) is not None or shutil.which("g++") is not None
+    if name == "triton":
+        has_triton = importlib.util.find_spec("triton") is not None
+        return has_triton and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    if name == "cuda":
+        return torch.cuda.is_available() and torch.version.cuda is not None
+    return False
+
+
+def device_for(name: str) -> str:
+    """cpu runs CPU tensors; the GPU backends run CUDA tensors when there is a GPU, else CPU tensors
+    (Triton's interpreter; the cuda backend then rejects the call, and is skipped with its reason)."""
+    if name in ("cpu", "reference"):
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def require_backend(name: str) -> None:
+    """Skip (or fail, see the module docstring) when the backend cannot run at all here."""
+    if name not in fastmaml.list_backends():
+        pytest.fail(f"backend {name!r} is not registered (registered: {fastmaml.list_backends()})")
+    why = dispatch.get_backend(name).unavailable()
+    if why is None:
+        return
+    if should_run_here(name):
+        pytest.fail(f"backend {name!r} should run on this machine but says it is unavailable: {why}")
+    pytest.skip(f"backend {name!r} unavailable: {why}")
+
+
+def run_or_skip(name: str, fn):
+    """Call `fn()`; a refusal of the explicit backend skips the test with its reason (fails for cpu)."""
+    try:
+        return fn()
+    except ValueError as err:
+        if f"backend={name!r} cannot run this call" not in str(err):
+            raise
+        if name in MUST_ACCEPT:
+            pytest.fail(f"backend {name!r} must run this call but refused: {err}")
+        pytest.skip(str(err))
+
+
+# ---- the reference results, computed once per problem (both dtypes compare against them) ----------
+
+
+def _key(options: dict) -> tuple:
+    return tuple(sorted(options.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def reference_result(key: tuple):
+    """`(outputs, gradients)` of the reference backend in float64 for `make_case(**dict(key))`."""
+    case = make_case(**dict(key))
+    out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                        backend="reference", **case.kwargs())
+    cot = output_cotangents(out.task_losses, out.query_preds)
+    grads = gradients(objective(out.loss, out.task_losses, out.query_preds, cot), case.leaves())
+    outputs = {"loss": out.loss, "task_losses": out.task_losses, "query_preds": out.query_preds}
+    return {k: v.detach() for k, v in outputs.items()}, {k: v.detach() for k, v in grads.items()}
+
+
+def check_maml(name: str, options: dict, dtype: torch.dtype) -> None:
+    """`maml(backend=name)` in `dtype` against the float64 reference: outputs and every gradient."""
+    require_backend(name)
+    case = make_case(**options).to(dtype, device_for(name))
+    out = run_or_skip(name, lambda: fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query,
+                                                  case.y_query, backend=name, **case.kwargs()))
+    assert out.backend == name
+    want_out, want_grads = reference_result(_key(options))
+    T, Nq = case.x_query.shape[:2]
+    assert out.loss.shape == () and out.task_losses.shape == (T,) and out.query_preds.shape == (T, Nq, case.params[-1].shape[0])
+    assert out.query_preds.dtype == dtype and out.query_preds.device == case.x_query.device
+    rtol = RTOL[dtype]
+    assert_close({"loss": out.loss, "task_losses": out.task_losses, "query_preds": out.query_preds}, want_out,
+                 rtol, "")
+    cot = output_cotangents(want_out["task_losses"], want_out["query_preds"])
+    cot = tuple(c.to(out.loss.device) for c in cot)
+    got = gradients(objective(out.loss, out.task_losses, out.query_preds, cot), case.leaves())
+    assert_close(got, want_grads, rtol, "grad")
+
+
+# ---- the grids ------------------------------------------------------------------------------------
+
+OPTION_GRID = [
+    dict(inner_steps=K, lr_form=lr, first_order=fo, query_loss_weights=qlw, loss=loss, activation=act)
+    for K, lr, fo, qlw, loss, act in itertools.product(
+        [0, 1, 3], LR_FORMS, [False, True], [False, True], ["mse", "cross_entropy"], ["relu", "tanh"])
+]
+DEPTH_GRID = [
+    dict(dims=tuple(DIMS_BY_DEPTH[depth]), tasks=4, n_support=7, n_query=3, inner_steps=K, lr_form="per_parameter",
+         loss=loss, activation=act)
+    for depth, K, loss, act in itertools.product([1, 2, 3, 4], [0, 1, 3], ["mse", "cross_entropy"], ["relu", "tanh"])
+]
+# The Triton interpreter's grid: each option at least once, 2 or 3 tasks.
+REDUCED_GRID = [
+    dict(inner_steps=0, lr_form="float", loss="mse", activation="relu"),
+    dict(inner_steps=1, lr_form="float", loss="mse", activation="relu"),
+    dict(inner_steps=3, lr_form="per_step", loss="mse", activation="tanh"),
+    dict(inner_steps=2, lr_form="per_parameter", loss="cross_entropy", activation="relu"),
+    dict(inner_steps=2, lr_form="per_layer", loss="cross_entropy", activation="tanh", first_order=True),
+    dict(inner_steps=3, lr_form="float", loss="mse", activation="tanh", first_order=True),
+    dict(inner_steps=2, lr_form="per_step", loss="mse", activation="relu", query_loss_weights=True),
+    dict(inner_steps=1, lr_form="per_parameter", loss="cross_entropy", activation="tanh", query_loss_weights=True),
+    dict(dims=tuple(DIMS_BY_DEPTH[1]), tasks=2, inner_steps=2, lr_form="per_parameter", loss="mse", activation="relu"),
+    dict(dims=tuple(DIMS_BY_DEPTH[4]), tasks=2, inner_steps=2, lr_form="per_step", loss="cross_entropy",
+         activation="tanh"),
+]
+
+
+def _case_id(options: dict) -> str:
+    parts = []
+    if "dims" in options:
+        parts.append("d" + "x".join(map(str, options["dims"])))
+    parts.append(f"K{options['inner_steps']}")
+    parts.append(options["lr_form"])
+    parts.append("fo" if options.get("first_order") else "so")
+    if options.get("query_loss_weights"):
+        parts.append("qlw")
+    parts += [options.get("loss", "mse"), options.get("activation", "relu")]
+    if options.get("grad_inputs") is False:
+        parts.append("nogradx")
+    if "tasks" in options:
+        parts.append(f"T{options['tasks']}")
+    return "-".join(parts)
+
+
+def _maml_params():
+    out = []
+    for name in BACKENDS:
+        cases = REDUCED_GRID if name == "triton" else OPTION_GRID + DEPTH_GRID
+        for (i, options), dtype in itertools.product(enumerate(cases), [F64, F32]):
+            options = {**options, "seed": i}  # both dtypes: the same problem, one reference run
+            out.append(pytest.param(name, options, dtype,
+                                    id=f"{name}-{_case_id(options)}-{'f64' if dtype == F64 else 'f32'}"))
+    return out
+
+
+@pytest.mark.parametrize("name,options,dtype", _maml_params())
+def test_maml_matches_reference(name, options, dtype):
+    check_maml(name, options, dtype)
+
+
+def _small_params(cases):
+    return [pytest.param(name, opts, id=f"{name}-{_case_id(opts)}") for name in BACKENDS for opts in cases]
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    _small_params([
+        dict(inner_steps=2, lr_form="per_parameter", grad_inputs=False),
+        dict(inner_steps=2, lr_form="float", grad_inputs=False, loss="cross_entropy", first_order=True),
+    ]),
+)
+def test_maml_without_input_grads(name, options):
+    """Only params (and rates) require grad: the kernels skip the input gradients and the rest agrees."""
+    check_maml(name, {**options, "tasks": 3, "seed": 40}, F64)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("first_order", [False, True], ids=["so", "fo"])
+def test_input_grads_only(name, first_order):
+    """ANIL-like use: frozen params, gradients for the inputs (a backbone's features) only."""
+    require_backend(name)
+    case = make_case(inner_steps=2, first_order=first_order, loss="cross_entropy", seed=41)
+    for p in case.params:
+        p.requires_grad_(False)
+    run = case.to(F64, device_for(name))
+    out = run_or_skip(name, lambda: fastmaml.maml(run.params, run.x_support, run.y_support, run.x_query, run.y_query,
+                                                  backend=name, **run.kwargs()))
+    ref = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                        backend="reference", **case.kwargs())
+    got = gradients(out.loss, {"x_support": run.x_support, "x_query": run.x_query})
+    want = gradients(ref.loss, {"x_support": case.x_support, "x_query": case.x_query})
+    assert_close(got, want, RTOL[F64], "grad")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_no_grad_call(name):
+    """Under no_grad (evaluation) the outputs are the same and carry no graph."""
+    require_backend(name)
+    base = make_case(inner_steps=3, lr_form="per_step", seed=42)
+    case = base.to(F64, device_for(name))
+    with torch.no_grad():
+        out = run_or_skip(name, lambda: fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query,
+                                                      case.y_query, backend=name, **case.kwargs()))
+        ref = fastmaml.maml(base.params, base.x_support, base.y_support, base.x_query, base.y_query,
+                            backend="reference", **base.kwargs())
+    assert not out.loss.requires_grad
+    assert_close(out.query_preds, ref.query_preds, RTOL[F64], "query_preds")
+    assert_close(out.task_losses, ref.task_losses, RTOL[F64], "task_losses")
+
+
+# ---- adapt and reptile ---------------------------------------------------------------------------
+
+ADAPT_CASES = [
+    dict(inner_steps=3, lr_form="per_step", loss="mse", activation="tanh"),
+    dict(inner_steps=2, lr_form="per_parameter", loss="cross_entropy", activation="relu"),
+    dict(dims=tuple(DIMS_BY_DEPTH[4]), inner_steps=5, lr_form="float", loss="mse", activation="relu"),
+    dict(dims=tuple(DIMS_BY_DEPTH[1]), inner_steps=0, lr_form="float", loss="cross_entropy", activation="tanh"),
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "name,options",
+    [pytest.param(n, o, id=f"{n}-{_case_id(o)}") for n in BACKENDS for o in ADAPT_CASES],
+)
+def test_adapt_matches_reference(name, options, dtype):
+    """`adapt` (under no_grad, as the fused backends serve it): theta_K of every task."""
+    require_backend(name)
+    options = {**options, "seed": 50}
+    case = make_case(**options)
+    run = case.to(dtype, device_for(name))
+    kw = dict(inner_steps=options["inner_steps"], activation=options["activation"], loss=options["loss"])
+    with torch.no_grad():
+        got = run_or_skip(name, lambda: fastmaml.adapt(run.params, run.x_support, run.y_support,
+                                                       inner_lr=run.inner_lr, backend=name, **kw))
+        want = fastmaml.adapt(case.params, case.x_support, case.y_support, inner_lr=case.inner_lr,
+                              backend="reference", **kw)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(g.dtype == dtype for g in got)
+    assert_close(got, want, RTOL[dtype], "adapted")
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_reptile_matches_reference(name, dtype):
+    """`reptile`: `params - mean_t theta_K`, from the backend's `adapt`."""
+    require_backend(name)
+    case = make_case(dims=(3, 7, 5, 2), tasks=3, inner_steps=4, lr_form="per_layer", loss="mse", activation="tanh",
+                     seed=51)
+    run = case.to(dtype, device_for(name))
+    kw = dict(inner_steps=4, activation="tanh", loss="mse")
+    got = run_or_skip(name, lambda: fastmaml.reptile(run.params, run.x_support, run.y_support, inner_lr=run.inner_lr,
+                                                     backend=name, **kw))
+    want = fastmaml.reptile(case.params, case.x_support, case.y_support, inner_lr=case.inner_lr,
+                            backend="reference", **kw)
+    assert_close(got, want, RTOL[dtype], "reptile")
+
+
+# ---- what the fused backends refuse ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in BACKENDS if n != "reference"])
+def test_meta_gradient_is_not_differentiated_again(name):
+    """The fused backward computes the meta-gradient once: a gradient of it raises a clear error
+    instead of returning a silently wrong (zero) second derivative."""
+    require_backend(name)
+    case = make_case(inner_steps=1, seed=52).to(F64, device_for(name))
+    out = run_or_skip(name, lambda: fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query,
+                                                  case.y_query, backend=name, **case.kwargs()))
+    (g,) = torch.autograd.grad(out.loss, case.params[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="reference"):
+        torch.autograd.grad(g.sum(), case.params[0])
