@@ -170,8 +170,8 @@ class TrainResult:
 
 
 def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    # The fused Adam is a few times faster than the per-tensor loop for these six small tensors,
-    # which matters when the MAML step itself takes well under a millisecond.
+    # The fused Adam is about 3x faster than the per-tensor loop for these six small tensors (measured
+    # 0.1 against 0.3 ms a step), which matters when the MAML step itself takes about a millisecond.
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -260,7 +260,7 @@ def _train(config: SinusoidConfig, progress: bool, log) -> TrainResult:
 # --------------------------------------------------------------------------------------- evaluation
 
 
-def eval_tasks(config: SinusoidConfig, device) -> dict[str, torch.Tensor]:
+def held_out_tasks(config: SinusoidConfig, device) -> dict[str, torch.Tensor]:
     """The held-out tasks: `x_support [E, max_shot, 1]`, `y_support`, `x_query [E, Nq, 1]`, `y_query`,
     `amplitude [E]`, `phase [E]`. The n-shot support set is the first n support points, so the shot
     counts are compared on the same tasks."""
@@ -293,7 +293,7 @@ def evaluate(params: Sequence[torch.Tensor], config: SinusoidConfig, backend: st
     Returns `{"5": [eval_steps + 1 floats], "10": [...], ...}`.
     """
     device = params[0].device
-    data = eval_tasks(config, device)
+    data = held_out_tasks(config, device)
     results = {}
     for shot in config.eval_shots:
         xs, ys = data["x_support"][:, :shot], data["y_support"][:, :shot]
@@ -349,9 +349,10 @@ def plot(
         ax.scatter(list(points), list(points.values()), marker="x", s=60, color="black", zorder=3,
                    label=f"paper, {s}-shot (approx.)")
     ax.set_yscale("log")
-    # Plain numbers on the log axis: "0.5" reads better than "5 x 10^-1".
+    # Plain numbers at 1, 2, 5 x 10^n on the log axis: "0.5" reads better than "5 x 10^-1".
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("inner SGD steps at test time")
     ax.set_ylabel(f"query MSE (mean over {config.eval_tasks} tasks)")
     ax.set_title(f"adaptation (trained with K={config.inner_steps}, {config.n_support} shots)")
@@ -361,7 +362,7 @@ def plot(
 
     device = params[0].device
     with torch.no_grad():
-        data = eval_tasks(config, device)
+        data = held_out_tasks(config, device)
         xs, ys = data["x_support"][:num_tasks, :shot], data["y_support"][:num_tasks, :shot]
         grid_x = torch.linspace(*X_RANGE, 200, device=device).expand(num_tasks, 200).unsqueeze(-1)
         truth = data["amplitude"][:num_tasks, None] * torch.sin(grid_x[..., 0] - data["phase"][:num_tasks, None])
@@ -423,7 +424,7 @@ def _run(config: SinusoidConfig, out_dir: str, progress: bool, log) -> dict:
     log(f"fastmaml sinusoid: trained {config.iterations} iterations in {trained.seconds:.1f} s "
         f"on backend {trained.backend!r}")
     start = time.perf_counter()
-    results = evaluate(trained.params, config)
+    results = evaluate(trained.params, config, backend=config.backend)
     log(f"evaluation on {config.eval_tasks} held-out tasks, query MSE after n inner steps "
         f"(lr {config.inner_lr}; {time.perf_counter() - start:.1f} s):")
     log(format_table(results))
@@ -436,7 +437,7 @@ def _run(config: SinusoidConfig, out_dir: str, progress: bool, log) -> dict:
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     save_model(os.path.join(out_dir, "model.pt"), trained.params, config)
-    plot(os.path.join(out_dir, "adaptation.png"), trained.params, results, config)
+    plot(os.path.join(out_dir, "adaptation.png"), trained.params, results, config, backend=config.backend)
     log(f"wrote {out_dir}/results.json, model.pt, adaptation.png")
     return summary
 

@@ -147,7 +147,7 @@ def test_evaluate_matches_manual_sgd():
     config = sinusoid.SinusoidConfig(eval_tasks=6, eval_steps=3, eval_shots=(5, 20), inner_lr=0.03)
     params = sinusoid.init_params(torch.Generator().manual_seed(5))
     results = sinusoid.evaluate(params, config)
-    data = sinusoid.eval_tasks(config, "cpu")
+    data = sinusoid.held_out_tasks(config, "cpu")
     for shot in (5, 20):
         xs, ys = data["x_support"][:, :shot].double(), data["y_support"][:, :shot].double()
         xq, yq = data["x_query"].double(), data["y_query"].double()
