@@ -11,7 +11,9 @@ Skips, and when a skip is a failure instead:
   machine (cpu with a C++ compiler, triton when installed and either a GPU or the interpreter is
   there, cuda with a GPU): then the test fails;
 - a backend that rejects a call (device, dtype, an option) is skipped with its reason, except
-  `cpu`, which must take every call here;
+  `cpu`, which must take every call here, and any backend that should run here must take the
+  plainest call (`test_accepts_a_plain_call`), so that a backend rejecting everything cannot pass
+  as a run of skips;
 - the "triton" backend runs on CPU tensors in the Triton interpreter (~10 ms a program): it gets a
   reduced grid of 2 to 3 tasks.
 """
@@ -55,8 +57,9 @@ def should_run_here(name: str) -> bool:
     if name == "triton":
         has_triton = importlib.util.find_spec("triton") is not None
         return has_triton and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-    if name == "cuda":
-        return torch.cuda.is_available() and torch.version.cuda is not None
+    if name == "cuda":  # a GPU, a CUDA build of torch and nvcc to build the extension
+        has_nvcc = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+        return torch.cuda.is_available() and torch.version.cuda is not None and has_nvcc
     return False
 
 
@@ -240,6 +243,24 @@ def test_no_grad_call(name):
     assert not out.loss.requires_grad
     assert_close(out.query_preds, ref.query_preds, RTOL[F64], "query_preds")
     assert_close(out.task_losses, ref.task_losses, RTOL[F64], "task_losses")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_accepts_a_plain_call(name):
+    """A backend that should run on this machine must take the plainest call (float32 MLP, one step,
+    a float rate, mse): rejecting everything here would otherwise pass as a run of skips."""
+    require_backend(name)
+    case = make_case(dims=(3, 7, 2), inner_steps=1, seed=43).to(F32, device_for(name))
+    call = lambda: fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query,  # noqa: E731
+                                 case.y_query, backend=name, **case.kwargs())
+    if not should_run_here(name):
+        run_or_skip(name, call)
+        return
+    try:
+        out = call()
+    except ValueError as err:
+        pytest.fail(f"backend {name!r} should run here but refused a plain float32 call: {err}")
+    assert out.backend == name and torch.isfinite(out.loss)
 
 
 # ---- adapt and reptile ---------------------------------------------------------------------------

@@ -91,6 +91,8 @@ CASES = [
     ("y_query_rank3_ce", lambda kw: {"y_query": kw["y_query"].unsqueeze(-1)}, "cross_entropy", ValueError, r"y_query.*\[T, N\]"),
     ("x_not_a_tensor", lambda kw: {"x_support": kw["x_support"].tolist()}, "mse", TypeError, r"x_support.*torch\.Tensor"),
     ("no_tasks", lambda kw: {"x_support": kw["x_support"][:0], "y_support": kw["y_support"][:0]}, "mse", ValueError, r"x_support"),
+    ("no_points", lambda kw: {"x_query": kw["x_query"][:, :0], "y_query": kw["y_query"][:, :0]}, "mse", ValueError,
+     r"x_query.*one point"),
     # sizes that do not agree
     ("tasks_mismatch", lambda kw: {"x_query": kw["x_query"][:-1], "y_query": kw["y_query"][:-1]}, "mse", ValueError, r"x_query.*tasks"),
     ("points_mismatch_support", lambda kw: {"y_support": kw["y_support"][:, :-1]}, "mse", ValueError, r"y_support.*\[3, 5, 2\]"),
@@ -119,6 +121,7 @@ CASES = [
     ("inner_lr_tensor_nan", lambda kw: {"inner_lr": torch.tensor([0.1, math.nan], dtype=F64)}, "mse", ValueError, r"inner_lr.*finite"),
     ("inner_lr_list_inf", lambda kw: {"inner_lr": [torch.full(p.shape, math.inf if i == 2 else 0.1, dtype=F64)
                                                    for i, p in enumerate(kw["params"])]}, "mse", ValueError, r"inner_lr\[2\].*finite"),
+    ("inner_lr_list_of_floats", lambda kw: {"inner_lr": [0.1] * 4}, "mse", TypeError, r"inner_lr\[0\].*torch\.Tensor"),
     ("inner_lr_bool", lambda kw: {"inner_lr": True}, "mse", TypeError, r"inner_lr"),
     ("inner_lr_string", lambda kw: {"inner_lr": "0.1"}, "mse", TypeError, r"inner_lr"),
     ("inner_lr_tensor_length", lambda kw: {"inner_lr": torch.full((K + 1,), 0.1, dtype=F64)}, "mse", ValueError, r"inner_lr.*\[K\] = \[2\]"),
@@ -299,3 +302,17 @@ def test_module_adapt_refuses_other_steps_with_per_step_rates():
         wrapped.adapt(kwargs["x_support"], kwargs["y_support"], inner_steps=K + 2)
     adapted = wrapped.adapt(kwargs["x_support"], kwargs["y_support"])
     assert adapted["0.weight"].shape == (T, 7, 3)
+
+
+def test_module_refuses_query_shape_of_generic_model():
+    """A generic module's query inputs must have the support inputs' per-point shape."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 2)).double()
+    wrapped = fastmaml.MAML(model, inner_steps=1, backend="reference")
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(T, NS, 2, 5, 5, dtype=F64, generator=g)
+    ys = torch.randn(T, NS, 2, dtype=F64, generator=g)
+    xq = torch.randn(T, NQ, 2, 5, 5, dtype=F64, generator=g)
+    yq = torch.randn(T, NQ, 2, dtype=F64, generator=g)
+    with pytest.raises(ValueError, match=r"x_query must be \[T, Nq, 2, 5, 5\]"):
+        wrapped(xs, ys, xq[..., :4], yq)
+    assert wrapped(xs, ys, xq, yq).task_losses.shape == (T,)
