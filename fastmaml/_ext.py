@@ -7,7 +7,8 @@ dispatcher (`csrc/fastmaml.cpp`); it is not a Python module. It comes from one o
   (setup.py), used when it was built from the same sources as the ones found here (or when no sources
   are shipped);
 - otherwise a build on first use with `torch.utils.cpp_extension.load` (ninja) against the installed
-  torch, into `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`), in a folder named by a
+  torch (with the CUDA kernels of csrc/cuda/ when torch is a CUDA build and nvcc is found: decided
+  from the compiler and torch, never from whether a GPU is visible; see `cuda_build_unavailable`), into `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`), in a folder named by a
   hash of the sources, the torch and Python versions and the flags. Later processes load that library
   directly: nothing is rebuilt until one of those changes.
 
@@ -38,14 +39,22 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 # The editable checkout's top-level csrc/, then the copy that setup.py ships inside the package.
 _CSRC_CANDIDATES = (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc")
 _SOURCES = ("fastmaml.cpp", "cpu/maml_cpu.cpp")
-# Files whose content defines the CPU library (the CUDA kernels in csrc/cuda/ are built separately).
+# Files whose content defines the CPU library; the CUDA kernels add theirs when they are built.
 _HASHED_GLOBS = ("*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp")
+_CUDA_SOURCES = ("cuda/maml_cuda.cu", "cuda/binding.cpp")
+_CUDA_HASHED_GLOBS = ("cuda/*.h", "cuda/*.cu", "cuda/*.cpp")
 # Portable flags: the library may be shared between machines (no -march=native), and the kernels must
 # match the float64 reference to ~1e-12, so no -ffast-math.
 CFLAGS = ("-O3",)
+# nvcc: no --use_fast_math for the same reason (float64 kernels must match the float64 reference). The
+# GPU architectures come from TORCH_CUDA_ARCH_LIST, else from the visible GPU (torch's defaults).
+CUDA_FLAGS = ("-O3",)
 LIB_NAME = "fastmaml_cpu"
 # Printed before a build; the figure is the measured time of a build on 2 cores.
 BUILD_SECONDS = 40
+# Added when the CUDA kernels are built: an estimate from nvcc's compile time of csrc/cuda/maml_cuda.cu
+# for one architecture on 2 cores (no GPU build has been timed yet).
+CUDA_BUILD_SECONDS = 60
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None, "path": None}
@@ -63,10 +72,38 @@ def csrc_dir() -> Optional[Path]:
     return None
 
 
+def find_nvcc() -> Optional[str]:
+    """The nvcc a CUDA build would use (torch's CUDA_HOME: $CUDA_HOME, nvcc on PATH, /usr/local/cuda)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return None
+    nvcc = Path(CUDA_HOME) / "bin" / ("nvcc.exe" if os.name == "nt" else "nvcc")
+    return str(nvcc) if nvcc.is_file() else None
+
+
+def cuda_build_unavailable(csrc: Optional[Path] = None) -> Optional[str]:
+    """Why the C++ extension is built without its CUDA kernels here (a CPU-only torch, no nvcc, no
+    csrc/cuda sources), or None when it is built with them."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build (the CUDA kernels need a CUDA build of torch)"
+    if find_nvcc() is None:
+        return "nvcc not found (set CUDA_HOME to the CUDA toolkit, or put nvcc on PATH) to build the CUDA kernels"
+    csrc = csrc if csrc is not None else csrc_dir()
+    if csrc is None or not all((csrc / s).is_file() for s in _CUDA_SOURCES):
+        return "the CUDA kernel sources (csrc/cuda/) are not shipped with this installation"
+    return None
+
+
 def source_hash(csrc: Path) -> str:
     """A hash of the sources, the torch and Python versions and the flags: the build's identity."""
     h = hashlib.sha256()
-    files = sorted({p for pattern in _HASHED_GLOBS for p in csrc.glob(pattern)})
+    globs = _HASHED_GLOBS
+    if cuda_build_unavailable(csrc) is None:
+        globs = globs + _CUDA_HASHED_GLOBS
+        h.update(f"cuda={torch.version.cuda};cuda_flags={CUDA_FLAGS};"
+                 f"arch={os.environ.get('TORCH_CUDA_ARCH_LIST', '')}".encode())
+    files = sorted({p for pattern in globs for p in csrc.glob(pattern)})
     for path in files:
         h.update(path.relative_to(csrc).as_posix().encode())
         h.update(path.read_bytes())
@@ -132,19 +169,24 @@ def _jit_build(csrc: Path) -> Path:
         return lib
     from torch.utils import cpp_extension
 
+    with_cuda = cuda_build_unavailable(csrc) is None
+    sources = [*_SOURCES, *(_CUDA_SOURCES if with_cuda else ())]
     build_dir.mkdir(parents=True, exist_ok=True)
-    print(f"fastmaml: building the C++ extension (once, ~{BUILD_SECONDS} s) in {build_dir} ...",
-          file=sys.stderr, flush=True)
+    seconds = BUILD_SECONDS + (CUDA_BUILD_SECONDS if with_cuda else 0)
+    print(f"fastmaml: building the C++ extension{' with its CUDA kernels' if with_cuda else ''} "
+          f"(once, ~{seconds} s) in {build_dir} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
+    hash_flag = f"-DFASTMAML_SOURCE_HASH=h{source_hash(csrc)}"
     try:
         path = cpp_extension.load(
             name=LIB_NAME,
-            sources=[str(csrc / s) for s in _SOURCES],
-            extra_cflags=[*CFLAGS, f"-DFASTMAML_SOURCE_HASH=h{source_hash(csrc)}"],
+            sources=[str(csrc / s) for s in sources],
+            extra_cflags=[*CFLAGS, hash_flag],
+            extra_cuda_cflags=[*CUDA_FLAGS, hash_flag],
             build_directory=str(build_dir),
             verbose=os.environ.get("FASTMAML_VERBOSE_BUILD", "") == "1",
             is_python_module=False,
-            with_cuda=False,
+            with_cuda=with_cuda,
         )
     except Exception as err:  # compiler or ninja errors arrive as RuntimeError/OSError/CalledProcessError
         raise ExtensionUnavailable(f"building the C++ extension failed: {_short(err)}") from err
