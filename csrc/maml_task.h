@@ -20,8 +20,14 @@
 #define FASTMAML_HD
 #endif
 
+// The namespace is a macro so that one library can hold this math compiled for several instruction
+// sets (csrc/cpu/task_loops_*.cpp) without two copies of one inline function under one name.
+#ifndef FASTMAML_TASK_NAMESPACE
+#define FASTMAML_TASK_NAMESPACE task
+#endif
+
 namespace fastmaml {
-namespace task {
+namespace FASTMAML_TASK_NAMESPACE {
 
 // Depth is bounded so the network description fits in a fixed-size struct passed by value (registers
 // or constant memory on a GPU). Widths and point counts are bounded only by the workspace.
@@ -101,10 +107,197 @@ FASTMAML_HD inline void axpy(T a, const T* __restrict__ x, T* __restrict__ y, in
   for (int j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
-// y += a * x + b * w
+// The two small matrix products every layer needs. At MAML's sizes (tens of points, widths of tens)
+// loads and stores bound the time, not multiplies, so on the host (gcc or clang) they keep tiles of the
+// output in vector registers through the compilers' generic vector types (SSE/NEON width, 16 bytes: no
+// -march flag needed); gcc does not find that register tiling by itself from scalar loops. Elsewhere
+// (CUDA device code, other compilers, or -DFASTMAML_NO_HOST_VECTORS) they are plain loops. Both sum in a
+// fixed order (deterministic).
+#if !defined(FASTMAML_NO_HOST_VECTORS) && !defined(__CUDACC__) && !defined(__HIPCC__) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define FASTMAML_HOST_VECTORS 1
+#ifndef FASTMAML_VECTOR_BYTES
+#define FASTMAML_VECTOR_BYTES 16
+#endif
+template <typename T, int Bytes>
+struct VecBytes {
+  // may_alias and element alignment: loads and stores through this type are legal at any T address.
+  typedef T type __attribute__((vector_size(Bytes), aligned(sizeof(T)), may_alias));
+};
 template <typename T>
-FASTMAML_HD inline void axpy2(T a, const T* __restrict__ x, T b, const T* __restrict__ w, T* __restrict__ y, int n) {
-  for (int j = 0; j < n; ++j) y[j] += a * x[j] + b * w[j];
+struct Vec16 {
+  typedef typename VecBytes<T, FASTMAML_VECTOR_BYTES>::type type;
+  static constexpr int lanes = FASTMAML_VECTOR_BYTES / sizeof(T);
+};
+
+// The sum of a vector's lanes by halving (lo + hi), which compiles to extracts and vector adds rather
+// than one scalar add per lane.
+template <typename T, int Bytes>
+inline T lane_sum(typename VecBytes<T, Bytes>::type v) {
+  if constexpr (Bytes == 2 * sizeof(T)) {
+    return v[0] + v[1];
+  } else {
+    typedef typename VecBytes<T, Bytes / 2>::type H;
+    H lo, hi;
+    __builtin_memcpy(&lo, &v, Bytes / 2);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return lane_sum<T, Bytes / 2>(lo + hi);
+  }
+}
+#endif
+
+// out[r, c] += alpha * sum_k a[r * ars + k * aks] * B[k * ldb + c]   (r < R, c < C, k < Kd)
+template <typename T>
+FASTMAML_HD inline void gemm_nn_acc(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t ars,
+                                    int64_t aks, const T* __restrict__ B, int64_t ldb, T* __restrict__ out,
+                                    int64_t ldo) {
+#ifdef FASTMAML_HOST_VECTORS
+  typedef typename Vec16<T>::type V;
+  constexpr int L = Vec16<T>::lanes;
+  int r = 0;
+  for (; r + 2 <= R; r += 2) {  // two output rows share the loads of B
+    const T* a0 = a + r * ars;
+    const T* a1 = a0 + ars;
+    T* o0 = out + r * ldo;
+    T* o1 = o0 + ldo;
+    int c = 0;
+    for (; c + 4 * L <= C; c += 4 * L) {  // a tile of four vectors per row
+      V p0 = {}, p1 = {}, p2 = {}, p3 = {}, q0 = {}, q1 = {}, q2 = {}, q3 = {};
+      for (int k = 0; k < Kd; ++k) {
+        const V* b = reinterpret_cast<const V*>(B + k * ldb + c);
+        const V b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
+        const T x0 = a0[k * aks], x1 = a1[k * aks];
+        p0 += x0 * b0;
+        p1 += x0 * b1;
+        p2 += x0 * b2;
+        p3 += x0 * b3;
+        q0 += x1 * b0;
+        q1 += x1 * b1;
+        q2 += x1 * b2;
+        q3 += x1 * b3;
+      }
+      V* v0 = reinterpret_cast<V*>(o0 + c);
+      V* v1 = reinterpret_cast<V*>(o1 + c);
+      v0[0] += alpha * p0;
+      v0[1] += alpha * p1;
+      v0[2] += alpha * p2;
+      v0[3] += alpha * p3;
+      v1[0] += alpha * q0;
+      v1[1] += alpha * q1;
+      v1[2] += alpha * q2;
+      v1[3] += alpha * q3;
+    }
+    for (; c + L <= C; c += L) {
+      V p0 = {}, q0 = {};
+      for (int k = 0; k < Kd; ++k) {
+        const V b0 = *reinterpret_cast<const V*>(B + k * ldb + c);
+        p0 += a0[k * aks] * b0;
+        q0 += a1[k * aks] * b0;
+      }
+      *reinterpret_cast<V*>(o0 + c) += alpha * p0;
+      *reinterpret_cast<V*>(o1 + c) += alpha * q0;
+    }
+    for (; c < C; ++c) {
+      T p0 = 0, q0 = 0;
+      for (int k = 0; k < Kd; ++k) {
+        p0 += a0[k * aks] * B[k * ldb + c];
+        q0 += a1[k * aks] * B[k * ldb + c];
+      }
+      o0[c] += alpha * p0;
+      o1[c] += alpha * q0;
+    }
+  }
+  for (; r < R; ++r) {  // the last row of an odd count
+    const T* a0 = a + r * ars;
+    T* o0 = out + r * ldo;
+    int c = 0;
+    for (; c + L <= C; c += L) {
+      V p0 = {};
+      for (int k = 0; k < Kd; ++k) p0 += a0[k * aks] * *reinterpret_cast<const V*>(B + k * ldb + c);
+      *reinterpret_cast<V*>(o0 + c) += alpha * p0;
+    }
+    for (; c < C; ++c) {
+      T p0 = 0;
+      for (int k = 0; k < Kd; ++k) p0 += a0[k * aks] * B[k * ldb + c];
+      o0[c] += alpha * p0;
+    }
+  }
+#else
+  for (int r = 0; r < R; ++r) {
+    for (int k = 0; k < Kd; ++k) axpy(alpha * a[r * ars + k * aks], B + k * ldb, out + r * ldo, C);
+  }
+#endif
+}
+
+// out[r, c] += sum_k a[r * lda + k] * B[c * ldb + k]   (r < R, c < C, k < Kd): dot products of rows.
+template <typename T>
+FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ a, int64_t lda,
+                                    const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo) {
+#ifdef FASTMAML_HOST_VECTORS
+  typedef typename Vec16<T>::type V;
+  constexpr int L = Vec16<T>::lanes;
+  const int kv = Kd - Kd % L;
+  int r = 0;
+  for (; r + 2 <= R; r += 2) {  // two rows by four columns: eight dot products share their loads
+    const T* a0 = a + r * lda;
+    const T* a1 = a0 + lda;
+    T* o0 = out + r * ldo;
+    T* o1 = o0 + ldo;
+    int c = 0;
+    for (; c + 4 <= C; c += 4) {
+      const T* b0 = B + c * ldb;
+      const T* b1 = b0 + ldb;
+      const T* b2 = b1 + ldb;
+      const T* b3 = b2 + ldb;
+      V s00 = {}, s01 = {}, s02 = {}, s03 = {}, s10 = {}, s11 = {}, s12 = {}, s13 = {};
+      for (int k = 0; k < kv; k += L) {
+        const V x0 = *reinterpret_cast<const V*>(a0 + k), x1 = *reinterpret_cast<const V*>(a1 + k);
+        const V w0 = *reinterpret_cast<const V*>(b0 + k), w1 = *reinterpret_cast<const V*>(b1 + k);
+        const V w2 = *reinterpret_cast<const V*>(b2 + k), w3 = *reinterpret_cast<const V*>(b3 + k);
+        s00 += x0 * w0;
+        s01 += x0 * w1;
+        s02 += x0 * w2;
+        s03 += x0 * w3;
+        s10 += x1 * w0;
+        s11 += x1 * w1;
+        s12 += x1 * w2;
+        s13 += x1 * w3;
+      }
+      constexpr int VB = FASTMAML_VECTOR_BYTES;
+      T t00 = lane_sum<T, VB>(s00), t01 = lane_sum<T, VB>(s01), t02 = lane_sum<T, VB>(s02), t03 = lane_sum<T, VB>(s03);
+      T t10 = lane_sum<T, VB>(s10), t11 = lane_sum<T, VB>(s11), t12 = lane_sum<T, VB>(s12), t13 = lane_sum<T, VB>(s13);
+      for (int k = kv; k < Kd; ++k) {
+        t00 += a0[k] * b0[k];
+        t01 += a0[k] * b1[k];
+        t02 += a0[k] * b2[k];
+        t03 += a0[k] * b3[k];
+        t10 += a1[k] * b0[k];
+        t11 += a1[k] * b1[k];
+        t12 += a1[k] * b2[k];
+        t13 += a1[k] * b3[k];
+      }
+      o0[c] += t00;
+      o0[c + 1] += t01;
+      o0[c + 2] += t02;
+      o0[c + 3] += t03;
+      o1[c] += t10;
+      o1[c + 1] += t11;
+      o1[c + 2] += t12;
+      o1[c + 3] += t13;
+    }
+    for (; c < C; ++c) {
+      o0[c] += dot(a0, B + c * ldb, Kd);
+      o1[c] += dot(a1, B + c * ldb, Kd);
+    }
+  }
+  for (; r < R; ++r) {
+    for (int c = 0; c < C; ++c) out[r * ldo + c] += dot(a + r * lda, B + c * ldb, Kd);
+  }
+#else
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) out[r * ldo + c] += dot(a + r * lda, B + c * ldb, Kd);
+  }
+#endif
 }
 
 template <typename T>
@@ -169,11 +362,8 @@ FASTMAML_HD inline void forward(const Net& net, const T* __restrict__ theta, con
     const T* b = theta + net.b_off[l];
     const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
     T* z = a.z + slice(net, a, l);
-    for (int n = 0; n < N; ++n) {
-      const T* row = in + static_cast<int64_t>(n) * din;
-      T* zr = z + static_cast<int64_t>(n) * dout;
-      for (int i = 0; i < dout; ++i) zr[i] = b[i] + dot(row, W + static_cast<int64_t>(i) * din, din);
-    }
+    for (int n = 0; n < N; ++n) copy(b, z + static_cast<int64_t>(n) * dout, dout);
+    gemm_nt_acc(N, dout, din, in, din, W, din, z, dout);
     if (l < net.L - 1) {
       T* h = a.h + slice(net, a, l);
       const int64_t m = static_cast<int64_t>(N) * dout;
@@ -255,20 +445,12 @@ FASTMAML_HD inline void backward(const Net& net, const T* __restrict__ theta, co
     const T* d = a.d + slice(net, a, l);
     T* gW = g + net.w_off[l];
     T* gb = g + net.b_off[l];
-    for (int n = 0; n < N; ++n) {
-      const T* dr = d + static_cast<int64_t>(n) * dout;
-      const T* row = in + static_cast<int64_t>(n) * din;
-      for (int i = 0; i < dout; ++i) axpy(dr[i], row, gW + static_cast<int64_t>(i) * din, din);
-      for (int i = 0; i < dout; ++i) gb[i] += dr[i];
-    }
+    gemm_nn_acc(dout, din, N, T(1), d, 1, dout, in, din, gW, din);  // gW += d^T h
+    for (int n = 0; n < N; ++n) axpy(T(1), d + static_cast<int64_t>(n) * dout, gb, dout);
     if (l == 0 && gx == nullptr) break;
     T* e = l == 0 ? gx : a.d + slice(net, a, l - 1);
     if (l > 0) fill(e, static_cast<int64_t>(N) * din, T(0));
-    for (int n = 0; n < N; ++n) {
-      const T* dr = d + static_cast<int64_t>(n) * dout;
-      T* er = e + static_cast<int64_t>(n) * din;
-      for (int i = 0; i < dout; ++i) axpy(dr[i], W + static_cast<int64_t>(i) * din, er, din);
-    }
+    gemm_nn_acc(N, din, dout, T(1), d, dout, 1, W, din, e, din);  // e += d W
     if (l > 0) {
       apply_act_grad(net, a.z + slice(net, a, l - 1), a.h + slice(net, a, l - 1), e,
                      static_cast<int64_t>(N) * din);
@@ -293,19 +475,9 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
     const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
     const T* rin = l == 0 ? nullptr : a.rh + slice(net, a, l - 1);
     T* rz = a.rz + slice(net, a, l);
-    for (int n = 0; n < N; ++n) {
-      const T* row = in + static_cast<int64_t>(n) * din;
-      T* rzr = rz + static_cast<int64_t>(n) * dout;
-      if (rin == nullptr) {
-        for (int i = 0; i < dout; ++i) rzr[i] = ub[i] + dot(row, U + static_cast<int64_t>(i) * din, din);
-      } else {
-        const T* rrow = rin + static_cast<int64_t>(n) * din;
-        for (int i = 0; i < dout; ++i) {
-          rzr[i] = ub[i] + dot(row, U + static_cast<int64_t>(i) * din, din) +
-                   dot(rrow, W + static_cast<int64_t>(i) * din, din);
-        }
-      }
-    }
+    for (int n = 0; n < N; ++n) copy(ub, rz + static_cast<int64_t>(n) * dout, dout);
+    gemm_nt_acc(N, dout, din, in, din, U, din, rz, dout);
+    if (rin != nullptr) gemm_nt_acc(N, dout, din, rin, din, W, din, rz, dout);
     if (l < L - 1) {
       const T* z = a.z + slice(net, a, l);
       const T* h = a.h + slice(net, a, l);
@@ -354,34 +526,16 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
     const T* rd = a.rd + slice(net, a, l);
     T* oW = out + net.w_off[l];
     T* ob = out + net.b_off[l];
-    for (int n = 0; n < N; ++n) {
-      const T* dr = d + static_cast<int64_t>(n) * dout;
-      const T* rdr = rd + static_cast<int64_t>(n) * dout;
-      const T* row = in + static_cast<int64_t>(n) * din;
-      if (rin == nullptr) {
-        for (int i = 0; i < dout; ++i) axpy(alpha * rdr[i], row, oW + static_cast<int64_t>(i) * din, din);
-      } else {
-        const T* rrow = rin + static_cast<int64_t>(n) * din;
-        for (int i = 0; i < dout; ++i) {
-          axpy2(alpha * rdr[i], row, alpha * dr[i], rrow, oW + static_cast<int64_t>(i) * din, din);
-        }
-      }
-      for (int i = 0; i < dout; ++i) ob[i] += alpha * rdr[i];
-    }
+    gemm_nn_acc(dout, din, N, alpha, rd, 1, dout, in, din, oW, din);                  // Rd^T h
+    if (rin != nullptr) gemm_nn_acc(dout, din, N, alpha, d, 1, dout, rin, din, oW, din);  // d^T Rh
+    for (int n = 0; n < N; ++n) axpy(alpha, rd + static_cast<int64_t>(n) * dout, ob, dout);
     if (l == 0 && gx == nullptr) break;
     // re = Rd_l W_l + d_l U_l (scaled by alpha when it is the input term).
     const T scale = l == 0 ? alpha : T(1);
     T* re = l == 0 ? gx : a.rd + slice(net, a, l - 1);
     if (l > 0) fill(re, static_cast<int64_t>(N) * din, T(0));
-    for (int n = 0; n < N; ++n) {
-      const T* dr = d + static_cast<int64_t>(n) * dout;
-      const T* rdr = rd + static_cast<int64_t>(n) * dout;
-      T* rer = re + static_cast<int64_t>(n) * din;
-      for (int i = 0; i < dout; ++i) {
-        axpy2(scale * rdr[i], W + static_cast<int64_t>(i) * din, scale * dr[i], U + static_cast<int64_t>(i) * din,
-              rer, din);
-      }
-    }
+    gemm_nn_acc(N, din, dout, scale, rd, dout, 1, W, din, re, din);
+    gemm_nn_acc(N, din, dout, scale, d, dout, 1, U, din, re, din);
     if (l > 0) {
       const int64_t s = slice(net, a, l - 1);
       const int64_t m = static_cast<int64_t>(N) * din;
@@ -433,6 +587,27 @@ FASTMAML_HD inline void support_grad(const Net& net, const TaskData<T>& td, cons
   backward(net, theta, td.xs, td.ns, a, g, static_cast<T*>(nullptr));
 }
 
+// Elements of the saved state of one pass (z, h, d and the softmax p; no tangents).
+FASTMAML_HD inline int64_t state_size(const Net& net, int64_t nmax) {
+  return nmax * (3 * net.width_sum + net.dims[net.L]);
+}
+
+// Acts whose forward state (z, h, d, p) lives at `state` and whose tangents (rz, rh, rd) at `tangents`.
+template <typename T>
+FASTMAML_HD inline Acts<T> make_split_acts(const Net& net, T* state, T* tangents, int64_t nmax) {
+  const int64_t s = nmax * net.width_sum;
+  Acts<T> a;
+  a.z = state;
+  a.h = state + s;
+  a.d = state + 2 * s;
+  a.p = state + 3 * s;
+  a.rz = tangents;
+  a.rh = tangents + s;
+  a.rd = tangents + 2 * s;
+  a.nmax = nmax;
+  return a;
+}
+
 // Workspace elements of `task_forward` / `task_adapt` / `task_backward` (nmax = max(Ns, Nq)).
 FASTMAML_HD inline int64_t forward_workspace(const Net& net, int64_t nmax) {
   return acts_size(net, nmax) + 2 * net.P;
@@ -440,8 +615,12 @@ FASTMAML_HD inline int64_t forward_workspace(const Net& net, int64_t nmax) {
 FASTMAML_HD inline int64_t adapt_workspace(const Net& net, int64_t nmax) {
   return acts_size(net, nmax) + net.P;
 }
-FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax) {
-  return acts_size(net, nmax) + (K + 3) * net.P;
+// The reverse sweep keeps theta_1..theta_K, the support state of steps 0..K-1, the support gradients
+// g_0..g_{K-1} when the rates need a gradient (one gradient buffer otherwise), a query state, the
+// tangents, and the vectors u and v.
+FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax, bool need_lr_grad) {
+  const int64_t grads = need_lr_grad ? K : 1;
+  return (K + 1) * state_size(net, nmax) + 3 * nmax * net.width_sum + (K + grads + 2) * net.P;
 }
 
 // theta_K of one task, written to `theta_out [P]`. `lr [K, P]`.
@@ -489,24 +668,32 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 }
 
 // The reverse sweep of maml_bwd for one task (docs/kernels.md). Recomputes theta_1..theta_K from theta0
-// in the workspace (the forward saves nothing). `c` is the cotangent of the task loss, `gpreds [Nq, D_out]`
-// that of the query output. Adds dL/dtheta_0 to `g_theta [P]` and, when given, -(g_k * v) to
-// `g_lr [K, P]`; writes the input gradients to `gxs [Ns, D_in]` and `gxq [Nq, D_in]` when given.
+// in the workspace (the forward saves nothing), keeping each step's support pass for its Hessian-vector
+// product. `c` is the cotangent of the task loss, `gpreds [Nq, D_out]` that of the query output.
+// Adds dL/dtheta_0 to `g_theta [P]` and, when given, -(g_k * v) to `g_lr [K, P]`; writes the input
+// gradients to `gxs [Ns, D_in]` and `gxq [Nq, D_in]` when given. The workspace holds
+// `backward_workspace(net, K, max(Ns, Nq), g_lr != nullptr)` elements.
 template <typename T>
 FASTMAML_HD inline void task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
                                       const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
                                       T* gxs, T* gxq, T* work) {
   const int64_t P = net.P;
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
-  Acts<T> a = make_acts(net, work, nmax);
-  T* thetas = work + acts_size(net, nmax);  // theta_1 .. theta_K, [K, P]
-  T* g = thetas + K * P;
-  T* u = g + P;
+  const int64_t st = state_size(net, nmax);
+  T* states = work;                              // support state of steps 0..K-1, then the query state
+  T* tangents = states + (K + 1) * st;           // rz, rh, rd
+  T* thetas = tangents + 3 * nmax * net.width_sum;  // theta_1 .. theta_K, [K, P]
+  T* grads = thetas + K * P;                     // g_0 .. g_{K-1} ([K, P]) with g_lr, else one [P]
+  T* u = grads + (g_lr != nullptr ? K : 1) * P;
   T* v = u + P;
-  const int64_t s = slice(net, a, net.L - 1);
+  Acts<T> q = make_split_acts(net, states + K * st, tangents, nmax);
+  const int64_t s = slice(net, q, net.L - 1);
   const int D = net.dims[net.L];
   const int64_t m_out = static_cast<int64_t>(td.nq) * D;
+
   for (int k = 0; k < K; ++k) {
+    Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
+    T* g = g_lr != nullptr ? grads + k * P : grads;
     support_grad(net, td, theta_at(theta0, thetas, k, P), a, g);
     sgd_update(theta_at(theta0, thetas, k, P), lr + k * P, g, thetas + k * P, P);
   }
@@ -517,33 +704,34 @@ FASTMAML_HD inline void task_backward(const Net& net, const TaskData<T>& td, con
   fill(v, P, T(0));
   {
     const T* th = theta_at(theta0, thetas, K, P);
-    forward(net, th, td.xq, td.nq, a);
-    loss_and_grad(net, a.z + s, td.yq_float, td.yq_index, td.nq, c * qw[K], a.d + s, a.p);
-    for (int64_t j = 0; j < m_out; ++j) a.d[s + j] += gpreds[j];
-    backward(net, th, td.xq, td.nq, a, v, gxq);
+    forward(net, th, td.xq, td.nq, q);
+    loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, c * qw[K], q.d + s, q.p);
+    for (int64_t j = 0; j < m_out; ++j) q.d[s + j] += gpreds[j];
+    backward(net, th, td.xq, td.nq, q, v, gxq);
   }
 
   for (int k = K - 1; k >= 0; --k) {
     const T* th = theta_at(theta0, thetas, k, P);
     const T* lrk = lr + k * P;
-    support_grad(net, td, th, a, g);
     if (g_lr != nullptr) {
+      const T* g = grads + k * P;
       T* gl = g_lr + k * P;
       for (int64_t i = 0; i < P; ++i) gl[i] -= g[i] * v[i];
     }
     if (!first_order) {
+      Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
       for (int64_t i = 0; i < P; ++i) u[i] = lrk[i] * v[i];
       hvp(net, th, u, td.xs, td.ns, a, T(-1), v, gxs);  // v -= H_k u; gxs -= d/dx_s (g_k . u)
     }
     const T w = c * qw[k];
     if (w != T(0)) {
-      forward(net, th, td.xq, td.nq, a);
-      loss_and_grad(net, a.z + s, td.yq_float, td.yq_index, td.nq, w, a.d + s, a.p);
-      backward(net, th, td.xq, td.nq, a, v, gxq);
+      forward(net, th, td.xq, td.nq, q);
+      loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, w, q.d + s, q.p);
+      backward(net, th, td.xq, td.nq, q, v, gxq);
     }
   }
   for (int64_t i = 0; i < P; ++i) g_theta[i] += v[i];
 }
 
-}  // namespace task
+}  // namespace FASTMAML_TASK_NAMESPACE
 }  // namespace fastmaml

@@ -1,7 +1,9 @@
 // fastmaml: the CPU kernels of maml_fwd, maml_bwd and maml_adapt (docs/kernels.md).
 //
 // Tasks are independent: at::parallel_for runs them on the intra-op threads, each thread with one scratch
-// workspace reused for all its tasks (no allocation per task). The per-task math is csrc/maml_task.h.
+// workspace reused for all its tasks (no allocation per task). The per-task math is csrc/maml_task.h,
+// looped over tasks in task_loops.inc, compiled for the baseline instruction set and for AVX2 + FMA;
+// the AVX2 loops run when the CPU has them (FASTMAML_CPU_ISA=baseline forces the baseline ones).
 // The meta-gradient is reduced over tasks deterministically: tasks are cut into chunks whose size
 // depends only on the problem (never on the thread count), each chunk sums its tasks in order into its
 // own partial row, and the partial rows are then summed in chunk order.
@@ -15,16 +17,20 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "../maml_task.h"
+#include "task_loops.h"
 
 namespace fastmaml {
 namespace cpu {
 namespace {
 
 using task::Net;
-using task::TaskData;
+
+static_assert(kMaxDims == task::kMaxLayers + 1, "task_loops.h and maml_task.h disagree on the depth limit");
 
 // Partial sums of the backward: at most this many chunks, and at most this many bytes of partial rows
 // (but never fewer than kMinChunks chunks, so large models still run in parallel).
@@ -105,23 +111,6 @@ Sizes check_args(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor
   return s;
 }
 
-template <typename scalar_t>
-TaskData<scalar_t> task_data(const Sizes& s, int64_t t, const scalar_t* xs, const at::Tensor& ys,
-                             const scalar_t* xq, const at::Tensor& yq) {
-  const int64_t d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
-  const bool ce = s.net.loss == task::kCrossEntropy;
-  TaskData<scalar_t> td;
-  td.xs = xs + t * s.Ns * d_in;
-  td.ys_float = ce ? nullptr : ys.const_data_ptr<scalar_t>() + t * s.Ns * d_out;
-  td.ys_index = ce ? ys.const_data_ptr<int64_t>() + t * s.Ns : nullptr;
-  td.ns = static_cast<int>(s.Ns);
-  td.xq = xq == nullptr ? nullptr : xq + t * s.Nq * d_in;
-  td.yq_float = (xq == nullptr || ce) ? nullptr : yq.const_data_ptr<scalar_t>() + t * s.Nq * d_out;
-  td.yq_index = (xq == nullptr || !ce) ? nullptr : yq.const_data_ptr<int64_t>() + t * s.Nq;
-  td.nq = static_cast<int>(s.Nq);
-  return td;
-}
-
 void check_class_range(const at::Tensor& y, const char* name, int64_t n_classes) {
   // Out-of-range classes would index out of the logits: check once per call (cheap next to the kernel).
   const int64_t* p = y.const_data_ptr<int64_t>();
@@ -130,6 +119,50 @@ void check_class_range(const at::Tensor& y, const char* name, int64_t n_classes)
     TORCH_CHECK(p[i] >= 0 && p[i] < n_classes, "fastmaml: ", name, " holds class ", p[i], ", expected 0 .. ",
                 n_classes - 1);
   }
+}
+
+bool use_avx2() {
+  // Read on every call (a getenv is cheap next to a kernel) so tests can compare the two builds.
+  const char* isa = std::getenv("FASTMAML_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has && avx2::compiled();
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+LoopTable<T> loops() {
+  return use_avx2() ? avx2::table<T>() : baseline::table<T>();
+}
+
+// The pointers shared by the three operations; query pointers stay null when `xq` is undefined.
+template <typename T>
+LoopArgs<T> loop_args(const Sizes& s, c10::IntArrayRef dims, int64_t activation, int64_t loss,
+                      const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& xs, const at::Tensor& ys,
+                      const at::Tensor* xq, const at::Tensor* yq, const at::Tensor* qw) {
+  LoopArgs<T> a{};
+  for (size_t i = 0; i < dims.size(); ++i) a.dims[i] = dims[i];
+  a.n_dims = static_cast<int>(dims.size());
+  a.activation = static_cast<int>(activation);
+  a.loss = static_cast<int>(loss);
+  a.num_tasks = s.T;
+  a.ns = s.Ns;
+  a.nq = s.Nq;
+  a.K = s.K;
+  a.theta = theta.const_data_ptr<T>();
+  a.lr = lr.const_data_ptr<T>();
+  a.qw = qw == nullptr ? nullptr : qw->const_data_ptr<T>();
+  a.xs = xs.const_data_ptr<T>();
+  a.xq = xq == nullptr ? nullptr : xq->const_data_ptr<T>();
+  const bool ce = loss == task::kCrossEntropy;
+  a.ys_float = ce ? nullptr : ys.const_data_ptr<T>();
+  a.ys_index = ce ? ys.const_data_ptr<int64_t>() : nullptr;
+  a.yq_float = (yq == nullptr || ce) ? nullptr : yq->const_data_ptr<T>();
+  a.yq_index = (yq == nullptr || !ce) ? nullptr : yq->const_data_ptr<int64_t>();
+  return a;
 }
 
 }  // namespace
@@ -155,23 +188,14 @@ std::tuple<at::Tensor, at::Tensor> maml_fwd(const at::Tensor& theta_in, const at
   at::Tensor task_losses = at::empty({s.T}, theta.options());
   at::Tensor preds = at::empty({s.T, s.Nq, d_out}, theta.options());
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_fwd_cpu", [&] {
-    const Net net = s.net;
-    const int64_t nmax = std::max(s.Ns, s.Nq);
-    const int64_t ws = task::forward_workspace(net, nmax);
-    const scalar_t* th = theta.const_data_ptr<scalar_t>();
-    const scalar_t* lrp = lr.const_data_ptr<scalar_t>();
-    const scalar_t* qwp = qw.const_data_ptr<scalar_t>();
-    const scalar_t* xsp = xs.const_data_ptr<scalar_t>();
-    const scalar_t* xqp = xq.const_data_ptr<scalar_t>();
-    scalar_t* out_loss = task_losses.mutable_data_ptr<scalar_t>();
-    scalar_t* out_preds = preds.mutable_data_ptr<scalar_t>();
+    LoopArgs<scalar_t> args = loop_args<scalar_t>(s, dims, activation, loss, theta, lr, xs, ys, &xq, &yq, &qw);
+    args.task_losses = task_losses.mutable_data_ptr<scalar_t>();
+    args.preds = preds.mutable_data_ptr<scalar_t>();
+    const LoopTable<scalar_t> table = loops<scalar_t>();
+    const int64_t ws = task::forward_workspace(s.net, std::max(s.Ns, s.Nq));
     at::parallel_for(0, s.T, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> work(static_cast<size_t>(ws));
-      for (int64_t t = begin; t < end; ++t) {
-        const TaskData<scalar_t> td = task_data<scalar_t>(s, t, xsp, ys, xqp, yq);
-        out_loss[t] = task::task_forward(net, td, th, lrp, static_cast<int>(s.K), qwp, out_preds + t * s.Nq * d_out,
-                                         work.data());
-      }
+      table.forward(args, begin, end, work.data());
     });
   });
   return {task_losses, preds};
@@ -217,32 +241,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
   at::Tensor g_lr = need_lr_grad ? at::empty({K, P}, theta.options()) : at::empty({0}, theta.options());
 
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_bwd_cpu", [&] {
-    const Net net = s.net;
-    const int64_t nmax = std::max(s.Ns, s.Nq);
-    const int64_t ws = task::backward_workspace(net, K, nmax);
-    const scalar_t* th = theta.const_data_ptr<scalar_t>();
-    const scalar_t* lrp = lr.const_data_ptr<scalar_t>();
-    const scalar_t* qwp = qw.const_data_ptr<scalar_t>();
-    const scalar_t* xsp = xs.const_data_ptr<scalar_t>();
-    const scalar_t* xqp = xq.const_data_ptr<scalar_t>();
-    const scalar_t* glp = gl.const_data_ptr<scalar_t>();
-    const scalar_t* gpp = gp.const_data_ptr<scalar_t>();
+    LoopArgs<scalar_t> args = loop_args<scalar_t>(s, dims, activation, loss, theta, lr, xs, ys, &xq, &yq, &qw);
+    args.g_task_losses = gl.const_data_ptr<scalar_t>();
+    args.g_preds = gp.const_data_ptr<scalar_t>();
+    args.first_order = first_order;
+    args.chunk = chunk;
     scalar_t* pth = part_theta.mutable_data_ptr<scalar_t>();
     scalar_t* plr = need_lr_grad ? part_lr.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gxs = need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gxq = need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    args.part_theta = pth;
+    args.part_lr = plr;
+    args.gxs = need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr;
+    args.gxq = need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr;
+    const LoopTable<scalar_t> table = loops<scalar_t>();
+    const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> work(static_cast<size_t>(ws));
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        const int64_t t_end = std::min(T, (c + 1) * chunk);
-        for (int64_t t = c * chunk; t < t_end; ++t) {
-          const TaskData<scalar_t> td = task_data<scalar_t>(s, t, xsp, ys, xqp, yq);
-          task::task_backward(net, td, th, lrp, static_cast<int>(K), qwp, glp[t], gpp + t * s.Nq * d_out,
-                              first_order, pth + c * P, plr == nullptr ? nullptr : plr + c * K * P,
-                              gxs == nullptr ? nullptr : gxs + t * s.Ns * d_in,
-                              gxq == nullptr ? nullptr : gxq + t * s.Nq * d_in, work.data());
-        }
-      }
+      table.backward(args, begin, end, work.data());
     });
     // Sum the partial rows in chunk order; columns in parallel (each column's order is fixed).
     auto reduce = [&](const scalar_t* part, scalar_t* out, int64_t width) {
@@ -269,18 +283,14 @@ at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const
   const int64_t P = s.net.P;
   at::Tensor thetas = at::empty({s.T, P}, theta.options());
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_adapt_cpu", [&] {
-    const Net net = s.net;
-    const int64_t ws = task::adapt_workspace(net, s.Ns);
-    const scalar_t* th = theta.const_data_ptr<scalar_t>();
-    const scalar_t* lrp = lr.const_data_ptr<scalar_t>();
-    const scalar_t* xsp = xs.const_data_ptr<scalar_t>();
-    scalar_t* out = thetas.mutable_data_ptr<scalar_t>();
+    LoopArgs<scalar_t> args = loop_args<scalar_t>(s, dims, activation, loss, theta, lr, xs, ys, nullptr, nullptr,
+                                                  nullptr);
+    args.thetas = thetas.mutable_data_ptr<scalar_t>();
+    const LoopTable<scalar_t> table = loops<scalar_t>();
+    const int64_t ws = task::adapt_workspace(s.net, s.Ns);
     at::parallel_for(0, s.T, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> work(static_cast<size_t>(ws));
-      for (int64_t t = begin; t < end; ++t) {
-        const TaskData<scalar_t> td = task_data<scalar_t>(s, t, xsp, ys, nullptr, ys);
-        task::task_adapt(net, td, th, lrp, static_cast<int>(s.K), out + t * P, work.data());
-      }
+      table.adapt(args, begin, end, work.data());
     });
   });
   return thetas;

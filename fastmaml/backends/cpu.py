@@ -9,9 +9,9 @@ Size limits (`reject` names the one exceeded; `auto` then takes the reference ba
     MAX_LAYERS          8 linear layers (the kernel's network description is a fixed-size struct)
     MAX_WIDTH           4096 units in any layer, input or output
     MAX_POINTS          65536 support or query points per task
-    MAX_WORKSPACE_BYTES 64 MiB of scratch per thread: the backward keeps K + 3 copies of the parameters
-                        and 6 activation buffers per layer for one task; past this the kernel would
-                        trade cache for memory traffic and the reference path is the better choice.
+    MAX_WORKSPACE_BYTES 64 MiB of scratch per thread: the backward keeps about 2K + 2 copies of the
+                        parameters and K + 1 sets of activations for one task; past this the kernel
+                        would trade cache for memory traffic and the reference path is the better choice.
 """
 
 from __future__ import annotations
@@ -31,11 +31,15 @@ MAX_WORKSPACE_BYTES = 64 << 20
 
 
 def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: int, op: str = "maml") -> int:
-    """Bytes of scratch one thread of the kernel uses (csrc/maml_task.h: `*_workspace`)."""
+    """Bytes of scratch one thread of the kernel uses (csrc/maml_task.h: `backward_workspace` with the
+    rates' gradient, the larger case, for `maml`; `adapt_workspace` for `adapt`)."""
     P = sum(dims[i + 1] * dims[i] + dims[i + 1] for i in range(len(dims) - 1))
-    acts = n_points * (6 * sum(dims[1:]) + dims[-1])
-    copies = inner_steps + 3 if op == "maml" else 1
-    return (acts + copies * P) * itemsize
+    width_sum = sum(dims[1:])
+    if op == "adapt":
+        return (n_points * (6 * width_sum + dims[-1]) + P) * itemsize
+    K = inner_steps
+    state = n_points * (3 * width_sum + dims[-1])
+    return ((K + 1) * state + 3 * n_points * width_sum + (2 * K + 2) * P) * itemsize
 
 
 def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:
