@@ -20,14 +20,36 @@
 #define FASTMAML_HD
 #endif
 
+// Host builds with gcc or clang use the compilers' generic vector types in the matrix products (see
+// gemm_nn_acc); CUDA device code, other compilers and -DFASTMAML_NO_HOST_VECTORS use plain loops.
+#if !defined(FASTMAML_NO_HOST_VECTORS) && !defined(__CUDACC__) && !defined(__HIPCC__) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define FASTMAML_HOST_VECTORS 1
+#ifndef FASTMAML_VECTOR_BYTES
+#define FASTMAML_VECTOR_BYTES 16
+#endif
+#if FASTMAML_VECTOR_BYTES == 16
+#define FASTMAML_IMPL_NAMESPACE vec16
+#elif FASTMAML_VECTOR_BYTES == 32
+#define FASTMAML_IMPL_NAMESPACE vec32
+#else
+#error "FASTMAML_VECTOR_BYTES must be 16 or 32"
+#endif
+#else
+#define FASTMAML_IMPL_NAMESPACE scalar
+#endif
+
 // The namespace is a macro so that one library can hold this math compiled for several instruction
-// sets (csrc/cpu/task_loops_*.cpp) without two copies of one inline function under one name.
+// sets (csrc/cpu/task_loops_*.cpp); the inline namespace names the loop variant, so translation units
+// that compile the header differently (a .cu file's host pass, an AVX2 file) never give the linker two
+// different bodies under one symbol name.
 #ifndef FASTMAML_TASK_NAMESPACE
 #define FASTMAML_TASK_NAMESPACE task
 #endif
 
 namespace fastmaml {
 namespace FASTMAML_TASK_NAMESPACE {
+inline namespace FASTMAML_IMPL_NAMESPACE {
 
 // Depth is bounded so the network description fits in a fixed-size struct passed by value (registers
 // or constant memory on a GPU). Widths and point counts are bounded only by the workspace.
@@ -109,16 +131,11 @@ FASTMAML_HD inline void axpy(T a, const T* __restrict__ x, T* __restrict__ y, in
 
 // The two small matrix products every layer needs. At MAML's sizes (tens of points, widths of tens)
 // loads and stores bound the time, not multiplies, so on the host (gcc or clang) they keep tiles of the
-// output in vector registers through the compilers' generic vector types (SSE/NEON width, 16 bytes: no
-// -march flag needed); gcc does not find that register tiling by itself from scalar loops. Elsewhere
-// (CUDA device code, other compilers, or -DFASTMAML_NO_HOST_VECTORS) they are plain loops. Both sum in a
-// fixed order (deterministic).
-#if !defined(FASTMAML_NO_HOST_VECTORS) && !defined(__CUDACC__) && !defined(__HIPCC__) && \
-    (defined(__GNUC__) || defined(__clang__))
-#define FASTMAML_HOST_VECTORS 1
-#ifndef FASTMAML_VECTOR_BYTES
-#define FASTMAML_VECTOR_BYTES 16
-#endif
+// output in vector registers through the compilers' generic vector types (16 bytes, SSE2/NEON, by
+// default: no -march flag needed; 32 in the AVX2 build); gcc does not find that register tiling by
+// itself from scalar loops. Elsewhere (CUDA device code, other compilers, -DFASTMAML_NO_HOST_VECTORS)
+// they are plain loops. Both sum in a fixed order (deterministic).
+#ifdef FASTMAML_HOST_VECTORS
 template <typename T, int Bytes>
 struct VecBytes {
   // may_alias and element alignment: loads and stores through this type are legal at any T address.
@@ -238,7 +255,8 @@ FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ 
   constexpr int L = Vec16<T>::lanes;
   const int kv = Kd - Kd % L;
   int r = 0;
-  for (; r + 2 <= R; r += 2) {  // two rows by four columns: eight dot products share their loads
+  // Rows shorter than a vector (the first layer of a 1-D regression) go to the plain dot products.
+  for (; r + 2 <= R && kv > 0; r += 2) {  // two rows by four columns: eight dot products share their loads
     const T* a0 = a + r * lda;
     const T* a1 = a0 + lda;
     T* o0 = out + r * ldo;
@@ -619,7 +637,7 @@ FASTMAML_HD inline int64_t adapt_workspace(const Net& net, int64_t nmax) {
 // g_0..g_{K-1} when the rates need a gradient (one gradient buffer otherwise), a query state, the
 // tangents, and the vectors u and v.
 FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax, bool need_lr_grad) {
-  const int64_t grads = need_lr_grad ? K : 1;
+  const int64_t grads = need_lr_grad && K > 1 ? K : 1;  // K = 0: g_lr is empty (a null pointer), one buffer
   return (K + 1) * state_size(net, nmax) + 3 * nmax * net.width_sum + (K + grads + 2) * net.P;
 }
 
@@ -733,5 +751,6 @@ FASTMAML_HD inline void task_backward(const Net& net, const TaskData<T>& td, con
   for (int64_t i = 0; i < P; ++i) g_theta[i] += v[i];
 }
 
+}  // namespace FASTMAML_IMPL_NAMESPACE
 }  // namespace FASTMAML_TASK_NAMESPACE
 }  // namespace fastmaml
