@@ -154,7 +154,8 @@ def _measure(method, w, check, rtol, args, estimator) -> dict:
             except Exception as err:  # the timing stands; only the memory figure is missing
                 out["note"] = "; ".join(n for n in (check_note, f"memory not measured ({type(err).__name__})") if n)
         else:
-            budget = max(60.0, 4 * float(out["ms"]) / 1e3 + 30)
+            # Generous: a child may have to build the C++ extension when its sources just changed.
+            budget = max(180.0, 4 * float(out["ms"]) / 1e3 + 60)
             peak, note = H.subprocess_peak_mb(method, w, timeout_s=budget)
             if peak is not None:
                 out["peak_mem_mb"] = f"{peak:.4g}"

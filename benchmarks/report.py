@@ -102,48 +102,55 @@ def _short(note: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """Per setting: tasks/s of every method; then every fastmaml backend's ratio to every peer."""
+    """Per setting: tasks/s of every method that ran; every fastmaml backend's ratio to every peer;
+    peak memory; then what was not measured and why."""
     settings = sorted({_key(r) for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    listed = list(dict.fromkeys(r["method"] for r in rows))
+    ran = {r["method"] for r in rows if r.get("status") in ("ok", "failed", "oom")}
+    methods = [m for m in listed if m in ran]
     peers = [m for m in PEERS if m in methods]
     backends = [m for m in methods if m not in PEERS]
-    out = ["| T | K | width | " + " | ".join(methods) + " |",
-           "|---:|---:|---:|" + "---:|" * len(methods)]
     by = {(_key(r), r["method"]): r for r in rows}
-    for key in settings:
-        cells = []
-        for m in methods:
-            r = by.get((key, m))
-            if r is None:
-                cells.append("")
-            elif _rate(r) is None:
-                cells.append(r.get("status", "?"))
-            else:
-                cells.append(_fmt_rate(_rate(r)))
-        out.append(f"| {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
-    out += ["", "Speed-up (tasks/s of the backend over tasks/s of the peer):", ""]
-    pairs = [(b, p) for b in backends for p in peers]
-    out.append("| T | K | width | " + " | ".join(f"{b} / {p}" for b, p in pairs) + " |")
-    out.append("|---:|---:|---:|" + "---:|" * len(pairs))
-    for key in settings:
-        cells = []
-        for b, p in pairs:
-            r = by.get((key, b))
-            cells.append(_fmt_ratio(ratio(rows, r, p)) if r else "")
-        out.append(f"| {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
-    if any(r.get("peak_mem_mb") for r in rows):
-        out += ["", "Peak memory of one meta-iteration, MiB (see benchmarks/_harness.py for what it measures):", "",
-                "| T | K | width | " + " | ".join(methods) + " |", "|---:|---:|---:|" + "---:|" * len(methods)]
+
+    def table(title_cells, cell):
+        lines = ["| T | K | width | " + " | ".join(title_cells) + " |", "|---:|---:|---:|" + "---:|" * len(title_cells)]
         for key in settings:
-            cells = []
-            for m in methods:
-                r = by.get((key, m))
-                cells.append(f"{float(r['peak_mem_mb']):.3g}" if r and r.get("peak_mem_mb") else "")
-            out.append(f"| {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + " |")
-    notes = [f"- {r['method']} at T={r['T']} K={r['K']} width={r['width']}: {r['status']} ({r.get('note', '')})"
-             for r in rows if r.get("status") != "ok"]
+            lines.append(f"| {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cell(key, c) for c in title_cells) + " |")
+        return lines
+
+    def rate_cell(key, m):
+        r = by.get((key, m))
+        if r is None:
+            return ""
+        return r.get("status", "?") if _rate(r) is None else _fmt_rate(_rate(r))
+
+    def ratio_cell(key, pair):
+        b, p = pair.split(" / ")
+        r = by.get((key, b))
+        return _fmt_ratio(ratio(rows, r, p)) if r else ""
+
+    def mem_cell(key, m):
+        r = by.get((key, m))
+        return f"{float(r['peak_mem_mb']):.3g}" if r and r.get("peak_mem_mb") else ""
+
+    out = ["Tasks per second:", ""] + table(methods, rate_cell)
+    pairs = [f"{b} / {p}" for b in backends for p in peers]
+    if pairs:
+        out += ["", "Speed-up (tasks/s of the backend over tasks/s of the peer):", ""] + table(pairs, ratio_cell)
+    if any(r.get("peak_mem_mb") for r in rows):
+        out += ["", "Peak memory of one meta-iteration, MiB (what it measures: benchmarks/_harness.py):", ""]
+        out += table(methods, mem_cell)
+    notes = []
+    for m in listed:
+        if m not in ran:
+            reasons = list(dict.fromkeys(r.get("note", "") for r in rows if r["method"] == m))
+            notes.append(f"- `{m}` did not run here: {'; '.join(reasons)}")
+    for r in rows:
+        if r["method"] in ran and r.get("note"):
+            notes.append(f"- `{r['method']}` at T={r['T']} K={r['K']} width={r['width']}: "
+                         f"{'' if r.get('status') == 'ok' else r.get('status') + ', '}{r['note']}")
     if notes:
-        out += ["", "Not measured:", ""] + notes
+        out += ["", "Notes:", ""] + notes
     return "\n".join(out)
 
 

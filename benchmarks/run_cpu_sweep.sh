@@ -20,6 +20,8 @@ cores="$(nproc)"
 cmd="python benchmarks/bench_throughput.py --device cpu --tasks 25 256 4096 --steps 1 5 --width 40 --order second --max-seconds ${MAX_SECONDS:-60} --out $out $*"
 
 echo "load average before: $load_before"
+# Build what the backends need first (the C++ extension), so no measurement waits for a compiler.
+python -c "import fastmaml; from fastmaml.dispatch import get_backend; [print(n, get_backend(n).unavailable() or 'available') for n in fastmaml.list_backends()]"
 status=0
 $cmd || status=$?   # 1: a method failed its correctness check (its row says so); still reported
 load_after="$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -27,7 +29,15 @@ python benchmarks/report.py "$out/throughput.csv" --plot "$out/throughput.png" >
 
 torch_version="$(python -c 'import torch; print(torch.__version__)')"
 commit="$(sed -n 2p "$out/throughput.csv" | python -c 'import csv,sys; print(next(csv.reader(sys.stdin))[13])')"
-preamble="Measured $(date -I) on ${cpu} (${cores} cores), torch ${torch_version}, fastmaml commit ${commit}.
+busy="$(python -c "print(int(float('${load_before%% *}') > 0.5 * $cores or float('${load_after%% *}') > 1.5 * $cores))")"
+warning=""
+if [ "$busy" = 1 ]; then
+  warning="**The machine was busy during this run (other processes on its cores; see the load averages):
+these figures are noisy and the ratios unreliable. Rerun \`benchmarks/run_cpu_sweep.sh\` on a quiet machine.**
+
+"
+fi
+preamble="${warning}Measured $(date -I) on ${cpu} (${cores} cores), torch ${torch_version}, fastmaml commit ${commit}.
 Load average (1, 5, 15 min) before: ${load_before}; after: ${load_after}.
 
 Command: \`benchmarks/run_cpu_sweep.sh\` (runs \`${cmd}\`). CSV and plot: \`${out}/\`."
