@@ -2,9 +2,20 @@
 //
 // One task's MLP forward, loss, gradient, Hessian-vector product, SGD update, and the three per-task
 // drivers of docs/kernels.md (forward, adapt, reverse sweep). The CPU kernel (csrc/cpu/) calls the
-// drivers in a loop over tasks; a CUDA kernel can include this header as is: no torch headers, no
-// allocation, no exceptions, no standard library beyond <cstdint>. Every buffer is a raw pointer the
-// caller provides (a scratch workspace of `*_workspace()` elements per task).
+// drivers in a loop over tasks; the CUDA kernel (csrc/cuda/) calls the same drivers with a thread block
+// per task. No torch headers, no allocation, no exceptions, no standard library beyond <cstdint>. Every
+// buffer is a raw pointer the caller provides (a scratch workspace of `*_workspace()` elements per task).
+//
+// Teams. Every function takes a `Team` (last argument, default `SerialTeam`): the threads that work on
+// one task together. A team has `rank()`, `size()`, `sync()` (a barrier that also makes the team's
+// earlier writes visible to all of it) and `sum(x)` (a collective: every rank's `x` summed in rank
+// order, returned to every rank; it syncs). The loops are output-stationary: in each phase every output
+// element has one owner (`for_owned`, `for_each`), and a rank reads another rank's results only after
+// a sync. The layer functions and drivers may be entered when their inputs are visible to the whole
+// team, and sync before they return; the primitives (fill, copy, the matrix products, ...) do not sync.
+// The CPU runs `SerialTeam` (one thread per task: every sync is a no-op and the loops run as plain
+// loops, with the register-tiled products below); the CUDA kernel runs a thread block
+// (csrc/cuda/maml_cuda.cu); tests/cuda_team_check.cpp runs std::threads and compares with SerialTeam.
 //
 // Notation (DESIGN.md): layers l = 0 .. L-1 here (W_{l+1} in the design's 1-based names), layer l maps
 // `dims[l]` inputs to `dims[l+1]` outputs: z_l = h_{l-1} W_l^T + b_l, h_l = s(z_l) for hidden layers,
@@ -98,6 +109,46 @@ FASTMAML_HD inline bool make_net(Net& net, const Int* dims, int n_dims, int acti
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Teams: the threads that work on one task together (see the top of this file).
+
+// One thread per task: the CPU kernel's team. Every sync is a no-op and every loop runs in order.
+struct SerialTeam {
+  FASTMAML_HD static constexpr int rank() { return 0; }
+  FASTMAML_HD static constexpr int size() { return 1; }
+  FASTMAML_HD void sync() const {}
+  template <typename T>
+  FASTMAML_HD T sum(T x) const {
+    return x;
+  }
+};
+
+// Calls f(r, c) for this rank's elements of a [rows, cols] array: element (r, c) belongs to rank
+// (r * cols + c) mod size(), so consecutive ranks take consecutive elements (coalesced on a GPU). A
+// team of one walks the rows in order.
+template <typename Team, typename F>
+FASTMAML_HD inline void for_owned(const Team& tm, int64_t rows, int64_t cols, F&& f) {
+  if (tm.size() == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) f(r, c);
+    }
+    return;
+  }
+  const int64_t m = rows * cols;
+  if (m < (int64_t(1) << 30)) {  // 32-bit division: several times cheaper than 64-bit on a GPU
+    const int c32 = static_cast<int>(cols);
+    for (int e = tm.rank(); e < static_cast<int>(m); e += tm.size()) f(int64_t(e / c32), int64_t(e % c32));
+  } else {
+    for (int64_t e = tm.rank(); e < m; e += tm.size()) f(e / cols, e % cols);
+  }
+}
+
+// Calls f(j) for this rank's elements of a flat array of m elements (j = rank, rank + size(), ...).
+template <typename Team, typename F>
+FASTMAML_HD inline void for_each(const Team& tm, int64_t m, F&& f) {
+  for (int64_t j = tm.rank(); j < m; j += tm.size()) f(j);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Small helpers. Math functions by scalar type: the float overloads keep float32 kernels in float.
 
 FASTMAML_HD inline float fm_exp(float x) { return expf(x); }
@@ -164,10 +215,19 @@ inline T lane_sum(typename VecBytes<T, Bytes>::type v) {
 #endif
 
 // out[r, c] += alpha * sum_k a[r * ars + k * aks] * B[k * ldb + c]   (r < R, c < C, k < Kd)
-template <typename T>
+// A team of several threads: one owner per output element, summing over k in order.
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void gemm_nn_acc(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t ars,
                                     int64_t aks, const T* __restrict__ B, int64_t ldb, T* __restrict__ out,
-                                    int64_t ldo) {
+                                    int64_t ldo, const Team& tm = Team()) {
+  if (tm.size() > 1) {
+    for_owned(tm, R, C, [&](int64_t r, int64_t c) {
+      T acc = 0;
+      for (int k = 0; k < Kd; ++k) acc += a[r * ars + k * aks] * B[k * ldb + c];
+      out[r * ldo + c] += alpha * acc;
+    });
+    return;
+  }
 #ifdef FASTMAML_HOST_VECTORS
   typedef typename Vec16<T>::type V;
   constexpr int L = Vec16<T>::lanes;
@@ -247,15 +307,20 @@ FASTMAML_HD inline void gemm_nn_acc(int R, int C, int Kd, T alpha, const T* __re
 }
 
 // out[r, c] += sum_k a[r * lda + k] * B[c * ldb + k]   (r < R, c < C, k < Kd): dot products of rows.
-template <typename T>
+// A team of several threads: one owner per output element.
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ a, int64_t lda,
-                                    const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo) {
+                                    const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo,
+                                    const Team& tm = Team()) {
+  if (tm.size() > 1) {
+    for_owned(tm, R, C, [&](int64_t r, int64_t c) { out[r * ldo + c] += dot(a + r * lda, B + c * ldb, Kd); });
+    return;
+  }
 #ifdef FASTMAML_HOST_VECTORS
   typedef typename Vec16<T>::type V;
   constexpr int L = Vec16<T>::lanes;
   const int kv = Kd - Kd % L;
   int r = 0;
-  // Rows shorter than a vector (the first layer of a 1-D regression) go to the plain dot products.
   for (; r + 2 <= R && kv > 0; r += 2) {  // two rows by four columns: eight dot products share their loads
     const T* a0 = a + r * lda;
     const T* a1 = a0 + lda;
@@ -308,6 +373,17 @@ FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ 
       o1[c] += dot(a1, B + c * ldb, Kd);
     }
   }
+  if (kv == 0) {
+    // Rows shorter than a vector (the first layer of a 1-D regression): short sums, vectorised over c.
+    for (; r < R; ++r) {
+      const T* ar = a + r * lda;
+      T* o = out + r * ldo;
+      for (int k = 0; k < Kd; ++k) {
+        const T av = ar[k];
+        for (int c = 0; c < C; ++c) o[c] += av * B[c * ldb + k];
+      }
+    }
+  }
   for (; r < R; ++r) {
     for (int c = 0; c < C; ++c) out[r * ldo + c] += dot(a + r * lda, B + c * ldb, Kd);
   }
@@ -318,14 +394,39 @@ FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ 
 #endif
 }
 
-template <typename T>
-FASTMAML_HD inline void fill(T* p, int64_t n, T value) {
-  for (int64_t i = 0; i < n; ++i) p[i] = value;
+// Primitives with a team (fill, copy, broadcast_rows, add_col_sums, the gemm_*_acc above, the pointwise
+// loops) do not sync; the functions below sync between dependent phases and before they return.
+
+template <typename T, typename Team = SerialTeam>
+FASTMAML_HD inline void fill(T* p, int64_t n, T value, const Team& tm = Team()) {
+  for_each(tm, n, [&](int64_t i) { p[i] = value; });
 }
 
-template <typename T>
-FASTMAML_HD inline void copy(const T* __restrict__ src, T* __restrict__ dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+template <typename T, typename Team = SerialTeam>
+FASTMAML_HD inline void copy(const T* __restrict__ src, T* __restrict__ dst, int64_t n, const Team& tm = Team()) {
+  for_each(tm, n, [&](int64_t i) { dst[i] = src[i]; });
+}
+
+// out[n, c] = row[c] for n < N, c < C (a bias broadcast to every point).
+template <typename T, typename Team = SerialTeam>
+FASTMAML_HD inline void broadcast_rows(const T* __restrict__ row, T* __restrict__ out, int N, int C,
+                                       const Team& tm = Team()) {
+  for_owned(tm, N, C, [&](int64_t n, int64_t c) { out[n * C + c] = row[c]; });
+}
+
+// out[c] += alpha * a[n, c] for n = 0 .. N-1 in order (a bias gradient), a [N, C].
+template <typename T, typename Team = SerialTeam>
+FASTMAML_HD inline void add_col_sums(T alpha, const T* __restrict__ a, int N, int C, T* __restrict__ out,
+                                     const Team& tm = Team()) {
+  if (tm.size() == 1) {
+    for (int n = 0; n < N; ++n) axpy(alpha, a + static_cast<int64_t>(n) * C, out, C);
+    return;
+  }
+  for_each(tm, C, [&](int64_t c) {
+    T acc = out[c];
+    for (int n = 0; n < N; ++n) acc += alpha * a[static_cast<int64_t>(n) * C + c];
+    out[c] = acc;
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -371,52 +472,54 @@ FASTMAML_HD inline int64_t slice(const Net& net, const Acts<T>& a, int l) {
 // ---------------------------------------------------------------------------------------------------
 // Forward: z_l and h_l of every layer for x [N, D_in]. The output is the slice of layer L-1 in a.z.
 
-template <typename T>
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void forward(const Net& net, const T* __restrict__ theta, const T* __restrict__ x, int N,
-                                Acts<T>& a) {
+                                Acts<T>& a, const Team& tm = Team()) {
   for (int l = 0; l < net.L; ++l) {
     const int din = net.dims[l], dout = net.dims[l + 1];
     const T* W = theta + net.w_off[l];
     const T* b = theta + net.b_off[l];
     const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
     T* z = a.z + slice(net, a, l);
-    for (int n = 0; n < N; ++n) copy(b, z + static_cast<int64_t>(n) * dout, dout);
-    gemm_nt_acc(N, dout, din, in, din, W, din, z, dout);
+    broadcast_rows(b, z, N, dout, tm);
+    tm.sync();
+    gemm_nt_acc(N, dout, din, in, din, W, din, z, dout, tm);
+    tm.sync();
     if (l < net.L - 1) {
       T* h = a.h + slice(net, a, l);
       const int64_t m = static_cast<int64_t>(N) * dout;
       if (net.activation == kRelu) {
-        for (int64_t j = 0; j < m; ++j) h[j] = z[j] > T(0) ? z[j] : T(0);
+        for_each(tm, m, [&](int64_t j) { h[j] = z[j] > T(0) ? z[j] : T(0); });
       } else {
-        for (int64_t j = 0; j < m; ++j) h[j] = fm_tanh(z[j]);
+        for_each(tm, m, [&](int64_t j) { h[j] = fm_tanh(z[j]); });
       }
+      tm.sync();
     }
   }
 }
 
 // The loss of the output `out [N, D]` against `y` (mse: `y_float [N, D]`; cross-entropy: `y_index [N]`,
-// classes 0..D-1), unscaled. Writes `dout = scale * dloss/dout` and, for cross-entropy, the softmax `p`
-// (which the Hessian-vector product reads).
-template <typename T>
+// classes 0..D-1), unscaled, returned to every rank of the team. Writes `dout = scale * dloss/dout` and,
+// for cross-entropy, the softmax `p` (which the Hessian-vector product reads).
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline T loss_and_grad(const Net& net, const T* __restrict__ out, const T* __restrict__ y_float,
                                    const int64_t* __restrict__ y_index, int N, T scale, T* __restrict__ dout,
-                                   T* __restrict__ p) {
+                                   T* __restrict__ p, const Team& tm = Team()) {
   const int D = net.dims[net.L];
   const int64_t m = static_cast<int64_t>(N) * D;
+  T total = 0;  // this rank's part of the loss; sum() adds the parts and syncs
   if (net.loss == kMse) {
-    T total = 0;
     const T c = scale * T(2) / static_cast<T>(m);
-    for (int64_t j = 0; j < m; ++j) {
+    for_each(tm, m, [&](int64_t j) {
       const T r = out[j] - y_float[j];
       total += r * r;
       dout[j] = c * r;
-    }
-    return total / static_cast<T>(m);
+    });
+    return tm.sum(total) / static_cast<T>(m);
   }
-  // Cross-entropy through a stable log-softmax: lse = max + log(sum exp(z - max)).
-  T total = 0;
+  // Cross-entropy through a stable log-softmax: lse = max + log(sum exp(z - max)). One rank per point.
   const T c = scale / static_cast<T>(N);
-  for (int n = 0; n < N; ++n) {
+  for (int n = tm.rank(); n < N; n += tm.size()) {
     const T* zr = out + static_cast<int64_t>(n) * D;
     T* pr = p + static_cast<int64_t>(n) * D;
     T* dr = dout + static_cast<int64_t>(n) * D;
@@ -436,26 +539,26 @@ FASTMAML_HD inline T loss_and_grad(const Net& net, const T* __restrict__ out, co
     }
     dr[cls] -= c;
   }
-  return total / static_cast<T>(N);
+  return tm.sum(total) / static_cast<T>(N);
 }
 
-// d_{l-1} = e * s'(z_{l-1}) in place on e (e = d_l W_l), for hidden layer `l`.
-template <typename T>
+// d_{l-1} = e * s'(z_{l-1}) in place on e (e = d_l W_l), for hidden layer `l` (pointwise, no sync).
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void apply_act_grad(const Net& net, const T* __restrict__ z, const T* __restrict__ h,
-                                       T* __restrict__ e, int64_t m) {
+                                       T* __restrict__ e, int64_t m, const Team& tm = Team()) {
   if (net.activation == kRelu) {
-    for (int64_t j = 0; j < m; ++j) e[j] = z[j] > T(0) ? e[j] : T(0);
+    for_each(tm, m, [&](int64_t j) { e[j] = z[j] > T(0) ? e[j] : T(0); });
   } else {
-    for (int64_t j = 0; j < m; ++j) e[j] *= T(1) - h[j] * h[j];
+    for_each(tm, m, [&](int64_t j) { e[j] *= T(1) - h[j] * h[j]; });
   }
 }
 
 // Backward from the output gradient (the slice of layer L-1 in a.d, set by loss_and_grad): fills d_l
 // of every layer, adds the parameter gradient to `g [P]`, and, when `gx` is given, adds
 // dloss/dx = d_0 W_0 to `gx [N, D_in]`.
-template <typename T>
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void backward(const Net& net, const T* __restrict__ theta, const T* __restrict__ x, int N,
-                                 Acts<T>& a, T* __restrict__ g, T* __restrict__ gx) {
+                                 Acts<T>& a, T* __restrict__ g, T* __restrict__ gx, const Team& tm = Team()) {
   for (int l = net.L - 1; l >= 0; --l) {
     const int din = net.dims[l], dout = net.dims[l + 1];
     const T* W = theta + net.w_off[l];
@@ -463,26 +566,32 @@ FASTMAML_HD inline void backward(const Net& net, const T* __restrict__ theta, co
     const T* d = a.d + slice(net, a, l);
     T* gW = g + net.w_off[l];
     T* gb = g + net.b_off[l];
-    gemm_nn_acc(dout, din, N, T(1), d, 1, dout, in, din, gW, din);  // gW += d^T h
-    for (int n = 0; n < N; ++n) axpy(T(1), d + static_cast<int64_t>(n) * dout, gb, dout);
+    gemm_nn_acc(dout, din, N, T(1), d, 1, dout, in, din, gW, din, tm);  // gW += d^T h
+    add_col_sums(T(1), d, N, dout, gb, tm);                            // gb += sum_n d
     if (l == 0 && gx == nullptr) break;
     T* e = l == 0 ? gx : a.d + slice(net, a, l - 1);
-    if (l > 0) fill(e, static_cast<int64_t>(N) * din, T(0));
-    gemm_nn_acc(N, din, dout, T(1), d, dout, 1, W, din, e, din);  // e += d W
     if (l > 0) {
-      apply_act_grad(net, a.z + slice(net, a, l - 1), a.h + slice(net, a, l - 1), e,
-                     static_cast<int64_t>(N) * din);
+      fill(e, static_cast<int64_t>(N) * din, T(0), tm);
+      tm.sync();
     }
+    gemm_nn_acc(N, din, dout, T(1), d, dout, 1, W, din, e, din, tm);  // e += d W
+    if (l > 0) {
+      tm.sync();
+      apply_act_grad(net, a.z + slice(net, a, l - 1), a.h + slice(net, a, l - 1), e,
+                     static_cast<int64_t>(N) * din, tm);
+    }
+    tm.sync();  // the next layer reads every d_{l-1}
   }
+  tm.sync();
 }
 
 // Hessian-vector product of the loss at the state left by forward + loss_and_grad(scale = 1) +
 // backward (forward-over-reverse, DESIGN.md): adds `alpha * H u` to `out [P]` and, when `gx` is given,
 // `alpha * d/dx (g . u) = alpha * (Rd_0 W_0 + d_0 U_0)` to `gx [N, D_in]`. `u [P]` is the direction.
-template <typename T>
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T* __restrict__ u,
                             const T* __restrict__ x, int N, Acts<T>& a, T alpha, T* __restrict__ out,
-                            T* __restrict__ gx) {
+                            T* __restrict__ gx, const Team& tm = Team()) {
   const int L = net.L;
   // Tangents forward: Rz_l = Rh_{l-1} W_l^T + h_{l-1} U_l^T + ub_l (Rh_{-1} = 0); Rh_l = s'(z_l) Rz_l.
   for (int l = 0; l < L; ++l) {
@@ -493,19 +602,25 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
     const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
     const T* rin = l == 0 ? nullptr : a.rh + slice(net, a, l - 1);
     T* rz = a.rz + slice(net, a, l);
-    for (int n = 0; n < N; ++n) copy(ub, rz + static_cast<int64_t>(n) * dout, dout);
-    gemm_nt_acc(N, dout, din, in, din, U, din, rz, dout);
-    if (rin != nullptr) gemm_nt_acc(N, dout, din, rin, din, W, din, rz, dout);
+    broadcast_rows(ub, rz, N, dout, tm);
+    tm.sync();
+    gemm_nt_acc(N, dout, din, in, din, U, din, rz, dout, tm);
+    if (rin != nullptr) {
+      tm.sync();
+      gemm_nt_acc(N, dout, din, rin, din, W, din, rz, dout, tm);
+    }
+    tm.sync();
     if (l < L - 1) {
       const T* z = a.z + slice(net, a, l);
       const T* h = a.h + slice(net, a, l);
       T* rh = a.rh + slice(net, a, l);
       const int64_t m = static_cast<int64_t>(N) * dout;
       if (net.activation == kRelu) {
-        for (int64_t j = 0; j < m; ++j) rh[j] = z[j] > T(0) ? rz[j] : T(0);
+        for_each(tm, m, [&](int64_t j) { rh[j] = z[j] > T(0) ? rz[j] : T(0); });
       } else {
-        for (int64_t j = 0; j < m; ++j) rh[j] = (T(1) - h[j] * h[j]) * rz[j];
+        for_each(tm, m, [&](int64_t j) { rh[j] = (T(1) - h[j] * h[j]) * rz[j]; });
       }
+      tm.sync();
     }
   }
 
@@ -518,11 +633,11 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
     if (net.loss == kMse) {
       const int64_t m = static_cast<int64_t>(N) * D;
       const T c = T(2) / static_cast<T>(m);
-      for (int64_t j = 0; j < m; ++j) rd[j] = c * rz[j];
+      for_each(tm, m, [&](int64_t j) { rd[j] = c * rz[j]; });
     } else {
-      // (diag(p) - p p^T) Rz / N per point.
+      // (diag(p) - p p^T) Rz / N per point (one rank per point).
       const T c = T(1) / static_cast<T>(N);
-      for (int n = 0; n < N; ++n) {
+      for (int n = tm.rank(); n < N; n += tm.size()) {
         const T* pr = a.p + static_cast<int64_t>(n) * D;
         const T* rzr = rz + static_cast<int64_t>(n) * D;
         T* rdr = rd + static_cast<int64_t>(n) * D;
@@ -530,6 +645,7 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
         for (int i = 0; i < D; ++i) rdr[i] = c * pr[i] * (rzr[i] - pz);
       }
     }
+    tm.sync();
   }
 
   // Tangents backward: R gW_l = Rd_l^T h_{l-1} + d_l^T Rh_{l-1}; R gb_l = sum_n Rd_l;
@@ -544,17 +660,25 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
     const T* rd = a.rd + slice(net, a, l);
     T* oW = out + net.w_off[l];
     T* ob = out + net.b_off[l];
-    gemm_nn_acc(dout, din, N, alpha, rd, 1, dout, in, din, oW, din);                  // Rd^T h
-    if (rin != nullptr) gemm_nn_acc(dout, din, N, alpha, d, 1, dout, rin, din, oW, din);  // d^T Rh
-    for (int n = 0; n < N; ++n) axpy(alpha, rd + static_cast<int64_t>(n) * dout, ob, dout);
+    gemm_nn_acc(dout, din, N, alpha, rd, 1, dout, in, din, oW, din, tm);  // Rd^T h
+    if (rin != nullptr) {
+      tm.sync();
+      gemm_nn_acc(dout, din, N, alpha, d, 1, dout, rin, din, oW, din, tm);  // d^T Rh
+    }
+    add_col_sums(alpha, rd, N, dout, ob, tm);
     if (l == 0 && gx == nullptr) break;
     // re = Rd_l W_l + d_l U_l (scaled by alpha when it is the input term).
     const T scale = l == 0 ? alpha : T(1);
     T* re = l == 0 ? gx : a.rd + slice(net, a, l - 1);
-    if (l > 0) fill(re, static_cast<int64_t>(N) * din, T(0));
-    gemm_nn_acc(N, din, dout, scale, rd, dout, 1, W, din, re, din);
-    gemm_nn_acc(N, din, dout, scale, d, dout, 1, U, din, re, din);
     if (l > 0) {
+      fill(re, static_cast<int64_t>(N) * din, T(0), tm);
+      tm.sync();
+    }
+    gemm_nn_acc(N, din, dout, scale, rd, dout, 1, W, din, re, din, tm);
+    tm.sync();
+    gemm_nn_acc(N, din, dout, scale, d, dout, 1, U, din, re, din, tm);
+    if (l > 0) {
+      tm.sync();
       const int64_t s = slice(net, a, l - 1);
       const int64_t m = static_cast<int64_t>(N) * din;
       const T* z = a.z + s;
@@ -563,20 +687,24 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
       const T* rzprev = a.rz + s;
       if (net.activation == kRelu) {
         // s'' = 0: only the mask.
-        for (int64_t j = 0; j < m; ++j) re[j] = z[j] > T(0) ? re[j] : T(0);
+        for_each(tm, m, [&](int64_t j) { re[j] = z[j] > T(0) ? re[j] : T(0); });
       } else {
         // tanh: s' = 1 - h^2, s'' = -2 h s', so (d_l W_l) s'' Rz = -2 h d_{l-1} Rz.
-        for (int64_t j = 0; j < m; ++j) re[j] = re[j] * (T(1) - h[j] * h[j]) - T(2) * h[j] * dprev[j] * rzprev[j];
+        for_each(tm, m,
+                 [&](int64_t j) { re[j] = re[j] * (T(1) - h[j] * h[j]) - T(2) * h[j] * dprev[j] * rzprev[j]; });
       }
     }
+    tm.sync();  // the next layer reads every Rd_{l-1}
   }
+  tm.sync();
 }
 
 // theta_next = theta - lr * g (elementwise over P; theta_next may alias theta).
-template <typename T>
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void sgd_update(const T* theta, const T* __restrict__ lr, const T* __restrict__ g, T* theta_next,
-                                   int64_t P) {
-  for (int64_t i = 0; i < P; ++i) theta_next[i] = theta[i] - lr[i] * g[i];
+                                   int64_t P, const Team& tm = Team()) {
+  for_each(tm, P, [&](int64_t i) { theta_next[i] = theta[i] - lr[i] * g[i]; });
+  tm.sync();
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -596,13 +724,15 @@ struct TaskData {
 };
 
 // The support gradient g [P] at theta (overwritten); leaves the support pass's state in `a`.
-template <typename T>
-FASTMAML_HD inline void support_grad(const Net& net, const TaskData<T>& td, const T* theta, Acts<T>& a, T* g) {
-  forward(net, theta, td.xs, td.ns, a);
+template <typename T, typename Team = SerialTeam>
+FASTMAML_HD inline void support_grad(const Net& net, const TaskData<T>& td, const T* theta, Acts<T>& a, T* g,
+                                     const Team& tm = Team()) {
+  forward(net, theta, td.xs, td.ns, a, tm);
   const int64_t s = slice(net, a, net.L - 1);
-  loss_and_grad(net, a.z + s, td.ys_float, td.ys_index, td.ns, T(1), a.d + s, a.p);
-  fill(g, net.P, T(0));
-  backward(net, theta, td.xs, td.ns, a, g, static_cast<T*>(nullptr));
+  loss_and_grad(net, a.z + s, td.ys_float, td.ys_index, td.ns, T(1), a.d + s, a.p, tm);
+  fill(g, net.P, T(0), tm);
+  tm.sync();
+  backward(net, theta, td.xs, td.ns, a, g, static_cast<T*>(nullptr), tm);
 }
 
 // Elements of the saved state of one pass (z, h, d and the softmax p; no tangents).
@@ -642,40 +772,44 @@ FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t
 }
 
 // theta_K of one task, written to `theta_out [P]`. `lr [K, P]`.
-template <typename T>
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void task_adapt(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
-                                   T* theta_out, T* work) {
+                                   T* theta_out, T* work, const Team& tm = Team()) {
   Acts<T> a = make_acts(net, work, td.ns);
   T* g = work + acts_size(net, td.ns);
-  copy(theta0, theta_out, net.P);
+  copy(theta0, theta_out, net.P, tm);
+  tm.sync();
   for (int k = 0; k < K; ++k) {
-    support_grad(net, td, theta_out, a, g);
-    sgd_update(theta_out, lr + k * net.P, g, theta_out, net.P);
+    support_grad(net, td, theta_out, a, g, tm);
+    sgd_update(theta_out, lr + k * net.P, g, theta_out, net.P, tm);
   }
 }
 
-// The forward of maml_fwd for one task: returns sum_k qw[k] * L_query(theta_k) and writes the query
-// output at theta_K to `preds [Nq, D_out]`. Query passes whose weight is 0 are skipped (k < K).
-template <typename T>
+// The forward of maml_fwd for one task: returns sum_k qw[k] * L_query(theta_k) (to every rank of the
+// team) and writes the query output at theta_K to `preds [Nq, D_out]`. Query passes whose weight is 0
+// are skipped (k < K).
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline T task_forward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
-                                  const T* qw, T* preds, T* work) {
+                                  const T* qw, T* preds, T* work, const Team& tm = Team()) {
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
   Acts<T> a = make_acts(net, work, nmax);
   T* theta = work + acts_size(net, nmax);
   T* g = theta + net.P;
   const int64_t s = slice(net, a, net.L - 1);
-  copy(theta0, theta, net.P);
+  copy(theta0, theta, net.P, tm);
+  tm.sync();
   T total = 0;
   for (int k = 0; k <= K; ++k) {
     if (k == K || qw[k] != T(0)) {
-      forward(net, theta, td.xq, td.nq, a);
-      total += qw[k] * loss_and_grad(net, a.z + s, td.yq_float, td.yq_index, td.nq, T(0), a.d + s, a.p);
+      forward(net, theta, td.xq, td.nq, a, tm);
+      total += qw[k] * loss_and_grad(net, a.z + s, td.yq_float, td.yq_index, td.nq, T(0), a.d + s, a.p, tm);
     }
     if (k == K) break;
-    support_grad(net, td, theta, a, g);
-    sgd_update(theta, lr + k * net.P, g, theta, net.P);
+    support_grad(net, td, theta, a, g, tm);
+    sgd_update(theta, lr + k * net.P, g, theta, net.P, tm);
   }
-  copy(a.z + s, preds, static_cast<int64_t>(td.nq) * net.dims[net.L]);
+  copy(a.z + s, preds, static_cast<int64_t>(td.nq) * net.dims[net.L], tm);
+  tm.sync();
   return total;
 }
 
@@ -690,11 +824,12 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 // product. `c` is the cotangent of the task loss, `gpreds [Nq, D_out]` that of the query output.
 // Adds dL/dtheta_0 to `g_theta [P]` and, when given, -(g_k * v) to `g_lr [K, P]`; writes the input
 // gradients to `gxs [Ns, D_in]` and `gxq [Nq, D_in]` when given. The workspace holds
-// `backward_workspace(net, K, max(Ns, Nq), g_lr != nullptr)` elements.
-template <typename T>
+// `backward_workspace(net, K, max(Ns, Nq), g_lr != nullptr)` elements. A team adds to g_theta and g_lr
+// element i from rank i mod size(), so tasks run one after another by one team may share those rows.
+template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
                                       const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
-                                      T* gxs, T* gxq, T* work) {
+                                      T* gxs, T* gxq, T* work, const Team& tm = Team()) {
   const int64_t P = net.P;
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
   const int64_t st = state_size(net, nmax);
@@ -712,20 +847,23 @@ FASTMAML_HD inline void task_backward(const Net& net, const TaskData<T>& td, con
   for (int k = 0; k < K; ++k) {
     Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
     T* g = g_lr != nullptr ? grads + k * P : grads;
-    support_grad(net, td, theta_at(theta0, thetas, k, P), a, g);
-    sgd_update(theta_at(theta0, thetas, k, P), lr + k * P, g, thetas + k * P, P);
+    support_grad(net, td, theta_at(theta0, thetas, k, P), a, g, tm);
+    sgd_update(theta_at(theta0, thetas, k, P), lr + k * P, g, thetas + k * P, P, tm);
   }
-  if (gxs != nullptr) fill(gxs, static_cast<int64_t>(td.ns) * net.dims[0], T(0));
-  if (gxq != nullptr) fill(gxq, static_cast<int64_t>(td.nq) * net.dims[0], T(0));
+  if (gxs != nullptr) fill(gxs, static_cast<int64_t>(td.ns) * net.dims[0], T(0), tm);
+  if (gxq != nullptr) fill(gxq, static_cast<int64_t>(td.nq) * net.dims[0], T(0), tm);
 
   // v = dL/dtheta_K: the weighted query loss at theta_K plus the cotangent of the query output.
-  fill(v, P, T(0));
+  fill(v, P, T(0), tm);
+  tm.sync();
   {
     const T* th = theta_at(theta0, thetas, K, P);
-    forward(net, th, td.xq, td.nq, q);
-    loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, c * qw[K], q.d + s, q.p);
-    for (int64_t j = 0; j < m_out; ++j) q.d[s + j] += gpreds[j];
-    backward(net, th, td.xq, td.nq, q, v, gxq);
+    forward(net, th, td.xq, td.nq, q, tm);
+    loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, c * qw[K], q.d + s, q.p, tm);
+    T* qd = q.d + s;
+    for_each(tm, m_out, [&](int64_t j) { qd[j] += gpreds[j]; });
+    tm.sync();
+    backward(net, th, td.xq, td.nq, q, v, gxq, tm);
   }
 
   for (int k = K - 1; k >= 0; --k) {
@@ -734,21 +872,23 @@ FASTMAML_HD inline void task_backward(const Net& net, const TaskData<T>& td, con
     if (g_lr != nullptr) {
       const T* g = grads + k * P;
       T* gl = g_lr + k * P;
-      for (int64_t i = 0; i < P; ++i) gl[i] -= g[i] * v[i];
+      for_each(tm, P, [&](int64_t i) { gl[i] -= g[i] * v[i]; });
     }
+    if (!first_order) for_each(tm, P, [&](int64_t i) { u[i] = lrk[i] * v[i]; });
+    tm.sync();  // hvp and the query pass below read all of u and write v with their own owners
     if (!first_order) {
       Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
-      for (int64_t i = 0; i < P; ++i) u[i] = lrk[i] * v[i];
-      hvp(net, th, u, td.xs, td.ns, a, T(-1), v, gxs);  // v -= H_k u; gxs -= d/dx_s (g_k . u)
+      hvp(net, th, u, td.xs, td.ns, a, T(-1), v, gxs, tm);  // v -= H_k u; gxs -= d/dx_s (g_k . u)
     }
     const T w = c * qw[k];
     if (w != T(0)) {
-      forward(net, th, td.xq, td.nq, q);
-      loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, w, q.d + s, q.p);
-      backward(net, th, td.xq, td.nq, q, v, gxq);
+      forward(net, th, td.xq, td.nq, q, tm);
+      loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, w, q.d + s, q.p, tm);
+      backward(net, th, td.xq, td.nq, q, v, gxq, tm);
     }
   }
-  for (int64_t i = 0; i < P; ++i) g_theta[i] += v[i];
+  for_each(tm, P, [&](int64_t i) { g_theta[i] += v[i]; });
+  tm.sync();
 }
 
 }  // namespace FASTMAML_IMPL_NAMESPACE

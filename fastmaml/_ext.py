@@ -19,6 +19,7 @@ a build error), or `None`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -167,11 +168,38 @@ def _jit_build(csrc: Path) -> Path:
     stamp = build_dir / "fastmaml.ok"
     if lib.is_file() and stamp.is_file():
         return lib
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock(build_dir):
+        if lib.is_file() and stamp.is_file():  # another process built it while this one waited
+            return lib
+        # torch's own lock file: left behind when a build is killed, it would make every later process
+        # wait forever. Under our lock no other process is building here, so any such file is stale.
+        (build_dir / "lock").unlink(missing_ok=True)
+        return _run_build(csrc, build_dir, stamp)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """An exclusive lock on the build folder held by this process: the OS releases it if the process
+    dies, so a killed build never blocks the next one (unlike a lock file that must be deleted)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; builds rely on torch's lock file alone
+        yield
+        return
+    with open(build_dir / "fastmaml.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run_build(csrc: Path, build_dir: Path, stamp: Path) -> Path:
     from torch.utils import cpp_extension
 
     with_cuda = cuda_build_unavailable(csrc) is None
     sources = [*_SOURCES, *(_CUDA_SOURCES if with_cuda else ())]
-    build_dir.mkdir(parents=True, exist_ok=True)
     seconds = BUILD_SECONDS + (CUDA_BUILD_SECONDS if with_cuda else 0)
     print(f"fastmaml: building the C++ extension{' with its CUDA kernels' if with_cuda else ''} "
           f"(once, ~{seconds} s) in {build_dir} ...", file=sys.stderr, flush=True)
