@@ -1,0 +1,225 @@
+// fastmaml: the CUDA implementations of maml_fwd, maml_bwd and maml_adapt (docs/kernels.md), registered
+// under the CUDA dispatch key of the schemas declared in csrc/fastmaml.cpp.
+//
+// This file checks the arguments, allocates the outputs, the workspace and the partial rows of the
+// meta-gradient with the tensors' allocator on their device, and calls the launchers of maml_cuda.cu
+// on the current stream. It is compiled only in builds with a CUDA torch and nvcc (fastmaml/_ext.py,
+// setup.py); the kernels themselves have no torch headers.
+
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "maml_cuda.h"
+
+namespace fastmaml {
+namespace cuda {
+namespace {
+
+void check_float(const at::Tensor& t, const char* name, const at::Tensor& theta) {
+  TORCH_CHECK(t.scalar_type() == theta.scalar_type(), "fastmaml: ", name, " has dtype ", t.scalar_type(),
+              ", expected ", theta.scalar_type(), " (the dtype of theta)");
+  TORCH_CHECK(t.device() == theta.device(), "fastmaml: ", name, " is on ", t.device(), ", expected ",
+              theta.device(), " (the device of theta)");
+}
+
+void check_targets(const at::Tensor& y, const char* name, const at::Tensor& theta, int64_t loss, int64_t T,
+                   int64_t N, int64_t d_out) {
+  if (loss == task::kMse) {
+    check_float(y, name, theta);
+    TORCH_CHECK(y.dim() == 3 && y.size(0) == T && y.size(1) == N && y.size(2) == d_out, "fastmaml: ", name,
+                " must be [", T, ", ", N, ", ", d_out, "] for mse, got ", y.sizes());
+    return;
+  }
+  TORCH_CHECK(y.scalar_type() == at::kLong, "fastmaml: ", name, " must hold int64 class indices, got ",
+              y.scalar_type());
+  TORCH_CHECK(y.device() == theta.device(), "fastmaml: ", name, " is on ", y.device(), ", expected ", theta.device());
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == T && y.size(1) == N, "fastmaml: ", name, " must be [", T, ", ", N,
+              "] for cross-entropy, got ", y.sizes());
+  // An out-of-range class would index outside the logits in the kernel. Checking costs one device sync
+  // per call, as the CPU kernel's check costs one pass.
+  if (y.numel() > 0) {
+    const bool ok = ((y >= 0) & (y < d_out)).all().item<bool>();
+    TORCH_CHECK(ok, "fastmaml: ", name, " holds a class outside 0 .. ", d_out - 1);
+  }
+}
+
+// The arguments the three operations share; query tensors may be null (maml_adapt).
+Sizes check_args(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& xs, const at::Tensor& ys,
+                 const at::Tensor* xq, const at::Tensor* yq, c10::IntArrayRef dims, int64_t activation,
+                 int64_t loss) {
+  TORCH_CHECK(theta.is_cuda(), "fastmaml: the CUDA kernel got theta on ", theta.device());
+  TORCH_CHECK(theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble,
+              "fastmaml: theta must be float32 or float64, got ", theta.scalar_type());
+  TORCH_CHECK(activation == task::kRelu || activation == task::kTanh,
+              "fastmaml: activation must be 0 (relu) or 1 (tanh), got ", activation);
+  TORCH_CHECK(loss == task::kMse || loss == task::kCrossEntropy,
+              "fastmaml: loss must be 0 (mse) or 1 (cross-entropy), got ", loss);
+  const int64_t n_dims = static_cast<int64_t>(dims.size());
+  TORCH_CHECK(n_dims >= 2 && n_dims <= task::kMaxLayers + 1, "fastmaml: dims must hold 2 to ",
+              task::kMaxLayers + 1, " sizes [D_in, ..., D_out], got ", dims);
+  for (int64_t d : dims) {
+    TORCH_CHECK(d >= 1 && d <= (int64_t(1) << 24), "fastmaml: every size in dims must be in [1, 2^24], got ", dims);
+  }
+  Sizes s;
+  TORCH_CHECK(task::make_net(s.net, dims.data(), static_cast<int>(n_dims), static_cast<int>(activation),
+                             static_cast<int>(loss)),
+              "fastmaml: invalid dims ", dims);
+  const int64_t P = s.net.P;
+  TORCH_CHECK(theta.dim() == 1 && theta.size(0) == P, "fastmaml: theta must be [P] = [", P, "] for dims ", dims,
+              ", got ", theta.sizes());
+  check_float(lr, "lr", theta);
+  TORCH_CHECK(lr.dim() == 2 && lr.size(1) == P, "fastmaml: lr must be [K, P] with P = ", P, ", got ", lr.sizes());
+  s.K = lr.size(0);
+  check_float(xs, "x_support", theta);
+  TORCH_CHECK(xs.dim() == 3 && xs.size(2) == dims[0], "fastmaml: x_support must be [T, Ns, ", dims[0], "], got ",
+              xs.sizes());
+  s.T = xs.size(0);
+  s.Ns = xs.size(1);
+  TORCH_CHECK(s.Ns >= 1 && s.Ns <= (int64_t(1) << 30), "fastmaml: x_support needs 1 to 2^30 points per task");
+  check_targets(ys, "y_support", theta, loss, s.T, s.Ns, dims.back());
+  s.Nq = 0;
+  if (xq != nullptr) {
+    check_float(*xq, "x_query", theta);
+    TORCH_CHECK(xq->dim() == 3 && xq->size(0) == s.T && xq->size(2) == dims[0], "fastmaml: x_query must be [",
+                s.T, ", Nq, ", dims[0], "], got ", xq->sizes());
+    s.Nq = xq->size(1);
+    TORCH_CHECK(s.Nq >= 1 && s.Nq <= (int64_t(1) << 30), "fastmaml: x_query needs 1 to 2^30 points per task");
+    check_targets(*yq, "y_query", theta, loss, s.T, s.Nq, dims.back());
+  }
+  return s;
+}
+
+void check_launch(cudaError_t err, const char* op, const Launch& l) {
+  TORCH_CHECK(err == cudaSuccess, "fastmaml: the CUDA kernel of ", op, " failed (", l.blocks, " blocks of ",
+              l.threads, " threads, workspace ", l.work_elems, " elements per block in ",
+              l.shared ? "shared" : "global", " memory): ", cudaGetErrorString(err));
+}
+
+// Typed pointers of a target tensor: floats for mse, class indices for cross-entropy.
+template <typename scalar_t>
+const scalar_t* float_targets(const at::Tensor& y, int64_t loss) {
+  return loss == task::kMse ? y.const_data_ptr<scalar_t>() : nullptr;
+}
+const int64_t* index_targets(const at::Tensor& y, int64_t loss) {
+  return loss == task::kCrossEntropy ? y.const_data_ptr<int64_t>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor> maml_fwd(const at::Tensor& theta_in, const at::Tensor& lr_in,
+                                            const at::Tensor& xs_in, const at::Tensor& ys_in,
+                                            const at::Tensor& xq_in, const at::Tensor& yq_in,
+                                            const at::Tensor& qw_in, c10::IntArrayRef dims, int64_t activation,
+                                            int64_t loss, bool first_order) {
+  (void)first_order;  // read by the autograd formula only
+  const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
+  check_float(qw_in, "qw", theta_in);
+  TORCH_CHECK(qw_in.dim() == 1 && qw_in.size(0) == s.K + 1, "fastmaml: qw must be [K + 1] = [", s.K + 1, "], got ",
+              qw_in.sizes());
+  const c10::cuda::CUDAGuard guard(theta_in.device());
+  const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
+                   qw = qw_in.contiguous();
+  const int64_t d_out = s.net.dims[s.net.L];
+  at::Tensor task_losses = at::empty({s.T}, theta.options());
+  at::Tensor preds = at::empty({s.T, s.Nq, d_out}, theta.options());
+  const Launch l = plan(Op::kForward, s, false, static_cast<int>(theta.element_size()));
+  at::Tensor work = at::empty({l.global_elems}, theta.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_fwd_cuda", [&] {
+    check_launch(launch_fwd<scalar_t>(s, l, theta.const_data_ptr<scalar_t>(), lr.const_data_ptr<scalar_t>(),
+                                      xs.const_data_ptr<scalar_t>(), float_targets<scalar_t>(ys, loss),
+                                      index_targets(ys, loss), xq.const_data_ptr<scalar_t>(),
+                                      float_targets<scalar_t>(yq, loss), index_targets(yq, loss),
+                                      qw.const_data_ptr<scalar_t>(), task_losses.mutable_data_ptr<scalar_t>(),
+                                      preds.mutable_data_ptr<scalar_t>(),
+                                      l.global_elems > 0 ? work.mutable_data_ptr<scalar_t>() : nullptr, stream),
+                 "maml_fwd", l);
+  });
+  return {task_losses, preds};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
+    const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
+    const at::Tensor& xq_in, const at::Tensor& yq_in, const at::Tensor& qw_in, const at::Tensor& gl_in,
+    const at::Tensor& gp_in, c10::IntArrayRef dims, int64_t activation, int64_t loss, bool first_order,
+    bool need_lr_grad, bool need_x_grad) {
+  const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
+  const int64_t P = s.net.P, K = s.K, T = s.T, d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
+  check_float(qw_in, "qw", theta_in);
+  TORCH_CHECK(qw_in.dim() == 1 && qw_in.size(0) == K + 1, "fastmaml: qw must be [K + 1] = [", K + 1, "], got ",
+              qw_in.sizes());
+  check_float(gl_in, "g_task_losses", theta_in);
+  TORCH_CHECK(gl_in.dim() == 1 && gl_in.size(0) == T, "fastmaml: g_task_losses must be [", T, "], got ",
+              gl_in.sizes());
+  check_float(gp_in, "g_query_preds", theta_in);
+  TORCH_CHECK(gp_in.dim() == 3 && gp_in.size(0) == T && gp_in.size(1) == s.Nq && gp_in.size(2) == d_out,
+              "fastmaml: g_query_preds must be [", T, ", ", s.Nq, ", ", d_out, "], got ", gp_in.sizes());
+  const c10::cuda::CUDAGuard guard(theta_in.device());
+  const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
+                   qw = qw_in.contiguous(), gl = gl_in.contiguous(), gp = gp_in.contiguous();
+  const auto opts = theta.options();
+  const Launch l = plan(Op::kBackward, s, need_lr_grad, static_cast<int>(theta.element_size()));
+  at::Tensor part_theta = at::empty({l.blocks, P}, opts);
+  at::Tensor part_lr = need_lr_grad ? at::empty({l.blocks, K * P}, opts) : at::empty({0}, opts);
+  at::Tensor g_theta = at::empty({P}, opts);
+  at::Tensor g_lr = need_lr_grad ? at::empty({K, P}, opts) : at::empty({0}, opts);
+  at::Tensor g_xs = need_x_grad ? at::empty({T, s.Ns, d_in}, opts) : at::empty({0}, opts);
+  at::Tensor g_xq = need_x_grad ? at::empty({T, s.Nq, d_in}, opts) : at::empty({0}, opts);
+  at::Tensor work = at::empty({l.global_elems}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool lr_rows = need_lr_grad && K > 0;  // with K = 0 there is no rate to differentiate
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_bwd_cuda", [&] {
+    check_launch(
+        launch_bwd<scalar_t>(
+            s, l, theta.const_data_ptr<scalar_t>(), lr.const_data_ptr<scalar_t>(), xs.const_data_ptr<scalar_t>(),
+            float_targets<scalar_t>(ys, loss), index_targets(ys, loss), xq.const_data_ptr<scalar_t>(),
+            float_targets<scalar_t>(yq, loss), index_targets(yq, loss), qw.const_data_ptr<scalar_t>(),
+            gl.const_data_ptr<scalar_t>(), gp.const_data_ptr<scalar_t>(), first_order,
+            part_theta.mutable_data_ptr<scalar_t>(), lr_rows ? part_lr.mutable_data_ptr<scalar_t>() : nullptr,
+            g_theta.mutable_data_ptr<scalar_t>(), lr_rows ? g_lr.mutable_data_ptr<scalar_t>() : nullptr,
+            need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr,
+            need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr,
+            l.global_elems > 0 ? work.mutable_data_ptr<scalar_t>() : nullptr, stream),
+        "maml_bwd", l);
+  });
+  return {g_theta, g_lr, g_xs, g_xq};
+}
+
+at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in,
+                      const at::Tensor& ys_in, c10::IntArrayRef dims, int64_t activation, int64_t loss) {
+  const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, nullptr, nullptr, dims, activation, loss);
+  const c10::cuda::CUDAGuard guard(theta_in.device());
+  const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous();
+  at::Tensor thetas = at::empty({s.T, s.net.P}, theta.options());
+  const Launch l = plan(Op::kAdapt, s, false, static_cast<int>(theta.element_size()));
+  at::Tensor work = at::empty({l.global_elems}, theta.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_adapt_cuda", [&] {
+    check_launch(launch_adapt<scalar_t>(s, l, theta.const_data_ptr<scalar_t>(), lr.const_data_ptr<scalar_t>(),
+                                        xs.const_data_ptr<scalar_t>(), float_targets<scalar_t>(ys, loss),
+                                        index_targets(ys, loss), thetas.mutable_data_ptr<scalar_t>(),
+                                        l.global_elems > 0 ? work.mutable_data_ptr<scalar_t>() : nullptr, stream),
+                 "maml_adapt", l);
+  });
+  return thetas;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastmaml
+
+TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) {
+  m.impl("maml_fwd", &fastmaml::cuda::maml_fwd);
+  m.impl("maml_bwd", &fastmaml::cuda::maml_bwd);
+  m.impl("maml_adapt", &fastmaml::cuda::maml_adapt);
+}

@@ -1,0 +1,81 @@
+// fastmaml: launchers of the CUDA kernels of maml_fwd, maml_bwd and maml_adapt (docs/kernels.md).
+//
+// Raw pointers, sizes and a stream in; a cudaError_t out. No torch headers: maml_cuda.cu compiles with
+// a bare `nvcc -c` on any machine (tests/test_cuda_compile.py), and binding.cpp connects the launchers
+// to the op under the CUDA dispatch key.
+//
+// Layout: one thread block is the team of one task at a time (csrc/maml_task.h, team loops), taking
+// tasks blockIdx.x, blockIdx.x + gridDim.x, ... (forward, adapt) or one contiguous chunk of tasks
+// (backward, so that each block sums its tasks' meta-gradients in task order into its own partial row;
+// a second kernel sums the partial rows in block order: deterministic, no atomics). A block's scratch
+// workspace is in shared memory when it fits in `kSharedWorkspaceBytes`, else in global memory that
+// the caller allocates (`Launch::global_elems` elements).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../maml_task.h"
+
+namespace fastmaml {
+namespace cuda {
+
+// Threads per block at most (and the size of the block's reduction buffer).
+constexpr int kMaxThreads = 128;
+// A block's workspace goes to dynamic shared memory up to this size (below the 48 KiB a kernel may use
+// without opting in, leaving room for the static reduction buffer).
+constexpr int64_t kSharedWorkspaceBytes = 44 << 10;
+// Blocks at most per launch, and the memory budgets that can lower it: the global workspace of all
+// blocks, and the backward's partial rows (blocks x (K + 1) x P).
+constexpr int64_t kMaxBlocks = 8192;
+constexpr int64_t kWorkspaceBudgetBytes = int64_t(1) << 30;
+constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
+
+enum class Op : int { kForward = 0, kBackward = 1, kAdapt = 2 };
+
+// The sizes of one call (T tasks, Ns support and Nq query points per task, K inner steps).
+struct Sizes {
+  task::Net net;
+  int64_t T, Ns, Nq, K;
+};
+
+// How one call is laid out. A function of the sizes, options and dtype only (never of the device), so
+// the backward's summation order, hence its result, does not depend on the GPU it runs on.
+struct Launch {
+  int threads;           // block (team) size
+  int64_t blocks;        // grid size
+  int64_t chunk;         // backward: tasks per block (block b takes tasks [b * chunk, (b + 1) * chunk))
+  int64_t work_elems;    // workspace elements per block
+  bool shared;           // workspace in dynamic shared memory (work_elems * itemsize bytes per block)
+  int64_t global_elems;  // elements of global workspace the caller provides (0 when shared)
+};
+
+Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize);
+
+// task_losses [T], query_preds [T, Nq, D_out]. Targets: y_float (mse) or y_index (cross-entropy), the
+// other null. `workspace`: launch.global_elems elements (may be null when 0).
+template <typename T>
+cudaError_t launch_fwd(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
+                       const T* ys_float, const int64_t* ys_index, const T* xq, const T* yq_float,
+                       const int64_t* yq_index, const T* qw, T* task_losses, T* query_preds, T* workspace,
+                       cudaStream_t stream);
+
+// The reverse sweep: g_theta [P] and, when g_lr is not null, g_lr [K, P], summed over tasks through
+// `part_theta [blocks, P]` and `part_lr [blocks, K * P]` (the caller allocates them; they are zeroed
+// here); g_x_support [T, Ns, D_in] and g_x_query [T, Nq, D_in] when not null.
+template <typename T>
+cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
+                       const T* ys_float, const int64_t* ys_index, const T* xq, const T* yq_float,
+                       const int64_t* yq_index, const T* qw, const T* g_task_losses, const T* g_query_preds,
+                       bool first_order, T* part_theta, T* part_lr, T* g_theta, T* g_lr, T* g_xs, T* g_xq,
+                       T* workspace, cudaStream_t stream);
+
+// thetas [T, P]: theta_K of every task.
+template <typename T>
+cudaError_t launch_adapt(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
+                         const T* ys_float, const int64_t* ys_index, T* thetas, T* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastmaml

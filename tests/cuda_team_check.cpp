@@ -1,0 +1,267 @@
+// fastmaml: checks the team-parallel loops of csrc/maml_task.h on the CPU, without a GPU.
+//
+// The CUDA kernel runs the per-task drivers with a thread block as the team; here the same drivers run
+// with a team of std::threads and a std::barrier as sync(), and every output is compared with the team
+// of one (SerialTeam, what the CPU kernel runs and tests against the reference). A missing sync or an
+// element written by two ranks shows up as a mismatch (run it under -fsanitize=thread to see the race
+// itself). The workspace is filled with NaN before every run so a read of an element nobody wrote
+// poisons the result. Several tasks run one after another on one team and one workspace, as in a CUDA
+// block, adding into shared g_theta / g_lr rows.
+//
+// Build and run (tests/test_cuda_team.py does this):
+//   g++ -std=c++20 -O1 -pthread -I csrc tests/cuda_team_check.cpp -o team_check && ./team_check
+// Exit status 0 when every case matches; otherwise it prints the first mismatches.
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "maml_task.h"
+
+namespace {
+
+using fastmaml::task::Net;
+using fastmaml::task::TaskData;
+
+// A team of std::threads: sync() is a barrier (which also orders memory), sum() goes through a shared
+// array of per-rank partials read back in rank order, like the CUDA block's.
+struct ThreadTeam {
+  int r;
+  int s;
+  std::barrier<>* bar;
+  double* red;
+  int rank() const { return r; }
+  int size() const { return s; }
+  void sync() const { bar->arrive_and_wait(); }
+  template <typename T>
+  T sum(T x) const {
+    red[r] = static_cast<double>(x);
+    sync();
+    T total = 0;
+    for (int i = 0; i < s; ++i) total += static_cast<T>(red[i]);
+    sync();  // nobody overwrites red before every rank has read it
+    return total;
+  }
+};
+
+struct Case {
+  std::vector<int64_t> dims;
+  int ns, nq, K, activation, loss;
+  bool first_order, need_lr, need_x, multi_step;
+};
+
+template <typename T>
+struct Problem {
+  Net net;
+  int T_tasks;
+  Case c;
+  std::vector<T> theta, lr, xs, ys, xq, yq, qw, gl, gp;
+  std::vector<int64_t> ys_i, yq_i;
+
+  TaskData<T> task(int t) const {
+    const int64_t din = net.dims[0], dout = net.dims[net.L];
+    const bool ce = c.loss == fastmaml::task::kCrossEntropy;
+    TaskData<T> td;
+    td.xs = xs.data() + t * c.ns * din;
+    td.ys_float = ce ? nullptr : ys.data() + t * c.ns * dout;
+    td.ys_index = ce ? ys_i.data() + t * c.ns : nullptr;
+    td.ns = c.ns;
+    td.xq = xq.data() + t * c.nq * din;
+    td.yq_float = ce ? nullptr : yq.data() + t * c.nq * dout;
+    td.yq_index = ce ? yq_i.data() + t * c.nq : nullptr;
+    td.nq = c.nq;
+    return td;
+  }
+};
+
+template <typename T>
+Problem<T> make_problem(const Case& c, int n_tasks, uint64_t seed) {
+  Problem<T> p;
+  p.c = c;
+  p.T_tasks = n_tasks;
+  fastmaml::task::make_net(p.net, c.dims.data(), static_cast<int>(c.dims.size()), c.activation, c.loss);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_real_distribution<double> unif(0.02, 0.3);
+  auto randn = [&](std::vector<T>& v, size_t n, double scale) {
+    v.resize(n);
+    for (auto& e : v) e = static_cast<T>(scale * normal(rng));
+  };
+  const int64_t P = p.net.P, din = c.dims.front(), dout = c.dims.back();
+  randn(p.theta, P, 0.5);
+  p.lr.resize(static_cast<size_t>(c.K) * P);
+  for (auto& e : p.lr) e = static_cast<T>(unif(rng));
+  randn(p.xs, static_cast<size_t>(n_tasks) * c.ns * din, 1.0);
+  randn(p.xq, static_cast<size_t>(n_tasks) * c.nq * din, 1.0);
+  randn(p.ys, static_cast<size_t>(n_tasks) * c.ns * dout, 1.0);
+  randn(p.yq, static_cast<size_t>(n_tasks) * c.nq * dout, 1.0);
+  std::uniform_int_distribution<int64_t> cls(0, dout - 1);
+  p.ys_i.resize(static_cast<size_t>(n_tasks) * c.ns);
+  p.yq_i.resize(static_cast<size_t>(n_tasks) * c.nq);
+  for (auto& e : p.ys_i) e = cls(rng);
+  for (auto& e : p.yq_i) e = cls(rng);
+  // Multi-step query weights with a zero among them (the kernels skip zero-weight passes).
+  p.qw.assign(c.K + 1, T(0));
+  p.qw[c.K] = T(1);
+  if (c.multi_step) {
+    for (int k = 0; k < c.K; ++k) p.qw[k] = k % 2 == 1 ? T(0) : static_cast<T>(unif(rng));
+  }
+  randn(p.gl, n_tasks, 1.0);
+  randn(p.gp, static_cast<size_t>(n_tasks) * c.nq * dout, 0.3);
+  return p;
+}
+
+template <typename T>
+struct Outputs {
+  std::vector<T> losses, preds, g_theta, g_lr, gxs, gxq, thetas;
+};
+
+// Runs the three drivers for every task, one task after another, as rank `tm.rank()` of `tm`.
+template <typename T, typename Team>
+void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Team& tm) {
+  const Net& net = p.net;
+  const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
+  const Case& c = p.c;
+  for (int t = 0; t < p.T_tasks; ++t) {
+    const TaskData<T> td = p.task(t);
+    const T loss = fastmaml::task::task_forward(net, td, p.theta.data(), p.lr.data(), c.K, p.qw.data(),
+                                                o.preds.data() + t * c.nq * dout, work.data(), tm);
+    if (tm.rank() == 0) o.losses[t] = loss;
+    fastmaml::task::task_backward(net, td, p.theta.data(), p.lr.data(), c.K, p.qw.data(), p.gl[t],
+                                  p.gp.data() + t * c.nq * dout, c.first_order, o.g_theta.data(),
+                                  c.need_lr ? o.g_lr.data() : nullptr,
+                                  c.need_x ? o.gxs.data() + t * c.ns * din : nullptr,
+                                  c.need_x ? o.gxq.data() + t * c.nq * din : nullptr, work.data(), tm);
+    fastmaml::task::task_adapt(net, td, p.theta.data(), p.lr.data(), c.K, o.thetas.data() + t * P, work.data(), tm);
+  }
+}
+
+template <typename T>
+Outputs<T> run(const Problem<T>& p, int team_size) {
+  const Net& net = p.net;
+  const Case& c = p.c;
+  const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L], nmax = std::max(c.ns, c.nq);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  Outputs<T> o;
+  o.losses.assign(p.T_tasks, nan);
+  o.preds.assign(static_cast<size_t>(p.T_tasks) * c.nq * dout, nan);
+  o.g_theta.assign(P, T(0));
+  o.g_lr.assign(static_cast<size_t>(c.K) * P, T(0));
+  o.gxs.assign(c.need_x ? static_cast<size_t>(p.T_tasks) * c.ns * din : 0, nan);
+  o.gxq.assign(c.need_x ? static_cast<size_t>(p.T_tasks) * c.nq * din : 0, nan);
+  o.thetas.assign(static_cast<size_t>(p.T_tasks) * P, nan);
+  int64_t ws = fastmaml::task::backward_workspace(net, c.K, nmax, c.need_lr);
+  ws = std::max(ws, fastmaml::task::forward_workspace(net, nmax));
+  ws = std::max(ws, fastmaml::task::adapt_workspace(net, c.ns));
+  std::vector<T> work(static_cast<size_t>(ws), nan);
+  if (team_size == 0) {
+    run_rank(p, o, work, fastmaml::task::SerialTeam());
+    return o;
+  }
+  std::barrier<> bar(team_size);
+  std::vector<double> red(team_size);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < team_size; ++r) {
+    threads.emplace_back([&, r] { run_rank(p, o, work, ThreadTeam{r, team_size, &bar, red.data()}); });
+  }
+  for (auto& th : threads) th.join();
+  return o;
+}
+
+int failures = 0;
+
+template <typename T>
+void compare(const std::vector<T>& got, const std::vector<T>& want, const char* what, const char* label, int team,
+             double rtol) {
+  double scale = 0, worst = 0;
+  int64_t at = -1;
+  for (size_t i = 0; i < want.size(); ++i) scale = std::max(scale, std::fabs(static_cast<double>(want[i])));
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double err = std::fabs(static_cast<double>(got[i]) - static_cast<double>(want[i]));
+    if (!(err <= worst) || std::isnan(err)) {  // NaN counts as the worst
+      worst = std::isnan(err) ? INFINITY : err;
+      at = static_cast<int64_t>(i);
+    }
+  }
+  if (!(worst <= rtol * (scale + 1e-30))) {
+    if (failures < 20) {
+      std::printf("MISMATCH %s team=%d %s: max |err| %.3g at %lld (got %.17g want %.17g), scale %.3g\n", label, team,
+                  what, worst, static_cast<long long>(at), static_cast<double>(got[at]),
+                  static_cast<double>(want[at]), scale);
+    }
+    ++failures;
+  }
+}
+
+template <typename T>
+void check_case(const Case& c, uint64_t seed, const std::vector<int>& teams, double rtol) {
+  const Problem<T> p = make_problem<T>(c, 3, seed);
+  char label[256];
+  std::snprintf(label, sizeof label, "case#%llu %s dims=%zu-layer ns=%d nq=%d K=%d %s %s%s%s%s%s",
+                static_cast<unsigned long long>(seed), sizeof(T) == 8 ? "f64" : "f32", c.dims.size() - 1, c.ns, c.nq,
+                c.K, c.activation == 0 ? "relu" : "tanh", c.loss == 0 ? "mse" : "ce", c.first_order ? " fo" : "",
+                c.need_lr ? " lr" : "", c.need_x ? " x" : "", c.multi_step ? " qw" : "");
+  const Outputs<T> want = run(p, 0);
+  for (int team : teams) {
+    const Outputs<T> got = run(p, team);
+    compare(got.losses, want.losses, "task_losses", label, team, rtol);
+    compare(got.preds, want.preds, "query_preds", label, team, rtol);
+    compare(got.g_theta, want.g_theta, "g_theta", label, team, rtol);
+    if (c.need_lr) compare(got.g_lr, want.g_lr, "g_lr", label, team, rtol);
+    if (c.need_x) compare(got.gxs, want.gxs, "g_x_support", label, team, rtol);
+    if (c.need_x) compare(got.gxq, want.gxq, "g_x_query", label, team, rtol);
+    compare(got.thetas, want.thetas, "thetas", label, team, rtol);
+  }
+}
+
+}  // namespace
+
+int main() {
+  // Widths not powers of two, some wider and some narrower than the teams; teams of 2 to 33 threads
+  // (33: more threads than most layers have outputs, so some ranks own nothing in a phase).
+  const std::vector<std::vector<int64_t>> nets = {{3, 7, 2}, {1, 9, 6, 1}, {5, 3}, {4, 11, 5, 6, 3}};
+  const std::vector<int> teams = {2, 3, 8, 33};
+  int n_cases = 0;
+  uint64_t seed = 1;
+  for (size_t ni = 0; ni < nets.size(); ++ni) {
+    for (int loss = 0; loss < 2; ++loss) {
+      for (int act = 0; act < 2; ++act) {
+        for (int K : {0, 1, 3}) {
+          for (int variant = 0; variant < 2; ++variant) {
+            Case c;
+            c.dims = nets[ni];
+            c.ns = 5 + static_cast<int>(ni);
+            c.nq = 7 - static_cast<int>(ni) % 3;
+            c.K = K;
+            c.activation = act;
+            c.loss = loss;
+            // Two option sets per net: second order with every gradient, first order with none extra.
+            c.first_order = variant == 1;
+            c.need_lr = variant == 0;
+            c.need_x = variant == 0;
+            c.multi_step = variant == 0 && K > 0;
+            check_case<double>(c, seed++, teams, 1e-12);
+            ++n_cases;
+          }
+        }
+      }
+    }
+  }
+  // float32 on one net: the same code path, instantiated for float.
+  for (int loss = 0; loss < 2; ++loss) {
+    Case c{{3, 10, 4}, 6, 5, 2, 1, loss, false, true, true, true};
+    check_case<float>(c, seed++, teams, 1e-5);
+    ++n_cases;
+  }
+  if (failures != 0) {
+    std::printf("FAILED: %d mismatching outputs\n", failures);
+    return 1;
+  }
+  std::printf("ok: %d cases x %zu team sizes match the team of one\n", n_cases, teams.size());
+  return 0;
+}

@@ -1,0 +1,159 @@
+"""The CUDA kernels without a GPU: every `.cu` file under csrc/cuda compiles with nvcc for sm_80 and sm_90a,
+the torch binding (csrc/cuda/binding.cpp) passes a syntax check against the installed torch headers,
+and the `cuda` backend says clearly why it cannot run on a machine without a CUDA torch or a GPU.
+
+The kernels' math is checked on the CPU: by the cpu backend's tests (the same csrc/maml_task.h with a
+team of one thread) and by tests/test_cuda_team.py (the team loops with several threads). Their
+results on a GPU are checked by tests/test_backends.py, which runs every registered backend, cuda
+included, against the reference when the machine can run it.
+
+The compile checks skip only when nvcc is not installed. They compile with the device optimisers off
+(`-Xcicc -O0 -Xptxas -O0`): errors and warnings come from the front end, and the optimised build takes
+minutes on two cores, too long for a test. `FASTMAML_NVCC_OPT=1` compiles with -O3 instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmaml
+from fastmaml import dispatch
+from fastmaml.backends import cuda as cuda_backend
+from fastmaml._validate import make_problem
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+CU_FILES = sorted((CSRC / "cuda").glob("*.cu"))
+ARCHS = {"sm_80": "compute_80", "sm_90a": "compute_90a"}
+
+
+def find_nvcc() -> str | None:
+    for candidate in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/bin/nvcc",
+                      "/usr/local/cuda/bin/nvcc"):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+NVCC = find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+
+
+def run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{what} failed:\n$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_there_are_cuda_sources():
+    assert CU_FILES, f"no .cu files under {CSRC / 'cuda'}"
+    assert (CSRC / "cuda" / "binding.cpp").is_file()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("cu", CU_FILES, ids=[p.name for p in CU_FILES])
+def test_cu_compiles(cu: Path, arch: str, tmp_path: Path):
+    """nvcc -c, warnings as errors; the include path resolves ../maml_task.h from csrc/cuda."""
+    opt = ["-O3"] if os.environ.get("FASTMAML_NVCC_OPT") == "1" else ["-Xcicc", "-O0", "-Xptxas", "-O0"]
+    run([NVCC, "-c", "-std=c++17", f"-gencode=arch={ARCHS[arch]},code={arch}", *opt,
+         "-Werror", "all-warnings", "-Xcompiler", "-Wall", "-I", str(CSRC), str(cu), "-o", str(tmp_path / "k.o")],
+        f"nvcc for {arch}")
+
+
+def cuda_include_dir() -> Path | None:
+    """The CUDA toolkit's include folder (for cuda_runtime_api.h), found from nvcc or CUDA_HOME."""
+    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    if NVCC is not None:
+        roots.append(str(Path(os.path.realpath(NVCC)).parent.parent))
+    for root in roots:
+        if root and (Path(root) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+@needs_nvcc
+def test_binding_syntax(tmp_path: Path):
+    """binding.cpp against the installed torch headers (g++ -fsyntax-only). A CPU build of torch ships
+    the c10/cuda headers but not the one CMake generates for them; a stub stands in for it here."""
+    include = cuda_include_dir()
+    if include is None or shutil.which("g++") is None:
+        pytest.skip("no CUDA toolkit headers or no g++")
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    if not any((Path(p) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file() for p in include_paths()):
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-I", str(tmp_path / "stub")]
+    for path in include_paths():
+        cmd += ["-isystem", path]
+    cmd += ["-isystem", str(include), str(CSRC / "cuda" / "binding.cpp")]
+    run(cmd, "g++ -fsyntax-only on binding.cpp")
+
+
+# ---- the backend on a machine that cannot run it ----------------------------------------------------
+
+
+def small_problem(device: str = "cpu"):
+    g = torch.Generator().manual_seed(3)
+    dims = [3, 7, 2]
+    params = []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        params += [torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)]
+    xs, ys = torch.randn(4, 5, 3, generator=g), torch.randn(4, 5, 2, generator=g)
+    xq, yq = torch.randn(4, 6, 3, generator=g), torch.randn(4, 6, 2, generator=g)
+    return [t.to(device) for t in (*params,)], xs.to(device), ys.to(device), xq.to(device), yq.to(device)
+
+
+def test_cuda_backend_is_registered_for_the_backend_tests():
+    """tests/test_backends.py runs every registered backend but reference; cuda must be one of them, so
+    that a GPU machine checks it against the reference."""
+    assert "cuda" in fastmaml.list_backends()
+    assert dispatch.AUTO_ORDER["cuda"][0] == "cuda"
+
+
+def test_cuda_backend_reports_why_it_cannot_run_here():
+    backend = dispatch.get_backend("cuda")
+    why = backend.unavailable()
+    can_run = torch.version.cuda is not None and torch.cuda.is_available()
+    if can_run and cuda_backend.build_unavailable() is None:
+        pytest.skip(f"this machine can run the cuda backend (unavailable() = {why!r})")
+    assert isinstance(why, str) and why
+    if torch.version.cuda is None:
+        assert "CPU-only build" in why
+    elif cuda_backend.build_unavailable() is not None:
+        assert "nvcc" in why or "csrc/cuda" in why
+    else:
+        assert "no CUDA device" in why
+
+
+def test_cuda_backend_refuses_cpu_tensors_and_says_so():
+    params, xs, ys, xq, yq = small_problem()
+    problem = make_problem(params, xs, ys, xq, yq)
+    assert "CUDA tensors" in dispatch.get_backend("cuda").reject(problem, "maml")
+    with pytest.raises(ValueError, match="backend='cuda' cannot run this call"):
+        fastmaml.maml(params, xs, ys, xq, yq, backend="cuda")
+    # auto on CPU tensors never picks cuda, and explain names the reason
+    assert "cuda" in fastmaml.explain(params, xs, ys, xq, yq)
+
+
+def test_size_limits_name_the_limit():
+    params, xs, ys, xq, yq = small_problem()
+    wide = [torch.randn(5000, 3), torch.randn(5000), torch.randn(2, 5000), torch.randn(2)]
+    assert "width 5000" in cuda_backend.size_limit_reason(make_problem(wide, xs, ys, xq, yq))
+    deep = []
+    for _ in range(9):
+        deep += [torch.randn(3, 3), torch.randn(3)]
+    deep_ys, deep_yq = torch.randn(4, 5, 3), torch.randn(4, 6, 3)
+    assert "9 layers" in cuda_backend.size_limit_reason(make_problem(deep, xs, deep_ys, xq, deep_yq))
+    many = make_problem(params, xs, ys, xq, yq, inner_steps=200)
+    big = [torch.randn(1500, 3), torch.randn(1500), torch.randn(2, 1500), torch.randn(2)]
+    assert cuda_backend.size_limit_reason(make_problem(params, xs, ys, xq, yq)) is None
+    assert cuda_backend.size_limit_reason(many) is None  # small net: 200 steps still fit
+    assert "MiB of scratch" in cuda_backend.size_limit_reason(make_problem(big, xs, ys, xq, yq, inner_steps=400))
