@@ -8,8 +8,9 @@ dispatcher (`csrc/fastmaml.cpp`); it is not a Python module. It comes from one o
   are shipped);
 - otherwise a build on first use with `torch.utils.cpp_extension.load` (ninja) against the installed
   torch (with the CUDA kernels of csrc/cuda/ when torch is a CUDA build and nvcc is found: decided
-  from the compiler and torch, never from whether a GPU is visible; see `cuda_build_unavailable`), into `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`), in a folder named by a
-  hash of the sources, the torch and Python versions and the flags. Later processes load that library
+  from the compiler and torch, never from whether a GPU is visible; see `cuda_build_unavailable`),
+  into `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`), in a folder named by a hash of
+  the sources, the torch and Python versions and the flags. Later processes load that library
   directly: nothing is rebuilt until one of those changes.
 
 Nothing happens at import; `load()` builds or loads once per process and registers the fake (meta)
