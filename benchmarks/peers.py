@@ -8,7 +8,7 @@ the shared parameters (exact second order, or first order: the inner gradients t
             one backward per task accumulated into the meta-gradient. This is what learn2learn's and
             higher's MAML examples do.
 - `vmap`:   `torch.func.vmap` over tasks of a per-task inner loop written with `torch.func.grad`, the
-            meta-gradient from `torch.func.grad_and_value` around it: the fastest plain PyTorch.
+            meta-gradient by `torch.autograd.grad` through it: the fastest plain PyTorch.
 - `higher`: the `higher` library (`innerloop_ctx` with a differentiable SGD), a loop over tasks; only
             when `higher` is installed and works with this torch.
 
@@ -65,9 +65,10 @@ def loop_step(params: list[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tens
 
 def vmap_step(params: list[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *,
               inner_steps: int, inner_lr: float, first_order: bool) -> Step:
-    """The torch.func peer: vmap over tasks of a torch.func.grad inner loop, differentiated by
-    torch.func.grad_and_value."""
-    theta0 = [p.detach() for p in params]
+    """The torch.func peer: vmap over tasks of a torch.func.grad inner loop; the meta-gradient by
+    torch.autograd through it. `params` must be leaves that require grad. (Differentiating with
+    torch.func.grad_and_value instead gives the same numbers and was 25-30% slower on the CPU with
+    torch 2.13 at T = 25..1024: the peer takes the faster way.)"""
 
     def support_loss(theta, x, y):
         return F.mse_loss(mlp(theta, x), y)
@@ -78,20 +79,15 @@ def vmap_step(params: list[Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tens
         for _ in range(inner_steps):
             g = inner_grad(theta, x_s, y_s)
             if first_order:
-                g = [gi.detach() for gi in g]  # detach cuts the outer transform's graph only
+                g = [gi.detach() for gi in g]  # cuts the outer graph through the inner gradient only
             theta = [p - inner_lr * gi for p, gi in zip(theta, g)]
         return F.mse_loss(mlp(theta, x_q), y_q)
 
     batched = torch.func.vmap(task_loss, in_dims=(None, 0, 0, 0, 0))
 
-    def meta_loss(theta):
-        return batched(theta, xs, ys, xq, yq).mean()
-
-    grad_and_value = torch.func.grad_and_value(meta_loss)
-
     def step():
-        grads, loss = grad_and_value(theta0)
-        return loss, list(grads)
+        loss = batched(params, xs, ys, xq, yq).mean()
+        return loss.detach(), list(torch.autograd.grad(loss, params))
 
     return step
 
