@@ -1,0 +1,381 @@
+"""The C++ operations `torch.ops.fastmaml.*` on CPU tensors and the `cpu` backend built on them.
+
+- `torch.library.opcheck` on maml_fwd, maml_bwd and maml_adapt (schema, fake kernels, autograd
+  registration, AOT dispatch) on several sample inputs;
+- torch.compile of the op and of `fastmaml.maml(backend="cpu")`;
+- a second backward through the fused op raises a clear error;
+- the op against the reference backend in float64 (1e-9 relative) and float32 (1e-4 relative) on every
+  option, for both builds of the task loops (baseline and AVX2, `FASTMAML_CPU_ISA`);
+- gradcheck in float64 through `fastmaml.maml(backend="cpu")`;
+- the deterministic reduction (same bits for any thread count) and the size limits.
+
+Every problem is fresh random data (never zeros) with sizes that are not powers of two.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import zlib
+
+import pytest
+import torch
+
+import fastmaml
+from fastmaml import _ext
+from fastmaml.backends import cpu as cpu_backend
+from fastmaml.backends._fused import adapt_args, fused_args
+from fastmaml._validate import make_problem
+
+F32, F64 = torch.float32, torch.float64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    """Build or load the extension once; without a compiler the file is skipped, a build error fails."""
+    has_compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    why = _ext.unavailable()
+    if why is not None and not has_compiler:
+        pytest.skip(f"cpu backend unavailable: {why}")
+    assert why is None, f"the C++ extension should build here: {why}"
+
+
+def isa_choices() -> list[str]:
+    """The task-loop builds this CPU can run: baseline always, avx2 when the CPU has AVX2 and FMA."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return ["baseline", "avx2"] if (" avx2" in flags and " fma" in flags) else ["baseline"]
+
+
+@pytest.fixture(params=isa_choices())
+def isa(request, monkeypatch):
+    # maml_cpu.cpp reads FASTMAML_CPU_ISA on every call; "avx2" is the default choice where available.
+    if request.param == "baseline":
+        monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline")
+    else:
+        monkeypatch.delenv("FASTMAML_CPU_ISA", raising=False)
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random problems
+
+
+def make_params(dims, dtype, gen):
+    params = []
+    for i in range(len(dims) - 1):
+        w = torch.randn(dims[i + 1], dims[i], dtype=dtype, generator=gen) / dims[i] ** 0.5
+        b = torch.randn(dims[i + 1], dtype=dtype, generator=gen) * 0.3
+        params += [w, b]
+    return params
+
+
+def make_data(dims, T, ns, nq, loss, dtype, gen):
+    xs = torch.randn(T, ns, dims[0], dtype=dtype, generator=gen)
+    xq = torch.randn(T, nq, dims[0], dtype=dtype, generator=gen)
+    if loss == "mse":
+        ys = torch.randn(T, ns, dims[-1], dtype=dtype, generator=gen)
+        yq = torch.randn(T, nq, dims[-1], dtype=dtype, generator=gen)
+    else:
+        ys = torch.randint(0, dims[-1], (T, ns), generator=gen)
+        yq = torch.randint(0, dims[-1], (T, nq), generator=gen)
+    return xs, ys, xq, yq
+
+
+def make_lr(form, params, K, dtype, gen):
+    """The inner rate as a float, a per-step [K] tensor, or one tensor per param (Meta-SGD)."""
+    if form == "float":
+        return 0.07
+    if form == "per_step":
+        return (0.05 + 0.05 * torch.rand(K, dtype=dtype, generator=gen)).requires_grad_()
+    return [(0.03 + 0.05 * torch.rand(K, *p.shape, dtype=dtype, generator=gen)).requires_grad_() for p in params]
+
+
+def op_args(dims, T, ns, nq, K, loss, dtype, seed, act=0):
+    """Positional arguments of maml_fwd on a random problem (flat, as the backends pass them)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = make_params(dims, dtype, gen)
+    xs, ys, xq, yq = make_data(dims, T, ns, nq, loss, dtype, gen)
+    lr = [0.05 + 0.05 * torch.rand(K, *p.shape, dtype=dtype, generator=gen) for p in params]
+    qw = torch.rand(K + 1, dtype=dtype, generator=gen)
+    problem = make_problem(params, xs, ys, xq, yq, inner_steps=K, inner_lr=lr,
+                           activation=["relu", "tanh"][act], loss=loss, query_loss_weights=qw)
+    return list(fused_args(problem))
+
+
+# ---------------------------------------------------------------------------------------------------
+# opcheck
+
+OPCHECK_CASES = [
+    # dims, T, Ns, Nq, K, loss, dtype, activation, first_order
+    ([3, 7, 2], 3, 5, 4, 0, "mse", F64, 0, False),
+    ([2, 6, 5, 3], 2, 4, 3, 1, "cross_entropy", F32, 1, False),
+    ([3, 5, 4], 3, 3, 5, 3, "mse", F32, 1, True),
+    ([4, 9, 3], 2, 6, 2, 3, "cross_entropy", F64, 0, False),
+]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}-fo{int(c[8])}")
+def test_opcheck_maml_fwd(case):
+    dims, T, ns, nq, K, loss, dtype, act, fo = case
+    args = op_args(dims, T, ns, nq, K, loss, dtype, seed=11, act=act)
+    args[-1] = fo
+    for i in (0, 1, 2, 4):  # theta, lr, x_support, x_query: the differentiable inputs
+        args[i] = args[i].detach().clone().requires_grad_()
+    args[6] = args[6].detach()
+    torch.library.opcheck(torch.ops.fastmaml.maml_fwd.default, tuple(args))
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}-fo{int(c[8])}")
+@pytest.mark.parametrize("need", [(True, True), (False, False)], ids=["lr_x_grads", "theta_only"])
+def test_opcheck_maml_bwd(case, need):
+    dims, T, ns, nq, K, loss, dtype, act, fo = case
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args(dims, T, ns, nq, K, loss, dtype, 12, act)]
+    gen = torch.Generator().manual_seed(5)
+    g_losses = torch.rand(T, dtype=dtype, generator=gen)
+    g_preds = torch.randn(T, nq, dims[-1], dtype=dtype, generator=gen)
+    bwd_args = (*args[:7], g_losses, g_preds, *args[7:10], fo, *need)
+    torch.library.opcheck(torch.ops.fastmaml.maml_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}")
+def test_opcheck_maml_adapt(case):
+    dims, T, ns, nq, K, loss, dtype, act, _ = case
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args(dims, T, ns, nq, K, loss, dtype, 13, act)]
+    adapt = (args[0], args[1], args[2], args[3], args[7], args[8], args[9])
+    torch.library.opcheck(torch.ops.fastmaml.maml_adapt.default, adapt)
+
+
+def test_bwd_shapes_without_optional_grads():
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args([3, 5, 2], 3, 4, 3, 2, "mse", F64, 3)]
+    out = torch.ops.fastmaml.maml_bwd(*args[:7], torch.ones(3, dtype=F64), torch.zeros(3, 3, 2, dtype=F64),
+                                      *args[7:10], False, False, False)
+    P = args[0].numel()
+    assert [tuple(t.shape) for t in out] == [(P,), (0,), (0,), (0,)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.compile and double backward
+
+
+def test_compile_op_fullgraph():
+    args = op_args([2, 9, 3], 4, 5, 3, 2, "mse", F32, 21)
+    theta = args[0].detach().clone().requires_grad_()
+
+    def meta_loss(theta, *rest):
+        losses, preds = torch.ops.fastmaml.maml_fwd(theta, *rest)
+        return losses.mean() + 0.1 * preds.square().mean()
+
+    rest = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:]]
+    eager = torch.autograd.grad(meta_loss(theta, *rest), theta)[0]
+    compiled_fn = torch.compile(meta_loss, fullgraph=True, backend="aot_eager")
+    compiled = torch.autograd.grad(compiled_fn(theta, *rest), theta)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_maml_cpu_backend():
+    """fastmaml.maml(backend="cpu") under torch.compile: same loss and meta-gradient as eager."""
+    gen = torch.Generator().manual_seed(22)
+    dims = [1, 13, 11, 1]
+    params = [p.requires_grad_() for p in make_params(dims, F32, gen)]
+    xs, ys, xq, yq = make_data(dims, 5, 7, 6, "mse", F32, gen)
+
+    def step(params, xs, ys, xq, yq):
+        return fastmaml.maml(params, xs, ys, xq, yq, inner_steps=2, inner_lr=0.05, backend="cpu").loss
+
+    eager_loss = step(params, xs, ys, xq, yq)  # also loads the extension (its lock is not traceable)
+    eager = torch.autograd.grad(eager_loss, params)
+    # One graph: validation of an mse call with a float rate has no data-dependent branch.
+    compiled_step = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss = compiled_step(params, xs, ys, xq, yq)
+    grads = torch.autograd.grad(loss, params)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, eager):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_second_backward_raises():
+    gen = torch.Generator().manual_seed(23)
+    dims = [2, 6, 3]
+    params = [p.requires_grad_() for p in make_params(dims, F64, gen)]
+    out = fastmaml.maml(params, *make_data(dims, 3, 4, 5, "mse", F64, gen), inner_steps=1, backend="cpu")
+    grads = torch.autograd.grad(out.loss, params, create_graph=True)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Against the reference backend, every option
+
+DIMS_BY_DEPTH = {1: [3, 4], 2: [3, 7, 5], 3: [2, 6, 5, 3], 4: [3, 9, 6, 5, 4]}
+LR_FORMS = ["float", "per_step", "per_param"]
+
+
+def option_grid():
+    """loss x activation x first_order x K covered fully; depth, rate form, query weights and the
+    input gradients rotate through the grid so that each value meets both losses and both orders."""
+    cases = []
+    for i, (loss, act, fo, K) in enumerate(itertools.product(
+            ["mse", "cross_entropy"], ["relu", "tanh"], [False, True], [0, 1, 3])):
+        depth = 1 + i % 4
+        lr_form = LR_FORMS[(i // 2) % 3] if K > 0 else "float"
+        qw = (i // 3) % 2 == 1
+        cases.append((loss, act, fo, K, depth, lr_form, qw))
+    return cases
+
+
+def run_maml(backend, params, data, K, lr, loss, act, fo, qw, cotangent_seed):
+    """The loss, task losses, predictions and the gradients of a fixed scalar of the outputs with
+    respect to params, the rate tensors and both inputs."""
+    xs, ys, xq, yq = data
+    xs = xs.detach().clone().requires_grad_()
+    xq = xq.detach().clone().requires_grad_()
+    out = fastmaml.maml(params, xs, ys, xq, yq, inner_steps=K, inner_lr=lr, first_order=fo, activation=act,
+                        loss=loss, query_loss_weights=qw, backend=backend)
+    assert out.backend == backend
+    gen = torch.Generator().manual_seed(cotangent_seed)
+    # Drawn in float64 then cast, so float32 and float64 runs weigh the outputs alike.
+    w_tasks = torch.rand(out.task_losses.shape, dtype=F64, generator=gen).to(out.loss.dtype)
+    w_preds = torch.randn(out.query_preds.shape, dtype=F64, generator=gen).to(out.loss.dtype)
+    objective = 1.5 * out.loss + (w_tasks * out.task_losses).sum() + 0.3 * (w_preds * out.query_preds).sum()
+    rates = [lr] if isinstance(lr, torch.Tensor) else ([] if isinstance(lr, float) else list(lr))
+    inputs = list(params) + rates + [xs, xq]
+    grads = torch.autograd.grad(objective, inputs, allow_unused=True)
+    grads = [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
+    return [out.loss, out.task_losses, out.query_preds, *grads]
+
+
+def assert_all_close(got, want, rtol, what):
+    names = ["loss", "task_losses", "query_preds"] + [f"grad[{i}]" for i in range(len(want) - 3)]
+    for name, g, w in zip(names, got, want):
+        scale = w.detach().abs().max().item()
+        err = (g.detach().to(w.dtype) - w.detach()).abs().max().item()
+        assert err <= rtol * max(scale, 1e-30), f"{what}: {name} differs by {err:.3e} (scale {scale:.3e})"
+
+
+@pytest.mark.parametrize("case", option_grid(), ids=lambda c: "-".join(map(str, c)))
+def test_matches_reference_float64(case, isa):
+    loss, act, fo, K, depth, lr_form, with_qw = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    dims = DIMS_BY_DEPTH[depth]
+    params = [p.requires_grad_() for p in make_params(dims, F64, gen)]
+    data = make_data(dims, 5, 7, 6, loss, F64, gen)
+    lr = make_lr(lr_form, params, K, F64, gen)
+    qw = torch.rand(K + 1, dtype=F64, generator=gen) if with_qw else None
+    want = run_maml("reference", params, data, K, lr, loss, act, fo, qw, 7)
+    got = run_maml("cpu", params, data, K, lr, loss, act, fo, qw, 7)
+    assert_all_close(got, want, 1e-9, f"float64 {case} ({isa})")
+
+
+@pytest.mark.parametrize("case", option_grid()[::4], ids=lambda c: "-".join(map(str, c)))
+def test_matches_reference_float32(case, isa):
+    """float32 kernel against the float64 reference on the same (float32-rounded) inputs."""
+    loss, act, fo, K, depth, lr_form, with_qw = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()) + 1)
+    dims = DIMS_BY_DEPTH[depth]
+    params32 = make_params(dims, F32, gen)
+    data32 = make_data(dims, 4, 6, 5, loss, F32, gen)
+    lr32 = make_lr(lr_form, params32, K, F32, gen)
+    qw32 = torch.rand(K + 1, dtype=F32, generator=gen) if with_qw else None
+
+    def to64(x):
+        if isinstance(x, list):
+            return [to64(r) for r in x]
+        if isinstance(x, torch.Tensor):
+            y = x.detach().double() if x.is_floating_point() else x
+            return y.requires_grad_() if x.requires_grad else y
+        return x
+
+    want = run_maml("reference", [p.double().requires_grad_() for p in params32], to64(list(data32)), K,
+                    to64(lr32), loss, act, fo, to64(qw32), 8)
+    got = run_maml("cpu", [p.requires_grad_() for p in params32], data32, K, lr32, loss, act, fo, qw32, 8)
+    assert_all_close(got, want, 1e-4, f"float32 {case} ({isa})")
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_adapt_matches_reference(loss, isa):
+    gen = torch.Generator().manual_seed(31)
+    dims = [3, 10, 6, 4]
+    params = make_params(dims, F64, gen)
+    xs, ys, _, _ = make_data(dims, 6, 9, 1, loss, F64, gen)
+    lr = [0.02 + 0.05 * torch.rand(4, *p.shape, dtype=F64, generator=gen) for p in params]
+    with torch.no_grad():
+        got = fastmaml.adapt(params, xs, ys, inner_steps=4, inner_lr=lr, activation="tanh", loss=loss, backend="cpu")
+        want = fastmaml.adapt(params, xs, ys, inner_steps=4, inner_lr=lr, activation="tanh", loss=loss,
+                              backend="reference")
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradcheck through the public function
+
+
+@pytest.mark.parametrize("loss,act", [("mse", "tanh"), ("cross_entropy", "relu")])
+def test_gradcheck_maml_cpu(loss, act):
+    gen = torch.Generator().manual_seed(41)
+    dims = [2, 5, 3]
+    params = [p.requires_grad_() for p in make_params(dims, F64, gen)]
+    xs, ys, xq, yq = make_data(dims, 3, 4, 3, loss, F64, gen)
+    xs.requires_grad_()
+    xq.requires_grad_()
+    lr = (0.1 + 0.1 * torch.rand(2, dtype=F64, generator=gen)).requires_grad_()
+    qw = torch.rand(3, dtype=F64, generator=gen)
+
+    def f(*inputs):
+        *ps, xs_, xq_, lr_ = inputs
+        out = fastmaml.maml(ps, xs_, ys, xq_, yq, inner_steps=2, inner_lr=lr_, activation=act, loss=loss,
+                            query_loss_weights=qw, backend="cpu")
+        return out.loss, out.query_preds
+
+    assert torch.autograd.gradcheck(f, (*params, xs, xq, lr), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Determinism and limits
+
+
+def test_reduction_does_not_depend_on_thread_count():
+    args = op_args([3, 11, 5], 37, 6, 4, 2, "mse", F32, 51)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    gen = torch.Generator().manual_seed(52)
+    g_losses = torch.rand(37, generator=gen)
+    g_preds = torch.randn(37, 4, 5, generator=gen)
+    bwd = (*args[:7], g_losses, g_preds, *args[7:10], False, True, True)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.fastmaml.maml_bwd(*bwd))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_size_limits_reject_and_auto_falls_back():
+    gen = torch.Generator().manual_seed(61)
+    dims = [2] + [3] * cpu_backend.MAX_LAYERS + [2]  # one layer too deep
+    params = make_params(dims, F64, gen)
+    data = make_data(dims, 2, 3, 3, "mse", F64, gen)
+    problem = make_problem(params, *data, inner_steps=1)
+    assert "layers" in cpu_backend.CpuBackend().reject(problem, "maml")
+    with pytest.raises(ValueError, match="layers"):
+        fastmaml.maml(params, *data, backend="cpu")
+    assert fastmaml.maml(params, *data).backend == "reference"
+    wide = make_problem(make_params([2, cpu_backend.MAX_WIDTH + 1, 2], F32, gen), *make_data([2, 1, 2], 1, 2, 2, "mse", F32, gen),
+                        inner_steps=1)
+    assert "width" in cpu_backend.CpuBackend().reject(wide, "maml")
+
+
+def test_workspace_bytes_matches_kernel_formula():
+    """cpu.workspace_bytes (the Python size limit) follows csrc/maml_task.h's backward_workspace: a run
+    at the limit's edge must not be rejected for the wrong reason, and the formula must grow with K."""
+    small = cpu_backend.workspace_bytes([1, 40, 40, 1], 5, 10, 4)
+    P = 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1
+    state = 10 * (3 * 81 + 1)
+    assert small == (6 * state + 3 * 10 * 81 + 12 * P) * 4
+    assert cpu_backend.workspace_bytes([1, 40, 40, 1], 6, 10, 4) > small
