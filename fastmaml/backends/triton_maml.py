@@ -1,0 +1,375 @@
+"""The `triton` backend: the fused MAML operations of `docs/kernels.md` as Triton kernels.
+
+Custom ops `fastmaml::triton_maml_fwd / triton_maml_bwd / triton_maml_adapt` (defined here in Python,
+with fake kernels, and the shared autograd formula of `_fused.py`) launch the kernels of
+`_triton_kernels.py`. Both the ops and the kernels are created on first use: importing fastmaml never
+imports Triton, and `triton.jit` reads `TRITON_INTERPRET` only when the kernels are defined. CUDA tensors
+run compiled kernels; CPU tensors run in the Triton interpreter, only when `TRITON_INTERPRET=1` was set
+before first use (that is how the tests run without a GPU; it is far too slow for real work).
+
+Size limits (`reject` says which one a call exceeds): depth <= 4 layers, every width <= 128, at most
+64 support and 64 query points per task. Every padded block is a power of two >= 16, so the kernels'
+register tiles are at most `[128, 128]` (weights) and `[64, 128]` (activations).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from .._validate import Problem
+from . import _fused
+
+MAX_DEPTH = 4
+MAX_WIDTH = 128
+MAX_POINTS = 64
+MIN_TRITON = (3, 4)
+# Scratch memory (theta_k of every step, the adjoint, the partial sums) is sized per program; the number
+# of programs is capped so that it stays under this budget, each program then running several tasks.
+SCRATCH_BYTES = 256 * 2**20
+_MIN_BLOCK = 16  # smallest reduction size of tl.dot
+_COPY_BLOCK = 1024
+
+
+def _pad(n: int) -> int:
+    """The padded block size of a dimension: a power of two, at least 16."""
+    return max(_MIN_BLOCK, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> Optional[tuple[int, ...]]:
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            text = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        parts = []
+        for piece in text.split("+")[0].split(".")[:2]:
+            digits = "".join(ch for ch in piece if ch.isdigit())
+            parts.append(int(digits) if digits else 0)
+        return tuple(parts)
+    return None
+
+
+_KERNELS: Optional[SimpleNamespace] = None
+
+
+def _kernels() -> SimpleNamespace:
+    """Import (and so define) the kernels, once; remember whether they were defined interpreted."""
+    global _KERNELS
+    if _KERNELS is None:
+        module = importlib.import_module(f"{__package__}._triton_kernels")
+        _KERNELS = SimpleNamespace(module=module, interpreted=_interpreter_on())
+    return _KERNELS
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------------
+
+
+def _sizes(dims: list[int]) -> list[int]:
+    """D0..D4 as the kernels take them (layers past the depth: 1, unused)."""
+    return list(dims) + [1] * (MAX_DEPTH + 1 - len(dims))
+
+
+def kernel_constants(kind: str, dims: list[int], n_support: int, n_query: int, activation: int, loss: int, *,
+                     query: bool = True, first_order: bool = False, need_lr_grad: bool = True,
+                     need_x_grad: bool = True) -> dict:
+    """The compile-time constants of one launch of `kind` ("fwd" or "bwd"): they select the compiled
+    variant (padded blocks, depth, activation, loss, options). `query=False` is `maml_adapt`."""
+    consts = {f"BD{i}": _pad(d) for i, d in enumerate(_sizes(dims))}
+    consts.update(DEPTH=len(dims) - 1, BNS=_pad(n_support), BNQ=_pad(n_query if query else 1),
+                  ACT=int(activation), LOSS=int(loss), BLOCK=_COPY_BLOCK)
+    if kind == "fwd":
+        consts["QUERY"] = bool(query)
+    elif kind == "bwd":
+        consts.update(FIRST_ORDER=bool(first_order), NEED_LR=bool(need_lr_grad), NEED_X=bool(need_x_grad))
+    else:
+        raise ValueError(f"kind must be 'fwd' or 'bwd', got {kind!r}")
+    return consts
+
+
+def ast_source(kind: str, dtype: torch.dtype, consts: dict):
+    """A `triton.compiler.ASTSource` of one variant, with the argument types the launchers pass, to
+    compile it for a GPU target on a machine without one (`tests/test_triton_compile.py`)."""
+    from triton.compiler import ASTSource
+
+    module = _kernels().module
+    fn = module.maml_fwd_kernel if kind == "fwd" else module.maml_bwd_kernel
+    pointer = {torch.float32: "*fp32", torch.float64: "*fp64"}[dtype]
+    signature = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in module._RUNTIME_INTS:
+            signature[name] = "i32"
+        elif name in ("ys", "yq") and consts["LOSS"] == 1:
+            signature[name] = "*i64"
+        else:
+            signature[name] = pointer
+    return ASTSource(fn, signature=signature, constexprs=consts)
+
+
+def num_warps_for(dims: list[int], n_support: int, n_query: int) -> int:
+    """Warps per program from the largest register tile (more warps spread the tiles' registers)."""
+    bn = max(_pad(n_support), _pad(n_query))
+    pads = [_pad(d) for d in dims]
+    largest = max(max(bn * p for p in pads), max(a * b for a, b in zip(pads[1:], pads[:-1])))
+    if largest <= 1024:
+        return 2
+    if largest <= 4096:
+        return 4
+    return 8
+
+
+def _programs(T: int, rows_per_program: int, P: int, itemsize: int) -> int:
+    """How many programs (each with `rows_per_program` scratch rows of P) to launch for T tasks."""
+    per_program = max(1, rows_per_program * P * itemsize)
+    return max(1, min(T, SCRATCH_BYTES // per_program))
+
+
+def _device_guard(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _forward_launch(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, query: bool):
+    """Shared launch of `maml_fwd_kernel` for `maml_fwd` (query) and `maml_adapt` (not query)."""
+    k = _kernels().module
+    T, NS, D0 = xs.shape
+    K, P = lr.shape[0], theta.shape[0]
+    DL = dims[-1]
+    NQ = xq.shape[1] if query else 1
+    G = _programs(T, 2, P, theta.element_size())
+    work = theta.new_empty(G, 2, P)
+    if query:
+        task_losses = theta.new_empty(T)
+        preds = theta.new_empty(T, NQ, DL)
+        thetas = theta  # unused
+    else:
+        task_losses, preds = theta, theta  # unused
+        thetas = theta.new_empty(T, P)
+        xq, yq, qw = xs, ys, theta  # unused
+    consts = kernel_constants("fwd", dims, NS, NQ, activation, loss, query=query)
+    with _device_guard(theta):
+        k.maml_fwd_kernel[(G,)](
+            theta, lr, xs, ys, xq, yq, qw, task_losses, preds, thetas, work,
+            T, NS, NQ, P, K, G, *_sizes(dims), **consts, num_warps=num_warps_for(dims, NS, NQ),
+        )
+    return task_losses, preds, thetas
+
+
+def _fwd_impl(theta, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order):
+    _check_flat(theta, lr, x_support, x_query, dims)
+    task_losses, preds, _ = _forward_launch(
+        theta.contiguous(), lr.contiguous(), x_support.contiguous(), y_support.contiguous(),
+        x_query.contiguous(), y_query.contiguous(), qw.contiguous(), list(dims), activation, loss, True,
+    )
+    return task_losses, preds
+
+
+def _adapt_impl(theta, lr, x_support, y_support, dims, activation, loss):
+    _check_flat(theta, lr, x_support, None, dims)
+    _, _, thetas = _forward_launch(
+        theta.contiguous(), lr.contiguous(), x_support.contiguous(), y_support.contiguous(),
+        None, None, None, list(dims), activation, loss, False,
+    )
+    return thetas
+
+
+def _bwd_impl(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_losses, g_query_preds,
+              dims, activation, loss, first_order, need_lr_grad, need_x_grad):
+    _check_flat(theta, lr, x_support, x_query, dims)
+    k = _kernels().module
+    theta, lr = theta.contiguous(), lr.contiguous()
+    xs, ys, xq, yq = (t.contiguous() for t in (x_support, y_support, x_query, y_query))
+    T, NS, D0 = xs.shape
+    NQ = xq.shape[1]
+    K, P = lr.shape[0], theta.shape[0]
+    rows = (K + 1) + 2 + 1 + (K if need_lr_grad else 0)
+    G = _programs(T, rows, P, theta.element_size())
+    work = theta.new_empty(G, K + 1, P)
+    vbuf = theta.new_empty(G, 2, P)
+    g_theta_part = theta.new_zeros(G, P)
+    g_lr_part = theta.new_zeros(G, K, P) if need_lr_grad else theta  # theta: unused placeholder
+    if need_x_grad:
+        g_xs, g_xq = torch.empty_like(xs), torch.empty_like(xq)
+    else:
+        g_xs = g_xq = theta  # unused
+    dims = list(dims)
+    consts = kernel_constants("bwd", dims, NS, NQ, activation, loss, first_order=first_order,
+                              need_lr_grad=need_lr_grad, need_x_grad=need_x_grad)
+    with _device_guard(theta):
+        k.maml_bwd_kernel[(G,)](
+            theta, lr, xs, ys, xq, yq, qw.contiguous(), g_task_losses.contiguous(), g_query_preds.contiguous(),
+            g_theta_part, g_lr_part, g_xs, g_xq, work, vbuf,
+            T, NS, NQ, P, K, G, *_sizes(dims), **consts, num_warps=num_warps_for(dims, NS, NQ),
+        )
+    # Outputs must not alias each other: a fresh empty tensor for each one not asked for.
+    g_theta = g_theta_part.sum(0)
+    g_lr = g_lr_part.sum(0) if need_lr_grad else theta.new_empty(0)
+    if not need_x_grad:
+        g_xs, g_xq = theta.new_empty(0), theta.new_empty(0)
+    return g_theta, g_lr, g_xs, g_xq
+
+
+def _check_flat(theta, lr, xs, xq, dims) -> None:
+    """Sizes a direct caller of the ops could get wrong (the public API has checked them already)."""
+    reason = size_limits(list(dims), xs.shape[1], 0 if xq is None else xq.shape[1])
+    if reason is not None:
+        raise ValueError(f"fastmaml triton: {reason}")
+    P = sum(dims[i + 1] * dims[i] + dims[i + 1] for i in range(len(dims) - 1))
+    if theta.shape != (P,) or lr.dim() != 2 or lr.shape[1] != P:
+        raise ValueError(f"fastmaml triton: theta must be [P] = [{P}] and lr [K, {P}] for dims {list(dims)}, "
+                         f"got {list(theta.shape)} and {list(lr.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops (created on first use)
+# ---------------------------------------------------------------------------------------------------
+
+_FWD_SCHEMA = ("(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, "
+               "Tensor qw, int[] dims, int activation, int loss, bool first_order) -> (Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, "
+               "Tensor qw, Tensor g_task_losses, Tensor g_query_preds, int[] dims, int activation, int loss, "
+               "bool first_order, bool need_lr_grad, bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor)")
+_ADAPT_SCHEMA = ("(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
+                 "int loss) -> Tensor")
+
+_OPS: Optional[SimpleNamespace] = None
+
+
+def ops() -> SimpleNamespace:
+    """The three custom ops (`fwd`, `bwd`, `adapt`), defined and registered on first call."""
+    global _OPS
+    if _OPS is not None:
+        return _OPS
+    fwd = torch.library.custom_op("fastmaml::triton_maml_fwd", _fwd_impl, mutates_args=(), schema=_FWD_SCHEMA)
+    bwd = torch.library.custom_op("fastmaml::triton_maml_bwd", _bwd_impl, mutates_args=(), schema=_BWD_SCHEMA)
+    adapt = torch.library.custom_op(
+        "fastmaml::triton_maml_adapt", _adapt_impl, mutates_args=(), schema=_ADAPT_SCHEMA
+    )
+
+    @fwd.register_fake
+    def _fwd_fake(theta, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order):
+        T, NQ = x_query.shape[0], x_query.shape[1]
+        return theta.new_empty(T), theta.new_empty(T, NQ, dims[-1])
+
+    @bwd.register_fake
+    def _bwd_fake(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_losses, g_query_preds,
+                  dims, activation, loss, first_order, need_lr_grad, need_x_grad):
+        return (
+            theta.new_empty(theta.shape),
+            lr.new_empty(lr.shape) if need_lr_grad else theta.new_empty(0),
+            x_support.new_empty(x_support.shape) if need_x_grad else theta.new_empty(0),
+            x_query.new_empty(x_query.shape) if need_x_grad else theta.new_empty(0),
+        )
+
+    @adapt.register_fake
+    def _adapt_fake(theta, lr, x_support, y_support, dims, activation, loss):
+        return theta.new_empty(x_support.shape[0], theta.shape[0])
+
+    _fused.register_fused_autograd(fwd, bwd)
+    _OPS = SimpleNamespace(fwd=fwd, bwd=bwd, adapt=adapt)
+    return _OPS
+
+
+# ---------------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> Optional[str]:
+    """Why the Triton interpreter cannot run the kernels here, or None (probed once by running a
+    loop with a runtime bound: Triton 3.6's interpreter fails on it with numpy >= 2.4)."""
+    try:
+        kernels = _kernels()
+        out = torch.zeros(16)
+        kernels.module.probe_kernel[(1,)](out, 3)
+        if not bool((out == 3).all()):
+            return "the Triton interpreter computed a wrong result in a self-test"
+    except Exception as err:  # the interpreter raises its own error types
+        import numpy
+
+        return (f"the Triton interpreter fails here ({type(err).__name__}: {err}); Triton 3.6's interpreter "
+                f"needs numpy < 2.4 (installed: {numpy.__version__})")
+    return None
+
+
+def size_limits(dims: list[int], n_support: int, n_query: int) -> Optional[str]:
+    """Why these sizes are out of the kernels' range, or None."""
+    depth = len(dims) - 1
+    if not 1 <= depth <= MAX_DEPTH:
+        return f"depth {depth} layers (the Triton kernels run 1 to {MAX_DEPTH})"
+    if max(dims) > MAX_WIDTH:
+        return f"width {max(dims)} in dims {list(dims)} (the Triton kernels run widths up to {MAX_WIDTH})"
+    if n_support > MAX_POINTS:
+        return f"{n_support} support points per task (the Triton kernels run up to {MAX_POINTS})"
+    if n_query > MAX_POINTS:
+        return f"{n_query} query points per task (the Triton kernels run up to {MAX_POINTS})"
+    return None
+
+
+class TritonBackend:
+    """Fused Triton kernels: one program per task (or a group of tasks), MLPs within `size_limits`."""
+
+    name = "triton"
+
+    def unavailable(self) -> Optional[str]:
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed (pip install triton)"
+        version = _triton_version()
+        if version is not None and version < MIN_TRITON:
+            return (f"Triton {'.'.join(map(str, version))} is too old "
+                    f"(the kernels need {'.'.join(map(str, MIN_TRITON))} or newer)")
+        return None
+
+    def reject(self, problem: Problem, op: str) -> Optional[str]:
+        device = problem.device.type
+        if device == "cpu":
+            if not _interpreter_on():
+                return ("CPU tensors run only in the Triton interpreter: set TRITON_INTERPRET=1 before the "
+                        "first Triton call (the tests do; it is slow, for testing only)")
+            if _KERNELS is not None and not _KERNELS.interpreted:
+                return "the Triton kernels were defined before TRITON_INTERPRET=1 was set (compiled kernels need CUDA)"
+            why = interpreter_problem()
+            if why is not None:
+                return why
+        elif device == "cuda":
+            if _interpreter_on() or (_KERNELS is not None and _KERNELS.interpreted):
+                return "TRITON_INTERPRET=1: the Triton interpreter would run CUDA tensors on the host"
+        else:
+            return f"{device} tensors (the Triton kernels run CUDA tensors)"
+        why = _fused.common_reject(problem, op)
+        if why is not None:
+            return why
+        return size_limits(problem.dims, problem.n_support, problem.n_query)
+
+    def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fused.run_fused(ops().fwd, problem)
+
+    def adapt(self, problem: Problem) -> list[torch.Tensor]:
+        thetas = ops().adapt(*_fused.adapt_args(problem))
+        return _fused.unflatten(thetas, problem)

@@ -1,0 +1,317 @@
+"""The `triton` backend against the reference backend, and its ops, limits and refusals.
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors (`TRITON_INTERPRET=1`, set by
+conftest.py before fastmaml's Triton module defines them); with a GPU they run compiled on CUDA tensors.
+The interpreter takes about 10 ms a program, so problems are 2 or 3 tasks. float32 results are compared
+with the float64 reference on the same rounded inputs to 1e-4 (relative to each tensor's largest entry),
+float64 ones to 1e-9. `tests/test_backends.py` runs the shared option grid on every backend; this file
+covers what is specific to these kernels: padded sizes (widths and point counts past one 16-block), every
+depth, several tasks per program, the custom ops themselves, and the reasons for refusing a call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import fastmaml
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F32, F64 = torch.float32, torch.float64
+RTOL = {F32: 1e-4, F64: 1e-9}
+
+
+def _backend():
+    from fastmaml.backends import triton_maml
+
+    return triton_maml
+
+
+def _require_runnable():
+    """Skip with the backend's reason when this machine cannot run the kernels at all."""
+    tm = _backend()
+    why = tm.TritonBackend().unavailable()
+    if why is None and DEVICE == "cpu":
+        why = None if os.environ.get("TRITON_INTERPRET") == "1" else "TRITON_INTERPRET is not 1 and no GPU"
+        why = why or tm.interpreter_problem()
+    if why is not None:
+        pytest.skip(f"triton backend cannot run here: {why}")
+
+
+def make_problem(dims, tasks, n_support, n_query, loss, seed):
+    """Random float64 problem (never zeros): params, x_support, y_support, x_query, y_query."""
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        params.append(torch.randn(d_out, d_in, generator=g, dtype=F64) / d_in ** 0.5)
+        params.append(0.3 * torch.randn(d_out, generator=g, dtype=F64))
+    xs = torch.randn(tasks, n_support, dims[0], generator=g, dtype=F64)
+    xq = torch.randn(tasks, n_query, dims[0], generator=g, dtype=F64)
+    if loss == "mse":
+        ys = torch.randn(tasks, n_support, dims[-1], generator=g, dtype=F64)
+        yq = torch.randn(tasks, n_query, dims[-1], generator=g, dtype=F64)
+    else:
+        ys = torch.randint(0, dims[-1], (tasks, n_support), generator=g)
+        yq = torch.randint(0, dims[-1], (tasks, n_query), generator=g)
+    return params, xs, ys, xq, yq
+
+
+def make_rates(form, dims, K, seed):
+    g = torch.Generator().manual_seed(seed + 1000)
+    if form == "float":
+        return 0.1
+    if form == "per_step":
+        return 0.05 + 0.1 * torch.rand(K, generator=g, dtype=F64)
+    shapes = []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        shapes += [(K, d_out, d_in), (K, d_out)]
+    return [0.02 + 0.1 * torch.rand(s, generator=g, dtype=F64) for s in shapes]
+
+
+def _to(value, dtype, device, grad):
+    if isinstance(value, float):
+        return value
+    if isinstance(value, list):
+        return [_to(v, dtype, device, grad) for v in value]
+    out = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype).detach()
+    return out.requires_grad_(grad and out.is_floating_point())
+
+
+def assert_close(got, want, rtol, what):
+    got = got.detach().to("cpu", F64)
+    want = want.detach().to("cpu", F64)
+    assert got.shape == want.shape, f"{what}: shape {list(got.shape)} != {list(want.shape)}"
+    scale = want.abs().max().item() if want.numel() else 0.0
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= rtol * max(scale, 1e-12), (
+        f"{what}: max abs error {err:.3e} > {rtol:.0e} x max |reference| {scale:.3e}"
+    )
+
+
+def run_both(dims, *, tasks=2, n_support=5, n_query=6, K=1, lr="float", loss="mse", activation="relu",
+             first_order=False, query_loss_weights=False, dtype=F32, seed=0):
+    """maml on triton (in `dtype`) and reference (float64 on the same rounded inputs); compare the
+    outputs and the gradients of params, rate tensors, x_support and x_query."""
+    _require_runnable()
+    params, xs, ys, xq, yq = make_problem(dims, tasks, n_support, n_query, loss, seed)
+    rates = make_rates(lr, dims, K, seed)
+    qlw = None
+    if query_loss_weights:
+        qlw = torch.linspace(0.3, 1.0, K + 1, dtype=F64)
+    # Round the inputs to `dtype` first so both backends see the same numbers.
+    params, xs, xq = [p.to(dtype).to(F64) for p in params], xs.to(dtype).to(F64), xq.to(dtype).to(F64)
+    ys = ys.to(dtype).to(F64) if loss == "mse" else ys
+    yq = yq.to(dtype).to(F64) if loss == "mse" else yq
+    rates = rates if isinstance(rates, float) else _to(rates, dtype, "cpu", False)
+    rates = rates if isinstance(rates, float) else _to(rates, F64, "cpu", False)
+    g = torch.Generator().manual_seed(seed + 7)
+    cot_preds = torch.randn(tasks, n_query, dims[-1], generator=g, dtype=F64)
+    cot_losses = 1.0 + torch.rand(tasks, generator=g, dtype=F64)
+
+    results = {}
+    for backend, dt, device in (("reference", F64, "cpu"), ("triton", dtype, DEVICE)):
+        leaves = {
+            "params": _to(params, dt, device, True),
+            "x_support": _to(xs, dt, device, True),
+            "x_query": _to(xq, dt, device, True),
+        }
+        r = _to(rates, dt, device, lr != "float")
+        out = fastmaml.maml(
+            leaves["params"], leaves["x_support"], _to(ys, dt, device, False), leaves["x_query"],
+            _to(yq, dt, device, False), inner_steps=K, inner_lr=r, loss=loss, activation=activation,
+            first_order=first_order, backend=backend,
+            query_loss_weights=None if qlw is None else qlw.to(device=device, dtype=dt),
+        )
+        assert out.backend == backend
+        objective = (out.task_losses * cot_losses.to(device, dt)).sum() \
+            + (out.query_preds * cot_preds.to(device, dt)).sum()
+        flat = list(leaves["params"]) + [leaves["x_support"], leaves["x_query"]]
+        names = [f"grad params[{i}]" for i in range(len(leaves["params"]))] + ["grad x_support", "grad x_query"]
+        if not isinstance(r, float):
+            flat += list(r) if isinstance(r, list) else [r]
+            names += [f"grad inner_lr[{i}]" for i in range(len(r))] if isinstance(r, list) else ["grad inner_lr"]
+        grads = torch.autograd.grad(objective, flat, allow_unused=True)
+        grads = [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, flat)]
+        results[backend] = dict(zip(["task_losses", "query_preds"] + names,
+                                    [out.task_losses, out.query_preds] + grads))
+    for key, want in results["reference"].items():
+        assert_close(results["triton"][key], want, RTOL[dtype], key)
+    return results
+
+
+# ---- against the reference -------------------------------------------------------------------------
+
+CASES = [
+    # widths and point counts past one 16-block (padded to 32), not powers of two
+    dict(dims=(3, 21, 2), n_support=17, n_query=19, K=1, lr="per_step", loss="mse", activation="tanh", tasks=3),
+    dict(dims=(18, 5, 11), n_support=5, n_query=3, K=2, lr="per_parameter", loss="cross_entropy",
+         activation="relu"),
+    # every depth, K in {0, 1, 2}
+    dict(dims=(5, 3), K=2, lr="per_parameter", loss="mse", activation="relu"),
+    dict(dims=(4, 6, 5, 3), K=1, lr="float", loss="cross_entropy", activation="tanh"),
+    dict(dims=(3, 5, 4, 6, 2), K=2, lr="per_step", loss="mse", activation="tanh"),
+    dict(dims=(3, 7, 4), K=0, lr="float", loss="cross_entropy", activation="relu"),
+    # first order
+    dict(dims=(4, 7, 3), K=2, lr="per_parameter", loss="mse", activation="tanh", first_order=True),
+    dict(dims=(4, 6, 5), K=1, lr="per_step", loss="cross_entropy", activation="relu", first_order=True),
+    # MAML++ multi-step loss
+    dict(dims=(3, 6, 2), K=2, lr="per_step", loss="mse", activation="tanh", query_loss_weights=True),
+    dict(dims=(3, 5, 4), K=2, lr="float", loss="cross_entropy", activation="relu", query_loss_weights=True,
+         first_order=True),
+]
+
+
+def _id(case):
+    parts = ["x".join(map(str, case["dims"])), f"K{case['K']}", case["lr"], case["loss"], case["activation"]]
+    parts += ["fo"] if case.get("first_order") else []
+    parts += ["qlw"] if case.get("query_loss_weights") else []
+    return "-".join(parts)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_matches_reference_float32(case):
+    run_both(**case, seed=CASES.index(case))
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=[_id(CASES[1]), _id(CASES[4])])
+def test_matches_reference_float64(case):
+    run_both(**case, dtype=F64, seed=100 + CASES.index(case))
+
+
+def test_several_tasks_per_program(monkeypatch):
+    """A small scratch budget makes each program run several tasks (and sum their gradients)."""
+    tm = _backend()
+    monkeypatch.setattr(tm, "SCRATCH_BYTES", 1)  # one program for all tasks
+    assert tm._programs(3, 10, 100, 4) == 1
+    run_both((3, 6, 2), tasks=3, K=2, lr="per_parameter", loss="mse", activation="tanh", seed=7)
+
+
+def test_first_order_has_no_support_input_gradient():
+    """FOMAML: the adapted parameters do not depend on x_support, so its gradient is exactly zero."""
+    res = run_both((3, 5, 2), K=2, first_order=True, seed=8)
+    assert torch.count_nonzero(res["triton"]["grad x_support"]) == 0
+
+
+def test_adapt_matches_reference():
+    _require_runnable()
+    dims = (3, 19, 4)
+    params, xs, ys, _, _ = make_problem(dims, 3, 18, 1, "cross_entropy", seed=9)
+    rates = make_rates("per_parameter", dims, 2, seed=9)
+    with torch.no_grad():
+        want = fastmaml.adapt(params, xs, ys, inner_steps=2, inner_lr=rates, loss="cross_entropy",
+                              activation="tanh", backend="reference")
+        got = fastmaml.adapt(_to(params, F64, DEVICE, False), xs.to(DEVICE), ys.to(DEVICE), inner_steps=2,
+                             inner_lr=_to(rates, F64, DEVICE, False), loss="cross_entropy", activation="tanh",
+                             backend="triton")
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, RTOL[F64], f"adapted params[{i}]")
+
+
+# ---- the custom ops --------------------------------------------------------------------------------
+
+
+def _flat_args(dtype=F64, K=1, loss=1):
+    from fastmaml.backends import _fused
+    from fastmaml._validate import make_problem as validated
+
+    dims = (3, 5, 4)
+    params, xs, ys, xq, yq = make_problem(dims, 2, 4, 3, "cross_entropy" if loss else "mse", seed=11)
+    problem = validated([p.to(dtype) for p in params], xs.to(dtype), ys, xq.to(dtype), yq, inner_steps=K,
+                        inner_lr=0.2, loss="cross_entropy" if loss else "mse", activation="tanh")
+    return tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in _fused.fused_args(problem))
+
+
+def test_opcheck_ops():
+    """torch.library.opcheck on the three ops: schema, fake kernels, autograd registration."""
+    _require_runnable()
+    ops = _backend().ops()
+    args = list(_flat_args())
+    for i in (0, 1, 2, 4):
+        args[i] = args[i].detach().requires_grad_()
+    torch.library.opcheck(ops.fwd, tuple(args), test_utils=("test_schema", "test_autograd_registration",
+                                                             "test_faketensor"))
+    T, Nq, DL = args[4].shape[0], args[4].shape[1], args[7][-1]
+    g_losses = torch.rand(T, dtype=F64, device=DEVICE)
+    g_preds = torch.randn(T, Nq, DL, dtype=F64, device=DEVICE)
+    bwd_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:7]) + (
+        g_losses, g_preds, *args[7:], True, True)
+    torch.library.opcheck(ops.bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    adapt_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:4]) + tuple(args[7:10])
+    torch.library.opcheck(ops.adapt, adapt_args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_op_rejects_wrong_flat_sizes():
+    _require_runnable()
+    ops = _backend().ops()
+    args = list(_flat_args())
+    args[0] = args[0][:-1]
+    with pytest.raises(ValueError, match="theta must be"):
+        ops.fwd(*args)
+
+
+# ---- refusals --------------------------------------------------------------------------------------
+
+
+def _problem(dims, n_support=4, n_query=3, device="cpu", **kw):
+    from fastmaml._validate import make_problem as validated
+
+    params, xs, ys, xq, yq = make_problem(dims, 2, n_support, n_query, "mse", seed=12)
+    params = [p.to(device) for p in params]
+    return validated(params, xs.to(device), ys.to(device), xq.to(device), yq.to(device), **kw)
+
+
+@pytest.mark.parametrize(
+    "dims,n_support,n_query,reason",
+    [
+        ((3, 129, 2), 4, 3, "width 129"),
+        ((3, 4, 4, 4, 4, 2), 4, 3, "depth 5"),
+        ((3, 4, 2), 65, 3, "65 support points"),
+        ((3, 4, 2), 4, 65, "65 query points"),
+    ],
+)
+def test_size_limits_are_refused_with_reason(dims, n_support, n_query, reason, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tm = _backend()
+    monkeypatch.setattr(tm, "interpreter_problem", lambda: None)
+    why = tm.TritonBackend().reject(_problem(dims, n_support, n_query), "maml")
+    assert why is not None and reason in why
+
+
+def test_largest_sizes_are_accepted(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tm = _backend()
+    monkeypatch.setattr(tm, "interpreter_problem", lambda: None)
+    dims = (tm.MAX_WIDTH,) * (tm.MAX_DEPTH + 1)
+    assert tm.TritonBackend().reject(_problem(dims, tm.MAX_POINTS, tm.MAX_POINTS), "maml") is None
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    why = _backend().TritonBackend().reject(_problem((3, 4, 2)), "maml")
+    assert why is not None and "TRITON_INTERPRET=1" in why
+
+
+def test_explicit_backend_names_the_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tm = _backend()
+    monkeypatch.setattr(tm, "interpreter_problem", lambda: None)
+    params, xs, ys, xq, yq = make_problem((3, 200, 2), 2, 4, 3, "mse", seed=13)
+    with pytest.raises(ValueError, match="width 200"):
+        fastmaml.maml(params, xs, ys, xq, yq, backend="triton")
+
+
+def test_import_does_not_import_triton():
+    """Importing fastmaml (and this backend's module) must not import Triton: it is loaded on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastmaml, fastmaml.backends.triton_maml; "
+            "fastmaml.list_backends(); print('triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
