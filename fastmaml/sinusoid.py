@@ -287,25 +287,40 @@ def adapted_params(
 
 
 @torch.no_grad()
-def evaluate(params: Sequence[torch.Tensor], config: SinusoidConfig, backend: str = "auto") -> dict[str, list[float]]:
-    """Mean query MSE over the held-out tasks after 0, 1, ..., `eval_steps` inner steps, per shot count.
+def task_errors(params: Sequence[torch.Tensor], config: SinusoidConfig, backend: str = "auto") -> dict[str, torch.Tensor]:
+    """Query MSE of every held-out task after 0, 1, ..., `eval_steps` inner steps, per shot count.
 
-    Returns `{"5": [eval_steps + 1 floats], "10": [...], ...}`.
+    Returns `{"5": [eval_steps + 1, eval_tasks], "10": ..., ...}` (tensors on the CPU).
     """
     device = params[0].device
     data = held_out_tasks(config, device)
-    results = {}
+    errors = {}
     for shot in config.eval_shots:
         xs, ys = data["x_support"][:, :shot], data["y_support"][:, :shot]
-        curve = []
+        rows = []
         # One adapt call per step count: the library runs the inner loop, the query points are scored
         # here with fastmaml.mlp. Steps beyond the training K are the point of this evaluation.
         for steps in range(config.eval_steps + 1):
             theta = adapted_params(params, xs, ys, steps, config.inner_lr, backend)
             preds = api.mlp(theta, data["x_query"])
-            curve.append(((preds - data["y_query"]) ** 2).mean().item())
-        results[str(shot)] = curve
-    return results
+            rows.append(((preds - data["y_query"]) ** 2).mean(dim=(1, 2)))
+        errors[str(shot)] = torch.stack(rows).cpu()
+    return errors
+
+
+def evaluate(params: Sequence[torch.Tensor], config: SinusoidConfig, backend: str = "auto") -> dict[str, list[float]]:
+    """Mean query MSE over the held-out tasks after 0, 1, ..., `eval_steps` inner steps, per shot count.
+
+    Returns `{"5": [eval_steps + 1 floats], "10": [...], ...}`.
+    """
+    return {shot: e.mean(dim=1).tolist() for shot, e in task_errors(params, config, backend).items()}
+
+
+def format_spread(errors: dict[str, torch.Tensor]) -> str:
+    """Median and worst task after the last step, per shot count: a few tasks whose inner loop
+    diverges at this rate can dominate the mean."""
+    parts = [f"{shot}-shot {e[-1].median().item():.3f} / {e[-1].max().item():.3g}" for shot, e in errors.items()]
+    return f"after {len(next(iter(errors.values()))) - 1} steps, median / worst task: " + ", ".join(parts)
 
 
 def format_table(results: dict[str, list[float]], paper: dict[int, dict[int, float]] = PAPER_MSE) -> str:
@@ -424,10 +439,12 @@ def _run(config: SinusoidConfig, out_dir: str, progress: bool, log) -> dict:
     log(f"fastmaml sinusoid: trained {config.iterations} iterations in {trained.seconds:.1f} s "
         f"on backend {trained.backend!r}")
     start = time.perf_counter()
-    results = evaluate(trained.params, config, backend=config.backend)
-    log(f"evaluation on {config.eval_tasks} held-out tasks, query MSE after n inner steps "
+    errors = task_errors(trained.params, config, backend=config.backend)
+    results = {shot: e.mean(dim=1).tolist() for shot, e in errors.items()}
+    log(f"evaluation on {config.eval_tasks} held-out tasks, mean query MSE after n inner steps "
         f"(lr {config.inner_lr}; {time.perf_counter() - start:.1f} s):")
     log(format_table(results))
+    log(format_spread(errors))
     summary = {
         "eval": results,
         "train_seconds": trained.seconds,
