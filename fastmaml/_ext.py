@@ -157,6 +157,7 @@ def _short(err: BaseException, lines: int = 3, limit: int = 800) -> str:
     if not text:
         return type(err).__name__
     errors = [ln for ln in text[1:] if "error" in ln.lower() and not ln.startswith(("c++ ", "g++ ", "FAILED"))]
+    errors = list(dict.fromkeys(errors))  # the same header error arrives once per file that includes it
     out = " | ".join([text[0].split(": [1/")[0]] + errors[:lines])
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
