@@ -34,7 +34,7 @@ static_assert(kMaxDims == task::kMaxLayers + 1, "task_loops.h and maml_task.h di
 
 // Partial sums of the backward: at most this many chunks, and at most this many bytes of partial rows
 // (but never fewer than kMinChunks chunks, so large models still run in parallel).
-constexpr int64_t kMaxChunks = 256;
+constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kMinChunks = 16;
 constexpr int64_t kPartialBytes = int64_t(256) << 20;
 
