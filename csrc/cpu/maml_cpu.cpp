@@ -59,6 +59,8 @@ void check_targets(const at::Tensor& y, const char* name, const at::Tensor& thet
   } else {
     TORCH_CHECK(y.scalar_type() == at::kLong, "fastmaml: ", name, " must hold int64 class indices, got ",
                 y.scalar_type());
+    TORCH_CHECK(y.device() == theta.device(), "fastmaml: ", name, " is on ", y.device(), ", expected ",
+                theta.device());
     TORCH_CHECK(y.dim() == 2 && y.size(0) == T && y.size(1) == N, "fastmaml: ", name, " must be [", T, ", ", N,
                 "] for cross-entropy, got ", y.sizes());
   }
