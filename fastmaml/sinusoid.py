@@ -319,8 +319,17 @@ def evaluate(params: Sequence[torch.Tensor], config: SinusoidConfig, backend: st
 def format_spread(errors: dict[str, torch.Tensor]) -> str:
     """Median and worst task after the last step, per shot count: a few tasks whose inner loop
     diverges at this rate can dominate the mean."""
-    parts = [f"{shot}-shot {e[-1].median().item():.3f} / {e[-1].max().item():.3g}" for shot, e in errors.items()]
-    return f"after {len(next(iter(errors.values()))) - 1} steps, median / worst task: " + ", ".join(parts)
+    parts = []
+    for shot, e in errors.items():
+        last = e[-1]
+        finite = torch.isfinite(last)
+        worst = last[finite].max().item() if bool(finite.any()) else float("nan")
+        text = f"{shot}-shot {last.nanmedian().item():.3f} / {worst:.3g}"
+        if not bool(finite.all()):
+            # A task whose SGD overflowed makes the mean nan/inf; say how many instead of hiding it.
+            text += f" ({int((~finite).sum())} task(s) overflowed)"
+        parts.append(text)
+    return f"after {len(next(iter(errors.values()))) - 1} steps, median / worst finite task: " + ", ".join(parts)
 
 
 def format_table(results: dict[str, list[float]], paper: dict[int, dict[int, float]] = PAPER_MSE) -> str:
