@@ -294,8 +294,10 @@ def _proc_status_kb(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _child_peak(method: str, T: int, K: int, width: int, first_order: bool, device: str, dtype: str) -> dict:
-    """In the fresh child process: warm up on 2 tasks, then the peak of one call on T tasks."""
+def _child_peak(method: str, T: int, K: int, width: int, first_order: bool, device: str, dtype: str,
+                threads: int) -> dict:
+    """In the fresh child process: warm up on one tiny task, then the peak of one call on T tasks."""
+    torch.set_num_threads(threads)
     dt = getattr(torch, dtype)
     # The warm-up loads libraries and the C++ extension; it is tiny (1 task, width 3) so that the heap it
     # leaves behind does not hide the working memory of the measured call.
@@ -325,7 +327,7 @@ def subprocess_peak_mb(method: str, w: Workload, timeout_s: float) -> tuple[Opti
     note)`."""
     args = [sys.executable, str(HERE / "_harness.py"), "--peak-child", json.dumps(dict(
         method=method, T=w.T, K=w.K, width=w.width, first_order=w.first_order,
-        device=str(w.device), dtype=str(w.dtype).replace("torch.", ""),
+        device=str(w.device), dtype=str(w.dtype).replace("torch.", ""), threads=torch.get_num_threads(),
     ))]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")])
@@ -360,7 +362,8 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{model} ({n} thread{'s' if n > 1 else ''})"
 
 
 def commit() -> str:
