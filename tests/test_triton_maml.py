@@ -258,28 +258,32 @@ def test_op_rejects_wrong_flat_sizes():
 # ---- refusals --------------------------------------------------------------------------------------
 
 
-def _problem(dims, n_support=4, n_query=3, device="cpu", **kw):
+def _problem(dims, n_support=4, n_query=3, device="cpu", dtype=F32, **kw):
     from fastmaml._validate import make_problem as validated
 
     params, xs, ys, xq, yq = make_problem(dims, 2, n_support, n_query, "mse", seed=12)
-    params = [p.to(device) for p in params]
-    return validated(params, xs.to(device), ys.to(device), xq.to(device), yq.to(device), **kw)
+    params = [p.to(device, dtype) for p in params]
+    return validated(params, xs.to(device, dtype), ys.to(device, dtype), xq.to(device, dtype), yq.to(device, dtype),
+                     **kw)
 
 
 @pytest.mark.parametrize(
-    "dims,n_support,n_query,reason",
+    "dims,n_support,n_query,dtype,reason",
     [
-        ((3, 129, 2), 4, 3, "width 129"),
-        ((3, 4, 4, 4, 4, 2), 4, 3, "depth 5"),
-        ((3, 4, 2), 65, 3, "65 support points"),
-        ((3, 4, 2), 4, 65, "65 query points"),
+        ((3, 129, 2), 4, 3, F32, "width 129"),
+        ((3, 65, 2), 4, 3, F64, "width 65"),
+        ((3, 4, 4, 4, 4, 2), 4, 3, F32, "depth 5"),
+        ((3, 4, 2), 65, 3, F32, "65 support points"),
+        ((3, 4, 2), 4, 65, F32, "65 query points"),
+        ((3, 100, 2), 17, 3, F32, "17 support points"),
+        ((3, 64, 2), 4, 33, F64, "33 query points"),
     ],
 )
-def test_size_limits_are_refused_with_reason(dims, n_support, n_query, reason, monkeypatch):
+def test_size_limits_are_refused_with_reason(dims, n_support, n_query, dtype, reason, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     tm = _backend()
     monkeypatch.setattr(tm, "interpreter_problem", lambda: None)
-    why = tm.TritonBackend().reject(_problem(dims, n_support, n_query), "maml")
+    why = tm.TritonBackend().reject(_problem(dims, n_support, n_query, dtype=dtype), "maml")
     assert why is not None and reason in why
 
 
@@ -287,8 +291,11 @@ def test_largest_sizes_are_accepted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     tm = _backend()
     monkeypatch.setattr(tm, "interpreter_problem", lambda: None)
-    dims = (tm.MAX_WIDTH,) * (tm.MAX_DEPTH + 1)
-    assert tm.TritonBackend().reject(_problem(dims, tm.MAX_POINTS, tm.MAX_POINTS), "maml") is None
+    for dtype, table in tm.MAX_POINTS_BY_WIDTH.items():
+        for width, points in table.items():
+            dims = (width,) * (tm.MAX_DEPTH + 1)
+            why = tm.TritonBackend().reject(_problem(dims, points, points, dtype=dtype), "maml")
+            assert why is None, f"{dtype} width {width} with {points} points: {why}"
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

@@ -19,8 +19,7 @@ the same addresses by other threads of the program. Gradients summed over tasks 
 program into its own row of a partial-sum buffer (`[G, P]`, `[G, K, P]`), summed afterwards by torch:
 deterministic, no atomics.
 
-Matrix products use `tl.dot(..., input_precision=PRECISION)`: TF32 would cost the float32 results about
-three digits.
+Matrix products use `tl.dot(..., input_precision=PRECISION)`, full float32 precision (see PRECISION).
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# float32 products: three TF32 tensor-core products per product (about float32 accuracy). Plain "ieee"
-# would lower to scalar FMAs, unrolled per thread: kernels at width 64 took a minute to compile and
-# width 128 did not finish in ten; "tf32" alone would cost about three digits. float64 ignores it.
+# float32 products in full float32 ("ieee": FMAs on the CUDA cores; "tf32" would cost about three
+# digits, and "tf32x3" compiled no faster here). The FMA products are unrolled per thread, which is
+# most of the compile time (10-100 s a variant on 2 cores). float64 ignores it (DMMA on sm_90).
 PRECISION: tl.constexpr = tl.constexpr("ieee")
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ imports Triton, and `triton.jit` reads `TRITON_INTERPRET` only when the kernels 
 run compiled kernels; CPU tensors run in the Triton interpreter, only when `TRITON_INTERPRET=1` was set
 before first use (that is how the tests run without a GPU; it is far too slow for real work).
 
-Size limits (`reject` says which one a call exceeds): depth <= 4 layers, every width <= 128, at most
-64 support and 64 query points per task. Every padded block is a power of two >= 16, so the kernels'
-register tiles are at most `[128, 128]` (weights) and `[64, 128]` (activations).
+Size limits (`reject` says which one a call exceeds): depth <= 4 layers; float32: widths <= 64 with
+up to 64 support and 64 query points per task, or widths <= 128 with up to 16; float64: widths <= 64
+with up to 32 points (shared memory bounds them, see `MAX_POINTS_BY_WIDTH`). Every padded block is a
+power of two >= 16.
 """
 
 from __future__ import annotations
@@ -28,8 +29,19 @@ from .._validate import Problem
 from . import _fused
 
 MAX_DEPTH = 4
-MAX_WIDTH = 128
-MAX_POINTS = 64
+# Most points per task (support or query) by dtype and padded width (the largest layer width rounded up
+# to a power of two; widths up to 64 share the first entry). The binding limit is shared memory: the
+# weights of a layer are operands of `tl.dot`, staged in shared memory, and an sm_90 block has 227 KiB.
+# Measured peaks (Triton 3.6, backward kernel, depth 4, every width the largest, tanh, cross-entropy):
+# float32 width 64 with 64 points and width 128 with 16 points 224 KiB, width 128 with 32 points
+# 248 KiB (with 20 inputs and 5 outputs); float64 width 64 with 32 points 208 KiB, with 64 points 288
+# KiB, width 128 with 16 points 352 KiB. tests/test_triton_compile.py checks every limit still fits.
+MAX_POINTS_BY_WIDTH = {
+    torch.float32: {64: 64, 128: 16},
+    torch.float64: {64: 32},
+}
+MAX_WIDTH = max(max(table) for table in MAX_POINTS_BY_WIDTH.values())
+MAX_POINTS = max(max(table.values()) for table in MAX_POINTS_BY_WIDTH.values())
 MIN_TRITON = (3, 4)
 # Scratch memory (theta_k of every step, the adjoint, the partial sums) is sized per program; the number
 # of programs is capped so that it stays under this budget, each program then running several tasks.
@@ -89,6 +101,8 @@ def kernel_constants(kind: str, dims: list[int], n_support: int, n_query: int, a
                      need_x_grad: bool = True) -> dict:
     """The compile-time constants of one launch of `kind` ("fwd" or "bwd"): they select the compiled
     variant (padded blocks, depth, activation, loss, options). `query=False` is `maml_adapt`."""
+    if not 1 <= len(dims) - 1 <= MAX_DEPTH:
+        raise ValueError(f"fastmaml triton: depth {len(dims) - 1} layers (the kernels run 1 to {MAX_DEPTH})")
     consts = {f"BD{i}": _pad(d) for i, d in enumerate(_sizes(dims))}
     consts.update(DEPTH=len(dims) - 1, BNS=_pad(n_support), BNQ=_pad(n_query if query else 1),
                   ACT=int(activation), LOSS=int(loss), BLOCK=_COPY_BLOCK)
@@ -123,15 +137,16 @@ def ast_source(kind: str, dtype: torch.dtype, consts: dict):
 
 
 def num_warps_for(dims: list[int], n_support: int, n_query: int) -> int:
-    """Warps per program from the largest register tile (more warps spread the tiles' registers)."""
+    """Warps per program, from the largest register tile (points x width or width x width).
+
+    Chosen from ptxas reports (no GPU timings yet): for the sinusoid net (1-40-40-1, 10 points) the
+    backward kernel uses 255 registers with 2 KiB of spills at 8 warps, but at 2 or 4 warps ptxas falls
+    back to 32 registers with 40-90 KiB of spills, and compiles 2-6x slower.
+    """
     bn = max(_pad(n_support), _pad(n_query))
     pads = [_pad(d) for d in dims]
     largest = max(max(bn * p for p in pads), max(a * b for a, b in zip(pads[1:], pads[:-1])))
-    if largest <= 1024:
-        return 2
-    if largest <= 4096:
-        return 4
-    return 8
+    return 4 if largest <= 1024 else 8
 
 
 def _programs(T: int, rows_per_program: int, P: int, itemsize: int) -> int:
@@ -236,7 +251,7 @@ def _bwd_impl(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_loss
 
 def _check_flat(theta, lr, xs, xq, dims) -> None:
     """Sizes a direct caller of the ops could get wrong (the public API has checked them already)."""
-    reason = size_limits(list(dims), xs.shape[1], 0 if xq is None else xq.shape[1])
+    reason = size_limits(list(dims), xs.shape[1], 0 if xq is None else xq.shape[1], theta.dtype)
     if reason is not None:
         raise ValueError(f"fastmaml triton: {reason}")
     P = sum(dims[i + 1] * dims[i] + dims[i + 1] for i in range(len(dims) - 1))
@@ -318,18 +333,29 @@ def interpreter_problem() -> Optional[str]:
     return None
 
 
-def size_limits(dims: list[int], n_support: int, n_query: int) -> Optional[str]:
-    """Why these sizes are out of the kernels' range, or None."""
+def size_limits(dims: list[int], n_support: int, n_query: int, dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """Why these sizes are out of the kernels' range (`MAX_DEPTH`, `MAX_POINTS_BY_WIDTH`), or None."""
     depth = len(dims) - 1
     if not 1 <= depth <= MAX_DEPTH:
         return f"depth {depth} layers (the Triton kernels run 1 to {MAX_DEPTH})"
-    if max(dims) > MAX_WIDTH:
-        return f"width {max(dims)} in dims {list(dims)} (the Triton kernels run widths up to {MAX_WIDTH})"
-    if n_support > MAX_POINTS:
-        return f"{n_support} support points per task (the Triton kernels run up to {MAX_POINTS})"
-    if n_query > MAX_POINTS:
-        return f"{n_query} query points per task (the Triton kernels run up to {MAX_POINTS})"
+    table = MAX_POINTS_BY_WIDTH.get(dtype)
+    if table is None:
+        return f"dtype {dtype} (the Triton kernels run {list(MAX_POINTS_BY_WIDTH)})"
+    width = max(dims)
+    fits = [w for w in sorted(table) if w >= width]
+    if not fits:
+        return (f"width {width} in dims {list(dims)} (the Triton kernels run widths up to {max(table)} "
+                f"in {dtype})")
+    limit = table[fits[0]]
+    for n, what in ((n_support, "support"), (n_query, "query")):
+        if n > limit:
+            return (f"{n} {what} points per task (the Triton kernels run up to {limit} with widths up to "
+                    f"{fits[0]} in {dtype}: {_points_table(dtype)})")
     return None
+
+
+def _points_table(dtype: torch.dtype) -> str:
+    return ", ".join(f"width <= {w}: {n} points" for w, n in sorted(MAX_POINTS_BY_WIDTH[dtype].items()))
 
 
 class TritonBackend:
@@ -365,7 +391,7 @@ class TritonBackend:
         why = _fused.common_reject(problem, op)
         if why is not None:
             return why
-        return size_limits(problem.dims, problem.n_support, problem.n_query)
+        return size_limits(problem.dims, problem.n_support, problem.n_query, problem.dtype)
 
     def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         return _fused.run_fused(ops().fwd, problem)

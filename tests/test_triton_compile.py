@@ -1,0 +1,201 @@
+"""The Triton kernels compile for sm_90 (H100) without a GPU, so GPU-only compile errors fail CI.
+
+Every kernel variant the backend launches is selected by its compile-time constants
+(`triton_maml.kernel_constants`: kernel, dtype, loss, activation, depth, padded sizes, first order,
+which gradients). This file compiles a covering set of them (each value of each constant at least once,
+plus the sinusoid net and the largest sizes the backend takes) with `triton.compile(ASTSource,
+target=GPUTarget("cuda", 90, 32))`, through ptxas to a cubin, and checks the shared memory each needs
+fits one H100 block. `FASTMAML_TRITON_COMPILE_SET=small` leaves out the largest sizes (about 2 minutes
+each); `=all` compiles every combination (hours). The covering set took 9 minutes on 2 busy cores,
+compiled in parallel over the cores; each variant's time is printed (`pytest -s`).
+
+The compiler must run with `TRITON_INTERPRET` unset (conftest.py sets it for the in-process tests, and
+the kernels read it when they are defined), so the compiles run in subprocesses, this file being their
+script: `python tests/test_triton_compile.py '<json list of variants>'` prints one JSON line per variant.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import importlib.util
+
+import pytest
+
+SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+
+
+def _variant(kind, dtype, dims, n_support, n_query, loss, activation, **options):
+    return dict(kind=kind, dtype=dtype, dims=list(dims), n_support=n_support, n_query=n_query, loss=loss,
+                activation=activation, options=options)
+
+
+def covering_variants() -> list[dict]:
+    """Each kernel with every (dtype, loss, activation), each depth and option both ways, and sizes
+    from one 16-block to the backend's largest."""
+    out = []
+    combos = list(itertools.product(["float32", "float64"], [0, 1], [0, 1]))
+    for i, (dtype, loss, act) in enumerate(combos):
+        depth = 1 + i % 4
+        dims = [5] + [21] * (depth - 1) + [3]  # blocks of 16 and 32
+        out.append(_variant("bwd", dtype, dims, 10, 19, loss, act, first_order=i % 2 == 1,
+                            need_lr_grad=i % 3 != 2, need_x_grad=i % 4 != 3))
+        out.append(_variant("fwd", dtype, dims, 10, 19, loss, act, query=i % 2 == 0))
+    # The sinusoid net of the MAML paper.
+    out.append(_variant("bwd", "float32", [1, 40, 40, 1], 10, 10, 0, 0))
+    out.append(_variant("fwd", "float32", [1, 40, 40, 1], 10, 10, 0, 0))
+    # The largest sizes the backend takes, with the options that need the most shared memory.
+    out += _largest_variants()
+    return out
+
+
+def _largest_variants() -> list[dict]:
+    from fastmaml.backends.triton_maml import MAX_DEPTH, MAX_POINTS_BY_WIDTH
+
+    out = []
+    for dtype, table in MAX_POINTS_BY_WIDTH.items():
+        for width, points in table.items():
+            dims = [width] * (MAX_DEPTH + 1)
+            name = str(dtype).replace("torch.", "")
+            out.append(_variant("bwd", name, dims, points, points, 1, 1))
+            out.append(_variant("fwd", name, dims, points, points, 1, 1))
+    return out
+
+
+def all_variants() -> list[dict]:
+    """Every combination of the options, per depth at small sizes and at each largest size."""
+    import torch
+
+    from fastmaml.backends.triton_maml import MAX_POINTS_BY_WIDTH
+
+    out = []
+    for dtype, loss, act, depth in itertools.product(["float32", "float64"], [0, 1], [0, 1], [1, 2, 3, 4]):
+        for width, points in [(21, 10)] + list(MAX_POINTS_BY_WIDTH[getattr(torch, dtype)].items()):
+            dims = [width] * depth + [3]
+            for fo, lr, x in itertools.product([False, True], repeat=3):
+                out.append(_variant("bwd", dtype, dims, points, points, loss, act, first_order=fo,
+                                    need_lr_grad=lr, need_x_grad=x))
+            for query in (True, False):
+                out.append(_variant("fwd", dtype, dims, points, points, loss, act, query=query))
+    return out
+
+
+def _name(v: dict) -> str:
+    opts = "-".join(f"{k}={int(val)}" for k, val in sorted(v["options"].items()))
+    return (f"{v['kind']}-{v['dtype']}-{'x'.join(map(str, v['dims']))}-n{v['n_support']}.{v['n_query']}"
+            f"-loss{v['loss']}-act{v['activation']}" + (f"-{opts}" if opts else ""))
+
+
+# ---- the subprocess ------------------------------------------------------------------------------
+
+
+def _compile_all(variants: list[dict]) -> None:
+    """Compile each variant for sm_90; print one JSON line each (never raises)."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from fastmaml.backends import triton_maml as tm
+
+    for v in variants:
+        start = time.perf_counter()
+        try:
+            consts = tm.kernel_constants(v["kind"], v["dims"], v["n_support"], v["n_query"], v["activation"],
+                                         v["loss"], **v["options"])
+            src = tm.ast_source(v["kind"], getattr(torch, v["dtype"]), consts)
+            warps = tm.num_warps_for(v["dims"], v["n_support"], v["n_query"])
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            result = dict(ok=True, shared=kernel.metadata.shared, cubin_bytes=len(kernel.asm["cubin"]),
+                          num_warps=warps)
+        except Exception as err:  # reported to the test, which fails with it
+            result = dict(ok=False, error=f"{type(err).__name__}: {err}"[-4000:])
+        result.update(name=_name(v), seconds=round(time.perf_counter() - start, 1))
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    _compile_all(json.loads(sys.argv[1]))
+    sys.exit(0)
+
+
+# ---- the tests -----------------------------------------------------------------------------------
+
+
+def _nvidia_compiler_missing() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    try:
+        from triton.backends import backends
+    except Exception as err:  # pragma: no cover
+        return f"triton.backends cannot be imported: {err}"
+    if "nvidia" not in backends:
+        return "this Triton has no NVIDIA backend"
+    return None
+
+
+def selected_variants() -> list[dict]:
+    which = os.environ.get("FASTMAML_TRITON_COMPILE_SET", "covering")
+    if which == "all":
+        return all_variants()
+    if which == "small":  # without the largest sizes (each 1-2 minutes to compile)
+        largest = {_name(v) for v in _largest_variants()}
+        return [v for v in covering_variants() if _name(v) not in largest]
+    if which != "covering":
+        raise ValueError(f"FASTMAML_TRITON_COMPILE_SET must be small, covering or all, got {which!r}")
+    return covering_variants()
+
+
+VARIANTS = selected_variants()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Compile every variant in parallel subprocesses (TRITON_INTERPRET unset, a fresh Triton cache)."""
+    why = _nvidia_compiler_missing()
+    if why is not None:
+        pytest.skip(why)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    workers = max(1, min(len(VARIANTS), os.cpu_count() or 1))
+    # Deal the variants round-robin, slowest kinds (bwd) spread over the workers.
+    shares = [VARIANTS[i::workers] for i in range(workers)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(share)], env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for share in shares if share]
+    results = {}
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=3600)
+        for line in stdout.splitlines():
+            if line.startswith("{"):
+                item = json.loads(line)
+                results[item["name"]] = item
+        if proc.returncode != 0:
+            results.setdefault("_worker_errors", []).append(stderr[-4000:])
+    for name, item in sorted(results.items()):
+        if not name.startswith("_"):
+            print(f"compile sm_90 {item['seconds']:7.1f} s  shared {item.get('shared', '-')!s:>7}  {name}")
+    return results
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[_name(v) for v in VARIANTS])
+def test_kernel_compiles_for_sm90(compiled, variant):
+    import torch
+
+    from fastmaml.backends.triton_maml import size_limits
+
+    name = _name(variant)
+    assert size_limits(variant["dims"], variant["n_support"], variant["n_query"],
+                       getattr(torch, variant["dtype"])) is None, f"{name} is past the backend's limits"
+    assert name in compiled, f"no result for {name}: {compiled.get('_worker_errors')}"
+    result = compiled[name]
+    assert result["ok"], f"{name} does not compile for sm_90:\n{result['error']}"
+    assert result["cubin_bytes"] > 0
+    assert result["shared"] <= SM90_MAX_SHARED, (
+        f"{name} needs {result['shared']} bytes of shared memory; an sm_90 block has {SM90_MAX_SHARED}"
+    )
