@@ -228,22 +228,22 @@ def _flat_args(dtype=F64, K=1, loss=1):
 
 
 def test_opcheck_ops():
-    """torch.library.opcheck on the three ops: schema, fake kernels, autograd registration."""
+    """torch.library.opcheck on the three ops (schema, fake kernels, autograd registration, and
+    AOTAutograd tracing, which runs the forward op's backward through `triton_maml_bwd`)."""
     _require_runnable()
     ops = _backend().ops()
     args = list(_flat_args())
     for i in (0, 1, 2, 4):
         args[i] = args[i].detach().requires_grad_()
-    torch.library.opcheck(ops.fwd, tuple(args), test_utils=("test_schema", "test_autograd_registration",
-                                                             "test_faketensor"))
+    torch.library.opcheck(ops.fwd, tuple(args))
     T, Nq, DL = args[4].shape[0], args[4].shape[1], args[7][-1]
     g_losses = torch.rand(T, dtype=F64, device=DEVICE)
     g_preds = torch.randn(T, Nq, DL, dtype=F64, device=DEVICE)
     bwd_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:7]) + (
         g_losses, g_preds, *args[7:], True, True)
-    torch.library.opcheck(ops.bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.bwd, bwd_args)
     adapt_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:4]) + tuple(args[7:10])
-    torch.library.opcheck(ops.adapt, adapt_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.adapt, adapt_args)
 
 
 def test_op_rejects_wrong_flat_sizes():
