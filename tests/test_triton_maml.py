@@ -267,6 +267,15 @@ def _problem(dims, n_support=4, n_query=3, device="cpu", dtype=F32, **kw):
                      **kw)
 
 
+def _pretend_interpreter(monkeypatch):
+    """Let CPU problems reach the size checks: interpreter on, kernels not yet defined (on a GPU
+    machine they were defined compiled by the tests above), its self-test passed."""
+    tm = _backend()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tm, "_KERNELS", None)
+    monkeypatch.setattr(tm, "interpreter_problem", lambda: None)
+
+
 @pytest.mark.parametrize(
     "dims,n_support,n_query,dtype,reason",
     [
@@ -280,17 +289,15 @@ def _problem(dims, n_support=4, n_query=3, device="cpu", dtype=F32, **kw):
     ],
 )
 def test_size_limits_are_refused_with_reason(dims, n_support, n_query, dtype, reason, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     tm = _backend()
-    monkeypatch.setattr(tm, "interpreter_problem", lambda: None)
+    _pretend_interpreter(monkeypatch)
     why = tm.TritonBackend().reject(_problem(dims, n_support, n_query, dtype=dtype), "maml")
     assert why is not None and reason in why
 
 
 def test_largest_sizes_are_accepted(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     tm = _backend()
-    monkeypatch.setattr(tm, "interpreter_problem", lambda: None)
+    _pretend_interpreter(monkeypatch)
     for dtype, table in tm.MAX_POINTS_BY_WIDTH.items():
         for width, points in table.items():
             dims = (width,) * (tm.MAX_DEPTH + 1)
@@ -305,9 +312,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 def test_explicit_backend_names_the_reason(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    tm = _backend()
-    monkeypatch.setattr(tm, "interpreter_problem", lambda: None)
+    _pretend_interpreter(monkeypatch)
     params, xs, ys, xq, yq = make_problem((3, 200, 2), 2, 4, 3, "mse", seed=13)
     with pytest.raises(ValueError, match="width 200"):
         fastmaml.maml(params, xs, ys, xq, yq, backend="triton")

@@ -15,6 +15,7 @@ power of two >= 16.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -42,7 +43,7 @@ MAX_POINTS_BY_WIDTH = {
 }
 MAX_WIDTH = max(max(table) for table in MAX_POINTS_BY_WIDTH.values())
 MAX_POINTS = max(max(table.values()) for table in MAX_POINTS_BY_WIDTH.values())
-MIN_TRITON = (3, 4)
+MIN_TRITON = (3, 6)  # the oldest release tested (the kernels use tuples of tensors in jit code)
 # Scratch memory (theta_k of every step, the adjoint, the partial sums) is sized per program; the number
 # of programs is capped so that it stays under this budget, each program then running several tasks.
 SCRATCH_BYTES = 256 * 2**20
@@ -61,6 +62,7 @@ def _interpreter_on() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_version() -> Optional[tuple[int, ...]]:
+    """(major, minor) of the installed Triton from its metadata, without importing it; None if unknown."""
     for dist in ("triton", "pytorch-triton"):
         try:
             text = importlib.metadata.version(dist)
@@ -156,17 +158,10 @@ def _programs(T: int, rows_per_program: int, P: int, itemsize: int) -> int:
 
 
 def _device_guard(t: torch.Tensor):
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
-    return _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return contextlib.nullcontext()
 
 
 def _forward_launch(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, query: bool):
