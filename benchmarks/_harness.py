@@ -56,7 +56,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 CSV_COLUMNS = [
     "method", "device", "device_name", "T", "K", "width", "order", "tasks_per_s", "ms", "peak_mem_mb",
-    "torch", "triton", "fastmaml", "commit", "date", "status", "rel_err", "repeats", "note",
+    "torch", "triton", "fastmaml", "commit", "date", "status", "rel_err", "repeats", "note", "load1",
 ]
 
 
@@ -228,13 +228,19 @@ def measure(step: Step, device: torch.device, *, warmup: int, repeats: int, max_
     started = time.perf_counter()
     last = first_ms
     for i in range(warmup):
+        # The first warm-up runs unless the first call alone took a third of the budget (slow methods
+        # do not compile: their first call is already a fair estimate of a warm one).
+        if i == 0 and first_ms / 1e3 > max_seconds / 3:
+            break
         if i and time.perf_counter() - started + last / 1e3 > max_seconds:
-            break  # the first warm-up always runs: it gives the warm time of a call
+            break
         _, last = time_call(step, device)
-    left = max_seconds - (time.perf_counter() - started)
-    n = max(1, min(repeats, int(left / max(last / 1e3, 1e-9))))
-    times = [time_call(step, device)[1] for _ in range(n)]
-    return Timing(ms=statistics.median(times), repeats=n, first_ms=first_ms, result=result)
+    times: list[float] = []
+    while len(times) < max(repeats, 1):
+        times.append(time_call(step, device)[1])
+        if time.perf_counter() - started + times[-1] / 1e3 > max_seconds:
+            break  # the next call would overrun the budget
+    return Timing(ms=statistics.median(times), repeats=len(times), first_ms=first_ms, result=result)
 
 
 class Estimator:
@@ -364,6 +370,15 @@ def device_name(device: torch.device) -> str:
         pass
     n = torch.get_num_threads()
     return f"{model} ({n} thread{'s' if n > 1 else ''})"
+
+
+def load_average() -> str:
+    """The 1-minute load average (other processes on the cores make timings noisy), or ''."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return ""
 
 
 def commit() -> str:

@@ -89,6 +89,7 @@ def run(args) -> list[dict]:
                     check = _oracle(w)
                 row.update(_measure(method, w, check, rtol, args, estimator))
             H.release(w.device)
+            row["load1"] = H.load_average()
             rows.append(row)
             writer.add(row)
             _progress(row)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -149,9 +150,27 @@ def markdown(rows: list[dict]) -> str:
         if r["method"] in ran and r.get("note"):
             notes.append(f"- `{r['method']}` at T={r['T']} K={r['K']} width={r['width']}: "
                          f"{'' if r.get('status') == 'ok' else r.get('status') + ', '}{r['note']}")
+    busy = _busy_rows(rows)
+    if busy:
+        notes.append("- measured while the machine was busy (1-minute load average above its "
+                     f"{os.cpu_count()} cores; timings noisy): " + ", ".join(busy))
     if notes:
         out += ["", "Notes:", ""] + notes
     return "\n".join(out)
+
+
+def _busy_rows(rows: list[dict]) -> list[str]:
+    """`method T=.. K=..` of the rows measured with a load average above the machine's core count."""
+    cores = os.cpu_count() or 1
+    out = []
+    for r in rows:
+        try:
+            load = float(r.get("load1") or 0)
+        except ValueError:
+            continue
+        if r.get("status") == "ok" and r.get("device") == "cpu" and load > cores + 0.5:
+            out.append(f"{r['method']} T={r['T']} K={r['K']} (load {load:g})")
+    return out
 
 
 def update_section(md_path, name: str, body: str) -> None:
