@@ -45,7 +45,8 @@ def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: 
         return (n_points * (6 * width_sum + dims[-1]) + P) * itemsize
     K = inner_steps
     state = n_points * (3 * width_sum + dims[-1])
-    return ((K + 1) * state + 3 * n_points * width_sum + (2 * K + 2) * P) * itemsize
+    grads = max(K, 1)  # inner_steps = 0 still keeps one gradient buffer
+    return ((K + 1) * state + 3 * n_points * width_sum + (K + grads + 2) * P) * itemsize
 
 
 def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:

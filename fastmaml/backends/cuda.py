@@ -31,27 +31,12 @@ import torch
 from .. import _ext
 from .._validate import Problem
 from ._fused import common_reject
-from .cpu import CpuBackend
+from .cpu import CpuBackend, workspace_bytes
 
 MAX_LAYERS = 8
 MAX_WIDTH = 4096
 MAX_POINTS = 65536
 MAX_WORKSPACE_BYTES = 16 << 20
-
-
-def workspace_bytes(dims: list[int], inner_steps: int, n_support: int, n_query: int, itemsize: int,
-                    op: str = "maml") -> int:
-    """Bytes of scratch one thread block uses (csrc/maml_task.h `*_workspace`, as csrc/cuda/maml_cuda.cu
-    `plan` counts them): the backward's with the rates' gradient (the larger case) for `maml`."""
-    P = sum(dims[i + 1] * dims[i] + dims[i + 1] for i in range(len(dims) - 1))
-    width_sum = sum(dims[1:])
-    if op == "adapt":
-        return (n_support * (6 * width_sum + dims[-1]) + P) * itemsize
-    n = max(n_support, n_query)
-    K = inner_steps
-    state = n * (3 * width_sum + dims[-1])
-    grads = max(K, 1)
-    return ((K + 1) * state + 3 * n * width_sum + (K + grads + 2) * P) * itemsize
 
 
 def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:
@@ -64,8 +49,8 @@ def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:
     n_points = max(problem.n_support, problem.n_query if op == "maml" else 0)
     if n_points > MAX_POINTS:
         return f"{n_points} points per task (the cuda kernel runs at most {MAX_POINTS})"
-    need = workspace_bytes(dims, problem.inner_steps, problem.n_support, problem.n_query,
-                           problem.params[0].element_size(), op)
+    # One thread block needs what one CPU thread needs: the same per-task workspace of csrc/maml_task.h.
+    need = workspace_bytes(dims, problem.inner_steps, n_points, problem.params[0].element_size(), op)
     if need > MAX_WORKSPACE_BYTES:
         return (f"{need / 2**20:.0f} MiB of scratch per thread block for this size and inner_steps "
                 f"(the cuda kernel takes up to {MAX_WORKSPACE_BYTES >> 20} MiB)")
