@@ -98,6 +98,41 @@ def compact_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def flops_per_task(K: int, width: int, n_support: int = 10, n_query: int = 10) -> float:
+    """Estimated float operations of one second-order meta-iteration per task, 1-W-W-1 MLP.
+
+    A forward pass costs F = 2 (W^2 + 2 W) per point (multiply and add counted apart). Per inner step:
+    the support forward (F per point) and backward (2 F), and in the reverse sweep their Hessian-vector
+    product (about 6 F: the tangent forward and the backward of the tangent); the query forward and
+    backward add 3 F per point. Total (9 K N + 3 M) F. An estimate of the essential arithmetic (no
+    recomputation counted), for comparing with a card's peak rate.
+    """
+    F = 2.0 * (width * width + 2 * width)
+    return (9.0 * K * n_support + 3.0 * n_query) * F
+
+
+# float32 rates (non-tensor-core) of the cards the GPU check has run on, TFLOP/s, from the datasheets.
+FP32_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 67.0, "NVIDIA H200": 67.0}
+
+
+def flops_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: estimated GFLOP/s (flops_per_task x tasks/s) at the largest T of each K and width,
+    and its share of the card's float32 peak when the card is known."""
+    ok = [r for r in rows if r.get("status") == "ok" and _rate(r) is not None and r.get("order", "second") == "second"]
+    if not ok:
+        return []
+    lines = ["| method | T | K | width | GFLOP/s (estimated) | of fp32 peak |", "|---|---:|---:|---:|---:|---:|"]
+    for K, W in sorted({(int(r["K"]), int(r["width"])) for r in ok}):
+        group = [r for r in ok if int(r["K"]) == K and int(r["width"]) == W]
+        T = max(int(r["T"]) for r in group)
+        for r in sorted((r for r in group if int(r["T"]) == T), key=lambda r: -_rate(r)):
+            gflops = flops_per_task(K, W) * _rate(r) / 1e9
+            peak = FP32_PEAK_TFLOPS.get(r.get("device_name", ""))
+            share = f"{100 * gflops / (peak * 1e3):.1f}%" if peak else ""
+            lines.append(f"| {r['method']} | {T} | {K} | {W} | {gflops:,.0f} | {share} |")
+    return lines
+
+
 def _short(note: str) -> str:
     return note if len(note) <= 90 else note[:87] + "..."
 
@@ -141,6 +176,10 @@ def markdown(rows: list[dict]) -> str:
     if any(r.get("peak_mem_mb") for r in rows):
         out += ["", "Peak memory of one meta-iteration, MiB (what it measures: benchmarks/_harness.py):", ""]
         out += table(methods, mem_cell)
+    flops = flops_table(rows) if any(r.get("device") == "cuda" for r in rows) else []
+    if flops:
+        out += ["", "Arithmetic rate at the largest T (estimate: `report.flops_per_task`; fp32 peak of the "
+                "card without tensor cores):", ""] + flops
     notes = []
     for m in listed:
         if m not in ran:

@@ -27,6 +27,25 @@ AUTO_ORDER: dict[str, list[str]] = {
     "cpu": ["cpu", "reference"],
 }
 
+# `auto` skips the GPU kernels where the reference (torch.func.vmap over cuBLAS) measured faster: the
+# kernels run one task per thread block, so they win on few tasks and lose once the batch fills the GPU
+# for the batched matrix products. H100 (benchmarks/RESULTS.md, 2026-11-26, 1-W-W-1, 10 + 10 points,
+# second order): cuda over reference 4.5x at T=25 W=40, 3.9x at T=1024 W=40, 0.49x at T=65536 W=40;
+# 3.6x at T=25 W=128, 0.67x at T=1024 W=128. The crossover lies between T * W^2 = 1.6e6 and 1.7e7; the
+# limit sits at their geometric middle. An explicit backend="cuda" or "triton" still runs any size.
+GPU_KERNEL_AUTO_WORK = 5e6
+_GPU_KERNELS = ("cuda", "triton")
+
+
+def _auto_skip(name: str, problem: Problem) -> Optional[str]:
+    """Why `auto` passes over a backend that could run this call (a speed choice), or None."""
+    if name in _GPU_KERNELS and problem.device.type == "cuda" and problem.dims is not None:
+        work = problem.num_tasks * max(problem.dims) ** 2
+        if work > GPU_KERNEL_AUTO_WORK:
+            return (f"slower than the reference at this size on a GPU (tasks x width^2 = {work:.3g} > "
+                    f"{GPU_KERNEL_AUTO_WORK:.3g}, measured on an H100); ask for it explicitly to use it")
+    return None
+
 
 class Backend(Protocol):
     name: str
@@ -84,6 +103,8 @@ def candidates(problem: Problem, op: str = "maml") -> list[tuple[str, Optional[s
         why = _reason(backend, problem, op)
         if why is None and name not in order:
             why = f"not chosen automatically for {problem.device.type} tensors (ask for it explicitly)"
+        if why is None:
+            why = _auto_skip(name, problem)
         out.append((name, why))
     rank = {name: i for i, name in enumerate(order)}
     out.sort(key=lambda item: rank.get(item[0], len(rank)))

@@ -356,3 +356,23 @@ def test_meta_gradient_is_not_differentiated_again(name):
     (g,) = torch.autograd.grad(out.loss, case.params[0], create_graph=True)
     with pytest.raises(RuntimeError, match="reference"):
         torch.autograd.grad(g.sum(), case.params[0])
+
+
+def test_auto_passes_over_gpu_kernels_on_large_gpu_batches():
+    """`auto` skips cuda/triton on a GPU where the reference measured faster (a speed rule with its
+    reason), keeps them for small batches, and leaves other devices and backends alone."""
+    from types import SimpleNamespace
+
+    gpu = torch.device("cuda")
+    small = SimpleNamespace(device=gpu, num_tasks=25, dims=[1, 40, 40, 1])
+    large = SimpleNamespace(device=gpu, num_tasks=65536, dims=[1, 40, 40, 1])
+    wide = SimpleNamespace(device=gpu, num_tasks=1024, dims=[1, 128, 128, 1])
+    for name in ("cuda", "triton"):
+        assert dispatch._auto_skip(name, small) is None
+        for problem in (large, wide):
+            why = dispatch._auto_skip(name, problem)
+            assert why is not None and "ask for it explicitly" in why
+    assert dispatch._auto_skip("reference", large) is None
+    assert dispatch._auto_skip("cpu", SimpleNamespace(device=torch.device("cpu"), num_tasks=65536,
+                                                      dims=[1, 128, 128, 1])) is None
+    assert dispatch._auto_skip("cuda", SimpleNamespace(device=gpu, num_tasks=10**6, dims=None)) is None
