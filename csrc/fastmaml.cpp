@@ -28,6 +28,11 @@ TORCH_LIBRARY(fastmaml, m) {
       "Tensor qw, Tensor g_task_losses, Tensor g_query_preds, int[] dims, int activation, int loss, "
       "bool first_order, bool need_lr_grad, bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
+      "maml_fwdbwd(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, "
+      "Tensor y_query, Tensor qw, int[] dims, int activation, int loss, bool first_order, bool need_lr_grad, "
+      "bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("weighted_task_sum(Tensor rows, Tensor weights) -> Tensor");
+  m.def(
       "maml_adapt(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
       "int loss) -> Tensor");
 }
@@ -36,6 +41,8 @@ TORCH_LIBRARY_IMPL(fastmaml, CPU, m) {
   m.impl("maml_fwd", &fastmaml::cpu::maml_fwd);
   m.impl("maml_bwd", &fastmaml::cpu::maml_bwd);
   m.impl("maml_adapt", &fastmaml::cpu::maml_adapt);
+  m.impl("maml_fwdbwd", &fastmaml::cpu::maml_fwdbwd);
+  m.impl("weighted_task_sum", &fastmaml::cpu::weighted_task_sum);
 }
 
 // The CUDA kernels (csrc/cuda/, which include ../maml_task.h for the per-task math) register under the

@@ -370,6 +370,44 @@ FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ 
   constexpr int L = Vec16<T>::lanes;
   const int kv = Kd - Kd % L;
   int r = 0;
+#ifdef FASTMAML_HAS_SHUFFLEVECTOR
+  if (C < 4 && kv > 0) {
+    // Few columns (a regression output layer): four rows at a time share each column's loads, and the
+    // four dot products are reduced together (sum4). The 2 x 4 tiles below would fall back to one
+    // scalar dot product per element here, about ten times slower.
+    typedef typename VecBytes<T, 4 * sizeof(T)>::type V4;
+    for (; r + 4 <= R; r += 4) {
+      const T* a0 = a + r * lda;
+      const T* a1 = a0 + lda;
+      const T* a2 = a1 + lda;
+      const T* a3 = a2 + lda;
+      for (int c = 0; c < C; ++c) {
+        const T* b = B + c * ldb;
+        V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+        for (int k = 0; k < kv; k += L) {
+          const V w = *reinterpret_cast<const V*>(b + k);
+          s0 += *reinterpret_cast<const V*>(a0 + k) * w;
+          s1 += *reinterpret_cast<const V*>(a1 + k) * w;
+          s2 += *reinterpret_cast<const V*>(a2 + k) * w;
+          s3 += *reinterpret_cast<const V*>(a3 + k) * w;
+        }
+        V4 t = sum4<T, FASTMAML_VECTOR_BYTES>(s0, s1, s2, s3);
+        for (int k = kv; k < Kd; ++k) {
+          const V4 ak = {a0[k], a1[k], a2[k], a3[k]};
+          t += ak * b[k];
+        }
+        out[r * ldo + c] += t[0];
+        out[(r + 1) * ldo + c] += t[1];
+        out[(r + 2) * ldo + c] += t[2];
+        out[(r + 3) * ldo + c] += t[3];
+      }
+    }
+    for (; r < R; ++r) {
+      for (int c = 0; c < C; ++c) out[r * ldo + c] += dot(a + r * lda, B + c * ldb, Kd);
+    }
+    return;
+  }
+#endif
   for (; r + 2 <= R && kv > 0; r += 2) {  // two rows by four columns: eight dot products share their loads
     const T* a0 = a + r * lda;
     const T* a1 = a0 + lda;
@@ -887,10 +925,15 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 // gradients to `gxs [Ns, D_in]` and `gxq [Nq, D_in]` when given. The workspace holds
 // `backward_workspace(net, K, max(Ns, Nq), g_lr != nullptr)` elements. A team adds to g_theta and g_lr
 // element i from rank i mod size(), so tasks run one after another by one team may share those rows.
+//
+// Fused forward and backward (maml_fwdbwd): with `preds_out [Nq, D_out]` given, also writes the query
+// output at theta_K there and returns sum_k qw[k] * L_query(theta_k), as task_forward does (every
+// weighted query loss is evaluated on the way when c != 0; the caller passes c = 1). `gpreds` may then
+// be null (no cotangent of the query output). Returns 0 without preds_out.
 template <typename T, typename Team = SerialTeam>
-FASTMAML_HD inline void task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
-                                      const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
-                                      T* gxs, T* gxq, T* work, const Team& tm = Team()) {
+FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
+                                   const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
+                                   T* gxs, T* gxq, T* work, const Team& tm = Team(), T* preds_out = nullptr) {
   const int64_t P = net.P;
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
   const int64_t st = state_size(net, nmax);
@@ -915,14 +958,19 @@ FASTMAML_HD inline void task_backward(const Net& net, const TaskData<T>& td, con
   if (gxq != nullptr) fill(gxq, static_cast<int64_t>(td.nq) * net.dims[0], T(0), tm);
 
   // v = dL/dtheta_K: the weighted query loss at theta_K plus the cotangent of the query output.
+  T total = 0;
   fill(v, P, T(0), tm);
   tm.sync();
   {
     const T* th = theta_at(theta0, thetas, K, P);
     forward(net, th, td.xq, td.nq, q, tm);
-    loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, c * qw[K], q.d + s, q.p, tm);
+    const T loss_K = loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, c * qw[K], q.d + s, q.p, tm);
+    if (preds_out != nullptr) {
+      total = qw[K] * loss_K;
+      copy(q.z + s, preds_out, m_out, tm);
+    }
     T* qd = q.d + s;
-    for_each(tm, m_out, [&](int64_t j) { qd[j] += gpreds[j]; });
+    if (gpreds != nullptr) for_each(tm, m_out, [&](int64_t j) { qd[j] += gpreds[j]; });
     tm.sync();
     backward(net, th, td.xq, td.nq, q, v, gxq, tm);
   }
@@ -944,12 +992,14 @@ FASTMAML_HD inline void task_backward(const Net& net, const TaskData<T>& td, con
     const T w = c * qw[k];
     if (w != T(0)) {
       forward(net, th, td.xq, td.nq, q, tm);
-      loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, w, q.d + s, q.p, tm);
+      const T loss_k = loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, w, q.d + s, q.p, tm);
+      if (preds_out != nullptr) total += qw[k] * loss_k;
       backward(net, th, td.xq, td.nq, q, v, gxq, tm);
     }
   }
   for_each(tm, P, [&](int64_t i) { g_theta[i] += v[i]; });
   tm.sync();
+  return total;
 }
 
 }  // namespace FASTMAML_IMPL_NAMESPACE

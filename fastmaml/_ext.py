@@ -285,7 +285,7 @@ def library_path() -> Optional[str]:
 
 def _register_python_parts() -> None:
     """Fake kernels (shapes only, for torch.compile and meta tensors) and the autograd formula."""
-    from .backends._fused import register_fused_autograd
+    from .backends._fused import register_fused_autograd, register_fwdbwd_autograd
 
     @torch.library.register_fake("fastmaml::maml_fwd")
     def _(theta, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order):
@@ -304,4 +304,20 @@ def _register_python_parts() -> None:
     def _(theta, lr, x_support, y_support, dims, activation, loss):
         return theta.new_empty((x_support.shape[0], theta.shape[0]))
 
+    @torch.library.register_fake("fastmaml::maml_fwdbwd")
+    def _(theta, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order,
+          need_lr_grad, need_x_grad):
+        T, Nq = x_query.shape[0], x_query.shape[1]
+        g_lr = lr.new_empty((T, *lr.shape)) if need_lr_grad else lr.new_empty((0,))
+        g_xs = x_support.new_empty(x_support.shape) if need_x_grad else x_support.new_empty((0,))
+        g_xq = x_query.new_empty(x_query.shape) if need_x_grad else x_query.new_empty((0,))
+        return (theta.new_empty((T,)), theta.new_empty((T, Nq, dims[-1])), theta.new_empty((T, theta.shape[0])),
+                g_lr, g_xs, g_xq)
+
+    @torch.library.register_fake("fastmaml::weighted_task_sum")
+    def _(rows, weights):
+        return rows.new_empty(rows.shape[1:])
+
     register_fused_autograd(torch.ops.fastmaml.maml_fwd.default, torch.ops.fastmaml.maml_bwd.default)
+    register_fwdbwd_autograd(torch.ops.fastmaml.maml_fwdbwd.default, torch.ops.fastmaml.maml_bwd.default,
+                             torch.ops.fastmaml.weighted_task_sum.default)

@@ -318,10 +318,17 @@ def objective(loss, task_losses, query_preds, cotangents) -> torch.Tensor:
     return loss + (task_losses * a.to(task_losses.dtype)).sum() + (query_preds * b.to(query_preds.dtype)).sum()
 
 
-def gradients(value: torch.Tensor, leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def task_objective(loss, task_losses, cotangents) -> torch.Tensor:
+    """The objective of `objective` without the query output: what a training loop differentiates (the
+    cpu backend then reduces its per-task gradient rows instead of running the reverse sweep)."""
+    a, _ = cotangents
+    return loss + (task_losses * a.to(task_losses.dtype)).sum()
+
+
+def gradients(value: torch.Tensor, leaves: dict[str, torch.Tensor], retain_graph: bool = False) -> dict[str, torch.Tensor]:
     """`d value / d leaf` for every named leaf; an unused leaf gets zeros (fastmaml may return either)."""
     names = list(leaves)
-    grads = torch.autograd.grad(value, [leaves[n] for n in names], allow_unused=True)
+    grads = torch.autograd.grad(value, [leaves[n] for n in names], allow_unused=True, retain_graph=retain_graph)
     return {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)}
 
 

@@ -31,7 +31,8 @@ import torch
 
 import fastmaml
 from fastmaml import dispatch
-from _reference_loop import DIMS_BY_DEPTH, LR_FORMS, assert_close, gradients, make_case, objective, output_cotangents
+from _reference_loop import (DIMS_BY_DEPTH, LR_FORMS, assert_close, gradients, make_case, objective,
+                             output_cotangents, task_objective)
 
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 MUST_ACCEPT = {"cpu"}  # backends that must take every call of this file when they can run here
@@ -140,9 +141,11 @@ def reference_result(key: tuple):
     out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
                         backend="reference", **case.kwargs())
     cot = output_cotangents(out.task_losses, out.query_preds)
-    grads = gradients(objective(out.loss, out.task_losses, out.query_preds, cot), case.leaves())
+    grads = gradients(objective(out.loss, out.task_losses, out.query_preds, cot), case.leaves(), retain_graph=True)
+    task_grads = gradients(task_objective(out.loss, out.task_losses, cot), case.leaves())
     outputs = {"loss": out.loss, "task_losses": out.task_losses, "query_preds": out.query_preds}
-    return {k: v.detach() for k, v in outputs.items()}, {k: v.detach() for k, v in grads.items()}
+    return ({k: v.detach() for k, v in outputs.items()}, {k: v.detach() for k, v in grads.items()},
+            {k: v.detach() for k, v in task_grads.items()})
 
 
 def check_maml(name: str, options: dict, dtype: torch.dtype) -> None:
@@ -152,7 +155,7 @@ def check_maml(name: str, options: dict, dtype: torch.dtype) -> None:
     out = run_or_skip(name, lambda: fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query,
                                                   case.y_query, backend=name, **case.kwargs()))
     assert out.backend == name
-    want_out, want_grads = reference_result(_key(options))
+    want_out, want_grads, want_task_grads = reference_result(_key(options))
     T, Nq = case.x_query.shape[:2]
     assert out.loss.shape == () and out.task_losses.shape == (T,) and out.query_preds.shape == (T, Nq, case.params[-1].shape[0])
     assert out.query_preds.dtype == dtype and out.query_preds.device == case.x_query.device
@@ -161,8 +164,12 @@ def check_maml(name: str, options: dict, dtype: torch.dtype) -> None:
                  rtol, "")
     cot = output_cotangents(want_out["task_losses"], want_out["query_preds"])
     cot = tuple(c.to(out.loss.device) for c in cot)
-    got = gradients(objective(out.loss, out.task_losses, out.query_preds, cot), case.leaves())
+    # Both objectives from the same forward: with a cotangent on the query output, and without one (a
+    # training loop's; the cpu backend's fused forward-backward then takes its other path).
+    got = gradients(objective(out.loss, out.task_losses, out.query_preds, cot), case.leaves(), retain_graph=True)
     assert_close(got, want_grads, rtol, "grad")
+    got_task = gradients(task_objective(out.loss, out.task_losses, cot), case.leaves())
+    assert_close(got_task, want_task_grads, rtol, "task-objective grad")
 
 
 # ---- the grids ------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The C++ operations `torch.ops.fastmaml.*` on CPU tensors and the `cpu` backend built on them.
 
-- `torch.library.opcheck` on maml_fwd, maml_bwd and maml_adapt (schema, fake kernels, autograd
-  registration, AOT dispatch) on several sample inputs;
+- `torch.library.opcheck` on maml_fwd, maml_bwd, maml_fwdbwd, weighted_task_sum and maml_adapt (schema,
+  fake kernels, autograd registration, AOT dispatch) on several sample inputs; maml_fwdbwd against
+  maml_fwd + maml_bwd, and a training call taking the fused path;
 - torch.compile of the op and of `fastmaml.maml(backend="cpu")`;
 - a second backward through the fused op raises a clear error;
 - the op against the reference backend in float64 (1e-9 relative) and float32 (1e-4 relative) on every
@@ -136,6 +137,69 @@ def test_opcheck_maml_bwd(case, need):
     g_preds = torch.randn(T, nq, dims[-1], dtype=dtype, generator=gen)
     bwd_args = (*args[:7], g_losses, g_preds, *args[7:10], fo, *need)
     torch.library.opcheck(torch.ops.fastmaml.maml_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}-fo{int(c[8])}")
+@pytest.mark.parametrize("need", [(True, True), (False, False)], ids=["lr_x_grads", "theta_only"])
+def test_opcheck_maml_fwdbwd(case, need):
+    dims, T, ns, nq, K, loss, dtype, act, fo = case
+    args = op_args(dims, T, ns, nq, K, loss, dtype, seed=14, act=act)
+    args[-1] = fo
+    need_lr, need_x = need
+    for i, grad in ((0, True), (1, need_lr), (2, need_x), (4, need_x)):  # theta, lr, x_support, x_query
+        args[i] = args[i].detach().clone().requires_grad_(grad)
+    args[6] = args[6].detach()
+    torch.library.opcheck(torch.ops.fastmaml.maml_fwdbwd.default, (*args, *need))
+
+
+def test_fwdbwd_matches_fwd_and_bwd():
+    """maml_fwdbwd's outputs equal maml_fwd's, and its rows weighted by any cotangent equal maml_bwd's
+    meta-gradient for that cotangent (float64, multi-step loss, Meta-SGD rates, cross-entropy)."""
+    dims, T, ns, nq, K = [3, 7, 5, 4], 5, 6, 3, 2
+    args = [a.detach() if isinstance(a, torch.Tensor) else a
+            for a in op_args(dims, T, ns, nq, K, "cross_entropy", F64, seed=15, act=1)]
+    losses, preds = torch.ops.fastmaml.maml_fwd.default(*args)
+    out = torch.ops.fastmaml.maml_fwdbwd.default(*args, True, True)
+    torch.testing.assert_close(out[0], losses, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out[1], preds, rtol=1e-12, atol=1e-14)
+    c = torch.randn(T, dtype=F64, generator=torch.Generator().manual_seed(3))
+    g_theta, g_lr, g_xs, g_xq = torch.ops.fastmaml.maml_bwd.default(
+        *args[:7], c, torch.zeros_like(preds), *args[7:], True, True)
+    task_sum = torch.ops.fastmaml.weighted_task_sum.default
+    torch.testing.assert_close(task_sum(out[2], c), g_theta, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(task_sum(out[3], c), g_lr, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(out[4] * c.view(-1, 1, 1), g_xs, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(out[5] * c.view(-1, 1, 1), g_xq, rtol=1e-11, atol=1e-13)
+
+
+def test_opcheck_weighted_task_sum():
+    gen = torch.Generator().manual_seed(16)
+    for shape in [(5, 7), (3, 2, 9), (1, 4)]:
+        rows, w = torch.randn(shape, generator=gen, dtype=F64), torch.randn(shape[0], generator=gen, dtype=F64)
+        torch.testing.assert_close(torch.ops.fastmaml.weighted_task_sum.default(rows, w),
+                                   torch.einsum("t...,t->...", rows, w), rtol=1e-12, atol=1e-14)
+        torch.library.opcheck(torch.ops.fastmaml.weighted_task_sum.default, (rows, w),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_training_step_uses_the_fused_forward_backward(monkeypatch):
+    """A training call (grad mode, params requiring grad, small problem) runs maml_fwdbwd and no
+    maml_bwd; the meta-gradient equals the one of forward + reverse sweep (MAX_FUSED_ROWS_BYTES = 0)."""
+    gen = torch.Generator().manual_seed(17)
+    dims = [1, 9, 7, 1]
+    params = [p.requires_grad_() for p in make_params(dims, F64, gen)]
+    data = make_data(dims, 6, 5, 4, "mse", F64, gen)
+    out = fastmaml.maml(params, *data, inner_steps=2, inner_lr=0.03, backend="cpu")
+    assert "maml_fwdbwd" in str(out.task_losses.grad_fn)
+    fused = torch.autograd.grad(out.loss, params)
+    monkeypatch.setattr(cpu_backend, "MAX_FUSED_ROWS_BYTES", 0)
+    out = fastmaml.maml(params, *data, inner_steps=2, inner_lr=0.03, backend="cpu")
+    assert "maml_fwd" in str(out.task_losses.grad_fn) and "fwdbwd" not in str(out.task_losses.grad_fn)
+    apart = torch.autograd.grad(out.loss, params)
+    for a, b in zip(fused, apart):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        assert fastmaml.maml(params, *data, inner_steps=2, inner_lr=0.03, backend="cpu").loss.grad_fn is None
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}")

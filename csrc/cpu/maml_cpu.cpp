@@ -276,6 +276,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
   return {g_theta, g_lr, g_xs, g_xq};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_fwdbwd(
+    const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
+    const at::Tensor& xq_in, const at::Tensor& yq_in, const at::Tensor& qw_in, c10::IntArrayRef dims,
+    int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad) {
+  const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
+  const int64_t P = s.net.P, K = s.K, T = s.T, d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
+  check_float(qw_in, "qw", theta_in);
+  TORCH_CHECK(qw_in.dim() == 1 && qw_in.size(0) == K + 1, "fastmaml: qw must be [K + 1] = [", K + 1, "], got ",
+              qw_in.sizes());
+  const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
+                   qw = qw_in.contiguous();
+  if (loss == task::kCrossEntropy) {
+    check_class_range(ys, "y_support", d_out);
+    check_class_range(yq, "y_query", d_out);
+  }
+  at::Tensor task_losses = at::empty({T}, theta.options());
+  at::Tensor preds = at::empty({T, s.Nq, d_out}, theta.options());
+  at::Tensor g_theta = at::zeros({T, P}, theta.options());
+  at::Tensor g_lr = need_lr_grad ? at::zeros({T, K, P}, theta.options()) : at::empty({0}, theta.options());
+  at::Tensor g_xs = need_x_grad ? at::empty({T, s.Ns, d_in}, theta.options()) : at::empty({0}, theta.options());
+  at::Tensor g_xq = need_x_grad ? at::empty({T, s.Nq, d_in}, theta.options()) : at::empty({0}, theta.options());
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_fwdbwd_cpu", [&] {
+    LoopArgs<scalar_t> args = loop_args<scalar_t>(s, dims, activation, loss, theta, lr, xs, ys, &xq, &yq, &qw);
+    args.task_losses = task_losses.mutable_data_ptr<scalar_t>();
+    args.preds = preds.mutable_data_ptr<scalar_t>();
+    args.first_order = first_order;
+    args.part_theta = g_theta.mutable_data_ptr<scalar_t>();
+    args.part_lr = need_lr_grad ? g_lr.mutable_data_ptr<scalar_t>() : nullptr;
+    args.gxs = need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr;
+    args.gxq = need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr;
+    const LoopTable<scalar_t> table = loops<scalar_t>();
+    const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> work(static_cast<size_t>(ws));
+      table.forward_backward(args, begin, end, work.data());
+    });
+  });
+  return {task_losses, preds, g_theta, g_lr, g_xs, g_xq};
+}
+
+at::Tensor weighted_task_sum(const at::Tensor& rows_in, const at::Tensor& weights_in) {
+  TORCH_CHECK(rows_in.scalar_type() == at::kFloat || rows_in.scalar_type() == at::kDouble,
+              "fastmaml: rows must be float32 or float64, got ", rows_in.scalar_type());
+  TORCH_CHECK(rows_in.device().is_cpu() && weights_in.device().is_cpu(), "fastmaml: weighted_task_sum runs on the CPU");
+  TORCH_CHECK(rows_in.dim() >= 1, "fastmaml: rows must be [T, ...], got ", rows_in.sizes());
+  check_float(weights_in, "weights", rows_in);
+  const int64_t T = rows_in.size(0);
+  TORCH_CHECK(weights_in.dim() == 1 && weights_in.size(0) == T, "fastmaml: weights must be [", T, "], got ",
+              weights_in.sizes());
+  const at::Tensor rows = rows_in.contiguous(), weights = weights_in.contiguous();
+  const int64_t M = T == 0 ? 0 : rows.numel() / T;
+  at::Tensor out = at::empty(rows.sizes().slice(1), rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "fastmaml_weighted_task_sum_cpu", [&] {
+    const scalar_t* r = rows.const_data_ptr<scalar_t>();
+    const scalar_t* w = weights.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    // Columns in parallel, each summed over the tasks in order: the same bits for any thread count.
+    at::parallel_for(0, M, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t wt = w[t];
+        const scalar_t* rt = r + t * M;
+        for (int64_t i = begin; i < end; ++i) o[i] += wt * rt[i];
+      }
+    });
+  });
+  return out;
+}
+
 at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in,
                       const at::Tensor& ys_in, c10::IntArrayRef dims, int64_t activation, int64_t loss) {
   const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, nullptr, nullptr, dims, activation, loss);

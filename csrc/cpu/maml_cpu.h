@@ -20,6 +20,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
     const at::Tensor& g_query_preds, c10::IntArrayRef dims, int64_t activation, int64_t loss, bool first_order,
     bool need_lr_grad, bool need_x_grad);
 
+// Forward and backward in one pass (cotangent 1 for every task loss, none for the query output): the
+// outputs of maml_fwd, then each task's own g_theta [T, P], g_lr [T, K, P] (or [0]), g_xs, g_xq (or [0]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_fwdbwd(
+    const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& x_support, const at::Tensor& y_support,
+    const at::Tensor& x_query, const at::Tensor& y_query, const at::Tensor& qw, c10::IntArrayRef dims,
+    int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad);
+
+// sum_t weights[t] * rows[t] for rows [T, ...] (tasks in order for every element: deterministic).
+at::Tensor weighted_task_sum(const at::Tensor& rows, const at::Tensor& weights);
+
 at::Tensor maml_adapt(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& x_support,
                       const at::Tensor& y_support, c10::IntArrayRef dims, int64_t activation, int64_t loss);
 

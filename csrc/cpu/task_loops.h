@@ -53,6 +53,7 @@ struct LoopTable {
   void (*forward)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
   void (*backward)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
   void (*adapt)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
+  void (*forward_backward)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
 };
 
 namespace baseline {

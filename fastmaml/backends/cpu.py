@@ -2,7 +2,10 @@
 
 One call of `maml_fwd` runs the whole inner loop and query loss of every task; its registered backward
 (`maml_bwd`) runs the exact reverse sweep with Hessian-vector products, reduced over tasks in a fixed
-order. Importing this module builds nothing: the extension is built or loaded on the first
+order. When autograd will need the meta-gradient (grad mode on, an input requiring grad) and the per-task
+gradient rows fit in MAX_FUSED_ROWS_BYTES, one call of `maml_fwdbwd` runs the inner loop and the reverse
+sweep together and keeps each task's gradient; the backward then only weighs those rows by the task
+losses' cotangents (a quarter less arithmetic than recomputing the inner loop in `maml_bwd` at K = 1). Importing this module builds nothing: the extension is built or loaded on the first
 `unavailable()` (fastmaml/_ext.py).
 
 Size limits (`reject` names the one exceeded; `auto` then takes the reference backend):
@@ -49,6 +52,20 @@ def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: 
     return ((K + 1) * state + 3 * n_points * width_sum + (K + grads + 2) * P) * itemsize
 
 
+# The fused forward-and-backward (`maml_fwdbwd`) keeps every task's own gradient rows until the backward
+# (T x P parameters, T x K x P rates when they need a gradient); above this it runs forward and backward
+# apart (`maml_fwd`, then `maml_bwd` recomputing the inner loop), which keeps no per-task state.
+MAX_FUSED_ROWS_BYTES = 256 << 20
+
+
+def fused_rows_bytes(problem: Problem, need_lr: bool) -> int:
+    """Bytes of the per-task gradient rows `maml_fwdbwd` keeps for the backward."""
+    P = sum(p.numel() for p in problem.params)
+    T, K = problem.num_tasks, problem.inner_steps
+    per_task = P * (1 + (K if need_lr else 0)) + problem.x_support[0].numel() + problem.x_query[0].numel()
+    return T * per_task * problem.params[0].element_size()
+
+
 def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:
     """Why this MLP problem is outside the kernel's size limits, or None."""
     dims = problem.dims
@@ -88,7 +105,14 @@ class CpuBackend:
 
     def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         _ext.load()
-        return torch.ops.fastmaml.maml_fwd.default(*fused_args(problem))
+        args = fused_args(problem)
+        if problem.device.type == "cpu" and torch.is_grad_enabled():
+            theta, lr, xs, _, xq = args[:5]
+            need_lr, need_x = lr.requires_grad, xs.requires_grad or xq.requires_grad
+            if (theta.requires_grad or need_lr or need_x) and fused_rows_bytes(problem, need_lr) <= MAX_FUSED_ROWS_BYTES:
+                out = torch.ops.fastmaml.maml_fwdbwd.default(*args, need_lr, need_x)
+                return out[0], out[1]
+        return torch.ops.fastmaml.maml_fwd.default(*args)
 
     def adapt(self, problem: Problem) -> list[torch.Tensor]:
         _ext.load()
