@@ -58,9 +58,11 @@ def prebuilt_extension():
         module = CUDAExtension(
             "fastmaml._C", sources + [f"csrc/{s}" for s in ext._CUDA_SOURCES],
             extra_compile_args={"cxx": [*ext.CFLAGS, hash_flag], "nvcc": [*ext.CUDA_FLAGS, hash_flag]},
+            extra_link_args=list(ext.LDFLAGS),
         )
     else:
-        module = CppExtension("fastmaml._C", sources, extra_compile_args=[*ext.CFLAGS, hash_flag])
+        module = CppExtension("fastmaml._C", sources, extra_compile_args=[*ext.CFLAGS, hash_flag],
+                              extra_link_args=list(ext.LDFLAGS))
     return [module], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -251,6 +251,57 @@ inline typename VecBytes<T, 4 * sizeof(T)>::type sum4(typename VecBytes<T, Bytes
 #endif
 #endif
 
+#ifdef FASTMAML_HOST_VECTORS
+// One column block of gemm_nn_acc: NV vectors of columns (NV * lanes of them, from B and out as given),
+// two rows at a time held in 2 * NV vector registers over the whole sum (k in order), then a last row.
+// Up to six vectors: 12 accumulators, a column of B and two broadcasts fit the 16 vector registers.
+template <typename T, int NV>
+inline void nn_block(int R, int Kd, T alpha, const T* __restrict__ a, int64_t ars, int64_t aks,
+                     const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo) {
+  typedef typename Vec16<T>::type V;
+  int r = 0;
+  for (; r + 2 <= R; r += 2) {
+    const T* a0 = a + r * ars;
+    const T* a1 = a0 + ars;
+    V p[NV], q[NV];
+#pragma GCC unroll 6
+    for (int j = 0; j < NV; ++j) p[j] = q[j] = V{};
+    for (int k = 0; k < Kd; ++k) {
+      const V* b = reinterpret_cast<const V*>(B + k * ldb);
+      const T x0 = a0[k * aks], x1 = a1[k * aks];
+#pragma GCC unroll 6
+      for (int j = 0; j < NV; ++j) {
+        const V bj = b[j];
+        p[j] += x0 * bj;
+        q[j] += x1 * bj;
+      }
+    }
+    V* o0 = reinterpret_cast<V*>(out + r * ldo);
+    V* o1 = reinterpret_cast<V*>(out + (r + 1) * ldo);
+#pragma GCC unroll 6
+    for (int j = 0; j < NV; ++j) {
+      o0[j] += alpha * p[j];
+      o1[j] += alpha * q[j];
+    }
+  }
+  if (r < R) {
+    const T* a0 = a + r * ars;
+    V p[NV];
+#pragma GCC unroll 6
+    for (int j = 0; j < NV; ++j) p[j] = V{};
+    for (int k = 0; k < Kd; ++k) {
+      const V* b = reinterpret_cast<const V*>(B + k * ldb);
+      const T x0 = a0[k * aks];
+#pragma GCC unroll 6
+      for (int j = 0; j < NV; ++j) p[j] += x0 * b[j];
+    }
+    V* o0 = reinterpret_cast<V*>(out + r * ldo);
+#pragma GCC unroll 6
+    for (int j = 0; j < NV; ++j) o0[j] += alpha * p[j];
+  }
+}
+#endif
+
 // out[r, c] += alpha * sum_k a[r * ars + k * aks] * B[k * ldb + c]   (r < R, c < C, k < Kd)
 // A team of several threads: one owner per output element, summing over k in order.
 template <typename T, typename Team = SerialTeam>
@@ -266,79 +317,26 @@ FASTMAML_HD inline void gemm_nn_acc(int R, int C, int Kd, T alpha, const T* __re
     return;
   }
 #ifdef FASTMAML_HOST_VECTORS
-  typedef typename Vec16<T>::type V;
   constexpr int L = Vec16<T>::lanes;
-  const int c4 = C - C % (4 * L);  // columns in tiles of four vectors
-  const int c1 = C - C % L;        // columns in whole vectors
-  int r = 0;
-  for (; r + 2 <= R; r += 2) {  // tiles of two rows by four vectors: the rows share the loads of B
-    const T* a0 = a + r * ars;
-    const T* a1 = a0 + ars;
-    T* o0 = out + r * ldo;
-    T* o1 = o0 + ldo;
-    for (int c = 0; c < c4; c += 4 * L) {
-      V p0 = {}, p1 = {}, p2 = {}, p3 = {}, q0 = {}, q1 = {}, q2 = {}, q3 = {};
-      for (int k = 0; k < Kd; ++k) {
-        const V* b = reinterpret_cast<const V*>(B + k * ldb + c);
-        const V b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
-        const T x0 = a0[k * aks], x1 = a1[k * aks];
-        p0 += x0 * b0;
-        p1 += x0 * b1;
-        p2 += x0 * b2;
-        p3 += x0 * b3;
-        q0 += x1 * b0;
-        q1 += x1 * b1;
-        q2 += x1 * b2;
-        q3 += x1 * b3;
-      }
-      V* v0 = reinterpret_cast<V*>(o0 + c);
-      V* v1 = reinterpret_cast<V*>(o1 + c);
-      v0[0] += alpha * p0;
-      v0[1] += alpha * p1;
-      v0[2] += alpha * p2;
-      v0[3] += alpha * p3;
-      v1[0] += alpha * q0;
-      v1[1] += alpha * q1;
-      v1[2] += alpha * q2;
-      v1[3] += alpha * q3;
+  const int nvec = C / L;  // whole vectors in a row
+  const int c1 = nvec * L;
+  // Column blocks of up to six vectors, each one register tile over two rows for the whole sum (see
+  // nn_block). A width of 40 floats is one block of five 8-float vectors: every multiply-add of the
+  // product then runs in the tile (a 4-vector tile left a fifth vector to a slower loop).
+  for (int v0 = 0; v0 < nvec;) {
+    const int rem = nvec - v0;
+    const int nv = rem <= 6 ? rem : (rem >= 12 ? 6 : (rem + 1) / 2);
+    const T* Bc = B + v0 * L;
+    T* oc = out + v0 * L;
+    switch (nv) {
+      case 1: nn_block<T, 1>(R, Kd, alpha, a, ars, aks, Bc, ldb, oc, ldo); break;
+      case 2: nn_block<T, 2>(R, Kd, alpha, a, ars, aks, Bc, ldb, oc, ldo); break;
+      case 3: nn_block<T, 3>(R, Kd, alpha, a, ars, aks, Bc, ldb, oc, ldo); break;
+      case 4: nn_block<T, 4>(R, Kd, alpha, a, ars, aks, Bc, ldb, oc, ldo); break;
+      case 5: nn_block<T, 5>(R, Kd, alpha, a, ars, aks, Bc, ldb, oc, ldo); break;
+      default: nn_block<T, 6>(R, Kd, alpha, a, ars, aks, Bc, ldb, oc, ldo); break;
     }
-  }
-  for (; r < R; ++r) {  // the last row of an odd count, over the tiled columns
-    const T* a0 = a + r * ars;
-    for (int c = 0; c < c4; c += L) {
-      V p0 = {};
-      for (int k = 0; k < Kd; ++k) p0 += a0[k * aks] * *reinterpret_cast<const V*>(B + k * ldb + c);
-      *reinterpret_cast<V*>(out + r * ldo + c) += alpha * p0;
-    }
-  }
-  // Whole vectors past the tiles (e.g. the fifth of a width of 40 floats): four rows at a time, so
-  // four independent sums hide the latency of the multiply-adds.
-  for (int c = c4; c < c1; c += L) {
-    int rr = 0;
-    for (; rr + 4 <= R; rr += 4) {
-      const T* a0 = a + rr * ars;
-      const T* a1 = a0 + ars;
-      const T* a2 = a1 + ars;
-      const T* a3 = a2 + ars;
-      V p0 = {}, p1 = {}, p2 = {}, p3 = {};
-      for (int k = 0; k < Kd; ++k) {
-        const V b0 = *reinterpret_cast<const V*>(B + k * ldb + c);
-        p0 += a0[k * aks] * b0;
-        p1 += a1[k * aks] * b0;
-        p2 += a2[k * aks] * b0;
-        p3 += a3[k * aks] * b0;
-      }
-      *reinterpret_cast<V*>(out + rr * ldo + c) += alpha * p0;
-      *reinterpret_cast<V*>(out + (rr + 1) * ldo + c) += alpha * p1;
-      *reinterpret_cast<V*>(out + (rr + 2) * ldo + c) += alpha * p2;
-      *reinterpret_cast<V*>(out + (rr + 3) * ldo + c) += alpha * p3;
-    }
-    for (; rr < R; ++rr) {
-      const T* a0 = a + rr * ars;
-      V p0 = {};
-      for (int k = 0; k < Kd; ++k) p0 += a0[k * aks] * *reinterpret_cast<const V*>(B + k * ldb + c);
-      *reinterpret_cast<V*>(out + rr * ldo + c) += alpha * p0;
-    }
+    v0 += nv;
   }
   for (int rr = 0; rr < R && c1 < C; ++rr) {  // the last columns, fewer than a vector
     const T* a0 = a + rr * ars;
@@ -928,8 +926,9 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 //
 // Fused forward and backward (maml_fwdbwd): with `preds_out [Nq, D_out]` given, also writes the query
 // output at theta_K there and returns sum_k qw[k] * L_query(theta_k), as task_forward does (every
-// weighted query loss is evaluated on the way when c != 0; the caller passes c = 1). `gpreds` may then
-// be null (no cotangent of the query output). Returns 0 without preds_out.
+// weighted query loss is evaluated on the way when c != 0; the caller passes c = 1), and g_theta and
+// g_lr are this task's own rows, written rather than added to (no zero-filled buffers). `gpreds` may
+// then be null (no cotangent of the query output). Returns 0 without preds_out.
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
                                    const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
@@ -981,7 +980,11 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
     if (g_lr != nullptr) {
       const T* g = grads + k * P;
       T* gl = g_lr + k * P;
-      for_each(tm, P, [&](int64_t i) { gl[i] -= g[i] * v[i]; });
+      if (preds_out != nullptr) {
+        for_each(tm, P, [&](int64_t i) { gl[i] = -(g[i] * v[i]); });
+      } else {
+        for_each(tm, P, [&](int64_t i) { gl[i] -= g[i] * v[i]; });
+      }
     }
     if (!first_order) for_each(tm, P, [&](int64_t i) { u[i] = lrk[i] * v[i]; });
     tm.sync();  // hvp and the query pass below read all of u and write v with their own owners
@@ -997,7 +1000,11 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
       backward(net, th, td.xq, td.nq, q, v, gxq, tm);
     }
   }
-  for_each(tm, P, [&](int64_t i) { g_theta[i] += v[i]; });
+  if (preds_out != nullptr) {
+    for_each(tm, P, [&](int64_t i) { g_theta[i] = v[i]; });
+  } else {
+    for_each(tm, P, [&](int64_t i) { g_theta[i] += v[i]; });
+  }
   tm.sync();
   return total;
 }

@@ -47,7 +47,14 @@ _CUDA_SOURCES = ("cuda/maml_cuda.cu", "cuda/binding.cpp")
 _CUDA_HASHED_GLOBS = ("cuda/*.h", "cuda/*.cu", "cuda/*.cpp")
 # Portable flags: the library may be shared between machines (no -march=native), and the kernels must
 # match the float64 reference to ~1e-12, so no -ffast-math.
-CFLAGS = ("-O3",)
+#
+# OpenMP: with torch's OpenMP backend, at::parallel_for is an inline `#pragma omp parallel` in torch's
+# headers, so a library compiled without -fopenmp runs every loop on one thread. With the flag the
+# extension shares torch's OpenMP runtime (torch/lib/libgomp.so.1, found by soname), so
+# torch.set_num_threads governs the kernels too. Linux gcc/clang; elsewhere the loops run serially.
+OPENMP_FLAGS = ("-fopenmp",) if (sys.platform.startswith("linux") and torch._C.has_openmp) else ()
+CFLAGS = ("-O3", *OPENMP_FLAGS)
+LDFLAGS = OPENMP_FLAGS
 # nvcc: no --use_fast_math for the same reason (float64 kernels must match the float64 reference). The
 # GPU architectures come from TORCH_CUDA_ARCH_LIST, else from the visible GPU (torch's defaults).
 CUDA_FLAGS = ("-O3",)
@@ -213,6 +220,7 @@ def _run_build(csrc: Path, build_dir: Path, stamp: Path) -> Path:
             name=LIB_NAME,
             sources=[str(csrc / s) for s in sources],
             extra_cflags=[*CFLAGS, hash_flag],
+            extra_ldflags=list(LDFLAGS),
             extra_cuda_cflags=[*CUDA_FLAGS, hash_flag],
             build_directory=str(build_dir),
             verbose=os.environ.get("FASTMAML_VERBOSE_BUILD", "") == "1",
