@@ -32,6 +32,7 @@ TORCH_LIBRARY(fastmaml, m) {
       "Tensor y_query, Tensor qw, int[] dims, int activation, int loss, bool first_order, bool need_lr_grad, "
       "bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("weighted_task_sum(Tensor rows, Tensor weights) -> Tensor");
+  m.def("_parallel_probe(int n) -> int", &fastmaml::cpu::parallel_probe);  // no tensors: any device
   m.def(
       "maml_adapt(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
       "int loss) -> Tensor");

@@ -182,6 +182,19 @@ def test_opcheck_weighted_task_sum():
                               test_utils=("test_schema", "test_faketensor"))
 
 
+def test_kernels_use_the_intra_op_threads():
+    """The library runs at::parallel_for on torch's threads (a build without the parallel backend's flag,
+    -fopenmp under OpenMP, silently runs every task loop on one thread)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.fastmaml._parallel_probe(64) == 2
+        torch.set_num_threads(1)
+        assert torch.ops.fastmaml._parallel_probe(64) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_training_step_uses_the_fused_forward_backward(monkeypatch):
     """A training call (grad mode, params requiring grad, small problem) runs maml_fwdbwd and no
     maml_bwd; the meta-gradient equals the one of forward + reverse sweep (MAX_FUSED_ROWS_BYTES = 0)."""

@@ -384,6 +384,19 @@ at::Tensor weighted_task_sum(const at::Tensor& rows_in, const at::Tensor& weight
   return out;
 }
 
+int64_t parallel_probe(int64_t n) {
+  // How many threads at::parallel_for uses here for n single-item chunks: a check that the library was
+  // built with the parallel backend torch uses (without -fopenmp it silently runs on one thread).
+  std::mutex m;
+  std::vector<int64_t> ids;
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int64_t id = at::get_thread_num();
+    std::lock_guard<std::mutex> guard(m);
+    if (std::find(ids.begin(), ids.end(), id) == ids.end()) ids.push_back(id);
+  });
+  return static_cast<int64_t>(ids.size());
+}
+
 at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in,
                       const at::Tensor& ys_in, c10::IntArrayRef dims, int64_t activation, int64_t loss) {
   const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, nullptr, nullptr, dims, activation, loss);

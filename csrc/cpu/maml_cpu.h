@@ -30,6 +30,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // sum_t weights[t] * rows[t] for rows [T, ...] (tasks in order for every element: deterministic).
 at::Tensor weighted_task_sum(const at::Tensor& rows, const at::Tensor& weights);
 
+// The number of distinct threads that run at::parallel_for(0, n, 1) here (a build check for the tests).
+int64_t parallel_probe(int64_t n);
+
 at::Tensor maml_adapt(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& x_support,
                       const at::Tensor& y_support, c10::IntArrayRef dims, int64_t activation, int64_t loss);
 
