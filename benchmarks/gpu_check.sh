@@ -143,6 +143,21 @@ else
   done
 fi
 
+# ---- what auto picks ---------------------------------------------------------------------------
+if [ "$DRY_RUN" != 1 ]; then
+  stage "auto's choice on the GPU (small and large batch) -> $DIR/tests.log"
+  timeout 60 python - >> "$DIR/tests.log" 2>&1 <<'EOF'
+import torch, fastmaml
+for T in (25, 65536):
+    dims, g = [1, 40, 40, 1], torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.randn(o, i, device="cuda", generator=g) * 0.3 if k == 0 else torch.zeros(o, device="cuda")
+              for i, o in zip(dims[:-1], dims[1:]) for k in (0, 1)]
+    xs, ys, xq, yq = (torch.randn(T, 10, 1, device="cuda", generator=g) for _ in range(4))
+    print(fastmaml.explain(params, xs, ys, xq, yq, inner_steps=1))
+EOF
+  grep -E "chosen|rejected: slower" "$DIR/tests.log" | tail -4
+fi
+
 # ---- sweep -------------------------------------------------------------------------------------
 budget=$(left)
 if [ "$budget" -lt 30 ]; then
