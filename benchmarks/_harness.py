@@ -132,19 +132,24 @@ def all_methods() -> list[str]:
 
 
 def why_not(method: str, w: Workload, explicit: bool = False) -> Optional[str]:
-    """Why `method` cannot run this setting (None: it can). A fastmaml backend gives the dispatcher's
-    reason; one that runs but is not meant for this device (Triton's interpreter on CPU tensors) is
-    skipped unless `explicit` (named on the command line)."""
+    """Why `method` cannot run this setting (None: it can). A fastmaml backend gives its own reason
+    (unavailable, or the call rejected); one that runs but is not meant for this device (Triton's
+    interpreter on CPU tensors) is skipped unless `explicit` (named on the command line). `auto`'s
+    speed preferences do not skip a backend here."""
     if method in PEER_NAMES:
         return peers.peer_unavailable(method)
     if method not in fastmaml.list_backends():
         return f"unknown method (fastmaml backends: {fastmaml.list_backends()}, peers: {PEER_NAMES})"
     problem = make_problem(w.params, w.x_support, w.y_support, w.x_query, w.y_query,
                            inner_steps=w.K, inner_lr=INNER_LR, first_order=w.first_order)
-    if explicit:
-        backend = dispatch.get_backend(method)
-        return backend.unavailable() or backend.reject(problem, "maml")
-    return dict(dispatch.candidates(problem, "maml"))[method]
+    backend = dispatch.get_backend(method)
+    why = backend.unavailable() or backend.reject(problem, "maml")
+    # Measured wherever it can run on a device it is meant for, also where `auto` prefers another
+    # backend for speed (that preference is what these measurements decide).
+    if why is None and not explicit and method not in dispatch.AUTO_ORDER.get(problem.device.type, []):
+        why = (f"not meant for {problem.device.type} tensors (not in auto's order there; name it with "
+               "--methods to run it)")
+    return why
 
 
 def make_step(method: str, w: Workload) -> Step:
