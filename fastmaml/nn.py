@@ -84,6 +84,9 @@ class MAML(nn.Module):
         self.learn_inner_lr = learn_inner_lr
         self.activation = mlp_structure(model)
         self._names = [n for n, _ in model.named_parameters()]
+        # Whether vmap failed on this model, per training mode (batch-norm statistics block vmap in
+        # training mode only): the reference path then goes straight to its task loop.
+        self._no_vmap = {True: False, False: False}
         self.inner_lr = float(inner_lr)
         K = self.inner_steps
         params = list(model.parameters())
@@ -133,13 +136,21 @@ class MAML(nn.Module):
                       loss=self.loss, query_loss_weights=query_loss_weights, need_query=need_query)
         if self.is_mlp:
             return make_problem(params, x_s, y_s, x_q, y_q, activation=self.activation, **common)
-        return make_problem(params, x_s, y_s, x_q, y_q, forward=self._forward_fn(), **common)
+        problem = make_problem(params, x_s, y_s, x_q, y_q, forward=self._forward_fn(), **common)
+        if self._no_vmap[self.model.training]:
+            problem.extras["no_vmap"] = True
+        return problem
+
+    def _remember_vmap(self, problem) -> None:
+        if problem.extras.get("no_vmap"):
+            self._no_vmap[self.model.training] = True
 
     def forward(self, x_support, y_support, x_query, y_query, query_loss_weights=None) -> MAMLOutput:
         problem = self._problem(x_support, y_support, x_query, y_query, steps=self.inner_steps,
                                 need_query=True, query_loss_weights=query_loss_weights)
         chosen = dispatch.select(problem, self.backend, "maml")
         task_losses, query_preds = chosen.maml(problem)
+        self._remember_vmap(problem)
         return MAMLOutput(task_losses.mean(), task_losses, query_preds, chosen.name)
 
     def adapt(self, x_support, y_support, inner_steps: Optional[int] = None) -> dict[str, torch.Tensor]:
@@ -153,6 +164,7 @@ class MAML(nn.Module):
             )
         problem = self._problem(x_support, y_support, None, None, steps=steps, need_query=False)
         adapted = dispatch.select(problem, self.backend, "adapt").adapt(problem)
+        self._remember_vmap(problem)
         return dict(zip(self._names, adapted))
 
     def functional(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

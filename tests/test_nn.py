@@ -210,7 +210,7 @@ def _bn_forward(params, x):
     return h.clamp_min(0) @ w2.t() + b2
 
 
-def test_batchnorm_task_loop(caplog):
+def test_batchnorm_task_loop(caplog, monkeypatch):
     """BatchNorm in training mode updates its running statistics in place, which vmap cannot batch:
     the reference path loops over tasks and still matches (batch statistics per task)."""
     torch.manual_seed(10)
@@ -229,9 +229,19 @@ def test_batchnorm_task_loop(caplog):
     assert_close(out.query_preds, ref.query_preds, RTOL, "query_preds")
     assert_close(list(torch.autograd.grad(out.loss, list(model.parameters()))),
                  list(torch.autograd.grad(ref.loss, params)), RTOL, "grad")
-    # The running statistics the first call updated do not enter training-mode outputs.
+    # The running statistics the first call updated do not enter training-mode outputs; the module
+    # remembers that vmap failed and loops at once (vmap is not tried again in this mode).
+    from fastmaml.backends import reference as reference_backend
+
+    tried = []
+    real_vmap = torch.func.vmap
+    monkeypatch.setattr(reference_backend.torch.func, "vmap", lambda *a, **k: tried.append(1) or real_vmap(*a, **k))
     again = wrapped(xs, ys, xq, yq)
     assert_close(again.task_losses, ref.task_losses, RTOL, "task_losses (second call)")
+    assert not tried, "vmap was tried again on a module it failed on"
+    model.eval()  # running statistics: vmap can batch it again, and is tried in this mode
+    wrapped(xs, ys, xq, yq)
+    assert tried
 
 
 # ---- adapt / functional ------------------------------------------------------------------------
