@@ -1,5 +1,5 @@
-// fastmaml: the CUDA implementations of maml_fwd, maml_bwd and maml_adapt (docs/kernels.md), registered
-// under the CUDA dispatch key of the schemas declared in csrc/fastmaml.cpp.
+// fastmaml: the CUDA implementations of maml_fwd, maml_bwd, maml_fwdbwd, weighted_task_sum and maml_adapt
+// (docs/kernels.md), registered under the CUDA dispatch key of the schemas declared in csrc/fastmaml.cpp.
 //
 // This file checks the arguments, allocates the outputs, the workspace and the partial rows of the
 // meta-gradient with the tensors' allocator on their device, and calls the launchers of maml_cuda.cu
@@ -194,6 +194,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
   return {g_theta, g_lr, g_xs, g_xq};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_fwdbwd(
+    const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
+    const at::Tensor& xq_in, const at::Tensor& yq_in, const at::Tensor& qw_in, c10::IntArrayRef dims,
+    int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad) {
+  const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
+  const int64_t P = s.net.P, K = s.K, T = s.T, d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
+  check_float(qw_in, "qw", theta_in);
+  TORCH_CHECK(qw_in.dim() == 1 && qw_in.size(0) == K + 1, "fastmaml: qw must be [K + 1] = [", K + 1, "], got ",
+              qw_in.sizes());
+  const c10::cuda::CUDAGuard guard(theta_in.device());
+  const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
+                   qw = qw_in.contiguous();
+  const auto opts = theta.options();
+  // The forward's layout (tasks strided over blocks) with the backward's workspace.
+  const Launch l = plan(Op::kForwardBackward, s, need_lr_grad, static_cast<int>(theta.element_size()));
+  at::Tensor task_losses = at::empty({T}, opts);
+  at::Tensor preds = at::empty({T, s.Nq, d_out}, opts);
+  at::Tensor rows_theta = at::empty({T, P}, opts);  // every row written by its task
+  at::Tensor rows_lr = need_lr_grad ? at::empty({T, K, P}, opts) : at::empty({0}, opts);
+  at::Tensor g_xs = need_x_grad ? at::empty({T, s.Ns, d_in}, opts) : at::empty({0}, opts);
+  at::Tensor g_xq = need_x_grad ? at::empty({T, s.Nq, d_in}, opts) : at::empty({0}, opts);
+  at::Tensor work = at::empty({l.global_elems}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool lr_rows = need_lr_grad && K > 0;
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_fwdbwd_cuda", [&] {
+    check_launch(
+        launch_fwdbwd<scalar_t>(
+            s, l, theta.const_data_ptr<scalar_t>(), lr.const_data_ptr<scalar_t>(), xs.const_data_ptr<scalar_t>(),
+            float_targets<scalar_t>(ys, loss), index_targets(ys, loss), xq.const_data_ptr<scalar_t>(),
+            float_targets<scalar_t>(yq, loss), index_targets(yq, loss), qw.const_data_ptr<scalar_t>(), first_order,
+            task_losses.mutable_data_ptr<scalar_t>(), preds.mutable_data_ptr<scalar_t>(),
+            rows_theta.mutable_data_ptr<scalar_t>(), lr_rows ? rows_lr.mutable_data_ptr<scalar_t>() : nullptr,
+            need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr,
+            need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr,
+            l.global_elems > 0 ? work.mutable_data_ptr<scalar_t>() : nullptr, stream),
+        "maml_fwdbwd", l);
+  });
+  return {task_losses, preds, rows_theta, rows_lr, g_xs, g_xq};
+}
+
+at::Tensor weighted_task_sum(const at::Tensor& rows_in, const at::Tensor& weights_in) {
+  TORCH_CHECK(rows_in.is_cuda(), "fastmaml: the CUDA kernel got rows on ", rows_in.device());
+  TORCH_CHECK(rows_in.scalar_type() == at::kFloat || rows_in.scalar_type() == at::kDouble,
+              "fastmaml: rows must be float32 or float64, got ", rows_in.scalar_type());
+  TORCH_CHECK(rows_in.dim() >= 1, "fastmaml: rows must be [T, ...], got ", rows_in.sizes());
+  check_float(weights_in, "weights", rows_in);
+  const int64_t T = rows_in.size(0);
+  TORCH_CHECK(weights_in.dim() == 1 && weights_in.size(0) == T, "fastmaml: weights must be [", T, "], got ",
+              weights_in.sizes());
+  const c10::cuda::CUDAGuard guard(rows_in.device());
+  const at::Tensor rows = rows_in.contiguous(), weights = weights_in.contiguous();
+  const int64_t M = T == 0 ? 0 : rows.numel() / T;
+  at::Tensor out = at::empty(rows.sizes().slice(1), rows.options());
+  if (T == 0) return out.zero_();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "fastmaml_weighted_task_sum_cuda", [&] {
+    const cudaError_t err = launch_weighted_task_sum<scalar_t>(rows.const_data_ptr<scalar_t>(),
+                                                               weights.const_data_ptr<scalar_t>(), T, M,
+                                                               out.mutable_data_ptr<scalar_t>(), stream);
+    TORCH_CHECK(err == cudaSuccess, "fastmaml: the CUDA kernel of weighted_task_sum failed: ", cudaGetErrorString(err));
+  });
+  return out;
+}
+
 at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in,
                       const at::Tensor& ys_in, c10::IntArrayRef dims, int64_t activation, int64_t loss) {
   const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, nullptr, nullptr, dims, activation, loss);
@@ -222,4 +287,6 @@ TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) {
   m.impl("maml_fwd", &fastmaml::cuda::maml_fwd);
   m.impl("maml_bwd", &fastmaml::cuda::maml_bwd);
   m.impl("maml_adapt", &fastmaml::cuda::maml_adapt);
+  m.impl("maml_fwdbwd", &fastmaml::cuda::maml_fwdbwd);
+  m.impl("weighted_task_sum", &fastmaml::cuda::weighted_task_sum);
 }

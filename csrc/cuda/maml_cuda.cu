@@ -116,6 +116,36 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// maml_fwdbwd: each task's loss, query output and own gradient rows (task_backward with c = 1).
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    fwdbwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
+                  Data<T> data, const T* qw, bool first_order, T* task_losses, T* preds, T* rows_theta,
+                  T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared) {
+  __shared__ double red[kMaxThreads];
+  const BlockTeam tm{red};
+  T* work = block_workspace(shared, global_work, work_elems);
+  const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
+  for (int64_t t = blockIdx.x; t < n_tasks; t += gridDim.x) {
+    const TaskData<T> td = task_data(net, Ns, Nq, data, t);
+    const T loss = task::task_backward(
+        net, td, theta, lr, K, qw, T(1), static_cast<const T*>(nullptr), first_order, rows_theta + t * P,
+        rows_lr == nullptr ? nullptr : rows_lr + t * K * P, g_xs == nullptr ? nullptr : g_xs + t * Ns * din,
+        g_xq == nullptr ? nullptr : g_xq + t * Nq * din, work, tm, preds + t * Nq * dout);
+    if (tm.rank() == 0) task_losses[t] = loss;
+  }
+}
+
+// out[i] = sum over t (in order) of w[t] * rows[t, i]: one thread per column.
+template <typename T>
+__global__ void weighted_task_sum_kernel(const T* rows, const T* w, int64_t n_tasks, int64_t M, T* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= M) return;
+  T acc = 0;
+  for (int64_t t = 0; t < n_tasks; ++t) acc += w[t] * rows[t * M + i];
+  out[i] = acc;
+}
+
 // out[i] = sum over rows r = 0 .. rows-1 (in order) of part[r, i]: one thread per column.
 template <typename T>
 __global__ void reduce_rows_kernel(const T* part, int64_t rows, int64_t width, T* out) {
@@ -151,6 +181,7 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize) {
       l.work_elems = task::adapt_workspace(net, s.Ns);
       break;
     case Op::kBackward:
+    case Op::kForwardBackward:
       l.work_elems = task::backward_workspace(net, s.K, nmax, need_lr_grad);
       break;
   }
@@ -234,6 +265,30 @@ cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, con
   return err;
 }
 
+template <typename T>
+cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
+                          const T* ys_float, const int64_t* ys_index, const T* xq, const T* yq_float,
+                          const int64_t* yq_index, const T* qw, bool first_order, T* task_losses, T* query_preds,
+                          T* rows_theta, T* rows_lr, T* g_xs, T* g_xq, T* workspace, cudaStream_t stream) {
+  if (s.T == 0) return cudaSuccess;
+  const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
+  const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+  fwdbwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
+      s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, first_order, task_losses, query_preds,
+      rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_weighted_task_sum(const T* rows, const T* weights, int64_t n_tasks, int64_t M, T* out,
+                                     cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const int64_t blocks = (M + kThreads - 1) / kThreads;
+  weighted_task_sum_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(rows, weights, n_tasks, M, out);
+  return cudaGetLastError();
+}
+
 // The two dtypes of the op.
 #define FASTMAML_INSTANTIATE(T)                                                                                  \
   template cudaError_t launch_fwd<T>(const Sizes&, const Launch&, const T*, const T*, const T*, const T*,       \
@@ -243,7 +298,11 @@ cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, con
                                      const int64_t*, const T*, const T*, const int64_t*, const T*, const T*,    \
                                      const T*, bool, T*, T*, T*, T*, T*, T*, T*, cudaStream_t);                 \
   template cudaError_t launch_adapt<T>(const Sizes&, const Launch&, const T*, const T*, const T*, const T*,     \
-                                       const int64_t*, T*, T*, cudaStream_t);
+                                       const int64_t*, T*, T*, cudaStream_t);                                   \
+  template cudaError_t launch_fwdbwd<T>(const Sizes&, const Launch&, const T*, const T*, const T*, const T*,    \
+                                        const int64_t*, const T*, const T*, const int64_t*, const T*, bool, T*, \
+                                        T*, T*, T*, T*, T*, T*, cudaStream_t);                                  \
+  template cudaError_t launch_weighted_task_sum<T>(const T*, const T*, int64_t, int64_t, T*, cudaStream_t);
 FASTMAML_INSTANTIATE(float)
 FASTMAML_INSTANTIATE(double)
 #undef FASTMAML_INSTANTIATE

@@ -33,7 +33,7 @@ constexpr int64_t kMaxBlocks = 8192;
 constexpr int64_t kWorkspaceBudgetBytes = int64_t(1) << 30;
 constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
 
-enum class Op : int { kForward = 0, kBackward = 1, kAdapt = 2 };
+enum class Op : int { kForward = 0, kBackward = 1, kAdapt = 2, kForwardBackward = 3 };
 
 // The sizes of one call (T tasks, Ns support and Nq query points per task, K inner steps).
 struct Sizes {
@@ -71,6 +71,22 @@ cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, con
                        const int64_t* yq_index, const T* qw, const T* g_task_losses, const T* g_query_preds,
                        bool first_order, T* part_theta, T* part_lr, T* g_theta, T* g_lr, T* g_xs, T* g_xq,
                        T* workspace, cudaStream_t stream);
+
+// maml_fwdbwd: the outputs of launch_fwd and every task's own gradient rows (cotangent 1 for its loss,
+// none for its query output): rows_theta [T, P], rows_lr [T, K, P] (when not null), g_x_support and
+// g_x_query (when not null). Each block runs tasks blockIdx.x, blockIdx.x + gridDim.x, ... and writes
+// their rows: no partial sums, no atomics.
+template <typename T>
+cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
+                          const T* ys_float, const int64_t* ys_index, const T* xq, const T* yq_float,
+                          const int64_t* yq_index, const T* qw, bool first_order, T* task_losses, T* query_preds,
+                          T* rows_theta, T* rows_lr, T* g_xs, T* g_xq, T* workspace, cudaStream_t stream);
+
+// out [M] = sum over t = 0 .. T-1 (in order) of weights[t] * rows[t, :] (rows [T, M]): one thread per
+// column, deterministic.
+template <typename T>
+cudaError_t launch_weighted_task_sum(const T* rows, const T* weights, int64_t n_tasks, int64_t M, T* out,
+                                     cudaStream_t stream);
 
 // thetas [T, P]: theta_K of every task.
 template <typename T>

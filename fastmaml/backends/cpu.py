@@ -106,13 +106,17 @@ class CpuBackend:
     def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         _ext.load()
         args = fused_args(problem)
-        if problem.device.type == "cpu" and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.fused_forward_backward(problem):
             theta, lr, xs, _, xq = args[:5]
             need_lr, need_x = lr.requires_grad, xs.requires_grad or xq.requires_grad
             if (theta.requires_grad or need_lr or need_x) and fused_rows_bytes(problem, need_lr) <= MAX_FUSED_ROWS_BYTES:
                 out = torch.ops.fastmaml.maml_fwdbwd.default(*args, need_lr, need_x)
                 return out[0], out[1]
         return torch.ops.fastmaml.maml_fwd.default(*args)
+
+    def fused_forward_backward(self, problem: Problem) -> bool:
+        """Whether a training call of this problem may run `maml_fwdbwd` (its device has the kernel)."""
+        return problem.device.type == "cpu"
 
     def adapt(self, problem: Problem) -> list[torch.Tensor]:
         _ext.load()

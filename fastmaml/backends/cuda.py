@@ -68,10 +68,10 @@ def build_unavailable() -> Optional[str]:
     return None
 
 
-def cuda_kernels_registered() -> bool:
-    """Whether the loaded extension registered `fastmaml::maml_fwd` under the CUDA dispatch key."""
+def cuda_kernels_registered(op: str = "maml_fwd") -> bool:
+    """Whether the loaded extension registered `fastmaml::<op>` under the CUDA dispatch key."""
     try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("fastmaml::maml_fwd", "CUDA"))
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmaml::{op}", "CUDA"))
     except RuntimeError:  # the schema itself is not registered
         return False
 
@@ -80,6 +80,11 @@ class CudaBackend(CpuBackend):
     """Fused CUDA C++ kernel for MLPs on CUDA tensors, float32 and float64."""
 
     name = "cuda"
+
+    def fused_forward_backward(self, problem: Problem) -> bool:
+        # Training calls take maml_fwdbwd as on the CPU (one kernel per task instead of two, no recompute
+        # of the inner loop) when the build has its CUDA kernel.
+        return problem.device.type == "cuda" and cuda_kernels_registered("maml_fwdbwd")
 
     def unavailable(self) -> Optional[str]:
         why = build_unavailable()
