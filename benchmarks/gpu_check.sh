@@ -14,7 +14,8 @@
 # Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), CUDA_TESTS_S=80 and TRITON_TESTS_S=120
 # (the GPU tests: tests/test_backends.py for each GPU backend, tests/test_triton_maml.py; pytest-xdist
 # spreads them over the cores when it is installed), the sweep gets what is left of TOTAL_S minus a reserve
-# for the summary. The tests log to tests.log (both runs).
+# for the summary. The tests log to tests.log (both runs). GPU_TEST_BACKENDS (default "cuda triton") picks
+# the backends tested, SWEEP_ARGS replaces the GPU sweep's settings.
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -64,7 +65,8 @@ if [ "$DRY_RUN" = 1 ]; then
   SWEEP=(--tasks 25 --steps 1 --width 40 --warmup 1 --repeats 3 --max-seconds 20)
 else
   DEVICE=cuda
-  SWEEP=(--tasks 25 1024 65536 --steps 1 5 --width 40 128 --warmup 2 --repeats 10 --max-seconds 6)
+  # shellcheck disable=SC2206
+  SWEEP=(${SWEEP_ARGS:---tasks 25 1024 65536 --steps 1 5 --width 40 128 --warmup 2 --repeats 10 --max-seconds 6})
 fi
 
 # ---- environment -------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ else
   XDIST=()
   python -c "import xdist" >/dev/null 2>&1 && XDIST=(-n "${TEST_WORKERS:-12}")
   : > "$DIR/tests.log"
-  for backend in cuda triton; do
+  for backend in ${GPU_TEST_BACKENDS:-cuda triton}; do
     files=(tests/test_backends.py)
     limit=$CUDA_TESTS_S
     if [ "$backend" = triton ]; then files+=(tests/test_triton_maml.py); limit=$TRITON_TESTS_S; fi
