@@ -1,8 +1,9 @@
 """The `cuda` backend: the fused CUDA C++ kernel (`csrc/cuda/`) on CUDA tensors.
 
-The operations are the cpu backend's `torch.ops.fastmaml.maml_fwd / maml_bwd / maml_adapt` (one schema,
-csrc/fastmaml.cpp); the dispatcher runs their CUDA kernels for CUDA tensors, so `maml` and `adapt` are
-inherited from `CpuBackend` and only availability and limits differ here. The kernel runs one task per
+The operations are the cpu backend's `torch.ops.fastmaml.maml_fwd / maml_bwd / maml_fwdbwd /
+weighted_task_sum / maml_adapt` (one schema, csrc/fastmaml.cpp); the dispatcher runs their CUDA kernels
+for CUDA tensors, so `maml` (a training call runs the fused `maml_fwdbwd`, see fastmaml/backends/cpu.py)
+and `adapt` are inherited from `CpuBackend` and only availability and limits differ here. The kernel runs one task per
 thread block at a time, with the per-task math of csrc/maml_task.h parallel over the block's threads
 (csrc/cuda/maml_cuda.h says how tasks, workspaces and the meta-gradient's partial sums are laid out).
 
