@@ -400,8 +400,16 @@ FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ 
         out[(r + 3) * ldo + c] += t[3];
       }
     }
-    for (; r < R; ++r) {
-      for (int c = 0; c < C; ++c) out[r * ldo + c] += dot(a + r * lda, B + c * ldb, Kd);
+    for (; r < R; ++r) {  // the last rows (fewer than four): one vector sum each
+      const T* a0 = a + r * lda;
+      for (int c = 0; c < C; ++c) {
+        const T* b = B + c * ldb;
+        V s0 = {};
+        for (int k = 0; k < kv; k += L) s0 += *reinterpret_cast<const V*>(a0 + k) * *reinterpret_cast<const V*>(b + k);
+        T t = lane_sum<T, FASTMAML_VECTOR_BYTES>(s0);
+        for (int k = kv; k < Kd; ++k) t += a0[k] * b[k];
+        out[r * ldo + c] += t;
+      }
     }
     return;
   }
@@ -470,8 +478,12 @@ FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ 
       o1[c] += dot(a1, B + c * ldb, Kd);
     }
   }
+  if (kv == 0 && Kd == 1 && ldb == 1) {
+    // One input (the first layer of a 1-D regression): B is a contiguous column, each output row an axpy.
+    for (; r < R; ++r) axpy(a[r * lda], B, out + r * ldo, C);
+  }
   if (kv == 0) {
-    // Rows shorter than a vector (the first layer of a 1-D regression): short sums, vectorised over c.
+    // Rows shorter than a vector: short sums, vectorised over c.
     for (; r < R; ++r) {
       const T* ar = a + r * lda;
       T* o = out + r * ldo;
