@@ -32,7 +32,9 @@ AUTO_ORDER: dict[str, list[str]] = {
 # for the batched matrix products. H100 (benchmarks/RESULTS.md, 2026-11-26, 1-W-W-1, 10 + 10 points,
 # second order): cuda over reference 4.5x at T=25 W=40, 3.9x at T=1024 W=40, 0.49x at T=65536 W=40;
 # 3.6x at T=25 W=128, 0.67x at T=1024 W=128. The crossover lies between T * W^2 = 1.6e6 and 1.7e7; the
-# limit sits at their geometric middle. An explicit backend="cuda" or "triton" still runs any size.
+# limit sits at their geometric middle. With cuda's fused forward-backward (a later H100 run) T=1024
+# W=128 moved to 0.90x (K=1) and 1.23x (K=5) vmap: still at the crossover, so the limit stays. An
+# explicit backend="cuda" or "triton" still runs any size.
 GPU_KERNEL_AUTO_WORK = 5e6
 _GPU_KERNELS = ("cuda", "triton")
 
