@@ -223,6 +223,62 @@ def test_opcheck_maml_adapt(case):
     torch.library.opcheck(torch.ops.fastmaml.maml_adapt.default, adapt)
 
 
+def _bad(args, i, value):
+    out = list(args)
+    out[i] = value
+    return out
+
+
+@pytest.mark.parametrize("op", ["maml_fwd", "maml_fwdbwd", "maml_bwd"])
+def test_ops_refuse_bad_arguments(op):
+    """The C++ argument checks (csrc/op_checks.h, shared with the CUDA binding) refuse each malformed
+    argument with a message naming it, and the op still runs on good arguments afterwards."""
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args([3, 7, 4], 3, 5, 4, 2, "cross_entropy", F64, 30)]
+    T, nq = 3, 4
+    gen = torch.Generator().manual_seed(6)
+    g_losses, g_preds = torch.rand(T, dtype=F64, generator=gen), torch.randn(T, nq, 4, dtype=F64, generator=gen)
+    fn = getattr(torch.ops.fastmaml, op).default
+
+    def call(a, gl=g_losses, gp=g_preds):
+        if op == "maml_fwd":
+            return fn(*a)
+        if op == "maml_fwdbwd":
+            return fn(*a, True, True)
+        return fn(*a[:7], gl, gp, *a[7:], True, True)
+
+    bad = [
+        (_bad(args, 0, args[0][:-1]), "theta must be \\[P\\]"),
+        (_bad(args, 1, args[1].float()), "lr has dtype"),
+        (_bad(args, 2, args[2][..., :2]), "x_support must be"),
+        (_bad(args, 3, args[3].clone().fill_(4)), "y_support holds class 4"),
+        (_bad(args, 5, args[5][:, :2]), "y_query must be"),
+        (_bad(args, 6, args[6][:-1]), "qw must be \\[K \\+ 1\\]"),
+        (_bad(args, 7, [3, 7, 5]), "theta must be \\[P\\]"),
+        (_bad(args, 8, 2), "activation must be"),
+    ]
+    for a, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            call(a)
+    if op == "maml_bwd":
+        with pytest.raises(RuntimeError, match="g_task_losses must be"):
+            call(args, gl=g_losses[:-1])
+        with pytest.raises(RuntimeError, match="g_query_preds has dtype"):
+            call(args, gp=g_preds.float())
+    call(args)
+
+
+def test_weighted_task_sum_refuses_bad_arguments():
+    rows, w = torch.randn(4, 6, dtype=F64), torch.randn(4, dtype=F64)
+    task_sum = torch.ops.fastmaml.weighted_task_sum.default
+    with pytest.raises(RuntimeError, match="weights must be \\[4\\]"):
+        task_sum(rows, w[:-1])
+    with pytest.raises(RuntimeError, match="weights has dtype"):
+        task_sum(rows, w.float())
+    with pytest.raises(RuntimeError, match="rows must be float32 or float64"):
+        task_sum(rows.long(), w)
+    torch.testing.assert_close(task_sum(rows, w), w @ rows)
+
+
 def test_bwd_shapes_without_optional_grads():
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args([3, 5, 2], 3, 4, 3, 2, "mse", F64, 3)]
     out = torch.ops.fastmaml.maml_bwd(*args[:7], torch.ones(3, dtype=F64), torch.zeros(3, 3, 2, dtype=F64),

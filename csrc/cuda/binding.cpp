@@ -18,84 +18,29 @@
 #include <algorithm>
 #include <tuple>
 
+#include "../op_checks.h"
 #include "maml_cuda.h"
 
 namespace fastmaml {
 namespace cuda {
 namespace {
 
-void check_float(const at::Tensor& t, const char* name, const at::Tensor& theta) {
-  TORCH_CHECK(t.scalar_type() == theta.scalar_type(), "fastmaml: ", name, " has dtype ", t.scalar_type(),
-              ", expected ", theta.scalar_type(), " (the dtype of theta)");
-  TORCH_CHECK(t.device() == theta.device(), "fastmaml: ", name, " is on ", t.device(), ", expected ",
-              theta.device(), " (the device of theta)");
-}
-
-void check_targets(const at::Tensor& y, const char* name, const at::Tensor& theta, int64_t loss, int64_t T,
-                   int64_t N, int64_t d_out) {
-  if (loss == task::kMse) {
-    check_float(y, name, theta);
-    TORCH_CHECK(y.dim() == 3 && y.size(0) == T && y.size(1) == N && y.size(2) == d_out, "fastmaml: ", name,
-                " must be [", T, ", ", N, ", ", d_out, "] for mse, got ", y.sizes());
-    return;
-  }
-  TORCH_CHECK(y.scalar_type() == at::kLong, "fastmaml: ", name, " must hold int64 class indices, got ",
-              y.scalar_type());
-  TORCH_CHECK(y.device() == theta.device(), "fastmaml: ", name, " is on ", y.device(), ", expected ", theta.device());
-  TORCH_CHECK(y.dim() == 2 && y.size(0) == T && y.size(1) == N, "fastmaml: ", name, " must be [", T, ", ", N,
-              "] for cross-entropy, got ", y.sizes());
-  // An out-of-range class would index outside the logits in the kernel. Checking costs one device sync
-  // per call, as the CPU kernel's check costs one pass.
+// An out-of-range class would index outside the logits in the kernel. Checking costs one device sync
+// per call, as the CPU kernel's check costs one pass.
+void check_class_range(const at::Tensor& y, const char* name, int64_t n_classes) {
   if (y.numel() > 0) {
-    const bool ok = ((y >= 0) & (y < d_out)).all().item<bool>();
-    TORCH_CHECK(ok, "fastmaml: ", name, " holds a class outside 0 .. ", d_out - 1);
+    const bool ok = ((y >= 0) & (y < n_classes)).all().item<bool>();
+    TORCH_CHECK(ok, "fastmaml: ", name, " holds a class outside 0 .. ", n_classes - 1);
   }
 }
 
-// The arguments the three operations share; query tensors may be null (maml_adapt).
+// The argument checks shared with the CPU kernels (csrc/op_checks.h); query tensors may be null
+// (maml_adapt).
 Sizes check_args(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& xs, const at::Tensor& ys,
                  const at::Tensor* xq, const at::Tensor* yq, c10::IntArrayRef dims, int64_t activation,
                  int64_t loss) {
-  TORCH_CHECK(theta.is_cuda(), "fastmaml: the CUDA kernel got theta on ", theta.device());
-  TORCH_CHECK(theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble,
-              "fastmaml: theta must be float32 or float64, got ", theta.scalar_type());
-  TORCH_CHECK(activation == task::kRelu || activation == task::kTanh,
-              "fastmaml: activation must be 0 (relu) or 1 (tanh), got ", activation);
-  TORCH_CHECK(loss == task::kMse || loss == task::kCrossEntropy,
-              "fastmaml: loss must be 0 (mse) or 1 (cross-entropy), got ", loss);
-  const int64_t n_dims = static_cast<int64_t>(dims.size());
-  TORCH_CHECK(n_dims >= 2 && n_dims <= task::kMaxLayers + 1, "fastmaml: dims must hold 2 to ",
-              task::kMaxLayers + 1, " sizes [D_in, ..., D_out], got ", dims);
-  for (int64_t d : dims) {
-    TORCH_CHECK(d >= 1 && d <= (int64_t(1) << 24), "fastmaml: every size in dims must be in [1, 2^24], got ", dims);
-  }
-  Sizes s;
-  TORCH_CHECK(task::make_net(s.net, dims.data(), static_cast<int>(n_dims), static_cast<int>(activation),
-                             static_cast<int>(loss)),
-              "fastmaml: invalid dims ", dims);
-  const int64_t P = s.net.P;
-  TORCH_CHECK(theta.dim() == 1 && theta.size(0) == P, "fastmaml: theta must be [P] = [", P, "] for dims ", dims,
-              ", got ", theta.sizes());
-  check_float(lr, "lr", theta);
-  TORCH_CHECK(lr.dim() == 2 && lr.size(1) == P, "fastmaml: lr must be [K, P] with P = ", P, ", got ", lr.sizes());
-  s.K = lr.size(0);
-  check_float(xs, "x_support", theta);
-  TORCH_CHECK(xs.dim() == 3 && xs.size(2) == dims[0], "fastmaml: x_support must be [T, Ns, ", dims[0], "], got ",
-              xs.sizes());
-  s.T = xs.size(0);
-  s.Ns = xs.size(1);
-  TORCH_CHECK(s.Ns >= 1 && s.Ns <= (int64_t(1) << 30), "fastmaml: x_support needs 1 to 2^30 points per task");
-  check_targets(ys, "y_support", theta, loss, s.T, s.Ns, dims.back());
-  s.Nq = 0;
-  if (xq != nullptr) {
-    check_float(*xq, "x_query", theta);
-    TORCH_CHECK(xq->dim() == 3 && xq->size(0) == s.T && xq->size(2) == dims[0], "fastmaml: x_query must be [",
-                s.T, ", Nq, ", dims[0], "], got ", xq->sizes());
-    s.Nq = xq->size(1);
-    TORCH_CHECK(s.Nq >= 1 && s.Nq <= (int64_t(1) << 30), "fastmaml: x_query needs 1 to 2^30 points per task");
-    check_targets(*yq, "y_query", theta, loss, s.T, s.Nq, dims.back());
-  }
-  return s;
+  return checks::check_args<Sizes>(theta, lr, xs, ys, xq, yq, dims, activation, loss, c10::DeviceType::CUDA,
+                                   "CUDA", &check_class_range);
 }
 
 void check_launch(cudaError_t err, const char* op, const Launch& l) {
@@ -120,9 +65,7 @@ std::tuple<at::Tensor, at::Tensor> maml_fwd(const at::Tensor& theta_in, const at
                                             int64_t loss, bool first_order) {
   (void)first_order;  // read by the autograd formula only
   const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
-  check_float(qw_in, "qw", theta_in);
-  TORCH_CHECK(qw_in.dim() == 1 && qw_in.size(0) == s.K + 1, "fastmaml: qw must be [K + 1] = [", s.K + 1, "], got ",
-              qw_in.sizes());
+  checks::check_qw(qw_in, theta_in, s.K);
   const c10::cuda::CUDAGuard guard(theta_in.device());
   const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
@@ -153,15 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
     bool need_lr_grad, bool need_x_grad) {
   const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
   const int64_t P = s.net.P, K = s.K, T = s.T, d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
-  check_float(qw_in, "qw", theta_in);
-  TORCH_CHECK(qw_in.dim() == 1 && qw_in.size(0) == K + 1, "fastmaml: qw must be [K + 1] = [", K + 1, "], got ",
-              qw_in.sizes());
-  check_float(gl_in, "g_task_losses", theta_in);
-  TORCH_CHECK(gl_in.dim() == 1 && gl_in.size(0) == T, "fastmaml: g_task_losses must be [", T, "], got ",
-              gl_in.sizes());
-  check_float(gp_in, "g_query_preds", theta_in);
-  TORCH_CHECK(gp_in.dim() == 3 && gp_in.size(0) == T && gp_in.size(1) == s.Nq && gp_in.size(2) == d_out,
-              "fastmaml: g_query_preds must be [", T, ", ", s.Nq, ", ", d_out, "], got ", gp_in.sizes());
+  checks::check_qw(qw_in, theta_in, K);
+  checks::check_cotangents(gl_in, gp_in, theta_in, T, s.Nq, d_out);
   const c10::cuda::CUDAGuard guard(theta_in.device());
   const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
@@ -200,9 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad) {
   const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
   const int64_t P = s.net.P, K = s.K, T = s.T, d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
-  check_float(qw_in, "qw", theta_in);
-  TORCH_CHECK(qw_in.dim() == 1 && qw_in.size(0) == K + 1, "fastmaml: qw must be [K + 1] = [", K + 1, "], got ",
-              qw_in.sizes());
+  checks::check_qw(qw_in, theta_in, K);
   const c10::cuda::CUDAGuard guard(theta_in.device());
   const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
@@ -236,14 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 at::Tensor weighted_task_sum(const at::Tensor& rows_in, const at::Tensor& weights_in) {
-  TORCH_CHECK(rows_in.is_cuda(), "fastmaml: the CUDA kernel got rows on ", rows_in.device());
-  TORCH_CHECK(rows_in.scalar_type() == at::kFloat || rows_in.scalar_type() == at::kDouble,
-              "fastmaml: rows must be float32 or float64, got ", rows_in.scalar_type());
-  TORCH_CHECK(rows_in.dim() >= 1, "fastmaml: rows must be [T, ...], got ", rows_in.sizes());
-  check_float(weights_in, "weights", rows_in);
-  const int64_t T = rows_in.size(0);
-  TORCH_CHECK(weights_in.dim() == 1 && weights_in.size(0) == T, "fastmaml: weights must be [", T, "], got ",
-              weights_in.sizes());
+  const int64_t T = checks::check_task_sum_args(rows_in, weights_in, c10::DeviceType::CUDA, "CUDA");
   const c10::cuda::CUDAGuard guard(rows_in.device());
   const at::Tensor rows = rows_in.contiguous(), weights = weights_in.contiguous();
   const int64_t M = T == 0 ? 0 : rows.numel() / T;
