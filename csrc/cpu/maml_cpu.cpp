@@ -63,42 +63,6 @@ void check_class_range(const at::Tensor& y, const char* name, int64_t n_classes)
   }
 }
 
-// The per-task gradient rows of maml_fwdbwd ([T, P] and [T, K, P]) are written on every call and live
-// until the backward. Fresh buffers of a few MiB cost page faults on every call (about 0.4 ms for the
-// 1.8 MiB of T = 256, 1-40-40-1, a fifth of that call), so each kind keeps its last buffer and reuses it
-// once nothing else holds its storage (the autograd graph that saved it is gone); a buffer still held
-// (two forwards before a backward, a retained graph) is never reused: a fresh one is taken instead.
-// Buffers above kCachedRowsBytes are not kept.
-constexpr int64_t kCachedRowsBytes = int64_t(32) << 20;
-
-class RowsCache {
- public:
-  at::Tensor take(int slot, c10::IntArrayRef sizes, const at::TensorOptions& options) {
-    std::lock_guard<std::mutex> guard(mutex_);
-    at::Tensor& kept = slots_[slot];
-    if (kept.defined() && kept.use_count() == 1 && kept.storage().use_count() == 1 &&
-        kept.scalar_type() == options.dtype().toScalarType() && kept.sizes() == sizes) {
-      return kept;
-    }
-    at::Tensor fresh = at::empty(sizes, options);
-    if (fresh.nbytes() <= static_cast<size_t>(kCachedRowsBytes)) {
-      kept = fresh;
-    } else {
-      kept = at::Tensor();
-    }
-    return fresh;
-  }
-
- private:
-  std::mutex mutex_;
-  at::Tensor slots_[2];
-};
-
-RowsCache& rows_cache() {
-  static RowsCache* cache = new RowsCache();  // never destroyed: no tensor freed after torch shuts down
-  return *cache;
-}
-
 bool use_avx2() {
   // Read on every call (a getenv is cheap next to a kernel) so tests can compare the two builds.
   const char* isa = std::getenv("FASTMAML_CPU_ISA");
@@ -260,8 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor task_losses = at::empty({T}, theta.options());
   at::Tensor preds = at::empty({T, s.Nq, d_out}, theta.options());
   // Every row is written by its task (not added to): no zero fill.
-  at::Tensor g_theta = rows_cache().take(0, {T, P}, theta.options());
-  at::Tensor g_lr = need_lr_grad ? rows_cache().take(1, {T, K, P}, theta.options()) : at::empty({0}, theta.options());
+  at::Tensor g_theta = at::empty({T, P}, theta.options());
+  at::Tensor g_lr = need_lr_grad ? at::empty({T, K, P}, theta.options()) : at::empty({0}, theta.options());
   at::Tensor g_xs = need_x_grad ? at::empty({T, s.Ns, d_in}, theta.options()) : at::empty({0}, theta.options());
   at::Tensor g_xq = need_x_grad ? at::empty({T, s.Nq, d_in}, theta.options()) : at::empty({0}, theta.options());
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_fwdbwd_cpu", [&] {
