@@ -230,6 +230,30 @@ def random_params(dims: Sequence[int], dtype=torch.float64, generator=None) -> l
     return params
 
 
+def normal_params(dims: Sequence[int], dtype=torch.float64, generator=None) -> list[torch.Tensor]:
+    """Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.3^2): the raw-op and Triton tests' initialisation."""
+    params = []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        params.append(torch.randn(d_out, d_in, dtype=dtype, generator=generator) / d_in ** 0.5)
+        params.append(torch.randn(d_out, dtype=dtype, generator=generator) * 0.3)
+    return params
+
+
+def random_data(dims: Sequence[int], tasks: int, n_support: int, n_query: int, loss: str, dtype=torch.float64,
+                generator=None):
+    """`(x_support, y_support, x_query, y_query)`: normal inputs, normal targets (mse) or uniform class
+    indices (cross-entropy), drawn in the order x_support, x_query, y_support, y_query."""
+    xs = torch.randn(tasks, n_support, dims[0], dtype=dtype, generator=generator)
+    xq = torch.randn(tasks, n_query, dims[0], dtype=dtype, generator=generator)
+    if loss == "mse":
+        ys = torch.randn(tasks, n_support, dims[-1], dtype=dtype, generator=generator)
+        yq = torch.randn(tasks, n_query, dims[-1], dtype=dtype, generator=generator)
+    else:
+        ys = torch.randint(0, dims[-1], (tasks, n_support), generator=generator)
+        yq = torch.randint(0, dims[-1], (tasks, n_query), generator=generator)
+    return xs, ys, xq, yq
+
+
 def make_case(
     *,
     dims: Sequence[int] = (3, 7, 5, 2),
@@ -258,19 +282,11 @@ def make_case(
     K = inner_steps
     f64 = torch.float64
 
-    def rnd(*shape):
-        return torch.randn(*shape, dtype=f64, generator=g)
-
     def rate(*shape):
         return 0.05 + 0.25 * torch.rand(*shape, dtype=f64, generator=g)
 
     params = random_params(dims, f64, g)
-    xs, xq = rnd(tasks, n_support, dims[0]), rnd(tasks, n_query, dims[0])
-    if loss == "mse":
-        ys, yq = rnd(tasks, n_support, dims[-1]), rnd(tasks, n_query, dims[-1])
-    else:
-        ys = torch.randint(0, dims[-1], (tasks, n_support), generator=g)
-        yq = torch.randint(0, dims[-1], (tasks, n_query), generator=g)
+    xs, ys, xq, yq = random_data(dims, tasks, n_support, n_query, loss, f64, g)
     if lr_form == "float":
         lr = float(rate(()).item())
     elif lr_form == "scalar_tensor":

@@ -28,6 +28,7 @@ from fastmaml import _ext
 from fastmaml.backends import cpu as cpu_backend
 from fastmaml.backends._fused import adapt_args, fused_args
 from fastmaml._validate import make_problem
+from _reference_loop import normal_params as make_params, random_data as make_data
 
 F32, F64 = torch.float32, torch.float64
 
@@ -60,27 +61,6 @@ def isa(request, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------
 # Random problems
-
-
-def make_params(dims, dtype, gen):
-    params = []
-    for i in range(len(dims) - 1):
-        w = torch.randn(dims[i + 1], dims[i], dtype=dtype, generator=gen) / dims[i] ** 0.5
-        b = torch.randn(dims[i + 1], dtype=dtype, generator=gen) * 0.3
-        params += [w, b]
-    return params
-
-
-def make_data(dims, T, ns, nq, loss, dtype, gen):
-    xs = torch.randn(T, ns, dims[0], dtype=dtype, generator=gen)
-    xq = torch.randn(T, nq, dims[0], dtype=dtype, generator=gen)
-    if loss == "mse":
-        ys = torch.randn(T, ns, dims[-1], dtype=dtype, generator=gen)
-        yq = torch.randn(T, nq, dims[-1], dtype=dtype, generator=gen)
-    else:
-        ys = torch.randint(0, dims[-1], (T, ns), generator=gen)
-        yq = torch.randint(0, dims[-1], (T, nq), generator=gen)
-    return xs, ys, xq, yq
 
 
 def make_lr(form, params, K, dtype, gen):

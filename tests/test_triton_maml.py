@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fastmaml
+from _reference_loop import normal_params, random_data
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
@@ -46,19 +47,8 @@ def _require_runnable():
 def make_problem(dims, tasks, n_support, n_query, loss, seed):
     """Random float64 problem (never zeros): params, x_support, y_support, x_query, y_query."""
     g = torch.Generator().manual_seed(seed)
-    params = []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
-        params.append(torch.randn(d_out, d_in, generator=g, dtype=F64) / d_in ** 0.5)
-        params.append(0.3 * torch.randn(d_out, generator=g, dtype=F64))
-    xs = torch.randn(tasks, n_support, dims[0], generator=g, dtype=F64)
-    xq = torch.randn(tasks, n_query, dims[0], generator=g, dtype=F64)
-    if loss == "mse":
-        ys = torch.randn(tasks, n_support, dims[-1], generator=g, dtype=F64)
-        yq = torch.randn(tasks, n_query, dims[-1], generator=g, dtype=F64)
-    else:
-        ys = torch.randint(0, dims[-1], (tasks, n_support), generator=g)
-        yq = torch.randint(0, dims[-1], (tasks, n_query), generator=g)
-    return params, xs, ys, xq, yq
+    params = normal_params(dims, F64, g)
+    return (params, *random_data(dims, tasks, n_support, n_query, loss, F64, g))
 
 
 def make_rates(form, dims, K, seed):
