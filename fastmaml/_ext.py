@@ -40,7 +40,7 @@ log = logging.getLogger("fastmaml")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # The editable checkout's top-level csrc/, then the copy that setup.py ships inside the package.
 _CSRC_CANDIDATES = (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc")
-_SOURCES = ("fastmaml.cpp", "cpu/maml_cpu.cpp", "cpu/task_loops_baseline.cpp", "cpu/task_loops_avx2.cpp")
+_SOURCES = ("fastmaml.cpp", "autograd_fwdbwd.cpp", "cpu/maml_cpu.cpp", "cpu/task_loops_baseline.cpp", "cpu/task_loops_avx2.cpp")
 # Files whose content defines the CPU library; the CUDA kernels add theirs when they are built.
 _HASHED_GLOBS = ("*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cpu/*.inc")
 _CUDA_SOURCES = ("cuda/maml_cuda.cu", "cuda/binding.cpp")
@@ -292,8 +292,8 @@ def library_path() -> Optional[str]:
 
 
 def _register_python_parts() -> None:
-    """Fake kernels (shapes only, for torch.compile and meta tensors) and the autograd formula."""
-    from .backends._fused import register_fused_autograd, register_fwdbwd_autograd
+    """Fake kernels (shapes only, for torch.compile and meta tensors) and the Python autograd formulas."""
+    from .backends._fused import register_fused_autograd, register_task_sum_autograd
 
     @torch.library.register_fake("fastmaml::maml_fwd")
     def _(theta, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order):
@@ -327,5 +327,5 @@ def _register_python_parts() -> None:
         return rows.new_empty(rows.shape[1:])
 
     register_fused_autograd(torch.ops.fastmaml.maml_fwd.default, torch.ops.fastmaml.maml_bwd.default)
-    register_fwdbwd_autograd(torch.ops.fastmaml.maml_fwdbwd.default, torch.ops.fastmaml.maml_bwd.default,
-                             torch.ops.fastmaml.weighted_task_sum.default)
+    # maml_fwdbwd's autograd kernel is C++ (csrc/autograd_fwdbwd.cpp); the reduction it calls only refuses.
+    register_task_sum_autograd(torch.ops.fastmaml.weighted_task_sum.default)

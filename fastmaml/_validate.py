@@ -43,6 +43,7 @@ class Problem:
     dims: Optional[list[int]] = None
     forward: Optional[Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]] = None
     inner_lr_is_float: bool = False  # True when the rate was given as a Python number
+    inner_lr_value: Optional[float] = None  # that number (the fused backends fill their rate table with it)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -351,4 +352,5 @@ def make_problem(
         dims=dims,
         forward=forward,
         inner_lr_is_float=is_float,
+        inner_lr_value=float(inner_lr) if is_float else None,
     )

@@ -154,12 +154,28 @@ def test_fwdbwd_matches_fwd_and_bwd():
 
 def test_opcheck_weighted_task_sum():
     gen = torch.Generator().manual_seed(16)
-    for shape in [(5, 7), (3, 2, 9), (1, 4)]:
+    # (9, 2500): two passes of four tasks and one left over, three column blocks of the loop.
+    for shape in [(5, 7), (3, 2, 9), (1, 4), (9, 2500)]:
         rows, w = torch.randn(shape, generator=gen, dtype=F64), torch.randn(shape[0], generator=gen, dtype=F64)
         torch.testing.assert_close(torch.ops.fastmaml.weighted_task_sum.default(rows, w),
                                    torch.einsum("t...,t->...", rows, w), rtol=1e-12, atol=1e-14)
         torch.library.opcheck(torch.ops.fastmaml.weighted_task_sum.default, (rows, w),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+def test_weighted_task_sum_bits_do_not_depend_on_the_thread_count():
+    gen = torch.Generator().manual_seed(18)
+    rows, w = torch.randn(37, 5000, generator=gen), torch.randn(37, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(torch.ops.fastmaml.weighted_task_sum.default(rows, w))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+    torch.testing.assert_close(results[0], (rows.double() * w.double()[:, None]).sum(0).float(), rtol=1e-4, atol=1e-4)
 
 
 def test_kernels_use_the_intra_op_threads():
@@ -183,11 +199,11 @@ def test_training_step_uses_the_fused_forward_backward(monkeypatch):
     params = [p.requires_grad_() for p in make_params(dims, F64, gen)]
     data = make_data(dims, 6, 5, 4, "mse", F64, gen)
     out = fastmaml.maml(params, *data, inner_steps=2, inner_lr=0.03, backend="cpu")
-    assert "maml_fwdbwd" in str(out.task_losses.grad_fn)
+    assert "MamlFwdBwd" in out.task_losses.grad_fn.name()  # the C++ autograd kernel (autograd_fwdbwd.cpp)
     fused = torch.autograd.grad(out.loss, params)
     monkeypatch.setattr(cpu_backend, "MAX_FUSED_ROWS_BYTES", 0)
     out = fastmaml.maml(params, *data, inner_steps=2, inner_lr=0.03, backend="cpu")
-    assert "maml_fwd" in str(out.task_losses.grad_fn) and "fwdbwd" not in str(out.task_losses.grad_fn)
+    assert "maml_fwd" in str(out.task_losses.grad_fn) and "MamlFwdBwd" not in out.task_losses.grad_fn.name()
     apart = torch.autograd.grad(out.loss, params)
     for a, b in zip(fused, apart):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -256,15 +256,9 @@ at::Tensor weighted_task_sum(const at::Tensor& rows_in, const at::Tensor& weight
     const scalar_t* r = rows.const_data_ptr<scalar_t>();
     const scalar_t* w = weights.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const LoopTable<scalar_t> table = loops<scalar_t>();
     // Columns in parallel, each summed over the tasks in order: the same bits for any thread count.
-    at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = 0;
-      for (int64_t t = 0; t < T; ++t) {
-        const scalar_t wt = w[t];
-        const scalar_t* rt = r + t * M;
-        for (int64_t i = begin; i < end; ++i) o[i] += wt * rt[i];
-      }
-    });
+    at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) { table.task_sum(r, w, T, M, begin, end, o); });
   });
   return out;
 }

@@ -54,6 +54,8 @@ struct LoopTable {
   void (*backward)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
   void (*adapt)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
   void (*forward_backward)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
+  // weighted_task_sum over columns [begin, end): out[i] = sum_t w[t] * rows[t * M + i], t in order.
+  void (*task_sum)(const T* rows, const T* w, int64_t num_tasks, int64_t M, int64_t begin, int64_t end, T* out);
 };
 
 namespace baseline {

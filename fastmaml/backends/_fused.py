@@ -25,6 +25,9 @@ def flat_theta(problem: Problem) -> torch.Tensor:
 def flat_lr(problem: Problem) -> torch.Tensor:
     """`[K, P]`: every step's rate for every scalar parameter (differentiable in the user's rates)."""
     K = problem.inner_steps
+    if problem.inner_lr_value is not None:  # one number for every step and parameter: no gather needed
+        P = sum(p.numel() for p in problem.params)
+        return torch.full((K, P), problem.inner_lr_value, dtype=problem.dtype, device=problem.device)
     # The width is given explicitly: reshape(K, -1) is ambiguous when K = 0.
     return torch.cat([r.reshape(K, p.numel()) for r, p in zip(problem.inner_lr, problem.params)], dim=1).contiguous()
 
@@ -134,52 +137,9 @@ def register_fused_autograd(fwd_op, bwd_op) -> None:
     torch.library.register_autograd(bwd_op, no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def register_fwdbwd_autograd(fwdbwd_op, bwd_op, task_sum_op) -> None:
-    """Autograd formula of `maml_fwdbwd`, which returns the task losses, the query output and every
-    task's own gradients (for a cotangent of 1 on its loss). The backward weighs those rows by the
-    cotangents of the task losses (`task_sum_op`, tasks summed in order). When the query output has a
-    nonzero cotangent the saved rows do not cover it, and the reverse sweep `bwd_op` runs instead."""
-
-    def setup_context(ctx, inputs, output):
-        theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order, need_lr, need_x = inputs
-        _, _, g_theta, g_lr, g_xs, g_xq = output
-        ctx.save_for_backward(theta, lr, xs, ys, xq, yq, qw, g_theta, g_lr, g_xs, g_xq)
-        ctx.options = (list(dims), activation, loss, first_order, need_lr, need_x)
-        ctx.set_materialize_grads(False)  # an unused query output gives None, not a tensor of zeros
-        ctx.mark_non_differentiable(g_theta, g_lr, g_xs, g_xq)  # the rows are the backward's, not outputs
-
-    def backward(ctx, g_task_losses, g_query_preds, *unused):
-        theta, lr, xs, ys, xq, yq, qw, rows_theta, rows_lr, rows_xs, rows_xq = ctx.saved_tensors
-        dims, activation, loss, first_order, need_lr, need_x = ctx.options
-        if g_task_losses is None:
-            g_task_losses = torch.zeros(xs.shape[0], dtype=theta.dtype, device=theta.device)
-        # The reverse sweep when the query output has a cotangent (the rows do not cover it) and under
-        # create_graph=True (maml_bwd raises if its result is differentiated again; the weighted rows
-        # would silently give a wrong second derivative).
-        if g_query_preds is not None or torch.is_grad_enabled():
-            if g_query_preds is None:
-                g_query_preds = torch.zeros(xq.shape[0], xq.shape[1], dims[-1], dtype=theta.dtype, device=theta.device)
-            g_theta, g_lr, g_xs, g_xq = bwd_op(
-                theta, lr, xs, ys, xq, yq, qw, g_task_losses.contiguous(), g_query_preds.contiguous(),
-                dims, activation, loss, first_order, need_lr and ctx.needs_input_grad[1],
-                need_x and (ctx.needs_input_grad[2] or ctx.needs_input_grad[4]))
-        else:
-            c = g_task_losses.contiguous()
-            g_theta = task_sum_op(rows_theta, c)
-            g_lr = task_sum_op(rows_lr, c) if need_lr and ctx.needs_input_grad[1] else None
-            scale = c.view(-1, 1, 1)
-            g_xs = rows_xs * scale if need_x and ctx.needs_input_grad[2] else None
-            g_xq = rows_xq * scale if need_x and ctx.needs_input_grad[4] else None
-        return (
-            g_theta if ctx.needs_input_grad[0] else None,
-            g_lr if ctx.needs_input_grad[1] else None,
-            g_xs if ctx.needs_input_grad[2] else None,
-            None,
-            g_xq if ctx.needs_input_grad[4] else None,
-            None, None, None, None, None, None, None, None,
-        )
-
-    torch.library.register_autograd(fwdbwd_op, backward, setup_context=setup_context)
+def register_task_sum_autograd(task_sum_op) -> None:
+    """`weighted_task_sum` is the internal reduction in the backward of maml_fwdbwd (whose autograd kernel
+    is C++, csrc/autograd_fwdbwd.cpp): differentiating it raises."""
 
     def no_double_backward(ctx, *grads):
         raise RuntimeError("fastmaml: weighted_task_sum is an internal reduction of the fused backward")
