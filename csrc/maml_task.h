@@ -888,15 +888,21 @@ FASTMAML_HD inline void support_grad(const Net& net, const TaskData<T>& td, cons
   backward(net, theta, td.xs, td.ns, a, g, static_cast<T*>(nullptr), tm);
 }
 
+// Workspace segments start on 64-byte boundaries (given an aligned workspace): element counts are
+// rounded up to 16. Unaligned, a third of the 32-byte loads of the products split cache lines.
+FASTMAML_HD inline int64_t padded(int64_t n) { return (n + 15) & ~int64_t(15); }
+
 // Elements of the saved state of one pass (z, h, d and the softmax p; no tangents).
 FASTMAML_HD inline int64_t state_size(const Net& net, int64_t nmax) {
-  return nmax * (3 * net.width_sum + net.dims[net.L]);
+  return 3 * padded(nmax * net.width_sum) + padded(nmax * net.dims[net.L]);
 }
+// Elements of the tangents (rz, rh, rd) of one pass.
+FASTMAML_HD inline int64_t tangents_size(const Net& net, int64_t nmax) { return 3 * padded(nmax * net.width_sum); }
 
 // Acts whose forward state (z, h, d, p) lives at `state` and whose tangents (rz, rh, rd) at `tangents`.
 template <typename T>
 FASTMAML_HD inline Acts<T> make_split_acts(const Net& net, T* state, T* tangents, int64_t nmax) {
-  const int64_t s = nmax * net.width_sum;
+  const int64_t s = padded(nmax * net.width_sum);
   Acts<T> a;
   a.z = state;
   a.h = state + s;
@@ -921,7 +927,7 @@ FASTMAML_HD inline int64_t adapt_workspace(const Net& net, int64_t nmax) {
 // tangents, and the vectors u and v.
 FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax, bool need_lr_grad) {
   const int64_t grads = need_lr_grad && K > 1 ? K : 1;  // K = 0: g_lr is empty (a null pointer), one buffer
-  return (K + 1) * state_size(net, nmax) + 3 * nmax * net.width_sum + (K + grads + 2) * net.P;
+  return (K + 1) * state_size(net, nmax) + tangents_size(net, nmax) + (K + grads + 2) * padded(net.P);
 }
 
 // theta_K of one task, written to `theta_out [P]`. `lr [K, P]`.
@@ -966,10 +972,11 @@ FASTMAML_HD inline T task_forward(const Net& net, const TaskData<T>& td, const T
   return total;
 }
 
-// theta_k in the reverse sweep's storage: theta_0 is the caller's, theta_1..theta_K are [K, P] in scratch.
+// theta_k in the reverse sweep's storage: theta_0 is the caller's, theta_1..theta_K are rows of `stride`
+// elements in scratch.
 template <typename T>
-FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, int64_t P) {
-  return k == 0 ? theta0 : thetas + (k - 1) * P;
+FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, int64_t stride) {
+  return k == 0 ? theta0 : thetas + (k - 1) * stride;
 }
 
 // The reverse sweep of maml_bwd for one task (docs/kernels.md). Recomputes theta_1..theta_K from theta0
@@ -989,15 +996,15 @@ template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
                                    const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
                                    T* gxs, T* gxq, T* work, const Team& tm = Team(), T* preds_out = nullptr) {
-  const int64_t P = net.P;
+  const int64_t P = net.P, Pp = padded(P);
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
   const int64_t st = state_size(net, nmax);
   T* states = work;                              // support state of steps 0..K-1, then the query state
   T* tangents = states + (K + 1) * st;           // rz, rh, rd
-  T* thetas = tangents + 3 * nmax * net.width_sum;  // theta_1 .. theta_K, [K, P]
-  T* grads = thetas + K * P;                     // g_0 .. g_{K-1} ([K, P]) with g_lr, else one [P]
-  T* u = grads + (g_lr != nullptr ? K : 1) * P;
-  T* v = u + P;
+  T* thetas = tangents + tangents_size(net, nmax);  // theta_1 .. theta_K, K rows of Pp
+  T* grads = thetas + K * Pp;                    // g_0 .. g_{K-1} (K rows) with g_lr, else one
+  T* u = grads + (g_lr != nullptr ? K : 1) * Pp;
+  T* v = u + Pp;
   Acts<T> q = make_split_acts(net, states + K * st, tangents, nmax);
   const int64_t s = slice(net, q, net.L - 1);
   const int D = net.dims[net.L];
@@ -1005,9 +1012,9 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
 
   for (int k = 0; k < K; ++k) {
     Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
-    T* g = g_lr != nullptr ? grads + k * P : grads;
-    support_grad(net, td, theta_at(theta0, thetas, k, P), a, g, tm);
-    sgd_update(theta_at(theta0, thetas, k, P), lr + k * P, g, thetas + k * P, P, tm);
+    T* g = g_lr != nullptr ? grads + k * Pp : grads;
+    support_grad(net, td, theta_at(theta0, thetas, k, Pp), a, g, tm);
+    sgd_update(theta_at(theta0, thetas, k, Pp), lr + k * P, g, thetas + k * Pp, P, tm);
   }
   if (gxs != nullptr) fill(gxs, static_cast<int64_t>(td.ns) * net.dims[0], T(0), tm);
   if (gxq != nullptr) fill(gxq, static_cast<int64_t>(td.nq) * net.dims[0], T(0), tm);
@@ -1017,7 +1024,7 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
   fill(v, P, T(0), tm);
   tm.sync();
   {
-    const T* th = theta_at(theta0, thetas, K, P);
+    const T* th = theta_at(theta0, thetas, K, Pp);
     forward(net, th, td.xq, td.nq, q, tm);
     const T loss_K = loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, c * qw[K], q.d + s, q.p, tm);
     if (preds_out != nullptr) {
@@ -1031,10 +1038,10 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
   }
 
   for (int k = K - 1; k >= 0; --k) {
-    const T* th = theta_at(theta0, thetas, k, P);
+    const T* th = theta_at(theta0, thetas, k, Pp);
     const T* lrk = lr + k * P;
     if (g_lr != nullptr) {
-      const T* g = grads + k * P;
+      const T* g = grads + k * Pp;
       T* gl = g_lr + k * P;
       if (preds_out != nullptr) {
         for_each(tm, P, [&](int64_t i) { gl[i] = -(g[i] * v[i]); });

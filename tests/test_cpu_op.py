@@ -504,7 +504,7 @@ def test_workspace_bytes_matches_kernel_formula():
     """cpu.workspace_bytes (the Python size limit) follows csrc/maml_task.h's backward_workspace: a run
     at the limit's edge must not be rejected for the wrong reason, and the formula must grow with K."""
     small = cpu_backend.workspace_bytes([1, 40, 40, 1], 5, 10, 4)
-    P = 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1
-    state = 10 * (3 * 81 + 1)
-    assert small == (6 * state + 3 * 10 * 81 + 12 * P) * 4
+    P = 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1  # 1761, padded to 1776 (segments on 64-byte boundaries)
+    state = 3 * 816 + 16  # z, h, d of 10 x 81 (810 -> 816) and the 10 outputs (-> 16)
+    assert small == (6 * state + 3 * 816 + 12 * 1776) * 4
     assert cpu_backend.workspace_bytes([1, 40, 40, 1], 6, 10, 4) > small

@@ -17,6 +17,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -29,6 +30,22 @@
 namespace fastmaml {
 namespace cpu {
 namespace {
+
+// One thread's scratch, zeroed, starting on a 64-byte boundary: maml_task.h places its segments on
+// 64-byte boundaries from there, so the products' vector loads do not split cache lines (measured: the
+// fused forward-backward of 1-40-40-1 at K=1 ~4% faster than with the allocator's 16-byte alignment).
+template <typename T>
+class Workspace {
+ public:
+  explicit Workspace(int64_t n) : buf_(static_cast<size_t>(n) + 64 / sizeof(T)) {}
+  T* data() {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(buf_.data());
+    return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
+  }
+
+ private:
+  std::vector<T> buf_;
+};
 
 using task::Net;
 
@@ -134,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor> maml_fwd(const at::Tensor& theta_in, const at
     const LoopTable<scalar_t> table = loops<scalar_t>();
     const int64_t ws = task::forward_workspace(s.net, std::max(s.Ns, s.Nq));
     at::parallel_for(0, s.T, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> work(static_cast<size_t>(ws));
+      Workspace<scalar_t> work(ws);
       table.forward(args, begin, end, work.data());
     });
   });
@@ -188,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
     const LoopTable<scalar_t> table = loops<scalar_t>();
     const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
     at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> work(static_cast<size_t>(ws));
+      Workspace<scalar_t> work(ws);
       table.backward(args, begin, end, work.data());
     });
     // Sum the partial rows in chunk order; columns in parallel (each column's order is fixed).
@@ -240,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const LoopTable<scalar_t> table = loops<scalar_t>();
     const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> work(static_cast<size_t>(ws));
+      Workspace<scalar_t> work(ws);
       table.forward_backward(args, begin, end, work.data());
     });
   });
@@ -291,7 +308,7 @@ at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const
     const LoopTable<scalar_t> table = loops<scalar_t>();
     const int64_t ws = task::adapt_workspace(s.net, s.Ns);
     at::parallel_for(0, s.T, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> work(static_cast<size_t>(ws));
+      Workspace<scalar_t> work(ws);
       table.adapt(args, begin, end, work.data());
     });
   });

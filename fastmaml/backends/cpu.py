@@ -48,9 +48,14 @@ def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: 
     if op == "adapt":
         return (n_points * (6 * width_sum + dims[-1]) + P) * itemsize
     K = inner_steps
-    state = n_points * (3 * width_sum + dims[-1])
+
+    def padded(n: int) -> int:  # segments start on 64-byte boundaries (counts rounded up to 16)
+        return (n + 15) // 16 * 16
+
+    state = 3 * padded(n_points * width_sum) + padded(n_points * dims[-1])
+    tangents = 3 * padded(n_points * width_sum)
     grads = max(K, 1)  # inner_steps = 0 still keeps one gradient buffer
-    return ((K + 1) * state + 3 * n_points * width_sum + (K + grads + 2) * P) * itemsize
+    return ((K + 1) * state + tangents + (K + grads + 2) * padded(P)) * itemsize
 
 
 # The fused forward-and-backward (`maml_fwdbwd`) keeps every task's own gradient rows until the backward
