@@ -31,6 +31,12 @@ namespace fastmaml {
 namespace cpu {
 namespace {
 
+// Scratch of one thread of maml_fwd, maml_bwd or maml_fwdbwd: theta_0's transposed weights (one padded
+// parameter vector, task_loops.inc), then the workspace of one task.
+int64_t with_transposed_theta(const task::Net& net, int64_t task_workspace) {
+  return task::padded(net.P) + task_workspace;
+}
+
 // One thread's scratch, zeroed, starting on a 64-byte boundary: maml_task.h places its segments on
 // 64-byte boundaries from there, so the products' vector loads do not split cache lines (measured: the
 // fused forward-backward of 1-40-40-1 at K=1 ~4% faster than with the allocator's 16-byte alignment).
@@ -149,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> maml_fwd(const at::Tensor& theta_in, const at
     args.task_losses = task_losses.mutable_data_ptr<scalar_t>();
     args.preds = preds.mutable_data_ptr<scalar_t>();
     const LoopTable<scalar_t> table = loops<scalar_t>();
-    const int64_t ws = task::forward_workspace(s.net, std::max(s.Ns, s.Nq));
+    const int64_t ws = with_transposed_theta(s.net, task::forward_workspace(s.net, std::max(s.Ns, s.Nq)));
     at::parallel_for(0, s.T, 1, [&](int64_t begin, int64_t end) {
       Workspace<scalar_t> work(ws);
       table.forward(args, begin, end, work.data());
@@ -203,7 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
     args.gxs = need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr;
     args.gxq = need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr;
     const LoopTable<scalar_t> table = loops<scalar_t>();
-    const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
+    const int64_t ws =
+        with_transposed_theta(s.net, task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad));
     at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
       Workspace<scalar_t> work(ws);
       table.backward(args, begin, end, work.data());
@@ -255,7 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     args.gxs = need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr;
     args.gxq = need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr;
     const LoopTable<scalar_t> table = loops<scalar_t>();
-    const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
+    const int64_t ws =
+        with_transposed_theta(s.net, task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad));
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       Workspace<scalar_t> work(ws);
       table.forward_backward(args, begin, end, work.data());
