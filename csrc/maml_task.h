@@ -640,7 +640,7 @@ FASTMAML_HD inline int64_t slice(const Net& net, const Acts<T>& a, int l) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// theta_0's weights transposed (CPU loops). Every task starts from the same theta_0, so a thread can
+// theta_0's weights transposed (CPU loops). Every task starts from the same theta_0, so the CPU ops
 // transpose its weights once per call and run the products with W_l^T at theta_0 -- the support
 // forward pass and the HVP's Rh W^T at step 0 -- as row-times-matrix tiles (gemm_nn_acc) instead of dot
 // products that each end in a horizontal sum (gemm_nt_acc): 10 x 40 x 40 in 0.39 instead of 0.53 us on

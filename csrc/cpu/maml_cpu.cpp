@@ -1,7 +1,9 @@
-// fastmaml: the CPU kernels of maml_fwd, maml_bwd and maml_adapt (docs/kernels.md).
+// fastmaml: the CPU kernels of maml_fwd, maml_bwd, maml_fwdbwd, maml_adapt and weighted_task_sum
+// (docs/kernels.md).
 //
 // Tasks are independent: at::parallel_for runs them on the intra-op threads, each thread with one scratch
-// workspace reused for all its tasks (no allocation per task). The per-task math is csrc/maml_task.h,
+// workspace reused for all its tasks (no allocation per task). The products at theta_0 read its
+// transposed weights, made once per call (TransposedTheta). The per-task math is csrc/maml_task.h,
 // looped over tasks in task_loops.inc, compiled for the baseline instruction set and for AVX2 + FMA;
 // the AVX2 loops run when the CPU has them (FASTMAML_CPU_ISA=baseline forces the baseline ones).
 // The meta-gradient is reduced over tasks deterministically: tasks are cut into chunks whose size
@@ -31,12 +33,6 @@ namespace fastmaml {
 namespace cpu {
 namespace {
 
-// Scratch of one thread of maml_fwd, maml_bwd or maml_fwdbwd: theta_0's transposed weights (one padded
-// parameter vector, task_loops.inc), then the workspace of one task.
-int64_t with_transposed_theta(const task::Net& net, int64_t task_workspace) {
-  return task::padded(net.P) + task_workspace;
-}
-
 // One thread's scratch, zeroed, starting on a 64-byte boundary: maml_task.h places its segments on
 // 64-byte boundaries from there, so the products' vector loads do not split cache lines (measured: the
 // fused forward-backward of 1-40-40-1 at K=1 ~4% faster than with the allocator's 16-byte alignment).
@@ -51,6 +47,16 @@ class Workspace {
 
  private:
   std::vector<T> buf_;
+};
+
+// theta with its weights transposed (task::transpose_weights), shared read-only by the threads of one
+// call: the task loops run the products at theta_0 from it.
+template <typename T>
+struct TransposedTheta {
+  Workspace<T> buf;
+  TransposedTheta(const task::Net& net, const T* theta) : buf(net.P) {
+    task::transpose_weights(net, theta, buf.data());
+  }
 };
 
 using task::Net;
@@ -155,7 +161,9 @@ std::tuple<at::Tensor, at::Tensor> maml_fwd(const at::Tensor& theta_in, const at
     args.task_losses = task_losses.mutable_data_ptr<scalar_t>();
     args.preds = preds.mutable_data_ptr<scalar_t>();
     const LoopTable<scalar_t> table = loops<scalar_t>();
-    const int64_t ws = with_transposed_theta(s.net, task::forward_workspace(s.net, std::max(s.Ns, s.Nq)));
+    TransposedTheta<scalar_t> theta_t(s.net, args.theta);
+    args.theta_t = theta_t.buf.data();
+    const int64_t ws = task::forward_workspace(s.net, std::max(s.Ns, s.Nq));
     at::parallel_for(0, s.T, 1, [&](int64_t begin, int64_t end) {
       Workspace<scalar_t> work(ws);
       table.forward(args, begin, end, work.data());
@@ -209,8 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
     args.gxs = need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr;
     args.gxq = need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr;
     const LoopTable<scalar_t> table = loops<scalar_t>();
-    const int64_t ws =
-        with_transposed_theta(s.net, task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad));
+    TransposedTheta<scalar_t> theta_t(s.net, args.theta);
+    args.theta_t = theta_t.buf.data();
+    const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
     at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
       Workspace<scalar_t> work(ws);
       table.backward(args, begin, end, work.data());
@@ -262,8 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     args.gxs = need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr;
     args.gxq = need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr;
     const LoopTable<scalar_t> table = loops<scalar_t>();
-    const int64_t ws =
-        with_transposed_theta(s.net, task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad));
+    TransposedTheta<scalar_t> theta_t(s.net, args.theta);
+    args.theta_t = theta_t.buf.data();
+    const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       Workspace<scalar_t> work(ws);
       table.forward_backward(args, begin, end, work.data());

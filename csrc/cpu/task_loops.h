@@ -22,6 +22,7 @@ struct LoopArgs {
   int loss;
   int64_t num_tasks, ns, nq, K;
   const T* theta;        // [P]
+  const T* theta_t;      // [P]: theta with its weights transposed (task::transpose_weights), or null
   const T* lr;           // [K, P]
   const T* qw;           // [K + 1]
   const T* xs;           // [T, Ns, D_in]

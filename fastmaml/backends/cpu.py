@@ -42,8 +42,7 @@ MAX_WORKSPACE_BYTES = 64 << 20
 
 def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: int, op: str = "maml") -> int:
     """Bytes of scratch one thread of the kernel uses (csrc/maml_task.h: `backward_workspace` with the
-    rates' gradient, the larger case, plus theta_0's transposed weights (csrc/cpu/task_loops.inc), for
-    `maml`; `adapt_workspace` for `adapt`)."""
+    rates' gradient, the larger case, for `maml`; `adapt_workspace` for `adapt`)."""
     P = sum(dims[i + 1] * dims[i] + dims[i + 1] for i in range(len(dims) - 1))
     width_sum = sum(dims[1:])
     if op == "adapt":
@@ -56,8 +55,7 @@ def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: 
     state = 3 * padded(n_points * width_sum) + padded(n_points * dims[-1])
     tangents = 3 * padded(n_points * width_sum)
     grads = max(K, 1)  # inner_steps = 0 still keeps one gradient buffer
-    # + 1 parameter vector: theta_0's transposed weights, kept by each thread (csrc/cpu/task_loops.inc)
-    return ((K + 1) * state + tangents + (K + grads + 3) * padded(P)) * itemsize
+    return ((K + 1) * state + tangents + (K + grads + 2) * padded(P)) * itemsize
 
 
 # The fused forward-and-backward (`maml_fwdbwd`) keeps every task's own gradient rows until the backward
