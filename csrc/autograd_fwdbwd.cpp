@@ -1,17 +1,24 @@
-// fastmaml: the autograd kernel of maml_fwdbwd, registered under the Autograd key in fastmaml.cpp.
+// fastmaml: the autograd kernels of maml_fwdbwd and maml_train, registered under the Autograd key in
+// fastmaml.cpp.
 //
-// Every training call of a fused backend runs through here, so the formula is C++: the same formula
-// registered from Python (torch.library.register_autograd) cost ~0.13 ms in the forward and ~0.12 ms in
-// the backward per call, about 12% of a meta-iteration at T=256, K=1 on 2 cores. The ops it calls go
-// through the dispatcher, so any device's kernels serve, and torch.compile traces them (their fake
-// kernels are registered from Python).
+// Every training call of a fused backend runs through here, so the formulas are C++: the same formula
+// registered from Python (torch.library.register_autograd) cost ~0.13 ms in the forward and ~0.1 ms in
+// the backward per call, about 12% of a meta-iteration at T=256, K=1 on 2 cores. maml_train takes the
+// parameters as a list, so the flattening into theta and the split of its gradient back into one tensor
+// per parameter happen here too, not as seven more autograd nodes from Python (~0.07 ms). The ops this
+// calls go through the dispatcher, so any device's kernels serve, and torch.compile traces them (their
+// fake kernels are registered from Python).
 
 #include "autograd_fwdbwd.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/cat.h>
+#include <c10/util/accumulate.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
+
+#include <functional>
 
 namespace fastmaml {
 namespace {
@@ -29,78 +36,178 @@ using BwdFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Te
                                                           c10::IntArrayRef, int64_t, int64_t, bool, bool, bool);
 using TaskSumFn = Tensor(const Tensor&, const Tensor&);
 
-// The inputs' positions in the op's schema (and among the autograd function's arguments).
-enum Input { kTheta, kLr, kXs, kYs, kXq, kYq, kQw };
-constexpr size_t kNumInputs = 13;  // the tensors above, then dims, activation, loss and the three flags
+// The saved tensors, in this order.
+enum Saved { kTheta, kLr, kXs, kYs, kXq, kYq, kQw, kRowsTheta, kRowsLr, kRowsXs, kRowsXq };
 
+// Runs maml_fwdbwd below autograd on the device's kernel and saves what the backward needs (then
+// `also_save`). Returns its six outputs (task losses, query output, the rows of theta, the rates,
+// x_support, x_query).
+variable_list forward_and_save(AutogradContext* ctx, const Tensor& theta, const Tensor& lr,
+                                           const Tensor& xs, const Tensor& ys, const Tensor& xq, const Tensor& yq,
+                                           const Tensor& qw, c10::IntArrayRef dims, int64_t activation,
+                                           int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad,
+                                           at::TensorList also_save = {}) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastmaml::maml_fwdbwd", "").typed<FwdBwdFn>();
+  Tensor task_losses, preds, rows_theta, rows_lr, rows_xs, rows_xq;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // the device kernel, not an autograd kernel again
+    std::tie(task_losses, preds, rows_theta, rows_lr, rows_xs, rows_xq) =
+        op.call(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order, need_lr_grad, need_x_grad);
+  }
+  variable_list to_save{theta, lr, xs, ys, xq, yq, qw, rows_theta, rows_lr, rows_xs, rows_xq};
+  to_save.insert(to_save.end(), also_save.begin(), also_save.end());
+  ctx->save_for_backward(to_save);
+  ctx->saved_data["dims"] = dims.vec();
+  ctx->saved_data["activation"] = activation;
+  ctx->saved_data["loss"] = loss;
+  ctx->saved_data["first_order"] = first_order;
+  ctx->saved_data["need_lr_grad"] = need_lr_grad;
+  ctx->saved_data["need_x_grad"] = need_x_grad;
+  ctx->set_materialize_grads(false);  // an unused query output gives an undefined gradient, not zeros
+  return {task_losses, preds, rows_theta, rows_lr, rows_xs, rows_xq};
+}
+
+// The gradients wanted: theta (flat), the rates, x_support, x_query.
+struct Wanted {
+  bool theta, lr, xs, xq;
+};
+
+struct Grads {
+  Tensor theta, lr, xs, xq;
+};
+
+// The backward: the saved rows weighted by the task losses' cotangents; with a cotangent on the query
+// output, or under create_graph=True, maml_bwd's reverse sweep instead.
+// `differentiable_theta` (optional) replaces the saved theta in maml_bwd's call under create_graph=True,
+// so that its result stays connected to the graph (and a second backward meets maml_bwd's refusal).
+Grads backward_from_saved(AutogradContext* ctx, const Tensor& g_task_losses, const Tensor& g_preds,
+                          const Wanted& want, const std::function<Tensor()>& differentiable_theta = nullptr) {
+  const variable_list saved = ctx->get_saved_variables();
+  const Tensor &theta = saved[kTheta], &xs = saved[kXs], &xq = saved[kXq];
+  const Tensor g_losses =
+      g_task_losses.defined() ? g_task_losses.contiguous() : at::zeros({xs.size(0)}, theta.options());
+  Grads g;
+  if (g_preds.defined() || at::GradMode::is_enabled()) {
+    // The rows do not cover a cotangent of the query output; under create_graph=True the weighted rows
+    // would give a silently wrong second derivative, while maml_bwd's own autograd formula raises.
+    static const auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastmaml::maml_bwd", "").typed<BwdFn>();
+    const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
+    const Tensor gp = g_preds.defined() ? g_preds.contiguous()
+                                        : at::zeros({xq.size(0), xq.size(1), dims.back()}, theta.options());
+    const bool create_graph = at::GradMode::is_enabled();
+    std::tie(g.theta, g.lr, g.xs, g.xq) =
+        bwd.call(create_graph && differentiable_theta ? differentiable_theta() : theta, saved[kLr], xs, saved[kYs], xq, saved[kYq], saved[kQw], g_losses, gp, dims,
+                 ctx->saved_data["activation"].toInt(), ctx->saved_data["loss"].toInt(),
+                 ctx->saved_data["first_order"].toBool(), want.lr, want.xs || want.xq);
+  } else {
+    static const auto task_sum =
+        c10::Dispatcher::singleton().findSchemaOrThrow("fastmaml::weighted_task_sum", "").typed<TaskSumFn>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // grad mode is off here: nothing to record
+    if (want.theta) g.theta = task_sum.call(saved[kRowsTheta], g_losses);
+    if (want.lr) g.lr = task_sum.call(saved[kRowsLr], g_losses);
+    const Tensor scale = g_losses.view({-1, 1, 1});
+    if (want.xs) g.xs = saved[kRowsXs].mul(scale);
+    if (want.xq) g.xq = saved[kRowsXq].mul(scale);
+  }
+  return g;
+}
+
+// Which gradients the call asked for (the op's flags) and autograd needs (`lr`, `xs`, `xq`: the edge
+// indices of those inputs).
+Wanted wanted(AutogradContext* ctx, bool theta, size_t lr, size_t xs, size_t xq) {
+  const bool need_lr = ctx->saved_data["need_lr_grad"].toBool();
+  const bool need_x = ctx->saved_data["need_x_grad"].toBool();
+  return {theta, need_lr && ctx->needs_input_grad(lr), need_x && ctx->needs_input_grad(xs),
+          need_x && ctx->needs_input_grad(xq)};
+}
+
+// maml_fwdbwd: theta flat; the per-task rows are outputs too (not differentiable).
 class MamlFwdBwd : public torch::autograd::Function<MamlFwdBwd> {
  public:
+  // Argument positions (the op's schema): 7 tensors, then dims, activation, loss and three flags.
+  enum Input { kInTheta, kInLr, kInXs, kInYs, kInXq, kInYq, kInQw, kNumInputs = 13 };
+
   static variable_list forward(AutogradContext* ctx, const Tensor& theta, const Tensor& lr, const Tensor& xs,
                                const Tensor& ys, const Tensor& xq, const Tensor& yq, const Tensor& qw,
                                c10::IntArrayRef dims, int64_t activation, int64_t loss, bool first_order,
                                bool need_lr_grad, bool need_x_grad) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fastmaml::maml_fwdbwd", "")
-                               .typed<FwdBwdFn>();
-    Tensor task_losses, preds, rows_theta, rows_lr, rows_xs, rows_xq;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // the device kernel, not this one again
-      std::tie(task_losses, preds, rows_theta, rows_lr, rows_xs, rows_xq) =
-          op.call(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order, need_lr_grad, need_x_grad);
-    }
-    ctx->save_for_backward({theta, lr, xs, ys, xq, yq, qw, rows_theta, rows_lr, rows_xs, rows_xq});
-    ctx->saved_data["dims"] = dims.vec();
-    ctx->saved_data["activation"] = activation;
-    ctx->saved_data["loss"] = loss;
-    ctx->saved_data["first_order"] = first_order;
-    ctx->saved_data["need_lr_grad"] = need_lr_grad;
-    ctx->saved_data["need_x_grad"] = need_x_grad;
-    ctx->mark_non_differentiable({rows_theta, rows_lr, rows_xs, rows_xq});  // the backward's, not results
-    ctx->set_materialize_grads(false);  // an unused query output gives an undefined gradient, not zeros
-    return {task_losses, preds, rows_theta, rows_lr, rows_xs, rows_xq};
+    variable_list out = forward_and_save(ctx, theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order,
+                                         need_lr_grad, need_x_grad);
+    ctx->mark_non_differentiable({out[2], out[3], out[4], out[5]});  // the rows: the backward's, not results
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor &theta = saved[kTheta], &lr = saved[kLr], &xs = saved[kXs], &ys = saved[kYs],
-                 &xq = saved[kXq], &yq = saved[kYq], &qw = saved[kQw];
-    const Tensor &rows_theta = saved[7], &rows_lr = saved[8], &rows_xs = saved[9], &rows_xq = saved[10];
-    const bool need_lr = ctx->saved_data["need_lr_grad"].toBool() && ctx->needs_input_grad(kLr);
-    const bool need_xs = ctx->saved_data["need_x_grad"].toBool() && ctx->needs_input_grad(kXs);
-    const bool need_xq = ctx->saved_data["need_x_grad"].toBool() && ctx->needs_input_grad(kXq);
-    Tensor g_losses = grads[0].defined() ? grads[0].contiguous() : at::zeros({xs.size(0)}, theta.options());
-    const Tensor& g_preds = grads[1];
-
-    Tensor g_theta, g_lr, g_xs, g_xq;
-    if (g_preds.defined() || at::GradMode::is_enabled()) {
-      // The rows do not cover a cotangent of the query output; under create_graph=True the weighted rows
-      // would give a silently wrong second derivative, while maml_bwd's own autograd formula raises.
-      static const auto bwd = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("fastmaml::maml_bwd", "")
-                                  .typed<BwdFn>();
-      const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
-      const Tensor gp = g_preds.defined() ? g_preds.contiguous()
-                                          : at::zeros({xq.size(0), xq.size(1), dims.back()}, theta.options());
-      std::tie(g_theta, g_lr, g_xs, g_xq) =
-          bwd.call(theta, lr, xs, ys, xq, yq, qw, g_losses, gp, dims, ctx->saved_data["activation"].toInt(),
-                   ctx->saved_data["loss"].toInt(), ctx->saved_data["first_order"].toBool(), need_lr,
-                   need_xs || need_xq);
-    } else {
-      static const auto task_sum = c10::Dispatcher::singleton()
-                                       .findSchemaOrThrow("fastmaml::weighted_task_sum", "")
-                                       .typed<TaskSumFn>();
-      at::AutoDispatchBelowADInplaceOrView below_autograd;  // grad mode is off here: nothing to record
-      if (ctx->needs_input_grad(kTheta)) g_theta = task_sum.call(rows_theta, g_losses);
-      if (need_lr) g_lr = task_sum.call(rows_lr, g_losses);
-      const Tensor scale = g_losses.view({-1, 1, 1});
-      if (need_xs) g_xs = rows_xs.mul(scale);
-      if (need_xq) g_xq = rows_xq.mul(scale);
-    }
+    const Wanted want = wanted(ctx, ctx->needs_input_grad(kInTheta), kInLr, kInXs, kInXq);
+    const Grads g = backward_from_saved(ctx, grads[0], grads[1], want);
     variable_list out(kNumInputs);
-    if (ctx->needs_input_grad(kTheta)) out[kTheta] = g_theta;
-    if (need_lr) out[kLr] = g_lr;
-    if (need_xs) out[kXs] = g_xs;
-    if (need_xq) out[kXq] = g_xq;
+    if (want.theta) out[kInTheta] = g.theta;
+    if (want.lr) out[kInLr] = g.lr;
+    if (want.xs) out[kInXs] = g.xs;
+    if (want.xq) out[kInXq] = g.xq;
+    return out;
+  }
+};
+
+// maml_train: the parameters as a list, flattened into theta here; returns the task losses and the
+// query output only.
+class MamlTrain : public torch::autograd::Function<MamlTrain> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList params, const Tensor& lr, const Tensor& xs,
+                               const Tensor& ys, const Tensor& xq, const Tensor& yq, const Tensor& qw,
+                               c10::IntArrayRef dims, int64_t activation, int64_t loss, bool first_order,
+                               bool need_lr_grad, bool need_x_grad) {
+    std::vector<Tensor> flat;
+    std::vector<int64_t> ranks, shapes;  // each parameter's rank, and all their shapes end to end
+    flat.reserve(params.size());
+    Tensor theta;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (const Tensor& p : params) {
+        flat.push_back(p.reshape({-1}));
+        ranks.push_back(p.dim());
+        shapes.insert(shapes.end(), p.sizes().begin(), p.sizes().end());
+      }
+      theta = at::cat(flat);
+    }
+    ctx->saved_data["ranks"] = ranks;
+    ctx->saved_data["shapes"] = shapes;
+    const variable_list out = forward_and_save(ctx, theta, lr, xs, ys, xq, yq, qw, dims, activation, loss,
+                                               first_order, need_lr_grad, need_x_grad, params);
+    return {out[0], out[1]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const std::vector<int64_t> ranks = ctx->saved_data["ranks"].toIntVector();
+    const std::vector<int64_t> shapes = ctx->saved_data["shapes"].toIntVector();
+    const size_t n = ranks.size();
+    bool any_param = false;
+    for (size_t i = 0; i < n; ++i) any_param = any_param || ctx->needs_input_grad(i);
+    // Edges: the n params, then lr, x_support, y_support, x_query, y_query, qw.
+    const Wanted want = wanted(ctx, any_param, n, n + 1, n + 3);
+    const Grads g = backward_from_saved(ctx, grads[0], grads[1], want, [&] {
+      const variable_list saved = ctx->get_saved_variables();  // the params follow the fixed entries
+      std::vector<Tensor> flat;
+      for (size_t i = 0; i < n; ++i) flat.push_back(saved[kRowsXq + 1 + i].reshape({-1}));
+      return at::cat(flat);  // recorded: grad mode is on under create_graph=True
+    });
+    // One output per argument: the n params (the list is flattened), then the 12 other arguments.
+    variable_list out(n + 12);
+    if (want.theta) {  // views of the flat gradient, one per parameter
+      int64_t offset = 0;
+      size_t dim = 0;
+      for (size_t i = 0; i < n; ++i) {
+        const c10::IntArrayRef shape(shapes.data() + dim, static_cast<size_t>(ranks[i]));
+        dim += static_cast<size_t>(ranks[i]);
+        const int64_t numel = c10::multiply_integers(shape);
+        if (ctx->needs_input_grad(i)) out[i] = g.theta.narrow(0, offset, numel).view(shape);
+        offset += numel;
+      }
+    }
+    if (want.lr) out[n] = g.lr;
+    if (want.xs) out[n + 1] = g.xs;
+    if (want.xq) out[n + 3] = g.xq;
     return out;
   }
 };
@@ -114,6 +221,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> maml_fwdbwd_autograd(
   const variable_list out = MamlFwdBwd::apply(theta, lr, x_support, y_support, x_query, y_query, qw, dims,
                                               activation, loss, first_order, need_lr_grad, need_x_grad);
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+std::tuple<Tensor, Tensor> maml_train_autograd(at::TensorList params, const Tensor& lr, const Tensor& x_support,
+                                               const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
+                                               const Tensor& qw, c10::IntArrayRef dims, int64_t activation,
+                                               int64_t loss, bool first_order, bool need_lr_grad,
+                                               bool need_x_grad) {
+  bool any_grad = lr.requires_grad() || x_support.requires_grad() || x_query.requires_grad();
+  for (const Tensor& p : params) any_grad = any_grad || p.requires_grad();
+  if (!at::GradMode::is_enabled() || !any_grad) {  // nothing to differentiate: the forward alone
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return maml_train_forward(params, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss,
+                              first_order, need_lr_grad, need_x_grad);
+  }
+  const variable_list out = MamlTrain::apply(params, lr, x_support, y_support, x_query, y_query, qw, dims,
+                                             activation, loss, first_order, need_lr_grad, need_x_grad);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> maml_train_forward(at::TensorList params, const Tensor& lr, const Tensor& x_support,
+                                              const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
+                                              const Tensor& qw, c10::IntArrayRef dims, int64_t activation,
+                                              int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad) {
+  (void)need_lr_grad;
+  (void)need_x_grad;
+  static const auto fwd = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("fastmaml::maml_fwd", "")
+                              .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                const Tensor&, const Tensor&, const Tensor&,
+                                                                const Tensor&, c10::IntArrayRef, int64_t, int64_t,
+                                                                bool)>();
+  std::vector<Tensor> flat;
+  flat.reserve(params.size());
+  for (const Tensor& p : params) flat.push_back(p.reshape({-1}));
+  return fwd.call(at::cat(flat), lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss,
+                  first_order);
 }
 
 }  // namespace fastmaml

@@ -1,4 +1,4 @@
-// fastmaml: the autograd kernel of maml_fwdbwd (autograd_fwdbwd.cpp).
+// fastmaml: the autograd kernels of maml_fwdbwd and maml_train (autograd_fwdbwd.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +13,20 @@ namespace fastmaml {
 // cotangent on the query output, or under create_graph=True, the backward runs maml_bwd instead.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_fwdbwd_autograd(
     const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& x_support, const at::Tensor& y_support,
+    const at::Tensor& x_query, const at::Tensor& y_query, const at::Tensor& qw, c10::IntArrayRef dims,
+    int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad);
+
+// maml_train (the parameters as a list, flattened here): under autograd, maml_fwdbwd with the same
+// backward as above and the gradient of theta split into one view per parameter; returns the task
+// losses and the query output.
+std::tuple<at::Tensor, at::Tensor> maml_train_autograd(
+    at::TensorList params, const at::Tensor& lr, const at::Tensor& x_support, const at::Tensor& y_support,
+    const at::Tensor& x_query, const at::Tensor& y_query, const at::Tensor& qw, c10::IntArrayRef dims,
+    int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad);
+
+// maml_train below autograd (no gradient wanted): maml_fwd of the flattened parameters.
+std::tuple<at::Tensor, at::Tensor> maml_train_forward(
+    at::TensorList params, const at::Tensor& lr, const at::Tensor& x_support, const at::Tensor& y_support,
     const at::Tensor& x_query, const at::Tensor& y_query, const at::Tensor& qw, c10::IntArrayRef dims,
     int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad);
 

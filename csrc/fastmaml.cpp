@@ -34,6 +34,10 @@ TORCH_LIBRARY(fastmaml, m) {
       "Tensor y_query, Tensor qw, int[] dims, int activation, int loss, bool first_order, bool need_lr_grad, "
       "bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("weighted_task_sum(Tensor rows, Tensor weights) -> Tensor");
+  m.def(
+      "maml_train(Tensor[] params, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, "
+      "Tensor y_query, Tensor qw, int[] dims, int activation, int loss, bool first_order, bool need_lr_grad, "
+      "bool need_x_grad) -> (Tensor, Tensor)");
   m.def("_parallel_probe(int n) -> int", &fastmaml::cpu::parallel_probe);  // no tensors: any device
   m.def(
       "maml_adapt(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
@@ -49,7 +53,14 @@ TORCH_LIBRARY_IMPL(fastmaml, CPU, m) {
 }
 
 // Device-independent: saves the per-task rows and weighs them in the backward (any device's kernels).
-TORCH_LIBRARY_IMPL(fastmaml, Autograd, m) { m.impl("maml_fwdbwd", &fastmaml::maml_fwdbwd_autograd); }
+TORCH_LIBRARY_IMPL(fastmaml, Autograd, m) {
+  m.impl("maml_fwdbwd", &fastmaml::maml_fwdbwd_autograd);
+  m.impl("maml_train", &fastmaml::maml_train_autograd);
+}
+
+// maml_train without autograd (grad mode off, or nothing requires grad): maml_fwd of the flattened
+// parameters, on any device.
+TORCH_LIBRARY_IMPL(fastmaml, CompositeExplicitAutograd, m) { m.impl("maml_train", &fastmaml::maml_train_forward); }
 
 // The CUDA kernels (csrc/cuda/, which include ../maml_task.h for the per-task math) register under the
 // CUDA key with TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) from their own translation unit, so that a build

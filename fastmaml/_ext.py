@@ -322,10 +322,17 @@ def _register_python_parts() -> None:
         return (theta.new_empty((T,)), theta.new_empty((T, Nq, dims[-1])), theta.new_empty((T, theta.shape[0])),
                 g_lr, g_xs, g_xq)
 
+    @torch.library.register_fake("fastmaml::maml_train")
+    def _(params, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order,
+          need_lr_grad, need_x_grad):
+        T, Nq = x_query.shape[0], x_query.shape[1]
+        return params[0].new_empty((T,)), params[0].new_empty((T, Nq, dims[-1]))
+
     @torch.library.register_fake("fastmaml::weighted_task_sum")
     def _(rows, weights):
         return rows.new_empty(rows.shape[1:])
 
     register_fused_autograd(torch.ops.fastmaml.maml_fwd.default, torch.ops.fastmaml.maml_bwd.default)
-    # maml_fwdbwd's autograd kernel is C++ (csrc/autograd_fwdbwd.cpp); the reduction it calls only refuses.
+    # maml_fwdbwd's and maml_train's autograd kernels are C++ (csrc/autograd_fwdbwd.cpp); the reduction
+    # they call only refuses.
     register_task_sum_autograd(torch.ops.fastmaml.weighted_task_sum.default)

@@ -393,7 +393,8 @@ def test_training_call_runs_forward_and_backward_in_one_op(name):
     case = make_case(inner_steps=2, lr_form="per_parameter", loss="mse", activation="tanh", seed=41).to(F64, device_for(name))
     out = run_or_skip(name, lambda: fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query,
                                                   case.y_query, backend=name, **case.kwargs()))
-    assert "MamlFwdBwd" in out.task_losses.grad_fn.name()  # the C++ autograd kernel of maml_fwdbwd
+    # The C++ autograd kernels (csrc/autograd_fwdbwd.cpp): maml_train on CPU tensors, maml_fwdbwd on CUDA.
+    assert ("MamlTrain" if name == "cpu" else "MamlFwdBwd") in out.task_losses.grad_fn.name()
     leaves = case.leaves()
     rows = gradients(out.loss, leaves, retain_graph=True)
     sweep = gradients(out.loss + 0 * out.query_preds.sum(), leaves)  # a query cotangent (of zeros): maml_bwd

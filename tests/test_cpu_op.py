@@ -132,6 +132,64 @@ def test_opcheck_maml_fwdbwd(case, need):
     torch.library.opcheck(torch.ops.fastmaml.maml_fwdbwd.default, (*args, *need))
 
 
+def params_of(theta, dims):
+    """Flat theta -> [W1, b1, ..., WL, bL] (views)."""
+    out, off = [], 0
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        out.append(theta[off:off + d_out * d_in].view(d_out, d_in))
+        off += d_out * d_in
+        out.append(theta[off:off + d_out])
+        off += d_out
+    return out
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}-fo{int(c[8])}")
+@pytest.mark.parametrize("need", [(True, True), (False, False)], ids=["lr_x_grads", "theta_only"])
+def test_opcheck_maml_train(case, need):
+    dims, T, ns, nq, K, loss, dtype, act, fo = case
+    args = op_args(dims, T, ns, nq, K, loss, dtype, seed=15, act=act)
+    args[-1] = fo
+    need_lr, need_x = need
+    params = [p.clone().requires_grad_() for p in params_of(args[0].detach(), dims)]
+    for i, grad in ((1, need_lr), (2, need_x), (4, need_x)):  # lr, x_support, x_query
+        args[i] = args[i].detach().clone().requires_grad_(grad)
+    args[6] = args[6].detach()
+    torch.library.opcheck(torch.ops.fastmaml.maml_train.default, (params, *args[1:], *need))
+
+
+@pytest.mark.parametrize("query_cotangent", [False, True], ids=["rows", "reverse_sweep"])
+def test_maml_train_matches_the_flat_op(query_cotangent):
+    """maml_train (the parameter list) against maml_fwd of the flattened parameters under autograd: the
+    outputs and every gradient (each parameter's, the rates', the inputs'), through the weighted rows
+    and, with a cotangent on the query output, through maml_bwd."""
+    dims = [3, 11, 7, 2]
+    args = op_args(dims, 5, 6, 4, 2, "mse", F64, seed=16, act=1)
+    leaves = [args[i].detach().clone().requires_grad_() for i in (0, 1, 2, 4)]
+    theta, lr, xs, xq = leaves
+    params = [p.clone().requires_grad_() for p in params_of(theta.detach(), dims)]
+    rest = (args[3], xq, args[5], args[6].detach(), *args[7:])
+    gen = torch.Generator().manual_seed(8)
+    w = torch.rand(5, dtype=F64, generator=gen)
+    c = torch.randn(5, 4, 2, dtype=F64, generator=gen) if query_cotangent else None
+
+    def objective(losses, preds):
+        return (losses * w).sum() + ((preds * c).sum() if c is not None else 0)
+
+    train = torch.ops.fastmaml.maml_train.default(params, lr, xs, *rest, True, True)
+    flat = torch.ops.fastmaml.maml_fwd.default(theta, lr, xs, *rest)
+    for a, b in zip(train, flat):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    g_train = torch.autograd.grad(objective(*train), [*params, lr, xs, xq])
+    g_flat = torch.autograd.grad(objective(*flat), [theta, lr, xs, xq])
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in g_train[:len(params)]]), g_flat[0],
+                               rtol=1e-11, atol=1e-13)
+    for a, b in zip(g_train[len(params):], g_flat[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    with torch.no_grad():  # no gradient wanted: the forward alone (maml_fwd)
+        for a, b in zip(torch.ops.fastmaml.maml_train.default(params, lr, xs, *rest, True, True), flat):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_fwdbwd_matches_fwd_and_bwd():
     """maml_fwdbwd's outputs equal maml_fwd's, and its rows weighted by any cotangent equal maml_bwd's
     meta-gradient for that cotangent (float64, multi-step loss, Meta-SGD rates, cross-entropy)."""
@@ -199,11 +257,11 @@ def test_training_step_uses_the_fused_forward_backward(monkeypatch):
     params = [p.requires_grad_() for p in make_params(dims, F64, gen)]
     data = make_data(dims, 6, 5, 4, "mse", F64, gen)
     out = fastmaml.maml(params, *data, inner_steps=2, inner_lr=0.03, backend="cpu")
-    assert "MamlFwdBwd" in out.task_losses.grad_fn.name()  # the C++ autograd kernel (autograd_fwdbwd.cpp)
+    assert "MamlTrain" in out.task_losses.grad_fn.name()  # maml_train's C++ autograd kernel (autograd_fwdbwd.cpp)
     fused = torch.autograd.grad(out.loss, params)
     monkeypatch.setattr(cpu_backend, "MAX_FUSED_ROWS_BYTES", 0)
     out = fastmaml.maml(params, *data, inner_steps=2, inner_lr=0.03, backend="cpu")
-    assert "maml_fwd" in str(out.task_losses.grad_fn) and "MamlFwdBwd" not in out.task_losses.grad_fn.name()
+    assert "maml_fwd" in str(out.task_losses.grad_fn) and "Maml" not in out.task_losses.grad_fn.name()
     apart = torch.autograd.grad(out.loss, params)
     for a, b in zip(fused, apart):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -54,8 +54,12 @@ def unflatten(flat: torch.Tensor, problem: Problem) -> list[torch.Tensor]:
 
 def fused_args(problem: Problem) -> tuple:
     """Positional arguments of `maml_fwd` for this problem."""
+    return (flat_theta(problem), *fused_tail_args(problem))
+
+
+def fused_tail_args(problem: Problem) -> tuple:
+    """The arguments of `maml_fwd` after theta (those of `maml_train` after the parameter list)."""
     return (
-        flat_theta(problem),
         flat_lr(problem),
         problem.x_support.contiguous(),
         problem.y_support.contiguous(),

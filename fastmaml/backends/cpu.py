@@ -5,7 +5,9 @@ One call of `maml_fwd` runs the whole inner loop and query loss of every task; i
 order. When autograd will need the meta-gradient (grad mode on, an input requiring grad) and the
 per-task gradient rows fit in MAX_FUSED_ROWS_BYTES, one call of `maml_fwdbwd` runs the inner loop and
 the reverse sweep together and keeps each task's gradient; the backward then only weighs those rows by
-the task losses' cotangents (no recompute of the inner loop: 1.2-1.3x faster at T=256 on 2 cores).
+the task losses' cotangents (no recompute of the inner loop: 1.2-1.3x faster at T=256 on 2 cores). On
+CPU tensors that call goes through `maml_train`, which takes the parameter list as it is and flattens it
+(and splits its gradient) in C++ (docs/kernels.md).
 Importing this module builds nothing: the extension is built or loaded on the first `unavailable()`
 (fastmaml/_ext.py).
 
@@ -31,7 +33,7 @@ import torch
 
 from .. import _ext
 from .._validate import Problem
-from ._fused import adapt_args, common_reject, fused_args, unflatten
+from ._fused import adapt_args, common_reject, flat_theta, fused_tail_args, unflatten
 
 MAX_LAYERS = 8
 MAX_WIDTH = 4096
@@ -111,14 +113,19 @@ class CpuBackend:
 
     def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         _ext.load()
-        args = fused_args(problem)
+        tail = fused_tail_args(problem)
         if torch.is_grad_enabled() and self.fused_forward_backward(problem):
-            theta, lr, xs, _, xq = args[:5]
+            lr, xs, _, xq = tail[:4]
             need_lr, need_x = lr.requires_grad, xs.requires_grad or xq.requires_grad
-            if (theta.requires_grad or need_lr or need_x) and fused_rows_bytes(problem, need_lr) <= MAX_FUSED_ROWS_BYTES:
-                out = torch.ops.fastmaml.maml_fwdbwd.default(*args, need_lr, need_x)
+            need_theta = any(p.requires_grad for p in problem.params)
+            if (need_theta or need_lr or need_x) and fused_rows_bytes(problem, need_lr) <= MAX_FUSED_ROWS_BYTES:
+                if problem.device.type == "cpu":
+                    # The parameter list goes to C++ as is (flattened and its gradient split there).
+                    return torch.ops.fastmaml.maml_train.default(problem.params, *tail, need_lr, need_x)
+                # CUDA: the flat op, which has run on a GPU; maml_train (device-independent C++) has not yet.
+                out = torch.ops.fastmaml.maml_fwdbwd.default(flat_theta(problem), *tail, need_lr, need_x)
                 return out[0], out[1]
-        return torch.ops.fastmaml.maml_fwd.default(*args)
+        return torch.ops.fastmaml.maml_fwd.default(flat_theta(problem), *tail)
 
     def fused_forward_backward(self, problem: Problem) -> bool:
         """Whether a training call of this problem may run `maml_fwdbwd` (its device has the kernel)."""
