@@ -35,7 +35,10 @@ class Problem:
     x_query: Optional[torch.Tensor]
     y_query: Optional[torch.Tensor]
     inner_steps: int
-    inner_lr: list[torch.Tensor]  # one per param, each viewed as [K, *param.shape]
+    # One rate tensor per param, each viewed as [K, *param.shape] (the `inner_lr` property); None when the
+    # rate was a number (inner_lr_value), whose tensors are made on first use: the fused backends fill
+    # their rate table from the number itself, and making six expanded views cost ~25 us a call.
+    rates: Optional[list[torch.Tensor]]
     first_order: bool
     activation: str
     loss: str
@@ -45,6 +48,15 @@ class Problem:
     inner_lr_is_float: bool = False  # True when the rate was given as a Python number
     inner_lr_value: Optional[float] = None  # that number (the fused backends fill their rate table with it)
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inner_lr(self) -> list[torch.Tensor]:
+        """One rate tensor per param, each viewed as `[K, *param.shape]` (expanded: no copy)."""
+        if self.rates is None:
+            K = self.inner_steps
+            rate = torch.full((K,), self.inner_lr_value, dtype=self.dtype, device=self.device)
+            self.rates = [rate.view(K, *([1] * p.dim())).expand(K, *p.shape) for p in self.params]
+        return self.rates
 
     @property
     def num_tasks(self) -> int:
@@ -75,7 +87,7 @@ class Problem:
         """Whether autograd will need gradients from this call."""
         if not torch.is_grad_enabled():
             return False
-        tensors = list(self.params) + list(self.inner_lr) + [self.x_support]
+        tensors = list(self.params) + ([] if self.rates is None else list(self.rates)) + [self.x_support]
         if self.x_query is not None:
             tensors.append(self.x_query)
         if self.query_loss_weights is not None:
@@ -162,8 +174,9 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 def check_inner_lr(
     inner_lr: Any, params: Sequence[torch.Tensor], K: int
-) -> tuple[list[torch.Tensor], bool]:
-    """Normalise `inner_lr` to one tensor per param viewed as `[K, *param.shape]` (expand: no copy).
+) -> tuple[Optional[list[torch.Tensor]], bool]:
+    """Normalise `inner_lr` to one tensor per param viewed as `[K, *param.shape]` (expand: no copy), or
+    None for a number (`Problem.inner_lr` makes its tensors when asked).
 
     Accepted: a finite number; a tensor broadcastable to `[K]` (scalar, `[1]` or `[K]`); a sequence of
     `len(params)` tensors, tensor `i` broadcastable to `[K, *params[i].shape]`.
@@ -174,8 +187,7 @@ def check_inner_lr(
     if isinstance(inner_lr, numbers.Real):
         if not math.isfinite(float(inner_lr)):
             raise ValueError(f"inner_lr must be finite, got {inner_lr}")
-        rate = torch.full((K,), float(inner_lr), dtype=dtype, device=device)
-        return [rate.view(K, *([1] * p.dim())).expand(K, *p.shape) for p in params], True
+        return None, True
     if isinstance(inner_lr, torch.Tensor):
         _check_like("inner_lr", inner_lr, dtype, device)
         if inner_lr.dim() > 1 or (inner_lr.dim() == 1 and inner_lr.shape[0] not in (1, K)):
@@ -344,7 +356,7 @@ def make_problem(
         x_query=x_query if need_query else None,
         y_query=y_query if need_query else None,
         inner_steps=K,
-        inner_lr=rates,
+        rates=rates,
         first_order=first_order,
         activation=activation,
         loss=loss,
