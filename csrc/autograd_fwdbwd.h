@@ -18,14 +18,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // maml_train (the parameters as a list, flattened here): under autograd, maml_fwdbwd with the same
 // backward as above and the gradient of theta split into one view per parameter; returns the task
-// losses and the query output.
-std::tuple<at::Tensor, at::Tensor> maml_train_autograd(
+// losses, the query output and their mean (the meta-loss: with a cotangent on it alone, on CPU, the
+// backward scales the rows' sums that the kernel made instead of weighing the rows).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> maml_train_autograd(
     at::TensorList params, const at::Tensor& lr, const at::Tensor& x_support, const at::Tensor& y_support,
     const at::Tensor& x_query, const at::Tensor& y_query, const at::Tensor& qw, c10::IntArrayRef dims,
     int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad);
 
 // maml_train below autograd (no gradient wanted): maml_fwd of the flattened parameters.
-std::tuple<at::Tensor, at::Tensor> maml_train_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> maml_train_forward(
     at::TensorList params, const at::Tensor& lr, const at::Tensor& x_support, const at::Tensor& y_support,
     const at::Tensor& x_query, const at::Tensor& y_query, const at::Tensor& qw, c10::IntArrayRef dims,
     int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad);

@@ -33,11 +33,15 @@ TORCH_LIBRARY(fastmaml, m) {
       "maml_fwdbwd(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, "
       "Tensor y_query, Tensor qw, int[] dims, int activation, int loss, bool first_order, bool need_lr_grad, "
       "bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "maml_fwdbwd_sum(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, "
+      "Tensor y_query, Tensor qw, int[] dims, int activation, int loss, bool first_order, bool need_lr_grad, "
+      "bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("weighted_task_sum(Tensor rows, Tensor weights) -> Tensor");
   m.def(
       "maml_train(Tensor[] params, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, "
       "Tensor y_query, Tensor qw, int[] dims, int activation, int loss, bool first_order, bool need_lr_grad, "
-      "bool need_x_grad) -> (Tensor, Tensor)");
+      "bool need_x_grad) -> (Tensor, Tensor, Tensor)");
   m.def("_parallel_probe(int n) -> int", &fastmaml::cpu::parallel_probe);  // no tensors: any device
   m.def(
       "maml_adapt(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
@@ -49,6 +53,7 @@ TORCH_LIBRARY_IMPL(fastmaml, CPU, m) {
   m.impl("maml_bwd", &fastmaml::cpu::maml_bwd);
   m.impl("maml_adapt", &fastmaml::cpu::maml_adapt);
   m.impl("maml_fwdbwd", &fastmaml::cpu::maml_fwdbwd);
+  m.impl("maml_fwdbwd_sum", &fastmaml::cpu::maml_fwdbwd_sum);
   m.impl("weighted_task_sum", &fastmaml::cpu::weighted_task_sum);
 }
 

@@ -313,8 +313,8 @@ def _register_python_parts() -> None:
         return theta.new_empty((x_support.shape[0], theta.shape[0]))
 
     @torch.library.register_fake("fastmaml::maml_fwdbwd")
-    def _(theta, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order,
-          need_lr_grad, need_x_grad):
+    def fwdbwd_fake(theta, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order,
+                    need_lr_grad, need_x_grad):
         T, Nq = x_query.shape[0], x_query.shape[1]
         g_lr = lr.new_empty((T, *lr.shape)) if need_lr_grad else lr.new_empty((0,))
         g_xs = x_support.new_empty(x_support.shape) if need_x_grad else x_support.new_empty((0,))
@@ -326,7 +326,13 @@ def _register_python_parts() -> None:
     def _(params, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order,
           need_lr_grad, need_x_grad):
         T, Nq = x_query.shape[0], x_query.shape[1]
-        return params[0].new_empty((T,)), params[0].new_empty((T, Nq, dims[-1]))
+        return params[0].new_empty((T,)), params[0].new_empty((T, Nq, dims[-1])), params[0].new_empty(())
+
+    @torch.library.register_fake("fastmaml::maml_fwdbwd_sum")
+    def _(theta, lr, *rest):
+        need_lr_grad = rest[-2]
+        sum_lr = lr.new_empty(lr.shape) if need_lr_grad else lr.new_empty((0,))
+        return (*fwdbwd_fake(theta, lr, *rest), theta.new_empty(theta.shape), sum_lr)
 
     @torch.library.register_fake("fastmaml::weighted_task_sum")
     def _(rows, weights):

@@ -77,8 +77,10 @@ def maml(
         activation=activation, loss=loss, query_loss_weights=query_loss_weights,
     )
     chosen = dispatch.select(problem, backend, "maml")
-    task_losses, query_preds = chosen.maml(problem)
-    return MAMLOutput(task_losses.mean(), task_losses, query_preds, chosen.name)
+    out = chosen.maml(problem)
+    task_losses, query_preds = out[0], out[1]
+    loss = out[2] if len(out) > 2 else task_losses.mean()
+    return MAMLOutput(loss, task_losses, query_preds, chosen.name)
 
 
 def adapt(

@@ -56,8 +56,9 @@ class Backend(Protocol):
 
     def reject(self, problem: Problem, op: str) -> Optional[str]: ...
 
-    def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns `(task_losses [T], query_preds [T, Nq, D_out])`, differentiable."""
+    def maml(self, problem: Problem) -> tuple[torch.Tensor, ...]:
+        """Returns `(task_losses [T], query_preds [T, Nq, D_out])`, differentiable, optionally followed by
+        the mean of the task losses (the meta-loss) when the backend computes it with its own gradient."""
         ...
 
     def adapt(self, problem: Problem) -> list[torch.Tensor]:

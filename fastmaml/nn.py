@@ -149,9 +149,11 @@ class MAML(nn.Module):
         problem = self._problem(x_support, y_support, x_query, y_query, steps=self.inner_steps,
                                 need_query=True, query_loss_weights=query_loss_weights)
         chosen = dispatch.select(problem, self.backend, "maml")
-        task_losses, query_preds = chosen.maml(problem)
+        out = chosen.maml(problem)
+        task_losses, query_preds = out[0], out[1]
+        loss = out[2] if len(out) > 2 else task_losses.mean()
         self._remember_vmap(problem)
-        return MAMLOutput(task_losses.mean(), task_losses, query_preds, chosen.name)
+        return MAMLOutput(loss, task_losses, query_preds, chosen.name)
 
     def adapt(self, x_support, y_support, inner_steps: Optional[int] = None) -> dict[str, torch.Tensor]:
         """The adapted parameters of every task, `{name: [T, *shape]}`. With learned per-step rates,

@@ -132,6 +132,38 @@ def test_opcheck_maml_fwdbwd(case, need):
     torch.library.opcheck(torch.ops.fastmaml.maml_fwdbwd.default, (*args, *need))
 
 
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}-fo{int(c[8])}")
+@pytest.mark.parametrize("need", [(True, True), (False, False)], ids=["lr_x_grads", "theta_only"])
+def test_maml_fwdbwd_sum(case, need):
+    """maml_fwdbwd_sum: opcheck, maml_fwdbwd's outputs, and its sums equal to the rows summed over tasks."""
+    dims, T, ns, nq, K, loss, dtype, act, fo = case
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args(dims, 19, ns, nq, K, loss, dtype, 17, act)]
+    args[-1] = fo
+    torch.library.opcheck(torch.ops.fastmaml.maml_fwdbwd_sum.default, (*args, *need),
+                          test_utils=("test_schema", "test_faketensor"))
+    out = torch.ops.fastmaml.maml_fwdbwd_sum.default(*args, *need)
+    ref = torch.ops.fastmaml.maml_fwdbwd.default(*args, *need)
+    for a, b in zip(out[:6], ref):
+        assert torch.equal(a, b)
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[6], ref[2].sum(0), **tol)
+    torch.testing.assert_close(out[7], ref[3].sum(0) if need[0] else ref[3], **tol)
+
+
+def test_maml_fwdbwd_sum_bits_do_not_depend_on_the_thread_count():
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args([2, 9, 3], 37, 4, 5, 2, "mse", F32, 18)]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(torch.ops.fastmaml.maml_fwdbwd_sum.default(*args, True, False))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def params_of(theta, dims):
     """Flat theta -> [W1, b1, ..., WL, bL] (views)."""
     out, off = [], 0
@@ -157,11 +189,12 @@ def test_opcheck_maml_train(case, need):
     torch.library.opcheck(torch.ops.fastmaml.maml_train.default, (params, *args[1:], *need))
 
 
-@pytest.mark.parametrize("query_cotangent", [False, True], ids=["rows", "reverse_sweep"])
-def test_maml_train_matches_the_flat_op(query_cotangent):
+@pytest.mark.parametrize("cotangents", ["mean", "tasks", "tasks_mean", "query"])
+def test_maml_train_matches_the_flat_op(cotangents):
     """maml_train (the parameter list) against maml_fwd of the flattened parameters under autograd: the
-    outputs and every gradient (each parameter's, the rates', the inputs'), through the weighted rows
-    and, with a cotangent on the query output, through maml_bwd."""
+    outputs and every gradient (each parameter's, the rates', the inputs'), through each backward path:
+    the kernel's row sums (a cotangent on the mean only), the weighted rows (on the task losses, with or
+    without the mean), maml_bwd (on the query output)."""
     dims = [3, 11, 7, 2]
     args = op_args(dims, 5, 6, 4, 2, "mse", F64, seed=16, act=1)
     leaves = [args[i].detach().clone().requires_grad_() for i in (0, 1, 2, 4)]
@@ -170,13 +203,20 @@ def test_maml_train_matches_the_flat_op(query_cotangent):
     rest = (args[3], xq, args[5], args[6].detach(), *args[7:])
     gen = torch.Generator().manual_seed(8)
     w = torch.rand(5, dtype=F64, generator=gen)
-    c = torch.randn(5, 4, 2, dtype=F64, generator=gen) if query_cotangent else None
+    c = torch.randn(5, 4, 2, dtype=F64, generator=gen)
 
-    def objective(losses, preds):
-        return (losses * w).sum() + ((preds * c).sum() if c is not None else 0)
+    def objective(losses, preds, mean):
+        if cotangents == "mean":
+            return 1.7 * mean
+        if cotangents == "tasks":
+            return (losses * w).sum()
+        if cotangents == "tasks_mean":
+            return (losses * w).sum() + 1.7 * mean
+        return mean + (preds * c).sum()
 
     train = torch.ops.fastmaml.maml_train.default(params, lr, xs, *rest, True, True)
-    flat = torch.ops.fastmaml.maml_fwd.default(theta, lr, xs, *rest)
+    losses, preds = torch.ops.fastmaml.maml_fwd.default(theta, lr, xs, *rest)
+    flat = (losses, preds, losses.mean())
     for a, b in zip(train, flat):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     g_train = torch.autograd.grad(objective(*train), [*params, lr, xs, xq])

@@ -59,6 +59,19 @@ struct TransposedTheta {
   }
 };
 
+// out = parts[0] + parts[1] + ... (n rows of m, in row order), columns in parallel: the same bits for
+// any thread count.
+template <typename T>
+void sum_parts(const T* parts, int64_t n, int64_t m, T* out) {
+  at::parallel_for(0, m, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = 0;
+    for (int64_t c = 0; c < n; ++c) {
+      const T* r = parts + c * m;
+      for (int64_t i = begin; i < end; ++i) out[i] += r[i];
+    }
+  });
+}
+
 using task::Net;
 
 static_assert(kMaxDims == task::kMaxLayers + 1, "task_loops.h and maml_task.h disagree on the depth limit");
@@ -225,25 +238,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
       table.backward(args, begin, end, work.data());
     });
     // Sum the partial rows in chunk order; columns in parallel (each column's order is fixed).
-    auto reduce = [&](const scalar_t* part, scalar_t* out, int64_t width) {
-      at::parallel_for(0, width, 2048, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) out[i] = 0;
-        for (int64_t c = 0; c < n_chunks; ++c) {
-          const scalar_t* r = part + c * width;
-          for (int64_t i = begin; i < end; ++i) out[i] += r[i];
-        }
-      });
-    };
-    reduce(pth, g_theta.mutable_data_ptr<scalar_t>(), P);
-    if (need_lr_grad) reduce(plr, g_lr.mutable_data_ptr<scalar_t>(), K * P);
+    sum_parts(pth, n_chunks, P, g_theta.mutable_data_ptr<scalar_t>());
+    if (need_lr_grad) sum_parts(plr, n_chunks, K * P, g_lr.mutable_data_ptr<scalar_t>());
   });
   return {g_theta, g_lr, g_xs, g_xq};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_fwdbwd(
-    const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
-    const at::Tensor& xq_in, const at::Tensor& yq_in, const at::Tensor& qw_in, c10::IntArrayRef dims,
-    int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad) {
+namespace {
+
+// Tasks per partial row of maml_fwdbwd_sum's sums: fixed, so the sums do not depend on the thread count.
+constexpr int64_t kSumChunk = 8;
+
+// maml_fwdbwd, and with `with_sums` also the rows summed over the tasks (theta's [P], the rates' [K, P]
+// or [0]): chunks of kSumChunk tasks each sum their rows in task order while they are in cache, and the
+// chunks' partial rows are added in chunk order.
+std::vector<at::Tensor> fwdbwd_impl(const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in,
+                                    const at::Tensor& ys_in, const at::Tensor& xq_in, const at::Tensor& yq_in,
+                                    const at::Tensor& qw_in, c10::IntArrayRef dims, int64_t activation,
+                                    int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad,
+                                    bool with_sums) {
   const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
   const int64_t P = s.net.P, K = s.K, T = s.T, d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
   checks::check_qw(qw_in, theta_in, K);
@@ -261,6 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor g_lr = need_lr_grad ? at::empty({T, K, P}, theta.options()) : at::empty({0}, theta.options());
   at::Tensor g_xs = need_x_grad ? at::empty({T, s.Ns, d_in}, theta.options()) : at::empty({0}, theta.options());
   at::Tensor g_xq = need_x_grad ? at::empty({T, s.Nq, d_in}, theta.options()) : at::empty({0}, theta.options());
+  at::Tensor sum_theta = with_sums ? at::empty({P}, theta.options()) : at::Tensor();
+  at::Tensor sum_lr = with_sums && need_lr_grad ? at::empty({K, P}, theta.options()) : at::empty({0}, theta.options());
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_fwdbwd_cpu", [&] {
     LoopArgs<scalar_t> args = loop_args<scalar_t>(s, dims, activation, loss, theta, lr, xs, ys, &xq, &yq, &qw);
     args.task_losses = task_losses.mutable_data_ptr<scalar_t>();
@@ -274,13 +289,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     TransposedTheta<scalar_t> theta_t(s.net, args.theta);
     args.theta_t = theta_t.buf.data();
     const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
-    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+    if (!with_sums) {
+      at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+        Workspace<scalar_t> work(ws);
+        table.forward_backward(args, begin, end, work.data());
+      });
+      return;
+    }
+    args.chunk = kSumChunk;
+    const int64_t n_chunks = (T + kSumChunk - 1) / kSumChunk;
+    at::Tensor parts_theta = at::empty({n_chunks, P}, theta.options());
+    at::Tensor parts_lr = need_lr_grad ? at::empty({n_chunks, K * P}, theta.options()) : at::Tensor();
+    args.sums_theta = parts_theta.mutable_data_ptr<scalar_t>();
+    args.sums_lr = need_lr_grad ? parts_lr.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
       Workspace<scalar_t> work(ws);
-      table.forward_backward(args, begin, end, work.data());
+      table.forward_backward_sums(args, begin, end, work.data());
     });
+    sum_parts(args.sums_theta, n_chunks, P, sum_theta.mutable_data_ptr<scalar_t>());
+    if (need_lr_grad) sum_parts(args.sums_lr, n_chunks, K * P, sum_lr.mutable_data_ptr<scalar_t>());
   });
+  if (with_sums) return {task_losses, preds, g_theta, g_lr, g_xs, g_xq, sum_theta, sum_lr};
   return {task_losses, preds, g_theta, g_lr, g_xs, g_xq};
 }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_fwdbwd(
+    const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& xs, const at::Tensor& ys,
+    const at::Tensor& xq, const at::Tensor& yq, const at::Tensor& qw, c10::IntArrayRef dims,
+    int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad) {
+  std::vector<at::Tensor> r = fwdbwd_impl(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order,
+                                          need_lr_grad, need_x_grad, false);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+maml_fwdbwd_sum(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& xs, const at::Tensor& ys,
+                const at::Tensor& xq, const at::Tensor& yq, const at::Tensor& qw, c10::IntArrayRef dims,
+                int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad) {
+  std::vector<at::Tensor> r = fwdbwd_impl(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order,
+                                          need_lr_grad, need_x_grad, true);
+  return {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
+}
+
 
 at::Tensor weighted_task_sum(const at::Tensor& rows_in, const at::Tensor& weights_in) {
   const int64_t T = checks::check_task_sum_args(rows_in, weights_in, c10::DeviceType::CPU, "CPU");

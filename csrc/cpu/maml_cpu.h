@@ -5,6 +5,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <tuple>
+#include <vector>
 
 namespace fastmaml {
 namespace cpu {
@@ -26,6 +27,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& x_support, const at::Tensor& y_support,
     const at::Tensor& x_query, const at::Tensor& y_query, const at::Tensor& qw, c10::IntArrayRef dims,
     int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad);
+
+// maml_fwdbwd's outputs, then its rows summed over the tasks: sum_theta [P], sum_lr [K, P] (or [0]);
+// the sums in a fixed order (chunks of tasks), the same bits for any thread count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+maml_fwdbwd_sum(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& x_support,
+                const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
+                const at::Tensor& qw, c10::IntArrayRef dims, int64_t activation, int64_t loss, bool first_order,
+                bool need_lr_grad, bool need_x_grad);
 
 // sum_t weights[t] * rows[t] for rows [T, ...] (tasks in order for every element: deterministic).
 at::Tensor weighted_task_sum(const at::Tensor& rows, const at::Tensor& weights);

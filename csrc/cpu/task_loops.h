@@ -41,6 +41,8 @@ struct LoopArgs {
   int64_t chunk;           // tasks per partial sum
   T* part_theta;           // [n_chunks, P]
   T* part_lr;              // [n_chunks, K * P] or null
+  T* sums_theta;           // maml_fwdbwd_sum: the rows summed per chunk of tasks, [n_chunks, P]
+  T* sums_lr;              // [n_chunks, K * P] or null
   T* gxs;                  // [T, Ns, D_in] or null
   T* gxq;                  // [T, Nq, D_in] or null
   // maml_adapt output
@@ -55,6 +57,9 @@ struct LoopTable {
   void (*backward)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
   void (*adapt)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
   void (*forward_backward)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
+  // maml_fwdbwd_sum: chunks [begin, end) of `chunk` tasks: forward_backward of their tasks, then their
+  // rows summed in task order into the chunk's rows of sums_theta and sums_lr (while still in cache).
+  void (*forward_backward_sums)(const LoopArgs<T>& a, int64_t begin, int64_t end, T* work);
   // weighted_task_sum over columns [begin, end): out[i] = sum_t w[t] * rows[t * M + i], t in order.
   void (*task_sum)(const T* rows, const T* w, int64_t num_tasks, int64_t M, int64_t begin, int64_t end, T* out);
 };

@@ -111,7 +111,7 @@ class CpuBackend:
             return why
         return size_limit_reason(problem, op)
 
-    def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    def maml(self, problem: Problem) -> tuple[torch.Tensor, ...]:
         _ext.load()
         tail = fused_tail_args(problem)
         if torch.is_grad_enabled() and self.fused_forward_backward(problem):
@@ -120,7 +120,8 @@ class CpuBackend:
             need_theta = any(p.requires_grad for p in problem.params)
             if (need_theta or need_lr or need_x) and fused_rows_bytes(problem, need_lr) <= MAX_FUSED_ROWS_BYTES:
                 if problem.device.type == "cpu":
-                    # The parameter list goes to C++ as is (flattened and its gradient split there).
+                    # The parameter list goes to C++ as is (flattened and its gradient split there); the
+                    # third output is the mean loss, whose gradient alone comes from the kernel's row sums.
                     return torch.ops.fastmaml.maml_train.default(problem.params, *tail, need_lr, need_x)
                 # CUDA: the flat op, which has run on a GPU; maml_train (device-independent C++) has not yet.
                 out = torch.ops.fastmaml.maml_fwdbwd.default(flat_theta(problem), *tail, need_lr, need_x)
