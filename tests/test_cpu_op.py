@@ -606,3 +606,23 @@ def test_workspace_bytes_matches_kernel_formula():
     state = 3 * 816 + 16  # z, h, d of 10 x 81 (810 -> 816) and the 10 outputs (-> 16)
     assert small == (6 * state + 3 * 816 + 12 * 1776) * 4
     assert cpu_backend.workspace_bytes([1, 40, 40, 1], 6, 10, 4) > small
+
+
+def test_constant_inputs_kept_between_calls_are_safe():
+    """The float rate's table and the query weights kept between calls (_fused._constant): a call under
+    inference_mode does not leave an inference tensor for a later training call, and another rate or
+    step count gets its own table."""
+    gen = torch.Generator().manual_seed(24)
+    dims = [1, 12, 9, 1]
+    params = [p.requires_grad_() for p in make_params(dims, F64, gen)]
+    data = make_data(dims, 4, 5, 6, "mse", F64, gen)
+    with torch.inference_mode():
+        fastmaml.maml(params, *data, inner_steps=2, inner_lr=0.03, backend="cpu")
+    out = fastmaml.maml(params, *data, inner_steps=2, inner_lr=0.03, backend="cpu")
+    torch.autograd.grad(out.loss, params)
+    ref = fastmaml.maml(params, *data, inner_steps=2, inner_lr=0.03, backend="reference")
+    torch.testing.assert_close(out.task_losses, ref.task_losses, rtol=1e-10, atol=0)
+    for K, lr in ((2, 0.05), (3, 0.03)):
+        out = fastmaml.maml(params, *data, inner_steps=K, inner_lr=lr, backend="cpu")
+        ref = fastmaml.maml(params, *data, inner_steps=K, inner_lr=lr, backend="reference")
+        torch.testing.assert_close(out.task_losses, ref.task_losses, rtol=1e-10, atol=0)
