@@ -106,8 +106,9 @@ Grads backward_from_saved(AutogradContext* ctx, const Tensor& g_task_losses, con
     const Tensor gp = g_preds.defined() ? g_preds.contiguous()
                                         : at::zeros({xq.size(0), xq.size(1), dims.back()}, theta.options());
     const bool create_graph = at::GradMode::is_enabled();
+    const Tensor th = create_graph && differentiable_theta ? differentiable_theta() : theta;
     std::tie(g.theta, g.lr, g.xs, g.xq) =
-        bwd.call(create_graph && differentiable_theta ? differentiable_theta() : theta, saved[kLr], xs, saved[kYs], xq, saved[kYq], saved[kQw], g_losses, gp, dims,
+        bwd.call(th, saved[kLr], xs, saved[kYs], xq, saved[kYq], saved[kQw], g_losses, gp, dims,
                  ctx->saved_data["activation"].toInt(), ctx->saved_data["loss"].toInt(),
                  ctx->saved_data["first_order"].toBool(), want.lr, want.xs || want.xq);
   } else {
@@ -260,11 +261,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> maml_fwdbwd_autograd(
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
-std::tuple<Tensor, Tensor, Tensor> maml_train_autograd(at::TensorList params, const Tensor& lr, const Tensor& x_support,
-                                               const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
-                                               const Tensor& qw, c10::IntArrayRef dims, int64_t activation,
-                                               int64_t loss, bool first_order, bool need_lr_grad,
-                                               bool need_x_grad) {
+std::tuple<Tensor, Tensor, Tensor> maml_train_autograd(at::TensorList params, const Tensor& lr,
+                                                       const Tensor& x_support, const Tensor& y_support,
+                                                       const Tensor& x_query, const Tensor& y_query, const Tensor& qw,
+                                                       c10::IntArrayRef dims, int64_t activation, int64_t loss,
+                                                       bool first_order, bool need_lr_grad, bool need_x_grad) {
   bool any_grad = lr.requires_grad() || x_support.requires_grad() || x_query.requires_grad();
   for (const Tensor& p : params) any_grad = any_grad || p.requires_grad();
   if (!at::GradMode::is_enabled() || !any_grad) {  // nothing to differentiate: the forward alone
@@ -277,10 +278,11 @@ std::tuple<Tensor, Tensor, Tensor> maml_train_autograd(at::TensorList params, co
   return {out[0], out[1], out[2]};
 }
 
-std::tuple<Tensor, Tensor, Tensor> maml_train_forward(at::TensorList params, const Tensor& lr, const Tensor& x_support,
-                                              const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
-                                              const Tensor& qw, c10::IntArrayRef dims, int64_t activation,
-                                              int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad) {
+std::tuple<Tensor, Tensor, Tensor> maml_train_forward(at::TensorList params, const Tensor& lr,
+                                                      const Tensor& x_support, const Tensor& y_support,
+                                                      const Tensor& x_query, const Tensor& y_query, const Tensor& qw,
+                                                      c10::IntArrayRef dims, int64_t activation, int64_t loss,
+                                                      bool first_order, bool need_lr_grad, bool need_x_grad) {
   (void)need_lr_grad;
   (void)need_x_grad;
   static const auto fwd = c10::Dispatcher::singleton()

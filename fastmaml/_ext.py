@@ -40,7 +40,8 @@ log = logging.getLogger("fastmaml")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # The editable checkout's top-level csrc/, then the copy that setup.py ships inside the package.
 _CSRC_CANDIDATES = (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc")
-_SOURCES = ("fastmaml.cpp", "autograd_fwdbwd.cpp", "cpu/maml_cpu.cpp", "cpu/task_loops_baseline.cpp", "cpu/task_loops_avx2.cpp")
+_SOURCES = ("fastmaml.cpp", "autograd_fwdbwd.cpp", "cpu/maml_cpu.cpp", "cpu/task_loops_baseline.cpp",
+            "cpu/task_loops_avx2.cpp")
 # Files whose content defines the CPU library; the CUDA kernels add theirs when they are built.
 _HASHED_GLOBS = ("*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cpu/*.inc")
 _CUDA_SOURCES = ("cuda/maml_cuda.cu", "cuda/binding.cpp")

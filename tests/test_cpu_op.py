@@ -137,7 +137,8 @@ def test_opcheck_maml_fwdbwd(case, need):
 def test_maml_fwdbwd_sum(case, need):
     """maml_fwdbwd_sum: opcheck, maml_fwdbwd's outputs, and its sums equal to the rows summed over tasks."""
     dims, T, ns, nq, K, loss, dtype, act, fo = case
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args(dims, 19, ns, nq, K, loss, dtype, 17, act)]
+    args = op_args(dims, 19, ns, nq, K, loss, dtype, 17, act)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     args[-1] = fo
     torch.library.opcheck(torch.ops.fastmaml.maml_fwdbwd_sum.default, (*args, *need),
                           test_utils=("test_schema", "test_faketensor"))
