@@ -35,12 +35,22 @@ using BwdFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Te
                                                           const Tensor&, const Tensor&, const Tensor&,
                                                           c10::IntArrayRef, int64_t, int64_t, bool, bool, bool);
 using TaskSumFn = Tensor(const Tensor&, const Tensor&);
+using FwdFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, const Tensor&, c10::IntArrayRef, int64_t, int64_t, bool);
 using FwdBwdSumFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     c10::IntArrayRef, int64_t, int64_t, bool, bool, bool);
 
 // The saved tensors, in this order (the sums are undefined unless asked for; `also_save` follows).
 enum Saved { kTheta, kLr, kXs, kYs, kXq, kYq, kQw, kRowsTheta, kRowsLr, kRowsXs, kRowsXq, kSumTheta, kSumLr, kAlso };
+
+// The parameters flattened into one vector, theta = [W1 (row-major), b1, ..., WL, bL].
+Tensor flatten(at::TensorList params) {
+  std::vector<Tensor> flat;
+  flat.reserve(params.size());
+  for (const Tensor& p : params) flat.push_back(p.reshape({-1}));
+  return at::cat(flat);
+}
 
 // Runs maml_fwdbwd (with `with_sums`, maml_fwdbwd_sum: CPU) below autograd on the device's kernel and
 // saves what the backward needs (then `also_save`). Returns its six outputs (task losses, query output,
@@ -91,9 +101,9 @@ struct Grads {
 // output, or under create_graph=True, maml_bwd's reverse sweep instead.
 // `differentiable_theta` (optional) replaces the saved theta in maml_bwd's call under create_graph=True,
 // so that its result stays connected to the graph (and a second backward meets maml_bwd's refusal).
-Grads backward_from_saved(AutogradContext* ctx, const Tensor& g_task_losses, const Tensor& g_preds,
-                          const Wanted& want, const std::function<Tensor()>& differentiable_theta = nullptr) {
-  const variable_list saved = ctx->get_saved_variables();
+Grads backward_from_saved(AutogradContext* ctx, const variable_list& saved, const Tensor& g_task_losses,
+                          const Tensor& g_preds, const Wanted& want,
+                          const std::function<Tensor()>& differentiable_theta = nullptr) {
   const Tensor &theta = saved[kTheta], &xs = saved[kXs], &xq = saved[kXq];
   const Tensor g_losses =
       g_task_losses.defined() ? g_task_losses.contiguous() : at::zeros({xs.size(0)}, theta.options());
@@ -151,7 +161,7 @@ class MamlFwdBwd : public torch::autograd::Function<MamlFwdBwd> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Wanted want = wanted(ctx, ctx->needs_input_grad(kInTheta), kInLr, kInXs, kInXq);
-    const Grads g = backward_from_saved(ctx, grads[0], grads[1], want);
+    const Grads g = backward_from_saved(ctx, ctx->get_saved_variables(), grads[0], grads[1], want);
     variable_list out(kNumInputs);
     if (want.theta) out[kInTheta] = g.theta;
     if (want.lr) out[kInLr] = g.lr;
@@ -169,18 +179,15 @@ class MamlTrain : public torch::autograd::Function<MamlTrain> {
                                const Tensor& ys, const Tensor& xq, const Tensor& yq, const Tensor& qw,
                                c10::IntArrayRef dims, int64_t activation, int64_t loss, bool first_order,
                                bool need_lr_grad, bool need_x_grad) {
-    std::vector<Tensor> flat;
     std::vector<int64_t> ranks, shapes;  // each parameter's rank, and all their shapes end to end
-    flat.reserve(params.size());
+    for (const Tensor& p : params) {
+      ranks.push_back(p.dim());
+      shapes.insert(shapes.end(), p.sizes().begin(), p.sizes().end());
+    }
     Tensor theta;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (const Tensor& p : params) {
-        flat.push_back(p.reshape({-1}));
-        ranks.push_back(p.dim());
-        shapes.insert(shapes.end(), p.sizes().begin(), p.sizes().end());
-      }
-      theta = at::cat(flat);
+      theta = flatten(params);
     }
     ctx->saved_data["ranks"] = ranks;
     ctx->saved_data["shapes"] = shapes;
@@ -224,10 +231,9 @@ class MamlTrain : public torch::autograd::Function<MamlTrain> {
         const Tensor w = g_mean.div(static_cast<double>(T)).expand({T});
         c = c.defined() ? c.add(w) : w;
       }
-      g = backward_from_saved(ctx, c, g_preds, want, [&] {
-        std::vector<Tensor> flat;  // the params follow the fixed entries
-        for (size_t i = 0; i < n; ++i) flat.push_back(saved[kAlso + i].reshape({-1}));
-        return at::cat(flat);  // recorded: grad mode is on under create_graph=True
+      g = backward_from_saved(ctx, saved, c, g_preds, want, [&] {
+        // The params follow the fixed entries; recorded: grad mode is on under create_graph=True.
+        return flatten(at::TensorList(saved).slice(kAlso, n));
       });
     }
     // One output per argument: the n params (the list is flattened), then the 12 other arguments.
@@ -285,16 +291,8 @@ std::tuple<Tensor, Tensor, Tensor> maml_train_forward(at::TensorList params, con
                                                       bool first_order, bool need_lr_grad, bool need_x_grad) {
   (void)need_lr_grad;
   (void)need_x_grad;
-  static const auto fwd = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("fastmaml::maml_fwd", "")
-                              .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                const Tensor&, const Tensor&, const Tensor&,
-                                                                const Tensor&, c10::IntArrayRef, int64_t, int64_t,
-                                                                bool)>();
-  std::vector<Tensor> flat;
-  flat.reserve(params.size());
-  for (const Tensor& p : params) flat.push_back(p.reshape({-1}));
-  auto [task_losses, preds] = fwd.call(at::cat(flat), lr, x_support, y_support, x_query, y_query, qw, dims,
+  static const auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastmaml::maml_fwd", "").typed<FwdFn>();
+  auto [task_losses, preds] = fwd.call(flatten(params), lr, x_support, y_support, x_query, y_query, qw, dims,
                                        activation, loss, first_order);
   Tensor mean = task_losses.mean();
   return {task_losses, preds, mean};

@@ -45,9 +45,13 @@ class Problem:
     query_loss_weights: Optional[torch.Tensor]  # [K + 1] or None (= only the last step)
     dims: Optional[list[int]] = None
     forward: Optional[Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]] = None
-    inner_lr_is_float: bool = False  # True when the rate was given as a Python number
-    inner_lr_value: Optional[float] = None  # that number (the fused backends fill their rate table with it)
+    inner_lr_value: Optional[float] = None  # the rate when given as a number (the fused rate tables use it)
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inner_lr_is_float(self) -> bool:
+        """Whether the rate was given as a Python number."""
+        return self.inner_lr_value is not None
 
     @property
     def inner_lr(self) -> list[torch.Tensor]:
@@ -363,6 +367,5 @@ def make_problem(
         query_loss_weights=weights,
         dims=dims,
         forward=forward,
-        inner_lr_is_float=is_float,
         inner_lr_value=float(inner_lr) if is_float else None,
     )

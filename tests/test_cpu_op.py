@@ -119,17 +119,23 @@ def test_opcheck_maml_bwd(case, need):
     torch.library.opcheck(torch.ops.fastmaml.maml_bwd.default, bwd_args)
 
 
-@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}-fo{int(c[8])}")
-@pytest.mark.parametrize("need", [(True, True), (False, False)], ids=["lr_x_grads", "theta_only"])
-def test_opcheck_maml_fwdbwd(case, need):
+def training_args(case, need, seed):
+    """maml_fwdbwd's positional arguments for an opcheck case: theta requires grad, the rates and the
+    inputs as `need = (need_lr_grad, need_x_grad)` says, the query weights not; the flags appended."""
     dims, T, ns, nq, K, loss, dtype, act, fo = case
-    args = op_args(dims, T, ns, nq, K, loss, dtype, seed=14, act=act)
+    args = op_args(dims, T, ns, nq, K, loss, dtype, seed=seed, act=act)
     args[-1] = fo
     need_lr, need_x = need
     for i, grad in ((0, True), (1, need_lr), (2, need_x), (4, need_x)):  # theta, lr, x_support, x_query
         args[i] = args[i].detach().clone().requires_grad_(grad)
     args[6] = args[6].detach()
-    torch.library.opcheck(torch.ops.fastmaml.maml_fwdbwd.default, (*args, *need))
+    return [*args, *need]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}-fo{int(c[8])}")
+@pytest.mark.parametrize("need", [(True, True), (False, False)], ids=["lr_x_grads", "theta_only"])
+def test_opcheck_maml_fwdbwd(case, need):
+    torch.library.opcheck(torch.ops.fastmaml.maml_fwdbwd.default, tuple(training_args(case, need, seed=14)))
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}-fo{int(c[8])}")
@@ -179,15 +185,9 @@ def params_of(theta, dims):
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: f"{c[5]}-{c[6]}-K{c[4]}-fo{int(c[8])}")
 @pytest.mark.parametrize("need", [(True, True), (False, False)], ids=["lr_x_grads", "theta_only"])
 def test_opcheck_maml_train(case, need):
-    dims, T, ns, nq, K, loss, dtype, act, fo = case
-    args = op_args(dims, T, ns, nq, K, loss, dtype, seed=15, act=act)
-    args[-1] = fo
-    need_lr, need_x = need
-    params = [p.clone().requires_grad_() for p in params_of(args[0].detach(), dims)]
-    for i, grad in ((1, need_lr), (2, need_x), (4, need_x)):  # lr, x_support, x_query
-        args[i] = args[i].detach().clone().requires_grad_(grad)
-    args[6] = args[6].detach()
-    torch.library.opcheck(torch.ops.fastmaml.maml_train.default, (params, *args[1:], *need))
+    args = training_args(case, need, seed=15)
+    params = [p.clone().requires_grad_() for p in params_of(args[0].detach(), case[0])]
+    torch.library.opcheck(torch.ops.fastmaml.maml_train.default, (params, *args[1:]))
 
 
 @pytest.mark.parametrize("cotangents", ["mean", "tasks", "tasks_mean", "query"])
