@@ -6,7 +6,8 @@
 - `FASTMAML_BUILD_EXT=1 pip install --no-build-isolation .` (or `-e .`) also compiles the extension now,
   against the torch already installed, as `fastmaml/_C*.so` (with the CUDA kernels when torch is a
   CUDA build and nvcc is found). `--no-build-isolation` is needed because pip's isolated build
-  environment has no torch.
+  environment has no torch. The library embeds `_ext.source_hash` of the shipped sources; where the
+  package is installed it is loaded as is (no compiler needed) while that hash matches.
 
 Without FASTMAML_BUILD_EXT this file does not import torch.
 """
@@ -50,8 +51,10 @@ def prebuilt_extension():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     ext = _ext_module()
-    # The prebuilt library carries the hash of its sources: _ext.py uses it only while they match.
-    hash_flag = f"-DFASTMAML_SOURCE_HASH=h{ext.source_hash(CSRC)}"
+    # The prebuilt library carries the hash of its sources (the same csrc/ that build_py ships as
+    # fastmaml/csrc/): _ext.py uses it only while they match. The hash does not depend on whether nvcc is
+    # found here, so the library is used as well on a machine without nvcc or any compiler.
+    hash_flag = ext.source_hash_flag(CSRC)
     sources = [f"csrc/{s}" for s in ext._SOURCES]
     with_cuda = ext.cuda_build_unavailable(CSRC) is None
     if with_cuda:

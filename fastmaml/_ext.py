@@ -4,14 +4,19 @@ The extension is a shared library that registers the op schemas and the CPU kern
 dispatcher (`csrc/fastmaml.cpp`); it is not a Python module. It comes from one of two places:
 
 - a prebuilt library `fastmaml/_C*.so`, made by `FASTMAML_BUILD_EXT=1 pip install --no-build-isolation .`
-  (setup.py), used when it was built from the same sources as the ones found here (or when no sources
-  are shipped);
+  (setup.py), used when it was built from the same sources as the ones shipped beside it (the hash it
+  embeds, `fastmaml_source_hash()`, equals `source_hash` of those sources) or when no sources are
+  shipped. The hash does not depend on this machine's compilers, so a wheel built where nvcc was found
+  is still used where it is not: nothing is compiled, and no compiler is needed;
 - otherwise a build on first use with `torch.utils.cpp_extension.load` (ninja) against the installed
   torch (with the CUDA kernels of csrc/cuda/ when torch is a CUDA build and nvcc is found: decided
   from the compiler and torch, never from whether a GPU is visible; see `cuda_build_unavailable`),
-  into `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`), in a folder named by a hash of
-  the sources, the torch and Python versions and the flags. Later processes load that library
-  directly: nothing is rebuilt until one of those changes.
+  into `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`), in a folder named by the source
+  hash and by whether the build has the CUDA kernels (`build_directory`). Later processes load that
+  library directly: nothing is rebuilt until one of those changes.
+
+Whether the loaded library has CUDA kernels is asked of the dispatcher after loading
+(fastmaml/backends/cuda.py, `cuda_kernels_registered`), not inferred from nvcc.
 
 Nothing happens at import; `load()` builds or loads once per process and registers the fake (meta)
 kernels and the autograd formula. `unavailable()` returns why the extension cannot be had (no compiler,
@@ -21,15 +26,16 @@ a build error), or `None`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import glob
 import hashlib
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -42,10 +48,11 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 _CSRC_CANDIDATES = (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc")
 _SOURCES = ("fastmaml.cpp", "autograd_fwdbwd.cpp", "cpu/maml_cpu.cpp", "cpu/task_loops_baseline.cpp",
             "cpu/task_loops_avx2.cpp")
-# Files whose content defines the CPU library; the CUDA kernels add theirs when they are built.
-_HASHED_GLOBS = ("*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cpu/*.inc")
 _CUDA_SOURCES = ("cuda/maml_cuda.cu", "cuda/binding.cpp")
-_CUDA_HASHED_GLOBS = ("cuda/*.h", "cuda/*.cu", "cuda/*.cpp")
+# Every file the library can be built from, CPU and CUDA alike (whichever are shipped): `source_hash`
+# hashes them all, whether or not this machine can compile the CUDA ones.
+_HASHED_GLOBS = ("*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cpu/*.inc")
+_CUDA_HASHED_GLOBS = ("cuda/*.h", "cuda/*.cuh", "cuda/*.cu", "cuda/*.cpp")
 # Portable flags: the library may be shared between machines (no -march=native), and the kernels must
 # match the float64 reference to ~1e-12, so no -ffast-math.
 #
@@ -67,6 +74,9 @@ BUILD_SECONDS = 30
 # Added when the CUDA kernels are built: an estimate from nvcc's compile time of csrc/cuda/maml_cuda.cu
 # for one architecture on 2 cores (no GPU build has been timed yet).
 CUDA_BUILD_SECONDS = 60
+
+# The embedded source hash as it appears in a library's bytes: the literal "h<hash>" with its NUL.
+_EMBEDDED_HASH = re.compile(rb"h([0-9a-f]{16})\0")
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None, "path": None}
@@ -108,19 +118,29 @@ def cuda_build_unavailable(csrc: Optional[Path] = None) -> Optional[str]:
 
 
 def source_hash(csrc: Path) -> str:
-    """A hash of the sources, the torch and Python versions and the flags: the build's identity."""
+    """The identity of a library built from `csrc`: a hash of every source file it can be built from
+    (CPU and CUDA), the torch and Python versions and the compiler flags (CFLAGS and CUDA_FLAGS).
+
+    It does not depend on this machine's compilers (whether nvcc is found) nor on the GPU, so a
+    prebuilt library embeds the same value on the machine that built it (setup.py) as the one computed
+    where it is installed. Whether a JIT build has the CUDA kernels is in its folder's name
+    (`build_directory`) instead."""
     h = hashlib.sha256()
-    globs = _HASHED_GLOBS
-    if cuda_build_unavailable(csrc) is None:
-        globs = globs + _CUDA_HASHED_GLOBS
-        h.update(f"cuda={torch.version.cuda};cuda_flags={CUDA_FLAGS};"
-                 f"arch={os.environ.get('TORCH_CUDA_ARCH_LIST', '')}".encode())
-    files = sorted({p for pattern in globs for p in csrc.glob(pattern)})
+    patterns = _HASHED_GLOBS + _CUDA_HASHED_GLOBS
+    files = sorted({p for pattern in patterns for p in csrc.glob(pattern) if p.is_file()})
     for path in files:
-        h.update(path.relative_to(csrc).as_posix().encode())
-        h.update(path.read_bytes())
-    h.update(f"torch={torch.__version__};python={sys.version_info[:2]};flags={CFLAGS}".encode())
+        rel = path.relative_to(csrc).as_posix().encode()
+        data = path.read_bytes()
+        h.update(b"%d:%s%d:" % (len(rel), rel, len(data)))  # lengths: no two file sets hash alike
+        h.update(data)
+    h.update(f"torch={torch.__version__};python={sys.version_info[:2]};flags={CFLAGS};"
+             f"cuda_flags={CUDA_FLAGS}".encode())
     return h.hexdigest()[:16]
+
+
+def source_hash_flag(csrc: Path) -> str:
+    """The compiler flag that embeds `source_hash(csrc)` in the library (setup.py and the JIT build)."""
+    return f"-DFASTMAML_SOURCE_HASH=h{source_hash(csrc)}"
 
 
 def _cache_root() -> Path:
@@ -131,9 +151,19 @@ def _cache_root() -> Path:
     return Path(base) / "torch_extensions"
 
 
-def build_directory(csrc: Path) -> Path:
-    """Where the JIT build of these sources lives."""
-    return _cache_root() / f"fastmaml_{source_hash(csrc)}"
+def build_directory(csrc: Path, with_cuda: Optional[bool] = None) -> Path:
+    """Where the JIT build of these sources lives: `fastmaml_<source_hash>_cpu` for a build without the
+    CUDA kernels, `fastmaml_<source_hash>_cu<CUDA version>_<hash of TORCH_CUDA_ARCH_LIST>` for one with
+    them. `with_cuda` defaults to what this machine builds (`cuda_build_unavailable(csrc) is None`)."""
+    if with_cuda is None:
+        with_cuda = cuda_build_unavailable(csrc) is None
+    name = f"fastmaml_{source_hash(csrc)}"
+    if with_cuda:
+        cuda = (torch.version.cuda or "unknown").replace(".", "")
+        # Empty TORCH_CUDA_ARCH_LIST: torch compiles for the visible GPUs; that is one more setting.
+        arch = hashlib.sha256(os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip().encode()).hexdigest()[:8]
+        return _cache_root() / f"{name}_cu{cuda}_{arch}"
+    return _cache_root() / f"{name}_cpu"
 
 
 def _prebuilt() -> Optional[Path]:
@@ -142,13 +172,28 @@ def _prebuilt() -> Optional[Path]:
 
 
 def _embedded_hash(path: Path) -> Optional[str]:
-    """The source hash a prebuilt library was compiled with (`fastmaml_source_hash()`), if any."""
+    """The source hash a prebuilt library was compiled with (`fastmaml_source_hash()` returns it), read
+    from the file's bytes, or None when none is found.
+
+    The library is not loaded to ask it: loading runs its static initialisers, which register the
+    `fastmaml` ops with the dispatcher, and a JIT-built library loaded after a rejected prebuilt one
+    would then fail to register them again. The hash is a string literal `h<16 hex digits>` in the
+    library's read-only data (csrc/fastmaml.cpp, `-DFASTMAML_SOURCE_HASH=h<hash>`)."""
     try:
-        fn = ctypes.CDLL(str(path)).fastmaml_source_hash
-    except (OSError, AttributeError):
+        data = path.read_bytes()
+    except OSError:
         return None
-    fn.restype = ctypes.c_char_p
-    return fn().decode()
+    found = _EMBEDDED_HASH.search(data)
+    return found.group(1).decode() if found else None
+
+
+def _has_embedded_hash(path: Path, expected: str) -> bool:
+    """Whether the prebuilt library at `path` embeds `expected` (see `_embedded_hash`)."""
+    try:
+        # The digits and their NUL: the compiler may keep the literal without its leading "h".
+        return expected.encode() + b"\0" in path.read_bytes()
+    except OSError:
+        return False
 
 
 def _ops_registered() -> bool:
@@ -175,7 +220,8 @@ def _jit_build(csrc: Path) -> Path:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise ExtensionUnavailable(f"no C++ compiler found ({compiler!r} is not on PATH; set CXX or install g++)")
-    build_dir = build_directory(csrc)
+    with_cuda = cuda_build_unavailable(csrc) is None
+    build_dir = build_directory(csrc, with_cuda)
     lib = build_dir / f"{LIB_NAME}.so"
     stamp = build_dir / "fastmaml.ok"
     if lib.is_file() and stamp.is_file():
@@ -187,7 +233,7 @@ def _jit_build(csrc: Path) -> Path:
         # torch's own lock file: left behind when a build is killed, it would make every later process
         # wait forever. Under our lock no other process is building here, so any such file is stale.
         (build_dir / "lock").unlink(missing_ok=True)
-        return _run_build(csrc, build_dir, stamp)
+        return _run_build(csrc, build_dir, stamp, with_cuda)
 
 
 @contextlib.contextmanager
@@ -207,16 +253,15 @@ def _build_lock(build_dir: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _run_build(csrc: Path, build_dir: Path, stamp: Path) -> Path:
+def _run_build(csrc: Path, build_dir: Path, stamp: Path, with_cuda: bool) -> Path:
     from torch.utils import cpp_extension
 
-    with_cuda = cuda_build_unavailable(csrc) is None
     sources = [*_SOURCES, *(_CUDA_SOURCES if with_cuda else ())]
     seconds = BUILD_SECONDS + (CUDA_BUILD_SECONDS if with_cuda else 0)
     print(f"fastmaml: building the C++ extension{' with its CUDA kernels' if with_cuda else ''} "
           f"(once, ~{seconds} s) in {build_dir} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    hash_flag = f"-DFASTMAML_SOURCE_HASH=h{source_hash(csrc)}"
+    hash_flag = source_hash_flag(csrc)
     try:
         path = cpp_extension.load(
             name=LIB_NAME,
@@ -237,16 +282,27 @@ def _run_build(csrc: Path, build_dir: Path, stamp: Path) -> Path:
 
 
 def _locate() -> Path:
-    """The library to load: a prebuilt one matching the sources, else the JIT build."""
+    """The library to load: a prebuilt one matching the sources (or any prebuilt one when no sources are
+    shipped), else the JIT build."""
     csrc = csrc_dir()
     prebuilt = _prebuilt()
     if prebuilt is not None:
         if csrc is None:
+            log.debug("fastmaml: using %s (no C++ sources shipped to compare it with)", prebuilt)
             return prebuilt
+        expected = source_hash(csrc)
+        if _has_embedded_hash(prebuilt, expected):
+            log.debug("fastmaml: using %s (built from the sources in %s)", prebuilt, csrc)
+            return prebuilt
+        # A surprise worth seeing: the install shipped a library that cannot be used, and a compiler is
+        # now needed (and its minutes spent) to build the same thing again.
         embedded = _embedded_hash(prebuilt)
-        if embedded == source_hash(csrc):
-            return prebuilt
-        log.debug("fastmaml: ignoring %s (built from other sources: %s)", prebuilt, embedded)
+        warnings.warn(
+            f"fastmaml: ignoring the prebuilt library {prebuilt}: it was built from other sources or for "
+            f"another torch/Python ({f'it embeds the hash {embedded}' if embedded else 'it embeds no hash'}, "
+            f"the sources in {csrc} hash to {expected}); building the extension from those sources instead "
+            "(needs a C++ compiler). Rebuild the package with FASTMAML_BUILD_EXT=1 against this torch to ship "
+            "a matching library.", RuntimeWarning, stacklevel=3)
     if csrc is None:
         raise ExtensionUnavailable(
             f"no prebuilt library and no C++ sources (looked in {', '.join(map(str, _CSRC_CANDIDATES))})"
@@ -291,6 +347,12 @@ def unavailable() -> Optional[str]:
 def library_path() -> Optional[str]:
     """The loaded library's path (None before `load()` or when it was loaded by someone else)."""
     return _state["path"]
+
+
+def library_is_prebuilt() -> bool:
+    """Whether the loaded library is the prebuilt `fastmaml/_C*.so` (not a build on first use)."""
+    prebuilt = _prebuilt()
+    return _state["path"] is not None and prebuilt is not None and Path(_state["path"]) == prebuilt
 
 
 def _register_python_parts() -> None:

@@ -7,8 +7,11 @@ and `adapt` are inherited from `CpuBackend` and only availability and limits dif
 thread block at a time, with the per-task math of csrc/maml_task.h parallel over the block's threads
 (csrc/cuda/maml_cuda.h says how tasks, workspaces and the meta-gradient's partial sums are laid out).
 
-Availability: a CUDA build of torch, nvcc (the CUDA kernels are compiled with the rest of the C++
-extension on first use, fastmaml/_ext.py), and a visible GPU. Nothing is built at import.
+Availability: a CUDA build of torch, a visible GPU, and a loaded C++ extension that registered CUDA
+kernels (asked of the dispatcher, `cuda_kernels_registered`). The kernels come either with a prebuilt
+`fastmaml/_C*.so` (no compiler needed where it is installed) or from the build on first use
+(fastmaml/_ext.py), which compiles them only when nvcc is found: nvcc matters only to explain why a
+library has none. Nothing is built at import.
 
 Size limits (`reject` names the one exceeded; `auto` then takes the next backend):
     MAX_LAYERS          8 linear layers (the network description is a fixed-size kernel argument)
@@ -59,14 +62,15 @@ def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:
 
 
 def build_unavailable() -> Optional[str]:
-    """Why this machine cannot build the CUDA kernels (decided from torch and the compiler, not from
-    whether a GPU is visible), or None."""
+    """Why a build of the C++ extension on this machine would have no CUDA kernels (decided from torch
+    and the compiler, not from whether a GPU is visible), or None.
+
+    This is the build decision (fastmaml/_ext.py, `cuda_build_unavailable`), not the backend's
+    availability: a prebuilt library with CUDA kernels runs where nvcc is absent (`CudaBackend.unavailable`
+    asks the loaded library instead)."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build (the cuda backend needs a CUDA build of torch)"
-    reason = _ext.cuda_build_unavailable()
-    if reason is not None:
-        return reason
-    return None
+    return _ext.cuda_build_unavailable()
 
 
 def cuda_kernels_registered(op: str = "maml_fwd") -> bool:
@@ -88,19 +92,34 @@ class CudaBackend(CpuBackend):
         return problem.device.type == "cuda" and cuda_kernels_registered("maml_fwdbwd")
 
     def unavailable(self) -> Optional[str]:
-        why = build_unavailable()
-        if why is not None:
-            return why
+        # Decided from torch, the GPU and the kernels the loaded library registered, not from nvcc: a
+        # prebuilt library with CUDA kernels runs where no compiler is installed. nvcc only explains why
+        # a library built on first use has none.
+        if torch.version.cuda is None:
+            return f"torch {torch.__version__} is a CPU-only build (the cuda backend needs a CUDA build of torch)"
         if not torch.cuda.is_available():
             return "no CUDA device is visible (torch.cuda.is_available() is False)"
         why = _ext.unavailable()
         if why is not None:
             return why
-        if not cuda_kernels_registered():
-            path = _ext.library_path() or "the loaded fastmaml library"
-            return (f"{path} was built without the CUDA kernels (rebuild with nvcc and a CUDA torch: "
-                    "remove the cached build or the prebuilt fastmaml/_C*.so)")
-        return None
+        if cuda_kernels_registered():
+            return None
+        path = _ext.library_path()
+        build_why = build_unavailable()
+        if path is None:
+            return ("the loaded fastmaml library has no CUDA kernels (it was loaded before fastmaml loaded its "
+                    "own); load one built with nvcc and a CUDA build of torch")
+        if _ext.library_is_prebuilt():
+            return (f"the loaded library has no CUDA kernels: {path} is the prebuilt library shipped with the "
+                    "package, built where torch was CPU-only or nvcc was not found. Reinstall with "
+                    "FASTMAML_BUILD_EXT=1 pip install --no-build-isolation on a machine with nvcc and a CUDA "
+                    "build of torch, or delete it to have the extension built on first use"
+                    + ("" if build_why is None else f" (here without CUDA kernels either: {build_why})"))
+        if build_why is not None:
+            return (f"the loaded library has no CUDA kernels: {path} was built on first use without them: "
+                    f"{build_why}. Once that is fixed, the next process builds them")
+        return (f"the loaded library has no CUDA kernels: {path} was built without them although nvcc is "
+                "found now; remove its folder to have it rebuilt")
 
     def reject(self, problem: Problem, op: str) -> Optional[str]:
         if problem.device.type != "cuda":

@@ -1,0 +1,354 @@
+"""A prebuilt extension is used as shipped (issue R1): a wheel built with `FASTMAML_BUILD_EXT=1` runs on a
+machine with no compiler, no nvcc and no ninja, with or without the C++ sources beside it, and nothing is
+compiled there.
+
+The wheel is built once per module (setup.py compiles the C++ extension into `fastmaml/_C*.so`: about a
+minute on two idle cores, two when they are busy) from a copy of the checkout's packaging files, so the
+checkout gets no `build/` folder, and installed with `pip install --target` into a temporary folder.
+Each check then runs in a subprocess whose PATH holds only a link to the Python executable, with CXX,
+CC and CUDA_HOME unset, an empty TORCH_EXTENSIONS_DIR, a temporary working directory and PYTHONPATH
+pointing at the installed copy (it comes before the editable install of the checkout: setuptools'
+editable finder is consulted after sys.path; the subprocess asserts which copy it imported).
+
+The other tests here are fast unit tests of `_ext.source_hash` / `_ext.build_directory` and of the cuda
+backend's availability, which comes from the loaded library's registered CUDA kernels, not from nvcc.
+
+The wheel tests skip only when the build's own prerequisites are missing (a C++ compiler, ninja, pip,
+setuptools) or on Windows (the isolation uses symlinks and `_C*.so`). Where torch is a CUDA build and
+nvcc is found, the wheel also gets the CUDA kernels; TORCH_CUDA_ARCH_LIST is then set to one
+architecture (the visible GPU's, else 8.0) unless it is set already, to keep the build short.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmaml import _ext
+from fastmaml.backends import cuda as cuda_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+# What a wheel is built from (the files an sdist holds: see MANIFEST.in and pyproject.toml).
+PACKAGING_FILES = ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in")
+PACKAGING_DIRS = ("fastmaml", "csrc")
+# Tools whose absence the isolated subprocess checks: it must run without any of them.
+BUILD_TOOLS = ("c++", "g++", "gcc", "cc", "clang++", "nvcc", "ninja")
+
+
+# ---- unit tests: the source hash and the build folder ---------------------------------------------------
+
+
+def _hide_nvcc(monkeypatch) -> None:
+    monkeypatch.setattr(_ext, "find_nvcc", lambda: None)
+
+
+def _fake_cuda_toolchain(monkeypatch) -> None:
+    """As on a machine with a CUDA build of torch and nvcc (nothing is compiled by these tests)."""
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(_ext, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+
+
+def test_source_hash_does_not_depend_on_the_compilers(monkeypatch):
+    """The identity a prebuilt library is accepted by: the same with or without nvcc, on a CPU or CUDA
+    build of torch, whatever TORCH_CUDA_ARCH_LIST says."""
+    expected = _ext.source_hash(CSRC)
+    _hide_nvcc(monkeypatch)
+    assert _ext.cuda_build_unavailable(CSRC) is not None
+    assert _ext.source_hash(CSRC) == expected
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert _ext.source_hash(CSRC) == expected
+    _fake_cuda_toolchain(monkeypatch)
+    assert _ext.cuda_build_unavailable(CSRC) is None
+    assert _ext.source_hash(CSRC) == expected
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    assert _ext.source_hash(CSRC) == expected
+
+
+def test_source_hash_covers_every_source_file(monkeypatch, tmp_path):
+    """CPU and CUDA sources alike, even where nvcc is absent; whichever are shipped."""
+    _hide_nvcc(monkeypatch)
+    csrc = tmp_path / "csrc"
+    shutil.copytree(CSRC, csrc, ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
+    expected = _ext.source_hash(CSRC)
+    assert _ext.source_hash(csrc) == expected  # the hash does not depend on where the sources are
+    for rel in ("cuda/maml_cuda.cu", "cuda/binding.cpp", "maml_task.h", "cpu/maml_cpu.cpp"):
+        original = (csrc / rel).read_bytes()
+        (csrc / rel).write_bytes(original + b"\n// changed\n")
+        assert _ext.source_hash(csrc) != expected, rel
+        (csrc / rel).write_bytes(original)
+    assert _ext.source_hash(csrc) == expected
+    shutil.rmtree(csrc / "cuda")  # an installation shipped without the CUDA sources is another identity
+    assert _ext.source_hash(csrc) != expected
+
+
+def test_build_directory_separates_builds_with_and_without_cuda(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    digest = _ext.source_hash(CSRC)
+    cpu = _ext.build_directory(CSRC, with_cuda=False)
+    assert cpu == tmp_path / f"fastmaml_{digest}_cpu"
+    _hide_nvcc(monkeypatch)
+    assert _ext.build_directory(CSRC) == cpu  # no nvcc: the build has no CUDA kernels
+    _fake_cuda_toolchain(monkeypatch)
+    cuda = _ext.build_directory(CSRC)
+    assert cuda == _ext.build_directory(CSRC, with_cuda=True)
+    assert cuda != cpu and cuda.parent == tmp_path and cuda.name.startswith(f"fastmaml_{digest}_cu124_")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # other architectures: another CUDA build
+    assert _ext.build_directory(CSRC) not in (cuda, cpu)
+    assert _ext.build_directory(CSRC, with_cuda=False) == cpu
+
+
+# ---- unit tests: the cuda backend's availability ---------------------------------------------------------
+
+
+def _as_on_a_gpu_machine(monkeypatch, kernels: bool, library: str, prebuilt: bool) -> None:
+    """torch a CUDA build with a visible GPU, the extension loaded from `library`, nvcc absent."""
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _hide_nvcc(monkeypatch)
+    monkeypatch.setattr(_ext, "unavailable", lambda: None)
+    monkeypatch.setattr(_ext, "library_path", lambda: library)
+    monkeypatch.setattr(_ext, "library_is_prebuilt", lambda: prebuilt)
+    monkeypatch.setattr(cuda_backend, "cuda_kernels_registered", lambda op="maml_fwd": kernels)
+
+
+def test_cuda_backend_runs_a_library_with_cuda_kernels_without_nvcc(monkeypatch):
+    _as_on_a_gpu_machine(monkeypatch, kernels=True, library="/site/fastmaml/_C.so", prebuilt=True)
+    assert cuda_backend.build_unavailable() is not None  # this machine could not build them ...
+    assert cuda_backend.CudaBackend().unavailable() is None  # ... but the loaded library has them
+
+
+@pytest.mark.parametrize("prebuilt", [True, False], ids=["prebuilt", "jit"])
+def test_cuda_backend_says_why_the_library_has_no_cuda_kernels(monkeypatch, prebuilt):
+    library = "/site/fastmaml/_C.so" if prebuilt else "/cache/fastmaml_0123456789abcdef_cpu/fastmaml_cpu.so"
+    _as_on_a_gpu_machine(monkeypatch, kernels=False, library=library, prebuilt=prebuilt)
+    why = cuda_backend.CudaBackend().unavailable()
+    assert isinstance(why, str) and "no CUDA kernels" in why and library in why
+    assert "nvcc" in why  # the build's missing nvcc is the likely cause, and named
+    if prebuilt:
+        assert "FASTMAML_BUILD_EXT=1" in why
+
+
+def test_cuda_backend_checks_torch_then_the_gpu_first(monkeypatch):
+    _as_on_a_gpu_machine(monkeypatch, kernels=True, library="/site/fastmaml/_C.so", prebuilt=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA device" in cuda_backend.CudaBackend().unavailable()
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in cuda_backend.CudaBackend().unavailable()
+
+
+# ---- the prebuilt wheel on a machine without compilers -------------------------------------------------
+
+
+def _build_prerequisite_missing() -> str | None:
+    if os.name == "nt":
+        return "the isolated run links the Python executable and looks for fastmaml/_C*.so (POSIX only)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} is not on PATH): the wheel's extension cannot be built"
+    if shutil.which("ninja", path=_build_path()) is None:
+        return "ninja is not installed (setup.py builds the extension with ninja)"
+    for dist in ("pip", "setuptools"):
+        # Asked of the installed metadata: importlib.util.find_spec("pip") would switch off setuptools'
+        # distutils shim in this process (its finder takes any lookup of pip for pip running).
+        try:
+            importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return f"{dist} is not installed in {sys.prefix} (needed to build and install the wheel)"
+    return None
+
+
+def _build_path() -> str:
+    """PATH for the wheel build: this interpreter's bin folder first (ninja installed with torch's deps)."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kwargs)
+    output = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n$ {' '.join(cmd)}\n{output}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def prebuilt_site(tmp_path_factory) -> Path:
+    """The wheel built with FASTMAML_BUILD_EXT=1, installed with `pip install --target`: its folder."""
+    why = _build_prerequisite_missing()
+    if why is not None:
+        pytest.skip(why)
+    tmp = tmp_path_factory.mktemp("prebuilt")
+    src = tmp / "src"
+    src.mkdir()
+    for name in PACKAGING_FILES:
+        if (ROOT / name).is_file():
+            shutil.copy2(ROOT / name, src / name)
+    for name in PACKAGING_DIRS:
+        shutil.copytree(ROOT / name, src / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.pyd", "*.egg-info"))
+    env = {**os.environ, "FASTMAML_BUILD_EXT": "1", "PATH": _build_path(), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("PYTHONPATH", None)
+    if _ext.cuda_build_unavailable(CSRC) is None and not env.get("TORCH_CUDA_ARCH_LIST"):
+        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
+        env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    wheels = tmp / "wheels"
+    start = time.perf_counter()
+    # --no-index: the project is given as a path; nothing is fetched from an index.
+    _run([sys.executable, "-m", "pip", "wheel", "--no-index", "--no-build-isolation", "--no-deps",
+          "-w", str(wheels), str(src)], "building the wheel with FASTMAML_BUILD_EXT=1", env=env, cwd=tmp)
+    built = sorted(wheels.glob("fastmaml-*.whl"))
+    assert len(built) == 1, f"expected one fastmaml wheel in {wheels}, found {built}"
+    site = tmp / "site"
+    _run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(site), str(built[0])],
+         "installing the wheel", env=env, cwd=tmp)
+    print(f"built and installed {built[0].name} in {time.perf_counter() - start:.1f} s")
+    libraries = sorted((site / "fastmaml").glob("_C*.so"))
+    assert len(libraries) == 1, f"the wheel holds no prebuilt fastmaml/_C*.so: {sorted((site / 'fastmaml').iterdir())}"
+    assert (site / "fastmaml" / "csrc" / "fastmaml.cpp").is_file(), "the wheel does not ship the C++ sources"
+    # setup.py embeds the hash of the sources it ships, as _ext.py computes it where they are installed.
+    assert _ext._embedded_hash(libraries[0]) == _ext.source_hash(site / "fastmaml" / "csrc")
+    return site
+
+
+# Run in the isolated subprocess: argv = site, "sources" | "no-sources".
+CHECK_SCRIPT = r'''
+import json, os, shutil, sys, warnings
+from pathlib import Path
+
+site, sources = Path(sys.argv[1]).resolve(), sys.argv[2] == "sources"
+ext_dir = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+missing = [tool for tool in %(tools)r if shutil.which(tool)]
+assert not missing, f"build tools still on PATH: {missing}"
+
+import torch
+import fastmaml
+from fastmaml import _ext, dispatch
+from fastmaml.backends import cuda as cuda_backend
+
+assert Path(fastmaml.__file__).resolve().is_relative_to(site), (
+    f"imported {fastmaml.__file__}, not the installed wheel in {site} (sys.path={sys.path})")
+expected_csrc = site / "fastmaml" / "csrc" if sources else None
+assert _ext.csrc_dir() == expected_csrc, (_ext.csrc_dir(), expected_csrc)
+
+torch.manual_seed(0)
+dtype = torch.float64
+dims = [3, 16, 16, 2]
+params = []
+for d_in, d_out in zip(dims[:-1], dims[1:]):
+    params += [(torch.randn(d_out, d_in, dtype=dtype) / d_in**0.5).requires_grad_(),
+               (0.1 * torch.randn(d_out, dtype=dtype)).requires_grad_()]
+T, Ns, Nq = 5, 6, 7
+xs, ys = torch.randn(T, Ns, 3, dtype=dtype), torch.randn(T, Ns, 2, dtype=dtype)
+xq, yq = torch.randn(T, Nq, 3, dtype=dtype), torch.randn(T, Nq, 2, dtype=dtype)
+
+def train_step(backend):
+    out = fastmaml.maml(params, xs, ys, xq, yq, inner_steps=2, inner_lr=0.05, backend=backend)
+    return out, torch.autograd.grad(out.loss, params)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out, grads = train_step("cpu")
+    ref, ref_grads = train_step("reference")
+ignored = [str(w.message) for w in caught if "prebuilt" in str(w.message)]
+assert not ignored, ignored
+assert out.backend == "cpu", out.backend
+
+library = Path(_ext.library_path() or "")
+assert library.parent == site / "fastmaml" and library.name.startswith("_C"), f"loaded {library}"
+assert _ext.library_is_prebuilt()
+loss_err = abs(out.loss.item() - ref.loss.item())
+grad_err = max((g - r).abs().max().item() for g, r in zip(grads, ref_grads))
+assert loss_err <= 1e-10 and grad_err <= 1e-10, (loss_err, grad_err)
+assert ext_dir.is_dir() and not any(ext_dir.iterdir()), f"something was built: {list(ext_dir.rglob('*'))}"
+
+kernels = cuda_backend.cuda_kernels_registered()
+cuda_why = dispatch.get_backend("cuda").unavailable()
+if kernels and torch.cuda.is_available():
+    assert cuda_why is None, cuda_why  # a wheel with CUDA kernels runs here without nvcc
+else:
+    assert cuda_why, "the cuda backend cannot run here but gives no reason"
+print("RESULT " + json.dumps({"library": str(library), "grad_err": grad_err, "loss_err": loss_err,
+                              "cuda_kernels": kernels, "cuda_unavailable": cuda_why}))
+''' % {"tools": BUILD_TOOLS}
+
+
+def _isolated_env(tmp: Path, site: Path) -> tuple[dict, Path, Path]:
+    """Environment of a machine without build tools: PATH holds only a link to Python."""
+    bin_dir, ext_dir, cwd = tmp / "bin", tmp / "torch_extensions", tmp / "cwd"
+    for folder in (bin_dir, ext_dir, cwd):
+        folder.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CXX", "CC", "CUDA_HOME", "CUDA_PATH", "PYTHONHOME", "PYTHONSTARTUP")
+           and not k.startswith("FASTMAML_")}
+    env.update(PATH=str(bin_dir), PYTHONPATH=str(site), TORCH_EXTENSIONS_DIR=str(ext_dir), PYTHONNOUSERSITE="1")
+    return env, ext_dir, cwd
+
+
+def _run_isolated(tmp: Path, site: Path, sources: bool) -> dict:
+    env, ext_dir, cwd = _isolated_env(tmp, site)
+    script = cwd / "check_prebuilt.py"
+    script.write_text(CHECK_SCRIPT)
+    # The interpreter by its own path (a link elsewhere would lose its virtual environment, and torch).
+    proc = subprocess.run([sys.executable, str(script), str(site), "sources" if sources else "no-sources"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"the prebuilt library did not run without build tools:\n{output[-6000:]}"
+    assert "building the C++ extension" not in output, output[-6000:]
+    assert not any(ext_dir.iterdir()), f"something was built in {ext_dir}: {list(ext_dir.rglob('*'))}"
+    result = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
+    print(result)
+    return result
+
+
+def test_prebuilt_runs_without_build_tools(prebuilt_site, tmp_path):
+    """With the shipped sources beside it: their hash matches the library's, so it is loaded as is."""
+    _run_isolated(tmp_path, prebuilt_site, sources=True)
+
+
+def test_prebuilt_runs_without_sources(prebuilt_site, tmp_path):
+    """Without fastmaml/csrc: the library is used, nothing to compare it with."""
+    site = tmp_path / "site"
+    shutil.copytree(prebuilt_site, site, symlinks=True)
+    shutil.rmtree(site / "fastmaml" / "csrc")
+    _run_isolated(tmp_path, site, sources=False)
+
+
+MISMATCH_SCRIPT = r'''
+import warnings
+from fastmaml import _ext
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    why = _ext.unavailable()
+messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert any("ignoring the prebuilt library" in m for m in messages), messages
+assert why is not None and "no C++ compiler" in why, why
+# The rejected library was not loaded (its static initialisers would have registered the ops).
+assert not _ext._ops_registered(), "the rejected prebuilt library registered the fastmaml ops"
+print("MISMATCH OK")
+'''
+
+
+def test_prebuilt_from_other_sources_is_ignored_with_a_warning(prebuilt_site, tmp_path):
+    """Sources that changed since the wheel was built: the library is not used, a warning says so, and
+    without a compiler the extension is unavailable with that reason."""
+    site = tmp_path / "site"
+    shutil.copytree(prebuilt_site, site, symlinks=True)
+    header = site / "fastmaml" / "csrc" / "maml_task.h"
+    header.write_text(header.read_text() + "\n// edited after the wheel was built\n")
+    env, ext_dir, cwd = _isolated_env(tmp_path, site)
+    script = cwd / "check_mismatch.py"
+    script.write_text(MISMATCH_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=cwd)
+    assert proc.returncode == 0 and "MISMATCH OK" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
