@@ -17,7 +17,7 @@
 // loops, with the register-tiled products below); the CUDA kernel runs a thread block
 // (csrc/cuda/maml_cuda.cu); tests/cuda_team_check.cpp runs std::threads and compares with SerialTeam.
 //
-// Notation (DESIGN.md): layers l = 0 .. L-1 here (W_{l+1} in the design's 1-based names), layer l maps
+// Notation (docs/math.md): layers l = 0 .. L-1 here (W_{l+1} in that page's 1-based names), layer l maps
 // `dims[l]` inputs to `dims[l+1]` outputs: z_l = h_{l-1} W_l^T + b_l, h_l = s(z_l) for hidden layers,
 // h_{-1} = x, output z_{L-1}. Activations are stored row-major [N, width].
 #pragma once
@@ -793,7 +793,7 @@ FASTMAML_HD inline void backward(const Net& net, const T* __restrict__ theta, co
 }
 
 // Hessian-vector product of the loss at the state left by forward + loss_and_grad(scale = 1) +
-// backward (forward-over-reverse, DESIGN.md): adds `alpha * H u` to `out [P]` and, when `gx` is given,
+// backward (forward-over-reverse, docs/math.md): adds `alpha * H u` to `out [P]` and, when `gx` is given,
 // `alpha * d/dx (g . u) = alpha * (Rd_0 W_0 + d_0 U_0)` to `gx [N, D_in]`. `u [P]` is the direction.
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T* __restrict__ u,
