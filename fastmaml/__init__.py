@@ -8,12 +8,15 @@ Public API (see README.md and docs/):
     MAML(model, ...)  the drop-in nn.Module
     explain(...)      which backend `auto` picks and why
     list_backends()   the registered backend names
+    TaskLoopWarning   the reference path loops over tasks because vmap cannot batch the model
 """
 
 from .api import MAMLOutput, adapt, explain, maml, mlp, reptile
+from .backends.reference import TaskLoopWarning
 from .dispatch import list_backends
 from .nn import MAML
 
 __version__ = "0.1.0"
 
-__all__ = ["MAML", "MAMLOutput", "adapt", "explain", "list_backends", "maml", "mlp", "reptile", "__version__"]
+__all__ = ["MAML", "MAMLOutput", "TaskLoopWarning", "adapt", "explain", "list_backends", "maml", "mlp", "reptile",
+           "__version__"]

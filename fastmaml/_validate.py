@@ -96,7 +96,14 @@ class Problem:
             tensors.append(self.x_query)
         if self.query_loss_weights is not None:
             tensors.append(self.query_loss_weights)
-        return any(t.requires_grad for t in tensors)
+        return any(t.requires_grad for t in tensors) or self.targets_require_grad
+
+    @property
+    def targets_require_grad(self) -> bool:
+        """Whether autograd will need the gradient of a float (mse) target, `y_support` or `y_query`."""
+        if not torch.is_grad_enabled():
+            return False
+        return any(y is not None and y.requires_grad for y in (self.y_support, self.y_query))
 
 
 def _shape(t: torch.Tensor) -> str:

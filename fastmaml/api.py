@@ -69,7 +69,12 @@ def maml(
     Returns:
         `MAMLOutput(loss, task_losses [T], query_preds [T, Nq, D_out], backend)`; `loss` is
         differentiable w.r.t. params, rate tensors, `x_support` and `x_query` (exact second order
-        unless `first_order`).
+        unless `first_order`), and float (mse) targets that require grad: those calls run on the
+        reference backend (the fused kernels compute no target gradient and refuse them).
+
+    Every tensor of `params` is adapted, whatever its `requires_grad` (which says only whether it gets a
+    gradient: a detached copy still adapts); to hold one fixed, give it a zero rate (a per-parameter
+    `inner_lr`), as `fastmaml.MAML` does for parameters with `requires_grad=False`.
     """
     problem = make_problem(
         params, x_support, y_support, x_query, y_query,
@@ -172,7 +177,16 @@ def explain(
     **options,
 ) -> str:
     """Which backend `auto` would pick for this `maml` call (or `adapt`, without query data), and why
-    each other backend was rejected. Takes the same arguments as `maml`; returns a printable report."""
+    each other backend was rejected. Takes the same arguments as `maml`; returns a printable report.
+
+    `params` may also be a `fastmaml.MAML` module (`explain(maml_module, x_s, y_s, x_q, y_q)`): the
+    report then also says what in the model keeps it off the fused kernels."""
+    if isinstance(params, torch.nn.Module):
+        from .nn import MAML
+
+        if not isinstance(params, MAML):
+            raise TypeError(f"explain takes params or a fastmaml.MAML module, got {type(params).__name__}")
+        return params.explain(x_support, y_support, x_query, y_query, options.get("query_loss_weights"))
     options.pop("backend", None)
     need_query = x_query is not None
     if not need_query:

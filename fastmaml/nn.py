@@ -1,8 +1,12 @@
 """`fastmaml.MAML`: the drop-in nn.Module around any model.
 
-An `nn.Sequential` of `nn.Linear` layers (with bias) separated by one supported activation module
-(`nn.ReLU` or `nn.Tanh`) runs on the fused kernels; any other module runs on the reference path
-(`torch.func.functional_call` + `vmap` over tasks, a task loop where vmap cannot).
+A plain `nn.Sequential` of `nn.Linear` layers (with bias) separated by one supported activation module
+(`nn.ReLU` or `nn.Tanh`), with no hooks, runs on the fused kernels; any other module (a subclass with its
+own `forward`, hooks, other layers) runs on the reference path (`torch.func.functional_call` + `vmap`
+over tasks, a task loop where vmap cannot), and `MAML.explain` says why.
+
+Frozen parameters (`requires_grad=False`) are neither adapted in the inner loop nor meta-trained, on
+every backend: they get an inner rate of 0.
 """
 
 from __future__ import annotations
@@ -18,25 +22,73 @@ from .api import MAMLOutput
 
 LEARN_INNER_LR = (None, "scalar", "per_step", "per_layer", "per_parameter")
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh"}
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks")
+
+
+def _hooks_of(module: nn.Module) -> Optional[str]:
+    """Which kind of hook, or instance-level `forward`, changes what `module` computes; None if none."""
+    for attr in _HOOK_DICTS:
+        if getattr(module, attr, None):
+            return attr.strip("_").replace("_", " ")
+    if "forward" in vars(module):
+        return "a forward method set on the instance"
+    return None
+
+
+def mlp_structure_reason(model: nn.Module) -> tuple[Optional[str], Optional[str]]:
+    """`(activation, None)` when the fused kernels compute exactly `model`'s function, else `(None, why)`.
+
+    Exactly: a plain `nn.Sequential` (not a subclass, which may override `forward`) of `nn.Linear` layers
+    with biases, each layer its own module with its own parameters, separated by one activation module
+    (`nn.ReLU` or `nn.Tanh`, not in place), with no hooks of any kind on it, its children or every module
+    (global hooks), and no `forward` replaced on an instance. Anything else would make the kernels compute
+    a function the module does not.
+    """
+    if type(model) is not nn.Sequential:
+        if isinstance(model, nn.Sequential):
+            return None, (f"{type(model).__name__} subclasses nn.Sequential (its forward may differ from the "
+                          "MLP the fused kernels compute)")
+        return None, f"the model is a {type(model).__name__}, not an nn.Sequential of nn.Linear layers"
+    import torch.nn.modules.module as module_globals
+
+    for attr in _GLOBAL_HOOK_DICTS:
+        if getattr(module_globals, attr, None):
+            return None, f"a global module hook is registered ({attr.strip('_').replace('_', ' ')})"
+    activation = None
+    for i, layer in enumerate([model, *model]):
+        hook = _hooks_of(layer)
+        if hook is not None:
+            where = "the model" if i == 0 else f"layer {i - 1} ({type(layer).__name__})"
+            return None, f"{where} has {hook}: the fused kernels would not run it"
+    for i, layer in enumerate(model):
+        if i % 2 == 0:
+            if type(layer) is not nn.Linear:
+                return None, f"layer {i} is a {type(layer).__name__}, not an nn.Linear"
+            if layer.bias is None:
+                return None, f"layer {i} is an nn.Linear without bias (the fused kernels run biased layers)"
+        else:
+            name = _ACTIVATION_MODULES.get(type(layer))
+            if name is None:
+                return None, (f"layer {i} is a {type(layer).__name__} (the fused kernels run nn.ReLU or "
+                              "nn.Tanh between the linear layers)")
+            if activation is not None and name != activation:
+                return None, "the activations differ between layers (the fused kernels run one)"
+            if getattr(layer, "inplace", False):
+                return None, f"layer {i} is an in-place {type(layer).__name__}"
+            activation = name
+    if len(model) % 2 == 0:
+        return None, "the nn.Sequential ends in an activation or is empty (the fused kernels run Linear, ..., Linear)"
+    linears = [layer for i, layer in enumerate(model) if i % 2 == 0]
+    if len({id(layer) for layer in linears}) != len(linears) or len(list(model.parameters())) != 2 * len(linears):
+        return None, "a linear layer or parameter appears twice (shared weights; the kernels adapt each layer apart)"
+    return activation or "relu", None
 
 
 def mlp_structure(model: nn.Module) -> Optional[str]:
-    """The activation name if `model` is Linear (-> act -> Linear)* with biases and one activation, else None."""
-    if not isinstance(model, nn.Sequential) or len(model) % 2 == 0:
-        return None
-    activation = None
-    for i, layer in enumerate(model):
-        if i % 2 == 0:
-            if type(layer) is not nn.Linear or layer.bias is None:
-                return None
-        else:
-            name = _ACTIVATION_MODULES.get(type(layer))
-            if name is None or (activation is not None and name != activation):
-                return None
-            if getattr(layer, "inplace", False):
-                return None
-            activation = name
-    return activation or "relu"
+    """The activation name if the fused kernels compute exactly `model` (`mlp_structure_reason`), else None."""
+    return mlp_structure_reason(model)[0]
 
 
 class MAML(nn.Module):
@@ -53,6 +105,10 @@ class MAML(nn.Module):
             registered as parameters of this module (`inner_lrs`).
         loss: "mse" or "cross_entropy".
         backend: "auto" or a backend name.
+
+    A parameter of `model` with `requires_grad=False` is frozen: neither adapted (its inner rate is 0, so
+    every task keeps theta_0's value) nor meta-trained (it gets no gradient), on every backend. A learned
+    rate of a frozen parameter stays registered but receives no gradient.
 
     `forward(x_support [T, Ns, ...], y_support, x_query [T, Nq, ...], y_query, query_loss_weights=None)`
     returns `MAMLOutput(loss, task_losses [T], query_preds [T, Nq, D_out], backend)`.
@@ -82,7 +138,6 @@ class MAML(nn.Module):
         self.loss = check_choice("loss", loss, ("mse", "cross_entropy"))
         self.backend = backend
         self.learn_inner_lr = learn_inner_lr
-        self.activation = mlp_structure(model)
         self._names = [n for n, _ in model.named_parameters()]
         # Whether vmap failed on this model, per training mode (batch-norm statistics block vmap in
         # training mode only): the reference path then goes straight to its task loop.
@@ -90,41 +145,67 @@ class MAML(nn.Module):
         self.inner_lr = float(inner_lr)
         K = self.inner_steps
         params = list(model.parameters())
+        # Rates are made in the parameters' dtype and device: made in float32 and cast, a float64 model's
+        # rate of 0.01 would start as 0.009999999776.
+        like = dict(dtype=params[0].dtype, device=params[0].device) if params else {}
         if learn_inner_lr is None:
             self.inner_lrs = None
         elif learn_inner_lr == "scalar":
-            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.tensor(self.inner_lr))])
+            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.tensor(self.inner_lr, **like))])
         elif learn_inner_lr == "per_step":
-            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full((K,), self.inner_lr))])
+            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full((K,), self.inner_lr, **like))])
         elif learn_inner_lr == "per_layer":
             self.inner_lrs = nn.ParameterList(
-                [nn.Parameter(torch.full((K,) + (1,) * p.dim(), self.inner_lr)) for p in params]
+                [nn.Parameter(torch.full((K,) + (1,) * p.dim(), self.inner_lr, **like)) for p in params]
             )
         else:
             self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), self.inner_lr)) for p in params])
-        if self.inner_lrs is not None:
-            ref = params[0] if params else None
-            if ref is not None:
-                self.inner_lrs.to(dtype=ref.dtype, device=ref.device)
+
+    @property
+    def activation(self) -> Optional[str]:
+        """The MLP's activation when the fused kernels compute exactly this model, else None. Asked on
+        every call: a hook added after construction sends the model to the reference path."""
+        return mlp_structure_reason(self.model)[0]
 
     @property
     def is_mlp(self) -> bool:
-        """True when the fused kernels can run this model."""
+        """True when the fused kernels can run this model (`explain` says why not)."""
         return self.activation is not None
 
-    def _rates(self):
+    def _rates(self, params: list[torch.Tensor]):
+        """The `inner_lr` argument of this call. A frozen parameter (`requires_grad=False`) gets the rate
+        0 on every step: it is not adapted (theta_k = theta_0 exactly), and as it requires no grad it is
+        not meta-trained; the same on every backend, since the rate is an input of them all."""
+        frozen = [not p.requires_grad for p in params]
         if self.inner_lrs is None:
-            return self.inner_lr
+            if not any(frozen):
+                return self.inner_lr
+            return [p.new_full((), 0.0 if f else self.inner_lr) for p, f in zip(params, frozen)]
         if self.learn_inner_lr in ("scalar", "per_step"):
-            return self.inner_lrs[0]
-        return list(self.inner_lrs)
+            rate = self.inner_lrs[0]
+            if not any(frozen):
+                return rate
+            steps = rate.reshape(-1)
+            return [steps.new_zeros(()) if f else steps.view(-1, *([1] * p.dim())) for p, f in zip(params, frozen)]
+        return [r.new_zeros(()) if f else r for r, f in zip(self.inner_lrs, frozen)]
 
     def _forward_fn(self):
         buffers = dict(self.model.named_buffers())
         names, model = self._names, self.model
+        # torch.func.functional_call does not put back the parameters of a submodule that appears twice
+        # in the model (a shared layer): it would leave the per-task tensors in the user's model. Every
+        # parameter and buffer slot is put back by hand after the call.
+        slots = [(table, key) for module in model.modules() for table in (module._parameters, module._buffers)
+                 for key in table]
 
         def forward(params, x):
-            return torch.func.functional_call(model, {**buffers, **dict(zip(names, params))}, (x,))
+            saved = [(table, key, table[key]) for table, key in slots]
+            try:
+                return torch.func.functional_call(model, {**buffers, **dict(zip(names, params))}, (x,))
+            finally:
+                for table, key, value in saved:
+                    if table.get(key) is not value:
+                        table[key] = value
 
         return forward
 
@@ -132,11 +213,13 @@ class MAML(nn.Module):
         params = list(self.model.parameters())
         if not params:
             raise ValueError("model has no parameters to adapt")
-        common = dict(inner_steps=steps, inner_lr=self._rates(), first_order=self.first_order,
+        common = dict(inner_steps=steps, inner_lr=self._rates(params), first_order=self.first_order,
                       loss=self.loss, query_loss_weights=query_loss_weights, need_query=need_query)
-        if self.is_mlp:
-            return make_problem(params, x_s, y_s, x_q, y_q, activation=self.activation, **common)
+        activation, why = mlp_structure_reason(self.model)
+        if activation is not None:
+            return make_problem(params, x_s, y_s, x_q, y_q, activation=activation, **common)
         problem = make_problem(params, x_s, y_s, x_q, y_q, forward=self._forward_fn(), **common)
+        problem.extras["not_fused"] = why
         if self._no_vmap[self.model.training]:
             problem.extras["no_vmap"] = True
         return problem
@@ -154,6 +237,14 @@ class MAML(nn.Module):
         loss = out[2] if len(out) > 2 else task_losses.mean()
         self._remember_vmap(problem)
         return MAMLOutput(loss, task_losses, query_preds, chosen.name)
+
+    def explain(self, x_support, y_support, x_query=None, y_query=None, query_loss_weights=None) -> str:
+        """Which backend `forward` (or `adapt`, without query data) would run on these tasks, and why each
+        other backend was rejected (for a model the fused kernels cannot run exactly: what in it)."""
+        need_query = x_query is not None
+        problem = self._problem(x_support, y_support, x_query, y_query, steps=self.inner_steps,
+                                need_query=need_query, query_loss_weights=query_loss_weights)
+        return dispatch.explain_problem(problem, "maml" if need_query else "adapt")
 
     def adapt(self, x_support, y_support, inner_steps: Optional[int] = None) -> dict[str, torch.Tensor]:
         """The adapted parameters of every task, `{name: [T, *shape]}`. With learned per-step rates,
@@ -173,4 +264,4 @@ class MAML(nn.Module):
         """Evaluate per-task parameters (from `adapt`) on `x [T, N, ...]` -> `[T, N, D_out]`."""
         forward = self._forward_fn()
         names = self._names
-        return torch.func.vmap(lambda p, xi: forward(p, xi))([adapted[n] for n in names], x)
+        return torch.func.vmap(lambda p, xi: forward(p, xi), randomness="different")([adapted[n] for n in names], x)

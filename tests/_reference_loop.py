@@ -394,22 +394,28 @@ def _scale(t: torch.Tensor) -> float:
     return t.detach().abs().max().item() if t.numel() else 0.0
 
 
+# A tensor's tolerance scale in a collection is at least this fraction of the largest tensor's: far
+# below any real gradient of the tests' problems, above the rounding noise of one that is zero.
+COLLECTION_FLOOR = 1e-6
+
+
 def assert_close(actual, expected, rtol: float, name: str = "tensor") -> None:
     """Assert one tensor, or dicts / sequences of tensors (by key or position), match; report all mismatches.
 
-    In a collection (e.g. the gradients of every input), each tensor's scale is at least 1% of the
-    largest tensor's: a gradient that is zero in exact arithmetic (a bias before a batch norm) holds
-    rounding noise of the size of the other gradients' rounding, not of its own.
+    Each tensor is judged against its own scale (`mismatch`), so a gradient a millionth the size of the
+    largest is still checked to `rtol` of itself. The only floor is for tensors that are zero, or nearly,
+    in exact arithmetic (a bias before a batch norm), which hold the rounding noise of the others: in a
+    collection each tensor's scale is at least `COLLECTION_FLOOR` times the largest tensor's.
     """
     reports = []
     if isinstance(expected, dict):
         assert set(actual) == set(expected), f"{name}: keys {sorted(actual)} != {sorted(expected)}"
-        floor = 1e-2 * max([_scale(e) for e in expected.values()] + [0.0])
+        floor = COLLECTION_FLOOR * max([_scale(e) for e in expected.values()] + [0.0])
         for key in expected:
             reports.append(mismatch(actual[key], expected[key], rtol, f"{name}[{key}]" if name else key, floor))
     elif isinstance(expected, (list, tuple)):
         assert len(actual) == len(expected), f"{name}: {len(actual)} tensors, expected {len(expected)}"
-        floor = 1e-2 * max([_scale(e) for e in expected] + [0.0])
+        floor = COLLECTION_FLOOR * max([_scale(e) for e in expected] + [0.0])
         for i, (a, e) in enumerate(zip(actual, expected)):
             reports.append(mismatch(a, e, rtol, f"{name}[{i}]", floor))
     else:

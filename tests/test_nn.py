@@ -6,7 +6,7 @@ net with BatchNorm (which vmap cannot batch) run on the reference path and match
 written with torch.nn.functional. All comparisons in float64 on fresh random inputs.
 """
 
-import logging
+import warnings
 
 import pytest
 import torch
@@ -210,9 +210,10 @@ def _bn_forward(params, x):
     return h.clamp_min(0) @ w2.t() + b2
 
 
-def test_batchnorm_task_loop(caplog, monkeypatch):
+def test_batchnorm_task_loop(monkeypatch):
     """BatchNorm in training mode updates its running statistics in place, which vmap cannot batch:
-    the reference path loops over tasks and still matches (batch statistics per task)."""
+    the reference path loops over tasks, says so once with a TaskLoopWarning, and still matches (batch
+    statistics per task)."""
     torch.manual_seed(10)
     model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).double()
     with torch.no_grad():  # non-trivial affine parameters
@@ -220,9 +221,9 @@ def test_batchnorm_task_loop(caplog, monkeypatch):
         model[1].bias.uniform_(-0.5, 0.5)
     wrapped = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2, backend="reference")
     xs, ys, xq, yq = _data(3, 7, 5, 3, 2, "mse", seed=11)
-    with caplog.at_level(logging.DEBUG, logger="fastmaml"):
+    with pytest.warns(fastmaml.TaskLoopWarning, match="vmap cannot batch this model") as record:
         out = wrapped(xs, ys, xq, yq)
-    assert "vmap" in caplog.text, "expected the reference path to report falling back to a task loop"
+    assert record[0].filename == __file__, "the warning should point at the caller's line"
     params = _leaves(model)
     ref = maml_loop(params, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1, forward=_bn_forward)
     assert_close(out.task_losses, ref.task_losses, RTOL, "task_losses")
@@ -236,7 +237,9 @@ def test_batchnorm_task_loop(caplog, monkeypatch):
     tried = []
     real_vmap = torch.func.vmap
     monkeypatch.setattr(reference_backend.torch.func, "vmap", lambda *a, **k: tried.append(1) or real_vmap(*a, **k))
-    again = wrapped(xs, ys, xq, yq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastmaml.TaskLoopWarning)  # once per module and mode
+        again = wrapped(xs, ys, xq, yq)
     assert_close(again.task_losses, ref.task_losses, RTOL, "task_losses (second call)")
     assert not tried, "vmap was tried again on a module it failed on"
     model.eval()  # running statistics: vmap can batch it again, and is tried in this mode

@@ -115,11 +115,17 @@ def adapt_args(problem: Problem) -> tuple:
 def common_reject(problem: Problem, op: str) -> str | None:
     """Reasons shared by every fused backend (the kernels run MLPs in float32/float64 only)."""
     if not problem.is_mlp:
-        return "the model is not an MLP of nn.Linear layers (fused kernels run MLPs only)"
+        return (problem.extras.get("not_fused")
+                or "the model is not an MLP of nn.Linear layers (fused kernels run MLPs only)")
     if problem.dtype not in (torch.float32, torch.float64):
         return f"dtype {problem.dtype} (fused kernels run float32 and float64)"
     if problem.query_loss_weights is not None and problem.query_loss_weights.requires_grad and torch.is_grad_enabled():
         return "query_loss_weights requires grad (the fused kernels treat it as a constant)"
+    if problem.targets_require_grad:
+        # The kernels' reverse sweeps produce no gradient for the mse targets (docs/math.md gives it):
+        # running them would leave y.grad empty where the reference fills it.
+        return ("y_support or y_query requires grad (the fused kernels compute no gradient for the "
+                "targets; the reference backend does)")
     if op == "adapt" and problem.requires_grad:
         return "adapt through a fused kernel is not differentiable; call it under torch.no_grad() or use reference"
     return None

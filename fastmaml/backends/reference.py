@@ -1,22 +1,23 @@
 """The plain-PyTorch reference backend: any model, every option, the oracle of every kernel.
 
 The inner loop of one task is written with `torch.func.grad`; `torch.func.vmap` runs it for all tasks
-at once. Outer autograd differentiates through it (second order unless `first_order`, where the inner
-gradients are detached). Where vmap cannot run the model (batch-norm statistics, data-dependent
-control flow), the same per-task function runs in a loop over tasks with `torch.autograd.grad`.
+at once (a generic module with `randomness="different"`: each task its own dropout masks). Outer
+autograd differentiates through it (second order unless `first_order`, where the inner gradients are
+detached). Where vmap cannot run the model (batch-norm statistics, data-dependent control flow), the
+same per-task function runs in a loop over tasks with `torch.autograd.grad`, with a `TaskLoopWarning`.
 """
 
 from __future__ import annotations
 
-import logging
+import os
+import sys
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from .._mlp import mlp_forward, task_loss
 from .._validate import Problem
-
-log = logging.getLogger("fastmaml")
 
 Params = list[torch.Tensor]
 
@@ -92,15 +93,42 @@ def _maml_task(problem: Problem, inner: Callable):
     return task, weights
 
 
+class TaskLoopWarning(UserWarning):
+    """The reference path runs a model task by task because `torch.func.vmap` cannot batch it."""
+
+
+def _user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel of the first caller outside fastmaml and torch (the user's line)."""
+    skip = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args):
-    """Run the per-task function under vmap; fall back to a task loop where vmap cannot run the model."""
+    """Run the per-task function under vmap; fall back to a task loop where vmap cannot run the model,
+    with a `TaskLoopWarning` (`fastmaml.MAML` remembers the failure, so it warns once per module and mode).
+
+    A generic module runs with `randomness="different"`: each task draws its own random numbers (dropout
+    masks), as it would in a loop over tasks."""
     if problem.forward is None or not problem.extras.get("no_vmap", False):
         try:
-            return torch.func.vmap(make_vmap_task(), in_dims=in_dims)(*args)
+            if problem.forward is None:  # the MLP draws no random numbers
+                return torch.func.vmap(make_vmap_task(), in_dims=in_dims)(*args)
+            return torch.func.vmap(make_vmap_task(), in_dims=in_dims, randomness="different")(*args)
         except Exception as err:  # vmap refuses some modules (in-place buffer updates, .item(), ...)
             if problem.forward is None:
                 raise
-            log.debug("fastmaml reference: vmap failed (%s); looping over tasks", err)
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            warnings.warn(
+                f"fastmaml: torch.func.vmap cannot batch this model over tasks ({type(err).__name__}: "
+                f"{first_line}); the reference path runs it one task at a time: {problem.num_tasks} passes "
+                "instead of one batched pass, each paying Python and autograd overhead. Batch-norm layers in "
+                "training mode are a common cause (track_running_stats=False, or a norm without running "
+                "statistics, lets vmap batch it).",
+                TaskLoopWarning, stacklevel=_user_stacklevel(),
+            )
             problem.extras["no_vmap"] = True
     task = make_loop_task()
     outs = []

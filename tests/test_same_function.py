@@ -1,0 +1,336 @@
+"""Every backend computes the same function, or refuses: the cases where a fused path could differ.
+
+- Float (mse) targets that require grad: the fused kernels compute no target gradient, so they refuse
+  such calls (`backend=` a fused one raises, `auto` takes the reference), and `y.grad` matches the
+  independent per-task loop.
+- `fastmaml.MAML` runs the fused kernels only on a model whose forward is exactly their MLP: a plain
+  `nn.Sequential`, no hooks (on the model, a layer, or global), no subclass or instance `forward`, no
+  shared layers. Anything else takes the reference path with the model's own result, and `explain`
+  says why.
+- Frozen parameters (`requires_grad=False`) of `fastmaml.MAML` are neither adapted nor meta-trained,
+  on every backend.
+- The reference path batches a model with dropout under vmap (each task its own masks), and warns once
+  when it must loop over tasks.
+- The tests' comparison judges each tensor against its own scale.
+
+Compared in float64 with `_reference_loop.maml_loop` (plain autograd, task by task).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastmaml
+from _reference_loop import assert_close, gradients, maml_loop, mlp_apply, random_data, random_params
+from test_backends import device_for, require_backend
+
+F64 = torch.float64
+RTOL = 1e-9
+FUSED = ["cpu", "triton", "cuda"]
+ALL = ["reference", *FUSED]
+
+
+def _mse_case(dims=(3, 7, 5, 2), tasks=3, n_support=5, n_query=4, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    params = [p.to(device).requires_grad_() for p in random_params(dims, F64, g)]
+    data = [t.to(device) for t in random_data(dims, tasks, n_support, n_query, "mse", F64, g)]
+    return params, data
+
+
+# ---- targets that require grad ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [
+    dict(inner_steps=1, inner_lr=0.1),
+    dict(inner_steps=3, inner_lr=0.2, activation="tanh"),
+    dict(inner_steps=2, inner_lr=0.15, first_order=True),
+    dict(inner_steps=2, inner_lr=0.1, query_loss_weights=torch.tensor([0.3, 0.5, 1.0], dtype=F64)),
+], ids=["K1", "K3_tanh", "first_order", "multi_step"])
+def test_target_gradients_auto(options):
+    """`auto` gives mse targets that require grad the loop's gradient (on main the cpu backend took the
+    call and left `y.grad` None)."""
+    params, (xs, ys, xq, yq) = _mse_case()
+    ys.requires_grad_()
+    yq.requires_grad_()
+    out = fastmaml.maml(params, xs, ys, xq, yq, **options)
+    assert out.backend == "reference"
+    leaves = {"y_support": ys, "y_query": yq, **{f"params[{i}]": p for i, p in enumerate(params)}}
+    got = gradients(out.loss, leaves)
+    ref = maml_loop(params, xs, ys, xq, yq, **options)
+    want = gradients(ref.loss, leaves)
+    assert got["y_support"].abs().max() > 0 or options.get("first_order"), "a test that cannot fail"
+    assert_close(got, want, RTOL, "grad")
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_target_gradients_fused_refuses(name):
+    """An explicit fused backend refuses targets that require grad, naming them; without grad mode, or
+    with targets that need none, it runs."""
+    require_backend(name)
+    device = device_for(name)
+    params, (xs, ys, xq, yq) = _mse_case(device=device)
+    why = fastmaml.dispatch.get_backend(name).reject(
+        fastmaml._validate.make_problem(params, xs, ys, xq, yq), "maml")
+    if why is not None:  # this backend cannot take CPU tensors here (cuda without a GPU)
+        pytest.skip(f"backend {name!r} cannot run this call here: {why}")
+    ys.requires_grad_()
+    with pytest.raises(ValueError, match="y_support or y_query requires grad"):
+        fastmaml.maml(params, xs, ys, xq, yq, backend=name)
+    with pytest.raises(ValueError, match="y_support or y_query requires grad"):
+        fastmaml.adapt(params, xs, ys, backend=name)
+    with torch.no_grad():
+        out = fastmaml.maml(params, xs, ys, xq, yq, backend=name)
+        want = fastmaml.maml(params, xs, ys, xq, yq, backend="reference")
+    assert_close(out.task_losses, want.task_losses, RTOL, "task_losses")
+    assert fastmaml.maml(params, xs, ys.detach(), xq, yq, backend=name).backend == name
+
+
+def test_target_gradient_of_adapt():
+    """`adapt` with a target that requires grad is differentiable in it (reference), like the loop."""
+    params, (xs, ys, _, _) = _mse_case()
+    ys.requires_grad_()
+    adapted = fastmaml.adapt(params, xs, ys, inner_steps=2, inner_lr=0.1)
+    ref = maml_loop(params, xs, ys, inner_steps=2, inner_lr=0.1).adapted
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(a.shape, dtype=F64, generator=g) for a in ref]
+    got = torch.autograd.grad(sum((a * w).sum() for a, w in zip(adapted, weights)), ys)[0]
+    want = torch.autograd.grad(sum((a * w).sum() for a, w in zip(ref, weights)), ys)[0]
+    assert_close(got, want, RTOL, "y_support grad")
+
+
+# ---- which modules run fused --------------------------------------------------------------------
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+
+
+class ScaledSequential(nn.Sequential):
+    """A subclass whose forward is not the MLP's."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x) + 0.5
+
+
+def _hand_forward(kind):
+    """What each altered model computes, written by hand on one task's params `[W1, b1, ..., W3, b3]`."""
+
+    def forward(p, x):
+        if kind == "pre_hook":
+            x = x * 1.5
+        h = x @ p[0].t() + p[1]
+        if kind == "forward_hook":
+            h = h * 0.0 + 0.25
+        h = (h.clamp_min(0) @ p[2].t() + p[3]).clamp_min(0) @ p[4].t() + p[5]
+        if kind in ("subclass", "instance_forward"):
+            h = 2.0 * h + 0.5
+        if kind == "global_hook":
+            h = h - 1.0
+        return h
+
+    return forward
+
+
+@pytest.mark.parametrize("kind", ["forward_hook", "pre_hook", "subclass", "instance_forward", "global_hook"])
+def test_altered_sequential_takes_reference(kind):
+    """A hooked or subclassed Sequential computes something else than the MLP: it runs on the reference
+    path with the model's own result (on main it ran fused and ignored the change)."""
+    model = _net()
+    handle = None
+    if kind == "forward_hook":
+        handle = model[0].register_forward_hook(lambda mod, inp, out: out * 0.0 + 0.25)
+    elif kind == "pre_hook":
+        handle = model.register_forward_pre_hook(lambda mod, inp: (inp[0] * 1.5,))
+    elif kind == "subclass":
+        model = ScaledSequential(*model)
+    elif kind == "instance_forward":
+        plain = model.forward
+        model.forward = lambda x: 2.0 * plain(x) + 0.5
+    else:
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda mod, inp, out: out - 1.0 if isinstance(mod, nn.Sequential) else None)
+    try:
+        wrapped = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2)
+        params, (xs, ys, xq, yq) = _mse_case(dims=(3, 6, 5, 2), seed=3)
+        assert not wrapped.is_mlp
+        report = wrapped.explain(xs, ys, xq, yq)
+        assert "reference  chosen" in report and "cpu        rejected" in report
+        assert any(word in report for word in ("hook", "subclasses", "forward method")), report
+        out = wrapped(xs, ys, xq, yq)
+        assert out.backend == "reference"
+        leaves = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        ref = maml_loop(leaves, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1, forward=_hand_forward(kind))
+        assert_close(out.task_losses, ref.task_losses, RTOL, "task_losses")
+        assert_close(list(torch.autograd.grad(out.loss, list(model.parameters()))),
+                     list(torch.autograd.grad(ref.loss, leaves)), RTOL, "grad")
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def test_hook_added_after_construction():
+    """Whether the model runs fused is decided on every call, not when the wrapper was made."""
+    model = _net()
+    wrapped = fastmaml.MAML(model, inner_lr=0.1)
+    _, (xs, ys, xq, yq) = _mse_case(dims=(3, 6, 5, 2))
+    assert wrapped(xs, ys, xq, yq).backend == "cpu"
+    handle = model[2].register_forward_hook(lambda mod, inp, out: out + 1.0)
+    assert wrapped(xs, ys, xq, yq).backend == "reference"
+    assert "layer 2 (Linear) has forward hooks" in fastmaml.explain(wrapped, xs, ys, xq, yq)
+    handle.remove()
+    assert wrapped(xs, ys, xq, yq).backend == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["backward_hook", "shared_layer", "shared_weight", "linear_subclass"])
+def test_other_modules_not_fused(kind):
+    """Backward hooks, a layer used twice, tied weights and Linear subclasses keep a model off the
+    fused path (a shared layer would be adapted once per use by the kernels)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    if kind == "backward_hook":
+        model[2].register_full_backward_hook(lambda mod, gin, gout: None)
+    elif kind == "shared_layer":
+        model = nn.Sequential(model[0], nn.Tanh(), model[0], nn.Tanh(), model[4])
+    elif kind == "shared_weight":
+        model[2].weight = model[0].weight
+    else:
+        class MyLinear(nn.Linear):
+            pass
+
+        model[2] = MyLinear(4, 4).double()
+    activation, why = fastmaml.nn.mlp_structure_reason(model)
+    assert activation is None and why
+    wrapped = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2, backend="auto")
+    _, (xs, ys, xq, yq) = _mse_case(dims=(4, 4, 4, 2), seed=4)
+    out = wrapped(xs, ys, xq, yq)
+    assert out.backend == "reference"
+    if kind == "shared_layer":  # the model's own function: theta holds one copy of the shared layer
+        leaves = [p.detach().clone().requires_grad_() for p in model.parameters()]
+
+        def forward(p, x):
+            h = torch.tanh(torch.tanh(x @ p[0].t() + p[1]) @ p[0].t() + p[1])
+            return h @ p[2].t() + p[3]
+
+        ref = maml_loop(leaves, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1, forward=forward)
+        assert_close(out.task_losses, ref.task_losses, RTOL, "task_losses")
+
+
+# ---- frozen parameters --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("learn", [None, "per_step", "per_parameter"])
+@pytest.mark.parametrize("name", ALL)
+def test_frozen_parameters(name, learn):
+    """A parameter with requires_grad=False is neither adapted nor meta-trained, on every backend: its
+    adapted value is theta_0 for every task, it gets no gradient, and the rest matches a loop in which
+    it has rate 0."""
+    require_backend(name)
+    device = device_for(name)
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double().to(device)
+    model[0].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    K, lr = 2, 0.2
+    wrapped = fastmaml.MAML(model, inner_lr=lr, inner_steps=K, learn_inner_lr=learn, backend=name).to(device)
+    _, (xs, ys, xq, yq) = _mse_case(dims=(3, 6, 2), tasks=2, seed=7, device=device)
+    try:
+        out = wrapped(xs, ys, xq, yq)
+    except ValueError as err:
+        if f"backend={name!r} cannot run this call" in str(err) and name in ("cuda", "triton"):
+            pytest.skip(str(err))
+        raise
+    assert out.backend == name
+    out.loss.backward()
+    assert model[0].weight.grad is None and model[2].bias.grad is None
+    frozen = [not p.requires_grad for p in model.parameters()]
+    with torch.no_grad():
+        adapted = wrapped.adapt(xs, ys)
+    for (pname, p), f in zip(model.named_parameters(), frozen):
+        if f:
+            assert torch.equal(adapted[pname], p.detach().expand_as(adapted[pname])), f"{pname} was adapted"
+        else:
+            assert not torch.equal(adapted[pname][0], p.detach()), f"{pname} was not adapted"
+    # The oracle: the same loop with rate 0 for the frozen tensors.
+    leaves = [p.detach().clone().cpu().requires_grad_(not f) for p, f in zip(model.parameters(), frozen)]
+    rates = [torch.full((), 0.0 if f else lr, dtype=F64) for f in frozen]
+    data = [t.cpu() for t in (xs, ys, xq, yq)]
+    ref = maml_loop(leaves, *data, inner_steps=K, inner_lr=rates, activation="tanh")
+    assert_close(out.task_losses, ref.task_losses, RTOL, "task_losses")
+    trained = [p for p, f in zip(model.parameters(), frozen) if not f]
+    want = torch.autograd.grad(ref.loss, [p for p, f in zip(leaves, frozen) if not f])
+    assert_close([p.grad for p in trained], list(want), RTOL, "grad")
+    if learn is not None:
+        rate_grads = [r.grad for r in wrapped.inner_lrs]
+        if learn == "per_parameter":  # the frozen tensors' rates stay without gradient
+            assert [g is None for g in rate_grads] == frozen
+        else:
+            assert rate_grads[0] is not None and rate_grads[0].abs().max() > 0
+
+
+# ---- the reference path: vmap with randomness, a warning when it loops ----------------------------
+
+
+def test_dropout_runs_under_vmap(monkeypatch):
+    """A model with dropout is batched by vmap (no task loop, no warning), each task drawing its own
+    masks; the same seed gives the same result, and in eval mode it matches the loop."""
+    from fastmaml.backends import reference as reference_backend
+
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2)).double()
+    wrapped = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2)
+    _, (xs, ys, xq, yq) = _mse_case(dims=(3, 16, 2), tasks=4, seed=9)
+    same = [t[:1].expand_as(t).contiguous() for t in (xs, ys, xq, yq)]  # four copies of one task
+    looped = []
+    real_loop = reference_backend._run_batched
+
+    def spy(problem, *args):
+        out = real_loop(problem, *args)
+        looped.append(problem.extras.get("no_vmap", False))
+        return out
+
+    monkeypatch.setattr(reference_backend, "_run_batched", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastmaml.TaskLoopWarning)
+        torch.manual_seed(1)
+        first = wrapped(*same)
+        torch.manual_seed(1)
+        again = wrapped(*same)
+    assert looped == [False, False]
+    assert first.backend == "reference"
+    assert torch.equal(first.task_losses, again.task_losses)
+    assert len(set(first.task_losses.tolist())) == 4, "every task should draw its own dropout masks"
+    first.loss.backward()
+    model.eval()
+    out = wrapped(xs, ys, xq, yq)
+    leaves = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    ref = maml_loop(leaves, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1)
+    assert_close(out.task_losses, ref.task_losses, RTOL, "task_losses (eval)")
+
+
+# ---- the tests' own comparison ------------------------------------------------------------------
+
+
+def test_assert_close_judges_each_tensor_by_its_own_scale():
+    """A tensor 1e-5 the size of the largest in a comparison is checked to rtol of itself (with the
+    old 1% floor of the largest, a 10% error in it passed)."""
+    big = torch.full((3,), 1.0, dtype=F64)
+    small = torch.tensor([1e-5, -2e-5, 3e-5], dtype=F64)
+    with pytest.raises(AssertionError, match="small"):
+        assert_close({"big": big, "small": small * 1.001}, {"big": big, "small": small}, 1e-4)
+    assert_close({"big": big, "small": small * (1 + 1e-5)}, {"big": big, "small": small}, 1e-4)
+    # A tensor that is zero in exact arithmetic is held to the collection's floor, not to its own zero.
+    assert_close([big, torch.full((2,), 1e-13, dtype=F64)], [big, torch.zeros(2, dtype=F64)], 1e-4)
+    with pytest.raises(AssertionError):
+        assert_close([big, torch.full((2,), 1e-9, dtype=F64)], [big, torch.zeros(2, dtype=F64)], 1e-4)
+
+
+def test_hand_forward_is_the_mlp():
+    """The hand-written forward of the altered models reduces to the plain MLP (guards the oracle)."""
+    params = random_params((3, 6, 5, 2), F64, torch.Generator().manual_seed(2))
+    x = torch.randn(4, 3, dtype=F64)
+    base = _hand_forward("none")
+    assert_close(base(params, x), mlp_apply(params, x, "relu"), 1e-14, "forward")
