@@ -51,7 +51,7 @@ _SOURCES = ("fastmaml.cpp", "autograd_fwdbwd.cpp", "cpu/maml_cpu.cpp", "cpu/task
 _CUDA_SOURCES = ("cuda/maml_cuda.cu", "cuda/binding.cpp")
 # Every file the library can be built from, CPU and CUDA alike (whichever are shipped): `source_hash`
 # hashes them all, whether or not this machine can compile the CUDA ones.
-_HASHED_GLOBS = ("*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cpu/*.inc")
+_HASHED_GLOBS = ("*.h", "*.cpp", "task/*.h", "cpu/*.h", "cpu/*.cpp", "cpu/*.inc")
 _CUDA_HASHED_GLOBS = ("cuda/*.h", "cuda/*.cuh", "cuda/*.cu", "cuda/*.cpp")
 # Portable flags: the library may be shared between machines (no -march=native), and the kernels must
 # match the float64 reference to ~1e-12, so no -ffast-math.

@@ -1,0 +1,44 @@
+// fastmaml: the build settings of the per-task math (csrc/task/), in one place: every file of the
+// folder includes this one first, so each translation unit sees one setting of them.
+//
+// FASTMAML_HD marks what the CUDA kernel calls (host and device). FASTMAML_HOST_VECTORS selects the
+// host register tiles of the matrix products (host_tiles.h), FASTMAML_VECTOR_BYTES their width. Every
+// file of csrc/task/ declares its functions in the same three namespaces: fastmaml,
+// FASTMAML_TASK_NAMESPACE, and the inline namespace FASTMAML_IMPL_NAMESPACE.
+#pragma once
+
+#include <cstdint>
+#include <math.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTMAML_HD __host__ __device__
+#else
+#define FASTMAML_HD
+#endif
+
+// Host builds with gcc or clang use the compilers' generic vector types in the matrix products (see
+// gemm_nn_acc); CUDA device code, other compilers and -DFASTMAML_NO_HOST_VECTORS use plain loops.
+#if !defined(FASTMAML_NO_HOST_VECTORS) && !defined(__CUDACC__) && !defined(__HIPCC__) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define FASTMAML_HOST_VECTORS 1
+#ifndef FASTMAML_VECTOR_BYTES
+#define FASTMAML_VECTOR_BYTES 16
+#endif
+#if FASTMAML_VECTOR_BYTES == 16
+#define FASTMAML_IMPL_NAMESPACE vec16
+#elif FASTMAML_VECTOR_BYTES == 32
+#define FASTMAML_IMPL_NAMESPACE vec32
+#else
+#error "FASTMAML_VECTOR_BYTES must be 16 or 32"
+#endif
+#else
+#define FASTMAML_IMPL_NAMESPACE scalar
+#endif
+
+// The namespace is a macro so that one library can hold this math compiled for several instruction
+// sets (csrc/cpu/task_loops_*.cpp); the inline namespace names the loop variant, so translation units
+// that compile the header differently (a .cu file's host pass, an AVX2 file) never give the linker two
+// different bodies under one symbol name.
+#ifndef FASTMAML_TASK_NAMESPACE
+#define FASTMAML_TASK_NAMESPACE task
+#endif

@@ -1,0 +1,235 @@
+// fastmaml: the per-task drivers of docs/kernels.md (task_forward, task_adapt and task_backward, the
+// reverse sweep) and the layout of their scratch workspace (forward_workspace, adapt_workspace,
+// backward_workspace). The CPU kernel calls them in a loop over tasks, the CUDA kernel with a thread
+// block per task.
+#pragma once
+
+#include "config.h"
+#include "layout.h"
+#include "mlp.h"
+#include "products.h"
+#include "team.h"
+
+namespace fastmaml {
+namespace FASTMAML_TASK_NAMESPACE {
+inline namespace FASTMAML_IMPL_NAMESPACE {
+
+// One task's data: support and query points, targets as floats (mse) or class indices (cross-entropy).
+template <typename T>
+struct TaskData {
+  const T* xs;
+  const T* ys_float;
+  const int64_t* ys_index;
+  int ns;
+  const T* xq;
+  const T* yq_float;
+  const int64_t* yq_index;
+  int nq;
+};
+
+// The support gradient g [P] at theta (overwritten); leaves the support pass's state in `a`.
+template <typename T, typename Team = SerialTeam>
+FASTMAML_HD inline void support_grad(const Net& net, const TaskData<T>& td, const T* theta, Acts<T>& a, T* g,
+                                     const Team& tm = Team(), const T* theta_t = nullptr) {
+  forward(net, theta, td.xs, td.ns, a, tm, theta_t);
+  const int64_t s = slice(net, a, net.L - 1);
+  loss_and_grad(net, a.z + s, td.ys_float, td.ys_index, td.ns, T(1), a.d + s, a.p, tm);
+  fill(g, net.P, T(0), tm);
+  tm.sync();
+  backward(net, theta, td.xs, td.ns, a, g, static_cast<T*>(nullptr), tm);
+}
+
+// Workspace segments start on 64-byte boundaries (given an aligned workspace): element counts are
+// rounded up to 16. Unaligned, a third of the 32-byte loads of the products split cache lines.
+FASTMAML_HD inline int64_t padded(int64_t n) { return (n + 15) & ~int64_t(15); }
+
+// Elements of the saved state of one pass (z, h, d and the softmax p; no tangents).
+FASTMAML_HD inline int64_t state_size(const Net& net, int64_t nmax) {
+  return 3 * padded(nmax * net.width_sum) + padded(nmax * net.dims[net.L]);
+}
+// Elements of the tangents (rz, rh, rd) of one pass.
+FASTMAML_HD inline int64_t tangents_size(const Net& net, int64_t nmax) { return 3 * padded(nmax * net.width_sum); }
+
+// Acts whose forward state (z, h, d, p) lives at `state` and whose tangents (rz, rh, rd) at `tangents`.
+template <typename T>
+FASTMAML_HD inline Acts<T> make_split_acts(const Net& net, T* state, T* tangents, int64_t nmax) {
+  const int64_t s = padded(nmax * net.width_sum);
+  Acts<T> a;
+  a.z = state;
+  a.h = state + s;
+  a.d = state + 2 * s;
+  a.p = state + 3 * s;
+  a.rz = tangents;
+  a.rh = tangents + s;
+  a.rd = tangents + 2 * s;
+  a.nmax = nmax;
+  return a;
+}
+
+// Workspace elements of `task_forward` / `task_adapt` / `task_backward` (nmax = max(Ns, Nq)).
+FASTMAML_HD inline int64_t forward_workspace(const Net& net, int64_t nmax) {
+  return acts_size(net, nmax) + 2 * net.P;
+}
+FASTMAML_HD inline int64_t adapt_workspace(const Net& net, int64_t nmax) {
+  return acts_size(net, nmax) + net.P;
+}
+// The reverse sweep keeps theta_1..theta_K, the support state of steps 0..K-1, the support gradients
+// g_0..g_{K-1} when the rates need a gradient (one gradient buffer otherwise), a query state, the
+// tangents, and the vectors u and v.
+FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax, bool need_lr_grad) {
+  const int64_t grads = need_lr_grad && K > 1 ? K : 1;  // K = 0: g_lr is empty (a null pointer), one buffer
+  return (K + 1) * state_size(net, nmax) + tangents_size(net, nmax) + (K + grads + 2) * padded(net.P);
+}
+
+// theta_K of one task, written to `theta_out [P]`. `lr [K, P]`.
+template <typename T, typename Team = SerialTeam>
+FASTMAML_HD inline void task_adapt(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
+                                   T* theta_out, T* work, const Team& tm = Team()) {
+  Acts<T> a = make_acts(net, work, td.ns);
+  T* g = work + acts_size(net, td.ns);
+  copy(theta0, theta_out, net.P, tm);
+  tm.sync();
+  for (int k = 0; k < K; ++k) {
+    support_grad(net, td, theta_out, a, g, tm);
+    sgd_update(theta_out, lr + k * net.P, g, theta_out, net.P, tm);
+  }
+}
+
+// The forward of maml_fwd for one task: returns sum_k qw[k] * L_query(theta_k) (to every rank of the
+// team) and writes the query output at theta_K to `preds [Nq, D_out]`. Query passes whose weight is 0
+// are skipped (k < K).
+template <typename T, typename Team = SerialTeam>
+FASTMAML_HD inline T task_forward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
+                                  const T* qw, T* preds, T* work, const Team& tm = Team(),
+                                  const T* theta0_t = nullptr) {
+  const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
+  Acts<T> a = make_acts(net, work, nmax);
+  T* theta = work + acts_size(net, nmax);
+  T* g = theta + net.P;
+  const int64_t s = slice(net, a, net.L - 1);
+  copy(theta0, theta, net.P, tm);
+  tm.sync();
+  T total = 0;
+  for (int k = 0; k <= K; ++k) {
+    const T* theta_t = k == 0 ? theta0_t : nullptr;
+    if (k == K || qw[k] != T(0)) {
+      forward(net, theta, td.xq, td.nq, a, tm, theta_t);
+      total += qw[k] * loss_and_grad(net, a.z + s, td.yq_float, td.yq_index, td.nq, T(0), a.d + s, a.p, tm);
+    }
+    if (k == K) break;
+    support_grad(net, td, theta, a, g, tm, theta_t);
+    sgd_update(theta, lr + k * net.P, g, theta, net.P, tm);
+  }
+  copy(a.z + s, preds, static_cast<int64_t>(td.nq) * net.dims[net.L], tm);
+  tm.sync();
+  return total;
+}
+
+// theta_k in the reverse sweep's storage: theta_0 is the caller's, theta_1..theta_K are rows of `stride`
+// elements in scratch.
+template <typename T>
+FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, int64_t stride) {
+  return k == 0 ? theta0 : thetas + (k - 1) * stride;
+}
+
+// The reverse sweep of maml_bwd for one task (docs/kernels.md). Recomputes theta_1..theta_K from theta0
+// in the workspace (the forward saves nothing), keeping each step's support pass for its Hessian-vector
+// product. `c` is the cotangent of the task loss, `gpreds [Nq, D_out]` that of the query output.
+// Adds dL/dtheta_0 to `g_theta [P]` and, when given, -(g_k * v) to `g_lr [K, P]`; writes the input
+// gradients to `gxs [Ns, D_in]` and `gxq [Nq, D_in]` when given. The workspace holds
+// `backward_workspace(net, K, max(Ns, Nq), g_lr != nullptr)` elements. A team adds to g_theta and g_lr
+// element i from rank i mod size(), so tasks run one after another by one team may share those rows.
+//
+// Fused forward and backward (maml_fwdbwd): with `preds_out [Nq, D_out]` given, also writes the query
+// output at theta_K there and returns sum_k qw[k] * L_query(theta_k), as task_forward does (every
+// weighted query loss is evaluated on the way when c != 0; the caller passes c = 1), and g_theta and
+// g_lr are this task's own rows, written rather than added to (no zero-filled buffers). `gpreds` may
+// then be null (no cotangent of the query output). Returns 0 without preds_out.
+//
+// `theta0_t` (optional, host loops): theta0 with its weights transposed (transpose_weights), used by
+// the passes at theta0; task_forward takes it too.
+template <typename T, typename Team = SerialTeam>
+FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
+                                   const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
+                                   T* gxs, T* gxq, T* work, const Team& tm = Team(), T* preds_out = nullptr,
+                                   const T* theta0_t = nullptr) {
+  const int64_t P = net.P, Pp = padded(P);
+  const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
+  const int64_t st = state_size(net, nmax);
+  T* states = work;                              // support state of steps 0..K-1, then the query state
+  T* tangents = states + (K + 1) * st;           // rz, rh, rd
+  T* thetas = tangents + tangents_size(net, nmax);  // theta_1 .. theta_K, K rows of Pp
+  T* grads = thetas + K * Pp;                    // g_0 .. g_{K-1} (K rows) with g_lr, else one
+  T* u = grads + (g_lr != nullptr ? K : 1) * Pp;
+  T* v = u + Pp;
+  Acts<T> q = make_split_acts(net, states + K * st, tangents, nmax);
+  const int64_t s = slice(net, q, net.L - 1);
+  const int D = net.dims[net.L];
+  const int64_t m_out = static_cast<int64_t>(td.nq) * D;
+
+  for (int k = 0; k < K; ++k) {
+    Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
+    T* g = g_lr != nullptr ? grads + k * Pp : grads;
+    support_grad(net, td, theta_at(theta0, thetas, k, Pp), a, g, tm, k == 0 ? theta0_t : nullptr);
+    sgd_update(theta_at(theta0, thetas, k, Pp), lr + k * P, g, thetas + k * Pp, P, tm);
+  }
+  if (gxs != nullptr) fill(gxs, static_cast<int64_t>(td.ns) * net.dims[0], T(0), tm);
+  if (gxq != nullptr) fill(gxq, static_cast<int64_t>(td.nq) * net.dims[0], T(0), tm);
+
+  // v = dL/dtheta_K: the weighted query loss at theta_K plus the cotangent of the query output.
+  T total = 0;
+  fill(v, P, T(0), tm);
+  tm.sync();
+  {
+    const T* th = theta_at(theta0, thetas, K, Pp);
+    forward(net, th, td.xq, td.nq, q, tm, K == 0 ? theta0_t : nullptr);
+    const T loss_K = loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, c * qw[K], q.d + s, q.p, tm);
+    if (preds_out != nullptr) {
+      total = qw[K] * loss_K;
+      copy(q.z + s, preds_out, m_out, tm);
+    }
+    T* qd = q.d + s;
+    if (gpreds != nullptr) for_each(tm, m_out, [&](int64_t j) { qd[j] += gpreds[j]; });
+    tm.sync();
+    backward(net, th, td.xq, td.nq, q, v, gxq, tm);
+  }
+
+  for (int k = K - 1; k >= 0; --k) {
+    const T* th = theta_at(theta0, thetas, k, Pp);
+    const T* lrk = lr + k * P;
+    if (g_lr != nullptr) {
+      const T* g = grads + k * Pp;
+      T* gl = g_lr + k * P;
+      if (preds_out != nullptr) {
+        for_each(tm, P, [&](int64_t i) { gl[i] = -(g[i] * v[i]); });
+      } else {
+        for_each(tm, P, [&](int64_t i) { gl[i] -= g[i] * v[i]; });
+      }
+    }
+    if (!first_order) for_each(tm, P, [&](int64_t i) { u[i] = lrk[i] * v[i]; });
+    tm.sync();  // hvp and the query pass below read all of u and write v with their own owners
+    if (!first_order) {
+      Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
+      // v -= H_k u; gxs -= d/dx_s (g_k . u)
+      hvp(net, th, u, td.xs, td.ns, a, T(-1), v, gxs, tm, k == 0 ? theta0_t : nullptr);
+    }
+    const T w = c * qw[k];
+    if (w != T(0)) {
+      forward(net, th, td.xq, td.nq, q, tm, k == 0 ? theta0_t : nullptr);
+      const T loss_k = loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, w, q.d + s, q.p, tm);
+      if (preds_out != nullptr) total += qw[k] * loss_k;
+      backward(net, th, td.xq, td.nq, q, v, gxq, tm);
+    }
+  }
+  if (preds_out != nullptr) {
+    for_each(tm, P, [&](int64_t i) { g_theta[i] = v[i]; });
+  } else {
+    for_each(tm, P, [&](int64_t i) { g_theta[i] += v[i]; });
+  }
+  tm.sync();
+  return total;
+}
+
+}  // namespace FASTMAML_IMPL_NAMESPACE
+}  // namespace FASTMAML_TASK_NAMESPACE
+}  // namespace fastmaml

@@ -1,0 +1,60 @@
+// fastmaml: teams, the threads that work on one task together, and the loops that share work over them.
+//
+// Every function of the per-task math takes a `Team` (last argument, default `SerialTeam`): the threads
+// that work on one task together. A team has `rank()`, `size()`, `sync()` (a barrier that also makes the team's
+// earlier writes visible to all of it) and `sum(x)` (a collective: every rank's `x` summed in rank
+// order, returned to every rank; it syncs). The loops are output-stationary: in each phase every output
+// element has one owner (`for_owned`, `for_each`), and a rank reads another rank's results only after
+// a sync. The layer functions and drivers may be entered when their inputs are visible to the whole
+// team, and sync before they return; the primitives (fill, copy, the matrix products, ...) do not sync.
+// The CPU runs `SerialTeam` (one thread per task: every sync is a no-op and the loops run as plain
+// loops, with the register-tiled products of products.h); the CUDA kernel runs a thread block
+// (csrc/cuda/maml_cuda.cu); tests/cuda_team_check.cpp runs std::threads and compares with SerialTeam.
+#pragma once
+
+#include "config.h"
+
+namespace fastmaml {
+namespace FASTMAML_TASK_NAMESPACE {
+inline namespace FASTMAML_IMPL_NAMESPACE {
+
+// One thread per task: the CPU kernel's team. Every sync is a no-op and every loop runs in order.
+struct SerialTeam {
+  FASTMAML_HD static constexpr int rank() { return 0; }
+  FASTMAML_HD static constexpr int size() { return 1; }
+  FASTMAML_HD void sync() const {}
+  template <typename T>
+  FASTMAML_HD T sum(T x) const {
+    return x;
+  }
+};
+
+// Calls f(r, c) for this rank's elements of a [rows, cols] array: element (r, c) belongs to rank
+// (r * cols + c) mod size(), so consecutive ranks take consecutive elements (coalesced on a GPU). A
+// team of one walks the rows in order.
+template <typename Team, typename F>
+FASTMAML_HD inline void for_owned(const Team& tm, int64_t rows, int64_t cols, F&& f) {
+  if (tm.size() == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) f(r, c);
+    }
+    return;
+  }
+  const int64_t m = rows * cols;
+  if (m < (int64_t(1) << 30)) {  // 32-bit division: several times cheaper than 64-bit on a GPU
+    const int c32 = static_cast<int>(cols);
+    for (int e = tm.rank(); e < static_cast<int>(m); e += tm.size()) f(int64_t(e / c32), int64_t(e % c32));
+  } else {
+    for (int64_t e = tm.rank(); e < m; e += tm.size()) f(e / cols, e % cols);
+  }
+}
+
+// Calls f(j) for this rank's elements of a flat array of m elements (j = rank, rank + size(), ...).
+template <typename Team, typename F>
+FASTMAML_HD inline void for_each(const Team& tm, int64_t m, F&& f) {
+  for (int64_t j = tm.rank(); j < m; j += tm.size()) f(j);
+}
+
+}  // namespace FASTMAML_IMPL_NAMESPACE
+}  // namespace FASTMAML_TASK_NAMESPACE
+}  // namespace fastmaml
