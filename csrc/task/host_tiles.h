@@ -139,8 +139,8 @@ inline void nn_rows(int R, int Kd, T alpha, const T* __restrict__ a, int64_t ars
 // The columns c1 .. C-1 of gemm_nn_acc (fewer than a vector: a one-input first layer's weight gradient
 // d^T x). One sum per element over k in order, as in the tiles. When a's rows are contiguous (ars = 1,
 // a transposed operand) a vector of rows is summed at once, four vectors in flight; otherwise four rows
-// at a time. A single running sum per element was bound by the multiply-add latency: 40 x 1 x 10 took
-// ~860 cycles in place, 3 times a task (10% of a 1-40-40-1 meta-gradient).
+// at a time. Several sums in flight hide the multiply-add latency that bounds a single running sum per
+// element, in a product that runs three times a task.
 template <typename T>
 inline void nn_last_columns(int R, int C, int c1, int Kd, T alpha, const T* __restrict__ a, int64_t ars,
                             int64_t aks, const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo) {

@@ -68,14 +68,13 @@ FASTMAML_HD inline void gemm_nn_acc(int R, int C, int Kd, T alpha, const T* __re
   const int nvec = C / L;  // whole vectors in a row
   const int c1 = nvec * L;
   // Column blocks of two vectors, rows in tiles of up to five (10 accumulators, two vectors of B and a
-  // broadcast: 13 of the 16 vector registers); an odd last vector in tiles of up to six rows. Measured
-  // on one core (AVX2, float32) against 2-row x 5-vector tiles: d W for 10 x 40 x 40 0.59 -> 0.38 us,
-  // d^T h for 40 x 40 x 10 unchanged (0.43 us).
+  // broadcast: 13 of the 16 vector registers); an odd last vector in tiles of up to six rows. Tall
+  // tiles rather than wide ones (2 rows x 5 vectors): each row tile loads B again, and B is the larger
+  // operand when the rows are few (d W: 10 rows of d times a 40 x 40 W).
   int v0 = 0;
   if (nvec % 2 == 1 && nvec >= 3) {
     // An odd count of three or more: the first three vectors in one block (4 x 3 tiles, 16 registers,
-    // over long sums; 3 x 3 over short ones), not a lone last vector whose tiles are load-bound. 10 x 40
-    // x 40: 0.375 -> 0.343 us; 40 x 40 x 10: 0.405 -> 0.37 us.
+    // over long sums; 3 x 3 over short ones), not a lone last vector whose tiles are load-bound.
     if (Kd >= 16) {
       nn_rows<T, 3, 4>(R, Kd, alpha, a, ars, aks, B, ldb, out, ldo);
     } else {
@@ -111,8 +110,8 @@ FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ 
 #ifdef FASTMAML_HAS_SHUFFLEVECTOR
   if (C < 4 && kv > 0) {
     // Few columns (a regression output layer): four rows at a time share each column's loads, and the
-    // four dot products are reduced together (sum4). The 2 x 4 tiles below would fall back to one
-    // scalar dot product per element here, about ten times slower.
+    // four dot products are reduced together (sum4). The 2 x 4 tiles below need four columns: with
+    // fewer they fall back to one scalar dot product per element.
     typedef typename VecBytes<T, 4 * sizeof(T)>::type V4;
     for (; r + 4 <= R; r += 4) {
       const T* a0 = a + r * lda;
