@@ -1,4 +1,4 @@
-// fastmaml: checks the team-parallel loops of csrc/maml_task.h on the CPU, without a GPU.
+// fastmaml: checks the team-parallel loops of the per-task math (csrc/task/) on the CPU, without a GPU.
 //
 // The CUDA kernel runs the per-task drivers with a thread block as the team; here the same drivers run
 // with a team of std::threads and a std::barrier as sync(), and every output is compared with the team

@@ -600,7 +600,7 @@ def test_size_limits_reject_and_auto_falls_back():
 
 
 def test_workspace_bytes_matches_kernel_formula():
-    """cpu.workspace_bytes (the Python size limit) follows csrc/maml_task.h's backward_workspace: a run
+    """cpu.workspace_bytes (the Python size limit) follows csrc/task/drivers.h's backward_workspace: a run
     at the limit's edge must not be rejected for the wrong reason, and the formula must grow with K."""
     small = cpu_backend.workspace_bytes([1, 40, 40, 1], 5, 10, 4)
     P = 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1  # 1761, padded to 1776 (segments on 64-byte boundaries)

@@ -1,4 +1,4 @@
-"""The team-parallel loops of csrc/maml_task.h (what the CUDA kernel runs with a thread block per task)
+"""The team-parallel loops of csrc/task/ (what the CUDA kernel runs with a thread block per task)
 on the CPU, without a GPU.
 
 tests/cuda_team_check.cpp runs the per-task drivers (forward, reverse sweep, adapt) with teams of 2, 3,

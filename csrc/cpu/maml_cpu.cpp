@@ -33,9 +33,8 @@ namespace fastmaml {
 namespace cpu {
 namespace {
 
-// One thread's scratch, zeroed, starting on a 64-byte boundary: maml_task.h places its segments on
-// 64-byte boundaries from there, so the products' vector loads do not split cache lines (measured: the
-// fused forward-backward of 1-40-40-1 at K=1 ~4% faster than with the allocator's 16-byte alignment).
+// One thread's scratch, zeroed, starting on a 64-byte boundary: task/drivers.h places its segments on
+// 64-byte boundaries from there, so the products' vector loads do not split cache lines.
 template <typename T>
 class Workspace {
  public:
@@ -74,7 +73,7 @@ void sum_parts(const T* parts, int64_t n, int64_t m, T* out) {
 
 using task::Net;
 
-static_assert(kMaxDims == task::kMaxLayers + 1, "task_loops.h and maml_task.h disagree on the depth limit");
+static_assert(kMaxDims == task::kMaxLayers + 1, "task_loops.h and task/layout.h disagree on the depth limit");
 
 // Partial sums of the backward: at most this many chunks, and at most this many bytes of partial rows
 // (but never fewer than kMinChunks chunks, so large models still run in parallel).

@@ -14,7 +14,7 @@ namespace {
 using task::Net;
 using task::TaskData;
 
-// A thread block as the team of csrc/maml_task.h. `red` is a shared buffer of blockDim.x doubles for
+// A thread block as the team of csrc/task/team.h. `red` is a shared buffer of blockDim.x doubles for
 // sum(): every rank stores its partial, and every rank reads them back in rank order (the same total
 // in every rank, a fixed order).
 struct BlockTeam {

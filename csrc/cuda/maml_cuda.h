@@ -4,8 +4,8 @@
 // a bare `nvcc -c` on any machine (tests/test_cuda_compile.py), and binding.cpp connects the launchers
 // to the op under the CUDA dispatch key.
 //
-// Layout: one thread block is the team of one task at a time (csrc/maml_task.h, team loops), taking
-// tasks blockIdx.x, blockIdx.x + gridDim.x, ... (forward, adapt) or one contiguous chunk of tasks
+// Layout: one thread block is the team of one task at a time (csrc/task/team.h), taking tasks blockIdx.x,
+// blockIdx.x + gridDim.x, ... (forward, adapt) or one contiguous chunk of tasks
 // (backward, so that each block sums its tasks' meta-gradients in task order into its own partial row;
 // a second kernel sums the partial rows in block order: deterministic, no atomics). A block's scratch
 // workspace is in shared memory when it fits in `kSharedWorkspaceBytes`, else in global memory that

@@ -43,7 +43,7 @@ MAX_WORKSPACE_BYTES = 64 << 20
 
 
 def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: int, op: str = "maml") -> int:
-    """Bytes of scratch one thread of the kernel uses (csrc/maml_task.h: `backward_workspace` with the
+    """Bytes of scratch one thread of the kernel uses (csrc/task/drivers.h: `backward_workspace` with the
     rates' gradient, the larger case, for `maml`; `adapt_workspace` for `adapt`)."""
     P = sum(dims[i + 1] * dims[i] + dims[i + 1] for i in range(len(dims) - 1))
     width_sum = sum(dims[1:])

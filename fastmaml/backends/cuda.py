@@ -53,7 +53,7 @@ def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:
     n_points = max(problem.n_support, problem.n_query if op == "maml" else 0)
     if n_points > MAX_POINTS:
         return f"{n_points} points per task (the cuda kernel runs at most {MAX_POINTS})"
-    # One thread block needs what one CPU thread needs: the same per-task workspace of csrc/maml_task.h.
+    # One thread block needs what one CPU thread needs: the same per-task workspace of csrc/task/drivers.h.
     need = workspace_bytes(dims, problem.inner_steps, n_points, problem.params[0].element_size(), op)
     if need > MAX_WORKSPACE_BYTES:
         return (f"{need / 2**20:.0f} MiB of scratch per thread block for this size and inner_steps "
