@@ -1,5 +1,10 @@
 """What the fused backends (cpu, cuda, triton) share: flattening a problem into the flat operations of
-`docs/kernels.md`, and the autograd formula registered once for every forward operation.
+`docs/kernels.md`, the size limits and reasons common to every kernel, the autograd formula registered
+once for every forward operation, and `FusedBackend`, the base class that runs a call through them.
+
+A fused backend adds only what is its own: the device it runs, whether it is available here, its size
+limits and its operations (`FusedBackend` says which methods). The dispatcher, not shared code, sends
+each tensor to its device's kernels.
 
 The backward of `maml_fwd` is the kernel's own reverse sweep (`maml_bwd`), not autograd through the
 kernel. `maml_bwd` itself is not differentiable: asking for a gradient of the meta-gradient raises.
@@ -7,7 +12,8 @@ kernel. `maml_bwd` itself is not differentiable: asking for a gradient of the me
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -23,7 +29,7 @@ def flat_theta(problem: Problem) -> torch.Tensor:
 
 
 # The constant inputs of training calls (a float rate's [K, P] table, plain MAML's query weights), kept
-# between calls: making them cost ~20 us a call on the CPU, a tenth of the Python around the kernels.
+# between calls: making them on every call was a tenth of the Python around the CPU kernels.
 # The ops only read them. Not kept while torch.compile traces (they would be fake tensors) nor under
 # inference_mode (an inference tensor cannot be saved for a later backward).
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
@@ -183,6 +189,156 @@ def register_task_sum_autograd(task_sum_op) -> None:
     torch.library.register_autograd(task_sum_op, no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def run_fused(fwd: Callable, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call a registered `maml_fwd` operation on a problem."""
-    return fwd(*fused_args(problem))
+@dataclass(frozen=True)
+class SizeLimits:
+    """The sizes a fused kernel runs; `size_limit_reason` names the one a call exceeds.
+
+    max_layers:          linear layers (the kernel's network description has a fixed size)
+    max_width:           units in any layer, input or output
+    max_points:          support or query points per task
+    max_points_x_width:  (points per task) x (widest hidden layer), or None for no such bound
+    max_workspace_bytes: scratch of one worker (`workspace_bytes`: a CPU thread, a CUDA thread block)
+    kernel, worker:      how the reasons name the kernel and its worker
+    """
+
+    max_layers: int
+    max_width: int
+    max_points: int
+    max_points_x_width: Optional[int]
+    max_workspace_bytes: int
+    kernel: str
+    worker: str
+
+
+def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: int, op: str = "maml") -> int:
+    """Bytes of scratch one worker of the C++/CUDA kernels uses for one task (csrc/task/drivers.h:
+    `backward_workspace` with the rates' gradient, the larger case, for `maml`; `adapt_workspace` for
+    `adapt`)."""
+    P = sum(dims[i + 1] * dims[i] + dims[i + 1] for i in range(len(dims) - 1))
+    width_sum = sum(dims[1:])
+    if op == "adapt":
+        return (n_points * (6 * width_sum + dims[-1]) + P) * itemsize
+    K = inner_steps
+
+    def padded(n: int) -> int:  # segments start on 64-byte boundaries (counts rounded up to 16)
+        return (n + 15) // 16 * 16
+
+    state = 3 * padded(n_points * width_sum) + padded(n_points * dims[-1])
+    tangents = 3 * padded(n_points * width_sum)
+    grads = max(K, 1)  # inner_steps = 0 still keeps one gradient buffer
+    return ((K + 1) * state + tangents + (K + grads + 2) * padded(P)) * itemsize
+
+
+def size_limit_reason(problem: Problem, limits: SizeLimits, op: str = "maml") -> Optional[str]:
+    """Why this MLP problem is outside `limits`, or None."""
+    dims, kernel = problem.dims, limits.kernel
+    if len(dims) - 1 > limits.max_layers:
+        return f"{len(dims) - 1} layers (the {kernel} runs at most {limits.max_layers})"
+    if max(dims) > limits.max_width:
+        return f"a layer of width {max(dims)} (the {kernel} runs widths up to {limits.max_width})"
+    n_points = max(problem.n_support, problem.n_query if op == "maml" else 0)
+    if n_points > limits.max_points:
+        return f"{n_points} points per task (the {kernel} runs at most {limits.max_points})"
+    hidden = max(dims[1:-1], default=max(dims))
+    if limits.max_points_x_width is not None and n_points * hidden > limits.max_points_x_width:
+        return (f"{n_points} points per task x width {hidden} = {n_points * hidden} (past "
+                f"{limits.max_points_x_width} the reference backend's BLAS products are faster)")
+    need = workspace_bytes(dims, problem.inner_steps, n_points, problem.params[0].element_size(), op)
+    if need > limits.max_workspace_bytes:
+        return (f"{need / 2**20:.0f} MiB of scratch per {limits.worker} for this size and inner_steps "
+                f"(the {kernel} takes up to {limits.max_workspace_bytes >> 20} MiB)")
+    return None
+
+
+def fused_rows_bytes(problem: Problem, need_lr: bool) -> int:
+    """Bytes of the per-task gradient rows a fused forward-and-backward keeps for the backward (`T x P`
+    for theta, `T x K x P` for the rates when they need a gradient, and the inputs' rows)."""
+    P = sum(p.numel() for p in problem.params)
+    T, K = problem.num_tasks, problem.inner_steps
+    per_task = P * (1 + (K if need_lr else 0)) + problem.x_support[0].numel() + problem.x_query[0].numel()
+    return T * per_task * problem.params[0].element_size()
+
+
+class FusedBackend:
+    """The base of the fused backends: `reject` and `maml` / `adapt` through the flat operations.
+
+    A subclass sets `name` and `device_type` and provides:
+      unavailable()                  why it cannot run at all here (not built, no Triton, no GPU), or None
+      limits, or size_limit_reason(problem, op)
+                                     its kernels' sizes (`SizeLimits`), or why a call exceeds them
+      forward_op(), adapt_op()       its `maml_fwd` and `maml_adapt` operations (flat arguments;
+                                     `ExtensionBackend` gives the C++ library's)
+    and may override:
+      device_reason(problem)         why it cannot take tensors on this device (default: not its device)
+      train(problem, tail, need_lr, need_x)
+                                     a fused forward-and-backward for training calls, or None (default:
+                                     none; the forward op with its reverse-sweep backward serves)
+      max_fused_rows_bytes()         the per-task rows `train` may keep (fused_rows_bytes) before the
+                                     forward op is used instead
+    """
+
+    name: str = ""
+    device_type: str = ""
+    limits: Optional[SizeLimits] = None
+
+    def unavailable(self) -> Optional[str]:
+        raise NotImplementedError
+
+    def size_limit_reason(self, problem: Problem, op: str) -> Optional[str]:
+        return size_limit_reason(problem, self.limits, op)
+
+    def forward_op(self) -> Callable:
+        raise NotImplementedError
+
+    def adapt_op(self) -> Callable:
+        raise NotImplementedError
+
+    def device_reason(self, problem: Problem) -> Optional[str]:
+        if problem.device.type != self.device_type:
+            return f"tensors are on {problem.device} (the {self.name} backend runs {self.device_type.upper()} tensors)"
+        return None
+
+    def reject(self, problem: Problem, op: str) -> Optional[str]:
+        return self.device_reason(problem) or common_reject(problem, op) or self.size_limit_reason(problem, op)
+
+    def train(self, problem: Problem, tail: tuple, need_lr: bool, need_x: bool) -> Optional[tuple]:
+        return None
+
+    def max_fused_rows_bytes(self) -> int:
+        return 0
+
+    def maml(self, problem: Problem) -> tuple[torch.Tensor, ...]:
+        """`(task_losses [T], query_preds [T, Nq, D_out])`, or with the mean loss third when `train` gives it."""
+        forward = self.forward_op()
+        tail = fused_tail_args(problem)
+        if torch.is_grad_enabled():
+            lr, xs, _, xq = tail[:4]
+            need_lr, need_x = lr.requires_grad, xs.requires_grad or xq.requires_grad
+            needed = need_lr or need_x or any(p.requires_grad for p in problem.params)
+            if needed and fused_rows_bytes(problem, need_lr) <= self.max_fused_rows_bytes():
+                out = self.train(problem, tail, need_lr, need_x)
+                if out is not None:
+                    return out
+        return forward(flat_theta(problem), *tail)
+
+    def adapt(self, problem: Problem) -> list[torch.Tensor]:
+        """The adapted parameters, each `[T, *param.shape]` (under no_grad: `common_reject` refuses
+        differentiable calls)."""
+        return unflatten(self.adapt_op()(*adapt_args(problem)), problem)
+
+
+class ExtensionBackend(FusedBackend):
+    """A fused backend whose operations are the C++ library's (`torch.ops.fastmaml.*`, one schema for
+    every device: the dispatcher runs the kernels of the tensors' device)."""
+
+    def forward_op(self) -> Callable:
+        from .. import _ext
+
+        _ext.load()
+        return torch.ops.fastmaml.maml_fwd.default
+
+    def adapt_op(self) -> Callable:
+        from .. import _ext
+
+        _ext.load()
+        return torch.ops.fastmaml.maml_adapt.default

@@ -1,10 +1,10 @@
 """The `cuda` backend: the fused CUDA C++ kernel (`csrc/cuda/`) on CUDA tensors.
 
-The operations are the cpu backend's `torch.ops.fastmaml.maml_fwd / maml_bwd / maml_fwdbwd /
+The operations are those of the cpu backend, `torch.ops.fastmaml.maml_fwd / maml_bwd / maml_fwdbwd /
 weighted_task_sum / maml_adapt` (one schema, csrc/fastmaml.cpp); the dispatcher runs their CUDA kernels
-for CUDA tensors, so `maml` (a training call runs the fused `maml_fwdbwd`, see fastmaml/backends/cpu.py)
-and `adapt` are inherited from `CpuBackend` and only availability and limits differ here. The kernel runs one task per
-thread block at a time, with the per-task math of csrc/maml_task.h parallel over the block's threads
+for CUDA tensors. A training call runs the fused `maml_fwdbwd` (forward and reverse sweep in one pass,
+per-task rows kept for the backward) when the rows fit in MAX_FUSED_ROWS_BYTES. The kernel runs one task
+per thread block at a time, with the per-task math of csrc/task/ parallel over the block's threads
 (csrc/cuda/maml_cuda.h says how tasks, workspaces and the meta-gradient's partial sums are laid out).
 
 Availability: a CUDA build of torch, a visible GPU, and a loaded C++ extension that registered CUDA
@@ -34,31 +34,23 @@ import torch
 
 from .. import _ext
 from .._validate import Problem
-from ._fused import common_reject
-from .cpu import CpuBackend, workspace_bytes
+from ._fused import ExtensionBackend, SizeLimits, flat_theta
+from ._fused import size_limit_reason as _size_limit_reason
 
 MAX_LAYERS = 8
 MAX_WIDTH = 4096
 MAX_POINTS = 65536
 MAX_WORKSPACE_BYTES = 16 << 20
+LIMITS = SizeLimits(MAX_LAYERS, MAX_WIDTH, MAX_POINTS, None, MAX_WORKSPACE_BYTES,
+                    kernel="cuda kernel", worker="thread block")
+# As the cpu backend's: above this the training call runs forward and backward apart.
+MAX_FUSED_ROWS_BYTES = 256 << 20
 
 
 def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:
-    """Why this MLP problem is outside the CUDA kernel's size limits, or None."""
-    dims = problem.dims
-    if len(dims) - 1 > MAX_LAYERS:
-        return f"{len(dims) - 1} layers (the cuda kernel runs at most {MAX_LAYERS})"
-    if max(dims) > MAX_WIDTH:
-        return f"a layer of width {max(dims)} (the cuda kernel runs widths up to {MAX_WIDTH})"
-    n_points = max(problem.n_support, problem.n_query if op == "maml" else 0)
-    if n_points > MAX_POINTS:
-        return f"{n_points} points per task (the cuda kernel runs at most {MAX_POINTS})"
-    # One thread block needs what one CPU thread needs: the same per-task workspace of csrc/task/drivers.h.
-    need = workspace_bytes(dims, problem.inner_steps, n_points, problem.params[0].element_size(), op)
-    if need > MAX_WORKSPACE_BYTES:
-        return (f"{need / 2**20:.0f} MiB of scratch per thread block for this size and inner_steps "
-                f"(the cuda kernel takes up to {MAX_WORKSPACE_BYTES >> 20} MiB)")
-    return None
+    """Why this MLP problem is outside the CUDA kernel's size limits (`LIMITS`), or None. One thread block
+    needs what one CPU thread needs: the same per-task workspace of csrc/task/drivers.h."""
+    return _size_limit_reason(problem, LIMITS, op)
 
 
 def build_unavailable() -> Optional[str]:
@@ -81,15 +73,21 @@ def cuda_kernels_registered(op: str = "maml_fwd") -> bool:
         return False
 
 
-class CudaBackend(CpuBackend):
+class CudaBackend(ExtensionBackend):
     """Fused CUDA C++ kernel for MLPs on CUDA tensors, float32 and float64."""
 
     name = "cuda"
+    device_type = "cuda"
+    limits = LIMITS
 
-    def fused_forward_backward(self, problem: Problem) -> bool:
-        # Training calls take maml_fwdbwd as on the CPU (one kernel per task instead of two, no recompute
-        # of the inner loop) when the build has its CUDA kernel.
-        return problem.device.type == "cuda" and cuda_kernels_registered("maml_fwdbwd")
+    def max_fused_rows_bytes(self) -> int:
+        return MAX_FUSED_ROWS_BYTES if cuda_kernels_registered("maml_fwdbwd") else 0
+
+    def train(self, problem: Problem, tail: tuple, need_lr: bool, need_x: bool) -> Optional[tuple]:
+        # The flat op, which has run on a GPU (the cpu backend's maml_train, which takes the parameter
+        # list, has not yet); its autograd kernel weighs the rows in the backward.
+        out = torch.ops.fastmaml.maml_fwdbwd.default(flat_theta(problem), *tail, need_lr, need_x)
+        return out[0], out[1]
 
     def unavailable(self) -> Optional[str]:
         # Decided from torch, the GPU and the kernels the loaded library registered, not from nvcc: a
@@ -120,15 +118,3 @@ class CudaBackend(CpuBackend):
                     f"{build_why}. Once that is fixed, the next process builds them")
         return (f"the loaded library has no CUDA kernels: {path} was built without them although nvcc is "
                 "found now; remove its folder to have it rebuilt")
-
-    def reject(self, problem: Problem, op: str) -> Optional[str]:
-        if problem.device.type != "cuda":
-            return f"tensors are on {problem.device} (the cuda backend runs CUDA tensors)"
-        why = common_reject(problem, op)
-        if why is not None:
-            return why
-        return size_limit_reason(problem, op)
-
-    # maml() and adapt(): inherited. They call torch.ops.fastmaml.*, which the dispatcher sends to the
-    # CUDA kernels for CUDA tensors.
-

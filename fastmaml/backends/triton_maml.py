@@ -62,7 +62,8 @@ def _interpreter_on() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_installed() -> bool:
-    """Whether Triton can be imported (asked once: a module search costs ~0.15 ms a call)."""
+    """Whether Triton can be imported (asked once: a module search on every call would cost more than the
+    rest of the dispatch)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -359,10 +360,11 @@ def _points_table(dtype: torch.dtype) -> str:
     return ", ".join(f"width <= {w}: {n} points" for w, n in sorted(MAX_POINTS_BY_WIDTH[dtype].items()))
 
 
-class TritonBackend:
+class TritonBackend(_fused.FusedBackend):
     """Fused Triton kernels: one program per task (or a group of tasks), MLPs within `size_limits`."""
 
     name = "triton"
+    device_type = "cuda"
 
     def unavailable(self) -> Optional[str]:
         if not _triton_installed():
@@ -373,7 +375,8 @@ class TritonBackend:
                     f"(the kernels need {'.'.join(map(str, MIN_TRITON))} or newer)")
         return None
 
-    def reject(self, problem: Problem, op: str) -> Optional[str]:
+    def device_reason(self, problem: Problem) -> Optional[str]:
+        # CUDA tensors run compiled kernels; CPU tensors only the interpreter (the tests without a GPU).
         device = problem.device.type
         if device == "cpu":
             if not _interpreter_on():
@@ -381,22 +384,18 @@ class TritonBackend:
                         "first Triton call (the tests do; it is slow, for testing only)")
             if _KERNELS is not None and not _KERNELS.interpreted:
                 return "the Triton kernels were defined before TRITON_INTERPRET=1 was set (compiled kernels need CUDA)"
-            why = interpreter_problem()
-            if why is not None:
-                return why
-        elif device == "cuda":
+            return interpreter_problem()
+        if device == "cuda":
             if _interpreter_on() or (_KERNELS is not None and _KERNELS.interpreted):
                 return "TRITON_INTERPRET=1: the Triton interpreter would run CUDA tensors on the host"
-        else:
-            return f"{device} tensors (the Triton kernels run CUDA tensors)"
-        why = _fused.common_reject(problem, op)
-        if why is not None:
-            return why
+            return None
+        return f"{device} tensors (the Triton kernels run CUDA tensors)"
+
+    def size_limit_reason(self, problem: Problem, op: str) -> Optional[str]:
         return size_limits(problem.dims, problem.n_support, problem.n_query, problem.dtype)
 
-    def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fused.run_fused(ops().fwd, problem)
+    def forward_op(self):
+        return ops().fwd
 
-    def adapt(self, problem: Problem) -> list[torch.Tensor]:
-        thetas = ops().adapt(*_fused.adapt_args(problem))
-        return _fused.unflatten(thetas, problem)
+    def adapt_op(self):
+        return ops().adapt
