@@ -67,9 +67,8 @@ LDFLAGS = OPENMP_FLAGS
 # GPU architectures come from TORCH_CUDA_ARCH_LIST, else from the visible GPU (torch's defaults).
 CUDA_FLAGS = ("-O3",)
 LIB_NAME = "fastmaml_cpu"
-# Printed before a build: measured 27 s on 2 idle cores (ninja builds the 5 files two at a time; the C++
-# autograd kernels' torch headers are the slowest), 73 s for the 4 files of an earlier version on 2 cores
-# shared with other work.
+# Printed before a build: the time of a build on 2 idle cores (benchmarks/RESULTS.md; ninja builds the
+# files two at a time; the C++ autograd kernels' torch headers are the slowest).
 BUILD_SECONDS = 30
 # Added when the CUDA kernels are built: an estimate from nvcc's compile time of csrc/cuda/maml_cuda.cu
 # for one architecture on 2 cores (no GPU build has been timed yet).

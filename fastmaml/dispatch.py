@@ -29,12 +29,9 @@ AUTO_ORDER: dict[str, list[str]] = {
 
 # `auto` skips the GPU kernels where the reference (torch.func.vmap over cuBLAS) measured faster: the
 # kernels run one task per thread block, so they win on few tasks and lose once the batch fills the GPU
-# for the batched matrix products. H100 (benchmarks/RESULTS.md, 2026-11-26, 1-W-W-1, 10 + 10 points,
-# second order): cuda over reference 4.5x at T=25 W=40, 3.9x at T=1024 W=40, 0.49x at T=65536 W=40;
-# 3.6x at T=25 W=128, 0.67x at T=1024 W=128. The crossover lies between T * W^2 = 1.6e6 and 1.7e7; the
-# limit sits at their geometric middle. With cuda's fused forward-backward (a later H100 run) T=1024
-# W=128 moved to 0.90x (K=1) and 1.23x (K=5) vmap: still at the crossover, so the limit stays. An
-# explicit backend="cuda" or "triton" still runs any size.
+# for the batched matrix products. On an H100 (benchmarks/RESULTS.md, GPU; 1-W-W-1, 10 + 10 points,
+# second order) the crossover lies between T * W^2 = 1.6e6 and 1.7e7; the limit sits at their geometric
+# middle. An explicit backend="cuda" or "triton" still runs any size.
 GPU_KERNEL_AUTO_WORK = 5e6
 _GPU_KERNELS = ("cuda", "triton")
 
@@ -122,7 +119,8 @@ def select(problem: Problem, backend: str = "auto", op: str = "maml") -> Backend
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         # In preference order, stopping at the first that accepts: the backends after it are not asked
-        # (asking costs up to 0.2 ms a call, e.g. whether Triton is installed). `explain` asks them all.
+        # (asking may cost more than the call's own dispatch, e.g. whether Triton is installed). `explain`
+        # asks them all.
         rejected = []
         for name in AUTO_ORDER.get(problem.device.type, ["reference"]):
             chosen = _REGISTRY.get(name)
