@@ -13,9 +13,8 @@
 #
 # Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), CUDA_TESTS_S=80 and TRITON_TESTS_S=120
 # (the GPU tests: tests/test_backends.py for each GPU backend, tests/test_triton_maml.py, and once
-# tests/test_same_function.py; pytest-xdist
-# spreads them over the cores when it is installed), the sweep gets what is left of TOTAL_S minus a reserve
-# for the summary. The tests log to tests.log (both runs). GPU_TEST_BACKENDS (default "cuda triton") picks
+# tests/test_same_function.py; pytest-xdist spreads them over the cores when it is installed), the sweep
+# gets what is left of TOTAL_S minus a reserve for the summary. The tests log to tests.log (both runs). GPU_TEST_BACKENDS (default "cuda triton") picks
 # the backends tested, SWEEP_ARGS replaces the GPU sweep's settings.
 set -uo pipefail
 
