@@ -9,14 +9,16 @@ Public API (see README.md and docs/):
     explain(...)      which backend `auto` picks and why
     list_backends()   the registered backend names
     TaskLoopWarning   the reference path loops over tasks because vmap cannot batch the model
+    FiniteStep(opt)   an optimizer step taken only when the meta-loss and gradients are finite
 """
 
 from .api import MAMLOutput, adapt, explain, maml, mlp, reptile
 from .backends.reference import TaskLoopWarning
 from .dispatch import list_backends
 from .nn import MAML
+from .training import FiniteStep
 
 __version__ = "0.1.0"
 
-__all__ = ["MAML", "MAMLOutput", "TaskLoopWarning", "adapt", "explain", "list_backends", "maml", "mlp", "reptile",
+__all__ = ["FiniteStep", "MAML", "MAMLOutput", "TaskLoopWarning", "adapt", "explain", "list_backends", "maml", "mlp", "reptile",
            "__version__"]

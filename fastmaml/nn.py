@@ -11,6 +11,7 @@ every backend: they get an inner rate of 0.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -86,6 +87,34 @@ def mlp_structure_reason(model: nn.Module) -> tuple[Optional[str], Optional[str]
     return activation or "relu", None
 
 
+def _check_range(inner_lr_range, inner_lr: float, learn_inner_lr) -> Optional[tuple[float, float]]:
+    """`inner_lr_range` as `(low, high)` floats with `0 <= low < inner_lr < high`, finite, or None."""
+    if inner_lr_range is None:
+        return None
+    if learn_inner_lr is None:
+        raise ValueError("inner_lr_range bounds learned rates: give learn_inner_lr too (or leave the range out)")
+    try:
+        low, high = (float(v) for v in inner_lr_range)
+    except (TypeError, ValueError):
+        raise TypeError(f"inner_lr_range must be a pair of numbers (low, high), got {inner_lr_range!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < inner_lr < high):
+        raise ValueError(
+            f"inner_lr_range must be finite with 0 <= low < inner_lr < high, got ({low}, {high}) "
+            f"for inner_lr={inner_lr}"
+        )
+    return low, high
+
+
+def _steps_of(rate: torch.Tensor, steps: int) -> torch.Tensor:
+    """Per-step rates `[K, ...]` for `steps` steps: the first `steps`, or all K then the last repeated."""
+    K = rate.shape[0]
+    if steps <= K:
+        return rate[:steps]
+    if K == 0:
+        raise ValueError(f"inner_steps={steps}: the rates were learned for 0 steps, so there is no last step's rate")
+    return torch.cat([rate, rate[-1:].expand(steps - K, *rate.shape[1:])])
+
+
 def mlp_structure(model: nn.Module) -> Optional[str]:
     """The activation name if the fused kernels compute exactly `model` (`mlp_structure_reason`), else None."""
     return mlp_structure_reason(model)[0]
@@ -103,6 +132,13 @@ class MAML(nn.Module):
             "per_layer" (one rate per parameter tensor and step, MAML++), "per_parameter"
             (one rate per scalar parameter, shared over steps: Meta-SGD). Learned rates are
             registered as parameters of this module (`inner_lrs`).
+        inner_lr_range: `(low, high)` with `0 <= low < inner_lr < high`, for learned rates: each rate is
+            then `low + (high - low) * sigmoid(raw)` with `raw` the registered parameter, so no
+            optimizer step can take a rate out of the range (`inner_lr_values()` gives the rates as
+            used). A bound built into the parametrisation, not a clamp after the step: the optimizer's
+            state stays consistent with what it optimises, the gradient shrinks as a rate nears a bound,
+            and positive rates stay positive (a rate that grows without bound is how a learned-rate run
+            diverges). None (default): the parameters are the rates, unbounded.
         loss: "mse" or "cross_entropy".
         backend: "auto" or a backend name.
 
@@ -124,6 +160,7 @@ class MAML(nn.Module):
         inner_steps: int = 1,
         first_order: bool = False,
         learn_inner_lr: Optional[str] = None,
+        inner_lr_range: Optional[tuple[float, float]] = None,
         loss: str = "mse",
         backend: str = "auto",
     ):
@@ -143,23 +180,44 @@ class MAML(nn.Module):
         # training mode only): the reference path then goes straight to its task loop.
         self._no_vmap = {True: False, False: False}
         self.inner_lr = float(inner_lr)
+        self.inner_lr_range = _check_range(inner_lr_range, self.inner_lr, learn_inner_lr)
         K = self.inner_steps
         params = list(model.parameters())
         # Rates are made in the parameters' dtype and device: made in float32 and cast, a float64 model's
-        # rate of 0.01 would start as 0.009999999776.
+        # rate of 0.01 would start as 0.009999999776. With a range, the parameters hold the raw values
+        # whose image is inner_lr (`_bounded`).
         like = dict(dtype=params[0].dtype, device=params[0].device) if params else {}
+        start = self.inner_lr
+        if self.inner_lr_range is not None:
+            low, high = self.inner_lr_range
+            start = math.log((self.inner_lr - low) / (high - self.inner_lr))  # logit of the position in range
         if learn_inner_lr is None:
             self.inner_lrs = None
         elif learn_inner_lr == "scalar":
-            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.tensor(self.inner_lr, **like))])
+            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.tensor(start, **like))])
         elif learn_inner_lr == "per_step":
-            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full((K,), self.inner_lr, **like))])
+            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full((K,), start, **like))])
         elif learn_inner_lr == "per_layer":
             self.inner_lrs = nn.ParameterList(
-                [nn.Parameter(torch.full((K,) + (1,) * p.dim(), self.inner_lr, **like)) for p in params]
+                [nn.Parameter(torch.full((K,) + (1,) * p.dim(), start, **like)) for p in params]
             )
         else:
-            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), self.inner_lr)) for p in params])
+            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), start)) for p in params])
+
+    def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
+        """A learned rate as used: the parameter itself, or with `inner_lr_range = (low, high)`,
+        `low + (high - low) * sigmoid(raw)`, inside the range whatever the optimizer does."""
+        if self.inner_lr_range is None:
+            return raw
+        low, high = self.inner_lr_range
+        return low + (high - low) * torch.sigmoid(raw)
+
+    def inner_lr_values(self) -> Optional[list[torch.Tensor]]:
+        """The learned rates as the inner loop uses them (in `inner_lr_range` when one is set), one tensor
+        per entry of `inner_lrs`; None when the rate is not learned."""
+        if self.inner_lrs is None:
+            return None
+        return [self._bounded(r) for r in self.inner_lrs]
 
     @property
     def activation(self) -> Optional[str]:
@@ -172,22 +230,26 @@ class MAML(nn.Module):
         """True when the fused kernels can run this model (`explain` says why not)."""
         return self.activation is not None
 
-    def _rates(self, params: list[torch.Tensor]):
-        """The `inner_lr` argument of this call. A frozen parameter (`requires_grad=False`) gets the rate
-        0 on every step: it is not adapted (theta_k = theta_0 exactly), and as it requires no grad it is
-        not meta-trained; the same on every backend, since the rate is an input of them all."""
+    def _rates(self, params: list[torch.Tensor], steps: int):
+        """The `inner_lr` argument of a call of `steps` inner steps. A frozen parameter
+        (`requires_grad=False`) gets the rate 0 on every step: it is not adapted (theta_k = theta_0
+        exactly), and as it requires no grad it is not meta-trained; the same on every backend, since the
+        rate is an input of them all. Learned per-step rates (`per_step`, `per_layer`) for more steps than
+        were trained reuse the last step's rate; for fewer, the first `steps`."""
         frozen = [not p.requires_grad for p in params]
         if self.inner_lrs is None:
             if not any(frozen):
                 return self.inner_lr
             return [p.new_full((), 0.0 if f else self.inner_lr) for p, f in zip(params, frozen)]
+        rates = [self._bounded(r) for r in self.inner_lrs]
+        if self.learn_inner_lr in ("per_step", "per_layer"):
+            rates = [_steps_of(r, steps) for r in rates]
         if self.learn_inner_lr in ("scalar", "per_step"):
-            rate = self.inner_lrs[0]
             if not any(frozen):
-                return rate
-            steps = rate.reshape(-1)
-            return [steps.new_zeros(()) if f else steps.view(-1, *([1] * p.dim())) for p, f in zip(params, frozen)]
-        return [r.new_zeros(()) if f else r for r, f in zip(self.inner_lrs, frozen)]
+                return rates[0]
+            shared = rates[0].reshape(-1)
+            return [shared.new_zeros(()) if f else shared.view(-1, *([1] * p.dim())) for p, f in zip(params, frozen)]
+        return [r.new_zeros(()) if f else r for r, f in zip(rates, frozen)]
 
     def _forward_fn(self):
         buffers = dict(self.model.named_buffers())
@@ -213,7 +275,7 @@ class MAML(nn.Module):
         params = list(self.model.parameters())
         if not params:
             raise ValueError("model has no parameters to adapt")
-        common = dict(inner_steps=steps, inner_lr=self._rates(params), first_order=self.first_order,
+        common = dict(inner_steps=steps, inner_lr=self._rates(params, steps), first_order=self.first_order,
                       loss=self.loss, query_loss_weights=query_loss_weights, need_query=need_query)
         activation, why = mlp_structure_reason(self.model)
         if activation is not None:
@@ -247,14 +309,10 @@ class MAML(nn.Module):
         return dispatch.explain_problem(problem, "maml" if need_query else "adapt")
 
     def adapt(self, x_support, y_support, inner_steps: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """The adapted parameters of every task, `{name: [T, *shape]}`. With learned per-step rates,
-        `inner_steps` may not exceed the trained K."""
+        """The adapted parameters of every task, `{name: [T, *shape]}`, after `inner_steps` steps (default:
+        the trained K). Learned per-step rates for more steps than were trained reuse the last step's
+        rate (evaluation with more test steps)."""
         steps = self.inner_steps if inner_steps is None else check_inner_steps(inner_steps)
-        if steps != self.inner_steps and self.learn_inner_lr in ("per_step", "per_layer"):
-            raise ValueError(
-                f"inner_steps must be {self.inner_steps} with learn_inner_lr={self.learn_inner_lr!r} "
-                f"(one learned rate per step), got {steps}"
-            )
         problem = self._problem(x_support, y_support, None, None, steps=steps, need_query=False)
         adapted = dispatch.select(problem, self.backend, "adapt").adapt(problem)
         self._remember_vmap(problem)

@@ -293,13 +293,14 @@ def test_module_refuses_non_module():
         fastmaml.MAML(lambda x: x)
 
 
-def test_module_adapt_refuses_other_steps_with_per_step_rates():
-    """Learned per-step rates exist for the trained K only."""
+def test_module_adapt_with_per_step_rates_learned_for_no_steps():
+    """Learned per-step rates reuse the last step's rate for more steps (tests/test_training.py); with
+    rates learned for K = 0 steps there is none, and adapt says so."""
     model = nn.Sequential(nn.Linear(3, 7), nn.Tanh(), nn.Linear(7, 2)).double()
-    wrapped = fastmaml.MAML(model, inner_steps=K, learn_inner_lr="per_step", backend="reference")
+    wrapped = fastmaml.MAML(model, inner_steps=0, learn_inner_lr="per_step", backend="reference")
     kwargs = valid_call()
-    with pytest.raises(ValueError, match=r"inner_steps must be 2"):
-        wrapped.adapt(kwargs["x_support"], kwargs["y_support"], inner_steps=K + 2)
+    with pytest.raises(ValueError, match=r"learned for 0 steps"):
+        wrapped.adapt(kwargs["x_support"], kwargs["y_support"], inner_steps=2)
     adapted = wrapped.adapt(kwargs["x_support"], kwargs["y_support"])
     assert adapted["0.weight"].shape == (T, 7, 3)
 
