@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from . import api
+from . import api, jobs
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
@@ -151,9 +151,7 @@ def torch_threads(n: int):
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return jobs.check_device(name)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -474,8 +472,8 @@ def _run(config: SinusoidConfig, out_dir: str, progress: bool, log) -> dict:
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         return value
 
     return parse
@@ -523,13 +521,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the job from parsed `add_arguments` options."""
-    config = SinusoidConfig(
-        iterations=args.iterations, meta_batch=args.meta_batch, n_support=args.n_support,
-        n_query=args.n_query, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-        meta_lr=args.meta_lr, first_order=args.first_order, backend=args.backend, seed=args.seed,
-        device=str(_resolve_device(args.device)), threads=args.threads, eval_tasks=args.eval_tasks,
-        eval_steps=args.eval_steps,
-    )
+    """Run the job from parsed `add_arguments` options. Everything that can be checked before training
+    is (device, backend, output folder): a problem is one line on stderr and exit code 2."""
+    try:
+        device = jobs.check_device(args.device)
+        config = SinusoidConfig(
+            iterations=args.iterations, meta_batch=args.meta_batch, n_support=args.n_support,
+            n_query=args.n_query, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+            meta_lr=args.meta_lr, first_order=args.first_order, backend=args.backend, seed=args.seed,
+            device=str(device), threads=args.threads, eval_tasks=args.eval_tasks,
+            eval_steps=args.eval_steps,
+        )
+        preflight(config)
+        jobs.check_out_dir(args.out)
+    except jobs.JobError as err:
+        return jobs.report("sinusoid", err)
     run(config, args.out, progress=not args.no_progress and sys.stderr is not None)
     return 0
+
+
+def preflight(config: SinusoidConfig) -> None:
+    """That the job's backend can run its training calls (one meta-batch of its shape) and its evaluation
+    calls (adapt without gradients); raises `fastmaml.jobs.JobError` saying why not."""
+    device = torch.device(config.device)
+
+    def call():
+        g = _generator(config.seed, device)
+        params = [p.requires_grad_() for p in init_params(g, config.hidden, device)]
+        return (params, *sample_batch(config.meta_batch, config.n_support, config.n_query, g, device))
+
+    jobs.check_backend(config.backend, call, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
+                       first_order=config.first_order)

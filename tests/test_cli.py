@@ -95,6 +95,39 @@ def test_help_and_usage_errors(capsys):
     assert "--iterations" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--inner-lr", "nan"], "argument --inner-lr: must be a finite number > 0, got nan"),
+    (["--meta-lr", "inf"], "argument --meta-lr: must be a finite number > 0, got inf"),
+    (["--out", "{file}/run"], "--out"),
+    (["--backend", "bogus"], "--backend 'bogus' is not one of auto"),
+    (["--device", "tpu"], "--device 'tpu' is not a device"),
+    (["--device", "cuda:7"], "--device 'cuda:7'"),
+    (["--backend", "cuda"], "--backend 'cuda' cannot run this job's"),
+], ids=["nan_inner_lr", "inf_meta_lr", "out_under_a_file", "unknown_backend", "unknown_device", "no_such_gpu",
+        "cuda_backend_on_cpu"])
+def test_bad_arguments_are_one_line_before_training(tmp_path, capsys, monkeypatch, extra, message):
+    """A bad argument or one this machine cannot serve is reported as one error line with exit code 2,
+    before training starts (the trainer must not run), never as a traceback."""
+    if extra == ["--backend", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine can run the cuda backend")
+    if extra == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    extra = [a.replace("{file}", str(blocker)) for a in extra]
+    monkeypatch.setattr(sinusoid, "run", lambda *a, **k: pytest.fail("training started despite a bad argument"))
+    argv = ["train", "sinusoid", "--iterations", "1", "--out", str(tmp_path / "out"), "--no-progress", *extra]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:  # argparse's own type errors
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and lines[0].startswith("fastmaml train sinusoid: error: ") and message in lines[0], err
+
+
 def test_training_reduces_loss_and_adaptation_helps():
     config = sinusoid.SinusoidConfig(iterations=400, log_every=50, eval_tasks=100, seed=1, backend="reference")
     trained = sinusoid.train(config, progress=False, log=lambda *a: None)

@@ -1,0 +1,9 @@
+"""What every training job shares (`fastmaml train <job>`): checks made before training starts.
+
+A job calls these before it trains, so that a bad argument is one clear line and exit code 2 (`JobError`,
+reported by the job's `main`), never a traceback and never a failure after training.
+"""
+
+from .checks import JobError, check_backend, check_device, check_out_dir, report
+
+__all__ = ["JobError", "check_backend", "check_device", "check_out_dir", "report"]

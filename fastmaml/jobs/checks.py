@@ -1,0 +1,77 @@
+"""Checks a training job makes before it trains; each raises `JobError` with one line saying what to fix."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Callable, Optional
+
+import torch
+
+from .. import dispatch
+from .._validate import make_problem
+
+
+class JobError(ValueError):
+    """A job's argument or environment that cannot work; the message is one line for the user."""
+
+
+def report(job: str, err: JobError) -> int:
+    """Print `fastmaml train <job>: error: <message>` to stderr and return exit code 2 (argparse's)."""
+    print(f"fastmaml train {job}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def check_out_dir(path: str) -> None:
+    """The output folder exists or can be made, and a file can be written in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".fastmaml-write-test-"):
+            pass
+    except OSError as err:
+        raise JobError(f"--out {path!r} cannot be created or written: {err.strerror or err}") from None
+
+
+def check_device(name: str) -> torch.device:
+    """`name` (cpu, cuda, cuda:N or auto) as a device this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise JobError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise JobError(f"--device {name!r}: {why} (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise JobError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise JobError(f"--device {name!r}: the jobs run on cpu or cuda")
+    return device
+
+
+def check_backend(backend: str, make_call: Callable[[], tuple], ops: tuple[str, ...] = ("maml", "adapt"),
+                  **options) -> Optional[str]:
+    """That `backend` can run the job's calls: `make_call()` returns `(params, x_s, y_s, x_q, y_q)` of one
+    small batch of the job's shape and device; each op in `ops` is asked of the dispatcher with `options`
+    (those of `fastmaml.maml`). Returns the backend `auto` picks for `maml` (or `backend` itself)."""
+    if backend != "auto" and backend not in dispatch.list_backends():
+        raise JobError(f"--backend {backend!r} is not one of auto, {', '.join(dispatch.list_backends())}")
+    params, xs, ys, xq, yq = make_call()
+    chosen = None
+    for op in ops:
+        try:
+            if op == "maml":
+                problem = make_problem(params, xs, ys, xq, yq, **options)
+                with torch.enable_grad():
+                    chosen = dispatch.select(problem, backend, op).name
+            else:
+                adapt_options = {k: v for k, v in options.items() if k not in ("first_order", "query_loss_weights")}
+                problem = make_problem(params, xs, ys, need_query=False, **adapt_options)
+                with torch.no_grad():
+                    dispatch.select(problem, backend, op)
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise JobError(f"--backend {backend!r} cannot run this job's {op} calls: {err}") from None
+    return chosen
