@@ -176,28 +176,67 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-def train(config: SinusoidConfig, progress: bool = True, log=print) -> TrainResult:
+def train(config: SinusoidConfig, progress: bool = True, log=print, checkpoint_dir: str | None = None,
+          checkpoint_every: int = 0, resume: bool = False) -> TrainResult:
     """Meta-train the MLP with `fastmaml.maml` and Adam. Returns the trained params (detached).
 
-    Runs with `config.threads` torch CPU threads (restored afterwards) unless it is 0.
+    Runs with `config.threads` torch CPU threads (restored afterwards) unless it is 0. With
+    `checkpoint_every = N > 0`, `checkpoint_dir/checkpoint.pt` is written atomically every N iterations
+    and at the end (parameters, Adam's state, the iteration, the task stream's RNG state, the loss
+    history); with `resume`, training continues from it when it exists, and ends with exactly the
+    parameters of an uninterrupted run.
     """
     with torch_threads(config.threads):
-        return _train(config, progress, log)
+        return _train(config, progress, log, checkpoint_dir, checkpoint_every, resume)
 
 
-def _train(config: SinusoidConfig, progress: bool, log) -> TrainResult:
+# Settings a checkpoint must share with the run that resumes it (the others, the iteration count, threads
+# and evaluation settings, may change between the two).
+_RESUME_KEYS = ("meta_batch", "n_support", "n_query", "inner_steps", "inner_lr", "meta_lr", "first_order",
+                "seed", "hidden", "amplitude_range", "phase_range", "x_range", "log_every")
+
+
+def _restore(path: str, config: SinusoidConfig, params, optimizer, tasks) -> dict:
+    """Load the checkpoint at `path` into params, optimizer and task stream; returns its bookkeeping."""
+    state = jobs.checkpoint.load(path)
+    saved, now = state["config"], config.to_dict()
+    differ = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
+    if differ:
+        raise jobs.JobError(f"--resume: {path} was written with other settings "
+                            f"({', '.join(f'{k}={saved.get(k)!r}' for k in differ)})")
+    if state["iteration"] > config.iterations:
+        raise jobs.JobError(f"--resume: {path} is at iteration {state['iteration']}, past --iterations "
+                            f"{config.iterations}")
+    with torch.no_grad():
+        for p, q in zip(params, state["params"]):
+            p.copy_(q)
+    optimizer.load_state_dict(state["optimizer"])
+    tasks.set_state(state["tasks_rng"])
+    return state
+
+
+def _train(config: SinusoidConfig, progress: bool, log, checkpoint_dir: str | None = None,
+           checkpoint_every: int = 0, resume: bool = False) -> TrainResult:
     device = _resolve_device(config.device)
     params = [p.requires_grad_() for p in init_params(_generator(config.seed, device), config.hidden, device)]
     # A separate stream for tasks, so changing the model size does not change the tasks.
     tasks = _generator(config.seed + 1, device)
     optimizer = _adam(params, config.meta_lr)
+    ckpt_path = os.path.join(checkpoint_dir, jobs.checkpoint.CHECKPOINT) if checkpoint_dir else None
+    first, seconds_before, history = 0, 0.0, []
+    if resume and ckpt_path and os.path.exists(ckpt_path):
+        state = _restore(ckpt_path, config, params, optimizer, tasks)
+        first, seconds_before, history = state["iteration"], state["seconds"], list(state["history"])
+        log(f"fastmaml sinusoid: resuming from {ckpt_path} at iteration {first}")
+    elif resume:
+        log(f"fastmaml sinusoid: no checkpoint in {checkpoint_dir} yet; starting from iteration 0")
 
     bar = None
-    if progress and config.iterations > 0:
+    if progress and config.iterations > first:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.iterations, desc="meta-train", unit="it", smoothing=0.1, dynamic_ncols=True)
-    history: list[float] = []
+        bar = tqdm(total=config.iterations, initial=first, desc="meta-train", unit="it", smoothing=0.1,
+                   dynamic_ncols=True)
     ema = None
     backend = None
     # The loss is accumulated on the device and read every `log_every` iterations: reading it every
@@ -205,7 +244,14 @@ def _train(config: SinusoidConfig, progress: bool, log) -> TrainResult:
     running = torch.zeros((), device=device)
     block = 0
 
-    if config.iterations > 0:
+    def save_checkpoint(done: int) -> None:
+        jobs.checkpoint.save(ckpt_path, {
+            "iteration": done, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+            "tasks_rng": tasks.get_state().cpu(), "seconds": seconds_before + time.perf_counter() - start,
+            "history": list(history), "config": config.to_dict(),
+        })
+
+    if config.iterations > first:
         # One untimed step without the update, so that train_seconds measures training: the first call
         # of a fused backend may build or load its kernels, the reference one traces its vmap.
         prep = time.perf_counter()
@@ -220,7 +266,7 @@ def _train(config: SinusoidConfig, progress: bool, log) -> TrainResult:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    for it in range(config.iterations):
+    for it in range(first, config.iterations):
         xs, ys, xq, yq = sample_batch(config.meta_batch, config.n_support, config.n_query, tasks, device)
         out = api.maml(
             params, xs, ys, xq, yq, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
@@ -247,9 +293,15 @@ def _train(config: SinusoidConfig, progress: bool, log) -> TrainResult:
                 bar.set_postfix(meta_loss=f"{ema:.4f}", refresh=False)
             running.zero_()
             block = 0
+        if ckpt_path and checkpoint_every and ((it + 1) % checkpoint_every == 0 or it == config.iterations - 1):
+            if block:  # a partial logging block would be lost with the process: close it now
+                history.append(running.item() / block)
+                running.zero_()
+                block = 0
+            save_checkpoint(it + 1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = seconds_before + time.perf_counter() - start
     if bar is not None:
         bar.close()
     return TrainResult([p.detach() for p in params], backend or "none", seconds, history)
@@ -433,16 +485,18 @@ def load_model(path: str, map_location="cpu") -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------- the job
 
 
-def run(config: SinusoidConfig, out_dir: str, progress: bool = True, log=print) -> dict:
+def run(config: SinusoidConfig, out_dir: str, progress: bool = True, log=print, checkpoint_every: int = 0,
+        resume: bool = False) -> dict:
     """Train, evaluate, write `results.json`, `adaptation.png` and `model.pt` in `out_dir`; return the
-    results dict."""
+    results dict. `checkpoint_every` and `resume`: see `train` (the checkpoint is `out_dir/checkpoint.pt`)."""
     os.makedirs(out_dir, exist_ok=True)
     with torch_threads(config.threads):
-        return _run(config, out_dir, progress, log)
+        return _run(config, out_dir, progress, log, checkpoint_every, resume)
 
 
-def _run(config: SinusoidConfig, out_dir: str, progress: bool, log) -> dict:
-    trained = train(config, progress=progress, log=log)
+def _run(config: SinusoidConfig, out_dir: str, progress: bool, log, checkpoint_every: int = 0,
+         resume: bool = False) -> dict:
+    trained = _train(config, progress, log, out_dir, checkpoint_every, resume)
     log(f"fastmaml sinusoid: trained {config.iterations} iterations in {trained.seconds:.1f} s "
         f"on backend {trained.backend!r}")
     start = time.perf_counter()
@@ -518,6 +572,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-steps", type=_non_negative_int, default=d.eval_steps,
                         help=f"evaluate after 0..N inner steps (default {d.eval_steps})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--checkpoint-every", type=_non_negative_int, default=0, metavar="N",
+                        help="write OUT/checkpoint.pt atomically every N iterations and at the end: parameters, "
+                             "Adam's state, the iteration, the task stream's RNG state (default 0: none)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoint.pt when it exists (same settings; --iterations may "
+                             "grow); the result is the uninterrupted run's")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -536,7 +596,11 @@ def main(args: argparse.Namespace) -> int:
         jobs.check_out_dir(args.out)
     except jobs.JobError as err:
         return jobs.report("sinusoid", err)
-    run(config, args.out, progress=not args.no_progress and sys.stderr is not None)
+    try:
+        run(config, args.out, progress=not args.no_progress and sys.stderr is not None,
+            checkpoint_every=args.checkpoint_every, resume=args.resume)
+    except jobs.JobError as err:  # a checkpoint that does not fit these settings
+        return jobs.report("sinusoid", err)
     return 0
 
 

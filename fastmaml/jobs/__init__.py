@@ -1,9 +1,11 @@
-"""What every training job shares (`fastmaml train <job>`): checks made before training starts.
+"""What every training job shares (`fastmaml train <job>`): checks made before training starts, and
+checkpoints written atomically (`fastmaml.jobs.checkpoint`).
 
 A job calls these before it trains, so that a bad argument is one clear line and exit code 2 (`JobError`,
 reported by the job's `main`), never a traceback and never a failure after training.
 """
 
+from . import checkpoint
 from .checks import JobError, check_backend, check_device, check_out_dir, report
 
-__all__ = ["JobError", "check_backend", "check_device", "check_out_dir", "report"]
+__all__ = ["checkpoint", "JobError", "check_backend", "check_device", "check_out_dir", "report"]

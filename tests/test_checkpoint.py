@@ -1,0 +1,94 @@
+"""Checkpoints of the training jobs (fastmaml/jobs/checkpoint.py, `fastmaml train sinusoid
+--checkpoint-every N --resume`): a run killed at any moment and resumed ends with exactly the parameters
+of an uninterrupted run, and a kill during the write leaves the previous checkpoint loadable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastmaml import cli, jobs, sinusoid
+
+ITERATIONS, EVERY = 4000, 250
+
+
+def _config(**kw):
+    base = dict(iterations=ITERATIONS, backend="cpu", eval_tasks=3, threads=1, seed=5)
+    base.update(kw)
+    return sinusoid.SinusoidConfig(**base)
+
+
+def _checkpoint_iteration(path):
+    try:
+        return torch.load(path, weights_only=False)["iteration"]
+    except Exception:  # not written yet
+        return 0
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a job once its checkpoint has passed a few saves, resume it: the parameters equal those of
+    an uninterrupted run bit for bit (cpu backend, one process)."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fastmaml", "train", "sinusoid", "--iterations", str(ITERATIONS),
+           "--checkpoint-every", str(EVERY), "--backend", "cpu", "--seed", "5", "--eval-tasks", "3",
+           "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = out / "checkpoint.pt"
+    deadline = time.time() + 120
+    while proc.poll() is None and _checkpoint_iteration(ckpt) < 2 * EVERY and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reached = _checkpoint_iteration(ckpt)
+    assert reached >= 2 * EVERY, proc.stderr.read().decode()[-2000:]
+    if reached == ITERATIONS:
+        pytest.skip("the job finished before it could be killed (a machine much faster than this test expects)")
+
+    resumed = sinusoid.train(_config(), progress=False, log=lambda *a: None, checkpoint_dir=str(out),
+                             checkpoint_every=EVERY, resume=True)
+    whole = sinusoid.train(_config(), progress=False, log=lambda *a: None)
+    for a, b in zip(resumed.params, whole.params):
+        assert torch.equal(a, b)
+    assert _checkpoint_iteration(ckpt) == ITERATIONS
+
+
+def test_kill_during_the_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A process that dies while writing (here: torch.save writes half a file and raises) leaves the
+    previous checkpoint whole and loadable, and no temporary file."""
+    path = str(tmp_path / "checkpoint.pt")
+    first = {"iteration": 10, "params": [torch.arange(5.0)]}
+    jobs.checkpoint.save(path, first)
+    real_save = torch.save
+
+    def dying_save(obj, f):
+        real_save({"iteration": 20, "params": [torch.zeros(10_000)]}, f)
+        f.truncate(f.tell() // 2)
+        raise KeyboardInterrupt("killed during the write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        jobs.checkpoint.save(path, {"iteration": 20})
+    monkeypatch.setattr(torch, "save", real_save)
+    loaded = jobs.checkpoint.load(path)
+    assert loaded["iteration"] == 10 and torch.equal(loaded["params"][0], first["params"][0])
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_resume_with_other_settings_is_one_error_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "sinusoid", "--backend", "cpu", "--eval-tasks", "3", "--out", str(out), "--no-progress"]
+    assert cli.main([*base, "--iterations", "20", "--checkpoint-every", "10"]) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--iterations", "30", "--resume", "--inner-lr", "0.02"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "fastmaml train sinusoid: error: --resume:" in err and "inner_lr" in err
+    # The same settings with more iterations continue from the checkpoint.
+    assert cli.main([*base, "--iterations", "30", "--resume", "--checkpoint-every", "10"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert _checkpoint_iteration(out / "checkpoint.pt") == 30
