@@ -20,5 +20,5 @@ from .training import FiniteStep
 
 __version__ = "0.1.0"
 
-__all__ = ["FiniteStep", "MAML", "MAMLOutput", "TaskLoopWarning", "adapt", "explain", "list_backends", "maml", "mlp", "reptile",
-           "__version__"]
+__all__ = ["FiniteStep", "MAML", "MAMLOutput", "TaskLoopWarning", "adapt", "explain", "list_backends", "maml", "mlp",
+           "reptile", "__version__"]

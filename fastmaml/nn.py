@@ -33,7 +33,7 @@ def _hooks_of(module: nn.Module) -> Optional[str]:
     for attr in _HOOK_DICTS:
         if getattr(module, attr, None):
             return attr.strip("_").replace("_", " ")
-    if "forward" in vars(module):
+    if "forward" in vars(module) or "_call_impl" in vars(module):
         return "a forward method set on the instance"
     return None
 
@@ -69,6 +69,11 @@ def mlp_structure_reason(model: nn.Module) -> tuple[Optional[str], Optional[str]
                 return None, f"layer {i} is a {type(layer).__name__}, not an nn.Linear"
             if layer.bias is None:
                 return None, f"layer {i} is an nn.Linear without bias (the fused kernels run biased layers)"
+            own = list(layer._parameters.items())
+            if [name for name, _ in own] != ["weight", "bias"] or not all(
+                    isinstance(t, nn.Parameter) and t is getattr(layer, name) for name, t in own):
+                return None, (f"layer {i}'s parameters are not its own weight and bias (replaced or re-registered "
+                              "tensors: the kernels would read other ones)")
         else:
             name = _ACTIVATION_MODULES.get(type(layer))
             if name is None:
@@ -78,6 +83,8 @@ def mlp_structure_reason(model: nn.Module) -> tuple[Optional[str], Optional[str]
                 return None, "the activations differ between layers (the fused kernels run one)"
             if getattr(layer, "inplace", False):
                 return None, f"layer {i} is an in-place {type(layer).__name__}"
+            if layer._parameters:
+                return None, f"layer {i} ({type(layer).__name__}) has parameters of its own"
             activation = name
     if len(model) % 2 == 0:
         return None, "the nn.Sequential ends in an activation or is empty (the fused kernels run Linear, ..., Linear)"
@@ -271,7 +278,17 @@ class MAML(nn.Module):
 
         return forward
 
+    def _refresh_names(self) -> None:
+        """The model's parameter names as they are now (a layer appended after construction counts)."""
+        names = [n for n, _ in self.model.named_parameters()]
+        if names != self._names:
+            if self.learn_inner_lr in ("per_layer", "per_parameter"):
+                raise ValueError("the model's parameters changed since fastmaml.MAML was made, so its learned "
+                                 "per-parameter rates no longer match them: make a new fastmaml.MAML")
+            self._names = names
+
     def _problem(self, x_s, y_s, x_q, y_q, *, steps, need_query, query_loss_weights=None):
+        self._refresh_names()
         params = list(self.model.parameters())
         if not params:
             raise ValueError("model has no parameters to adapt")
@@ -320,6 +337,7 @@ class MAML(nn.Module):
 
     def functional(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Evaluate per-task parameters (from `adapt`) on `x [T, N, ...]` -> `[T, N, D_out]`."""
+        self._refresh_names()
         forward = self._forward_fn()
         names = self._names
         return torch.func.vmap(lambda p, xi: forward(p, xi), randomness="different")([adapted[n] for n in names], x)

@@ -27,8 +27,8 @@ class FiniteStep:
 
     A skipped step leaves the parameters and the optimizer's state (moments, step counts) as they were
     and clears the gradients (`set_to_none`), so the next step starts clean. The check costs one
-    reduction per gradient and one host-device synchronisation per step (the decision is made on the
-    host); a gradient whose norm overflows counts as not finite.
+    reduction per gradient (its largest magnitude) and one host-device synchronisation per step (the
+    decision is made on the host).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
@@ -41,15 +41,22 @@ class FiniteStep:
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 
-    def is_finite(self, loss: torch.Tensor | None = None) -> bool:
+    def is_finite(self, loss: torch.Tensor | float | None = None) -> bool:
         """Whether `loss` (if given) and every gradient of the optimizer's parameters are finite."""
         checks = []
         if loss is not None:
-            checks.append(torch.isfinite(loss.detach()).all().reshape(1))
-        grads = self._grads()
-        if grads:
-            norms = torch._foreach_norm([g.detach() for g in grads])
+            checks.append(torch.isfinite(torch.as_tensor(loss).detach()).all().reshape(1))
+        dense, sparse = [], []
+        for g in self._grads():
+            (sparse if g.layout != torch.strided else dense).append(g.detach())
+        if dense:
+            # The largest magnitude (inf-norm): finite exactly when every value is, and it cannot overflow
+            # where an L2 norm of finite values would (float16 gradients past 65504).
+            norms = torch._foreach_norm(dense, ord=float("inf"))
             checks.extend(torch.isfinite(n).reshape(1) for n in norms)
+        for g in sparse:
+            values = g.coalesce().values() if g.layout == torch.sparse_coo else g.values()
+            checks.append(torch.isfinite(values).all().reshape(1))
         if not checks:
             return True
         devices = {c.device for c in checks}
@@ -57,7 +64,7 @@ class FiniteStep:
             checks = [c.cpu() for c in checks]
         return bool(torch.cat(checks).all())
 
-    def step(self, loss: torch.Tensor | None = None) -> bool:
+    def step(self, loss: torch.Tensor | float | None = None) -> bool:
         """Take the optimizer step if `loss` and the gradients are finite; otherwise clear the gradients
         and count the step as skipped. Returns whether the step was taken."""
         if self.is_finite(loss):

@@ -186,7 +186,8 @@ def test_hook_added_after_construction():
     assert wrapped(xs, ys, xq, yq).backend == "cpu"
 
 
-@pytest.mark.parametrize("kind", ["backward_hook", "shared_layer", "shared_weight", "linear_subclass"])
+@pytest.mark.parametrize("kind", ["backward_hook", "shared_layer", "shared_weight", "linear_subclass",
+                                  "bias_replaced", "activation_parameter", "call_impl", "reordered"])
 def test_other_modules_not_fused(kind):
     """Backward hooks, a layer used twice, tied weights and Linear subclasses keep a model off the
     fused path (a shared layer would be adapted once per use by the kernels)."""
@@ -197,6 +198,20 @@ def test_other_modules_not_fused(kind):
         model = nn.Sequential(model[0], nn.Tanh(), model[0], nn.Tanh(), model[4])
     elif kind == "shared_weight":
         model[2].weight = model[0].weight
+    elif kind == "bias_replaced":  # a buffer in the bias's place, a parameter of the same shape elsewhere
+        bias = model[0].bias.detach().clone()
+        del model[0].bias
+        model[0].register_buffer("bias", bias)
+        model[0].register_parameter("shift", nn.Parameter(torch.zeros(4, dtype=F64)))
+    elif kind == "activation_parameter":
+        model[1].register_parameter("scale", nn.Parameter(torch.ones(4, dtype=F64)))
+    elif kind == "call_impl":
+        plain = model[2]._call_impl
+        model[2]._call_impl = lambda *a, **k: plain(*a, **k) * 2.0
+    elif kind == "reordered":  # weight re-registered after bias: the parameters come bias first
+        weight = model[0].weight.detach().clone()
+        del model[0].weight
+        model[0].weight = nn.Parameter(weight)
     else:
         class MyLinear(nn.Linear):
             pass
@@ -217,6 +232,41 @@ def test_other_modules_not_fused(kind):
 
         ref = maml_loop(leaves, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1, forward=forward)
         assert_close(out.task_losses, ref.task_losses, RTOL, "task_losses")
+
+
+def test_layer_added_after_construction():
+    """A layer appended to the model after the wrapper was made is adapted and returned by adapt."""
+    model = _net()
+    wrapped = fastmaml.MAML(model, inner_lr=0.1)
+    model.append(nn.ReLU())
+    model.append(nn.Linear(2, 2).double())
+    _, (xs, ys, xq, yq) = _mse_case(dims=(3, 6, 5, 2))
+    with torch.no_grad():
+        adapted = wrapped.adapt(xs, ys)
+    assert sorted(adapted) == sorted(n for n, _ in model.named_parameters())
+    leaves = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    ref = maml_loop(leaves, xs, ys, xq, yq, inner_steps=1, inner_lr=0.1)
+    assert_close(wrapped(xs, ys, xq, yq).task_losses, ref.task_losses, RTOL, "task_losses")
+
+
+def test_forward_mode_ad_and_autocast_take_the_reference():
+    """torch.func.jvp through maml (the fused kernels have no forward-mode formula: on main the tangent
+    came back 0) and autocast (the model computes in lower precision) run on the reference path."""
+    params, (xs, ys, xq, yq) = _mse_case()
+    params = [p.detach() for p in params]
+
+    def loss_of(y, backend="auto"):
+        return fastmaml.maml(params, xs, y, xq, yq, inner_steps=2, inner_lr=0.1, activation="tanh",
+                             backend=backend).loss
+
+    tangent = torch.func.jvp(loss_of, (ys,), (torch.ones_like(ys),))[1]
+    want = torch.func.jvp(lambda y: loss_of(y, "reference"), (ys,), (torch.ones_like(ys),))[1]
+    assert want.abs() > 0
+    assert_close(tangent, want, RTOL, "jvp")
+    with torch.autocast("cpu", torch.bfloat16):
+        assert fastmaml.maml(params, xs, ys, xq, yq).backend == "reference"
+        with pytest.raises(ValueError, match="autocast"):
+            fastmaml.maml(params, xs, ys, xq, yq, backend="cpu")
 
 
 # ---- frozen parameters --------------------------------------------------------------------------

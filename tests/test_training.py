@@ -74,6 +74,20 @@ def test_non_finite_step_is_skipped(backend, how):
     assert guard.state_dict() == {"steps": 2, "skipped": 1}
 
 
+def test_finite_step_judges_values_not_norms():
+    """Large but finite gradients (a float16 gradient whose L2 norm overflows) are finite; a sparse
+    gradient is checked by its values; the loss may be a number."""
+    half = nn.Parameter(torch.zeros(1000, dtype=torch.float16))
+    half.grad = torch.full((1000,), 3000.0, dtype=torch.float16)
+    emb = nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 4])).sum().backward()
+    guard = fastmaml.FiniteStep(torch.optim.SGD([half, emb.weight], lr=1e-3))
+    assert guard.is_finite(1.0)
+    assert not guard.is_finite(float("nan"))
+    emb.weight.grad = torch.sparse_coo_tensor([[1]], torch.full((1, 3), float("inf")), (10, 3))
+    assert not guard.is_finite()
+
+
 def test_finite_step_refuses_a_non_optimizer():
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         fastmaml.FiniteStep([torch.zeros(1)])

@@ -118,6 +118,13 @@ def adapt_args(problem: Problem) -> tuple:
     )
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return False
+
+
 def common_reject(problem: Problem, op: str) -> str | None:
     """Reasons shared by every fused backend (the kernels run MLPs in float32/float64 only)."""
     if not problem.is_mlp:
@@ -127,6 +134,13 @@ def common_reject(problem: Problem, op: str) -> str | None:
         return f"dtype {problem.dtype} (fused kernels run float32 and float64)"
     if problem.query_loss_weights is not None and problem.query_loss_weights.requires_grad and torch.is_grad_enabled():
         return "query_loss_weights requires grad (the fused kernels treat it as a constant)"
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        # Forward-mode AD (torch.func.jvp, forward_ad.dual_level): the kernels have no forward-mode
+        # formula, and their outputs would carry no tangent.
+        return "forward-mode AD is active (the fused kernels have no forward-mode formula)"
+    if _autocast_enabled(problem.device.type):
+        return (f"autocast is enabled on {problem.device.type} (the model would compute in a lower precision; "
+                "the fused kernels run the parameters' dtype)")
     if problem.targets_require_grad:
         # The kernels' reverse sweeps produce no gradient for the mse targets (docs/math.md gives it):
         # running them would leave y.grad empty where the reference fills it.

@@ -99,7 +99,7 @@ class TaskLoopWarning(UserWarning):
 
 def _user_stacklevel() -> int:
     """The `warnings.warn` stacklevel of the first caller outside fastmaml and torch (the user's line)."""
-    skip = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    skip = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
