@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 
 from . import api, jobs
+from .training import FiniteStep
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
@@ -165,6 +166,7 @@ class TrainResult:
     backend: str
     seconds: float
     history: list[float] = field(default_factory=list)
+    skipped: int = 0  # meta-steps skipped for a non-finite loss or gradient
 
 
 def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -177,7 +179,7 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
 
 
 def train(config: SinusoidConfig, progress: bool = True, log=print, checkpoint_dir: str | None = None,
-          checkpoint_every: int = 0, resume: bool = False) -> TrainResult:
+          checkpoint_every: int = 0, resume: bool = False, ranks: jobs.ranks.Ranks | None = None) -> TrainResult:
     """Meta-train the MLP with `fastmaml.maml` and Adam. Returns the trained params (detached).
 
     Runs with `config.threads` torch CPU threads (restored afterwards) unless it is 0. With
@@ -185,9 +187,17 @@ def train(config: SinusoidConfig, progress: bool = True, log=print, checkpoint_d
     and at the end (parameters, Adam's state, the iteration, the task stream's RNG state, the loss
     history); with `resume`, training continues from it when it exists, and ends with exactly the
     parameters of an uninterrupted run.
+
+    Under torchrun (`ranks`, from `fastmaml.jobs.ranks.from_environment`): each rank trains on its
+    `meta_batch / world` tasks, drawn from its own stream (seeded from the seed and the rank), and the
+    meta-gradient and loss are averaged over the ranks (one all-reduce a step); only rank 0 logs, shows
+    the progress bar and writes the checkpoint (with every rank's task-stream state).
+
+    A meta-step whose (averaged) loss or gradient is not finite is skipped (`fastmaml.FiniteStep`):
+    parameters and Adam's state stay as they were; `TrainResult.skipped` counts them.
     """
     with torch_threads(config.threads):
-        return _train(config, progress, log, checkpoint_dir, checkpoint_every, resume)
+        return _train(config, progress, log, checkpoint_dir, checkpoint_every, resume, ranks)
 
 
 # Settings a checkpoint must share with the run that resumes it (the others, the iteration count, threads
@@ -196,7 +206,7 @@ _RESUME_KEYS = ("meta_batch", "n_support", "n_query", "inner_steps", "inner_lr",
                 "seed", "hidden", "amplitude_range", "phase_range", "x_range", "log_every")
 
 
-def _restore(path: str, config: SinusoidConfig, params, optimizer, tasks) -> dict:
+def _restore(path: str, config: SinusoidConfig, params, optimizer, tasks, ranks) -> dict:
     """Load the checkpoint at `path` into params, optimizer and task stream; returns its bookkeeping."""
     state = jobs.checkpoint.load(path)
     saved, now = state["config"], config.to_dict()
@@ -211,21 +221,33 @@ def _restore(path: str, config: SinusoidConfig, params, optimizer, tasks) -> dic
         for p, q in zip(params, state["params"]):
             p.copy_(q)
     optimizer.load_state_dict(state["optimizer"])
-    tasks.set_state(state["tasks_rng"])
+    streams = state["tasks_rng"]
+    if len(streams) != ranks.world:
+        raise jobs.JobError(f"--resume: {path} was written by {len(streams)} process(es), this run has {ranks.world}")
+    tasks.set_state(streams[ranks.rank])
     return state
 
 
 def _train(config: SinusoidConfig, progress: bool, log, checkpoint_dir: str | None = None,
-           checkpoint_every: int = 0, resume: bool = False) -> TrainResult:
+           checkpoint_every: int = 0, resume: bool = False, ranks: jobs.ranks.Ranks | None = None) -> TrainResult:
+    ranks = ranks or jobs.ranks.Ranks()
+    if config.meta_batch % ranks.world:
+        raise jobs.JobError(f"--meta-batch {config.meta_batch} does not split evenly over {ranks.world} processes")
+    per_rank = config.meta_batch // ranks.world
+    if not ranks.is_main:
+        progress, log = False, (lambda *a, **k: None)
     device = _resolve_device(config.device)
     params = [p.requires_grad_() for p in init_params(_generator(config.seed, device), config.hidden, device)]
-    # A separate stream for tasks, so changing the model size does not change the tasks.
-    tasks = _generator(config.seed + 1, device)
+    # A separate stream for tasks, so changing the model size does not change the tasks; one per rank
+    # (rank 0's is the one-process run's).
+    tasks = _generator(config.seed + 1 + 1_000_003 * ranks.rank, device)
     optimizer = _adam(params, config.meta_lr)
+    guard = FiniteStep(optimizer)
     ckpt_path = os.path.join(checkpoint_dir, jobs.checkpoint.CHECKPOINT) if checkpoint_dir else None
     first, seconds_before, history = 0, 0.0, []
     if resume and ckpt_path and os.path.exists(ckpt_path):
-        state = _restore(ckpt_path, config, params, optimizer, tasks)
+        state = _restore(ckpt_path, config, params, optimizer, tasks, ranks)
+        guard.load_state_dict(state.get("guard", guard.state_dict()))
         first, seconds_before, history = state["iteration"], state["seconds"], list(state["history"])
         log(f"fastmaml sinusoid: resuming from {ckpt_path} at iteration {first}")
     elif resume:
@@ -245,17 +267,20 @@ def _train(config: SinusoidConfig, progress: bool, log, checkpoint_dir: str | No
     block = 0
 
     def save_checkpoint(done: int) -> None:
-        jobs.checkpoint.save(ckpt_path, {
-            "iteration": done, "params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
-            "tasks_rng": tasks.get_state().cpu(), "seconds": seconds_before + time.perf_counter() - start,
-            "history": list(history), "config": config.to_dict(),
-        })
+        streams = ranks.gather_objects(tasks.get_state().cpu())
+        if ranks.is_main:
+            jobs.checkpoint.save(ckpt_path, {
+                "iteration": done, "params": [p.detach().cpu() for p in params],
+                "optimizer": optimizer.state_dict(), "tasks_rng": streams, "guard": guard.state_dict(),
+                "seconds": seconds_before + time.perf_counter() - start, "history": list(history),
+                "config": config.to_dict(),
+            })
 
     if config.iterations > first:
         # One untimed step without the update, so that train_seconds measures training: the first call
         # of a fused backend may build or load its kernels, the reference one traces its vmap.
         prep = time.perf_counter()
-        warm = sample_batch(config.meta_batch, config.n_support, config.n_query,
+        warm = sample_batch(per_rank, config.n_support, config.n_query,
                             _generator(config.seed + 2, device), device)
         api.maml(params, *warm, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
                  first_order=config.first_order, backend=config.backend).loss.backward()
@@ -267,15 +292,17 @@ def _train(config: SinusoidConfig, progress: bool, log, checkpoint_dir: str | No
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for it in range(first, config.iterations):
-        xs, ys, xq, yq = sample_batch(config.meta_batch, config.n_support, config.n_query, tasks, device)
+        xs, ys, xq, yq = sample_batch(per_rank, config.n_support, config.n_query, tasks, device)
         out = api.maml(
             params, xs, ys, xq, yq, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
             first_order=config.first_order, backend=config.backend,
         )
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        optimizer.step()
-        running += out.loss.detach()
+        loss = out.loss.detach().clone()
+        ranks.mean_([p.grad for p in params] + [loss.view(1)])
+        guard.step(loss)
+        running += loss
         block += 1
         if backend is None:
             backend = out.backend
@@ -304,7 +331,9 @@ def _train(config: SinusoidConfig, progress: bool, log, checkpoint_dir: str | No
     seconds = seconds_before + time.perf_counter() - start
     if bar is not None:
         bar.close()
-    return TrainResult([p.detach() for p in params], backend or "none", seconds, history)
+    if guard.skipped:
+        log(f"fastmaml sinusoid: skipped {guard.skipped} meta-step(s) whose loss or gradient was not finite")
+    return TrainResult([p.detach() for p in params], backend or "none", seconds, history, guard.skipped)
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -337,13 +366,19 @@ def adapted_params(
 
 
 @torch.no_grad()
-def task_errors(params: Sequence[torch.Tensor], config: SinusoidConfig, backend: str = "auto") -> dict[str, torch.Tensor]:
+def task_errors(params: Sequence[torch.Tensor], config: SinusoidConfig, backend: str = "auto",
+                ranks: jobs.ranks.Ranks | None = None) -> dict[str, torch.Tensor]:
     """Query MSE of every held-out task after 0, 1, ..., `eval_steps` inner steps, per shot count.
 
-    Returns `{"5": [eval_steps + 1, eval_tasks], "10": ..., ...}` (tensors on the CPU).
+    Returns `{"5": [eval_steps + 1, eval_tasks], "10": ..., ...}` (tensors on the CPU). Under torchrun
+    (`ranks`) each rank scores its share of the tasks and every rank gets all of them, in task order.
     """
+    ranks = ranks or jobs.ranks.Ranks()
     device = params[0].device
     data = held_out_tasks(config, device)
+    if ranks.world > 1:
+        share = ranks.share(config.eval_tasks)
+        data = {k: v[share] for k, v in data.items()}
     errors = {}
     for shot in config.eval_shots:
         xs, ys = data["x_support"][:, :shot], data["y_support"][:, :shot]
@@ -354,7 +389,7 @@ def task_errors(params: Sequence[torch.Tensor], config: SinusoidConfig, backend:
             theta = adapted_params(params, xs, ys, steps, config.inner_lr, backend)
             preds = api.mlp(theta, data["x_query"])
             rows.append(((preds - data["y_query"]) ** 2).mean(dim=(1, 2)))
-        errors[str(shot)] = torch.stack(rows).cpu()
+        errors[str(shot)] = ranks.gather_rows(torch.stack(rows).t().contiguous()).t().cpu()
     return errors
 
 
@@ -486,21 +521,27 @@ def load_model(path: str, map_location="cpu") -> list[torch.Tensor]:
 
 
 def run(config: SinusoidConfig, out_dir: str, progress: bool = True, log=print, checkpoint_every: int = 0,
-        resume: bool = False) -> dict:
+        resume: bool = False, ranks: jobs.ranks.Ranks | None = None) -> dict:
     """Train, evaluate, write `results.json`, `adaptation.png` and `model.pt` in `out_dir`; return the
-    results dict. `checkpoint_every` and `resume`: see `train` (the checkpoint is `out_dir/checkpoint.pt`)."""
-    os.makedirs(out_dir, exist_ok=True)
+    results dict. `checkpoint_every` and `resume`: see `train` (the checkpoint is `out_dir/checkpoint.pt`).
+    Under torchrun (`ranks`), training and evaluation are shared by the ranks and rank 0 writes."""
+    ranks = ranks or jobs.ranks.Ranks()
+    if ranks.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    else:
+        log = lambda *a, **k: None  # noqa: E731
     with torch_threads(config.threads):
-        return _run(config, out_dir, progress, log, checkpoint_every, resume)
+        return _run(config, out_dir, progress, log, checkpoint_every, resume, ranks)
 
 
 def _run(config: SinusoidConfig, out_dir: str, progress: bool, log, checkpoint_every: int = 0,
-         resume: bool = False) -> dict:
-    trained = _train(config, progress, log, out_dir, checkpoint_every, resume)
+         resume: bool = False, ranks: jobs.ranks.Ranks | None = None) -> dict:
+    ranks = ranks or jobs.ranks.Ranks()
+    trained = _train(config, progress, log, out_dir, checkpoint_every, resume, ranks)
     log(f"fastmaml sinusoid: trained {config.iterations} iterations in {trained.seconds:.1f} s "
         f"on backend {trained.backend!r}")
     start = time.perf_counter()
-    errors = task_errors(trained.params, config, backend=config.backend)
+    errors = task_errors(trained.params, config, backend=config.backend, ranks=ranks)
     results = {shot: e.mean(dim=1).tolist() for shot, e in errors.items()}
     log(f"evaluation on {config.eval_tasks} held-out tasks, mean query MSE after n inner steps "
         f"(lr {config.inner_lr}; {time.perf_counter() - start:.1f} s):")
@@ -510,8 +551,12 @@ def _run(config: SinusoidConfig, out_dir: str, progress: bool, log, checkpoint_e
         "eval": results,
         "train_seconds": trained.seconds,
         "backend": trained.backend,
+        "skipped_steps": trained.skipped,
+        "processes": ranks.world,
         "config": config.to_dict(),
     }
+    if not ranks.is_main:
+        return summary
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     save_model(os.path.join(out_dir, "model.pt"), trained.params, config)
@@ -551,7 +596,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=os.path.join("runs", "sinusoid"),
                         help="output folder for results.json, adaptation.png, model.pt (default runs/sinusoid)")
     parser.add_argument("--meta-batch", type=_positive(int), default=d.meta_batch,
-                        help=f"tasks per meta-batch (default {d.meta_batch})")
+                        help=f"tasks per meta-batch, over all processes under torchrun (default {d.meta_batch})")
     parser.add_argument("--shots", type=_positive(int), default=d.n_support, dest="n_support",
                         help=f"support points per training task, K-shot (default {d.n_support})")
     parser.add_argument("--query", type=_positive(int), default=d.n_query, dest="n_query",
@@ -582,9 +627,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the job from parsed `add_arguments` options. Everything that can be checked before training
-    is (device, backend, output folder): a problem is one line on stderr and exit code 2."""
+    is (device, backend, output folder, the meta-batch's split over processes): a problem is one line on
+    stderr and exit code 2. Under torchrun the processes join one group (gloo on the CPU, NCCL on GPUs)
+    after those checks, which every process makes alike."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         device = jobs.check_device(args.device)
+        if device.type == "cuda" and device.index is None and world > 1:
+            device = jobs.check_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        if args.meta_batch % world:
+            raise jobs.JobError(f"--meta-batch {args.meta_batch} is the global meta-batch and must split evenly "
+                                f"over the {world} processes")
         config = SinusoidConfig(
             iterations=args.iterations, meta_batch=args.meta_batch, n_support=args.n_support,
             n_query=args.n_query, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
@@ -596,11 +649,14 @@ def main(args: argparse.Namespace) -> int:
         jobs.check_out_dir(args.out)
     except jobs.JobError as err:
         return jobs.report("sinusoid", err)
+    ranks = jobs.ranks.from_environment(device)
     try:
         run(config, args.out, progress=not args.no_progress and sys.stderr is not None,
-            checkpoint_every=args.checkpoint_every, resume=args.resume)
+            checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks)
     except jobs.JobError as err:  # a checkpoint that does not fit these settings
-        return jobs.report("sinusoid", err)
+        return jobs.report("sinusoid", err) if ranks.is_main else 2
+    finally:
+        jobs.ranks.shutdown()
     return 0
 
 

@@ -20,11 +20,12 @@ from fastmaml import cli, sinusoid
 SHOTS = ("5", "10", "20")
 
 
-def check_outputs(out_dir, iterations, eval_steps=10):
+def check_outputs(out_dir, iterations, eval_steps=10, processes=1):
     """results.json has exactly the documented schema; the PNG and model.pt exist and load."""
     with open(os.path.join(out_dir, "results.json")) as f:
         results = json.load(f)
-    assert set(results) == {"eval", "train_seconds", "backend", "config"}
+    assert set(results) == {"eval", "train_seconds", "backend", "skipped_steps", "processes", "config"}
+    assert results["skipped_steps"] == 0 and results["processes"] == processes
     assert set(results["eval"]) == set(SHOTS)
     for shot in SHOTS:
         curve = results["eval"][shot]
@@ -209,3 +210,29 @@ def test_load_model_rejects_other_files(tmp_path):
     torch.save({"weights": [torch.ones(2)]}, path)
     with pytest.raises(ValueError, match="params"):
         sinusoid.load_model(str(path))
+
+
+def test_job_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m fastmaml train sinusoid`: the global meta-batch split over 2 gloo
+    ranks, one set of outputs (rank 0), the evaluation shared; a checkpoint of both ranks' task streams
+    resumes under torchrun and is refused by a run with another process count."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun is not installed beside this Python")
+    out = tmp_path / "ddp"
+    job = ["-m", "fastmaml", "train", "sinusoid", "--meta-batch", "10", "--backend", "cpu", "--eval-tasks", "7",
+           "--eval-steps", "2", "--out", str(out), "--no-progress", "--checkpoint-every", "5"]
+    base = [torchrun, "--standalone", "--nproc_per_node", "2"]
+    run = subprocess.run([*base, *job, "--iterations", "10"], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    check_outputs(out, iterations=10, eval_steps=2, processes=2)
+    assert run.stdout.count("wrote ") == 1  # rank 0 only
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["iteration"] == 10 and len(ckpt["tasks_rng"]) == 2
+    assert not torch.equal(ckpt["tasks_rng"][0], ckpt["tasks_rng"][1])  # each rank its own tasks
+    again = subprocess.run([*base, *job, "--iterations", "15", "--resume"], capture_output=True, text=True,
+                           timeout=180)
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
+    single = subprocess.run([sys.executable, *job, "--iterations", "20", "--resume"], capture_output=True,
+                            text=True, timeout=180)
+    assert single.returncode == 2 and "written by 2 process(es), this run has 1" in single.stderr

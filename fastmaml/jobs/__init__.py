@@ -1,11 +1,12 @@
 """What every training job shares (`fastmaml train <job>`): checks made before training starts, and
-checkpoints written atomically (`fastmaml.jobs.checkpoint`).
+checkpoints written atomically (`fastmaml.jobs.checkpoint`), and the ranks of a job run under torchrun
+(`fastmaml.jobs.ranks`).
 
 A job calls these before it trains, so that a bad argument is one clear line and exit code 2 (`JobError`,
 reported by the job's `main`), never a traceback and never a failure after training.
 """
 
-from . import checkpoint
+from . import checkpoint, ranks
 from .checks import JobError, check_backend, check_device, check_out_dir, report
 
-__all__ = ["checkpoint", "JobError", "check_backend", "check_device", "check_out_dir", "report"]
+__all__ = ["checkpoint", "ranks", "JobError", "check_backend", "check_device", "check_out_dir", "report"]

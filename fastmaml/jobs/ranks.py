@@ -1,0 +1,83 @@
+"""The processes of a training job under `torchrun` (torch.distributed): who this process is, and the
+few collectives a job needs. Without torchrun (no WORLD_SIZE in the environment) a job is one rank of a
+world of one, and every collective is the identity."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Ranks:
+    """This process's place among the job's processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes output, logs and shows the progress bar."""
+        return self.rank == 0
+
+    def mean_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the ranks, in place, with one all-reduce of one flat buffer
+        (the meta-gradient is a mean over tasks: with equal shares, the mean of the ranks' means)."""
+        if self.world == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t [n_rank, ...]` concatenated along dim 0 in rank order (the counts may differ by
+        rank), on every rank."""
+        if self.world == 1:
+            return t
+        counts = [None] * self.world
+        dist.all_gather_object(counts, int(t.shape[0]))
+        padded = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def share(self, count: int) -> slice:
+        """This rank's contiguous share of `count` items (the first `count % world` ranks get one more)."""
+        base, extra = divmod(count, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
+
+
+def from_environment(device: torch.device) -> Ranks:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, ...) with gloo on the CPU
+    or NCCL on CUDA devices; a world of one without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
