@@ -11,11 +11,13 @@
 # folder gets at most 7 files: env.txt, build.log, tests.log, sweep.log, throughput.csv,
 # throughput.png, summary.txt. The last thing printed is the compact summary table.
 #
-# Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), CUDA_TESTS_S=80 and TRITON_TESTS_S=120
-# (the GPU tests: tests/test_backends.py for each GPU backend, tests/test_triton_maml.py, and once
-# tests/test_same_function.py; pytest-xdist spreads them over the cores when it is installed), the sweep
-# gets what is left of TOTAL_S minus a reserve for the summary. The tests log to tests.log (both runs). GPU_TEST_BACKENDS (default "cuda triton") picks
-# the backends tested, SWEEP_ARGS replaces the GPU sweep's settings.
+# Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), CUDA_TESTS_S=100 and
+# TRITON_TESTS_S=120 (the GPU tests: tests/test_backends.py for each GPU backend,
+# tests/test_triton_maml.py, and once tests/test_same_function.py and tests/test_distributed.py (DDP over
+# NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed), the sweep gets
+# what is left of TOTAL_S minus a reserve for the summary. The tests log to tests.log (both runs).
+# GPU_TEST_BACKENDS (default "cuda triton") picks the backends tested, SWEEP_ARGS replaces the GPU
+# sweep's settings.
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -35,7 +37,7 @@ REPO="$(pwd)"
 
 TOTAL_S="${TOTAL_S:-470}"
 BUILD_S="${BUILD_S:-180}"
-CUDA_TESTS_S="${CUDA_TESTS_S:-80}"
+CUDA_TESTS_S="${CUDA_TESTS_S:-100}"
 TRITON_TESTS_S="${TRITON_TESTS_S:-120}"
 TESTS_S=$(( CUDA_TESTS_S + TRITON_TESTS_S ))
 RESERVE_S=20
@@ -136,7 +138,7 @@ else
     if [ "$backend" = triton ]; then files+=(tests/test_triton_maml.py); limit=$TRITON_TESTS_S; fi
     # Every backend computes the model's function or refuses (y requiring grad, frozen parameters, ...):
     # its cases cover cpu, triton and cuda at once, so they run once, with the cuda tests.
-    if [ "$backend" = cuda ]; then files+=(tests/test_same_function.py); fi
+    if [ "$backend" = cuda ]; then files+=(tests/test_same_function.py tests/test_distributed.py); fi
     stage "tests of $backend: ${files[*]} (limit ${limit}s) -> $DIR/tests.log"
     echo "===== $backend: ${files[*]}" >> "$DIR/tests.log"
     FASTMAML_TEST_BACKENDS=$backend timeout "$limit" python -m pytest "${files[@]}" -q -rfE "${XDIST[@]}" \

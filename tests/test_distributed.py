@@ -74,3 +74,40 @@ def test_two_ranks_train_like_one_process(backend, tmp_path):
         assert not torch.equal(s, p0), "training should move every parameter (a test that cannot fail)"
         scale = s.abs().max().item()
         assert (a - s).abs().max().item() <= 1e-6 * scale, f"parameter {i}: {(a - s).abs().max().item():.3e}"
+
+
+def _world_of_one(backend: str, device: str, folder: str) -> list[torch.Tensor]:
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{folder}/one",
+                            rank=0, world_size=1)
+    try:
+        maml = fastmaml.MAML(_model().to(device), inner_lr=0.1, inner_steps=2, learn_inner_lr="per_parameter",
+                             backend=backend).to(device)
+        ddp = nn.parallel.DistributedDataParallel(maml)
+        opt = torch.optim.Adam(maml.parameters(), lr=1e-2)
+        for batch in _batches():
+            opt.zero_grad()
+            out = ddp(*[t.to(device) for t in batch])
+            assert out.backend == backend
+            out.loss.backward()
+            opt.step()
+        return [p.detach().cpu() for p in maml.parameters()]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (NCCL): the GPU check runs it")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_ddp_world_of_one_on_the_gpu(backend, tmp_path):
+    """With one GPU: the DDP wrapper over NCCL with a world of one trains as the plain module does."""
+    if fastmaml.dispatch.get_backend(backend).unavailable():
+        pytest.skip(f"backend {backend!r} unavailable: {fastmaml.dispatch.get_backend(backend).unavailable()}")
+    wrapped = _world_of_one(backend, "cuda", str(tmp_path))
+    plain = fastmaml.MAML(_model().cuda(), inner_lr=0.1, inner_steps=2, learn_inner_lr="per_parameter",
+                          backend=backend).cuda()
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    for batch in _batches():
+        opt.zero_grad()
+        plain(*[t.cuda() for t in batch]).loss.backward()
+        opt.step()
+    for a, b in zip(wrapped, plain.parameters()):
+        assert torch.allclose(a, b.detach().cpu(), rtol=1e-9, atol=1e-12)
