@@ -361,6 +361,27 @@ def test_dropout_runs_under_vmap(monkeypatch):
     assert_close(out.task_losses, ref.task_losses, RTOL, "task_losses (eval)")
 
 
+def test_a_failing_model_raises_its_own_error_without_blaming_vmap():
+    """A model that fails in a loop too (a bug, not a vmap limit) raises its own error, with no
+    TaskLoopWarning, and is not marked as one vmap cannot batch."""
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2).double()
+
+        def forward(self, x):
+            raise RuntimeError("a bug in the model")
+
+    wrapped = fastmaml.MAML(Broken(), inner_lr=0.1)
+    _, (xs, ys, xq, yq) = _mse_case(dims=(3, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastmaml.TaskLoopWarning)
+        with pytest.raises(RuntimeError, match="a bug in the model"):
+            wrapped(xs, ys, xq, yq)
+    assert wrapped._no_vmap == {True: False, False: False}
+
+
 # ---- the tests' own comparison ------------------------------------------------------------------
 
 

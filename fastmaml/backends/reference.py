@@ -108,10 +108,13 @@ def _user_stacklevel() -> int:
 
 def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args):
     """Run the per-task function under vmap; fall back to a task loop where vmap cannot run the model,
-    with a `TaskLoopWarning` (`fastmaml.MAML` remembers the failure, so it warns once per module and mode).
+    with a `TaskLoopWarning` once the loop has run (`fastmaml.MAML` remembers the failure, so it warns once
+    per module and mode). A model whose loop fails too raises the loop's error with no warning: the fault
+    is then the model's, not vmap's.
 
     A generic module runs with `randomness="different"`: each task draws its own random numbers (dropout
     masks), as it would in a loop over tasks."""
+    vmap_error = None
     if problem.forward is None or not problem.extras.get("no_vmap", False):
         try:
             if problem.forward is None:  # the MLP draws no random numbers
@@ -120,20 +123,22 @@ def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args
         except Exception as err:  # vmap refuses some modules (in-place buffer updates, .item(), ...)
             if problem.forward is None:
                 raise
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            warnings.warn(
-                f"fastmaml: torch.func.vmap cannot batch this model over tasks ({type(err).__name__}: "
-                f"{first_line}); the reference path runs it one task at a time: {problem.num_tasks} passes "
-                "instead of one batched pass, each paying Python and autograd overhead. Batch-norm layers in "
-                "training mode are a common cause (track_running_stats=False, or a norm without running "
-                "statistics, lets vmap batch it).",
-                TaskLoopWarning, stacklevel=_user_stacklevel(),
-            )
-            problem.extras["no_vmap"] = True
+            vmap_error = err
     task = make_loop_task()
     outs = []
     for t in range(problem.num_tasks):
         outs.append(task(*[a if d is None else a[t] for a, d in zip(args, in_dims)]))
+    if vmap_error is not None:
+        first_line = (str(vmap_error).strip().splitlines() or [type(vmap_error).__name__])[0][:300]
+        warnings.warn(
+            f"fastmaml: torch.func.vmap cannot batch this model over tasks ({type(vmap_error).__name__}: "
+            f"{first_line}); the reference path runs it one task at a time: {problem.num_tasks} passes "
+            "instead of one batched pass, each paying Python and autograd overhead. Batch-norm layers in "
+            "training mode are a common cause (track_running_stats=False, or a norm without running "
+            "statistics, lets vmap batch it).",
+            TaskLoopWarning, stacklevel=_user_stacklevel(),
+        )
+        problem.extras["no_vmap"] = True
     if isinstance(outs[0], (tuple, list)):
         return type(outs[0])(_stack(parts) for parts in zip(*outs))
     return torch.stack(outs)
