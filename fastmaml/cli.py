@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 # job name -> (module under fastmaml, one-line description)
 JOBS: dict[str, tuple[str, str]] = {
-    "sinusoid": ("fastmaml.sinusoid", "the MAML paper's sinusoid regression: meta-train, evaluate, plot"),
+    "sinusoid": ("fastmaml.jobs.sinusoid", "the MAML paper's sinusoid regression: meta-train, evaluate, plot"),
 }
 
 

@@ -11,25 +11,24 @@ with `fastmaml.maml` and evaluates it on held-out tasks:
 
 Outputs, in `--out DIR`:
 - `results.json`: `{"eval": {"5": [mse after 0..10 steps], "10": [...], "20": [...]},
-  "train_seconds": float, "backend": str, "config": {...}}`
+  "train_seconds": float, "backend": str, "skipped_steps": int, "processes": int, "config": {...}}`
 - `adaptation.png`: MSE against inner steps per shot count; a few tasks' curves before and after
   adaptation.
 - `model.pt`: `torch.save` of `{"params": [W1, b1, W2, b2, W3, b3], "config": {...}}` (nn.Linear
   layout). Load the parameters with `fastmaml.sinusoid.load_model(path)` and evaluate them with
   `fastmaml.mlp` or `fastmaml.adapt`.
 
+The command line (options, checks before training, torchrun) is fastmaml/jobs/sinusoid.py.
 Tasks are sampled on the training device with one `torch.rand` call per meta-batch, so sampling costs
 microseconds and the time goes to the MAML op itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -209,31 +208,19 @@ _RESUME_KEYS = ("meta_batch", "n_support", "n_query", "inner_steps", "inner_lr",
 def _restore(path: str, config: SinusoidConfig, params, optimizer, tasks, ranks) -> dict:
     """Load the checkpoint at `path` into params, optimizer and task stream; returns its bookkeeping."""
     state = jobs.checkpoint.load(path)
-    saved, now = state["config"], config.to_dict()
-    differ = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
-    if differ:
-        raise jobs.JobError(f"--resume: {path} was written with other settings "
-                            f"({', '.join(f'{k}={saved.get(k)!r}' for k in differ)})")
-    if state["iteration"] > config.iterations:
-        raise jobs.JobError(f"--resume: {path} is at iteration {state['iteration']}, past --iterations "
-                            f"{config.iterations}")
+    jobs.checkpoint.check_resumable(path, state, config.to_dict(), _RESUME_KEYS, config.iterations, ranks.world)
     with torch.no_grad():
         for p, q in zip(params, state["params"]):
             p.copy_(q)
     optimizer.load_state_dict(state["optimizer"])
-    streams = state["tasks_rng"]
-    if len(streams) != ranks.world:
-        raise jobs.JobError(f"--resume: {path} was written by {len(streams)} process(es), this run has {ranks.world}")
-    tasks.set_state(streams[ranks.rank])
+    tasks.set_state(state["tasks_rng"][ranks.rank])
     return state
 
 
 def _train(config: SinusoidConfig, progress: bool, log, checkpoint_dir: str | None = None,
            checkpoint_every: int = 0, resume: bool = False, ranks: jobs.ranks.Ranks | None = None) -> TrainResult:
     ranks = ranks or jobs.ranks.Ranks()
-    if config.meta_batch % ranks.world:
-        raise jobs.JobError(f"--meta-batch {config.meta_batch} does not split evenly over {ranks.world} processes")
-    per_rank = config.meta_batch // ranks.world
+    per_rank = jobs.ranks.split(config.meta_batch, ranks.world)
     if not ranks.is_main:
         progress, log = False, (lambda *a, **k: None)
     device = _resolve_device(config.device)
@@ -563,112 +550,3 @@ def _run(config: SinusoidConfig, out_dir: str, progress: bool, log, checkpoint_e
     plot(os.path.join(out_dir, "adaptation.png"), trained.params, results, config, backend=config.backend)
     log(f"wrote {out_dir}/results.json, model.pt, adaptation.png")
     return summary
-
-
-# -------------------------------------------------------------------------------------------- CLI
-
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-        return value
-
-    return parse
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `fastmaml train sinusoid`."""
-    d = SinusoidConfig()
-    parser.add_argument("--iterations", type=_non_negative_int, default=d.iterations,
-                        help=f"meta-training iterations (default {d.iterations})")
-    parser.add_argument("--backend", default=d.backend,
-                        help="fastmaml backend: auto, reference, cpu, triton, cuda (default auto)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the init and training tasks (default 0)")
-    parser.add_argument("--out", default=os.path.join("runs", "sinusoid"),
-                        help="output folder for results.json, adaptation.png, model.pt (default runs/sinusoid)")
-    parser.add_argument("--meta-batch", type=_positive(int), default=d.meta_batch,
-                        help=f"tasks per meta-batch, over all processes under torchrun (default {d.meta_batch})")
-    parser.add_argument("--shots", type=_positive(int), default=d.n_support, dest="n_support",
-                        help=f"support points per training task, K-shot (default {d.n_support})")
-    parser.add_argument("--query", type=_positive(int), default=d.n_query, dest="n_query",
-                        help=f"query points per training task (default {d.n_query})")
-    parser.add_argument("--inner-steps", type=_non_negative_int, default=d.inner_steps,
-                        help=f"inner SGD steps in training (default {d.inner_steps})")
-    parser.add_argument("--inner-lr", type=_positive(float), default=d.inner_lr,
-                        help=f"inner learning rate, training and evaluation (default {d.inner_lr})")
-    parser.add_argument("--meta-lr", type=_positive(float), default=d.meta_lr,
-                        help=f"Adam learning rate (default {d.meta_lr})")
-    parser.add_argument("--first-order", action="store_true", help="first-order MAML (FOMAML)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    parser.add_argument("--threads", type=_non_negative_int, default=d.threads,
-                        help="torch CPU threads; 0: torch's default (default 1: this net's ops are too small "
-                             "to gain from more, and extra threads stall each other on a busy machine)")
-    parser.add_argument("--eval-tasks", type=_positive(int), default=d.eval_tasks,
-                        help=f"held-out tasks for the evaluation (default {d.eval_tasks})")
-    parser.add_argument("--eval-steps", type=_non_negative_int, default=d.eval_steps,
-                        help=f"evaluate after 0..N inner steps (default {d.eval_steps})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--checkpoint-every", type=_non_negative_int, default=0, metavar="N",
-                        help="write OUT/checkpoint.pt atomically every N iterations and at the end: parameters, "
-                             "Adam's state, the iteration, the task stream's RNG state (default 0: none)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT/checkpoint.pt when it exists (same settings; --iterations may "
-                             "grow); the result is the uninterrupted run's")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run the job from parsed `add_arguments` options. Everything that can be checked before training
-    is (device, backend, output folder, the meta-batch's split over processes): a problem is one line on
-    stderr and exit code 2. Under torchrun the processes join one group (gloo on the CPU, NCCL on GPUs)
-    after those checks, which every process makes alike."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        device = jobs.check_device(args.device)
-        if device.type == "cuda" and device.index is None and world > 1:
-            device = jobs.check_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-        if args.meta_batch % world:
-            raise jobs.JobError(f"--meta-batch {args.meta_batch} is the global meta-batch and must split evenly "
-                                f"over the {world} processes")
-        config = SinusoidConfig(
-            iterations=args.iterations, meta_batch=args.meta_batch, n_support=args.n_support,
-            n_query=args.n_query, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-            meta_lr=args.meta_lr, first_order=args.first_order, backend=args.backend, seed=args.seed,
-            device=str(device), threads=args.threads, eval_tasks=args.eval_tasks,
-            eval_steps=args.eval_steps,
-        )
-        preflight(config)
-        jobs.check_out_dir(args.out)
-    except jobs.JobError as err:
-        return jobs.report("sinusoid", err)
-    ranks = jobs.ranks.from_environment(device)
-    try:
-        run(config, args.out, progress=not args.no_progress and sys.stderr is not None,
-            checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks)
-    except jobs.JobError as err:  # a checkpoint that does not fit these settings
-        return jobs.report("sinusoid", err) if ranks.is_main else 2
-    finally:
-        jobs.ranks.shutdown()
-    return 0
-
-
-def preflight(config: SinusoidConfig) -> None:
-    """That the job's backend can run its training calls (one meta-batch of its shape) and its evaluation
-    calls (adapt without gradients); raises `fastmaml.jobs.JobError` saying why not."""
-    device = torch.device(config.device)
-
-    def call():
-        g = _generator(config.seed, device)
-        params = [p.requires_grad_() for p in init_params(g, config.hidden, device)]
-        return (params, *sample_batch(config.meta_batch, config.n_support, config.n_query, g, device))
-
-    jobs.check_backend(config.backend, call, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
-                       first_order=config.first_order)

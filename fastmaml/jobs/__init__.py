@@ -7,6 +7,7 @@ reported by the job's `main`), never a traceback and never a failure after train
 """
 
 from . import checkpoint, ranks
-from .checks import JobError, check_backend, check_device, check_out_dir, report
+from .checks import JobError, check_backend, check_device, check_out_dir, non_negative_int, positive, report
 
-__all__ = ["checkpoint", "ranks", "JobError", "check_backend", "check_device", "check_out_dir", "report"]
+__all__ = ["checkpoint", "ranks", "JobError", "check_backend", "check_device", "check_out_dir", "non_negative_int",
+           "positive", "report"]

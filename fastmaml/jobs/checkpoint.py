@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -42,6 +42,23 @@ def save(path: str, state: dict[str, Any]) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def check_resumable(path: str, state: dict[str, Any], settings: dict[str, Any], keys: Sequence[str],
+                    iterations: int, world: int) -> None:
+    """That a run with `settings` (of which `keys` must match), `iterations` and `world` processes can
+    continue the checkpoint `state` read from `path`; `JobError` saying what differs."""
+    from .checks import JobError
+
+    saved = state["config"]
+    differ = [k for k in keys if saved.get(k) != settings.get(k)]
+    if differ:
+        raise JobError(f"--resume: {path} was written with other settings "
+                       f"({', '.join(f'{k}={saved.get(k)!r}' for k in differ)})")
+    if state["iteration"] > iterations:
+        raise JobError(f"--resume: {path} is at iteration {state['iteration']}, past --iterations {iterations}")
+    if len(state["tasks_rng"]) != world:
+        raise JobError(f"--resume: {path} was written by {len(state['tasks_rng'])} process(es), this run has {world}")
 
 
 def load(path: str) -> Optional[dict[str, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import sys
 import tempfile
@@ -15,6 +17,26 @@ from .._validate import make_problem
 
 class JobError(ValueError):
     """A job's argument or environment that cannot work; the message is one line for the user."""
+
+
+def positive(kind):
+    """An argparse type: `kind(text)`, finite and > 0."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        return value
+
+    return parse
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def report(job: str, err: JobError) -> int:

@@ -66,6 +66,16 @@ class Ranks:
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
 
+def split(meta_batch: int, world: int) -> int:
+    """Each rank's share of the global meta-batch; `JobError` unless it splits evenly."""
+    if meta_batch % world:
+        from .checks import JobError
+
+        raise JobError(f"--meta-batch {meta_batch} is the global meta-batch and must split evenly over the "
+                       f"{world} processes")
+    return meta_batch // world
+
+
 def from_environment(device: torch.device) -> Ranks:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, ...) with gloo on the CPU
     or NCCL on CUDA devices; a world of one without it."""
