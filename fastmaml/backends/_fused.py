@@ -329,7 +329,8 @@ class FusedBackend:
             lr, xs, _, xq = tail[:4]
             need_lr, need_x = lr.requires_grad, xs.requires_grad or xq.requires_grad
             needed = need_lr or need_x or any(p.requires_grad for p in problem.params)
-            if needed and fused_rows_bytes(problem, need_lr) <= self.max_fused_rows_bytes():
+            limit = self.max_fused_rows_bytes() if needed else 0
+            if limit and fused_rows_bytes(problem, need_lr) <= limit:
                 out = self.train(problem, tail, need_lr, need_x)
                 if out is not None:
                     return out
