@@ -106,11 +106,19 @@ def adapt(
     Differentiable on the reference backend; the fused backends serve it under `torch.no_grad()`
     (evaluation with more steps than training), and `auto` picks accordingly.
     """
+    return adapt_on(params, x_support, y_support, inner_steps=inner_steps, inner_lr=inner_lr,
+                    activation=activation, loss=loss, backend=backend)[0]
+
+
+def adapt_on(params, x_support, y_support, *, inner_steps=1, inner_lr=0.01, activation="relu", loss="mse",
+             backend="auto") -> tuple[list[torch.Tensor], str]:
+    """`adapt`, and the name of the backend that ran it."""
     problem = make_problem(
         params, x_support, y_support, inner_steps=inner_steps, inner_lr=inner_lr,
         activation=activation, loss=loss, need_query=False,
     )
-    return dispatch.select(problem, backend, "adapt").adapt(problem)
+    chosen = dispatch.select(problem, backend, "adapt")
+    return chosen.adapt(problem), chosen.name
 
 
 def mlp(batched_params: Sequence[torch.Tensor], x: torch.Tensor, activation: str = "relu") -> torch.Tensor:

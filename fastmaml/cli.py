@@ -1,7 +1,9 @@
-"""The `fastmaml` command line: `fastmaml train <job> [options]` (also `python -m fastmaml ...`).
+"""The `fastmaml` command line: `fastmaml train <job> [options]` and `fastmaml compare <job> [options]`
+(also `python -m fastmaml ...`).
 
 Jobs live in their own modules, each with `add_arguments(parser)` and `main(args) -> exit code`;
-`JOBS` maps a job name to its module. `fastmaml train sinusoid --help` lists a job's options.
+`JOBS` maps a job name to its module, `COMPARISONS` a comparison's. `fastmaml train sinusoid --help`
+lists a job's options.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from typing import Optional, Sequence
 JOBS: dict[str, tuple[str, str]] = {
     "sinusoid": ("fastmaml.jobs.sinusoid", "the MAML paper's sinusoid regression: meta-train, evaluate, plot"),
 }
+COMPARISONS: dict[str, tuple[str, str]] = {
+    "sinusoid": ("fastmaml.jobs.compare", "MAML, FOMAML, Reptile, Meta-SGD and MAML++ on the same sinusoid tasks"),
+}
+COMMANDS = {"train": ("run a training job", JOBS), "compare": ("compare the MAML family on a job", COMPARISONS)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,11 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="fastmaml: MAML's inner loop and exact meta-gradient for many tasks at once.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train = commands.add_parser("train", help="run a training job", description="Run a training job.")
-    jobs = train.add_subparsers(dest="job", metavar="JOB", title="jobs")
-    for name, (module, description) in JOBS.items():
-        job = jobs.add_parser(name, help=description, description=description)
-        importlib.import_module(module).add_arguments(job)
+    for command, (text, table) in COMMANDS.items():
+        sub = commands.add_parser(command, help=text, description=text[0].upper() + text[1:] + ".")
+        jobs = sub.add_subparsers(dest="job", metavar="JOB", title="jobs")
+        for name, (module, description) in table.items():
+            job = jobs.add_parser(name, help=description, description=description)
+            importlib.import_module(module).add_arguments(job)
     return parser
 
 
@@ -40,9 +47,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "train" and args.job is None:
-        parser.parse_args(["train", "--help"])  # prints the list of jobs and exits
-    module, _ = JOBS[args.job]
+    if args.job is None:
+        parser.parse_args([args.command, "--help"])  # prints the list of jobs and exits
+    module, _ = COMMANDS[args.command][1][args.job]
     return importlib.import_module(module).main(args)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from . import dispatch
 from ._validate import check_choice, check_inner_steps, make_problem
 from .api import MAMLOutput
+from .training import bounded_rate, rate_logit, rates_for_steps
 
 LEARN_INNER_LR = (None, "scalar", "per_step", "per_layer", "per_parameter")
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh"}
@@ -112,16 +113,6 @@ def _check_range(inner_lr_range, inner_lr: float, learn_inner_lr) -> Optional[tu
     return low, high
 
 
-def _steps_of(rate: torch.Tensor, steps: int) -> torch.Tensor:
-    """Per-step rates `[K, ...]` for `steps` steps: the first `steps`, or all K then the last repeated."""
-    K = rate.shape[0]
-    if steps <= K:
-        return rate[:steps]
-    if K == 0:
-        raise ValueError(f"inner_steps={steps}: the rates were learned for 0 steps, so there is no last step's rate")
-    return torch.cat([rate, rate[-1:].expand(steps - K, *rate.shape[1:])])
-
-
 def mlp_structure(model: nn.Module) -> Optional[str]:
     """The activation name if the fused kernels compute exactly `model` (`mlp_structure_reason`), else None."""
     return mlp_structure_reason(model)[0]
@@ -197,7 +188,7 @@ class MAML(nn.Module):
         start = self.inner_lr
         if self.inner_lr_range is not None:
             low, high = self.inner_lr_range
-            start = math.log((self.inner_lr - low) / (high - self.inner_lr))  # logit of the position in range
+            start = rate_logit(self.inner_lr, low, high)
         if learn_inner_lr is None:
             self.inner_lrs = None
         elif learn_inner_lr == "scalar":
@@ -216,8 +207,7 @@ class MAML(nn.Module):
         `low + (high - low) * sigmoid(raw)`, inside the range whatever the optimizer does."""
         if self.inner_lr_range is None:
             return raw
-        low, high = self.inner_lr_range
-        return low + (high - low) * torch.sigmoid(raw)
+        return bounded_rate(raw, *self.inner_lr_range)
 
     def inner_lr_values(self) -> Optional[list[torch.Tensor]]:
         """The learned rates as the inner loop uses them (in `inner_lr_range` when one is set), one tensor
@@ -250,7 +240,7 @@ class MAML(nn.Module):
             return [p.new_full((), 0.0 if f else self.inner_lr) for p, f in zip(params, frozen)]
         rates = [self._bounded(r) for r in self.inner_lrs]
         if self.learn_inner_lr in ("per_step", "per_layer"):
-            rates = [_steps_of(r, steps) for r in rates]
+            rates = [rates_for_steps(r, steps) for r in rates]
         if self.learn_inner_lr in ("scalar", "per_step"):
             if not any(frozen):
                 return rates[0]

@@ -4,23 +4,27 @@
 with `fastmaml.maml` and evaluates it on held-out tasks:
 
 - A task is `y = A sin(x - phase)` with amplitude `A ~ U[0.1, 5]`, phase `~ U[0, pi]`, `x ~ U[-5, 5]`.
-- Training: meta-batches of 25 tasks, 10 support + 10 query points each, one inner SGD step with rate
-  0.01, exact second-order meta-gradient, Adam with rate 1e-3, 70,000 iterations.
+- Training: meta-batches of 25 tasks, 10 support + 10 query points each, 70,000 iterations, with one of
+  the MAML family (`--algorithm`, fastmaml/jobs/algorithms.py; each with its paper's settings). The
+  default, MAML: one inner SGD step with rate 0.01, exact second-order meta-gradient, Adam 1e-3.
 - Evaluation: 600 tasks drawn with a fixed seed (not the training stream), 5, 10 and 20 support points,
-  MSE on 100 query points after 0, 1, ..., 10 inner steps (same rate as in training).
+  MSE on 100 query points after 0, 1, ..., 10 inner steps, adapting as in training (the same fixed rate,
+  or the learned rates; learned per-step rates past the trained K reuse the last step's). A task whose
+  MSE is not finite or above `DIVERGED_MSE` counts as diverged: means are over the other tasks, medians
+  over all, and the diverged tasks are counted.
 
 Outputs, in `--out DIR`:
-- `results.json`: `{"eval": {"5": [mse after 0..10 steps], "10": [...], "20": [...]},
-  "train_seconds": float, "backend": str, "skipped_steps": int, "processes": int, "config": {...}}`
+- `results.json`: `{"eval": {"5": [mean MSE after 0..10 steps], "10": [...], "20": [...]},
+  "eval_median": {...}, "eval_diverged": {"5": [counts], ...}, "train_seconds": float, "backend": str,
+  "skipped_steps": int, "processes": int, "config": {...}}`
 - `adaptation.png`: MSE against inner steps per shot count; a few tasks' curves before and after
   adaptation.
-- `model.pt`: `torch.save` of `{"params": [W1, b1, W2, b2, W3, b3], "config": {...}}` (nn.Linear
-  layout). Load the parameters with `fastmaml.sinusoid.load_model(path)` and evaluate them with
-  `fastmaml.mlp` or `fastmaml.adapt`.
+- `model.pt`: `torch.save` of `{"params": [W1, b1, W2, b2, W3, b3], "rates": ..., "config": {...}}`
+  (nn.Linear layout). Load the parameters with `fastmaml.sinusoid.load_model(path)`, the rates to adapt
+  them with `load_inner_lr(path, steps)`, and evaluate them with `fastmaml.adapt` and `fastmaml.mlp`.
 
-The command line (options, checks before training, torchrun) is fastmaml/jobs/sinusoid.py.
-Tasks are sampled on the training device with one `torch.rand` call per meta-batch, so sampling costs
-microseconds and the time goes to the MAML op itself.
+The command line (options, checks before training, torchrun) is fastmaml/jobs/sinusoid.py, the training
+loop the jobs' shared driver (fastmaml/jobs/driver.py), `fastmaml compare sinusoid` fastmaml/jobs/compare.py.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import api, jobs
-from .training import FiniteStep
+from .jobs import algorithms, driver
+from .training import rates_for_steps
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
@@ -60,10 +65,11 @@ class SinusoidConfig:
     meta_batch: int = 25
     n_support: int = 10
     n_query: int = 10
-    inner_steps: int = 1
-    inner_lr: float = 0.01
-    meta_lr: float = 1e-3
-    first_order: bool = False
+    algorithm: str = "maml"  # fastmaml.jobs.algorithms.ALGORITHMS; None below: the algorithm's setting
+    inner_steps: Optional[int] = None
+    inner_lr: Optional[float] = None
+    meta_lr: Optional[float] = None
+    first_order: Optional[bool] = None
     backend: str = "auto"
     seed: int = 0
     device: str = "cpu"
@@ -78,6 +84,12 @@ class SinusoidConfig:
     amplitude_range: tuple = AMPLITUDE_RANGE
     phase_range: tuple = PHASE_RANGE
     x_range: tuple = X_RANGE
+
+    def __post_init__(self):
+        spec = algorithms.get(self.algorithm)
+        for key in ("inner_steps", "inner_lr", "meta_lr", "first_order"):
+            if getattr(self, key) is None:
+                setattr(self, key, getattr(spec, key))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -159,33 +171,29 @@ def _resolve_device(name: str) -> torch.device:
 
 @dataclass
 class TrainResult:
-    """What `train` returns. `history`: mean meta-loss of each block of `log_every` iterations."""
+    """What `train` returns. `history`: mean meta-loss of each block of `log_every` iterations.
+    `rates`: how the trained model adapts (`algorithms.Learner.eval_rates`): `{"inner_lr": float}`, or
+    the learned rates `{"rates": [tensor per param], "per_step": bool}` (Meta-SGD, MAML++)."""
 
     params: list[torch.Tensor]
     backend: str
     seconds: float
     history: list[float] = field(default_factory=list)
     skipped: int = 0  # meta-steps skipped for a non-finite loss or gradient
-
-
-def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    # The fused Adam updates the six small tensors in one pass instead of a loop of small ops, which
-    # matters when the MAML step itself takes about a millisecond.
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
+    rates: dict = field(default_factory=dict)
 
 
 def train(config: SinusoidConfig, progress: bool = True, log=print, checkpoint_dir: str | None = None,
           checkpoint_every: int = 0, resume: bool = False, ranks: jobs.ranks.Ranks | None = None) -> TrainResult:
-    """Meta-train the MLP with `fastmaml.maml` and Adam. Returns the trained params (detached).
+    """Meta-train the MLP with `config.algorithm` (`fastmaml.jobs.algorithms`). Returns the trained params
+    (detached) and rates.
 
-    Runs with `config.threads` torch CPU threads (restored afterwards) unless it is 0. With
-    `checkpoint_every = N > 0`, `checkpoint_dir/checkpoint.pt` is written atomically every N iterations
-    and at the end (parameters, Adam's state, the iteration, the task stream's RNG state, the loss
-    history); with `resume`, training continues from it when it exists, and ends with exactly the
-    parameters of an uninterrupted run.
+    Runs with `config.threads` torch CPU threads (restored afterwards) unless it is 0. The loop is the
+    jobs' shared driver (`fastmaml.jobs.driver.train`): with `checkpoint_every = N > 0`,
+    `checkpoint_dir/checkpoint.pt` is written atomically every N iterations and at the end (parameters
+    and rates, the optimizer's state, the iteration, the task stream's RNG state, the loss history); with
+    `resume`, training continues from it when it exists, and ends with exactly the parameters of an
+    uninterrupted run.
 
     Under torchrun (`ranks`, from `fastmaml.jobs.ranks.from_environment`): each rank trains on its
     `meta_batch / world` tasks, drawn from its own stream (seeded from the seed and the rank), and the
@@ -193,134 +201,48 @@ def train(config: SinusoidConfig, progress: bool = True, log=print, checkpoint_d
     the progress bar and writes the checkpoint (with every rank's task-stream state).
 
     A meta-step whose (averaged) loss or gradient is not finite is skipped (`fastmaml.FiniteStep`):
-    parameters and Adam's state stay as they were; `TrainResult.skipped` counts them.
+    parameters, rates and the optimizer's state stay as they were; `TrainResult.skipped` counts them.
     """
     with torch_threads(config.threads):
         return _train(config, progress, log, checkpoint_dir, checkpoint_every, resume, ranks)
 
 
 # Settings a checkpoint must share with the run that resumes it (the others, the iteration count, threads
-# and evaluation settings, may change between the two).
-_RESUME_KEYS = ("meta_batch", "n_support", "n_query", "inner_steps", "inner_lr", "meta_lr", "first_order",
-                "seed", "hidden", "amplitude_range", "phase_range", "x_range", "log_every")
+# and evaluation settings, may change between the two; the iteration count sizes the schedules of Reptile
+# and MAML++, whose checkpoints therefore resume only to the same count).
+_RESUME_KEYS = ("algorithm", "meta_batch", "n_support", "n_query", "inner_steps", "inner_lr", "meta_lr",
+                "first_order", "seed", "hidden", "amplitude_range", "phase_range", "x_range", "log_every")
 
 
-def _restore(path: str, config: SinusoidConfig, params, optimizer, tasks, ranks) -> dict:
-    """Load the checkpoint at `path` into params, optimizer and task stream; returns its bookkeeping."""
-    state = jobs.checkpoint.load(path)
-    jobs.checkpoint.check_resumable(path, state, config.to_dict(), _RESUME_KEYS, config.iterations, ranks.world)
-    with torch.no_grad():
-        for p, q in zip(params, state["params"]):
-            p.copy_(q)
-    optimizer.load_state_dict(state["optimizer"])
-    tasks.set_state(state["tasks_rng"][ranks.rank])
-    return state
+def _resume_keys(config: SinusoidConfig) -> tuple[str, ...]:
+    spec = algorithms.get(config.algorithm)
+    scheduled = spec.reptile or spec.cosine_meta_lr or spec.multi_step_loss or spec.first_order_fraction > 0
+    return _RESUME_KEYS + (("iterations",) if scheduled else ())
 
 
 def _train(config: SinusoidConfig, progress: bool, log, checkpoint_dir: str | None = None,
            checkpoint_every: int = 0, resume: bool = False, ranks: jobs.ranks.Ranks | None = None) -> TrainResult:
     ranks = ranks or jobs.ranks.Ranks()
     per_rank = jobs.ranks.split(config.meta_batch, ranks.world)
-    if not ranks.is_main:
-        progress, log = False, (lambda *a, **k: None)
     device = _resolve_device(config.device)
     params = [p.requires_grad_() for p in init_params(_generator(config.seed, device), config.hidden, device)]
+    learner = algorithms.Learner(
+        config.algorithm, params, iterations=config.iterations, inner_steps=config.inner_steps,
+        inner_lr=config.inner_lr, meta_lr=config.meta_lr, first_order=config.first_order, backend=config.backend,
+    )
     # A separate stream for tasks, so changing the model size does not change the tasks; one per rank
-    # (rank 0's is the one-process run's).
+    # (rank 0's is the one-process run's). Every algorithm sees the same tasks. They are drawn on the
+    # training device with one torch.rand call per meta-batch: microseconds.
     tasks = _generator(config.seed + 1 + 1_000_003 * ranks.rank, device)
-    optimizer = _adam(params, config.meta_lr)
-    guard = FiniteStep(optimizer)
-    ckpt_path = os.path.join(checkpoint_dir, jobs.checkpoint.CHECKPOINT) if checkpoint_dir else None
-    first, seconds_before, history = 0, 0.0, []
-    if resume and ckpt_path and os.path.exists(ckpt_path):
-        state = _restore(ckpt_path, config, params, optimizer, tasks, ranks)
-        guard.load_state_dict(state.get("guard", guard.state_dict()))
-        first, seconds_before, history = state["iteration"], state["seconds"], list(state["history"])
-        log(f"fastmaml sinusoid: resuming from {ckpt_path} at iteration {first}")
-    elif resume:
-        log(f"fastmaml sinusoid: no checkpoint in {checkpoint_dir} yet; starting from iteration 0")
-
-    bar = None
-    if progress and config.iterations > first:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.iterations, initial=first, desc="meta-train", unit="it", smoothing=0.1,
-                   dynamic_ncols=True)
-    ema = None
-    backend = None
-    # The loss is accumulated on the device and read every `log_every` iterations: reading it every
-    # step would synchronise a GPU and cost a Python round trip per iteration.
-    running = torch.zeros((), device=device)
-    block = 0
-
-    def save_checkpoint(done: int) -> None:
-        streams = ranks.gather_objects(tasks.get_state().cpu())
-        if ranks.is_main:
-            jobs.checkpoint.save(ckpt_path, {
-                "iteration": done, "params": [p.detach().cpu() for p in params],
-                "optimizer": optimizer.state_dict(), "tasks_rng": streams, "guard": guard.state_dict(),
-                "seconds": seconds_before + time.perf_counter() - start, "history": list(history),
-                "config": config.to_dict(),
-            })
-
-    if config.iterations > first:
-        # One untimed step without the update, so that train_seconds measures training: the first call
-        # of a fused backend may build or load its kernels, the reference one traces its vmap.
-        prep = time.perf_counter()
-        warm = sample_batch(per_rank, config.n_support, config.n_query,
-                            _generator(config.seed + 2, device), device)
-        api.maml(params, *warm, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
-                 first_order=config.first_order, backend=config.backend).loss.backward()
-        optimizer.zero_grad(set_to_none=True)
-        prep = time.perf_counter() - prep
-        if prep > 1.0:
-            log(f"fastmaml sinusoid: backend ready in {prep:.1f} s (not counted in train_seconds)")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for it in range(first, config.iterations):
-        xs, ys, xq, yq = sample_batch(per_rank, config.n_support, config.n_query, tasks, device)
-        out = api.maml(
-            params, xs, ys, xq, yq, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
-            first_order=config.first_order, backend=config.backend,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        loss = out.loss.detach().clone()
-        ranks.mean_([p.grad for p in params] + [loss.view(1)])
-        guard.step(loss)
-        running += loss
-        block += 1
-        if backend is None:
-            backend = out.backend
-            message = f"fastmaml sinusoid: training on backend {backend!r} ({device.type})"
-            if bar is not None:
-                bar.write(message)  # above the bar, which a plain print would break
-            else:
-                log(message)
-        if block == config.log_every or it == config.iterations - 1:
-            mean = running.item() / block
-            history.append(mean)
-            ema = mean if ema is None else 0.9 * ema + 0.1 * mean
-            if bar is not None:
-                bar.update(block)
-                bar.set_postfix(meta_loss=f"{ema:.4f}", refresh=False)
-            running.zero_()
-            block = 0
-        if ckpt_path and checkpoint_every and ((it + 1) % checkpoint_every == 0 or it == config.iterations - 1):
-            if block:  # a partial logging block would be lost with the process: close it now
-                history.append(running.item() / block)
-                running.zero_()
-                block = 0
-            save_checkpoint(it + 1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = seconds_before + time.perf_counter() - start
-    if bar is not None:
-        bar.close()
-    if guard.skipped:
-        log(f"fastmaml sinusoid: skipped {guard.skipped} meta-step(s) whose loss or gradient was not finite")
-    return TrainResult([p.detach() for p in params], backend or "none", seconds, history, guard.skipped)
+    result = driver.train(
+        learner, lambda g: sample_batch(per_rank, config.n_support, config.n_query, g, device), tasks,
+        iterations=config.iterations, name="sinusoid", config=config.to_dict(), resume_keys=_resume_keys(config),
+        device=device, log_every=config.log_every, progress=progress, log=log,
+        warm_batch=sample_batch(per_rank, config.n_support, config.n_query, _generator(config.seed + 2, device), device),
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, ranks=ranks,
+    )
+    return TrainResult(result.tensors[: len(params)], result.backend, result.seconds, result.history, result.skipped,
+                       learner.eval_rates())
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -329,8 +251,9 @@ def _train(config: SinusoidConfig, progress: bool, log, checkpoint_dir: str | No
 def held_out_tasks(config: SinusoidConfig, device) -> dict[str, torch.Tensor]:
     """The held-out tasks: `x_support [E, max_shot, 1]`, `y_support`, `x_query [E, Nq, 1]`, `y_query`,
     `amplitude [E]`, `phase [E]`. The n-shot support set is the first n support points, so the shot
-    counts are compared on the same tasks."""
-    max_shot = max(config.eval_shots)
+    counts are compared on the same tasks; at least 20 support points are drawn whatever `eval_shots`
+    holds, so every run with shot counts up to 20 sees the same tasks."""
+    max_shot = max(*config.eval_shots, 20)
     gen = _generator(config.eval_seed, torch.device(device))
     x, y, amplitude, phase = sample_tasks(config.eval_tasks, max_shot + config.eval_query, gen, device)
     return {
@@ -340,12 +263,30 @@ def held_out_tasks(config: SinusoidConfig, device) -> dict[str, torch.Tensor]:
     }
 
 
+# A held-out task counts as diverged when its query MSE after adaptation is not finite or above this: the
+# targets are at most 5 in magnitude, so predicting 0 errs by at most 25 (12.5 on average at the largest
+# amplitude); an error 4x that of the zero predictor on the hardest task means the inner SGD has run away
+# (it then overflows within a few more steps). Means are over the other tasks.
+DIVERGED_MSE = 100.0
+
+
+def inner_lr_for(rates: Optional[dict], steps: int, default: float):
+    """The `inner_lr` argument that adapts like a trained model for `steps` steps: `rates` as
+    `TrainResult.rates` (None or `{"inner_lr": x}`: a fixed rate, else the learned ones; learned per-step
+    rates past the trained K reuse the last step's)."""
+    if not rates or "rates" not in rates:
+        return (rates or {}).get("inner_lr", default)
+    if rates["per_step"]:
+        return [rates_for_steps(r, steps) for r in rates["rates"]]
+    return list(rates["rates"])
+
+
 def adapted_params(
     params: Sequence[torch.Tensor], x_support: torch.Tensor, y_support: torch.Tensor,
-    steps: int, inner_lr: float, backend: str = "auto",
+    steps: int, inner_lr, backend: str = "auto",
 ) -> list[torch.Tensor]:
     """Per-task params after `steps` inner SGD steps, each `[T, *shape]` (steps = 0: the meta-learned
-    params repeated for every task)."""
+    params repeated for every task). `inner_lr`: as `fastmaml.adapt` takes it."""
     if steps == 0:
         T = x_support.shape[0]
         return [p.unsqueeze(0).expand(T, *p.shape) for p in params]
@@ -354,8 +295,9 @@ def adapted_params(
 
 @torch.no_grad()
 def task_errors(params: Sequence[torch.Tensor], config: SinusoidConfig, backend: str = "auto",
-                ranks: jobs.ranks.Ranks | None = None) -> dict[str, torch.Tensor]:
-    """Query MSE of every held-out task after 0, 1, ..., `eval_steps` inner steps, per shot count.
+                ranks: jobs.ranks.Ranks | None = None, rates: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """Query MSE of every held-out task after 0, 1, ..., `eval_steps` inner steps, per shot count, adapting
+    at `config.inner_lr` or with the learned `rates` (`TrainResult.rates`).
 
     Returns `{"5": [eval_steps + 1, eval_tasks], "10": ..., ...}` (tensors on the CPU). Under torchrun
     (`ranks`) each rank scores its share of the tasks and every rank gets all of them, in task order.
@@ -373,49 +315,65 @@ def task_errors(params: Sequence[torch.Tensor], config: SinusoidConfig, backend:
         # One adapt call per step count: the library runs the inner loop, the query points are scored
         # here with fastmaml.mlp. Steps beyond the training K are the point of this evaluation.
         for steps in range(config.eval_steps + 1):
-            theta = adapted_params(params, xs, ys, steps, config.inner_lr, backend)
+            lr = inner_lr_for(rates, steps, config.inner_lr)
+            theta = adapted_params(params, xs, ys, steps, lr, backend)
             preds = api.mlp(theta, data["x_query"])
             rows.append(((preds - data["y_query"]) ** 2).mean(dim=(1, 2)))
         errors[str(shot)] = ranks.gather_rows(torch.stack(rows).t().contiguous()).t().cpu()
     return errors
 
 
-def evaluate(params: Sequence[torch.Tensor], config: SinusoidConfig, backend: str = "auto") -> dict[str, list[float]]:
-    """Mean query MSE over the held-out tasks after 0, 1, ..., `eval_steps` inner steps, per shot count.
-
-    Returns `{"5": [eval_steps + 1 floats], "10": [...], ...}`.
-    """
-    return {shot: e.mean(dim=1).tolist() for shot, e in task_errors(params, config, backend).items()}
-
-
-def format_spread(errors: dict[str, torch.Tensor]) -> str:
-    """Median and worst task after the last step, per shot count: a few tasks whose inner loop
-    diverges at this rate can dominate the mean."""
-    parts = []
+def summarize(errors: dict[str, torch.Tensor]) -> dict[str, dict[str, list]]:
+    """Per shot count and step count: `"mean"` over the tasks that did not diverge (`DIVERGED_MSE`; nan
+    when all did), `"median"` over all tasks (a diverged one counts as +inf) and the `"diverged"` count.
+    `errors` as `task_errors` returns them; one task whose SGD overflows would make a plain mean nan."""
+    out = {"mean": {}, "median": {}, "diverged": {}}
     for shot, e in errors.items():
-        last = e[-1]
-        finite = torch.isfinite(last)
-        worst = last[finite].max().item() if bool(finite.any()) else float("nan")
-        text = f"{shot}-shot {last.nanmedian().item():.3f} / {worst:.3g}"
-        if not bool(finite.all()):
-            # A task whose SGD overflowed makes the mean nan/inf; say how many instead of hiding it.
-            text += f" ({int((~finite).sum())} task(s) overflowed)"
+        e = e.double()
+        ok = torch.isfinite(e) & (e <= DIVERGED_MSE)
+        count = ok.sum(dim=1)
+        mean = torch.where(ok, e, torch.zeros_like(e)).sum(dim=1) / count.clamp(min=1)
+        out["mean"][shot] = torch.where(count > 0, mean, torch.full_like(mean, math.nan)).tolist()
+        out["median"][shot] = torch.where(ok | ~torch.isnan(e), e, math.inf).median(dim=1).values.tolist()
+        out["diverged"][shot] = (~ok).sum(dim=1).tolist()
+    return out
+
+
+def evaluate(params: Sequence[torch.Tensor], config: SinusoidConfig, backend: str = "auto",
+             rates: Optional[dict] = None) -> dict[str, list[float]]:
+    """Mean query MSE over the held-out tasks (those that did not diverge, `summarize`) after 0, 1, ...,
+    `eval_steps` inner steps, per shot count. Returns `{"5": [eval_steps + 1 floats], "10": [...], ...}`."""
+    return summarize(task_errors(params, config, backend, rates=rates))["mean"]
+
+
+def format_spread(summary: dict[str, dict[str, list]]) -> str:
+    """Median task and diverged count after the last step, per shot count (`summarize`'s output)."""
+    parts = []
+    for shot, median in summary["median"].items():
+        text = f"{shot}-shot median {median[-1]:.3f}"
+        if summary["diverged"][shot][-1]:
+            text += f" ({summary['diverged'][shot][-1]} task(s) diverged, left out of the mean)"
         parts.append(text)
-    return f"after {len(next(iter(errors.values()))) - 1} steps, median / worst finite task: " + ", ".join(parts)
+    steps = len(next(iter(summary["median"].values()))) - 1
+    return f"after {steps} steps: " + ", ".join(parts)
 
 
 def format_table(results: dict[str, list[float]], paper: dict[int, dict[int, float]] = PAPER_MSE) -> str:
-    """The evaluation as a text table: one row per step count, ours and the paper's MSE per shot count."""
+    """The evaluation as a text table: one row per step count, ours and (when `paper` has figures) the
+    MAML paper's MSE per shot count."""
     shots = list(results)
-    head = "steps " + "".join(f"| {s + '-shot':>8} {'paper':>6} " for s in shots)
+    head = "steps " + "".join(f"| {s + '-shot':>8} {'paper':>6} " if paper else f"| {s + '-shot':>8} " for s in shots)
     lines = [head, "-" * len(head)]
     for steps in range(len(results[shots[0]])):
         row = f"{steps:>5} "
         for s in shots:
             ref = paper.get(int(s), {}).get(steps)
-            row += f"| {results[s][steps]:>8.3f} {'-' if ref is None else f'~{ref:.2f}':>6} "
+            row += f"| {results[s][steps]:>8.3f} "
+            if paper:
+                row += f"{'-' if ref is None else f'~{ref:.2f}':>6} "
         lines.append(row)
-    lines.append("paper: approximate values read off Finn et al. 2017, Figure 3 (no table in the paper)")
+    if paper:
+        lines.append("paper: approximate values read off Finn et al. 2017, Figure 3 (no table in the paper)")
     return "\n".join(lines)
 
 
@@ -424,7 +382,7 @@ def format_table(results: dict[str, list[float]], paper: dict[int, dict[int, flo
 
 def plot(
     path: str, params: Sequence[torch.Tensor], results: dict[str, list[float]], config: SinusoidConfig,
-    num_tasks: int = 3, shot: int = 5, backend: str = "auto",
+    num_tasks: int = 3, shot: int = 5, backend: str = "auto", rates: Optional[dict] = None,
 ) -> None:
     """Write the figure: left, MSE against inner steps per shot count (log scale); right, `num_tasks`
     held-out tasks with their `shot` support points, the true curve and the predictions before
@@ -441,7 +399,7 @@ def plot(
     steps = list(range(config.eval_steps + 1))
     for s, curve in results.items():
         ax.plot(steps, curve, marker="o", ms=4, label=f"{s}-shot")
-    for s, points in PAPER_MSE.items():
+    for s, points in (PAPER_MSE if config.algorithm == "maml" else {}).items():
         ax.scatter(list(points), list(points.values()), marker="x", s=60, color="black", zorder=3,
                    label=f"paper, {s}-shot (approx.)")
     ax.set_yscale("log")
@@ -451,7 +409,8 @@ def plot(
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("inner SGD steps at test time")
     ax.set_ylabel(f"query MSE (mean over {config.eval_tasks} tasks)")
-    ax.set_title(f"adaptation (trained with K={config.inner_steps}, {config.n_support} shots)")
+    ax.set_title(f"{algorithms.get(config.algorithm).title} (trained with K={config.inner_steps}, "
+                 f"{config.n_support} shots)")
     ax.axvline(config.inner_steps, color="grey", lw=0.8, ls=":")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -464,7 +423,7 @@ def plot(
         truth = data["amplitude"][:num_tasks, None] * torch.sin(grid_x[..., 0] - data["phase"][:num_tasks, None])
         curves = {}
         for k in (0, 1, config.eval_steps):
-            theta = adapted_params(params, xs, ys, k, config.inner_lr, backend)
+            theta = adapted_params(params, xs, ys, k, inner_lr_for(rates, k, config.inner_lr), backend)
             curves[k] = api.mlp(theta, grid_x)[..., 0].cpu()
     gx = grid_x[0, :, 0].cpu()
     styles = {0: dict(color="tab:grey", ls=":"), 1: dict(color="tab:green", ls="--"),
@@ -489,9 +448,14 @@ def plot(
 # ---------------------------------------------------------------------------------------- the model
 
 
-def save_model(path: str, params: Sequence[torch.Tensor], config: SinusoidConfig) -> None:
-    """`torch.save` of `{"params": [W1, b1, ...] (on the CPU), "config": {...}}`."""
-    torch.save({"params": [p.detach().cpu() for p in params], "config": config.to_dict()}, path)
+def save_model(path: str, params: Sequence[torch.Tensor], config: SinusoidConfig,
+               rates: Optional[dict] = None) -> None:
+    """`torch.save` of `{"params": [W1, b1, ...], "rates": TrainResult.rates, "config": {...}}` (tensors on
+    the CPU)."""
+    if rates and "rates" in rates:
+        rates = {**rates, "rates": [r.detach().cpu() for r in rates["rates"]]}
+    torch.save({"params": [p.detach().cpu() for p in params], "rates": rates or {"inner_lr": config.inner_lr},
+                "config": config.to_dict()}, path)
 
 
 def load_model(path: str, map_location="cpu") -> list[torch.Tensor]:
@@ -502,6 +466,16 @@ def load_model(path: str, map_location="cpu") -> list[torch.Tensor]:
     if not isinstance(checkpoint, dict) or "params" not in checkpoint:
         raise ValueError(f"{path} is not a fastmaml sinusoid model (expected a dict with 'params')")
     return list(checkpoint["params"])
+
+
+def load_inner_lr(path: str, steps: int, map_location="cpu"):
+    """The `inner_lr` argument that adapts like the model in `path` for `steps` steps: its fixed rate, or
+    its learned rates (Meta-SGD, MAML++; per-step rates past the trained K reuse the last step's), e.g.
+    `fastmaml.adapt(params, xs, ys, inner_steps=5, inner_lr=load_inner_lr(path, 5))`."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    config = checkpoint.get("config", {})
+    default = config.get("inner_lr") or algorithms.get(config.get("algorithm", "maml")).inner_lr
+    return inner_lr_for(checkpoint.get("rates"), steps, default)
 
 
 # ---------------------------------------------------------------------------------------- the job
@@ -528,14 +502,18 @@ def _run(config: SinusoidConfig, out_dir: str, progress: bool, log, checkpoint_e
     log(f"fastmaml sinusoid: trained {config.iterations} iterations in {trained.seconds:.1f} s "
         f"on backend {trained.backend!r}")
     start = time.perf_counter()
-    errors = task_errors(trained.params, config, backend=config.backend, ranks=ranks)
-    results = {shot: e.mean(dim=1).tolist() for shot, e in errors.items()}
-    log(f"evaluation on {config.eval_tasks} held-out tasks, mean query MSE after n inner steps "
-        f"(lr {config.inner_lr}; {time.perf_counter() - start:.1f} s):")
-    log(format_table(results))
-    log(format_spread(errors))
+    errors = task_errors(trained.params, config, backend=config.backend, ranks=ranks, rates=trained.rates)
+    stats = summarize(errors)
+    results = stats["mean"]
+    rate = f"lr {config.inner_lr}" if "rates" not in trained.rates else "learned rates"
+    log(f"{config.algorithm}: evaluation on {config.eval_tasks} held-out tasks, mean query MSE after n inner "
+        f"steps ({rate}; {time.perf_counter() - start:.1f} s):")
+    log(format_table(results, PAPER_MSE if config.algorithm == "maml" else {}))
+    log(format_spread(stats))
     summary = {
         "eval": results,
+        "eval_median": stats["median"],
+        "eval_diverged": stats["diverged"],
         "train_seconds": trained.seconds,
         "backend": trained.backend,
         "skipped_steps": trained.skipped,
@@ -546,7 +524,8 @@ def _run(config: SinusoidConfig, out_dir: str, progress: bool, log, checkpoint_e
         return summary
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    save_model(os.path.join(out_dir, "model.pt"), trained.params, config)
-    plot(os.path.join(out_dir, "adaptation.png"), trained.params, results, config, backend=config.backend)
+    save_model(os.path.join(out_dir, "model.pt"), trained.params, config, trained.rates)
+    plot(os.path.join(out_dir, "adaptation.png"), trained.params, results, config, backend=config.backend,
+         rates=trained.rates)
     log(f"wrote {out_dir}/results.json, model.pt, adaptation.png")
     return summary

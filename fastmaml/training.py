@@ -4,13 +4,46 @@ One task whose inner loop diverges (a rate too large for it, an outlier) makes t
 meta-gradient inf or nan; one optimizer step with it writes nan into every parameter and into the
 optimizer's moments, and the run is lost. `FiniteStep` checks the meta-loss and every gradient first,
 skips such a step (parameters and optimizer state untouched, gradients cleared), and counts it.
+
+Learned inner rates are the other way a run dies: an unbounded rate that grows past what a task's SGD can
+take diverges. `bounded_rate` keeps a learned rate inside `(low, high)` by its parametrisation;
+`rates_for_steps` extends per-step rates to more test steps than were trained.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["FiniteStep"]
+__all__ = ["FiniteStep", "bounded_rate", "rate_logit", "rates_for_steps"]
+
+
+def bounded_rate(raw: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """The rate `low + (high - low) * sigmoid(raw)`: inside `(low, high)` whatever value `raw` takes.
+
+    A bound built into the parametrisation, not a clamp after the step: the optimizer's state stays
+    consistent with what it optimises, the gradient shrinks as a rate nears a bound, and a positive rate
+    stays positive."""
+    return low + (high - low) * torch.sigmoid(raw)
+
+
+def rate_logit(rate: float, low: float, high: float) -> float:
+    """The raw value whose `bounded_rate` is `rate` (`low < rate < high`)."""
+    if not low < rate < high:
+        raise ValueError(f"rate {rate} must lie strictly inside ({low}, {high})")
+    return math.log((rate - low) / (high - rate))
+
+
+def rates_for_steps(rate: torch.Tensor, steps: int) -> torch.Tensor:
+    """Per-step rates `[K, ...]` for `steps` steps: the first `steps`, or all K then the last one repeated
+    (a test-time loop longer than the trained one reuses the last trained step's rate)."""
+    K = rate.shape[0]
+    if steps <= K:
+        return rate[:steps]
+    if K == 0:
+        raise ValueError(f"inner_steps={steps}: the rates were learned for 0 steps, so there is no last step's rate")
+    return torch.cat([rate, rate[-1:].expand(steps - K, *rate.shape[1:])])
 
 
 class FiniteStep:

@@ -24,7 +24,9 @@ def check_outputs(out_dir, iterations, eval_steps=10, processes=1):
     """results.json has exactly the documented schema; the PNG and model.pt exist and load."""
     with open(os.path.join(out_dir, "results.json")) as f:
         results = json.load(f)
-    assert set(results) == {"eval", "train_seconds", "backend", "skipped_steps", "processes", "config"}
+    assert set(results) == {"eval", "eval_median", "eval_diverged", "train_seconds", "backend", "skipped_steps",
+                            "processes", "config"}
+    assert all(results["eval_diverged"][shot] == [0] * (eval_steps + 1) for shot in SHOTS)
     assert results["skipped_steps"] == 0 and results["processes"] == processes
     assert set(results["eval"]) == set(SHOTS)
     for shot in SHOTS:

@@ -39,10 +39,45 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def report(job: str, err: JobError) -> int:
-    """Print `fastmaml train <job>: error: <message>` to stderr and return exit code 2 (argparse's)."""
-    print(f"fastmaml train {job}: error: {err}", file=sys.stderr)
+def report(job: str, err: JobError, command: str = "train") -> int:
+    """Print `fastmaml <command> <job>: error: <message>` to stderr and return exit code 2 (argparse's)."""
+    print(f"fastmaml {command} {job}: error: {err}", file=sys.stderr)
     return 2
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, backend: str, seed: int, threads: int, threads_why: str) -> None:
+    """The options every job shares: --backend, --seed, --device, --threads, --no-progress."""
+    parser.add_argument("--backend", default=backend,
+                        help=f"fastmaml backend: auto, reference, cpu, triton, cuda (default {backend})")
+    parser.add_argument("--seed", type=int, default=seed, help=f"seed of the init and training tasks (default {seed})")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--threads", type=non_negative_int, default=threads,
+                        help=f"torch CPU threads; 0: torch's default (default {threads}: {threads_why})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def job_device(name: str) -> torch.device:
+    """`check_device(name)`; under torchrun a bare `cuda` becomes this process's `cuda:LOCAL_RANK`."""
+    device = check_device(name)
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = check_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return device
+
+
+def run_on_ranks(job: str, device: torch.device, body: Callable) -> int:
+    """Join the job's process group (a world of one without torchrun), run `body(ranks)`, leave the group.
+    A `JobError` raised while running (a checkpoint that does not fit the settings) is reported by rank 0;
+    returns the exit code."""
+    from . import ranks as ranks_mod
+
+    ranks = ranks_mod.from_environment(device)
+    try:
+        body(ranks)
+    except JobError as err:
+        return report(job, err) if ranks.is_main else 2
+    finally:
+        ranks_mod.shutdown()
+    return 0
 
 
 def check_out_dir(path: str) -> None:

@@ -14,8 +14,10 @@ import sys
 import torch
 
 from .. import sinusoid
+from . import algorithms
 from . import ranks as ranks_mod
-from .checks import JobError, check_backend, check_device, check_out_dir, non_negative_int, positive, report
+from .checks import (JobError, add_run_options, check_backend, check_out_dir, job_device, non_negative_int, positive,
+                     report, run_on_ranks)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = sinusoid.SinusoidConfig()
     parser.add_argument("--iterations", type=non_negative_int, default=d.iterations,
                         help=f"meta-training iterations (default {d.iterations})")
-    parser.add_argument("--backend", default=d.backend,
-                        help="fastmaml backend: auto, reference, cpu, triton, cuda (default auto)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the init and training tasks (default 0)")
     parser.add_argument("--out", default=os.path.join("runs", "sinusoid"),
                         help="output folder for results.json, adaptation.png, model.pt (default runs/sinusoid)")
     parser.add_argument("--meta-batch", type=positive(int), default=d.meta_batch,
@@ -34,22 +33,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"support points per training task, K-shot (default {d.n_support})")
     parser.add_argument("--query", type=positive(int), default=d.n_query, dest="n_query",
                         help=f"query points per training task (default {d.n_query})")
-    parser.add_argument("--inner-steps", type=non_negative_int, default=d.inner_steps,
-                        help=f"inner SGD steps in training (default {d.inner_steps})")
-    parser.add_argument("--inner-lr", type=positive(float), default=d.inner_lr,
-                        help=f"inner learning rate, training and evaluation (default {d.inner_lr})")
-    parser.add_argument("--meta-lr", type=positive(float), default=d.meta_lr,
-                        help=f"Adam learning rate (default {d.meta_lr})")
-    parser.add_argument("--first-order", action="store_true", help="first-order MAML (FOMAML)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    parser.add_argument("--threads", type=non_negative_int, default=d.threads,
-                        help="torch CPU threads; 0: torch's default (default 1: this net's ops are too small "
-                             "to gain from more, and extra threads stall each other on a busy machine)")
+    parser.add_argument("--algorithm", default=d.algorithm, choices=list(algorithms.ALGORITHMS),
+                        help="the meta-learning algorithm, with its paper's settings unless the options below "
+                             "change them (default maml): " + "; ".join(
+                                 f"{a.name}: {a.summary}" for a in algorithms.ALGORITHMS.values()))
+    parser.add_argument("--inner-steps", type=non_negative_int, default=None,
+                        help="inner SGD steps in training (default: the algorithm's)")
+    parser.add_argument("--inner-lr", type=positive(float), default=None,
+                        help="inner learning rate in training and evaluation; the initial one of learned rates "
+                             "(default: the algorithm's)")
+    parser.add_argument("--meta-lr", type=positive(float), default=None,
+                        help="outer learning rate (default: the algorithm's)")
+    parser.add_argument("--first-order", action="store_true", default=None,
+                        help="first-order meta-gradient (maml with it is fomaml)")
+    add_run_options(parser, backend=d.backend, seed=d.seed, threads=d.threads,
+                    threads_why="this net's ops are too small to gain from more, and extra threads stall each "
+                                "other on a busy machine")
     parser.add_argument("--eval-tasks", type=positive(int), default=d.eval_tasks,
                         help=f"held-out tasks for the evaluation (default {d.eval_tasks})")
     parser.add_argument("--eval-steps", type=non_negative_int, default=d.eval_steps,
                         help=f"evaluate after 0..N inner steps (default {d.eval_steps})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=0, metavar="N",
                         help="write OUT/checkpoint.pt atomically every N iterations and at the end: parameters, "
                              "Adam's state, the iteration, the task stream's RNG state (default 0: none)")
@@ -63,15 +66,12 @@ def main(args: argparse.Namespace) -> int:
     is (device, backend, output folder, the meta-batch's split over processes): a problem is one line on
     stderr and exit code 2. Under torchrun the processes join one group (gloo on the CPU, NCCL on GPUs)
     after those checks, which every process makes alike."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        device = check_device(args.device)
-        if device.type == "cuda" and device.index is None and world > 1:
-            device = check_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-        ranks_mod.split(args.meta_batch, world)
+        device = job_device(args.device)
+        ranks_mod.split(args.meta_batch, int(os.environ.get("WORLD_SIZE", "1")))
         config = sinusoid.SinusoidConfig(
             iterations=args.iterations, meta_batch=args.meta_batch, n_support=args.n_support,
-            n_query=args.n_query, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
+            n_query=args.n_query, algorithm=args.algorithm, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
             meta_lr=args.meta_lr, first_order=args.first_order, backend=args.backend, seed=args.seed,
             device=str(device), threads=args.threads, eval_tasks=args.eval_tasks,
             eval_steps=args.eval_steps,
@@ -80,15 +80,9 @@ def main(args: argparse.Namespace) -> int:
         check_out_dir(args.out)
     except JobError as err:
         return report("sinusoid", err)
-    ranks = ranks_mod.from_environment(device)
-    try:
-        sinusoid.run(config, args.out, progress=not args.no_progress and sys.stderr is not None,
-            checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks)
-    except JobError as err:  # a checkpoint that does not fit these settings
-        return report("sinusoid", err) if ranks.is_main else 2
-    finally:
-        ranks_mod.shutdown()
-    return 0
+    return run_on_ranks("sinusoid", device, lambda ranks: sinusoid.run(
+        config, args.out, progress=not args.no_progress and sys.stderr is not None,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, ranks=ranks))
 
 
 def preflight(config: sinusoid.SinusoidConfig) -> None:
@@ -101,5 +95,13 @@ def preflight(config: sinusoid.SinusoidConfig) -> None:
         params = [p.requires_grad_() for p in sinusoid.init_params(g, config.hidden, device)]
         return (params, *sinusoid.sample_batch(config.meta_batch, config.n_support, config.n_query, g, device))
 
-    check_backend(config.backend, call, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
-                       first_order=config.first_order)
+    params = call()[0]
+    learner = algorithms.Learner(config.algorithm, params, iterations=config.iterations,
+                                 inner_steps=config.inner_steps, inner_lr=config.inner_lr,
+                                 first_order=config.first_order)
+    options = learner.maml_options(config.iterations)  # second order, where derivative annealing ends
+    if learner.algorithm.reptile:  # no query loss: only adapt calls, on support and query points
+        options = {k: options[k] for k in ("inner_steps", "inner_lr", "activation", "loss")}
+        check_backend(config.backend, call, ops=("adapt",), **options)
+        return
+    check_backend(config.backend, call, **options)

@@ -1,0 +1,162 @@
+"""The training loop every job shares: meta-steps that survive a diverging task, ranks, checkpoints and
+progress, around a job's `Learner` (fastmaml/jobs/algorithms.py or a job's own) and its task sampler.
+
+A job gives `train`:
+- `learner`: `tensors` (everything meta-trained, in checkpoint order), optionally `buffers` (state that is
+  not trained but must be checkpointed, e.g. batch-norm statistics), `optimizer`, `metric_names`
+  (the first is the meta-loss), `set_iteration(i)` and `step(batch, i) -> ({name: 0-dim tensor}, backend)`,
+  which sets the gradients;
+- `sample(generator) -> batch`: one meta-batch of this rank's tasks, drawn from `generator`.
+
+Each iteration the gradients and metrics are averaged over the ranks (one all-reduce), the step is taken
+only when the meta-loss and every gradient are finite (`fastmaml.FiniteStep`: a skipped step leaves the
+tensors and the optimizer's state as they were, and is counted), and the metrics are accumulated on the
+device and read every `log_every` iterations (reading them each step would synchronise a GPU; a skipped
+step's are left out). Rank 0
+shows the progress bar (the metrics' moving averages) and writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..training import FiniteStep
+from . import checkpoint as ckpt
+from .ranks import Ranks
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns. `history`: mean meta-loss of each block of `log_every` iterations;
+    `metrics`: every metric's block means, by name."""
+
+    tensors: list[torch.Tensor]
+    backend: str
+    seconds: float
+    history: list[float] = field(default_factory=list)
+    skipped: int = 0  # meta-steps skipped for a non-finite loss or gradient
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Generator, *, iterations: int,
+          name: str, config: dict, resume_keys: Sequence[str], device: torch.device, log_every: int = 100,
+          warm_batch: Optional[tuple] = None, progress: bool = True, log=print,
+          checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0, resume: bool = False,
+          ranks: Optional[Ranks] = None) -> TrainResult:
+    """Run `iterations` meta-steps of `learner` on batches from `sample(tasks)`; returns the trained tensors
+    (detached), the backend, the training time and the logged metrics.
+
+    `warm_batch`: one untimed step without the update first, so the time measures training (a fused
+    backend's first call may build its kernels, the reference path traces its vmap). With
+    `checkpoint_every = N > 0`, `checkpoint_dir/checkpoint.pt` is written atomically every N iterations
+    and at the end (tensors, optimizer and guard state, iteration, every rank's task stream, metrics,
+    `config`); with `resume`, training continues from it when it exists (its `resume_keys` of `config`
+    must match) and ends with exactly the tensors of an uninterrupted run.
+    """
+    ranks = ranks or Ranks()
+    if not ranks.is_main:
+        progress, log = False, _quiet
+    tensors, optimizer = learner.tensors, learner.optimizer
+    buffers = list(getattr(learner, "buffers", ()))
+    guard = FiniteStep(optimizer)
+    path = os.path.join(checkpoint_dir, ckpt.CHECKPOINT) if checkpoint_dir else None
+    names = tuple(learner.metric_names)
+    first, seconds_before, metrics = 0, 0.0, {n: [] for n in names}
+    if resume and path and os.path.exists(path):
+        state = ckpt.load(path)
+        ckpt.check_resumable(path, state, config, resume_keys, iterations, ranks.world)
+        with torch.no_grad():
+            for t, saved in zip(tensors + buffers, state["params"] + state.get("buffers", [])):
+                t.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        tasks.set_state(state["tasks_rng"][ranks.rank])
+        guard.load_state_dict(state["guard"])
+        first, seconds_before = state["iteration"], state["seconds"]
+        metrics = {n: list(state["metrics"].get(n, [])) for n in names}
+        log(f"fastmaml {name}: resuming from {path} at iteration {first}")
+    elif resume:
+        log(f"fastmaml {name}: no checkpoint in {checkpoint_dir} yet; starting from iteration 0")
+
+    bar = None
+    if progress and iterations > first:
+        from tqdm import tqdm
+
+        bar = tqdm(total=iterations, initial=first, desc="meta-train", unit="it", smoothing=0.1, dynamic_ncols=True)
+    if warm_batch is not None and iterations > first:
+        prep = time.perf_counter()
+        learner.set_iteration(first)
+        learner.step(warm_batch, first)
+        optimizer.zero_grad(set_to_none=True)
+        prep = time.perf_counter() - prep
+        if prep > 1.0:
+            message = f"fastmaml {name}: backend ready in {prep:.1f} s (not counted in train_seconds)"
+            bar.write(message) if bar is not None else log(message)
+
+    running = torch.zeros(len(names), device=device)
+    block, taken, ema, backend = 0, 0, None, None
+    start = time.perf_counter()
+
+    def close_block() -> None:
+        nonlocal block, taken, ema
+        means = (running / taken).tolist() if taken else [float("nan")] * len(names)
+        for n, v in zip(names, means):
+            metrics[n].append(v)
+        if taken:
+            ema = means if ema is None else [0.9 * e + 0.1 * v for e, v in zip(ema, means)]
+        if bar is not None:
+            bar.update(block)
+            if ema is not None:
+                bar.set_postfix({n: f"{v:.4g}" for n, v in zip(names, ema)}, refresh=False)
+        running.zero_()
+        block = taken = 0
+
+    def save_checkpoint(done: int) -> None:
+        streams = ranks.gather_objects(tasks.get_state().cpu())
+        if ranks.is_main:
+            ckpt.save(path, {
+                "iteration": done, "params": [t.detach().cpu() for t in tensors],
+                "buffers": [b.detach().cpu() for b in buffers],
+                "optimizer": optimizer.state_dict(), "tasks_rng": streams, "guard": guard.state_dict(),
+                "seconds": seconds_before + time.perf_counter() - start, "metrics": metrics, "config": config,
+            })
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for it in range(first, iterations):
+        learner.set_iteration(it)
+        values, used = learner.step(sample(tasks), it)
+        step_metrics = torch.stack([values[n].reshape(()).to(running.dtype) for n in names])
+        ranks.mean_([t.grad for t in tensors if t.grad is not None] + [step_metrics])
+        block += 1
+        if guard.step(step_metrics[0]):  # the logged metrics are the means of the steps taken
+            running += step_metrics
+            taken += 1
+        if backend is None:
+            backend = used
+            message = f"fastmaml {name}: training on backend {backend!r} ({device.type})"
+            bar.write(message) if bar is not None else log(message)  # above the bar, which a print would break
+        if block == log_every or it == iterations - 1:
+            close_block()
+        if path and checkpoint_every and ((it + 1) % checkpoint_every == 0 or it == iterations - 1):
+            if block:  # a partial logging block would be lost with the process: close it now
+                close_block()
+            save_checkpoint(it + 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = seconds_before + time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    if guard.skipped:
+        log(f"fastmaml {name}: skipped {guard.skipped} meta-step(s) whose loss or gradient was not finite")
+    return TrainResult([t.detach() for t in tensors], backend or "none", seconds, list(metrics[names[0]]),
+                       guard.skipped, metrics)
