@@ -10,6 +10,7 @@ Public API (see README.md and docs/):
     list_backends()   the registered backend names
     TaskLoopWarning   the reference path loops over tasks because vmap cannot batch the model
     FiniteStep(opt)   an optimizer step taken only when the meta-loss and gradients are finite
+    omniglot.load(path), sinusoid.load_model(path)   models trained by the jobs (`fastmaml train ...`)
 """
 
 from .api import MAMLOutput, adapt, explain, maml, mlp, reptile
@@ -19,6 +20,17 @@ from .nn import MAML
 from .training import FiniteStep
 
 __version__ = "0.1.0"
+
+# The jobs' modules load on first use (`fastmaml.omniglot.load(path)`), not with the library.
+_LAZY = ("omniglot", "sinusoid")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastmaml' has no attribute {name!r}")
 
 __all__ = ["FiniteStep", "MAML", "MAMLOutput", "TaskLoopWarning", "adapt", "explain", "list_backends", "maml", "mlp",
            "reptile", "__version__"]

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 # job name -> (module under fastmaml, one-line description)
 JOBS: dict[str, tuple[str, str]] = {
     "sinusoid": ("fastmaml.jobs.sinusoid", "the MAML paper's sinusoid regression: meta-train, evaluate, plot"),
+    "omniglot": ("fastmaml.jobs.omniglot", "few-shot classification of Omniglot characters: ANIL or the MAML "
+                                           "paper's MLP, with baselines"),
 }
 COMPARISONS: dict[str, tuple[str, str]] = {
     "sinusoid": ("fastmaml.jobs.compare", "MAML, FOMAML, Reptile, Meta-SGD and MAML++ on the same sinusoid tasks"),

@@ -17,6 +17,7 @@ import os
 import pytest
 import torch
 
+from _jobs_helpers import interrupted_at
 from _reference_loop import assert_close, maml_loop, random_data, random_params
 import fastmaml
 from fastmaml import cli, sinusoid
@@ -190,17 +191,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, name, mon
     quiet = dict(progress=False, log=lambda *a: None)
     whole = sinusoid.train(config, **quiet)
 
-    real_step = algorithms.Learner.step
-
-    def dying_step(self, batch, it):
-        if it == 27:
-            raise KeyboardInterrupt("stopped")
-        return real_step(self, batch, it)
-
-    monkeypatch.setattr(algorithms.Learner, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, algorithms.Learner, 27):
         sinusoid.train(config, checkpoint_dir=str(tmp_path), checkpoint_every=10, **quiet)
-    monkeypatch.setattr(algorithms.Learner, "step", real_step)
     resumed = sinusoid.train(config, checkpoint_dir=str(tmp_path), checkpoint_every=10, resume=True, **quiet)
     for a, b in zip(resumed.params, whole.params):
         assert torch.equal(a, b)
