@@ -3,8 +3,11 @@ against a per-task loop and torch.func.vmap, at the two shapes of `fastmaml trai
 
 - mlp:  the MAML paper's 784-256-128-64-64-N network on flattened images, every layer adapted, T = 32
         tasks, K = 1 and 5 inner steps;
-- anil: the conv backbone (four conv-64 blocks) on the images of all tasks, then the 64-64-N head adapted
-        per task (K = 1); the time is the whole meta-iteration, backbone forward and backward included.
+- anil: the conv backbone (four conv-64 blocks) on the images of all tasks, then the linear 64-N head
+        adapted per task (K = 1); the time is the whole meta-iteration, backbone forward and backward
+        included, so the head's method matters little;
+- anil-head: the head's part alone: the MAML call on the 64 features (leaves that require grad, as the
+        backbone's output is) and its backward to the head and the features.
 
 5-way 1-shot with one query per class (the job's default), float32, cross-entropy. Every method's
 meta-gradient is checked against the loop's first. Prints a table (milliseconds per meta-iteration, and
@@ -82,15 +85,22 @@ def make_step(model: str, head_fn, T, K, ways, shots, device):
     g = torch.Generator().manual_seed(0)
     images = torch.rand(40, 20, 28, 28, generator=g)
     xs, ys, xq, yq = (t.to(device) for t in omniglot.data.sample_tasks(images, T, ways, shots, shots, g))
-    net = omniglot.Network(model, ways, torch.Generator().manual_seed(1), device)
+    net = omniglot.Network("anil" if model.startswith("anil") else model, ways, torch.Generator().manual_seed(1), device)
     params = [p.requires_grad_() for p in net.params]
-    extra = list(net.backbone.parameters()) if net.backbone is not None else []
+    extra = list(net.backbone.parameters()) if model == "anil" else []
+    if model == "anil-head":  # the backbone's output, computed once: the head's call and backward alone
+        with torch.no_grad():
+            both = net.features(torch.cat([xs, xq], dim=1))
+        fs0, fq0 = both[:, : xs.shape[1]].requires_grad_(), both[:, xs.shape[1]:].requires_grad_()
+        extra = [fs0, fq0]
     leaves = params + extra
 
     def step():
-        if net.backbone is not None:
-            net.backbone.train()
-        fs, fq = net.features(xs), net.features(xq)
+        if model == "anil-head":
+            fs, fq = fs0, fq0
+        else:
+            both = net.features(torch.cat([xs, xq], dim=1))
+            fs, fq = both[:, : xs.shape[1]], both[:, xs.shape[1]:]
         loss = head_fn(params, fs, ys, fq, yq, K, 0.4)
         return loss.detach(), list(torch.autograd.grad(loss, leaves))
 
@@ -105,10 +115,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time budget per method and shape")
+    parser.add_argument("--shapes", default="mlp:1,mlp:5,anil:1,anil-head:1",
+                        help="comma-separated MODEL:K (default mlp:1,mlp:5,anil:1,anil-head:1)")
     parser.add_argument("--out", default=None, help="CSV file to write")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    shapes = [("mlp", 1), ("mlp", 5), ("anil", 1)]
+    shapes = [(m, int(k)) for m, k in (item.split(":") for item in args.shapes.split(","))]
     rows = []
     print(f"# {_harness.device_name(device)}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"T={args.tasks}, {args.ways}-way {args.shots}-shot, load {_harness.load_average()}")
@@ -129,7 +141,8 @@ def main(argv=None) -> int:
                 print(f"{model} K={K} {name}: meta-gradient differs from the loop's (relative error {err:.1e})")
                 continue
             results[name] = timing.ms
-        chosen = fastmaml.explain([p for p in omniglot.Network(model, args.ways, torch.Generator(), device).params],
+        kind = "mlp" if model == "mlp" else "anil"
+        chosen = fastmaml.explain([p for p in omniglot.Network(kind, args.ways, torch.Generator(), device).params],
                                   *_head_inputs(model, args, device), inner_steps=K, inner_lr=0.4,
                                   loss="cross_entropy").splitlines()[0]
         for name, ms in results.items():
@@ -152,10 +165,10 @@ def main(argv=None) -> int:
 
 def _head_inputs(model, args, device):
     """Support and query inputs of the adapted MLP (features for anil, pixels for mlp) for `explain`."""
-    width = omniglot.CHANNELS if model == "anil" else 28 * 28
+    width = 28 * 28 if model == "mlp" else omniglot.CHANNELS
     n = args.ways * args.shots
-    xs = torch.randn(args.tasks, n, width, device=device, requires_grad=model == "anil")
-    xq = torch.randn(args.tasks, n, width, device=device, requires_grad=model == "anil")
+    xs = torch.randn(args.tasks, n, width, device=device, requires_grad=model != "mlp")
+    xq = torch.randn(args.tasks, n, width, device=device, requires_grad=model != "mlp")
     y = torch.arange(args.ways, device=device).repeat_interleave(args.shots).expand(args.tasks, n)
     return xs, y, xq, y
 
