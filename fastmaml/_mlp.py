@@ -6,6 +6,7 @@ leading batch (task) dimensions on every tensor. Hidden layers use the activatio
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -40,3 +41,16 @@ def task_loss(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tenso
     # torch.func.vmap, F.cross_entropy's batching rule makes it several times slower.
     picked = out.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return (torch.logsumexp(out, dim=-1) - picked).mean()
+
+
+def init_mlp(dims: Sequence[int], generator: torch.Generator, device="cpu",
+             dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """`[W1, b1, ...]` for an MLP of widths `dims`, drawn as nn.Linear's default initialisation: weights and
+    biases `~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, drawn on the generator's device, then moved to `device`."""
+    params = []
+    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+        bound = 1.0 / math.sqrt(fan_in)
+        for shape in ((fan_out, fan_in), (fan_out,)):
+            u = torch.rand(shape, generator=generator, device=generator.device, dtype=dtype)
+            params.append(((2.0 * u - 1.0) * bound).to(device))
+    return params

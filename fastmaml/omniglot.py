@@ -38,6 +38,7 @@ from torch import nn
 
 from . import api, jobs
 from . import omniglot_data as data
+from ._mlp import init_mlp
 from .jobs import algorithms, driver
 from .sinusoid import torch_threads
 
@@ -147,16 +148,6 @@ class Backbone(nn.Module):
 def backbone(channels: int = CHANNELS) -> Backbone:
     """The ANIL backbone (`Backbone`)."""
     return Backbone(channels)
-
-
-def init_mlp(dims: Sequence[int], generator: torch.Generator, device="cpu") -> list[torch.Tensor]:
-    """`[W1, b1, ...]` for an MLP of widths `dims`, drawn as nn.Linear's default initialisation."""
-    params = []
-    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
-        bound = 1.0 / math.sqrt(fan_in)
-        for shape in ((fan_out, fan_in), (fan_out,)):
-            params.append((2 * torch.rand(shape, generator=generator) - 1).mul_(bound).to(device))
-    return params
 
 
 class Network:
@@ -289,10 +280,6 @@ def _features(net: Network, xs: torch.Tensor, xq: torch.Tensor, chunk: int = 64)
     return both[:, :ns], both[:, ns:]
 
 
-def _inner_lr(rates: dict, default: float):
-    return rates["rates"] if "rates" in rates else rates.get("inner_lr", default)
-
-
 @torch.no_grad()
 def accuracy_curve(net: Network, rates: dict, tasks, steps: int, backend: str = "auto",
                    default_lr: float = 0.4) -> torch.Tensor:
@@ -301,12 +288,10 @@ def accuracy_curve(net: Network, rates: dict, tasks, steps: int, backend: str = 
     fs, fq = _features(net, xs, xq)
     ys, yq = ys.to(fs.device), yq.to(fs.device)
     rows = []
+    params = [p.detach() for p in net.params]
     for k in range(steps + 1):
-        if k == 0:
-            theta = [p.detach().unsqueeze(0).expand(fs.shape[0], *p.shape) for p in net.params]
-        else:
-            theta = api.adapt([p.detach() for p in net.params], fs, ys, inner_steps=k,
-                              inner_lr=_inner_lr(rates, default_lr), loss="cross_entropy", backend=backend)
+        theta = algorithms.adapted_params(params, fs, ys, k, algorithms.inner_lr_for(rates, k, default_lr), backend,
+                                          loss="cross_entropy")
         rows.append((api.mlp(theta, fq).argmax(-1) == yq).double().mean(dim=1).cpu())
     return torch.stack(rows)
 
@@ -399,7 +384,8 @@ class Predictor:
         device = self.net.params[0].device
         fs, fq = _features(self.net, x_support.float(), x_query.float())
         theta = api.adapt([p.detach() for p in self.net.params], fs, y_support.to(device), inner_steps=inner_steps,
-                          inner_lr=_inner_lr(self.rates, self.config["inner_lr"]), loss="cross_entropy")
+                          inner_lr=algorithms.inner_lr_for(self.rates, inner_steps, self.config["inner_lr"]),
+                          loss="cross_entropy")
         return api.mlp(theta, fq)
 
 

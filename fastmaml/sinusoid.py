@@ -40,8 +40,9 @@ from typing import Optional, Sequence
 import torch
 
 from . import api, jobs
+from ._mlp import init_mlp
 from .jobs import algorithms, driver
-from .training import rates_for_steps
+from .jobs.algorithms import adapted_params, inner_lr_for  # noqa: F401  (part of this module's API)
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
@@ -131,14 +132,7 @@ def init_params(
 ) -> list[torch.Tensor]:
     """`[W1, b1, ..., WL, bL]` for a 1-hidden...-1 MLP, drawn as nn.Linear's default initialisation:
     weights and biases `~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`."""
-    dims = [1, *hidden, 1]
-    params = []
-    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
-        bound = 1.0 / math.sqrt(fan_in)
-        for shape in ((fan_out, fan_in), (fan_out,)):
-            u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
-            params.append((2.0 * u - 1.0) * bound)
-    return params
+    return init_mlp([1, *hidden, 1], generator, device, dtype)
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -268,29 +262,6 @@ def held_out_tasks(config: SinusoidConfig, device) -> dict[str, torch.Tensor]:
 # amplitude); an error 4x that of the zero predictor on the hardest task means the inner SGD has run away
 # (it then overflows within a few more steps). Means are over the other tasks.
 DIVERGED_MSE = 100.0
-
-
-def inner_lr_for(rates: Optional[dict], steps: int, default: float):
-    """The `inner_lr` argument that adapts like a trained model for `steps` steps: `rates` as
-    `TrainResult.rates` (None or `{"inner_lr": x}`: a fixed rate, else the learned ones; learned per-step
-    rates past the trained K reuse the last step's)."""
-    if not rates or "rates" not in rates:
-        return (rates or {}).get("inner_lr", default)
-    if rates["per_step"]:
-        return [rates_for_steps(r, steps) for r in rates["rates"]]
-    return list(rates["rates"])
-
-
-def adapted_params(
-    params: Sequence[torch.Tensor], x_support: torch.Tensor, y_support: torch.Tensor,
-    steps: int, inner_lr, backend: str = "auto",
-) -> list[torch.Tensor]:
-    """Per-task params after `steps` inner SGD steps, each `[T, *shape]` (steps = 0: the meta-learned
-    params repeated for every task). `inner_lr`: as `fastmaml.adapt` takes it."""
-    if steps == 0:
-        T = x_support.shape[0]
-        return [p.unsqueeze(0).expand(T, *p.shape) for p in params]
-    return api.adapt(params, x_support, y_support, inner_steps=steps, inner_lr=inner_lr, backend=backend)
 
 
 @torch.no_grad()

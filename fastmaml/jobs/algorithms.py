@@ -235,6 +235,32 @@ class Learner:
         return values, out.backend
 
 
+# ---- evaluation: adapting as a trained learner does ----------------------------------------------------
+
+
+def inner_lr_for(rates: Optional[dict], steps: int, default: float):
+    """The `inner_lr` argument that adapts like a trained model for `steps` steps: `rates` as
+    `Learner.eval_rates()` returns them (None or `{"inner_lr": x}`: a fixed rate, else the learned ones;
+    learned per-step rates past the trained K reuse the last step's)."""
+    if not rates or "rates" not in rates:
+        return (rates or {}).get("inner_lr", default)
+    if rates["per_step"]:
+        return [rates_for_steps(r, steps) for r in rates["rates"]]
+    return list(rates["rates"])
+
+
+def adapted_params(
+    params: Sequence[torch.Tensor], x_support: torch.Tensor, y_support: torch.Tensor,
+    steps: int, inner_lr, backend: str = "auto", loss: str = "mse",
+) -> list[torch.Tensor]:
+    """Per-task params after `steps` inner SGD steps, each `[T, *shape]` (steps = 0: the meta-learned
+    params repeated for every task). `inner_lr`: as `fastmaml.adapt` takes it."""
+    if steps == 0:
+        T = x_support.shape[0]
+        return [p.unsqueeze(0).expand(T, *p.shape) for p in params]
+    return api.adapt(params, x_support, y_support, inner_steps=steps, inner_lr=inner_lr, loss=loss, backend=backend)
+
+
 def _loss(pred: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
     if name == "mse":
         return ((pred - y) ** 2).mean()

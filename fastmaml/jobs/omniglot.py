@@ -14,6 +14,7 @@ import sys
 import torch
 
 from .. import omniglot
+from .._mlp import init_mlp
 from .. import omniglot_data as data
 from . import ranks as ranks_mod
 from .checks import (JobError, add_run_options, check_backend, check_out_dir, job_device, non_negative_int, positive,
@@ -131,7 +132,7 @@ def preflight(config: omniglot.OmniglotConfig) -> None:
     def call():
         g = torch.Generator().manual_seed(0)
         dims = (width, *(config.head_hidden if config.model == "anil" else omniglot.MLP_HIDDEN), config.ways)
-        params = [p.requires_grad_() for p in omniglot.init_mlp(dims, g, device)]
+        params = [p.requires_grad_() for p in init_mlp(dims, g, device)]
         T, ns, nq = 2, config.ways * config.shots, config.ways * config.queries
         xs = torch.randn(T, ns, width, device=device, requires_grad=config.model == "anil")
         xq = torch.randn(T, nq, width, device=device, requires_grad=config.model == "anil")
