@@ -8,8 +8,8 @@
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
 # nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
 # Every stage has a time limit and the whole run ends within TOTAL_S (default 470 s). The output
-# folder gets at most 7 files: env.txt, build.log, tests.log, sweep.log, throughput.csv,
-# throughput.png, summary.txt. The last thing printed is the compact summary table.
+# folder gets at most 9 files: env.txt, build.log, tests.log, overhead.txt, overhead.json, sweep.log,
+# throughput.csv, throughput.png, summary.txt. The last thing printed is the compact summary table.
 #
 # Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), CUDA_TESTS_S=100 and
 # TRITON_TESTS_S=120 (the GPU tests: tests/test_backends.py for each GPU backend,
@@ -138,7 +138,10 @@ else
     if [ "$backend" = triton ]; then files+=(tests/test_triton_maml.py); limit=$TRITON_TESTS_S; fi
     # Every backend computes the model's function or refuses (y requiring grad, frozen parameters, ...):
     # its cases cover cpu, triton and cuda at once, so they run once, with the cuda tests.
-    if [ "$backend" = cuda ]; then files+=(tests/test_same_function.py tests/test_distributed.py); fi
+    # The G3 tests (no synchronisation, CUDA graphs, torch.compile of every fused backend) too.
+    if [ "$backend" = cuda ]; then
+      files+=(tests/test_same_function.py tests/test_distributed.py tests/test_overhead.py tests/test_gpu_overhead.py)
+    fi
     stage "tests of $backend: ${files[*]} (limit ${limit}s) -> $DIR/tests.log"
     echo "===== $backend: ${files[*]}" >> "$DIR/tests.log"
     FASTMAML_TEST_BACKENDS=$backend timeout "$limit" python -m pytest "${files[@]}" -q -rfE "${XDIST[@]}" \
@@ -163,6 +166,15 @@ for T in (25, 65536):
     print(fastmaml.explain(params, xs, ys, xq, yq, inner_steps=1))
 EOF
   grep -E "chosen|rejected: slower" "$DIR/tests.log" | tail -4
+fi
+
+# ---- per-call overhead (G3) ---------------------------------------------------------------------
+if [ "$DRY_RUN" != 1 ]; then
+  stage "overhead of a small training call (limit ${OVERHEAD_S:-90}s) -> $DIR/overhead.txt, overhead.json"
+  timeout "${OVERHEAD_S:-90}" python benchmarks/bench_overhead.py --device cuda --tasks 25 --inner-steps 5 \
+    --seconds 2 --rounds 5 --json "$DIR/overhead.json" > "$DIR/overhead.txt" 2>&1
+  echo "overhead exit code $?"
+  grep -E "^\|" "$DIR/overhead.txt" | head -4
 fi
 
 # ---- sweep -------------------------------------------------------------------------------------

@@ -11,12 +11,16 @@
 #include "autograd_fwdbwd.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/Dispatch.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/accumulate.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <cmath>
+#include <cstring>
 #include <functional>
 
 namespace fastmaml {
@@ -44,6 +48,67 @@ using FwdBwdSumFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, T
 enum Saved { kTheta, kLr, kXs, kYs, kXq, kYq, kQw, kRowsTheta, kRowsLr, kRowsXs, kRowsXq, kSumTheta, kSumLr, kAlso };
 
 // The parameters flattened into one vector, theta = [W1 (row-major), b1, ..., WL, bL].
+Tensor flatten(at::TensorList params);
+
+// A real CPU tensor whose data can be read here: not a fake, functional or meta tensor of a trace (which
+// reach this kernel under torch.compile and opcheck), dense, contiguous.
+bool readable_cpu(const Tensor& t) {
+  if (!t.defined() || !t.is_cpu() || t.layout() != at::kStrided) return false;
+  if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
+  const c10::DispatchKeySet ks = t.key_set();
+  return ks.has(c10::DispatchKey::CPU) && !ks.has(c10::DispatchKey::Python) &&
+         !ks.has(c10::DispatchKey::Functionalize) && t.has_storage() && t.is_contiguous();
+}
+
+// flatten, below autograd: on the CPU a copy into one new vector (six reshapes and a cat cost more than
+// the copy for the small models of MAML's paper); elsewhere, or for strided or mixed parameters, flatten.
+Tensor flatten_plain(at::TensorList params) {
+  bool plain = !params.empty();
+  int64_t P = 0;
+  for (const Tensor& p : params) {
+    plain = plain && readable_cpu(p) && p.scalar_type() == params[0].scalar_type();
+    if (plain) P += p.numel();
+  }
+  if (!plain) return flatten(params);
+  Tensor theta = at::empty({P}, params[0].options());
+  char* dst = static_cast<char*>(theta.mutable_data_ptr());
+  for (const Tensor& p : params) {
+    const size_t bytes = static_cast<size_t>(p.nbytes());
+    if (bytes > 0) std::memcpy(dst, p.const_data_ptr(), bytes);
+    dst += bytes;
+  }
+  return theta;
+}
+
+// The mean of the task losses `[T]`: on the CPU a loop (an at::mean costs several dispatches), elsewhere
+// at::mean.
+Tensor mean_of(const Tensor& task_losses) {
+  if (!readable_cpu(task_losses)) return task_losses.mean();
+  Tensor mean = at::empty({}, task_losses.options());
+  AT_DISPATCH_FLOATING_TYPES(task_losses.scalar_type(), "fastmaml_mean", [&] {
+    const scalar_t* l = task_losses.const_data_ptr<scalar_t>();
+    const int64_t T = task_losses.numel();
+    scalar_t total = 0;
+    for (int64_t t = 0; t < T; ++t) total += l[t];
+    *mean.mutable_data_ptr<scalar_t>() = T > 0 ? total / static_cast<scalar_t>(T) : std::nan("");
+  });
+  return mean;
+}
+
+// `sum [n]` times `w` into a new tensor of `shape` (CPU, contiguous `sum`): the gradient of one parameter
+// from the kernel's sums, with no narrow, view or mul dispatched.
+Tensor scaled_copy(const Tensor& sum, int64_t offset, c10::IntArrayRef shape, double w) {
+  Tensor out = at::empty(shape, sum.options());
+  AT_DISPATCH_FLOATING_TYPES(sum.scalar_type(), "fastmaml_scaled_copy", [&] {
+    const scalar_t* src = sum.const_data_ptr<scalar_t>() + offset;
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const scalar_t ws = static_cast<scalar_t>(w);
+    const int64_t n = out.numel();
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * ws;
+  });
+  return out;
+}
+
 Tensor flatten(at::TensorList params) {
   std::vector<Tensor> flat;
   flat.reserve(params.size());
@@ -186,7 +251,7 @@ class MamlTrain : public torch::autograd::Function<MamlTrain> {
     Tensor theta;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      theta = flatten(params);
+      theta = flatten_plain(params);
     }
     ctx->saved_data["ranks"] = ranks;
     ctx->saved_data["shapes"] = shapes;
@@ -197,7 +262,7 @@ class MamlTrain : public torch::autograd::Function<MamlTrain> {
     Tensor mean;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      mean = out[0].mean();
+      mean = mean_of(out[0]);
     }
     return {out[0], out[1], mean};
   }
@@ -215,9 +280,31 @@ class MamlTrain : public torch::autograd::Function<MamlTrain> {
     Grads g;
     const variable_list saved = ctx->get_saved_variables();
     const int64_t T = saved[kXs].size(0);
-    if (!g_task.defined() && !g_preds.defined() && g_mean.defined() && saved[kSumTheta].defined() &&
-        !at::GradMode::is_enabled()) {
-      // Only the mean has a cotangent: every task's weight is g_mean / T.
+    // One output per argument: the n params (the list is flattened), then the 12 other arguments.
+    variable_list out(n + 12);
+    const bool mean_only = !g_task.defined() && !g_preds.defined() && g_mean.defined() &&
+                           saved[kSumTheta].defined() && !at::GradMode::is_enabled();
+    if (mean_only && readable_cpu(g_mean) && readable_cpu(saved[kSumTheta]) &&
+        (saved[kSumLr].numel() == 0 || readable_cpu(saved[kSumLr]))) {
+      // Only the mean has a cotangent: every task's weight is g_mean / T. The sums are the CPU kernel's
+      // (maml_fwdbwd_sum), so g_mean is a CPU scalar and each gradient is one scaled copy of its slice.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const double w = g_mean.item<double>() / static_cast<double>(T);
+      int64_t offset = 0;
+      size_t dim = 0;
+      for (size_t i = 0; i < n; ++i) {
+        const c10::IntArrayRef shape(shapes.data() + dim, static_cast<size_t>(ranks[i]));
+        dim += static_cast<size_t>(ranks[i]);
+        if (ctx->needs_input_grad(i)) out[i] = scaled_copy(saved[kSumTheta], offset, shape, w);
+        offset += c10::multiply_integers(shape);
+      }
+      if (want.lr) out[n] = scaled_copy(saved[kSumLr], 0, saved[kSumLr].sizes(), w);
+      if (want.xs) out[n + 1] = saved[kRowsXs].mul(w);
+      if (want.xq) out[n + 3] = saved[kRowsXq].mul(w);
+      return out;
+    }
+    if (mean_only) {
+      // The same as ops, where the data cannot be read here (torch.compile traces this with fake tensors).
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       const Tensor w = g_mean.div(static_cast<double>(T));
       if (want.theta) g.theta = saved[kSumTheta].mul(w);
@@ -235,8 +322,6 @@ class MamlTrain : public torch::autograd::Function<MamlTrain> {
         return flatten(at::TensorList(saved).slice(kAlso, n));
       });
     }
-    // One output per argument: the n params (the list is flattened), then the 12 other arguments.
-    variable_list out(n + 12);
     if (want.theta) {  // views of the flat gradient, one per parameter
       int64_t offset = 0;
       size_t dim = 0;
@@ -291,9 +376,9 @@ std::tuple<Tensor, Tensor, Tensor> maml_train_forward(at::TensorList params, con
   (void)need_lr_grad;
   (void)need_x_grad;
   static const auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastmaml::maml_fwd", "").typed<FwdFn>();
-  auto [task_losses, preds] = fwd.call(flatten(params), lr, x_support, y_support, x_query, y_query, qw, dims,
+  auto [task_losses, preds] = fwd.call(flatten_plain(params), lr, x_support, y_support, x_query, y_query, qw, dims,
                                        activation, loss, first_order);
-  Tensor mean = task_losses.mean();
+  Tensor mean = mean_of(task_losses);
   return {task_losses, preds, mean};
 }
 

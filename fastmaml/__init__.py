@@ -10,9 +10,12 @@ Public API (see README.md and docs/):
     list_backends()   the registered backend names
     TaskLoopWarning   the reference path loops over tasks because vmap cannot batch the model
     FiniteStep(opt)   an optimizer step taken only when the meta-loss and gradients are finite
+    set_check_inputs(enabled), check_inputs_enabled()
+                      the data-reading input checks on GPU tensors (off by default: no synchronisation)
     omniglot.load(path), sinusoid.load_model(path)   models trained by the jobs (`fastmaml train ...`)
 """
 
+from ._validate import check_inputs_enabled, set_check_inputs
 from .api import MAMLOutput, adapt, explain, maml, mlp, reptile
 from .backends.reference import TaskLoopWarning
 from .dispatch import list_backends
@@ -32,5 +35,5 @@ def __getattr__(name: str):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fastmaml' has no attribute {name!r}")
 
-__all__ = ["FiniteStep", "MAML", "MAMLOutput", "TaskLoopWarning", "adapt", "explain", "list_backends", "maml", "mlp",
-           "reptile", "__version__"]
+__all__ = ["FiniteStep", "MAML", "MAMLOutput", "TaskLoopWarning", "adapt", "check_inputs_enabled", "explain",
+           "list_backends", "maml", "mlp", "reptile", "set_check_inputs", "__version__"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -46,6 +47,9 @@ class Problem:
     dims: Optional[list[int]] = None
     forward: Optional[Callable[[Sequence[torch.Tensor], torch.Tensor], torch.Tensor]] = None
     inner_lr_value: Optional[float] = None  # the rate when given as a number (the fused rate tables use it)
+    # The rate when given as one tensor (broadcast to [K]): the fused backends expand it to their [K, P]
+    # table directly, without the per-parameter views.
+    inner_lr_tensor: Optional[torch.Tensor] = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -54,13 +58,30 @@ class Problem:
         return self.inner_lr_value is not None
 
     @property
+    def inner_lr_form(self) -> str:
+        """How the rate was given: "float", "tensor" (one tensor for every parameter) or "list"."""
+        if self.inner_lr_value is not None:
+            return "float"
+        return "tensor" if self.inner_lr_tensor is not None else "list"
+
+    @property
     def inner_lr(self) -> list[torch.Tensor]:
         """One rate tensor per param, each viewed as `[K, *param.shape]` (expanded: no copy)."""
         if self.rates is None:
             K = self.inner_steps
-            rate = torch.full((K,), self.inner_lr_value, dtype=self.dtype, device=self.device)
+            if self.inner_lr_tensor is not None:
+                rate = self.inner_lr_tensor.reshape(-1).expand(K)
+            else:
+                rate = torch.full((K,), self.inner_lr_value, dtype=self.dtype, device=self.device)
             self.rates = [rate.view(K, *([1] * p.dim())).expand(K, *p.shape) for p in self.params]
         return self.rates
+
+    @property
+    def num_params(self) -> int:
+        """P, the number of scalar parameters."""
+        if self.dims is not None:
+            return sum(self.dims[i + 1] * (self.dims[i] + 1) for i in range(len(self.dims) - 1))
+        return sum(p.numel() for p in self.params)
 
     @property
     def num_tasks(self) -> int:
@@ -91,7 +112,11 @@ class Problem:
         """Whether autograd will need gradients from this call."""
         if not torch.is_grad_enabled():
             return False
-        tensors = list(self.params) + ([] if self.rates is None else list(self.rates)) + [self.x_support]
+        tensors = list(self.params) + [self.x_support]
+        if self.inner_lr_tensor is not None:
+            tensors.append(self.inner_lr_tensor)
+        elif self.rates is not None:
+            tensors += self.rates
         if self.x_query is not None:
             tensors.append(self.x_query)
         if self.query_loss_weights is not None:
@@ -183,11 +208,10 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.detach()).all())
 
 
-def check_inner_lr(
-    inner_lr: Any, params: Sequence[torch.Tensor], K: int
-) -> tuple[Optional[list[torch.Tensor]], bool]:
-    """Normalise `inner_lr` to one tensor per param viewed as `[K, *param.shape]` (expand: no copy), or
-    None for a number (`Problem.inner_lr` makes its tensors when asked).
+def check_inner_lr(inner_lr: Any, params: Sequence[torch.Tensor], K: int) -> Optional[list[torch.Tensor]]:
+    """Check the form of `inner_lr` from its metadata; for a sequence, return one tensor per param viewed
+    as `[K, *param.shape]` (expand: no copy); for a number or one tensor, None (`Problem.inner_lr` makes
+    the views when asked). Whether rate tensors are finite is `check_values`'s.
 
     Accepted: a finite number; a tensor broadcastable to `[K]` (scalar, `[1]` or `[K]`); a sequence of
     `len(params)` tensors, tensor `i` broadcastable to `[K, *params[i].shape]`.
@@ -198,7 +222,7 @@ def check_inner_lr(
     if isinstance(inner_lr, numbers.Real):
         if not math.isfinite(float(inner_lr)):
             raise ValueError(f"inner_lr must be finite, got {inner_lr}")
-        return None, True
+        return None
     if isinstance(inner_lr, torch.Tensor):
         _check_like("inner_lr", inner_lr, dtype, device)
         if inner_lr.dim() > 1 or (inner_lr.dim() == 1 and inner_lr.shape[0] not in (1, K)):
@@ -206,10 +230,7 @@ def check_inner_lr(
                 f"inner_lr as one tensor must broadcast to [K] = [{K}] (a scalar, [1] or [{K}]), "
                 f"got shape {_shape(inner_lr)}; give a sequence of tensors for per-parameter rates"
             )
-        if not _all_finite(inner_lr):
-            raise ValueError("inner_lr must be finite, got a tensor with inf or nan")
-        rate = inner_lr.reshape(-1).expand(K)
-        return [rate.view(K, *([1] * p.dim())).expand(K, *p.shape) for p in params], False
+        return None
     if isinstance(inner_lr, Sequence) and not isinstance(inner_lr, str):
         rates = list(inner_lr)
         if len(rates) != len(params):
@@ -229,10 +250,8 @@ def check_inner_lr(
                     f"inner_lr[{i}] must broadcast to [K, *params[{i}].shape] = "
                     f"[{', '.join(map(str, target))}], got shape {_shape(r)}"
                 ) from None
-            if not _all_finite(r):
-                raise ValueError(f"inner_lr[{i}] must be finite, got a tensor with inf or nan")
             out.append(r.expand(target))
-        return out, False
+        return out
     raise TypeError(
         f"inner_lr must be a float, a tensor or a sequence of tensors, got {type(inner_lr).__name__}"
     )
@@ -247,8 +266,6 @@ def check_query_loss_weights(w: Any, K: int, dtype: torch.dtype, device: torch.d
         raise ValueError(
             f"query_loss_weights must be [inner_steps + 1] = [{K + 1}], got shape {_shape(w)}"
         )
-    if not _all_finite(w):
-        raise ValueError("query_loss_weights must be finite, got a tensor with inf or nan")
     return w
 
 
@@ -308,13 +325,6 @@ def check_data(
             raise ValueError(f"{name_y} is on {y.device}, expected {device} (the device of params)")
         if y.shape != (T, N):
             raise ValueError(f"{name_y} must be [T, N] = [{T}, {N}] for loss='cross_entropy', got shape {_shape(y)}")
-        if d_out is not None and y.numel() > 0:
-            lo, hi = int(y.min()), int(y.max())
-            if lo < 0 or hi >= d_out:
-                raise ValueError(
-                    f"{name_y} holds class indices in [{lo}, {hi}] but must be in [0, {d_out - 1}] "
-                    f"(D_out = {d_out} logits)"
-                )
 
 
 def make_problem(
@@ -358,8 +368,9 @@ def make_problem(
                 f"x_query must be [T, Nq, {', '.join(map(str, x_support.shape[2:]))}] like x_support, "
                 f"got shape {_shape(x_query)}"
             )
-    rates, is_float = check_inner_lr(inner_lr, params, K)
+    rates = check_inner_lr(inner_lr, params, K)
     weights = check_query_loss_weights(query_loss_weights, K, dtype, device)
+    is_float = isinstance(inner_lr, numbers.Real)
     return Problem(
         params=list(params),
         x_support=x_support,
@@ -375,4 +386,98 @@ def make_problem(
         dims=dims,
         forward=forward,
         inner_lr_value=float(inner_lr) if is_float else None,
+        inner_lr_tensor=inner_lr if isinstance(inner_lr, torch.Tensor) else None,
     )
+
+
+def planned_problem(params, x_support, y_support, x_query, y_query, inner_steps, inner_lr, first_order,
+                    activation, loss, query_loss_weights, dims) -> Problem:
+    """The `Problem` of a call whose signature passed `make_problem` before (fastmaml/_plans.py): built
+    without repeating the metadata checks. A float rate is still checked (its value is not in the
+    signature)."""
+    value = tensor = rates = None
+    if isinstance(inner_lr, torch.Tensor):
+        tensor = inner_lr
+    elif isinstance(inner_lr, (list, tuple)):
+        rates = [r.expand(inner_steps, *p.shape) for r, p in zip(inner_lr, params)]
+    else:
+        value = float(inner_lr)
+        if not math.isfinite(value):
+            raise ValueError(f"inner_lr must be finite, got {inner_lr}")
+    return Problem(
+        params=list(params), x_support=x_support, y_support=y_support, x_query=x_query, y_query=y_query,
+        inner_steps=inner_steps, rates=rates, first_order=first_order, activation=activation, loss=loss,
+        query_loss_weights=query_loss_weights, dims=dims, inner_lr_value=value, inner_lr_tensor=tensor,
+    )
+
+
+# ---- the checks that read data -------------------------------------------------------------------------
+#
+# Whether the rate tensors and multi-step weights are finite and the class indices in range can only be
+# known by reading the tensors. On a GPU that read is a device-to-host synchronisation, which stalls the
+# training loop every call, so there they run only when asked (FASTMAML_CHECK_INPUTS=1, or
+# `set_check_inputs(True)`; the tests switch it on). On the CPU they always run: the fused CPU kernels make
+# them inside the operation, on data they read anyway (csrc/cpu/maml_cpu.cpp); for the other backends
+# `check_values` makes them here. Under torch.compile they are left to the operations (a data-dependent
+# branch would break the graph): the CPU kernels still make them.
+
+_CHECK_INPUTS = [os.environ.get("FASTMAML_CHECK_INPUTS", "0") not in ("", "0")]
+
+# Backends whose operations check the data themselves, per device type.
+SELF_CHECKING = {"cpu": ("cpu",)}
+
+
+def set_check_inputs(enabled: bool) -> bool:
+    """Switch the data-reading input checks on GPU tensors on or off; returns the previous setting.
+
+    On: non-finite rate tensors or multi-step weights and out-of-range class indices raise `ValueError`
+    before the call runs, at the cost of one device synchronisation per call. Off (the default unless the
+    environment sets FASTMAML_CHECK_INPUTS=1): the call never synchronises; a class index out of range
+    gives a nan loss in the fused GPU kernels, non-finite rates give non-finite results. CPU tensors are
+    always checked.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous = _CHECK_INPUTS[0]
+    _CHECK_INPUTS[0] = enabled
+    return previous
+
+
+def check_inputs_enabled() -> bool:
+    """Whether the data-reading checks run on GPU tensors (`set_check_inputs`)."""
+    return _CHECK_INPUTS[0]
+
+
+def values_checked_here(problem: Problem, backend: str) -> bool:
+    """Whether `check_values` must run in Python for this call on `backend` (see the comment above)."""
+    if torch.compiler.is_compiling():
+        return False
+    device = problem.device.type
+    if backend in SELF_CHECKING.get(device, ()):
+        return False
+    return device == "cpu" or _CHECK_INPUTS[0]
+
+
+def check_values(problem: Problem) -> None:
+    """The checks that read tensor data: finite rate tensors and multi-step weights, class indices in
+    `[0, D_out)`. Raises ValueError naming the argument."""
+    form = problem.inner_lr_form
+    if form == "tensor" and not _all_finite(problem.inner_lr_tensor):
+        raise ValueError("inner_lr must be finite, got a tensor with inf or nan")
+    if form == "list":
+        for i, r in enumerate(problem.rates):
+            if not _all_finite(r):
+                raise ValueError(f"inner_lr[{i}] must be finite, got inf or nan in the rates of params[{i}]")
+    w = problem.query_loss_weights
+    if w is not None and not _all_finite(w):
+        raise ValueError("query_loss_weights must be finite, got a tensor with inf or nan")
+    if problem.loss == "cross_entropy" and problem.dims is not None:
+        d_out = problem.dims[-1]
+        for name, y in (("y_support", problem.y_support), ("y_query", problem.y_query)):
+            if y is None or y.numel() == 0:
+                continue
+            lo, hi = torch.aminmax(y)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= d_out:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"{name} holds class {bad} but must be in [0, {d_out - 1}] (D_out = {d_out} logits)")

@@ -10,9 +10,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from . import dispatch
+from . import _plans, dispatch
 from ._mlp import mlp_forward
-from ._validate import check_choice, check_params, make_problem
+from ._validate import check_choice, check_params, check_values, make_problem, planned_problem, values_checked_here
 from ._mlp import ACTIVATIONS
 
 LR = Union[float, torch.Tensor, Sequence[torch.Tensor]]
@@ -76,12 +76,25 @@ def maml(
     gradient: a detached copy still adapts); to hold one fixed, give it a zero rate (a per-parameter
     `inner_lr`), as `fastmaml.MAML` does for parameters with `requires_grad=False`.
     """
-    problem = make_problem(
-        params, x_support, y_support, x_query, y_query,
-        inner_steps=inner_steps, inner_lr=inner_lr, first_order=first_order,
-        activation=activation, loss=loss, query_loss_weights=query_loss_weights,
-    )
-    chosen = dispatch.select(problem, backend, "maml")
+    # A training loop repeats one signature: validation and dispatch run once for it (fastmaml/_plans.py).
+    signature = None if torch.compiler.is_compiling() else _plans.key(
+        "maml", params, (x_support, y_support, x_query, y_query), inner_steps, inner_lr,
+        (first_order, activation, loss, query_loss_weights, backend))
+    plan = _plans.get(signature)
+    if plan is None:
+        problem = make_problem(
+            params, x_support, y_support, x_query, y_query,
+            inner_steps=inner_steps, inner_lr=inner_lr, first_order=first_order,
+            activation=activation, loss=loss, query_loss_weights=query_loss_weights,
+        )
+        chosen = dispatch.select(problem, backend, "maml")
+        _plans.remember(signature, _plans.Plan(chosen, problem.dims))
+    else:
+        chosen = plan.backend
+        problem = planned_problem(params, x_support, y_support, x_query, y_query, inner_steps, inner_lr,
+                                  first_order, activation, loss, query_loss_weights, plan.dims)
+    if values_checked_here(problem, chosen.name):
+        check_values(problem)
     out = chosen.maml(problem)
     task_losses, query_preds = out[0], out[1]
     loss = out[2] if len(out) > 2 else task_losses.mean()
@@ -118,6 +131,8 @@ def adapt_on(params, x_support, y_support, *, inner_steps=1, inner_lr=0.01, acti
         activation=activation, loss=loss, need_query=False,
     )
     chosen = dispatch.select(problem, backend, "adapt")
+    if values_checked_here(problem, chosen.name):
+        check_values(problem)
     return chosen.adapt(problem), chosen.name
 
 

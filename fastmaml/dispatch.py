@@ -68,7 +68,11 @@ _REGISTRY: dict[str, Backend] = {}
 
 def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend under `backend.name`."""
+    from . import _plans
+
     _REGISTRY[backend.name] = backend
+    _UNAVAILABLE.pop(backend.name, None)
+    _plans.clear()  # a remembered choice may name the backend replaced, or miss the new one
 
 
 def list_backends() -> list[str]:
@@ -87,8 +91,28 @@ def _load_builtin() -> None:
         importlib.import_module("fastmaml.backends")  # registers the built-in backends
 
 
+# Why each backend cannot run at all in this process (None: it can), asked once: it depends on the
+# installation and the machine (a build, Triton, a GPU), not on the call.
+_UNAVAILABLE: dict[str, Optional[str]] = {}
+
+
+def unavailable(name: str) -> Optional[str]:
+    """Why the registered backend `name` cannot run at all here (not built, no Triton, no GPU), or None;
+    decided on the first call in a process and remembered."""
+    if name not in _UNAVAILABLE:
+        _UNAVAILABLE[name] = _REGISTRY[name].unavailable()
+    return _UNAVAILABLE[name]
+
+
+# torch.compile traces `unavailable` as the constant it returns (asking may build and load the extension,
+# which cannot be traced). This is what `torch.compiler.assume_constant_result` does; the decorator
+# itself imports torch._dynamo (and with it Triton): two seconds added to `import fastmaml`.
+# tests/test_overhead.py (test_compile_as_the_first_call) fails if a torch release changes the marker.
+unavailable._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _reason(backend: Backend, problem: Problem, op: str) -> Optional[str]:
-    why = backend.unavailable()
+    why = unavailable(backend.name) if _REGISTRY.get(backend.name) is backend else backend.unavailable()
     if why is None:
         why = backend.reject(problem, op)
     return why

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import dispatch
-from ._validate import check_choice, check_inner_steps, make_problem
+from ._validate import check_choice, check_inner_steps, check_values, make_problem, values_checked_here
 from .api import MAMLOutput
 from .training import bounded_rate, rate_logit, rates_for_steps
 
@@ -301,6 +301,8 @@ class MAML(nn.Module):
         problem = self._problem(x_support, y_support, x_query, y_query, steps=self.inner_steps,
                                 need_query=True, query_loss_weights=query_loss_weights)
         chosen = dispatch.select(problem, self.backend, "maml")
+        if values_checked_here(problem, chosen.name):
+            check_values(problem)
         out = chosen.maml(problem)
         task_losses, query_preds = out[0], out[1]
         loss = out[2] if len(out) > 2 else task_losses.mean()
@@ -321,7 +323,10 @@ class MAML(nn.Module):
         rate (evaluation with more test steps)."""
         steps = self.inner_steps if inner_steps is None else check_inner_steps(inner_steps)
         problem = self._problem(x_support, y_support, None, None, steps=steps, need_query=False)
-        adapted = dispatch.select(problem, self.backend, "adapt").adapt(problem)
+        chosen = dispatch.select(problem, self.backend, "adapt")
+        if values_checked_here(problem, chosen.name):
+            check_values(problem)
+        adapted = chosen.adapt(problem)
         self._remember_vmap(problem)
         return dict(zip(self._names, adapted))
 

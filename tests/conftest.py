@@ -15,3 +15,8 @@ except Exception:  # pragma: no cover
 
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The data-reading input checks on GPU tensors are off by default (they synchronise); the tests run with
+# them on, so that bad input is refused there as on the CPU (tests/test_gpu_overhead.py switches them off
+# to check the call that never synchronises).
+os.environ.setdefault("FASTMAML_CHECK_INPUTS", "1")

@@ -16,6 +16,7 @@ Every problem is fresh random data (never zeros) with sizes that are not powers 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 import zlib
@@ -345,14 +346,19 @@ def test_ops_refuse_bad_arguments(op):
         (_bad(args, 0, args[0][:-1]), "theta must be \\[P\\]"),
         (_bad(args, 1, args[1].float()), "lr has dtype"),
         (_bad(args, 2, args[2][..., :2]), "x_support must be"),
-        (_bad(args, 3, args[3].clone().fill_(4)), "y_support holds class 4"),
+        (_bad(args, 3, args[3].clone().fill_(4)), "y_support holds class 4 but must be in \\[0, 3\\]"),
+        (_bad(args, 1, _poke(args[1], -1, 58, math.nan)), "inner_lr must be finite.*params\\[3\\] at step 1"),
+        (_bad(args, 1, _poke(args[1], 0, 2, math.inf)), "inner_lr must be finite.*params\\[0\\] at step 0"),
+        (_bad(args, 6, _poke(args[6], 0, None, -math.inf)), "query_loss_weights must be finite"),
         (_bad(args, 5, args[5][:, :2]), "y_query must be"),
         (_bad(args, 6, args[6][:-1]), "qw must be \\[K \\+ 1\\]"),
         (_bad(args, 7, [3, 7, 5]), "theta must be \\[P\\]"),
         (_bad(args, 8, 2), "activation must be"),
     ]
     for a, message in bad:
-        with pytest.raises(RuntimeError, match=message):
+        # Wrong data (classes, non-finite rates or weights) is a ValueError, as in Python; the rest RuntimeError.
+        kind = ValueError if ("class" in message or "finite" in message) else RuntimeError
+        with pytest.raises(kind, match=message):
             call(a)
     if op == "maml_bwd":
         with pytest.raises(RuntimeError, match="g_task_losses must be"):
@@ -360,6 +366,16 @@ def test_ops_refuse_bad_arguments(op):
         with pytest.raises(RuntimeError, match="g_query_preds has dtype"):
             call(args, gp=g_preds.float())
     call(args)
+
+
+def _poke(t, i, j, value):
+    """A copy of `t` with element `[i, j]` (or `[i]` when `j` is None) set to `value`."""
+    t = t.clone()
+    if j is None:
+        t[i] = value
+    else:
+        t[i, j] = value
+    return t
 
 
 def test_weighted_task_sum_refuses_bad_arguments():

@@ -19,6 +19,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -94,13 +95,70 @@ Sizes check_args(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor
   return checks::check_args<Sizes>(theta, lr, xs, ys, xq, yq, dims, activation, loss, c10::DeviceType::CPU, "CPU");
 }
 
+// The checks that read data run here, inside the operation, where the data is read anyway (Python checks
+// only metadata on this path: fastmaml/_validate.py, `check_values`). Each is one pass over a small
+// tensor; they raise ValueError, as the Python checks do.
+
+// Out-of-range classes would index out of the logits.
 void check_class_range(const at::Tensor& y, const char* name, int64_t n_classes) {
-  // Out-of-range classes would index out of the logits: check once per call (cheap next to the kernel).
   const int64_t* p = y.const_data_ptr<int64_t>();
   const int64_t n = y.numel();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < n_classes, "fastmaml: ", name, " holds class ", p[i], ", expected 0 .. ",
-                n_classes - 1);
+    TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < n_classes, "fastmaml: ", name, " holds class ", p[i],
+                      " but must be in [0, ", n_classes - 1, "] (D_out = ", n_classes, " logits)");
+  }
+}
+
+// A non-finite rate would turn every adapted parameter it touches into inf or nan. The message names the
+// parameter (its index in params) and the step, found from the flat column.
+template <typename T>
+void check_lr_finite(const Net& net, const at::Tensor& lr) {
+  const T* r = lr.const_data_ptr<T>();
+  const int64_t K = lr.size(0), P = net.P;
+  // x * 0 is 0 for a finite x and nan otherwise: one branch-free (vectorised) pass decides, and only a
+  // failure looks for the culprit.
+  T lanes[8] = {};  // independent sums: no reassociation needed to vectorise
+  const int64_t n = K * P;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) lanes[j] += r[i + j] * T(0);
+  }
+  for (; i < n; ++i) lanes[0] += r[i] * T(0);
+  T poison = 0;
+  for (int j = 0; j < 8; ++j) poison += lanes[j];
+  if (poison == T(0)) return;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t j = 0; j < P; ++j) {
+      if (std::isfinite(r[k * P + j])) continue;
+      int param = 0;
+      for (int l = 0; l < net.L; ++l) {
+        if (j >= net.w_off[l]) param = 2 * l;
+        if (j >= net.b_off[l]) param = 2 * l + 1;
+      }
+      TORCH_CHECK_VALUE(false, "fastmaml: inner_lr must be finite, got ", r[k * P + j], " in the rates of params[",
+                        param, "] at step ", k);
+    }
+  }
+}
+
+template <typename T>
+void check_qw_finite(const at::Tensor& qw) {
+  const T* w = qw.const_data_ptr<T>();
+  for (int64_t k = 0; k < qw.numel(); ++k) {
+    TORCH_CHECK_VALUE(std::isfinite(w[k]), "fastmaml: query_loss_weights must be finite, got ", w[k], " at step ", k);
+  }
+}
+
+// The data checks every operation makes on its contiguous inputs (`qw` null for maml_adapt).
+void check_values(const Net& net, const at::Tensor& lr, const at::Tensor* qw, int64_t loss, const at::Tensor& ys,
+                  const at::Tensor* yq) {
+  AT_DISPATCH_FLOATING_TYPES(lr.scalar_type(), "fastmaml_check_values", [&] {
+    check_lr_finite<scalar_t>(net, lr);
+    if (qw != nullptr) check_qw_finite<scalar_t>(*qw);
+  });
+  if (loss == task::kCrossEntropy) {
+    check_class_range(ys, "y_support", net.dims[net.L]);
+    if (yq != nullptr) check_class_range(*yq, "y_query", net.dims[net.L]);
   }
 }
 
@@ -161,10 +219,7 @@ std::tuple<at::Tensor, at::Tensor> maml_fwd(const at::Tensor& theta_in, const at
   const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
                    qw = qw_in.contiguous();
-  if (loss == task::kCrossEntropy) {
-    check_class_range(ys, "y_support", s.net.dims[s.net.L]);
-    check_class_range(yq, "y_query", s.net.dims[s.net.L]);
-  }
+  check_values(s.net, lr, &qw, loss, ys, &yq);
   const int64_t d_out = s.net.dims[s.net.L];
   at::Tensor task_losses = at::empty({s.T}, theta.options());
   at::Tensor preds = at::empty({s.T, s.Nq, d_out}, theta.options());
@@ -196,10 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
   const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
                    qw = qw_in.contiguous(), gl = gl_in.contiguous(), gp = gp_in.contiguous();
-  if (loss == task::kCrossEntropy) {
-    check_class_range(ys, "y_support", d_out);
-    check_class_range(yq, "y_query", d_out);
-  }
+  check_values(s.net, lr, &qw, loss, ys, &yq);
 
   // Chunks of tasks for the deterministic reduction: a function of (T, P, K, dtype) only.
   const int64_t row = P * (K + 1) * static_cast<int64_t>(theta.element_size());
@@ -262,10 +314,7 @@ std::vector<at::Tensor> fwdbwd_impl(const at::Tensor& theta_in, const at::Tensor
   const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
                    qw = qw_in.contiguous();
-  if (loss == task::kCrossEntropy) {
-    check_class_range(ys, "y_support", d_out);
-    check_class_range(yq, "y_query", d_out);
-  }
+  check_values(s.net, lr, &qw, loss, ys, &yq);
   at::Tensor task_losses = at::empty({T}, theta.options());
   at::Tensor preds = at::empty({T, s.Nq, d_out}, theta.options());
   // Every row is written by its task (not added to): no zero fill.
@@ -367,7 +416,7 @@ at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const
   const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, nullptr, nullptr, dims, activation, loss);
   const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous();
-  if (loss == task::kCrossEntropy) check_class_range(ys, "y_support", s.net.dims[s.net.L]);
+  check_values(s.net, lr, nullptr, loss, ys, nullptr);
   const int64_t P = s.net.P;
   at::Tensor thetas = at::empty({s.T, P}, theta.options());
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_adapt_cpu", [&] {

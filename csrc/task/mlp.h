@@ -153,12 +153,18 @@ FASTMAML_HD inline T loss_and_grad(const Net& net, const T* __restrict__ out, co
       se += pr[i];
     }
     const int64_t cls = y_index[n];
-    total += mx + fm_log(se) - zr[cls];
     const T inv = T(1) / se;
-    for (int i = 0; i < D; ++i) {
-      pr[i] *= inv;
-      dr[i] = c * pr[i];
+    for (int i = 0; i < D; ++i) pr[i] *= inv;
+    if (cls < 0 || cls >= D) {
+      // A class out of range (possible where the data checks are off: GPU tensors by default) poisons
+      // the task: its loss and gradient become nan instead of reading outside the logits.
+      const T nan = static_cast<T>(::nan(""));
+      total += nan;
+      for (int i = 0; i < D; ++i) dr[i] = nan;
+      continue;
     }
+    total += mx + fm_log(se) - zr[cls];
+    for (int i = 0; i < D; ++i) dr[i] = c * pr[i];
     dr[cls] -= c;
   }
   return tm.sum(total) / static_cast<T>(N);

@@ -51,10 +51,12 @@ def flat_lr(problem: Problem) -> torch.Tensor:
     """`[K, P]`: every step's rate for every scalar parameter (differentiable in the user's rates)."""
     K = problem.inner_steps
     if problem.inner_lr_value is not None:  # one number for every step and parameter: no gather needed
-        P = sum(p.numel() for p in problem.params)
+        P = problem.num_params
         value, dtype, device = problem.inner_lr_value, problem.dtype, problem.device
         return _constant(("lr", K, P, value, dtype, device),
                          lambda: torch.full((K, P), value, dtype=dtype, device=device))
+    if problem.inner_lr_tensor is not None:  # one rate per step, shared by every parameter
+        return problem.inner_lr_tensor.reshape(-1, 1).expand(K, problem.num_params).contiguous()
     # The width is given explicitly: reshape(K, -1) is ambiguous when K = 0.
     return torch.cat([r.reshape(K, p.numel()) for r, p in zip(problem.inner_lr, problem.params)], dim=1).contiguous()
 
@@ -267,9 +269,9 @@ def size_limit_reason(problem: Problem, limits: SizeLimits, op: str = "maml") ->
 def fused_rows_bytes(problem: Problem, need_lr: bool) -> int:
     """Bytes of the per-task gradient rows a fused forward-and-backward keeps for the backward (`T x P`
     for theta, `T x K x P` for the rates when they need a gradient, and the inputs' rows)."""
-    P = sum(p.numel() for p in problem.params)
+    P = problem.num_params
     T, K = problem.num_tasks, problem.inner_steps
-    per_task = P * (1 + (K if need_lr else 0)) + problem.x_support[0].numel() + problem.x_query[0].numel()
+    per_task = P * (1 + (K if need_lr else 0)) + (problem.x_support.numel() + problem.x_query.numel()) // max(T, 1)
     return T * per_task * problem.params[0].element_size()
 
 
@@ -323,7 +325,6 @@ class FusedBackend:
 
     def maml(self, problem: Problem) -> tuple[torch.Tensor, ...]:
         """`(task_losses [T], query_preds [T, Nq, D_out])`, or with the mean loss third when `train` gives it."""
-        forward = self.forward_op()
         tail = fused_tail_args(problem)
         if torch.is_grad_enabled():
             lr, xs, _, xq = tail[:4]
@@ -334,7 +335,7 @@ class FusedBackend:
                 out = self.train(problem, tail, need_lr, need_x)
                 if out is not None:
                     return out
-        return forward(flat_theta(problem), *tail)
+        return self.forward_op()(flat_theta(problem), *tail)
 
     def adapt(self, problem: Problem) -> list[torch.Tensor]:
         """The adapted parameters, each `[T, *param.shape]` (under no_grad: `common_reject` refuses

@@ -222,8 +222,12 @@ def _loss_grad(z, y, N, DL, BN: tl.constexpr, BDL: tl.constexpr, LOSS: tl.conste
         onehot = c[None, :] == y[:, None]
         zy = tl.sum(tl.where(onehot, z, 0.0), axis=1)
         lse = m + tl.log(s)
-        loss = tl.sum(tl.where(rows, lse - zy, 0.0), axis=0) * scale
-        dz = tl.where(rows[:, None], p - onehot.to(z.dtype), 0.0) * scale
+        # A class out of range (possible where the data checks are off: GPU tensors by default) makes the
+        # point's loss and gradient nan, as in the CUDA kernels, instead of a silently wrong finite loss.
+        valid = (y >= 0) & (y < DL)
+        point = tl.where(valid, lse - zy, float("nan"))
+        loss = tl.sum(tl.where(rows, point, 0.0), axis=0) * scale
+        dz = tl.where(rows[:, None], tl.where(valid[:, None], p - onehot.to(z.dtype), float("nan")), 0.0) * scale
     return loss, dz, p
 
 
