@@ -269,6 +269,34 @@ def test_compile_inductor_matches_eager_without_recompiling(option, backend):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("learn", [None, "per_parameter"])
+def test_compile_maml_module(learn):
+    """A meta-loss calling `fastmaml.MAML` (the drop-in module; learned per-parameter rates too) under
+    torch.compile(fullgraph=True): the eager loss and gradients, one graph for three iterations."""
+    _cpu_backend_or_skip()
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    maml = fastmaml.MAML(model, inner_lr=0.05, inner_steps=2, learn_inner_lr=learn)
+
+    def meta_loss(xs, ys, xq, yq):
+        return maml(xs, ys, xq, yq).loss
+
+    compiled = torch.compile(meta_loss, fullgraph=True)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for seed in range(3):
+        _, *data = make_call(dims=(2, 9, 3), dtype=F32, seed=seed)
+        got = compiled(*data)
+        got_grads = torch.autograd.grad(got, list(maml.parameters()))
+        want = meta_loss(*data)
+        want_grads = torch.autograd.grad(want, list(maml.parameters()))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_compile_as_the_first_call():
     """torch.compile before any eager call, in a fresh process: the backend's availability is a traced
     constant, so building or loading the extension during the trace does not break the graph."""
