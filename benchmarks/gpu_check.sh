@@ -8,8 +8,8 @@
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
 # nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
 # Every stage has a time limit and the whole run ends within TOTAL_S (default 470 s). The output
-# folder gets at most 9 files: env.txt, build.log, tests.log, overhead.txt, overhead.json, sweep.log,
-# throughput.csv, throughput.png, summary.txt. The last thing printed is the compact summary table.
+# folder gets at most 11 files: env.txt, build.log, ptxas.txt, tests.log, ab.txt, overhead.txt,
+# overhead.json, sweep.log, throughput.csv, throughput.png, summary.txt. The last thing printed is the compact summary table.
 #
 # Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), CUDA_TESTS_S=100 and
 # TRITON_TESTS_S=120 (the GPU tests: tests/test_backends.py for each GPU backend,
@@ -123,6 +123,15 @@ EOF
 } > "$DIR/build.log" 2>&1
 grep -E "^backend|failed" "$DIR/build.log" | cut -c1-200
 
+# ---- register and spill report (G2), in the background while the tests run ----------------------
+if command -v nvcc >/dev/null 2>&1; then
+  stage "nvcc -Xptxas -v of every CUDA kernel variant (background) -> $DIR/ptxas.txt"
+  ptx_arch="$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | tr ';' ' ' | awk '{print $1}' | tr -d '.')"
+  ( timeout 300 nvcc -arch="sm_${ptx_arch}" -O3 -Xptxas -v -c csrc/cuda/maml_cuda.cu -I csrc \
+      -o /tmp/fastmaml_ptxas.o 2>&1 | c++filt > "$DIR/ptxas.txt" || echo "nvcc failed" >> "$DIR/ptxas.txt" ) &
+  PTXAS_PID=$!
+fi
+
 # ---- tests -------------------------------------------------------------------------------------
 if [ "$DRY_RUN" = 1 ]; then
   stage "tests: collection only in a dry run (limit ${TESTS_S}s) -> $DIR/tests.log"
@@ -167,6 +176,19 @@ for T in (25, 65536):
 EOF
   grep -E "chosen|rejected: slower" "$DIR/tests.log" | tail -4
 fi
+
+# ---- shared-memory workspace A/B (G2) ----------------------------------------------------------------
+if [ "$DRY_RUN" != 1 ]; then
+  stage "cuda at T=65536, W=40: workspace in opted-in shared memory vs global (limit ${AB_S:-80}s) -> $DIR/ab.txt"
+  for kb in default 44; do
+    echo "== FASTMAML_CUDA_SHARED_KB=$kb"
+    env $( [ "$kb" = default ] || echo FASTMAML_CUDA_SHARED_KB=$kb ) timeout $(( ${AB_S:-80} / 2 )) \
+      python benchmarks/bench_throughput.py --device cuda --order second --methods cuda vmap --tasks 65536 \
+      --steps 1 5 --width 40 --warmup 1 --repeats 5 --max-seconds 4 --out "/tmp/fastmaml_ab_$kb" 2>&1 | tail -8
+  done > "$DIR/ab.txt" 2>&1
+  grep -E "cuda|vmap" "$DIR/ab.txt" | head -12 | cut -c1-160
+fi
+[ -n "${PTXAS_PID:-}" ] && wait "$PTXAS_PID" && grep -c "Used" "$DIR/ptxas.txt" | sed 's/^/ptxas reports: /'
 
 # ---- per-call overhead (G3) ---------------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ]; then

@@ -16,6 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdlib>
 #include <tuple>
 
 #include "../op_checks.h"
@@ -24,6 +27,33 @@
 namespace fastmaml {
 namespace cuda {
 namespace {
+
+// The dynamic shared memory one block may opt into on the tensor's GPU, less the kernels' static part
+// and a margin, asked once per device. FASTMAML_CUDA_SHARED_KB caps it (read once per process): a
+// switch for measuring the global-memory workspace against the shared one (44 keeps every workspace
+// above 44 KiB in global memory, as before the opt-in).
+int64_t shared_limit(const at::Tensor& t) {
+  constexpr int kDevices = 64;
+  static std::array<std::atomic<int64_t>, kDevices> cache{};
+  static const int64_t cap = [] {
+    const char* kb = std::getenv("FASTMAML_CUDA_SHARED_KB");
+    return kb == nullptr ? int64_t(-1) : std::max<int64_t>(0, std::atoll(kb)) * 1024;
+  }();
+  const int dev = t.get_device();
+  if (dev >= 0 && dev < kDevices) {
+    const int64_t known = cache[dev].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it, and keep the portable limit
+    optin = 0;
+  }
+  int64_t limit = std::max<int64_t>(kSharedWorkspaceBytes, int64_t(optin) - kStaticSharedBytes - 1024);
+  if (cap >= 0) limit = std::min(limit, cap);
+  if (dev >= 0 && dev < kDevices) cache[dev].store(std::max<int64_t>(limit, 1), std::memory_order_relaxed);
+  return limit;
+}
 
 // The argument checks shared with the CPU kernels (csrc/op_checks.h); query tensors may be null
 // (maml_adapt).
@@ -67,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> maml_fwd(const at::Tensor& theta_in, const at
   const int64_t d_out = s.net.dims[s.net.L];
   at::Tensor task_losses = at::empty({s.T}, theta.options());
   at::Tensor preds = at::empty({s.T, s.Nq, d_out}, theta.options());
-  const Launch l = plan(Op::kForward, s, false, static_cast<int>(theta.element_size()));
+  const Launch l = plan(Op::kForward, s, false, static_cast<int>(theta.element_size()), shared_limit(theta));
   at::Tensor work = at::empty({l.global_elems}, theta.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_fwd_cuda", [&] {
@@ -97,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
                    ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
                    qw = qw_in.contiguous(), gl = gl_in.contiguous(), gp = gp_in.contiguous();
   const auto opts = theta.options();
-  const Launch l = plan(Op::kBackward, s, need_lr_grad, static_cast<int>(theta.element_size()));
+  const Launch l = plan(Op::kBackward, s, need_lr_grad, static_cast<int>(theta.element_size()), shared_limit(theta));
   at::Tensor part_theta = at::empty({l.blocks, P}, opts);
   at::Tensor part_lr = need_lr_grad ? at::empty({l.blocks, K * P}, opts) : at::empty({0}, opts);
   at::Tensor g_theta = at::empty({P}, opts);
@@ -137,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                    qw = qw_in.contiguous();
   const auto opts = theta.options();
   // The forward's layout (tasks strided over blocks) with the backward's workspace.
-  const Launch l = plan(Op::kForwardBackward, s, need_lr_grad, static_cast<int>(theta.element_size()));
+  const Launch l = plan(Op::kForwardBackward, s, need_lr_grad, static_cast<int>(theta.element_size()), shared_limit(theta));
   at::Tensor task_losses = at::empty({T}, opts);
   at::Tensor preds = at::empty({T, s.Nq, d_out}, opts);
   at::Tensor rows_theta = at::empty({T, P}, opts);  // every row written by its task
@@ -187,7 +217,7 @@ at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const
   const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous();
   at::Tensor thetas = at::empty({s.T, s.net.P}, theta.options());
-  const Launch l = plan(Op::kAdapt, s, false, static_cast<int>(theta.element_size()));
+  const Launch l = plan(Op::kAdapt, s, false, static_cast<int>(theta.element_size()), shared_limit(theta));
   at::Tensor work = at::empty({l.global_elems}, theta.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_adapt_cuda", [&] {

@@ -136,40 +136,67 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// out[i] = sum over t (in order) of w[t] * rows[t, i]: one thread per column.
+// out[i] = sum over r of (w[r] *) rows[r, i], for the M columns of `n_rows` rows (w null: plain sum).
+// A block takes kColTile consecutive columns (one warp's coalesced run of loads) and splits the rows into
+// kRowGroups contiguous ranges, one per warp, each summed in row order; the ranges' sums are then added
+// in range order. The order is a function of (n_rows, M) only: the same bits on every GPU and run. (One
+// thread per column, looping over every row, used ceil(M / 256) blocks: 7 SMs for the sinusoid net's
+// 1,761 parameters, each walking all T rows.)
+constexpr int kColTile = 32;
+constexpr int kRowGroups = 16;
+
 template <typename T>
-__global__ void weighted_task_sum_kernel(const T* rows, const T* w, int64_t n_tasks, int64_t M, T* out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= M) return;
+__global__ void __launch_bounds__(kColTile* kRowGroups)
+    column_sum_kernel(const T* rows, const T* w, int64_t n_rows, int64_t M, T* out) {
+  __shared__ T partial[kRowGroups][kColTile];
+  const int lane = static_cast<int>(threadIdx.x) % kColTile, group = static_cast<int>(threadIdx.x) / kColTile;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kColTile + lane;
+  const int64_t per = (n_rows + kRowGroups - 1) / kRowGroups;
+  const int64_t r0 = group * per, r1 = min(n_rows, r0 + per);
   T acc = 0;
-  for (int64_t t = 0; t < n_tasks; ++t) acc += w[t] * rows[t * M + i];
-  out[i] = acc;
+  if (i < M) {
+    if (w == nullptr) {
+      for (int64_t r = r0; r < r1; ++r) acc += rows[r * M + i];
+    } else {
+      for (int64_t r = r0; r < r1; ++r) acc += w[r] * rows[r * M + i];
+    }
+  }
+  partial[group][lane] = acc;
+  __syncthreads();
+  if (group == 0 && i < M) {
+    T total = 0;
+    for (int g = 0; g < kRowGroups; ++g) total += partial[g][lane];
+    out[i] = total;
+  }
 }
 
-// out[i] = sum over rows r = 0 .. rows-1 (in order) of part[r, i]: one thread per column.
 template <typename T>
-__global__ void reduce_rows_kernel(const T* part, int64_t rows, int64_t width, T* out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= width) return;
-  T acc = 0;
-  for (int64_t r = 0; r < rows; ++r) acc += part[r * width + i];
-  out[i] = acc;
+cudaError_t column_sum(const T* rows, const T* w, int64_t n_rows, int64_t M, T* out, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  const int64_t blocks = (M + kColTile - 1) / kColTile;
+  column_sum_kernel<T><<<static_cast<unsigned>(blocks), kColTile * kRowGroups, 0, stream>>>(rows, w, n_rows, M, out);
+  return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t reduce_rows(const T* part, int64_t rows, int64_t width, T* out, cudaStream_t stream) {
-  if (width == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  const int64_t blocks = (width + kThreads - 1) / kThreads;
-  reduce_rows_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(part, rows, width, out);
-  return cudaGetLastError();
+  return column_sum<T>(part, nullptr, rows, width, out, stream);
+}
+
+// Dynamic shared memory above the 48 KiB every kernel may use needs the kernel's opt-in, once per size
+// (cudaFuncSetAttribute is a host call, not a stream operation: it is also allowed while a CUDA graph
+// is captured, and the warm-up before a capture has made it already).
+template <typename Kernel>
+cudaError_t allow_shared(Kernel kernel, size_t bytes) {
+  if (bytes <= (size_t(48) << 10)) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize) {
+Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_shared_bytes) {
   const Net& net = s.net;
   const int64_t nmax = std::max(s.Ns, s.Nq);
   Launch l{};
@@ -193,9 +220,11 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize) {
   }
   l.threads = static_cast<int>(std::min<int64_t>(kMaxThreads, ceil_div(widest, 32) * 32));
   const int64_t work_bytes = l.work_elems * itemsize;
-  l.shared = work_bytes <= kSharedWorkspaceBytes;
+  l.shared = work_bytes <= std::max(max_shared_bytes, kSharedWorkspaceBytes);
+  // The grid as if the workspace were global, whether or not it fits in this GPU's shared memory: the
+  // backward's chunks (its summation order) must not depend on the device.
   int64_t max_blocks = std::min<int64_t>(kMaxBlocks, std::max<int64_t>(s.T, 1));
-  if (!l.shared) max_blocks = std::min(max_blocks, std::max<int64_t>(1, kWorkspaceBudgetBytes / work_bytes));
+  max_blocks = std::min(max_blocks, std::max<int64_t>(1, kWorkspaceBudgetBytes / std::max<int64_t>(work_bytes, 1)));
   if (op == Op::kBackward) {
     const int64_t row_bytes = net.P * (1 + (need_lr_grad ? s.K : 0)) * itemsize;
     max_blocks = std::min(max_blocks, std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(row_bytes, 1)));
@@ -217,6 +246,7 @@ cudaError_t launch_fwd(const Sizes& s, const Launch& launch, const T* theta, con
   if (s.T == 0) return cudaSuccess;
   const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
   const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+  if (const cudaError_t e = allow_shared(fwd_kernel<T>, smem); e != cudaSuccess) return e;
   fwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, task_losses, query_preds, workspace,
       launch.work_elems, launch.shared);
@@ -229,6 +259,7 @@ cudaError_t launch_adapt(const Sizes& s, const Launch& launch, const T* theta, c
   if (s.T == 0) return cudaSuccess;
   const Data<T> data{xs, ys_float, ys_index, nullptr, nullptr, nullptr};
   const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+  if (const cudaError_t e = allow_shared(adapt_kernel<T>, smem); e != cudaSuccess) return e;
   adapt_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, static_cast<int>(s.K), theta, lr, data, thetas, workspace, launch.work_elems, launch.shared);
   return cudaGetLastError();
@@ -252,6 +283,7 @@ cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, con
   if (s.T > 0) {
     const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
     const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+    if (const cudaError_t e = allow_shared(bwd_kernel<T>, smem); e != cudaSuccess) return e;
     bwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
         s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, g_task_losses,
         g_query_preds, first_order, part_theta, need_lr ? part_lr : nullptr, g_xs, g_xq, workspace,
@@ -273,6 +305,7 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
   if (s.T == 0) return cudaSuccess;
   const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
   const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+  if (const cudaError_t e = allow_shared(fwdbwd_kernel<T>, smem); e != cudaSuccess) return e;
   fwdbwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, first_order, task_losses, query_preds,
       rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared);
@@ -282,11 +315,7 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
 template <typename T>
 cudaError_t launch_weighted_task_sum(const T* rows, const T* weights, int64_t n_tasks, int64_t M, T* out,
                                      cudaStream_t stream) {
-  if (M == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  const int64_t blocks = (M + kThreads - 1) / kThreads;
-  weighted_task_sum_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(rows, weights, n_tasks, M, out);
-  return cudaGetLastError();
+  return column_sum<T>(rows, weights, n_tasks, M, out, stream);
 }
 
 // The two dtypes of the op.

@@ -8,7 +8,7 @@
 // blockIdx.x + gridDim.x, ... (forward, adapt) or one contiguous chunk of tasks
 // (backward, so that each block sums its tasks' meta-gradients in task order into its own partial row;
 // a second kernel sums the partial rows in block order: deterministic, no atomics). A block's scratch
-// workspace is in shared memory when it fits in `kSharedWorkspaceBytes`, else in global memory that
+// workspace is in shared memory when it fits (up to the GPU's opt-in limit), else in global memory that
 // the caller allocates (`Launch::global_elems` elements).
 #pragma once
 
@@ -24,9 +24,12 @@ namespace cuda {
 
 // Threads per block at most (and the size of the block's reduction buffer).
 constexpr int kMaxThreads = 128;
-// A block's workspace goes to dynamic shared memory up to this size (below the 48 KiB a kernel may use
-// without opting in, leaving room for the static reduction buffer).
+// A block's workspace goes to dynamic shared memory up to this size on any GPU (below the 48 KiB a
+// kernel may use without opting in, leaving room for the static reduction buffer); up to the GPU's
+// opt-in limit (227 KiB on Hopper) where the binding says so (`plan`'s max_shared_bytes).
 constexpr int64_t kSharedWorkspaceBytes = 44 << 10;
+// Static shared memory of the task kernels (the team's reduction buffer), kept out of the opt-in.
+constexpr int64_t kStaticSharedBytes = kMaxThreads * sizeof(double);
 // Blocks at most per launch, and the memory budgets that can lower it: the global workspace of all
 // blocks, and the backward's partial rows (blocks x (K + 1) x P).
 constexpr int64_t kMaxBlocks = 8192;
@@ -52,7 +55,9 @@ struct Launch {
   int64_t global_elems;  // elements of global workspace the caller provides (0 when shared)
 };
 
-Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize);
+// `max_shared_bytes`: the dynamic shared memory one block of this GPU may opt into (a workspace up to it
+// goes to shared memory; never less than kSharedWorkspaceBytes). The grid does not depend on it.
+Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_shared_bytes = kSharedWorkspaceBytes);
 
 // task_losses [T], query_preds [T, Nq, D_out]. Targets: y_float (mse) or y_index (cross-entropy), the
 // other null. `workspace`: launch.global_elems elements (may be null when 0).
