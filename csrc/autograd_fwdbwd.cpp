@@ -20,6 +20,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 
@@ -42,7 +43,7 @@ using FwdFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Ten
                                          const Tensor&, const Tensor&, c10::IntArrayRef, int64_t, int64_t, bool);
 using FwdBwdSumFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    c10::IntArrayRef, int64_t, int64_t, bool, bool, bool);
+    c10::IntArrayRef, int64_t, int64_t, bool, bool, bool, bool);
 
 // The saved tensors, in this order (the sums are undefined unless asked for; `also_save` follows).
 enum Saved { kTheta, kLr, kXs, kYs, kXq, kYq, kQw, kRowsTheta, kRowsLr, kRowsXs, kRowsXq, kSumTheta, kSumLr, kAlso };
@@ -123,7 +124,8 @@ variable_list forward_and_save(AutogradContext* ctx, const Tensor& theta, const 
                                            const Tensor& xs, const Tensor& ys, const Tensor& xq, const Tensor& yq,
                                            const Tensor& qw, c10::IntArrayRef dims, int64_t activation,
                                            int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad,
-                                           at::TensorList also_save = {}, bool with_sums = false) {
+                                           at::TensorList also_save = {}, bool with_sums = false,
+                                           bool keep_rows = true) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("fastmaml::maml_fwdbwd", "").typed<FwdBwdFn>();
   static const auto op_sum =
@@ -133,7 +135,7 @@ variable_list forward_and_save(AutogradContext* ctx, const Tensor& theta, const 
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the device kernel, not an autograd kernel again
     if (with_sums) {
       std::tie(task_losses, preds, rows_theta, rows_lr, rows_xs, rows_xq, sum_theta, sum_lr) = op_sum.call(
-          theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order, need_lr_grad, need_x_grad);
+          theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order, need_lr_grad, need_x_grad, keep_rows);
     } else {
       std::tie(task_losses, preds, rows_theta, rows_lr, rows_xs, rows_xq) =
           op.call(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order, need_lr_grad, need_x_grad);
@@ -172,7 +174,10 @@ Grads backward_from_saved(AutogradContext* ctx, const variable_list& saved, cons
   const Tensor g_losses =
       g_task_losses.defined() ? g_task_losses.contiguous() : at::zeros({xs.size(0)}, theta.options());
   Grads g;
-  if (g_preds.defined() || at::GradMode::is_enabled()) {
+  // Rows not kept (maml_train on a GPU keeps only their sums): a cotangent other than the mean's needs the
+  // reverse sweep again.
+  const bool no_rows = saved[kRowsTheta].dim() != 2;
+  if (g_preds.defined() || at::GradMode::is_enabled() || no_rows) {
     // The rows do not cover a cotangent of the query output; under create_graph=True the weighted rows
     // would give a silently wrong second derivative, while maml_bwd's own autograd formula raises.
     static const auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastmaml::maml_bwd", "").typed<BwdFn>();
@@ -255,10 +260,15 @@ class MamlTrain : public torch::autograd::Function<MamlTrain> {
     }
     ctx->saved_data["ranks"] = ranks;
     ctx->saved_data["shapes"] = shapes;
-    // On CPU the kernel also sums the rows while they are in cache (maml_fwdbwd_sum): the gradient of the
-    // mean loss alone is then those sums scaled, with no pass over the T x P rows.
+    // The kernel also sums the rows over the tasks (maml_fwdbwd_sum): the gradient of the mean loss alone is
+    // then those sums scaled, with no pass over T x P rows. On the CPU the rows are made in cache on the
+    // way and kept (another cotangent weighs them); on a GPU they are not written at all (HBM traffic and
+    // T x P of memory), and another cotangent runs the reverse sweep again (maml_bwd).
+    // FASTMAML_KEEP_ROWS=0 drops them on the CPU too (the tests run the GPU's layout that way).
+    const char* keep = std::getenv("FASTMAML_KEEP_ROWS");  // read per call (a scan of a few variables)
+    const bool keep_rows = theta.is_cpu() && !(keep != nullptr && std::strcmp(keep, "0") == 0);
     const variable_list out = forward_and_save(ctx, theta, lr, xs, ys, xq, yq, qw, dims, activation, loss,
-                                               first_order, need_lr_grad, need_x_grad, params, theta.is_cpu());
+                                               first_order, need_lr_grad, need_x_grad, params, true, keep_rows);
     Tensor mean;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;

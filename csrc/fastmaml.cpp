@@ -37,7 +37,7 @@ TORCH_LIBRARY(fastmaml, m) {
   m.def(
       "maml_fwdbwd_sum(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, "
       "Tensor y_query, Tensor qw, int[] dims, int activation, int loss, bool first_order, bool need_lr_grad, "
-      "bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool need_x_grad, bool keep_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("weighted_task_sum(Tensor rows, Tensor weights) -> Tensor");
   m.def(
       "maml_train(Tensor[] params, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, "

@@ -325,6 +325,7 @@ def load() -> None:
                 torch.ops.load_library(str(path))
                 _state["path"] = str(path)
             _register_python_parts()
+            _tag_compile_caches(_state["path"])
         except ExtensionUnavailable as err:
             _state["error"] = str(err)
             raise
@@ -332,6 +333,24 @@ def load() -> None:
             _state["error"] = f"loading the C++ extension failed: {_short(err)}"
             raise ExtensionUnavailable(_state["error"]) from err
         _state["loaded"] = True
+
+
+def _tag_compile_caches(path: Optional[str]) -> None:
+    """Add this library's source hash to torch.compile's cache-key tag.
+
+    What torch.compile makes of a call of these ops depends on the library (maml_train's autograd
+    kernel is C++, traced through when a graph is compiled), but torch's on-disk caches (FX graph,
+    AOTAutograd) key a graph by its ops' names only: a graph compiled against an older fastmaml would be
+    reused, calling ops whose schema or backward has changed since. The tag is stable for one library,
+    so the caches still serve from one run to the next; a tag the user set is kept in front."""
+    config = getattr(getattr(torch, "compiler", None), "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return
+    digest = _embedded_hash(Path(path)) if path else None
+    tag = f"fastmaml-{digest or 'unknown'}"
+    current = config.cache_key_tag or ""
+    if tag not in current:
+        config.cache_key_tag = f"{current}|{tag}" if current else tag
 
 
 def unavailable() -> Optional[str]:
@@ -393,9 +412,13 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake("fastmaml::maml_fwdbwd_sum")
     def _(theta, lr, *rest):
+        *rest, keep_rows = rest
         need_lr_grad = rest[-2]
         sum_lr = lr.new_empty(lr.shape) if need_lr_grad else lr.new_empty((0,))
-        return (*fwdbwd_fake(theta, lr, *rest), theta.new_empty(theta.shape), sum_lr)
+        out = list(fwdbwd_fake(theta, lr, *rest))
+        if not keep_rows:  # the parameter rows are not returned, only their sums
+            out[2], out[3] = theta.new_empty((0,)), theta.new_empty((0,))
+        return (*out, theta.new_empty(theta.shape), sum_lr)
 
     @torch.library.register_fake("fastmaml::weighted_task_sum")
     def _(rows, weights):

@@ -119,6 +119,9 @@ Problem<T> make_problem(const Case& c, int n_tasks, uint64_t seed) {
 template <typename T>
 struct Outputs {
   std::vector<T> losses, preds, g_theta, g_lr, gxs, gxq, thetas;
+  // The fused forward and reverse sweep summed into one row (add_rows: the CUDA maml_fwdbwd_sum), and
+  // the same gradient from the reverse sweep alone with c = 1 and no query cotangent.
+  std::vector<T> f_losses, f_preds, f_theta, f_lr, f_gxs, f_gxq, sum_theta, sum_lr, zeros;
 };
 
 // Runs the three drivers for every task, one task after another, as rank `tm.rank()` of `tm`.
@@ -138,6 +141,15 @@ void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Te
                                   c.need_x ? o.gxs.data() + t * c.ns * din : nullptr,
                                   c.need_x ? o.gxq.data() + t * c.nq * din : nullptr, work.data(), tm);
     fastmaml::task::task_adapt(net, td, p.theta.data(), p.lr.data(), c.K, o.thetas.data() + t * P, work.data(), tm);
+    const T f_loss = fastmaml::task::task_backward(
+        net, td, p.theta.data(), p.lr.data(), c.K, p.qw.data(), T(1), static_cast<const T*>(nullptr),
+        c.first_order, o.f_theta.data(), c.need_lr ? o.f_lr.data() : nullptr,
+        c.need_x ? o.f_gxs.data() + t * c.ns * din : nullptr, c.need_x ? o.f_gxq.data() + t * c.nq * din : nullptr,
+        work.data(), tm, o.f_preds.data() + t * c.nq * dout, static_cast<const T*>(nullptr), /*add_rows=*/true);
+    if (tm.rank() == 0) o.f_losses[t] = f_loss;
+    fastmaml::task::task_backward(net, td, p.theta.data(), p.lr.data(), c.K, p.qw.data(), T(1), o.zeros.data(),
+                                  c.first_order, o.sum_theta.data(), c.need_lr ? o.sum_lr.data() : nullptr,
+                                  static_cast<T*>(nullptr), static_cast<T*>(nullptr), work.data(), tm);
   }
 }
 
@@ -155,6 +167,15 @@ Outputs<T> run(const Problem<T>& p, int team_size) {
   o.gxs.assign(c.need_x ? static_cast<size_t>(p.T_tasks) * c.ns * din : 0, nan);
   o.gxq.assign(c.need_x ? static_cast<size_t>(p.T_tasks) * c.nq * din : 0, nan);
   o.thetas.assign(static_cast<size_t>(p.T_tasks) * P, nan);
+  o.f_losses.assign(p.T_tasks, nan);
+  o.f_preds.assign(o.preds.size(), nan);
+  o.f_theta.assign(P, T(0));
+  o.f_lr.assign(o.g_lr.size(), T(0));
+  o.f_gxs.assign(o.gxs.size(), nan);
+  o.f_gxq.assign(o.gxq.size(), nan);
+  o.sum_theta.assign(P, T(0));
+  o.sum_lr.assign(o.g_lr.size(), T(0));
+  o.zeros.assign(static_cast<size_t>(c.nq) * dout, T(0));
   int64_t ws = fastmaml::task::backward_workspace(net, c.K, nmax, c.need_lr);
   ws = std::max(ws, fastmaml::task::forward_workspace(net, nmax));
   ws = std::max(ws, fastmaml::task::adapt_workspace(net, c.ns));
@@ -216,6 +237,12 @@ void check_case(const Case& c, uint64_t seed, const std::vector<int>& teams, dou
     if (c.need_x) compare(got.gxs, want.gxs, "g_x_support", label, team, rtol);
     if (c.need_x) compare(got.gxq, want.gxq, "g_x_query", label, team, rtol);
     compare(got.thetas, want.thetas, "thetas", label, team, rtol);
+    compare(got.f_losses, want.losses, "fused task_losses", label, team, rtol);
+    compare(got.f_preds, want.preds, "fused query_preds", label, team, rtol);
+    compare(got.f_theta, want.sum_theta, "fused summed g_theta", label, team, rtol);
+    if (c.need_lr) compare(got.f_lr, want.sum_lr, "fused summed g_lr", label, team, rtol);
+    if (c.need_x) compare(got.f_gxs, want.f_gxs, "fused g_x_support", label, team, rtol);
+    if (c.need_x) compare(got.f_gxq, want.f_gxq, "fused g_x_query", label, team, rtol);
   }
 }
 

@@ -147,15 +147,21 @@ def test_maml_fwdbwd_sum(case, need):
     args = op_args(dims, 19, ns, nq, K, loss, dtype, 17, act)
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     args[-1] = fo
-    torch.library.opcheck(torch.ops.fastmaml.maml_fwdbwd_sum.default, (*args, *need),
-                          test_utils=("test_schema", "test_faketensor"))
-    out = torch.ops.fastmaml.maml_fwdbwd_sum.default(*args, *need)
+    for keep_rows in (True, False):
+        torch.library.opcheck(torch.ops.fastmaml.maml_fwdbwd_sum.default, (*args, *need, keep_rows),
+                              test_utils=("test_schema", "test_faketensor"))
+    out = torch.ops.fastmaml.maml_fwdbwd_sum.default(*args, *need, True)
     ref = torch.ops.fastmaml.maml_fwdbwd.default(*args, *need)
     for a, b in zip(out[:6], ref):
         assert torch.equal(a, b)
     tol = dict(rtol=1e-12, atol=1e-13) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out[6], ref[2].sum(0), **tol)
     torch.testing.assert_close(out[7], ref[3].sum(0) if need[0] else ref[3], **tol)
+    # Without the rows: the same losses, outputs, input rows and sums; the parameter rows empty.
+    lean = torch.ops.fastmaml.maml_fwdbwd_sum.default(*args, *need, False)
+    assert lean[2].shape == (0,) and lean[3].shape == (0,)
+    for i in (0, 1, 4, 5, 6, 7):
+        assert torch.equal(lean[i], out[i])
 
 
 def test_maml_fwdbwd_sum_bits_do_not_depend_on_the_thread_count():
@@ -165,7 +171,7 @@ def test_maml_fwdbwd_sum_bits_do_not_depend_on_the_thread_count():
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(torch.ops.fastmaml.maml_fwdbwd_sum.default(*args, True, False))
+            results.append(torch.ops.fastmaml.maml_fwdbwd_sum.default(*args, True, False, True))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*results):
@@ -191,12 +197,15 @@ def test_opcheck_maml_train(case, need):
     torch.library.opcheck(torch.ops.fastmaml.maml_train.default, (params, *args[1:]))
 
 
+@pytest.mark.parametrize("keep_rows", ["1", "0"], ids=["rows", "no_rows"])
 @pytest.mark.parametrize("cotangents", ["mean", "tasks", "tasks_mean", "query"])
-def test_maml_train_matches_the_flat_op(cotangents):
+def test_maml_train_matches_the_flat_op(cotangents, keep_rows, monkeypatch):
     """maml_train (the parameter list) against maml_fwd of the flattened parameters under autograd: the
     outputs and every gradient (each parameter's, the rates', the inputs'), through each backward path:
     the kernel's row sums (a cotangent on the mean only), the weighted rows (on the task losses, with or
-    without the mean), maml_bwd (on the query output)."""
+    without the mean), maml_bwd (on the query output). `no_rows`: the GPU's layout (FASTMAML_KEEP_ROWS=0:
+    only the sums are kept, and every cotangent but the mean's runs maml_bwd)."""
+    monkeypatch.setenv("FASTMAML_KEEP_ROWS", keep_rows)
     dims = [3, 11, 7, 2]
     args = op_args(dims, 5, 6, 4, 2, "mse", F64, seed=16, act=1)
     leaves = [args[i].detach().clone().requires_grad_() for i in (0, 1, 2, 4)]

@@ -1,7 +1,8 @@
 """The team-parallel loops of csrc/task/ (what the CUDA kernel runs with a thread block per task)
 on the CPU, without a GPU.
 
-tests/cuda_team_check.cpp runs the per-task drivers (forward, reverse sweep, adapt) with teams of 2, 3,
+tests/cuda_team_check.cpp runs the per-task drivers (forward, reverse sweep, adapt, and the fused forward
+and reverse sweep summing tasks into one row as the CUDA maml_fwdbwd_sum does) with teams of 2, 3,
 8 and 33 std::threads synchronised by a std::barrier, several tasks one after another per team into
 shared meta-gradient rows, on fresh random problems (mse and cross-entropy, relu and tanh, depths 1
 to 4, K = 0, 1, 3, first and second order, rate and input gradients, multi-step query weights), and

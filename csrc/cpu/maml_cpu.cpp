@@ -375,9 +375,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 maml_fwdbwd_sum(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& xs, const at::Tensor& ys,
                 const at::Tensor& xq, const at::Tensor& yq, const at::Tensor& qw, c10::IntArrayRef dims,
-                int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad) {
+                int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad,
+                bool keep_rows) {
   std::vector<at::Tensor> r = fwdbwd_impl(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order,
                                           need_lr_grad, need_x_grad, true);
+  if (!keep_rows) {  // the rows are made in cache on the way to the sums; dropped when not asked for
+    r[2] = at::empty({0}, theta.options());
+    r[3] = at::empty({0}, theta.options());
+  }
   return {r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
 }
 

@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 maml_fwdbwd_sum(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor& x_support,
                 const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
                 const at::Tensor& qw, c10::IntArrayRef dims, int64_t activation, int64_t loss, bool first_order,
-                bool need_lr_grad, bool need_x_grad);
+                bool need_lr_grad, bool need_x_grad, bool keep_rows);
 
 // sum_t weights[t] * rows[t] for rows [T, ...] (tasks in order for every element: deterministic).
 at::Tensor weighted_task_sum(const at::Tensor& rows, const at::Tensor& weights);

@@ -193,6 +193,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {task_losses, preds, rows_theta, rows_lr, g_xs, g_xq};
 }
 
+// maml_fwdbwd with the parameter rows summed over tasks. Without keep_rows (what maml_train asks for on a
+// GPU) no per-task parameter row is written at all: each block sums its chunk of tasks as it goes
+// (launch_fwdbwd_sum), and the rows come back empty ([0]); with keep_rows, maml_fwdbwd and the rows'
+// column sums.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+maml_fwdbwd_sum(const at::Tensor& theta_in, const at::Tensor& lr_in, const at::Tensor& xs_in, const at::Tensor& ys_in,
+                const at::Tensor& xq_in, const at::Tensor& yq_in, const at::Tensor& qw_in, c10::IntArrayRef dims,
+                int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad,
+                bool keep_rows) {
+  if (keep_rows) {
+    auto [task_losses, preds, rows_theta, rows_lr, g_xs, g_xq] = maml_fwdbwd(
+        theta_in, lr_in, xs_in, ys_in, xq_in, yq_in, qw_in, dims, activation, loss, first_order, need_lr_grad,
+        need_x_grad);
+    const at::Tensor sum_theta = at::empty({rows_theta.size(1)}, rows_theta.options());
+    const at::Tensor sum_lr = need_lr_grad ? at::empty(lr_in.sizes(), rows_theta.options()) : at::empty({0}, rows_theta.options());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES(rows_theta.scalar_type(), "fastmaml_maml_fwdbwd_sum_rows_cuda", [&] {
+      const int64_t T = rows_theta.size(0);
+      cudaError_t err = launch_weighted_task_sum<scalar_t>(rows_theta.const_data_ptr<scalar_t>(), nullptr, T,
+                                                           sum_theta.numel(), sum_theta.mutable_data_ptr<scalar_t>(), stream);
+      if (err == cudaSuccess && need_lr_grad && sum_lr.numel() > 0) {
+        err = launch_weighted_task_sum<scalar_t>(rows_lr.const_data_ptr<scalar_t>(), nullptr, T, sum_lr.numel(),
+                                                 sum_lr.mutable_data_ptr<scalar_t>(), stream);
+      }
+      TORCH_CHECK(err == cudaSuccess, "fastmaml: the CUDA sums of maml_fwdbwd_sum failed: ", cudaGetErrorString(err));
+    });
+    return {task_losses, preds, rows_theta, rows_lr, g_xs, g_xq, sum_theta, sum_lr};
+  }
+  const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
+  const int64_t P = s.net.P, K = s.K, T = s.T, d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
+  checks::check_qw(qw_in, theta_in, K);
+  const c10::cuda::CUDAGuard guard(theta_in.device());
+  const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
+                   ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
+                   qw = qw_in.contiguous();
+  const auto opts = theta.options();
+  // The backward's layout: contiguous chunks of tasks per block, each summing into its partial rows.
+  const Launch l = plan(Op::kBackward, s, need_lr_grad, static_cast<int>(theta.element_size()), shared_limit(theta));
+  at::Tensor task_losses = at::empty({T}, opts);
+  at::Tensor preds = at::empty({T, s.Nq, d_out}, opts);
+  at::Tensor part_theta = at::empty({l.blocks, P}, opts);
+  at::Tensor part_lr = need_lr_grad ? at::empty({l.blocks, K * P}, opts) : at::empty({0}, opts);
+  at::Tensor sum_theta = at::empty({P}, opts);
+  at::Tensor sum_lr = need_lr_grad ? at::empty({K, P}, opts) : at::empty({0}, opts);
+  at::Tensor g_xs = need_x_grad ? at::empty({T, s.Ns, d_in}, opts) : at::empty({0}, opts);
+  at::Tensor g_xq = need_x_grad ? at::empty({T, s.Nq, d_in}, opts) : at::empty({0}, opts);
+  at::Tensor work = at::empty({l.global_elems}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool lr_sums = need_lr_grad && K > 0;
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_maml_fwdbwd_sum_cuda", [&] {
+    check_launch(
+        launch_fwdbwd_sum<scalar_t>(
+            s, l, theta.const_data_ptr<scalar_t>(), lr.const_data_ptr<scalar_t>(), xs.const_data_ptr<scalar_t>(),
+            float_targets<scalar_t>(ys, loss), index_targets(ys, loss), xq.const_data_ptr<scalar_t>(),
+            float_targets<scalar_t>(yq, loss), index_targets(yq, loss), qw.const_data_ptr<scalar_t>(), first_order,
+            task_losses.mutable_data_ptr<scalar_t>(), preds.mutable_data_ptr<scalar_t>(),
+            part_theta.mutable_data_ptr<scalar_t>(), lr_sums ? part_lr.mutable_data_ptr<scalar_t>() : nullptr,
+            sum_theta.mutable_data_ptr<scalar_t>(), lr_sums ? sum_lr.mutable_data_ptr<scalar_t>() : nullptr,
+            need_x_grad ? g_xs.mutable_data_ptr<scalar_t>() : nullptr,
+            need_x_grad ? g_xq.mutable_data_ptr<scalar_t>() : nullptr,
+            l.global_elems > 0 ? work.mutable_data_ptr<scalar_t>() : nullptr, stream),
+        "maml_fwdbwd_sum", l);
+  });
+  return {task_losses, preds, at::empty({0}, opts), at::empty({0}, opts), g_xs, g_xq, sum_theta, sum_lr};
+}
+
 at::Tensor weighted_task_sum(const at::Tensor& rows_in, const at::Tensor& weights_in) {
   const int64_t T = checks::check_task_sum_args(rows_in, weights_in, c10::DeviceType::CUDA, "CUDA");
   const c10::cuda::CUDAGuard guard(rows_in.device());
@@ -239,5 +305,6 @@ TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) {
   m.impl("maml_bwd", &fastmaml::cuda::maml_bwd);
   m.impl("maml_adapt", &fastmaml::cuda::maml_adapt);
   m.impl("maml_fwdbwd", &fastmaml::cuda::maml_fwdbwd);
+  m.impl("maml_fwdbwd_sum", &fastmaml::cuda::maml_fwdbwd_sum);
   m.impl("weighted_task_sum", &fastmaml::cuda::weighted_task_sum);
 }

@@ -94,12 +94,16 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// Block b runs tasks [b * chunk, (b + 1) * chunk) in order, adding into its partial rows.
+// Block b runs tasks [b * chunk, (b + 1) * chunk) in order, adding into its partial rows. The reverse
+// sweep of maml_bwd (cotangents g_task_losses, g_query_preds); or, with `task_losses` given, maml_fwdbwd_sum
+// without per-task rows: forward and reverse sweep with c = 1, each task's loss and query output written
+// (g_task_losses and g_query_preds unused). Nothing of size T x P is written either way.
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     bwd_kernel(Net net, int64_t n_tasks, int64_t chunk, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                Data<T> data, const T* qw, const T* g_task_losses, const T* g_query_preds, bool first_order,
-               T* part_theta, T* part_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared) {
+               T* task_losses, T* preds, T* part_theta, T* part_lr, T* g_xs, T* g_xq, T* global_work,
+               int64_t work_elems, bool shared) {
   __shared__ double red[kMaxThreads];
   const BlockTeam tm{red};
   T* work = block_workspace(shared, global_work, work_elems);
@@ -110,9 +114,17 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t t_end = min(n_tasks, (b + 1) * chunk);
   for (int64_t t = b * chunk; t < t_end; ++t) {
     const TaskData<T> td = task_data(net, Ns, Nq, data, t);
-    task::task_backward(net, td, theta, lr, K, qw, g_task_losses[t], g_query_preds + t * Nq * dout, first_order,
-                        pth, plr, g_xs == nullptr ? nullptr : g_xs + t * Ns * din,
-                        g_xq == nullptr ? nullptr : g_xq + t * Nq * din, work, tm);
+    T* gxs = g_xs == nullptr ? nullptr : g_xs + t * Ns * din;
+    T* gxq = g_xq == nullptr ? nullptr : g_xq + t * Nq * din;
+    if (task_losses == nullptr) {
+      task::task_backward(net, td, theta, lr, K, qw, g_task_losses[t], g_query_preds + t * Nq * dout, first_order,
+                          pth, plr, gxs, gxq, work, tm);
+    } else {
+      const T loss = task::task_backward(net, td, theta, lr, K, qw, T(1), static_cast<const T*>(nullptr),
+                                         first_order, pth, plr, gxs, gxq, work, tm, preds + t * Nq * dout,
+                                         static_cast<const T*>(nullptr), /*add_rows=*/true);
+      if (tm.rank() == 0) task_losses[t] = loss;
+    }
   }
 }
 
@@ -265,6 +277,22 @@ cudaError_t launch_adapt(const Sizes& s, const Launch& launch, const T* theta, c
   return cudaGetLastError();
 }
 
+// The kernels that sum tasks into per-block partial rows (bwd, fwdbwd_sum): the rows zeroed (all-zero
+// bits are 0.0 in float and double), `run` launching the kernel, then the rows summed in block order into
+// out_theta [P] and, with need_lr, out_lr [K, P].
+template <typename T, typename Run>
+cudaError_t over_partial_rows(const Launch& launch, int64_t P, int64_t K, bool need_lr, T* part_theta, T* part_lr,
+                              T* out_theta, T* out_lr, cudaStream_t stream, Run run) {
+  cudaError_t err = cudaMemsetAsync(part_theta, 0, static_cast<size_t>(launch.blocks * P) * sizeof(T), stream);
+  if (err == cudaSuccess && need_lr) {
+    err = cudaMemsetAsync(part_lr, 0, static_cast<size_t>(launch.blocks * K * P) * sizeof(T), stream);
+  }
+  if (err == cudaSuccess) err = run();
+  if (err == cudaSuccess) err = reduce_rows(part_theta, launch.blocks, P, out_theta, stream);
+  if (err == cudaSuccess && need_lr) err = reduce_rows(part_lr, launch.blocks, K * P, out_lr, stream);
+  return err;
+}
+
 template <typename T>
 cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
                        const T* ys_float, const int64_t* ys_index, const T* xq, const T* yq_float,
@@ -273,28 +301,17 @@ cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, con
                        T* workspace, cudaStream_t stream) {
   const int64_t P = s.net.P, K = s.K;
   const bool need_lr = g_lr != nullptr && K > 0;
-  // The partial rows start at zero (all-zero bits are 0.0 in float and double).
-  cudaError_t err = cudaMemsetAsync(part_theta, 0, static_cast<size_t>(launch.blocks * P) * sizeof(T), stream);
-  if (err != cudaSuccess) return err;
-  if (need_lr) {
-    err = cudaMemsetAsync(part_lr, 0, static_cast<size_t>(launch.blocks * K * P) * sizeof(T), stream);
-    if (err != cudaSuccess) return err;
-  }
-  if (s.T > 0) {
+  return over_partial_rows(launch, P, K, need_lr, part_theta, part_lr, g_theta, g_lr, stream, [&]() {
+    if (s.T == 0) return cudaSuccess;
     const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
     const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
     if (const cudaError_t e = allow_shared(bwd_kernel<T>, smem); e != cudaSuccess) return e;
     bwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
         s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, g_task_losses,
-        g_query_preds, first_order, part_theta, need_lr ? part_lr : nullptr, g_xs, g_xq, workspace,
-        launch.work_elems, launch.shared);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  err = reduce_rows(part_theta, launch.blocks, P, g_theta, stream);
-  if (err != cudaSuccess) return err;
-  if (need_lr) err = reduce_rows(part_lr, launch.blocks, K * P, g_lr, stream);
-  return err;
+        g_query_preds, first_order, static_cast<T*>(nullptr), static_cast<T*>(nullptr), part_theta,
+        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
@@ -310,6 +327,27 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, first_order, task_losses, query_preds,
       rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared);
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_fwdbwd_sum(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
+                              const T* ys_float, const int64_t* ys_index, const T* xq, const T* yq_float,
+                              const int64_t* yq_index, const T* qw, bool first_order, T* task_losses, T* query_preds,
+                              T* part_theta, T* part_lr, T* sum_theta, T* sum_lr, T* g_xs, T* g_xq, T* workspace,
+                              cudaStream_t stream) {
+  const int64_t P = s.net.P, K = s.K;
+  const bool need_lr = sum_lr != nullptr && K > 0;
+  return over_partial_rows(launch, P, K, need_lr, part_theta, part_lr, sum_theta, sum_lr, stream, [&]() {
+    if (s.T == 0) return cudaSuccess;
+    const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
+    const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+    if (const cudaError_t e = allow_shared(bwd_kernel<T>, smem); e != cudaSuccess) return e;
+    bwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
+        s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, static_cast<const T*>(nullptr),
+        static_cast<const T*>(nullptr), first_order, task_losses, query_preds, part_theta,
+        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
@@ -331,6 +369,9 @@ cudaError_t launch_weighted_task_sum(const T* rows, const T* weights, int64_t n_
   template cudaError_t launch_fwdbwd<T>(const Sizes&, const Launch&, const T*, const T*, const T*, const T*,    \
                                         const int64_t*, const T*, const T*, const int64_t*, const T*, bool, T*, \
                                         T*, T*, T*, T*, T*, T*, cudaStream_t);                                  \
+  template cudaError_t launch_fwdbwd_sum<T>(const Sizes&, const Launch&, const T*, const T*, const T*, const T*, \
+                                            const int64_t*, const T*, const T*, const int64_t*, const T*, bool, \
+                                            T*, T*, T*, T*, T*, T*, T*, T*, T*, cudaStream_t);                   \
   template cudaError_t launch_weighted_task_sum<T>(const T*, const T*, int64_t, int64_t, T*, cudaStream_t);
 FASTMAML_INSTANTIATE(float)
 FASTMAML_INSTANTIATE(double)

@@ -148,11 +148,15 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 //
 // `theta0_t` (optional, host loops): theta0 with its weights transposed (transpose_weights), used by
 // the passes at theta0; task_forward takes it too.
+//
+// `add_rows` (with preds_out): add to g_theta and g_lr as without preds_out, so that the tasks one team
+// runs in turn sum their gradients into one row (the CUDA maml_fwdbwd_sum, which keeps no per-task rows).
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
                                    const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
                                    T* gxs, T* gxq, T* work, const Team& tm = Team(), T* preds_out = nullptr,
-                                   const T* theta0_t = nullptr) {
+                                   const T* theta0_t = nullptr, bool add_rows = false) {
+  const bool write_rows = preds_out != nullptr && !add_rows;  // this task's own rows: written, not added to
   const int64_t P = net.P, Pp = padded(P);
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
   const int64_t st = state_size(net, nmax);
@@ -200,7 +204,7 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
     if (g_lr != nullptr) {
       const T* g = grads + k * Pp;
       T* gl = g_lr + k * P;
-      if (preds_out != nullptr) {
+      if (write_rows) {
         for_each(tm, P, [&](int64_t i) { gl[i] = -(g[i] * v[i]); });
       } else {
         for_each(tm, P, [&](int64_t i) { gl[i] -= g[i] * v[i]; });
@@ -221,7 +225,7 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
       backward(net, th, td.xq, td.nq, q, v, gxq, tm);
     }
   }
-  if (preds_out != nullptr) {
+  if (write_rows) {
     for_each(tm, P, [&](int64_t i) { g_theta[i] = v[i]; });
   } else {
     for_each(tm, P, [&](int64_t i) { g_theta[i] += v[i]; });

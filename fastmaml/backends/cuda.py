@@ -2,8 +2,11 @@
 
 The operations are those of the cpu backend, `torch.ops.fastmaml.maml_fwd / maml_bwd / maml_fwdbwd /
 weighted_task_sum / maml_adapt` (one schema, csrc/fastmaml.cpp); the dispatcher runs their CUDA kernels
-for CUDA tensors. A training call runs the fused `maml_fwdbwd` (forward and reverse sweep in one pass,
-per-task rows kept for the backward) when the rows fit in MAX_FUSED_ROWS_BYTES. The kernel runs one task
+for CUDA tensors. A training call runs `maml_train` as on the CPU: the forward and reverse sweep in one
+pass (`maml_fwdbwd_sum`), each thread block summing its chunk of tasks' gradients as it goes, so no
+per-task parameter row is written; the gradient of the mean loss is those sums scaled, and any other
+cotangent (of the task losses or the query output) runs the reverse sweep again (`maml_bwd`). The
+kernel runs one task
 per thread block at a time, with the per-task math of csrc/task/ parallel over the block's threads
 (csrc/cuda/maml_cuda.h says how tasks, workspaces and the meta-gradient's partial sums are laid out).
 
@@ -18,8 +21,9 @@ Size limits (`reject` names the one exceeded; `auto` then takes the next backend
     MAX_WIDTH           4096 units in any layer, input or output
     MAX_POINTS          65536 support or query points per task
     MAX_WORKSPACE_BYTES 16 MiB of scratch per thread block (global memory; shared memory when it fits
-                        in 44 KiB). A launch keeps all blocks' scratch within 1 GiB by running fewer
-                        blocks: 16 MiB still leaves 64 blocks, more would leave most of a GPU idle.
+                        in what a block may opt into, 227 KiB on Hopper). A launch keeps all blocks'
+                        scratch within 1 GiB by running fewer blocks: 16 MiB still leaves 64 blocks,
+                        more would leave most of a GPU idle.
 
 The preference of `auto` on CUDA tensors (dispatch.AUTO_ORDER["cuda"]: cuda before triton) is a
 placeholder: no GPU run has measured the two kernels against each other yet. Set it from measured
@@ -43,7 +47,8 @@ MAX_POINTS = 65536
 MAX_WORKSPACE_BYTES = 16 << 20
 LIMITS = SizeLimits(MAX_LAYERS, MAX_WIDTH, MAX_POINTS, None, MAX_WORKSPACE_BYTES,
                     kernel="cuda kernel", worker="thread block")
-# As the cpu backend's: above this the training call runs forward and backward apart.
+# For a library without the CUDA maml_fwdbwd_sum (which keeps no per-task rows): above this many bytes of
+# rows the training call runs forward and backward apart.
 MAX_FUSED_ROWS_BYTES = 256 << 20
 
 
@@ -81,11 +86,15 @@ class CudaBackend(ExtensionBackend):
     limits = LIMITS
 
     def max_fused_rows_bytes(self) -> int:
+        if cuda_kernels_registered("maml_fwdbwd_sum"):
+            return 1 << 62  # no per-task parameter rows: only the inputs' gradients, which any path makes
         return MAX_FUSED_ROWS_BYTES if cuda_kernels_registered("maml_fwdbwd") else 0
 
     def train(self, problem: Problem, tail: tuple, need_lr: bool, need_x: bool) -> Optional[tuple]:
-        # The flat op, which has run on a GPU (the cpu backend's maml_train, which takes the parameter
-        # list, has not yet); its autograd kernel weighs the rows in the backward.
+        if cuda_kernels_registered("maml_fwdbwd_sum"):
+            # As on the CPU: the parameter list goes to C++, the third output is the mean loss, whose
+            # gradient alone comes from the kernel's sums (csrc/autograd_fwdbwd.cpp).
+            return torch.ops.fastmaml.maml_train.default(problem.params, *tail, need_lr, need_x)
         out = torch.ops.fastmaml.maml_fwdbwd.default(flat_theta(problem), *tail, need_lr, need_x)
         return out[0], out[1]
 
