@@ -213,6 +213,28 @@ else
   grep -E "failed|oom|Error" "$DIR/sweep.log" | head -8 | cut -c1-200
 fi
 
+# ---- Triton registers and spills (G2) -------------------------------------------------------------
+if [ "$DRY_RUN" != 1 ]; then
+  stage "Triton kernel variants at the sweep's shapes: registers, spills (limit 60s) -> $DIR/ptxas.txt"
+  timeout 60 python - >> "$DIR/ptxas.txt" 2>&1 <<'EOF'
+import torch, fastmaml
+from fastmaml.backends import triton_maml
+print("== Triton kernels (registers and spills per thread)")
+for width in (40, 128):
+    for K in (1, 5):
+        dims, g = [1, width, width, 1], torch.Generator(device="cuda").manual_seed(0)
+        params = [(torch.randn(o, i, device="cuda", generator=g) * 0.3 if k == 0 else torch.zeros(o, device="cuda")
+                   ).requires_grad_() for i, o in zip(dims[:-1], dims[1:]) for k in (0, 1)]
+        xs, ys, xq, yq = (torch.randn(64, 10, 1, device="cuda", generator=g) for _ in range(4))
+        try:
+            fastmaml.maml(params, xs, ys, xq, yq, inner_steps=K, backend="triton").loss.backward()
+        except Exception as err:
+            print(f"width {width} K {K}: {type(err).__name__}: {err}")
+print("\n".join(triton_maml.compiled_report()) or "no compiled Triton kernels to report")
+EOF
+  grep -E "registers" "$DIR/ptxas.txt" | tail -4 | cut -c1-200
+fi
+
 # ---- summary (last output) ---------------------------------------------------------------------
 stage "summary -> $DIR/summary.txt (total $(( SECONDS - START ))s)"
 if [ -s "$DIR/throughput.csv" ]; then

@@ -100,6 +100,30 @@ def _kernels() -> SimpleNamespace:
 # ---------------------------------------------------------------------------------------------------
 
 
+def compiled_report() -> list[str]:
+    """One line per Triton kernel variant compiled for a GPU in this process: registers and spills per
+    thread, shared memory, warps (the GPU check prints them beside nvcc's -Xptxas -v of the CUDA kernels).
+    Empty in the interpreter. Reads Triton's per-device kernel caches, whose layout Triton does not
+    promise: what cannot be read is said, not guessed."""
+    if _KERNELS is None or _KERNELS.interpreted:
+        return []
+    lines = []
+    for name in ("maml_fwd_kernel", "maml_bwd_kernel"):
+        fn = getattr(_KERNELS.module, name, None)
+        for caches in list(getattr(fn, "device_caches", {}).values()):
+            cache = caches[0] if isinstance(caches, tuple) else caches
+            for key, compiled in list(getattr(cache, "items", lambda: [])()):
+                try:
+                    compiled._init_handles()  # loads the binary: fills n_regs and n_spills
+                except Exception:  # noqa: BLE001 (a report: what is missing shows as "?")
+                    pass
+                meta = getattr(compiled, "metadata", None)
+                lines.append(f"{name} {str(key)[:160]}: {getattr(compiled, 'n_regs', '?')} registers, "
+                             f"{getattr(compiled, 'n_spills', '?')} spills, shared {getattr(meta, 'shared', '?')} B, "
+                             f"{getattr(meta, 'num_warps', '?')} warps")
+    return lines
+
+
 def _sizes(dims: list[int]) -> list[int]:
     """D0..D4 as the kernels take them (layers past the depth: 1, unused)."""
     return list(dims) + [1] * (MAX_DEPTH + 1 - len(dims))
