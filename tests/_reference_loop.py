@@ -270,6 +270,7 @@ def make_case(
     grad_weights: bool = False,
     seed: int = 0,
     round_to: Optional[torch.dtype] = torch.float32,
+    lr_scale: float = 1.0,
 ) -> Case:
     """A fresh random float64 problem; every float tensor is a leaf, params and rates require grad.
 
@@ -277,13 +278,14 @@ def make_case(
     tensor per param), "per_parameter" (one `[K, *shape]` tensor per param), "scalar_tensor" (`[]`),
     "meta_sgd" (one `[*shape]` tensor per param, shared by the steps). Rates lie in [0.05, 0.3].
     `round_to`: values are rounded through this dtype so a lower-precision run sees the same inputs.
+    `lr_scale` scales the rates (wide nets over several steps diverge at the default rates).
     """
     g = torch.Generator().manual_seed(seed)
     K = inner_steps
     f64 = torch.float64
 
     def rate(*shape):
-        return 0.05 + 0.25 * torch.rand(*shape, dtype=f64, generator=g)
+        return lr_scale * (0.05 + 0.25 * torch.rand(*shape, dtype=f64, generator=g))
 
     params = random_params(dims, f64, g)
     xs, ys, xq, yq = random_data(dims, tasks, n_support, n_query, loss, f64, g)

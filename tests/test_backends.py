@@ -233,6 +233,42 @@ def test_maml_matches_reference(name, options, dtype):
     check_maml(name, options, dtype)
 
 
+# The GPU kernels at the sizes they are measured at: the sinusoid net (1-40-40-1, 10 + 10 points, K = 1
+# and 5) and batches of 20,000 tasks (more than a launch has blocks) at widths 40 and 128, each option at
+# least once. Rates scaled by 0.1 (0.005 to 0.03): at the default ones a 128-wide net diverges over 5
+# steps. The float64 reference runs on the GPU too (on the CPU it would take minutes).
+GPU_SIZE_GRID = [
+    dict(dims=(1, 40, 40, 1), tasks=25, inner_steps=1, lr_form="float"),
+    dict(dims=(1, 40, 40, 1), tasks=25, inner_steps=5, lr_form="per_parameter", query_loss_weights=True),
+    dict(dims=(1, 40, 40, 1), tasks=20000, inner_steps=5, lr_form="per_step", activation="tanh", first_order=True),
+    dict(dims=(1, 128, 128, 1), tasks=20000, inner_steps=1, lr_form="per_parameter"),
+    dict(dims=(1, 128, 128, 5), tasks=20000, inner_steps=5, lr_form="float", loss="cross_entropy",
+         query_loss_weights=True),
+    dict(dims=(1, 128, 128, 1), tasks=20000, inner_steps=5, lr_form="per_layer", activation="tanh"),
+]
+
+
+@pytest.mark.parametrize("options", [dict(o, n_support=10, n_query=10, lr_scale=0.1, seed=100 + i)
+                                     for i, o in enumerate(GPU_SIZE_GRID)], ids=_case_id)
+@pytest.mark.parametrize("name", [n for n in BACKENDS if n in ("cuda", "triton")])
+def test_gpu_sizes_match_reference(name, options):
+    if not torch.cuda.is_available():
+        pytest.skip("the GPU sizes (up to 20,000 tasks of width 128) need a GPU")
+    require_backend(name)
+    case = make_case(**options)
+    ref, run = case.to(F64, "cuda"), case.to(F32, "cuda")
+    want = fastmaml.maml(ref.params, ref.x_support, ref.y_support, ref.x_query, ref.y_query, backend="reference",
+                         **ref.kwargs())
+    got = run_or_skip(name, lambda: fastmaml.maml(run.params, run.x_support, run.y_support, run.x_query,
+                                                  run.y_query, backend=name, **run.kwargs()))
+    names = ("loss", "task_losses", "query_preds")
+    assert_close(dict(zip(names, got[:3])), dict(zip(names, want[:3])), RTOL[F32], "")
+    cot = tuple(c.to("cuda") for c in output_cotangents(want.task_losses, want.query_preds))
+    want_grads = gradients(objective(want.loss, want.task_losses, want.query_preds, cot), ref.leaves())
+    got_grads = gradients(objective(got.loss, got.task_losses, got.query_preds, cot), run.leaves())
+    assert_close(got_grads, want_grads, RTOL[F32], "grad")
+
+
 def _small_params(cases):
     return [pytest.param(name, opts, id=f"{name}-{_case_id(opts)}") for name in BACKENDS for opts in cases]
 
@@ -393,8 +429,8 @@ def test_training_call_runs_forward_and_backward_in_one_op(name):
     case = make_case(inner_steps=2, lr_form="per_parameter", loss="mse", activation="tanh", seed=41).to(F64, device_for(name))
     out = run_or_skip(name, lambda: fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query,
                                                   case.y_query, backend=name, **case.kwargs()))
-    # The C++ autograd kernels (csrc/autograd_fwdbwd.cpp): maml_train on CPU tensors, maml_fwdbwd on CUDA.
-    assert ("MamlTrain" if name == "cpu" else "MamlFwdBwd") in out.task_losses.grad_fn.name()
+    # The C++ autograd kernel (csrc/autograd_fwdbwd.cpp) of maml_train, on CPU and CUDA tensors.
+    assert "MamlTrain" in out.task_losses.grad_fn.name()
     leaves = case.leaves()
     rows = gradients(out.loss, leaves, retain_graph=True)
     sweep = gradients(out.loss + 0 * out.query_preds.sum(), leaves)  # a query cotangent (of zeros): maml_bwd
