@@ -93,13 +93,23 @@ FASTMAML_HD inline void gemm_nn_acc(int R, int C, int Kd, T alpha, const T* __re
 }
 
 // out[r, c] += sum_k a[r * lda + k] * B[c * ldb + k]   (r < R, c < C, k < Kd): dot products of rows.
-// A team of several threads: one owner per output element.
+// A team of several threads: one owner per output element. Neighbouring ranks own neighbouring elements
+// (for_owned), whose rows of B (or of a) lie ldb (lda) elements apart: read in the same k order, a warp's
+// loads would fall on a few shared-memory banks (ldb = 40 floats: 4 banks, an 8-way conflict). Each
+// element's sum starts at k = (r + c) mod Kd and wraps around instead, so neighbours read neighbouring
+// addresses; the order is still fixed for each element (deterministic), only not the serial one.
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ a, int64_t lda,
                                     const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo,
                                     const Team& tm = Team()) {
   if (tm.size() > 1) {
-    for_owned(tm, R, C, [&](int64_t r, int64_t c) { out[r * ldo + c] += dot(a + r * lda, B + c * ldb, Kd); });
+    if (Kd <= 0) return;
+    for_owned(tm, R, C, [&](int64_t r, int64_t c) {
+      const T* ar = a + r * lda;
+      const T* bc = B + c * ldb;
+      const int s = static_cast<int>((r + c) % Kd);
+      out[r * ldo + c] += dot(ar + s, bc + s, Kd - s) + dot(ar, bc, s);
+    });
     return;
   }
 #ifdef FASTMAML_HOST_VECTORS
