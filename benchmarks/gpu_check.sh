@@ -3,6 +3,9 @@
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]            # OUT_DIR defaults to $OUT, else ./gpu_out
 #   benchmarks/gpu_check.sh --dry-run [OUT_DIR]  # (or DRY_RUN=1) the CPU-side parts, on a machine without a GPU
+#   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) under 5 minutes: the G2/G3 GPU tests only (GPU
+#                                                # sizes, no synchronisation, CUDA graphs, compile), the A/B,
+#                                                # the overhead and a sweep at T in {25, 65536}
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
 #
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
@@ -21,10 +24,12 @@
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
+QUICK="${QUICK:-0}"
 OUT_ARG=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
+    --quick) QUICK=1 ;;
     -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) OUT_ARG="$arg" ;;
   esac
@@ -35,12 +40,22 @@ DIR="$(cd "$DIR" && pwd)"
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 
+if [ "$QUICK" = 1 ]; then
+  TOTAL_S="${TOTAL_S:-290}"
+  SWEEP_ARGS="${SWEEP_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128 --methods cuda triton vmap --warmup 1 --repeats 3 --max-seconds 3}"
+  BUILD_S="${BUILD_S:-150}"
+  CUDA_TESTS_S="${CUDA_TESTS_S:-60}"
+  TRITON_TESTS_S="${TRITON_TESTS_S:-40}"
+  OVERHEAD_S="${OVERHEAD_S:-40}"
+  OVERHEAD_ARGS="${OVERHEAD_ARGS:---seconds 1 --rounds 3}"
+  AB_S="${AB_S:-0}"  # the shared-memory A/B only when asked (AB_S=80): the sweep needs the time
+fi
 TOTAL_S="${TOTAL_S:-470}"
 BUILD_S="${BUILD_S:-180}"
 CUDA_TESTS_S="${CUDA_TESTS_S:-100}"
 TRITON_TESTS_S="${TRITON_TESTS_S:-120}"
 TESTS_S=$(( CUDA_TESTS_S + TRITON_TESTS_S ))
-RESERVE_S=20
+RESERVE_S=50  # the Triton register report (30 s) and the summary
 START=$SECONDS
 left() { echo $(( TOTAL_S - RESERVE_S - (SECONDS - START) )); }
 stage() { echo "== [$(( SECONDS - START ))s] $*"; }
@@ -141,7 +156,16 @@ else
   XDIST=()
   python -c "import xdist" >/dev/null 2>&1 && XDIST=(-n "${TEST_WORKERS:-12}")
   : > "$DIR/tests.log"
-  for backend in ${GPU_TEST_BACKENDS:-cuda triton}; do
+  if [ "$QUICK" = 1 ]; then
+    # One run for both backends: the tests new with G2/G3 and the plainest call of each backend.
+    stage "quick tests: GPU sizes, sync-free calls, CUDA graphs, compile (limit ${TESTS_S}s) -> $DIR/tests.log"
+    FASTMAML_TEST_BACKENDS=cuda,triton timeout "$TESTS_S" python -m pytest tests/test_backends.py \
+      tests/test_gpu_overhead.py tests/test_overhead.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
+      -k "gpu_sizes or accepts_a_plain_call or one_op or gpu_overhead or compile" >> "$DIR/tests.log" 2>&1
+    echo "quick tests exit code $?"
+    tail -n 4 "$DIR/tests.log" | cut -c1-300
+  fi
+  for backend in $( [ "$QUICK" = 1 ] || echo "${GPU_TEST_BACKENDS:-cuda triton}" ); do
     files=(tests/test_backends.py)
     limit=$CUDA_TESTS_S
     if [ "$backend" = triton ]; then files+=(tests/test_triton_maml.py); limit=$TRITON_TESTS_S; fi
@@ -178,7 +202,7 @@ EOF
 fi
 
 # ---- shared-memory workspace A/B (G2) ----------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ]; then
+if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-80}" -gt 0 ]; then
   stage "cuda at T=65536, W=40: workspace in opted-in shared memory vs global (limit ${AB_S:-80}s) -> $DIR/ab.txt"
   for kb in default 44; do
     echo "== FASTMAML_CUDA_SHARED_KB=$kb"
@@ -193,8 +217,9 @@ fi
 # ---- per-call overhead (G3) ---------------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ]; then
   stage "overhead of a small training call (limit ${OVERHEAD_S:-90}s) -> $DIR/overhead.txt, overhead.json"
+  # shellcheck disable=SC2086
   timeout "${OVERHEAD_S:-90}" python benchmarks/bench_overhead.py --device cuda --tasks 25 --inner-steps 5 \
-    --seconds 2 --rounds 5 --json "$DIR/overhead.json" > "$DIR/overhead.txt" 2>&1
+    ${OVERHEAD_ARGS:---seconds 2 --rounds 5} --json "$DIR/overhead.json" > "$DIR/overhead.txt" 2>&1
   echo "overhead exit code $?"
   grep -E "^\|" "$DIR/overhead.txt" | head -4
 fi
@@ -215,8 +240,8 @@ fi
 
 # ---- Triton registers and spills (G2) -------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ]; then
-  stage "Triton kernel variants at the sweep's shapes: registers, spills (limit 60s) -> $DIR/ptxas.txt"
-  timeout 60 python - >> "$DIR/ptxas.txt" 2>&1 <<'EOF'
+  stage "Triton kernel variants at the sweep's shapes: registers, spills (limit 30s) -> $DIR/ptxas.txt"
+  timeout 30 python - >> "$DIR/ptxas.txt" 2>&1 <<'EOF'
 import torch, fastmaml
 from fastmaml.backends import triton_maml
 print("== Triton kernels (registers and spills per thread)")
