@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import dispatch
+from . import api, dispatch
 from ._validate import check_choice, check_inner_steps, check_values, make_problem, values_checked_here
 from .api import MAMLOutput
 from .training import bounded_rate, rate_logit, rates_for_steps
@@ -90,7 +90,11 @@ def mlp_structure_reason(model: nn.Module) -> tuple[Optional[str], Optional[str]
     if len(model) % 2 == 0:
         return None, "the nn.Sequential ends in an activation or is empty (the fused kernels run Linear, ..., Linear)"
     linears = [layer for i, layer in enumerate(model) if i % 2 == 0]
-    if len({id(layer) for layer in linears}) != len(linears) or len(list(model.parameters())) != 2 * len(linears):
+    if any(layer._modules for layer in model):
+        count = len(list(model.parameters()))  # submodules below the layers: count as torch does
+    else:  # what model.parameters() yields here, without its walk of the module tree (a third of the check)
+        count = len({id(t) for m in (model, *model) for t in m._parameters.values() if t is not None})
+    if len({id(layer) for layer in linears}) != len(linears) or count != 2 * len(linears):
         return None, "a linear layer or parameter appears twice (shared weights; the kernels adapt each layer apart)"
     return activation or "relu", None
 
@@ -268,18 +272,24 @@ class MAML(nn.Module):
 
         return forward
 
-    def _refresh_names(self) -> None:
+    def _refresh_names(self, names: Optional[list[str]] = None) -> None:
         """The model's parameter names as they are now (a layer appended after construction counts)."""
-        names = [n for n, _ in self.model.named_parameters()]
+        if names is None:
+            names = [n for n, _ in self.model.named_parameters()]
         if names != self._names:
             if self.learn_inner_lr in ("per_layer", "per_parameter"):
                 raise ValueError("the model's parameters changed since fastmaml.MAML was made, so its learned "
                                  "per-parameter rates no longer match them: make a new fastmaml.MAML")
             self._names = names
 
+    def _named_params(self) -> list[torch.Tensor]:
+        """The model's parameters, with their names refreshed from the same walk of the module tree."""
+        named = list(self.model.named_parameters())
+        self._refresh_names([n for n, _ in named])
+        return [p for _, p in named]
+
     def _problem(self, x_s, y_s, x_q, y_q, *, steps, need_query, query_loss_weights=None):
-        self._refresh_names()
-        params = list(self.model.parameters())
+        params = self._named_params()
         if not params:
             raise ValueError("model has no parameters to adapt")
         common = dict(inner_steps=steps, inner_lr=self._rates(params, steps), first_order=self.first_order,
@@ -298,6 +308,14 @@ class MAML(nn.Module):
             self._no_vmap[self.model.training] = True
 
     def forward(self, x_support, y_support, x_query, y_query, query_loss_weights=None) -> MAMLOutput:
+        params = self._named_params()
+        activation = mlp_structure_reason(self.model)[0] if params else None
+        if activation is not None:
+            # An MLP: the functional call, which validates and dispatches once per call signature.
+            return api.maml(params, x_support, y_support, x_query, y_query, inner_steps=self.inner_steps,
+                            inner_lr=self._rates(params, self.inner_steps), first_order=self.first_order,
+                            activation=activation, loss=self.loss, query_loss_weights=query_loss_weights,
+                            backend=self.backend)
         problem = self._problem(x_support, y_support, x_query, y_query, steps=self.inner_steps,
                                 need_query=True, query_loss_weights=query_loss_weights)
         chosen = dispatch.select(problem, self.backend, "maml")

@@ -187,7 +187,8 @@ def test_hook_added_after_construction():
 
 
 @pytest.mark.parametrize("kind", ["backward_hook", "shared_layer", "shared_weight", "linear_subclass",
-                                  "bias_replaced", "activation_parameter", "call_impl", "reordered"])
+                                  "bias_replaced", "activation_parameter", "call_impl", "reordered",
+                                  "sequential_parameter", "nested_parameter"])
 def test_other_modules_not_fused(kind):
     """Backward hooks, a layer used twice, tied weights and Linear subclasses keep a model off the
     fused path (a shared layer would be adapted once per use by the kernels)."""
@@ -208,6 +209,10 @@ def test_other_modules_not_fused(kind):
     elif kind == "call_impl":
         plain = model[2]._call_impl
         model[2]._call_impl = lambda *a, **k: plain(*a, **k) * 2.0
+    elif kind == "sequential_parameter":  # a parameter of the Sequential itself (the kernels would not adapt it)
+        model.register_parameter("extra", nn.Parameter(torch.ones(3, dtype=F64)))
+    elif kind == "nested_parameter":  # a module below a layer, with parameters of its own
+        model[2].add_module("inner", nn.Linear(2, 2).double())
     elif kind == "reordered":  # weight re-registered after bias: the parameters come bias first
         weight = model[0].weight.detach().clone()
         del model[0].weight
