@@ -70,12 +70,21 @@ def build_unavailable() -> Optional[str]:
     return _ext.cuda_build_unavailable()
 
 
+_REGISTERED: set[str] = set()  # ops found registered (a library's kernels do not go away once loaded)
+
+
 def cuda_kernels_registered(op: str = "maml_fwd") -> bool:
-    """Whether the loaded extension registered `fastmaml::<op>` under the CUDA dispatch key."""
+    """Whether the loaded extension registered `fastmaml::<op>` under the CUDA dispatch key (asked of the
+    dispatcher until it says yes: the training call asks on every call)."""
+    if op in _REGISTERED:
+        return True
     try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmaml::{op}", "CUDA"))
+        found = bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmaml::{op}", "CUDA"))
     except RuntimeError:  # the schema itself is not registered
         return False
+    if found:
+        _REGISTERED.add(op)
+    return found
 
 
 class CudaBackend(ExtensionBackend):
