@@ -52,9 +52,10 @@ enum Saved { kTheta, kLr, kXs, kYs, kXq, kYq, kQw, kRowsTheta, kRowsLr, kRowsXs,
 Tensor flatten(at::TensorList params);
 
 // A real CPU tensor whose data can be read here: not a fake, functional or meta tensor of a trace (which
-// reach this kernel under torch.compile and opcheck), dense, contiguous.
+// reach this kernel under torch.compile and opcheck), dense, contiguous, without a lazy negation (the
+// bit of torch._neg_view, which a raw read would ignore).
 bool readable_cpu(const Tensor& t) {
-  if (!t.defined() || !t.is_cpu() || t.layout() != at::kStrided) return false;
+  if (!t.defined() || !t.is_cpu() || t.layout() != at::kStrided || t.is_neg() || t.is_conj()) return false;
   if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return false;
   const c10::DispatchKeySet ks = t.key_set();
   return ks.has(c10::DispatchKey::CPU) && !ks.has(c10::DispatchKey::Python) &&

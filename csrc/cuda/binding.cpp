@@ -68,6 +68,7 @@ Sizes check_args(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor
 }
 
 void check_launch(cudaError_t err, const char* op, const Launch& l) {
+  if (err != cudaSuccess) (void)cudaGetLastError();  // reported here, not again by the next launch check
   TORCH_CHECK(err == cudaSuccess, "fastmaml: the CUDA kernel of ", op, " failed (", l.blocks, " blocks of ",
               l.threads, " threads, workspace ", l.work_elems, " elements per block in ",
               l.shared ? "shared" : "global", " memory): ", cudaGetErrorString(err));
@@ -202,6 +203,7 @@ maml_fwdbwd_sum(const at::Tensor& theta_in, const at::Tensor& lr_in, const at::T
                 const at::Tensor& xq_in, const at::Tensor& yq_in, const at::Tensor& qw_in, c10::IntArrayRef dims,
                 int64_t activation, int64_t loss, bool first_order, bool need_lr_grad, bool need_x_grad,
                 bool keep_rows) {
+  const c10::cuda::CUDAGuard guard(theta_in.device());  // the sums below launch on the tensors' device too
   if (keep_rows) {
     auto [task_losses, preds, rows_theta, rows_lr, g_xs, g_xq] = maml_fwdbwd(
         theta_in, lr_in, xs_in, ys_in, xq_in, yq_in, qw_in, dims, activation, loss, first_order, need_lr_grad,
@@ -217,6 +219,7 @@ maml_fwdbwd_sum(const at::Tensor& theta_in, const at::Tensor& lr_in, const at::T
         err = launch_weighted_task_sum<scalar_t>(rows_lr.const_data_ptr<scalar_t>(), nullptr, T, sum_lr.numel(),
                                                  sum_lr.mutable_data_ptr<scalar_t>(), stream);
       }
+      if (err != cudaSuccess) (void)cudaGetLastError();
       TORCH_CHECK(err == cudaSuccess, "fastmaml: the CUDA sums of maml_fwdbwd_sum failed: ", cudaGetErrorString(err));
     });
     return {task_losses, preds, rows_theta, rows_lr, g_xs, g_xq, sum_theta, sum_lr};
@@ -224,7 +227,6 @@ maml_fwdbwd_sum(const at::Tensor& theta_in, const at::Tensor& lr_in, const at::T
   const Sizes s = check_args(theta_in, lr_in, xs_in, ys_in, &xq_in, &yq_in, dims, activation, loss);
   const int64_t P = s.net.P, K = s.K, T = s.T, d_in = s.net.dims[0], d_out = s.net.dims[s.net.L];
   checks::check_qw(qw_in, theta_in, K);
-  const c10::cuda::CUDAGuard guard(theta_in.device());
   const at::Tensor theta = theta_in.contiguous(), lr = lr_in.contiguous(), xs = xs_in.contiguous(),
                    ys = ys_in.contiguous(), xq = xq_in.contiguous(), yq = yq_in.contiguous(),
                    qw = qw_in.contiguous();
@@ -271,6 +273,7 @@ at::Tensor weighted_task_sum(const at::Tensor& rows_in, const at::Tensor& weight
     const cudaError_t err = launch_weighted_task_sum<scalar_t>(rows.const_data_ptr<scalar_t>(),
                                                                weights.const_data_ptr<scalar_t>(), T, M,
                                                                out.mutable_data_ptr<scalar_t>(), stream);
+    if (err != cudaSuccess) (void)cudaGetLastError();
     TORCH_CHECK(err == cudaSuccess, "fastmaml: the CUDA kernel of weighted_task_sum failed: ", cudaGetErrorString(err));
   });
   return out;

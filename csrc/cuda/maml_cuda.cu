@@ -6,6 +6,9 @@
 #include "maml_cuda.h"
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 
 namespace fastmaml {
 namespace cuda {
@@ -195,13 +198,34 @@ cudaError_t reduce_rows(const T* part, int64_t rows, int64_t width, T* out, cuda
   return column_sum<T>(part, nullptr, rows, width, out, stream);
 }
 
-// Dynamic shared memory above the 48 KiB every kernel may use needs the kernel's opt-in, once per size
-// (cudaFuncSetAttribute is a host call, not a stream operation: it is also allowed while a CUDA graph
-// is captured, and the warm-up before a capture has made it already).
+// Dynamic shared memory past the 48 KiB a kernel may use by default (its static shared memory counted)
+// needs the kernel's opt-in, cudaFuncSetAttribute, for the device. The attribute belongs to the function,
+// not the launch: it is only ever raised (a high-water mark per kernel and device, under a lock), so two
+// host threads launching the same kernel with different sizes cannot lower it under each other, and a
+// captured CUDA graph never sees it shrink. It is a host call, not a stream operation (allowed while a
+// graph is captured; the warm-up before a capture has made it already). A failure clears the last-error
+// flag so that it is not reported again by the next, unrelated launch check.
 template <typename Kernel>
 cudaError_t allow_shared(Kernel kernel, size_t bytes) {
-  if (bytes <= (size_t(48) << 10)) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (bytes + static_cast<size_t>(kStaticSharedBytes) <= (size_t(48) << 10)) return cudaSuccess;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return err;
+  }
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, size_t> granted;
+  const std::lock_guard<std::mutex> guard(lock);
+  size_t& high = granted[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes <= high) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return err;
+  }
+  high = bytes;
+  return cudaSuccess;
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

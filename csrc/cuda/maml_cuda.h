@@ -87,8 +87,6 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
                           const int64_t* yq_index, const T* qw, bool first_order, T* task_losses, T* query_preds,
                           T* rows_theta, T* rows_lr, T* g_xs, T* g_xq, T* workspace, cudaStream_t stream);
 
-// out [M] = sum over t = 0 .. T-1 (in order) of weights[t] * rows[t, :] (rows [T, M]): one thread per
-// column, deterministic.
 // maml_fwdbwd_sum without per-task rows (launch from plan(Op::kBackward, ...)): task_losses [T],
 // query_preds [T, Nq, D_out], the gradient of the sum of the task losses summed through `part_theta
 // [blocks, P]` (and `part_lr [blocks, K * P]` when sum_lr is not null) into sum_theta [P] and sum_lr
@@ -100,6 +98,8 @@ cudaError_t launch_fwdbwd_sum(const Sizes& s, const Launch& launch, const T* the
                               T* part_theta, T* part_lr, T* sum_theta, T* sum_lr, T* g_xs, T* g_xq, T* workspace,
                               cudaStream_t stream);
 
+// out [M] = sum over t of weights[t] * rows[t, :] (rows [T, M]; weights null: the plain sum), in a
+// fixed order that depends on (T, M) only: deterministic (maml_cuda.cu, column_sum_kernel).
 template <typename T>
 cudaError_t launch_weighted_task_sum(const T* rows, const T* weights, int64_t n_tasks, int64_t M, T* out,
                                      cudaStream_t stream);
