@@ -53,11 +53,6 @@ class Problem:
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def inner_lr_is_float(self) -> bool:
-        """Whether the rate was given as a Python number."""
-        return self.inner_lr_value is not None
-
-    @property
     def inner_lr_form(self) -> str:
         """How the rate was given: "float", "tensor" (one tensor for every parameter) or "list"."""
         if self.inner_lr_value is not None:
@@ -208,10 +203,9 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.detach()).all())
 
 
-def check_inner_lr(inner_lr: Any, params: Sequence[torch.Tensor], K: int) -> Optional[list[torch.Tensor]]:
-    """Check the form of `inner_lr` from its metadata; for a sequence, return one tensor per param viewed
-    as `[K, *param.shape]` (expand: no copy); for a number or one tensor, None (`Problem.inner_lr` makes
-    the views when asked). Whether rate tensors are finite is `check_values`'s.
+def check_inner_lr(inner_lr: Any, params: Sequence[torch.Tensor], K: int) -> None:
+    """Check the form of `inner_lr` from its metadata (`planned_problem` then normalises it). Whether rate
+    tensors are finite is `check_values`'s.
 
     Accepted: a finite number; a tensor broadcastable to `[K]` (scalar, `[1]` or `[K]`); a sequence of
     `len(params)` tensors, tensor `i` broadcastable to `[K, *params[i].shape]`.
@@ -222,7 +216,7 @@ def check_inner_lr(inner_lr: Any, params: Sequence[torch.Tensor], K: int) -> Opt
     if isinstance(inner_lr, numbers.Real):
         if not math.isfinite(float(inner_lr)):
             raise ValueError(f"inner_lr must be finite, got {inner_lr}")
-        return None
+        return
     if isinstance(inner_lr, torch.Tensor):
         _check_like("inner_lr", inner_lr, dtype, device)
         if inner_lr.dim() > 1 or (inner_lr.dim() == 1 and inner_lr.shape[0] not in (1, K)):
@@ -230,14 +224,13 @@ def check_inner_lr(inner_lr: Any, params: Sequence[torch.Tensor], K: int) -> Opt
                 f"inner_lr as one tensor must broadcast to [K] = [{K}] (a scalar, [1] or [{K}]), "
                 f"got shape {_shape(inner_lr)}; give a sequence of tensors for per-parameter rates"
             )
-        return None
+        return
     if isinstance(inner_lr, Sequence) and not isinstance(inner_lr, str):
         rates = list(inner_lr)
         if len(rates) != len(params):
             raise ValueError(
                 f"inner_lr as a sequence must hold one tensor per param ({len(params)}), got {len(rates)}"
             )
-        out = []
         for i, (r, p) in enumerate(zip(rates, params)):
             _check_tensor(f"inner_lr[{i}]", r)
             _check_like(f"inner_lr[{i}]", r, dtype, device)
@@ -250,8 +243,7 @@ def check_inner_lr(inner_lr: Any, params: Sequence[torch.Tensor], K: int) -> Opt
                     f"inner_lr[{i}] must broadcast to [K, *params[{i}].shape] = "
                     f"[{', '.join(map(str, target))}], got shape {_shape(r)}"
                 ) from None
-            out.append(r.expand(target))
-        return out
+        return
     raise TypeError(
         f"inner_lr must be a float, a tensor or a sequence of tensors, got {type(inner_lr).__name__}"
     )
@@ -368,42 +360,31 @@ def make_problem(
                 f"x_query must be [T, Nq, {', '.join(map(str, x_support.shape[2:]))}] like x_support, "
                 f"got shape {_shape(x_query)}"
             )
-    rates = check_inner_lr(inner_lr, params, K)
+    check_inner_lr(inner_lr, params, K)
     weights = check_query_loss_weights(query_loss_weights, K, dtype, device)
-    is_float = isinstance(inner_lr, numbers.Real)
-    return Problem(
-        params=list(params),
-        x_support=x_support,
-        y_support=y_support,
-        x_query=x_query if need_query else None,
-        y_query=y_query if need_query else None,
-        inner_steps=K,
-        rates=rates,
-        first_order=first_order,
-        activation=activation,
-        loss=loss,
-        query_loss_weights=weights,
-        dims=dims,
-        forward=forward,
-        inner_lr_value=float(inner_lr) if is_float else None,
-        inner_lr_tensor=inner_lr if isinstance(inner_lr, torch.Tensor) else None,
-    )
+    problem = planned_problem(params, x_support, y_support, x_query if need_query else None,
+                              y_query if need_query else None, K, inner_lr, first_order, activation, loss,
+                              weights, dims)
+    problem.forward = forward
+    return problem
 
 
 def planned_problem(params, x_support, y_support, x_query, y_query, inner_steps, inner_lr, first_order,
                     activation, loss, query_loss_weights, dims) -> Problem:
-    """The `Problem` of a call whose signature passed `make_problem` before (fastmaml/_plans.py): built
-    without repeating the metadata checks. A float rate is still checked (its value is not in the
-    signature)."""
+    """The `Problem` of a call whose metadata passed the checks: `make_problem`'s last step, and on its
+    own for a call whose signature passed before (fastmaml/_plans.py). A float rate is checked here (its
+    value is not in the signature); a sequence of rates becomes one tensor per param viewed as
+    `[K, *param.shape]` (expand: no copy); a number or one tensor stays as given (`Problem.inner_lr` makes
+    the views when asked)."""
     value = tensor = rates = None
     if isinstance(inner_lr, torch.Tensor):
         tensor = inner_lr
-    elif isinstance(inner_lr, (list, tuple)):
-        rates = [r.expand(inner_steps, *p.shape) for r, p in zip(inner_lr, params)]
-    else:
+    elif isinstance(inner_lr, numbers.Real):
         value = float(inner_lr)
         if not math.isfinite(value):
             raise ValueError(f"inner_lr must be finite, got {inner_lr}")
+    else:
+        rates = [r.expand(inner_steps, *p.shape) for r, p in zip(inner_lr, params)]
     return Problem(
         params=list(params), x_support=x_support, y_support=y_support, x_query=x_query, y_query=y_query,
         inner_steps=inner_steps, rates=rates, first_order=first_order, activation=activation, loss=loss,

@@ -19,6 +19,7 @@ import torch
 
 import fastmaml
 from fastmaml import dispatch
+from _reference_loop import normal_params, random_data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -32,17 +33,10 @@ def _backend_or_skip(name):
 
 
 def make_call(T=25, dims=(1, 40, 40, 1), loss="mse", seed=0):
+    """Params that require grad and `[x_support, y_support, x_query, y_query]`, on the GPU."""
     gen = torch.Generator().manual_seed(seed)
-    params = []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
-        params.append((torch.randn(d_out, d_in, generator=gen) / math.sqrt(d_in)).cuda().requires_grad_())
-        params.append((0.1 * torch.randn(d_out, generator=gen)).cuda().requires_grad_())
-    xs, xq = (torch.randn(T, 10, dims[0], generator=gen).cuda() for _ in range(2))
-    if loss == "mse":
-        ys, yq = (torch.randn(T, 10, dims[-1], generator=gen).cuda() for _ in range(2))
-    else:
-        ys, yq = (torch.randint(0, dims[-1], (T, 10), generator=gen).cuda() for _ in range(2))
-    return params, [xs, ys, xq, yq]
+    params = [p.cuda().requires_grad_() for p in normal_params(dims, torch.float32, gen)]
+    return params, [t.cuda() for t in random_data(dims, T, 10, 10, loss, torch.float32, gen)]
 
 
 @pytest.fixture

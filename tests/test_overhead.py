@@ -22,6 +22,7 @@ import torch
 
 import fastmaml
 from fastmaml import _plans, _validate, dispatch
+from _reference_loop import normal_params, random_data
 
 F32, F64 = torch.float32, torch.float64
 
@@ -33,20 +34,10 @@ def _cpu_backend_or_skip():
 
 
 def make_call(dims=(2, 9, 7, 3), T=3, ns=5, nq=4, loss="mse", dtype=F64, seed=0):
+    """A random call: params that require grad, then `x_support, y_support, x_query, y_query`."""
     gen = torch.Generator().manual_seed(seed)
-    params = []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
-        params.append((torch.randn(d_out, d_in, generator=gen, dtype=dtype) / math.sqrt(d_in)).requires_grad_())
-        params.append((0.1 * torch.randn(d_out, generator=gen, dtype=dtype)).requires_grad_())
-    xs = torch.randn(T, ns, dims[0], generator=gen, dtype=dtype)
-    xq = torch.randn(T, nq, dims[0], generator=gen, dtype=dtype)
-    if loss == "mse":
-        ys = torch.randn(T, ns, dims[-1], generator=gen, dtype=dtype)
-        yq = torch.randn(T, nq, dims[-1], generator=gen, dtype=dtype)
-    else:
-        ys = torch.randint(0, dims[-1], (T, ns), generator=gen)
-        yq = torch.randint(0, dims[-1], (T, nq), generator=gen)
-    return params, xs, ys, xq, yq
+    params = [p.requires_grad_() for p in normal_params(dims, dtype, gen)]
+    return (params, *random_data(dims, T, ns, nq, loss, dtype, gen))
 
 
 def rates(kind, params, K, dtype=F64):
