@@ -35,9 +35,11 @@ struct ThreadTeam {
   int s;
   std::barrier<>* bar;
   double* red;
+  int shape;  // the products' register tile: -1 = pick_tile's (as the CUDA block), else this one
   int rank() const { return r; }
   int size() const { return s; }
   void sync() const { bar->arrive_and_wait(); }
+  int tile(int R, int C) const { return shape < 0 ? fastmaml::task::pick_tile(R, C, s) : shape; }
   template <typename T>
   T sum(T x) const {
     red[r] = static_cast<double>(x);
@@ -154,7 +156,7 @@ void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Te
 }
 
 template <typename T>
-Outputs<T> run(const Problem<T>& p, int team_size) {
+Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1) {
   const Net& net = p.net;
   const Case& c = p.c;
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L], nmax = std::max(c.ns, c.nq);
@@ -188,7 +190,7 @@ Outputs<T> run(const Problem<T>& p, int team_size) {
   std::vector<double> red(team_size);
   std::vector<std::thread> threads;
   for (int r = 0; r < team_size; ++r) {
-    threads.emplace_back([&, r] { run_rank(p, o, work, ThreadTeam{r, team_size, &bar, red.data()}); });
+    threads.emplace_back([&, r] { run_rank(p, o, work, ThreadTeam{r, team_size, &bar, red.data(), shape}); });
   }
   for (auto& th : threads) th.join();
   return o;
@@ -219,6 +221,63 @@ void compare(const std::vector<T>& got, const std::vector<T>& want, const char* 
   }
 }
 
+// A team of the given size and tile shape, and a rank run alone: the products never sync, so running the
+// ranks one after another shows whether every output element has exactly one owner.
+struct RankOf {
+  int r, s, shape;
+  int rank() const { return r; }
+  int size() const { return s; }
+  void sync() const {}
+  int tile(int, int) const { return shape; }
+};
+
+// Every register tile of the team products (gemm_nn_acc, gemm_nt_acc) against the team of one, on
+// sizes around the tiles' edges, with strided operands as the layer passes use them. The output starts
+// random, so a missed element or one added twice both show.
+int check_products() {
+  std::mt19937_64 rng(7);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  int n = 0;
+  for (int R : {1, 3, 10, 17}) {
+    for (int C : {1, 5, 40, 41, 130}) {
+      for (int Kd : {1, 3, 10, 41}) {
+        std::vector<double> a(static_cast<size_t>(R) * Kd), b(static_cast<size_t>(Kd) * C), bt(b.size());
+        std::vector<double> out0(static_cast<size_t>(R) * C);
+        for (auto& e : a) e = nd(rng);
+        for (auto& e : b) e = nd(rng);
+        for (auto& e : bt) e = nd(rng);
+        for (auto& e : out0) e = nd(rng);
+        for (int transposed_a = 0; transposed_a < 2; ++transposed_a) {
+          // a as [R, Kd] (ars = Kd, aks = 1) or as the transpose of a [Kd, R] array (ars = 1, aks = R).
+          const int64_t ars = transposed_a ? 1 : Kd, aks = transposed_a ? R : 1;
+          std::vector<double> want_nn = out0, want_nt = out0;
+          fastmaml::task::gemm_nn_acc(R, C, Kd, 0.5, a.data(), ars, aks, b.data(), C, want_nn.data(), C);
+          if (!transposed_a) fastmaml::task::gemm_nt_acc(R, C, Kd, a.data(), Kd, bt.data(), Kd, want_nt.data(), C);
+          for (int size : {2, 7, 32, 128}) {
+            for (int shape = fastmaml::task::kTile1x1; shape <= fastmaml::task::kTile4x4; ++shape) {
+              std::vector<double> got_nn = out0, got_nt = out0;
+              for (int r = 0; r < size; ++r) {
+                const RankOf tm{r, size, shape};
+                fastmaml::task::gemm_nn_acc(R, C, Kd, 0.5, a.data(), ars, aks, b.data(), C, got_nn.data(), C, tm);
+                if (!transposed_a) {
+                  fastmaml::task::gemm_nt_acc(R, C, Kd, a.data(), Kd, bt.data(), Kd, got_nt.data(), C, tm);
+                }
+              }
+              char label[128];
+              std::snprintf(label, sizeof label, "products R=%d C=%d Kd=%d a%s tile=%d", R, C, Kd,
+                            transposed_a ? "^T" : "", shape);
+              compare(got_nn, want_nn, "gemm_nn_acc", label, size, 1e-12);
+              if (!transposed_a) compare(got_nt, want_nt, "gemm_nt_acc", label, size, 1e-12);
+              ++n;
+            }
+          }
+        }
+      }
+    }
+  }
+  return n;
+}
+
 template <typename T>
 void check_case(const Case& c, uint64_t seed, const std::vector<int>& teams, double rtol) {
   const Problem<T> p = make_problem<T>(c, 3, seed);
@@ -228,8 +287,12 @@ void check_case(const Case& c, uint64_t seed, const std::vector<int>& teams, dou
                 c.K, c.activation == 0 ? "relu" : "tanh", c.loss == 0 ? "mse" : "ce", c.first_order ? " fo" : "",
                 c.need_lr ? " lr" : "", c.need_x ? " x" : "", c.multi_step ? " qw" : "");
   const Outputs<T> want = run(p, 0);
-  for (int team : teams) {
-    const Outputs<T> got = run(p, team);
+  for (size_t ti = 0; ti < teams.size(); ++ti) {
+    // Each team size with a tile shape of its own (pick_tile's for the first and last), so every shape
+    // runs through every driver.
+    const int team = teams[ti];
+    const int shape = ti == 0 || ti + 1 == teams.size() ? -1 : static_cast<int>(ti) % 3;
+    const Outputs<T> got = run(p, team, shape);
     compare(got.losses, want.losses, "task_losses", label, team, rtol);
     compare(got.preds, want.preds, "query_preds", label, team, rtol);
     compare(got.g_theta, want.g_theta, "g_theta", label, team, rtol);
@@ -250,9 +313,11 @@ void check_case(const Case& c, uint64_t seed, const std::vector<int>& teams, dou
 
 int main() {
   // Widths not powers of two, some wider and some narrower than the teams; teams of 2 to 33 threads
-  // (33: more threads than most layers have outputs, so some ranks own nothing in a phase).
-  const std::vector<std::vector<int64_t>> nets = {{3, 7, 2}, {1, 9, 6, 1}, {5, 3}, {4, 11, 5, 6, 3}};
-  const std::vector<int> teams = {2, 3, 8, 33};
+  // (33: more threads than most layers have outputs, so some ranks own nothing in a phase; the 41-wide
+  // net gives the register tiles several units per rank and partial tiles at the edges).
+  const std::vector<std::vector<int64_t>> nets = {{3, 7, 2}, {1, 9, 6, 1}, {5, 3}, {4, 11, 5, 6, 3}, {2, 41, 17, 3}};
+  const std::vector<int> teams = {2, 3, 8, 5, 33};
+  const int n_products = check_products();
   int n_cases = 0;
   uint64_t seed = 1;
   for (size_t ni = 0; ni < nets.size(); ++ni) {
@@ -289,6 +354,7 @@ int main() {
     std::printf("FAILED: %d mismatching outputs\n", failures);
     return 1;
   }
-  std::printf("ok: %d cases x %zu team sizes match the team of one\n", n_cases, teams.size());
+  std::printf("ok: %d product cases and %d cases x %zu team sizes match the team of one\n", n_products, n_cases,
+              teams.size());
   return 0;
 }

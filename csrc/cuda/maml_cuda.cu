@@ -6,6 +6,8 @@
 #include "maml_cuda.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -22,9 +24,11 @@ using task::TaskData;
 // in every rank, a fixed order).
 struct BlockTeam {
   double* red;
+  bool tiles;  // register tiles in the products (Launch::tiles)
   __device__ int rank() const { return static_cast<int>(threadIdx.x); }
   __device__ int size() const { return static_cast<int>(blockDim.x); }
   __device__ void sync() const { __syncthreads(); }
+  __device__ int tile(int R, int C) const { return tiles ? task::pick_tile(R, C, size()) : task::kTile1x1; }
   template <typename T>
   __device__ T sum(T x) const {
     red[threadIdx.x] = static_cast<double>(x);
@@ -71,9 +75,9 @@ __device__ T* block_workspace(bool shared, T* global, int64_t work_elems) {
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     fwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr, Data<T> data,
-               const T* qw, T* task_losses, T* preds, T* global_work, int64_t work_elems, bool shared) {
+               const T* qw, T* task_losses, T* preds, T* global_work, int64_t work_elems, bool shared, bool tiles) {
   __shared__ double red[kMaxThreads];
-  const BlockTeam tm{red};
+  const BlockTeam tm{red, tiles};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t dout = net.dims[net.L];
   // The loop bounds are the same for every thread of the block, so every sync inside is reached by all.
@@ -87,9 +91,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     adapt_kernel(Net net, int64_t n_tasks, int64_t Ns, int K, const T* theta, const T* lr, Data<T> data, T* thetas,
-                 T* global_work, int64_t work_elems, bool shared) {
+                 T* global_work, int64_t work_elems, bool shared, bool tiles) {
   __shared__ double red[kMaxThreads];
-  const BlockTeam tm{red};
+  const BlockTeam tm{red, tiles};
   T* work = block_workspace(shared, global_work, work_elems);
   for (int64_t t = blockIdx.x; t < n_tasks; t += gridDim.x) {
     const TaskData<T> td = task_data(net, Ns, int64_t(0), data, t);
@@ -106,9 +110,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     bwd_kernel(Net net, int64_t n_tasks, int64_t chunk, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                Data<T> data, const T* qw, const T* g_task_losses, const T* g_query_preds, bool first_order,
                T* task_losses, T* preds, T* part_theta, T* part_lr, T* g_xs, T* g_xq, T* global_work,
-               int64_t work_elems, bool shared) {
+               int64_t work_elems, bool shared, bool tiles) {
   __shared__ double red[kMaxThreads];
-  const BlockTeam tm{red};
+  const BlockTeam tm{red, tiles};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   const int64_t b = blockIdx.x;
@@ -119,15 +123,15 @@ __global__ void __launch_bounds__(kMaxThreads)
     const TaskData<T> td = task_data(net, Ns, Nq, data, t);
     T* gxs = g_xs == nullptr ? nullptr : g_xs + t * Ns * din;
     T* gxq = g_xq == nullptr ? nullptr : g_xq + t * Nq * din;
-    if (task_losses == nullptr) {
-      task::task_backward(net, td, theta, lr, K, qw, g_task_losses[t], g_query_preds + t * Nq * dout, first_order,
-                          pth, plr, gxs, gxq, work, tm);
-    } else {
-      const T loss = task::task_backward(net, td, theta, lr, K, qw, T(1), static_cast<const T*>(nullptr),
-                                         first_order, pth, plr, gxs, gxq, work, tm, preds + t * Nq * dout,
-                                         static_cast<const T*>(nullptr), /*add_rows=*/true);
-      if (tm.rank() == 0) task_losses[t] = loss;
-    }
+    // One call site for both uses: two would each be inlined, and the kernel grew past what nvcc
+    // inlines (the reverse sweep then ran as a call, with its registers spilled around it).
+    const bool fused = task_losses != nullptr;
+    const T loss = task::task_backward(
+        net, td, theta, lr, K, qw, fused ? T(1) : g_task_losses[t],
+        fused ? static_cast<const T*>(nullptr) : g_query_preds + t * Nq * dout, first_order, pth, plr, gxs, gxq, work,
+        tm, fused ? preds + t * Nq * dout : static_cast<T*>(nullptr), static_cast<const T*>(nullptr),
+        /*add_rows=*/fused);
+    if (fused && tm.rank() == 0) task_losses[t] = loss;
   }
 }
 
@@ -136,9 +140,9 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     fwdbwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                   Data<T> data, const T* qw, bool first_order, T* task_losses, T* preds, T* rows_theta,
-                  T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared) {
+                  T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared, bool tiles) {
   __shared__ double red[kMaxThreads];
-  const BlockTeam tm{red};
+  const BlockTeam tm{red, tiles};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   for (int64_t t = blockIdx.x; t < n_tasks; t += gridDim.x) {
@@ -230,6 +234,16 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// FASTMAML_CUDA_TILES=0 (read once per process) gives every team product one output per thread, as
+// before the register tiles: a switch for measuring them, like FASTMAML_CUDA_SHARED_KB for the workspace.
+bool register_tiles() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTMAML_CUDA_TILES");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 }  // namespace
 
 Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_shared_bytes) {
@@ -271,6 +285,7 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
     l.blocks = max_blocks;
   }
   l.global_elems = l.shared ? 0 : l.blocks * l.work_elems;
+  l.tiles = register_tiles();
   return l;
 }
 
@@ -285,7 +300,7 @@ cudaError_t launch_fwd(const Sizes& s, const Launch& launch, const T* theta, con
   if (const cudaError_t e = allow_shared(fwd_kernel<T>, smem); e != cudaSuccess) return e;
   fwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, task_losses, query_preds, workspace,
-      launch.work_elems, launch.shared);
+      launch.work_elems, launch.shared, launch.tiles);
   return cudaGetLastError();
 }
 
@@ -297,7 +312,7 @@ cudaError_t launch_adapt(const Sizes& s, const Launch& launch, const T* theta, c
   const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
   if (const cudaError_t e = allow_shared(adapt_kernel<T>, smem); e != cudaSuccess) return e;
   adapt_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
-      s.net, s.T, s.Ns, static_cast<int>(s.K), theta, lr, data, thetas, workspace, launch.work_elems, launch.shared);
+      s.net, s.T, s.Ns, static_cast<int>(s.K), theta, lr, data, thetas, workspace, launch.work_elems, launch.shared, launch.tiles);
   return cudaGetLastError();
 }
 
@@ -333,7 +348,7 @@ cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, con
     bwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
         s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, g_task_losses,
         g_query_preds, first_order, static_cast<T*>(nullptr), static_cast<T*>(nullptr), part_theta,
-        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared);
+        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles);
     return cudaGetLastError();
   });
 }
@@ -349,7 +364,7 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
   if (const cudaError_t e = allow_shared(fwdbwd_kernel<T>, smem); e != cudaSuccess) return e;
   fwdbwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, first_order, task_losses, query_preds,
-      rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared);
+      rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles);
   return cudaGetLastError();
 }
 
@@ -369,7 +384,7 @@ cudaError_t launch_fwdbwd_sum(const Sizes& s, const Launch& launch, const T* the
     bwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
         s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, static_cast<const T*>(nullptr),
         static_cast<const T*>(nullptr), first_order, task_losses, query_preds, part_theta,
-        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared);
+        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles);
     return cudaGetLastError();
   });
 }

@@ -53,6 +53,7 @@ struct Launch {
   int64_t work_elems;    // workspace elements per block
   bool shared;           // workspace in dynamic shared memory (work_elems * itemsize bytes per block)
   int64_t global_elems;  // elements of global workspace the caller provides (0 when shared)
+  bool tiles;            // register tiles in the team products (FASTMAML_CUDA_TILES=0: one output per thread)
 };
 
 // `max_shared_bytes`: the dynamic shared memory one block of this GPU may opt into (a workspace up to it

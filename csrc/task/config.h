@@ -16,6 +16,15 @@
 #define FASTMAML_HD
 #endif
 
+// Unrolls a loop of a compile-time trip count (the register tiles of team_tiles.h must stay in
+// registers, which needs every index known): in device code and with clang. gcc (the host pass of nvcc
+// too) would warn of an unknown pragma, and unrolls such loops itself at -O3.
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__) || defined(__clang__)
+#define FASTMAML_UNROLL _Pragma("unroll")
+#else
+#define FASTMAML_UNROLL
+#endif
+
 // Host builds with gcc or clang use the compilers' generic vector types in the matrix products (see
 // gemm_nn_acc); CUDA device code, other compilers and -DFASTMAML_NO_HOST_VECTORS use plain loops.
 #if !defined(FASTMAML_NO_HOST_VECTORS) && !defined(__CUDACC__) && !defined(__HIPCC__) && \

@@ -6,6 +6,7 @@
 #include "config.h"
 #include "host_tiles.h"
 #include "team.h"
+#include "team_tiles.h"
 
 namespace fastmaml {
 namespace FASTMAML_TASK_NAMESPACE {
@@ -50,17 +51,13 @@ FASTMAML_HD inline void axpy(T a, const T* __restrict__ x, T* __restrict__ y, in
 // they are plain loops. Both sum in a fixed order (deterministic).
 
 // out[r, c] += alpha * sum_k a[r * ars + k * aks] * B[k * ldb + c]   (r < R, c < C, k < Kd)
-// A team of several threads: one owner per output element, summing over k in order.
+// A team of several threads: register tiles of the output per rank (team_tiles.h), k in order.
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void gemm_nn_acc(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t ars,
                                     int64_t aks, const T* __restrict__ B, int64_t ldb, T* __restrict__ out,
                                     int64_t ldo, const Team& tm = Team()) {
   if (tm.size() > 1) {
-    for_owned(tm, R, C, [&](int64_t r, int64_t c) {
-      T acc = 0;
-      for (int k = 0; k < Kd; ++k) acc += a[r * ars + k * aks] * B[k * ldb + c];
-      out[r * ldo + c] += alpha * acc;
-    });
+    team_gemm_nn(R, C, Kd, alpha, a, ars, aks, B, ldb, out, ldo, tm, tm.tile(R, C));
     return;
   }
 #ifdef FASTMAML_HOST_VECTORS
@@ -93,23 +90,14 @@ FASTMAML_HD inline void gemm_nn_acc(int R, int C, int Kd, T alpha, const T* __re
 }
 
 // out[r, c] += sum_k a[r * lda + k] * B[c * ldb + k]   (r < R, c < C, k < Kd): dot products of rows.
-// A team of several threads: one owner per output element. Neighbouring ranks own neighbouring elements
-// (for_owned), whose rows of B (or of a) lie ldb (lda) elements apart: read in the same k order, a warp's
-// loads would fall on a few shared-memory banks (ldb = 40 floats: 4 banks, an 8-way conflict). Each
-// element's sum starts at k = (r + c) mod Kd and wraps around instead, so neighbours read neighbouring
-// addresses; the order is still fixed for each element (deterministic), only not the serial one.
+// A team of several threads: register tiles of the output per rank (team_tiles.h), each tile's sums
+// starting at a rotated k so that a warp's reads of B fall on distinct shared-memory banks.
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ a, int64_t lda,
                                     const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo,
                                     const Team& tm = Team()) {
   if (tm.size() > 1) {
-    if (Kd <= 0) return;
-    for_owned(tm, R, C, [&](int64_t r, int64_t c) {
-      const T* ar = a + r * lda;
-      const T* bc = B + c * ldb;
-      const int s = static_cast<int>((r + c) % Kd);
-      out[r * ldo + c] += dot(ar + s, bc + s, Kd - s) + dot(ar, bc, s);
-    });
+    team_gemm_nt(R, C, Kd, a, lda, B, ldb, out, ldo, tm, tm.tile(R, C));
     return;
   }
 #ifdef FASTMAML_HOST_VECTORS

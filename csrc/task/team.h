@@ -1,12 +1,14 @@
 // fastmaml: teams, the threads that work on one task together, and the loops that share work over them.
 //
 // Every function of the per-task math takes a `Team` (last argument, default `SerialTeam`): the threads
-// that work on one task together. A team has `rank()`, `size()`, `sync()` (a barrier that also makes the team's
-// earlier writes visible to all of it) and `sum(x)` (a collective: every rank's `x` summed in rank
-// order, returned to every rank; it syncs). The loops are output-stationary: in each phase every output
-// element has one owner (`for_owned`, `for_each`), and a rank reads another rank's results only after
-// a sync. The layer functions and drivers may be entered when their inputs are visible to the whole
-// team, and sync before they return; the primitives (fill, copy, the matrix products, ...) do not sync.
+// that work on one task together. A team has `rank()`, `size()`, `sync()` (a barrier that also makes
+// the team's earlier writes visible to all of it), `sum(x)` (a collective: every rank's `x` summed in
+// rank order, returned to every rank; it syncs) and `tile(R, C)` (the register tile of its [R, C]
+// matrix products: team_tiles.h's pick_tile, or a fixed shape to compare). The loops are
+// output-stationary: in each phase every output element has one owner (`for_owned`, `for_each`, the
+// tiles), and a rank reads another rank's results only after a sync. The layer functions and drivers
+// may be entered when their inputs are visible to the whole team, and sync before they return; the
+// primitives (fill, copy, the matrix products, ...) do not sync.
 // The CPU runs `SerialTeam` (one thread per task: every sync is a no-op and the loops run as plain
 // loops, with the register-tiled products of products.h); the CUDA kernel runs a thread block
 // (csrc/cuda/maml_cuda.cu); tests/cuda_team_check.cpp runs std::threads and compares with SerialTeam.
@@ -27,6 +29,8 @@ struct SerialTeam {
   FASTMAML_HD T sum(T x) const {
     return x;
   }
+  // The register tile of a team product (team_tiles.h); a team of one runs products.h's own loops.
+  FASTMAML_HD static constexpr int tile(int, int) { return 0; }
 };
 
 // Calls f(r, c) for this rank's elements of a [rows, cols] array: element (r, c) belongs to rank

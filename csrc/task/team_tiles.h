@@ -1,0 +1,136 @@
+// fastmaml: the matrix products of a team of several threads (a CUDA thread block) in register tiles.
+//
+// With one output element per rank, every multiply-add of a product costs two loads from the workspace
+// (shared memory on a GPU): the load units, not the multipliers, bound the time. Here each rank owns a
+// tile of RB rows by CB columns of the output and keeps it in registers over the whole sum, so each
+// step of the sum loads RB + CB values for RB * CB multiply-adds (4 x 4: 8 loads for 16, against 32).
+// Offsets inside one product are 32-bit (fewer registers): a layer's operands span fewer than 2^31
+// elements.
+//
+// Ownership: the output [R, C] is cut into units of RB rows and CB columns; unit u (u = rank, rank +
+// size, ...) holds rows rb * RB + i (i < RB) and the interleaved columns g + G * j (j < CB, G = ceil(C /
+// CB) column groups), where rb = u / G and g = u mod G. Neighbouring ranks hold neighbouring columns for
+// every j, so a warp's reads of B's columns are consecutive addresses. Rows and columns past the output
+// are read at the last valid index (so every load is in bounds) and never written. Every element has
+// one owner and sums over k in one fixed order (deterministic).
+//
+// Which tile: `pick_tile` weighs the loads on the slowest rank (rounds of units) with the loads of the
+// whole team (what other blocks on the same multiprocessor compete for), both per step of the sum; a
+// small output keeps small tiles so that the team's threads stay busy.
+#pragma once
+
+#include "config.h"
+
+namespace fastmaml {
+namespace FASTMAML_TASK_NAMESPACE {
+inline namespace FASTMAML_IMPL_NAMESPACE {
+
+// Three square shapes. Each is instantiated at every product's call site, and with five (2 x 4 and 4 x
+// 2 too) the CUDA reverse sweep outgrew what nvcc inlines into its kernel and spilled 0.7-1 KiB per
+// thread (nvcc 13.0, sm_90a, -Xptxas -v); with these three the float32 reverse sweeps spill 0-4 bytes.
+enum TileShape : int { kTile1x1 = 0, kTile2x2 = 1, kTile4x4 = 2 };
+
+FASTMAML_HD inline int tile_size(int shape) { return shape == kTile4x4 ? 4 : shape == kTile2x2 ? 2 : 1; }
+
+// The tile of a [R, C] product for a team of `size` threads (see the file comment). Cost per step of the
+// sum, in loads: rounds * (RB + CB) on the slowest rank plus units * (RB + CB) / size for the team
+// (compared times size, in integers).
+FASTMAML_HD inline int pick_tile(int R, int C, int size) {
+  int best = kTile1x1;
+  int64_t best_cost = 0;
+  for (int shape = kTile1x1; shape <= kTile4x4; ++shape) {
+    const int t = tile_size(shape);
+    const int64_t units = int64_t((R + t - 1) / t) * ((C + t - 1) / t);
+    const int64_t rounds = (units + size - 1) / size;
+    const int64_t cost = (rounds * size + units) * (2 * t);
+    if (shape == kTile1x1 || cost < best_cost) {
+      best = shape;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+// out[r, c] += alpha * sum_k a[r * a_row + k * a_k] * B[c * b_col + k * b_k] over this rank's units.
+// Each unit's sums run k = s, s + 1, ..., Kd - 1, 0, ..., s - 1: s = 0, or with `rotate` s = (rb * RB + g)
+// mod Kd (see team_gemm_nt). Each element's order is fixed (deterministic).
+template <int RB, int CB, typename T, typename Team>
+FASTMAML_HD inline void team_tiles(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t a_row,
+                                   int64_t a_k, const T* __restrict__ B, int64_t b_col, int64_t b_k, bool rotate,
+                                   T* __restrict__ out, int64_t ldo, const Team& tm) {
+  if (Kd <= 0) return;
+  const int G = (C + CB - 1) / CB;
+  const int units = ((R + RB - 1) / RB) * G;
+  const int ak = static_cast<int>(a_k), bk = static_cast<int>(b_k);
+  for (int u = tm.rank(); u < units; u += tm.size()) {
+    const int rb = u / G, g = u - rb * G;
+    int ar[RB], bc[CB];  // offsets of the rows of a and the columns of B (32-bit: fewer registers)
+FASTMAML_UNROLL
+    for (int i = 0; i < RB; ++i) ar[i] = static_cast<int>((rb * RB + i < R ? rb * RB + i : R - 1) * a_row);
+FASTMAML_UNROLL
+    for (int j = 0; j < CB; ++j) bc[j] = static_cast<int>((g + G * j < C ? g + G * j : C - 1) * b_col);
+    T acc[RB][CB];
+FASTMAML_UNROLL
+    for (int i = 0; i < RB; ++i) {
+FASTMAML_UNROLL
+      for (int j = 0; j < CB; ++j) acc[i][j] = T(0);
+    }
+    int k = rotate ? (rb * RB + g) % Kd : 0;
+    for (int n = 0; n < Kd; ++n) {
+      T av[RB], bv[CB];
+FASTMAML_UNROLL
+      for (int i = 0; i < RB; ++i) av[i] = a[ar[i] + k * ak];
+FASTMAML_UNROLL
+      for (int j = 0; j < CB; ++j) bv[j] = B[bc[j] + k * bk];
+FASTMAML_UNROLL
+      for (int i = 0; i < RB; ++i) {
+FASTMAML_UNROLL
+        for (int j = 0; j < CB; ++j) acc[i][j] += av[i] * bv[j];
+      }
+      k = k + 1 == Kd ? 0 : k + 1;
+    }
+FASTMAML_UNROLL
+    for (int i = 0; i < RB; ++i) {
+      const int r = rb * RB + i;
+FASTMAML_UNROLL
+      for (int j = 0; j < CB; ++j) {
+        const int c = g + G * j;
+        if (r < R && c < C) out[r * ldo + c] += alpha * acc[i][j];
+      }
+    }
+  }
+}
+
+// The team products with the tile `shape` (the team's tile(R, C)). No sync.
+// out[r, c] += alpha * sum_k a[r * ars + k * aks] * B[k * ldb + c], k in order.
+template <typename T, typename Team>
+FASTMAML_HD inline void team_gemm_nn(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t ars,
+                                     int64_t aks, const T* __restrict__ B, int64_t ldb, T* __restrict__ out,
+                                     int64_t ldo, const Team& tm, int shape) {
+  if (R <= 0 || C <= 0) return;
+  switch (shape) {
+    case kTile4x4: team_tiles<4, 4>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, out, ldo, tm); break;
+    case kTile2x2: team_tiles<2, 2>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, out, ldo, tm); break;
+    default: team_tiles<1, 1>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, out, ldo, tm); break;
+  }
+}
+
+// out[r, c] += sum_k a[r * lda + k] * B[c * ldb + k]. The rows of B a warp reads here lie ldb elements
+// apart: read at the same k they would fall on few shared-memory banks (ldb = 40 floats: 4 banks, an
+// 8-way conflict). Each unit's sums start at k = (rb * RB + g) mod Kd and wrap around instead, so
+// neighbouring ranks read neighbouring addresses.
+template <typename T, typename Team>
+FASTMAML_HD inline void team_gemm_nt(int R, int C, int Kd, const T* __restrict__ a, int64_t lda,
+                                     const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo,
+                                     const Team& tm, int shape) {
+  if (R <= 0 || C <= 0) return;
+  switch (shape) {
+    case kTile4x4: team_tiles<4, 4>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, out, ldo, tm); break;
+    case kTile2x2: team_tiles<2, 2>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, out, ldo, tm); break;
+    default: team_tiles<1, 1>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, out, ldo, tm); break;
+  }
+}
+
+}  // namespace FASTMAML_IMPL_NAMESPACE
+}  // namespace FASTMAML_TASK_NAMESPACE
+}  // namespace fastmaml
