@@ -4,15 +4,16 @@
 #   benchmarks/gpu_check.sh [OUT_DIR]            # OUT_DIR defaults to $OUT, else ./gpu_out
 #   benchmarks/gpu_check.sh --dry-run [OUT_DIR]  # (or DRY_RUN=1) the CPU-side parts, on a machine without a GPU
 #   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) under 5 minutes: the G2/G3 GPU tests only (GPU
-#                                                # sizes, no synchronisation, CUDA graphs, compile), the A/B,
-#                                                # the overhead and a sweep at T in {25, 65536}
+#                                                # sizes, no synchronisation, CUDA graphs, compile), the
+#                                                # overhead, a sweep at T in {25, 65536}, the kernel profile
+#   AB_S=120 NCU_S=60 benchmarks/gpu_check.sh --quick   # also the A/B of the kernels' switches and ncu
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
 #
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
 # nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
 # Every stage has a time limit and the whole run ends within TOTAL_S (default 470 s). The output
-# folder gets at most 11 files: env.txt, build.log, ptxas.txt, tests.log, ab.txt, overhead.txt,
-# overhead.json, sweep.log, throughput.csv, throughput.png, summary.txt. The last thing printed is the compact summary table.
+# folder gets at most 12 files: env.txt, build.log, ptxas.txt, tests.log, ab.txt, profile.txt,
+# overhead.txt, overhead.json, sweep.log, throughput.csv, throughput.png, summary.txt. The last thing printed is the compact summary table.
 #
 # Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), CUDA_TESTS_S=100 and
 # TRITON_TESTS_S=120 (the GPU tests: tests/test_backends.py for each GPU backend,
@@ -20,7 +21,9 @@
 # NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed), the sweep gets
 # what is left of TOTAL_S minus a reserve for the summary. The tests log to tests.log (both runs).
 # GPU_TEST_BACKENDS (default "cuda triton") picks the backends tested, SWEEP_ARGS replaces the GPU
-# sweep's settings.
+# sweep's settings. AB_S=120 (0 in --quick) runs the A/B of the kernels' switches (ab.txt), PROFILE_S=60
+# (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu of one
+# backward launch (profile.txt).
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -30,7 +33,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) OUT_ARG="$arg" ;;
   esac
 done
@@ -48,7 +51,9 @@ if [ "$QUICK" = 1 ]; then
   TRITON_TESTS_S="${TRITON_TESTS_S:-40}"
   OVERHEAD_S="${OVERHEAD_S:-40}"
   OVERHEAD_ARGS="${OVERHEAD_ARGS:---seconds 1 --rounds 3}"
-  AB_S="${AB_S:-0}"  # the shared-memory A/B only when asked (AB_S=80): the sweep needs the time
+  AB_S="${AB_S:-0}"  # the A/B only when asked (AB_S=120): the sweep needs the time
+  PROFILE_S="${PROFILE_S:-45}"
+  NCU_S="${NCU_S:-0}"  # ncu only when asked (NCU_S=60)
 fi
 TOTAL_S="${TOTAL_S:-470}"
 BUILD_S="${BUILD_S:-180}"
@@ -97,6 +102,7 @@ stage "environment -> $DIR/env.txt (dry run: $DRY_RUN, commit $FASTMAML_COMMIT)"
     echo "nvidia-smi: not found"
   fi
   command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -2 || echo "nvcc: not found"
+  for tool in ncu nsys; do echo "$tool: $(command -v $tool || echo not found)"; done
   timeout 60 python - <<'EOF' || echo "python environment check failed"
 import sys, platform, torch
 print("python", sys.version.split()[0], platform.machine())
@@ -201,17 +207,34 @@ EOF
   grep -E "chosen|rejected: slower" "$DIR/tests.log" | tail -4
 fi
 
-# ---- shared-memory workspace A/B (G2) ----------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-80}" -gt 0 ]; then
-  stage "cuda at T=65536, W=40: workspace in opted-in shared memory vs global (limit ${AB_S:-80}s) -> $DIR/ab.txt"
-  for kb in default 44; do
-    echo "== FASTMAML_CUDA_SHARED_KB=$kb"
-    env $( [ "$kb" = default ] || echo FASTMAML_CUDA_SHARED_KB=$kb ) timeout $(( ${AB_S:-80} / 2 )) \
-      python benchmarks/bench_throughput.py --device cuda --order second --methods cuda vmap --tasks 65536 \
-      --steps 1 5 --width 40 --warmup 1 --repeats 5 --max-seconds 4 --out "/tmp/fastmaml_ab_$kb" 2>&1 | tail -8
-  done > "$DIR/ab.txt" 2>&1
-  grep -E "cuda|vmap" "$DIR/ab.txt" | head -12 | cut -c1-160
+# ---- A/B of the kernels' switches (G2) -----------------------------------------------------------
+# Each variant changes one setting from the default, at the large-batch cells of G2 (T=65,536, K in {1, 5},
+# W in {40, 128}); the defaults' own figures are the sweep's rows of the same cells. Variants: the CUDA
+# products with one output per thread (FASTMAML_CUDA_TILES=0, before the register tiles), the CUDA
+# workspace in global memory above 44 KiB (FASTMAML_CUDA_SHARED_KB=44, before the opt-in), Triton's
+# products on tensor cores (FASTMAML_TRITON_PRECISION=tf32x3; compiling its kernels takes part of the
+# time). AB_VARIANTS picks some ("tiles shared tf32x3"), AB_S is the time for all of them.
+if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-120}" -gt 0 ]; then
+  variants=(${AB_VARIANTS:-tiles shared tf32x3})
+  per=$(( ${AB_S:-120} / ${#variants[@]} ))
+  stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt"
+  : > "$DIR/ab.txt"
+  for v in "${variants[@]}"; do
+    case "$v" in
+      tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
+      shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
+      tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton ;;
+      *) echo "unknown A/B variant $v" >> "$DIR/ab.txt"; continue ;;
+    esac
+    echo "== $setting ($method; compare with the sweep's $method rows)" >> "$DIR/ab.txt"
+    env "$setting" timeout "$per" python benchmarks/bench_throughput.py --device cuda --order second \
+      --methods "$method" --tasks 65536 --steps 1 5 --width 40 128 --warmup 1 --repeats 3 --max-seconds 3 \
+      --out "/tmp/fastmaml_ab_$v" >> "$DIR/ab.txt" 2>&1
+    echo "exit code $?" >> "$DIR/ab.txt"
+  done
+  grep -E "^==|tasks/s|failed|exit" "$DIR/ab.txt" | head -20 | cut -c1-160
 fi
+
 [ -n "${PTXAS_PID:-}" ] && wait "$PTXAS_PID" && grep -c "Used" "$DIR/ptxas.txt" | sed 's/^/ptxas reports: /'
 
 # ---- per-call overhead (G3) ---------------------------------------------------------------------
@@ -225,7 +248,8 @@ if [ "$DRY_RUN" != 1 ]; then
 fi
 
 # ---- sweep -------------------------------------------------------------------------------------
-budget=$(left)
+# The profile below keeps its time (PROFILE_S, 60 s by default; 0 skips it).
+budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} ) ))
 if [ "$budget" -lt 30 ]; then
   stage "sweep: skipped, only ${budget}s left"
 else
@@ -238,6 +262,21 @@ else
   grep -E "failed|oom|Error" "$DIR/sweep.log" | head -8 | cut -c1-200
 fi
 
+# ---- where the time goes (G2) ------------------------------------------------------------------
+if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
+  stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${PROFILE_S:-60}s) -> $DIR/profile.txt"
+  ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda triton vmap \
+      --tasks 65536 --steps 5 --width 128 --warmup 1 --iters 2 ) > "$DIR/profile.txt" 2>&1
+  grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -6
+  if command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ]; then
+    stage "ncu of one cuda backward launch at T=8192 (limit ${NCU_S:-60}s) -> $DIR/profile.txt"
+    ( cd benchmarks && timeout "${NCU_S:-60}" ncu --kernel-name regex:"bwd_kernel" --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+        python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width 128 --warmup 0 --iters 1 \
+        --no-profiler ) >> "$DIR/profile.txt" 2>&1
+    echo "ncu exit code $?"
+  fi
+fi
 # ---- Triton registers and spills (G2) -------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ]; then
   stage "Triton kernel variants at the sweep's shapes: registers, spills (limit 30s) -> $DIR/ptxas.txt"

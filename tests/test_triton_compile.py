@@ -111,7 +111,7 @@ def _compile_all(variants: list[dict]) -> None:
             warps = tm.num_warps_for(v["dims"], v["n_support"], v["n_query"])
             kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             result = dict(ok=True, shared=kernel.metadata.shared, cubin_bytes=len(kernel.asm["cubin"]),
-                          num_warps=warps)
+                          num_warps=warps, mma=kernel.asm["ptx"].count("mma.sync"))
         except Exception as err:  # reported to the test, which fails with it
             result = dict(ok=False, error=f"{type(err).__name__}: {err}"[-4000:])
         result.update(name=_name(v), seconds=round(time.perf_counter() - start, 1))
@@ -200,3 +200,40 @@ def test_kernel_compiles_for_sm90(compiled, variant):
     assert result["shared"] <= SM90_MAX_SHARED, (
         f"{name} needs {result['shared']} bytes of shared memory; an sm_90 block has {SM90_MAX_SHARED}"
     )
+
+
+def _compile_in_subprocess(variants: list[dict], env_extra: dict, tmp_path) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.update(env_extra, TRITON_CACHE_DIR=str(tmp_path / "triton_cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(variants)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=1200)
+    results = {json.loads(line)["name"]: json.loads(line) for line in proc.stdout.splitlines()
+               if line.startswith("{")}
+    assert results, f"no compile results:\n{proc.stderr[-4000:]}"
+    return results
+
+
+def test_tf32x3_products_compile_to_tensor_cores(tmp_path):
+    """FASTMAML_TRITON_PRECISION=tf32x3 (the A/B's other value) compiles for sm_90, and its products are
+    tensor-core instructions where the default's are not."""
+    why = _nvidia_compiler_missing()
+    if why is not None:
+        pytest.skip(why)
+    variants = [_variant("fwd", "float32", [5, 21, 3], 10, 19, 0, 0),
+                _variant("bwd", "float32", [5, 21, 3], 10, 19, 1, 1, first_order=False)]
+    tf32x3 = _compile_in_subprocess(variants, {"FASTMAML_TRITON_PRECISION": "tf32x3"}, tmp_path)
+    ieee = _compile_in_subprocess(variants[:1], {"FASTMAML_TRITON_PRECISION": "ieee"}, tmp_path)
+    for name, result in tf32x3.items():
+        assert result["ok"], f"{name} does not compile with tf32x3:\n{result['error']}"
+        assert result["mma"] > 0, f"{name}: no mma.sync in the tf32x3 PTX"
+    assert all(r["ok"] and r["mma"] == 0 for r in ieee.values()), ieee
+
+
+def test_an_unknown_precision_is_refused():
+    env = dict(os.environ, FASTMAML_TRITON_PRECISION="tf32")
+    proc = subprocess.run([sys.executable, "-c", "import fastmaml.backends._triton_kernels"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "FASTMAML_TRITON_PRECISION must be one of ('ieee', 'tf32x3'), got 'tf32'" in proc.stderr

@@ -19,18 +19,29 @@ the same addresses by other threads of the program. Gradients summed over tasks 
 program into its own row of a partial-sum buffer (`[G, P]`, `[G, K, P]`), summed afterwards by torch:
 deterministic, no atomics.
 
-Matrix products use `tl.dot(..., input_precision=PRECISION)`, full float32 precision (see PRECISION).
+Matrix products use `tl.dot(..., input_precision=PRECISION)`, float32 accuracy either way (see PRECISION).
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-# float32 products in full float32 ("ieee": FMAs on the CUDA cores; "tf32" would cost about three
-# digits, and "tf32x3" compiled no faster here). The FMA products are unrolled per thread, which is
-# most of the compile time (10-100 s a variant on 2 cores). float64 ignores it (DMMA on sm_90).
-PRECISION: tl.constexpr = tl.constexpr("ieee")
+# How float32 products are computed, both float32-accurate: "ieee" (the default: FMAs on the CUDA
+# cores, unrolled per thread, most of the compile time: 10-100 s a variant on 2 cores) or "tf32x3"
+# (three TF32 tensor-core products of the split operands, hi*hi + hi*lo + lo*hi). Plain "tf32" would
+# lose about three digits and is not offered. Read once, when the kernels are defined, from
+# FASTMAML_TRITON_PRECISION, for `benchmarks/gpu_check.sh`'s A/B. Compiled for sm_90 here (Triton 3.6,
+# ptxas -v), the sinusoid net's backward kernel at 8 warps spills 1.8 KiB per thread with "ieee" and
+# 13.8 KiB with "tf32x3" (both at 255 registers): the split operands of the whole unrolled kernel do
+# not fit, so "tf32x3" stays opt-in until a GPU says otherwise. float64 ignores it.
+_PRECISIONS = ("ieee", "tf32x3")
+_precision = os.environ.get("FASTMAML_TRITON_PRECISION", "ieee").strip().lower() or "ieee"
+if _precision not in _PRECISIONS:
+    raise ValueError(f"FASTMAML_TRITON_PRECISION must be one of {_PRECISIONS}, got {_precision!r}")
+PRECISION: tl.constexpr = tl.constexpr(_precision)
 
 # ---------------------------------------------------------------------------------------------------
 # Small pieces (inlined by Triton)

@@ -1,0 +1,160 @@
+"""Registers and spills of the GPU kernels, compiled for a GPU on a machine without one.
+
+    python benchmarks/kernel_registers.py                     # CUDA kernels and the sinusoid net's Triton kernels
+    python benchmarks/kernel_registers.py --widths 40 128 --precisions ieee tf32x3
+    python benchmarks/kernel_registers.py --skip-cuda --arch 90
+
+What a kernel change does to register use and spills is the one figure of a GPU kernel's cost that this
+side of a GPU can measure: the CUDA kernels go through `nvcc -Xptxas -v` (every kernel of
+`csrc/cuda/maml_cuda.cu`, float32 and float64; about 3 minutes on 2 cores), the Triton kernels through
+`triton.compile` for the target and `ptxas -v` of their PTX (the 1-W-W-1 MLP with 10 + 10 points, mse,
+relu, second order with every gradient, float32; 2-60 s a variant). One line per kernel: registers per
+thread, bytes of spill stores and loads, stack frame. On a GPU, `benchmarks/gpu_check.sh` prints the
+same for the kernels it launched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_ENTRY = re.compile(r"(?:Compiling entry function|Function properties for) '?(\S+?)'?(?: for |$)")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+    """`ptxas -v` output -> {function: {registers, spill_stores, spill_loads, stack}}, kernels and the
+    device functions that were not inlined."""
+    out: dict[str, dict] = {}
+    name = None
+    for line in text.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            name = m.group(1)
+            out.setdefault(name, {})
+            continue
+        if name is None:
+            continue
+        m = _SPILL.search(line)
+        if m:
+            out[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = _USED.search(line)
+        if m:
+            out[name]["registers"] = int(m.group(1))
+    return out
+
+
+def short_name(mangled: str) -> str:
+    """`bwd_kernel<float>` from an Itanium-mangled CUDA kernel name; the name itself otherwise."""
+    m = re.search(r"\d+([a-z_]+_kernel)I([df])E", mangled)
+    if m:
+        return f"{m.group(1)}<{'float' if m.group(2) == 'f' else 'double'}>"
+    m = re.search(r"\d+(team_tiles|task_backward|task_forward)I", mangled)
+    return m.group(1) if m else mangled[:60]
+
+
+def line(name: str, r: dict) -> str:
+    return (f"{name:<40} {r.get('registers', '?'):>4} registers  spill stores {r.get('spill_stores', '?'):>5} B  "
+            f"loads {r.get('spill_loads', '?'):>5} B  stack {r.get('stack', '?'):>5} B")
+
+
+def cuda_report(arch: str) -> list[str]:
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not Path(nvcc).exists():
+        return ["cuda: nvcc not found"]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([nvcc, f"-arch=sm_{arch}", "-O3", "-Xptxas", "-v", "-c",
+                               str(ROOT / "csrc/cuda/maml_cuda.cu"), "-I", str(ROOT / "csrc"), "-o",
+                               str(Path(tmp) / "k.o")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return [f"cuda: nvcc failed:\n{proc.stderr[-3000:]}"]
+    lines = [f"== CUDA kernels, nvcc -O3 sm_{arch} ({time.perf_counter() - start:.0f} s)"]
+    for mangled, r in parse_ptxas(proc.stderr).items():
+        if "_kernel" in mangled:
+            lines.append(line(short_name(mangled), r))
+    outlined = [m for m in parse_ptxas(proc.stderr) if "_kernel" not in m]
+    if outlined:
+        lines.append(f"  (not inlined into their kernels: {sorted({short_name(m) for m in outlined})})")
+    return lines
+
+
+def _triton_child(spec: dict) -> None:
+    """Runs in a subprocess (TRITON_INTERPRET unset, the precision set before the kernels load)."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    sys.path.insert(0, str(ROOT))
+    from fastmaml.backends import triton_maml as tm
+
+    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    for kind in ("fwd", "bwd"):
+        dims = spec["dims"]
+        start = time.perf_counter()
+        consts = tm.kernel_constants(kind, dims, 10, 10, 0, 0)
+        warps = tm.num_warps_for(dims, 10, 10)
+        kernel = triton.compile(tm.ast_source(kind, torch.float32, consts),
+                                target=GPUTarget("cuda", spec["arch"], 32), options={"num_warps": warps})
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = Path(tmp) / "k.ptx"
+            ptx.write_text(kernel.asm["ptx"])
+            proc = subprocess.run([ptxas, f"-arch=sm_{spec['arch']}a", "-v", str(ptx), "-o", str(Path(tmp) / "k.o")],
+                                  capture_output=True, text=True)
+        parsed = list(parse_ptxas(proc.stderr).values())
+        print(json.dumps(dict(kind=kind, warps=warps, seconds=round(time.perf_counter() - start),
+                              report=parsed[0] if parsed else {}, error=None if parsed else proc.stderr[-2000:])),
+              flush=True)
+
+
+def triton_report(widths: list[int], precisions: list[str], arch: int) -> list[str]:
+    lines = []
+    for precision in precisions:
+        for width in widths:
+            env = dict(os.environ, FASTMAML_TRITON_PRECISION=precision)
+            env.pop("TRITON_INTERPRET", None)
+            spec = dict(dims=[1, width, width, 1], arch=arch)
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                                  capture_output=True, text=True)
+            results = [json.loads(s) for s in proc.stdout.splitlines() if s.startswith("{")]
+            if not results:
+                lines.append(f"triton {precision} W={width}: failed:\n{proc.stderr[-2000:]}")
+            for r in results:
+                name = f"triton {r['kind']} W={width} {precision} {r['warps']}w ({r['seconds']} s)"
+                lines.append(line(name, r["report"]) if r["error"] is None else f"{name}: {r['error']}")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="90", help="compute capability, digits only (90: H100/H200)")
+    p.add_argument("--widths", type=int, nargs="+", default=[40])
+    p.add_argument("--precisions", nargs="+", default=["ieee"], choices=["ieee", "tf32x3"])
+    p.add_argument("--skip-cuda", action="store_true")
+    p.add_argument("--skip-triton", action="store_true")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _triton_child(json.loads(args.child))
+        return 0
+    if not args.skip_cuda:
+        print("\n".join(cuda_report(args.arch + ("a" if args.arch == "90" else ""))), flush=True)
+    if not args.skip_triton:
+        print(f"== Triton kernels, sm_{args.arch}, float32, 1-W-W-1, 10 + 10 points", flush=True)
+        print("\n".join(triton_report(args.widths, args.precisions, int(args.arch))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

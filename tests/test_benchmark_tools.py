@@ -1,0 +1,43 @@
+"""The GPU-side measuring tools that can run here: the ptxas report parser of
+benchmarks/kernel_registers.py, and benchmarks/profile_kernels.py on the CPU (on a GPU,
+benchmarks/gpu_check.sh runs both)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import kernel_registers  # noqa: E402
+
+PTXAS = """\
+ptxas info    : Compiling entry function '_ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfEEvNS_4task6scalar3NetEll' for 'sm_90a'
+ptxas info    : Function properties for _ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfEEvNS_4task6scalar3NetEll
+    64 bytes stack frame, 80 bytes spill stores, 124 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 64 bytes cumulative stack size, 1024 bytes smem
+ptxas info    : Compiling entry function '_ZN8fastmaml4cuda45_GLOBAL__N__x17column_sum_kernelIdEEvPKT_' for 'sm_90a'
+ptxas info    : Function properties for _ZN8fastmaml4cuda45_GLOBAL__N__x17column_sum_kernelIdEEvPKT_
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 4096 bytes smem
+"""
+
+
+def test_ptxas_report_is_read_per_kernel():
+    parsed = kernel_registers.parse_ptxas(PTXAS)
+    by_name = {kernel_registers.short_name(k): v for k, v in parsed.items()}
+    assert by_name == {
+        "bwd_kernel<float>": dict(registers=168, spill_stores=80, spill_loads=124, stack=64),
+        "column_sum_kernel<double>": dict(registers=32, spill_stores=0, spill_loads=0, stack=0),
+    }
+
+
+def test_profile_runs_on_the_cpu():
+    proc = subprocess.run([sys.executable, "profile_kernels.py", "--device", "cpu", "--methods", "cpu", "vmap",
+                           "--tasks", "5", "--steps", "1", "--width", "7", "--warmup", "1", "--iters", "1"],
+                          cwd=BENCH, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cpu: " in proc.stdout and "vmap: " in proc.stdout and "ms per iteration" in proc.stdout
+    assert "no GPU kernels recorded" in proc.stdout
