@@ -6,7 +6,7 @@
 #   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) under 5 minutes: the G2/G3 GPU tests only (GPU
 #                                                # sizes, no synchronisation, CUDA graphs, compile), the
 #                                                # overhead, a sweep at T in {25, 65536}, the kernel profile
-#   AB_S=120 NCU_S=60 benchmarks/gpu_check.sh --quick   # also the A/B of the kernels' switches and ncu
+#   AB_S=160 NCU_S=60 benchmarks/gpu_check.sh --quick   # also the A/B of the kernels' switches and ncu
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
 #
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
@@ -21,7 +21,7 @@
 # NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed), the sweep gets
 # what is left of TOTAL_S minus a reserve for the summary. The tests log to tests.log (both runs).
 # GPU_TEST_BACKENDS (default "cuda triton") picks the backends tested, SWEEP_ARGS replaces the GPU
-# sweep's settings. AB_S=120 (0 in --quick) runs the A/B of the kernels' switches (ab.txt), PROFILE_S=60
+# sweep's settings. AB_S=160 (0 in --quick) runs the A/B of the kernels' switches (ab.txt), PROFILE_S=60
 # (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu of one
 # backward launch (profile.txt).
 set -uo pipefail
@@ -51,7 +51,7 @@ if [ "$QUICK" = 1 ]; then
   TRITON_TESTS_S="${TRITON_TESTS_S:-40}"
   OVERHEAD_S="${OVERHEAD_S:-40}"
   OVERHEAD_ARGS="${OVERHEAD_ARGS:---seconds 1 --rounds 3}"
-  AB_S="${AB_S:-0}"  # the A/B only when asked (AB_S=120): the sweep needs the time
+  AB_S="${AB_S:-0}"  # the A/B only when asked (AB_S=160): the sweep needs the time
   PROFILE_S="${PROFILE_S:-45}"
   NCU_S="${NCU_S:-0}"  # ncu only when asked (NCU_S=60)
 fi
@@ -213,16 +213,19 @@ fi
 # products with one output per thread (FASTMAML_CUDA_TILES=0, before the register tiles), the CUDA
 # workspace in global memory above 44 KiB (FASTMAML_CUDA_SHARED_KB=44, before the opt-in), Triton's
 # products on tensor cores (FASTMAML_TRITON_PRECISION=tf32x3; compiling its kernels takes part of the
-# time). AB_VARIANTS picks some ("tiles shared tf32x3"), AB_S is the time for all of them.
-if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-120}" -gt 0 ]; then
-  variants=(${AB_VARIANTS:-tiles shared tf32x3})
-  per=$(( ${AB_S:-120} / ${#variants[@]} ))
+# time), Triton's float32 products reduced in chunks of 32 (FASTMAML_TRITON_K_CHUNK=32: fewer spills,
+# slower to compile).
+# AB_VARIANTS picks some ("tiles shared kchunk tf32x3"), AB_S is the time for all of them.
+if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-160}" -gt 0 ]; then
+  variants=(${AB_VARIANTS:-tiles shared kchunk tf32x3})
+  per=$(( ${AB_S:-160} / ${#variants[@]} ))
   stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt"
   : > "$DIR/ab.txt"
   for v in "${variants[@]}"; do
     case "$v" in
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
+      kchunk) setting=FASTMAML_TRITON_K_CHUNK=32; method=triton ;;
       tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton ;;
       *) echo "unknown A/B variant $v" >> "$DIR/ab.txt"; continue ;;
     esac

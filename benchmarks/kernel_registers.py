@@ -2,7 +2,8 @@
 
     python benchmarks/kernel_registers.py                     # CUDA kernels and the sinusoid net's Triton kernels
     python benchmarks/kernel_registers.py --widths 40 128 --precisions ieee tf32x3
-    python benchmarks/kernel_registers.py --skip-cuda --arch 90
+    python benchmarks/kernel_registers.py --skip-cuda --widths 128 --warps 16
+    FASTMAML_TRITON_K_CHUNK=0 python benchmarks/kernel_registers.py --skip-cuda   # the kernels' switches apply
 
 What a kernel change does to register use and spills is the one figure of a GPU kernel's cost that this
 side of a GPU can measure: the CUDA kernels go through `nvcc -Xptxas -v` (every kernel of
@@ -104,7 +105,7 @@ def _triton_child(spec: dict) -> None:
         dims = spec["dims"]
         start = time.perf_counter()
         consts = tm.kernel_constants(kind, dims, 10, 10, 0, 0)
-        warps = tm.num_warps_for(dims, 10, 10)
+        warps = spec["warps"] or tm.num_warps_for(dims, 10, 10)
         kernel = triton.compile(tm.ast_source(kind, torch.float32, consts),
                                 target=GPUTarget("cuda", spec["arch"], 32), options={"num_warps": warps})
         with tempfile.TemporaryDirectory() as tmp:
@@ -118,13 +119,13 @@ def _triton_child(spec: dict) -> None:
               flush=True)
 
 
-def triton_report(widths: list[int], precisions: list[str], arch: int) -> list[str]:
+def triton_report(widths: list[int], precisions: list[str], arch: int, warps: int = 0) -> list[str]:
     lines = []
     for precision in precisions:
         for width in widths:
             env = dict(os.environ, FASTMAML_TRITON_PRECISION=precision)
             env.pop("TRITON_INTERPRET", None)
-            spec = dict(dims=[1, width, width, 1], arch=arch)
+            spec = dict(dims=[1, width, width, 1], arch=arch, warps=warps)
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                                   capture_output=True, text=True)
             results = [json.loads(s) for s in proc.stdout.splitlines() if s.startswith("{")]
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="90", help="compute capability, digits only (90: H100/H200)")
     p.add_argument("--widths", type=int, nargs="+", default=[40])
     p.add_argument("--precisions", nargs="+", default=["ieee"], choices=["ieee", "tf32x3"])
+    p.add_argument("--warps", type=int, default=0, help="Triton warps per program (0: the backend's choice)")
     p.add_argument("--skip-cuda", action="store_true")
     p.add_argument("--skip-triton", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
         print("\n".join(cuda_report(args.arch + ("a" if args.arch == "90" else ""))), flush=True)
     if not args.skip_triton:
         print(f"== Triton kernels, sm_{args.arch}, float32, 1-W-W-1, 10 + 10 points", flush=True)
-        print("\n".join(triton_report(args.widths, args.precisions, int(args.arch))), flush=True)
+        print("\n".join(triton_report(args.widths, args.precisions, int(args.arch), args.warps)), flush=True)
     return 0
 
 

@@ -215,6 +215,19 @@ def _compile_in_subprocess(variants: list[dict], env_extra: dict, tmp_path) -> d
     return results
 
 
+def test_products_in_chunks_compile(tmp_path):
+    """FASTMAML_TRITON_K_CHUNK=32 (the A/B's other value) compiles for sm_90: float32 with width and
+    points padded to 64 (chunked products), float64 (never chunked)."""
+    why = _nvidia_compiler_missing()
+    if why is not None:
+        pytest.skip(why)
+    variants = [_variant("fwd", "float32", [2, 37, 3], 33, 5, 0, 1),
+                _variant("bwd", "float32", [2, 37, 3], 33, 5, 0, 1),
+                _variant("fwd", "float64", [2, 37, 3], 33, 5, 1, 0)]
+    for name, result in _compile_in_subprocess(variants, {"FASTMAML_TRITON_K_CHUNK": "32"}, tmp_path).items():
+        assert result["ok"], f"{name} does not compile with chunks of 32:\n{result['error']}"
+
+
 def test_tf32x3_products_compile_to_tensor_cores(tmp_path):
     """FASTMAML_TRITON_PRECISION=tf32x3 (the A/B's other value) compiles for sm_90, and its products are
     tensor-core instructions where the default's are not."""
@@ -231,9 +244,14 @@ def test_tf32x3_products_compile_to_tensor_cores(tmp_path):
     assert all(r["ok"] and r["mma"] == 0 for r in ieee.values()), ieee
 
 
-def test_an_unknown_precision_is_refused():
-    env = dict(os.environ, FASTMAML_TRITON_PRECISION="tf32")
+@pytest.mark.parametrize("name,value,message", [
+    ("FASTMAML_TRITON_PRECISION", "tf32", "FASTMAML_TRITON_PRECISION must be one of ('ieee', 'tf32x3'), got 'tf32'"),
+    ("FASTMAML_TRITON_K_CHUNK", "24", "FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got 24"),
+    ("FASTMAML_TRITON_K_CHUNK", "8", "FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got 8"),
+])
+def test_a_bad_kernel_switch_is_refused(name, value, message):
+    env = dict(os.environ, **{name: value})
     proc = subprocess.run([sys.executable, "-c", "import fastmaml.backends._triton_kernels"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "FASTMAML_TRITON_PRECISION must be one of ('ieee', 'tf32x3'), got 'tf32'" in proc.stderr
+    assert message in proc.stderr

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +155,9 @@ CASES = [
     dict(dims=(3, 6, 2), K=2, lr="per_step", loss="mse", activation="tanh", query_loss_weights=True),
     dict(dims=(3, 5, 4), K=2, lr="float", loss="cross_entropy", activation="relu", query_loss_weights=True,
          first_order=True),
+    # a width and a point count padded to 64 (with FASTMAML_TRITON_K_CHUNK=32, products reduced in chunks)
+    dict(dims=(2, 37, 3), n_support=33, n_query=5, K=1, lr="per_parameter", loss="mse", activation="tanh",
+         tasks=2),
 ]
 
 
@@ -171,6 +176,17 @@ def test_matches_reference_float32(case):
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=[_id(CASES[1]), _id(CASES[4])])
 def test_matches_reference_float64(case):
     run_both(**case, dtype=F64, seed=100 + CASES.index(case))
+
+
+def test_products_in_chunks_match_reference():
+    """FASTMAML_TRITON_K_CHUNK=32 (read when the kernels are defined, so in a fresh process): the
+    products of the width-37 case (padded to 64) reduce in two chunks, and still match the reference."""
+    case = CASES[-1]
+    env = dict(os.environ, FASTMAML_TRITON_K_CHUNK="32")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{__file__}::test_matches_reference_float32[{_id(case)}]"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
 def test_several_tasks_per_program(monkeypatch):

@@ -19,51 +19,19 @@ the same addresses by other threads of the program. Gradients summed over tasks 
 program into its own row of a partial-sum buffer (`[G, P]`, `[G, K, P]`), summed afterwards by torch:
 deterministic, no atomics.
 
-Matrix products use `tl.dot(..., input_precision=PRECISION)`, float32 accuracy either way (see PRECISION).
+Matrix products are `_triton_products.py`'s: `tl.dot`, float32-accurate, in one piece or chunks along K.
 """
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-# How float32 products are computed, both float32-accurate: "ieee" (the default: FMAs on the CUDA
-# cores, unrolled per thread, most of the compile time: 10-100 s a variant on 2 cores) or "tf32x3"
-# (three TF32 tensor-core products of the split operands, hi*hi + hi*lo + lo*hi). Plain "tf32" would
-# lose about three digits and is not offered. Read once, when the kernels are defined, from
-# FASTMAML_TRITON_PRECISION, for `benchmarks/gpu_check.sh`'s A/B. Compiled for sm_90 here (Triton 3.6,
-# ptxas -v), the sinusoid net's backward kernel at 8 warps spills 1.8 KiB per thread with "ieee" and
-# 13.8 KiB with "tf32x3" (both at 255 registers): the split operands of the whole unrolled kernel do
-# not fit, so "tf32x3" stays opt-in until a GPU says otherwise. float64 ignores it.
-_PRECISIONS = ("ieee", "tf32x3")
-_precision = os.environ.get("FASTMAML_TRITON_PRECISION", "ieee").strip().lower() or "ieee"
-if _precision not in _PRECISIONS:
-    raise ValueError(f"FASTMAML_TRITON_PRECISION must be one of {_PRECISIONS}, got {_precision!r}")
-PRECISION: tl.constexpr = tl.constexpr(_precision)
+from ._triton_products import _mm, _mm_nt, _mm_tn
 
 # ---------------------------------------------------------------------------------------------------
 # Small pieces (inlined by Triton)
 # ---------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _mm(a, b):
-    """`a [M, K] @ b [K, N]` in full precision."""
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _mm_nt(a, b):
-    """`a [M, K] @ b[N, K]^T`."""
-    return tl.dot(a, tl.trans(b), input_precision=PRECISION)
-
-
-@triton.jit
-def _mm_tn(a, b):
-    """`a[K, M]^T @ b [K, N]`."""
-    return tl.dot(tl.trans(a), b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -322,25 +290,29 @@ def _hvp_update(cur, lrk, v_in, v_out, hs, ds, bps, p, N, offs, dims, pads,
             w = _load_weight(cur, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
             rz += _mm_nt(rzs[i - 1] * _dact(hs[i], ACT), w)
         rzs = rzs + (rz,)
-    # Tangents backward: H u layer by layer.
+    # Tangents backward: H u layer by layer. Ordered so that at most two weight-sized blocks are live at
+    # a time (at width 128 one such block takes 64 registers a thread at 8 warps): H u's weight block is
+    # applied to v and dropped before W and lr * v are loaded again for the next layer's tangent.
     rd = _loss_hvp(rzs[DEPTH - 1], p, N, dims[DEPTH], BN, pads[DEPTH], LOSS)
     for i in tl.static_range(DEPTH - 1, -1, -1):
-        w = _load_weight(cur, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
-        vw, vbias = _load_layer(v_in, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
-        lw = _load_weight(lrk, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
-        uw = lw * vw
         hu_w = _mm_tn(rd, hs[i])
         if i > 0:
             hu_w += _mm_tn(ds[i], rzs[i - 1] * _dact(hs[i], ACT))
         hu_b = tl.sum(rd, axis=0)
+        vw, vbias = _load_layer(v_in, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
         _store_layer(v_out, offs[i], dims[i + 1], dims[i], vw - hu_w, vbias - hu_b, pads[i + 1], pads[i])
+        w = _load_weight(cur, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
+        back = _mm(rd, w)
+        uw = (_load_weight(lrk, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
+              * _load_weight(v_in, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i]))
+        back += _mm(ds[i], uw)
         if i > 0:
-            rd_next = (_mm(rd, w) + _mm(ds[i], uw)) * _dact(hs[i], ACT)
+            rd_next = back * _dact(hs[i], ACT)
             if ACT == 1:
                 rd_next += bps[i - 1] * _ddact(hs[i], ACT) * rzs[i - 1]
             rd = rd_next
         else:
-            gx = -(_mm(rd, w) + _mm(ds[0], uw))
+            gx = -back
     return gx
 
 

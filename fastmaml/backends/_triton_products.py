@@ -1,0 +1,95 @@
+"""The matrix products of the Triton kernels (`_triton_kernels.py`), and the two settings of how they are
+computed: PRECISION and K_CHUNK, each read once from the environment when the kernels are defined (for
+the A/B of `benchmarks/gpu_check.sh`; docs/kernels.md lists the switches). Imported only with the kernels,
+after `TRITON_INTERPRET` is settled (see `_triton_kernels.py`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# How float32 products are computed, both float32-accurate: "ieee" (the default: FMAs on the CUDA
+# cores, unrolled per thread, most of the compile time: 10-100 s a variant on 2 cores) or "tf32x3"
+# (three TF32 tensor-core products of the split operands, hi*hi + hi*lo + lo*hi). Plain "tf32" would
+# lose about three digits and is not offered. Read once, when the kernels are defined, from
+# FASTMAML_TRITON_PRECISION, for `benchmarks/gpu_check.sh`'s A/B. Compiled for sm_90 here (Triton 3.6,
+# ptxas -v), the sinusoid net's backward kernel at 8 warps spills 1.8 KiB per thread with "ieee" and
+# 13.8 KiB with "tf32x3" (both at 255 registers): the split operands of the whole unrolled kernel do
+# not fit, so "tf32x3" stays opt-in until a GPU says otherwise. float64 ignores it.
+_PRECISIONS = ("ieee", "tf32x3")
+_precision = os.environ.get("FASTMAML_TRITON_PRECISION", "ieee").strip().lower() or "ieee"
+if _precision not in _PRECISIONS:
+    raise ValueError(f"FASTMAML_TRITON_PRECISION must be one of {_PRECISIONS}, got {_precision!r}")
+PRECISION: tl.constexpr = tl.constexpr(_precision)
+
+
+# The float32 products' reduction dimension in chunks of K_CHUNK, summed in K order (the same sums as
+# one product), or in one piece (0, the default). Triton's FMA products hold whole rows of both operands
+# along K in each thread; in chunks they hold K_CHUNK at a time. Compiled for sm_90 (ptxas -v, 8 warps),
+# chunks of 32 against one piece: the 1-128-128-1 net's forward kernel spills 2.4 KiB per thread instead
+# of 23.9 KiB (255 registers instead of ptxas's 32-register fallback), the 1-40-40-1 backward 1.2 KiB
+# instead of 1.8 KiB; the 1-128-128-1 backward stays at 32 registers and ~70 KiB of spills either way.
+# Not the default: compiling the largest kernels takes 2-3x longer (the 4-layer width-128 backward 487 s
+# against ~200 s on 2 cores) and whether it runs faster is for the GPU check's A/B. float64 products
+# (DMMA on sm_90, no such replication) are never chunked. Read once, like PRECISION, from
+# FASTMAML_TRITON_K_CHUNK.
+_k_chunk = int(os.environ.get("FASTMAML_TRITON_K_CHUNK", "0"))
+if _k_chunk != 0 and (_k_chunk < 16 or _k_chunk & (_k_chunk - 1)):
+    raise ValueError(f"FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got {_k_chunk}")
+K_CHUNK: tl.constexpr = tl.constexpr(_k_chunk)
+
+
+@triton.jit
+def _split_cols(x):
+    """`x [R, C]` -> `(x[:, :C/2], x[:, C/2:])`."""
+    R: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, [R, 2, C // 2]), [0, 2, 1]))
+
+
+@triton.jit
+def _split_rows(x):
+    """`x [R, C]` -> `(x[:R/2], x[R/2:])`."""
+    R: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, [2, R // 2, C]), [1, 2, 0]))
+
+
+@triton.jit
+def _mm(a, b):
+    """`a [M, K] @ b [K, N]`; float32 with K_CHUNK > 0: K in chunks accumulated in K order (the sum's
+    order is that of one product over all of K)."""
+    K: tl.constexpr = a.shape[1]
+    N_CHUNKS: tl.constexpr = K // K_CHUNK if (K_CHUNK > 0 and K > K_CHUNK and a.dtype == tl.float32) else 1
+    pa = (a,)
+    pb = (b,)
+    for level in tl.static_range(6):  # halves until the chunk size (K up to 64 chunks)
+        if N_CHUNKS > 1 and pa[0].shape[1] > K_CHUNK:
+            na = ()
+            nb = ()
+            for i in tl.static_range(2 ** level):
+                a0, a1 = _split_cols(pa[i])
+                b0, b1 = _split_rows(pb[i])
+                na = na + (a0, a1)
+                nb = nb + (b0, b1)
+            pa = na
+            pb = nb
+    acc = tl.dot(pa[0], pb[0], input_precision=PRECISION)
+    for i in tl.static_range(1, N_CHUNKS):
+        acc = tl.dot(pa[i], pb[i], acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _mm_nt(a, b):
+    """`a [M, K] @ b[N, K]^T`."""
+    return _mm(a, tl.trans(b))
+
+
+@triton.jit
+def _mm_tn(a, b):
+    """`a[K, M]^T @ b [K, N]`."""
+    return _mm(tl.trans(a), b)
