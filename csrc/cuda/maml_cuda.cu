@@ -7,9 +7,9 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 
 namespace fastmaml {
@@ -312,7 +312,8 @@ cudaError_t launch_adapt(const Sizes& s, const Launch& launch, const T* theta, c
   const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
   if (const cudaError_t e = allow_shared(adapt_kernel<T>, smem); e != cudaSuccess) return e;
   adapt_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
-      s.net, s.T, s.Ns, static_cast<int>(s.K), theta, lr, data, thetas, workspace, launch.work_elems, launch.shared, launch.tiles);
+      s.net, s.T, s.Ns, static_cast<int>(s.K), theta, lr, data, thetas, workspace, launch.work_elems, launch.shared,
+      launch.tiles);
   return cudaGetLastError();
 }
 
