@@ -234,10 +234,9 @@ def test_tf32x3_products_compile_to_tensor_cores(tmp_path):
     why = _nvidia_compiler_missing()
     if why is not None:
         pytest.skip(why)
-    variants = [_variant("fwd", "float32", [5, 21, 3], 10, 19, 0, 0),
-                _variant("bwd", "float32", [5, 21, 3], 10, 19, 1, 1, first_order=False)]
+    variants = [_variant("fwd", "float32", [5, 21, 3], 10, 19, 1, 1)]  # its products show the instructions
     tf32x3 = _compile_in_subprocess(variants, {"FASTMAML_TRITON_PRECISION": "tf32x3"}, tmp_path)
-    ieee = _compile_in_subprocess(variants[:1], {"FASTMAML_TRITON_PRECISION": "ieee"}, tmp_path)
+    ieee = _compile_in_subprocess(variants, {"FASTMAML_TRITON_PRECISION": "ieee"}, tmp_path)
     for name, result in tf32x3.items():
         assert result["ok"], f"{name} does not compile with tf32x3:\n{result['error']}"
         assert result["mma"] > 0, f"{name}: no mma.sync in the tf32x3 PTX"
