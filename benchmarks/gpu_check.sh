@@ -6,7 +6,8 @@
 #   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) under 5 minutes: the G2/G3 GPU tests only (GPU
 #                                                # sizes, no synchronisation, CUDA graphs, compile), the
 #                                                # overhead, a sweep at T in {25, 65536}, the kernel profile
-#   AB_S=160 NCU_S=60 benchmarks/gpu_check.sh --quick   # also the A/B of the kernels' switches and ncu
+#   AB_S=160 NCU_S=60 SKIP_TESTS=1 benchmarks/gpu_check.sh --quick   # a second run: the A/B of the kernels'
+#                                                # switches and ncu, without the tests again
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
 #
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
@@ -21,7 +22,7 @@
 # NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed), the sweep gets
 # what is left of TOTAL_S minus a reserve for the summary. The tests log to tests.log (both runs).
 # GPU_TEST_BACKENDS (default "cuda triton") picks the backends tested, SWEEP_ARGS replaces the GPU
-# sweep's settings. AB_S=160 (0 in --quick) runs the A/B of the kernels' switches (ab.txt), PROFILE_S=60
+# sweep's settings. AB_S=160 (only when set) runs the A/B of the kernels' switches (ab.txt), PROFILE_S=60
 # (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu of one
 # backward launch (profile.txt).
 set -uo pipefail
@@ -33,7 +34,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) OUT_ARG="$arg" ;;
   esac
 done
@@ -51,7 +52,6 @@ if [ "$QUICK" = 1 ]; then
   TRITON_TESTS_S="${TRITON_TESTS_S:-40}"
   OVERHEAD_S="${OVERHEAD_S:-40}"
   OVERHEAD_ARGS="${OVERHEAD_ARGS:---seconds 1 --rounds 3}"
-  AB_S="${AB_S:-0}"  # the A/B only when asked (AB_S=160): the sweep needs the time
   PROFILE_S="${PROFILE_S:-45}"
   NCU_S="${NCU_S:-0}"  # ncu only when asked (NCU_S=60)
 fi
@@ -154,7 +154,9 @@ if command -v nvcc >/dev/null 2>&1; then
 fi
 
 # ---- tests -------------------------------------------------------------------------------------
-if [ "$DRY_RUN" = 1 ]; then
+if [ "${SKIP_TESTS:-0}" = 1 ]; then
+  stage "tests: skipped (SKIP_TESTS=1)"
+elif [ "$DRY_RUN" = 1 ]; then
   stage "tests: collection only in a dry run (limit ${TESTS_S}s) -> $DIR/tests.log"
   timeout "$TESTS_S" python -m pytest tests -q --co > "$DIR/tests.log" 2>&1
   echo "tests exit code $?"
@@ -216,9 +218,9 @@ fi
 # time), Triton's float32 products reduced in chunks of 32 (FASTMAML_TRITON_K_CHUNK=32: fewer spills,
 # slower to compile).
 # AB_VARIANTS picks some ("tiles shared kchunk tf32x3"), AB_S is the time for all of them.
-if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-160}" -gt 0 ]; then
+if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ]; then
   variants=(${AB_VARIANTS:-tiles shared kchunk tf32x3})
-  per=$(( ${AB_S:-160} / ${#variants[@]} ))
+  per=$(( AB_S / ${#variants[@]} ))
   stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt"
   : > "$DIR/ab.txt"
   for v in "${variants[@]}"; do
@@ -268,7 +270,8 @@ fi
 # ---- where the time goes (G2) ------------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
   stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${PROFILE_S:-60}s) -> $DIR/profile.txt"
-  ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda triton vmap \
+  # triton last: at this width it is the slowest by far, and the limit may end it.
+  ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda vmap triton \
       --tasks 65536 --steps 5 --width 128 --warmup 1 --iters 2 ) > "$DIR/profile.txt" 2>&1
   grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -6
   if command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ]; then
@@ -280,6 +283,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
     echo "ncu exit code $?"
   fi
 fi
+
 # ---- Triton registers and spills (G2) -------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ]; then
   stage "Triton kernel variants at the sweep's shapes: registers, spills (limit 30s) -> $DIR/ptxas.txt"
