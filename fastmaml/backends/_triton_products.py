@@ -32,10 +32,11 @@ PRECISION: tl.constexpr = tl.constexpr(_precision)
 # chunks of 32 against one piece: the 1-128-128-1 net's forward kernel spills 2.4 KiB per thread instead
 # of 23.9 KiB (255 registers instead of ptxas's 32-register fallback), the 1-40-40-1 backward 1.2 KiB
 # instead of 1.8 KiB; the 1-128-128-1 backward stays at 32 registers and ~70 KiB of spills either way.
-# Not the default: compiling the largest kernels takes 2-3x longer (the 4-layer width-128 backward 487 s
-# against ~200 s on 2 cores) and whether it runs faster is for the GPU check's A/B. float64 products
-# (DMMA on sm_90, no such replication) are never chunked. Read once, like PRECISION, from
-# FASTMAML_TRITON_K_CHUNK.
+# Not the default until a GPU measures it (the GPU check's A/B): each chunk's operands change layout
+# through shared memory, which may cost more than the spills it saves. Compile time is about the same
+# (the 4-layer width-128 backward: 487 s chunked, 457 s not, each beside another compile on 2 cores).
+# float64 products (DMMA on sm_90, no such replication) are never chunked: they failed to compile in
+# chunks. Read once, like PRECISION, from FASTMAML_TRITON_K_CHUNK.
 _k_chunk = int(os.environ.get("FASTMAML_TRITON_K_CHUNK", "0"))
 if _k_chunk != 0 and (_k_chunk < 16 or _k_chunk & (_k_chunk - 1)):
     raise ValueError(f"FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got {_k_chunk}")
