@@ -288,13 +288,17 @@ class MAML(nn.Module):
         self._refresh_names([n for n, _ in named])
         return [p for _, p in named]
 
-    def _problem(self, x_s, y_s, x_q, y_q, *, steps, need_query, query_loss_weights=None):
-        params = self._named_params()
+    def _problem(self, x_s, y_s, x_q, y_q, *, steps, need_query, query_loss_weights=None, params=None,
+                 structure=None):
+        """`params` (`_named_params()`) and `structure` (`mlp_structure_reason(self.model)`): what the
+        caller has already computed this call, else computed here."""
+        if params is None:
+            params = self._named_params()
         if not params:
             raise ValueError("model has no parameters to adapt")
         common = dict(inner_steps=steps, inner_lr=self._rates(params, steps), first_order=self.first_order,
                       loss=self.loss, query_loss_weights=query_loss_weights, need_query=need_query)
-        activation, why = mlp_structure_reason(self.model)
+        activation, why = mlp_structure_reason(self.model) if structure is None else structure
         if activation is not None:
             return make_problem(params, x_s, y_s, x_q, y_q, activation=activation, **common)
         problem = make_problem(params, x_s, y_s, x_q, y_q, forward=self._forward_fn(), **common)
@@ -309,7 +313,8 @@ class MAML(nn.Module):
 
     def forward(self, x_support, y_support, x_query, y_query, query_loss_weights=None) -> MAMLOutput:
         params = self._named_params()
-        activation = mlp_structure_reason(self.model)[0] if params else None
+        structure = mlp_structure_reason(self.model) if params else None
+        activation = structure[0] if structure is not None else None
         if activation is not None:
             # An MLP: the functional call, which validates and dispatches once per call signature.
             return api.maml(params, x_support, y_support, x_query, y_query, inner_steps=self.inner_steps,
@@ -317,7 +322,8 @@ class MAML(nn.Module):
                             activation=activation, loss=self.loss, query_loss_weights=query_loss_weights,
                             backend=self.backend)
         problem = self._problem(x_support, y_support, x_query, y_query, steps=self.inner_steps,
-                                need_query=True, query_loss_weights=query_loss_weights)
+                                need_query=True, query_loss_weights=query_loss_weights, params=params,
+                                structure=structure)
         chosen = dispatch.select(problem, self.backend, "maml")
         if values_checked_here(problem, chosen.name):
             check_values(problem)
