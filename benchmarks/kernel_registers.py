@@ -94,20 +94,15 @@ def cuda_report(arch: str) -> list[str]:
 def _triton_child(spec: dict) -> None:
     """Runs in a subprocess (TRITON_INTERPRET unset, the precision set before the kernels load)."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
 
     sys.path.insert(0, str(ROOT))
     from fastmaml.backends import triton_maml as tm
 
     ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
     for kind in ("fwd", "bwd"):
-        dims = spec["dims"]
         start = time.perf_counter()
-        consts = tm.kernel_constants(kind, dims, 10, 10, 0, 0)
-        warps = spec["warps"] or tm.num_warps_for(dims, 10, 10)
-        kernel = triton.compile(tm.ast_source(kind, torch.float32, consts),
-                                target=GPUTarget("cuda", spec["arch"], 32), options={"num_warps": warps})
+        kernel, warps = tm.compile_for_target(kind, torch.float32, spec["dims"], 10, 10, 0, 0, arch=spec["arch"],
+                                              num_warps=spec["warps"])
         with tempfile.TemporaryDirectory() as tmp:
             ptx = Path(tmp) / "k.ptx"
             ptx.write_text(kernel.asm["ptx"])

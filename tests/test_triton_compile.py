@@ -97,19 +97,14 @@ def _name(v: dict) -> str:
 def _compile_all(variants: list[dict]) -> None:
     """Compile each variant for sm_90; print one JSON line each (never raises)."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
 
     from fastmaml.backends import triton_maml as tm
 
     for v in variants:
         start = time.perf_counter()
         try:
-            consts = tm.kernel_constants(v["kind"], v["dims"], v["n_support"], v["n_query"], v["activation"],
-                                         v["loss"], **v["options"])
-            src = tm.ast_source(v["kind"], getattr(torch, v["dtype"]), consts)
-            warps = tm.num_warps_for(v["dims"], v["n_support"], v["n_query"])
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+            kernel, warps = tm.compile_for_target(v["kind"], getattr(torch, v["dtype"]), v["dims"], v["n_support"],
+                                                  v["n_query"], v["activation"], v["loss"], **v["options"])
             result = dict(ok=True, shared=kernel.metadata.shared, cubin_bytes=len(kernel.asm["cubin"]),
                           num_warps=warps, mma=kernel.asm["ptx"].count("mma.sync"))
         except Exception as err:  # reported to the test, which fails with it
@@ -153,29 +148,40 @@ def selected_variants() -> list[dict]:
 VARIANTS = selected_variants()
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _start_compile(variants: list[dict], cache_dir, extra_env: dict | None = None) -> subprocess.Popen:
+    """This file as a subprocess compiling `variants` for sm_90: TRITON_INTERPRET unset (the kernels read it
+    when they are defined), a fresh Triton cache, `extra_env` (the kernels' switches) set."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.update(extra_env or {}, TRITON_CACHE_DIR=str(cache_dir))
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(variants)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _results(stdout: str) -> dict:
+    """A compile subprocess's JSON lines by variant name."""
+    items = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {item["name"]: item for item in items}
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """Compile every variant in parallel subprocesses (TRITON_INTERPRET unset, a fresh Triton cache)."""
     why = _nvidia_compiler_missing()
     if why is not None:
         pytest.skip(why)
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    cache = tmp_path_factory.mktemp("triton_cache")
     workers = max(1, min(len(VARIANTS), os.cpu_count() or 1))
     # Deal the variants round-robin, slowest kinds (bwd) spread over the workers.
     shares = [VARIANTS[i::workers] for i in range(workers)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(share)], env=env, cwd=root,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for share in shares if share]
+    procs = [_start_compile(share, cache) for share in shares if share]
     results = {}
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=3600)
-        for line in stdout.splitlines():
-            if line.startswith("{"):
-                item = json.loads(line)
-                results[item["name"]] = item
+        results.update(_results(stdout))
         if proc.returncode != 0:
             results.setdefault("_worker_errors", []).append(stderr[-4000:])
     for name, item in sorted(results.items()):
@@ -203,24 +209,20 @@ def test_kernel_compiles_for_sm90(compiled, variant):
 
 
 def _compile_in_subprocess(variants: list[dict], env_extra: dict, tmp_path) -> dict:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env.update(env_extra, TRITON_CACHE_DIR=str(tmp_path / "triton_cache"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(variants)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=1200)
-    results = {json.loads(line)["name"]: json.loads(line) for line in proc.stdout.splitlines()
-               if line.startswith("{")}
-    assert results, f"no compile results:\n{proc.stderr[-4000:]}"
+    """Compile `variants` with the kernels' switches `env_extra` (skips without Triton's NVIDIA backend)."""
+    why = _nvidia_compiler_missing()
+    if why is not None:
+        pytest.skip(why)
+    proc = _start_compile(variants, tmp_path / "triton_cache", env_extra)
+    stdout, stderr = proc.communicate(timeout=1200)
+    results = _results(stdout)
+    assert results, f"no compile results:\n{stderr[-4000:]}"
     return results
 
 
 def test_products_in_chunks_compile(tmp_path):
     """FASTMAML_TRITON_K_CHUNK=32 (the A/B's other value) compiles for sm_90: float32 with width and
     points padded to 64 (chunked products), float64 (never chunked)."""
-    why = _nvidia_compiler_missing()
-    if why is not None:
-        pytest.skip(why)
     variants = [_variant("fwd", "float32", [2, 37, 3], 33, 5, 0, 1),
                 _variant("bwd", "float32", [2, 37, 3], 33, 5, 0, 1),
                 _variant("fwd", "float64", [2, 37, 3], 33, 5, 1, 0)]
@@ -231,9 +233,6 @@ def test_products_in_chunks_compile(tmp_path):
 def test_tf32x3_products_compile_to_tensor_cores(tmp_path):
     """FASTMAML_TRITON_PRECISION=tf32x3 (the A/B's other value) compiles for sm_90, and its products are
     tensor-core instructions where the default's are not."""
-    why = _nvidia_compiler_missing()
-    if why is not None:
-        pytest.skip(why)
     variants = [_variant("fwd", "float32", [5, 21, 3], 10, 19, 1, 1)]  # its products show the instructions
     tf32x3 = _compile_in_subprocess(variants, {"FASTMAML_TRITON_PRECISION": "tf32x3"}, tmp_path)
     ieee = _compile_in_subprocess(variants, {"FASTMAML_TRITON_PRECISION": "ieee"}, tmp_path)

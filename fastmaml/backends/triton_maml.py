@@ -169,6 +169,22 @@ def ast_source(kind: str, dtype: torch.dtype, consts: dict):
     return ASTSource(fn, signature=signature, constexprs=consts)
 
 
+def compile_for_target(kind: str, dtype: torch.dtype, dims: list[int], n_support: int, n_query: int,
+                       activation: int, loss: int, *, arch: int = 90, num_warps: int = 0, **options):
+    """One kernel variant compiled by `triton.compile` for an NVIDIA GPU of compute capability `arch`, on a
+    machine without one (the Triton interpreter must be off): what `tests/test_triton_compile.py` and
+    `benchmarks/kernel_registers.py` compile. `num_warps` 0: the backend's choice. Returns the compiled
+    kernel (its `asm` holds the PTX and cubin) and the warps it was compiled for."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    consts = kernel_constants(kind, dims, n_support, n_query, activation, loss, **options)
+    warps = num_warps or num_warps_for(dims, n_support, n_query)
+    kernel = triton.compile(ast_source(kind, dtype, consts), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": warps})
+    return kernel, warps
+
+
 def num_warps_for(dims: list[int], n_support: int, n_query: int) -> int:
     """Warps per program, from the largest register tile (points x width or width x width).
 
