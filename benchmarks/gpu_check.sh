@@ -21,7 +21,7 @@
 # tests/test_triton_maml.py, and once tests/test_same_function.py and tests/test_distributed.py (DDP over
 # NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed), the sweep gets
 # what is left of TOTAL_S minus a reserve for the summary. The tests log to tests.log (both runs).
-# GPU_TEST_BACKENDS (default "cuda triton") picks the backends tested, SWEEP_ARGS replaces the GPU
+# GPU_TEST_BACKENDS (default "cuda triton factored") picks the backends tested, SWEEP_ARGS replaces the GPU
 # sweep's settings. AB_S=160 (only when set) runs the A/B of the kernels' switches (ab.txt), PROFILE_S=60
 # (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu of one
 # backward launch (profile.txt).
@@ -46,7 +46,7 @@ REPO="$(pwd)"
 
 if [ "$QUICK" = 1 ]; then
   TOTAL_S="${TOTAL_S:-290}"
-  SWEEP_ARGS="${SWEEP_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128 --methods cuda triton vmap --warmup 1 --repeats 3 --max-seconds 3}"
+  SWEEP_ARGS="${SWEEP_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128 --methods cuda triton factored vmap --warmup 1 --repeats 3 --max-seconds 3}"
   BUILD_S="${BUILD_S:-150}"
   CUDA_TESTS_S="${CUDA_TESTS_S:-60}"
   TRITON_TESTS_S="${TRITON_TESTS_S:-40}"
@@ -165,15 +165,15 @@ else
   python -c "import xdist" >/dev/null 2>&1 && XDIST=(-n "${TEST_WORKERS:-12}")
   : > "$DIR/tests.log"
   if [ "$QUICK" = 1 ]; then
-    # One run for both backends: the tests new with G2/G3 and the plainest call of each backend.
+    # One run for the GPU backends: the tests new with G2/G3 and the plainest call of each backend.
     stage "quick tests: GPU sizes, sync-free calls, CUDA graphs, compile (limit ${TESTS_S}s) -> $DIR/tests.log"
-    FASTMAML_TEST_BACKENDS=cuda,triton timeout "$TESTS_S" python -m pytest tests/test_backends.py \
+    FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$TESTS_S" python -m pytest tests/test_backends.py \
       tests/test_gpu_overhead.py tests/test_overhead.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
       -k "gpu_sizes or accepts_a_plain_call or one_op or gpu_overhead or compile" >> "$DIR/tests.log" 2>&1
     echo "quick tests exit code $?"
     tail -n 4 "$DIR/tests.log" | cut -c1-300
   fi
-  for backend in $( [ "$QUICK" = 1 ] || echo "${GPU_TEST_BACKENDS:-cuda triton}" ); do
+  for backend in $( [ "$QUICK" = 1 ] || echo "${GPU_TEST_BACKENDS:-cuda triton factored}" ); do
     files=(tests/test_backends.py)
     limit=$CUDA_TESTS_S
     if [ "$backend" = triton ]; then files+=(tests/test_triton_maml.py); limit=$TRITON_TESTS_S; fi
@@ -271,7 +271,7 @@ fi
 if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
   stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${PROFILE_S:-60}s) -> $DIR/profile.txt"
   # triton last: at this width it is the slowest by far, and the limit may end it.
-  ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda vmap triton \
+  ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda factored vmap triton \
       --tasks 65536 --steps 5 --width 128 --warmup 1 --iters 2 ) > "$DIR/profile.txt" 2>&1
   grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -6
   if command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ]; then

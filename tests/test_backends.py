@@ -35,7 +35,8 @@ from _reference_loop import (DIMS_BY_DEPTH, LR_FORMS, assert_close, gradients, m
                              output_cotangents, task_objective)
 
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-MUST_ACCEPT = {"cpu"}  # backends that must take every call of this file when they can run here
+# Backends that must take every call of this file when they can run here, but for the refusals named.
+MUST_ACCEPT = {"cpu": None, "factored": "Meta-SGD"}
 F32, F64 = torch.float32, torch.float64
 
 
@@ -51,7 +52,7 @@ BACKENDS = _selected_backends()
 
 def should_run_here(name: str) -> bool:
     """Whether this machine has what the backend needs (so that being unavailable is a bug)."""
-    if name == "reference":
+    if name in ("reference", "factored"):
         return True
     if name == "cpu":
         return shutil.which(os.environ.get("CXX", "c++")) is not None or shutil.which("g++") is not None
@@ -122,7 +123,7 @@ def run_or_skip(name: str, fn):
     except ValueError as err:
         if f"backend={name!r} cannot run this call" not in str(err):
             raise
-        if name in MUST_ACCEPT:
+        if name in MUST_ACCEPT and (MUST_ACCEPT[name] is None or MUST_ACCEPT[name] not in str(err)):
             pytest.fail(f"backend {name!r} must run this call but refused: {err}")
         pytest.skip(str(err))
 
@@ -217,10 +218,14 @@ def _case_id(options: dict) -> str:
     return "-".join(parts)
 
 
+# The factored backend refuses per-parameter rates (DEPTH_GRID's): its depths with per-tensor ones.
+FACTORED_DEPTH_GRID = [dict(o, lr_form="per_layer") for o in DEPTH_GRID]
+
+
 def _maml_params():
     out = []
     for name in BACKENDS:
-        cases = REDUCED_GRID if name == "triton" else OPTION_GRID + DEPTH_GRID
+        cases = {"triton": REDUCED_GRID, "factored": OPTION_GRID + FACTORED_DEPTH_GRID}.get(name, OPTION_GRID + DEPTH_GRID)
         for (i, options), dtype in itertools.product(enumerate(cases), [F64, F32]):
             options = {**options, "seed": i}  # both dtypes: the same problem, one reference run
             out.append(pytest.param(name, options, dtype,
@@ -250,7 +255,7 @@ GPU_SIZE_GRID = [
 
 @pytest.mark.parametrize("options", [dict(o, n_support=10, n_query=10, lr_scale=0.1, seed=100 + i)
                                      for i, o in enumerate(GPU_SIZE_GRID)], ids=_case_id)
-@pytest.mark.parametrize("name", [n for n in BACKENDS if n in ("cuda", "triton")])
+@pytest.mark.parametrize("name", [n for n in BACKENDS if n in ("cuda", "triton", "factored")])
 def test_gpu_sizes_match_reference(name, options):
     if not torch.cuda.is_available():
         pytest.skip("the GPU sizes (up to 20,000 tasks of width 128) need a GPU")
@@ -388,7 +393,7 @@ def test_reptile_matches_reference(name, dtype):
 # ---- what the fused backends refuse ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [n for n in BACKENDS if n != "reference"])
+@pytest.mark.parametrize("name", [n for n in BACKENDS if n not in ("reference", "factored")])
 def test_meta_gradient_is_not_differentiated_again(name):
     """The fused backward computes the meta-gradient once: a gradient of it raises a clear error
     instead of returning a silently wrong (zero) second derivative."""
@@ -399,6 +404,22 @@ def test_meta_gradient_is_not_differentiated_again(name):
     (g,) = torch.autograd.grad(out.loss, case.params[0], create_graph=True)
     with pytest.raises(RuntimeError, match="reference"):
         torch.autograd.grad(g.sum(), case.params[0])
+
+
+@pytest.mark.parametrize("name", [n for n in BACKENDS if n == "factored"])
+def test_meta_gradient_differentiated_again(name):
+    """The factored backend is plain autograd: the gradient of its meta-gradient (a third derivative of the
+    inner loss) is the reference's."""
+    require_backend(name)
+    case = make_case(inner_steps=2, lr_form="per_step", activation="tanh", seed=52).to(F64, device_for(name))
+    grads = {}
+    for backend in ("reference", name):
+        out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                            backend=backend, **case.kwargs())
+        (g,) = torch.autograd.grad(out.loss, case.params[2], create_graph=True)
+        grads[backend] = gradients((g * g).sum(), case.leaves())
+    assert grads["reference"]["params[0]"].abs().max() > 0, "a test that cannot fail"
+    assert_close(grads[name], grads["reference"], 1e-9, "grad of the meta-gradient")
 
 
 def test_auto_passes_over_gpu_kernels_on_large_gpu_batches():

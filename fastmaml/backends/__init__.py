@@ -11,7 +11,8 @@ from .reference import ReferenceBackend
 
 register_backend(ReferenceBackend())
 
-for _module, _cls in (("cpu", "CpuBackend"), ("cuda", "CudaBackend"), ("triton_maml", "TritonBackend")):
+for _module, _cls in (("cpu", "CpuBackend"), ("cuda", "CudaBackend"), ("triton_maml", "TritonBackend"),
+                      ("factored", "FactoredBackend")):
     try:
         _backend = getattr(importlib.import_module(f"{__name__}.{_module}"), _cls)()
     except ModuleNotFoundError as err:  # the module itself is absent (a partial checkout)

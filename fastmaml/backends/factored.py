@@ -1,0 +1,262 @@
+"""The `factored` backend: every task's adapted weights kept as theta_0 plus low-rank updates.
+
+Every task starts from the same theta_0, and one SGD step changes a weight matrix by a matrix of rank at
+most Ns (the support points): the gradient of layer l is `G = D^T H`, with `D [Ns, out]` the loss's
+derivative at the layer's outputs and `H [Ns, in]` its inputs. So after k steps, with one rate per tensor
+and step (`r_j`),
+
+    W_k = W_0 - sum_{j<k} r_j D_j^T H_j,
+
+and a product with W_k never needs W_k itself:
+
+    X W_k^T = X W_0^T - sum_{j<k} (X H_j^T) (r_j D_j)
+    Y W_k   = Y W_0   - sum_{j<k} (Y (r_j D_j)^T) H_j.
+
+`X W_0^T` over all tasks at once is one matrix product `[T*N, in] x [in, out]` (one BLAS call, on the
+GPU cuBLAS), and the corrections are batched products through `[N, Ns]` intermediates. No `[T, out, in]`
+tensor is made: torch.func.vmap keeps every task's W_k (4.3 GB per 128 x 128 layer and step at T =
+65,536). The inner loop's gradients are written out (the backpropagation of the MLP above), so autograd
+through them gives the exact second-order meta-gradient, itself in factored form (its products are the
+same kinds of products), and every input's gradient: params, rates, both inputs, float targets, the
+multi-step loss weights. It can even be differentiated again.
+
+Memory: autograd keeps the intermediates of each task's inner loop, about 2.2 K Ns activations of
+every layer (`saved_bytes_per_task`: 212 KB a task for the 1-128-128-1 net, 10 + 10 points, K = 5;
+vmap's reference keeps 540 KB). Above MAX_CHUNK_BYTES of them the tasks run in chunks, each under
+activation checkpointing (torch.utils.checkpoint): the backward recomputes a chunk's inner loop
+instead of keeping it.
+
+Takes: MLPs (`fastmaml.maml`'s params, `fastmaml.MAML` on an MLP) in float32 or float64, on any device,
+with one rate per tensor and step: a number, one tensor broadcast to `[K]`, or per-tensor rates
+broadcast from `[K, 1, ...]`. Refuses per-parameter rates (Meta-SGD): `r ⊙ G` is not low-rank.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .._validate import Problem
+
+# Above this many bytes of saved intermediates (`saved_bytes_per_task` x T), the tasks run in chunks
+# under activation checkpointing. 1 GiB keeps a 65,536-task call of the 1-128-128-1 net at K = 5 (about
+# 13 GB kept unchunked) to seven chunks and near 1 GiB of peak memory.
+MAX_CHUNK_BYTES = 1 << 30
+
+Rate = Union[float, torch.Tensor]  # one step's rate of one tensor: a number or a 0-d tensor
+
+
+def _rates_reason(problem: Problem) -> Optional[str]:
+    """Why the rates are not one per tensor and step (or None)."""
+    if problem.inner_lr_form != "list":
+        return None
+    for i, r in enumerate(problem.inner_lr):
+        # The views are [K, *shape], expanded from what the user gave: a broadcast dimension has stride 0.
+        if any(size > 1 and stride != 0 for size, stride in zip(r.shape[1:], r.stride()[1:])):
+            return (f"inner_lr[{i}] gives each element of params[{i}] its own rate (Meta-SGD); the factored "
+                    "form needs one rate per tensor and step (shape [K, 1, ...] or a number)")
+    return None
+
+
+def _step_rates(problem: Problem) -> list[list[Rate]]:
+    """`rates[k][i]`: the rate of params[i] at step k (a number, or a 0-d tensor autograd flows to)."""
+    K, n = problem.inner_steps, len(problem.params)
+    if problem.inner_lr_value is not None:
+        return [[problem.inner_lr_value] * n for _ in range(K)]
+    if problem.inner_lr_tensor is not None:
+        per_step = problem.inner_lr_tensor.reshape(-1).expand(K)
+        return [[per_step[k]] * n for k in range(K)]
+    firsts = [r[(slice(None),) + (0,) * (r.dim() - 1)] for r in problem.inner_lr]  # [K] per tensor
+    return [[f[k] for f in firsts] for k in range(K)]
+
+
+class _Layer:
+    """Layer l of every task at the current step: W_0, the factors of its updates so far, its bias.
+
+    The factors stay one pair per step (not one stacked pair): autograd keeps each pair once, where
+    stacks re-made at every step would each be kept (two thirds of the saved memory at K = 5)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        self.w0 = weight  # [out, in], shared by every task
+        self.bias = bias  # [out] while no step has run, then [T, out]
+        self.h: list[torch.Tensor] = []  # [T, Ns, in] per step: the inputs H_j
+        self.d: list[torch.Tensor] = []  # [T, Ns, out] per step: r_j D_j
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """`x W_k^T + b_k`: x [T, N, in] -> [T, N, out]."""
+        if self.bias.dim() == 1:  # no step yet: the plain layer
+            return F.linear(x, self.w0, self.bias)
+        z = F.linear(x, self.w0) + self.bias.unsqueeze(-2)
+        for h, d in zip(self.h, self.d):  # z -= (x h^T) d, the subtraction inside the product
+            z = torch.baddbmm(z, torch.bmm(x, h.transpose(1, 2)), d, alpha=-1)
+        return z
+
+    def apply_t(self, y: torch.Tensor) -> torch.Tensor:
+        """`y W_k`: y [T, N, out] -> [T, N, in]."""
+        g = torch.matmul(y, self.w0)
+        for h, d in zip(self.h, self.d):
+            g = torch.baddbmm(g, torch.bmm(y, d.transpose(1, 2)), h, alpha=-1)
+        return g
+
+    def step(self, h: torch.Tensor, d: torch.Tensor, rate_w: Rate, rate_b: Rate) -> "_Layer":
+        """The layer after `W -= rate_w * d^T h`, `b -= rate_b * sum_n d` (h [T, Ns, in], d [T, Ns, out])."""
+        out = _Layer(self.w0, self.bias - rate_b * d.sum(1))
+        out.h = self.h + [h]
+        out.d = self.d + [d * rate_w]
+        return out
+
+    def dense(self, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(W_k [T, out, in], b_k [T, out])`."""
+        w = self.w0.expand(n_tasks, *self.w0.shape)
+        for h, d in zip(self.h, self.d):
+            w = torch.baddbmm(w, d.transpose(1, 2), h, alpha=-1)
+        return w, self.bias.expand(n_tasks, self.w0.shape[0])
+
+
+def _forward(layers: list[_Layer], x: torch.Tensor, act) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`(inputs, outputs)`: each layer's input and pre-activation output; the last output is the net's."""
+    inputs, outputs = [], []
+    h = x
+    for i, layer in enumerate(layers):
+        inputs.append(h)
+        z = layer.apply(h)
+        outputs.append(z)
+        h = act(z) if i < len(layers) - 1 else z
+    return inputs, outputs
+
+
+def _losses(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Each task's loss `[T]` (the reference's `task_loss`, batched)."""
+    if loss == "mse":
+        return (out - y).square().mean((1, 2))
+    picked = out.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return (torch.logsumexp(out, dim=-1) - picked).mean(1)
+
+
+def _loss_grad(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """d(task loss)/d(out) `[T, N, D_out]`, written out so that autograd can differentiate it again."""
+    n = out.shape[1]
+    if loss == "mse":
+        return (out - y) * (2.0 / (n * out.shape[2]))
+    return (torch.softmax(out, dim=-1) - F.one_hot(y, out.shape[-1]).to(out.dtype)) / n
+
+
+def _act_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation's derivative at z (relu: 1 where z > 0, the derivative torch takes at 0 too)."""
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    return 1 - torch.tanh(z).square()
+
+
+def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, rates: list[Rate], problem: Problem
+                ) -> list[_Layer]:
+    """One SGD step of every task on its support set, in factored form."""
+    act = torch.relu if problem.activation == "relu" else torch.tanh
+    inputs, outputs = _forward(layers, xs, act)
+    delta = _loss_grad(outputs[-1], ys, problem.loss)
+    grads = [None] * len(layers)
+    for i in range(len(layers) - 1, -1, -1):
+        grads[i] = (inputs[i], delta)
+        if i > 0:  # with the weights of this step, before any layer is updated
+            delta = layers[i].apply_t(delta) * _act_grad(outputs[i - 1], problem.activation)
+    new = []
+    for i, (layer, (h, d)) in enumerate(zip(layers, grads)):
+        if problem.first_order:  # FOMAML: the inner gradient is a constant; the rate keeps its gradient
+            h, d = h.detach(), d.detach()
+        new.append(layer.step(h, d, rates[2 * i], rates[2 * i + 1]))
+    return new
+
+
+def _adapted_layers(problem: Problem, xs: torch.Tensor, ys: torch.Tensor, params: list[torch.Tensor],
+                    rates: list[list[Rate]]) -> list[list[_Layer]]:
+    """The layers at theta_0, ..., theta_K of every task of this chunk."""
+    layers = [_Layer(params[2 * i], params[2 * i + 1]) for i in range(len(params) // 2)]
+    history = [layers]
+    for k in range(problem.inner_steps):
+        layers = _inner_step(layers, xs, ys, rates[k], problem)
+        history.append(layers)
+    return history
+
+
+def _maml_chunk(problem: Problem, rates, weights, xs, ys, xq, yq, *params):
+    """`(task_losses [T'], query_preds [T', Nq, D_out])` of the chunk's tasks."""
+    act = torch.relu if problem.activation == "relu" else torch.tanh
+    history = _adapted_layers(problem, xs, ys, list(params), rates)
+    K = problem.inner_steps
+    preds = _forward(history[K], xq, act)[1][-1]
+    final = _losses(preds, yq, problem.loss)
+    if weights is None:
+        return final, preds
+    total = weights[K] * final
+    for k in range(K):  # every step, as the reference does (a zero weight still passes a nan through)
+        total = total + weights[k] * _losses(_forward(history[k], xq, act)[1][-1], yq, problem.loss)
+    return total, preds
+
+
+def saved_bytes_per_task(problem: Problem) -> int:
+    """The bytes autograd keeps per task, from above (within 1.4x of what tests/test_factored.py measures
+    with saved-tensor hooks): about 2.2 activations per support point, layer and step, 0.6 per query
+    point and query pass, and the `[N, Ns]` products of each pass with each earlier step's factors."""
+    dims, K, L = problem.dims, problem.inner_steps, len(problem.dims) - 1
+    ns, nq = problem.n_support, problem.n_query
+    widths = sum(dims[1:]) + sum(dims[:-1])  # a point's activations: every layer's input and output
+    query_passes = 1 if problem.query_loss_weights is None else K + 1
+    elems = (2.2 * K * ns + 0.6 * query_passes * nq) * widths + L * K * (K + 1) / 2 * ns * (ns + nq)
+    return int(elems) * problem.params[0].element_size()
+
+
+def _chunk_tasks(problem: Problem) -> int:
+    """Tasks per chunk: all of them unless autograd would keep more than MAX_CHUNK_BYTES."""
+    T = problem.num_tasks
+    if not problem.requires_grad:
+        return max(T, 1)
+    per_task = max(saved_bytes_per_task(problem), 1)
+    return max(1, min(T, MAX_CHUNK_BYTES // per_task))
+
+
+class FactoredBackend:
+    """MLPs with per-tensor rates, every task's weights as theta_0 plus low-rank updates (plain PyTorch)."""
+
+    name = "factored"
+
+    def unavailable(self) -> Optional[str]:
+        return None
+
+    def reject(self, problem: Problem, op: str) -> Optional[str]:
+        if not problem.is_mlp:
+            return (problem.extras.get("not_fused")
+                    or "the model is not an MLP of nn.Linear layers (the factored form is the MLP's)")
+        if problem.dtype not in (torch.float32, torch.float64):
+            return f"dtype {problem.dtype} (the factored backend runs float32 and float64)"
+        return _rates_reason(problem)
+
+    def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        rates = _step_rates(problem)
+        data = (problem.x_support, problem.y_support, problem.x_query, problem.y_query)
+        T = problem.num_tasks
+        chunk = _chunk_tasks(problem)
+        if chunk >= T:
+            return _maml_chunk(problem, rates, problem.query_loss_weights, *data, *problem.params)
+        from torch.utils.checkpoint import checkpoint
+
+        losses, preds = [], []
+        for start in range(0, T, chunk):
+            part = [t[start:start + chunk] for t in data]
+            out = checkpoint(_maml_chunk, problem, rates, problem.query_loss_weights, *part, *problem.params,
+                             use_reentrant=False)
+            losses.append(out[0])
+            preds.append(out[1])
+        return torch.cat(losses), torch.cat(preds)
+
+    def adapt(self, problem: Problem) -> list[torch.Tensor]:
+        history = _adapted_layers(problem, problem.x_support, problem.y_support, list(problem.params),
+                                  _step_rates(problem))
+        out = []
+        for layer in history[-1]:
+            out.extend(layer.dense(problem.num_tasks))
+        return out
+
+
+__all__ = ["FactoredBackend", "MAX_CHUNK_BYTES", "saved_bytes_per_task"]

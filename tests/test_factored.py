@@ -1,0 +1,144 @@
+"""The factored backend's own parts: its memory estimate against what autograd keeps, the chunked path
+(activation checkpointing) against the unchunked one, and what it refuses. Its results against the
+reference, for every option, are in test_backends.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmaml
+from fastmaml.backends import factored
+from _reference_loop import assert_close, gradients, make_case
+
+F64 = torch.float64
+
+
+def _run(case, **extra):
+    return fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                         backend="factored", **case.kwargs(), **extra)
+
+
+def _kept_bytes(case) -> int:
+    """Bytes of the tensors autograd saves for the backward (each storage once), less the inputs'."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _run(case)
+    inputs = {t.untyped_storage().data_ptr() for t in [*case.params, case.x_support, case.x_query]}
+    return sum(n for ptr, n in storages.items() if ptr not in inputs)
+
+
+@pytest.mark.parametrize("dims,K,ns,nq,loss,qw", [
+    ((1, 40, 40, 1), 1, 10, 10, "mse", False),
+    ((1, 40, 40, 1), 5, 20, 5, "mse", False),
+    ((1, 96, 96, 1), 5, 10, 10, "mse", False),
+    ((5, 64, 3), 2, 10, 10, "cross_entropy", True),
+    ((4, 24, 24, 24, 3), 3, 7, 9, "mse", True),
+])
+def test_memory_estimate_bounds_what_autograd_keeps(monkeypatch, dims, K, ns, nq, loss, qw):
+    """`saved_bytes_per_task` (which sizes the chunks) is at least what autograd keeps and at most 1.4x."""
+    monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", 1 << 40)  # one chunk: every intermediate kept
+    T = 6
+    case = make_case(dims=dims, tasks=T, n_support=ns, n_query=nq, inner_steps=K, loss=loss,
+                     query_loss_weights=qw, seed=3).to(torch.float32)
+    kept = _kept_bytes(case)
+    problem = fastmaml._validate.make_problem(
+        case.params, case.x_support, case.y_support, case.x_query, case.y_query, inner_steps=K,
+        query_loss_weights=case.query_loss_weights, loss=loss)
+    estimate = factored.saved_bytes_per_task(problem) * T
+    assert kept <= estimate <= 1.4 * kept, (kept, estimate)
+
+
+@pytest.mark.parametrize("options", [
+    dict(inner_steps=3, lr_form="per_layer", query_loss_weights=True, activation="tanh"),
+    dict(inner_steps=2, lr_form="per_step", loss="cross_entropy", first_order=True),
+], ids=["so-qlw-tanh", "fo-ce"])
+def test_chunks_give_the_unchunked_result(monkeypatch, options):
+    """Tasks in chunks of 3 (7 tasks: the last chunk shorter), each under activation checkpointing: the
+    same outputs and gradients as one pass, in float64."""
+    case = make_case(dims=(3, 9, 6, 4), tasks=7, seed=21, **options)
+    results = {}
+    for name, budget in (("one", 1 << 40), ("chunks", None)):
+        if budget is None:
+            problem = fastmaml._validate.make_problem(
+                case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                **{k: v for k, v in case.kwargs().items()})
+            budget = factored.saved_bytes_per_task(problem) * 3
+        monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", budget)
+        out = _run(case)
+        cot = torch.linspace(0.5, 1.5, 7, dtype=F64)
+        objective = (out.task_losses * cot).sum() + out.query_preds.square().mean()
+        results[name] = ({"task_losses": out.task_losses.detach(), "query_preds": out.query_preds.detach()},
+                         gradients(objective, case.leaves()))
+    assert set(results["chunks"][1]) == set(case.leaves())
+    assert_close(results["chunks"][0], results["one"][0], 1e-12, "")
+    assert_close(results["chunks"][1], results["one"][1], 1e-12, "grad")
+
+
+def test_chunk_size(monkeypatch):
+    """All tasks in one chunk without grad or under the budget; chunks of budget // per-task bytes above."""
+    case = make_case(dims=(3, 9, 6, 4), tasks=10, inner_steps=2, seed=2)
+    problem = fastmaml._validate.make_problem(case.params, case.x_support, case.y_support, case.x_query,
+                                              case.y_query, inner_steps=2)
+    per_task = factored.saved_bytes_per_task(problem)
+    monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", per_task * 4 + 1)
+    assert factored._chunk_tasks(problem) == 4
+    with torch.no_grad():
+        assert factored._chunk_tasks(problem) == 10
+    monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", 1)
+    assert factored._chunk_tasks(problem) == 1
+
+
+def test_refuses_per_parameter_rates_and_says_why():
+    """Meta-SGD rates (one per element) are refused naming the tensor; rates broadcast from [K, 1, ...]
+    run; `auto` never picks the backend by itself."""
+    case = make_case(inner_steps=2, lr_form="per_parameter", seed=4)
+    with pytest.raises(ValueError, match=r"inner_lr\[0\].*Meta-SGD"):
+        _run(case)
+    case = make_case(inner_steps=2, lr_form="per_layer", seed=4)
+    assert _run(case).backend == "factored"
+    out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
+    assert out.backend != "factored"
+
+
+def test_refuses_other_models_and_half_precision():
+    """A module that is not the MLP (here a softplus net) and bfloat16 are refused with the reason."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Softplus(), torch.nn.Linear(5, 2)).double()
+    case = make_case(dims=(3, 5, 2), inner_steps=1, seed=5)
+    with pytest.raises(ValueError, match="backend=.factored. cannot run this call.*Softplus"):
+        fastmaml.MAML(model, inner_steps=1, backend="factored")(case.x_support, case.y_support, case.x_query,
+                                                                case.y_query)
+    backend = fastmaml.dispatch.get_backend("factored")
+    half = [p.detach().to(torch.bfloat16) for p in case.params]
+    data = [t.to(torch.bfloat16) if t.is_floating_point() else t
+            for t in (case.x_support, case.y_support, case.x_query, case.y_query)]
+    problem = fastmaml._validate.make_problem(half, *data, inner_steps=1)
+    assert "float32 and float64" in backend.reject(problem, "maml")
+
+
+def test_compiles_in_one_graph():
+    """torch.compile(fullgraph=True) traces the factored backend (plain PyTorch ops) into one graph: the
+    eager loss and meta-gradient (params and the per-step rates), and no recompilation on a second call."""
+    torch._dynamo.reset()
+    case = make_case(dims=(2, 12, 12, 1), tasks=5, inner_steps=2, lr_form="per_step", seed=8).to(torch.float32)
+    leaves = [*case.params, case.inner_lr]
+
+    def meta_loss(params, xs, ys, xq, yq, lr):
+        return fastmaml.maml(params, xs, ys, xq, yq, inner_steps=2, inner_lr=lr, backend="factored").loss
+
+    args = (case.params, case.x_support, case.y_support, case.x_query, case.y_query, case.inner_lr)
+    want = meta_loss(*args)
+    want_grads = torch.autograd.grad(want, leaves)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = torch.compile(meta_loss, fullgraph=True)
+    for _ in range(2):
+        got = compiled(*args)
+        got_grads = torch.autograd.grad(got, leaves)
+        assert_close([got, *got_grads], [want, *want_grads], 1e-5, "compiled")
+    assert counts["stats"]["unique_graphs"] == 1
