@@ -4,6 +4,10 @@ reference, for every option, are in test_backends.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -142,3 +146,12 @@ def test_compiles_in_one_graph():
         got_grads = torch.autograd.grad(got, leaves)
         assert_close([got, *got_grads], [want, *want_grads], 1e-5, "compiled")
     assert counts["stats"]["unique_graphs"] == 1
+
+
+def test_chunk_budget_from_the_environment():
+    """FASTMAML_FACTORED_CHUNK_MB sets the chunk budget (read at import); a bad value is refused by name."""
+    code = "from fastmaml.backends import factored; print(factored.MAX_CHUNK_BYTES)"
+    for value, expect in (("4096", str(4096 << 20)), ("", str(1 << 30)), ("1.5", "FASTMAML_FACTORED_CHUNK_MB")):
+        env = {**os.environ, "FASTMAML_FACTORED_CHUNK_MB": value}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert expect in (proc.stdout if proc.returncode == 0 else proc.stderr), (value, proc.stdout, proc.stderr[-500:])

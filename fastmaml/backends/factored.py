@@ -33,6 +33,7 @@ broadcast from `[K, 1, ...]`. Refuses per-parameter rates (Meta-SGD): `r ⊙ G` 
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -40,10 +41,24 @@ import torch.nn.functional as F
 
 from .._validate import Problem
 
+
+
+def _chunk_budget() -> int:
+    """MAX_CHUNK_BYTES: 1 GiB, or FASTMAML_FACTORED_CHUNK_MB mebibytes (read once, at import)."""
+    value = os.environ.get("FASTMAML_FACTORED_CHUNK_MB", "").strip()
+    if not value:
+        return 1 << 30
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FASTMAML_FACTORED_CHUNK_MB must be a positive whole number of MiB, got {value!r}")
+    return int(value) << 20
+
+
 # Above this many bytes of saved intermediates (`saved_bytes_per_task` x T), the tasks run in chunks
-# under activation checkpointing. 1 GiB keeps a 65,536-task call of the 1-128-128-1 net at K = 5 (about
-# 13 GB kept unchunked) to seven chunks and near 1 GiB of peak memory.
-MAX_CHUNK_BYTES = 1 << 30
+# under activation checkpointing. 1 GiB cuts a 65,536-task call of the 1-128-128-1 net at K = 5 (about
+# 14 GB kept unchunked) into 14 chunks, with peak memory near 1 GiB. Each chunk costs the same number of
+# operations (about 700 for that net at K = 5, and as many again to recompute it), so fewer, larger chunks
+# cost less host time for more memory: FASTMAML_FACTORED_CHUNK_MB sets the budget for the GPU check's A/B.
+MAX_CHUNK_BYTES = _chunk_budget()
 
 Rate = Union[float, torch.Tensor]  # one step's rate of one tensor: a number or a 0-d tensor
 
