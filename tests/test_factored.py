@@ -4,10 +4,6 @@ reference, for every option, are in test_backends.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -127,9 +123,11 @@ def test_refuses_other_models_and_half_precision():
 
 def test_compiles_in_one_graph():
     """torch.compile(fullgraph=True) traces the factored backend (plain PyTorch ops) into one graph: the
-    eager loss and meta-gradient (params and the per-step rates), and no recompilation on a second call."""
+    eager loss and meta-gradient (params and the per-step rates), and no recompilation on a second call.
+    The aot_eager backend: dynamo's graph and AOT autograd's joint graph, without inductor's code
+    generation (37 s of C++ compiles here for the same check of the capture)."""
     torch._dynamo.reset()
-    case = make_case(dims=(2, 12, 12, 1), tasks=5, inner_steps=2, lr_form="per_step", seed=8).to(torch.float32)
+    case = make_case(dims=(2, 8, 1), tasks=5, inner_steps=2, lr_form="per_step", seed=8).to(torch.float32)
     leaves = [*case.params, case.inner_lr]
 
     def meta_loss(params, xs, ys, xq, yq, lr):
@@ -140,7 +138,7 @@ def test_compiles_in_one_graph():
     want_grads = torch.autograd.grad(want, leaves)
     counts = torch._dynamo.utils.counters
     counts.clear()
-    compiled = torch.compile(meta_loss, fullgraph=True)
+    compiled = torch.compile(meta_loss, fullgraph=True, backend="aot_eager")
     for _ in range(2):
         got = compiled(*args)
         got_grads = torch.autograd.grad(got, leaves)
@@ -148,10 +146,14 @@ def test_compiles_in_one_graph():
     assert counts["stats"]["unique_graphs"] == 1
 
 
-def test_chunk_budget_from_the_environment():
-    """FASTMAML_FACTORED_CHUNK_MB sets the chunk budget (read at import); a bad value is refused by name."""
-    code = "from fastmaml.backends import factored; print(factored.MAX_CHUNK_BYTES)"
-    for value, expect in (("4096", str(4096 << 20)), ("", str(1 << 30)), ("1.5", "FASTMAML_FACTORED_CHUNK_MB")):
-        env = {**os.environ, "FASTMAML_FACTORED_CHUNK_MB": value}
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert expect in (proc.stdout if proc.returncode == 0 else proc.stderr), (value, proc.stdout, proc.stderr[-500:])
+def test_chunk_budget_from_the_environment(monkeypatch):
+    """FASTMAML_FACTORED_CHUNK_MB sets the chunk budget (MAX_CHUNK_BYTES is read at import); a bad value is
+    refused by name."""
+    monkeypatch.delenv("FASTMAML_FACTORED_CHUNK_MB", raising=False)
+    assert factored._chunk_budget() == 1 << 30
+    monkeypatch.setenv("FASTMAML_FACTORED_CHUNK_MB", "4096")
+    assert factored._chunk_budget() == 4096 << 20
+    for bad in ("1.5", "0", "-3", "lots"):
+        monkeypatch.setenv("FASTMAML_FACTORED_CHUNK_MB", bad)
+        with pytest.raises(ValueError, match="FASTMAML_FACTORED_CHUNK_MB"):
+            factored._chunk_budget()
