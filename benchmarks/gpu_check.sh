@@ -6,7 +6,7 @@
 #   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) under 5 minutes: the G2/G3 GPU tests only (GPU
 #                                                # sizes, no synchronisation, CUDA graphs, compile), the
 #                                                # overhead, a sweep at T in {25, 65536}, the kernel profile
-#   AB_S=200 NCU_S=60 SKIP_TESTS=1 benchmarks/gpu_check.sh --quick   # a second run: the A/B of the kernels'
+#   AB_S=240 NCU_S=60 SKIP_TESTS=1 benchmarks/gpu_check.sh --quick   # a second run: the A/B of the kernels'
 #                                                # switches and ncu, without the tests again
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
 #
@@ -22,7 +22,7 @@
 # NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed), the sweep gets
 # what is left of TOTAL_S minus a reserve for the summary. The tests log to tests.log (both runs).
 # GPU_TEST_BACKENDS (default "cuda triton factored") picks the backends tested, SWEEP_ARGS replaces the GPU
-# sweep's settings. AB_S=200 (only when set) runs the A/B of the kernels' switches (ab.txt), PROFILE_S=60
+# sweep's settings. AB_S=240 (only when set) runs the A/B of the kernels' switches (ab.txt), PROFILE_S=60
 # (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu of one
 # backward launch (profile.txt).
 set -uo pipefail
@@ -218,10 +218,12 @@ fi
 # products on tensor cores (FASTMAML_TRITON_PRECISION=tf32x3; compiling its kernels takes part of the
 # time), Triton's float32 products reduced in chunks of 32 (FASTMAML_TRITON_K_CHUNK=32: fewer spills,
 # slower to compile), the factored backend's chunks of tasks at 4 GiB of kept intermediates instead of 1
-# (FASTMAML_FACTORED_CHUNK_MB=4096: fewer chunks, less host time, more memory).
-# AB_VARIANTS picks some ("tiles shared kchunk tf32x3 chunk4g"), AB_S is the time for all of them.
+# (FASTMAML_FACTORED_CHUNK_MB=4096: fewer chunks, less host time, more memory), and its layers kept in
+# factors at every step (FASTMAML_FACTORED_DENSE=never: the one product shared by all tasks stays, where
+# the default turns a layer dense once its factors cost more multiply-adds).
+# AB_VARIANTS picks some ("tiles shared kchunk tf32x3 chunk4g factors"), AB_S is the time for all of them.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ]; then
-  variants=(${AB_VARIANTS:-tiles shared kchunk tf32x3 chunk4g})
+  variants=(${AB_VARIANTS:-tiles shared kchunk tf32x3 chunk4g factors})
   per=$(( AB_S / ${#variants[@]} ))
   stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt"
   : > "$DIR/ab.txt"
@@ -232,6 +234,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ]; then
       kchunk) setting=FASTMAML_TRITON_K_CHUNK=32; method=triton ;;
       tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton ;;
       chunk4g) setting=FASTMAML_FACTORED_CHUNK_MB=4096; method=factored ;;
+      factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
       *) echo "unknown A/B variant $v" >> "$DIR/ab.txt"; continue ;;
     esac
     echo "== $setting ($method; compare with the sweep's $method rows)" >> "$DIR/ab.txt"

@@ -40,9 +40,12 @@ def _kept_bytes(case) -> int:
     ((5, 64, 3), 2, 10, 10, "cross_entropy", True),
     ((4, 24, 24, 24, 3), 3, 7, 9, "mse", True),
 ])
-def test_memory_estimate_bounds_what_autograd_keeps(monkeypatch, dims, K, ns, nq, loss, qw):
-    """`saved_bytes_per_task` (which sizes the chunks) is at least what autograd keeps and at most 1.4x."""
+@pytest.mark.parametrize("dense", ["auto", "never", "always"])
+def test_memory_estimate_bounds_what_autograd_keeps(monkeypatch, dense, dims, K, ns, nq, loss, qw):
+    """`saved_bytes_per_task` (which sizes the chunks) is at least what autograd keeps and at most 1.4x,
+    with the layers factored, dense, or turning dense on the way."""
     monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", 1 << 40)  # one chunk: every intermediate kept
+    monkeypatch.setattr(factored, "DENSE", dense)
     T = 6
     case = make_case(dims=dims, tasks=T, n_support=ns, n_query=nq, inner_steps=K, loss=loss,
                      query_loss_weights=qw, seed=3).to(torch.float32)
@@ -157,3 +160,40 @@ def test_chunk_budget_from_the_environment(monkeypatch):
         monkeypatch.setenv("FASTMAML_FACTORED_CHUNK_MB", bad)
         with pytest.raises(ValueError, match="FASTMAML_FACTORED_CHUNK_MB"):
             factored._chunk_budget()
+
+
+@pytest.mark.parametrize("dense", ["never", "always"])
+@pytest.mark.parametrize("options", [
+    dict(inner_steps=3, lr_form="per_layer", query_loss_weights=True, activation="tanh"),
+    dict(inner_steps=3, lr_form="per_step", loss="cross_entropy", first_order=True),
+    dict(dims=(2, 11, 11, 11, 3), inner_steps=4, lr_form="float", loss="cross_entropy", activation="relu"),
+], ids=["so-qlw-tanh", "fo-ce", "depth4-K4"])
+def test_either_form_matches_the_reference(monkeypatch, dense, options):
+    """Every layer kept in factors at every step, or dense from the first step (test_backends runs the
+    default, which turns dense where that is cheaper): the reference's outputs and gradients in float64."""
+    from test_backends import check_maml
+
+    monkeypatch.setattr(factored, "DENSE", dense)
+    options = {"dims": (3, 9, 6, 4), "tasks": 4, "seed": 60, **options}
+    check_maml("factored", options, F64)
+    case = make_case(**options)
+    problem = fastmaml._validate.make_problem(case.params, case.x_support, case.y_support, case.x_query,
+                                              case.y_query, **case.kwargs())
+    layers = factored._adapted_layers(problem, case.x_support, case.y_support, case.params,
+                                      factored._step_rates(problem))[-1]
+    assert [layer.w is not None for layer in layers] == [dense == "always"] * len(layers)
+
+
+def test_dense_mode_from_the_environment(monkeypatch):
+    """FASTMAML_FACTORED_DENSE picks the form (read at import); a bad value is refused by name. Under
+    "auto" a layer turns dense once its factors cost more than the dense product."""
+    monkeypatch.delenv("FASTMAML_FACTORED_DENSE", raising=False)
+    assert factored._dense_mode() == "auto"
+    monkeypatch.setenv("FASTMAML_FACTORED_DENSE", "Never")
+    assert factored._dense_mode() == "never"
+    monkeypatch.setenv("FASTMAML_FACTORED_DENSE", "sometimes")
+    with pytest.raises(ValueError, match="FASTMAML_FACTORED_DENSE"):
+        factored._dense_mode()
+    monkeypatch.setattr(factored, "DENSE", "auto")
+    assert [factored._dense_after(k, 10, 40, 40) for k in (1, 2, 3)] == [False, False, True]
+    assert not factored._dense_after(6, 10, 128, 128) and factored._dense_after(7, 10, 128, 128)

@@ -26,6 +26,9 @@ vmap's reference keeps 540 KB). Above MAX_CHUNK_BYTES of them the tasks run in c
 activation checkpointing (torch.utils.checkpoint): the backward recomputes a chunk's inner loop
 instead of keeping it.
 
+Where the corrections would cost more than a dense product, a layer turns into one dense `[out, in]`
+matrix per task (vmap's form), and later steps update that (DENSE, `_dense_after`).
+
 Takes: MLPs (`fastmaml.maml`'s params, `fastmaml.MAML` on an MLP) in float32 or float64, on any device,
 with one rate per tensor and step: a number, one tensor broadcast to `[K]`, or per-tensor rates
 broadcast from `[K, 1, ...]`. Refuses per-parameter rates (Meta-SGD): `r ⊙ G` is not low-rank.
@@ -87,8 +90,32 @@ def _step_rates(problem: Problem) -> list[list[Rate]]:
     return [[f[k] for f in firsts] for k in range(K)]
 
 
+def _dense_mode() -> str:
+    """FASTMAML_FACTORED_DENSE: "auto" (the default), "never" or "always" (read once, at import)."""
+    value = os.environ.get("FASTMAML_FACTORED_DENSE", "").strip().lower() or "auto"
+    if value not in ("auto", "never", "always"):
+        raise ValueError(f"FASTMAML_FACTORED_DENSE must be auto, never or always, got {value!r}")
+    return value
+
+
+# When a layer's weights turn from factors into one dense [T, out, in] tensor per task. A product through
+# k factors costs `k Ns (in + out)` multiply-adds per point, the dense product `in * out`: "auto" turns
+# dense at the first step where the factors would cost more (width 40, 10 support points: from the
+# third step; width 128: from the seventh). "never" and "always" (vmap's form from the first step) are for
+# the tests and the GPU check's A/B.
+DENSE = _dense_mode()
+
+
+def _dense_after(steps: int, n_support: int, d_in: int, d_out: int) -> bool:
+    """Whether a layer whose weights have had `steps` updates is cheaper as dense weights."""
+    if DENSE != "auto":
+        return DENSE == "always"
+    return steps * n_support * (d_in + d_out) > d_in * d_out
+
+
 class _Layer:
-    """Layer l of every task at the current step: W_0, the factors of its updates so far, its bias.
+    """Layer l of every task at the current step: W_0 and the factors of its updates so far (or, once
+    that is cheaper, its dense weights per task), and its bias.
 
     The factors stay one pair per step (not one stacked pair): autograd keeps each pair once, where
     stacks re-made at every step would each be kept (two thirds of the saved memory at K = 5)."""
@@ -98,9 +125,12 @@ class _Layer:
         self.bias = bias  # [out] while no step has run, then [T, out]
         self.h: list[torch.Tensor] = []  # [T, Ns, in] per step: the inputs H_j
         self.d: list[torch.Tensor] = []  # [T, Ns, out] per step: r_j D_j
+        self.w: Optional[torch.Tensor] = None  # [T, out, in] once dense (then no factors)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """`x W_k^T + b_k`: x [T, N, in] -> [T, N, out]."""
+        if self.w is not None:
+            return torch.baddbmm(self.bias.unsqueeze(-2), x, self.w.transpose(1, 2))
         if self.bias.dim() == 1:  # no step yet: the plain layer
             return F.linear(x, self.w0, self.bias)
         z = F.linear(x, self.w0) + self.bias.unsqueeze(-2)
@@ -110,6 +140,8 @@ class _Layer:
 
     def apply_t(self, y: torch.Tensor) -> torch.Tensor:
         """`y W_k`: y [T, N, out] -> [T, N, in]."""
+        if self.w is not None:
+            return torch.bmm(y, self.w)
         g = torch.matmul(y, self.w0)
         for h, d in zip(self.h, self.d):
             g = torch.baddbmm(g, torch.bmm(y, d.transpose(1, 2)), h, alpha=-1)
@@ -120,10 +152,18 @@ class _Layer:
         out = _Layer(self.w0, self.bias - rate_b * d.sum(1))
         out.h = self.h + [h]
         out.d = self.d + [d * rate_w]
+        if self.w is not None:
+            out.w = torch.baddbmm(self.w, out.d[-1].transpose(1, 2), h, alpha=-1)
+            out.h, out.d = [], []
+        elif _dense_after(len(out.h), h.shape[1], *reversed(self.w0.shape)):
+            out.w = out.dense(h.shape[0])[0]
+            out.h, out.d = [], []
         return out
 
     def dense(self, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`(W_k [T, out, in], b_k [T, out])`."""
+        if self.w is not None:
+            return self.w, self.bias
         w = self.w0.expand(n_tasks, *self.w0.shape)
         for h, d in zip(self.h, self.d):
             w = torch.baddbmm(w, d.transpose(1, 2), h, alpha=-1)
@@ -212,13 +252,19 @@ def _maml_chunk(problem: Problem, rates, weights, xs, ys, xq, yq, *params):
 
 def saved_bytes_per_task(problem: Problem) -> int:
     """The bytes autograd keeps per task, from above (within 1.4x of what tests/test_factored.py measures
-    with saved-tensor hooks): about 2.2 activations per support point, layer and step, 0.6 per query
-    point and query pass, and the `[N, Ns]` products of each pass with each earlier step's factors."""
-    dims, K, L = problem.dims, problem.inner_steps, len(problem.dims) - 1
+    with saved-tensor hooks): about 2.2 activations per support point, layer and step and 0.6 per query
+    point and query pass; a pass through k factors adds its `[N, Ns]` products with them, a dense layer
+    its `[out, in]` weights."""
+    dims, K = problem.dims, problem.inner_steps
     ns, nq = problem.n_support, problem.n_query
-    widths = sum(dims[1:]) + sum(dims[:-1])  # a point's activations: every layer's input and output
-    query_passes = 1 if problem.query_loss_weights is None else K + 1
-    elems = (2.2 * K * ns + 0.6 * query_passes * nq) * widths + L * K * (K + 1) / 2 * ns * (ns + nq)
+    query_steps = [K] if problem.query_loss_weights is None else list(range(K + 1))
+    elems = 0.0
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        dense_from = next((k for k in range(1, K + 1) if _dense_after(k, ns, d_in, d_out)), K + 1)
+        elems += (2.2 * K * ns + 0.6 * len(query_steps) * nq) * (d_in + d_out)
+        for k in range(K + 1):  # the passes at theta_k: support (k < K; forward and back) and query
+            points = 2 * ns * (k < K) + nq * (k in query_steps)
+            elems += d_in * d_out if k >= dense_from else k * ns * points
     return int(elems) * problem.params[0].element_size()
 
 
