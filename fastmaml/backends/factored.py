@@ -21,8 +21,8 @@ same kinds of products), and every input's gradient: params, rates, both inputs,
 multi-step loss weights. It can even be differentiated again.
 
 Memory: autograd keeps the intermediates of each task's inner loop, about 2.2 K Ns activations of
-every layer (`saved_bytes_per_task`: 212 KB a task for the 1-128-128-1 net, 10 + 10 points, K = 5;
-vmap's reference keeps 540 KB). Above MAX_CHUNK_BYTES of them the tasks run in chunks, each under
+every layer (`saved_bytes_per_task`: about 200 KB a task for the 1-128-128-1 net, 10 + 10 points,
+K = 5; the reference's peak on an H100 was 535 KB a task). Above MAX_CHUNK_BYTES of them the tasks run in chunks, each under
 activation checkpointing (torch.utils.checkpoint): the backward recomputes a chunk's inner loop
 instead of keeping it.
 
@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import Problem
-
 
 
 def _chunk_budget() -> int:
@@ -198,11 +197,12 @@ def _loss_grad(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     return (torch.softmax(out, dim=-1) - F.one_hot(y, out.shape[-1]).to(out.dtype)) / n
 
 
-def _act_grad(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """The activation's derivative at z (relu: 1 where z > 0, the derivative torch takes at 0 too)."""
+def _act_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation's derivative, from its output h = s(z): relu 1 where h > 0 (z > 0; torch's
+    derivative at 0 is 0 too), tanh 1 - h^2."""
     if activation == "relu":
-        return (z > 0).to(z.dtype)
-    return 1 - torch.tanh(z).square()
+        return (h > 0).to(h.dtype)
+    return 1 - h.square()
 
 
 def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, rates: list[Rate], problem: Problem
@@ -215,7 +215,7 @@ def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, rates:
     for i in range(len(layers) - 1, -1, -1):
         grads[i] = (inputs[i], delta)
         if i > 0:  # with the weights of this step, before any layer is updated
-            delta = layers[i].apply_t(delta) * _act_grad(outputs[i - 1], problem.activation)
+            delta = layers[i].apply_t(delta) * _act_grad(inputs[i], problem.activation)
     new = []
     for i, (layer, (h, d)) in enumerate(zip(layers, grads)):
         if problem.first_order:  # FOMAML: the inner gradient is a constant; the rate keeps its gradient
