@@ -134,8 +134,9 @@ def all_methods() -> list[str]:
 def why_not(method: str, w: Workload, explicit: bool = False) -> Optional[str]:
     """Why `method` cannot run this setting (None: it can). A fastmaml backend gives its own reason
     (unavailable, or the call rejected); one that runs but is not meant for this device (Triton's
-    interpreter on CPU tensors) is skipped unless `explicit` (named on the command line). `auto`'s
-    speed preferences do not skip a backend here."""
+    interpreter on CPU tensors: `auto` takes it on another device, not this one) is skipped unless
+    `explicit` (named on the command line). A backend `auto` takes on no device yet (`factored`, until a
+    GPU measures it) is measured everywhere it runs. `auto`'s speed preferences do not skip a backend."""
     if method in PEER_NAMES:
         return peers.peer_unavailable(method)
     if method not in fastmaml.list_backends():
@@ -146,7 +147,9 @@ def why_not(method: str, w: Workload, explicit: bool = False) -> Optional[str]:
     why = backend.unavailable() or backend.reject(problem, "maml")
     # Measured wherever it can run on a device it is meant for, also where `auto` prefers another
     # backend for speed (that preference is what these measurements decide).
-    if why is None and not explicit and method not in dispatch.AUTO_ORDER.get(problem.device.type, []):
+    device_specific = any(method in order for order in dispatch.AUTO_ORDER.values())
+    if (why is None and not explicit and device_specific
+            and method not in dispatch.AUTO_ORDER.get(problem.device.type, [])):
         why = (f"not meant for {problem.device.type} tensors (not in auto's order there; name it with "
                "--methods to run it)")
     return why

@@ -41,3 +41,15 @@ def test_profile_runs_on_the_cpu(capsys):
     out = capsys.readouterr().out
     assert "cpu: " in out and "ms per iteration" in out
     assert "no GPU kernels recorded" in out
+
+
+def test_harness_measures_what_auto_has_not_placed():
+    """The benchmarks pass over a backend on a device `auto` keeps it off (Triton's interpreter on CPU
+    tensors) unless it is named, and measure one `auto` places on no device yet (factored) everywhere."""
+    import _harness as H
+
+    w = H.make_workload(3, 1, 7, device="cpu")
+    assert H.why_not("cpu", w) is None
+    assert H.why_not("factored", w) is None
+    why = H.why_not("triton", w)
+    assert why is not None and ("not meant for cpu" in why or "interpreter" in why), why
