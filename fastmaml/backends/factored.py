@@ -123,7 +123,7 @@ class _Layer:
         self.w0 = weight  # [out, in], shared by every task
         self.bias = bias  # [out] while no step has run, then [T, out]
         self.h: list[torch.Tensor] = []  # [T, Ns, in] per step: the inputs H_j
-        self.d: list[torch.Tensor] = []  # [T, Ns, out] per step: r_j D_j
+        self.d: list[torch.Tensor] = []  # [T, Ns, out] per step: -r_j D_j (negated: see `step`)
         self.w: Optional[torch.Tensor] = None  # [T, out, in] once dense (then no factors)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +133,8 @@ class _Layer:
         if self.bias.dim() == 1:  # no step yet: the plain layer
             return F.linear(x, self.w0, self.bias)
         z = F.linear(x, self.w0) + self.bias.unsqueeze(-2)
-        for h, d in zip(self.h, self.d):  # z -= (x h^T) d, the subtraction inside the product
-            z = torch.baddbmm(z, torch.bmm(x, h.transpose(1, 2)), d, alpha=-1)
+        for h, d in zip(self.h, self.d):  # z += (x h^T) (-r D): the sum inside the product
+            z = torch.baddbmm(z, torch.bmm(x, h.transpose(1, 2)), d)
         return z
 
     def apply_t(self, y: torch.Tensor) -> torch.Tensor:
@@ -143,16 +143,19 @@ class _Layer:
             return torch.bmm(y, self.w)
         g = torch.matmul(y, self.w0)
         for h, d in zip(self.h, self.d):
-            g = torch.baddbmm(g, torch.bmm(y, d.transpose(1, 2)), h, alpha=-1)
+            g = torch.baddbmm(g, torch.bmm(y, d.transpose(1, 2)), h)
         return g
 
     def step(self, h: torch.Tensor, d: torch.Tensor, rate_w: Rate, rate_b: Rate) -> "_Layer":
         """The layer after `W -= rate_w * d^T h`, `b -= rate_b * sum_n d` (h [T, Ns, in], d [T, Ns, out])."""
         out = _Layer(self.w0, self.bias - rate_b * d.sum(1))
+        # The factor is kept negated, so that every product adds it with baddbmm's default scale of 1:
+        # with alpha=-1 the backward of each product multiplied both its gradients by -1 (70 of the 713
+        # operations of a 1-128-128-1 call with its backward at K = 5).
         out.h = self.h + [h]
-        out.d = self.d + [d * rate_w]
+        out.d = self.d + [d * (-rate_w)]
         if self.w is not None:
-            out.w = torch.baddbmm(self.w, out.d[-1].transpose(1, 2), h, alpha=-1)
+            out.w = torch.baddbmm(self.w, out.d[-1].transpose(1, 2), h)
             out.h, out.d = [], []
         elif _dense_after(len(out.h), h.shape[1], *reversed(self.w0.shape)):
             out.w = out.dense(h.shape[0])[0]
@@ -165,7 +168,7 @@ class _Layer:
             return self.w, self.bias
         w = self.w0.expand(n_tasks, *self.w0.shape)
         for h, d in zip(self.h, self.d):
-            w = torch.baddbmm(w, d.transpose(1, 2), h, alpha=-1)
+            w = torch.baddbmm(w, d.transpose(1, 2), h)
         return w, self.bias.expand(n_tasks, self.w0.shape[0])
 
 
