@@ -33,6 +33,7 @@ def _kept_bytes(case) -> int:
     return sum(n for ptr, n in storages.items() if ptr not in inputs)
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
 @pytest.mark.parametrize("dims,K,ns,nq,loss,qw", [
     ((1, 40, 40, 1), 1, 10, 10, "mse", False),
     ((1, 40, 40, 1), 5, 20, 5, "mse", False),
@@ -41,18 +42,18 @@ def _kept_bytes(case) -> int:
     ((4, 24, 24, 24, 3), 3, 7, 9, "mse", True),
 ])
 @pytest.mark.parametrize("dense", ["auto", "never", "always"])
-def test_memory_estimate_bounds_what_autograd_keeps(monkeypatch, dense, dims, K, ns, nq, loss, qw):
+def test_memory_estimate_bounds_what_autograd_keeps(monkeypatch, dense, activation, dims, K, ns, nq, loss, qw):
     """`saved_bytes_per_task` (which sizes the chunks) is at least what autograd keeps and at most 1.4x,
     with the layers factored, dense, or turning dense on the way."""
     monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", 1 << 40)  # one chunk: every intermediate kept
     monkeypatch.setattr(factored, "DENSE", dense)
     T = 6
     case = make_case(dims=dims, tasks=T, n_support=ns, n_query=nq, inner_steps=K, loss=loss,
-                     query_loss_weights=qw, seed=3).to(torch.float32)
+                     query_loss_weights=qw, activation=activation, seed=3).to(torch.float32)
     kept = _kept_bytes(case)
     problem = fastmaml._validate.make_problem(
         case.params, case.x_support, case.y_support, case.x_query, case.y_query, inner_steps=K,
-        query_loss_weights=case.query_loss_weights, loss=loss)
+        query_loss_weights=case.query_loss_weights, loss=loss, activation=activation)
     estimate = factored.saved_bytes_per_task(problem) * T
     assert kept <= estimate <= 1.4 * kept, (kept, estimate)
 

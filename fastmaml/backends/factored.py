@@ -20,9 +20,9 @@ through them gives the exact second-order meta-gradient, itself in factored form
 same kinds of products), and every input's gradient: params, rates, both inputs, float targets, the
 multi-step loss weights. It can even be differentiated again.
 
-Memory: autograd keeps the intermediates of each task's inner loop, about 2.2 K Ns activations of
-every layer (`saved_bytes_per_task`: about 200 KB a task for the 1-128-128-1 net, 10 + 10 points,
-K = 5; the reference's peak on an H100 was 535 KB a task). Above MAX_CHUNK_BYTES of them the tasks run in chunks, each under
+Memory: autograd keeps the intermediates of each task's inner loop, about 2 K Ns activations of
+every layer (`saved_bytes_per_task`: 164 KB a task for the 1-128-128-1 net, 10 + 10 points, K = 5,
+measured; the reference's peak on an H100 was 535 KB a task). Above MAX_CHUNK_BYTES of them the tasks run in chunks, each under
 activation checkpointing (torch.utils.checkpoint): the backward recomputes a chunk's inner loop
 instead of keeping it.
 
@@ -56,10 +56,11 @@ def _chunk_budget() -> int:
 
 
 # Above this many bytes of saved intermediates (`saved_bytes_per_task` x T), the tasks run in chunks
-# under activation checkpointing. 1 GiB cuts a 65,536-task call of the 1-128-128-1 net at K = 5 (about
-# 14 GB kept unchunked) into 14 chunks, with peak memory near 1 GiB. Each chunk costs the same number of
-# operations (about 700 for that net at K = 5, and as many again to recompute it), so fewer, larger chunks
-# cost less host time for more memory: FASTMAML_FACTORED_CHUNK_MB sets the budget for the GPU check's A/B.
+# under activation checkpointing. 1 GiB cuts a 65,536-task call of the 1-128-128-1 net at K = 5 (12 GiB
+# kept unchunked by the estimate, 11 GB measured) into 13 chunks, with peak memory near 1 GiB. Each chunk
+# costs the same number of operations (about 620 for that net at K = 5, and its forward again to
+# recompute it), so fewer, larger chunks cost less host time for more memory: FASTMAML_FACTORED_CHUNK_MB
+# sets the budget for the GPU check's A/B.
 MAX_CHUNK_BYTES = _chunk_budget()
 
 Rate = Union[float, torch.Tensor]  # one step's rate of one tensor: a number or a 0-d tensor
@@ -78,14 +79,16 @@ def _rates_reason(problem: Problem) -> Optional[str]:
 
 
 def _step_rates(problem: Problem) -> list[list[Rate]]:
-    """`rates[k][i]`: the rate of params[i] at step k (a number, or a 0-d tensor autograd flows to)."""
+    """`rates[k][i]`: minus the rate of params[i] at step k (a number, or a 0-d tensor autograd flows to).
+    Negated once here, so that the steps add (`_Layer.step`): a subtraction's backward negates its
+    gradient, one more operation per layer and step."""
     K, n = problem.inner_steps, len(problem.params)
     if problem.inner_lr_value is not None:
-        return [[problem.inner_lr_value] * n for _ in range(K)]
+        return [[-problem.inner_lr_value] * n for _ in range(K)]
     if problem.inner_lr_tensor is not None:
-        per_step = problem.inner_lr_tensor.reshape(-1).expand(K)
+        per_step = -problem.inner_lr_tensor.reshape(-1).expand(K)
         return [[per_step[k]] * n for k in range(K)]
-    firsts = [r[(slice(None),) + (0,) * (r.dim() - 1)] for r in problem.inner_lr]  # [K] per tensor
+    firsts = [-r[(slice(None),) + (0,) * (r.dim() - 1)] for r in problem.inner_lr]  # [K] per tensor
     return [[f[k] for f in firsts] for k in range(K)]
 
 
@@ -146,14 +149,15 @@ class _Layer:
             g = torch.baddbmm(g, torch.bmm(y, d.transpose(1, 2)), h)
         return g
 
-    def step(self, h: torch.Tensor, d: torch.Tensor, rate_w: Rate, rate_b: Rate) -> "_Layer":
-        """The layer after `W -= rate_w * d^T h`, `b -= rate_b * sum_n d` (h [T, Ns, in], d [T, Ns, out])."""
-        out = _Layer(self.w0, self.bias - rate_b * d.sum(1))
+    def step(self, h: torch.Tensor, d: torch.Tensor, neg_rate_w: Rate, neg_rate_b: Rate) -> "_Layer":
+        """The layer after `W -= r_w d^T h`, `b -= r_b sum_n d` (h [T, Ns, in], d [T, Ns, out]), given
+        minus the rates (`_step_rates`)."""
+        out = _Layer(self.w0, self.bias + neg_rate_b * d.sum(1))
         # The factor is kept negated, so that every product adds it with baddbmm's default scale of 1:
         # with alpha=-1 the backward of each product multiplied both its gradients by -1 (70 of the 713
         # operations of a 1-128-128-1 call with its backward at K = 5).
         out.h = self.h + [h]
-        out.d = self.d + [d * (-rate_w)]
+        out.d = self.d + [d * neg_rate_w]
         if self.w is not None:
             out.w = torch.baddbmm(self.w, out.d[-1].transpose(1, 2), h)
             out.h, out.d = [], []
@@ -201,15 +205,15 @@ def _loss_grad(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
 
 
 def _act_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The activation's derivative, from its output h = s(z): relu 1 where h > 0 (z > 0; torch's
-    derivative at 0 is 0 too), tanh 1 - h^2."""
+    """The activation's derivative, from its output h = s(z): relu h > 0 (z > 0; torch's derivative at 0
+    is 0 too; a bool mask, which a product with it promotes), tanh 1 - h^2."""
     if activation == "relu":
-        return (h > 0).to(h.dtype)
+        return h > 0
     return 1 - h.square()
 
 
-def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, rates: list[Rate], problem: Problem
-                ) -> list[_Layer]:
+def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, neg_rates: list[Rate],
+                problem: Problem) -> list[_Layer]:
     """One SGD step of every task on its support set, in factored form."""
     act = torch.relu if problem.activation == "relu" else torch.tanh
     inputs, outputs = _forward(layers, xs, act)
@@ -223,25 +227,25 @@ def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, rates:
     for i, (layer, (h, d)) in enumerate(zip(layers, grads)):
         if problem.first_order:  # FOMAML: the inner gradient is a constant; the rate keeps its gradient
             h, d = h.detach(), d.detach()
-        new.append(layer.step(h, d, rates[2 * i], rates[2 * i + 1]))
+        new.append(layer.step(h, d, neg_rates[2 * i], neg_rates[2 * i + 1]))
     return new
 
 
 def _adapted_layers(problem: Problem, xs: torch.Tensor, ys: torch.Tensor, params: list[torch.Tensor],
-                    rates: list[list[Rate]]) -> list[list[_Layer]]:
+                    neg_rates: list[list[Rate]]) -> list[list[_Layer]]:
     """The layers at theta_0, ..., theta_K of every task of this chunk."""
     layers = [_Layer(params[2 * i], params[2 * i + 1]) for i in range(len(params) // 2)]
     history = [layers]
     for k in range(problem.inner_steps):
-        layers = _inner_step(layers, xs, ys, rates[k], problem)
+        layers = _inner_step(layers, xs, ys, neg_rates[k], problem)
         history.append(layers)
     return history
 
 
-def _maml_chunk(problem: Problem, rates, weights, xs, ys, xq, yq, *params):
+def _maml_chunk(problem: Problem, neg_rates, weights, xs, ys, xq, yq, *params):
     """`(task_losses [T'], query_preds [T', Nq, D_out])` of the chunk's tasks."""
     act = torch.relu if problem.activation == "relu" else torch.tanh
-    history = _adapted_layers(problem, xs, ys, list(params), rates)
+    history = _adapted_layers(problem, xs, ys, list(params), neg_rates)
     K = problem.inner_steps
     preds = _forward(history[K], xq, act)[1][-1]
     final = _losses(preds, yq, problem.loss)
@@ -255,16 +259,18 @@ def _maml_chunk(problem: Problem, rates, weights, xs, ys, xq, yq, *params):
 
 def saved_bytes_per_task(problem: Problem) -> int:
     """The bytes autograd keeps per task, from above (within 1.4x of what tests/test_factored.py measures
-    with saved-tensor hooks): about 2.2 activations per support point, layer and step and 0.6 per query
-    point and query pass; a pass through k factors adds its `[N, Ns]` products with them, a dense layer
+    with saved-tensor hooks): about 1.7 (relu) or 2.6 (tanh) activations per support point, layer and
+    step, and 0.6 per query point and query pass; a pass through k factors adds its `[N, Ns]` products with them, a dense layer
     its `[out, in]` weights."""
     dims, K = problem.dims, problem.inner_steps
     ns, nq = problem.n_support, problem.n_query
     query_steps = [K] if problem.query_loss_weights is None else list(range(K + 1))
+    # tanh keeps more per point than relu, whose derivative is kept as a one-byte mask
+    per_support = 2.6 if problem.activation == "tanh" else 1.7
     elems = 0.0
     for d_in, d_out in zip(dims[:-1], dims[1:]):
         dense_from = next((k for k in range(1, K + 1) if _dense_after(k, ns, d_in, d_out)), K + 1)
-        elems += (2.2 * K * ns + 0.6 * len(query_steps) * nq) * (d_in + d_out)
+        elems += (per_support * K * ns + 0.6 * len(query_steps) * nq) * (d_in + d_out)
         for k in range(K + 1):  # the passes at theta_k: support (k < K; forward and back) and query
             points = 2 * ns * (k < K) + nq * (k in query_steps)
             elems += d_in * d_out if k >= dense_from else k * ns * points
@@ -297,18 +303,18 @@ class FactoredBackend:
         return _rates_reason(problem)
 
     def maml(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-        rates = _step_rates(problem)
+        neg_rates = _step_rates(problem)
         data = (problem.x_support, problem.y_support, problem.x_query, problem.y_query)
         T = problem.num_tasks
         chunk = _chunk_tasks(problem)
         if chunk >= T:
-            return _maml_chunk(problem, rates, problem.query_loss_weights, *data, *problem.params)
+            return _maml_chunk(problem, neg_rates, problem.query_loss_weights, *data, *problem.params)
         from torch.utils.checkpoint import checkpoint
 
         losses, preds = [], []
         for start in range(0, T, chunk):
             part = [t[start:start + chunk] for t in data]
-            out = checkpoint(_maml_chunk, problem, rates, problem.query_loss_weights, *part, *problem.params,
+            out = checkpoint(_maml_chunk, problem, neg_rates, problem.query_loss_weights, *part, *problem.params,
                              use_reentrant=False)
             losses.append(out[0])
             preds.append(out[1])
