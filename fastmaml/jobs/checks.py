@@ -48,7 +48,7 @@ def report(job: str, err: JobError, command: str = "train") -> int:
 def add_run_options(parser: argparse.ArgumentParser, *, backend: str, seed: int, threads: int, threads_why: str) -> None:
     """The options every job shares: --backend, --seed, --device, --threads, --no-progress."""
     parser.add_argument("--backend", default=backend,
-                        help=f"fastmaml backend: auto, reference, cpu, triton, cuda (default {backend})")
+                        help=f"fastmaml backend: auto, reference, cpu, triton, cuda, factored (default {backend})")
     parser.add_argument("--seed", type=int, default=seed, help=f"seed of the init and training tasks (default {seed})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--threads", type=non_negative_int, default=threads,
