@@ -314,8 +314,10 @@ class FactoredBackend:
         losses, preds = [], []
         for start in range(0, T, chunk):
             part = [t[start:start + chunk] for t in data]
+            # preserve_rng_state=False: the chunk draws no random numbers, so no generator state is saved
+            # and restored around each chunk.
             out = checkpoint(_maml_chunk, problem, neg_rates, problem.query_loss_weights, *part, *problem.params,
-                             use_reentrant=False)
+                             use_reentrant=False, preserve_rng_state=False)
             losses.append(out[0])
             preds.append(out[1])
         return torch.cat(losses), torch.cat(preds)
@@ -324,8 +326,8 @@ class FactoredBackend:
         history = _adapted_layers(problem, problem.x_support, problem.y_support, list(problem.params),
                                   _step_rates(problem))
         out = []
-        for layer in history[-1]:
-            out.extend(layer.dense(problem.num_tasks))
+        for layer in history[-1]:  # contiguous: a layer no step changed is theta_0 expanded over the tasks
+            out.extend(t.contiguous() for t in layer.dense(problem.num_tasks))
         return out
 
 
