@@ -11,7 +11,8 @@ Skips, and when a skip is a failure instead:
   machine (cpu with a C++ compiler, triton when installed and either a GPU or the interpreter is
   there, cuda with a GPU): then the test fails;
 - a backend that rejects a call (device, dtype, an option) is skipped with its reason, except
-  `cpu`, which must take every call here, and any backend that should run here must take the
+  `cpu`, which must take every call here, and `factored`, which must take every call but those with
+  per-parameter rates (MUST_ACCEPT), and any backend that should run here must take the
   plainest call (`test_accepts_a_plain_call`), so that a backend rejecting everything cannot pass
   as a run of skips;
 - the "triton" backend runs on CPU tensors in the Triton interpreter (~10 ms a program): it gets a
@@ -225,7 +226,8 @@ FACTORED_DEPTH_GRID = [dict(o, lr_form="per_layer") for o in DEPTH_GRID]
 def _maml_params():
     out = []
     for name in BACKENDS:
-        cases = {"triton": REDUCED_GRID, "factored": OPTION_GRID + FACTORED_DEPTH_GRID}.get(name, OPTION_GRID + DEPTH_GRID)
+        grids = {"triton": REDUCED_GRID, "factored": OPTION_GRID + FACTORED_DEPTH_GRID}
+        cases = grids.get(name, OPTION_GRID + DEPTH_GRID)
         for (i, options), dtype in itertools.product(enumerate(cases), [F64, F32]):
             options = {**options, "seed": i}  # both dtypes: the same problem, one reference run
             out.append(pytest.param(name, options, dtype,

@@ -21,10 +21,10 @@ same kinds of products), and every input's gradient: params, rates, both inputs,
 multi-step loss weights. It can even be differentiated again.
 
 Memory: autograd keeps the intermediates of each task's inner loop, about 2 K Ns activations of
-every layer (`saved_bytes_per_task`: 164 KB a task for the 1-128-128-1 net, 10 + 10 points, K = 5,
-measured; the reference's peak on an H100 was 535 KB a task). Above MAX_CHUNK_BYTES of them the tasks run in chunks, each under
-activation checkpointing (torch.utils.checkpoint): the backward recomputes a chunk's inner loop
-instead of keeping it.
+every layer (`saved_bytes_per_task`; measured, 164 KB a task for the 1-128-128-1 net, 10 + 10 points,
+K = 5, where the reference's peak on an H100 was 535 KB a task). Above MAX_CHUNK_BYTES of them the
+tasks run in chunks, each under activation checkpointing (torch.utils.checkpoint): the backward
+recomputes a chunk's inner loop instead of keeping it.
 
 Where the corrections would cost more than a dense product, a layer turns into one dense `[out, in]`
 matrix per task (vmap's form), and later steps update that (DENSE, `_dense_after`).
@@ -260,8 +260,8 @@ def _maml_chunk(problem: Problem, neg_rates, weights, xs, ys, xq, yq, *params):
 def saved_bytes_per_task(problem: Problem) -> int:
     """The bytes autograd keeps per task, from above (within 1.4x of what tests/test_factored.py measures
     with saved-tensor hooks): about 1.7 (relu) or 2.6 (tanh) activations per support point, layer and
-    step, and 0.6 per query point and query pass; a pass through k factors adds its `[N, Ns]` products with them, a dense layer
-    its `[out, in]` weights."""
+    step, and 0.6 per query point and query pass; a pass through k factors adds its `[N, Ns]` products
+    with them, a dense layer its `[out, in]` weights."""
     dims, K = problem.dims, problem.inner_steps
     ns, nq = problem.n_support, problem.n_query
     query_steps = [K] if problem.query_loss_weights is None else list(range(K + 1))
