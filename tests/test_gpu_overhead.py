@@ -1,6 +1,6 @@
 """The GPU training call without host overhead (G3): no synchronisation, CUDA graphs, reduce-overhead.
 
-On a GPU, for each fused backend (cuda, triton):
+On a GPU, for each fused backend (cuda, triton), and for factored where it applies (below):
 - with the data checks off (the default outside the tests), a planned training call (forward and
   backward) makes no host-device synchronisation: `torch.cuda.set_sync_debug_mode("error")` raises on
   any; a class out of range then gives a nan task loss instead of a wrong one;
@@ -23,7 +23,12 @@ from _reference_loop import normal_params, random_data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-BACKENDS = ["cuda", "triton"]
+FUSED = ["cuda", "triton"]
+# factored is plain PyTorch: it must not synchronise either and must replay in a CUDA graph. Its class
+# out of range is PyTorch's device assert (as on the reference), and its reduce-overhead compile is left to
+# tests/test_factored.py (the capture, on the CPU): inductor's compile of its graph would take a minute
+# of the GPU check.
+BACKENDS = FUSED + ["factored"]
 
 
 def _backend_or_skip(name):
@@ -63,7 +68,7 @@ def test_training_call_never_synchronises(backend, loss, lr, checks_off):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED)
 def test_class_out_of_range(backend, checks_off):
     _backend_or_skip(backend)
     params, (xs, ys, xq, yq) = make_call(T=4, dims=(1, 12, 3), loss="cross_entropy")
@@ -115,7 +120,7 @@ def test_cuda_graph_of_a_meta_iteration(backend, checks_off):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED)
 def test_compile_reduce_overhead(backend, checks_off):
     _backend_or_skip(backend)
     torch._dynamo.reset()
