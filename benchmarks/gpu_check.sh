@@ -88,8 +88,7 @@ if [ "$DRY_RUN" = 1 ]; then
 else
   DEVICE=cuda
   # shellcheck disable=SC2206
-  # factored is named: not in auto's order yet, the sweep would pass over it otherwise.
-  SWEEP=(${SWEEP_ARGS:---tasks 25 1024 65536 --steps 1 5 --width 40 128 --warmup 2 --repeats 10 --max-seconds 6 --methods reference cuda triton factored vmap loop higher})
+  SWEEP=(${SWEEP_ARGS:---tasks 25 1024 65536 --steps 1 5 --width 40 128 --warmup 2 --repeats 10 --max-seconds 6})
 fi
 
 # ---- environment -------------------------------------------------------------------------------

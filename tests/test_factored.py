@@ -1,6 +1,7 @@
 """The factored backend's own parts: its memory estimate against what autograd keeps, the chunked path
-(activation checkpointing) against the unchunked one, and what it refuses. Its results against the
-reference, for every option, are in test_backends.py."""
+(activation checkpointing) against the unchunked one, each form of its layers (factors only, dense from
+the first step) against the reference, its switches, what it refuses, and its torch.compile capture.
+Its results against the reference in the default form, for every option, are in test_backends.py."""
 
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ def test_compiles_in_one_graph():
     The aot_eager backend: dynamo's graph and AOT autograd's joint graph, without inductor's code
     generation (37 s of C++ compiles here for the same check of the capture)."""
     torch._dynamo.reset()
-    case = make_case(dims=(2, 8, 1), tasks=5, inner_steps=2, lr_form="per_step", seed=8).to(torch.float32)
+    # The 12-wide layer in factors at the first step and dense at the second: both forms in one graph.
+    case = make_case(dims=(2, 12, 12, 1), tasks=5, inner_steps=2, lr_form="per_step", seed=8).to(torch.float32)
     leaves = [*case.params, case.inner_lr]
 
     def meta_loss(params, xs, ys, xq, yq, lr):
