@@ -274,6 +274,10 @@ class Estimator:
         slope = max(ms2 - ms1, 0.0) / (T2 - T1)
         return (ms2 + slope * (w.T - T2)) / 1e3
 
+    def largest_t(self, method: str, w: Workload) -> int:
+        """The largest T measured for this method at w's K, width and order, up to w.T (0: none)."""
+        return max((T for T in self._seen.get((method, w.K, w.width, w.order), {}) if T <= w.T), default=0)
+
     def probe(self, method: str, w: Workload, sizes=(16, 64)) -> None:
         """Time `method` on the first tasks of `w` (after one untimed call), so that a large first
         setting has an estimate too."""

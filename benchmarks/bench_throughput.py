@@ -118,9 +118,17 @@ def _skip_reason(method, w, explicit, estimator, args, deadline):
     if deadline is not None and time.perf_counter() > deadline:
         return "sweep time budget spent"
     est = estimator.estimate_s(method, w)
-    if est is None and w.T > PROBE_ABOVE:
+    far = (est is not None and args.max_seconds < est <= 32 * args.max_seconds
+           and estimator.largest_t(method, w) < w.T // 8)
+    if w.T > PROBE_ABOVE and (est is None or far):
+        # No estimate, or one that would skip the setting but comes from far smaller batches only (T=25
+        # before T=65,536 in the GPU check's quick sweep: proportional to T, it overstates a batched
+        # method's time by the fixed cost per call times 2,600): time the method on a 64th and a 16th of
+        # the tasks, and draw the line through those. Not where even that estimate says the probe
+        # itself would take long (a task loop, whose time does grow with T).
+        sizes = (16, 64) if est is None else (max(w.T // 64, 1), max(w.T // 16, 1))
         try:
-            estimator.probe(method, w)
+            estimator.probe(method, w, sizes)
         except Exception as err:  # the measurement proper will report it
             print(f"  ({method}: probe on a few tasks failed: {type(err).__name__})", flush=True)
         est = estimator.estimate_s(method, w)

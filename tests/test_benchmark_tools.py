@@ -53,3 +53,25 @@ def test_harness_measures_what_auto_has_not_placed():
     assert H.why_not("factored", w) is None
     why = H.why_not("triton", w)
     assert why is not None and ("not meant for cpu" in why or "interpreter" in why), why
+
+
+def test_sweep_probes_before_skipping_on_a_far_estimate():
+    """A large batch whose only estimate comes from a far smaller one (T=25 before T=65,536: proportional
+    to T, far too high for a batched method) is probed on a 64th and a 16th of its tasks before it is
+    skipped; an estimate past 32x the limit (a task loop's) is trusted and skips at once."""
+    from types import SimpleNamespace
+
+    import _harness as H
+    import bench_throughput
+
+    w = H.make_workload(65536, 1, 7, device="cpu")
+    args = SimpleNamespace(max_seconds=1.0)
+    estimator = H.Estimator()
+    estimator.add("cpu", H.head(w, 25), 2.0)  # 2 ms at T=25: 5.2 s at T=65,536 if proportional
+    assert estimator.estimate_s("cpu", w) > args.max_seconds
+    assert bench_throughput._skip_reason("cpu", w, set(), estimator, args, None) is None
+    assert estimator.largest_t("cpu", w) == 4096
+    far = H.Estimator()
+    far.add("cpu", H.head(w, 25), 20.0)  # 52 s: past 32 x 1 s, no probe
+    assert "estimated" in bench_throughput._skip_reason("cpu", w, set(), far, args, None)
+    assert far.largest_t("cpu", w) == 25
