@@ -6,8 +6,10 @@
 #   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) under 5 minutes: the G2/G3 GPU tests only (GPU
 #                                                # sizes, no synchronisation, CUDA graphs, compile), the
 #                                                # overhead, a sweep at T in {25, 65536}, the kernel profile
-#   AB_S=240 NCU_S=60 SKIP_TESTS=1 benchmarks/gpu_check.sh --quick   # a second run: the A/B of the kernels'
-#                                                # switches and ncu, without the tests again
+#   AB_S=180 benchmarks/gpu_check.sh --quick     # the same, then the A/B of the kernels' switches with what
+#                                                # is left of 290 + 180 s (a GPU session's one run)
+#   SKIP_TESTS=1 SKIP_SWEEP=1 PROFILE_S=0 NCU_S=60 AB_S=200 benchmarks/gpu_check.sh --quick   # a second
+#                                                # run: ncu and the A/B only
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
 #
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
@@ -22,9 +24,10 @@
 # NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed), the sweep gets
 # what is left of TOTAL_S minus a reserve for the summary. The tests log to tests.log (both runs).
 # GPU_TEST_BACKENDS (default "cuda triton factored") picks the backends tested, SWEEP_ARGS replaces the GPU
-# sweep's settings. AB_S=240 (only when set) runs the A/B of the kernels' switches (ab.txt), PROFILE_S=60
-# (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu of one
-# backward launch (profile.txt).
+# sweep's settings, SKIP_SWEEP=1 skips it. AB_S (only when set; --quick adds it to TOTAL_S) runs the A/B of
+# the kernels' switches (ab.txt) after the sweep and the profile, with what is left of the run up to AB_S;
+# PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
+# of one backward launch (profile.txt).
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -34,7 +37,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) OUT_ARG="$arg" ;;
   esac
 done
@@ -45,7 +48,7 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 
 if [ "$QUICK" = 1 ]; then
-  TOTAL_S="${TOTAL_S:-290}"
+  TOTAL_S="${TOTAL_S:-$(( 290 + ${AB_S:-0} ))}"  # the A/B, when asked for, gets its own time on top
   SWEEP_ARGS="${SWEEP_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128 --methods cuda triton factored vmap --warmup 1 --repeats 3 --max-seconds 3}"
   BUILD_S="${BUILD_S:-150}"
   CUDA_TESTS_S="${CUDA_TESTS_S:-60}"
@@ -209,6 +212,53 @@ EOF
   grep -E "chosen|rejected: slower" "$DIR/tests.log" | tail -4
 fi
 
+[ -n "${PTXAS_PID:-}" ] && wait "$PTXAS_PID" && grep -c "Used" "$DIR/ptxas.txt" | sed 's/^/ptxas reports: /'
+
+# ---- per-call overhead (G3) ---------------------------------------------------------------------
+if [ "$DRY_RUN" != 1 ]; then
+  stage "overhead of a small training call (limit ${OVERHEAD_S:-90}s) -> $DIR/overhead.txt, overhead.json"
+  # shellcheck disable=SC2086
+  timeout "${OVERHEAD_S:-90}" python benchmarks/bench_overhead.py --device cuda --tasks 25 --inner-steps 5 \
+    ${OVERHEAD_ARGS:---seconds 2 --rounds 5} --json "$DIR/overhead.json" > "$DIR/overhead.txt" 2>&1
+  echo "overhead exit code $?"
+  grep -E "^\|" "$DIR/overhead.txt" | head -4
+fi
+
+# ---- sweep -------------------------------------------------------------------------------------
+# The profile and the A/B below keep their time (PROFILE_S, 60 s by default, 0 skips it; AB_S when set).
+budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${AB_S:-0} ) ))
+if [ "${SKIP_SWEEP:-0}" = 1 ]; then
+  stage "sweep: skipped (SKIP_SWEEP=1)"
+elif [ "$budget" -lt 30 ]; then
+  stage "sweep: skipped, only ${budget}s left"
+else
+  stage "sweep on $DEVICE (limit ${budget}s) -> $DIR/throughput.csv, throughput.png, sweep.log"
+  timeout "$budget" python benchmarks/bench_throughput.py --device "$DEVICE" --order second "${SWEEP[@]}" \
+    --time-budget $(( budget - 25 )) --out "$DIR" > "$DIR/sweep.log" 2>&1
+  rc=$?
+  [ $rc = 124 ] && echo "sweep: timed out after ${budget}s (the CSV keeps the rows measured)" | tee -a "$DIR/sweep.log"
+  echo "sweep exit code $rc (1: a method failed its check)"
+  grep -E "failed|oom|Error" "$DIR/sweep.log" | head -8 | cut -c1-200
+fi
+
+# ---- where the time goes (G2) ------------------------------------------------------------------
+if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
+  stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${PROFILE_S:-60}s) -> $DIR/profile.txt"
+  # triton last: at this width it is the slowest by far, and the limit may end it.
+  ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda factored vmap triton \
+      --tasks 65536 --steps 5 --width 128 --warmup 1 --iters 2 ) > "$DIR/profile.txt" 2>&1
+  grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -6
+fi
+# ncu apart from the profile, so that a second run can ask for it alone (PROFILE_S=0 NCU_S=60).
+if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ]; then
+  stage "ncu of one cuda backward launch at T=8192 (limit ${NCU_S:-60}s) -> $DIR/profile.txt"
+  ( cd benchmarks && timeout "${NCU_S:-60}" ncu --kernel-name regex:"bwd_kernel" --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width 128 --warmup 0 --iters 1 \
+      --no-profiler ) >> "$DIR/profile.txt" 2>&1
+  echo "ncu exit code $?"
+fi
+
 # ---- A/B of the kernels' switches (G2) -----------------------------------------------------------
 # Each variant changes one setting from the default, at the large-batch cells of G2 (T=65,536, K in {1, 5},
 # W in {40, 128}); the defaults' own figures are the sweep's rows of the same cells. Variants: the CUDA
@@ -221,9 +271,11 @@ fi
 # factors at every step (FASTMAML_FACTORED_DENSE=never: the one product shared by all tasks stays, where
 # the default turns a layer dense once its factors cost more multiply-adds).
 # AB_VARIANTS picks some ("tiles shared kchunk tf32x3 chunk4g factors"), AB_S is the time for all of them.
-if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ]; then
+if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
   variants=(${AB_VARIANTS:-tiles shared kchunk tf32x3 chunk4g factors})
-  per=$(( AB_S / ${#variants[@]} ))
+  # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
+  ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
+  per=$(( ab_total / ${#variants[@]} ))
   stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt"
   : > "$DIR/ab.txt"
   for v in "${variants[@]}"; do
@@ -243,50 +295,6 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ]; then
     echo "exit code $?" >> "$DIR/ab.txt"
   done
   grep -E "^==|tasks/s|failed|exit" "$DIR/ab.txt" | head -20 | cut -c1-160
-fi
-
-[ -n "${PTXAS_PID:-}" ] && wait "$PTXAS_PID" && grep -c "Used" "$DIR/ptxas.txt" | sed 's/^/ptxas reports: /'
-
-# ---- per-call overhead (G3) ---------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ]; then
-  stage "overhead of a small training call (limit ${OVERHEAD_S:-90}s) -> $DIR/overhead.txt, overhead.json"
-  # shellcheck disable=SC2086
-  timeout "${OVERHEAD_S:-90}" python benchmarks/bench_overhead.py --device cuda --tasks 25 --inner-steps 5 \
-    ${OVERHEAD_ARGS:---seconds 2 --rounds 5} --json "$DIR/overhead.json" > "$DIR/overhead.txt" 2>&1
-  echo "overhead exit code $?"
-  grep -E "^\|" "$DIR/overhead.txt" | head -4
-fi
-
-# ---- sweep -------------------------------------------------------------------------------------
-# The profile below keeps its time (PROFILE_S, 60 s by default; 0 skips it).
-budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} ) ))
-if [ "$budget" -lt 30 ]; then
-  stage "sweep: skipped, only ${budget}s left"
-else
-  stage "sweep on $DEVICE (limit ${budget}s) -> $DIR/throughput.csv, throughput.png, sweep.log"
-  timeout "$budget" python benchmarks/bench_throughput.py --device "$DEVICE" --order second "${SWEEP[@]}" \
-    --time-budget $(( budget - 25 )) --out "$DIR" > "$DIR/sweep.log" 2>&1
-  rc=$?
-  [ $rc = 124 ] && echo "sweep: timed out after ${budget}s (the CSV keeps the rows measured)" | tee -a "$DIR/sweep.log"
-  echo "sweep exit code $rc (1: a method failed its check)"
-  grep -E "failed|oom|Error" "$DIR/sweep.log" | head -8 | cut -c1-200
-fi
-
-# ---- where the time goes (G2) ------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
-  stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${PROFILE_S:-60}s) -> $DIR/profile.txt"
-  # triton last: at this width it is the slowest by far, and the limit may end it.
-  ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda factored vmap triton \
-      --tasks 65536 --steps 5 --width 128 --warmup 1 --iters 2 ) > "$DIR/profile.txt" 2>&1
-  grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -6
-  if command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ]; then
-    stage "ncu of one cuda backward launch at T=8192 (limit ${NCU_S:-60}s) -> $DIR/profile.txt"
-    ( cd benchmarks && timeout "${NCU_S:-60}" ncu --kernel-name regex:"bwd_kernel" --launch-count 1 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-        python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width 128 --warmup 0 --iters 1 \
-        --no-profiler ) >> "$DIR/profile.txt" 2>&1
-    echo "ncu exit code $?"
-  fi
 fi
 
 # ---- Triton registers and spills (G2) -------------------------------------------------------------
