@@ -42,6 +42,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .._mlp import ACTIVATIONS
 from .._validate import Problem
 
 
@@ -215,7 +216,7 @@ def _act_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
 def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, neg_rates: list[Rate],
                 problem: Problem) -> list[_Layer]:
     """One SGD step of every task on its support set, in factored form."""
-    act = torch.relu if problem.activation == "relu" else torch.tanh
+    act = ACTIVATIONS[problem.activation]
     inputs, outputs = _forward(layers, xs, act)
     delta = _loss_grad(outputs[-1], ys, problem.loss)
     grads = [None] * len(layers)
@@ -244,7 +245,7 @@ def _adapted_layers(problem: Problem, xs: torch.Tensor, ys: torch.Tensor, params
 
 def _maml_chunk(problem: Problem, neg_rates, weights, xs, ys, xq, yq, *params):
     """`(task_losses [T'], query_preds [T', Nq, D_out])` of the chunk's tasks."""
-    act = torch.relu if problem.activation == "relu" else torch.tanh
+    act = ACTIVATIONS[problem.activation]
     history = _adapted_layers(problem, xs, ys, list(params), neg_rates)
     K = problem.inner_steps
     preds = _forward(history[K], xq, act)[1][-1]
