@@ -404,6 +404,16 @@ def planned_problem(params, x_support, y_support, x_query, y_query, inner_steps,
 
 _CHECK_INPUTS = [os.environ.get("FASTMAML_CHECK_INPUTS", "0") not in ("", "0")]
 
+
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment switch `name`, one of `choices` (case and spaces ignored; unset or empty: the first
+    one). Any other value raises ValueError naming the switch: a mistyped switch must not measure the
+    default under another name."""
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
 # Backends whose operations check the data themselves, per device type.
 SELF_CHECKING = {"cpu": ("cpu",)}
 

@@ -11,6 +11,8 @@ import os
 import triton
 import triton.language as tl
 
+from .._validate import env_choice
+
 # How float32 products are computed, both float32-accurate: "ieee" (the default: FMAs on the CUDA
 # cores, unrolled per thread, most of the compile time: 10-100 s a variant on 2 cores) or "tf32x3"
 # (three TF32 tensor-core products of the split operands, hi*hi + hi*lo + lo*hi). Plain "tf32" would
@@ -19,11 +21,7 @@ import triton.language as tl
 # ptxas -v), the sinusoid net's backward kernel at 8 warps spills 1.8 KiB per thread with "ieee" and
 # 13.8 KiB with "tf32x3" (both at 255 registers): the split operands of the whole unrolled kernel do
 # not fit, so "tf32x3" stays opt-in until a GPU says otherwise. float64 ignores it.
-_PRECISIONS = ("ieee", "tf32x3")
-_precision = os.environ.get("FASTMAML_TRITON_PRECISION", "ieee").strip().lower() or "ieee"
-if _precision not in _PRECISIONS:
-    raise ValueError(f"FASTMAML_TRITON_PRECISION must be one of {_PRECISIONS}, got {_precision!r}")
-PRECISION: tl.constexpr = tl.constexpr(_precision)
+PRECISION: tl.constexpr = tl.constexpr(env_choice("FASTMAML_TRITON_PRECISION", ("ieee", "tf32x3")))
 
 
 # The float32 products' reduction dimension in chunks of K_CHUNK, summed in K order (the same sums as

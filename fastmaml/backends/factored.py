@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .._mlp import ACTIVATIONS
-from .._validate import Problem
+from .._validate import Problem, env_choice
 
 
 def _chunk_budget() -> int:
@@ -95,10 +95,7 @@ def _step_rates(problem: Problem) -> list[list[Rate]]:
 
 def _dense_mode() -> str:
     """FASTMAML_FACTORED_DENSE: "auto" (the default), "never" or "always" (read once, at import)."""
-    value = os.environ.get("FASTMAML_FACTORED_DENSE", "").strip().lower() or "auto"
-    if value not in ("auto", "never", "always"):
-        raise ValueError(f"FASTMAML_FACTORED_DENSE must be auto, never or always, got {value!r}")
-    return value
+    return env_choice("FASTMAML_FACTORED_DENSE", ("auto", "never", "always"))
 
 
 # When a layer's weights turn from factors into one dense [T, out, in] tensor per task. A product through
