@@ -269,10 +269,12 @@ fi
 # slower to compile), the factored backend's chunks of tasks at 4 GiB of kept intermediates instead of 1
 # (FASTMAML_FACTORED_CHUNK_MB=4096: fewer chunks, less host time, more memory), and its layers kept in
 # factors at every step (FASTMAML_FACTORED_DENSE=never: the one product shared by all tasks stays, where
-# the default turns a layer dense once its factors cost more multiply-adds).
-# AB_VARIANTS picks some ("tiles shared kchunk tf32x3 chunk4g factors"), AB_S is the time for all of them.
+# the default turns a layer dense once its factors cost more multiply-adds), and its low-rank products as
+# batched PyTorch products (FASTMAML_FACTORED_TRITON=never: two cuBLAS batched products per factor,
+# before its Triton kernels).
+# AB_VARIANTS picks some ("batched tiles shared kchunk tf32x3 chunk4g factors"), AB_S is the time for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-tiles shared kchunk tf32x3 chunk4g factors})
+  variants=(${AB_VARIANTS:-batched tiles shared kchunk tf32x3 chunk4g factors})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -284,6 +286,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
       kchunk) setting=FASTMAML_TRITON_K_CHUNK=32; method=triton ;;
       tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton ;;
+      batched) setting=FASTMAML_FACTORED_TRITON=never; method=factored ;;
       chunk4g) setting=FASTMAML_FACTORED_CHUNK_MB=4096; method=factored ;;
       factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
       *) echo "unknown A/B variant $v" >> "$DIR/ab.txt"; continue ;;
@@ -302,7 +305,7 @@ if [ "$DRY_RUN" != 1 ]; then
   stage "Triton kernel variants at the sweep's shapes: registers, spills (limit 30s) -> $DIR/ptxas.txt"
   timeout 30 python - >> "$DIR/ptxas.txt" 2>&1 <<'EOF'
 import torch, fastmaml
-from fastmaml.backends import triton_maml
+from fastmaml.backends import _lowrank, triton_maml
 print("== Triton kernels (registers and spills per thread)")
 for width in (40, 128):
     for K in (1, 5):
@@ -310,11 +313,12 @@ for width in (40, 128):
         params = [(torch.randn(o, i, device="cuda", generator=g) * 0.3 if k == 0 else torch.zeros(o, device="cuda")
                    ).requires_grad_() for i, o in zip(dims[:-1], dims[1:]) for k in (0, 1)]
         xs, ys, xq, yq = (torch.randn(64, 10, 1, device="cuda", generator=g) for _ in range(4))
-        try:
-            fastmaml.maml(params, xs, ys, xq, yq, inner_steps=K, backend="triton").loss.backward()
-        except Exception as err:
-            print(f"width {width} K {K}: {type(err).__name__}: {err}")
-print("\n".join(triton_maml.compiled_report()) or "no compiled Triton kernels to report")
+        for backend in ("triton", "factored"):
+            try:
+                fastmaml.maml(params, xs, ys, xq, yq, inner_steps=K, backend=backend).loss.backward()
+            except Exception as err:
+                print(f"{backend} width {width} K {K}: {type(err).__name__}: {err}")
+print("\n".join(triton_maml.compiled_report() + _lowrank.compiled_report()) or "no compiled Triton kernels to report")
 EOF
   grep -E "registers" "$DIR/ptxas.txt" | tail -4 | cut -c1-200
 fi

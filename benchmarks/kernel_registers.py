@@ -1,6 +1,7 @@
 """Registers and spills of the GPU kernels, compiled for a GPU on a machine without one.
 
     python benchmarks/kernel_registers.py                     # CUDA kernels and the sinusoid net's Triton kernels
+                                                              # (fused, and the factored backend's products)
     python benchmarks/kernel_registers.py --widths 40 128 --precisions ieee tf32x3
     python benchmarks/kernel_registers.py --skip-cuda --widths 128 --warps 16
     FASTMAML_TRITON_K_CHUNK=0 python benchmarks/kernel_registers.py --skip-cuda   # the kernels' switches apply
@@ -96,38 +97,59 @@ def _triton_child(spec: dict) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from fastmaml.backends import _lowrank, factored
     from fastmaml.backends import triton_maml as tm
 
-    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    if spec.get("factored"):
+        # The low-rank products of the 1-W-W-1 net's middle layer, 10 + 10 points, at every factor count
+        # the default form reaches (the layer turns dense after the last).
+        width = spec["dims"][1]
+        steps = next(k for k in range(1, 64) if factored._dense_after(k, 10, width, width))
+        for factors in range(1, steps):
+            for kind in ("add", "grads"):
+                start = time.perf_counter()
+                kernel = _lowrank.compile_for_target(kind, torch.float32, 10, 10, width, width, factors,
+                                                     arch=spec["arch"])
+                _print_ptxas(kernel, spec["arch"], start, kind=f"lowrank_{kind} J={factors}", warps=4)
+        return
     for kind in ("fwd", "bwd"):
         start = time.perf_counter()
         kernel, warps = tm.compile_for_target(kind, torch.float32, spec["dims"], 10, 10, 0, 0, arch=spec["arch"],
                                               num_warps=spec["warps"])
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = Path(tmp) / "k.ptx"
-            ptx.write_text(kernel.asm["ptx"])
-            proc = subprocess.run([ptxas, f"-arch=sm_{spec['arch']}a", "-v", str(ptx), "-o", str(Path(tmp) / "k.o")],
-                                  capture_output=True, text=True)
-        parsed = list(parse_ptxas(proc.stderr).values())
-        print(json.dumps(dict(kind=kind, warps=warps, seconds=round(time.perf_counter() - start),
-                              report=parsed[0] if parsed else {}, error=None if parsed else proc.stderr[-2000:])),
-              flush=True)
+        _print_ptxas(kernel, spec["arch"], start, kind=kind, warps=warps)
 
 
-def triton_report(widths: list[int], precisions: list[str], arch: int, warps: int = 0) -> list[str]:
+def _print_ptxas(kernel, arch: int, start: float, **fields) -> None:
+    """ptxas -v of a compiled Triton kernel's PTX, as one JSON line."""
+    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        proc = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", str(ptx), "-o", str(Path(tmp) / "k.o")],
+                              capture_output=True, text=True)
+    parsed = list(parse_ptxas(proc.stderr).values())
+    print(json.dumps(dict(fields, seconds=round(time.perf_counter() - start), report=parsed[0] if parsed else {},
+                          error=None if parsed else proc.stderr[-2000:])), flush=True)
+
+
+def triton_report(widths: list[int], precisions: list[str], arch: int, warps: int = 0,
+                  factored: bool = False) -> list[str]:
+    """The fused Triton kernels at each precision and width, or (`factored`) the factored backend's
+    low-rank product kernels at each width."""
     lines = []
-    for precision in precisions:
+    for precision in (["ieee"] if factored else precisions):
         for width in widths:
             env = dict(os.environ, FASTMAML_TRITON_PRECISION=precision)
             env.pop("TRITON_INTERPRET", None)
-            spec = dict(dims=[1, width, width, 1], arch=arch, warps=warps)
+            spec = dict(dims=[1, width, width, 1], arch=arch, warps=warps, factored=factored)
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                                   capture_output=True, text=True)
             results = [json.loads(s) for s in proc.stdout.splitlines() if s.startswith("{")]
             if not results:
                 lines.append(f"triton {precision} W={width}: failed:\n{proc.stderr[-2000:]}")
             for r in results:
-                name = f"triton {r['kind']} W={width} {precision} {r['warps']}w ({r['seconds']} s)"
+                what = f"{r['kind']} W={width}" if factored else f"{r['kind']} W={width} {precision}"
+                name = f"triton {what} {r['warps']}w ({r['seconds']} s)"
                 lines.append(line(name, r["report"]) if r["error"] is None else f"{name}: {r['error']}")
     return lines
 
@@ -150,6 +172,9 @@ def main(argv=None) -> int:
     if not args.skip_triton:
         print(f"== Triton kernels, sm_{args.arch}, float32, 1-W-W-1, 10 + 10 points", flush=True)
         print("\n".join(triton_report(args.widths, args.precisions, int(args.arch), args.warps)), flush=True)
+        print(f"== the factored backend's Triton kernels, sm_{args.arch}, float32, the W x W layer, 10 points",
+              flush=True)
+        print("\n".join(triton_report(args.widths, [], int(args.arch), factored=True)), flush=True)
     return 0
 
 

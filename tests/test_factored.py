@@ -131,9 +131,15 @@ def test_compiles_in_one_graph():
     eager loss and meta-gradient (params and the per-step rates), and no recompilation on a second call.
     The aot_eager backend: dynamo's graph and AOT autograd's joint graph, without inductor's code
     generation (37 s of C++ compiles here for the same check of the capture)."""
-    torch._dynamo.reset()
     # The 12-wide layer in factors at the first step and dense at the second: both forms in one graph.
-    case = make_case(dims=(2, 12, 12, 1), tasks=5, inner_steps=2, lr_form="per_step", seed=8).to(torch.float32)
+    check_compiled(tasks=5, calls=2)
+
+
+def check_compiled(tasks: int, calls: int) -> None:
+    """The compiled factored backend (aot_eager, fullgraph) against eager on the 2-12-12-1 net, K = 2:
+    loss and meta-gradient, one graph over `calls` calls."""
+    torch._dynamo.reset()
+    case = make_case(dims=(2, 12, 12, 1), tasks=tasks, inner_steps=2, lr_form="per_step", seed=8).to(torch.float32)
     leaves = [*case.params, case.inner_lr]
 
     def meta_loss(params, xs, ys, xq, yq, lr):
@@ -145,7 +151,7 @@ def test_compiles_in_one_graph():
     counts = torch._dynamo.utils.counters
     counts.clear()
     compiled = torch.compile(meta_loss, fullgraph=True, backend="aot_eager")
-    for _ in range(2):
+    for _ in range(calls):
         got = compiled(*args)
         got_grads = torch.autograd.grad(got, leaves)
         assert_close([got, *got_grads], [want, *want_grads], 1e-5, "compiled")

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from .._mlp import ACTIVATIONS
 from .._validate import Problem, env_choice
+from ._lowrank import products
 
 
 def _chunk_budget() -> int:
@@ -134,18 +135,14 @@ class _Layer:
         if self.bias.dim() == 1:  # no step yet: the plain layer
             return F.linear(x, self.w0, self.bias)
         z = F.linear(x, self.w0) + self.bias.unsqueeze(-2)
-        for h, d in zip(self.h, self.d):  # z += (x h^T) (-r D): the sum inside the product
-            z = torch.baddbmm(z, torch.bmm(x, h.transpose(1, 2)), d)
-        return z
+        return products(z, x, self.h, self.d) if self.h else z  # z += sum_j (x h_j^T) (-r_j D_j)
 
     def apply_t(self, y: torch.Tensor) -> torch.Tensor:
         """`y W_k`: y [T, N, out] -> [T, N, in]."""
         if self.w is not None:
             return torch.bmm(y, self.w)
         g = torch.matmul(y, self.w0)
-        for h, d in zip(self.h, self.d):
-            g = torch.baddbmm(g, torch.bmm(y, d.transpose(1, 2)), h)
-        return g
+        return products(g, y, self.d, self.h) if self.h else g  # g += sum_j (y (-r_j D_j)^T) h_j
 
     def step(self, h: torch.Tensor, d: torch.Tensor, neg_rate_w: Rate, neg_rate_b: Rate) -> "_Layer":
         """The layer after `W -= r_w d^T h`, `b -= r_b sum_n d` (h [T, Ns, in], d [T, Ns, out]), given

@@ -103,13 +103,18 @@ def _kernels() -> SimpleNamespace:
 def compiled_report() -> list[str]:
     """One line per Triton kernel variant compiled for a GPU in this process: registers and spills per
     thread, shared memory, warps (the GPU check prints them beside nvcc's -Xptxas -v of the CUDA kernels).
-    Empty in the interpreter. Reads Triton's per-device kernel caches, whose layout Triton does not
-    promise: what cannot be read is said, not guessed."""
+    Empty in the interpreter."""
     if _KERNELS is None or _KERNELS.interpreted:
         return []
+    return kernel_cache_report(_KERNELS.module, ("maml_fwd_kernel", "maml_bwd_kernel"))
+
+
+def kernel_cache_report(module, names) -> list[str]:
+    """`compiled_report`'s lines for the kernels `names` of `module`. Reads Triton's per-device kernel
+    caches, whose layout Triton does not promise: what cannot be read is said, not guessed."""
     lines = []
-    for name in ("maml_fwd_kernel", "maml_bwd_kernel"):
-        fn = getattr(_KERNELS.module, name, None)
+    for name in names:
+        fn = getattr(module, name, None)
         for caches in list(getattr(fn, "device_caches", {}).values()):
             cache = caches[0] if isinstance(caches, tuple) else caches
             for key, compiled in list(getattr(cache, "items", lambda: [])()):
@@ -155,18 +160,24 @@ def ast_source(kind: str, dtype: torch.dtype, consts: dict):
 
     module = _kernels().module
     fn = module.maml_fwd_kernel if kind == "fwd" else module.maml_bwd_kernel
+    labels = {"ys": "*i64", "yq": "*i64"} if consts["LOSS"] == 1 else {}
+    signature = kernel_signature(fn, consts, module._RUNTIME_INTS, dtype, labels)
+    return ASTSource(fn, signature=signature, constexprs=consts)
+
+
+def kernel_signature(fn, consts: dict, runtime_ints: list[str], dtype: torch.dtype, special: dict) -> dict:
+    """The argument types of a kernel launched with tensors of `dtype` (`special` names the arguments
+    of other types: class labels, tuples of pointers), for `triton.compile` without a GPU."""
     pointer = {torch.float32: "*fp32", torch.float64: "*fp64"}[dtype]
     signature = {}
     for name in fn.arg_names:
         if name in consts:
             signature[name] = "constexpr"
-        elif name in module._RUNTIME_INTS:
+        elif name in runtime_ints:
             signature[name] = "i32"
-        elif name in ("ys", "yq") and consts["LOSS"] == 1:
-            signature[name] = "*i64"
         else:
-            signature[name] = pointer
-    return ASTSource(fn, signature=signature, constexprs=consts)
+            signature[name] = special.get(name, pointer)
+    return signature
 
 
 def compile_for_target(kind: str, dtype: torch.dtype, dims: list[int], n_support: int, n_query: int,

@@ -1,0 +1,289 @@
+"""The factored backend's low-rank products as two operations, with Triton kernels on CUDA tensors.
+
+A product with a task's adapted weights `W_k = W_0 + sum_j D_j^T H_j` (`factored.py`) is a product with
+W_0, one matrix product over every task, plus
+
+    lowrank_add(base, x, hs, ds)[t] = base[t] + sum_j (x[t] hs[j][t]^T) ds[j][t]          [T, N, O]
+
+(x [T, N, I], hs[j] [T, S, I], ds[j] [T, S, O]; `base` may be None: zeros). In batched PyTorch that is
+two batched products per factor, each writing its result to memory and reading it back; the kernel
+(`_triton_lowrank.py`) reads x once for all the factors and keeps the `[N, S]` intermediates in registers.
+Its gradients are the same kind of product and one more,
+
+    lowrank_grads(u, bs, c)[j, t] = (u[t] bs[j][t]^T)^T c[t]                               [J, T, S, O]
+
+    d base = g,  d x = lowrank_add(None, g, ds, hs),
+    d hs[j] = lowrank_grads(g, ds, x)[j],  d ds[j] = lowrank_grads(x, hs, g)[j],
+
+and the gradients of `lowrank_grads` are again these two (`_grads_backward`): both operations are
+differentiable to any order, as the meta-gradient through the factored inner loop needs (its backward
+differentiates the inner loop's gradient, and `create_graph=True` once more).
+
+Where the kernels run (KERNELS, from FASTMAML_FACTORED_TRITON): "auto" on CUDA tensors when Triton >= 3.6
+is installed and the factors' products fit in registers (`kernel_reason`); "never" keeps the batched
+PyTorch products everywhere (the GPU check's A/B). CPU tensors take the batched products, unless a test
+sends them through the Triton interpreter (`_INTERPRET_CPU`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from .._validate import env_choice
+from . import triton_maml
+from .triton_maml import _device_guard, _pad
+
+# The kernels keep every factor's `[N, S]` intermediate in registers. Within these bounds (padded sizes,
+# 4 warps) ptxas -v for sm_90 reports at most a few bytes of spills a thread (tests/test_lowrank.py
+# compiles the bounds: float64's lowrank_grads spills 4-12 bytes at some factor counts, none at others).
+# Past them: float32 at 32 x 32 points and 4 factors spills 128 bytes (lowrank_grads), at 64 x 64 and one
+# factor 436; float64 at 16 x 16 and 16 factors 20. Widths are not bounded: both reductions and the
+# output's columns run in chunks.
+MAX_TILE = 1024  # padded N x padded S
+MAX_TILES = 2048  # J x padded N x padded S
+# float32 products in float32 on the CUDA cores (tl.dot's default on a GPU with tensor cores is TF32).
+PRECISION = "ieee"
+
+
+def _kernels_mode() -> str:
+    """FASTMAML_FACTORED_TRITON: "auto" (the default) or "never" (read once, at import)."""
+    return env_choice("FASTMAML_FACTORED_TRITON", ("auto", "never"))
+
+
+KERNELS = _kernels_mode()
+# Tests set this to run CPU tensors through the kernels in the Triton interpreter (TRITON_INTERPRET=1).
+_INTERPRET_CPU = False
+
+
+# The kernels run the reduction over I and the output's columns in chunks of at most this many.
+K_CHUNK = 32
+
+
+def _chunk(n: int) -> int:
+    return min(_pad(n), K_CHUNK)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_reason() -> Optional[str]:
+    """Why the kernels cannot be defined here, or None (asked once)."""
+    if not triton_maml._triton_installed():
+        return "Triton is not installed"
+    version = triton_maml._triton_version()
+    if version is not None and version < triton_maml.MIN_TRITON:
+        return f"Triton {'.'.join(map(str, version))} is older than 3.6"
+    return None
+
+
+_MODULE = None
+_DEFINED_INTERPRETED: Optional[bool] = None
+
+
+def _module():
+    """The kernels, defined on first use; remembers whether they were defined for the interpreter."""
+    global _MODULE, _DEFINED_INTERPRETED
+    if _MODULE is None:
+        _DEFINED_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        _MODULE = importlib.import_module(f"{__package__}._triton_lowrank")
+    return _MODULE
+
+
+def kernel_reason(x: torch.Tensor, factors: int, n_support: int) -> Optional[str]:
+    """Why `lowrank_add(., x, hs, ds)` with `factors` pairs of `n_support` rows (or `lowrank_grads` with x
+    as u) takes the batched PyTorch products instead of the kernels, or None."""
+    if KERNELS == "never":
+        return "FASTMAML_FACTORED_TRITON=never"
+    if x.device.type == "cpu":
+        if not _INTERPRET_CPU:
+            return "CPU tensors (the kernels run CUDA tensors)"
+        if os.environ.get("TRITON_INTERPRET", "0") != "1" or _DEFINED_INTERPRETED is False:
+            return "the Triton interpreter is off"
+    elif x.device.type != "cuda":
+        return f"{x.device.type} tensors (the kernels run CUDA tensors)"
+    elif os.environ.get("TRITON_INTERPRET", "0") == "1" or _DEFINED_INTERPRETED:
+        return "TRITON_INTERPRET=1 (the interpreter would run CUDA tensors on the host)"
+    why = _triton_reason()
+    if why is not None:
+        return why
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"dtype {x.dtype}"
+    tile = _pad(x.shape[1]) * _pad(n_support)
+    if factors < 1:
+        return "no factor pairs"
+    if tile > MAX_TILE or factors * tile > MAX_TILES:
+        return (f"{factors} factor pairs of {x.shape[1]} x {n_support} points (the kernels keep the "
+                f"padded products in registers: at most {MAX_TILE} elements, {MAX_TILES} over all factors)")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two products: batched PyTorch and the kernels
+# ---------------------------------------------------------------------------------------------------
+
+
+def _add_batched(base, x, hs, ds):
+    out = base
+    for h, d in zip(hs, ds):
+        c = torch.bmm(x, h.transpose(1, 2))
+        out = torch.bmm(c, d) if out is None else torch.baddbmm(out, c, d)
+    return out
+
+
+def _grads_batched(u, bs, c):
+    return torch.stack([torch.bmm(torch.bmm(b, u.transpose(1, 2)), c) for b in bs])
+
+
+def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tensor],
+              ds: list[torch.Tensor]) -> torch.Tensor:
+    T, N, I = x.shape
+    S, O = hs[0].shape[1], ds[0].shape[2]
+    if kernel_reason(x, len(hs), S) is not None:
+        out = _add_batched(base, x, hs, ds)
+        return out.clone() if out is base else out  # an op's output must not alias its input
+    x = x.contiguous()
+    hs = tuple(h.contiguous() for h in hs)
+    ds = tuple(d.contiguous() for d in ds)
+    out = x.new_empty(T, N, O)
+    if T > 0:
+        base_ = base.contiguous() if base is not None else out
+        with _device_guard(x):
+            _module().lowrank_add_kernel[(T,)](
+                base_, x, hs, ds, out, T, N, S, I, O, J=len(hs), HAS_BASE=base is not None,
+                PRECISION=PRECISION, BN=_pad(N), BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
+            )
+    return out
+
+
+def _grads_impl(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor) -> torch.Tensor:
+    T, N, I = u.shape
+    S, O = bs[0].shape[1], c.shape[2]
+    if kernel_reason(u, len(bs), S) is not None:
+        return _grads_batched(u, bs, c)
+    u, c = u.contiguous(), c.contiguous()
+    bs = tuple(b.contiguous() for b in bs)
+    out = u.new_empty(len(bs), T, S, O)
+    if T > 0:
+        with _device_guard(u):
+            _module().lowrank_grads_kernel[(T,)](
+                u, bs, c, out, T, N, S, I, O, J=len(bs), PRECISION=PRECISION,
+                BN=_pad(N), BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Custom ops and their gradients
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastmaml::lowrank_add", mutates_args=())
+def lowrank_add(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tensor],
+                ds: list[torch.Tensor]) -> torch.Tensor:
+    """`base + sum_j (x hs[j]^T) ds[j]` per task: x [T, N, I], hs[j] [T, S, I], ds[j] [T, S, O], base
+    [T, N, O] or None -> [T, N, O]."""
+    return _add_impl(base, x, hs, ds)
+
+
+@torch.library.custom_op("fastmaml::lowrank_grads", mutates_args=())
+def lowrank_grads(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor) -> torch.Tensor:
+    """`(u bs[j]^T)^T c` per task and j: u [T, N, I], bs[j] [T, S, I], c [T, N, O] -> [J, T, S, O]."""
+    return _grads_impl(u, bs, c)
+
+
+@lowrank_add.register_fake
+def _add_fake(base, x, hs, ds):
+    return x.new_empty(x.shape[0], x.shape[1], ds[0].shape[2])
+
+
+@lowrank_grads.register_fake
+def _grads_fake(u, bs, c):
+    return u.new_empty(len(bs), u.shape[0], bs[0].shape[1], c.shape[2])
+
+
+def _add_setup(ctx, inputs, output):
+    base, x, hs, ds = inputs
+    ctx.has_base = base is not None
+    ctx.save_for_backward(x, *hs, *ds)
+
+
+def _add_backward(ctx, g):
+    x, *factors = ctx.saved_tensors
+    J = len(factors) // 2
+    hs, ds = factors[:J], factors[J:]
+    need_base, need_x, need_hs, need_ds = ctx.needs_input_grad
+    g_x = lowrank_add(None, g, ds, hs) if need_x else None
+    g_hs = list(lowrank_grads(g, ds, x).unbind(0)) if _any(need_hs) else None
+    g_ds = list(lowrank_grads(x, hs, g).unbind(0)) if _any(need_ds) else None
+    return (g if ctx.has_base and need_base else None), g_x, g_hs, g_ds
+
+
+def _grads_setup(ctx, inputs, output):
+    u, bs, c = inputs
+    ctx.save_for_backward(u, c, *bs)
+
+
+def _grads_backward(ctx, g):
+    u, c, *bs = ctx.saved_tensors
+    gs = list(g.unbind(0))
+    need_u, need_bs, need_c = ctx.needs_input_grad
+    g_u = lowrank_add(None, c, gs, bs) if need_u else None
+    g_bs = list(lowrank_grads(c, gs, u).unbind(0)) if _any(need_bs) else None
+    g_c = lowrank_add(None, u, bs, gs) if need_c else None
+    return g_u, g_bs, g_c
+
+
+def _any(flag) -> bool:
+    """`needs_input_grad` of a list input: one flag, or one per element."""
+    return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
+
+
+lowrank_add.register_autograd(_add_backward, setup_context=_add_setup)
+lowrank_grads.register_autograd(_grads_backward, setup_context=_grads_setup)
+
+
+def products(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tensor],
+             ds: list[torch.Tensor]) -> torch.Tensor:
+    """`base + sum_j (x hs[j]^T) ds[j]`: through the kernel where `kernel_reason` allows, else batched
+    PyTorch products (which autograd differentiates as they are)."""
+    if kernel_reason(x, len(hs), hs[0].shape[1]) is None:
+        return lowrank_add(base, x, list(hs), list(ds))
+    return _add_batched(base, x, hs, ds)
+
+
+def compiled_report() -> list[str]:
+    """One line per kernel variant compiled for a GPU in this process (registers, spills, shared memory,
+    warps), as `triton_maml.compiled_report`; empty in the interpreter or before any launch."""
+    if _MODULE is None or _DEFINED_INTERPRETED:
+        return []
+    return triton_maml.kernel_cache_report(_MODULE, ("lowrank_add_kernel", "lowrank_grads_kernel"))
+
+
+def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o: int, factors: int, *,
+                       has_base: bool = True, arch: int = 90, num_warps: int = 4):
+    """One variant of `lowrank_add_kernel` (kind "add") or `lowrank_grads_kernel` ("grads") compiled by
+    `triton.compile` for an NVIDIA GPU of compute capability `arch`, on a machine without one (the
+    interpreter must be off): for `benchmarks/kernel_registers.py`'s register and spill report."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = _module()
+    blocks = dict(BN=_pad(n), BS=_pad(s), BK=_chunk(i), BO=_chunk(o), J=factors, PRECISION=PRECISION)
+    if kind == "add":
+        fn, consts, lists = module.lowrank_add_kernel, dict(blocks, HAS_BASE=has_base), ("hs", "ds")
+    elif kind == "grads":
+        fn, consts, lists = module.lowrank_grads_kernel, blocks, ("bs",)
+    else:
+        raise ValueError(f"kind must be 'add' or 'grads', got {kind!r}")
+    pointer = {torch.float32: "*fp32", torch.float64: "*fp64"}[dtype]
+    signature = triton_maml.kernel_signature(fn, consts, module._RUNTIME_INTS, dtype,
+                                             {name: (pointer,) * factors for name in lists})
+    source = ASTSource(fn, signature=signature, constexprs=consts)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+__all__ = ["KERNELS", "compile_for_target", "compiled_report", "kernel_reason", "lowrank_add", "lowrank_grads", "products"]

@@ -1,0 +1,262 @@
+"""The factored backend's low-rank products (`fastmaml/backends/_lowrank.py`): their gradients to the
+second order, their Triton kernels (in the interpreter, on CPU tensors) against the batched PyTorch
+products, the factored backend through the kernels against the reference, where the kernels are used,
+and their register use compiled for sm_90.
+
+On a GPU the kernels run wherever the factored backend runs CUDA tensors (test_backends.py's grid)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmaml.backends import _lowrank, factored
+from _reference_loop import assert_close
+
+F64 = torch.float64
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _inputs(T, N, S, I, O, J, dtype=F64, seed=0, grad=False):
+    """Fresh random `(base, x, hs, ds)` (never zeros), sizes as given."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=g, dtype=F64) * 2 - 1).to(dtype).requires_grad_(grad)
+
+    return rand(T, N, O), rand(T, N, I), [rand(T, S, I) for _ in range(J)], [rand(T, S, O) for _ in range(J)]
+
+
+def _interpreter_reason():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "TRITON_INTERPRET is not 1 (conftest.py sets it)"
+    from fastmaml.backends import triton_maml
+
+    return _lowrank._triton_reason() or triton_maml.interpreter_problem()
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """CPU tensors through the kernels in the Triton interpreter, and no batched product anywhere."""
+    why = _interpreter_reason()
+    if why is not None:
+        pytest.skip(why)
+
+    def batched(*args):
+        raise AssertionError("the batched PyTorch products ran where the kernels should have")
+
+    monkeypatch.setattr(_lowrank, "_INTERPRET_CPU", True)
+    monkeypatch.setattr(_lowrank, "_add_batched", batched)
+    monkeypatch.setattr(_lowrank, "_grads_batched", batched)
+
+
+# ---- the operations' gradients (batched products: what the kernels must match) -------------------
+
+
+def test_add_gradients_to_second_order():
+    """`lowrank_add`'s gradients (written as the two operations) against finite differences, and their
+    gradients in turn (the meta-gradient differentiates the inner loop's gradient through them)."""
+    base, x, hs, ds = _inputs(2, 5, 3, 7, 6, 2, grad=True)
+    assert _lowrank.kernel_reason(x, 2, 3) is not None  # CPU tensors: the batched products
+
+    def f(base, x, *factors):
+        return _lowrank.lowrank_add(base, x, list(factors[:2]), list(factors[2:]))
+
+    assert torch.autograd.gradcheck(f, (base, x, *hs, *ds))
+    assert torch.autograd.gradgradcheck(f, (base, x, *hs, *ds))
+    assert torch.autograd.gradcheck(lambda x, *f: _lowrank.lowrank_add(None, x, list(f[:2]), list(f[2:])),
+                                    (x, *hs, *ds))
+
+
+def test_grads_gradients_to_second_order():
+    _, u, bs, _ = _inputs(2, 5, 3, 7, 6, 3, grad=True, seed=1)
+    c = _inputs(2, 5, 3, 7, 6, 1, grad=True, seed=2)[0]
+
+    def f(u, c, *bs):
+        return _lowrank.lowrank_grads(u, list(bs), c)
+
+    assert torch.autograd.gradcheck(f, (u, c, *bs))
+    assert torch.autograd.gradgradcheck(f, (u, c, *bs))
+
+
+def test_operations_compute_the_products():
+    """Each operation against its formula written per task with matmul (not the batched code it uses)."""
+    base, x, hs, ds = _inputs(3, 4, 2, 5, 6, 2, seed=3)
+    want = base + sum((x @ h.transpose(1, 2)) @ d for h, d in zip(hs, ds))
+    assert_close(_lowrank.lowrank_add(base, x, hs, ds), want, 1e-12, "add")
+    c = _inputs(3, 4, 2, 5, 6, 1, seed=4)[0]
+    want = torch.stack([(x @ h.transpose(1, 2)).transpose(1, 2) @ c for h in hs])
+    assert_close(_lowrank.lowrank_grads(x, hs, c), want, 1e-12, "grads")
+
+
+# ---- the kernels, in the interpreter -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("sizes", [
+    (3, 7, 5, 45, 70, 3),    # widths over one chunk of 32, not multiples of it
+    (2, 10, 10, 1, 40, 1),   # a 1-wide input
+    (2, 17, 3, 33, 1, 2),    # 17 points (a 32 block), a 1-wide output
+], ids=["chunks", "in1", "out1"])
+def test_kernels_match_the_batched_products(kernels, sizes, dtype, rtol):
+    T, N, S, I, O, J = sizes
+    base, x, hs, ds = _inputs(*sizes, dtype=dtype, seed=5)
+    c = _inputs(*sizes, dtype=dtype, seed=6)[0]
+    ref = {"add": _add_ref(base, x, hs, ds), "add_nobase": _add_ref(None, x, hs, ds),
+           "grads": torch.stack([h @ x.transpose(1, 2) @ c for h in hs])}
+    got = {"add": _lowrank._add_impl(base, x, hs, ds), "add_nobase": _lowrank._add_impl(None, x, hs, ds),
+           "grads": _lowrank._grads_impl(x, hs, c)}
+    for name in ref:
+        assert got[name].dtype == dtype
+        assert_close(got[name], ref[name], rtol, name)
+
+
+def _add_ref(base, x, hs, ds):
+    out = sum((x @ h.transpose(1, 2)) @ d for h, d in zip(hs, ds))
+    return out if base is None else base + out
+
+
+def test_kernels_take_strided_inputs(kernels):
+    """Transposed views (apply_t passes the factors in the other roles) are read as their values."""
+    base, x, hs, ds = _inputs(2, 6, 4, 9, 11, 2, seed=7)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major
+    assert not xt.is_contiguous()
+    assert_close(_lowrank._add_impl(base, xt, hs, ds), _add_ref(base, x, hs, ds), 1e-12, "add")
+
+
+def test_kernel_gradients_match_the_batched_ones(kernels):
+    """First and second derivatives through the kernels, against autograd through matmul."""
+    leaves = _inputs(2, 6, 4, 9, 11, 2, seed=8, grad=True)
+    base, x, hs, ds = leaves
+    flat = [base, x, *hs, *ds]
+    w = torch.rand(2, 6, 11, dtype=F64) + 0.5
+
+    def value(add):
+        out = add(base, x, hs, ds)
+        (gx,) = torch.autograd.grad((out * w).sum(), x, create_graph=True)
+        return (out * w).sum() + (gx * gx).sum()  # the second term needs the gradient's gradient
+
+    got = torch.autograd.grad(value(_lowrank.lowrank_add), flat)
+    want = torch.autograd.grad(value(_add_ref), flat)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, 1e-11, f"input {i}")
+
+
+@pytest.mark.parametrize("options", [
+    dict(inner_steps=3, lr_form="per_layer", query_loss_weights=True, activation="tanh"),
+    dict(inner_steps=2, lr_form="per_step", loss="cross_entropy", activation="relu"),
+], ids=["so-qlw-tanh", "ce-relu"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_factored_through_the_kernels_matches_the_reference(kernels, monkeypatch, options, dtype):
+    """The factored backend with every product through the kernels (factors kept at every step): the
+    reference's outputs and every gradient (test_backends' check: float64 1e-9, float32 1e-4)."""
+    from test_backends import check_maml
+
+    monkeypatch.setattr(factored, "DENSE", "never")
+    check_maml("factored", {"dims": (3, 9, 6, 4), "tasks": 3, "seed": 61, **options}, dtype)
+
+
+def test_meta_gradient_through_the_kernels_differentiated_again(kernels, monkeypatch):
+    """create_graph=True through the kernels: the gradient of the meta-gradient is the reference's."""
+    import fastmaml
+    from _reference_loop import gradients, make_case
+
+    monkeypatch.setattr(factored, "DENSE", "never")
+    case = make_case(dims=(3, 9, 6, 4), tasks=2, inner_steps=2, lr_form="per_step", activation="tanh", seed=52)
+    grads = {}
+    for backend in ("reference", "factored"):
+        out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                            backend=backend, **case.kwargs())
+        (g,) = torch.autograd.grad(out.loss, case.params[2], create_graph=True)
+        grads[backend] = gradients((g * g).sum(), case.leaves())
+    assert grads["reference"]["params[0]"].abs().max() > 0, "a test that cannot fail"
+    assert_close(grads["factored"], grads["reference"], 1e-9, "grad of the meta-gradient")
+
+
+# ---- where the kernels run ---------------------------------------------------------------------------
+
+
+def test_where_the_kernels_run(monkeypatch):
+    """The batched products on CPU tensors, under FASTMAML_FACTORED_TRITON=never, and past the register
+    bounds; each reason says which."""
+    x = torch.zeros(2, 10, 8)
+    assert "CPU tensors" in _lowrank.kernel_reason(x, 3, 10)
+    if _interpreter_reason() is None:
+        monkeypatch.setattr(_lowrank, "_INTERPRET_CPU", True)
+        assert _lowrank.kernel_reason(x, 8, 10) is None  # 8 factors of 16 x 16 padded points
+        assert "factor pairs" in _lowrank.kernel_reason(x, 9, 10)
+        assert "factor pairs" in _lowrank.kernel_reason(torch.zeros(2, 40, 8), 1, 40)  # 64 x 64
+        assert _lowrank.kernel_reason(x.double(), 8, 10) is None
+        assert "dtype" in _lowrank.kernel_reason(x.half(), 1, 10)
+    monkeypatch.setattr(_lowrank, "KERNELS", "never")
+    assert "FASTMAML_FACTORED_TRITON=never" in _lowrank.kernel_reason(x, 3, 10)
+
+
+def test_kernel_switch_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FASTMAML_FACTORED_TRITON", raising=False)
+    assert _lowrank._kernels_mode() == "auto"
+    monkeypatch.setenv("FASTMAML_FACTORED_TRITON", "NEVER")
+    assert _lowrank._kernels_mode() == "never"
+    monkeypatch.setenv("FASTMAML_FACTORED_TRITON", "always")
+    with pytest.raises(ValueError, match="FASTMAML_FACTORED_TRITON"):
+        _lowrank._kernels_mode()
+
+
+# ---- registers, compiled for sm_90 -------------------------------------------------------------------
+
+# At the bounds of `kernel_reason` (10 and 20 points pad to 16 and 32), and the smallest: no more than a
+# few bytes of spills, and not ptxas's 32-register fallback (which spills kilobytes).
+_VARIANTS = [(kind, dtype, n, j) for kind in ("add", "grads") for dtype in ("float32", "float64")
+             for n, j in ((10, 1), (10, _lowrank.MAX_TILES // 256), (20, _lowrank.MAX_TILES // 1024))]
+
+
+def _compile_child(variants) -> None:
+    """Runs in a subprocess with TRITON_INTERPRET unset: ptxas -v of each variant, one JSON line each."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kernel_registers import parse_ptxas
+
+    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    for kind, dtype, n, j in variants:
+        k = _lowrank.compile_for_target(kind, getattr(torch, dtype), n, n, 128, 128, j)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "k.ptx").write_text(k.asm["ptx"])
+            proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.o"],
+                                  capture_output=True, text=True)
+        report = list(parse_ptxas(proc.stderr).values())
+        print(json.dumps([kind, dtype, n, j, report[0] if report else proc.stderr[-500:]]), flush=True)
+
+
+def test_kernels_compile_for_sm90_within_registers():
+    if not (shutil.which("ptxas") or Path("/usr/local/cuda/bin/ptxas").exists()):
+        pytest.skip("ptxas not found (the CUDA toolkit's assembler reports registers and spills)")
+    if _lowrank._triton_reason() is not None:
+        pytest.skip(_lowrank._triton_reason())
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    code = f"import test_lowrank as t; t._compile_child({_VARIANTS!r})"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert len(rows) == len(_VARIANTS), proc.stderr[-3000:]
+    for kind, dtype, n, j, report in rows:
+        assert isinstance(report, dict) and "registers" in report, report
+        assert report["registers"] > 32 and report["spill_stores"] <= 32, (kind, dtype, n, j, report)
+
+
+def test_compiles_through_the_kernels(kernels, monkeypatch):
+    """torch.compile(fullgraph=True, aot_eager) with the products as the two operations (their fake
+    kernels give the shapes, their gradients are traced into the joint graph): the eager loss and
+    meta-gradient, one graph. Factors at both steps (the `kernels` fixture fails any batched product)."""
+    from test_factored import check_compiled
+
+    monkeypatch.setattr(factored, "DENSE", "never")
+    check_compiled(tasks=3, calls=1)
