@@ -21,7 +21,7 @@ same kinds of products), and every input's gradient: params, rates, both inputs,
 multi-step loss weights. It can even be differentiated again.
 
 Memory: autograd keeps the intermediates of each task's inner loop, about 2 K Ns activations of
-every layer (`saved_bytes_per_task`; measured, 164 KB a task for the 1-128-128-1 net, 10 + 10 points,
+every layer (`saved_bytes_per_task`; measured, 154 KB a task for the 1-128-128-1 net, 10 + 10 points,
 K = 5, where the reference's peak on an H100 was 535 KB a task). Above MAX_CHUNK_BYTES of them the
 tasks run in chunks, each under activation checkpointing (torch.utils.checkpoint): the backward
 recomputes a chunk's inner loop instead of keeping it.
@@ -58,8 +58,9 @@ def _chunk_budget() -> int:
 
 
 # Above this many bytes of saved intermediates (`saved_bytes_per_task` x T), the tasks run in chunks
-# under activation checkpointing. 1 GiB cuts a 65,536-task call of the 1-128-128-1 net at K = 5 (12 GiB
-# kept unchunked by the estimate, 11 GB measured) into 13 chunks, with peak memory near 1 GiB. Each chunk
+# under activation checkpointing. 1 GiB cuts a 65,536-task call of the 1-128-128-1 net at K = 5 (11 GiB
+# kept unchunked by the estimate, 10 GB by the saved-tensor count) into 12 chunks, with peak memory near
+# 1 GiB. Each chunk
 # costs the same number of operations (about 620 for that net at K = 5, and its forward again to
 # recompute it), so fewer, larger chunks cost less host time for more memory: FASTMAML_FACTORED_CHUNK_MB
 # sets the budget for the GPU check's A/B.
@@ -199,12 +200,15 @@ def _loss_grad(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     return (torch.softmax(out, dim=-1) - F.one_hot(y, out.shape[-1]).to(out.dtype)) / n
 
 
-def _act_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The activation's derivative, from its output h = s(z): relu h > 0 (z > 0; torch's derivative at 0
-    is 0 too; a bool mask, which a product with it promotes), tanh 1 - h^2."""
+def _through_act(g: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:
+    """`g * s'(z)` from the activation's output h = s(z), in one operation (the backward operations
+    autograd itself uses, differentiable again): relu `g` where h > 0 (z > 0; 0 at z = 0, as torch's
+    relu), tanh `g (1 - h^2)`. Written as `g * (h > 0)` or `g * (1 - h^2)` it took two or three passes
+    over the tensor, and kept a mask or `1 - h^2` for the backward. relu's h is detached: its derivative
+    in h is zero, which autograd would otherwise make and add as a tensor of zeros."""
     if activation == "relu":
-        return h > 0
-    return 1 - h.square()
+        return torch.ops.aten.threshold_backward(g, h.detach(), 0)
+    return torch.ops.aten.tanh_backward(g, h)
 
 
 def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, neg_rates: list[Rate],
@@ -217,7 +221,7 @@ def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, neg_ra
     for i in range(len(layers) - 1, -1, -1):
         grads[i] = (inputs[i], delta)
         if i > 0:  # with the weights of this step, before any layer is updated
-            delta = layers[i].apply_t(delta) * _act_grad(inputs[i], problem.activation)
+            delta = _through_act(layers[i].apply_t(delta), inputs[i], problem.activation)
     new = []
     for i, (layer, (h, d)) in enumerate(zip(layers, grads)):
         if problem.first_order:  # FOMAML: the inner gradient is a constant; the rate keeps its gradient
@@ -254,14 +258,14 @@ def _maml_chunk(problem: Problem, neg_rates, weights, xs, ys, xq, yq, *params):
 
 def saved_bytes_per_task(problem: Problem) -> int:
     """The bytes autograd keeps per task, from above (within 1.4x of what tests/test_factored.py measures
-    with saved-tensor hooks): about 1.7 (relu) or 2.6 (tanh) activations per support point, layer and
+    with saved-tensor hooks): about 1.5 (relu) or 2.0 (tanh) activations per support point, layer and
     step, and 0.6 per query point and query pass; a pass through k factors adds its `[N, Ns]` products
     with them, a dense layer its `[out, in]` weights."""
     dims, K = problem.dims, problem.inner_steps
     ns, nq = problem.n_support, problem.n_query
     query_steps = [K] if problem.query_loss_weights is None else list(range(K + 1))
-    # tanh keeps more per point than relu, whose derivative is kept as a one-byte mask
-    per_support = 2.6 if problem.activation == "tanh" else 1.7
+    # tanh keeps more per point than relu: tanh_backward's derivative in h needs its g too
+    per_support = 2.0 if problem.activation == "tanh" else 1.5
     elems = 0.0
     for d_in, d_out in zip(dims[:-1], dims[1:]):
         dense_from = next((k for k in range(1, K + 1) if _dense_after(k, ns, d_in, d_out)), K + 1)
