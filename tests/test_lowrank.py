@@ -260,3 +260,13 @@ def test_compiles_through_the_kernels(kernels, monkeypatch):
 
     monkeypatch.setattr(factored, "DENSE", "never")
     check_compiled(tasks=3, calls=1)
+
+
+def test_chunks_through_the_kernels(kernels, monkeypatch):
+    """Chunks of tasks under activation checkpointing (the backward recomputes each chunk through the
+    operations): one pass's outputs and gradients, in float64."""
+    from test_factored import test_chunks_give_the_unchunked_result
+
+    monkeypatch.setattr(factored, "DENSE", "never")
+    test_chunks_give_the_unchunked_result(
+        monkeypatch, dict(inner_steps=3, lr_form="per_layer", query_loss_weights=True, activation="tanh"))
