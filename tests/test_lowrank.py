@@ -62,38 +62,46 @@ def kernels(monkeypatch):
 
 def test_add_gradients_to_second_order():
     """`lowrank_add`'s gradients (written as the two operations) against finite differences, and their
-    gradients in turn (the meta-gradient differentiates the inner loop's gradient through them)."""
+    gradients in turn (the meta-gradient differentiates the inner loop's gradient through them), with
+    and without the factors' scales."""
     base, x, hs, ds = _inputs(2, 5, 3, 7, 6, 2, grad=True)
+    scales = torch.tensor([0.7, -1.3], dtype=F64, requires_grad=True)
     assert _lowrank.kernel_reason(x, 2, 3) is not None  # CPU tensors: the batched products
 
-    def f(base, x, *factors):
-        return _lowrank.lowrank_add(base, x, list(factors[:2]), list(factors[2:]))
+    def f(base, x, scales, *factors):
+        return _lowrank.lowrank_add(base, x, list(factors[:2]), list(factors[2:]), scales)
 
-    assert torch.autograd.gradcheck(f, (base, x, *hs, *ds))
-    assert torch.autograd.gradgradcheck(f, (base, x, *hs, *ds))
-    assert torch.autograd.gradcheck(lambda x, *f: _lowrank.lowrank_add(None, x, list(f[:2]), list(f[2:])),
+    assert torch.autograd.gradcheck(f, (base, x, scales, *hs, *ds))
+    assert torch.autograd.gradgradcheck(f, (base, x, scales, *hs, *ds))
+    assert torch.autograd.gradcheck(lambda x, *f: _lowrank.lowrank_add(None, x, list(f[:2]), list(f[2:]), None),
                                     (x, *hs, *ds))
 
 
 def test_grads_gradients_to_second_order():
     _, u, bs, _ = _inputs(2, 5, 3, 7, 6, 3, grad=True, seed=1)
     c = _inputs(2, 5, 3, 7, 6, 1, grad=True, seed=2)[0]
+    scales = torch.tensor([0.7, -1.3, 2.1], dtype=F64, requires_grad=True)
 
-    def f(u, c, *bs):
-        return _lowrank.lowrank_grads(u, list(bs), c)
+    def f(u, c, scales, *bs):
+        return _lowrank.lowrank_grads(u, list(bs), c, scales)
 
-    assert torch.autograd.gradcheck(f, (u, c, *bs))
-    assert torch.autograd.gradgradcheck(f, (u, c, *bs))
+    assert torch.autograd.gradcheck(f, (u, c, scales, *bs))
+    assert torch.autograd.gradgradcheck(f, (u, c, scales, *bs))
+    assert torch.autograd.gradcheck(lambda u, c, *bs: _lowrank.lowrank_grads(u, list(bs), c, None), (u, c, *bs))
 
 
 def test_operations_compute_the_products():
     """Each operation against its formula written per task with matmul (not the batched code it uses)."""
     base, x, hs, ds = _inputs(3, 4, 2, 5, 6, 2, seed=3)
     want = base + sum((x @ h.transpose(1, 2)) @ d for h, d in zip(hs, ds))
-    assert_close(_lowrank.lowrank_add(base, x, hs, ds), want, 1e-12, "add")
+    assert_close(_lowrank.lowrank_add(base, x, hs, ds, None), want, 1e-12, "add")
+    scales = torch.tensor([0.5, -2.0], dtype=F64)
+    want = base + sum(s * (x @ h.transpose(1, 2)) @ d for s, h, d in zip(scales, hs, ds))
+    assert_close(_lowrank.lowrank_add(base, x, hs, ds, scales), want, 1e-12, "add scaled")
     c = _inputs(3, 4, 2, 5, 6, 1, seed=4)[0]
     want = torch.stack([(x @ h.transpose(1, 2)).transpose(1, 2) @ c for h in hs])
-    assert_close(_lowrank.lowrank_grads(x, hs, c), want, 1e-12, "grads")
+    assert_close(_lowrank.lowrank_grads(x, hs, c, None), want, 1e-12, "grads")
+    assert_close(_lowrank.lowrank_grads(x, hs, c, scales), want * scales.view(-1, 1, 1, 1), 1e-12, "grads scaled")
 
 
 # ---- the kernels, in the interpreter -----------------------------------------------------------------
@@ -109,17 +117,21 @@ def test_kernels_match_the_batched_products(kernels, sizes, dtype, rtol):
     T, N, S, I, O, J = sizes
     base, x, hs, ds = _inputs(*sizes, dtype=dtype, seed=5)
     c = _inputs(*sizes, dtype=dtype, seed=6)[0]
+    scales = torch.linspace(-1.5, 0.7, J, dtype=dtype)
     ref = {"add": _add_ref(base, x, hs, ds), "add_nobase": _add_ref(None, x, hs, ds),
-           "grads": torch.stack([h @ x.transpose(1, 2) @ c for h in hs])}
-    got = {"add": _lowrank._add_impl(base, x, hs, ds), "add_nobase": _lowrank._add_impl(None, x, hs, ds),
-           "grads": _lowrank._grads_impl(x, hs, c)}
+           "add_scaled": _add_ref(base, x, hs, ds, scales), "grads": torch.stack([h @ x.transpose(1, 2) @ c for h in hs])}
+    ref["grads_scaled"] = ref["grads"] * scales.view(-1, 1, 1, 1)
+    got = {"add": _lowrank._add_impl(base, x, hs, ds, None), "add_nobase": _lowrank._add_impl(None, x, hs, ds, None),
+           "add_scaled": _lowrank._add_impl(base, x, hs, ds, scales), "grads": _lowrank._grads_impl(x, hs, c, None),
+           "grads_scaled": _lowrank._grads_impl(x, hs, c, scales)}
     for name in ref:
         assert got[name].dtype == dtype
         assert_close(got[name], ref[name], rtol, name)
 
 
-def _add_ref(base, x, hs, ds):
-    out = sum((x @ h.transpose(1, 2)) @ d for h, d in zip(hs, ds))
+def _add_ref(base, x, hs, ds, scales=None):
+    scales = [1.0] * len(hs) if scales is None else scales
+    out = sum(s * (x @ h.transpose(1, 2)) @ d for s, h, d in zip(scales, hs, ds))
     return out if base is None else base + out
 
 
@@ -128,18 +140,20 @@ def test_kernels_take_strided_inputs(kernels):
     base, x, hs, ds = _inputs(2, 6, 4, 9, 11, 2, seed=7)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major
     assert not xt.is_contiguous()
-    assert_close(_lowrank._add_impl(base, xt, hs, ds), _add_ref(base, x, hs, ds), 1e-12, "add")
+    assert_close(_lowrank._add_impl(base, xt, hs, ds, None), _add_ref(base, x, hs, ds), 1e-12, "add")
 
 
 def test_kernel_gradients_match_the_batched_ones(kernels):
-    """First and second derivatives through the kernels, against autograd through matmul."""
+    """First and second derivatives through the kernels (scales included), against autograd through
+    matmul."""
     leaves = _inputs(2, 6, 4, 9, 11, 2, seed=8, grad=True)
     base, x, hs, ds = leaves
-    flat = [base, x, *hs, *ds]
+    scales = torch.tensor([0.6, -1.1], dtype=F64, requires_grad=True)
+    flat = [base, x, scales, *hs, *ds]
     w = torch.rand(2, 6, 11, dtype=F64) + 0.5
 
     def value(add):
-        out = add(base, x, hs, ds)
+        out = add(base, x, hs, ds, scales)
         (gx,) = torch.autograd.grad((out * w).sum(), x, create_graph=True)
         return (out * w).sum() + (gx * gx).sum()  # the second term needs the gradient's gradient
 

@@ -3,17 +3,20 @@
 A product with a task's adapted weights `W_k = W_0 + sum_j D_j^T H_j` (`factored.py`) is a product with
 W_0, one matrix product over every task, plus
 
-    lowrank_add(base, x, hs, ds)[t] = base[t] + sum_j (x[t] hs[j][t]^T) ds[j][t]          [T, N, O]
+    lowrank_add(base, x, hs, ds, s)[t] = base[t] + sum_j s_j (x[t] hs[j][t]^T) ds[j][t]   [T, N, O]
 
-(x [T, N, I], hs[j] [T, S, I], ds[j] [T, S, O]; `base` may be None: zeros). In batched PyTorch that is
+(x [T, N, I], hs[j] [T, S, I], ds[j] [T, S, O], the factors' scales s `[J]` shared by the tasks: the
+step rates, so that the factors are kept as the support pass made them, not as scaled copies; `base` and
+s may be None: zeros, ones). In batched PyTorch that is
 two batched products per factor, each writing its result to memory and reading it back; the kernel
 (`_triton_lowrank.py`) reads x once for all the factors and keeps the `[N, S]` intermediates in registers.
 Its gradients are the same kind of product and one more,
 
-    lowrank_grads(u, bs, c)[j, t] = (u[t] bs[j][t]^T)^T c[t]                               [J, T, S, O]
+    lowrank_grads(u, bs, c, s)[j, t] = s_j (u[t] bs[j][t]^T)^T c[t]                      [J, T, S, O]
 
-    d base = g,  d x = lowrank_add(None, g, ds, hs),
-    d hs[j] = lowrank_grads(g, ds, x)[j],  d ds[j] = lowrank_grads(x, hs, g)[j],
+    d base = g,  d x = lowrank_add(None, g, ds, hs, s),
+    d hs[j] = lowrank_grads(g, ds, x, s)[j],  d ds[j] = lowrank_grads(x, hs, g, s)[j],
+    d s_j = <lowrank_grads(x, hs, g, None)[j], ds[j]>   (only where the rates need a gradient),
 
 and the gradients of `lowrank_grads` are again these two (`_grads_backward`): both operations are
 differentiable to any order, as the meta-gradient through the factored inner loop needs (its backward
@@ -125,24 +128,30 @@ def kernel_reason(x: torch.Tensor, factors: int, n_support: int) -> Optional[str
 # ---------------------------------------------------------------------------------------------------
 
 
-def _add_batched(base, x, hs, ds):
+def _add_batched(base, x, hs, ds, scales=None):
     out = base
-    for h, d in zip(hs, ds):
+    for j, (h, d) in enumerate(zip(hs, ds)):
         c = torch.bmm(x, h.transpose(1, 2))
+        if scales is not None:  # on the [N, S] product, the smallest operand
+            c = c * scales[j]
         out = torch.bmm(c, d) if out is None else torch.baddbmm(out, c, d)
     return out
 
 
-def _grads_batched(u, bs, c):
-    return torch.stack([torch.bmm(torch.bmm(b, u.transpose(1, 2)), c) for b in bs])
+def _grads_batched(u, bs, c, scales=None):
+    out = []
+    for j, b in enumerate(bs):
+        e = torch.bmm(b, u.transpose(1, 2))
+        out.append(torch.bmm(e if scales is None else e * scales[j], c))
+    return torch.stack(out)
 
 
-def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tensor],
-              ds: list[torch.Tensor]) -> torch.Tensor:
+def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tensor], ds: list[torch.Tensor],
+              scales: Optional[torch.Tensor]) -> torch.Tensor:
     T, N, I = x.shape
     S, O = hs[0].shape[1], ds[0].shape[2]
     if kernel_reason(x, len(hs), S) is not None:
-        out = _add_batched(base, x, hs, ds)
+        out = _add_batched(base, x, hs, ds, scales)
         return out.clone() if out is base else out  # an op's output must not alias its input
     x = x.contiguous()
     hs = tuple(h.contiguous() for h in hs)
@@ -150,26 +159,30 @@ def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tens
     out = x.new_empty(T, N, O)
     if T > 0:
         base_ = base.contiguous() if base is not None else out
+        scales_ = scales.contiguous() if scales is not None else out
         with _device_guard(x):
             _module().lowrank_add_kernel[(T,)](
-                base_, x, hs, ds, out, T, N, S, I, O, J=len(hs), HAS_BASE=base is not None,
+                base_, x, hs, ds, scales_, out, T, N, S, I, O, J=len(hs), HAS_BASE=base is not None,
+                HAS_SCALES=scales is not None,
                 PRECISION=PRECISION, BN=_pad(N), BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
             )
     return out
 
 
-def _grads_impl(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor) -> torch.Tensor:
+def _grads_impl(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor,
+                scales: Optional[torch.Tensor]) -> torch.Tensor:
     T, N, I = u.shape
     S, O = bs[0].shape[1], c.shape[2]
     if kernel_reason(u, len(bs), S) is not None:
-        return _grads_batched(u, bs, c)
+        return _grads_batched(u, bs, c, scales)
     u, c = u.contiguous(), c.contiguous()
     bs = tuple(b.contiguous() for b in bs)
     out = u.new_empty(len(bs), T, S, O)
     if T > 0:
+        scales_ = scales.contiguous() if scales is not None else out
         with _device_guard(u):
             _module().lowrank_grads_kernel[(T,)](
-                u, bs, c, out, T, N, S, I, O, J=len(bs), PRECISION=PRECISION,
+                u, bs, c, scales_, out, T, N, S, I, O, J=len(bs), HAS_SCALES=scales is not None, PRECISION=PRECISION,
                 BN=_pad(N), BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
             )
     return out
@@ -181,59 +194,73 @@ def _grads_impl(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor) -> tor
 
 
 @torch.library.custom_op("fastmaml::lowrank_add", mutates_args=())
-def lowrank_add(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tensor],
-                ds: list[torch.Tensor]) -> torch.Tensor:
-    """`base + sum_j (x hs[j]^T) ds[j]` per task: x [T, N, I], hs[j] [T, S, I], ds[j] [T, S, O], base
-    [T, N, O] or None -> [T, N, O]."""
-    return _add_impl(base, x, hs, ds)
+def lowrank_add(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tensor], ds: list[torch.Tensor],
+                scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """`base + sum_j s_j (x hs[j]^T) ds[j]` per task: x [T, N, I], hs[j] [T, S, I], ds[j] [T, S, O], base
+    [T, N, O] or None, scales `[J]` or None (ones) -> [T, N, O]."""
+    return _add_impl(base, x, hs, ds, scales)
 
 
 @torch.library.custom_op("fastmaml::lowrank_grads", mutates_args=())
-def lowrank_grads(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor) -> torch.Tensor:
-    """`(u bs[j]^T)^T c` per task and j: u [T, N, I], bs[j] [T, S, I], c [T, N, O] -> [J, T, S, O]."""
-    return _grads_impl(u, bs, c)
+def lowrank_grads(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor,
+                  scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """`s_j (u bs[j]^T)^T c` per task and j: u [T, N, I], bs[j] [T, S, I], c [T, N, O], scales `[J]` or
+    None (ones) -> [J, T, S, O]."""
+    return _grads_impl(u, bs, c, scales)
 
 
 @lowrank_add.register_fake
-def _add_fake(base, x, hs, ds):
+def _add_fake(base, x, hs, ds, scales):
     return x.new_empty(x.shape[0], x.shape[1], ds[0].shape[2])
 
 
 @lowrank_grads.register_fake
-def _grads_fake(u, bs, c):
+def _grads_fake(u, bs, c, scales):
     return u.new_empty(len(bs), u.shape[0], bs[0].shape[1], c.shape[2])
 
 
 def _add_setup(ctx, inputs, output):
-    base, x, hs, ds = inputs
-    ctx.has_base = base is not None
-    ctx.save_for_backward(x, *hs, *ds)
+    base, x, hs, ds, scales = inputs
+    ctx.has_base, ctx.has_scales = base is not None, scales is not None
+    ctx.save_for_backward(x, *hs, *ds, *([scales] if scales is not None else []))
 
 
 def _add_backward(ctx, g):
-    x, *factors = ctx.saved_tensors
-    J = len(factors) // 2
-    hs, ds = factors[:J], factors[J:]
-    need_base, need_x, need_hs, need_ds = ctx.needs_input_grad
-    g_x = lowrank_add(None, g, ds, hs) if need_x else None
-    g_hs = list(lowrank_grads(g, ds, x).unbind(0)) if _any(need_hs) else None
-    g_ds = list(lowrank_grads(x, hs, g).unbind(0)) if _any(need_ds) else None
-    return (g if ctx.has_base and need_base else None), g_x, g_hs, g_ds
+    x, *rest = ctx.saved_tensors
+    scales = rest.pop() if ctx.has_scales else None
+    J = len(rest) // 2
+    hs, ds = rest[:J], rest[J:]
+    need_base, need_x, need_hs, need_ds, need_scales = ctx.needs_input_grad
+    g_x = lowrank_add(None, g, ds, hs, scales) if need_x else None
+    g_hs = list(lowrank_grads(g, ds, x, scales).unbind(0)) if _any(need_hs) else None
+    g_ds = list(lowrank_grads(x, hs, g, scales).unbind(0)) if _any(need_ds) else None
+    # s_j multiplies (x hs[j]^T) ds[j], whose inner product with g is <(x hs[j]^T)^T g, ds[j]>.
+    g_scales = _scale_grads(lowrank_grads(x, hs, g, None), ds) if scales is not None and need_scales else None
+    return (g if ctx.has_base and need_base else None), g_x, g_hs, g_ds, g_scales
+
+
+def _scale_grads(unscaled: torch.Tensor, factors) -> torch.Tensor:
+    """`[J]`: the gradient of each scale, `<unscaled[j], factors[j]>` summed over the tasks."""
+    return torch.stack([(unscaled[j] * f).sum() for j, f in enumerate(factors)])
 
 
 def _grads_setup(ctx, inputs, output):
-    u, bs, c = inputs
-    ctx.save_for_backward(u, c, *bs)
+    u, bs, c, scales = inputs
+    ctx.has_scales = scales is not None
+    ctx.save_for_backward(u, c, *bs, *([scales] if scales is not None else []))
 
 
 def _grads_backward(ctx, g):
     u, c, *bs = ctx.saved_tensors
+    scales = bs.pop() if ctx.has_scales else None
     gs = list(g.unbind(0))
-    need_u, need_bs, need_c = ctx.needs_input_grad
-    g_u = lowrank_add(None, c, gs, bs) if need_u else None
-    g_bs = list(lowrank_grads(c, gs, u).unbind(0)) if _any(need_bs) else None
-    g_c = lowrank_add(None, u, bs, gs) if need_c else None
-    return g_u, g_bs, g_c
+    need_u, need_bs, need_c, need_scales = ctx.needs_input_grad
+    g_u = lowrank_add(None, c, gs, bs, scales) if need_u else None
+    g_bs = list(lowrank_grads(c, gs, u, scales).unbind(0)) if _any(need_bs) else None
+    g_c = lowrank_add(None, u, bs, gs, scales) if need_c else None
+    # s_j multiplies out[j] = (u bs[j]^T)^T c: its gradient is <g[j], out[j] at s_j = 1>.
+    g_scales = _scale_grads(lowrank_grads(u, bs, c, None), gs) if scales is not None and need_scales else None
+    return g_u, g_bs, g_c, g_scales
 
 
 def _any(flag) -> bool:
@@ -245,13 +272,13 @@ lowrank_add.register_autograd(_add_backward, setup_context=_add_setup)
 lowrank_grads.register_autograd(_grads_backward, setup_context=_grads_setup)
 
 
-def products(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tensor],
-             ds: list[torch.Tensor]) -> torch.Tensor:
-    """`base + sum_j (x hs[j]^T) ds[j]`: through the kernel where `kernel_reason` allows, else batched
-    PyTorch products (which autograd differentiates as they are)."""
+def products(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tensor], ds: list[torch.Tensor],
+             scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`base + sum_j s_j (x hs[j]^T) ds[j]`: through the kernel where `kernel_reason` allows, else
+    batched PyTorch products (which autograd differentiates as they are)."""
     if kernel_reason(x, len(hs), hs[0].shape[1]) is None:
-        return lowrank_add(base, x, list(hs), list(ds))
-    return _add_batched(base, x, hs, ds)
+        return lowrank_add(base, x, list(hs), list(ds), scales)
+    return _add_batched(base, x, hs, ds, scales)
 
 
 def compiled_report() -> list[str]:
@@ -274,9 +301,9 @@ def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o:
     module = _module()
     blocks = dict(BN=_pad(n), BS=_pad(s), BK=_chunk(i), BO=_chunk(o), J=factors, PRECISION=PRECISION)
     if kind == "add":
-        fn, consts, lists = module.lowrank_add_kernel, dict(blocks, HAS_BASE=has_base), ("hs", "ds")
+        fn, consts, lists = module.lowrank_add_kernel, dict(blocks, HAS_BASE=has_base, HAS_SCALES=True), ("hs", "ds")
     elif kind == "grads":
-        fn, consts, lists = module.lowrank_grads_kernel, blocks, ("bs",)
+        fn, consts, lists = module.lowrank_grads_kernel, dict(blocks, HAS_SCALES=True), ("bs",)
     else:
         raise ValueError(f"kind must be 'add' or 'grads', got {kind!r}")
     pointer = {torch.float32: "*fp32", torch.float64: "*fp64"}[dtype]

@@ -43,14 +43,14 @@ def _inner(a, b, rows_a, rows_b, RA, RB, K, BRA: tl.constexpr, BRB: tl.constexpr
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def lowrank_add_kernel(
-    base, x, hs, ds, out,          # [T, N, O] (if HAS_BASE), [T, N, I], J x [T, S, I], J x [T, S, O] -> [T, N, O]
-    T, N, S, I, O,
-    J: tl.constexpr, HAS_BASE: tl.constexpr, PRECISION: tl.constexpr,
+    base, x, hs, ds, scales, out,  # [T, N, O] (if HAS_BASE), [T, N, I], J x [T, S, I], J x [T, S, O],
+    T, N, S, I, O,                 # [J] (if HAS_SCALES) -> [T, N, O]
+    J: tl.constexpr, HAS_BASE: tl.constexpr, HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr,
     BN: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
 ):
-    """`out[t] = base[t] + sum_j (x[t] hs[j][t]^T) ds[j][t]` for the task t of this program.
+    """`out[t] = base[t] + sum_j s_j (x[t] hs[j][t]^T) ds[j][t]` for the task t of this program.
 
-    First every factor's `c_j = x hs[j]^T` (`[N, S]`, I in chunks of BK), kept in registers; then the
+    First every factor's `c_j = s_j x hs[j]^T` (`[N, S]`, I in chunks of BK), kept in registers; then the
     output in column chunks of BO, each `base + sum_j c_j ds[j]` over its columns."""
     t = tl.program_id(0).to(tl.int64)
     rn = tl.arange(0, BN)
@@ -58,7 +58,10 @@ def lowrank_add_kernel(
     xt = x + t * N * I
     cs = ()
     for j in tl.static_range(J):
-        cs = cs + (_inner(xt, hs[j] + t * S * I, rn, rs, N, S, I, BN, BS, BK, PRECISION),)
+        c = _inner(xt, hs[j] + t * S * I, rn, rs, N, S, I, BN, BS, BK, PRECISION)
+        if HAS_SCALES:
+            c = c * tl.load(scales + j)
+        cs = cs + (c,)
     for o0 in range(0, O, BO):
         ro = o0 + tl.arange(0, BO)
         if HAS_BASE:
@@ -74,13 +77,13 @@ def lowrank_add_kernel(
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def lowrank_grads_kernel(
-    u, bs, c, out,                 # [T, N, I], J x [T, S, I], [T, N, O] -> [J, T, S, O]
+    u, bs, c, scales, out,         # [T, N, I], J x [T, S, I], [T, N, O], [J] (if HAS_SCALES) -> [J, T, S, O]
     T, N, S, I, O,
-    J: tl.constexpr, PRECISION: tl.constexpr,
+    J: tl.constexpr, HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr,
     BN: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
 ):
-    """`out[j, t] = (u[t] bs[j][t]^T)^T c[t]` for the task t of this program: every factor's
-    `e_j = bs[j] u^T` (`[S, N]`, I in chunks of BK) kept in registers, then `e_j c` in column chunks of
+    """`out[j, t] = s_j (u[t] bs[j][t]^T)^T c[t]` for the task t of this program: every factor's
+    `e_j = s_j bs[j] u^T` (`[S, N]`, I in chunks of BK) kept in registers, then `e_j c` in column chunks of
     BO (cheaper than `bs[j] (u^T c)`, whose `[I, O]` middle is a width squared per task)."""
     t = tl.program_id(0).to(tl.int64)
     rn = tl.arange(0, BN)
@@ -88,7 +91,10 @@ def lowrank_grads_kernel(
     ut = u + t * N * I
     es = ()
     for j in tl.static_range(J):
-        es = es + (_inner(bs[j] + t * S * I, ut, rs, rn, S, N, I, BS, BN, BK, PRECISION),)
+        e = _inner(bs[j] + t * S * I, ut, rs, rn, S, N, I, BS, BN, BK, PRECISION)
+        if HAS_SCALES:
+            e = e * tl.load(scales + j)
+        es = es + (e,)
     for o0 in range(0, O, BO):
         ro = o0 + tl.arange(0, BO)
         ct = _tile(c + t * N * O, rn, ro, N, O, BN, BO)

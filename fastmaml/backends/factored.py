@@ -37,7 +37,7 @@ broadcast from `[K, 1, ...]`. Refuses per-parameter rates (Meta-SGD): `r ⊙ G` 
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -81,18 +81,26 @@ def _rates_reason(problem: Problem) -> Optional[str]:
     return None
 
 
-def _step_rates(problem: Problem) -> list[list[Rate]]:
-    """`rates[k][i]`: minus the rate of params[i] at step k (a number, or a 0-d tensor autograd flows to).
-    Negated once here, so that the steps add (`_Layer.step`): a subtraction's backward negates its
-    gradient, one more operation per layer and step."""
+class _Rates(NamedTuple):
+    """Minus the rate of one parameter tensor at each step (autograd flows to the user's rates)."""
+    tensor: torch.Tensor  # [K]: the products take their factors' rates as one `[J]` slice of it
+    steps: list[Rate]  # the K rates one by one: numbers for a number (no tensor operation needed)
+
+
+def _step_rates(problem: Problem) -> list[_Rates]:
+    """One `_Rates` per parameter tensor. Negated once here, so that the steps add (`_Layer.step`): a
+    subtraction's backward negates its gradient, one more operation per layer and step. A number's
+    tensor comes from torch.full, made on the device without a copy from the host (which would
+    synchronise)."""
     K, n = problem.inner_steps, len(problem.params)
     if problem.inner_lr_value is not None:
-        return [[-problem.inner_lr_value] * n for _ in range(K)]
+        value = -problem.inner_lr_value
+        return [_Rates(torch.full((K,), value, dtype=problem.dtype, device=problem.device), [value] * K)] * n
     if problem.inner_lr_tensor is not None:
         per_step = -problem.inner_lr_tensor.reshape(-1).expand(K)
-        return [[per_step[k]] * n for k in range(K)]
+        return [_Rates(per_step, [per_step[k] for k in range(K)])] * n
     firsts = [-r[(slice(None),) + (0,) * (r.dim() - 1)] for r in problem.inner_lr]  # [K] per tensor
-    return [[f[k] for f in firsts] for k in range(K)]
+    return [_Rates(f, [f[k] for k in range(K)]) for f in firsts]
 
 
 def _dense_mode() -> str:
@@ -120,13 +128,17 @@ class _Layer:
     that is cheaper, its dense weights per task), and its bias.
 
     The factors stay one pair per step (not one stacked pair): autograd keeps each pair once, where
-    stacks re-made at every step would each be kept (two thirds of the saved memory at K = 5)."""
+    stacks re-made at every step would each be kept (two thirds of the saved memory at K = 5). They are
+    kept as the support pass made them, the step's rate applied inside the products (`products`'
+    scales): a scaled copy of D_j would be one more tensor per step that autograd keeps (a sixth of the
+    saved memory of the 1-128-128-1 net at K = 5)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rates: _Rates):
         self.w0 = weight  # [out, in], shared by every task
         self.bias = bias  # [out] while no step has run, then [T, out]
+        self.rates = rates  # minus the weight's rate at each step
         self.h: list[torch.Tensor] = []  # [T, Ns, in] per step: the inputs H_j
-        self.d: list[torch.Tensor] = []  # [T, Ns, out] per step: -r_j D_j (negated: see `step`)
+        self.d: list[torch.Tensor] = []  # [T, Ns, out] per step: D_j
         self.w: Optional[torch.Tensor] = None  # [T, out, in] once dense (then no factors)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,26 +148,31 @@ class _Layer:
         if self.bias.dim() == 1:  # no step yet: the plain layer
             return F.linear(x, self.w0, self.bias)
         z = F.linear(x, self.w0) + self.bias.unsqueeze(-2)
-        return products(z, x, self.h, self.d) if self.h else z  # z += sum_j (x h_j^T) (-r_j D_j)
+        return products(z, x, self.h, self.d, self.scales()) if self.h else z  # z += sum_j -r_j (x h_j^T) D_j
 
     def apply_t(self, y: torch.Tensor) -> torch.Tensor:
         """`y W_k`: y [T, N, out] -> [T, N, in]."""
         if self.w is not None:
             return torch.bmm(y, self.w)
         g = torch.matmul(y, self.w0)
-        return products(g, y, self.d, self.h) if self.h else g  # g += sum_j (y (-r_j D_j)^T) h_j
+        return products(g, y, self.d, self.h, self.scales()) if self.h else g  # g += sum_j -r_j (y D_j^T) h_j
 
-    def step(self, h: torch.Tensor, d: torch.Tensor, neg_rate_w: Rate, neg_rate_b: Rate) -> "_Layer":
-        """The layer after `W -= r_w d^T h`, `b -= r_b sum_n d` (h [T, Ns, in], d [T, Ns, out]), given
-        minus the rates (`_step_rates`)."""
-        out = _Layer(self.w0, self.bias + neg_rate_b * d.sum(1))
-        # The factor is kept negated, so that every product adds it with baddbmm's default scale of 1:
-        # with alpha=-1 the backward of each product multiplied both its gradients by -1 (70 of the 713
-        # operations of a 1-128-128-1 call with its backward at K = 5).
+    def scales(self) -> torch.Tensor:
+        """`[J]`: minus the rates of the factors (factor j is step j's: a layer in factors has had no
+        dense step)."""
+        return self.rates.tensor[:len(self.h)]
+
+    def step(self, k: int, h: torch.Tensor, d: torch.Tensor, neg_rate_b: Rate) -> "_Layer":
+        """The layer after step k's `W -= r_w d^T h`, `b -= r_b sum_n d` (h [T, Ns, in], d [T, Ns, out]),
+        given minus the bias's rate (`_step_rates`)."""
+        out = _Layer(self.w0, self.bias + neg_rate_b * d.sum(1), self.rates)
         out.h = self.h + [h]
-        out.d = self.d + [d * neg_rate_w]
+        out.d = self.d + [d]
         if self.w is not None:
-            out.w = torch.baddbmm(self.w, out.d[-1].transpose(1, 2), h)
+            # The rate on d (whose [Ns, out] is smaller than the update's [out, in]). Kept negated, so
+            # that the update adds with baddbmm's default scale of 1: with alpha=-1 its backward
+            # multiplied both gradients by -1.
+            out.w = torch.baddbmm(self.w, (d * self.rates.steps[k]).transpose(1, 2), h)
             out.h, out.d = [], []
         elif _dense_after(len(out.h), h.shape[1], *reversed(self.w0.shape)):
             out.w = out.dense(h.shape[0])[0]
@@ -167,8 +184,8 @@ class _Layer:
         if self.w is not None:
             return self.w, self.bias
         w = self.w0.expand(n_tasks, *self.w0.shape)
-        for h, d in zip(self.h, self.d):
-            w = torch.baddbmm(w, d.transpose(1, 2), h)
+        for j, (h, d) in enumerate(zip(self.h, self.d)):
+            w = torch.baddbmm(w, (d * self.rates.steps[j]).transpose(1, 2), h)
         return w, self.bias.expand(n_tasks, self.w0.shape[0])
 
 
@@ -211,9 +228,9 @@ def _through_act(g: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Ten
     return torch.ops.aten.tanh_backward(g, h)
 
 
-def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, neg_rates: list[Rate],
+def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, k: int, neg_rates: list[_Rates],
                 problem: Problem) -> list[_Layer]:
-    """One SGD step of every task on its support set, in factored form."""
+    """Step k of every task on its support set, in factored form."""
     act = ACTIVATIONS[problem.activation]
     inputs, outputs = _forward(layers, xs, act)
     delta = _loss_grad(outputs[-1], ys, problem.loss)
@@ -226,17 +243,17 @@ def _inner_step(layers: list[_Layer], xs: torch.Tensor, ys: torch.Tensor, neg_ra
     for i, (layer, (h, d)) in enumerate(zip(layers, grads)):
         if problem.first_order:  # FOMAML: the inner gradient is a constant; the rate keeps its gradient
             h, d = h.detach(), d.detach()
-        new.append(layer.step(h, d, neg_rates[2 * i], neg_rates[2 * i + 1]))
+        new.append(layer.step(k, h, d, neg_rates[2 * i + 1].steps[k]))
     return new
 
 
 def _adapted_layers(problem: Problem, xs: torch.Tensor, ys: torch.Tensor, params: list[torch.Tensor],
-                    neg_rates: list[list[Rate]]) -> list[list[_Layer]]:
+                    neg_rates: list[_Rates]) -> list[list[_Layer]]:
     """The layers at theta_0, ..., theta_K of every task of this chunk."""
-    layers = [_Layer(params[2 * i], params[2 * i + 1]) for i in range(len(params) // 2)]
+    layers = [_Layer(params[2 * i], params[2 * i + 1], neg_rates[2 * i]) for i in range(len(params) // 2)]
     history = [layers]
     for k in range(problem.inner_steps):
-        layers = _inner_step(layers, xs, ys, neg_rates[k], problem)
+        layers = _inner_step(layers, xs, ys, k, neg_rates, problem)
         history.append(layers)
     return history
 
@@ -270,6 +287,8 @@ def saved_bytes_per_task(problem: Problem) -> int:
     for d_in, d_out in zip(dims[:-1], dims[1:]):
         dense_from = next((k for k in range(1, K + 1) if _dense_after(k, ns, d_in, d_out)), K + 1)
         elems += (per_support * K * ns + 0.6 * len(query_steps) * nq) * (d_in + d_out)
+        if dense_from > K:  # no step made scaled copies of its D_j (`dense` and dense steps do)
+            elems -= K * ns * d_out
         for k in range(K + 1):  # the passes at theta_k: support (k < K; forward and back) and query
             points = 2 * ns * (k < K) + nq * (k in query_steps)
             elems += d_in * d_out if k >= dense_from else k * ns * points
