@@ -58,12 +58,11 @@ def _chunk_budget() -> int:
 
 
 # Above this many bytes of saved intermediates (`saved_bytes_per_task` x T), the tasks run in chunks
-# under activation checkpointing. 1 GiB cuts a 65,536-task call of the 1-128-128-1 net at K = 5 (11 GiB
-# kept unchunked by the estimate, 10 GB by the saved-tensor count) into 12 chunks, with peak memory near
-# 1 GiB. Each chunk
-# costs the same number of operations (about 620 for that net at K = 5, and its forward again to
-# recompute it), so fewer, larger chunks cost less host time for more memory: FASTMAML_FACTORED_CHUNK_MB
-# sets the budget for the GPU check's A/B.
+# under activation checkpointing. 1 GiB cuts a 65,536-task call of the 1-128-128-1 net at K = 5 (9.5 GiB
+# kept unchunked by the estimate, 8.4 GB by the saved-tensor count) into 10 chunks, with peak memory near
+# 1 GiB. Each chunk costs the same number of operations (about 620 for that net at K = 5, and its forward
+# again to recompute it), so fewer, larger chunks cost less host time for more memory:
+# FASTMAML_FACTORED_CHUNK_MB sets the budget for the GPU check's A/B.
 MAX_CHUNK_BYTES = _chunk_budget()
 
 Rate = Union[float, torch.Tensor]  # one step's rate of one tensor: a number or a 0-d tensor
