@@ -318,7 +318,8 @@ for width in (40, 128):
                 fastmaml.maml(params, xs, ys, xq, yq, inner_steps=K, backend=backend).loss.backward()
             except Exception as err:
                 print(f"{backend} width {width} K {K}: {type(err).__name__}: {err}")
-print("\n".join(triton_maml.compiled_report() + _lowrank.compiled_report()) or "no compiled Triton kernels to report")
+report = triton_maml.compiled_report() + _lowrank.compiled_report()
+print("\n".join(report) or "no compiled Triton kernels to report")
 EOF
   grep -E "registers" "$DIR/ptxas.txt" | tail -4 | cut -c1-200
 fi

@@ -119,7 +119,8 @@ def test_kernels_match_the_batched_products(kernels, sizes, dtype, rtol):
     c = _inputs(*sizes, dtype=dtype, seed=6)[0]
     scales = torch.linspace(-1.5, 0.7, J, dtype=dtype)
     ref = {"add": _add_ref(base, x, hs, ds), "add_nobase": _add_ref(None, x, hs, ds),
-           "add_scaled": _add_ref(base, x, hs, ds, scales), "grads": torch.stack([h @ x.transpose(1, 2) @ c for h in hs])}
+           "add_scaled": _add_ref(base, x, hs, ds, scales),
+           "grads": torch.stack([h @ x.transpose(1, 2) @ c for h in hs])}
     ref["grads_scaled"] = ref["grads"] * scales.view(-1, 1, 1, 1)
     got = {"add": _lowrank._add_impl(base, x, hs, ds, None), "add_nobase": _lowrank._add_impl(None, x, hs, ds, None),
            "add_scaled": _lowrank._add_impl(base, x, hs, ds, scales), "grads": _lowrank._grads_impl(x, hs, c, None),

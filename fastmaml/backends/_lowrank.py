@@ -313,4 +313,5 @@ def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o:
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
-__all__ = ["KERNELS", "compile_for_target", "compiled_report", "kernel_reason", "lowrank_add", "lowrank_grads", "products"]
+__all__ = ["KERNELS", "compile_for_target", "compiled_report", "kernel_reason", "lowrank_add", "lowrank_grads",
+           "products"]

@@ -21,7 +21,7 @@ same kinds of products), and every input's gradient: params, rates, both inputs,
 multi-step loss weights. It can even be differentiated again.
 
 Memory: autograd keeps the intermediates of each task's inner loop, about 2 K Ns activations of
-every layer (`saved_bytes_per_task`; measured, 154 KB a task for the 1-128-128-1 net, 10 + 10 points,
+every layer (`saved_bytes_per_task`; measured, 128 KB a task for the 1-128-128-1 net, 10 + 10 points,
 K = 5, where the reference's peak on an H100 was 535 KB a task). Above MAX_CHUNK_BYTES of them the
 tasks run in chunks, each under activation checkpointing (torch.utils.checkpoint): the backward
 recomputes a chunk's inner loop instead of keeping it.
