@@ -414,6 +414,22 @@ def env_choice(name: str, choices: tuple[str, ...]) -> str:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
+
+def env_int(name: str, default: int, valid, requirement: str) -> int:
+    """The whole-number environment switch `name` (unset or empty: `default`). A value that is not a whole
+    number, or that `valid(value)` refuses, raises ValueError naming the switch and `requirement`."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise ValueError(f"{name} must be {requirement}, got {text!r}")
+    return value
+
+
 # Backends whose operations check the data themselves, per device type.
 SELF_CHECKING = {"cpu": ("cpu",)}
 

@@ -244,8 +244,9 @@ def test_tf32x3_products_compile_to_tensor_cores(tmp_path):
 
 @pytest.mark.parametrize("name,value,message", [
     ("FASTMAML_TRITON_PRECISION", "tf32", "FASTMAML_TRITON_PRECISION must be one of ('ieee', 'tf32x3'), got 'tf32'"),
-    ("FASTMAML_TRITON_K_CHUNK", "24", "FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got 24"),
-    ("FASTMAML_TRITON_K_CHUNK", "8", "FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got 8"),
+    ("FASTMAML_TRITON_K_CHUNK", "24", "FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got '24'"),
+    ("FASTMAML_TRITON_K_CHUNK", "8", "FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got '8'"),
+    ("FASTMAML_TRITON_K_CHUNK", "32k", "FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got '32k'"),
 ])
 def test_a_bad_kernel_switch_is_refused(name, value, message):
     env = dict(os.environ, **{name: value})

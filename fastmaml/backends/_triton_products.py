@@ -6,12 +6,11 @@ after `TRITON_INTERPRET` is settled (see `_triton_kernels.py`).
 
 from __future__ import annotations
 
-import os
 
 import triton
 import triton.language as tl
 
-from .._validate import env_choice
+from .._validate import env_choice, env_int
 
 # How float32 products are computed, both float32-accurate: "ieee" (the default: FMAs on the CUDA
 # cores, unrolled per thread, most of the compile time: 10-100 s a variant on 2 cores) or "tf32x3"
@@ -35,9 +34,8 @@ PRECISION: tl.constexpr = tl.constexpr(env_choice("FASTMAML_TRITON_PRECISION", (
 # (the 4-layer width-128 backward: 487 s chunked, 457 s not, each beside another compile on 2 cores).
 # float64 products (DMMA on sm_90, no such replication) are never chunked: they failed to compile in
 # chunks. Read once, like PRECISION, from FASTMAML_TRITON_K_CHUNK.
-_k_chunk = int(os.environ.get("FASTMAML_TRITON_K_CHUNK", "0"))
-if _k_chunk != 0 and (_k_chunk < 16 or _k_chunk & (_k_chunk - 1)):
-    raise ValueError(f"FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got {_k_chunk}")
+_k_chunk = env_int("FASTMAML_TRITON_K_CHUNK", 0, lambda n: n == 0 or (n >= 16 and n & (n - 1) == 0),
+                   "0 or a power of two >= 16")
 K_CHUNK: tl.constexpr = tl.constexpr(_k_chunk)
 
 

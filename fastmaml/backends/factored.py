@@ -36,25 +36,19 @@ broadcast from `[K, 1, ...]`. Refuses per-parameter rates (Meta-SGD): `r ⊙ G` 
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .._mlp import ACTIVATIONS
-from .._validate import Problem, env_choice
+from .._validate import Problem, env_choice, env_int
 from ._lowrank import products
 
 
 def _chunk_budget() -> int:
     """MAX_CHUNK_BYTES: 1 GiB, or FASTMAML_FACTORED_CHUNK_MB mebibytes (read once, at import)."""
-    value = os.environ.get("FASTMAML_FACTORED_CHUNK_MB", "").strip()
-    if not value:
-        return 1 << 30
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"FASTMAML_FACTORED_CHUNK_MB must be a positive whole number of MiB, got {value!r}")
-    return int(value) << 20
+    return env_int("FASTMAML_FACTORED_CHUNK_MB", 1024, lambda n: n >= 1, "a positive whole number of MiB") << 20
 
 
 # Above this many bytes of saved intermediates (`saved_bytes_per_task` x T), the tasks run in chunks
