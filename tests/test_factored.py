@@ -59,14 +59,21 @@ def test_memory_estimate_bounds_what_autograd_keeps(monkeypatch, dense, activati
     assert kept <= estimate <= 1.4 * kept, (kept, estimate)
 
 
-@pytest.mark.parametrize("options", [
-    dict(inner_steps=3, lr_form="per_layer", query_loss_weights=True, activation="tanh"),
-    dict(inner_steps=2, lr_form="per_step", loss="cross_entropy", first_order=True),
-], ids=["so-qlw-tanh", "fo-ce"])
-def test_chunks_give_the_unchunked_result(monkeypatch, options):
-    """Tasks in chunks of 3 (7 tasks: the last chunk shorter), each under activation checkpointing: the
-    same outputs and gradients as one pass, in float64."""
-    case = make_case(dims=(3, 9, 6, 4), tasks=7, seed=21, **options)
+CHUNK_OPTIONS = {
+    "so-qlw-tanh": dict(inner_steps=3, lr_form="per_layer", query_loss_weights=True, grad_weights=True,
+                        activation="tanh"),
+    "fo-ce": dict(inner_steps=2, lr_form="per_step", loss="cross_entropy", first_order=True),
+    "float-rate": dict(inner_steps=2, lr_form="float"),
+}
+
+
+@pytest.mark.parametrize("what", ["loss", "outputs", "all", "again", "again-all"])
+@pytest.mark.parametrize("options", list(CHUNK_OPTIONS), ids=list(CHUNK_OPTIONS))
+def test_chunks_give_the_unchunked_result(monkeypatch, options, what):
+    """Tasks in chunks of 3 (7 tasks: the last chunk shorter): the same outputs and gradients as one pass,
+    in float64, for the gradient of the mean loss (taken during the forward), of the task losses and
+    predictions with any cotangent (each chunk recomputed), of both, and of a gradient (create_graph)."""
+    case = make_case(dims=(3, 9, 6, 4), tasks=7, seed=21, **CHUNK_OPTIONS[options])
     results = {}
     for name, budget in (("one", 1 << 40), ("chunks", None)):
         if budget is None:
@@ -76,11 +83,19 @@ def test_chunks_give_the_unchunked_result(monkeypatch, options):
             budget = factored.saved_bytes_per_task(problem) * 3
         monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", budget)
         out = _run(case)
+        assert (type(out.loss.grad_fn).__name__ == "_ChunkedBackward") == (name == "chunks")
         cot = torch.linspace(0.5, 1.5, 7, dtype=F64)
-        objective = (out.task_losses * cot).sum() + out.query_preds.square().mean()
-        results[name] = ({"task_losses": out.task_losses.detach(), "query_preds": out.query_preds.detach()},
-                         gradients(objective, case.leaves()))
+        outputs = (out.task_losses * cot).sum() + out.query_preds.square().mean()
+        if what.startswith("again"):
+            first = out.loss + outputs if what == "again-all" else out.loss
+            (g,) = torch.autograd.grad(first, case.params[2], create_graph=True)
+            objective = (g * g).sum()
+        else:
+            objective = {"loss": out.loss, "outputs": outputs, "all": out.loss + outputs}[what]
+        results[name] = ({"loss": out.loss.detach(), "task_losses": out.task_losses.detach(),
+                          "query_preds": out.query_preds.detach()}, gradients(objective, case.leaves()))
     assert set(results["chunks"][1]) == set(case.leaves())
+    assert results["one"][1]["params[0]"].abs().max() > 0, "a test that cannot fail"
     assert_close(results["chunks"][0], results["one"][0], 1e-12, "")
     assert_close(results["chunks"][1], results["one"][1], 1e-12, "grad")
 

@@ -283,5 +283,4 @@ def test_chunks_through_the_kernels(kernels, monkeypatch):
     from test_factored import test_chunks_give_the_unchunked_result
 
     monkeypatch.setattr(factored, "DENSE", "never")
-    test_chunks_give_the_unchunked_result(
-        monkeypatch, dict(inner_steps=3, lr_form="per_layer", query_loss_weights=True, activation="tanh"))
+    test_chunks_give_the_unchunked_result(monkeypatch, "so-qlw-tanh", "all")
