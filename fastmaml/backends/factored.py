@@ -333,7 +333,9 @@ class _Chunked(torch.autograd.Function):
     checkpointing ran each forward twice (once to find the outputs, once to rebuild the graph in the
     backward): a quarter less work, and none of the graph-building of the first pass kept. A gradient
     through `task_losses` or `query_preds` (any cotangent), or one to be differentiated again
-    (create_graph), recomputes each chunk in the backward, as checkpointing does.
+    (create_graph), recomputes each chunk in the backward, as checkpointing does. The price: a call
+    whose outputs are never differentiated (a meta-loss only logged, with autograd on) still pays the
+    backward; under torch.no_grad no chunk is needed (`_chunk_tasks`).
     """
 
     @staticmethod
