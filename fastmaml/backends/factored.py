@@ -316,8 +316,8 @@ def _with_tensors(problem: Problem, tensors: list[Optional[torch.Tensor]]) -> Pr
     if problem.inner_lr_form == "list":
         rates, rest = list(rest[:n]), rest[n:]
         changes = dict(rates=rates)
-    else:
-        changes = dict(inner_lr_tensor=rest[0])
+    else:  # the per-parameter views are made again from the rate on first use (`Problem.inner_lr`)
+        changes = dict(inner_lr_tensor=rest[0], rates=None)
         rest = rest[1:]
     xs, ys, xq, yq, qw = rest
     return dataclasses.replace(problem, params=params, x_support=xs, y_support=ys, x_query=xq, y_query=yq,
