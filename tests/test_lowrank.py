@@ -278,8 +278,9 @@ def test_compiles_through_the_kernels(kernels, monkeypatch):
 
 
 def test_chunks_through_the_kernels(kernels, monkeypatch):
-    """Chunks of tasks under activation checkpointing (the backward recomputes each chunk through the
-    operations): one pass's outputs and gradients, in float64."""
+    """Chunks of tasks through the operations (each chunk's gradient taken in the forward, and each
+    chunk recomputed in the backward for the outputs' cotangents): one pass's outputs and gradients, in
+    float64."""
     from test_factored import test_chunks_give_the_unchunked_result
 
     monkeypatch.setattr(factored, "DENSE", "never")
