@@ -75,6 +75,11 @@ def test_add_gradients_to_second_order():
     assert torch.autograd.gradgradcheck(f, (base, x, scales, *hs, *ds))
     assert torch.autograd.gradcheck(lambda x, *f: _lowrank.lowrank_add(None, x, list(f[:2]), list(f[2:]), None),
                                     (x, *hs, *ds))
+    # Only x needs a gradient (the factors of a first-order step are constants): the lists' gradients
+    # are lists of None, as torch.library's structure check requires.
+    consts = [t.detach() for t in (*hs, *ds)]
+    assert torch.autograd.gradgradcheck(
+        lambda x: _lowrank.lowrank_add(None, x, consts[:2], consts[2:], scales.detach()), (x,))
 
 
 def test_grads_gradients_to_second_order():
@@ -88,6 +93,8 @@ def test_grads_gradients_to_second_order():
     assert torch.autograd.gradcheck(f, (u, c, scales, *bs))
     assert torch.autograd.gradgradcheck(f, (u, c, scales, *bs))
     assert torch.autograd.gradcheck(lambda u, c, *bs: _lowrank.lowrank_grads(u, list(bs), c, None), (u, c, *bs))
+    consts = [b.detach() for b in bs]
+    assert torch.autograd.gradgradcheck(lambda u, c: _lowrank.lowrank_grads(u, consts, c, scales), (u, c))
 
 
 def test_operations_compute_the_products():
@@ -167,7 +174,8 @@ def test_kernel_gradients_match_the_batched_ones(kernels):
 @pytest.mark.parametrize("options", [
     dict(inner_steps=3, lr_form="per_layer", query_loss_weights=True, activation="tanh"),
     dict(inner_steps=2, lr_form="per_step", loss="cross_entropy", activation="relu"),
-], ids=["so-qlw-tanh", "ce-relu"])
+    dict(inner_steps=2, lr_form="per_step", first_order=True, grad_inputs=False),
+], ids=["so-qlw-tanh", "ce-relu", "fo-no-input-grad"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_factored_through_the_kernels_matches_the_reference(kernels, monkeypatch, options, dtype):
     """The factored backend with every product through the kernels (factors kept at every step): the

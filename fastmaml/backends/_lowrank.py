@@ -151,8 +151,7 @@ def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tens
     T, N, I = x.shape
     S, O = hs[0].shape[1], ds[0].shape[2]
     if kernel_reason(x, len(hs), S) is not None:
-        out = _add_batched(base, x, hs, ds, scales)
-        return out.clone() if out is base else out  # an op's output must not alias its input
+        return _add_batched(base, x, hs, ds, scales)  # at least one factor: never `base` itself
     x = x.contiguous()
     hs = tuple(h.contiguous() for h in hs)
     ds = tuple(d.contiguous() for d in ds)
@@ -231,17 +230,27 @@ def _add_backward(ctx, g):
     J = len(rest) // 2
     hs, ds = rest[:J], rest[J:]
     need_base, need_x, need_hs, need_ds, need_scales = ctx.needs_input_grad
+    need_scales = scales is not None and need_scales
     g_x = lowrank_add(None, g, ds, hs, scales) if need_x else None
-    g_hs = list(lowrank_grads(g, ds, x, scales).unbind(0)) if _any(need_hs) else None
-    g_ds = list(lowrank_grads(x, hs, g, scales).unbind(0)) if _any(need_ds) else None
-    # s_j multiplies (x hs[j]^T) ds[j], whose inner product with g is <(x hs[j]^T)^T g, ds[j]>.
-    g_scales = _scale_grads(lowrank_grads(x, hs, g, None), ds) if scales is not None and need_scales else None
+    # A list input's gradient is a list, None per element not needed (a bare None breaks torch.library's
+    # check that the gradients have the inputs' structure).
+    g_hs = list(lowrank_grads(g, ds, x, scales).unbind(0)) if _any(need_hs) else [None] * J
+    # s_j multiplies (x hs[j]^T) ds[j], whose inner product with g is <(x hs[j]^T)^T g, ds[j]>: with the
+    # rates' gradient asked for, the unscaled product once, scaled for ds' gradient.
+    g_scales, g_ds = None, [None] * J
+    if need_scales:
+        unscaled = lowrank_grads(x, hs, g, None)
+        g_scales = _scale_grads(unscaled, ds)
+        if _any(need_ds):
+            g_ds = list((unscaled * scales.view(J, 1, 1, 1)).unbind(0))
+    elif _any(need_ds):
+        g_ds = list(lowrank_grads(x, hs, g, scales).unbind(0))
     return (g if ctx.has_base and need_base else None), g_x, g_hs, g_ds, g_scales
 
 
 def _scale_grads(unscaled: torch.Tensor, factors) -> torch.Tensor:
     """`[J]`: the gradient of each scale, `<unscaled[j], factors[j]>` summed over the tasks."""
-    return torch.stack([(unscaled[j] * f).sum() for j, f in enumerate(factors)])
+    return torch.stack([torch.vdot(unscaled[j].reshape(-1), f.reshape(-1)) for j, f in enumerate(factors)])
 
 
 def _grads_setup(ctx, inputs, output):
@@ -256,7 +265,9 @@ def _grads_backward(ctx, g):
     gs = list(g.unbind(0))
     need_u, need_bs, need_c, need_scales = ctx.needs_input_grad
     g_u = lowrank_add(None, c, gs, bs, scales) if need_u else None
-    g_bs = list(lowrank_grads(c, gs, u, scales).unbind(0)) if _any(need_bs) else None
+    # A list input's gradient is a list, None per element not needed (a bare None breaks torch.library's
+    # check that the gradients have the inputs' structure).
+    g_bs = list(lowrank_grads(c, gs, u, scales).unbind(0)) if _any(need_bs) else [None] * len(bs)
     g_c = lowrank_add(None, u, bs, gs, scales) if need_c else None
     # s_j multiplies out[j] = (u bs[j]^T)^T c: its gradient is <g[j], out[j] at s_j = 1>.
     g_scales = _scale_grads(lowrank_grads(u, bs, c, None), gs) if scales is not None and need_scales else None
