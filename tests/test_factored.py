@@ -1,5 +1,5 @@
 """The factored backend's own parts: its memory estimate against what autograd keeps, the chunked path
-(activation checkpointing) against the unchunked one, each form of its layers (factors only, dense from
+(`_Chunked`; under torch.compile, activation checkpointing) against the unchunked one, each form of its layers (factors only, dense from
 the first step) against the reference, its switches, what it refuses, and its torch.compile capture.
 Its results against the reference in the default form, for every option, are in test_backends.py."""
 
@@ -100,6 +100,22 @@ def test_chunks_give_the_unchunked_result(monkeypatch, options, what):
     assert_close(results["chunks"][1], results["one"][1], 1e-12, "grad")
 
 
+def test_chunks_with_one_tensor_passed_twice(monkeypatch):
+    """x_query the same tensor as x_support, its gradient taken with create_graph through chunks (the
+    recompute then runs on the original tensors) and differentiated again: one pass's gradients, not
+    twice them."""
+    case = make_case(dims=(3, 9, 6, 4), tasks=7, seed=22, inner_steps=2, lr_form="per_step", activation="tanh")
+    x = case.x_support
+    results = {}
+    for name, budget in (("one", 1 << 40), ("chunks", 1)):
+        monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", budget)
+        out = fastmaml.maml(case.params, x, case.y_support, x, case.y_support, backend="factored", **case.kwargs())
+        first = out.loss + (out.task_losses * torch.linspace(0.5, 1.5, 7, dtype=F64)).sum()
+        gx, g = torch.autograd.grad(first, [x, case.params[2]], create_graph=True)
+        results[name] = [gx, g, *torch.autograd.grad((gx * gx).sum() + (g * g).sum(), [x, case.params[0]])]
+    assert_close(results["chunks"], results["one"], 1e-12, "grad")
+
+
 def test_chunk_size(monkeypatch):
     """All tasks in one chunk without grad or under the budget; chunks of budget // per-task bytes above."""
     case = make_case(dims=(3, 9, 6, 4), tasks=10, inner_steps=2, seed=2)
@@ -148,6 +164,13 @@ def test_compiles_in_one_graph():
     generation (37 s of C++ compiles here for the same check of the capture)."""
     # The 12-wide layer in factors at the first step and dense at the second: both forms in one graph.
     check_compiled(tasks=5, calls=2)
+
+
+def test_compiles_in_chunks(monkeypatch):
+    """Above the chunk budget under torch.compile: the chunks under activation checkpointing (dynamo does
+    not trace `_Chunked`'s gradients taken in its forward), one graph, the eager result."""
+    monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", 1)  # a chunk per task
+    check_compiled(tasks=3, calls=1)
 
 
 def check_compiled(tasks: int, calls: int) -> None:

@@ -333,7 +333,8 @@ class _Chunked(torch.autograd.Function):
     checkpointing ran each forward twice (once to find the outputs, once to rebuild the graph in the
     backward): a quarter less work, and none of the graph-building of the first pass kept. A gradient
     through `task_losses` or `query_preds` (any cotangent), or one to be differentiated again
-    (create_graph), recomputes each chunk in the backward, as checkpointing does. The price: a call
+    (create_graph), recomputes each chunk in the backward, as checkpointing does (with create_graph the
+    recomputed chunks' graphs stay, for the second backward: no memory is saved then). The price: a call
     whose outputs are never differentiated (a meta-loss only logged, with autograd on) still pays the
     backward; under torch.no_grad no chunk is needed (`_chunk_tasks`).
     """
@@ -396,10 +397,15 @@ class _Chunked(torch.autograd.Function):
         if g_losses is None and g_preds is None:
             return (None, None, None, *grads)
         wanted = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[3 + i]]
-        # Differentiated again: the originals, so that the gradients are functions of them.
-        leaves = inputs if create_graph else [t.detach().requires_grad_(t.requires_grad) for t in inputs]
-        local = _Chunked._rebuild(problem, ctx.present, leaves)
         with torch.enable_grad():
+            # Differentiated again: views of the originals, so that the gradients are functions of them,
+            # one node per input (a tensor passed twice, x_query as x_support, would otherwise get its
+            # whole gradient at both places, and autograd would add them).
+            if create_graph:
+                leaves = [t.view_as(t) if t.requires_grad else t for t in inputs]
+            else:
+                leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+            local = _Chunked._rebuild(problem, ctx.present, leaves)
             for start in range(0, T, chunk):
                 stop = min(start + chunk, T)
                 out = _Chunked._chunk(local, start, stop)
