@@ -292,4 +292,4 @@ def test_chunks_through_the_kernels(kernels, monkeypatch):
     from test_factored import test_chunks_give_the_unchunked_result
 
     monkeypatch.setattr(factored, "DENSE", "never")
-    test_chunks_give_the_unchunked_result(monkeypatch, "so-qlw-tanh", "all")
+    test_chunks_give_the_unchunked_result(monkeypatch, "float-rate", "all")
