@@ -1,6 +1,7 @@
 """The factored backend's own parts: its memory estimate against what autograd keeps, the chunked path
-(`_Chunked`; under torch.compile, activation checkpointing) against the unchunked one, each form of its layers (factors only, dense from
-the first step) against the reference, its switches, what it refuses, and its torch.compile capture.
+(`_Chunked`; under torch.compile, activation checkpointing) against the unchunked one, each form of its
+layers (factors only, dense from the first step) against the reference, its switches, what it refuses,
+and its torch.compile capture.
 Its results against the reference in the default form, for every option, are in test_backends.py."""
 
 from __future__ import annotations

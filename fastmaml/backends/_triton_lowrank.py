@@ -3,10 +3,11 @@
 Imported only on first use (by `_lowrank.py`), because `triton.jit` reads `TRITON_INTERPRET` when a
 kernel is defined.
 
-One program per task. Every operand of a task is one register tile, padded to a power of two >= 16 (the
-smallest `tl.dot`): points and support points up to 64, widths up to `MAX_WIDTH`. The J factor pairs
-come as tuples of pointers (one per step), so the lists autograd keeps are read where they lie: stacking
-them first would copy every factor on every call, as many bytes again as the kernel reads.
+One program per task. Points and support points are one register tile each, padded to a power of two
+>= 16 (the smallest `tl.dot`; `_lowrank.kernel_reason` bounds them); widths are read in chunks of at
+most 32 columns, so any width runs in the same compiled variant. The J factor pairs come as tuples of
+pointers (one per step), so the lists autograd keeps are read where they lie: stacking them first would
+copy every factor on every call, as many bytes again as the kernel reads.
 """
 
 from __future__ import annotations
