@@ -13,7 +13,8 @@ and a product with W_k never needs W_k itself:
     Y W_k   = Y W_0   - sum_{j<k} (Y (r_j D_j)^T) H_j.
 
 `X W_0^T` over all tasks at once is one matrix product `[T*N, in] x [in, out]` (one BLAS call, on the
-GPU cuBLAS), and the corrections are batched products through `[N, Ns]` intermediates. No `[T, out, in]`
+GPU cuBLAS), and the corrections go through `[N, Ns]` intermediates (`_lowrank.products`: Triton kernels
+on CUDA tensors, batched products elsewhere). No `[T, out, in]`
 tensor is made: torch.func.vmap keeps every task's W_k (4.3 GB per 128 x 128 layer and step at T =
 65,536). The inner loop's gradients are written out (the backpropagation of the MLP above), so autograd
 through them gives the exact second-order meta-gradient, itself in factored form (its products are the
@@ -420,7 +421,8 @@ class _Chunked(torch.autograd.Function):
 
 
 class FactoredBackend:
-    """MLPs with per-tensor rates, every task's weights as theta_0 plus low-rank updates (plain PyTorch)."""
+    """MLPs with per-tensor rates, every task's weights as theta_0 plus low-rank updates (PyTorch, and Triton
+    kernels for the low-rank products on CUDA tensors)."""
 
     name = "factored"
 
