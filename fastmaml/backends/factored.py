@@ -15,10 +15,11 @@ and a product with W_k never needs W_k itself:
 `X W_0^T` over all tasks at once is one matrix product `[T*N, in] x [in, out]` (one BLAS call, on the
 GPU cuBLAS), and the corrections go through `[N, Ns]` intermediates (`_lowrank.products`: Triton kernels
 on CUDA tensors, batched products elsewhere). No `[T, out, in]` tensor is made: torch.func.vmap keeps
-every task's W_k (4.3 GB per 128 x 128 layer and step at T = 65,536). The inner loop's gradients are written out (the backpropagation of the MLP above), so autograd
-through them gives the exact second-order meta-gradient, itself in factored form (its products are the
-same kinds of products), and every input's gradient: params, rates, both inputs, float targets, the
-multi-step loss weights. It can even be differentiated again.
+every task's W_k (4.3 GB per 128 x 128 layer and step at T = 65,536). The inner loop's gradients are
+written out (the backpropagation of the MLP above), so autograd through them gives the exact
+second-order meta-gradient, itself in factored form (its products are the same kinds of products), and
+every input's gradient: params, rates, both inputs, float targets, the multi-step loss weights. It can
+even be differentiated again.
 
 Memory: autograd keeps the intermediates of each task's inner loop, about 2 K Ns activations of
 every layer (`saved_bytes_per_task`; measured, 128 KB a task for the 1-128-128-1 net, 10 + 10 points,
