@@ -171,8 +171,9 @@ else
     # One run for the GPU backends: the tests new with G2/G3 and the plainest call of each backend.
     stage "quick tests: GPU sizes, sync-free calls, CUDA graphs, compile (limit ${TESTS_S}s) -> $DIR/tests.log"
     FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$TESTS_S" python -m pytest tests/test_backends.py \
-      tests/test_gpu_overhead.py tests/test_overhead.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
-      -k "gpu_sizes or accepts_a_plain_call or one_op or gpu_overhead or compile" >> "$DIR/tests.log" 2>&1
+      tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py -q -rfE "${XDIST[@]}" \
+      -p no:cacheprovider -k "gpu_sizes or accepts_a_plain_call or one_op or gpu_overhead or compile or on_the_gpu" \
+      >> "$DIR/tests.log" 2>&1
     echo "quick tests exit code $?"
     tail -n 4 "$DIR/tests.log" | cut -c1-300
   fi
@@ -180,6 +181,7 @@ else
     files=(tests/test_backends.py)
     limit=$CUDA_TESTS_S
     if [ "$backend" = triton ]; then files+=(tests/test_triton_maml.py); limit=$TRITON_TESTS_S; fi
+    if [ "$backend" = factored ]; then files+=(tests/test_lowrank.py tests/test_factored.py); fi
     # Every backend computes the model's function or refuses (y requiring grad, frozen parameters, ...):
     # its cases cover cpu, triton and cuda at once, so they run once, with the cuda tests.
     # The G3 tests (no synchronisation, CUDA graphs, torch.compile of every fused backend) too.

@@ -203,6 +203,34 @@ def test_meta_gradient_through_the_kernels_differentiated_again(kernels, monkeyp
     assert_close(grads["factored"], grads["reference"], 1e-9, "grad of the meta-gradient")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("sizes", [(3000, 10, 10, 128, 128, 4), (257, 10, 10, 40, 1, 2), (33, 17, 5, 1, 45, 1)],
+                         ids=["w128-J4", "out1", "in1"])
+def test_lowrank_on_the_gpu(sizes, dtype, rtol):
+    """The compiled kernels on CUDA tensors (chosen by `kernel_reason`, no interpreter): values, first and
+    second derivatives against autograd through the batched products, with scales."""
+    T, N, S, I, O, J = sizes
+    cpu = _inputs(*sizes, dtype=dtype, seed=9)
+    base, x, hs, ds = [t.cuda().requires_grad_() for t in cpu[:2]] + [[t.cuda().requires_grad_() for t in ts]
+                                                                      for ts in cpu[2:]]
+    scales = torch.linspace(-1.2, 0.8, J, dtype=dtype, device="cuda").requires_grad_()
+    assert _lowrank.kernel_reason(x, J, S) is None
+    flat = [base, x, scales, *hs, *ds]
+    w = torch.rand(T, N, O, dtype=dtype, device="cuda") + 0.5
+
+    def value(add):
+        out = add(base, x, hs, ds, scales)
+        (gx,) = torch.autograd.grad((out * w).sum(), x, create_graph=True)
+        return out, (out * w).sum() + (gx * gx).sum()
+
+    got_out, got = value(_lowrank.lowrank_add)
+    want_out, want = value(_lowrank._add_batched)
+    assert_close(got_out, want_out, rtol, "lowrank_add")
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(got, flat), torch.autograd.grad(want, flat))):
+        assert_close(a, b, rtol, f"input {i}")
+
+
 # ---- where the kernels run ---------------------------------------------------------------------------
 
 
