@@ -186,6 +186,16 @@ def test_factored_through_the_kernels_matches_the_reference(kernels, monkeypatch
     check_maml("factored", {"dims": (3, 9, 6, 4), "tasks": 3, "seed": 61, **options}, dtype)
 
 
+@pytest.mark.parametrize("dense", ["auto", "never"])
+def test_memory_estimate_through_the_kernels(kernels, monkeypatch, dense):
+    """`saved_bytes_per_task` with the products through the kernels (no `[N, Ns]` products kept): at
+    least what autograd keeps and at most 1.4x (test_factored's check)."""
+    from test_factored import test_memory_estimate_bounds_what_autograd_keeps as check
+
+    check(monkeypatch, dense, "tanh", (1, 40, 40, 1), 3, 10, 10, "mse", False)
+    check(monkeypatch, dense, "relu", (4, 24, 24, 24, 3), 3, 7, 9, "mse", True)
+
+
 def test_meta_gradient_through_the_kernels_differentiated_again(kernels, monkeypatch):
     """create_graph=True through the kernels: the gradient of the meta-gradient is the reference's."""
     import fastmaml

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from .._mlp import ACTIVATIONS
 from .._validate import Problem, env_choice, env_int
-from ._lowrank import products
+from ._lowrank import kernel_reason, products
 
 
 def _chunk_budget() -> int:
@@ -272,7 +272,8 @@ def saved_bytes_per_task(problem: Problem) -> int:
     """The bytes autograd keeps per task, from above (within 1.4x of what tests/test_factored.py measures
     with saved-tensor hooks): about 1.5 (relu) or 2.0 (tanh) activations per support point, layer and
     step, and 0.6 per query point and query pass; a pass through k factors adds its `[N, Ns]` products
-    with them, a dense layer its `[out, in]` weights."""
+    with them where they are batched products (the kernels keep none: `_lowrank.kernel_reason`), a dense
+    layer its `[out, in]` weights."""
     dims, K = problem.dims, problem.inner_steps
     ns, nq = problem.n_support, problem.n_query
     query_steps = [K] if problem.query_loss_weights is None else list(range(K + 1))
@@ -285,8 +286,12 @@ def saved_bytes_per_task(problem: Problem) -> int:
         if dense_from > K:  # no step made scaled copies of its D_j (`dense` and dense steps do)
             elems -= K * ns * d_out
         for k in range(K + 1):  # the passes at theta_k: support (k < K; forward and back) and query
-            points = 2 * ns * (k < K) + nq * (k in query_steps)
-            elems += d_in * d_out if k >= dense_from else k * ns * points
+            if k >= dense_from:
+                elems += d_in * d_out
+                continue
+            for x, rows in ((problem.x_support, 2 * ns * (k < K)), (problem.x_query, nq * (k in query_steps))):
+                if k and rows and kernel_reason(x, k, ns) is not None:
+                    elems += k * ns * rows
     return int(elems) * problem.params[0].element_size()
 
 
