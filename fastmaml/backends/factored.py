@@ -354,6 +354,8 @@ class _Chunked(torch.autograd.Function):
     @staticmethod
     def _chunk(problem: Problem, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         data = [t[start:stop] for t in (problem.x_support, problem.y_support, problem.x_query, problem.y_query)]
+        # The rates per chunk, not once per call: each chunk's autograd.grad frees its graph, and rates
+        # derived once would be shared by every chunk's graph (the second chunk's gradient would fail).
         return _maml_chunk(problem, _step_rates(problem), problem.query_loss_weights, *data, *problem.params)
 
     @staticmethod
