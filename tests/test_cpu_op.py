@@ -629,7 +629,7 @@ def test_workspace_bytes_matches_kernel_formula():
     at the limit's edge must not be rejected for the wrong reason, and the formula must grow with K."""
     small = cpu_backend.workspace_bytes([1, 40, 40, 1], 5, 10, 4)
     P = 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1  # 1761, padded to 1776 (segments on 64-byte boundaries)
-    state = 3 * 816 + 16  # z, h, d of 10 x 81 (810 -> 816) and the 10 outputs (-> 16)
+    state = 2 * 816 + 16  # z (h written over it), d of 10 x 81 (810 -> 816) and the 10 outputs (-> 16)
     assert small == (6 * state + 3 * 816 + 12 * 1776) * 4
     assert cpu_backend.workspace_bytes([1, 40, 40, 1], 6, 10, 4) > small
 

@@ -43,9 +43,9 @@ FASTMAML_HD inline void support_grad(const Net& net, const TaskData<T>& td, cons
 // rounded up to 16. Unaligned, a third of the 32-byte loads of the products split cache lines.
 FASTMAML_HD inline int64_t padded(int64_t n) { return (n + 15) & ~int64_t(15); }
 
-// Elements of the saved state of one pass (z, h, d and the softmax p; no tangents).
+// Elements of the saved state of one pass (z with h in it, d and the softmax p; no tangents).
 FASTMAML_HD inline int64_t state_size(const Net& net, int64_t nmax) {
-  return 3 * padded(nmax * net.width_sum) + padded(nmax * net.dims[net.L]);
+  return 2 * padded(nmax * net.width_sum) + padded(nmax * net.dims[net.L]);
 }
 // Elements of the tangents (rz, rh, rd) of one pass.
 FASTMAML_HD inline int64_t tangents_size(const Net& net, int64_t nmax) { return 3 * padded(nmax * net.width_sum); }
@@ -56,9 +56,9 @@ FASTMAML_HD inline Acts<T> make_split_acts(const Net& net, T* state, T* tangents
   const int64_t s = padded(nmax * net.width_sum);
   Acts<T> a;
   a.z = state;
-  a.h = state + s;
-  a.d = state + 2 * s;
-  a.p = state + 3 * s;
+  a.h = state;  // one buffer (see Acts)
+  a.d = state + s;
+  a.p = state + 2 * s;
   a.rz = tangents;
   a.rh = tangents + s;
   a.rd = tangents + 2 * s;

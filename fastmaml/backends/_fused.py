@@ -233,13 +233,13 @@ def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: 
     P = sum(dims[i + 1] * dims[i] + dims[i + 1] for i in range(len(dims) - 1))
     width_sum = sum(dims[1:])
     if op == "adapt":
-        return (n_points * (6 * width_sum + dims[-1]) + P) * itemsize
+        return (n_points * (2 * width_sum + dims[-1]) + P) * itemsize
     K = inner_steps
 
     def padded(n: int) -> int:  # segments start on 64-byte boundaries (counts rounded up to 16)
         return (n + 15) // 16 * 16
 
-    state = 3 * padded(n_points * width_sum) + padded(n_points * dims[-1])
+    state = 2 * padded(n_points * width_sum) + padded(n_points * dims[-1])  # z (h in place), d, p
     tangents = 3 * padded(n_points * width_sum)
     grads = max(K, 1)  # inner_steps = 0 still keeps one gradient buffer
     return ((K + 1) * state + tangents + (K + grads + 2) * padded(P)) * itemsize
