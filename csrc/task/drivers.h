@@ -74,10 +74,10 @@ FASTMAML_HD inline int64_t adapt_workspace(const Net& net, int64_t nmax) {
   return acts_size(net, nmax) + net.P;
 }
 // The reverse sweep keeps theta_1..theta_K, the support state of steps 0..K-1, the support gradients
-// g_0..g_{K-1} when the rates need a gradient (one gradient buffer otherwise), a query state, the
-// tangents, and the vectors u and v.
+// g_0..g_{K-1} when the rates need a gradient (otherwise each g_k is computed in theta_{k+1}'s row and
+// updated into it in place), a query state, the tangents, and the vectors u and v.
 FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax, bool need_lr_grad) {
-  const int64_t grads = need_lr_grad && K > 1 ? K : 1;  // K = 0: g_lr is empty (a null pointer), one buffer
+  const int64_t grads = need_lr_grad ? K : 0;
   return (K + 1) * state_size(net, nmax) + tangents_size(net, nmax) + (K + grads + 2) * padded(net.P);
 }
 
@@ -163,8 +163,8 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
   T* states = work;                              // support state of steps 0..K-1, then the query state
   T* tangents = states + (K + 1) * st;           // rz, rh, rd
   T* thetas = tangents + tangents_size(net, nmax);  // theta_1 .. theta_K, K rows of Pp
-  T* grads = thetas + K * Pp;                    // g_0 .. g_{K-1} (K rows) with g_lr, else one
-  T* u = grads + (g_lr != nullptr ? K : 1) * Pp;
+  T* grads = thetas + K * Pp;                    // g_0 .. g_{K-1} (K rows) with g_lr, else none
+  T* u = grads + (g_lr != nullptr ? K : 0) * Pp;
   T* v = u + Pp;
   Acts<T> q = make_split_acts(net, states + K * st, tangents, nmax);
   const int64_t s = slice(net, q, net.L - 1);
@@ -173,7 +173,8 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
 
   for (int k = 0; k < K; ++k) {
     Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
-    T* g = g_lr != nullptr ? grads + k * Pp : grads;
+    // Without g_lr, g_k is not kept: it lands in theta_{k+1}'s row and the update overwrites it there.
+    T* g = g_lr != nullptr ? grads + k * Pp : thetas + k * Pp;
     support_grad(net, td, theta_at(theta0, thetas, k, Pp), a, g, tm, k == 0 ? theta0_t : nullptr);
     sgd_update(theta_at(theta0, thetas, k, Pp), lr + k * P, g, thetas + k * Pp, P, tm);
   }

@@ -335,9 +335,9 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
   tm.sync();
 }
 
-// theta_next = theta - lr * g (elementwise over P; theta_next may alias theta).
+// theta_next = theta - lr * g (elementwise over P; theta_next may alias theta or g).
 template <typename T, typename Team = SerialTeam>
-FASTMAML_HD inline void sgd_update(const T* theta, const T* __restrict__ lr, const T* __restrict__ g, T* theta_next,
+FASTMAML_HD inline void sgd_update(const T* theta, const T* __restrict__ lr, const T* g, T* theta_next,
                                    int64_t P, const Team& tm = Team()) {
   for_each(tm, P, [&](int64_t i) { theta_next[i] = theta[i] - lr[i] * g[i]; });
   tm.sync();

@@ -241,7 +241,7 @@ def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: 
 
     state = 2 * padded(n_points * width_sum) + padded(n_points * dims[-1])  # z (h in place), d, p
     tangents = 3 * padded(n_points * width_sum)
-    grads = max(K, 1)  # inner_steps = 0 still keeps one gradient buffer
+    grads = K  # g_0 .. g_{K-1} for the rates' gradient
     return ((K + 1) * state + tangents + (K + grads + 2) * padded(P)) * itemsize
 
 
