@@ -94,6 +94,93 @@ FASTMAML_HD inline bool use_transposed(const T* theta_t, int dout, const Team& t
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The pointwise steps the layer products end in (products.h's gemm_*_then): with a team, each owner of an
+// output element applies them as it stores the element, instead of a fill before the product and a
+// pass after it, each behind a sync. `kNoAct` marks the output layer (no activation).
+
+constexpr int kNoAct = -1;
+
+// s(v) for the activation `act` (kNoAct: v).
+template <typename T>
+FASTMAML_HD inline T act_value(int act, T v) {
+  return act == kRelu ? (v > T(0) ? v : T(0)) : act == kTanh ? fm_tanh(v) : v;
+}
+
+// e * s'(z), with s' read from h = s(z): ReLU [h > 0] (h = max(z, 0) is positive exactly where z is),
+// tanh 1 - h^2.
+template <typename T>
+FASTMAML_HD inline T act_grad(int act, T h, T e) {
+  return act == kRelu ? (h > T(0) ? e : T(0)) : e * (T(1) - h * h);
+}
+
+// z = s(b + in W^T): a layer's output, from its bias.
+template <typename T>
+struct BiasAct {
+  const T* b;
+  T* z;
+  int64_t ldo;
+  int act;
+  FASTMAML_HD T init(int, int c) const { return b[c]; }
+  FASTMAML_HD void finish(int r, int c, T v) const { z[r * ldo + c] = act_value(act, v); }
+};
+
+// e = (d W) * s'(z) from h: the gradient before a hidden layer (from zero).
+template <typename T>
+struct ActGrad {
+  const T* h;
+  T* e;
+  int64_t ldo;
+  int act;
+  FASTMAML_HD T init(int, int) const { return T(0); }
+  FASTMAML_HD void finish(int r, int c, T v) const { e[r * ldo + c] = act_grad(act, h[r * ldo + c], v); }
+};
+
+// v from zero: the first of two products into one output.
+template <typename T>
+struct FromZero {
+  T* out;
+  int64_t ldo;
+  FASTMAML_HD T init(int, int) const { return T(0); }
+  FASTMAML_HD void finish(int r, int c, T v) const { out[r * ldo + c] = v; }
+};
+
+// The HVP's tangent Rz (from the bias direction `ub`, or with ub null from what Rz holds), and with `rh`
+// given, Rh = s'(z) Rz from h (the last product into a hidden layer's Rz).
+template <typename T>
+struct Tangent {
+  const T* ub;
+  T* rz;
+  T* rh;
+  const T* h;
+  int64_t ldo;
+  int act;
+  FASTMAML_HD T init(int r, int c) const { return ub != nullptr ? ub[c] : rz[r * ldo + c]; }
+  FASTMAML_HD void finish(int r, int c, T v) const {
+    const int64_t j = r * ldo + c;
+    rz[j] = v;
+    if (rh != nullptr) rh[j] = act_grad(act, h[j], v);
+  }
+};
+
+// The HVP's Rd_{l-1} = re * s'(z_{l-1}) + (d_l W_l) * s''(z_{l-1}) * Rz_{l-1}, with re = Rd_l W_l + d_l U_l
+// summed into `re` by two products (this the second). ReLU: s'' = 0, only the mask. tanh: s' = 1 - h^2,
+// s'' = -2 h s', so (d_l W_l) s'' Rz = -2 h d_{l-1} Rz.
+template <typename T>
+struct TangentGrad {
+  T* re;
+  const T* h;
+  const T* dprev;
+  const T* rzprev;
+  int64_t ldo;
+  int act;
+  FASTMAML_HD T init(int r, int c) const { return re[r * ldo + c]; }
+  FASTMAML_HD void finish(int r, int c, T v) const {
+    const int64_t j = r * ldo + c;
+    re[j] = act == kRelu ? (h[j] > T(0) ? v : T(0)) : v * (T(1) - h[j] * h[j]) - T(2) * h[j] * dprev[j] * rzprev[j];
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
 // Forward: h_l of every hidden layer (in z's buffer, see Acts) and the output z_{L-1} for x [N, D_in]; the
 // output is the slice of layer L-1 in a.z.
 
@@ -106,23 +193,14 @@ FASTMAML_HD inline void forward(const Net& net, const T* __restrict__ theta, con
     const T* b = theta + net.b_off[l];
     const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
     T* z = a.z + slice(net, a, l);
-    broadcast_rows(b, z, N, dout, tm);
-    tm.sync();
+    // z_l = b + in W^T, then h_l = s(z_l) in place for a hidden layer (Acts: h and z are one buffer).
+    const BiasAct<T> ep{b, z, dout, l < net.L - 1 ? static_cast<int>(net.activation) : kNoAct};
     if (use_transposed(theta_t, dout, tm)) {
-      gemm_nn_acc(N, dout, din, T(1), in, din, 1, theta_t + net.w_off[l], dout, z, dout, tm);
+      gemm_nn_then(N, dout, din, T(1), in, din, 1, theta_t + net.w_off[l], dout, z, dout, ep, tm);
     } else {
-      gemm_nt_acc(N, dout, din, in, din, W, din, z, dout, tm);
+      gemm_nt_then(N, dout, din, in, din, W, din, z, dout, ep, tm);
     }
-    tm.sync();
-    if (l < net.L - 1) {  // h_l = s(z_l) in place (Acts: h and z are one buffer)
-      const int64_t m = static_cast<int64_t>(N) * dout;
-      if (net.activation == kRelu) {
-        for_each(tm, m, [&](int64_t j) { z[j] = z[j] > T(0) ? z[j] : T(0); });
-      } else {
-        for_each(tm, m, [&](int64_t j) { z[j] = fm_tanh(z[j]); });
-      }
-      tm.sync();
-    }
+    tm.sync();  // the next layer reads every h_l
   }
 }
 
@@ -176,18 +254,6 @@ FASTMAML_HD inline T loss_and_grad(const Net& net, const T* __restrict__ out, co
   return tm.sum(total) / static_cast<T>(N);
 }
 
-// d_{l-1} = e * s'(z_{l-1}) in place on e (e = d_l W_l), for hidden layer `l`, from h_{l-1} (pointwise,
-// no sync).
-template <typename T, typename Team = SerialTeam>
-FASTMAML_HD inline void apply_act_grad(const Net& net, const T* __restrict__ h, T* __restrict__ e, int64_t m,
-                                       const Team& tm = Team()) {
-  if (net.activation == kRelu) {
-    for_each(tm, m, [&](int64_t j) { e[j] = h[j] > T(0) ? e[j] : T(0); });
-  } else {
-    for_each(tm, m, [&](int64_t j) { e[j] *= T(1) - h[j] * h[j]; });
-  }
-}
-
 // Backward from the output gradient (the slice of layer L-1 in a.d, set by loss_and_grad): fills d_l
 // of every layer, adds the parameter gradient to `g [P]`, and, when `gx` is given, adds
 // dloss/dx = d_0 W_0 to `gx [N, D_in]`.
@@ -204,15 +270,12 @@ FASTMAML_HD inline void backward(const Net& net, const T* __restrict__ theta, co
     gemm_nn_acc(dout, din, N, T(1), d, 1, dout, in, din, gW, din, tm);  // gW += d^T h
     add_col_sums(T(1), d, N, dout, gb, tm);                            // gb += sum_n d
     if (l == 0 && gx == nullptr) break;
-    T* e = l == 0 ? gx : a.d + slice(net, a, l - 1);
-    if (l > 0) {
-      fill(e, static_cast<int64_t>(N) * din, T(0), tm);
-      tm.sync();
-    }
-    gemm_nn_acc(N, din, dout, T(1), d, dout, 1, W, din, e, din, tm);  // e += d W
-    if (l > 0) {
-      tm.sync();
-      apply_act_grad(net, a.h + slice(net, a, l - 1), e, static_cast<int64_t>(N) * din, tm);
+    if (l > 0) {  // d_{l-1} = (d_l W_l) * s'(z_{l-1})
+      T* e = a.d + slice(net, a, l - 1);
+      const ActGrad<T> ep{a.h + slice(net, a, l - 1), e, din, static_cast<int>(net.activation)};
+      gemm_nn_then(N, din, dout, T(1), d, dout, 1, W, din, e, din, ep, tm);
+    } else {
+      gemm_nn_acc(N, din, dout, T(1), d, dout, 1, W, din, gx, din, tm);  // gx += d_0 W_0
     }
     tm.sync();  // the next layer reads every d_{l-1}
   }
@@ -236,29 +299,22 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
     const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
     const T* rin = l == 0 ? nullptr : a.rh + slice(net, a, l - 1);
     T* rz = a.rz + slice(net, a, l);
-    broadcast_rows(ub, rz, N, dout, tm);
-    tm.sync();
-    gemm_nt_acc(N, dout, din, in, din, U, din, rz, dout, tm);
+    T* rh = l < L - 1 ? a.rh + slice(net, a, l) : nullptr;
+    const T* h = l < L - 1 ? a.h + slice(net, a, l) : nullptr;
+    const int act = static_cast<int>(net.activation);
+    // Rz = ub + in U^T (then Rh), or with rin: Rz = ub + in U^T, Rz += rin W^T (then Rh). The two products
+    // have one shape, so each element has one owner in both: no sync between them.
+    const Tangent<T> first{ub, rz, rin == nullptr ? rh : nullptr, h, dout, act};
+    gemm_nt_then(N, dout, din, in, din, U, din, rz, dout, first, tm);
     if (rin != nullptr) {
-      tm.sync();
+      const Tangent<T> second{nullptr, rz, rh, h, dout, act};
       if (use_transposed(theta_t, dout, tm)) {
-        gemm_nn_acc(N, dout, din, T(1), rin, din, 1, theta_t + net.w_off[l], dout, rz, dout, tm);
+        gemm_nn_then(N, dout, din, T(1), rin, din, 1, theta_t + net.w_off[l], dout, rz, dout, second, tm);
       } else {
-        gemm_nt_acc(N, dout, din, rin, din, W, din, rz, dout, tm);
+        gemm_nt_then(N, dout, din, rin, din, W, din, rz, dout, second, tm);
       }
     }
-    tm.sync();
-    if (l < L - 1) {
-      const T* h = a.h + slice(net, a, l);
-      T* rh = a.rh + slice(net, a, l);
-      const int64_t m = static_cast<int64_t>(N) * dout;
-      if (net.activation == kRelu) {
-        for_each(tm, m, [&](int64_t j) { rh[j] = h[j] > T(0) ? rz[j] : T(0); });
-      } else {
-        for_each(tm, m, [&](int64_t j) { rh[j] = (T(1) - h[j] * h[j]) * rz[j]; });
-      }
-      tm.sync();
-    }
+    tm.sync();  // the next layer reads every Rh_l
   }
 
   // Tangent of the output gradient: the loss curvature times Rz_out.
@@ -297,38 +353,21 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
     const T* rd = a.rd + slice(net, a, l);
     T* oW = out + net.w_off[l];
     T* ob = out + net.b_off[l];
+    // Both products into oW have one shape (one owner per element): no sync between them.
     gemm_nn_acc(dout, din, N, alpha, rd, 1, dout, in, din, oW, din, tm);  // Rd^T h
-    if (rin != nullptr) {
-      tm.sync();
-      gemm_nn_acc(dout, din, N, alpha, d, 1, dout, rin, din, oW, din, tm);  // d^T Rh
-    }
+    if (rin != nullptr) gemm_nn_acc(dout, din, N, alpha, d, 1, dout, rin, din, oW, din, tm);  // d^T Rh
     add_col_sums(alpha, rd, N, dout, ob, tm);
     if (l == 0 && gx == nullptr) break;
-    // re = Rd_l W_l + d_l U_l (scaled by alpha when it is the input term).
-    const T scale = l == 0 ? alpha : T(1);
-    T* re = l == 0 ? gx : a.rd + slice(net, a, l - 1);
+    // re = Rd_l W_l + d_l U_l (scaled by alpha when it is the input term), two products of one shape.
     if (l > 0) {
-      fill(re, static_cast<int64_t>(N) * din, T(0), tm);
-      tm.sync();
-    }
-    gemm_nn_acc(N, din, dout, scale, rd, dout, 1, W, din, re, din, tm);
-    tm.sync();
-    gemm_nn_acc(N, din, dout, scale, d, dout, 1, U, din, re, din, tm);
-    if (l > 0) {
-      tm.sync();
       const int64_t s = slice(net, a, l - 1);
-      const int64_t m = static_cast<int64_t>(N) * din;
-      const T* h = a.h + s;
-      const T* dprev = a.d + s;
-      const T* rzprev = a.rz + s;
-      if (net.activation == kRelu) {
-        // s'' = 0: only the mask.
-        for_each(tm, m, [&](int64_t j) { re[j] = h[j] > T(0) ? re[j] : T(0); });
-      } else {
-        // tanh: s' = 1 - h^2, s'' = -2 h s', so (d_l W_l) s'' Rz = -2 h d_{l-1} Rz.
-        for_each(tm, m,
-                 [&](int64_t j) { re[j] = re[j] * (T(1) - h[j] * h[j]) - T(2) * h[j] * dprev[j] * rzprev[j]; });
-      }
+      T* re = a.rd + s;
+      gemm_nn_then(N, din, dout, T(1), rd, dout, 1, W, din, re, din, FromZero<T>{re, din}, tm);
+      const TangentGrad<T> ep{re, a.h + s, a.d + s, a.rz + s, din, static_cast<int>(net.activation)};
+      gemm_nn_then(N, din, dout, T(1), d, dout, 1, U, din, re, din, ep, tm);
+    } else {
+      gemm_nn_acc(N, din, dout, alpha, rd, dout, 1, W, din, gx, din, tm);
+      gemm_nn_acc(N, din, dout, alpha, d, dout, 1, U, din, gx, din, tm);
     }
     tm.sync();  // the next layer reads every Rd_{l-1}
   }

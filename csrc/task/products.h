@@ -50,6 +50,14 @@ FASTMAML_HD inline void axpy(T a, const T* __restrict__ x, T* __restrict__ y, in
 // itself from scalar loops. Elsewhere (CUDA device code, other compilers, -DFASTMAML_NO_HOST_VECTORS)
 // they are plain loops. Both sum in a fixed order (deterministic).
 
+// How a team product (team_tiles.h) stores an output element: its owner adds `v` (alpha times the sum).
+template <typename T>
+struct AddTo {
+  T* out;
+  int64_t ldo;
+  FASTMAML_HD void operator()(int r, int c, T v) const { out[r * ldo + c] += v; }
+};
+
 // out[r, c] += alpha * sum_k a[r * ars + k * aks] * B[k * ldb + c]   (r < R, c < C, k < Kd)
 // A team of several threads: register tiles of the output per rank (team_tiles.h), k in order.
 template <typename T, typename Team = SerialTeam>
@@ -57,7 +65,7 @@ FASTMAML_HD inline void gemm_nn_acc(int R, int C, int Kd, T alpha, const T* __re
                                     int64_t aks, const T* __restrict__ B, int64_t ldb, T* __restrict__ out,
                                     int64_t ldo, const Team& tm = Team()) {
   if (tm.size() > 1) {
-    team_gemm_nn(R, C, Kd, alpha, a, ars, aks, B, ldb, out, ldo, tm, tm.tile(R, C));
+    team_gemm_nn(R, C, Kd, alpha, a, ars, aks, B, ldb, AddTo<T>{out, ldo}, tm, tm.tile(R, C));
     return;
   }
 #ifdef FASTMAML_HOST_VECTORS
@@ -97,7 +105,7 @@ FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ 
                                     const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo,
                                     const Team& tm = Team()) {
   if (tm.size() > 1) {
-    team_gemm_nt(R, C, Kd, a, lda, B, ldb, out, ldo, tm, tm.tile(R, C));
+    team_gemm_nt(R, C, Kd, a, lda, B, ldb, AddTo<T>{out, ldo}, tm, tm.tile(R, C));
     return;
   }
 #ifdef FASTMAML_HOST_VECTORS
@@ -240,8 +248,47 @@ FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ 
 #endif
 }
 
-// Primitives with a team (fill, copy, broadcast_rows, add_col_sums, the gemm_*_acc above, the pointwise
-// loops) do not sync; the layer passes (mlp.h) and the drivers (drivers.h) sync between dependent phases
+// A product with the value it starts from and a pointwise step after it (an epilogue `ep`):
+//   v = ep.init(r, c) + alpha * sum_k ...;  ep.finish(r, c, v)       for every output element (r, c)
+// `init` and `finish` are the element's own (a bias, what the output held, an activation's derivative
+// at that element). A team runs it in one pass: each owner finishes its own tiles as it stores them, so
+// the product needs no sync before it (no fill of the output by other owners) or after it before the
+// pointwise step. A serial team runs three passes over `out [R, C]` (the scratch the sum lands in, ldo
+// apart): init, gemm_*_acc, finish. Both compute fl(init + fl(alpha * sum)), then the step.
+template <typename T, typename Ep>
+struct Finish {
+  const Ep& ep;
+  FASTMAML_HD void operator()(int r, int c, T v) const { ep.finish(r, c, ep.init(r, c) + v); }
+};
+
+template <typename T, typename Ep, typename Team = SerialTeam>
+FASTMAML_HD inline void gemm_nn_then(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t ars,
+                                     int64_t aks, const T* __restrict__ B, int64_t ldb, T* out, int64_t ldo,
+                                     const Ep& ep, const Team& tm = Team()) {
+  if (tm.size() > 1) {
+    team_gemm_nn(R, C, Kd, alpha, a, ars, aks, B, ldb, Finish<T, Ep>{ep}, tm, tm.tile(R, C));
+    return;
+  }
+  for_owned(tm, R, C, [&](int64_t r, int64_t c) { out[r * ldo + c] = ep.init(static_cast<int>(r), static_cast<int>(c)); });
+  gemm_nn_acc(R, C, Kd, alpha, a, ars, aks, B, ldb, out, ldo, tm);
+  for_owned(tm, R, C, [&](int64_t r, int64_t c) { ep.finish(static_cast<int>(r), static_cast<int>(c), out[r * ldo + c]); });
+}
+
+template <typename T, typename Ep, typename Team = SerialTeam>
+FASTMAML_HD inline void gemm_nt_then(int R, int C, int Kd, const T* __restrict__ a, int64_t lda,
+                                     const T* __restrict__ B, int64_t ldb, T* out, int64_t ldo, const Ep& ep,
+                                     const Team& tm = Team()) {
+  if (tm.size() > 1) {
+    team_gemm_nt(R, C, Kd, a, lda, B, ldb, Finish<T, Ep>{ep}, tm, tm.tile(R, C));
+    return;
+  }
+  for_owned(tm, R, C, [&](int64_t r, int64_t c) { out[r * ldo + c] = ep.init(static_cast<int>(r), static_cast<int>(c)); });
+  gemm_nt_acc(R, C, Kd, a, lda, B, ldb, out, ldo, tm);
+  for_owned(tm, R, C, [&](int64_t r, int64_t c) { ep.finish(static_cast<int>(r), static_cast<int>(c), out[r * ldo + c]); });
+}
+
+// Primitives with a team (fill, copy, broadcast_rows, add_col_sums, the gemm_*_acc and gemm_*_then above,
+// the pointwise loops) do not sync; the layer passes (mlp.h) and the drivers (drivers.h) sync between dependent phases
 // and before they return.
 
 template <typename T, typename Team = SerialTeam>

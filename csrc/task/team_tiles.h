@@ -51,13 +51,15 @@ FASTMAML_HD inline int pick_tile(int R, int C, int size) {
   return best;
 }
 
-// out[r, c] += alpha * sum_k a[r * a_row + k * a_k] * B[c * b_col + k * b_k] over this rank's units.
-// Each unit's sums run k = s, s + 1, ..., Kd - 1, 0, ..., s - 1: s = 0, or with `rotate` s = (rb * RB + g)
-// mod Kd (see team_gemm_nt). Each element's order is fixed (deterministic).
-template <int RB, int CB, typename T, typename Team>
+// store(r, c, alpha * sum_k a[r * a_row + k * a_k] * B[c * b_col + k * b_k]) for this rank's units: once
+// per output element, by its owner. Each unit's sums run k = s, s + 1, ..., Kd - 1, 0, ..., s - 1: s = 0,
+// or with `rotate` s = (rb * RB + g) mod Kd (see team_gemm_nt). Each element's order is fixed
+// (deterministic). The owner of (r, c) depends only on (R, C, the tile shape, the team), so two products
+// of the same shape into one output need no sync between them.
+template <int RB, int CB, typename T, typename Team, typename Store>
 FASTMAML_HD inline void team_tiles(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t a_row,
                                    int64_t a_k, const T* __restrict__ B, int64_t b_col, int64_t b_k, bool rotate,
-                                   T* __restrict__ out, int64_t ldo, const Team& tm) {
+                                   const Store& store, const Team& tm) {
   if (Kd <= 0) return;
   const int G = (C + CB - 1) / CB;
   const int units = ((R + RB - 1) / RB) * G;
@@ -95,39 +97,39 @@ FASTMAML_UNROLL
 FASTMAML_UNROLL
       for (int j = 0; j < CB; ++j) {
         const int c = g + G * j;
-        if (r < R && c < C) out[r * ldo + c] += alpha * acc[i][j];
+        if (r < R && c < C) store(r, c, alpha * acc[i][j]);
       }
     }
   }
 }
 
 // The team products with the tile `shape` (the team's tile(R, C)). No sync.
-// out[r, c] += alpha * sum_k a[r * ars + k * aks] * B[k * ldb + c], k in order.
-template <typename T, typename Team>
+// store(r, c, alpha * sum_k a[r * ars + k * aks] * B[k * ldb + c]), k in order.
+template <typename T, typename Team, typename Store>
 FASTMAML_HD inline void team_gemm_nn(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t ars,
-                                     int64_t aks, const T* __restrict__ B, int64_t ldb, T* __restrict__ out,
-                                     int64_t ldo, const Team& tm, int shape) {
-  if (R <= 0 || C <= 0) return;
-  switch (shape) {
-    case kTile4x4: team_tiles<4, 4>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, out, ldo, tm); break;
-    case kTile2x2: team_tiles<2, 2>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, out, ldo, tm); break;
-    default: team_tiles<1, 1>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, out, ldo, tm); break;
-  }
-}
-
-// out[r, c] += sum_k a[r * lda + k] * B[c * ldb + k]. The rows of B a warp reads here lie ldb elements
-// apart: read at the same k they would fall on few shared-memory banks (ldb = 40 floats: 4 banks, an
-// 8-way conflict). Each unit's sums start at k = (rb * RB + g) mod Kd and wrap around instead, so
-// neighbouring ranks read neighbouring addresses.
-template <typename T, typename Team>
-FASTMAML_HD inline void team_gemm_nt(int R, int C, int Kd, const T* __restrict__ a, int64_t lda,
-                                     const T* __restrict__ B, int64_t ldb, T* __restrict__ out, int64_t ldo,
+                                     int64_t aks, const T* __restrict__ B, int64_t ldb, const Store& store,
                                      const Team& tm, int shape) {
   if (R <= 0 || C <= 0) return;
   switch (shape) {
-    case kTile4x4: team_tiles<4, 4>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, out, ldo, tm); break;
-    case kTile2x2: team_tiles<2, 2>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, out, ldo, tm); break;
-    default: team_tiles<1, 1>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, out, ldo, tm); break;
+    case kTile4x4: team_tiles<4, 4>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, store, tm); break;
+    case kTile2x2: team_tiles<2, 2>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, store, tm); break;
+    default: team_tiles<1, 1>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, store, tm); break;
+  }
+}
+
+// store(r, c, sum_k a[r * lda + k] * B[c * ldb + k]). The rows of B a warp reads here lie ldb elements
+// apart: read at the same k they would fall on few shared-memory banks (ldb = 40 floats: 4 banks, an
+// 8-way conflict). Each unit's sums start at k = (rb * RB + g) mod Kd and wrap around instead, so
+// neighbouring ranks read neighbouring addresses.
+template <typename T, typename Team, typename Store>
+FASTMAML_HD inline void team_gemm_nt(int R, int C, int Kd, const T* __restrict__ a, int64_t lda,
+                                     const T* __restrict__ B, int64_t ldb, const Store& store, const Team& tm,
+                                     int shape) {
+  if (R <= 0 || C <= 0) return;
+  switch (shape) {
+    case kTile4x4: team_tiles<4, 4>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, store, tm); break;
+    case kTile2x2: team_tiles<2, 2>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, store, tm); break;
+    default: team_tiles<1, 1>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, store, tm); break;
   }
 }
 
