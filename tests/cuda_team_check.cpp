@@ -231,9 +231,27 @@ struct RankOf {
   int tile(int, int) const { return shape; }
 };
 
+// Epilogues of gemm_*_then for the pair check below: the first product sets the output, the second adds
+// to what its owner finds there and scales the sum.
+struct SetOut {
+  double* out;
+  int64_t ldo;
+  double init(int, int) const { return 0.0; }
+  void finish(int r, int c, double v) const { out[r * ldo + c] = v; }
+};
+struct AddAndScale {
+  double* out;
+  int64_t ldo;
+  double init(int r, int c) const { return out[r * ldo + c]; }
+  void finish(int r, int c, double v) const { out[r * ldo + c] = 3.0 * v; }
+};
+
 // Every register tile of the team products (gemm_nn_acc, gemm_nt_acc) against the team of one, on
 // sizes around the tiles' edges, with strided operands as the layer passes use them. The output starts
-// random, so a missed element or one added twice both show.
+// random, so a missed element or one added twice both show. Then two products of one shape into one
+// output with no sync between them, as the layer passes run them (gemm_nt_then setting it, gemm_nn_then
+// adding to it), each rank running both before the next rank starts: a rank that owned an element in
+// the second product but not in the first would find NaN there.
 int check_products() {
   std::mt19937_64 rng(7);
   std::normal_distribution<double> nd(0.0, 1.0);
@@ -268,6 +286,21 @@ int check_products() {
                             transposed_a ? "^T" : "", shape);
               compare(got_nn, want_nn, "gemm_nn_acc", label, size, 1e-12);
               if (!transposed_a) compare(got_nt, want_nt, "gemm_nt_acc", label, size, 1e-12);
+              if (!transposed_a) {
+                std::vector<double> want_pair(out0.size(), NAN), got_pair(out0.size(), NAN);
+                fastmaml::task::gemm_nt_then(R, C, Kd, a.data(), Kd, bt.data(), Kd, want_pair.data(), C,
+                                             SetOut{want_pair.data(), C});
+                fastmaml::task::gemm_nn_then(R, C, Kd, 0.5, a.data(), ars, aks, b.data(), C, want_pair.data(), C,
+                                             AddAndScale{want_pair.data(), C});
+                for (int r = 0; r < size; ++r) {
+                  const RankOf tm{r, size, shape};
+                  fastmaml::task::gemm_nt_then(R, C, Kd, a.data(), Kd, bt.data(), Kd, got_pair.data(), C,
+                                               SetOut{got_pair.data(), C}, tm);
+                  fastmaml::task::gemm_nn_then(R, C, Kd, 0.5, a.data(), ars, aks, b.data(), C, got_pair.data(), C,
+                                               AddAndScale{got_pair.data(), C}, tm);
+                }
+                compare(got_pair, want_pair, "gemm_nt_then + gemm_nn_then", label, size, 1e-12);
+              }
               ++n;
             }
           }

@@ -2,7 +2,8 @@
 on the CPU, without a GPU.
 
 tests/cuda_team_check.cpp checks the team products' register tiles (every tile shape, teams of 2 to
-128, sizes around the tiles' edges, each output element owned once), then runs the per-task drivers
+128, sizes around the tiles' edges, each output element owned once, the same owner in two products of
+one shape into one output), then runs the per-task drivers
 (forward, reverse sweep, adapt, and the fused forward and reverse sweep summing tasks into one row as
 the CUDA maml_fwdbwd_sum does) with teams of 2, 3, 5, 8 and 33 std::threads synchronised by a
 std::barrier, each with its own tile shape, several tasks one after another per team into

@@ -254,7 +254,10 @@ FASTMAML_HD inline void gemm_nt_acc(int R, int C, int Kd, const T* __restrict__ 
 // at that element). A team runs it in one pass: each owner finishes its own tiles as it stores them, so
 // the product needs no sync before it (no fill of the output by other owners) or after it before the
 // pointwise step. A serial team runs three passes over `out [R, C]` (the scratch the sum lands in, ldo
-// apart): init, gemm_*_acc, finish. Both compute fl(init + fl(alpha * sum)), then the step.
+// apart): init, gemm_*_acc, finish, the same operations as before these products existed (its
+// gemm_*_acc add to `out` as they always did: some of its loops fold init into the running sum). A
+// team computes fl(init + fl(alpha * sum)) per element, as its gemm_*_acc did after a fill. Kd >= 1
+// (a layer's width): the team's tiles store nothing for an empty sum.
 template <typename T, typename Ep>
 struct Finish {
   const Ep& ep;
