@@ -1,6 +1,6 @@
 // fastmaml: the primitives of the per-task math: math functions by scalar type, dot and axpy, the two
-// matrix products every layer needs (gemm_nn_acc, gemm_nt_acc), and fill, copy, broadcast_rows and
-// add_col_sums. With a team, none of them syncs.
+// matrix products every layer needs (gemm_nn_acc, gemm_nt_acc, and gemm_*_then ending in a pointwise
+// step), and fill, copy and add_col_sums. With a team, none of them syncs.
 #pragma once
 
 #include "config.h"
@@ -290,9 +290,9 @@ FASTMAML_HD inline void gemm_nt_then(int R, int C, int Kd, const T* __restrict__
   for_owned(tm, R, C, [&](int64_t r, int64_t c) { ep.finish(static_cast<int>(r), static_cast<int>(c), out[r * ldo + c]); });
 }
 
-// Primitives with a team (fill, copy, broadcast_rows, add_col_sums, the gemm_*_acc and gemm_*_then above,
-// the pointwise loops) do not sync; the layer passes (mlp.h) and the drivers (drivers.h) sync between dependent phases
-// and before they return.
+// Primitives with a team (fill, copy, add_col_sums, the gemm_*_acc and gemm_*_then above, the pointwise
+// loops) do not sync; the layer passes (mlp.h) and the drivers (drivers.h) sync between dependent
+// phases and before they return.
 
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void fill(T* p, int64_t n, T value, const Team& tm = Team()) {
@@ -302,13 +302,6 @@ FASTMAML_HD inline void fill(T* p, int64_t n, T value, const Team& tm = Team()) 
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void copy(const T* __restrict__ src, T* __restrict__ dst, int64_t n, const Team& tm = Team()) {
   for_each(tm, n, [&](int64_t i) { dst[i] = src[i]; });
-}
-
-// out[n, c] = row[c] for n < N, c < C (a bias broadcast to every point).
-template <typename T, typename Team = SerialTeam>
-FASTMAML_HD inline void broadcast_rows(const T* __restrict__ row, T* __restrict__ out, int N, int C,
-                                       const Team& tm = Team()) {
-  for_owned(tm, N, C, [&](int64_t n, int64_t c) { out[n * C + c] = row[c]; });
 }
 
 // out[c] += alpha * a[n, c] for n = 0 .. N-1 in order (a bias gradient), a [N, C].
