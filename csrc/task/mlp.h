@@ -176,7 +176,8 @@ struct TangentGrad {
   FASTMAML_HD T init(int r, int c) const { return re[r * ldo + c]; }
   FASTMAML_HD void finish(int r, int c, T v) const {
     const int64_t j = r * ldo + c;
-    re[j] = act == kRelu ? (h[j] > T(0) ? v : T(0)) : v * (T(1) - h[j] * h[j]) - T(2) * h[j] * dprev[j] * rzprev[j];
+    const T first = act_grad(act, h[j], v);  // re * s'
+    re[j] = act == kRelu ? first : first - T(2) * h[j] * dprev[j] * rzprev[j];
   }
 };
 
