@@ -24,10 +24,10 @@ from _reference_loop import normal_params, random_data
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 FUSED = ["cuda", "triton"]
-# factored (PyTorch, its low-rank products Triton kernels on a GPU): it must not synchronise either and must replay in a CUDA graph. Its class
-# out of range is PyTorch's device assert (as on the reference), and its reduce-overhead compile is left to
-# tests/test_factored.py (the capture, on the CPU): inductor's compile of its graph would take a minute
-# of the GPU check.
+# factored (PyTorch, its low-rank products Triton kernels on a GPU): it must not synchronise either and
+# must replay in a CUDA graph. Its class out of range is PyTorch's device assert (as on the reference),
+# and its reduce-overhead compile is left to tests/test_factored.py (the capture, on the CPU): inductor's
+# compile of its graph would take a minute of the GPU check.
 BACKENDS = FUSED + ["factored"]
 
 

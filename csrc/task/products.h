@@ -272,9 +272,13 @@ FASTMAML_HD inline void gemm_nn_then(int R, int C, int Kd, T alpha, const T* __r
     team_gemm_nn(R, C, Kd, alpha, a, ars, aks, B, ldb, Finish<T, Ep>{ep}, tm, tm.tile(R, C));
     return;
   }
-  for_owned(tm, R, C, [&](int64_t r, int64_t c) { out[r * ldo + c] = ep.init(static_cast<int>(r), static_cast<int>(c)); });
+  for_owned(tm, R, C, [&](int64_t r, int64_t c) {
+    out[r * ldo + c] = ep.init(static_cast<int>(r), static_cast<int>(c));
+  });
   gemm_nn_acc(R, C, Kd, alpha, a, ars, aks, B, ldb, out, ldo, tm);
-  for_owned(tm, R, C, [&](int64_t r, int64_t c) { ep.finish(static_cast<int>(r), static_cast<int>(c), out[r * ldo + c]); });
+  for_owned(tm, R, C, [&](int64_t r, int64_t c) {
+    ep.finish(static_cast<int>(r), static_cast<int>(c), out[r * ldo + c]);
+  });
 }
 
 template <typename T, typename Ep, typename Team = SerialTeam>
@@ -285,9 +289,13 @@ FASTMAML_HD inline void gemm_nt_then(int R, int C, int Kd, const T* __restrict__
     team_gemm_nt(R, C, Kd, a, lda, B, ldb, Finish<T, Ep>{ep}, tm, tm.tile(R, C));
     return;
   }
-  for_owned(tm, R, C, [&](int64_t r, int64_t c) { out[r * ldo + c] = ep.init(static_cast<int>(r), static_cast<int>(c)); });
+  for_owned(tm, R, C, [&](int64_t r, int64_t c) {
+    out[r * ldo + c] = ep.init(static_cast<int>(r), static_cast<int>(c));
+  });
   gemm_nt_acc(R, C, Kd, a, lda, B, ldb, out, ldo, tm);
-  for_owned(tm, R, C, [&](int64_t r, int64_t c) { ep.finish(static_cast<int>(r), static_cast<int>(c), out[r * ldo + c]); });
+  for_owned(tm, R, C, [&](int64_t r, int64_t c) {
+    ep.finish(static_cast<int>(r), static_cast<int>(c), out[r * ldo + c]);
+  });
 }
 
 // Primitives with a team (fill, copy, add_col_sums, the gemm_*_acc and gemm_*_then above, the pointwise

@@ -6,7 +6,6 @@ after `TRITON_INTERPRET` is settled (see `_triton_kernels.py`).
 
 from __future__ import annotations
 
-
 import triton
 import triton.language as tl
 
