@@ -219,6 +219,67 @@ def test_adapt_matches_reference():
         assert_close(a, b, RTOL[F64], f"adapted params[{i}]")
 
 
+# ---- the scratch layout (`_triton_scratch.py`) ------------------------------------------------------
+
+
+def _use_layout(monkeypatch, layout):
+    """Run the calls of this test in `layout`, and record the layout each launch took."""
+    tm = _backend()
+    monkeypatch.setattr(tm, "LAYOUT", layout)
+    taken = []
+    module = tm._module
+
+    def spy(which):
+        taken.append(which)
+        return module(which)
+
+    monkeypatch.setattr(tm, "_module", spy)
+    return taken
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_scratch_layout_matches_reference_float32(case, monkeypatch):
+    taken = _use_layout(monkeypatch, "scratch")
+    run_both(**case, seed=200 + CASES.index(case))
+    assert set(taken) == {"scratch"}, taken
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=[_id(CASES[1]), _id(CASES[4])])
+def test_scratch_layout_matches_reference_float64(case, monkeypatch):
+    taken = _use_layout(monkeypatch, "scratch")
+    run_both(**case, dtype=F64, seed=300 + CASES.index(case))
+    assert set(taken) == {"scratch"}, taken
+
+
+def test_wide_nets_take_the_scratch_layout(monkeypatch):
+    """`auto` runs a width padded to 128 in the scratch layout (reductions in 8 chunks of 16), narrower
+    nets in the register layout."""
+    taken = _use_layout(monkeypatch, "auto")
+    run_both((2, 100, 3), tasks=2, n_support=10, n_query=7, K=2, lr="per_parameter", loss="mse",
+             activation="tanh", seed=400)
+    assert set(taken) == {"scratch"}, taken
+    taken.clear()
+    run_both((2, 60, 3), tasks=2, n_support=4, n_query=3, K=1, lr="float", loss="cross_entropy",
+             activation="relu", seed=401)
+    assert set(taken) == {"registers"}, taken
+
+
+def test_scratch_layout_several_tasks_per_program(monkeypatch):
+    tm = _backend()
+    taken = _use_layout(monkeypatch, "scratch")
+    monkeypatch.setattr(tm, "SCRATCH_BYTES", 1)  # one program for all tasks
+    run_both((3, 6, 2), tasks=3, K=2, lr="per_parameter", loss="cross_entropy", activation="relu", seed=402)
+    assert set(taken) == {"scratch"}, taken
+
+
+def test_a_bad_layout_switch_is_refused(monkeypatch):
+    tm = _backend()
+    monkeypatch.setattr(tm, "LAYOUT", None)
+    monkeypatch.setenv("FASTMAML_TRITON_LAYOUT", "shared")
+    with pytest.raises(ValueError, match="FASTMAML_TRITON_LAYOUT must be one of"):
+        tm.layout_for([1, 40, 1])
+
+
 # ---- the custom ops --------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""The Triton kernels of the `triton` backend: the flat operations of `docs/kernels.md` for MLPs.
+"""The Triton kernels of the `triton` backend in the register layout: the flat operations of
+`docs/kernels.md` for MLPs. (`_triton_scratch.py` holds the same operations for wide nets.)
 
 Imported only on first use (by `triton_maml.py`), because `triton.jit` reads `TRITON_INTERPRET` when a
 kernel is defined: tests without a GPU set it before this module is imported and the kernels then run

@@ -49,6 +49,20 @@ MIN_TRITON = (3, 6)  # the oldest release tested (the kernels use tuples of tens
 SCRATCH_BYTES = 256 * 2**20
 _MIN_BLOCK = 16  # smallest reduction size of tl.dot
 _COPY_BLOCK = 1024
+# Which kernels run a call (`_triton_kernels.py`, every block in registers, or `_triton_scratch.py`, the
+# blocks that products read in per-program scratch and the products reduced in runtime loops): "auto"
+# takes the scratch layout from a padded width of SCRATCH_FROM_WIDTH, where the register layout's
+# unrolled products are more code than ptxas allocates registers for (benchmarks/RESULTS.md). None: read
+# FASTMAML_TRITON_LAYOUT on first use ("auto", "registers" or "scratch"); tests set it directly.
+LAYOUT: Optional[str] = None
+SCRATCH_FROM_WIDTH = 128
+# The scratch layout's chunks: the reduction of an activation-sized product (KC) and the rows of a
+# parameter-sized one (RC), each at most the padded size. 16 (tl.dot's least) because Triton's FMA
+# products hold each thread's operand rows and columns whole along the chunk: compiled for sm_90 (ptxas
+# -v, 1-128-128-1, 8 warps) the backward kernel needs 255 registers and spills 120 / 184 B a thread with
+# chunks of 32, none with 16 (benchmarks/RESULTS.md).
+SCRATCH_K_CHUNK = 16
+SCRATCH_ROW_CHUNK = 16
 
 
 def _pad(n: int) -> int:
@@ -87,12 +101,31 @@ _KERNELS: Optional[SimpleNamespace] = None
 
 
 def _kernels() -> SimpleNamespace:
-    """Import (and so define) the kernels, once; remember whether they were defined interpreted."""
+    """Import (and so define) the kernels of both layouts, once; remember whether they were defined
+    interpreted."""
     global _KERNELS
     if _KERNELS is None:
         module = importlib.import_module(f"{__package__}._triton_kernels")
-        _KERNELS = SimpleNamespace(module=module, interpreted=_interpreter_on())
+        scratch = importlib.import_module(f"{__package__}._triton_scratch")
+        _KERNELS = SimpleNamespace(module=module, scratch=scratch, interpreted=_interpreter_on())
     return _KERNELS
+
+
+def layout_for(dims: list[int]) -> str:
+    """"registers" or "scratch": the kernels that run a net of `dims` (see LAYOUT)."""
+    global LAYOUT
+    if LAYOUT is None:
+        from .._validate import env_choice
+
+        LAYOUT = env_choice("FASTMAML_TRITON_LAYOUT", ("auto", "registers", "scratch"))
+    if LAYOUT != "auto":
+        return LAYOUT
+    return "scratch" if max(_pad(d) for d in dims) >= SCRATCH_FROM_WIDTH else "registers"
+
+
+def _module(layout: str):
+    kernels = _kernels()
+    return kernels.scratch if layout == "scratch" else kernels.module
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +139,8 @@ def compiled_report() -> list[str]:
     Empty in the interpreter."""
     if _KERNELS is None or _KERNELS.interpreted:
         return []
-    return kernel_cache_report(_KERNELS.module, ("maml_fwd_kernel", "maml_bwd_kernel"))
+    return [f"{layout}: {line}" for layout, module in (("registers", _KERNELS.module), ("scratch", _KERNELS.scratch))
+            for line in kernel_cache_report(module, ("maml_fwd_kernel", "maml_bwd_kernel"))]
 
 
 def kernel_cache_report(module, names) -> list[str]:
@@ -136,9 +170,9 @@ def _sizes(dims: list[int]) -> list[int]:
 
 def kernel_constants(kind: str, dims: list[int], n_support: int, n_query: int, activation: int, loss: int, *,
                      query: bool = True, first_order: bool = False, need_lr_grad: bool = True,
-                     need_x_grad: bool = True) -> dict:
-    """The compile-time constants of one launch of `kind` ("fwd" or "bwd"): they select the compiled
-    variant (padded blocks, depth, activation, loss, options). `query=False` is `maml_adapt`."""
+                     need_x_grad: bool = True, layout: str = "registers") -> dict:
+    """The compile-time constants of one launch of `kind` ("fwd" or "bwd") in `layout`: they select the
+    compiled variant (padded blocks, depth, activation, loss, options). `query=False` is `maml_adapt`."""
     if not 1 <= len(dims) - 1 <= MAX_DEPTH:
         raise ValueError(f"fastmaml triton: depth {len(dims) - 1} layers (the kernels run 1 to {MAX_DEPTH})")
     consts = {f"BD{i}": _pad(d) for i, d in enumerate(_sizes(dims))}
@@ -150,7 +184,17 @@ def kernel_constants(kind: str, dims: list[int], n_support: int, n_query: int, a
         consts.update(FIRST_ORDER=bool(first_order), NEED_LR=bool(need_lr_grad), NEED_X=bool(need_x_grad))
     else:
         raise ValueError(f"kind must be 'fwd' or 'bwd', got {kind!r}")
+    if layout == "scratch":
+        consts.update(BW=max(_pad(d) for d in dims), BNM=max(consts["BNS"], consts["BNQ"]),
+                      NSLOT=_kernels().scratch.n_slots(len(dims) - 1), KC=SCRATCH_K_CHUNK, RC=SCRATCH_ROW_CHUNK)
+    elif layout != "registers":
+        raise ValueError(f"layout must be 'registers' or 'scratch', got {layout!r}")
     return consts
+
+
+def _acts_bytes(consts: dict, itemsize: int) -> int:
+    """Bytes of one program's `acts` scratch (scratch layout), 0 in the register layout."""
+    return consts["NSLOT"] * consts["BNM"] * consts["BW"] * itemsize if "NSLOT" in consts else 0
 
 
 def ast_source(kind: str, dtype: torch.dtype, consts: dict):
@@ -158,7 +202,7 @@ def ast_source(kind: str, dtype: torch.dtype, consts: dict):
     compile it for a GPU target on a machine without one (`tests/test_triton_compile.py`)."""
     from triton.compiler import ASTSource
 
-    module = _kernels().module
+    module = _module("scratch" if "NSLOT" in consts else "registers")
     fn = module.maml_fwd_kernel if kind == "fwd" else module.maml_bwd_kernel
     labels = {"ys": "*i64", "yq": "*i64"} if consts["LOSS"] == 1 else {}
     signature = kernel_signature(fn, consts, module._RUNTIME_INTS, dtype, labels)
@@ -181,37 +225,44 @@ def kernel_signature(fn, consts: dict, runtime_ints: list[str], dtype: torch.dty
 
 
 def compile_for_target(kind: str, dtype: torch.dtype, dims: list[int], n_support: int, n_query: int,
-                       activation: int, loss: int, *, arch: int = 90, num_warps: int = 0, **options):
+                       activation: int, loss: int, *, arch: int = 90, num_warps: int = 0, layout: str = "",
+                       **options):
     """One kernel variant compiled by `triton.compile` for an NVIDIA GPU of compute capability `arch`, on a
     machine without one (the Triton interpreter must be off): what `tests/test_triton_compile.py` and
-    `benchmarks/kernel_registers.py` compile. `num_warps` 0: the backend's choice. Returns the compiled
-    kernel (its `asm` holds the PTX and cubin) and the warps it was compiled for."""
+    `benchmarks/kernel_registers.py` compile. `num_warps` 0: the backend's choice; `layout` "": the one a
+    call of these sizes takes (`layout_for`). Returns the compiled kernel (its `asm` holds the PTX and
+    cubin) and the warps it was compiled for."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    consts = kernel_constants(kind, dims, n_support, n_query, activation, loss, **options)
-    warps = num_warps or num_warps_for(dims, n_support, n_query)
+    layout = layout or layout_for(dims)
+    consts = kernel_constants(kind, dims, n_support, n_query, activation, loss, layout=layout, **options)
+    warps = num_warps or num_warps_for(dims, n_support, n_query, layout)
     kernel = triton.compile(ast_source(kind, dtype, consts), target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": warps})
     return kernel, warps
 
 
-def num_warps_for(dims: list[int], n_support: int, n_query: int) -> int:
+def num_warps_for(dims: list[int], n_support: int, n_query: int, layout: str = "registers") -> int:
     """Warps per program, from the largest register tile (points x width or width x width).
 
     Chosen from ptxas reports (no GPU timings yet): for the sinusoid net (1-40-40-1, 10 points) the
     backward kernel uses 255 registers with 2 KiB of spills at 8 warps, but at 2 or 4 warps ptxas falls
-    back to 32 registers with 40-90 KiB of spills, and compiles 2-6x slower.
+    back to 32 registers with 40-90 KiB of spills, and compiles 2-6x slower. The scratch layout: 8
+    warps (at 4 its width-128 backward spills 124 / 148 B a thread, at 8 none).
     """
+    if layout == "scratch":
+        return 8
     bn = max(_pad(n_support), _pad(n_query))
     pads = [_pad(d) for d in dims]
     largest = max(max(bn * p for p in pads), max(a * b for a, b in zip(pads[1:], pads[:-1])))
     return 4 if largest <= 1024 else 8
 
 
-def _programs(T: int, rows_per_program: int, P: int, itemsize: int) -> int:
-    """How many programs (each with `rows_per_program` scratch rows of P) to launch for T tasks."""
-    per_program = max(1, rows_per_program * P * itemsize)
+def _programs(T: int, rows_per_program: int, P: int, itemsize: int, extra_bytes: int = 0) -> int:
+    """How many programs (each with `rows_per_program` scratch rows of P, and `extra_bytes`) to launch for
+    T tasks."""
+    per_program = max(1, rows_per_program * P * itemsize + extra_bytes)
     return max(1, min(T, SCRATCH_BYTES // per_program))
 
 
@@ -224,13 +275,17 @@ def _device_guard(t: torch.Tensor):
 
 def _forward_launch(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, query: bool):
     """Shared launch of `maml_fwd_kernel` for `maml_fwd` (query) and `maml_adapt` (not query)."""
-    k = _kernels().module
+    layout = layout_for(dims)
+    k = _module(layout)
     T, NS, D0 = xs.shape
     K, P = lr.shape[0], theta.shape[0]
     DL = dims[-1]
     NQ = xq.shape[1] if query else 1
-    G = _programs(T, 2, P, theta.element_size())
+    consts = kernel_constants("fwd", dims, NS, NQ, activation, loss, query=query, layout=layout)
+    acts_bytes = _acts_bytes(consts, theta.element_size())
+    G = _programs(T, 2, P, theta.element_size(), acts_bytes)
     work = theta.new_empty(G, 2, P)
+    scratch = (theta.new_empty(G, acts_bytes // theta.element_size()),) if layout == "scratch" else ()
     if query:
         task_losses = theta.new_empty(T)
         preds = theta.new_empty(T, NQ, DL)
@@ -239,11 +294,10 @@ def _forward_launch(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, query
         task_losses, preds = theta, theta  # unused
         thetas = theta.new_empty(T, P)
         xq, yq, qw = xs, ys, theta  # unused
-    consts = kernel_constants("fwd", dims, NS, NQ, activation, loss, query=query)
     with _device_guard(theta):
         k.maml_fwd_kernel[(G,)](
-            theta, lr, xs, ys, xq, yq, qw, task_losses, preds, thetas, work,
-            T, NS, NQ, P, K, G, *_sizes(dims), **consts, num_warps=num_warps_for(dims, NS, NQ),
+            theta, lr, xs, ys, xq, yq, qw, task_losses, preds, thetas, work, *scratch,
+            T, NS, NQ, P, K, G, *_sizes(dims), **consts, num_warps=num_warps_for(dims, NS, NQ, layout),
         )
     return task_losses, preds, thetas
 
@@ -269,30 +323,33 @@ def _adapt_impl(theta, lr, x_support, y_support, dims, activation, loss):
 def _bwd_impl(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_losses, g_query_preds,
               dims, activation, loss, first_order, need_lr_grad, need_x_grad):
     _check_flat(theta, lr, x_support, x_query, dims)
-    k = _kernels().module
+    dims = list(dims)
+    layout = layout_for(dims)
+    k = _module(layout)
     theta, lr = theta.contiguous(), lr.contiguous()
     xs, ys, xq, yq = (t.contiguous() for t in (x_support, y_support, x_query, y_query))
     T, NS, D0 = xs.shape
     NQ = xq.shape[1]
     K, P = lr.shape[0], theta.shape[0]
+    consts = kernel_constants("bwd", dims, NS, NQ, activation, loss, first_order=first_order,
+                              need_lr_grad=need_lr_grad, need_x_grad=need_x_grad, layout=layout)
+    acts_bytes = _acts_bytes(consts, theta.element_size())
     rows = (K + 1) + 2 + 1 + (K if need_lr_grad else 0)
-    G = _programs(T, rows, P, theta.element_size())
+    G = _programs(T, rows, P, theta.element_size(), acts_bytes)
     work = theta.new_empty(G, K + 1, P)
     vbuf = theta.new_empty(G, 2, P)
+    scratch = (theta.new_empty(G, acts_bytes // theta.element_size()),) if layout == "scratch" else ()
     g_theta_part = theta.new_zeros(G, P)
     g_lr_part = theta.new_zeros(G, K, P) if need_lr_grad else theta  # theta: unused placeholder
     if need_x_grad:
         g_xs, g_xq = torch.empty_like(xs), torch.empty_like(xq)
     else:
         g_xs = g_xq = theta  # unused
-    dims = list(dims)
-    consts = kernel_constants("bwd", dims, NS, NQ, activation, loss, first_order=first_order,
-                              need_lr_grad=need_lr_grad, need_x_grad=need_x_grad)
     with _device_guard(theta):
         k.maml_bwd_kernel[(G,)](
             theta, lr, xs, ys, xq, yq, qw.contiguous(), g_task_losses.contiguous(), g_query_preds.contiguous(),
-            g_theta_part, g_lr_part, g_xs, g_xq, work, vbuf,
-            T, NS, NQ, P, K, G, *_sizes(dims), **consts, num_warps=num_warps_for(dims, NS, NQ),
+            g_theta_part, g_lr_part, g_xs, g_xq, work, vbuf, *scratch,
+            T, NS, NQ, P, K, G, *_sizes(dims), **consts, num_warps=num_warps_for(dims, NS, NQ, layout),
         )
     # Outputs must not alias each other: a fresh empty tensor for each one not asked for.
     g_theta = g_theta_part.sum(0)
