@@ -171,8 +171,9 @@ else
     # One run for the GPU backends: the tests new with G2/G3 and the plainest call of each backend.
     stage "quick tests: GPU sizes, sync-free calls, CUDA graphs, compile (limit ${TESTS_S}s) -> $DIR/tests.log"
     FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$TESTS_S" python -m pytest tests/test_backends.py \
-      tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py -q -rfE "${XDIST[@]}" \
-      -p no:cacheprovider -k "gpu_sizes or accepts_a_plain_call or one_op or gpu_overhead or compile or on_the_gpu" \
+      tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py -q -rfE \
+      "${XDIST[@]}" -p no:cacheprovider \
+      -k "gpu_sizes or accepts_a_plain_call or one_op or gpu_overhead or compile or on_the_gpu or wide_nets" \
       >> "$DIR/tests.log" 2>&1
     echo "quick tests exit code $?"
     tail -n 4 "$DIR/tests.log" | cut -c1-300
@@ -273,17 +274,23 @@ fi
 # factors at every step (FASTMAML_FACTORED_DENSE=never: the one product shared by all tasks stays, where
 # the default turns a layer dense once its factors cost more multiply-adds), and its low-rank products as
 # batched PyTorch products (FASTMAML_FACTORED_TRITON=never: two cuBLAS batched products per factor,
-# before its Triton kernels).
-# AB_VARIANTS picks some ("batched tiles shared kchunk tf32x3 chunk4g factors"), AB_S is the time for all.
+# before its Triton kernels), and Triton's scratch layout at width 40 (FASTMAML_TRITON_LAYOUT=scratch;
+# `auto` takes it from width 128, so the sweep's width-40 triton rows are the register layout; the
+# register layout at width 128, FASTMAML_TRITON_LAYOUT=registers, is left out: its backward alone
+# compiled for 8 minutes on 2 cores).
+# AB_VARIANTS picks some ("scratch batched tiles shared kchunk tf32x3 chunk4g factors"), AB_S is the time
+# for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-batched tiles shared kchunk tf32x3 chunk4g factors})
+  variants=(${AB_VARIANTS:-scratch batched tiles shared kchunk tf32x3 chunk4g factors})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
   stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt"
   : > "$DIR/ab.txt"
   for v in "${variants[@]}"; do
+    widths="40 128"
     case "$v" in
+      scratch) setting=FASTMAML_TRITON_LAYOUT=scratch; method=triton; widths=40 ;;
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
       kchunk) setting=FASTMAML_TRITON_K_CHUNK=32; method=triton ;;
@@ -295,7 +302,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
     esac
     echo "== $setting ($method; compare with the sweep's $method rows)" >> "$DIR/ab.txt"
     env "$setting" timeout "$per" python benchmarks/bench_throughput.py --device cuda --order second \
-      --methods "$method" --tasks 65536 --steps 1 5 --width 40 128 --warmup 1 --repeats 3 --max-seconds 3 \
+      --methods "$method" --tasks 65536 --steps 1 5 --width $widths --warmup 1 --repeats 3 --max-seconds 3 \
       --out "/tmp/fastmaml_ab_$v" >> "$DIR/ab.txt" 2>&1
     echo "exit code $?" >> "$DIR/ab.txt"
   done

@@ -116,7 +116,7 @@ def _triton_child(spec: dict) -> None:
         start = time.perf_counter()
         kernel, warps = tm.compile_for_target(kind, torch.float32, spec["dims"], 10, 10, 0, 0, arch=spec["arch"],
                                               num_warps=spec["warps"])
-        _print_ptxas(kernel, spec["arch"], start, kind=kind, warps=warps)
+        _print_ptxas(kernel, spec["arch"], start, kind=f"{kind} {tm.layout_for(spec['dims'])}", warps=warps)
 
 
 def _print_ptxas(kernel, arch: int, start: float, **fields) -> None:

@@ -5,13 +5,16 @@ Every kernel variant the backend launches is selected by its compile-time consta
 which gradients). This file compiles a covering set of them (each value of each constant at least once,
 plus the sinusoid net and the largest sizes the backend takes) with `triton.compile(ASTSource,
 target=GPUTarget("cuda", 90, 32))`, through ptxas to a cubin, and checks the shared memory each needs
-fits one H100 block. The default leaves out one variant, the float32 backward at width 128 (8 minutes on
-2 cores, beside another compile: more than the rest of the set together). Width 128 is still compiled
-by the float32 forward, and the backward kernels at width 64 stay (196,608 and 212,992 B of shared
-memory in float32 and float64, the most of any variant).
-`FASTMAML_TRITON_COMPILE_SET=full` adds it, `=small` leaves out every largest size, `=all` compiles
-every combination (hours). On 2 cores the default set took 6 minutes (365 s), `full` 8 to 13, `small`
-1; the variants are compiled in parallel over the cores, and each one's time is printed (`pytest -s`).
+fits one H100 block. Both layouts of the kernels are covered: each call's own (`auto`: the scratch
+layout from a padded width of 128) and the scratch layout forced at the small sizes. The default leaves
+out the register layout at width 128 (FASTMAML_TRITON_LAYOUT=registers, not what `auto` runs): its
+backward took 8 minutes on 2 cores beside another compile, more than the rest of the set together.
+The backward kernels at width 64 stay (196,608 and 212,992 B of shared memory in float32 and float64,
+the most of any variant).
+`FASTMAML_TRITON_COMPILE_SET=full` adds the register layout at width 128, `=small` leaves out every
+largest size, `=all` compiles every combination (hours). On 2 cores the default set took 332 s, `small`
+about 1 minute; the variants are compiled in parallel over the cores, and each one's time is printed
+(`pytest -s`).
 
 The compiler must run with `TRITON_INTERPRET` unset (conftest.py sets it for the in-process tests, and
 the kernels read it when they are defined), so the compiles run in subprocesses, this file being their
@@ -33,9 +36,10 @@ import pytest
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
 
-def _variant(kind, dtype, dims, n_support, n_query, loss, activation, **options):
+def _variant(kind, dtype, dims, n_support, n_query, loss, activation, layout="", **options):
+    """One kernel variant; `layout` "" is the one a call of these sizes takes (`triton_maml.layout_for`)."""
     return dict(kind=kind, dtype=dtype, dims=list(dims), n_support=n_support, n_query=n_query, loss=loss,
-                activation=activation, options=options)
+                activation=activation, layout=layout, options=options)
 
 
 def covering_variants() -> list[dict]:
@@ -43,15 +47,17 @@ def covering_variants() -> list[dict]:
     from one 16-block to the backend's largest."""
     out = []
     combos = list(itertools.product(["float32", "float64"], [0, 1], [0, 1]))
-    for i, (dtype, loss, act) in enumerate(combos):
-        depth = 1 + i % 4
-        dims = [5] + [21] * (depth - 1) + [3]  # blocks of 16 and 32
-        out.append(_variant("bwd", dtype, dims, 10, 19, loss, act, first_order=i % 2 == 1,
-                            need_lr_grad=i % 3 != 2, need_x_grad=i % 4 != 3))
-        out.append(_variant("fwd", dtype, dims, 10, 19, loss, act, query=i % 2 == 0))
-    # The sinusoid net of the MAML paper.
-    out.append(_variant("bwd", "float32", [1, 40, 40, 1], 10, 10, 0, 0))
-    out.append(_variant("fwd", "float32", [1, 40, 40, 1], 10, 10, 0, 0))
+    for layout in ("", "scratch"):  # the small sizes take the register layout; the scratch one forced
+        for i, (dtype, loss, act) in enumerate(combos):
+            depth = 1 + (i + (layout == "scratch")) % 4
+            dims = [5] + [21] * (depth - 1) + [3]  # blocks of 16 and 32
+            out.append(_variant("bwd", dtype, dims, 10, 19, loss, act, layout, first_order=i % 2 == 1,
+                                need_lr_grad=i % 3 != 2, need_x_grad=i % 4 != 3))
+            out.append(_variant("fwd", dtype, dims, 10, 19, loss, act, layout, query=i % 2 == 0))
+    # The sinusoid net of the MAML paper, and the width-128 one (which takes the scratch layout).
+    for width in (40, 128):
+        out.append(_variant("bwd", "float32", [1, width, width, 1], 10, 10, 0, 0))
+        out.append(_variant("fwd", "float32", [1, width, width, 1], 10, 10, 0, 0))
     # The largest sizes the backend takes, with the options that need the most shared memory.
     out += _largest_variants()
     return out
@@ -70,6 +76,14 @@ def _largest_variants() -> list[dict]:
     return out
 
 
+def _registers_at_128() -> list[dict]:
+    """The register layout at width 128 (FASTMAML_TRITON_LAYOUT=registers, the A/B's other value), whose
+    backward is the slow compile (466 s of a 769 s run of the full set on 2 cores, beside another)."""
+    dims = [128] * 5
+    return [_variant("bwd", "float32", dims, 16, 16, 1, 1, "registers"),
+            _variant("fwd", "float32", dims, 16, 16, 1, 1, "registers")]
+
+
 def all_variants() -> list[dict]:
     """Every combination of the options, per depth at small sizes and at each largest size."""
     import torch
@@ -85,13 +99,14 @@ def all_variants() -> list[dict]:
                                     need_lr_grad=lr, need_x_grad=x))
             for query in (True, False):
                 out.append(_variant("fwd", dtype, dims, points, points, loss, act, query=query))
-    return out
+    return out + _registers_at_128()
 
 
 def _name(v: dict) -> str:
     opts = "-".join(f"{k}={int(val)}" for k, val in sorted(v["options"].items()))
     return (f"{v['kind']}-{v['dtype']}-{'x'.join(map(str, v['dims']))}-n{v['n_support']}.{v['n_query']}"
-            f"-loss{v['loss']}-act{v['activation']}" + (f"-{opts}" if opts else ""))
+            f"-loss{v['loss']}-act{v['activation']}" + (f"-{opts}" if opts else "")
+            + (f"-{v['layout']}" if v["layout"] else ""))
 
 
 # ---- the subprocess ------------------------------------------------------------------------------
@@ -107,7 +122,8 @@ def _compile_all(variants: list[dict]) -> None:
         start = time.perf_counter()
         try:
             kernel, warps = tm.compile_for_target(v["kind"], getattr(torch, v["dtype"]), v["dims"], v["n_support"],
-                                                  v["n_query"], v["activation"], v["loss"], **v["options"])
+                                                  v["n_query"], v["activation"], v["loss"], layout=v["layout"],
+                                                  **v["options"])
             result = dict(ok=True, shared=kernel.metadata.shared, cubin_bytes=len(kernel.asm["cubin"]),
                           num_warps=warps, mma=kernel.asm["ptx"].count("mma.sync"))
         except Exception as err:  # reported to the test, which fails with it
@@ -136,22 +152,18 @@ def _nvidia_compiler_missing() -> str | None:
     return None
 
 
-# The one variant the default set leaves out: 466 s of a 769 s run of the full set on 2 cores.
-SLOWEST = "bwd-float32-128x128x128x128x128-n16.16-loss1-act1"
-
-
 def selected_variants() -> list[dict]:
     which = os.environ.get("FASTMAML_TRITON_COMPILE_SET", "covering")
     if which == "all":
         return all_variants()
     if which == "full":
-        return covering_variants()
+        return covering_variants() + _registers_at_128()
     if which == "small":  # without the largest sizes (each 1-2 minutes to compile)
         largest = {_name(v) for v in _largest_variants()}
         return [v for v in covering_variants() if _name(v) not in largest]
     if which != "covering":
         raise ValueError(f"FASTMAML_TRITON_COMPILE_SET must be small, covering, full or all, got {which!r}")
-    return [v for v in covering_variants() if _name(v) != SLOWEST]
+    return covering_variants()
 
 
 VARIANTS = selected_variants()
