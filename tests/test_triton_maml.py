@@ -197,6 +197,20 @@ def test_several_tasks_per_program(monkeypatch):
     run_both((3, 6, 2), tasks=3, K=2, lr="per_parameter", loss="mse", activation="tanh", seed=7)
 
 
+def test_program_count_fills_whole_waves():
+    """On a GPU the program count past one a multiprocessor is a multiple of their number; within the
+    scratch budget, and never more than the tasks."""
+    tm = _backend()
+    per_program = 14 * 16_897 * 4 + 21 * 16 * 128 * 4  # W=128, K=5, every gradient, scratch layout
+    budget = tm.SCRATCH_BYTES // per_program
+    assert budget == 240
+    assert tm._programs(65536, 14, 16_897, 4, 21 * 16 * 128 * 4) == 240  # not a GPU: the budget
+    assert tm._programs(65536, 14, 16_897, 4, 21 * 16 * 128 * 4, sms=132) == 132
+    assert tm._programs(65536, 14, 16_897, 4, 21 * 16 * 128 * 4, sms=100) == 200
+    assert tm._programs(100, 14, 16_897, 4, 21 * 16 * 128 * 4, sms=132) == 100  # fewer tasks than SMs
+    assert tm._programs(65536, 2, 1_761, 4, 0, sms=132) == 19_054 - 19_054 % 132
+
+
 def test_first_order_has_no_support_input_gradient():
     """FOMAML: the adapted parameters do not depend on x_support, so its gradient is exactly zero."""
     res = run_both((3, 5, 2), K=2, first_order=True, seed=8)
