@@ -19,9 +19,23 @@ namespace {
 using task::Net;
 using task::TaskData;
 
-// A thread block as the team of csrc/task/team.h. `red` is a shared buffer of blockDim.x doubles for
-// sum(): every rank stores its partial, and every rank reads them back in rank order (the same total
-// in every rank, a fixed order).
+// The total of `v` over the block, in every rank (BlockTeam::sum). Each warp sums its lanes by butterfly
+// shuffles (each lane adds in its own order; only lane 0's total is kept) and stores it in `red` (one
+// double a warp); every rank then adds the warp totals in warp order: a fixed order, the same total in
+// every rank. Blocks are whole warps (plan()) and every rank calls it, so every lane is active.
+// Not inlined: the reverse sweep calls it from several places, and inlined copies tipped nvcc out of
+// inlining the sweep into its kernels (ptxas -v: up to 884 B of spills).
+__device__ __noinline__ double block_sum(double v, double* red) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double total = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += red[w];
+  __syncthreads();  // nobody overwrites red before every rank has read it
+  return total;
+}
+
+// A thread block as the team of csrc/task/team.h; `red` is the buffer of block_sum.
 struct BlockTeam {
   double* red;
   bool tiles;  // register tiles in the products (Launch::tiles)
@@ -29,15 +43,10 @@ struct BlockTeam {
   __device__ int size() const { return static_cast<int>(blockDim.x); }
   __device__ void sync() const { __syncthreads(); }
   __device__ int tile(int R, int C) const { return tiles ? task::pick_tile(R, C, size()) : task::kTile1x1; }
+  // Summed in double (5 shuffle steps and one read a warp, where every rank read every rank's partial
+  // before), rounded once to T.
   template <typename T>
-  __device__ T sum(T x) const {
-    red[threadIdx.x] = static_cast<double>(x);
-    __syncthreads();
-    T total = 0;
-    for (int i = 0; i < static_cast<int>(blockDim.x); ++i) total += static_cast<T>(red[i]);
-    __syncthreads();  // nobody overwrites red before every rank has read it
-    return total;
-  }
+  __device__ T sum(T x) const { return static_cast<T>(block_sum(static_cast<double>(x), red)); }
 };
 
 template <typename T>
@@ -76,7 +85,7 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     fwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr, Data<T> data,
                const T* qw, T* task_losses, T* preds, T* global_work, int64_t work_elems, bool shared, bool tiles) {
-  __shared__ double red[kMaxThreads];
+  __shared__ double red[kReductionSlots];
   const BlockTeam tm{red, tiles};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t dout = net.dims[net.L];
@@ -92,7 +101,7 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     adapt_kernel(Net net, int64_t n_tasks, int64_t Ns, int K, const T* theta, const T* lr, Data<T> data, T* thetas,
                  T* global_work, int64_t work_elems, bool shared, bool tiles) {
-  __shared__ double red[kMaxThreads];
+  __shared__ double red[kReductionSlots];
   const BlockTeam tm{red, tiles};
   T* work = block_workspace(shared, global_work, work_elems);
   for (int64_t t = blockIdx.x; t < n_tasks; t += gridDim.x) {
@@ -111,7 +120,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                Data<T> data, const T* qw, const T* g_task_losses, const T* g_query_preds, bool first_order,
                T* task_losses, T* preds, T* part_theta, T* part_lr, T* g_xs, T* g_xq, T* global_work,
                int64_t work_elems, bool shared, bool tiles) {
-  __shared__ double red[kMaxThreads];
+  __shared__ double red[kReductionSlots];
   const BlockTeam tm{red, tiles};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
@@ -141,7 +150,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     fwdbwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                   Data<T> data, const T* qw, bool first_order, T* task_losses, T* preds, T* rows_theta,
                   T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared, bool tiles) {
-  __shared__ double red[kMaxThreads];
+  __shared__ double red[kReductionSlots];
   const BlockTeam tm{red, tiles};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];

@@ -22,14 +22,15 @@
 namespace fastmaml {
 namespace cuda {
 
-// Threads per block at most (and the size of the block's reduction buffer).
+// Threads per block at most, and the block's reduction buffer for BlockTeam::sum (one double a warp).
 constexpr int kMaxThreads = 128;
+constexpr int kReductionSlots = kMaxThreads / 32;
 // A block's workspace goes to dynamic shared memory up to this size on any GPU (below the 48 KiB a
 // kernel may use without opting in, leaving room for the static reduction buffer); up to the GPU's
 // opt-in limit (227 KiB on Hopper) where the binding says so (`plan`'s max_shared_bytes).
 constexpr int64_t kSharedWorkspaceBytes = 44 << 10;
 // Static shared memory of the task kernels (the team's reduction buffer), kept out of the opt-in.
-constexpr int64_t kStaticSharedBytes = kMaxThreads * sizeof(double);
+constexpr int64_t kStaticSharedBytes = kReductionSlots * sizeof(double);
 // Blocks at most per launch, and the memory budgets that can lower it: the global workspace of all
 // blocks, and the backward's partial rows (blocks x (K + 1) x P).
 constexpr int64_t kMaxBlocks = 8192;
