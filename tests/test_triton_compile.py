@@ -12,7 +12,7 @@ backward took 8 minutes on 2 cores beside another compile, more than the rest of
 The backward kernels at width 64 stay (196,608 and 212,992 B of shared memory in float32 and float64,
 the most of any variant).
 `FASTMAML_TRITON_COMPILE_SET=full` adds the register layout at width 128, `=small` leaves out every
-largest size, `=all` compiles every combination (hours). On 2 cores the default set took 332 s, `small`
+largest size, `=all` compiles every combination (hours). On 2 cores the default set took 332-393 s, `small`
 about 1 minute; the variants are compiled in parallel over the cores, and each one's time is printed
 (`pytest -s`).
 
