@@ -111,3 +111,15 @@ def test_ddp_world_of_one_on_the_gpu(backend, tmp_path):
         opt.step()
     for a, b in zip(wrapped, plain.parameters()):
         assert torch.allclose(a, b.detach().cpu(), rtol=1e-9, atol=1e-12)
+
+
+def test_a_malformed_world_size_is_named(monkeypatch):
+    """A WORLD_SIZE that is not a number is refused with the variable's name, not a bare int() error."""
+    from fastmaml.jobs import ranks
+    from fastmaml.jobs.checks import JobError
+
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(JobError, match="WORLD_SIZE must be a whole number of processes .* got 'two'"):
+        ranks.from_environment(torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert ranks.from_environment(torch.device("cpu")).world == 1

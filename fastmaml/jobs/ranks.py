@@ -79,7 +79,13 @@ def split(meta_batch: int, world: int) -> int:
 def from_environment(device: torch.device) -> Ranks:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, ...) with gloo on the CPU
     or NCCL on CUDA devices; a world of one without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        from .checks import JobError
+
+        raise JobError(f"WORLD_SIZE must be a whole number of processes (torchrun sets it), got {text!r}") from None
     if world <= 1:
         return Ranks()
     if not dist.is_initialized():
