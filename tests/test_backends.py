@@ -276,6 +276,26 @@ def test_gpu_sizes_match_reference(name, options):
     assert_close(got_grads, want_grads, RTOL[F32], "grad")
 
 
+# The Triton kernels' other layout (`_triton_scratch.py`, which `auto` takes from width 128) on the same
+# grid, with and without input gradients: the seeds are the grid's, so the reference runs are shared.
+SCRATCH_GRID = [dict(o, seed=i) for i, o in enumerate(REDUCED_GRID)] + [
+    dict(inner_steps=2, lr_form="per_parameter", grad_inputs=False, tasks=3, seed=40),
+    dict(inner_steps=2, lr_form="float", grad_inputs=False, loss="cross_entropy", first_order=True, tasks=3,
+         seed=40),
+]
+
+
+@pytest.mark.parametrize("options", SCRATCH_GRID, ids=_case_id)
+def test_triton_scratch_layout_matches_reference(options, monkeypatch):
+    if "triton" not in BACKENDS:
+        pytest.skip("triton is not among FASTMAML_TEST_BACKENDS")
+    require_backend("triton")
+    from fastmaml.backends import triton_maml
+
+    monkeypatch.setattr(triton_maml, "LAYOUT", "scratch")
+    check_maml("triton", options, F32)
+
+
 def _small_params(cases):
     return [pytest.param(name, opts, id=f"{name}-{_case_id(opts)}") for name in BACKENDS for opts in cases]
 
