@@ -39,6 +39,8 @@ class Hazards:
         self.epoch = 0
         self.last = {}  # address -> [write epoch, writer, read epoch, readers]
         self.scratch = []  # (start, end) byte ranges of scratch buffers
+        self.keep = []  # the scratch tensors themselves: their memory is never reused within a test, where
+        # a later tensor (a new_zeros output read before written) would look like unwritten scratch
         self.written = set()
         self.found = collections.Counter()
         self.unwritten = collections.Counter()
@@ -121,6 +123,7 @@ def hazards(monkeypatch):
         if t.is_floating_point():
             t.fill_(float("nan"))
         seen.scratch.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+        seen.keep.append(t)
         return t
 
     for name, hook in zip(_HOOKS, (on_load, on_store, on_barrier, on_grid)):
