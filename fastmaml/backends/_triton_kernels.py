@@ -351,7 +351,12 @@ def maml_bwd_kernel(
             else:
                 v_in = vb + ((j + K + 1) % 2) * P
                 v_out = vb + ((j + K) % 2) * P
-            if j != K:
+            # The support pass at theta_k: forward steps always; reverse steps where they use it (g_lr, or
+            # the Hessian-vector product of second order), not for first order without rate gradients.
+            support = j < K
+            if NEED_LR or not FIRST_ORDER:
+                support = support | (j > K)
+            if support:
                 hs, ds, bps, p = _support_pass(cur, cur + P, lr + k * P, v_in, g_lr_acc + k * P, x, y, NS,
                                                offs, dims, pads, j < K, NEED_LR and j > K,
                                                BNS, DEPTH, ACT, LOSS)

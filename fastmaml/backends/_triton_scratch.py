@@ -419,7 +419,11 @@ def maml_bwd_kernel(
             else:
                 v_in = vb + ((j + K + 1) % 2) * P
                 v_out = vb + ((j + K) % 2) * P
-            if j != K:
+            # As in the register layout: no support pass in reverse steps that would not use it.
+            support = j < K
+            if NEED_LR or not FIRST_ORDER:
+                support = support | (j > K)
+            if support:
                 _support_pass(cur, cur + P, lr + k * P, v_in, g_lr_acc + k * P, y, NS, offs, dims, pads,
                               j < K, NEED_LR and j > K, ab, BNS, DEPTH, ACT, LOSS, BW, SLOT, KC, RC)
             if not FIRST_ORDER:
