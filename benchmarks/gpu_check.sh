@@ -314,7 +314,7 @@ if [ "$DRY_RUN" != 1 ]; then
   stage "Triton kernel variants at the sweep's shapes: registers, spills (limit 30s) -> $DIR/ptxas.txt"
   timeout 30 python - >> "$DIR/ptxas.txt" 2>&1 <<'EOF'
 import torch, fastmaml
-from fastmaml.backends import _lowrank, triton_maml
+from fastmaml.backends import _lowrank, _triton_targets
 print("== Triton kernels (registers and spills per thread)")
 for width in (40, 128):
     for K in (1, 5):
@@ -327,7 +327,7 @@ for width in (40, 128):
                 fastmaml.maml(params, xs, ys, xq, yq, inner_steps=K, backend=backend).loss.backward()
             except Exception as err:
                 print(f"{backend} width {width} K {K}: {type(err).__name__}: {err}")
-report = triton_maml.compiled_report() + _lowrank.compiled_report()
+report = _triton_targets.compiled_report() + _lowrank.compiled_report()
 print("\n".join(report) or "no compiled Triton kernels to report")
 EOF
   grep -E "registers" "$DIR/ptxas.txt" | tail -4 | cut -c1-200

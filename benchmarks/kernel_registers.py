@@ -100,6 +100,7 @@ def _triton_child(spec: dict) -> None:
 
     sys.path.insert(0, str(ROOT))
     from fastmaml.backends import _lowrank, factored
+    from fastmaml.backends import _triton_targets as targets
     from fastmaml.backends import triton_maml as tm
 
     if spec.get("factored"):
@@ -116,8 +117,8 @@ def _triton_child(spec: dict) -> None:
         return
     for kind in ("fwd", "bwd"):
         start = time.perf_counter()
-        kernel, warps = tm.compile_for_target(kind, torch.float32, spec["dims"], 10, 10, 0, 0, arch=spec["arch"],
-                                              num_warps=spec["warps"])
+        kernel, warps = targets.compile_for_target(kind, torch.float32, spec["dims"], 10, 10, 0, 0,
+                                                   arch=spec["arch"], num_warps=spec["warps"])
         _print_ptxas(kernel, spec["arch"], start, kind=f"{kind} {tm.layout_for(spec['dims'])}", warps=warps)
 
 

@@ -116,14 +116,14 @@ def _compile_all(variants: list[dict]) -> None:
     """Compile each variant for sm_90; print one JSON line each (never raises)."""
     import torch
 
-    from fastmaml.backends import triton_maml as tm
+    from fastmaml.backends import _triton_targets as targets
 
     for v in variants:
         start = time.perf_counter()
         try:
-            kernel, warps = tm.compile_for_target(v["kind"], getattr(torch, v["dtype"]), v["dims"], v["n_support"],
-                                                  v["n_query"], v["activation"], v["loss"], layout=v["layout"],
-                                                  **v["options"])
+            kernel, warps = targets.compile_for_target(v["kind"], getattr(torch, v["dtype"]), v["dims"],
+                                                       v["n_support"], v["n_query"], v["activation"], v["loss"],
+                                                       layout=v["layout"], **v["options"])
             result = dict(ok=True, shared=kernel.metadata.shared, cubin_bytes=len(kernel.asm["cubin"]),
                           num_warps=warps, mma=kernel.asm["ptx"].count("mma.sync"))
         except Exception as err:  # reported to the test, which fails with it

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from .._validate import env_choice
-from . import triton_maml
+from . import _triton_targets, triton_maml
 from .triton_maml import _device_guard, _pad
 
 # The kernels keep every factor's `[N, S]` intermediate in registers. Within these bounds (padded sizes,
@@ -294,10 +294,10 @@ def products(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tenso
 
 def compiled_report() -> list[str]:
     """One line per kernel variant compiled for a GPU in this process (registers, spills, shared memory,
-    warps), as `triton_maml.compiled_report`; empty in the interpreter or before any launch."""
+    warps), as `_triton_targets.compiled_report`; empty in the interpreter or before any launch."""
     if _MODULE is None or _DEFINED_INTERPRETED:
         return []
-    return triton_maml.kernel_cache_report(_MODULE, ("lowrank_add_kernel", "lowrank_grads_kernel"))
+    return _triton_targets.kernel_cache_report(_MODULE, ("lowrank_add_kernel", "lowrank_grads_kernel"))
 
 
 def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o: int, factors: int, *,
@@ -318,7 +318,7 @@ def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o:
     else:
         raise ValueError(f"kind must be 'add' or 'grads', got {kind!r}")
     pointer = {torch.float32: "*fp32", torch.float64: "*fp64"}[dtype]
-    signature = triton_maml.kernel_signature(fn, consts, module._RUNTIME_INTS, dtype,
+    signature = _triton_targets.kernel_signature(fn, consts, module._RUNTIME_INTS, dtype,
                                              {name: (pointer,) * factors for name in lists})
     source = ASTSource(fn, signature=signature, constexprs=consts)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
