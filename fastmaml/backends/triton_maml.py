@@ -162,9 +162,13 @@ def kernel_constants(kind: str, dims: list[int], n_support: int, n_query: int, a
     return consts
 
 
-def _acts_bytes(consts: dict, itemsize: int) -> int:
-    """Bytes of one program's `acts` scratch (scratch layout), 0 in the register layout."""
-    return consts["NSLOT"] * consts["BNM"] * consts["BW"] * itemsize if "NSLOT" in consts else 0
+def _programs_and_acts(consts: dict, theta: torch.Tensor, T: int, rows: int) -> tuple[int, tuple]:
+    """The program count for T tasks (each program with `rows` scratch rows of P) and the scratch layout's
+    `acts` buffer, as the kernel arguments it adds (none in the register layout)."""
+    itemsize = theta.element_size()
+    acts_bytes = consts["NSLOT"] * consts["BNM"] * consts["BW"] * itemsize if "NSLOT" in consts else 0
+    G = _programs(T, rows, theta.shape[0], itemsize, acts_bytes, _sms(theta))
+    return G, ((theta.new_empty(G, acts_bytes // itemsize),) if acts_bytes else ())
 
 
 def num_warps_for(dims: list[int], n_support: int, n_query: int, layout: str = "registers") -> int:
@@ -226,10 +230,8 @@ def _forward_launch(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, query
     DL = dims[-1]
     NQ = xq.shape[1] if query else 1
     consts = kernel_constants("fwd", dims, NS, NQ, activation, loss, query=query, layout=layout)
-    acts_bytes = _acts_bytes(consts, theta.element_size())
-    G = _programs(T, 2, P, theta.element_size(), acts_bytes, _sms(theta))
+    G, scratch = _programs_and_acts(consts, theta, T, 2)
     work = theta.new_empty(G, 2, P)
-    scratch = (theta.new_empty(G, acts_bytes // theta.element_size()),) if layout == "scratch" else ()
     if query:
         task_losses = theta.new_empty(T)
         preds = theta.new_empty(T, NQ, DL)
@@ -277,12 +279,9 @@ def _bwd_impl(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_loss
     K, P = lr.shape[0], theta.shape[0]
     consts = kernel_constants("bwd", dims, NS, NQ, activation, loss, first_order=first_order,
                               need_lr_grad=need_lr_grad, need_x_grad=need_x_grad, layout=layout)
-    acts_bytes = _acts_bytes(consts, theta.element_size())
-    rows = (K + 1) + 2 + 1 + (K if need_lr_grad else 0)
-    G = _programs(T, rows, P, theta.element_size(), acts_bytes, _sms(theta))
+    G, scratch = _programs_and_acts(consts, theta, T, (K + 1) + 2 + 1 + (K if need_lr_grad else 0))
     work = theta.new_empty(G, K + 1, P)
     vbuf = theta.new_empty(G, 2, P)
-    scratch = (theta.new_empty(G, acts_bytes // theta.element_size()),) if layout == "scratch" else ()
     g_theta_part = theta.new_zeros(G, P)
     g_lr_part = theta.new_zeros(G, K, P) if need_lr_grad else theta  # theta: unused placeholder
     if need_x_grad:
