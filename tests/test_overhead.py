@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -288,21 +289,55 @@ def test_compile_maml_module(learn):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-def test_compile_as_the_first_call():
-    """torch.compile before any eager call, in a fresh process: the backend's availability is a traced
-    constant, so building or loading the extension during the trace does not break the graph."""
-    _cpu_backend_or_skip()  # built here, so the child only loads it
-    code = """
+_FIRST_CALL = """
 import torch, fastmaml
 torch.manual_seed(0)
 params = [torch.randn(7, 2, requires_grad=True), torch.randn(7, requires_grad=True),
           torch.randn(3, 7, requires_grad=True), torch.randn(3, requires_grad=True)]
 data = [torch.randn(4, 5, 2), torch.randn(4, 5, 3), torch.randn(4, 6, 2), torch.randn(4, 6, 3)]
 def meta_loss(params, xs, ys, xq, yq):
-    return fastmaml.maml(params, xs, ys, xq, yq, inner_steps=1, inner_lr=0.05).loss
-loss = torch.compile(meta_loss, fullgraph=True)(params, *data)
+    return fastmaml.maml(params, xs, ys, xq, yq, inner_steps=1, inner_lr=0.05, backend=BACKEND).loss
+loss = torch.compile(meta_loss, fullgraph=True, backend=COMPILER)(params, *data)
 torch.testing.assert_close(loss, meta_loss(params, *data), rtol=1e-5, atol=1e-6)
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_compile_as_the_first_call(backend):
+    """torch.compile before any eager call, in a fresh process: what the backend must ask or set up once
+    (build or load the extension, probe the interpreter, define the Triton ops) happens eagerly while the
+    call is traced, so it does not break the graph. triton runs in the interpreter here (aot_eager: the
+    trace is what is tested); on a GPU, tests/test_gpu_overhead.py compiles it with inductor."""
+    env = dict(os.environ)
+    if backend == "cpu":
+        _cpu_backend_or_skip()  # built here, so the child only loads it
+        compiler = "inductor"
+    else:
+        from fastmaml.backends import triton_maml
+
+        if torch.cuda.is_available():
+            pytest.skip("with a GPU, tests/test_gpu_overhead.py compiles the triton backend as a first call")
+        why = triton_maml.TritonBackend().unavailable()
+        if why is None and os.environ.get("TRITON_INTERPRET") != "1":
+            why = "TRITON_INTERPRET is not 1 in this process"
+        why = why or triton_maml.interpreter_problem()
+        if why is not None:
+            pytest.skip(f"the triton backend cannot run in the interpreter here: {why}")
+        env["TRITON_INTERPRET"] = "1"
+        compiler = "aot_eager"
+    code = _FIRST_CALL.replace("BACKEND", repr(backend)).replace("COMPILER", repr(compiler))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_cuda_kernel_query_is_a_traced_constant():
+    """The cuda backend asks the dispatcher which ops the loaded library registered on every training
+    call; under torch.compile that question is answered eagerly (a dispatcher query cannot be traced),
+    here with no GPU and whatever library is loaded."""
+    from fastmaml.backends.cuda import CudaBackend
+
+    backend = CudaBackend()
+    want = backend.max_fused_rows_bytes()
+    compiled = torch.compile(lambda x: x + (backend.max_fused_rows_bytes() > 0), fullgraph=True, backend="eager")
+    assert compiled(torch.ones(2)).tolist() == [1.0 + (want > 0)] * 2

@@ -87,6 +87,12 @@ def cuda_kernels_registered(op: str = "maml_fwd") -> bool:
     return found
 
 
+# The training call asks this inside `fastmaml.maml`, which torch.compile traces: the dispatcher query
+# cannot be traced, so dynamo calls it as a constant, like `dispatch.unavailable` (a compiled first call
+# of a process broke on it: benchmarks/RESULTS.md, the H200 run of 2026-11-30).
+cuda_kernels_registered._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 class CudaBackend(ExtensionBackend):
     """Fused CUDA C++ kernel for MLPs on CUDA tensors, float32 and float64."""
 

@@ -2,8 +2,8 @@
 
 Custom ops `fastmaml::triton_maml_fwd / triton_maml_bwd / triton_maml_adapt` (defined here in Python,
 with fake kernels, and the shared autograd formula of `_fused.py`) launch the kernels of
-`_triton_kernels.py`. Both the ops and the kernels are created on first use: importing fastmaml never
-imports Triton, and `triton.jit` reads `TRITON_INTERPRET` only when the kernels are defined. CUDA tensors
+`_triton_kernels.py`. The ops are defined when the backend is first found available, the kernels on
+first use: importing fastmaml never imports Triton, and `triton.jit` reads `TRITON_INTERPRET` only when the kernels are defined. CUDA tensors
 run compiled kernels; CPU tensors run in the Triton interpreter, only when `TRITON_INTERPRET=1` was set
 before first use (that is how the tests run without a GPU; it is far too slow for real work).
 
@@ -314,7 +314,7 @@ def _check_flat(theta, lr, xs, xq, dims) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Custom ops (created on first use)
+# Custom ops (defined when the backend is first found available)
 # ---------------------------------------------------------------------------------------------------
 
 _FWD_SCHEMA = ("(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, "
@@ -411,6 +411,21 @@ def _points_table(dtype: torch.dtype) -> str:
     return ", ".join(f"width <= {w}: {n} points" for w, n in sorted(MAX_POINTS_BY_WIDTH[dtype].items()))
 
 
+def _cpu_reason() -> Optional[str]:
+    """Why CPU tensors cannot run here: only the interpreter runs them, and it must work."""
+    if not _interpreter_on():
+        return ("CPU tensors run only in the Triton interpreter: set TRITON_INTERPRET=1 before the "
+                "first Triton call (the tests do; it is slow, for testing only)")
+    if _KERNELS is not None and not _KERNELS.interpreted:
+        return "the Triton kernels were defined before TRITON_INTERPRET=1 was set (compiled kernels need CUDA)"
+    return interpreter_problem()
+
+
+# Probing the interpreter imports and runs a kernel, which torch.compile cannot trace: the answer is a
+# constant of the process, and dynamo calls it as one (as `dispatch.unavailable`).
+_cpu_reason._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 class TritonBackend(_fused.FusedBackend):
     """Fused Triton kernels: one program per task (or a group of tasks), MLPs within `size_limits`."""
 
@@ -424,18 +439,16 @@ class TritonBackend(_fused.FusedBackend):
         if version is not None and version < MIN_TRITON:
             return (f"Triton {'.'.join(map(str, version))} is too old "
                     f"(the kernels need {'.'.join(map(str, MIN_TRITON))} or newer)")
+        # Define the custom ops now: this answer is computed eagerly even under torch.compile (a traced
+        # constant, `dispatch.unavailable`), while defining an op inside a traced call cannot be traced.
+        ops()
         return None
 
     def device_reason(self, problem: Problem) -> Optional[str]:
         # CUDA tensors run compiled kernels; CPU tensors only the interpreter (the tests without a GPU).
         device = problem.device.type
         if device == "cpu":
-            if not _interpreter_on():
-                return ("CPU tensors run only in the Triton interpreter: set TRITON_INTERPRET=1 before the "
-                        "first Triton call (the tests do; it is slow, for testing only)")
-            if _KERNELS is not None and not _KERNELS.interpreted:
-                return "the Triton kernels were defined before TRITON_INTERPRET=1 was set (compiled kernels need CUDA)"
-            return interpreter_problem()
+            return _cpu_reason()
         if device == "cuda":
             if _interpreter_on() or (_KERNELS is not None and _KERNELS.interpreted):
                 return "TRITON_INTERPRET=1: the Triton interpreter would run CUDA tensors on the host"
