@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import fastmaml
-from _reference_loop import assert_close, gradients, maml_loop, mlp_apply, random_data, random_params
+from _reference_loop import assert_close, assert_close_per_tensor, gradients, maml_loop, mlp_apply, random_data, random_params
 from test_backends import device_for, require_backend
 
 F64 = torch.float64
@@ -419,6 +419,26 @@ def test_assert_close_judges_each_tensor_by_its_own_scale():
     assert_close([big, torch.full((2,), 1e-13, dtype=F64)], [big, torch.zeros(2, dtype=F64)], 1e-4)
     with pytest.raises(AssertionError):
         assert_close([big, torch.full((2,), 1e-9, dtype=F64)], [big, torch.zeros(2, dtype=F64)], 1e-4)
+
+
+def test_assert_close_per_tensor_fails_a_wrong_task_not_float32_kinks():
+    """The large-batch comparison (the GPU grid's 20,000 tasks): a few predictions off by 5e-4 of the
+    scale, as float32's ReLU kinks give, pass; one task computed wrong, or one element off by 2%, fails."""
+    g = torch.Generator().manual_seed(3)
+    want = {"preds": torch.randn(20000, 10, 5, dtype=F64, generator=g), "bias": torch.randn(128, dtype=F64, generator=g)}
+    kinks = {k: v.clone() for k, v in want.items()}
+    kinks["preds"].view(-1)[torch.randperm(want["preds"].numel(), generator=g)[:20]] += 5e-4 * 4.4
+    with pytest.raises(AssertionError):
+        assert_close(kinks, want, 1e-4)
+    assert_close_per_tensor(kinks, want, 1e-4, worst=1e-2)
+    wrong_task = {k: v.clone() for k, v in want.items()}
+    wrong_task["preds"][9991] = torch.randn(10, 5, dtype=F64, generator=g)
+    with pytest.raises(AssertionError, match="preds: norm-wise error"):
+        assert_close_per_tensor(wrong_task, want, 1e-4, worst=10.0)
+    spike = {k: v.clone() for k, v in want.items()}
+    spike["bias"][7] += 0.02 * want["bias"].abs().max()
+    with pytest.raises(AssertionError, match="bias: 1/128 elements off"):
+        assert_close_per_tensor(spike, want, 1e-4, worst=1e-2)
 
 
 def test_hand_forward_is_the_mlp():
