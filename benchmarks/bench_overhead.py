@@ -144,10 +144,13 @@ def build(method: str, w, device: torch.device) -> Optional[Callable[[], None]]:
 def time_methods(calls: dict[str, Callable[[], None]], device: torch.device, rounds: int,
                  min_seconds: float) -> dict[str, float]:
     """Best microseconds per call of each method over `rounds` interleaved rounds."""
-    for call in calls.values():  # warm-up (compilation, caches)
-        for _ in range(5):
-            call()
-    _sync(device)
+    for name, call in calls.items():  # warm-up (compilation, caches)
+        try:
+            for _ in range(5):
+                call()
+            _sync(device)  # a kernel's asynchronous error surfaces here, under the method that ran it
+        except Exception as err:
+            raise RuntimeError(f"method {name!r} failed in its warm-up: {type(err).__name__}: {err}") from err
     per_round = {}
     for name, call in calls.items():  # enough calls per round for about min_seconds / rounds
         t0 = time.perf_counter()
@@ -214,6 +217,7 @@ def measure(args) -> list[dict]:
                 continue
             try:
                 call()
+                _sync(device)
                 calls[m] = call
             except Exception as err:
                 skipped[m] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
