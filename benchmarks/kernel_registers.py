@@ -140,9 +140,9 @@ def triton_report(widths: list[int], precisions: list[str], arch: int, warps: in
     """The fused Triton kernels at each precision and width, or (`factored`) the factored backend's
     low-rank product kernels at each width."""
     lines = []
-    for precision in (["ieee"] if factored else precisions):
+    for precision in (["auto"] if factored else precisions):
         for width in widths:
-            env = dict(os.environ, FASTMAML_TRITON_PRECISION=precision)
+            env = dict(os.environ, FASTMAML_TRITON_PRECISION=precision)  # auto: ieee / tf32x3 by layout
             env.pop("TRITON_INTERPRET", None)
             spec = dict(dims=[1, width, width, 1], arch=arch, warps=warps, factored=factored)
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="90", help="compute capability, digits only (90: H100/H200)")
     p.add_argument("--widths", type=int, nargs="+", default=[40])
-    p.add_argument("--precisions", nargs="+", default=["ieee"], choices=["ieee", "tf32x3"])
+    p.add_argument("--precisions", nargs="+", default=["auto"], choices=["auto", "ieee", "tf32x3"])
     p.add_argument("--warps", type=int, default=0, help="Triton warps per program (0: the backend's choice)")
     p.add_argument("--skip-cuda", action="store_true")
     p.add_argument("--skip-triton", action="store_true")

@@ -293,23 +293,40 @@ def _compile_child(variants) -> None:
             proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", f"{tmp}/k.ptx", "-o", f"{tmp}/k.o"],
                                   capture_output=True, text=True)
         report = list(parse_ptxas(proc.stderr).values())
-        print(json.dumps([kind, dtype, n, j, report[0] if report else proc.stderr[-500:]]), flush=True)
+        report = dict(report[0], mma=k.asm["ptx"].count("mma.sync")) if report else proc.stderr[-500:]
+        print(json.dumps([kind, dtype, n, j, report]), flush=True)
 
 
-def test_kernels_compile_for_sm90_within_registers():
+def _compiled_rows(variants, **env_extra) -> list:
     if not (shutil.which("ptxas") or Path("/usr/local/cuda/bin/ptxas").exists()):
         pytest.skip("ptxas not found (the CUDA toolkit's assembler reports registers and spills)")
     if _lowrank._triton_reason() is not None:
         pytest.skip(_lowrank._triton_reason())
-    env = dict(os.environ)
+    env = dict(os.environ, **env_extra)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    code = f"import test_lowrank as t; t._compile_child({_VARIANTS!r})"
+    code = f"import test_lowrank as t; t._compile_child({variants!r})"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
-    assert len(rows) == len(_VARIANTS), proc.stderr[-3000:]
+    assert len(rows) == len(variants), proc.stderr[-3000:]
     for kind, dtype, n, j, report in rows:
-        assert isinstance(report, dict) and "registers" in report, report
+        assert isinstance(report, dict) and "registers" in report, (kind, dtype, n, j, report)
+    return rows
+
+
+def test_kernels_compile_for_sm90_within_registers():
+    for kind, dtype, n, j, report in _compiled_rows(_VARIANTS):
+        assert report["registers"] > 32 and report["spill_stores"] <= 32, (kind, dtype, n, j, report)
+        if dtype == "float32":  # (float64's products are DMMA tensor-core instructions on sm_90 anyway)
+            assert report["mma"] == 0, f"{kind} {dtype}: tensor-core products by default ({report})"
+
+
+def test_tf32x3_switch_compiles_to_tensor_cores():
+    """FASTMAML_FACTORED_PRECISION=tf32x3 (the GPU check's A/B): the float32 products become tensor-core
+    instructions, without the spills of ptxas's fallback; float64 still compiles (it ignores the switch)."""
+    variants = [(kind, dtype, 10, 1) for kind in ("add", "grads") for dtype in ("float32", "float64")]
+    for kind, dtype, n, j, report in _compiled_rows(variants, FASTMAML_FACTORED_PRECISION="tf32x3"):
+        assert dtype == "float64" or report["mma"] > 0, (kind, dtype, report)
         assert report["registers"] > 32 and report["spill_stores"] <= 32, (kind, dtype, n, j, report)
 
 

@@ -251,20 +251,24 @@ def test_products_in_chunks_compile(tmp_path):
         assert result["ok"], f"{name} does not compile with chunks of 32:\n{result['error']}"
 
 
-def test_tf32x3_products_compile_to_tensor_cores(tmp_path):
-    """FASTMAML_TRITON_PRECISION=tf32x3 (the A/B's other value) compiles for sm_90, and its products are
-    tensor-core instructions where the default's are not."""
-    variants = [_variant("fwd", "float32", [5, 21, 3], 10, 19, 1, 1)]  # its products show the instructions
-    tf32x3 = _compile_in_subprocess(variants, {"FASTMAML_TRITON_PRECISION": "tf32x3"}, tmp_path)
-    ieee = _compile_in_subprocess(variants, {"FASTMAML_TRITON_PRECISION": "ieee"}, tmp_path)
-    for name, result in tf32x3.items():
-        assert result["ok"], f"{name} does not compile with tf32x3:\n{result['error']}"
-        assert result["mma"] > 0, f"{name}: no mma.sync in the tf32x3 PTX"
-    assert all(r["ok"] and r["mma"] == 0 for r in ieee.values()), ieee
+def test_precision_switch_picks_tensor_cores_per_layout(tmp_path):
+    """FASTMAML_TRITON_PRECISION: by default (auto) the register layout's products are FMAs and the
+    scratch layout's tf32x3 tensor-core products; ieee and tf32x3 set both layouts (the GPU check's A/B).
+    Each compiles for sm_90."""
+    variants = [_variant("fwd", "float32", [5, 21, 3], 10, 19, 1, 1),  # its products show the instructions
+                _variant("fwd", "float32", [5, 21, 3], 10, 19, 1, 1, "scratch")]
+    names = [_name(v) for v in variants]
+    for value, want in (("", [False, True]), ("ieee", [False, False]), ("tf32x3", [True, True])):
+        results = _compile_in_subprocess(variants, {"FASTMAML_TRITON_PRECISION": value}, tmp_path / (value or "auto"))
+        for name, tensor_cores in zip(names, want):
+            result = results[name]
+            assert result["ok"], f"{name} does not compile with {value or 'auto'!r}:\n{result['error']}"
+            assert (result["mma"] > 0) == tensor_cores, f"{name} with {value or 'auto'!r}: {result['mma']} mma.sync"
 
 
 @pytest.mark.parametrize("name,value,message", [
-    ("FASTMAML_TRITON_PRECISION", "tf32", "FASTMAML_TRITON_PRECISION must be one of ('ieee', 'tf32x3'), got 'tf32'"),
+    ("FASTMAML_TRITON_PRECISION", "tf32",
+     "FASTMAML_TRITON_PRECISION must be one of ('auto', 'ieee', 'tf32x3'), got 'tf32'"),
     ("FASTMAML_TRITON_K_CHUNK", "24", "FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got '24'"),
     ("FASTMAML_TRITON_K_CHUNK", "8", "FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got '8'"),
     ("FASTMAML_TRITON_K_CHUNK", "32k", "FASTMAML_TRITON_K_CHUNK must be 0 or a power of two >= 16, got '32k'"),

@@ -49,8 +49,17 @@ from .triton_maml import _device_guard, _pad
 # output's columns run in chunks.
 MAX_TILE = 1024  # padded N x padded S
 MAX_TILES = 2048  # J x padded N x padded S
-# float32 products in float32 on the CUDA cores (tl.dot's default on a GPU with tensor cores is TF32).
-PRECISION = "ieee"
+# How the float32 products run (tl.dot's own default on a GPU with tensor cores, plain TF32, would lose
+# three digits): "ieee" (the default: FMAs on the CUDA cores) or "tf32x3" (three TF32 tensor-core
+# products of the split operands, float32-accurate). Read once, at import, from
+# FASTMAML_FACTORED_PRECISION, for the GPU check's A/B: these two kernels are two thirds of the factored
+# backend's GPU time at T=65,536, K=5, W=128 (H200, benchmarks/RESULTS.md), and Triton's scratch layout
+# measured tf32x3 14-15% faster than ieee there. float64 ignores it.
+PRECISION = env_choice("FASTMAML_FACTORED_PRECISION", ("ieee", "tf32x3"))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return PRECISION if dtype == torch.float32 else "ieee"
 
 
 def _kernels_mode() -> str:
@@ -163,7 +172,7 @@ def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tens
             _module().lowrank_add_kernel[(T,)](
                 base_, x, hs, ds, scales_, out, T, N, S, I, O, J=len(hs), HAS_BASE=base is not None,
                 HAS_SCALES=scales is not None,
-                PRECISION=PRECISION, BN=_pad(N), BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
+                PRECISION=_precision(x.dtype), BN=_pad(N), BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
             )
     return out
 
@@ -181,8 +190,8 @@ def _grads_impl(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor,
         scales_ = scales.contiguous() if scales is not None else out
         with _device_guard(u):
             _module().lowrank_grads_kernel[(T,)](
-                u, bs, c, scales_, out, T, N, S, I, O, J=len(bs), HAS_SCALES=scales is not None, PRECISION=PRECISION,
-                BN=_pad(N), BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
+                u, bs, c, scales_, out, T, N, S, I, O, J=len(bs), HAS_SCALES=scales is not None,
+                PRECISION=_precision(u.dtype), BN=_pad(N), BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
             )
     return out
 
@@ -310,7 +319,7 @@ def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o:
     from triton.compiler import ASTSource
 
     module = _module()
-    blocks = dict(BN=_pad(n), BS=_pad(s), BK=_chunk(i), BO=_chunk(o), J=factors, PRECISION=PRECISION)
+    blocks = dict(BN=_pad(n), BS=_pad(s), BK=_chunk(i), BO=_chunk(o), J=factors, PRECISION=_precision(dtype))
     if kind == "add":
         fn, consts, lists = module.lowrank_add_kernel, dict(blocks, HAS_BASE=has_base, HAS_SCALES=True), ("hs", "ds")
     elif kind == "grads":

@@ -11,15 +11,20 @@ import triton.language as tl
 
 from .._validate import env_choice, env_int
 
-# How float32 products are computed, both float32-accurate: "ieee" (the default: FMAs on the CUDA
-# cores, unrolled per thread, most of the compile time: 10-100 s a variant on 2 cores) or "tf32x3"
+# How float32 products are computed, both float32-accurate: "ieee" (FMAs on the CUDA cores) or "tf32x3"
 # (three TF32 tensor-core products of the split operands, hi*hi + hi*lo + lo*hi). Plain "tf32" would
-# lose about three digits and is not offered. Read once, when the kernels are defined, from
-# FASTMAML_TRITON_PRECISION, for `benchmarks/gpu_check.sh`'s A/B. Compiled for sm_90 here (Triton 3.6,
-# ptxas -v), the sinusoid net's backward kernel at 8 warps spills 1.8 KiB per thread with "ieee" and
-# 13.8 KiB with "tf32x3" (both at 255 registers): the split operands of the whole unrolled kernel do
-# not fit, so "tf32x3" stays opt-in until a GPU says otherwise. float64 ignores it.
-PRECISION: tl.constexpr = tl.constexpr(env_choice("FASTMAML_TRITON_PRECISION", ("ieee", "tf32x3")))
+# lose about three digits and is not offered. "auto" (the default) takes ieee in the register layout
+# and tf32x3 in the scratch layout:
+# - register layout: every product is unrolled per thread; compiled for sm_90 (Triton 3.6, ptxas -v)
+#   the sinusoid net's backward at 8 warps spills 1.8 KiB a thread with ieee and 13.8 KiB with tf32x3
+#   (both at 255 registers): the split operands of the whole unrolled kernel do not fit;
+# - scratch layout: one small product a loop step; tf32x3 compiles without spills (255 registers) and
+#   measured 14-15% faster than ieee at width 128 (H200, T=65,536, K=1 and 5; benchmarks/RESULTS.md).
+# Read once, when the kernels are defined, from FASTMAML_TRITON_PRECISION (the GPU check's A/B sets
+# ieee or tf32x3 for both layouts). float64 ignores it.
+_precision = env_choice("FASTMAML_TRITON_PRECISION", ("auto", "ieee", "tf32x3"))
+PRECISION: tl.constexpr = tl.constexpr("ieee" if _precision == "auto" else _precision)
+SCRATCH_PRECISION: tl.constexpr = tl.constexpr("tf32x3" if _precision == "auto" else _precision)
 
 
 # The float32 products' reduction dimension in chunks of K_CHUNK, summed in K order (the same sums as

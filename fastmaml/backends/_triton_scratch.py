@@ -31,7 +31,7 @@ import triton.language as tl
 from ._triton_kernels import _RUNTIME_INTS, _loss_grad, _loss_hvp
 from ._triton_pieces import (_act, _copy, _accumulate, _dact, _ddact, _layer_offsets, _load_points, _load_targets,
                              _store_points, _zero)
-from ._triton_products import PRECISION
+from ._triton_products import SCRATCH_PRECISION as PRECISION
 
 # Slot kinds in `acts` (per layer: kind * DEPTH + layer; then the single slots PS, RD, DQ). Globals that
 # jit code reads must be `tl.constexpr` values.
