@@ -1,31 +1,37 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: environment, build, GPU tests, and the throughput sweep on cuda.
+# One command for a GPU machine: environment, build, the throughput sweep, the kernel profile, GPU tests,
+# the per-call overhead and the A/B of the kernels' switches, in that order (the measurements first).
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]            # OUT_DIR defaults to $OUT, else ./gpu_out
 #   benchmarks/gpu_check.sh --dry-run [OUT_DIR]  # (or DRY_RUN=1) the CPU-side parts, on a machine without a GPU
-#   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) under 5 minutes: the G2/G3 GPU tests only (GPU
-#                                                # sizes, no synchronisation, CUDA graphs, compile), the
-#                                                # overhead, a sweep at T in {25, 65536}, the kernel profile
-#   AB_S=180 benchmarks/gpu_check.sh --quick     # the same, then the A/B of the kernels' switches with what
-#                                                # is left of 290 + 180 s (a GPU session's one run)
+#   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) about 400 s, 2 of them the build: a sweep at
+#                                                # T in {25, 65536}, the kernel profile, the G2/G3 GPU tests
+#                                                # only (GPU sizes, no synchronisation, CUDA graphs, compile),
+#                                                # the overhead
+#   AB_S=120 benchmarks/gpu_check.sh --quick     # the same, then the A/B of the kernels' switches with what
+#                                                # is left of 400 + 120 s (a GPU session's one run)
 #   SKIP_TESTS=1 SKIP_SWEEP=1 PROFILE_S=0 NCU_S=60 AB_S=200 benchmarks/gpu_check.sh --quick   # a second
 #                                                # run: ncu and the A/B only
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
 #
+# A device call returns at most 8 files: write to a folder outside $OUT and pack it,
+#   benchmarks/gpu_check.sh --quick /tmp/g; tar czf "$OUT/gpu_out.tgz" -C /tmp/g .
+#
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
 # nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
-# Every stage has a time limit and the whole run ends within TOTAL_S (default 470 s). The output
+# Every stage has a time limit and the whole run ends within about TOTAL_S (default 470 s). The output
 # folder gets at most 12 files: env.txt, build.log, ptxas.txt, tests.log, ab.txt, profile.txt,
-# overhead.txt, overhead.json, sweep.log, throughput.csv, throughput.png, summary.txt. The last thing printed is the compact summary table.
+# overhead.txt, overhead.json, sweep.log, throughput.csv, throughput.png, summary.txt. The last thing
+# printed is the compact summary table.
 #
-# Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), CUDA_TESTS_S=100 and
-# TRITON_TESTS_S=120 (the GPU tests: tests/test_backends.py for each GPU backend,
+# Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), SWEEP_S (75 with --quick, else no
+# cap: what is left of TOTAL_S after the profile's and the A/B's time and a reserve for the summary),
+# CUDA_TESTS_S=100 and TRITON_TESTS_S=120 (the GPU tests: tests/test_backends.py for each GPU backend,
 # tests/test_triton_maml.py, and once tests/test_same_function.py and tests/test_distributed.py (DDP over
-# NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed), the sweep gets
-# what is left of TOTAL_S minus a reserve for the summary. The tests log to tests.log (both runs).
-# GPU_TEST_BACKENDS (default "cuda triton factored") picks the backends tested, SWEEP_ARGS replaces the GPU
-# sweep's settings, SKIP_SWEEP=1 skips it. AB_S (only when set; --quick adds it to TOTAL_S) runs the A/B of
-# the kernels' switches (ab.txt) after the sweep and the profile, with what is left of the run up to AB_S;
+# NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed). The tests log to
+# tests.log. GPU_TEST_BACKENDS (default "cuda triton factored") picks the backends tested, SWEEP_ARGS
+# replaces the GPU sweep's settings, SKIP_SWEEP=1 skips it. AB_S (only when set; --quick adds it to
+# TOTAL_S) runs the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
 # of one backward launch (profile.txt).
 set -uo pipefail
@@ -48,7 +54,8 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 
 if [ "$QUICK" = 1 ]; then
-  TOTAL_S="${TOTAL_S:-$(( 290 + ${AB_S:-0} ))}"  # the A/B, when asked for, gets its own time on top
+  TOTAL_S="${TOTAL_S:-$(( 400 + ${AB_S:-0} ))}"  # the A/B, when asked for, gets its own time on top
+  SWEEP_S="${SWEEP_S:-75}"  # the quick sweep measured 30 s on the H200
   SWEEP_ARGS="${SWEEP_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128 --methods cuda triton factored vmap --warmup 1 --repeats 3 --max-seconds 3}"
   BUILD_S="${BUILD_S:-150}"
   CUDA_TESTS_S="${CUDA_TESTS_S:-60}"
@@ -147,13 +154,51 @@ EOF
 } > "$DIR/build.log" 2>&1
 grep -E "^backend|failed" "$DIR/build.log" | cut -c1-200
 
-# ---- register and spill report (G2), in the background while the tests run ----------------------
+# ---- register and spill report (G2), in the background while the rest runs ----------------------
 if command -v nvcc >/dev/null 2>&1; then
   stage "nvcc -Xptxas -v of every CUDA kernel variant (background) -> $DIR/ptxas.txt"
   ptx_arch="$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | tr ';' ' ' | awk '{print $1}' | tr -d '.')"
   ( timeout 300 nvcc -arch="sm_${ptx_arch}" -O3 -Xptxas -v -c csrc/cuda/maml_cuda.cu -I csrc \
       -o /tmp/fastmaml_ptxas.o 2>&1 | c++filt > "$DIR/ptxas.txt" || echo "nvcc failed" >> "$DIR/ptxas.txt" ) &
   PTXAS_PID=$!
+fi
+
+# ---- sweep -------------------------------------------------------------------------------------
+# First after the build: the throughput table is the check's main result (G2), and a GPU session's run
+# must not lose it to slow tests (the H200's first quick run did). At most SWEEP_S seconds (0: no cap),
+# and the profile and the A/B keep their time (PROFILE_S, 60 s by default, 0 skips it; AB_S when set).
+budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${AB_S:-0} ) ))
+if [ "${SWEEP_S:-0}" -gt 0 ] && [ "$budget" -gt "${SWEEP_S}" ]; then budget=$SWEEP_S; fi
+if [ "${SKIP_SWEEP:-0}" = 1 ]; then
+  stage "sweep: skipped (SKIP_SWEEP=1)"
+elif [ "$budget" -lt 30 ]; then
+  stage "sweep: skipped, only ${budget}s left"
+else
+  stage "sweep on $DEVICE (limit ${budget}s) -> $DIR/throughput.csv, throughput.png, sweep.log"
+  timeout "$budget" python benchmarks/bench_throughput.py --device "$DEVICE" --order second "${SWEEP[@]}" \
+    --time-budget $(( budget - 25 )) --out "$DIR" > "$DIR/sweep.log" 2>&1
+  rc=$?
+  [ $rc = 124 ] && echo "sweep: timed out after ${budget}s (the CSV keeps the rows measured)" | tee -a "$DIR/sweep.log"
+  echo "sweep exit code $rc (1: a method failed its check)"
+  grep -E "failed|oom|Error" "$DIR/sweep.log" | head -8 | cut -c1-200
+fi
+
+# ---- where the time goes (G2) ------------------------------------------------------------------
+if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
+  stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${PROFILE_S:-60}s) -> $DIR/profile.txt"
+  # triton last: at this width it is the slowest by far, and the limit may end it.
+  ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda factored vmap triton \
+      --tasks 65536 --steps 5 --width 128 --warmup 1 --iters 2 ) > "$DIR/profile.txt" 2>&1
+  grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -6
+fi
+# ncu apart from the profile, so that a second run can ask for it alone (PROFILE_S=0 NCU_S=60).
+if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ]; then
+  stage "ncu of one cuda backward launch at T=8192 (limit ${NCU_S:-60}s) -> $DIR/profile.txt"
+  ( cd benchmarks && timeout "${NCU_S:-60}" ncu --kernel-name regex:"bwd_kernel" --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width 128 --warmup 0 --iters 1 \
+      --no-profiler ) >> "$DIR/profile.txt" 2>&1
+  echo "ncu exit code $?"
 fi
 
 # ---- tests -------------------------------------------------------------------------------------
@@ -237,61 +282,28 @@ if [ "$DRY_RUN" != 1 ]; then
   fi
 fi
 
-# ---- sweep -------------------------------------------------------------------------------------
-# The profile and the A/B below keep their time (PROFILE_S, 60 s by default, 0 skips it; AB_S when set).
-budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${AB_S:-0} ) ))
-if [ "${SKIP_SWEEP:-0}" = 1 ]; then
-  stage "sweep: skipped (SKIP_SWEEP=1)"
-elif [ "$budget" -lt 30 ]; then
-  stage "sweep: skipped, only ${budget}s left"
-else
-  stage "sweep on $DEVICE (limit ${budget}s) -> $DIR/throughput.csv, throughput.png, sweep.log"
-  timeout "$budget" python benchmarks/bench_throughput.py --device "$DEVICE" --order second "${SWEEP[@]}" \
-    --time-budget $(( budget - 25 )) --out "$DIR" > "$DIR/sweep.log" 2>&1
-  rc=$?
-  [ $rc = 124 ] && echo "sweep: timed out after ${budget}s (the CSV keeps the rows measured)" | tee -a "$DIR/sweep.log"
-  echo "sweep exit code $rc (1: a method failed its check)"
-  grep -E "failed|oom|Error" "$DIR/sweep.log" | head -8 | cut -c1-200
-fi
-
-# ---- where the time goes (G2) ------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
-  stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${PROFILE_S:-60}s) -> $DIR/profile.txt"
-  # triton last: at this width it is the slowest by far, and the limit may end it.
-  ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda factored vmap triton \
-      --tasks 65536 --steps 5 --width 128 --warmup 1 --iters 2 ) > "$DIR/profile.txt" 2>&1
-  grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -6
-fi
-# ncu apart from the profile, so that a second run can ask for it alone (PROFILE_S=0 NCU_S=60).
-if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ]; then
-  stage "ncu of one cuda backward launch at T=8192 (limit ${NCU_S:-60}s) -> $DIR/profile.txt"
-  ( cd benchmarks && timeout "${NCU_S:-60}" ncu --kernel-name regex:"bwd_kernel" --launch-count 1 \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-      python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width 128 --warmup 0 --iters 1 \
-      --no-profiler ) >> "$DIR/profile.txt" 2>&1
-  echo "ncu exit code $?"
-fi
-
 # ---- A/B of the kernels' switches (G2) -----------------------------------------------------------
 # Each variant changes one setting from the default, at the large-batch cells of G2 (T=65,536, K in {1, 5},
 # W in {40, 128}); the defaults' own figures are the sweep's rows of the same cells. Variants: the CUDA
 # products with one output per thread (FASTMAML_CUDA_TILES=0, before the register tiles), the CUDA
 # workspace in global memory above 44 KiB (FASTMAML_CUDA_SHARED_KB=44, before the opt-in), Triton's
-# products on tensor cores (FASTMAML_TRITON_PRECISION=tf32x3; compiling its kernels takes part of the
-# time), Triton's float32 products reduced in chunks of 32 (FASTMAML_TRITON_K_CHUNK=32: fewer spills,
+# register layout's products on tensor cores at width 40 (FASTMAML_TRITON_PRECISION=tf32x3; compiling
+# its kernels takes part of the time) and the scratch layout's as FMAs at width 128 (=ieee), Triton's float32 products reduced in chunks of 32 (FASTMAML_TRITON_K_CHUNK=32: fewer spills,
 # slower to compile), the factored backend's chunks of tasks at 4 GiB of kept intermediates instead of 1
 # (FASTMAML_FACTORED_CHUNK_MB=4096: fewer chunks, less host time, more memory), and its layers kept in
 # factors at every step (FASTMAML_FACTORED_DENSE=never: the one product shared by all tasks stays, where
-# the default turns a layer dense once its factors cost more multiply-adds), and its low-rank products as
+# the default turns a layer dense once its factors cost more multiply-adds), its low-rank products on
+# tensor cores (FASTMAML_FACTORED_PRECISION=tf32x3), and its low-rank products as
 # batched PyTorch products (FASTMAML_FACTORED_TRITON=never: two cuBLAS batched products per factor,
 # before its Triton kernels), and Triton's scratch layout at width 40 (FASTMAML_TRITON_LAYOUT=scratch;
 # `auto` takes it from width 128, so the sweep's width-40 triton rows are the register layout; the
 # register layout at width 128, FASTMAML_TRITON_LAYOUT=registers, is left out: its backward alone
 # compiled for 8 minutes on 2 cores).
-# AB_VARIANTS picks some ("scratch batched tiles shared kchunk tf32x3 chunk4g factors"), AB_S is the time
+# AB_VARIANTS picks some (default "ftf32x3 tf32x3 ieee scratch shared kchunk batched chunk4g factors"; also
+# "tiles", measured 1.35-1.40x for the register tiles on the H200 and left out), AB_S is the time
 # for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-scratch batched tiles shared kchunk tf32x3 chunk4g factors})
+  variants=(${AB_VARIANTS:-ftf32x3 tf32x3 ieee scratch shared kchunk batched chunk4g factors})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -304,9 +316,11 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
       kchunk) setting=FASTMAML_TRITON_K_CHUNK=32; method=triton ;;
-      tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton ;;
+      tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton; widths=40 ;;
+      ieee) setting=FASTMAML_TRITON_PRECISION=ieee; method=triton; widths=128 ;;
       batched) setting=FASTMAML_FACTORED_TRITON=never; method=factored ;;
       chunk4g) setting=FASTMAML_FACTORED_CHUNK_MB=4096; method=factored ;;
+      ftf32x3) setting=FASTMAML_FACTORED_PRECISION=tf32x3; method=factored ;;
       factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
       *) echo "unknown A/B variant $v" >> "$DIR/ab.txt"; continue ;;
     esac
