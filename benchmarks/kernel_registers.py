@@ -115,11 +115,14 @@ def _triton_child(spec: dict) -> None:
                                                      arch=spec["arch"])
                 _print_ptxas(kernel, spec["arch"], start, kind=f"lowrank_{kind} J={factors}", warps=4)
         return
-    for kind in ("fwd", "bwd"):
+    # fwd and bwd with every gradient; train: the backward kernel as a training loop's call launches it
+    # (triton_maml_train: the forward's outputs too, a float rate, no input gradients).
+    for name, kind, options in (("fwd", "fwd", {}), ("bwd", "bwd", {}),
+                                ("train", "bwd", dict(outputs=True, need_lr_grad=False, need_x_grad=False))):
         start = time.perf_counter()
         kernel, warps = targets.compile_for_target(kind, torch.float32, spec["dims"], 10, 10, 0, 0,
-                                                   arch=spec["arch"], num_warps=spec["warps"])
-        _print_ptxas(kernel, spec["arch"], start, kind=f"{kind} {tm.layout_for(spec['dims'])}", warps=warps)
+                                                   arch=spec["arch"], num_warps=spec["warps"], **options)
+        _print_ptxas(kernel, spec["arch"], start, kind=f"{name} {tm.layout_for(spec['dims'])}", warps=warps)
 
 
 def _print_ptxas(kernel, arch: int, start: float, **fields) -> None:

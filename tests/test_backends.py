@@ -509,17 +509,31 @@ def test_auto_passes_over_gpu_kernels_on_large_gpu_batches():
     assert dispatch._auto_skip("cuda", SimpleNamespace(device=gpu, num_tasks=10**6, dims=None)) is None
 
 
-@pytest.mark.parametrize("name", [n for n in BACKENDS if n in ("cpu", "cuda")])
-def test_training_call_runs_forward_and_backward_in_one_op(name):
-    """A training call (grad mode, params requiring grad) on a fused C++ backend runs maml_fwdbwd, and
-    its meta-gradient equals the reverse sweep's (the query-output cotangent path) to rounding."""
+@pytest.mark.parametrize("name", [n for n in BACKENDS if n in ("cpu", "cuda", "triton")])
+def test_training_call_runs_forward_and_backward_in_one_op(name, monkeypatch):
+    """A training call (grad mode, params requiring grad) on a fused backend runs its training op (the
+    forward and the meta-gradient in one kernel), and its meta-gradient equals the reverse sweep's (the
+    query-output cotangent path) to rounding. On triton: one launch of the backward kernel for the call
+    and `loss.backward()` together, none of the forward kernel."""
     require_backend(name)
     case = make_case(inner_steps=2, lr_form="per_parameter", loss="mse", activation="tanh", seed=41).to(F64, device_for(name))
+    launches = []
+    if name == "triton":
+        from fastmaml.backends import triton_maml
+
+        for launcher in ("_backward_launch", "_forward_launch"):
+            def spy(*args, _real=getattr(triton_maml, launcher), _name=launcher):
+                launches.append(_name)
+                return _real(*args)
+            monkeypatch.setattr(triton_maml, launcher, spy)
     out = run_or_skip(name, lambda: fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query,
                                                   case.y_query, backend=name, **case.kwargs()))
-    # The C++ autograd kernel (csrc/autograd_fwdbwd.cpp) of maml_train, on CPU and CUDA tensors.
-    assert "MamlTrain" in out.task_losses.grad_fn.name()
+    # The C++ autograd kernel (csrc/autograd_fwdbwd.cpp) of maml_train on CPU and CUDA tensors; on triton
+    # the Python formula of its own training op (_fused.register_train_autograd).
+    assert ("triton_maml_train" if name == "triton" else "MamlTrain") in out.task_losses.grad_fn.name()
     leaves = case.leaves()
     rows = gradients(out.loss, leaves, retain_graph=True)
+    assert launches == (["_backward_launch"] if name == "triton" else [])
     sweep = gradients(out.loss + 0 * out.query_preds.sum(), leaves)  # a query cotangent (of zeros): maml_bwd
     assert_close(rows, sweep, 1e-11, "fused vs reverse sweep")
+    assert launches == (["_backward_launch"] * 2 if name == "triton" else [])

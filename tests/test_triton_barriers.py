@@ -212,10 +212,15 @@ def test_scratch_layout_has_no_barrier_hazards(hazards, monkeypatch, case):
     monkeypatch.setattr(tm, "SCRATCH_BYTES", 1)  # one program for both tasks
     theta, lr, xs, ys, xq, yq, qw, g_losses, g_preds = _flat_problem(list(dims), 2, NS, NQ, K, loss,
                                                                      SCRATCH_CASES.index(case), qw_zero)
-    losses, _, _ = tm._forward_launch(theta, lr, xs, ys, xq, yq, qw, list(dims), act, loss, True)
+    losses, preds, _ = tm._forward_launch(theta, lr, xs, ys, xq, yq, qw, list(dims), act, loss, True)
     _, _, thetas = tm._forward_launch(theta, lr, xs, ys, None, None, None, list(dims), act, loss, False)
     grads = tm._bwd_impl(theta, lr, xs, ys, xq, yq, qw, g_losses, g_preds, list(dims), act, loss, first_order,
                          need_lr, need_x)
+    train = tm._train_impl(theta, lr, xs, ys, xq, yq, qw, list(dims), act, loss, first_order, need_lr, need_x)
     assert not hazards.found and not hazards.unwritten, _report(hazards)
-    for t in (losses, thetas, *grads):
+    for t in (losses, thetas, *grads, *train):
         assert torch.isfinite(t).all()
+    # The training op's forward outputs are the forward kernel's (its task loss summed in reverse order:
+    # float32 rounding).
+    torch.testing.assert_close(train[0], losses, rtol=1e-6, atol=0)
+    torch.testing.assert_close(train[1], preds, rtol=0, atol=0)

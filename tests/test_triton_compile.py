@@ -54,9 +54,10 @@ def covering_variants() -> list[dict]:
             out.append(_variant("bwd", dtype, dims, 10, 19, loss, act, layout, first_order=i % 2 == 1,
                                 need_lr_grad=i % 3 != 2, need_x_grad=i % 4 != 3))
             out.append(_variant("fwd", dtype, dims, 10, 19, loss, act, layout, query=i % 2 == 0))
-    # The sinusoid net of the MAML paper, and the width-128 one (which takes the scratch layout).
+    # The sinusoid net of the MAML paper, and the width-128 one (which takes the scratch layout); their
+    # backward as a training call launches it (maml_train: the forward's outputs too).
     for width in (40, 128):
-        out.append(_variant("bwd", "float32", [1, width, width, 1], 10, 10, 0, 0))
+        out.append(_variant("bwd", "float32", [1, width, width, 1], 10, 10, 0, 0, outputs=True))
         out.append(_variant("fwd", "float32", [1, width, width, 1], 10, 10, 0, 0))
     # The largest sizes the backend takes, with the options that need the most shared memory.
     out += _largest_variants()

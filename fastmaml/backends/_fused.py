@@ -195,6 +195,45 @@ def register_fused_autograd(fwd_op, bwd_op) -> None:
     torch.library.register_autograd(bwd_op, no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def register_train_autograd(train_op, bwd_op) -> None:
+    """The autograd formula of a Python backend's `maml_train` (`triton_maml_train`), as the C++ one of
+    csrc/autograd_fwdbwd.cpp: the op returns `(task_losses, preds, mean, g_theta, g_lr, g_xs, g_xq)`, the
+    last four the gradients of the sum of the task losses. When only the mean has a cotangent (a
+    training loop's `loss.backward()`), the gradients are those scaled by `g_mean / T`; any other
+    cotangent, or create_graph=True (whose second derivative `bwd_op` refuses), runs `bwd_op`'s reverse
+    sweep again."""
+
+    def setup_context(ctx, inputs, output):
+        theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, first_order, need_lr, need_x = inputs
+        ctx.mark_non_differentiable(*output[3:])
+        ctx.set_materialize_grads(False)  # an unused output's cotangent arrives as None, not zeros
+        ctx.save_for_backward(theta, lr, xs, ys, xq, yq, qw, *output[3:])
+        ctx.options = (list(dims), activation, loss, first_order, need_lr, need_x)
+
+    def backward(ctx, g_task_losses, g_query_preds, g_mean, *_):
+        theta, lr, xs, ys, xq, yq, qw, s_theta, s_lr, s_xs, s_xq = ctx.saved_tensors
+        dims, activation, loss, first_order, need_lr, need_x = ctx.options
+        T = xs.shape[0]
+        want = ctx.needs_input_grad
+        want_lr = need_lr and bool(want[1])
+        want_xs, want_xq = need_x and bool(want[2]), need_x and bool(want[4])
+        if g_task_losses is None and g_query_preds is None and not torch.is_grad_enabled():
+            w = g_mean / T
+            g_theta, g_lr, g_xs, g_xq = s_theta * w, s_lr * w, s_xs * w, s_xq * w
+        else:
+            c = g_task_losses if g_task_losses is not None else torch.zeros(T, dtype=theta.dtype, device=theta.device)
+            if g_mean is not None:
+                c = c + g_mean / T
+            if g_query_preds is None:
+                g_query_preds = torch.zeros(xq.shape[0], xq.shape[1], dims[-1], dtype=theta.dtype, device=theta.device)
+            g_theta, g_lr, g_xs, g_xq = bwd_op(theta, lr, xs, ys, xq, yq, qw, c.contiguous(), g_query_preds.contiguous(),
+                                               dims, activation, loss, first_order, want_lr, want_xs or want_xq)
+        return (g_theta if want[0] else None, g_lr if want_lr else None, g_xs if want_xs else None, None,
+                g_xq if want_xq else None, *(None,) * 8)
+
+    torch.library.register_autograd(train_op, backward, setup_context=setup_context)
+
+
 def register_task_sum_autograd(task_sum_op) -> None:
     """`weighted_task_sum` is the internal reduction in the backward of maml_fwdbwd (whose autograd kernel
     is C++, csrc/autograd_fwdbwd.cpp): differentiating it raises."""

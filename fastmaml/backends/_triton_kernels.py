@@ -294,6 +294,7 @@ def maml_fwd_kernel(
 def maml_bwd_kernel(
     theta, lr, xs, ys, xq, yq, qw, g_task_losses, g_preds,    # inputs (docs/kernels.md)
     g_theta_part, g_lr_part, g_xs, g_xq,                       # outputs: [G, P], [G, K, P], [T, NS, D0], [T, NQ, D0]
+    task_losses, preds,                                        # outputs with OUTPUTS: [T], [T, NQ, DL]
     work, vbuf,                                                # scratch [G, K + 1, P], [G, 2, P]
     T, NS, NQ, P, K, G,
     D0, D1, D2, D3, D4,
@@ -301,7 +302,8 @@ def maml_bwd_kernel(
     BD0: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr, BD4: tl.constexpr,
     BNS: tl.constexpr, BNQ: tl.constexpr,
     ACT: tl.constexpr, LOSS: tl.constexpr,
-    FIRST_ORDER: tl.constexpr, NEED_LR: tl.constexpr, NEED_X: tl.constexpr, BLOCK: tl.constexpr,
+    FIRST_ORDER: tl.constexpr, NEED_LR: tl.constexpr, NEED_X: tl.constexpr, OUTPUTS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """`maml_bwd` for tasks `pid, pid + G, ...`, in one loop of 2K + 1 iterations per task (one copy of
     each pass in the compiled code):
@@ -314,6 +316,11 @@ def maml_bwd_kernel(
     The adjoint alternates between the rows of `vbuf` (second order; first order keeps it in row 0,
     where only the query terms change it). `g_theta_part[pid]` and `g_lr_part[pid]` must be zero on
     entry; each program adds its tasks' terms.
+
+    With OUTPUTS (`triton_maml_train`: a training call's forward and backward in one launch) it also
+    writes `maml_fwd`'s outputs, from the query passes it runs anyway: the task loss (its terms summed
+    from k = K down to 0) and the query output at theta_K. Every task's cotangent must then be nonzero
+    (the training call's are 1), so that the same query passes run as in `maml_fwd`.
     """
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
@@ -340,6 +347,7 @@ def maml_bwd_kernel(
         gp = _load_points(g_preds + t * NQ * DL, NQ, DL, BNQ, BDL)
         gx_s = tl.zeros_like(x)
         gx_q = tl.zeros_like(x_q)
+        total = c * 0
         _zero(vb, P, BLOCK, x.dtype)
         tl.debug_barrier()
         for j in range(2 * K + 1):
@@ -374,6 +382,10 @@ def maml_bwd_kernel(
                 if (coef != 0) | (j == K):
                     hs_q, out_q = _forward(cur, offs, dims, pads, x_q, DEPTH, ACT)
                     lq, dq, pq = _loss_grad(out_q, y_q, NQ, DL, BNQ, BDL, LOSS)
+                    if OUTPUTS:
+                        total += tl.load(qw + k) * lq
+                        if j == K:
+                            _store_points(preds + t * NQ * DL, NQ, DL, out_q, BNQ, BDL)
                     dz = coef * dq + gp * (j == K).to(gp.dtype)
                     gx_q += _backprop_accumulate(v_out, cur, hs_q, dz, offs, dims, pads, DEPTH, ACT, NEED_X)
                     tl.debug_barrier()
@@ -381,6 +393,8 @@ def maml_bwd_kernel(
         if NEED_X:
             _store_points(g_xs + t * NS * D0, NS, D0, gx_s, BNS, BD0)
             _store_points(g_xq + t * NQ * D0, NQ, D0, gx_q, BNQ, BD0)
+        if OUTPUTS:
+            tl.store(task_losses + t, total)
         tl.debug_barrier()
 
 

@@ -370,6 +370,7 @@ def maml_fwd_kernel(
 def maml_bwd_kernel(
     theta, lr, xs, ys, xq, yq, qw, g_task_losses, g_preds,
     g_theta_part, g_lr_part, g_xs, g_xq,
+    task_losses, preds,                      # outputs with OUTPUTS
     work, vbuf, acts,                        # scratch [G, K + 1, P], [G, 2, P], [G, NSLOT, BNM * BW]
     T, NS, NQ, P, K, G,
     D0, D1, D2, D3, D4,
@@ -377,10 +378,12 @@ def maml_bwd_kernel(
     BD0: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr, BD4: tl.constexpr,
     BNS: tl.constexpr, BNQ: tl.constexpr,
     ACT: tl.constexpr, LOSS: tl.constexpr,
-    FIRST_ORDER: tl.constexpr, NEED_LR: tl.constexpr, NEED_X: tl.constexpr, BLOCK: tl.constexpr,
+    FIRST_ORDER: tl.constexpr, NEED_LR: tl.constexpr, NEED_X: tl.constexpr, OUTPUTS: tl.constexpr,
+    BLOCK: tl.constexpr,
     BW: tl.constexpr, BNM: tl.constexpr, NSLOT: tl.constexpr, KC: tl.constexpr, RC: tl.constexpr,
 ):
-    """`maml_bwd`, as `_triton_kernels.maml_bwd_kernel` (one loop of 2K + 1 iterations per task)."""
+    """`maml_bwd`, as `_triton_kernels.maml_bwd_kernel` (one loop of 2K + 1 iterations per task; with
+    OUTPUTS also `maml_fwd`'s outputs)."""
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     dims = (D0, D1, D2, D3, D4)
@@ -408,6 +411,7 @@ def maml_bwd_kernel(
         gp = _load_points(g_preds + t * NQ * DL, NQ, DL, BNQ, BDL)
         gx_s = tl.zeros([BNS, BD0], dtype=gp.dtype)
         gx_q = tl.zeros([BNQ, BD0], dtype=gp.dtype)
+        total = c * 0
         _zero(vb, P, BLOCK, gp.dtype)
         tl.debug_barrier()
         for j in tl.range(2 * K + 1, disable_licm=True):
@@ -438,6 +442,10 @@ def maml_bwd_kernel(
                 if (coef != 0) | (j == K):
                     out_q = _forward(cur, offs, dims, pads, ab, _HQ, BNQ, DEPTH, ACT, BW, SLOT, KC)
                     lq, dq, pq = _loss_grad(out_q, y_q, NQ, DL, BNQ, BDL, LOSS)
+                    if OUTPUTS:
+                        total += tl.load(qw + k) * lq
+                        if j == K:
+                            _store_points(preds + t * NQ * DL, NQ, DL, out_q, BNQ, BDL)
                     _put(_slot(ab, _DQ, 0, DEPTH, SLOT), coef * dq + gp * (j == K).to(gp.dtype), BNQ, BDL, BW)
                     gx_q += _backprop_accumulate(v_out, cur, offs, dims, pads, ab, BNQ, DEPTH, ACT, NEED_X,
                                                  BW, SLOT, KC, RC)
@@ -446,4 +454,6 @@ def maml_bwd_kernel(
         if NEED_X:
             _store_points(g_xs + t * NS * D0, NS, D0, gx_s, BNS, BD0)
             _store_points(g_xq + t * NQ * D0, NQ, D0, gx_q, BNQ, BD0)
+        if OUTPUTS:
+            tl.store(task_losses + t, total)
         tl.debug_barrier()

@@ -140,9 +140,10 @@ def _sizes(dims: list[int]) -> list[int]:
 
 def kernel_constants(kind: str, dims: list[int], n_support: int, n_query: int, activation: int, loss: int, *,
                      query: bool = True, first_order: bool = False, need_lr_grad: bool = True,
-                     need_x_grad: bool = True, layout: str = "registers") -> dict:
+                     need_x_grad: bool = True, outputs: bool = False, layout: str = "registers") -> dict:
     """The compile-time constants of one launch of `kind` ("fwd" or "bwd") in `layout`: they select the
-    compiled variant (padded blocks, depth, activation, loss, options). `query=False` is `maml_adapt`."""
+    compiled variant (padded blocks, depth, activation, loss, options). `query=False` is `maml_adapt`,
+    `outputs=True` the backward of `maml_train` (which also writes the forward's outputs)."""
     if not 1 <= len(dims) - 1 <= MAX_DEPTH:
         raise ValueError(f"fastmaml triton: depth {len(dims) - 1} layers (the kernels run 1 to {MAX_DEPTH})")
     consts = {f"BD{i}": _pad(d) for i, d in enumerate(_sizes(dims))}
@@ -151,7 +152,8 @@ def kernel_constants(kind: str, dims: list[int], n_support: int, n_query: int, a
     if kind == "fwd":
         consts["QUERY"] = bool(query)
     elif kind == "bwd":
-        consts.update(FIRST_ORDER=bool(first_order), NEED_LR=bool(need_lr_grad), NEED_X=bool(need_x_grad))
+        consts.update(FIRST_ORDER=bool(first_order), NEED_LR=bool(need_lr_grad), NEED_X=bool(need_x_grad),
+                      OUTPUTS=bool(outputs))
     else:
         raise ValueError(f"kind must be 'fwd' or 'bwd', got {kind!r}")
     if layout == "scratch":
@@ -266,19 +268,20 @@ def _adapt_impl(theta, lr, x_support, y_support, dims, activation, loss):
     return thetas
 
 
-def _bwd_impl(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_losses, g_query_preds,
-              dims, activation, loss, first_order, need_lr_grad, need_x_grad):
-    _check_flat(theta, lr, x_support, x_query, dims)
+def _backward_launch(theta, lr, xs, ys, xq, yq, qw, g_task_losses, g_query_preds, dims, activation, loss,
+                     first_order, need_lr_grad, need_x_grad, outputs: bool) -> tuple:
+    """Shared launch of `maml_bwd_kernel`: `(g_theta, g_lr, g_xs, g_xq, task_losses, preds)`, the last two
+    written only with `outputs` (`maml_train`); gradients not asked for are empty."""
     dims = list(dims)
     layout = layout_for(dims)
     k = _module(layout)
     theta, lr = theta.contiguous(), lr.contiguous()
-    xs, ys, xq, yq = (t.contiguous() for t in (x_support, y_support, x_query, y_query))
+    xs, ys, xq, yq = (t.contiguous() for t in (xs, ys, xq, yq))
     T, NS, D0 = xs.shape
     NQ = xq.shape[1]
     K, P = lr.shape[0], theta.shape[0]
     consts = kernel_constants("bwd", dims, NS, NQ, activation, loss, first_order=first_order,
-                              need_lr_grad=need_lr_grad, need_x_grad=need_x_grad, layout=layout)
+                              need_lr_grad=need_lr_grad, need_x_grad=need_x_grad, outputs=outputs, layout=layout)
     G, scratch = _programs_and_acts(consts, theta, T, (K + 1) + 2 + 1 + (K if need_lr_grad else 0))
     work = theta.new_empty(G, K + 1, P)
     vbuf = theta.new_empty(G, 2, P)
@@ -288,10 +291,14 @@ def _bwd_impl(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_loss
         g_xs, g_xq = torch.empty_like(xs), torch.empty_like(xq)
     else:
         g_xs = g_xq = theta  # unused
+    if outputs:
+        task_losses, preds = theta.new_empty(T), theta.new_empty(T, NQ, dims[-1])
+    else:
+        task_losses = preds = theta  # unused
     with _device_guard(theta):
         k.maml_bwd_kernel[(G,)](
             theta, lr, xs, ys, xq, yq, qw.contiguous(), g_task_losses.contiguous(), g_query_preds.contiguous(),
-            g_theta_part, g_lr_part, g_xs, g_xq, work, vbuf, *scratch,
+            g_theta_part, g_lr_part, g_xs, g_xq, task_losses, preds, work, vbuf, *scratch,
             T, NS, NQ, P, K, G, *_sizes(dims), **consts, num_warps=num_warps_for(dims, NS, NQ, layout),
         )
     # Outputs must not alias each other: a fresh empty tensor for each one not asked for.
@@ -299,7 +306,31 @@ def _bwd_impl(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_loss
     g_lr = g_lr_part.sum(0) if need_lr_grad else theta.new_empty(0)
     if not need_x_grad:
         g_xs, g_xq = theta.new_empty(0), theta.new_empty(0)
-    return g_theta, g_lr, g_xs, g_xq
+    if not outputs:
+        task_losses, preds = theta.new_empty(0), theta.new_empty(0)
+    return g_theta, g_lr, g_xs, g_xq, task_losses, preds
+
+
+def _bwd_impl(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_losses, g_query_preds,
+              dims, activation, loss, first_order, need_lr_grad, need_x_grad):
+    _check_flat(theta, lr, x_support, x_query, dims)
+    return _backward_launch(theta, lr, x_support, y_support, x_query, y_query, qw, g_task_losses, g_query_preds,
+                            dims, activation, loss, first_order, need_lr_grad, need_x_grad, False)[:4]
+
+
+def _train_impl(theta, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order,
+                need_lr_grad, need_x_grad):
+    """A training call's forward and backward in one launch: the task losses, the query output, their mean,
+    and the gradients of the *sum* of the task losses (every task's cotangent 1; the autograd formula
+    scales them by the mean's cotangent / T)."""
+    _check_flat(theta, lr, x_support, x_query, dims)
+    T, NQ = x_query.shape[0], x_query.shape[1]
+    ones = theta.new_ones(T)
+    no_query_cotangent = theta.new_zeros(T, NQ, dims[-1])
+    g_theta, g_lr, g_xs, g_xq, task_losses, preds = _backward_launch(
+        theta, lr, x_support, y_support, x_query, y_query, qw, ones, no_query_cotangent, dims, activation, loss,
+        first_order, need_lr_grad, need_x_grad, True)
+    return task_losses, preds, task_losses.mean(), g_theta, g_lr, g_xs, g_xq
 
 
 def _check_flat(theta, lr, xs, xq, dims) -> None:
@@ -322,6 +353,9 @@ _FWD_SCHEMA = ("(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Te
 _BWD_SCHEMA = ("(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, "
                "Tensor qw, Tensor g_task_losses, Tensor g_query_preds, int[] dims, int activation, int loss, "
                "bool first_order, bool need_lr_grad, bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor)")
+_TRAIN_SCHEMA = ("(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, "
+                 "Tensor qw, int[] dims, int activation, int loss, bool first_order, bool need_lr_grad, "
+                 "bool need_x_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 _ADAPT_SCHEMA = ("(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
                  "int loss) -> Tensor")
 
@@ -329,12 +363,15 @@ _OPS: Optional[SimpleNamespace] = None
 
 
 def ops() -> SimpleNamespace:
-    """The three custom ops (`fwd`, `bwd`, `adapt`), defined and registered on first call."""
+    """The four custom ops (`fwd`, `bwd`, `train`, `adapt`), defined and registered on first call."""
     global _OPS
     if _OPS is not None:
         return _OPS
     fwd = torch.library.custom_op("fastmaml::triton_maml_fwd", _fwd_impl, mutates_args=(), schema=_FWD_SCHEMA)
     bwd = torch.library.custom_op("fastmaml::triton_maml_bwd", _bwd_impl, mutates_args=(), schema=_BWD_SCHEMA)
+    train = torch.library.custom_op(
+        "fastmaml::triton_maml_train", _train_impl, mutates_args=(), schema=_TRAIN_SCHEMA
+    )
     adapt = torch.library.custom_op(
         "fastmaml::triton_maml_adapt", _adapt_impl, mutates_args=(), schema=_ADAPT_SCHEMA
     )
@@ -354,12 +391,21 @@ def ops() -> SimpleNamespace:
             x_query.new_empty(x_query.shape) if need_x_grad else theta.new_empty(0),
         )
 
+    @train.register_fake
+    def _train_fake(theta, lr, x_support, y_support, x_query, y_query, qw, dims, activation, loss, first_order,
+                    need_lr_grad, need_x_grad):
+        T, NQ = x_query.shape[0], x_query.shape[1]
+        grads = _bwd_fake(theta, lr, x_support, y_support, x_query, y_query, qw, None, None, dims, activation,
+                          loss, first_order, need_lr_grad, need_x_grad)
+        return (theta.new_empty(T), theta.new_empty(T, NQ, dims[-1]), theta.new_empty(()), *grads)
+
     @adapt.register_fake
     def _adapt_fake(theta, lr, x_support, y_support, dims, activation, loss):
         return theta.new_empty(x_support.shape[0], theta.shape[0])
 
     _fused.register_fused_autograd(fwd, bwd)
-    _OPS = SimpleNamespace(fwd=fwd, bwd=bwd, adapt=adapt)
+    _fused.register_train_autograd(train, bwd)
+    _OPS = SimpleNamespace(fwd=fwd, bwd=bwd, train=train, adapt=adapt)
     return _OPS
 
 
@@ -457,6 +503,16 @@ class TritonBackend(_fused.FusedBackend):
 
     def size_limit_reason(self, problem: Problem, op: str) -> Optional[str]:
         return size_limits(problem.dims, problem.n_support, problem.n_query, problem.dtype)
+
+    def max_fused_rows_bytes(self) -> int:
+        return 1 << 62  # the training op keeps no per-task rows: only the sums and the inputs' gradients
+
+    def train(self, problem: Problem, tail: tuple, need_lr: bool, need_x: bool) -> Optional[tuple]:
+        # One launch of the backward kernel that also writes the forward's outputs, instead of the forward
+        # kernel now and the backward (which runs the same inner loop again) at backward time: the forward
+        # was 22% of the GPU time at T=65,536, K=5, W=128 (H200, benchmarks/RESULTS.md).
+        out = ops().train(_fused.flat_theta(problem), *tail, need_lr, need_x)
+        return out[0], out[1], out[2]
 
     def forward_op(self):
         return ops().fwd
