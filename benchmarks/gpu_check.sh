@@ -286,6 +286,7 @@ fi
 # Each variant changes one setting from the default, at the large-batch cells of G2 (T=65,536, K in {1, 5},
 # W in {40, 128}); the defaults' own figures are the sweep's rows of the same cells. Variants: the CUDA
 # products with one output per thread (FASTMAML_CUDA_TILES=0, before the register tiles), the CUDA
+# reverse sweep compiled for 4 blocks a multiprocessor (FASTMAML_CUDA_MIN_BLOCKS=4: 128 registers), the CUDA
 # workspace in global memory above 44 KiB (FASTMAML_CUDA_SHARED_KB=44, before the opt-in), Triton's
 # register layout's products on tensor cores at width 40 (FASTMAML_TRITON_PRECISION=tf32x3; compiling
 # its kernels takes part of the time) and the scratch layout's as FMAs at width 128 (=ieee), Triton's float32 products reduced in chunks of 32 (FASTMAML_TRITON_K_CHUNK=32: fewer spills,
@@ -299,11 +300,11 @@ fi
 # `auto` takes it from width 128, so the sweep's width-40 triton rows are the register layout; the
 # register layout at width 128, FASTMAML_TRITON_LAYOUT=registers, is left out: its backward alone
 # compiled for 8 minutes on 2 cores).
-# AB_VARIANTS picks some (default "ftf32x3 tf32x3 ieee scratch shared kchunk batched chunk4g factors"; also
+# AB_VARIANTS picks some (default "ftf32x3 blocks4 tf32x3 ieee scratch shared kchunk batched chunk4g factors"; also
 # "tiles", measured 1.35-1.40x for the register tiles on the H200 and left out), AB_S is the time
 # for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-ftf32x3 tf32x3 ieee scratch shared kchunk batched chunk4g factors})
+  variants=(${AB_VARIANTS:-ftf32x3 blocks4 tf32x3 ieee scratch shared kchunk batched chunk4g factors})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -314,6 +315,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
     case "$v" in
       scratch) setting=FASTMAML_TRITON_LAYOUT=scratch; method=triton; widths=40 ;;
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
+      blocks4) setting=FASTMAML_CUDA_MIN_BLOCKS=4; method=cuda ;;
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
       kchunk) setting=FASTMAML_TRITON_K_CHUNK=32; method=triton ;;
       tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton; widths=40 ;;

@@ -114,8 +114,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 // sweep of maml_bwd (cotangents g_task_losses, g_query_preds); or, with `task_losses` given, maml_fwdbwd_sum
 // without per-task rows: forward and reverse sweep with c = 1, each task's loss and query output written
 // (g_task_losses and g_query_preds unused). Nothing of size T x P is written either way.
-template <typename T>
-__global__ void __launch_bounds__(kMaxThreads)
+// kMinBlocks 0: the registers nvcc wants (168 for float at width 40 to 128: 3 blocks of 128 threads a
+// multiprocessor); 4: at most 128 registers, 4 blocks (FASTMAML_CUDA_MIN_BLOCKS, below).
+template <typename T, int kMinBlocks = 0>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     bwd_kernel(Net net, int64_t n_tasks, int64_t chunk, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                Data<T> data, const T* qw, const T* g_task_losses, const T* g_query_preds, bool first_order,
                T* task_losses, T* preds, T* part_theta, T* part_lr, T* g_xs, T* g_xq, T* global_work,
@@ -253,6 +255,28 @@ bool register_tiles() {
   return on;
 }
 
+// FASTMAML_CUDA_MIN_BLOCKS=4 (read once per process) launches the float reverse sweep compiled for 4
+// blocks a multiprocessor (128 registers, 212 / 236 B of spill stores in sm_90's ptxas -v) instead of
+// the 3 its 168 registers allow: ncu on the H200 found it latency-bound at 12 warps a multiprocessor
+// (18.75% occupancy, SM throughput 22%). A switch until a GPU measures it (the GPU check's A/B).
+bool four_blocks() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTMAML_CUDA_MIN_BLOCKS");
+    return v != nullptr && std::string(v) == "4";
+  }();
+  return on;
+}
+
+// The reverse sweep's kernel for T: float has the 4-block variant too.
+template <typename T>
+auto bwd_kernel_for() {
+  return &bwd_kernel<T>;
+}
+template <>
+auto bwd_kernel_for<float>() {
+  return four_blocks() ? &bwd_kernel<float, 4> : &bwd_kernel<float>;
+}
+
 }  // namespace
 
 Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_shared_bytes) {
@@ -354,8 +378,9 @@ cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, con
     if (s.T == 0) return cudaSuccess;
     const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
     const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
-    if (const cudaError_t e = allow_shared(bwd_kernel<T>, smem); e != cudaSuccess) return e;
-    bwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
+    const auto kernel = bwd_kernel_for<T>();
+    if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;
+    kernel<<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
         s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, g_task_losses,
         g_query_preds, first_order, static_cast<T*>(nullptr), static_cast<T*>(nullptr), part_theta,
         need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles);
@@ -390,8 +415,9 @@ cudaError_t launch_fwdbwd_sum(const Sizes& s, const Launch& launch, const T* the
     if (s.T == 0) return cudaSuccess;
     const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
     const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
-    if (const cudaError_t e = allow_shared(bwd_kernel<T>, smem); e != cudaSuccess) return e;
-    bwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
+    const auto kernel = bwd_kernel_for<T>();
+    if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;
+    kernel<<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
         s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, static_cast<const T*>(nullptr),
         static_cast<const T*>(nullptr), first_order, task_losses, query_preds, part_theta,
         need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles);
