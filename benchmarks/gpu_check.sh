@@ -4,12 +4,12 @@
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]            # OUT_DIR defaults to $OUT, else ./gpu_out
 #   benchmarks/gpu_check.sh --dry-run [OUT_DIR]  # (or DRY_RUN=1) the CPU-side parts, on a machine without a GPU
-#   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) about 400 s, 2 of them the build: a sweep at
-#                                                # T in {25, 65536}, the kernel profile, the G2/G3 GPU tests
-#                                                # only (GPU sizes, no synchronisation, CUDA graphs, compile),
-#                                                # the overhead
-#   AB_S=120 benchmarks/gpu_check.sh --quick     # the same, then the A/B of the kernels' switches with what
-#                                                # is left of 400 + 120 s (a GPU session's one run)
+#   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) about 450 s, 2 minutes of them the build: a
+#                                                # sweep at T in {25, 65536}, the kernel profile, the GPU tests
+#                                                # of test_backends.py and those new with G2/G3 (no
+#                                                # synchronisation, CUDA graphs, compile), the overhead
+#   AB_S=100 benchmarks/gpu_check.sh --quick     # the same, then the A/B of the kernels' switches with what
+#                                                # is left of 450 + 100 s (a GPU session's one run)
 #   SKIP_TESTS=1 SKIP_SWEEP=1 PROFILE_S=0 NCU_S=60 AB_S=200 benchmarks/gpu_check.sh --quick   # a second
 #                                                # run: ncu and the A/B only
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
@@ -54,12 +54,12 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 
 if [ "$QUICK" = 1 ]; then
-  TOTAL_S="${TOTAL_S:-$(( 400 + ${AB_S:-0} ))}"  # the A/B, when asked for, gets its own time on top
+  TOTAL_S="${TOTAL_S:-$(( 450 + ${AB_S:-0} ))}"  # the A/B, when asked for, gets its own time on top
   SWEEP_S="${SWEEP_S:-75}"  # the quick sweep measured 30 s on the H200
   SWEEP_ARGS="${SWEEP_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128 --methods cuda triton factored vmap --warmup 1 --repeats 3 --max-seconds 3}"
   BUILD_S="${BUILD_S:-150}"
-  CUDA_TESTS_S="${CUDA_TESTS_S:-60}"
-  TRITON_TESTS_S="${TRITON_TESTS_S:-40}"
+  CUDA_TESTS_S="${CUDA_TESTS_S:-90}"
+  TRITON_TESTS_S="${TRITON_TESTS_S:-60}"
   OVERHEAD_S="${OVERHEAD_S:-40}"
   OVERHEAD_ARGS="${OVERHEAD_ARGS:---seconds 1 --rounds 3}"
   PROFILE_S="${PROFILE_S:-45}"
@@ -213,12 +213,13 @@ else
   python -c "import xdist" >/dev/null 2>&1 && XDIST=(-n "${TEST_WORKERS:-12}")
   : > "$DIR/tests.log"
   if [ "$QUICK" = 1 ]; then
-    # One run for the GPU backends: the tests new with G2/G3 and the plainest call of each backend.
-    stage "quick tests: GPU sizes, sync-free calls, CUDA graphs, compile (limit ${TESTS_S}s) -> $DIR/tests.log"
+    # One run for the GPU backends: every case of tests/test_backends.py (G2's first must-show: every
+    # option, the sinusoid size, 20,000 tasks, width 128) and the tests new with G2/G3.
+    stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${TESTS_S}s) -> $DIR/tests.log"
     FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$TESTS_S" python -m pytest tests/test_backends.py \
       tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py -q -rfE \
       "${XDIST[@]}" -p no:cacheprovider \
-      -k "gpu_sizes or accepts_a_plain_call or one_op or gpu_overhead or compile or on_the_gpu or wide_nets" \
+      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets" \
       >> "$DIR/tests.log" 2>&1
     echo "quick tests exit code $?"
     tail -n 4 "$DIR/tests.log" | cut -c1-300
