@@ -8,10 +8,9 @@
 #                                                # sweep at T in {25, 65536}, the kernel profile, the GPU tests
 #                                                # of test_backends.py and those new with G2/G3 (no
 #                                                # synchronisation, CUDA graphs, compile), the overhead
-#   AB_S=100 benchmarks/gpu_check.sh --quick     # the same, then the A/B of the kernels' switches with what
-#                                                # is left of 450 + 100 s (a GPU session's one run)
-#   SKIP_TESTS=1 SKIP_SWEEP=1 PROFILE_S=0 NCU_S=60 AB_S=200 benchmarks/gpu_check.sh --quick   # a second
-#                                                # run: ncu and the A/B only
+#   SKIP_TESTS=1 SKIP_SWEEP=1 PROFILE_S=0 OVERHEAD_S=0 REPORTS=0 AB_S=150 benchmarks/gpu_check.sh --quick
+#                                                # a second call on the warm machine (the build cached): the
+#                                                # A/B only; with NCU_S=60, ncu of one CUDA backward launch too
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
 #
 # A device call returns at most 8 files: write to a folder outside $OUT and pack it,
@@ -33,7 +32,8 @@
 # replaces the GPU sweep's settings, SKIP_SWEEP=1 skips it. AB_S (only when set; --quick adds it to
 # TOTAL_S) runs the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
-# of one backward launch (profile.txt).
+# of one backward launch (profile.txt). OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register
+# reports (nvcc's of the CUDA kernels takes minutes of the machine's CPUs).
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -155,7 +155,7 @@ EOF
 grep -E "^backend|failed" "$DIR/build.log" | cut -c1-200
 
 # ---- register and spill report (G2), in the background while the rest runs ----------------------
-if command -v nvcc >/dev/null 2>&1; then
+if command -v nvcc >/dev/null 2>&1 && [ "${REPORTS:-1}" = 1 ]; then
   stage "nvcc -Xptxas -v of every CUDA kernel variant (background) -> $DIR/ptxas.txt"
   ptx_arch="$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | tr ';' ' ' | awk '{print $1}' | tr -d '.')"
   ( timeout 300 nvcc -arch="sm_${ptx_arch}" -O3 -Xptxas -v -c csrc/cuda/maml_cuda.cu -I csrc \
@@ -262,7 +262,7 @@ EOF
 fi
 
 # ---- per-call overhead (G3) ---------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ]; then
+if [ "$DRY_RUN" != 1 ] && [ "${OVERHEAD_S:-90}" -gt 0 ]; then
   stage "overhead of a small training call (limit ${OVERHEAD_S:-90}s) -> $DIR/overhead.txt, overhead.json"
   # shellcheck disable=SC2086
   timeout "${OVERHEAD_S:-90}" python benchmarks/bench_overhead.py --device cuda --tasks 25 --inner-steps 5 \
@@ -287,7 +287,9 @@ fi
 # Each variant changes one setting from the default, at the large-batch cells of G2 (T=65,536, K in {1, 5},
 # W in {40, 128}); the defaults' own figures are the sweep's rows of the same cells. Variants: the CUDA
 # products with one output per thread (FASTMAML_CUDA_TILES=0, before the register tiles), the CUDA
-# reverse sweep compiled for 4 blocks a multiprocessor (FASTMAML_CUDA_MIN_BLOCKS=4: 128 registers), the CUDA
+# reverse sweep compiled for 4 blocks a multiprocessor (FASTMAML_CUDA_MIN_BLOCKS=4: 128 registers), a
+# CUDA task's team of one or two warps (FASTMAML_CUDA_THREADS=32 or 64, workspace above 44 KiB in global
+# memory: more tasks resident a multiprocessor, cheaper barriers), the CUDA
 # workspace in global memory above 44 KiB (FASTMAML_CUDA_SHARED_KB=44, before the opt-in), Triton's
 # register layout's products on tensor cores at width 40 (FASTMAML_TRITON_PRECISION=tf32x3; compiling
 # its kernels takes part of the time) and the scratch layout's as FMAs at width 128 (=ieee), Triton's float32 products reduced in chunks of 32 (FASTMAML_TRITON_K_CHUNK=32: fewer spills,
@@ -301,11 +303,11 @@ fi
 # `auto` takes it from width 128, so the sweep's width-40 triton rows are the register layout; the
 # register layout at width 128, FASTMAML_TRITON_LAYOUT=registers, is left out: its backward alone
 # compiled for 8 minutes on 2 cores).
-# AB_VARIANTS picks some (default "ftf32x3 blocks4 tf32x3 ieee scratch shared kchunk batched chunk4g factors"; also
-# "tiles", measured 1.35-1.40x for the register tiles on the H200 and left out), AB_S is the time
-# for all.
+# AB_VARIANTS picks some. The default, "ftf32x3 blocks4 team32 team64 ieee tf32x3", is what no GPU has
+# measured yet (each needs about 25 s); the others, "scratch shared chunk4g factors tiles" (measured on
+# the H200, 2026-11-30: benchmarks/RESULTS.md) and "kchunk batched", when named. AB_S is the time for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-ftf32x3 blocks4 tf32x3 ieee scratch shared kchunk batched chunk4g factors})
+  variants=(${AB_VARIANTS:-ftf32x3 blocks4 team32 team64 ieee tf32x3})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -318,6 +320,8 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
       blocks4) setting=FASTMAML_CUDA_MIN_BLOCKS=4; method=cuda ;;
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
+      team32) setting="FASTMAML_CUDA_THREADS=32 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;
+      team64) setting="FASTMAML_CUDA_THREADS=64 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;
       kchunk) setting=FASTMAML_TRITON_K_CHUNK=32; method=triton ;;
       tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton; widths=40 ;;
       ieee) setting=FASTMAML_TRITON_PRECISION=ieee; method=triton; widths=128 ;;
@@ -328,7 +332,8 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       *) echo "unknown A/B variant $v" >> "$DIR/ab.txt"; continue ;;
     esac
     echo "== $setting ($method; compare with the sweep's $method rows)" >> "$DIR/ab.txt"
-    env "$setting" timeout "$per" python benchmarks/bench_throughput.py --device cuda --order second \
+    # shellcheck disable=SC2086  # a variant may set several variables
+    env $setting timeout "$per" python benchmarks/bench_throughput.py --device cuda --order second \
       --methods "$method" --tasks 65536 --steps 1 5 --width $widths --warmup 1 --repeats 3 --max-seconds 3 \
       --out "/tmp/fastmaml_ab_$v" >> "$DIR/ab.txt" 2>&1
     echo "exit code $?" >> "$DIR/ab.txt"
@@ -341,7 +346,7 @@ fi
 [ -n "${PTXAS_PID:-}" ] && wait "$PTXAS_PID" && grep -c "Used" "$DIR/ptxas.txt" | sed 's/^/ptxas reports: /'
 
 # ---- Triton registers and spills (G2) -------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ]; then
+if [ "$DRY_RUN" != 1 ] && [ "${REPORTS:-1}" = 1 ]; then
   stage "Triton kernel variants at the sweep's shapes: registers, spills (limit 30s) -> $DIR/ptxas.txt"
   timeout 30 python - >> "$DIR/ptxas.txt" 2>&1 <<'EOF'
 import torch, fastmaml

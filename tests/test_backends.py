@@ -537,3 +537,16 @@ def test_training_call_runs_forward_and_backward_in_one_op(name, monkeypatch):
     sweep = gradients(out.loss + 0 * out.query_preds.sum(), leaves)  # a query cotangent (of zeros): maml_bwd
     assert_close(rows, sweep, 1e-11, "fused vs reverse sweep")
     assert launches == (["_backward_launch"] * 2 if name == "triton" else [])
+
+
+@pytest.mark.parametrize("value", ["48", "256", "warp"])
+def test_a_bad_cuda_team_switch_is_refused(monkeypatch, value):
+    """FASTMAML_CUDA_THREADS (the CUDA kernels' team size, for the GPU check's A/B) is 128, 64 or 32: any
+    other value raises, on any machine, instead of measuring the default under another name."""
+    from fastmaml.backends.cuda import CudaBackend
+
+    monkeypatch.setenv("FASTMAML_CUDA_THREADS", value)
+    with pytest.raises(ValueError, match=r"FASTMAML_CUDA_THREADS must be one of \('128', '64', '32'\)"):
+        CudaBackend().unavailable()
+    monkeypatch.setenv("FASTMAML_CUDA_THREADS", "32")
+    CudaBackend().unavailable()  # a reason or None, no error

@@ -267,6 +267,20 @@ bool four_blocks() {
   return on;
 }
 
+// FASTMAML_CUDA_THREADS=32 or 64 (read once per process; the cuda backend refuses other values) caps a
+// task's team below kMaxThreads: with the same registers a thread, 4 or 2 times the tasks resident on a
+// multiprocessor, and a one-warp team's block barriers cost next to nothing. A switch for the GPU check's
+// A/B (with FASTMAML_CUDA_SHARED_KB=44: a 126 KiB shared workspace would allow one such block a
+// multiprocessor).
+int team_cap() {
+  static const int cap = [] {
+    const char* v = std::getenv("FASTMAML_CUDA_THREADS");
+    const int n = v == nullptr ? kMaxThreads : std::atoi(v);
+    return (n == 32 || n == 64) ? n : kMaxThreads;
+  }();
+  return cap;
+}
+
 // The reverse sweep's kernel for T: float has the 4-block variant too.
 template <typename T>
 auto bwd_kernel_for() {
@@ -301,7 +315,7 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
     const int64_t din = net.dims[i], dout = net.dims[i + 1];
     widest = std::max({widest, nmax * dout, nmax * din, din * dout});
   }
-  l.threads = static_cast<int>(std::min<int64_t>(kMaxThreads, ceil_div(widest, 32) * 32));
+  l.threads = static_cast<int>(std::min<int64_t>(team_cap(), ceil_div(widest, 32) * 32));
   const int64_t work_bytes = l.work_elems * itemsize;
   l.shared = work_bytes <= std::max(max_shared_bytes, kSharedWorkspaceBytes);
   // The grid as if the workspace were global, whether or not it fits in this GPU's shared memory: the

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._validate import Problem
+from .._validate import Problem, env_choice
 from ._fused import ExtensionBackend, SizeLimits, flat_theta
 from ._fused import size_limit_reason as _size_limit_reason
 
@@ -117,6 +117,9 @@ class CudaBackend(ExtensionBackend):
         # Decided from torch, the GPU and the kernels the loaded library registered, not from nvcc: a
         # prebuilt library with CUDA kernels runs where no compiler is installed. nvcc only explains why
         # a library built on first use has none.
+        # The kernels' team-size switch (read by the library, csrc/cuda/maml_cuda.cu): a mistyped value
+        # must not measure the default under another name.
+        env_choice("FASTMAML_CUDA_THREADS", ("128", "64", "32"))
         if torch.version.cuda is None:
             return f"torch {torch.__version__} is a CPU-only build (the cuda backend needs a CUDA build of torch)"
         if not torch.cuda.is_available():
