@@ -303,11 +303,12 @@ fi
 # `auto` takes it from width 128, so the sweep's width-40 triton rows are the register layout; the
 # register layout at width 128, FASTMAML_TRITON_LAYOUT=registers, is left out: its backward alone
 # compiled for 8 minutes on 2 cores).
-# AB_VARIANTS picks some. The default, "ftf32x3 blocks4 team32 team64 ieee tf32x3", is what no GPU has
-# measured yet (each needs about 25 s); the others, "scratch shared chunk4g factors tiles" (measured on
-# the H200, 2026-11-30: benchmarks/RESULTS.md) and "kchunk batched", when named. AB_S is the time for all.
+# AB_VARIANTS picks some. The default, "ftf32x3 blocks4 team32 team64 ieee scratch", is what no GPU has
+# measured yet (each needs about 25 s; scratch at width 40 was measured with FMA products, equal to the
+# register layout, and now runs tf32x3); the others, "shared chunk4g factors tiles" (measured on the H200,
+# 2026-11-30: benchmarks/RESULTS.md) and "tf32x3 kchunk batched", when named. AB_S is the time for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-ftf32x3 blocks4 team32 team64 ieee tf32x3})
+  variants=(${AB_VARIANTS:-ftf32x3 blocks4 team32 team64 ieee scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
