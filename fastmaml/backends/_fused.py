@@ -226,8 +226,9 @@ def register_train_autograd(train_op, bwd_op) -> None:
                 c = c + g_mean / T
             if g_query_preds is None:
                 g_query_preds = torch.zeros(xq.shape[0], xq.shape[1], dims[-1], dtype=theta.dtype, device=theta.device)
-            g_theta, g_lr, g_xs, g_xq = bwd_op(theta, lr, xs, ys, xq, yq, qw, c.contiguous(), g_query_preds.contiguous(),
-                                               dims, activation, loss, first_order, want_lr, want_xs or want_xq)
+            g_theta, g_lr, g_xs, g_xq = bwd_op(theta, lr, xs, ys, xq, yq, qw, c.contiguous(),
+                                               g_query_preds.contiguous(), dims, activation, loss, first_order,
+                                               want_lr, want_xs or want_xq)
         return (g_theta if want[0] else None, g_lr if want_lr else None, g_xs if want_xs else None, None,
                 g_xq if want_xq else None, *(None,) * 8)
 

@@ -114,12 +114,12 @@ class CudaBackend(ExtensionBackend):
         return out[0], out[1]
 
     def unavailable(self) -> Optional[str]:
-        # Decided from torch, the GPU and the kernels the loaded library registered, not from nvcc: a
-        # prebuilt library with CUDA kernels runs where no compiler is installed. nvcc only explains why
-        # a library built on first use has none.
         # The kernels' team-size switch (read by the library, csrc/cuda/maml_cuda.cu): a mistyped value
         # must not measure the default under another name.
         env_choice("FASTMAML_CUDA_THREADS", ("128", "64", "32"))
+        # Decided from torch, the GPU and the kernels the loaded library registered, not from nvcc: a
+        # prebuilt library with CUDA kernels runs where no compiler is installed. nvcc only explains why
+        # a library built on first use has none.
         if torch.version.cuda is None:
             return f"torch {torch.__version__} is a CPU-only build (the cuda backend needs a CUDA build of torch)"
         if not torch.cuda.is_available():

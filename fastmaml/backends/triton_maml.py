@@ -1,11 +1,12 @@
 """The `triton` backend: the fused MAML operations of `docs/kernels.md` as Triton kernels.
 
-Custom ops `fastmaml::triton_maml_fwd / triton_maml_bwd / triton_maml_adapt` (defined here in Python,
-with fake kernels, and the shared autograd formula of `_fused.py`) launch the kernels of
-`_triton_kernels.py`. The ops are defined when the backend is first found available, the kernels on
-first use: importing fastmaml never imports Triton, and `triton.jit` reads `TRITON_INTERPRET` only when the kernels are defined. CUDA tensors
-run compiled kernels; CPU tensors run in the Triton interpreter, only when `TRITON_INTERPRET=1` was set
-before first use (that is how the tests run without a GPU; it is far too slow for real work).
+Custom ops `fastmaml::triton_maml_fwd / triton_maml_bwd / triton_maml_train / triton_maml_adapt` (defined
+here in Python, with fake kernels and the autograd formulas of `_fused.py`) launch the kernels of
+`_triton_kernels.py` and `_triton_scratch.py`. The ops are defined when the backend is first found
+available, the kernels on first use: importing fastmaml never imports Triton, and `triton.jit` reads
+`TRITON_INTERPRET` only when the kernels are defined. CUDA tensors run compiled kernels; CPU tensors run
+in the Triton interpreter, only when `TRITON_INTERPRET=1` was set before first use (that is how the
+tests run without a GPU; it is far too slow for real work).
 
 Size limits (`reject` says which one a call exceeds): depth <= 4 layers; float32: widths <= 64 with
 up to 64 support and 64 query points per task, or widths <= 128 with up to 16; float64: widths <= 64
