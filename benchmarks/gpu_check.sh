@@ -284,29 +284,27 @@ if [ "$DRY_RUN" != 1 ] && [ "${OVERHEAD_S:-90}" -gt 0 ]; then
 fi
 
 # ---- A/B of the kernels' switches (G2) -----------------------------------------------------------
-# Each variant changes one setting from the default, at the large-batch cells of G2 (T=65,536, K in {1, 5},
-# W in {40, 128}); the defaults' own figures are the sweep's rows of the same cells. Variants: the CUDA
-# products with one output per thread (FASTMAML_CUDA_TILES=0, before the register tiles), the CUDA
-# reverse sweep compiled for 4 blocks a multiprocessor (FASTMAML_CUDA_MIN_BLOCKS=4: 128 registers), a
-# CUDA task's team of one or two warps (FASTMAML_CUDA_THREADS=32 or 64, workspace above 44 KiB in global
-# memory: more tasks resident a multiprocessor, cheaper barriers), the CUDA
-# workspace in global memory above 44 KiB (FASTMAML_CUDA_SHARED_KB=44, before the opt-in), Triton's
-# register layout's products on tensor cores at width 40 (FASTMAML_TRITON_PRECISION=tf32x3; compiling
-# its kernels takes part of the time) and the scratch layout's as FMAs at width 128 (=ieee), Triton's float32 products reduced in chunks of 32 (FASTMAML_TRITON_K_CHUNK=32: fewer spills,
-# slower to compile), the factored backend's chunks of tasks at 4 GiB of kept intermediates instead of 1
-# (FASTMAML_FACTORED_CHUNK_MB=4096: fewer chunks, less host time, more memory), and its layers kept in
-# factors at every step (FASTMAML_FACTORED_DENSE=never: the one product shared by all tasks stays, where
-# the default turns a layer dense once its factors cost more multiply-adds), its low-rank products on
-# tensor cores (FASTMAML_FACTORED_PRECISION=tf32x3), and its low-rank products as
-# batched PyTorch products (FASTMAML_FACTORED_TRITON=never: two cuBLAS batched products per factor,
-# before its Triton kernels), and Triton's scratch layout at width 40 (FASTMAML_TRITON_LAYOUT=scratch;
-# `auto` takes it from width 128, so the sweep's width-40 triton rows are the register layout; the
-# register layout at width 128, FASTMAML_TRITON_LAYOUT=registers, is left out: its backward alone
-# compiled for 8 minutes on 2 cores).
+# Each variant changes one kernel choice from the default (docs/kernels.md lists the switches), at the
+# large-batch cells of G2 (T=65,536, K in {1, 5}, W in {40, 128} unless named); the defaults' own figures
+# are the sweep's rows of the same cells. The variants:
+#   ftf32x3  FASTMAML_FACTORED_PRECISION=tf32x3: the factored backend's low-rank products on tensor cores
+#   blocks4  FASTMAML_CUDA_MIN_BLOCKS=4: the CUDA reverse sweep compiled for 4 blocks a multiprocessor
+#   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
+#   team64   team of one or two warps, more tasks resident a multiprocessor, cheaper barriers
+#   ieee     FASTMAML_TRITON_PRECISION=ieee at W=128: the scratch layout's products as FMAs
+#   scratch  FASTMAML_TRITON_LAYOUT=scratch at W=40 (`auto` takes it from W=128; the register layout at
+#            W=128 is left out: its backward alone compiles for 8 minutes on 2 cores)
+#   tf32x3   FASTMAML_TRITON_PRECISION=tf32x3 at W=40: the register layout's products on tensor cores
+#   shared   FASTMAML_CUDA_SHARED_KB=44: CUDA workspaces above 44 KiB in global memory (before the opt-in)
+#   tiles    FASTMAML_CUDA_TILES=0: CUDA products with one output per thread (before the register tiles)
+#   kchunk   FASTMAML_TRITON_K_CHUNK=32: Triton's float32 products reduced in chunks of 32
+#   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
+#   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
+#   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
 # AB_VARIANTS picks some. The default, "ftf32x3 blocks4 team32 team64 ieee scratch", is what no GPU has
-# measured yet (each needs about 25 s; scratch at width 40 was measured with FMA products, equal to the
-# register layout, and now runs tf32x3); the others, "shared chunk4g factors tiles" (measured on the H200,
-# 2026-11-30: benchmarks/RESULTS.md) and "tf32x3 kchunk batched", when named. AB_S is the time for all.
+# measured yet (about 25 s each; scratch was measured with FMA products, equal to the register layout,
+# and now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200 (2026-11-30,
+# benchmarks/RESULTS.md). AB_S is the time for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
   variants=(${AB_VARIANTS:-ftf32x3 blocks4 team32 team64 ieee scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
