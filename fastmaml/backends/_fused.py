@@ -153,6 +153,19 @@ def common_reject(problem: Problem, op: str) -> str | None:
     return None
 
 
+def _reverse_sweep(bwd_op, saved, options, g_task_losses, g_query_preds, need_lr: bool, need_x: bool):
+    """`bwd_op` on the saved `(theta, lr, xs, ys, xq, yq, qw)` for these output cotangents (None: zeros):
+    `(g_theta, g_lr, g_xs, g_xq)`."""
+    theta, lr, xs, ys, xq, yq, qw = saved
+    dims, activation, loss, first_order = options
+    if g_task_losses is None:
+        g_task_losses = torch.zeros(xs.shape[0], dtype=theta.dtype, device=theta.device)
+    if g_query_preds is None:
+        g_query_preds = torch.zeros(xq.shape[0], xq.shape[1], dims[-1], dtype=theta.dtype, device=theta.device)
+    return bwd_op(theta, lr, xs, ys, xq, yq, qw, g_task_losses.contiguous(), g_query_preds.contiguous(),
+                  dims, activation, loss, first_order, need_lr, need_x)
+
+
 def register_fused_autograd(fwd_op, bwd_op) -> None:
     """Register `bwd_op` (the reverse sweep) as the autograd formula of `fwd_op`."""
 
@@ -162,19 +175,10 @@ def register_fused_autograd(fwd_op, bwd_op) -> None:
         ctx.options = (list(dims), activation, loss, first_order)
 
     def backward(ctx, g_task_losses, g_query_preds):
-        theta, lr, xs, ys, xq, yq, qw = ctx.saved_tensors
-        dims, activation, loss, first_order = ctx.options
         need_lr = bool(ctx.needs_input_grad[1])
         need_x = bool(ctx.needs_input_grad[2] or ctx.needs_input_grad[4])
-        if g_task_losses is None:
-            g_task_losses = torch.zeros(xs.shape[0], dtype=theta.dtype, device=theta.device)
-        if g_query_preds is None:
-            g_query_preds = torch.zeros(xq.shape[0], xq.shape[1], dims[-1], dtype=theta.dtype, device=theta.device)
-        g_theta, g_lr, g_xs, g_xq = bwd_op(
-            theta, lr, xs, ys, xq, yq, qw,
-            g_task_losses.contiguous(), g_query_preds.contiguous(),
-            dims, activation, loss, first_order, need_lr, need_x,
-        )
+        g_theta, g_lr, g_xs, g_xq = _reverse_sweep(bwd_op, ctx.saved_tensors, ctx.options, g_task_losses,
+                                                   g_query_preds, need_lr, need_x)
         return (
             g_theta if ctx.needs_input_grad[0] else None,
             g_lr if need_lr else None,
@@ -208,12 +212,13 @@ def register_train_autograd(train_op, bwd_op) -> None:
         ctx.mark_non_differentiable(*output[3:])
         ctx.set_materialize_grads(False)  # an unused output's cotangent arrives as None, not zeros
         ctx.save_for_backward(theta, lr, xs, ys, xq, yq, qw, *output[3:])
-        ctx.options = (list(dims), activation, loss, first_order, need_lr, need_x)
+        ctx.options = (list(dims), activation, loss, first_order)
+        ctx.flags = (need_lr, need_x)
 
     def backward(ctx, g_task_losses, g_query_preds, g_mean, *_):
-        theta, lr, xs, ys, xq, yq, qw, s_theta, s_lr, s_xs, s_xq = ctx.saved_tensors
-        dims, activation, loss, first_order, need_lr, need_x = ctx.options
-        T = xs.shape[0]
+        saved, (s_theta, s_lr, s_xs, s_xq) = ctx.saved_tensors[:7], ctx.saved_tensors[7:]
+        need_lr, need_x = ctx.flags
+        T = saved[2].shape[0]
         want = ctx.needs_input_grad
         want_lr = need_lr and bool(want[1])
         want_xs, want_xq = need_x and bool(want[2]), need_x and bool(want[4])
@@ -221,14 +226,11 @@ def register_train_autograd(train_op, bwd_op) -> None:
             w = g_mean / T
             g_theta, g_lr, g_xs, g_xq = s_theta * w, s_lr * w, s_xs * w, s_xq * w
         else:
-            c = g_task_losses if g_task_losses is not None else torch.zeros(T, dtype=theta.dtype, device=theta.device)
+            c = g_task_losses
             if g_mean is not None:
-                c = c + g_mean / T
-            if g_query_preds is None:
-                g_query_preds = torch.zeros(xq.shape[0], xq.shape[1], dims[-1], dtype=theta.dtype, device=theta.device)
-            g_theta, g_lr, g_xs, g_xq = bwd_op(theta, lr, xs, ys, xq, yq, qw, c.contiguous(),
-                                               g_query_preds.contiguous(), dims, activation, loss, first_order,
-                                               want_lr, want_xs or want_xq)
+                c = g_mean.expand(T) / T if c is None else c + g_mean / T
+            g_theta, g_lr, g_xs, g_xq = _reverse_sweep(bwd_op, saved, ctx.options, c, g_query_preds, want_lr,
+                                                       want_xs or want_xq)
         return (g_theta if want[0] else None, g_lr if want_lr else None, g_xs if want_xs else None, None,
                 g_xq if want_xq else None, *(None,) * 8)
 
