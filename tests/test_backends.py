@@ -519,13 +519,13 @@ def test_training_call_runs_forward_and_backward_in_one_op(name, monkeypatch):
     case = make_case(inner_steps=2, lr_form="per_parameter", loss="mse", activation="tanh", seed=41).to(F64, device_for(name))
     launches = []
     if name == "triton":
-        from fastmaml.backends import triton_maml
+        from fastmaml.backends import _triton_ops
 
         for launcher in ("_backward_launch", "_forward_launch"):
-            def spy(*args, _real=getattr(triton_maml, launcher), _name=launcher):
+            def spy(*args, _real=getattr(_triton_ops, launcher), _name=launcher):
                 launches.append(_name)
                 return _real(*args)
-            monkeypatch.setattr(triton_maml, launcher, spy)
+            monkeypatch.setattr(_triton_ops, launcher, spy)
     out = run_or_skip(name, lambda: fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query,
                                                   case.y_query, backend=name, **case.kwargs()))
     # The C++ autograd kernel (csrc/autograd_fwdbwd.cpp) of maml_train on CPU and CUDA tensors; on triton

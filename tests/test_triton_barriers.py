@@ -205,6 +205,7 @@ SCRATCH_CASES = [
 def test_scratch_layout_has_no_barrier_hazards(hazards, monkeypatch, case):
     """Forward, adapt and backward kernels of the scratch layout, two tasks in one program (the task loop's
     reuse of every buffer), every option both ways across the cases."""
+    from fastmaml.backends import _triton_ops as ops
     from fastmaml.backends import triton_maml as tm
 
     dims, act, loss, first_order, need_lr, need_x, K, qw_zero, (NS, NQ) = case
@@ -212,11 +213,11 @@ def test_scratch_layout_has_no_barrier_hazards(hazards, monkeypatch, case):
     monkeypatch.setattr(tm, "SCRATCH_BYTES", 1)  # one program for both tasks
     theta, lr, xs, ys, xq, yq, qw, g_losses, g_preds = _flat_problem(list(dims), 2, NS, NQ, K, loss,
                                                                      SCRATCH_CASES.index(case), qw_zero)
-    losses, preds, _ = tm._forward_launch(theta, lr, xs, ys, xq, yq, qw, list(dims), act, loss, True)
-    _, _, thetas = tm._forward_launch(theta, lr, xs, ys, None, None, None, list(dims), act, loss, False)
-    grads = tm._bwd_impl(theta, lr, xs, ys, xq, yq, qw, g_losses, g_preds, list(dims), act, loss, first_order,
+    losses, preds, _ = ops._forward_launch(theta, lr, xs, ys, xq, yq, qw, list(dims), act, loss, True)
+    _, _, thetas = ops._forward_launch(theta, lr, xs, ys, None, None, None, list(dims), act, loss, False)
+    grads = ops._bwd_impl(theta, lr, xs, ys, xq, yq, qw, g_losses, g_preds, list(dims), act, loss, first_order,
                          need_lr, need_x)
-    train = tm._train_impl(theta, lr, xs, ys, xq, yq, qw, list(dims), act, loss, first_order, need_lr, need_x)
+    train = ops._train_impl(theta, lr, xs, ys, xq, yq, qw, list(dims), act, loss, first_order, need_lr, need_x)
     assert not hazards.found and not hazards.unwritten, _report(hazards)
     for t in (losses, thetas, *grads, *train):
         assert torch.isfinite(t).all()
