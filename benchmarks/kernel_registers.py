@@ -8,7 +8,7 @@
 
 What a kernel change does to register use and spills is the one figure of a GPU kernel's cost that this
 side of a GPU can measure: the CUDA kernels go through `nvcc -Xptxas -v` (every kernel of
-`csrc/cuda/maml_cuda.cu`, float32 and float64; about 3 minutes on 2 cores), the Triton kernels through
+`csrc/cuda/*.cu`, float32 and float64, the files compiled in parallel), the Triton kernels through
 `triton.compile` for the target and `ptxas -v` of their PTX (the 1-W-W-1 MLP with 10 + 10 points, mse,
 relu, second order with every gradient, float32; 2-60 s a variant). One line per kernel: registers per
 thread, bytes of spill stores and loads, stack frame. On a GPU, `benchmarks/gpu_check.sh` prints the
@@ -59,9 +59,10 @@ def parse_ptxas(text: str) -> dict[str, dict]:
 
 def short_name(mangled: str) -> str:
     """`bwd_kernel<float>` from an Itanium-mangled CUDA kernel name; the name itself otherwise."""
-    m = re.search(r"\d+([a-z_]+_kernel)I([df])E", mangled)
+    m = re.search(r"\d+([a-z_]+_kernel)I([df])(?:Li(\d+)E)?E", mangled)
     if m:
-        return f"{m.group(1)}<{'float' if m.group(2) == 'f' else 'double'}>"
+        blocks = f", {m.group(3)}" if m.group(3) else ""  # bwd_kernel<float, 4>: its min-blocks variant
+        return f"{m.group(1)}<{'float' if m.group(2) == 'f' else 'double'}{blocks}>"
     m = re.search(r"\d+(team_tiles|task_backward|task_forward|block_sum)", mangled)
     return m.group(1) if m else mangled[:60]
 
@@ -76,19 +77,26 @@ def cuda_report(arch: str) -> list[str]:
     if not Path(nvcc).exists():
         return ["cuda: nvcc not found"]
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([nvcc, f"-arch=sm_{arch}", "-O3", "-Xptxas", "-v", "-c",
-                               str(ROOT / "csrc/cuda/maml_cuda.cu"), "-I", str(ROOT / "csrc"), "-o",
-                               str(Path(tmp) / "k.o")], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return [f"cuda: nvcc failed:\n{proc.stderr[-3000:]}"]
-    lines = [f"== CUDA kernels, nvcc -O3 sm_{arch} ({time.perf_counter() - start:.0f} s)"]
-    for mangled, r in parse_ptxas(proc.stderr).items():
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    with tempfile.TemporaryDirectory() as tmp:  # every file at once, as ninja builds them
+        procs = [subprocess.Popen([nvcc, f"-arch=sm_{arch}", "-O3", "-Xptxas", "-v", "-c", str(cu), "-I",
+                                   str(ROOT / "csrc"), "-o", str(Path(tmp) / f"{cu.stem}.o")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cu in sources]
+        outputs = [(cu, *proc.communicate(), proc.returncode) for cu, proc in zip(sources, procs)]
+    failed = [f"cuda: nvcc failed on {cu.name}:\n{err[-3000:]}" for cu, _, err, rc in outputs if rc != 0]
+    if failed:
+        return failed
+    lines = [f"== CUDA kernels, nvcc -O3 sm_{arch}, {len(sources)} files in parallel "
+             f"({time.perf_counter() - start:.0f} s)"]
+    reports = {}
+    for _, _, err, _ in outputs:
+        reports.update(parse_ptxas(err))  # a kernel two files share (column_sum_kernel) is the same code
+    for mangled, r in reports.items():
         if "_kernel" in mangled:
             lines.append(line(short_name(mangled), r))
-    # block_sum is __noinline__ on purpose (csrc/cuda/maml_cuda.cu); anything else here fell off nvcc's
+    # block_sum is __noinline__ on purpose (csrc/cuda/kernels.cuh); anything else here fell off nvcc's
     # inlining (the reverse sweep did, with hundreds of bytes of spills).
-    outlined = [m for m in parse_ptxas(proc.stderr) if "_kernel" not in m and "block_sum" not in m]
+    outlined = [m for m in reports if "_kernel" not in m and "block_sum" not in m]
     if outlined:
         lines.append(f"  (not inlined into their kernels: {sorted({short_name(m) for m in outlined})})")
     return lines

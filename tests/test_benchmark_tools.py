@@ -17,6 +17,10 @@ ptxas info    : Compiling entry function '_ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_
 ptxas info    : Function properties for _ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfEEvNS_4task6scalar3NetEll
     64 bytes stack frame, 80 bytes spill stores, 124 bytes spill loads
 ptxas info    : Used 168 registers, used 1 barriers, 64 bytes cumulative stack size, 1024 bytes smem
+ptxas info    : Compiling entry function '_ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfLi4EEEvNS_4task6scalar3NetEll' for 'sm_90a'
+ptxas info    : Function properties for _ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfLi4EEEvNS_4task6scalar3NetEll
+    0 bytes stack frame, 236 bytes spill stores, 464 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 32 bytes smem
 ptxas info    : Compiling entry function '_ZN8fastmaml4cuda45_GLOBAL__N__x17column_sum_kernelIdEEvPKT_' for 'sm_90a'
 ptxas info    : Function properties for _ZN8fastmaml4cuda45_GLOBAL__N__x17column_sum_kernelIdEEvPKT_
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
@@ -29,6 +33,7 @@ def test_ptxas_report_is_read_per_kernel():
     by_name = {kernel_registers.short_name(k): v for k, v in parsed.items()}
     assert by_name == {
         "bwd_kernel<float>": dict(registers=168, spill_stores=80, spill_loads=124, stack=64),
+        "bwd_kernel<float, 4>": dict(registers=128, spill_stores=236, spill_loads=464, stack=0),
         "column_sum_kernel<double>": dict(registers=32, spill_stores=0, spill_loads=0, stack=0),
     }
 
@@ -75,3 +80,4 @@ def test_sweep_probes_before_skipping_on_a_far_estimate():
     far.add("cpu", H.head(w, 25), 20.0)  # 52 s: past 32 x 1 s, no probe
     assert "estimated" in bench_throughput._skip_reason("cpu", w, set(), far, args, None)
     assert far.largest_t("cpu", w) == 25
+

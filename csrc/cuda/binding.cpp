@@ -2,7 +2,7 @@
 // (docs/kernels.md), registered under the CUDA dispatch key of the schemas declared in csrc/fastmaml.cpp.
 //
 // This file checks the arguments, allocates the outputs, the workspace and the partial rows of the
-// meta-gradient with the tensors' allocator on their device, and calls the launchers of maml_cuda.cu
+// meta-gradient with the tensors' allocator on their device, and calls the launchers of kernels.cuh
 // on the current stream. It is compiled only in builds with a CUDA torch and nvcc (fastmaml/_ext.py,
 // setup.py); the kernels themselves have no torch headers.
 

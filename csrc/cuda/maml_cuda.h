@@ -1,6 +1,6 @@
 // fastmaml: launchers of the CUDA kernels of maml_fwd, maml_bwd and maml_adapt (docs/kernels.md).
 //
-// Raw pointers, sizes and a stream in; a cudaError_t out. No torch headers: maml_cuda.cu compiles with
+// Raw pointers, sizes and a stream in; a cudaError_t out. No torch headers: the .cu files compile with
 // a bare `nvcc -c` on any machine (tests/test_cuda_compile.py), and binding.cpp connects the launchers
 // to the op under the CUDA dispatch key.
 //
@@ -101,7 +101,7 @@ cudaError_t launch_fwdbwd_sum(const Sizes& s, const Launch& launch, const T* the
                               cudaStream_t stream);
 
 // out [M] = sum over t of weights[t] * rows[t, :] (rows [T, M]; weights null: the plain sum), in a
-// fixed order that depends on (T, M) only: deterministic (maml_cuda.cu, column_sum_kernel).
+// fixed order that depends on (T, M) only: deterministic (kernels.cuh, column_sum_kernel).
 template <typename T>
 cudaError_t launch_weighted_task_sum(const T* rows, const T* weights, int64_t n_tasks, int64_t M, T* out,
                                      cudaStream_t stream);

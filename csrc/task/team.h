@@ -12,7 +12,7 @@
 // primitives (fill, copy, the matrix products, ...) do not sync.
 // The CPU runs `SerialTeam` (one thread per task: every sync is a no-op and the loops run as plain
 // loops, with the register-tiled products of products.h); the CUDA kernel runs a thread block
-// (csrc/cuda/maml_cuda.cu); tests/cuda_team_check.cpp runs std::threads and compares with SerialTeam.
+// (csrc/cuda/kernels.cuh); tests/cuda_team_check.cpp runs std::threads and compares with SerialTeam.
 #pragma once
 
 #include "config.h"

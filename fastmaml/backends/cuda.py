@@ -114,7 +114,7 @@ class CudaBackend(ExtensionBackend):
         return out[0], out[1]
 
     def unavailable(self) -> Optional[str]:
-        # The kernels' team-size switch (read by the library, csrc/cuda/maml_cuda.cu): a mistyped value
+        # The kernels' team-size switch (read by the library, csrc/cuda/maml_cuda.cu, plan): a mistyped value
         # must not measure the default under another name.
         env_choice("FASTMAML_CUDA_THREADS", ("128", "64", "32"))
         # Decided from torch, the GPU and the kernels the loaded library registered, not from nvcc: a

@@ -1,0 +1,12 @@
+// fastmaml: the double launchers of maml_bwd's reverse sweep and maml_fwdbwd_sum (bwd_kernel); one file per kernel family and dtype so
+// that ninja compiles them in parallel (kernels.cuh).
+
+#include "kernels.cuh"
+
+namespace fastmaml {
+namespace cuda {
+
+FASTMAML_INSTANTIATE_BWD(double)
+
+}  // namespace cuda
+}  // namespace fastmaml
