@@ -137,6 +137,15 @@ def test_kernels_match_the_batched_products(kernels, sizes, dtype, rtol):
         assert_close(got[name], ref[name], rtol, name)
 
 
+
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-12), (torch.float32, 1e-5)])
+def test_kernels_in_chunks_of_16(kernels, monkeypatch, dtype, rtol):
+    """FASTMAML_FACTORED_K_CHUNK=16 (the GPU check's A/B `fchunk16`): widths of 45 and 70 in chunks of 16,
+    against the same products."""
+    monkeypatch.setattr(_lowrank, "K_CHUNK", 16)
+    assert (_lowrank._chunk(45), _lowrank._chunk(70), _lowrank._chunk(10)) == (16, 16, 16)
+    test_kernels_match_the_batched_products(None, (3, 7, 5, 45, 70, 3), dtype, rtol)
+
 def _add_ref(base, x, hs, ds, scales=None):
     scales = [1.0] * len(hs) if scales is None else scales
     out = sum(s * (x @ h.transpose(1, 2)) @ d for s, h, d in zip(scales, hs, ds))
@@ -329,6 +338,16 @@ def test_tf32x3_switch_compiles_to_tensor_cores():
         assert dtype == "float64" or report["mma"] > 0, (kind, dtype, report)
         assert report["registers"] > 32 and report["spill_stores"] <= 32, (kind, dtype, n, j, report)
 
+
+
+def test_chunks_of_16_compile_to_fewer_registers():
+    """FASTMAML_FACTORED_K_CHUNK=16 (the GPU check's A/B `fchunk16`) reaches the compiled kernels: with five
+    factor pairs at width 128, fewer registers a thread than the default chunks of 32, and no spills."""
+    variants = [(kind, "float32", 10, 5) for kind in ("add", "grads")]
+    default = {kind: report for kind, _, _, _, report in _compiled_rows(variants)}
+    for kind, dtype, n, j, report in _compiled_rows(variants, FASTMAML_FACTORED_K_CHUNK="16"):
+        assert report["spill_stores"] == 0 and report["registers"] < default[kind]["registers"], (
+            kind, report, default[kind])
 
 def test_compiles_through_the_kernels(kernels, monkeypatch):
     """torch.compile(fullgraph=True, aot_eager) with the products as the two operations (their fake
