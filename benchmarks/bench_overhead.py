@@ -128,7 +128,15 @@ def build(method: str, w, device: torch.device) -> Optional[Callable[[], None]]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             iteration()
-        return graph.replay
+
+        # The replay writes the parameters, their gradients and Adam's state in place: the call must keep
+        # them alive. `graph.replay` alone kept only the graph; the rest was freed when build() returned,
+        # and once the memory went back to the driver (every capture calls empty_cache, so the
+        # reduce-overhead method's next capture did) a replay wrote to unmapped memory: the H200's
+        # "illegal memory access" of 2026-11-30.
+        def replay(keep=(params, opt, iteration)):
+            graph.replay()
+        return replay
     if method == "vmap":
         step = peers.vmap_step(params, *data, **opts)
         return lambda: step()

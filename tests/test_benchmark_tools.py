@@ -81,3 +81,50 @@ def test_sweep_probes_before_skipping_on_a_far_estimate():
     assert "estimated" in bench_throughput._skip_reason("cpu", w, set(), far, args, None)
     assert far.largest_t("cpu", w) == 25
 
+
+
+def test_graph_method_keeps_what_its_replays_write(monkeypatch):
+    """bench_overhead's `graph` method: the call it returns keeps the parameters and the optimizer alive,
+    which the captured kernels write in place on every replay (a returned `graph.replay` kept only the
+    graph; the rest was freed, and replays wrote to memory given back to the driver: the H200's illegal
+    memory access). The CUDA pieces are stand-ins here; the iteration runs on the CPU."""
+    import gc
+    import types
+    import weakref
+
+    import torch
+
+    import bench_overhead
+    from _harness import make_workload
+
+    class Stub:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait_stream(self, *args):
+            pass
+
+        def replay(self):
+            pass
+
+    for name, value in (("Stream", Stub), ("CUDAGraph", Stub), ("stream", lambda s: Stub()),
+                        ("current_stream", lambda *a: Stub()), ("graph", lambda g, **k: Stub())):
+        monkeypatch.setattr(torch.cuda, name, value)
+    adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, **k: adam(params, lr=k.get("lr", 1e-3)))
+    w = make_workload(4, 1, 8)
+    made = []
+    fresh = type(w).fresh_params
+    monkeypatch.setattr(type(w), "fresh_params", lambda self: made.extend(fresh(self)) or made[-len(self.params):])
+    call = bench_overhead.build("graph", w, types.SimpleNamespace(type="cuda"))
+    refs = [weakref.ref(p) for p in made]
+    made.clear()
+    gc.collect()
+    assert all(r() is not None for r in refs), "the graph's parameters were freed when build() returned"
+    call()
