@@ -652,3 +652,28 @@ def test_constant_inputs_kept_between_calls_are_safe():
         out = fastmaml.maml(params, *data, inner_steps=K, inner_lr=lr, backend="cpu")
         ref = fastmaml.maml(params, *data, inner_steps=K, inner_lr=lr, backend="reference")
         torch.testing.assert_close(out.task_losses, ref.task_losses, rtol=1e-10, atol=0)
+
+
+def test_constants_are_not_kept_while_a_cuda_graph_is_captured(monkeypatch):
+    """Under CUDA graph capture (_fused._capturing, faked here on a CUDA device object: no GPU needed) each
+    call makes its own constants and keeps none: a tensor made under capture holds nothing until the
+    graph's first replay, and a graph that read a kept one would read freed memory once the cache is
+    cleared. Outside capture the same key gives the kept tensor."""
+    from fastmaml.backends import _fused
+
+    cuda = torch.device("cuda", 0)
+    made = []
+
+    def make():
+        made.append(torch.ones(2))
+        return made[-1]
+
+    monkeypatch.setattr(_fused, "_CONSTANTS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    a = _fused._constant(("t", 1), make, cuda)
+    b = _fused._constant(("t", 1), make, cuda)
+    assert a is not b and len(made) == 2 and _fused._CONSTANTS == {}
+    assert _fused._constant(("t", 1), make, torch.device("cpu")) is _fused._constant(("t", 1), make, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    c = _fused._constant(("t", 2), make, cuda)
+    assert _fused._constant(("t", 2), make, cuda) is c

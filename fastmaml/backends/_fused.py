@@ -30,14 +30,21 @@ def flat_theta(problem: Problem) -> torch.Tensor:
 
 # The constant inputs of training calls (a float rate's [K, P] table, plain MAML's query weights), kept
 # between calls: making them on every call was a tenth of the Python around the CPU kernels.
-# The ops only read them. Not kept while torch.compile traces (they would be fake tensors) nor under
-# inference_mode (an inference tensor cannot be saved for a later backward).
+# The ops only read them. Not kept while torch.compile traces (they would be fake tensors), under
+# inference_mode (an inference tensor cannot be saved for a later backward), nor while a CUDA graph is
+# captured on the current stream: there the graph gets its own, made by kernels it replays. A tensor made
+# under capture holds nothing until the first replay (an eager call reading it from here would read
+# garbage), and a graph that captured a kept one would read freed memory once the cache is cleared.
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 _MAX_CONSTANTS = 32
 
 
-def _constant(key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _constant(key: tuple, make: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or _capturing(device):
         return make()
     t = _CONSTANTS.get(key)
     if t is None:
@@ -54,7 +61,7 @@ def flat_lr(problem: Problem) -> torch.Tensor:
         P = problem.num_params
         value, dtype, device = problem.inner_lr_value, problem.dtype, problem.device
         return _constant(("lr", K, P, value, dtype, device),
-                         lambda: torch.full((K, P), value, dtype=dtype, device=device))
+                         lambda: torch.full((K, P), value, dtype=dtype, device=device), device)
     if problem.inner_lr_tensor is not None:  # one rate per step, shared by every parameter
         return problem.inner_lr_tensor.reshape(-1, 1).expand(K, problem.num_params).contiguous()
     # The width is given explicitly: reshape(K, -1) is ambiguous when K = 0.
@@ -72,7 +79,7 @@ def flat_query_weights(problem: Problem) -> torch.Tensor:
         w[-1] = 1
         return w
 
-    return _constant(("qw", K, dtype, device), make)
+    return _constant(("qw", K, dtype, device), make, device)
 
 
 def unflatten(flat: torch.Tensor, problem: Problem) -> list[torch.Tensor]:
