@@ -189,6 +189,33 @@ def _results(stdout: str) -> dict:
     return {item["name"]: item for item in items}
 
 
+def _compile_cost(variant: dict) -> float:
+    """A rough relative compile time. A backward costs about three forwards, and cost grows with depth
+    and steeply with the register layout's blocks (padded points x padded width: the products are
+    unrolled over them). The scratch layout (forced, or `auto` from width 128) runs its products as loops
+    and is cheaper. On 2 cores the float32 backward at 64 x 64, depth 4, took 245 s of the fixture's 540 s
+    of compiling, the float64 one at 32 x 64 26 s, the other backwards 2-24 s."""
+    from fastmaml.backends.triton_maml import _pad
+
+    dims = variant["dims"]
+    block = _pad(max(variant["n_support"], variant["n_query"])) * _pad(max(dims))
+    scratch = variant["layout"] == "scratch" or (variant["layout"] == "" and _pad(max(dims)) >= 128)
+    return (3 if variant["kind"] == "bwd" else 1) * (len(dims) - 1) * (block / (1024 if scratch else 256)) ** 3
+
+
+def _shares(variants: list[dict], workers: int) -> list[list[dict]]:
+    """The variants dealt to `workers` compile processes, the costliest first, each to the least loaded
+    process (dealing the list round-robin gave one process every backward: the list alternates bwd and
+    fwd, and the fixture took the time of that one: 543 s in a CI run on 2 cores)."""
+    shares: list[list[dict]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for v in sorted(variants, key=_compile_cost, reverse=True):
+        i = load.index(min(load))
+        shares[i].append(v)
+        load[i] += _compile_cost(v)
+    return shares
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """Compile every variant in parallel subprocesses (TRITON_INTERPRET unset, a fresh Triton cache)."""
@@ -197,8 +224,7 @@ def compiled(tmp_path_factory):
         pytest.skip(why)
     cache = tmp_path_factory.mktemp("triton_cache")
     workers = max(1, min(len(VARIANTS), os.cpu_count() or 1))
-    # Deal the variants round-robin, slowest kinds (bwd) spread over the workers.
-    shares = [VARIANTS[i::workers] for i in range(workers)]
+    shares = _shares(VARIANTS, workers)
     procs = [_start_compile(share, cache) for share in shares if share]
     results = {}
     for proc in procs:
