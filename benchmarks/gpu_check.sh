@@ -159,8 +159,9 @@ if command -v nvcc >/dev/null 2>&1 && [ "${REPORTS:-1}" = 1 ]; then
   stage "nvcc -Xptxas -v of every CUDA kernel variant (background) -> $DIR/ptxas.txt"
   ptx_arch="$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | tr ';' ' ' | awk '{print $1}' | tr -d '.')"
   ( for cu in csrc/cuda/*.cu; do  # every file at once, as the build compiles them
-      ( timeout 300 nvcc -arch="sm_${ptx_arch}" -O3 -Xptxas -v -c "$cu" -I csrc -o "/tmp/fastmaml_ptxas_$(basename "$cu").o" \
-          > "/tmp/fastmaml_ptxas_$(basename "$cu").txt" 2>&1 || echo "nvcc failed on $cu" >> "/tmp/fastmaml_ptxas_$(basename "$cu").txt" ) &
+      out="/tmp/fastmaml_ptxas_$(basename "$cu")"
+      ( timeout 300 nvcc -arch="sm_${ptx_arch}" -O3 -Xptxas -v -c "$cu" -I csrc -o "$out.o" > "$out.txt" 2>&1 \
+          || echo "nvcc failed on $cu" >> "$out.txt" ) &
     done; wait
     cat /tmp/fastmaml_ptxas_*.cu.txt | c++filt > "$DIR/ptxas.txt" ) &
   PTXAS_PID=$!

@@ -673,7 +673,8 @@ def test_constants_are_not_kept_while_a_cuda_graph_is_captured(monkeypatch):
     a = _fused._constant(("t", 1), make, cuda)
     b = _fused._constant(("t", 1), make, cuda)
     assert a is not b and len(made) == 2 and _fused._CONSTANTS == {}
-    assert _fused._constant(("t", 1), make, torch.device("cpu")) is _fused._constant(("t", 1), make, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert _fused._constant(("t", 1), make, cpu) is _fused._constant(("t", 1), make, cpu)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     c = _fused._constant(("t", 2), make, cuda)
     assert _fused._constant(("t", 2), make, cuda) is c

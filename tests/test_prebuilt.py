@@ -81,7 +81,8 @@ def test_source_hash_covers_every_source_file(monkeypatch, tmp_path):
     shutil.copytree(CSRC, csrc, ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
     expected = _ext.source_hash(CSRC)
     assert _ext.source_hash(csrc) == expected  # the hash does not depend on where the sources are
-    for rel in ("cuda/maml_cuda.cu", "cuda/kernels.cuh", "cuda/bwd_f64.cu", "cuda/binding.cpp", "maml_task.h", "cpu/maml_cpu.cpp"):
+    for rel in ("cuda/maml_cuda.cu", "cuda/kernels.cuh", "cuda/bwd_f64.cu", "cuda/binding.cpp", "maml_task.h",
+                "cpu/maml_cpu.cpp"):
         original = (csrc / rel).read_bytes()
         (csrc / rel).write_bytes(original + b"\n// changed\n")
         assert _ext.source_hash(csrc) != expected, rel

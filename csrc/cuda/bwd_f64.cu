@@ -1,5 +1,5 @@
-// fastmaml: the double launchers of maml_bwd's reverse sweep and maml_fwdbwd_sum (bwd_kernel); one file per kernel family and dtype so
-// that ninja compiles them in parallel (kernels.cuh).
+// fastmaml: the double launchers of maml_bwd's reverse sweep and maml_fwdbwd_sum (bwd_kernel).
+// One file per kernel family and dtype, so that ninja compiles them in parallel (kernels.cuh).
 
 #include "kernels.cuh"
 

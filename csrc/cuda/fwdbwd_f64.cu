@@ -1,5 +1,5 @@
-// fastmaml: the double launchers of maml_fwdbwd, every task's own gradient rows (fwdbwd_kernel); one file per kernel family and dtype so
-// that ninja compiles them in parallel (kernels.cuh).
+// fastmaml: the double launchers of maml_fwdbwd, every task's own gradient rows (fwdbwd_kernel).
+// One file per kernel family and dtype, so that ninja compiles them in parallel (kernels.cuh).
 
 #include "kernels.cuh"
 

@@ -80,8 +80,8 @@ _INTERPRET_CPU = False
 # a multiprocessor there; at 16, 52 / 44 and 80 / 80, 6 to 9 programs. The factored backend's time at
 # T=65,536, K=5, W=128 is two thirds these kernels, at about an eighth of the memory bandwidth their bytes
 # need: whether the occupancy pays for the shorter loads is for a GPU to say (the GPU check's A/B
-# `fchunk16`). With FMA products (ieee, and float64 always) both run the same FMAs in the same order, k
-# ascending (Triton lowers an FMA dot to one chain per output over k), so they give the same bits.
+# `fchunk16`). With float32 FMA products (ieee, the default) both run the same FMAs in the same order,
+# k ascending (Triton lowers an FMA dot to one chain per output over k), so they give the same bits.
 K_CHUNK = int(env_choice("FASTMAML_FACTORED_K_CHUNK", ("32", "16")))
 
 
