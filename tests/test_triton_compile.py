@@ -238,6 +238,9 @@ def compiled(tmp_path_factory):
     return results
 
 
+# One pytest-xdist worker takes them all (`--dist loadgroup`): each worker that ran one would compile the
+# whole set for its module-scoped fixture.
+@pytest.mark.xdist_group("triton_sm90")
 @pytest.mark.parametrize("variant", VARIANTS, ids=[_name(v) for v in VARIANTS])
 def test_kernel_compiles_for_sm90(compiled, variant):
     import torch
