@@ -322,26 +322,39 @@ cudaError_t over_partial_rows(const Launch& launch, int64_t P, int64_t K, bool n
   return err;
 }
 
+// The reverse sweep into per-block partial rows, summed into out_theta [P] and out_lr [K, P]. launch_bwd
+// seeds it with the task losses' and query predictions' cotangents (g_*); launch_fwdbwd_sum passes none
+// (the plain sum's cotangent) and has the kernel write the losses and predictions its forward computes.
+template <typename T>
+cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const Data<T>& data,
+                          const T* qw, const T* g_task_losses, const T* g_query_preds, bool first_order,
+                          T* task_losses, T* query_preds, T* part_theta, T* part_lr, T* out_theta, T* out_lr,
+                          T* g_xs, T* g_xq, T* workspace, cudaStream_t stream) {
+  const int64_t P = s.net.P, K = s.K;
+  const bool need_lr = out_lr != nullptr && K > 0;
+  return over_partial_rows(launch, P, K, need_lr, part_theta, part_lr, out_theta, out_lr, stream, [&]() {
+    if (s.T == 0) return cudaSuccess;
+    const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+    const auto kernel = bwd_kernel_for<T>();
+    if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;
+    kernel<<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
+        s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, g_task_losses,
+        g_query_preds, first_order, task_losses, query_preds, part_theta, need_lr ? part_lr : nullptr, g_xs, g_xq,
+        workspace, launch.work_elems, launch.shared, launch.tiles);
+    return cudaGetLastError();
+  });
+}
+
 template <typename T>
 cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
                        const T* ys_float, const int64_t* ys_index, const T* xq, const T* yq_float,
                        const int64_t* yq_index, const T* qw, const T* g_task_losses, const T* g_query_preds,
                        bool first_order, T* part_theta, T* part_lr, T* g_theta, T* g_lr, T* g_xs, T* g_xq,
                        T* workspace, cudaStream_t stream) {
-  const int64_t P = s.net.P, K = s.K;
-  const bool need_lr = g_lr != nullptr && K > 0;
-  return over_partial_rows(launch, P, K, need_lr, part_theta, part_lr, g_theta, g_lr, stream, [&]() {
-    if (s.T == 0) return cudaSuccess;
-    const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
-    const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
-    const auto kernel = bwd_kernel_for<T>();
-    if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;
-    kernel<<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
-        s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, g_task_losses,
-        g_query_preds, first_order, static_cast<T*>(nullptr), static_cast<T*>(nullptr), part_theta,
-        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles);
-    return cudaGetLastError();
-  });
+  const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
+  return reverse_sweep(s, launch, theta, lr, data, qw, g_task_losses, g_query_preds, first_order,
+                       static_cast<T*>(nullptr), static_cast<T*>(nullptr), part_theta, part_lr, g_theta, g_lr, g_xs,
+                       g_xq, workspace, stream);
 }
 
 template <typename T>
@@ -365,20 +378,10 @@ cudaError_t launch_fwdbwd_sum(const Sizes& s, const Launch& launch, const T* the
                               const int64_t* yq_index, const T* qw, bool first_order, T* task_losses, T* query_preds,
                               T* part_theta, T* part_lr, T* sum_theta, T* sum_lr, T* g_xs, T* g_xq, T* workspace,
                               cudaStream_t stream) {
-  const int64_t P = s.net.P, K = s.K;
-  const bool need_lr = sum_lr != nullptr && K > 0;
-  return over_partial_rows(launch, P, K, need_lr, part_theta, part_lr, sum_theta, sum_lr, stream, [&]() {
-    if (s.T == 0) return cudaSuccess;
-    const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
-    const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
-    const auto kernel = bwd_kernel_for<T>();
-    if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;
-    kernel<<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
-        s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, static_cast<const T*>(nullptr),
-        static_cast<const T*>(nullptr), first_order, task_losses, query_preds, part_theta,
-        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles);
-    return cudaGetLastError();
-  });
+  const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
+  return reverse_sweep(s, launch, theta, lr, data, qw, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                       first_order, task_losses, query_preds, part_theta, part_lr, sum_theta, sum_lr, g_xs, g_xq,
+                       workspace, stream);
 }
 
 template <typename T>
