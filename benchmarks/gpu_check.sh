@@ -294,6 +294,8 @@ fi
 #   ftf32x3  FASTMAML_FACTORED_PRECISION=tf32x3: the factored backend's low-rank products on tensor cores
 #   fchunk16 FASTMAML_FACTORED_K_CHUNK=16: those products in chunks of 16, for fewer registers and more
 #            programs a multiprocessor (their time was an eighth of what their bytes allow)
+#   floops   FASTMAML_FACTORED_K_LOOP=per_factor: those products' reduction in a loop per factor (as
+#            before), not one loop for all factors (fewer rounds of dependent loads, more registers)
 #   blocks4  FASTMAML_CUDA_MIN_BLOCKS=4: the CUDA reverse sweep compiled for 4 blocks a multiprocessor
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
 #   team64   team of one or two warps, more tasks resident a multiprocessor, cheaper barriers
@@ -307,12 +309,12 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "fchunk16 ftf32x3 blocks4 team32 team64 ieee scratch", is what
-# no GPU has measured yet (about 25 s each; scratch was measured with FMA products, equal to the register
+# AB_VARIANTS picks some. The default, "floops fchunk16 ftf32x3 blocks4 team32 team64 ieee scratch", is
+# what no GPU has measured yet (about 22 s each; scratch was measured with FMA products, equal to the register
 # layout, and now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200 (2026-11-30,
 # benchmarks/RESULTS.md). AB_S is the time for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-fchunk16 ftf32x3 blocks4 team32 team64 ieee scratch})
+  variants=(${AB_VARIANTS:-floops fchunk16 ftf32x3 blocks4 team32 team64 ieee scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -334,6 +336,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       chunk4g) setting=FASTMAML_FACTORED_CHUNK_MB=4096; method=factored ;;
       ftf32x3) setting=FASTMAML_FACTORED_PRECISION=tf32x3; method=factored ;;
       fchunk16) setting=FASTMAML_FACTORED_K_CHUNK=16; method=factored ;;
+      floops) setting=FASTMAML_FACTORED_K_LOOP=per_factor; method=factored ;;
       factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
       *) echo "unknown A/B variant $v" >> "$DIR/ab.txt"; continue ;;
     esac

@@ -146,6 +146,28 @@ def test_kernels_in_chunks_of_16(kernels, monkeypatch, dtype, rtol):
     assert (_lowrank._chunk(45), _lowrank._chunk(70), _lowrank._chunk(10)) == (16, 16, 16)
     test_kernels_match_the_batched_products(None, (3, 7, 5, 45, 70, 3), dtype, rtol)
 
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("k_loop", ["one", "per_factor"])
+def test_kernels_in_one_loop_or_a_loop_per_factor(kernels, monkeypatch, k_loop, dtype, rtol):
+    """FASTMAML_FACTORED_K_LOOP forced either way (`auto` takes one loop for float32 at these sizes and a
+    loop per factor for float64; the GPU check's A/B `floops` is per_factor): against the same products,
+    three factors, widths past a chunk."""
+    monkeypatch.setattr(_lowrank, "K_LOOP", k_loop)
+    test_kernels_match_the_batched_products(None, (3, 7, 5, 45, 70, 3), dtype, rtol)
+
+
+def test_auto_takes_one_loop_where_it_compiles_without_spills(monkeypatch):
+    monkeypatch.setattr(_lowrank, "K_LOOP", "auto")
+    assert _lowrank._one_loop(torch.float32, 10, 10, 5)
+    assert not _lowrank._one_loop(torch.float32, 10, 10, 6)  # 8 factors spill
+    assert not _lowrank._one_loop(torch.float32, 20, 10, 2)  # 32 x 16 points: 32 x 32 spill
+    assert not _lowrank._one_loop(F64, 10, 10, 2)
+    monkeypatch.setattr(_lowrank, "PRECISION", "tf32x3")  # 5 factors spill with tensor-core products
+    assert not _lowrank._one_loop(torch.float32, 10, 10, 5)
+    monkeypatch.setattr(_lowrank, "K_LOOP", "one")
+    assert _lowrank._one_loop(F64, 20, 20, 8)
+
+
 def _add_ref(base, x, hs, ds, scales=None):
     scales = [1.0] * len(hs) if scales is None else scales
     out = sum(s * (x @ h.transpose(1, 2)) @ d for s, h, d in zip(scales, hs, ds))
@@ -339,7 +361,6 @@ def test_tf32x3_switch_compiles_to_tensor_cores():
         assert report["registers"] > 32 and report["spill_stores"] <= 32, (kind, dtype, n, j, report)
 
 
-
 def test_chunks_of_16_compile_to_fewer_registers():
     """FASTMAML_FACTORED_K_CHUNK=16 (the GPU check's A/B `fchunk16`) reaches the compiled kernels: with five
     factor pairs at width 128, fewer registers a thread than the default chunks of 32, and no spills."""
@@ -348,6 +369,17 @@ def test_chunks_of_16_compile_to_fewer_registers():
     for kind, dtype, n, j, report in _compiled_rows(variants, FASTMAML_FACTORED_K_CHUNK="16"):
         assert report["spill_stores"] == 0 and report["registers"] < default[kind]["registers"], (
             kind, report, default[kind])
+
+
+def test_loop_per_factor_reaches_the_compiled_kernels():
+    """FASTMAML_FACTORED_K_LOOP=per_factor (the A/B `floops`) compiles, without spills, to another kernel than
+    the default's one loop for all factors: five factor pairs at width 128 take other register counts."""
+    variants = [("add", "float32", 10, 5)]
+    default = _compiled_rows(variants)[0][4]
+    per_factor = _compiled_rows(variants, FASTMAML_FACTORED_K_LOOP="per_factor")[0][4]
+    assert default["spill_stores"] == 0 and per_factor["spill_stores"] == 0, (default, per_factor)
+    assert default["registers"] != per_factor["registers"], (default, per_factor)
+
 
 def test_compiles_through_the_kernels(kernels, monkeypatch):
     """torch.compile(fullgraph=True, aot_eager) with the products as the two operations (their fake

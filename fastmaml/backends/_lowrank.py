@@ -84,6 +84,34 @@ _INTERPRET_CPU = False
 # k ascending (Triton lowers an FMA dot to one chain per output over k), so they give the same bits.
 K_CHUNK = int(env_choice("FASTMAML_FACTORED_K_CHUNK", ("32", "16")))
 
+# How the kernels reduce over I for their J factors (FASTMAML_FACTORED_K_LOOP, read once at import): one
+# loop over I's chunks that loads each chunk of every factor together ("one"), or a loop each
+# ("per_factor"). The kernels wait on their loads: on the H200 they ran at an eighth of the bandwidth
+# their bytes need, and one loop leaves ceil(I / 32) rounds of dependent loads before the output instead
+# of J times that (8 rounds a program instead of 24 at I = O = 128, five factors). It holds every
+# factor's chunk at once, though. sm_90 ptxas -v, chunks of 32, I = O = 128 (lowrank_add / lowrank_grads;
+# per factor -> one loop):
+#   float32, 16 x 16 padded points, 3 factors: 108 / 152 -> 96 / 118 registers; 5 factors: 124 / 156 ->
+#   148 / 152; 8 factors: 168 / 168 -> 168 with 12 B of spills / 198;
+#   float32, 32 x 32, 2 factors: 168 / 220 -> 255 with 4 B of spills / 186;
+#   float64, 16 x 16: 3 factors 117 / 114 -> 184 / 182, 6 factors 138 / 128 -> 255 / 255, 8 factors
+#   159 / 140 -> 255 with 148 / 124 B of spills;
+#   float32 with tf32x3 (FASTMAML_FACTORED_PRECISION), 16 x 16, 5 factors: 243 / 219 -> 255 with 28 / 4 B.
+# "auto" (the default) takes one loop where it costs no spills and few registers: float32 FMA products,
+# points padded to 16 x 16, at most 5 factors (the sinusoid nets at up to 5 steps); a loop each
+# elsewhere. Both sum each product's chunks in ascending k: the same bits. The GPU check's A/B `floops`
+# runs "per_factor"; benchmarks/RESULTS.md has the prediction.
+K_LOOP = env_choice("FASTMAML_FACTORED_K_LOOP", ("auto", "one", "per_factor"))
+ONE_LOOP_MAX_FACTORS = 5
+
+
+def _one_loop(dtype: torch.dtype, n: int, s: int, factors: int) -> bool:
+    """Whether the kernels for `factors` pairs of `s` rows against `n` points reduce in one loop (K_LOOP)."""
+    if K_LOOP != "auto":
+        return K_LOOP == "one"
+    return (dtype == torch.float32 and _precision(dtype) == "ieee" and _pad(n) * _pad(s) <= 256
+            and factors <= ONE_LOOP_MAX_FACTORS)
+
 
 def _chunk(n: int) -> int:
     return min(_pad(n), K_CHUNK)
@@ -181,7 +209,8 @@ def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tens
             _module().lowrank_add_kernel[(T,)](
                 base_, x, hs, ds, scales_, out, T, N, S, I, O, J=len(hs), HAS_BASE=base is not None,
                 HAS_SCALES=scales is not None,
-                PRECISION=_precision(x.dtype), BN=_pad(N), BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
+                PRECISION=_precision(x.dtype), ONE_LOOP=_one_loop(x.dtype, N, S, len(hs)), BN=_pad(N),
+                BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
             )
     return out
 
@@ -200,7 +229,8 @@ def _grads_impl(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor,
         with _device_guard(u):
             _module().lowrank_grads_kernel[(T,)](
                 u, bs, c, scales_, out, T, N, S, I, O, J=len(bs), HAS_SCALES=scales is not None,
-                PRECISION=_precision(u.dtype), BN=_pad(N), BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
+                PRECISION=_precision(u.dtype), ONE_LOOP=_one_loop(u.dtype, N, S, len(bs)), BN=_pad(N),
+                BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
             )
     return out
 
@@ -328,7 +358,8 @@ def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o:
     from triton.compiler import ASTSource
 
     module = _module()
-    blocks = dict(BN=_pad(n), BS=_pad(s), BK=_chunk(i), BO=_chunk(o), J=factors, PRECISION=_precision(dtype))
+    blocks = dict(BN=_pad(n), BS=_pad(s), BK=_chunk(i), BO=_chunk(o), J=factors, PRECISION=_precision(dtype),
+                  ONE_LOOP=_one_loop(dtype, n, s, factors))
     if kind == "add":
         fn, consts, lists = module.lowrank_add_kernel, dict(blocks, HAS_BASE=has_base, HAS_SCALES=True), ("hs", "ds")
     elif kind == "grads":

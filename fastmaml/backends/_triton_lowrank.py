@@ -27,19 +27,60 @@ def _tile(ptr, rows, cols, R, C, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _inner(a, b, rows_a, rows_b, RA, RB, K, BRA: tl.constexpr, BRB: tl.constexpr, BK: tl.constexpr,
-           PRECISION: tl.constexpr):
-    """`a b^T` `[BRA, BRB]` of row-major `a [RA, K]` and `b [RB, K]`, K in chunks of BK read from memory.
+def _inner_all(a, bs, rows_a, rows_b, RA, RB, K, J: tl.constexpr, TRANSPOSED: tl.constexpr, BRA: tl.constexpr,
+               BRB: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """For each of the J row-major `bs[j] [RB, K]`, `a bs[j]^T` `[BRA, BRB]` (or with TRANSPOSED its
+    transpose `bs[j] a^T` `[BRB, BRA]`) of the row-major `a [RA, K]`: a tuple of J.
 
-    In one piece, Triton's FMA product holds a whole K-row of both operands in each thread (256
-    registers at K = 128); chunks of BK bound that (the chunks of x hit the cache for every factor)."""
-    acc = tl.zeros([BRA, BRB], dtype=a.dtype.element_ty)
+    One loop over K in chunks of BK for all the factors: each step loads a's chunk once and every
+    factor's chunk together, so that a step's loads can all be in flight at once. A loop over K per factor
+    waits on J times as many rounds of loads, one after the other; on the H200 these kernels ran at an
+    eighth of the bandwidth their bytes need. In one piece, Triton's FMA product would hold a whole
+    K-row of both operands in each thread (256 registers at K = 128); chunks of BK bound that. Each
+    product sums its chunks in ascending k, as a loop per factor does: the same bits."""
+    accs = ()
+    for j in tl.static_range(J):
+        if TRANSPOSED:
+            accs = accs + (tl.zeros([BRB, BRA], dtype=a.dtype.element_ty),)
+        else:
+            accs = accs + (tl.zeros([BRA, BRB], dtype=a.dtype.element_ty),)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         ta = _tile(a, rows_a, rk, RA, K, BRA, BK)
-        tb = _tile(b, rows_b, rk, RB, K, BRB, BK)
-        acc = tl.dot(ta, tl.trans(tb), acc, input_precision=PRECISION, out_dtype=acc.dtype)
-    return acc
+        stepped = ()
+        for j in tl.static_range(J):
+            tb = _tile(bs[j], rows_b, rk, RB, K, BRB, BK)
+            if TRANSPOSED:
+                acc = tl.dot(tb, tl.trans(ta), accs[j], input_precision=PRECISION, out_dtype=ta.dtype)
+            else:
+                acc = tl.dot(ta, tl.trans(tb), accs[j], input_precision=PRECISION, out_dtype=ta.dtype)
+            stepped = stepped + (acc,)
+        accs = stepped
+    return accs
+
+
+@triton.jit
+def _factor_products(a, bs, offset, scales, rows_a, rows_b, RA, RB, K, J: tl.constexpr, TRANSPOSED: tl.constexpr,
+                     HAS_SCALES: tl.constexpr, ONE_LOOP: tl.constexpr, BRA: tl.constexpr, BRB: tl.constexpr,
+                     BK: tl.constexpr, PRECISION: tl.constexpr):
+    """`_inner_all` of `a` and this task's factors (`bs[j] + offset`), each times its scale (HAS_SCALES):
+    in one loop over K for all J (ONE_LOOP), or in a loop each (the A/B's other value)."""
+    if ONE_LOOP:
+        tasks = ()
+        for j in tl.static_range(J):
+            tasks = tasks + (bs[j] + offset,)
+        products = _inner_all(a, tasks, rows_a, rows_b, RA, RB, K, J, TRANSPOSED, BRA, BRB, BK, PRECISION)
+    accs = ()
+    for j in tl.static_range(J):
+        if ONE_LOOP:
+            acc = products[j]
+        else:  # each product scaled as soon as it is done (fewer registers than scaling all at the end)
+            acc = _inner_all(a, (bs[j] + offset,), rows_a, rows_b, RA, RB, K, 1, TRANSPOSED, BRA, BRB, BK,
+                             PRECISION)[0]
+        if HAS_SCALES:
+            acc = acc * tl.load(scales + j)
+        accs = accs + (acc,)
+    return accs
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -47,22 +88,18 @@ def lowrank_add_kernel(
     base, x, hs, ds, scales, out,  # [T, N, O] (if HAS_BASE), [T, N, I], J x [T, S, I], J x [T, S, O],
     T, N, S, I, O,                 # [J] (if HAS_SCALES) -> [T, N, O]
     J: tl.constexpr, HAS_BASE: tl.constexpr, HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr,
-    BN: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
+    ONE_LOOP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
 ):
     """`out[t] = base[t] + sum_j s_j (x[t] hs[j][t]^T) ds[j][t]` for the task t of this program.
 
-    First every factor's `c_j = s_j x hs[j]^T` (`[N, S]`, I in chunks of BK), kept in registers; then the
+    First every factor's `c_j = s_j x hs[j]^T` (`[N, S]`, I in chunks of BK; with ONE_LOOP one loop over I
+    for all J), kept in registers; then the
     output in column chunks of BO, each `base + sum_j c_j ds[j]` over its columns."""
     t = tl.program_id(0).to(tl.int64)
     rn = tl.arange(0, BN)
     rs = tl.arange(0, BS)
-    xt = x + t * N * I
-    cs = ()
-    for j in tl.static_range(J):
-        c = _inner(xt, hs[j] + t * S * I, rn, rs, N, S, I, BN, BS, BK, PRECISION)
-        if HAS_SCALES:
-            c = c * tl.load(scales + j)
-        cs = cs + (c,)
+    cs = _factor_products(x + t * N * I, hs, t * S * I, scales, rn, rs, N, S, I, J, False, HAS_SCALES, ONE_LOOP,
+                          BN, BS, BK, PRECISION)
     for o0 in range(0, O, BO):
         ro = o0 + tl.arange(0, BO)
         if HAS_BASE:
@@ -80,22 +117,18 @@ def lowrank_add_kernel(
 def lowrank_grads_kernel(
     u, bs, c, scales, out,         # [T, N, I], J x [T, S, I], [T, N, O], [J] (if HAS_SCALES) -> [J, T, S, O]
     T, N, S, I, O,
-    J: tl.constexpr, HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr,
+    J: tl.constexpr, HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
     BN: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
 ):
     """`out[j, t] = s_j (u[t] bs[j][t]^T)^T c[t]` for the task t of this program: every factor's
-    `e_j = s_j bs[j] u^T` (`[S, N]`, I in chunks of BK) kept in registers, then `e_j c` in column chunks of
-    BO (cheaper than `bs[j] (u^T c)`, whose `[I, O]` middle is a width squared per task)."""
+    `e_j = s_j bs[j] u^T` (`[S, N]`, I in chunks of BK; with ONE_LOOP one loop for all J) kept in
+    registers, then `e_j c` in column chunks of BO (cheaper than `bs[j] (u^T c)`, whose `[I, O]` middle
+    is a width squared per task)."""
     t = tl.program_id(0).to(tl.int64)
     rn = tl.arange(0, BN)
     rs = tl.arange(0, BS)
-    ut = u + t * N * I
-    es = ()
-    for j in tl.static_range(J):
-        e = _inner(bs[j] + t * S * I, ut, rs, rn, S, N, I, BS, BN, BK, PRECISION)
-        if HAS_SCALES:
-            e = e * tl.load(scales + j)
-        es = es + (e,)
+    es = _factor_products(u + t * N * I, bs, t * S * I, scales, rn, rs, N, S, I, J, True, HAS_SCALES, ONE_LOOP,
+                          BN, BS, BK, PRECISION)
     for o0 in range(0, O, BO):
         ro = o0 + tl.arange(0, BO)
         ct = _tile(c + t * N * O, rn, ro, N, O, BN, BO)
