@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
@@ -60,10 +62,12 @@ def test_harness_measures_what_auto_has_not_placed():
     assert why is not None and ("not meant for cpu" in why or "interpreter" in why), why
 
 
-def test_sweep_probes_before_skipping_on_a_far_estimate():
+def test_sweep_probes_before_skipping_on_a_far_estimate(monkeypatch):
     """A large batch whose only estimate comes from a far smaller one (T=25 before T=65,536: proportional
     to T, far too high for a batched method) is probed on a 64th and a 16th of its tasks before it is
-    skipped; an estimate past 32x the limit (a task loop's) is trusted and skips at once."""
+    skipped; an estimate past 32x the limit (a task loop's) is trusted and skips at once. The probe's
+    times are given (a batched method's: mostly fixed cost), so that a busy machine (parallel tests)
+    cannot change the outcome; the real probe is run on its own at the end."""
     from types import SimpleNamespace
 
     import _harness as H
@@ -74,12 +78,25 @@ def test_sweep_probes_before_skipping_on_a_far_estimate():
     estimator = H.Estimator()
     estimator.add("cpu", H.head(w, 25), 2.0)  # 2 ms at T=25: 5.2 s at T=65,536 if proportional
     assert estimator.estimate_s("cpu", w) > args.max_seconds
+    probed = []
+
+    def probe(method, workload, sizes):
+        probed.append(tuple(sizes))
+        for t in sizes:  # 5 ms at T=1,024 and 8 ms at T=4,096: 68 ms at T=65,536 on their line
+            estimator.add(method, H.head(workload, t), 4.0 + t / 1024)
+
+    monkeypatch.setattr(estimator, "probe", probe)
     assert bench_throughput._skip_reason("cpu", w, set(), estimator, args, None) is None
+    assert probed == [(1024, 4096)]
     assert estimator.largest_t("cpu", w) == 4096
+    assert estimator.estimate_s("cpu", w) == pytest.approx(0.068)
     far = H.Estimator()
     far.add("cpu", H.head(w, 25), 20.0)  # 52 s: past 32 x 1 s, no probe
     assert "estimated" in bench_throughput._skip_reason("cpu", w, set(), far, args, None)
     assert far.largest_t("cpu", w) == 25
+    real = H.Estimator()
+    real.probe("cpu", w, (16, 64))
+    assert real.largest_t("cpu", w) == 64 and real.estimate_s("cpu", w) > 0
 
 
 
