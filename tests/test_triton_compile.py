@@ -7,14 +7,14 @@ plus the sinusoid net and the largest sizes the backend takes) with `triton.comp
 target=GPUTarget("cuda", 90, 32))`, through ptxas to a cubin, and checks the shared memory each needs
 fits one H100 block. Both layouts of the kernels are covered: each call's own (`auto`: the scratch
 layout from a padded width of 128) and the scratch layout forced at the small sizes. The default leaves
-out the register layout at width 128 (FASTMAML_TRITON_LAYOUT=registers, not what `auto` runs): its
-backward took 8 minutes on 2 cores beside another compile, more than the rest of the set together.
-The backward kernels at width 64 stay (196,608 and 212,992 B of shared memory in float32 and float64,
-the most of any variant).
-`FASTMAML_TRITON_COMPILE_SET=full` adds the register layout at width 128, `=small` leaves out every
-largest size, `=all` compiles every combination (hours). On 2 cores the default set took 332-393 s, `small`
-about 1 minute; the variants are compiled in parallel over the cores, and each one's time is printed
-(`pytest -s`).
+out the two slowest compiles: the register layout at width 128 (FASTMAML_TRITON_LAYOUT=registers, not
+what `auto` runs), whose backward took 8 minutes on 2 cores beside another compile, and the float32
+backward at width 64 with 64 points (303 s, as long as the rest of the set together; 196,608 B of
+shared memory). The float64 backward at width 64 stays (212,992 B, the most of any variant), as do
+the float32 forward at 64 x 64 and the float32 backward at width 128.
+`FASTMAML_TRITON_COMPILE_SET=full` adds the two, `=small` leaves out every largest size, `=all` compiles
+every combination (hours). On 2 cores the default set took about 3 minutes, `small` about 1; the
+variants are compiled in parallel over the cores, and each one's time is printed (`pytest -s`).
 
 The compiler must run with `TRITON_INTERPRET` unset (conftest.py sets it for the in-process tests, and
 the kernels read it when they are defined), so the compiles run in subprocesses, this file being their
@@ -59,8 +59,10 @@ def covering_variants() -> list[dict]:
     for width in (40, 128):
         out.append(_variant("bwd", "float32", [1, width, width, 1], 10, 10, 0, 0, outputs=True))
         out.append(_variant("fwd", "float32", [1, width, width, 1], 10, 10, 0, 0))
-    # The largest sizes the backend takes, with the options that need the most shared memory.
-    out += _largest_variants()
+    # The largest sizes the backend takes, with the options that need the most shared memory (less the
+    # slowest compile, left to the full set).
+    slow = {_name(v) for v in _slowest()}
+    out += [v for v in _largest_variants() if _name(v) not in slow]
     return out
 
 
@@ -77,12 +79,15 @@ def _largest_variants() -> list[dict]:
     return out
 
 
-def _registers_at_128() -> list[dict]:
-    """The register layout at width 128 (FASTMAML_TRITON_LAYOUT=registers, the A/B's other value), whose
-    backward is the slow compile (466 s of a 769 s run of the full set on 2 cores, beside another)."""
+def _slowest() -> list[dict]:
+    """The compiles the default set leaves to `full`: the register layout at width 128
+    (FASTMAML_TRITON_LAYOUT=registers, the A/B's other value; its backward took 466 s of a 769 s run of
+    the full set on 2 cores, beside another), and the float32 backward at width 64 with 64 points (303 s
+    beside another compile)."""
     dims = [128] * 5
     return [_variant("bwd", "float32", dims, 16, 16, 1, 1, "registers"),
-            _variant("fwd", "float32", dims, 16, 16, 1, 1, "registers")]
+            _variant("fwd", "float32", dims, 16, 16, 1, 1, "registers"),
+            _variant("bwd", "float32", [64] * 5, 64, 64, 1, 1)]
 
 
 def all_variants() -> list[dict]:
@@ -100,7 +105,7 @@ def all_variants() -> list[dict]:
                                     need_lr_grad=lr, need_x_grad=x))
             for query in (True, False):
                 out.append(_variant("fwd", dtype, dims, points, points, loss, act, query=query))
-    return out + _registers_at_128()
+    return out + _slowest()[:2]  # (the third is among the largest sizes above)
 
 
 def _name(v: dict) -> str:
@@ -158,7 +163,7 @@ def selected_variants() -> list[dict]:
     if which == "all":
         return all_variants()
     if which == "full":
-        return covering_variants() + _registers_at_128()
+        return covering_variants() + _slowest()
     if which == "small":  # without the largest sizes (each 1-2 minutes to compile)
         largest = {_name(v) for v in _largest_variants()}
         return [v for v in covering_variants() if _name(v) not in largest]
@@ -189,9 +194,9 @@ def _results(stdout: str) -> dict:
     return {item["name"]: item for item in items}
 
 
-# Seconds the slowest variants took to compile (the fixture prints each one's with `pytest -s`): the
-# covering set on 2 cores, two compiles at a time; the register layout at width 128 from a run of the full
-# set. The rest took 1-18 s, backwards about three times as long as forwards.
+# Seconds the slowest variants took to compile (the fixture prints each one's with `pytest -s`) on 2
+# cores, two compiles at a time; the register layout at width 128 from a run of the full set. The rest
+# took 1-18 s, backwards about three times as long as forwards.
 _MEASURED_SECONDS = {
     "bwd-float32-64x64x64x64x64-n64.64-loss1-act1": 303,
     "fwd-float32-64x64x64x64x64-n64.64-loss1-act1": 52,
