@@ -12,8 +12,8 @@ what `auto` runs), whose backward took 8 minutes on 2 cores beside another compi
 backward at width 64 with 64 points (303 s, as long as the rest of the set together; 196,608 B of
 shared memory). The float64 backward at width 64 stays (212,992 B, the most of any variant), as do
 the float32 forward at 64 x 64 and the float32 backward at width 128.
-`FASTMAML_TRITON_COMPILE_SET=full` adds the two, `=small` leaves out every largest size, `=all` compiles
-every combination (hours). On 2 cores the default set took about 3 minutes, `small` about 1; the
+`FASTMAML_TRITON_COMPILE_SET=full` adds them back (`_slowest`), `=small` leaves out every largest size,
+`=all` compiles every combination (hours). On 2 cores the default set took about 3 minutes, `small` about 1; the
 variants are compiled in parallel over the cores, and each one's time is printed (`pytest -s`).
 
 The compiler must run with `TRITON_INTERPRET` unset (conftest.py sets it for the in-process tests, and

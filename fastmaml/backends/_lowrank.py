@@ -76,8 +76,9 @@ _INTERPRET_CPU = False
 # (FASTMAML_FACTORED_K_CHUNK, read once at import: 32 or 16, the smallest `tl.dot`). Smaller chunks hold
 # fewer registers: Triton's FMA product keeps a whole chunk-row of both operands in each thread. sm_90,
 # ptxas -v, float32, 4 warps, the 1-128-128-1 net's middle layer (benchmarks/RESULTS.md): at 32, 72 / 56
-# registers (lowrank_add / lowrank_grads) with one factor pair and 124 / 154 with five, so 3 or 4 programs
-# a multiprocessor there; at 16, 52 / 44 and 80 / 80, 6 to 9 programs. The factored backend's time at
+# registers (lowrank_add / lowrank_grads) with one factor pair and 124 / 154 with five in a loop per factor
+# (148 / 152 in one loop, K_LOOP below), so 3 or 4 programs a multiprocessor there; at 16, 52 / 44 and
+# 80 / 80 (72 / 80 in one loop), 6 to 9 programs. The factored backend's time at
 # T=65,536, K=5, W=128 is two thirds these kernels, at about an eighth of the memory bandwidth their bytes
 # need: whether the occupancy pays for the shorter loads is for a GPU to say (the GPU check's A/B
 # `fchunk16`). With float32 FMA products (ieee, the default) both run the same FMAs in the same order,

@@ -93,8 +93,8 @@ def lowrank_add_kernel(
     """`out[t] = base[t] + sum_j s_j (x[t] hs[j][t]^T) ds[j][t]` for the task t of this program.
 
     First every factor's `c_j = s_j x hs[j]^T` (`[N, S]`, I in chunks of BK; with ONE_LOOP one loop over I
-    for all J), kept in registers; then the
-    output in column chunks of BO, each `base + sum_j c_j ds[j]` over its columns."""
+    for all J), kept in registers; then the output in column chunks of BO, each `base + sum_j c_j ds[j]`
+    over its columns."""
     t = tl.program_id(0).to(tl.int64)
     rn = tl.arange(0, BN)
     rs = tl.arange(0, BS)
