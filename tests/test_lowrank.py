@@ -159,8 +159,8 @@ def test_kernels_in_one_loop_or_a_loop_per_factor(kernels, monkeypatch, k_loop, 
 def test_auto_takes_one_loop_where_it_compiles_without_spills(monkeypatch):
     monkeypatch.setattr(_lowrank, "K_LOOP", "auto")
     assert _lowrank._one_loop(torch.float32, 10, 10, 5)
-    assert not _lowrank._one_loop(torch.float32, 10, 10, 6)  # 8 factors spill
-    assert not _lowrank._one_loop(torch.float32, 20, 10, 2)  # 32 x 16 points: 32 x 32 spill
+    assert not _lowrank._one_loop(torch.float32, 10, 10, 6)  # past the 5 measured (8 spilled)
+    assert not _lowrank._one_loop(torch.float32, 20, 10, 2)  # 32 x 16 padded points (32 x 32 spilled)
     assert not _lowrank._one_loop(F64, 10, 10, 2)
     monkeypatch.setattr(_lowrank, "PRECISION", "tf32x3")  # 5 factors spill with tensor-core products
     assert not _lowrank._one_loop(torch.float32, 10, 10, 5)
