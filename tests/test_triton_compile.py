@@ -13,8 +13,9 @@ backward at width 64 with 64 points (303 s, as long as the rest of the set toget
 shared memory). The float64 backward at width 64 stays (212,992 B, the most of any variant), as do
 the float32 forward at 64 x 64 and the float32 backward at width 128.
 `FASTMAML_TRITON_COMPILE_SET=full` adds them back (`_slowest`), `=small` leaves out every largest size,
-`=all` compiles every combination (hours). On 2 cores the default set took about 3 minutes, `small` about 1; the
-variants are compiled in parallel over the cores, and each one's time is printed (`pytest -s`).
+`=all` compiles every combination (hours). On 2 cores the default set took about 3 minutes, `small`
+about 1; the variants are compiled in parallel over the cores, and each one's time is printed
+(`pytest -s`).
 
 The compiler must run with `TRITON_INTERPRET` unset (conftest.py sets it for the in-process tests, and
 the kernels read it when they are defined), so the compiles run in subprocesses, this file being their
@@ -79,15 +80,18 @@ def _largest_variants() -> list[dict]:
     return out
 
 
-def _slowest() -> list[dict]:
-    """The compiles the default set leaves to `full`: the register layout at width 128
-    (FASTMAML_TRITON_LAYOUT=registers, the A/B's other value; its backward took 466 s of a 769 s run of
-    the full set on 2 cores, beside another), and the float32 backward at width 64 with 64 points (303 s
-    beside another compile)."""
+def _registers_at_128() -> list[dict]:
+    """The register layout at width 128 (FASTMAML_TRITON_LAYOUT=registers, the A/B's other value), whose
+    backward is the slow compile (466 s of a 769 s run of the full set on 2 cores, beside another)."""
     dims = [128] * 5
     return [_variant("bwd", "float32", dims, 16, 16, 1, 1, "registers"),
-            _variant("fwd", "float32", dims, 16, 16, 1, 1, "registers"),
-            _variant("bwd", "float32", [64] * 5, 64, 64, 1, 1)]
+            _variant("fwd", "float32", dims, 16, 16, 1, 1, "registers")]
+
+
+def _slowest() -> list[dict]:
+    """The compiles the default set leaves to `full`: the register layout at width 128, and the float32
+    backward at width 64 with 64 points (one of the largest sizes; 303 s beside another compile)."""
+    return _registers_at_128() + [_variant("bwd", "float32", [64] * 5, 64, 64, 1, 1)]
 
 
 def all_variants() -> list[dict]:
@@ -105,7 +109,7 @@ def all_variants() -> list[dict]:
                                     need_lr_grad=lr, need_x_grad=x))
             for query in (True, False):
                 out.append(_variant("fwd", dtype, dims, points, points, loss, act, query=query))
-    return out + _slowest()[:2]  # (the third is among the largest sizes above)
+    return out + _registers_at_128()
 
 
 def _name(v: dict) -> str:
@@ -254,12 +258,11 @@ def compiled(tmp_path_factory):
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run is None:  # one process: nothing to share
         return _compile_variants(tmp_path_factory.mktemp("triton_cache"))
-    import fcntl
+    from fastmaml import _ext
 
     shared = tmp_path_factory.getbasetemp().parent / f"sm90-compile-{run}"  # the workers' common parent
     shared.mkdir(exist_ok=True)
-    with open(shared / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+    with _ext._build_lock(shared):  # the extension build's lock: released if the holder dies
         done = shared / "results.json"
         if not done.exists():
             done.write_text(json.dumps(_compile_variants(shared / "triton_cache")))
