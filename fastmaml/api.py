@@ -64,7 +64,7 @@ def maml(
         loss: "mse" (mean over points and outputs) or "cross_entropy" (mean over points).
         query_loss_weights: optional `[K + 1]`: the task loss becomes
             `sum_k w_k * L_query(theta_k)` (MAML++ multi-step loss).
-        backend: "auto", "reference", "cpu", "triton" or "cuda" (see `fastmaml.explain`).
+        backend: "auto", "reference", "cpu", "triton", "cuda" or "factored" (see `fastmaml.explain`).
 
     Returns:
         `MAMLOutput(loss, task_losses [T], query_preds [T, Nq, D_out], backend)`; `loss` is

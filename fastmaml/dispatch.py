@@ -22,9 +22,10 @@ log = logging.getLogger("fastmaml")
 
 # Preference of `auto`, per device type: fastest first. Backends absent from a device's list are never
 # chosen automatically there (e.g. Triton on CPU tensors runs only in the slow interpreter).
+# `factored` comes before the reference where its low-rank form holds (`factored.auto_reason`).
 AUTO_ORDER: dict[str, list[str]] = {
-    "cuda": ["cuda", "triton", "reference"],
-    "cpu": ["cpu", "reference"],
+    "cuda": ["cuda", "triton", "factored", "reference"],
+    "cpu": ["cpu", "factored", "reference"],
 }
 
 # `auto` skips the GPU kernels where the reference (torch.func.vmap over cuBLAS) measured faster: the
@@ -43,6 +44,10 @@ def _auto_skip(name: str, problem: Problem) -> Optional[str]:
         if work > GPU_KERNEL_AUTO_WORK:
             return (f"slower than the reference at this size on a GPU (tasks x width^2 = {work:.3g} > "
                     f"{GPU_KERNEL_AUTO_WORK:.3g}, measured on an H100); ask for it explicitly to use it")
+    if name == "factored" and problem.dims is not None:
+        from .backends.factored import auto_reason
+
+        return auto_reason(problem)
     return None
 
 

@@ -509,6 +509,56 @@ def test_auto_passes_over_gpu_kernels_on_large_gpu_batches():
     assert dispatch._auto_skip("cuda", SimpleNamespace(device=gpu, num_tasks=10**6, dims=None)) is None
 
 
+def test_auto_takes_factored_where_its_widest_layer_stays_in_factors(monkeypatch):
+    """`auto` prefers `factored` to the reference (after the fused kernels) while the widest layer's K
+    factor pairs cost fewer multiply-adds than its dense product, on either device, and passes over it
+    with a reason where that layer turns dense (where the reference measured faster). With the cpu
+    backend unavailable, an auto call takes `factored` and computes the reference's function."""
+    from types import SimpleNamespace
+
+    def problem(device, K, width, n_support=10):
+        return SimpleNamespace(device=torch.device(device), num_tasks=65536, dims=[1, width, width, 1],
+                               inner_steps=K, n_support=n_support)
+
+    for device in ("cuda", "cpu"):
+        order = dispatch.AUTO_ORDER[device]
+        assert order.index("factored") == order.index("reference") - 1
+        assert dispatch._auto_skip("factored", problem(device, 1, 40)) is None
+        assert dispatch._auto_skip("factored", problem(device, 2, 40)) is None  # 2 x 10 x 80 = 1,600 = 40 x 40
+        assert dispatch._auto_skip("factored", problem(device, 5, 128)) is None
+        assert dispatch._auto_skip("factored", problem(device, 6, 128)) is None
+        why = dispatch._auto_skip("factored", problem(device, 5, 40))
+        assert why is not None and "40 x 40 layer turns dense after 3 of the 5" in why, why
+        why = dispatch._auto_skip("factored", problem(device, 7, 128))
+        assert why is not None and "after 7 of the 7" in why, why
+        assert dispatch._auto_skip("factored", problem(device, 1, 40, n_support=25)) is not None  # 25 x 80
+    assert dispatch._auto_skip("factored", SimpleNamespace(device=torch.device("cuda"), num_tasks=10,
+                                                           dims=None)) is None  # not an MLP: reject() says
+
+    # Width 17 with 3 support points holds 2 steps in factors (2 x 3 x 34 < 289), not 6 (612).
+    monkeypatch.setitem(dispatch._UNAVAILABLE, "cpu", "not built (this test)")
+    from fastmaml import _plans
+
+    _plans.clear()
+    monkeypatch.setattr(_plans, "_PLANS", {})
+    for K, expected in ((2, "factored"), (6, "reference")):
+        case = make_case(dims=(2, 17, 17, 3), tasks=4, n_support=3, n_query=5, inner_steps=K, lr_scale=0.2,
+                         seed=60 + K)
+        report = fastmaml.explain(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                                  **case.kwargs())
+        chosen = [line.split()[0] for line in report.splitlines()[1:] if line.split()[1] == "chosen"]
+        assert chosen == [expected], report
+    case = make_case(dims=(2, 17, 17, 3), tasks=4, n_support=3, n_query=5, inner_steps=2, lr_scale=0.2, seed=62)
+    grads = {}
+    for backend in ("auto", "reference"):
+        out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                            backend=backend, **case.kwargs())
+        assert out.backend == ("factored" if backend == "auto" else "reference")
+        grads[backend] = gradients(out.loss + (out.query_preds ** 2).sum(), case.leaves())
+    assert grads["reference"]["params[0]"].abs().max() > 0, "a test that cannot fail"
+    assert_close(grads["auto"], grads["reference"], 1e-9, "auto (factored) against the reference")
+
+
 @pytest.mark.parametrize("name", [n for n in BACKENDS if n in ("cpu", "cuda", "triton")])
 def test_training_call_runs_forward_and_backward_in_one_op(name, monkeypatch):
     """A training call (grad mode, params requiring grad) on a fused backend runs its training op (the
