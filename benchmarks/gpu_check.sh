@@ -296,6 +296,8 @@ fi
 #            programs a multiprocessor (their time was an eighth of what their bytes allow)
 #   floops   FASTMAML_FACTORED_K_LOOP=per_factor: those products' reduction in a loop per factor (as
 #            before), not one loop for all factors (fewer rounds of dependent loads, more registers)
+#   thetas   FASTMAML_REVERSE_THETAS=keep: the CUDA reverse sweep keeps theta_1..theta_K, not rebuilding
+#            them above 74 KiB of workspace (W=40, K=5: 2 tasks a multiprocessor instead of 3)
 #   blocks4  FASTMAML_CUDA_MIN_BLOCKS=4: the CUDA reverse sweep compiled for 4 blocks a multiprocessor
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
 #   team64   team of one or two warps, more tasks resident a multiprocessor, cheaper barriers
@@ -309,12 +311,12 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "floops fchunk16 ftf32x3 blocks4 team32 team64 ieee scratch", is
-# what no GPU has measured yet (about 22 s each; scratch was measured with FMA products, equal to the register
-# layout, and now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200 (2026-11-30,
-# benchmarks/RESULTS.md). AB_S is the time for all.
+# AB_VARIANTS picks some. The default, "floops thetas fchunk16 ftf32x3 blocks4 team32 team64 ieee
+# scratch", is what no GPU has measured yet (about 20 s each; scratch was measured with FMA products, equal
+# to the register layout, and now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200
+# (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-floops fchunk16 ftf32x3 blocks4 team32 team64 ieee scratch})
+  variants=(${AB_VARIANTS:-floops thetas fchunk16 ftf32x3 blocks4 team32 team64 ieee scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -326,6 +328,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       scratch) setting=FASTMAML_TRITON_LAYOUT=scratch; method=triton; widths=40 ;;
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
       blocks4) setting=FASTMAML_CUDA_MIN_BLOCKS=4; method=cuda ;;
+      thetas) setting=FASTMAML_REVERSE_THETAS=keep; method=cuda ;;
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
       team32) setting="FASTMAML_CUDA_THREADS=32 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;
       team64) setting="FASTMAML_CUDA_THREADS=64 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;

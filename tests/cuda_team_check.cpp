@@ -55,6 +55,7 @@ struct Case {
   std::vector<int64_t> dims;
   int ns, nq, K, activation, loss;
   bool first_order, need_lr, need_x, multi_step;
+  bool recompute;  // the teams' reverse sweeps rebuild theta_k (recompute_thetas); the team of one keeps them
 };
 
 template <typename T>
@@ -128,7 +129,7 @@ struct Outputs {
 
 // Runs the three drivers for every task, one task after another, as rank `tm.rank()` of `tm`.
 template <typename T, typename Team>
-void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Team& tm) {
+void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Team& tm, bool recompute) {
   const Net& net = p.net;
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   const Case& c = p.c;
@@ -141,22 +142,25 @@ void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Te
                                   p.gp.data() + t * c.nq * dout, c.first_order, o.g_theta.data(),
                                   c.need_lr ? o.g_lr.data() : nullptr,
                                   c.need_x ? o.gxs.data() + t * c.ns * din : nullptr,
-                                  c.need_x ? o.gxq.data() + t * c.nq * din : nullptr, work.data(), tm);
+                                  c.need_x ? o.gxq.data() + t * c.nq * din : nullptr, work.data(), tm,
+                                  static_cast<T*>(nullptr), static_cast<const T*>(nullptr), false, recompute);
     fastmaml::task::task_adapt(net, td, p.theta.data(), p.lr.data(), c.K, o.thetas.data() + t * P, work.data(), tm);
     const T f_loss = fastmaml::task::task_backward(
         net, td, p.theta.data(), p.lr.data(), c.K, p.qw.data(), T(1), static_cast<const T*>(nullptr),
         c.first_order, o.f_theta.data(), c.need_lr ? o.f_lr.data() : nullptr,
         c.need_x ? o.f_gxs.data() + t * c.ns * din : nullptr, c.need_x ? o.f_gxq.data() + t * c.nq * din : nullptr,
-        work.data(), tm, o.f_preds.data() + t * c.nq * dout, static_cast<const T*>(nullptr), /*add_rows=*/true);
+        work.data(), tm, o.f_preds.data() + t * c.nq * dout, static_cast<const T*>(nullptr), /*add_rows=*/true,
+        recompute);
     if (tm.rank() == 0) o.f_losses[t] = f_loss;
     fastmaml::task::task_backward(net, td, p.theta.data(), p.lr.data(), c.K, p.qw.data(), T(1), o.zeros.data(),
                                   c.first_order, o.sum_theta.data(), c.need_lr ? o.sum_lr.data() : nullptr,
-                                  static_cast<T*>(nullptr), static_cast<T*>(nullptr), work.data(), tm);
+                                  static_cast<T*>(nullptr), static_cast<T*>(nullptr), work.data(), tm,
+                                  static_cast<T*>(nullptr), static_cast<const T*>(nullptr), false, recompute);
   }
 }
 
 template <typename T>
-Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1) {
+Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1, bool recompute = false) {
   const Net& net = p.net;
   const Case& c = p.c;
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L], nmax = std::max(c.ns, c.nq);
@@ -178,19 +182,20 @@ Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1) {
   o.sum_theta.assign(P, T(0));
   o.sum_lr.assign(o.g_lr.size(), T(0));
   o.zeros.assign(static_cast<size_t>(c.nq) * dout, T(0));
-  int64_t ws = fastmaml::task::backward_workspace(net, c.K, nmax, c.need_lr);
+  int64_t ws = fastmaml::task::backward_workspace(net, c.K, nmax, c.need_lr, recompute);
   ws = std::max(ws, fastmaml::task::forward_workspace(net, nmax));
   ws = std::max(ws, fastmaml::task::adapt_workspace(net, c.ns));
   std::vector<T> work(static_cast<size_t>(ws), nan);
   if (team_size == 0) {
-    run_rank(p, o, work, fastmaml::task::SerialTeam());
+    run_rank(p, o, work, fastmaml::task::SerialTeam(), recompute);
     return o;
   }
   std::barrier<> bar(team_size);
   std::vector<double> red(team_size);
   std::vector<std::thread> threads;
   for (int r = 0; r < team_size; ++r) {
-    threads.emplace_back([&, r] { run_rank(p, o, work, ThreadTeam{r, team_size, &bar, red.data(), shape}); });
+    threads.emplace_back(
+        [&, r] { run_rank(p, o, work, ThreadTeam{r, team_size, &bar, red.data(), shape}, recompute); });
   }
   for (auto& th : threads) th.join();
   return o;
@@ -319,13 +324,14 @@ void check_case(const Case& c, uint64_t seed, const std::vector<int>& teams, dou
                 static_cast<unsigned long long>(seed), sizeof(T) == 8 ? "f64" : "f32", c.dims.size() - 1, c.ns, c.nq,
                 c.K, c.activation == 0 ? "relu" : "tanh", c.loss == 0 ? "mse" : "ce", c.first_order ? " fo" : "",
                 c.need_lr ? " lr" : "", c.need_x ? " x" : "", c.multi_step ? " qw" : "");
+  // The team of one keeps theta_1..theta_K; teams of a recompute case rebuild them (within a rounding).
   const Outputs<T> want = run(p, 0);
   for (size_t ti = 0; ti < teams.size(); ++ti) {
     // Each team size with a tile shape of its own (pick_tile's for the first and last), so every shape
     // runs through every driver.
     const int team = teams[ti];
     const int shape = ti == 0 || ti + 1 == teams.size() ? -1 : static_cast<int>(ti) % 3;
-    const Outputs<T> got = run(p, team, shape);
+    const Outputs<T> got = run(p, team, shape, c.recompute);
     compare(got.losses, want.losses, "task_losses", label, team, rtol);
     compare(got.preds, want.preds, "query_preds", label, team, rtol);
     compare(got.g_theta, want.g_theta, "g_theta", label, team, rtol);
@@ -357,7 +363,7 @@ int main() {
     for (int loss = 0; loss < 2; ++loss) {
       for (int act = 0; act < 2; ++act) {
         for (int K : {0, 1, 3}) {
-          for (int variant = 0; variant < 2; ++variant) {
+          for (int variant = 0; variant < 3; ++variant) {
             Case c;
             c.dims = nets[ni];
             c.ns = 5 + static_cast<int>(ni);
@@ -365,11 +371,13 @@ int main() {
             c.K = K;
             c.activation = act;
             c.loss = loss;
-            // Two option sets per net: second order with every gradient, first order with none extra.
+            // Three option sets per net: second order with every gradient, first order with none extra,
+            // and second order with every gradient with the thetas recomputed.
             c.first_order = variant == 1;
-            c.need_lr = variant == 0;
-            c.need_x = variant == 0;
-            c.multi_step = variant == 0 && K > 0;
+            c.need_lr = variant != 1;
+            c.need_x = variant != 1;
+            c.multi_step = variant != 1 && K > 0;
+            c.recompute = variant == 2;
             check_case<double>(c, seed++, teams, 1e-12);
             ++n_cases;
           }
@@ -379,9 +387,11 @@ int main() {
   }
   // float32 on one net: the same code path, instantiated for float.
   for (int loss = 0; loss < 2; ++loss) {
-    Case c{{3, 10, 4}, 6, 5, 2, 1, loss, false, true, true, true};
-    check_case<float>(c, seed++, teams, 1e-5);
-    ++n_cases;
+    for (bool recompute : {false, true}) {
+      Case c{{3, 10, 4}, 6, 5, 2, 1, loss, false, true, true, true, recompute};
+      check_case<float>(c, seed++, teams, 1e-5);
+      ++n_cases;
+    }
   }
   if (failures != 0) {
     std::printf("FAILED: %d mismatching outputs\n", failures);

@@ -506,8 +506,8 @@ def assert_all_close(got, want, rtol, what):
         assert err <= rtol * max(scale, 1e-30), f"{what}: {name} differs by {err:.3e} (scale {scale:.3e})"
 
 
-@pytest.mark.parametrize("case", option_grid(), ids=lambda c: "-".join(map(str, c)))
-def test_matches_reference_float64(case, isa):
+def check_float64_case(case, what):
+    """One case of option_grid in float64 on the cpu backend against the reference."""
     loss, act, fo, K, depth, lr_form, with_qw = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     dims = DIMS_BY_DEPTH[depth]
@@ -517,7 +517,43 @@ def test_matches_reference_float64(case, isa):
     qw = torch.rand(K + 1, dtype=F64, generator=gen) if with_qw else None
     want = run_maml("reference", params, data, K, lr, loss, act, fo, qw, 7)
     got = run_maml("cpu", params, data, K, lr, loss, act, fo, qw, 7)
-    assert_all_close(got, want, 1e-9, f"float64 {case} ({isa})")
+    assert_all_close(got, want, 1e-9, f"float64 {case} ({what})")
+
+
+@pytest.mark.parametrize("case", option_grid(), ids=lambda c: "-".join(map(str, c)))
+def test_matches_reference_float64(case, isa):
+    check_float64_case(case, isa)
+
+
+@pytest.mark.parametrize("case", [c for c in option_grid() if c[3] >= 2], ids=lambda c: "-".join(map(str, c)))
+def test_recomputed_thetas_match_reference_float64(case, isa, monkeypatch):
+    """The reverse sweep rebuilding each theta_k from theta_{k+1} and a recomputed g_k instead of keeping
+    K rows (FASTMAML_REVERSE_THETAS=recompute, what the CUDA kernels do above 74 KiB of workspace), every
+    option at K = 3."""
+    monkeypatch.setenv("FASTMAML_REVERSE_THETAS", "recompute")
+    check_float64_case(case, f"{isa}, thetas recomputed")
+
+
+def test_recomputed_thetas_move_only_the_last_bits(monkeypatch):
+    """In float32 the rebuilt theta_k come back within a rounding, so results differ from the kept rows'
+    in some last bits (the switch reaches the kernel), and both are within float32 accuracy of the float64
+    reference. The sinusoid net at K = 5 with learned per-parameter rates (their gradient reads each g_k)."""
+    gen = torch.Generator().manual_seed(71)
+    dims = [1, 40, 40, 1]
+    params = make_params(dims, F64, gen)
+    data = make_data(dims, 16, 10, 10, "mse", F64, gen)
+    lr = [0.05 * r for r in make_lr("per_parameter", params, 5, F64, gen)]
+    runs = {}
+    for mode in ("keep", "recompute"):
+        monkeypatch.setenv("FASTMAML_REVERSE_THETAS", mode)
+        runs[mode] = run_maml("cpu", [p.float().requires_grad_() for p in params], [d.float() if d.is_floating_point()
+                              else d for d in data], 5, [r.float().requires_grad_() for r in lr], "mse", "relu", False,
+                              None, 9)
+    want = run_maml("reference", [p.requires_grad_() for p in params], data, 5, [r.requires_grad_() for r in lr],
+                    "mse", "relu", False, None, 9)
+    assert any(bool((a != b).any()) for a, b in zip(runs["keep"], runs["recompute"])), "the same bits: not recomputed?"
+    for mode, got in runs.items():
+        assert_all_close(got, want, 2e-5, f"float32, thetas {mode}")
 
 
 @pytest.mark.parametrize("case", option_grid()[::4], ids=lambda c: "-".join(map(str, c)))

@@ -8,7 +8,8 @@ one shape into one output), then runs the per-task drivers
 the CUDA maml_fwdbwd_sum does) with teams of 2, 3, 5, 8 and 33 std::threads synchronised by a
 std::barrier, each with its own tile shape, several tasks one after another per team into
 shared meta-gradient rows, on fresh random problems (mse and cross-entropy, relu and tanh, depths 1
-to 4, widths up to 41, K = 0, 1, 3, first and second order, rate and input gradients, multi-step query weights), and
+to 4, widths up to 41, K = 0, 1, 3, first and second order, rate and input gradients, multi-step query weights, the reverse
+sweep's thetas kept and recomputed), and
 compares every output with the team of one that the cpu backend runs (tested against the reference
 elsewhere). A missing sync or an element written by two threads makes outputs differ (scratch is
 filled with NaN, so a read of an unwritten element shows up too).
@@ -47,7 +48,7 @@ def build_and_run(tmp_path: Path, flags: list[str]) -> str:
 
 def test_team_loops_match_the_team_of_one(tmp_path):
     out = build_and_run(tmp_path, ["-O1"])
-    assert "ok: 1920 product cases and 122 cases x 5 team sizes" in out
+    assert "ok: 1920 product cases and 184 cases x 5 team sizes" in out
 
 
 @pytest.mark.skipif(os.environ.get("FASTMAML_TSAN") != "1", reason="set FASTMAML_TSAN=1 to run under ThreadSanitizer")

@@ -174,6 +174,15 @@ bool use_avx2() {
 #endif
 }
 
+// FASTMAML_REVERSE_THETAS=recompute has the reverse sweep rebuild each theta_k instead of keeping K rows of
+// P (task_backward's recompute_thetas); "keep" and "auto" keep them on the CPU, where a thread's workspace
+// is cache, not a multiprocessor's shared memory. Read on every call, like FASTMAML_CPU_ISA, so tests can
+// run both on the CPU (the CUDA kernels' "auto" recomputes for large workspaces).
+bool recompute_thetas() {
+  const char* v = std::getenv("FASTMAML_REVERSE_THETAS");
+  return v != nullptr && std::strcmp(v, "recompute") == 0;
+}
+
 template <typename T>
 LoopTable<T> loops() {
   return use_avx2() ? avx2::table<T>() : baseline::table<T>();
@@ -193,6 +202,7 @@ LoopArgs<T> loop_args(const Sizes& s, c10::IntArrayRef dims, int64_t activation,
   a.ns = s.Ns;
   a.nq = s.Nq;
   a.K = s.K;
+  a.recompute_thetas = recompute_thetas();
   a.theta = theta.const_data_ptr<T>();
   a.lr = lr.const_data_ptr<T>();
   a.qw = qw == nullptr ? nullptr : qw->const_data_ptr<T>();
@@ -283,7 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_bwd(
     const LoopTable<scalar_t> table = loops<scalar_t>();
     TransposedTheta<scalar_t> theta_t(s.net, args.theta);
     args.theta_t = theta_t.buf.data();
-    const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
+    const int64_t ws =
+        task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad, args.recompute_thetas);
     at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
       Workspace<scalar_t> work(ws);
       table.backward(args, begin, end, work.data());
@@ -336,7 +347,8 @@ std::vector<at::Tensor> fwdbwd_impl(const at::Tensor& theta_in, const at::Tensor
     const LoopTable<scalar_t> table = loops<scalar_t>();
     TransposedTheta<scalar_t> theta_t(s.net, args.theta);
     args.theta_t = theta_t.buf.data();
-    const int64_t ws = task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad);
+    const int64_t ws =
+        task::backward_workspace(s.net, K, std::max(s.Ns, s.Nq), need_lr_grad, args.recompute_thetas);
     if (!with_sums) {
       at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
         Workspace<scalar_t> work(ws);

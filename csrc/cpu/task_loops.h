@@ -38,6 +38,7 @@ struct LoopArgs {
   const T* g_task_losses;  // [T]
   const T* g_preds;        // [T, Nq, D_out]
   bool first_order;
+  bool recompute_thetas;   // the reverse sweep rebuilds theta_k instead of keeping K rows (task_backward)
   int64_t chunk;           // tasks per partial sum
   T* part_theta;           // [n_chunks, P]
   T* part_lr;              // [n_chunks, K * P] or null

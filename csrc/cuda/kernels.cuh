@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     bwd_kernel(Net net, int64_t n_tasks, int64_t chunk, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                Data<T> data, const T* qw, const T* g_task_losses, const T* g_query_preds, bool first_order,
                T* task_losses, T* preds, T* part_theta, T* part_lr, T* g_xs, T* g_xq, T* global_work,
-               int64_t work_elems, bool shared, bool tiles) {
+               int64_t work_elems, bool shared, bool tiles, bool recompute_thetas) {
   __shared__ double red[kReductionSlots];
   const BlockTeam tm{red, tiles};
   T* work = block_workspace(shared, global_work, work_elems);
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
         net, td, theta, lr, K, qw, fused ? T(1) : g_task_losses[t],
         fused ? static_cast<const T*>(nullptr) : g_query_preds + t * Nq * dout, first_order, pth, plr, gxs, gxq, work,
         tm, fused ? preds + t * Nq * dout : static_cast<T*>(nullptr), static_cast<const T*>(nullptr),
-        /*add_rows=*/fused);
+        /*add_rows=*/fused, recompute_thetas);
     if (fused && tm.rank() == 0) task_losses[t] = loss;
   }
 }
@@ -161,7 +161,8 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     fwdbwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                   Data<T> data, const T* qw, bool first_order, T* task_losses, T* preds, T* rows_theta,
-                  T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared, bool tiles) {
+                  T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared, bool tiles,
+                  bool recompute_thetas) {
   __shared__ double red[kReductionSlots];
   const BlockTeam tm{red, tiles};
   T* work = block_workspace(shared, global_work, work_elems);
@@ -171,7 +172,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     const T loss = task::task_backward(
         net, td, theta, lr, K, qw, T(1), static_cast<const T*>(nullptr), first_order, rows_theta + t * P,
         rows_lr == nullptr ? nullptr : rows_lr + t * K * P, g_xs == nullptr ? nullptr : g_xs + t * Ns * din,
-        g_xq == nullptr ? nullptr : g_xq + t * Nq * din, work, tm, preds + t * Nq * dout);
+        g_xq == nullptr ? nullptr : g_xq + t * Nq * din, work, tm, preds + t * Nq * dout,
+        static_cast<const T*>(nullptr), /*add_rows=*/false, recompute_thetas);
     if (tm.rank() == 0) task_losses[t] = loss;
   }
 }
@@ -340,7 +342,7 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
     kernel<<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
         s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, g_task_losses,
         g_query_preds, first_order, task_losses, query_preds, part_theta, need_lr ? part_lr : nullptr, g_xs, g_xq,
-        workspace, launch.work_elems, launch.shared, launch.tiles);
+        workspace, launch.work_elems, launch.shared, launch.tiles, launch.recompute_thetas);
     return cudaGetLastError();
   });
 }
@@ -368,7 +370,8 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
   if (const cudaError_t e = allow_shared(fwdbwd_kernel<T>, smem); e != cudaSuccess) return e;
   fwdbwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, first_order, task_losses, query_preds,
-      rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles);
+      rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles,
+      launch.recompute_thetas);
   return cudaGetLastError();
 }
 

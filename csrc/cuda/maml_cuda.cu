@@ -34,6 +34,17 @@ int team_cap() {
   return cap;
 }
 
+// FASTMAML_REVERSE_THETAS (read once per process): "keep" or "recompute" at every size; otherwise (unset,
+// "auto") recompute where the kept rows take the workspace past kKeepThetasBytes.
+int reverse_thetas() {  // 0 keep, 1 recompute, -1 auto
+  static const int mode = [] {
+    const char* v = std::getenv("FASTMAML_REVERSE_THETAS");
+    const std::string m = v == nullptr ? "auto" : v;
+    return m == "keep" ? 0 : m == "recompute" ? 1 : -1;
+  }();
+  return mode;
+}
+
 }  // namespace
 
 Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_shared_bytes) {
@@ -48,9 +59,13 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
       l.work_elems = task::adapt_workspace(net, s.Ns);
       break;
     case Op::kBackward:
-    case Op::kForwardBackward:
-      l.work_elems = task::backward_workspace(net, s.K, nmax, need_lr_grad);
+    case Op::kForwardBackward: {
+      const int64_t kept = task::backward_workspace(net, s.K, nmax, need_lr_grad);
+      const int mode = reverse_thetas();
+      l.recompute_thetas = mode == 1 || (mode == -1 && kept * itemsize > kKeepThetasBytes);
+      l.work_elems = l.recompute_thetas ? task::backward_workspace(net, s.K, nmax, need_lr_grad, true) : kept;
       break;
+    }
   }
   // Threads: enough for the widest phase (a layer's outputs, or the P parameters), in whole warps.
   int64_t widest = net.P;

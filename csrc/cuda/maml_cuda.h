@@ -37,6 +37,15 @@ constexpr int64_t kMaxBlocks = 8192;
 constexpr int64_t kWorkspaceBudgetBytes = int64_t(1) << 30;
 constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
 
+// The reverse sweep rebuilds each theta_k on the way back instead of keeping K rows of P (task_backward's
+// recompute_thetas) where the kept rows would make a task's workspace larger than this: 3 blocks of 128
+// threads a multiprocessor is what the reverse sweep's 168 registers allow, and 3 workspaces of this size
+// (with 1 KiB a block for the system and the reduction buffer) fill a Hopper multiprocessor's 228 KiB of
+// shared memory. The 1-40-40-1 net at K = 5 (10 points, float32): 97 KiB kept, 2 blocks; 69 KiB
+// recomputed, 3. A constant rather than the device's limit: the choice moves the results' last bits, and
+// plan() never depends on the device. FASTMAML_REVERSE_THETAS=keep or recompute overrides it.
+constexpr int64_t kKeepThetasBytes = 74 << 10;
+
 enum class Op : int { kForward = 0, kBackward = 1, kAdapt = 2, kForwardBackward = 3 };
 
 // The sizes of one call (T tasks, Ns support and Nq query points per task, K inner steps).
@@ -55,6 +64,7 @@ struct Launch {
   bool shared;           // workspace in dynamic shared memory (work_elems * itemsize bytes per block)
   int64_t global_elems;  // elements of global workspace the caller provides (0 when shared)
   bool tiles;            // register tiles in the team products (FASTMAML_CUDA_TILES=0: one output per thread)
+  bool recompute_thetas;  // reverse sweep: theta_k rebuilt, not kept (kKeepThetasBytes)
 };
 
 // `max_shared_bytes`: the dynamic shared memory one block of this GPU may opt into (a workspace up to it

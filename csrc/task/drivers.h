@@ -73,12 +73,40 @@ FASTMAML_HD inline int64_t forward_workspace(const Net& net, int64_t nmax) {
 FASTMAML_HD inline int64_t adapt_workspace(const Net& net, int64_t nmax) {
   return acts_size(net, nmax) + net.P;
 }
-// The reverse sweep keeps theta_1..theta_K, the support state of steps 0..K-1, the support gradients
-// g_0..g_{K-1} when the rates need a gradient (otherwise each g_k is computed in theta_{k+1}'s row and
-// updated into it in place), a query state, the tangents, and the vectors u and v.
-FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax, bool need_lr_grad) {
-  const int64_t grads = need_lr_grad ? K : 0;
-  return (K + 1) * state_size(net, nmax) + tangents_size(net, nmax) + (K + grads + 2) * padded(net.P);
+// The reverse sweep keeps the support state of steps 0..K-1, a query state, the tangents, the vectors u
+// and v, and theta_1..theta_K with the support gradients g_0..g_{K-1} when the rates need a gradient
+// (otherwise each g_k is computed in theta_{k+1}'s row and updated into it in place). With
+// `recompute_thetas` it keeps one theta row instead, and rebuilds each theta_k from theta_{k+1} on the way
+// back (task_backward): rows of P are most of the workspace of a narrow net (the 1-40-40-1 net at K = 5:
+// 97 KiB a task kept, 69 recomputed, in float32).
+FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax, bool need_lr_grad,
+                                              bool recompute_thetas = false) {
+  const int64_t rows = recompute_thetas ? 3 : K + (need_lr_grad ? K : 0) + 2;
+  return (K + 1) * state_size(net, nmax) + tangents_size(net, nmax) + rows * padded(net.P);
+}
+
+// Element i of the support gradient from the state a support pass left in `a` (each layer's h and d):
+// sum_n d[n, r] h[n, c] for W_l[r, c], sum_n d[n, r] for b_l[r] (h_{-1} = x). The parameter products of
+// backward one element at a time (summed in point order, so within a rounding of backward's tiles): the
+// reverse sweep rebuilds theta_k in the loop where each owner updates its elements, with no gradient row,
+// no fill and no product of its own (a product inlined here tipped nvcc out of inlining the sweep into
+// its kernels: 664 B of stack and 0.8 KiB of spills a thread).
+template <typename T>
+FASTMAML_HD inline T grad_element(const Net& net, const T* __restrict__ x, int N, const Acts<T>& a, int64_t i) {
+  int l = 0;
+  while (l + 1 < net.L && i >= net.w_off[l + 1]) ++l;
+  const int din = net.dims[l], dout = net.dims[l + 1];
+  const int j = static_cast<int>(i - net.w_off[l]);  // within one layer's weights and bias: 32-bit
+  const T* d = a.d + slice(net, a, l);
+  T acc = 0;
+  if (j < dout * din) {
+    const int r = j / din, c = j - r * din;
+    const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
+    for (int n = 0; n < N; ++n) acc += d[n * dout + r] * in[n * din + c];
+  } else {
+    for (int n = 0; n < N; ++n) acc += d[n * dout + (j - dout * din)];
+  }
+  return acc;
 }
 
 // theta_K of one task, written to `theta_out [P]`. `lr [K, P]`.
@@ -126,10 +154,10 @@ FASTMAML_HD inline T task_forward(const Net& net, const TaskData<T>& td, const T
 }
 
 // theta_k in the reverse sweep's storage: theta_0 is the caller's, theta_1..theta_K are rows of `stride`
-// elements in scratch.
+// elements in scratch, or with `one_row` (recomputed thetas) the one row that holds the current theta_k.
 template <typename T>
-FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, int64_t stride) {
-  return k == 0 ? theta0 : thetas + (k - 1) * stride;
+FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, int64_t stride, bool one_row) {
+  return k == 0 ? theta0 : one_row ? thetas : thetas + (k - 1) * stride;
 }
 
 // The reverse sweep of maml_bwd for one task (docs/kernels.md). Recomputes theta_1..theta_K from theta0
@@ -137,8 +165,9 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 // product. `c` is the cotangent of the task loss, `gpreds [Nq, D_out]` that of the query output.
 // Adds dL/dtheta_0 to `g_theta [P]` and, when given, -(g_k * v) to `g_lr [K, P]`; writes the input
 // gradients to `gxs [Ns, D_in]` and `gxq [Nq, D_in]` when given. The workspace holds
-// `backward_workspace(net, K, max(Ns, Nq), g_lr != nullptr)` elements. A team adds to g_theta and g_lr
-// element i from rank i mod size(), so tasks run one after another by one team may share those rows.
+// `backward_workspace(net, K, max(Ns, Nq), g_lr != nullptr, recompute_thetas)` elements. A team adds to
+// g_theta and g_lr element i from rank i mod size(), so tasks run one after another by one team may share
+// those rows.
 //
 // Fused forward and backward (maml_fwdbwd): with `preds_out [Nq, D_out]` given, also writes the query
 // output at theta_K there and returns sum_k qw[k] * L_query(theta_k), as task_forward does (every
@@ -151,20 +180,27 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 //
 // `add_rows` (with preds_out): add to g_theta and g_lr as without preds_out, so that the tasks one team
 // runs in turn sum their gradients into one row (the CUDA maml_fwdbwd_sum, which keeps no per-task rows).
+//
+// `recompute_thetas`: keep one theta row, and on the way back rebuild theta_k = theta_{k+1} + lr_k g_k, with
+// g_k recomputed element by element from step k's kept support state (grad_element). theta_k comes back
+// within a rounding of each element (theta_{k+1} was rounded once), so the sweep's results differ from
+// the kept rows' in the last bits; it costs the parameter products of one backward per step (K - 1 of
+// them, K with g_lr) and saves K - 1 rows of P (2K - 1 with g_lr).
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
                                    const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
                                    T* gxs, T* gxq, T* work, const Team& tm = Team(), T* preds_out = nullptr,
-                                   const T* theta0_t = nullptr, bool add_rows = false) {
+                                   const T* theta0_t = nullptr, bool add_rows = false, bool recompute_thetas = false) {
   const bool write_rows = preds_out != nullptr && !add_rows;  // this task's own rows: written, not added to
+  const bool one_row = recompute_thetas;
   const int64_t P = net.P, Pp = padded(P);
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
   const int64_t st = state_size(net, nmax);
   T* states = work;                              // support state of steps 0..K-1, then the query state
   T* tangents = states + (K + 1) * st;           // rz, rh, rd
-  T* thetas = tangents + tangents_size(net, nmax);  // theta_1 .. theta_K, K rows of Pp
-  T* grads = thetas + K * Pp;                    // g_0 .. g_{K-1} (K rows) with g_lr, else none
-  T* u = grads + (g_lr != nullptr ? K : 0) * Pp;
+  T* thetas = tangents + tangents_size(net, nmax);  // theta_1 .. theta_K, K rows of Pp (one_row: one row)
+  T* grads = thetas + (one_row ? 1 : K) * Pp;    // g_0 .. g_{K-1} (K rows) with g_lr and kept rows, else none
+  T* u = grads + (g_lr != nullptr && !one_row ? K : 0) * Pp;  // one_row: also each g_k of the inner loop
   T* v = u + Pp;
   Acts<T> q = make_split_acts(net, states + K * st, tangents, nmax);
   const int64_t s = slice(net, q, net.L - 1);
@@ -173,10 +209,12 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
 
   for (int k = 0; k < K; ++k) {
     Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
-    // Without g_lr, g_k is not kept: it lands in theta_{k+1}'s row and the update overwrites it there.
-    T* g = g_lr != nullptr ? grads + k * Pp : thetas + k * Pp;
-    support_grad(net, td, theta_at(theta0, thetas, k, Pp), a, g, tm, k == 0 ? theta0_t : nullptr);
-    sgd_update(theta_at(theta0, thetas, k, Pp), lr + k * P, g, thetas + k * Pp, P, tm);
+    // Kept rows without g_lr: g_k is not kept, it lands in theta_{k+1}'s row and the update overwrites it
+    // there. One row: g_k in u's row, theta_{k+1} over theta_k.
+    T* g = one_row ? u : g_lr != nullptr ? grads + k * Pp : thetas + k * Pp;
+    const T* th = theta_at(theta0, thetas, k, Pp, one_row);
+    support_grad(net, td, th, a, g, tm, k == 0 ? theta0_t : nullptr);
+    sgd_update(th, lr + k * P, g, one_row ? thetas : thetas + k * Pp, P, tm);
   }
   if (gxs != nullptr) fill(gxs, static_cast<int64_t>(td.ns) * net.dims[0], T(0), tm);
   if (gxq != nullptr) fill(gxq, static_cast<int64_t>(td.nq) * net.dims[0], T(0), tm);
@@ -186,7 +224,7 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
   fill(v, P, T(0), tm);
   tm.sync();
   {
-    const T* th = theta_at(theta0, thetas, K, Pp);
+    const T* th = theta_at(theta0, thetas, K, Pp, one_row);
     forward(net, th, td.xq, td.nq, q, tm, K == 0 ? theta0_t : nullptr);
     const T loss_K = loss_and_grad(net, q.z + s, td.yq_float, td.yq_index, td.nq, c * qw[K], q.d + s, q.p, tm);
     if (preds_out != nullptr) {
@@ -200,21 +238,22 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
   }
 
   for (int k = K - 1; k >= 0; --k) {
-    const T* th = theta_at(theta0, thetas, k, Pp);
     const T* lrk = lr + k * P;
-    if (g_lr != nullptr) {
-      const T* g = grads + k * Pp;
-      T* gl = g_lr + k * P;
-      if (write_rows) {
-        for_each(tm, P, [&](int64_t i) { gl[i] = -(g[i] * v[i]); });
-      } else {
-        for_each(tm, P, [&](int64_t i) { gl[i] -= g[i] * v[i]; });
-      }
-    }
-    if (!first_order) for_each(tm, P, [&](int64_t i) { u[i] = lrk[i] * v[i]; });
-    tm.sync();  // hvp and the query pass below read all of u and write v with their own owners
+    Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
+    T* gl = g_lr != nullptr ? g_lr + k * P : nullptr;
+    // g_k: kept, or recomputed where theta_k is rebuilt from it (k > 0) or g_lr needs it.
+    const bool rebuild = one_row && k > 0;
+    const T* g = grads + k * Pp;
+    for_each(tm, P, [&](int64_t i) {
+      const T gi = one_row ? (rebuild || gl != nullptr ? grad_element(net, td.xs, td.ns, a, i) : T(0))
+                           : (gl != nullptr ? g[i] : T(0));
+      if (rebuild) thetas[i] += lrk[i] * gi;  // theta_k = theta_{k+1} + lr_k g_k
+      if (gl != nullptr) gl[i] = write_rows ? -(gi * v[i]) : gl[i] - gi * v[i];
+      if (!first_order) u[i] = lrk[i] * v[i];
+    });
+    tm.sync();  // hvp and the query pass below read all of u (and theta_k) and write v with their own owners
+    const T* th = theta_at(theta0, thetas, k, Pp, one_row);
     if (!first_order) {
-      Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
       // v -= H_k u; gxs -= d/dx_s (g_k . u)
       hvp(net, th, u, td.xs, td.ns, a, T(-1), v, gxs, tm, k == 0 ? theta0_t : nullptr);
     }
