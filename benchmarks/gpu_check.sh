@@ -8,7 +8,7 @@
 #                                                # sweep at T in {25, 65536}, the kernel profile, the GPU tests
 #                                                # of test_backends.py and those new with G2/G3 (no
 #                                                # synchronisation, CUDA graphs, compile), the overhead
-#   SKIP_TESTS=1 SKIP_SWEEP=1 PROFILE_S=0 OVERHEAD_S=0 REPORTS=0 AB_S=150 benchmarks/gpu_check.sh --quick
+#   SKIP_TESTS=1 SKIP_SWEEP=1 PROFILE_S=0 OVERHEAD_S=0 REPORTS=0 AB_S=220 benchmarks/gpu_check.sh --quick
 #                                                # a second call on the warm machine (the build cached): the
 #                                                # A/B only; with NCU_S=60, ncu of one CUDA backward launch too
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
@@ -301,6 +301,9 @@ fi
 #   blocks4  FASTMAML_CUDA_MIN_BLOCKS=4: the CUDA reverse sweep compiled for 4 blocks a multiprocessor
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
 #   team64   team of one or two warps, more tasks resident a multiprocessor, cheaper barriers
+#   warps4   FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4: Triton's scratch layout at 4 warps
+#            a program, two programs a multiprocessor instead of one (255 registers a thread)
+#   warps2   the same at 2 warps, W=40 only (four programs; at W=128 it spills 0.3-0.6 KiB a thread)
 #   ieee     FASTMAML_TRITON_PRECISION=ieee at W=128: the scratch layout's products as FMAs
 #   scratch  FASTMAML_TRITON_LAYOUT=scratch at W=40 (`auto` takes it from W=128; the register layout at
 #            W=128 is left out: its backward alone compiles for 8 minutes on 2 cores)
@@ -311,12 +314,12 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "floops thetas fchunk16 ftf32x3 blocks4 team32 team64 ieee
-# scratch", is what no GPU has measured yet (about 20 s each; scratch was measured with FMA products, equal
-# to the register layout, and now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200
-# (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
+# AB_VARIANTS picks some. The default, "floops thetas warps4 fchunk16 blocks4 team32 ftf32x3 team64 ieee
+# warps2 scratch", is what no GPU has measured yet, the likeliest gains first (about 20 s each; scratch was
+# measured with FMA products, equal to the register layout, and now runs tf32x3); "shared tiles chunk4g
+# factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-floops thetas fchunk16 ftf32x3 blocks4 team32 team64 ieee scratch})
+  variants=(${AB_VARIANTS:-floops thetas warps4 fchunk16 blocks4 team32 ftf32x3 team64 ieee warps2 scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -326,6 +329,8 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
     widths="40 128"
     case "$v" in
       scratch) setting=FASTMAML_TRITON_LAYOUT=scratch; method=triton; widths=40 ;;
+      warps4) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4"; method=triton ;;
+      warps2) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=2"; method=triton; widths=40 ;;
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
       blocks4) setting=FASTMAML_CUDA_MIN_BLOCKS=4; method=cuda ;;
       thetas) setting=FASTMAML_REVERSE_THETAS=keep; method=cuda ;;

@@ -324,6 +324,16 @@ def test_precision_switch_picks_tensor_cores_per_layout(tmp_path):
             assert (result["mma"] > 0) == tensor_cores, f"{name} with {value or 'auto'!r}: {result['mma']} mma.sync"
 
 
+def test_fewer_warps_compile(tmp_path):
+    """FASTMAML_TRITON_WARPS=4 (the A/B's two programs a multiprocessor where 8 warps of 255 registers make
+    one): the sinusoid net's scratch-layout backward compiles for sm_90 at 4 warps, within shared memory."""
+    variants = [_variant("bwd", "float32", [1, 40, 40, 1], 10, 10, 0, 0, "scratch")]
+    for name, result in _compile_in_subprocess(variants, {"FASTMAML_TRITON_WARPS": "4"}, tmp_path).items():
+        assert result["ok"], f"{name} does not compile at 4 warps:\n{result['error']}"
+        assert result["num_warps"] == 4, result
+        assert result["shared"] <= SM90_MAX_SHARED, result
+
+
 @pytest.mark.parametrize("name,value,message", [
     ("FASTMAML_TRITON_PRECISION", "tf32",
      "FASTMAML_TRITON_PRECISION must be one of ('auto', 'ieee', 'tf32x3'), got 'tf32'"),

@@ -294,6 +294,24 @@ def test_a_bad_layout_switch_is_refused(monkeypatch):
         tm.layout_for([1, 40, 1])
 
 
+def test_warps_switch(monkeypatch):
+    """FASTMAML_TRITON_WARPS: unset, each layout's own choice (8 for the scratch layout); a power of two
+    sets every launch's warps (the GPU check's A/B); anything else is refused, naming the switch."""
+    tm = _backend()
+    monkeypatch.setattr(tm, "WARPS", None)
+    monkeypatch.delenv("FASTMAML_TRITON_WARPS", raising=False)
+    assert tm.num_warps_for([1, 40, 40, 1], 10, 10, "scratch") == 8
+    assert tm.num_warps_for([1, 5, 1], 10, 10, "registers") == 4
+    monkeypatch.setattr(tm, "WARPS", None)
+    monkeypatch.setenv("FASTMAML_TRITON_WARPS", "2")
+    assert tm.num_warps_for([1, 40, 40, 1], 10, 10, "scratch") == 2
+    assert tm.num_warps_for([1, 5, 1], 10, 10, "registers") == 2
+    monkeypatch.setattr(tm, "WARPS", None)
+    monkeypatch.setenv("FASTMAML_TRITON_WARPS", "3")
+    with pytest.raises(ValueError, match="FASTMAML_TRITON_WARPS must be 0 .* got '3'"):
+        tm.num_warps_for([1, 40, 40, 1], 10, 10, "scratch")
+
+
 # ---- the custom ops --------------------------------------------------------------------------------
 
 

@@ -64,6 +64,9 @@ SCRATCH_FROM_WIDTH = 128
 # chunks of 32, none with 16 (benchmarks/RESULTS.md).
 SCRATCH_K_CHUNK = 16
 SCRATCH_ROW_CHUNK = 16
+# Warps a program: 0 for num_warps_for's choice, else this many. None: read FASTMAML_TRITON_WARPS on first
+# use (the GPU check's A/B; tests set it directly).
+WARPS: Optional[int] = None
 
 
 def _pad(n: int) -> int:
@@ -180,8 +183,19 @@ def num_warps_for(dims: list[int], n_support: int, n_query: int, layout: str = "
     Chosen from ptxas reports (no GPU timings yet): for the sinusoid net (1-40-40-1, 10 points) the
     backward kernel uses 255 registers with 2 KiB of spills at 8 warps, but at 2 or 4 warps ptxas falls
     back to 32 registers with 40-90 KiB of spills, and compiles 2-6x slower. The scratch layout: 8
-    warps (at 4 its width-128 backward spills 124 / 148 B a thread, at 8 none).
+    warps (at 4 its width-128 backward spills 124 / 148 B a thread, at 8 none). At 255 registers a thread
+    8 warps make one program a multiprocessor: FASTMAML_TRITON_WARPS=4 or 2 (WARPS) gives two or four,
+    each with fewer threads on its task; the scratch layout at width 40 compiles at 4 warps without spills
+    and at 2 with 116 / 148 B (benchmarks/RESULTS.md), for the GPU check's A/B.
     """
+    global WARPS
+    if WARPS is None:
+        from .._validate import env_int
+
+        WARPS = env_int("FASTMAML_TRITON_WARPS", 0, lambda n: n in (0, 1, 2, 4, 8, 16),
+                        "0 (the backend's choice) or a power of two from 1 to 16")
+    if WARPS:
+        return WARPS
     if layout == "scratch":
         return 8
     bn = max(_pad(n_support), _pad(n_query))
