@@ -89,8 +89,8 @@ FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t
 // sum_n d[n, r] h[n, c] for W_l[r, c], sum_n d[n, r] for b_l[r] (h_{-1} = x). The parameter products of
 // backward one element at a time (summed in point order, so within a rounding of backward's tiles): the
 // reverse sweep rebuilds theta_k in the loop where each owner updates its elements, with no gradient row,
-// no fill and no product of its own (a product inlined here tipped nvcc out of inlining the sweep into
-// its kernels: 664 B of stack and 0.8 KiB of spills a thread).
+// no fill and no product of its own (team products here tipped nvcc out of inlining the sweep into its
+// kernels, with its registers spilled around the call: benchmarks/RESULTS.md).
 template <typename T>
 FASTMAML_HD inline T grad_element(const Net& net, const T* __restrict__ x, int N, const Acts<T>& a, int64_t i) {
   int l = 0;
@@ -243,7 +243,7 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
     T* gl = g_lr != nullptr ? g_lr + k * P : nullptr;
     // g_k: kept, or recomputed where theta_k is rebuilt from it (k > 0) or g_lr needs it.
     const bool rebuild = one_row && k > 0;
-    const T* g = grads + k * Pp;
+    const T* g = gl != nullptr && !one_row ? grads + k * Pp : nullptr;  // the kept g_k
     for_each(tm, P, [&](int64_t i) {
       const T gi = one_row ? (rebuild || gl != nullptr ? grad_element(net, td.xs, td.ns, a, i) : T(0))
                            : (gl != nullptr ? g[i] : T(0));
