@@ -16,6 +16,27 @@
 #define FASTMAML_HD
 #endif
 
+// The reverse sweep (task_backward) is inlined into its CUDA kernels by force: left to nvcc's budget, a
+// few more lines in it made nvcc call it as a function, its registers spilled around the call (sm_90a
+// ptxas -v: 664 B of stack, 0.8 KiB of spills a thread); forced, it spills less than it did when nvcc
+// chose to inline it (benchmarks/RESULTS.md).
+#if defined(__CUDA_ARCH__)
+#define FASTMAML_FORCE_INLINE __forceinline__
+#else
+#define FASTMAML_FORCE_INLINE inline
+#endif
+
+// A rarely taken part of the per-task math kept out of its caller on the host, so that the host
+// compiler inlines and vectorises the common path as it did without it; inlined on a GPU, into a kernel
+// that is inlined whole (FASTMAML_FORCE_INLINE).
+#if defined(__CUDA_ARCH__)
+#define FASTMAML_HOST_NOINLINE __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define FASTMAML_HOST_NOINLINE __attribute__((noinline))
+#else
+#define FASTMAML_HOST_NOINLINE
+#endif
+
 // Unrolls a loop of a compile-time trip count (the register tiles of team_tiles.h must stay in
 // registers, which needs every index known): in device code and with clang. gcc (the host pass of nvcc
 // too) would warn of an unknown pragma, and unrolls such loops itself at -O3.

@@ -88,9 +88,8 @@ FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t
 // Element i of the support gradient from the state a support pass left in `a` (each layer's h and d):
 // sum_n d[n, r] h[n, c] for W_l[r, c], sum_n d[n, r] for b_l[r] (h_{-1} = x). The parameter products of
 // backward one element at a time (summed in point order, so within a rounding of backward's tiles): the
-// reverse sweep rebuilds theta_k in the loop where each owner updates its elements, with no gradient row,
-// no fill and no product of its own (team products here tipped nvcc out of inlining the sweep into its
-// kernels, with its registers spilled around the call: benchmarks/RESULTS.md).
+// reverse sweep rebuilds theta_k in a loop where each owner updates its elements, with no gradient row,
+// no fill and no product of its own.
 template <typename T>
 FASTMAML_HD inline T grad_element(const Net& net, const T* __restrict__ x, int N, const Acts<T>& a, int64_t i) {
   int l = 0;
@@ -107,6 +106,20 @@ FASTMAML_HD inline T grad_element(const Net& net, const T* __restrict__ x, int N
     for (int n = 0; n < N; ++n) acc += d[n * dout + (j - dout * din)];
   }
   return acc;
+}
+
+// The reverse sweep's step k with rebuilt thetas (task_backward's recompute_thetas): g_k recomputed, each
+// element by its owner, theta_k = theta_{k+1} + lr_k g_k in `theta` where `rebuild`, and g_lr's row `gl`
+// (when given) written or added to. Out of line on the host (config.h).
+template <typename T, typename Team>
+FASTMAML_HD FASTMAML_HOST_NOINLINE void rebuild_step(const Net& net, const TaskData<T>& td, const Acts<T>& a,
+                                                     const T* lrk, bool rebuild, T* theta, T* gl, bool write_rows,
+                                                     const T* v, int64_t P, const Team& tm) {
+  for_each(tm, P, [&](int64_t i) {
+    const T gi = grad_element(net, td.xs, td.ns, a, i);
+    if (rebuild) theta[i] += lrk[i] * gi;  // theta_k = theta_{k+1} + lr_k g_k
+    if (gl != nullptr) gl[i] = write_rows ? -(gi * v[i]) : gl[i] - gi * v[i];
+  });
 }
 
 // theta_K of one task, written to `theta_out [P]`. `lr [K, P]`.
@@ -187,7 +200,7 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 // the kept rows' in the last bits; it costs the parameter products of one backward per step (K - 1 of
 // them, K with g_lr) and saves K - 1 rows of P (2K - 1 with g_lr).
 template <typename T, typename Team = SerialTeam>
-FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
+FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
                                    const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
                                    T* gxs, T* gxq, T* work, const Team& tm = Team(), T* preds_out = nullptr,
                                    const T* theta0_t = nullptr, bool add_rows = false, bool recompute_thetas = false) {
@@ -241,16 +254,20 @@ FASTMAML_HD inline T task_backward(const Net& net, const TaskData<T>& td, const 
     const T* lrk = lr + k * P;
     Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
     T* gl = g_lr != nullptr ? g_lr + k * P : nullptr;
-    // g_k: kept, or recomputed where theta_k is rebuilt from it (k > 0) or g_lr needs it.
-    const bool rebuild = one_row && k > 0;
-    const T* g = gl != nullptr && !one_row ? grads + k * Pp : nullptr;  // the kept g_k
-    for_each(tm, P, [&](int64_t i) {
-      const T gi = one_row ? (rebuild || gl != nullptr ? grad_element(net, td.xs, td.ns, a, i) : T(0))
-                           : (gl != nullptr ? g[i] : T(0));
-      if (rebuild) thetas[i] += lrk[i] * gi;  // theta_k = theta_{k+1} + lr_k g_k
-      if (gl != nullptr) gl[i] = write_rows ? -(gi * v[i]) : gl[i] - gi * v[i];
-      if (!first_order) u[i] = lrk[i] * v[i];
-    });
+    if (one_row && (k > 0 || gl != nullptr)) {
+      // g_k recomputed where theta_k is rebuilt from it (k > 0) or g_lr needs it.
+      rebuild_step(net, td, a, lrk, k > 0, thetas, gl, write_rows, v, P, tm);
+    } else if (gl != nullptr) {
+      // Plain loops, apart: on the CPU they vectorise (one loop for both modes, with u below in it, made the
+      // cpu backend's training step 1.4-1.6x slower at K = 5).
+      const T* g = grads + k * Pp;
+      if (write_rows) {
+        for_each(tm, P, [&](int64_t i) { gl[i] = -(g[i] * v[i]); });
+      } else {
+        for_each(tm, P, [&](int64_t i) { gl[i] -= g[i] * v[i]; });
+      }
+    }
+    if (!first_order) for_each(tm, P, [&](int64_t i) { u[i] = lrk[i] * v[i]; });
     tm.sync();  // hvp and the query pass below read all of u (and theta_k) and write v with their own owners
     const T* th = theta_at(theta0, thetas, k, Pp, one_row);
     if (!first_order) {
