@@ -600,3 +600,18 @@ def test_a_bad_cuda_team_switch_is_refused(monkeypatch, value):
         CudaBackend().unavailable()
     monkeypatch.setenv("FASTMAML_CUDA_THREADS", "32")
     CudaBackend().unavailable()  # a reason or None, no error
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_a_bad_reverse_thetas_switch_is_refused(monkeypatch, backend):
+    """FASTMAML_REVERSE_THETAS (the reverse sweep's kept or rebuilt thetas) is auto, keep or recompute, case
+    and spaces ignored as the kernels ignore them: any other value raises on any machine."""
+    from fastmaml.backends.cpu import CpuBackend
+    from fastmaml.backends.cuda import CudaBackend
+
+    make = CpuBackend if backend == "cpu" else CudaBackend
+    monkeypatch.setenv("FASTMAML_REVERSE_THETAS", "recomputed")
+    with pytest.raises(ValueError, match=r"FASTMAML_REVERSE_THETAS must be one of \('auto', 'keep', 'recompute'\)"):
+        make().unavailable()
+    monkeypatch.setenv("FASTMAML_REVERSE_THETAS", " Recompute ")
+    make().unavailable()  # a reason or None, no error

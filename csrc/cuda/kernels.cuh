@@ -16,6 +16,7 @@
 #include "maml_cuda.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <map>
 #include <mutex>

@@ -39,7 +39,11 @@ int team_cap() {
 int reverse_thetas() {  // 0 keep, 1 recompute, -1 auto
   static const int mode = [] {
     const char* v = std::getenv("FASTMAML_REVERSE_THETAS");
-    const std::string m = v == nullptr ? "auto" : v;
+    std::string m;  // case and spaces ignored, as the backend's check of the value (cuda.py) ignores them
+    for (const char* c = v == nullptr ? "" : v; *c != '\0'; ++c) {
+      const auto ch = static_cast<unsigned char>(*c);
+      if (!std::isspace(ch)) m += static_cast<char>(std::tolower(ch));
+    }
     return m == "keep" ? 0 : m == "recompute" ? 1 : -1;
   }();
   return mode;

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._validate import Problem
+from .._validate import Problem, env_choice
 from ._fused import ExtensionBackend, SizeLimits
 from ._fused import fused_rows_bytes, workspace_bytes  # noqa: F401 (kept importable from here)
 
@@ -57,6 +57,9 @@ class CpuBackend(ExtensionBackend):
     limits = LIMITS
 
     def unavailable(self) -> Optional[str]:
+        # The reverse sweep's switch (read by the library per call, csrc/cpu/maml_cpu.cpp): a mistyped value
+        # must not measure the default under another name.
+        env_choice("FASTMAML_REVERSE_THETAS", ("auto", "keep", "recompute"))
         return _ext.unavailable()
 
     def max_fused_rows_bytes(self) -> int:
