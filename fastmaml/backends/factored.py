@@ -128,11 +128,10 @@ def auto_reason(problem: Problem) -> Optional[str]:
     """Why `auto` passes over this backend for an MLP call it can run (a speed rule), or None.
 
     Where the widest layer stays in factors through the whole inner loop (K factor pairs at the last
-    query pass), the factored form measured faster than the reference (torch.func.vmap) on an H200 at
-    T = 65,536 (1-W-W-1, 10 + 10 points, second order: 1.17x at K = 1, W = 40; 2.09x at K = 1 and 0.98x at
-    K = 5, W = 128, with 1.5 GB of memory against 35 GB) and at T = 25 (1.2-1.5x). Where that layer turns
-    dense (W = 40 from the third step) it runs vmap's own form with more operations, and measured 0.73x
-    at K = 5, W = 40; `auto` then takes the reference."""
+    query pass), the factored form measured faster than the reference (torch.func.vmap) on an H200, in a
+    fraction of its memory; where that layer turns dense it runs vmap's own form with more operations and
+    measured slower, so `auto` takes the reference (benchmarks/RESULTS.md, "Measurements behind code
+    choices")."""
     dims, K, ns = problem.dims, problem.inner_steps, problem.n_support
     d_in, d_out = max(zip(dims[:-1], dims[1:]), key=lambda pair: pair[0] * pair[1])
     if _cheaper_dense(K, ns, d_in, d_out):
