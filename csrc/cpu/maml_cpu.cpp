@@ -19,15 +19,14 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <string>
 #include <vector>
 
+#include "../env_switch.h"
 #include "../maml_task.h"
 #include "../op_checks.h"
 #include "task_loops.h"
@@ -180,17 +179,8 @@ bool use_avx2() {
 // P (task_backward's recompute_thetas); "keep" and "auto" keep them on the CPU, where a thread's workspace
 // is cache, not a multiprocessor's shared memory. Read on every call, like FASTMAML_CPU_ISA, so tests can
 // run both on the CPU (the CUDA kernels' "auto" recomputes for large workspaces).
-// Case and surrounding spaces are ignored, as the backend's check of the value (cpu.py) ignores them.
-bool recompute_thetas() {
-  const char* v = std::getenv("FASTMAML_REVERSE_THETAS");
-  if (v == nullptr) return false;
-  std::string m;
-  for (const char* c = v; *c != '\0'; ++c) {
-    const auto ch = static_cast<unsigned char>(*c);
-    if (!std::isspace(ch)) m += static_cast<char>(std::tolower(ch));
-  }
-  return m == "recompute";
-}
+// Case and spaces are ignored, as the backend's check of the value (cpu.py) ignores them.
+bool recompute_thetas() { return env_word("FASTMAML_REVERSE_THETAS") == "recompute"; }
 
 template <typename T>
 LoopTable<T> loops() {

@@ -16,7 +16,6 @@
 #include "maml_cuda.h"
 
 #include <algorithm>
-#include <cctype>
 #include <cstdlib>
 #include <map>
 #include <mutex>

@@ -4,6 +4,8 @@
 
 #include "kernels.cuh"
 
+#include "../env_switch.h"
+
 namespace fastmaml {
 namespace cuda {
 namespace {
@@ -38,12 +40,7 @@ int team_cap() {
 // "auto") recompute where the kept rows take the workspace past kKeepThetasBytes.
 int reverse_thetas() {  // 0 keep, 1 recompute, -1 auto
   static const int mode = [] {
-    const char* v = std::getenv("FASTMAML_REVERSE_THETAS");
-    std::string m;  // case and spaces ignored, as the backend's check of the value (cuda.py) ignores them
-    for (const char* c = v == nullptr ? "" : v; *c != '\0'; ++c) {
-      const auto ch = static_cast<unsigned char>(*c);
-      if (!std::isspace(ch)) m += static_cast<char>(std::tolower(ch));
-    }
+    const std::string m = env_word("FASTMAML_REVERSE_THETAS");  // as the backend's check (cuda.py) reads it
     return m == "keep" ? 0 : m == "recompute" ? 1 : -1;
   }();
   return mode;

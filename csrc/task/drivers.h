@@ -200,10 +200,12 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 // the kept rows' in the last bits; it costs the parameter products of one backward per step (K - 1 of
 // them, K with g_lr) and saves K - 1 rows of P (2K - 1 with g_lr).
 template <typename T, typename Team = SerialTeam>
-FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData<T>& td, const T* theta0, const T* lr, int K,
-                                   const T* qw, T c, const T* gpreds, bool first_order, T* g_theta, T* g_lr,
-                                   T* gxs, T* gxq, T* work, const Team& tm = Team(), T* preds_out = nullptr,
-                                   const T* theta0_t = nullptr, bool add_rows = false, bool recompute_thetas = false) {
+FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData<T>& td, const T* theta0,
+                                                  const T* lr, int K, const T* qw, T c, const T* gpreds,
+                                                  bool first_order, T* g_theta, T* g_lr, T* gxs, T* gxq, T* work,
+                                                  const Team& tm = Team(), T* preds_out = nullptr,
+                                                  const T* theta0_t = nullptr, bool add_rows = false,
+                                                  bool recompute_thetas = false) {
   const bool write_rows = preds_out != nullptr && !add_rows;  // this task's own rows: written, not added to
   const bool one_row = recompute_thetas;
   const int64_t P = net.P, Pp = padded(P);
