@@ -539,8 +539,7 @@ def test_auto_takes_factored_where_its_widest_layer_stays_in_factors(monkeypatch
     monkeypatch.setitem(dispatch._UNAVAILABLE, "cpu", "not built (this test)")
     from fastmaml import _plans
 
-    _plans.clear()
-    monkeypatch.setattr(_plans, "_PLANS", {})
+    monkeypatch.setattr(_plans, "_PLANS", {})  # no plan remembered from before cpu was made unavailable
     for K, expected in ((2, "factored"), (6, "reference")):
         case = make_case(dims=(2, 17, 17, 3), tasks=4, n_support=3, n_query=5, inner_steps=K, lr_scale=0.2,
                          seed=60 + K)

@@ -111,31 +111,28 @@ def _dense_mode() -> str:
 DENSE = _dense_mode()
 
 
-def _cheaper_dense(steps: int, n_support: int, d_in: int, d_out: int) -> bool:
-    """Whether `steps` factor pairs of `n_support` rows cost more multiply-adds per point than the dense
-    `[d_out, d_in]` product."""
-    return steps * n_support * (d_in + d_out) > d_in * d_out
+def _dense_from(n_support: int, d_in: int, d_out: int) -> int:
+    """The fewest updates whose factor pairs (`steps * n_support * (d_in + d_out)` multiply-adds per point)
+    cost more than the dense `[d_out, d_in]` product (`d_in * d_out`)."""
+    return d_in * d_out // (n_support * (d_in + d_out)) + 1
 
 
 def _dense_after(steps: int, n_support: int, d_in: int, d_out: int) -> bool:
     """Whether a layer whose weights have had `steps` updates is cheaper as dense weights."""
     if DENSE != "auto":
         return DENSE == "always"
-    return _cheaper_dense(steps, n_support, d_in, d_out)
+    return steps >= _dense_from(n_support, d_in, d_out)
 
 
 def auto_reason(problem: Problem) -> Optional[str]:
-    """Why `auto` passes over this backend for an MLP call it can run (a speed rule), or None.
-
-    Where the widest layer stays in factors through the whole inner loop (K factor pairs at the last
-    query pass), the factored form measured faster than the reference (torch.func.vmap) on an H200, in a
-    fraction of its memory; where that layer turns dense it runs vmap's own form with more operations and
-    measured slower, so `auto` takes the reference (benchmarks/RESULTS.md, "Measurements behind code
-    choices")."""
+    """Why `auto` passes over this backend for an MLP call it can run (a speed rule), or None: where the
+    widest layer turns dense within the inner loop it runs vmap's own form with more operations, and the
+    reference measured faster (on an H200; where the layer stays in factors, factored measured faster,
+    in a fraction of the memory: benchmarks/RESULTS.md, "Measurements behind code choices")."""
     dims, K, ns = problem.dims, problem.inner_steps, problem.n_support
     d_in, d_out = max(zip(dims[:-1], dims[1:]), key=lambda pair: pair[0] * pair[1])
-    if _cheaper_dense(K, ns, d_in, d_out):
-        first = next(k for k in range(1, K + 1) if _cheaper_dense(k, ns, d_in, d_out))
+    first = _dense_from(ns, d_in, d_out)
+    if first <= K:
         return (f"its {d_in} x {d_out} layer turns dense after {first} of the {K} inner steps ({ns} support "
                 "points), where the reference measured faster; ask for it explicitly to use it")
     return None
