@@ -20,6 +20,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace fastmaml {
@@ -267,14 +268,17 @@ inline bool four_blocks() {
   return on;
 }
 
-// The reverse sweep's kernel for T: float has the 4-block variant too.
+// The reverse sweep's kernel for T: float has the 4-block variant too. One template, not a
+// specialisation for float: an explicit specialisation is an ordinary inline function, compiled in every
+// file that includes this one, so each of the five .cu files compiled both float reverse sweeps (about
+// 50 s of a file's build) whether it launched them or not.
 template <typename T>
 auto bwd_kernel_for() {
-  return &bwd_kernel<T>;
-}
-template <>
-inline auto bwd_kernel_for<float>() {
-  return four_blocks() ? &bwd_kernel<float, 4> : &bwd_kernel<float>;
+  if constexpr (std::is_same_v<T, float>) {
+    return four_blocks() ? &bwd_kernel<float, 4> : &bwd_kernel<float>;
+  } else {
+    return &bwd_kernel<T>;
+  }
 }
 
 
