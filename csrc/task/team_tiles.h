@@ -51,11 +51,46 @@ FASTMAML_HD inline int pick_tile(int R, int C, int size) {
   return best;
 }
 
+// `p` as a value the compiler cannot see into. On a GPU an operand's pointer is the block's workspace
+// plus a 64-bit offset; seen through, nvcc folded that offset into every load's index and rebuilt each
+// address in 64 bits (sign extension, add, shift-add: four integer instructions a load). Opaque, a load
+// costs at most one wide multiply-add (IMAD.WIDE) from the pointer.
+template <typename T>
+FASTMAML_HD inline const T* opaque(const T* p) {
+#if defined(__CUDA_ARCH__)
+  asm("" : "+l"(p));
+#endif
+  return p;
+}
+
+// The sum over k = kb .. ke - 1 of one unit's tile, added to `acc`: 32-bit offsets (the unit's row and
+// column offsets plus a running k offset) from two opaque base pointers. In a straight run with unit
+// strides nvcc unrolls it into loads at constant offsets from one address a row or column.
+template <int RB, int CB, typename T>
+FASTMAML_HD inline void tile_sum(T (&acc)[RB][CB], const T* a, const int (&ar)[RB], const T* B, const int (&bc)[CB],
+                                 int ak, int bk, int kb, int ke) {
+  int oa = kb * ak, ob = kb * bk;
+  for (int k = kb; k < ke; ++k) {
+    T av[RB], bv[CB];
+FASTMAML_UNROLL
+    for (int i = 0; i < RB; ++i) av[i] = a[ar[i] + oa];
+FASTMAML_UNROLL
+    for (int j = 0; j < CB; ++j) bv[j] = B[bc[j] + ob];
+FASTMAML_UNROLL
+    for (int i = 0; i < RB; ++i) {
+FASTMAML_UNROLL
+      for (int j = 0; j < CB; ++j) acc[i][j] += av[i] * bv[j];
+    }
+    oa += ak;
+    ob += bk;
+  }
+}
+
 // store(r, c, alpha * sum_k a[r * a_row + k * a_k] * B[c * b_col + k * b_k]) for this rank's units: once
-// per output element, by its owner. Each unit's sums run k = s, s + 1, ..., Kd - 1, 0, ..., s - 1: s = 0,
-// or with `rotate` s = (rb * RB + g) mod Kd (see team_gemm_nt). Each element's order is fixed
-// (deterministic). The owner of (r, c) depends only on (R, C, the tile shape, the team), so two products
-// of the same shape into one output need no sync between them.
+// per output element, by its owner. Each unit's sums run k = s, s + 1, ..., Kd - 1, 0, ..., s - 1 (two
+// straight runs): s = 0, or with `rotate` s = (rb * RB + g) mod Kd (see team_gemm_nt). Each element's
+// order is fixed (deterministic). The owner of (r, c) depends only on (R, C, the tile shape, the team),
+// so two products of the same shape into one output need no sync between them.
 template <int RB, int CB, typename T, typename Team, typename Store>
 FASTMAML_HD inline void team_tiles(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t a_row,
                                    int64_t a_k, const T* __restrict__ B, int64_t b_col, int64_t b_k, bool rotate,
@@ -64,6 +99,8 @@ FASTMAML_HD inline void team_tiles(int R, int C, int Kd, T alpha, const T* __res
   const int G = (C + CB - 1) / CB;
   const int units = ((R + RB - 1) / RB) * G;
   const int ak = static_cast<int>(a_k), bk = static_cast<int>(b_k);
+  const T* pa = opaque(a);
+  const T* pb = opaque(B);
   for (int u = tm.rank(); u < units; u += tm.size()) {
     const int rb = u / G, g = u - rb * G;
     int ar[RB], bc[CB];  // offsets of the rows of a and the columns of B (32-bit: fewer registers)
@@ -77,19 +114,17 @@ FASTMAML_UNROLL
 FASTMAML_UNROLL
       for (int j = 0; j < CB; ++j) acc[i][j] = T(0);
     }
-    int k = rotate ? (rb * RB + g) % Kd : 0;
-    for (int n = 0; n < Kd; ++n) {
-      T av[RB], bv[CB];
-FASTMAML_UNROLL
-      for (int i = 0; i < RB; ++i) av[i] = a[ar[i] + k * ak];
-FASTMAML_UNROLL
-      for (int j = 0; j < CB; ++j) bv[j] = B[bc[j] + k * bk];
-FASTMAML_UNROLL
-      for (int i = 0; i < RB; ++i) {
-FASTMAML_UNROLL
-        for (int j = 0; j < CB; ++j) acc[i][j] += av[i] * bv[j];
-      }
-      k = k + 1 == Kd ? 0 : k + 1;
+    // Two straight runs, s .. Kd - 1 then 0 .. s - 1, through one copy of the loop (not unrolled: two
+    // copies at every product's call site made the reverse sweep spill more).
+    const int s = rotate ? (rb * RB + g) % Kd : 0;
+    int kb = s, ke = Kd;
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+    for (int run = 0; run < 2; ++run) {
+      tile_sum<RB, CB>(acc, pa, ar, pb, bc, ak, bk, kb, ke);
+      kb = 0;
+      ke = s;
     }
 FASTMAML_UNROLL
     for (int i = 0; i < RB; ++i) {
