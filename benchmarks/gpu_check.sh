@@ -112,7 +112,7 @@ stage "environment -> $DIR/env.txt (dry run: $DRY_RUN, commit $FASTMAML_COMMIT)"
     echo "nvidia-smi: not found"
   fi
   command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -2 || echo "nvcc: not found"
-  for tool in ncu nsys; do echo "$tool: $(command -v $tool || echo not found)"; done
+  for tool in ncu nsys cuobjdump; do echo "$tool: $(command -v $tool || echo not found)"; done
   timeout 60 python - <<'EOF' || echo "python environment check failed"
 import sys, platform, torch
 print("python", sys.version.split()[0], platform.machine())
@@ -163,7 +163,12 @@ if command -v nvcc >/dev/null 2>&1 && [ "${REPORTS:-1}" = 1 ]; then
       ( timeout 300 nvcc -arch="sm_${ptx_arch}" -O3 -Xptxas -v -c "$cu" -I csrc -o "$out.o" > "$out.txt" 2>&1 \
           || echo "nvcc failed on $cu" >> "$out.txt" ) &
     done; wait
-    cat /tmp/fastmaml_ptxas_*.cu.txt | c++filt > "$DIR/ptxas.txt" ) &
+    cat /tmp/fastmaml_ptxas_*.cu.txt | c++filt > "$DIR/ptxas.txt"
+    # The products' inner loops: FFMAs against loads and address arithmetic (a static count).
+    if command -v cuobjdump >/dev/null 2>&1; then
+      for o in /tmp/fastmaml_ptxas_*.cu.o; do cuobjdump -sass "$o" 2>/dev/null; done \
+        | python benchmarks/kernel_registers.py --sass-from - >> "$DIR/ptxas.txt" 2>&1
+    fi ) &
   PTXAS_PID=$!
 fi
 

@@ -4,6 +4,8 @@
                                                               # (fused, and the factored backend's products)
     python benchmarks/kernel_registers.py --widths 40 128 --precisions ieee tf32x3
     python benchmarks/kernel_registers.py --skip-cuda --widths 128 --warps 16
+    python benchmarks/kernel_registers.py --skip-triton --sass  # + the CUDA kernels' inner loops (cuobjdump)
+    cuobjdump -sass k.o | python benchmarks/kernel_registers.py --sass-from -
     FASTMAML_TRITON_K_CHUNK=0 python benchmarks/kernel_registers.py --skip-cuda   # the kernels' switches apply
 
 What a kernel change does to register use and spills is the one figure of a GPU kernel's cost that this
@@ -13,6 +15,12 @@ side of a GPU can measure: the CUDA kernels go through `nvcc -Xptxas -v` (every 
 relu, second order with every gradient, float32; 2-60 s a variant). One line per kernel: registers per
 thread, bytes of spill stores and loads, stack frame. On a GPU, `benchmarks/gpu_check.sh` prints the
 same for the kernels it launched.
+
+`--sass` also disassembles the CUDA kernels (`cuobjdump -sass`: from PATH, `$FASTMAML_CUOBJDUMP`, or the
+`nvidia-cuda-cuobjdump` wheel) and counts, per kernel, the instructions of its innermost loops that hold
+multiply-adds: how many of a product's instructions are the FFMAs it exists for, the rest being loads,
+address arithmetic and loop control. A static count (no trip counts), but the products' loops are where
+the reverse sweep spends its arithmetic.
 """
 
 from __future__ import annotations
@@ -57,11 +65,80 @@ def parse_ptxas(text: str) -> dict[str, dict]:
     return out
 
 
+_SASS_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+
+
+def _opcode(instr: str) -> str:
+    instr = instr.strip()
+    if instr.startswith("@"):  # a predicate
+        instr = instr.split(None, 1)[1]
+    return instr.split()[0].split(".")[0]
+
+
+def parse_sass(text: str) -> dict[str, dict]:
+    """`cuobjdump -sass` output -> {function: {instructions, ffma, loads, local, loops}}. `loops` lists the
+    innermost loops (a backward branch with no other backward branch inside) holding at least 4 FFMAs, as
+    (instructions, ffma, loads) of one pass of the loop's body; `loads` counts LD, LDS and LDG, `local`
+    the spill traffic's LDL and STL."""
+    out: dict[str, dict] = {}
+    for chunk in re.split(r"^\s*Function : ", text, flags=re.M)[1:]:
+        name = chunk.split("\n", 1)[0].strip()
+        instrs = [(int(a, 16), body) for a, body in _SASS_INSTR.findall(chunk)]
+        ops = [_opcode(body) for _, body in instrs]
+        index = {addr: i for i, (addr, _) in enumerate(instrs)}
+        backward = []  # (start, end) of every backward branch, as instruction indices
+        for i, (addr, body) in enumerate(instrs):
+            m = _SASS_BRANCH.search(body)
+            if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in index:
+                backward.append((index[int(m.group(1), 16)], i))
+        loops = []
+        for start, end in backward:
+            if any(start <= s2 and e2 < end for s2, e2 in backward if (s2, e2) != (start, end)):
+                continue  # holds another loop
+            body = ops[start:end + 1]
+            if body.count("FFMA") >= 4:
+                loops.append((len(body), body.count("FFMA"), sum(body.count(o) for o in ("LD", "LDS", "LDG"))))
+        out[name] = dict(instructions=len(ops), ffma=ops.count("FFMA"),
+                         loads=sum(ops.count(o) for o in ("LD", "LDS", "LDG")),
+                         local=ops.count("LDL") + ops.count("STL"), loops=loops)
+    return out
+
+
+def sass_lines(stats: dict[str, dict], top: int = 6) -> list[str]:
+    """A line per kernel: totals, and its innermost multiply-add loops' FFMAs per instruction (all of them
+    together, and the largest loop bodies' own)."""
+    lines = []
+    for mangled, st in stats.items():
+        if "_kernel" not in mangled or not st["loops"]:
+            continue
+        n = sum(l[0] for l in st["loops"])
+        f = sum(l[1] for l in st["loops"])
+        lines.append(f"{short_name(mangled):<40} {st['instructions']:>6} instructions, {st['ffma']} FFMA, "
+                     f"{st['local']} local loads/stores; {len(st['loops'])} FFMA loops: {f / n:.2f} FFMA "
+                     f"an instruction")
+        for size, ffma, loads in sorted(set(st["loops"]), key=lambda t: (-t[1], t[0]))[:top]:
+            lines.append(f"    loop of {size:>4} instructions: {ffma:>3} FFMA, {loads:>3} loads ({ffma / size:.2f})")
+    return lines
+
+
+def find_cuobjdump() -> str | None:
+    found = os.environ.get("FASTMAML_CUOBJDUMP") or shutil.which("cuobjdump")
+    if found:
+        return found
+    for base in map(Path, sys.path):  # the nvidia-cuda-cuobjdump wheel
+        for cand in sorted(base.glob("nvidia/cu*/bin/cuobjdump")):
+            return str(cand)
+    cand = Path("/usr/local/cuda/bin/cuobjdump")
+    return str(cand) if cand.exists() else None
+
+
 def short_name(mangled: str) -> str:
     """`bwd_kernel<float>` from an Itanium-mangled CUDA kernel name; the name itself otherwise."""
     m = re.search(r"\d+([a-z_]+_kernel)I([df])(?:Li(\d+)E)?E", mangled)
     if m:
-        blocks = f", {m.group(3)}" if m.group(3) else ""  # bwd_kernel<float, 4>: its min-blocks variant
+        # bwd_kernel<float, 4>: its min-blocks variant; 0 is the default (nvcc's own register count)
+        blocks = f", {m.group(3)}" if m.group(3) not in (None, "0") else ""
         return f"{m.group(1)}<{'float' if m.group(2) == 'f' else 'double'}{blocks}>"
     m = re.search(r"\d+(team_tiles|task_backward|task_forward|block_sum)", mangled)
     return m.group(1) if m else mangled[:60]
@@ -72,7 +149,7 @@ def line(name: str, r: dict) -> str:
             f"loads {r.get('spill_loads', '?'):>5} B  stack {r.get('stack', '?'):>5} B")
 
 
-def cuda_report(arch: str) -> list[str]:
+def cuda_report(arch: str, sass: bool = False) -> list[str]:
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not Path(nvcc).exists():
         return ["cuda: nvcc not found"]
@@ -83,6 +160,14 @@ def cuda_report(arch: str) -> list[str]:
                                    str(ROOT / "csrc"), "-o", str(Path(tmp) / f"{cu.stem}.o")],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cu in sources]
         outputs = [(cu, *proc.communicate(), proc.returncode) for cu, proc in zip(sources, procs)]
+        sass_stats: dict[str, dict] = {}
+        cuobjdump = find_cuobjdump() if sass else None
+        if cuobjdump is not None:
+            for cu, _, _, rc in outputs:
+                obj = Path(tmp) / f"{cu.stem}.o"
+                if rc == 0 and obj.exists():
+                    dump = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True)
+                    sass_stats.update(parse_sass(dump.stdout))
     failed = [f"cuda: nvcc failed on {cu.name}:\n{err[-3000:]}" for cu, _, err, rc in outputs if rc != 0]
     if failed:
         return failed
@@ -99,6 +184,12 @@ def cuda_report(arch: str) -> list[str]:
     outlined = [m for m in reports if "_kernel" not in m and "block_sum" not in m]
     if outlined:
         lines.append(f"  (not inlined into their kernels: {sorted({short_name(m) for m in outlined})})")
+    if sass:
+        if cuobjdump is None:
+            lines.append("sass: no cuobjdump (PATH, $FASTMAML_CUOBJDUMP, pip install nvidia-cuda-cuobjdump)")
+        else:
+            lines.append(f"== the kernels' innermost multiply-add loops (cuobjdump -sass, {cuobjdump})")
+            lines.extend(sass_lines(sass_stats))
     return lines
 
 
@@ -176,13 +267,21 @@ def main(argv=None) -> int:
     p.add_argument("--warps", type=int, default=0, help="Triton warps per program (0: the backend's choice)")
     p.add_argument("--skip-cuda", action="store_true")
     p.add_argument("--skip-triton", action="store_true")
+    p.add_argument("--sass", action="store_true", help="count the CUDA kernels' inner-loop instructions")
+    p.add_argument("--sass-from", metavar="FILE",
+                   help="only summarise a `cuobjdump -sass` listing already made ('-': standard input)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.sass_from:
+        text = sys.stdin.read() if args.sass_from == "-" else Path(args.sass_from).read_text()
+        print("== the CUDA kernels' innermost multiply-add loops (cuobjdump -sass)")
+        print("\n".join(sass_lines(parse_sass(text))), flush=True)
+        return 0
     if args.child:
         _triton_child(json.loads(args.child))
         return 0
     if not args.skip_cuda:
-        print("\n".join(cuda_report(args.arch + ("a" if args.arch == "90" else ""))), flush=True)
+        print("\n".join(cuda_report(args.arch + ("a" if args.arch == "90" else ""), args.sass)), flush=True)
     if not args.skip_triton:
         print(f"== Triton kernels, sm_{args.arch}, float32, 1-W-W-1, 10 + 10 points", flush=True)
         print("\n".join(triton_report(args.widths, args.precisions, int(args.arch), args.warps)), flush=True)

@@ -40,6 +40,40 @@ def test_ptxas_report_is_read_per_kernel():
     }
 
 
+SASS = """\
+\t\tFunction : _ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfLi0EEEvNS_4task6scalar3NetEll
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   LD.E R4, desc[UR4][R2.64] ;
+        /*0020*/                   LD.E R5, desc[UR4][R2.64+0x4] ;
+        /*0030*/                   FFMA R6, R4, R5, R6 ;
+        /*0040*/                   FFMA R7, R4, R5, R7 ;
+        /*0050*/                   FFMA R8, R4, R5, R8 ;
+        /*0060*/                   FFMA R9, R4, R5, R9 ;
+        /*0070*/                   IMAD.WIDE R2, R10, 0x4, R2 ;
+        /*0080*/               @P0 BRA 0x10 ;
+        /*0090*/                   STL [R1], R6 ;
+        /*00a0*/                   FFMA R6, R4, R5, R6 ;
+        /*00b0*/                   LDS R4, [R11] ;
+        /*00c0*/                   FFMA R6, R4, R5, R6 ;
+        /*00d0*/                   FFMA R6, R4, R5, R6 ;
+        /*00e0*/                   FFMA R6, R4, R5, R6 ;
+        /*00f0*/              @!P1 BRA 0x10 ;
+        /*0100*/                   EXIT ;
+"""
+
+
+def test_sass_inner_loops_are_counted():
+    """Only the innermost multiply-add loop counts (the outer one holds it); totals count every
+    instruction, local traffic (spills) apart."""
+    stats = kernel_registers.parse_sass(SASS)
+    (name, st), = stats.items()
+    assert kernel_registers.short_name(name) == "bwd_kernel<float>"
+    assert st == dict(instructions=17, ffma=8, loads=3, local=1, loops=[(8, 4, 2)])
+    lines = kernel_registers.sass_lines(stats)
+    assert "bwd_kernel<float>" in lines[0] and "0.50 FFMA an instruction" in lines[0]
+    assert "loop of    8 instructions:   4 FFMA,   2 loads (0.50)" in lines[1]
+
+
 def test_profile_runs_on_the_cpu(capsys):
     import profile_kernels
 
