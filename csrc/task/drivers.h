@@ -115,6 +115,10 @@ template <typename T, typename Team>
 FASTMAML_HD FASTMAML_HOST_NOINLINE void rebuild_step(const Net& net, const TaskData<T>& td, const Acts<T>& a,
                                                      const T* lrk, bool rebuild, T* theta, T* gl, bool write_rows,
                                                      const T* v, int64_t P, const Team& tm) {
+  lrk = opaque(lrk);  // team.h
+  theta = opaque(theta);
+  gl = opaque(gl);
+  v = opaque(v);
   for_each(tm, P, [&](int64_t i) {
     const T gi = grad_element(net, td.xs, td.ns, a, i);
     if (rebuild) theta[i] += lrk[i] * gi;  // theta_k = theta_{k+1} + lr_k g_k
@@ -252,17 +256,19 @@ FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData
     backward(net, th, td.xq, td.nq, q, v, gxq, tm);
   }
 
+  u = opaque(u);  // the elementwise passes over rows of P below (team.h)
+  v = opaque(v);
   for (int k = K - 1; k >= 0; --k) {
-    const T* lrk = lr + k * P;
+    const T* lrk = opaque(lr + k * P);
     Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
-    T* gl = g_lr != nullptr ? g_lr + k * P : nullptr;
+    T* gl = g_lr != nullptr ? opaque(g_lr + k * P) : nullptr;
     if (one_row && (k > 0 || gl != nullptr)) {
       // g_k recomputed where theta_k is rebuilt from it (k > 0) or g_lr needs it.
       rebuild_step(net, td, a, lrk, k > 0, thetas, gl, write_rows, v, P, tm);
     } else if (gl != nullptr) {
       // Plain loops, apart: on the CPU they vectorise (one loop for both modes, with u below in it, made the
       // cpu backend's training step 1.4-1.6x slower at K = 5).
-      const T* g = grads + k * Pp;
+      const T* g = opaque(grads + k * Pp);
       if (write_rows) {
         for_each(tm, P, [&](int64_t i) { gl[i] = -(g[i] * v[i]); });
       } else {
@@ -284,6 +290,7 @@ FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData
       backward(net, th, td.xq, td.nq, q, v, gxq, tm);
     }
   }
+  g_theta = opaque(g_theta);
   if (write_rows) {
     for_each(tm, P, [&](int64_t i) { g_theta[i] = v[i]; });
   } else {

@@ -379,6 +379,10 @@ FASTMAML_HD inline void hvp(const Net& net, const T* __restrict__ theta, const T
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void sgd_update(const T* theta, const T* __restrict__ lr, const T* g, T* theta_next,
                                    int64_t P, const Team& tm = Team()) {
+  theta = opaque(theta);  // the same pointers, reassigned (restrict kept): on the host, the same loop
+  lr = opaque(lr);
+  g = opaque(g);
+  theta_next = opaque(theta_next);
   for_each(tm, P, [&](int64_t i) { theta_next[i] = theta[i] - lr[i] * g[i]; });
   tm.sync();
 }

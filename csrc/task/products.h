@@ -304,11 +304,14 @@ FASTMAML_HD inline void gemm_nt_then(int R, int C, int Kd, const T* __restrict__
 
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void fill(T* p, int64_t n, T value, const Team& tm = Team()) {
+  p = opaque(p);
   for_each(tm, n, [&](int64_t i) { p[i] = value; });
 }
 
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD inline void copy(const T* __restrict__ src, T* __restrict__ dst, int64_t n, const Team& tm = Team()) {
+  src = opaque(src);
+  dst = opaque(dst);
   for_each(tm, n, [&](int64_t i) { dst[i] = src[i]; });
 }
 

@@ -20,6 +20,7 @@
 #pragma once
 
 #include "config.h"
+#include "team.h"
 
 namespace fastmaml {
 namespace FASTMAML_TASK_NAMESPACE {
@@ -27,7 +28,7 @@ inline namespace FASTMAML_IMPL_NAMESPACE {
 
 // Three square shapes. Each is instantiated at every product's call site, and with five (2 x 4 and 4 x
 // 2 too) the CUDA reverse sweep outgrew what nvcc inlines into its kernel and spilled 0.7-1 KiB per
-// thread (nvcc 13.0, sm_90a, -Xptxas -v); with these three the float32 reverse sweeps spill 0-4 bytes.
+// thread (nvcc 13.0, sm_90a, -Xptxas -v); with these three the float32 reverse sweeps spill 0-36 bytes.
 enum TileShape : int { kTile1x1 = 0, kTile2x2 = 1, kTile4x4 = 2 };
 
 FASTMAML_HD inline int tile_size(int shape) { return shape == kTile4x4 ? 4 : shape == kTile2x2 ? 2 : 1; }
@@ -49,18 +50,6 @@ FASTMAML_HD inline int pick_tile(int R, int C, int size) {
     }
   }
   return best;
-}
-
-// `p` as a value the compiler cannot see into. On a GPU an operand's pointer is the block's workspace
-// plus a 64-bit offset; seen through, nvcc folded that offset into every load's index and rebuilt each
-// address in 64 bits (sign extension, add, shift-add: four integer instructions a load). Opaque, a load
-// costs at most one wide multiply-add (IMAD.WIDE) from the pointer.
-template <typename T>
-FASTMAML_HD inline const T* opaque(const T* p) {
-#if defined(__CUDA_ARCH__)
-  asm("" : "+l"(p));
-#endif
-  return p;
 }
 
 // The sum over k = kb .. ke - 1 of one unit's tile, added to `acc`: 32-bit offsets (the unit's row and
