@@ -111,7 +111,19 @@ FASTMAML_UNROLL
 #pragma unroll 1
 #endif
     for (int run = 0; run < 2; ++run) {
+#if defined(__CUDA_ARCH__)
+      // Both operands in shared memory (the workspace there, theta_k past step 0): told so, nvcc loads
+      // them with 32-bit shared addresses (LDS) instead of generic 64-bit ones (LD), and unrolls deeper.
+      if (__isShared(pa) && __isShared(pb)) {
+        __builtin_assume(__isShared(pa));
+        __builtin_assume(__isShared(pb));
+        tile_sum<RB, CB>(acc, pa, ar, pb, bc, ak, bk, kb, ke);
+      } else {
+        tile_sum<RB, CB>(acc, pa, ar, pb, bc, ak, bk, kb, ke);
+      }
+#else
       tile_sum<RB, CB>(acc, pa, ar, pb, bc, ak, bk, kb, ke);
+#endif
       kb = 0;
       ke = s;
     }
