@@ -85,45 +85,53 @@ FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t
   return (K + 1) * state_size(net, nmax) + tangents_size(net, nmax) + rows * padded(net.P);
 }
 
-// Element i of the support gradient from the state a support pass left in `a` (each layer's h and d):
-// sum_n d[n, r] h[n, c] for W_l[r, c], sum_n d[n, r] for b_l[r] (h_{-1} = x). The parameter products of
-// backward one element at a time (summed in point order, so within a rounding of backward's tiles): the
-// reverse sweep rebuilds theta_k in a loop where each owner updates its elements, with no gradient row,
-// no fill and no product of its own.
-template <typename T>
-FASTMAML_HD inline T grad_element(const Net& net, const T* __restrict__ x, int N, const Acts<T>& a, int64_t i) {
-  int l = 0;
-  while (l + 1 < net.L && i >= net.w_off[l + 1]) ++l;
-  const int din = net.dims[l], dout = net.dims[l + 1];
-  const int j = static_cast<int>(i - net.w_off[l]);  // within one layer's weights and bias: 32-bit
-  const T* d = a.d + slice(net, a, l);
-  T acc = 0;
-  if (j < dout * din) {
-    const int r = j / din, c = j - r * din;
-    const T* in = l == 0 ? x : a.h + slice(net, a, l - 1);
-    for (int n = 0; n < N; ++n) acc += d[n * dout + r] * in[n * din + c];
-  } else {
-    for (int n = 0; n < N; ++n) acc += d[n * dout + (j - dout * din)];
-  }
-  return acc;
-}
-
-// The reverse sweep's step k with rebuilt thetas (task_backward's recompute_thetas): g_k recomputed, each
-// element by its owner, theta_k = theta_{k+1} + lr_k g_k in `theta` where `rebuild`, and g_lr's row `gl`
-// (when given) written or added to. Out of line on the host (config.h).
+// The reverse sweep's step k with rebuilt thetas (task_backward's recompute_thetas): g_k recomputed
+// element by element from the state step k's support pass left in `a` (each layer's h and d):
+// sum_n d[n, r] h[n, c] for W_l[r, c], sum_n d[n, r] for b_l[r] (h_{-1} = x), summed in point order (so
+// within a rounding of backward's tiles). Element i of theta's layout belongs to rank i mod size(), as in
+// every loop over a row of P; each owner sets theta_k = theta_{k+1} + lr_k g_k in `theta` where
+// `rebuild`, and writes or adds to g_lr's row `gl` (when given). No gradient row, no fill and no product
+// of its own. A layer at a time, each rank stepping its (row, column) by the team's size: no division
+// or layer search per element. Out of line on the host (config.h).
 template <typename T, typename Team>
 FASTMAML_HD FASTMAML_HOST_NOINLINE void rebuild_step(const Net& net, const TaskData<T>& td, const Acts<T>& a,
                                                      const T* lrk, bool rebuild, T* theta, T* gl, bool write_rows,
-                                                     const T* v, int64_t P, const Team& tm) {
+                                                     const T* v, const Team& tm) {
   lrk = opaque(lrk);  // team.h
   theta = opaque(theta);
   gl = opaque(gl);
   v = opaque(v);
-  for_each(tm, P, [&](int64_t i) {
-    const T gi = grad_element(net, td.xs, td.ns, a, i);
+  const int N = td.ns, size = tm.size();
+  const auto update = [&](int64_t i, T gi) {
     if (rebuild) theta[i] += lrk[i] * gi;  // theta_k = theta_{k+1} + lr_k g_k
     if (gl != nullptr) gl[i] = write_rows ? -(gi * v[i]) : gl[i] - gi * v[i];
-  });
+  };
+  for (int l = 0; l < net.L; ++l) {
+    const int din = net.dims[l], dout = net.dims[l + 1], nw = dout * din;
+    const int64_t w0 = net.w_off[l];
+    const T* d = opaque(a.d + slice(net, a, l));
+    const T* in = opaque(l == 0 ? td.xs : a.h + slice(net, a, l - 1));
+    // This rank's first element of the layer (w0 + j = rank mod size), then every size-th.
+    int j = static_cast<int>(((tm.rank() - w0) % size + size) % size);
+    int r = j / din, c = j - r * din;
+    const int dr = size / din, dc = size - dr * din;
+    for (; j < nw; j += size) {
+      T acc = 0;
+      for (int n = 0; n < N; ++n) acc += d[n * dout + r] * in[n * din + c];
+      update(w0 + j, acc);
+      r += dr;
+      c += dc;
+      if (c >= din) {
+        c -= din;
+        ++r;
+      }
+    }
+    for (j -= nw; j < dout; j += size) {  // the bias b_l[j], element w0 + nw + j
+      T acc = 0;
+      for (int n = 0; n < N; ++n) acc += d[n * dout + j];
+      update(w0 + nw + j, acc);
+    }
+  }
 }
 
 // theta_K of one task, written to `theta_out [P]`. `lr [K, P]`.
@@ -199,7 +207,7 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 // runs in turn sum their gradients into one row (the CUDA maml_fwdbwd_sum, which keeps no per-task rows).
 //
 // `recompute_thetas`: keep one theta row, and on the way back rebuild theta_k = theta_{k+1} + lr_k g_k, with
-// g_k recomputed element by element from step k's kept support state (grad_element). theta_k comes back
+// g_k recomputed element by element from step k's kept support state (rebuild_step). theta_k comes back
 // within a rounding of each element (theta_{k+1} was rounded once), so the sweep's results differ from
 // the kept rows' in the last bits; it costs the parameter products of one backward per step (K - 1 of
 // them, K with g_lr) and saves K - 1 rows of P (2K - 1 with g_lr).
@@ -264,7 +272,7 @@ FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData
     T* gl = g_lr != nullptr ? opaque(g_lr + k * P) : nullptr;
     if (one_row && (k > 0 || gl != nullptr)) {
       // g_k recomputed where theta_k is rebuilt from it (k > 0) or g_lr needs it.
-      rebuild_step(net, td, a, lrk, k > 0, thetas, gl, write_rows, v, P, tm);
+      rebuild_step(net, td, a, lrk, k > 0, thetas, gl, write_rows, v, tm);
     } else if (gl != nullptr) {
       // Plain loops, apart: on the CPU they vectorise (one loop for both modes, with u below in it, made the
       // cpu backend's training step 1.4-1.6x slower at K = 5).
