@@ -305,6 +305,8 @@ fi
 #            them above 74 KiB of workspace (W=40, K=5: 2 tasks a multiprocessor instead of 3)
 #   blocks4  FASTMAML_CUDA_MIN_BLOCKS=4: the CUDA reverse sweep compiled for 4 blocks a multiprocessor
 #            (128 registers; 36 / 68 B of spills since d8db343, 232 / 508 before)
+#   lds      FASTMAML_CUDA_LDS=0 at W=40: the CUDA products' generic loads where both operands are in
+#            shared memory, as before c5539fb (LDS: 35 instructions for a 2 x 2 tile's 16 FFMA, not 43)
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
 #   team64   team of one or two warps, more tasks resident a multiprocessor, cheaper barriers
 #   warps4   FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4: Triton's scratch layout at 4 warps
@@ -320,12 +322,12 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "blocks4 thetas warps4 floops fchunk16 team32 ftf32x3 team64 ieee
-# warps2 scratch", is what no GPU has measured yet, the likeliest gains first (about 20 s each; scratch was
+# AB_VARIANTS picks some. The default, "blocks4 lds thetas warps4 floops fchunk16 team32 ftf32x3 team64
+# ieee warps2 scratch", is what no GPU has measured yet, the likeliest gains first (about 20 s each; scratch was
 # measured with FMA products, equal to the register layout, and now runs tf32x3); "shared tiles chunk4g
 # factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-blocks4 thetas warps4 floops fchunk16 team32 ftf32x3 team64 ieee warps2 scratch})
+  variants=(${AB_VARIANTS:-blocks4 lds thetas warps4 floops fchunk16 team32 ftf32x3 team64 ieee warps2 scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -339,6 +341,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       warps2) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=2"; method=triton; widths=40 ;;
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
       blocks4) setting=FASTMAML_CUDA_MIN_BLOCKS=4; method=cuda ;;
+      lds) setting=FASTMAML_CUDA_LDS=0; method=cuda; widths=40 ;;
       thetas) setting=FASTMAML_REVERSE_THETAS=keep; method=cuda ;;
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
       team32) setting="FASTMAML_CUDA_THREADS=32 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;

@@ -50,10 +50,12 @@ __device__ __noinline__ double block_sum(double v, double* red) {
 struct BlockTeam {
   double* red;
   bool tiles;  // register tiles in the products (Launch::tiles)
+  bool lds;    // shared-memory loads in the products where both operands are there (Launch::shared_loads)
   __device__ int rank() const { return static_cast<int>(threadIdx.x); }
   __device__ int size() const { return static_cast<int>(blockDim.x); }
   __device__ void sync() const { __syncthreads(); }
   __device__ int tile(int R, int C) const { return tiles ? task::pick_tile(R, C, size()) : task::kTile1x1; }
+  __device__ bool shared_loads() const { return lds; }
   // Summed in double (5 shuffle steps and one read a warp, where every rank read every rank's partial
   // before), rounded once to T.
   template <typename T>
@@ -95,9 +97,10 @@ __device__ T* block_workspace(bool shared, T* global, int64_t work_elems) {
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     fwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr, Data<T> data,
-               const T* qw, T* task_losses, T* preds, T* global_work, int64_t work_elems, bool shared, bool tiles) {
+               const T* qw, T* task_losses, T* preds, T* global_work, int64_t work_elems, bool shared, bool tiles,
+               bool lds) {
   __shared__ double red[kReductionSlots];
-  const BlockTeam tm{red, tiles};
+  const BlockTeam tm{red, tiles, lds};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t dout = net.dims[net.L];
   // The loop bounds are the same for every thread of the block, so every sync inside is reached by all.
@@ -111,9 +114,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     adapt_kernel(Net net, int64_t n_tasks, int64_t Ns, int K, const T* theta, const T* lr, Data<T> data, T* thetas,
-                 T* global_work, int64_t work_elems, bool shared, bool tiles) {
+                 T* global_work, int64_t work_elems, bool shared, bool tiles, bool lds) {
   __shared__ double red[kReductionSlots];
-  const BlockTeam tm{red, tiles};
+  const BlockTeam tm{red, tiles, lds};
   T* work = block_workspace(shared, global_work, work_elems);
   for (int64_t t = blockIdx.x; t < n_tasks; t += gridDim.x) {
     const TaskData<T> td = task_data(net, Ns, int64_t(0), data, t);
@@ -132,9 +135,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     bwd_kernel(Net net, int64_t n_tasks, int64_t chunk, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                Data<T> data, const T* qw, const T* g_task_losses, const T* g_query_preds, bool first_order,
                T* task_losses, T* preds, T* part_theta, T* part_lr, T* g_xs, T* g_xq, T* global_work,
-               int64_t work_elems, bool shared, bool tiles, bool recompute_thetas) {
+               int64_t work_elems, bool shared, bool tiles, bool recompute_thetas, bool lds) {
   __shared__ double red[kReductionSlots];
-  const BlockTeam tm{red, tiles};
+  const BlockTeam tm{red, tiles, lds};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   const int64_t b = blockIdx.x;
@@ -163,9 +166,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     fwdbwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                   Data<T> data, const T* qw, bool first_order, T* task_losses, T* preds, T* rows_theta,
                   T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared, bool tiles,
-                  bool recompute_thetas) {
+                  bool recompute_thetas, bool lds) {
   __shared__ double red[kReductionSlots];
-  const BlockTeam tm{red, tiles};
+  const BlockTeam tm{red, tiles, lds};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   for (int64_t t = blockIdx.x; t < n_tasks; t += gridDim.x) {
@@ -296,7 +299,7 @@ cudaError_t launch_fwd(const Sizes& s, const Launch& launch, const T* theta, con
   if (const cudaError_t e = allow_shared(fwd_kernel<T>, smem); e != cudaSuccess) return e;
   fwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, task_losses, query_preds, workspace,
-      launch.work_elems, launch.shared, launch.tiles);
+      launch.work_elems, launch.shared, launch.tiles, launch.shared_loads);
   return cudaGetLastError();
 }
 
@@ -309,7 +312,7 @@ cudaError_t launch_adapt(const Sizes& s, const Launch& launch, const T* theta, c
   if (const cudaError_t e = allow_shared(adapt_kernel<T>, smem); e != cudaSuccess) return e;
   adapt_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, static_cast<int>(s.K), theta, lr, data, thetas, workspace, launch.work_elems, launch.shared,
-      launch.tiles);
+      launch.tiles, launch.shared_loads);
   return cudaGetLastError();
 }
 
@@ -347,7 +350,7 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
     kernel<<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
         s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, g_task_losses,
         g_query_preds, first_order, task_losses, query_preds, part_theta, need_lr ? part_lr : nullptr, g_xs, g_xq,
-        workspace, launch.work_elems, launch.shared, launch.tiles, launch.recompute_thetas);
+        workspace, launch.work_elems, launch.shared, launch.tiles, launch.recompute_thetas, launch.shared_loads);
     return cudaGetLastError();
   });
 }
@@ -376,7 +379,7 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
   fwdbwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, first_order, task_losses, query_preds,
       rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles,
-      launch.recompute_thetas);
+      launch.recompute_thetas, launch.shared_loads);
   return cudaGetLastError();
 }
 

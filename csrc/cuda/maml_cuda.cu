@@ -22,6 +22,16 @@ bool register_tiles() {
   return on;
 }
 
+// FASTMAML_CUDA_LDS=0 (read once per process) keeps the products' generic loads where both operands are
+// in shared memory (csrc/task/team_tiles.h): a switch for the GPU check's A/B.
+bool shared_loads() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTMAML_CUDA_LDS");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 // FASTMAML_CUDA_THREADS=32 or 64 (read once per process; the cuda backend refuses other values) caps a
 // task's team below kMaxThreads: with the same registers a thread, 4 or 2 times the tasks resident on a
 // multiprocessor, and a one-warp team's block barriers cost next to nothing. A switch for the GPU check's
@@ -92,6 +102,7 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
   }
   l.global_elems = l.shared ? 0 : l.blocks * l.work_elems;
   l.tiles = register_tiles();
+  l.shared_loads = shared_loads();
   return l;
 }
 

@@ -65,6 +65,8 @@ struct Launch {
   int64_t global_elems;  // elements of global workspace the caller provides (0 when shared)
   bool tiles;            // register tiles in the team products (FASTMAML_CUDA_TILES=0: one output per thread)
   bool recompute_thetas;  // reverse sweep: theta_k rebuilt, not kept (kKeepThetasBytes)
+  bool shared_loads;     // products load from shared memory (LDS) where both operands are there
+                         // (FASTMAML_CUDA_LDS=0: generic loads everywhere)
 };
 
 // `max_shared_bytes`: the dynamic shared memory one block of this GPU may opt into (a workspace up to it

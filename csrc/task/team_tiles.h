@@ -114,7 +114,8 @@ FASTMAML_UNROLL
 #if defined(__CUDA_ARCH__)
       // Both operands in shared memory (the workspace there, theta_k past step 0): told so, nvcc loads
       // them with 32-bit shared addresses (LDS) instead of generic 64-bit ones (LD), and unrolls deeper.
-      if (__isShared(pa) && __isShared(pb)) {
+      // A device team has shared_loads() (FASTMAML_CUDA_LDS=0 turns it off, for an A/B).
+      if (tm.shared_loads() && __isShared(pa) && __isShared(pb)) {
         __builtin_assume(__isShared(pa));
         __builtin_assume(__isShared(pb));
         tile_sum<RB, CB>(acc, pa, ar, pb, bc, ak, bk, kb, ke);
