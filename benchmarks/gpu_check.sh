@@ -304,7 +304,7 @@ fi
 #   thetas   FASTMAML_REVERSE_THETAS=keep: the CUDA reverse sweep keeps theta_1..theta_K, not rebuilding
 #            them above 74 KiB of workspace (W=40, K=5: 2 tasks a multiprocessor instead of 3)
 #   blocks4  FASTMAML_CUDA_MIN_BLOCKS=4: the CUDA reverse sweep compiled for 4 blocks a multiprocessor
-#            (128 registers; 36 / 68 B of spills since d8db343, 232 / 508 before)
+#            (128 registers; 24 / 56 B of spills at ce8d7ec, 232 / 508 before d8db343)
 #   lds      FASTMAML_CUDA_LDS=0 at W=40: the CUDA products' generic loads where both operands are in
 #            shared memory, as before c5539fb (LDS: 35 instructions for a 2 x 2 tile's 16 FFMA, not 43)
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's

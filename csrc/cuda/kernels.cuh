@@ -260,7 +260,7 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
 }
 
 // FASTMAML_CUDA_MIN_BLOCKS=4 (read once per process) launches the float reverse sweep compiled for 4
-// blocks a multiprocessor (128 registers, 36 / 68 B of spill stores / loads in sm_90's ptxas -v since the
+// blocks a multiprocessor (128 registers, 24 / 56 B of spill stores / loads in sm_90's ptxas -v since the
 // operands are opaque pointers, csrc/task/team.h; 232 / 508 B before) instead of
 // the 3 its 168 registers allow: ncu on the H200 found it latency-bound at 12 warps a multiprocessor
 // (18.75% occupancy, SM throughput 22%). A switch until a GPU measures it (the GPU check's A/B).

@@ -5,7 +5,8 @@
 // the team's earlier writes visible to all of it), `sum(x)` (a collective: every rank's `x` summed in
 // rank order, returned to every rank; it syncs) and `tile(R, C)` (the register tile of its [R, C]
 // matrix products: team_tiles.h's pick_tile, or a fixed shape to compare; a function of (R, C) alone,
-// since two products of one shape into one output rely on the same owner per element). The loops are
+// since two products of one shape into one output rely on the same owner per element); a team that runs
+// on a GPU also has `shared_loads()` (team_tiles.h's shared-memory loop on or off). The loops are
 // output-stationary: in each phase every output element has one owner (`for_owned`, `for_each`, the
 // tiles), and a rank reads another rank's results only after a sync. The layer functions and drivers
 // may be entered when their inputs are visible to the whole team, and sync before they return; the
@@ -46,6 +47,8 @@ struct SerialTeam {
   }
   // The register tile of a team product (team_tiles.h); a team of one runs products.h's own loops.
   FASTMAML_HD static constexpr int tile(int, int) { return 0; }
+  // Shared-memory loads in the team products (team_tiles.h, device code only; a CUDA block's switch).
+  FASTMAML_HD static constexpr bool shared_loads() { return false; }
 };
 
 // Calls f(r, c) for this rank's elements of a [rows, cols] array: element (r, c) belongs to rank
