@@ -27,7 +27,7 @@ import torch
 import fastmaml
 from fastmaml import _ext
 from fastmaml.backends import cpu as cpu_backend
-from fastmaml.backends._fused import adapt_args, fused_args
+from fastmaml.backends._fused import fused_args
 from fastmaml._validate import make_problem
 from _reference_loop import normal_params as make_params, random_data as make_data
 
@@ -667,6 +667,7 @@ def test_workspace_bytes_matches_kernel_formula():
     small = cpu_backend.workspace_bytes([1, 40, 40, 1], 5, 10, 4)
     P = 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1  # 1761, padded to 1776 (segments on 64-byte boundaries)
     state = 2 * 816 + 16  # z (h written over it), d of 10 x 81 (810 -> 816) and the 10 outputs (-> 16)
+    assert (P, (P + 15) // 16 * 16) == (1761, 1776)
     assert small == (6 * state + 3 * 816 + 12 * 1776) * 4
     assert cpu_backend.workspace_bytes([1, 40, 40, 1], 6, 10, 4) > small
 
