@@ -32,7 +32,7 @@
 # replaces the GPU sweep's settings, SKIP_SWEEP=1 skips it. AB_S (only when set; --quick adds it to
 # TOTAL_S) runs the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
-# of one backward launch (profile.txt). OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register
+# of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt). OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register
 # reports (nvcc's of the CUDA kernels takes minutes of the machine's CPUs).
 set -uo pipefail
 
@@ -202,11 +202,15 @@ if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
 fi
 # ncu apart from the profile, so that a second run can ask for it alone (PROFILE_S=0 NCU_S=60).
 if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ]; then
-  stage "ncu of one cuda backward launch at T=8192 (limit ${NCU_S:-60}s) -> $DIR/profile.txt"
+  # Width 40 (NCU_WIDTH): the workspace in shared memory, the products' LDS loop; the 2026-11-30 run
+  # profiled W=128. WarpStateStats gives the stall reasons (long scoreboard: waiting on loads; no
+  # instruction: fetch, which the 1 MB sweep may cause), InstructionStats the executed mix.
+  stage "ncu of one cuda backward launch at T=8192, W=${NCU_WIDTH:-40} (limit ${NCU_S:-60}s) -> $DIR/profile.txt"
   ( cd benchmarks && timeout "${NCU_S:-60}" ncu --kernel-name regex:"bwd_kernel" --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-      python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width 128 --warmup 0 --iters 1 \
-      --no-profiler ) >> "$DIR/profile.txt" 2>&1
+      --section WarpStateStats --section InstructionStats \
+      python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width "${NCU_WIDTH:-40}" --warmup 0 \
+      --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
   echo "ncu exit code $?"
 fi
 
