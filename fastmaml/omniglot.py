@@ -40,7 +40,7 @@ from . import api, jobs
 from . import omniglot_data as data
 from ._mlp import init_mlp
 from .jobs import algorithms, driver
-from .sinusoid import torch_threads
+from .jobs.driver import torch_threads
 
 MLP_HIDDEN = (256, 128, 64, 64)
 HEAD_HIDDEN = ()  # ANIL adapts the last layer: a linear head on the 64 features

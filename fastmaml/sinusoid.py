@@ -29,7 +29,6 @@ loop the jobs' shared driver (fastmaml/jobs/driver.py), `fastmaml compare sinuso
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -42,6 +41,7 @@ import torch
 from . import api, jobs
 from ._mlp import init_mlp
 from .jobs import algorithms, driver
+from .jobs.driver import torch_threads  # noqa: F401  (part of this module's API; omniglot and compare use it)
 from .jobs.algorithms import adapted_params, inner_lr_for  # noqa: F401  (part of this module's API)
 
 AMPLITUDE_RANGE = (0.1, 5.0)
@@ -137,23 +137,6 @@ def init_params(
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run the block with `n` torch CPU threads (0: leave torch's setting), restored afterwards.
-
-    The ops of a 1-40-40-1 net on a few dozen tasks are far too small to gain from intra-op threads,
-    and on a busy machine the threads stall each other (a loaded 2-core machine ran the reference path's
-    training iterations several times faster with one thread than with two).
-    """
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _resolve_device(name: str) -> torch.device:

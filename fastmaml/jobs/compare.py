@@ -24,7 +24,7 @@ import sys
 import time
 
 from .. import sinusoid
-from . import algorithms
+from . import algorithms, driver
 from .checks import JobError, add_run_options, check_device, check_out_dir, non_negative_int, positive, report
 
 STEPS = (1, 5, 10)  # the table's columns
@@ -83,7 +83,7 @@ def compare(configs: dict[str, sinusoid.SinusoidConfig], out_dir: str, progress:
     results = {}
     for name, config in configs.items():
         log(f"== {algorithms.get(name).title}: {algorithms.get(name).summary}")
-        with sinusoid.torch_threads(config.threads):
+        with driver.torch_threads(config.threads):
             trained = sinusoid.train(config, progress=progress, log=log)
             start = time.perf_counter()
             errors = sinusoid.task_errors(trained.params, config, backend=config.backend, rates=trained.rates)

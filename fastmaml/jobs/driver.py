@@ -18,6 +18,7 @@ shows the progress bar (the metrics' moving averages) and writes the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,23 @@ import torch
 from ..training import FiniteStep
 from . import checkpoint as ckpt
 from .ranks import Ranks
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with `n` torch CPU threads (0: leave torch's setting), restored afterwards.
+
+    The ops of a 1-40-40-1 net on a few dozen tasks are far too small to gain from intra-op threads,
+    and on a busy machine the threads stall each other (a loaded 2-core machine ran the reference path's
+    training iterations several times faster with one thread than with two).
+    """
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
