@@ -1,5 +1,6 @@
 // fastmaml: the value of an environment switch as the Python side checks it (fastmaml._validate.env_choice):
-// lowercase, spaces dropped. Host code only, no torch headers (the CUDA files include it too).
+// lowercase, spaces dropped; and the exact test of the kernels' A/B switches. Host code only, no torch
+// headers (the CUDA files include it too).
 #pragma once
 
 #include <cctype>
@@ -17,6 +18,12 @@ inline std::string env_word(const char* name) {
     if (!std::isspace(ch)) word += static_cast<char>(std::tolower(ch));
   }
   return word;
+}
+
+// Whether the switch `name` is set to exactly `value` (the kernels' A/B switches: "0" turns one off).
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::string(v) == value;
 }
 
 }  // namespace fastmaml

@@ -15,6 +15,8 @@
 
 #include "maml_cuda.h"
 
+#include "../env_switch.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <map>
@@ -265,10 +267,7 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
 // the 3 its 168 registers allow: ncu on the H200 found it latency-bound at 12 warps a multiprocessor
 // (18.75% occupancy, SM throughput 22%). A switch until a GPU measures it (the GPU check's A/B).
 inline bool four_blocks() {
-  static const bool on = [] {
-    const char* v = std::getenv("FASTMAML_CUDA_MIN_BLOCKS");
-    return v != nullptr && std::string(v) == "4";
-  }();
+  static const bool on = env_is("FASTMAML_CUDA_MIN_BLOCKS", "4");
   return on;
 }
 

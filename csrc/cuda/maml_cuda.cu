@@ -15,20 +15,14 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // FASTMAML_CUDA_TILES=0 (read once per process) gives every team product one output per thread, as
 // before the register tiles: a switch for measuring them, like FASTMAML_CUDA_SHARED_KB for the workspace.
 bool register_tiles() {
-  static const bool on = [] {
-    const char* v = std::getenv("FASTMAML_CUDA_TILES");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool on = !env_is("FASTMAML_CUDA_TILES", "0");
   return on;
 }
 
 // FASTMAML_CUDA_LDS=0 (read once per process) keeps the products' generic loads where both operands are
 // in shared memory (csrc/task/team_tiles.h): a switch for the GPU check's A/B.
 bool shared_loads() {
-  static const bool on = [] {
-    const char* v = std::getenv("FASTMAML_CUDA_LDS");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool on = !env_is("FASTMAML_CUDA_LDS", "0");
   return on;
 }
 
