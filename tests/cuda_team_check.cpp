@@ -276,8 +276,10 @@ int check_products() {
           std::vector<double> want_nn = out0, want_nt = out0;
           fastmaml::task::gemm_nn_acc(R, C, Kd, 0.5, a.data(), ars, aks, b.data(), C, want_nn.data(), C);
           if (!transposed_a) fastmaml::task::gemm_nt_acc(R, C, Kd, a.data(), Kd, bt.data(), Kd, want_nt.data(), C);
-          for (int size : {2, 7, 32, 128}) {
-            for (int shape = fastmaml::task::kTile1x1; shape <= fastmaml::task::kTile4x4; ++shape) {
+          for (int size : {2, 7, 32, 40, 128}) {
+            // The tensor-core tiles (kTileMma) need a whole warp; a team of 40 has 8 ranks that own nothing.
+            const int last_shape = size >= 32 ? fastmaml::task::kTileMma : fastmaml::task::kTile4x4;
+            for (int shape = fastmaml::task::kTile1x1; shape <= last_shape; ++shape) {
               std::vector<double> got_nn = out0, got_nt = out0;
               for (int r = 0; r < size; ++r) {
                 const RankOf tm{r, size, shape};
@@ -316,8 +318,13 @@ int check_products() {
   return n;
 }
 
+// A team's size and its products' tile (-1: pick_tile's, as the CUDA block without tensor cores).
+struct TeamSpec {
+  int size, shape;
+};
+
 template <typename T>
-void check_case(const Case& c, uint64_t seed, const std::vector<int>& teams, double rtol) {
+void check_case(const Case& c, uint64_t seed, const std::vector<TeamSpec>& teams, double rtol) {
   const Problem<T> p = make_problem<T>(c, 3, seed);
   char label[256];
   std::snprintf(label, sizeof label, "case#%llu %s dims=%zu-layer ns=%d nq=%d K=%d %s %s%s%s%s%s",
@@ -326,12 +333,9 @@ void check_case(const Case& c, uint64_t seed, const std::vector<int>& teams, dou
                 c.need_lr ? " lr" : "", c.need_x ? " x" : "", c.multi_step ? " qw" : "");
   // The team of one keeps theta_1..theta_K; teams of a recompute case rebuild them (within a rounding).
   const Outputs<T> want = run(p, 0);
-  for (size_t ti = 0; ti < teams.size(); ++ti) {
-    // Each team size with a tile shape of its own (pick_tile's for the first and last), so every shape
-    // runs through every driver.
-    const int team = teams[ti];
-    const int shape = ti == 0 || ti + 1 == teams.size() ? -1 : static_cast<int>(ti) % 3;
-    const Outputs<T> got = run(p, team, shape, c.recompute);
+  for (const TeamSpec& spec : teams) {
+    const int team = spec.size;
+    const Outputs<T> got = run(p, team, spec.shape, c.recompute);
     compare(got.losses, want.losses, "task_losses", label, team, rtol);
     compare(got.preds, want.preds, "query_preds", label, team, rtol);
     compare(got.g_theta, want.g_theta, "g_theta", label, team, rtol);
@@ -355,7 +359,10 @@ int main() {
   // (33: more threads than most layers have outputs, so some ranks own nothing in a phase; the 41-wide
   // net gives the register tiles several units per rank and partial tiles at the edges).
   const std::vector<std::vector<int64_t>> nets = {{3, 7, 2}, {1, 9, 6, 1}, {5, 3}, {4, 11, 5, 6, 3}, {2, 41, 17, 3}};
-  const std::vector<int> teams = {2, 3, 8, 5, 33};
+  // Each team size with a tile shape of its own (pick_tile's for the first and the 33), so every shape
+  // runs through every driver; the team of 64 (two warps) runs every product on the tensor-core tiles.
+  const std::vector<TeamSpec> teams = {
+      {2, -1}, {3, 1}, {8, 2}, {5, 0}, {33, -1}, {64, fastmaml::task::kTileMma}};
   const int n_products = check_products();
   int n_cases = 0;
   uint64_t seed = 1;

@@ -6,7 +6,7 @@
 #include "config.h"
 #include "host_tiles.h"
 #include "team.h"
-#include "team_tiles.h"
+#include "team_mma.h"  // with team_tiles.h
 
 namespace fastmaml {
 namespace FASTMAML_TASK_NAMESPACE {

@@ -29,7 +29,9 @@ inline namespace FASTMAML_IMPL_NAMESPACE {
 // Three square shapes. Each is instantiated at every product's call site, and with five (2 x 4 and 4 x
 // 2 too) the CUDA reverse sweep outgrew what nvcc inlines into its kernel and spilled 0.7-1 KiB per
 // thread (nvcc 13.0, sm_90a, -Xptxas -v); with these three the float32 reverse sweeps spill 0-36 bytes.
-enum TileShape : int { kTile1x1 = 0, kTile2x2 = 1, kTile4x4 = 2 };
+// kTileMma is not a register tile: the warps' tensor-core tiles of team_mma.h, which a team asks for
+// explicitly (pick_tile never returns it).
+enum TileShape : int { kTile1x1 = 0, kTile2x2 = 1, kTile4x4 = 2, kTileMma = 3 };
 
 FASTMAML_HD inline int tile_size(int shape) { return shape == kTile4x4 ? 4 : shape == kTile2x2 ? 2 : 1; }
 
@@ -137,36 +139,6 @@ FASTMAML_UNROLL
         if (r < R && c < C) store(r, c, alpha * acc[i][j]);
       }
     }
-  }
-}
-
-// The team products with the tile `shape` (the team's tile(R, C)). No sync.
-// store(r, c, alpha * sum_k a[r * ars + k * aks] * B[k * ldb + c]), k in order.
-template <typename T, typename Team, typename Store>
-FASTMAML_HD inline void team_gemm_nn(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t ars,
-                                     int64_t aks, const T* __restrict__ B, int64_t ldb, const Store& store,
-                                     const Team& tm, int shape) {
-  if (R <= 0 || C <= 0) return;
-  switch (shape) {
-    case kTile4x4: team_tiles<4, 4>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, store, tm); break;
-    case kTile2x2: team_tiles<2, 2>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, store, tm); break;
-    default: team_tiles<1, 1>(R, C, Kd, alpha, a, ars, aks, B, 1, ldb, false, store, tm); break;
-  }
-}
-
-// store(r, c, sum_k a[r * lda + k] * B[c * ldb + k]). The rows of B a warp reads here lie ldb elements
-// apart: read at the same k they would fall on few shared-memory banks (ldb = 40 floats: 4 banks, an
-// 8-way conflict). Each unit's sums start at k = (rb * RB + g) mod Kd and wrap around instead, so
-// neighbouring ranks read neighbouring addresses.
-template <typename T, typename Team, typename Store>
-FASTMAML_HD inline void team_gemm_nt(int R, int C, int Kd, const T* __restrict__ a, int64_t lda,
-                                     const T* __restrict__ B, int64_t ldb, const Store& store, const Team& tm,
-                                     int shape) {
-  if (R <= 0 || C <= 0) return;
-  switch (shape) {
-    case kTile4x4: team_tiles<4, 4>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, store, tm); break;
-    case kTile2x2: team_tiles<2, 2>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, store, tm); break;
-    default: team_tiles<1, 1>(R, C, Kd, T(1), a, lda, 1, B, ldb, 1, true, store, tm); break;
   }
 }
 
