@@ -53,10 +53,14 @@ struct BlockTeam {
   double* red;
   bool tiles;  // register tiles in the products (Launch::tiles)
   bool lds;    // shared-memory loads in the products where both operands are there (Launch::shared_loads)
+  bool mma;    // tensor-core tiles for products of at least 8 x 8 outputs (Launch::mma; float kernels only)
   __device__ int rank() const { return static_cast<int>(threadIdx.x); }
   __device__ int size() const { return static_cast<int>(blockDim.x); }
   __device__ void sync() const { __syncthreads(); }
-  __device__ int tile(int R, int C) const { return tiles ? task::pick_tile(R, C, size()) : task::kTile1x1; }
+  __device__ int tile(int R, int C) const {
+    if (!tiles) return task::kTile1x1;
+    return mma && R >= 8 && C >= 8 ? task::kTileMma : task::pick_tile(R, C, size());
+  }
   __device__ bool shared_loads() const { return lds; }
   // Summed in double (5 shuffle steps and one read a warp, where every rank read every rank's partial
   // before), rounded once to T.
@@ -102,7 +106,9 @@ __global__ void __launch_bounds__(kMaxThreads)
                const T* qw, T* task_losses, T* preds, T* global_work, int64_t work_elems, bool shared, bool tiles,
                bool lds) {
   __shared__ double red[kReductionSlots];
-  const BlockTeam tm{red, tiles, lds};
+  // No tensor-core products here (Launch::mma is the reverse sweeps'): their call raised this kernel
+  // from 80 to 122 registers, 6 to 4 blocks a multiprocessor (sm_90a), for a forward's few products.
+  const BlockTeam tm{red, tiles, lds, false};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t dout = net.dims[net.L];
   // The loop bounds are the same for every thread of the block, so every sync inside is reached by all.
@@ -118,7 +124,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     adapt_kernel(Net net, int64_t n_tasks, int64_t Ns, int K, const T* theta, const T* lr, Data<T> data, T* thetas,
                  T* global_work, int64_t work_elems, bool shared, bool tiles, bool lds) {
   __shared__ double red[kReductionSlots];
-  const BlockTeam tm{red, tiles, lds};
+  const BlockTeam tm{red, tiles, lds, false};  // as fwd_kernel (80 registers, not 96 with 16 / 56 B of spills)
   T* work = block_workspace(shared, global_work, work_elems);
   for (int64_t t = blockIdx.x; t < n_tasks; t += gridDim.x) {
     const TaskData<T> td = task_data(net, Ns, int64_t(0), data, t);
@@ -137,9 +143,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     bwd_kernel(Net net, int64_t n_tasks, int64_t chunk, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                Data<T> data, const T* qw, const T* g_task_losses, const T* g_query_preds, bool first_order,
                T* task_losses, T* preds, T* part_theta, T* part_lr, T* g_xs, T* g_xq, T* global_work,
-               int64_t work_elems, bool shared, bool tiles, bool recompute_thetas, bool lds) {
+               int64_t work_elems, bool shared, bool tiles, bool recompute_thetas, bool lds, bool mma) {
   __shared__ double red[kReductionSlots];
-  const BlockTeam tm{red, tiles, lds};
+  const BlockTeam tm{red, tiles, lds, mma && std::is_same_v<T, float>};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   const int64_t b = blockIdx.x;
@@ -168,9 +174,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     fwdbwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                   Data<T> data, const T* qw, bool first_order, T* task_losses, T* preds, T* rows_theta,
                   T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared, bool tiles,
-                  bool recompute_thetas, bool lds) {
+                  bool recompute_thetas, bool lds, bool mma) {
   __shared__ double red[kReductionSlots];
-  const BlockTeam tm{red, tiles, lds};
+  const BlockTeam tm{red, tiles, lds, mma && std::is_same_v<T, float>};
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   for (int64_t t = blockIdx.x; t < n_tasks; t += gridDim.x) {
@@ -349,7 +355,8 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
     kernel<<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
         s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, g_task_losses,
         g_query_preds, first_order, task_losses, query_preds, part_theta, need_lr ? part_lr : nullptr, g_xs, g_xq,
-        workspace, launch.work_elems, launch.shared, launch.tiles, launch.recompute_thetas, launch.shared_loads);
+        workspace, launch.work_elems, launch.shared, launch.tiles, launch.recompute_thetas, launch.shared_loads,
+        launch.mma);
     return cudaGetLastError();
   });
 }
@@ -378,7 +385,7 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
   fwdbwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, first_order, task_losses, query_preds,
       rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles,
-      launch.recompute_thetas, launch.shared_loads);
+      launch.recompute_thetas, launch.shared_loads, launch.mma);
   return cudaGetLastError();
 }
 

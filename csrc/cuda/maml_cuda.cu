@@ -26,6 +26,15 @@ bool shared_loads() {
   return on;
 }
 
+// FASTMAML_CUDA_MMA=1 (read once per process) runs the float reverse sweeps' products of at least 8 x 8
+// outputs (bwd_kernel, fwdbwd_kernel; not the forward's and adapt's) on tensor cores (csrc/task/team_mma.h: mma.sync m16n8k8, 3xTF32, float32's accuracy). Off by default
+// until a GPU has measured it against the register tiles (the GPU check's A/B `mma`); the results then
+// differ from the tiles' in their last bits.
+bool tensor_cores() {
+  static const bool on = env_is("FASTMAML_CUDA_MMA", "1");
+  return on;
+}
+
 // FASTMAML_CUDA_THREADS=32 or 64 (read once per process; the cuda backend refuses other values) caps a
 // task's team below kMaxThreads: with the same registers a thread, 4 or 2 times the tasks resident on a
 // multiprocessor, and a one-warp team's block barriers cost next to nothing. A switch for the GPU check's
@@ -97,6 +106,7 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
   l.global_elems = l.shared ? 0 : l.blocks * l.work_elems;
   l.tiles = register_tiles();
   l.shared_loads = shared_loads();
+  l.mma = tensor_cores();
   return l;
 }
 

@@ -67,6 +67,8 @@ struct Launch {
   bool recompute_thetas;  // reverse sweep: theta_k rebuilt, not kept (kKeepThetasBytes)
   bool shared_loads;     // products load from shared memory (LDS) where both operands are there
                          // (FASTMAML_CUDA_LDS=0: generic loads everywhere)
+  bool mma;              // the float reverse sweeps' products of at least 8 x 8 outputs on tensor cores,
+                         // 3xTF32 (csrc/task/team_mma.h; FASTMAML_CUDA_MMA=1, sm_80 and later)
 };
 
 // `max_shared_bytes`: the dynamic shared memory one block of this GPU may opt into (a workspace up to it
