@@ -77,10 +77,11 @@ def _opcode(instr: str) -> str:
 
 
 def parse_sass(text: str) -> dict[str, dict]:
-    """`cuobjdump -sass` output -> {function: {instructions, ffma, loads, local, loops}}. `loops` lists the
-    innermost loops (a backward branch with no other backward branch inside) holding at least 4 FFMAs, as
-    (instructions, ffma, loads) of one pass of the loop's body; `loads` counts LD, LDS and LDG, `local`
-    the spill traffic's LDL and STL."""
+    """`cuobjdump -sass` output -> {function: {instructions, ffma, hmma, loads, local, loops, mma_loops}}.
+    `loops` lists the innermost loops (a backward branch with no other backward branch inside) holding at
+    least 4 FFMAs, as (instructions, ffma, loads) of one pass of the loop's body; `mma_loops` those holding
+    a tensor-core HMMA, as (instructions, hmma, loads); `loads` counts LD, LDS and LDG, `local` the spill
+    traffic's LDL and STL."""
     out: dict[str, dict] = {}
     for chunk in re.split(r"^\s*Function : ", text, flags=re.M)[1:]:
         name = chunk.split("\n", 1)[0].strip()
@@ -92,33 +93,41 @@ def parse_sass(text: str) -> dict[str, dict]:
             m = _SASS_BRANCH.search(body)
             if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in index:
                 backward.append((index[int(m.group(1), 16)], i))
-        loops = []
+        loops, mma_loops = [], []
         for start, end in backward:
             if any(start <= s2 and e2 < end for s2, e2 in backward if (s2, e2) != (start, end)):
                 continue  # holds another loop
             body = ops[start:end + 1]
+            loads = sum(body.count(o) for o in ("LD", "LDS", "LDG"))
             if body.count("FFMA") >= 4:
-                loops.append((len(body), body.count("FFMA"), sum(body.count(o) for o in ("LD", "LDS", "LDG"))))
-        out[name] = dict(instructions=len(ops), ffma=ops.count("FFMA"),
+                loops.append((len(body), body.count("FFMA"), loads))
+            if body.count("HMMA"):
+                mma_loops.append((len(body), body.count("HMMA"), loads))
+        out[name] = dict(instructions=len(ops), ffma=ops.count("FFMA"), hmma=ops.count("HMMA"),
                          loads=sum(ops.count(o) for o in ("LD", "LDS", "LDG")),
-                         local=ops.count("LDL") + ops.count("STL"), loops=loops)
+                         local=ops.count("LDL") + ops.count("STL"), loops=loops, mma_loops=mma_loops)
     return out
 
 
 def sass_lines(stats: dict[str, dict], top: int = 6) -> list[str]:
     """A line per kernel: totals, and its innermost multiply-add loops' FFMAs per instruction (all of them
-    together, and the largest loop bodies' own)."""
+    together, and the largest loop bodies' own); then its tensor-core loops, with their instructions per
+    HMMA (an HMMA.1688 is 1,024 multiply-adds of a warp, 32 FFMAs of each lane)."""
     lines = []
     for mangled, st in stats.items():
         if "_kernel" not in mangled or not st["loops"]:
             continue
         n = sum(l[0] for l in st["loops"])
         f = sum(l[1] for l in st["loops"])
-        lines.append(f"{short_name(mangled):<40} {st['instructions']:>6} instructions, {st['ffma']} FFMA, "
+        hmma = f", {st['hmma']} HMMA" if st.get("hmma") else ""
+        lines.append(f"{short_name(mangled):<40} {st['instructions']:>6} instructions, {st['ffma']} FFMA{hmma}, "
                      f"{st['local']} local loads/stores; {len(st['loops'])} FFMA loops: {f / n:.2f} FFMA "
                      f"an instruction")
         for size, ffma, loads in sorted(set(st["loops"]), key=lambda t: (-t[1], t[0]))[:top]:
             lines.append(f"    loop of {size:>4} instructions: {ffma:>3} FFMA, {loads:>3} loads ({ffma / size:.2f})")
+        for size, hm, loads in sorted(set(st.get("mma_loops", [])), key=lambda t: (-t[1], t[0]))[:top]:
+            lines.append(f"    tensor-core loop of {size:>4} instructions: {hm:>2} HMMA, {loads:>3} loads "
+                         f"({size / hm:.1f} instructions an HMMA)")
     return lines
 
 

@@ -58,20 +58,25 @@ SASS = """\
         /*00d0*/                   FFMA R6, R4, R5, R6 ;
         /*00e0*/                   FFMA R6, R4, R5, R6 ;
         /*00f0*/              @!P1 BRA 0x10 ;
-        /*0100*/                   EXIT ;
+        /*0100*/                   LDS R12, [R11] ;
+        /*0110*/                   HMMA.1688.F32.TF32 R20, R12, R14, R20 ;
+        /*0120*/                   HMMA.1688.F32.TF32 R24, R12, R16, R24 ;
+        /*0130*/               @P2 BRA 0x100 ;
+        /*0140*/                   EXIT ;
 """
 
 
 def test_sass_inner_loops_are_counted():
     """Only the innermost multiply-add loop counts (the outer one holds it); totals count every
-    instruction, local traffic (spills) apart."""
+    instruction, local traffic (spills) apart; a loop of tensor-core HMMAs is listed on its own."""
     stats = kernel_registers.parse_sass(SASS)
     (name, st), = stats.items()
     assert kernel_registers.short_name(name) == "bwd_kernel<float>"
-    assert st == dict(instructions=17, ffma=8, loads=3, local=1, loops=[(8, 4, 2)])
+    assert st == dict(instructions=21, ffma=8, hmma=2, loads=4, local=1, loops=[(8, 4, 2)], mma_loops=[(4, 2, 1)])
     lines = kernel_registers.sass_lines(stats)
-    assert "bwd_kernel<float>" in lines[0] and "0.50 FFMA an instruction" in lines[0]
+    assert "bwd_kernel<float>" in lines[0] and "0.50 FFMA an instruction" in lines[0] and "2 HMMA" in lines[0]
     assert "loop of    8 instructions:   4 FFMA,   2 loads (0.50)" in lines[1]
+    assert "tensor-core loop of    4 instructions:  2 HMMA,   1 loads (2.0 instructions an HMMA)" in lines[2]
 
 
 def test_profile_runs_on_the_cpu(capsys):
