@@ -4,7 +4,7 @@
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]            # OUT_DIR defaults to $OUT, else ./gpu_out
 #   benchmarks/gpu_check.sh --dry-run [OUT_DIR]  # (or DRY_RUN=1) the CPU-side parts, on a machine without a GPU
-#   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) about 450 s, 2 minutes of them the build: a
+#   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) about 500 s, 2 minutes of them the build: a
 #                                                # sweep at T in {25, 65536}, the kernel profile, the GPU tests
 #                                                # of test_backends.py and those new with G2/G3 (no
 #                                                # synchronisation, CUDA graphs, compile), the overhead
@@ -32,8 +32,10 @@
 # replaces the GPU sweep's settings, SKIP_SWEEP=1 skips it. AB_S (only when set; --quick adds it to
 # TOTAL_S) runs the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
-# of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt). OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register
-# reports (nvcc's of the CUDA kernels takes minutes of the machine's CPUs).
+# of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt). With --quick,
+# MMA_TESTS_S=60 (0 skips it) runs test_backends.py's comparisons of cuda with FASTMAML_CUDA_MMA=1.
+# OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register reports (nvcc's of the CUDA kernels takes
+# minutes of the machine's CPUs).
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -236,6 +238,18 @@ else
       >> "$DIR/tests.log" 2>&1
     echo "quick tests exit code $?"
     tail -n 4 "$DIR/tests.log" | cut -c1-300
+    # The tensor-core products (FASTMAML_CUDA_MMA=1, off by default) on test_backends.py's comparisons
+    # with the reference (every option, the GPU sizes), so that the A/B's `mma` row is a kernel the
+    # tests have passed.
+    if [ "${MMA_TESTS_S:-60}" -gt 0 ]; then
+      stage "tests of cuda with FASTMAML_CUDA_MMA=1: test_backends' comparisons (limit ${MMA_TESTS_S:-60}s) -> $DIR/tests.log"
+      echo "===== cuda, FASTMAML_CUDA_MMA=1: tests/test_backends.py" >> "$DIR/tests.log"
+      FASTMAML_CUDA_MMA=1 FASTMAML_TEST_BACKENDS=cuda timeout "${MMA_TESTS_S:-60}" python -m pytest \
+        tests/test_backends.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
+        -k "maml_matches_reference or gpu_sizes or adapt_matches" >> "$DIR/tests.log" 2>&1
+      echo "mma tests exit code $?"
+      tail -n 2 "$DIR/tests.log" | cut -c1-300
+    fi
   fi
   for backend in $( [ "$QUICK" = 1 ] || echo "${GPU_TEST_BACKENDS:-cuda triton factored}" ); do
     files=(tests/test_backends.py)
@@ -307,6 +321,8 @@ fi
 #            before), not one loop for all factors (fewer rounds of dependent loads, more registers)
 #   thetas   FASTMAML_REVERSE_THETAS=keep: the CUDA reverse sweep keeps theta_1..theta_K, not rebuilding
 #            them above 74 KiB of workspace (W=40, K=5: 2 tasks a multiprocessor instead of 3)
+#   mma      FASTMAML_CUDA_MMA=1: the CUDA float reverse sweeps' products of at least 8 x 8 outputs on
+#            tensor cores (mma.sync m16n8k8, 3xTF32), not register tiles of FFMAs
 #   blocks4  FASTMAML_CUDA_MIN_BLOCKS=4: the CUDA reverse sweep compiled for 4 blocks a multiprocessor
 #            (128 registers; 24 / 56 B of spills at ce8d7ec, 232 / 508 before d8db343)
 #   lds      FASTMAML_CUDA_LDS=0 at W=40: the CUDA products' generic loads where both operands are in
@@ -326,12 +342,12 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "blocks4 lds thetas warps4 floops fchunk16 team32 ftf32x3 team64
-# ieee warps2 scratch", is what no GPU has measured yet, the likeliest gains first (about 20 s each; scratch was
+# AB_VARIANTS picks some. The default, "mma blocks4 lds thetas warps4 floops fchunk16 team32 ftf32x3
+# team64 ieee warps2 scratch", is what no GPU has measured yet, the likeliest gains first (about 20 s each; scratch was
 # measured with FMA products, equal to the register layout, and now runs tf32x3); "shared tiles chunk4g
 # factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-blocks4 lds thetas warps4 floops fchunk16 team32 ftf32x3 team64 ieee warps2 scratch})
+  variants=(${AB_VARIANTS:-mma blocks4 lds thetas warps4 floops fchunk16 team32 ftf32x3 team64 ieee warps2 scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -344,6 +360,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       warps4) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4"; method=triton ;;
       warps2) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=2"; method=triton; widths=40 ;;
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
+      mma) setting=FASTMAML_CUDA_MMA=1; method=cuda ;;
       blocks4) setting=FASTMAML_CUDA_MIN_BLOCKS=4; method=cuda ;;
       lds) setting=FASTMAML_CUDA_LDS=0; method=cuda; widths=40 ;;
       thetas) setting=FASTMAML_REVERSE_THETAS=keep; method=cuda ;;
