@@ -327,8 +327,9 @@ def _flat_args(dtype=F64, K=1, loss=1):
 
 
 def test_opcheck_ops():
-    """torch.library.opcheck on the three ops (schema, fake kernels, autograd registration, and
-    AOTAutograd tracing, which runs the forward op's backward through `triton_maml_bwd`)."""
+    """torch.library.opcheck on the four ops (schema, fake kernels, autograd registration, and
+    AOTAutograd tracing, which runs the forward's and the training call's backward through
+    `triton_maml_bwd`)."""
     _require_runnable()
     from fastmaml.backends import _triton_ops
 
@@ -345,6 +346,7 @@ def test_opcheck_ops():
     torch.library.opcheck(ops.bwd, bwd_args)
     adapt_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[:4]) + tuple(args[7:10])
     torch.library.opcheck(ops.adapt, adapt_args)
+    torch.library.opcheck(ops.train, tuple(args) + (True, True))
 
 
 def test_op_rejects_wrong_flat_sizes():
