@@ -27,9 +27,10 @@ bool shared_loads() {
 }
 
 // FASTMAML_CUDA_MMA=1 (read once per process) runs the float reverse sweeps' products of at least 8 x 8
-// outputs (bwd_kernel, fwdbwd_kernel; not the forward's and adapt's) on tensor cores (csrc/task/team_mma.h: mma.sync m16n8k8, 3xTF32, float32's accuracy). Off by default
-// until a GPU has measured it against the register tiles (the GPU check's A/B `mma`); the results then
-// differ from the tiles' in their last bits.
+// outputs (bwd_kernel, fwdbwd_kernel; not the forward's and adapt's) on tensor cores (csrc/task/team_mma.h:
+// mma.sync m16n8k8, 3xTF32), where the register tiles are on (FASTMAML_CUDA_TILES=0 turns both off). Off
+// by default until a GPU has measured it against the register tiles (the GPU check's A/B `mma`); the
+// results then differ from the tiles' in their last bits.
 bool tensor_cores() {
   static const bool on = env_is("FASTMAML_CUDA_MMA", "1");
   return on;

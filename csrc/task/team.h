@@ -4,9 +4,10 @@
 // that work on one task together. A team has `rank()`, `size()`, `sync()` (a barrier that also makes
 // the team's earlier writes visible to all of it), `sum(x)` (a collective: every rank's `x` summed in
 // rank order, returned to every rank; it syncs) and `tile(R, C)` (the register tile of its [R, C]
-// matrix products: team_tiles.h's pick_tile, or a fixed shape to compare; a function of (R, C) alone,
-// since two products of one shape into one output rely on the same owner per element); a team that runs
-// on a GPU also has `shared_loads()` (team_tiles.h's shared-memory loop on or off). The loops are
+// matrix products: team_tiles.h's pick_tile, team_mma.h's tensor-core tiles (kTileMma, for teams of
+// whole warps), or a fixed shape to compare; a function of (R, C) alone, since two products of one shape
+// into one output rely on the same owner per element); a team that runs on a GPU also has
+// `shared_loads()` (the products' shared-memory loops on or off). The loops are
 // output-stationary: in each phase every output element has one owner (`for_owned`, `for_each`, the
 // tiles), and a rank reads another rank's results only after a sync. The layer functions and drivers
 // may be entered when their inputs are visible to the whole team, and sync before they return; the
