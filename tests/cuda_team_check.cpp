@@ -6,7 +6,8 @@
 // element written by two ranks shows up as a mismatch (run it under -fsanitize=thread to see the race
 // itself). The workspace is filled with NaN before every run so a read of an element nobody wrote
 // poisons the result. Several tasks run one after another on one team and one workspace, as in a CUDA
-// block, adding into shared g_theta / g_lr rows.
+// block, adding into shared g_theta / g_lr rows. The tensor-core products (csrc/task/team_mma.h) run
+// here as each lane's emulation of mma.sync, from PTX's fragment layout.
 //
 // Build and run (tests/test_cuda_team.py does this):
 //   g++ -std=c++20 -O1 -pthread -I csrc tests/cuda_team_check.cpp -o team_check && ./team_check
@@ -355,7 +356,7 @@ void check_case(const Case& c, uint64_t seed, const std::vector<TeamSpec>& teams
 }  // namespace
 
 int main() {
-  // Widths not powers of two, some wider and some narrower than the teams; teams of 2 to 33 threads
+  // Widths not powers of two, some wider and some narrower than the teams; teams of 2 to 64 threads
   // (33: more threads than most layers have outputs, so some ranks own nothing in a phase; the 41-wide
   // net gives the register tiles several units per rank and partial tiles at the edges).
   const std::vector<std::vector<int64_t>> nets = {{3, 7, 2}, {1, 9, 6, 1}, {5, 3}, {4, 11, 5, 6, 3}, {2, 41, 17, 3}};

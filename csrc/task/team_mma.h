@@ -137,8 +137,8 @@ struct MmaSums {
 // A lane's results of one unit: the whole sum over k < Kd (mma_load's arguments). One function for every
 // product of a kernel, not inlined: inlined at every product's call site, nvcc made the layer passes
 // (forward, backward) functions of their own and the reverse sweep spilled 260 / 728 B with 592 B of
-// stack (sm_90a; 208 / 640 B and 144 B so). kShared: both operands in shared memory, loaded with 32-bit
-// shared addresses (LDS).
+// stack (sm_90a), against 208 / 640 B and 144 B with this function out of line. kShared: both operands
+// in shared memory, loaded with 32-bit shared addresses (LDS).
 template <bool kShared>
 __device__ __noinline__ MmaSums mma_unit_sums(const float* a, MmaOffsets o, const float* B, int ak, int bk, int t,
                                               int Kd) {
@@ -236,13 +236,16 @@ FASTMAML_HD inline void mma_warp_tiles(int R, int C, int Kd, T alpha, const T* _
     // l / 4 + 8, clamped to the output.
     const auto offsets = [&](int l) {
       const int r0 = rt * kMmaRows + l / 4, r1 = r0 + 8, c0 = ct * kMmaCols + l / 4, c1 = c0 + 8;
-      return MmaOffsets{static_cast<int>((r0 < R ? r0 : R - 1) * a_row), static_cast<int>((r1 < R ? r1 : R - 1) * a_row),
-                        static_cast<int>((c0 < C ? c0 : C - 1) * b_col), static_cast<int>((c1 < C ? c1 : C - 1) * b_col)};
+      return MmaOffsets{static_cast<int>((r0 < R ? r0 : R - 1) * a_row),
+                        static_cast<int>((r1 < R ? r1 : R - 1) * a_row),
+                        static_cast<int>((c0 < C ? c0 : C - 1) * b_col),
+                        static_cast<int>((c1 < C ? c1 : C - 1) * b_col)};
     };
     T acc[2][4] = {};
 #if defined(__CUDA_ARCH__)
     const MmaOffsets o = offsets(lane);
-    const MmaSums s = shared ? mma_unit_sums<true>(pa, o, pb, ak, bk, t, Kd) : mma_unit_sums<false>(pa, o, pb, ak, bk, t, Kd);
+    const MmaSums s =
+        shared ? mma_unit_sums<true>(pa, o, pb, ak, bk, t, Kd) : mma_unit_sums<false>(pa, o, pb, ak, bk, t, Kd);
 FASTMAML_UNROLL
     for (int j = 0; j < 2; ++j) {
       acc[j][0] = s.v[j].x;
