@@ -63,21 +63,10 @@ template <typename T>
 FASTMAML_HD inline MmaFragments<T> mma_load(const T* a, const MmaOffsets& o, const T* B, int ak, int bk, int k, int t,
                                             int Kd, bool last) {
   MmaFragments<T> f;
-  int k0 = k + t, k1 = k + t + 4;
-  if (!last) {
-    f.x[0] = a[o.ar0 + k0 * ak];
-    f.x[1] = a[o.ar1 + k0 * ak];
-    f.x[2] = a[o.ar0 + k1 * ak];
-    f.x[3] = a[o.ar1 + k1 * ak];
-    f.y[0][0] = B[o.bc0 + k0 * bk];
-    f.y[0][1] = B[o.bc0 + k1 * bk];
-    f.y[1][0] = B[o.bc1 + k0 * bk];
-    f.y[1][1] = B[o.bc1 + k1 * bk];
-    return f;
-  }
-  const bool v0 = k0 < Kd, v1 = k1 < Kd;
-  k0 = v0 ? k0 : Kd - 1;  // in bounds, then zeroed
-  k1 = v1 ? k1 : Kd - 1;
+  // Past the sum only in the last step (a constant `last` where the device inlines it, so the main
+  // loop's loads carry no test): read at Kd - 1 (in bounds), then zeroed.
+  const bool v0 = !last || k + t < Kd, v1 = !last || k + t + 4 < Kd;
+  const int k0 = v0 ? k + t : Kd - 1, k1 = v1 ? k + t + 4 : Kd - 1;
   f.x[0] = v0 ? a[o.ar0 + k0 * ak] : T(0);
   f.x[1] = v0 ? a[o.ar1 + k0 * ak] : T(0);
   f.x[2] = v1 ? a[o.ar0 + k1 * ak] : T(0);
