@@ -4,9 +4,10 @@
 //
 // Why. The register tiles of team_tiles.h spend 35-70 instructions of a lane on 16-32 multiply-adds in
 // their loops (sm_90 SASS, benchmarks/RESULTS.md), and the reverse sweep issues hundreds of thousands of
-// instructions a task. A step of 8 of a unit here is 6 mma (2,048 multiply-adds of the warp) and about 40
-// other instructions of each lane: loads, TF32 splits, addresses. Padding costs some of it back: a
-// unit's rows past the output (10 points fill 10 of 16 rows) and steps past the sum are computed too.
+// instructions a task. A step of 8 of a unit here is 6 mma (2,048 multiply-adds of the warp) and 46
+// other instructions of each lane from shared memory, 62 from generic addresses: loads, TF32 splits,
+// addresses. Padding costs some of it back: a unit's rows past the output (10 points fill 10 of 16 rows)
+// and steps past the sum are computed too.
 //
 // 3xTF32. x = hi + lo with hi = x rounded to TF32 (10 mantissa bits) and lo = x - hi, of which the
 // tensor core reads 10 mantissa bits: together about 21 bits of x. a b = a_hi b_hi + a_hi b_lo + a_lo
