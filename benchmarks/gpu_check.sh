@@ -330,6 +330,9 @@ fi
 #            shared memory, as before c5539fb (LDS: 35 instructions for a 2 x 2 tile's 16 FFMA, not 43)
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
 #   team64   team of one or two warps, more tasks resident a multiprocessor, cheaper barriers
+#   team64s  FASTMAML_CUDA_THREADS=64 with the workspace in shared memory, W=40: at K=1 (43 KiB a task)
+#            5 tasks of 2 warps a multiprocessor (shared memory; registers allow 6) instead of 3 of 4
+#            warps; at K=5 (69 KiB) 3 tasks of 2 warps. Tests whether tasks in flight set the speed
 #   warps4   FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4: Triton's scratch layout at 4 warps
 #            a program, two programs a multiprocessor instead of one (255 registers a thread)
 #   warps2   the same at 2 warps, W=40 only (four programs; at W=128 it spills 0.3-0.6 KiB a thread)
@@ -343,12 +346,12 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "mma blocks4 lds thetas warps4 floops fchunk16 team32 ftf32x3
-# team64 ieee warps2 scratch", is what no GPU has measured yet, the likeliest gains first (about 20 s each; scratch was
+# AB_VARIANTS picks some. The default, "mma blocks4 team64s lds thetas warps4 floops fchunk16 team32
+# ftf32x3 team64 ieee warps2 scratch", is what no GPU has measured yet, the likeliest gains first (about 20 s each; scratch was
 # measured with FMA products, equal to the register layout, and now runs tf32x3); "shared tiles chunk4g
 # factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-mma blocks4 lds thetas warps4 floops fchunk16 team32 ftf32x3 team64 ieee warps2 scratch})
+  variants=(${AB_VARIANTS:-mma blocks4 team64s lds thetas warps4 floops fchunk16 team32 ftf32x3 team64 ieee warps2 scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -368,6 +371,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
       team32) setting="FASTMAML_CUDA_THREADS=32 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;
       team64) setting="FASTMAML_CUDA_THREADS=64 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;
+      team64s) setting=FASTMAML_CUDA_THREADS=64; method=cuda; widths=40 ;;
       kchunk) setting=FASTMAML_TRITON_K_CHUNK=32; method=triton ;;
       tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton; widths=40 ;;
       ieee) setting=FASTMAML_TRITON_PRECISION=ieee; method=triton; widths=128 ;;
