@@ -264,7 +264,7 @@ int check_products() {
   int n = 0;
   for (int R : {1, 3, 10, 17}) {
     for (int C : {1, 5, 40, 41, 130}) {
-      for (int Kd : {1, 3, 10, 41}) {
+      for (int Kd : {1, 3, 10, 12, 13, 41}) {
         std::vector<double> a(static_cast<size_t>(R) * Kd), b(static_cast<size_t>(Kd) * C), bt(b.size());
         std::vector<double> out0(static_cast<size_t>(R) * C);
         for (auto& e : a) e = nd(rng);

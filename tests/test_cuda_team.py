@@ -49,7 +49,7 @@ def build_and_run(tmp_path: Path, flags: list[str]) -> str:
 
 def test_team_loops_match_the_team_of_one(tmp_path):
     out = build_and_run(tmp_path, ["-O1"])
-    assert "ok: 2880 product cases and 184 cases x 6 team sizes" in out
+    assert "ok: 4320 product cases and 184 cases x 6 team sizes" in out
 
 
 @pytest.mark.skipif(os.environ.get("FASTMAML_TSAN") != "1", reason="set FASTMAML_TSAN=1 to run under ThreadSanitizer")

@@ -1,13 +1,15 @@
 // fastmaml: the team products on tensor cores (float32, sm_80 and later): each warp of the team computes
 // units of 16 x 16 outputs, two tiles of mma.sync m16n8k8 on TF32 inputs side by side, three products
-// per step of 8 along the sum ("3xTF32"), which keeps close to float32's accuracy.
+// per step of 8 along the sum ("3xTF32"), which keeps close to float32's accuracy; where at most 4 of
+// the sum are left, its last step is one of 4 (m16n8k4).
 //
 // Why. The register tiles of team_tiles.h spend 35-70 instructions of a lane on 16-32 multiply-adds in
 // their loops (sm_90 SASS, benchmarks/RESULTS.md), and the reverse sweep issues hundreds of thousands of
 // instructions a task. A step of 8 of a unit here is 6 mma (2,048 multiply-adds of the warp) and 46
 // other instructions of each lane from shared memory, 62 from generic addresses: loads, TF32 splits,
 // addresses. Padding costs some of it back: a unit's rows past the output (10 points fill 10 of 16 rows)
-// and steps past the sum are computed too.
+// and steps past the sum are computed too. The step of 4 halves the padding of short sums: a sum over 10
+// points takes 8 + 4 instead of 8 + 8, a sum of length 1 (a first layer's input) 4 instead of 8.
 //
 // 3xTF32. x = hi + lo with hi = x rounded to TF32 (10 mantissa bits) and lo = x - hi, of which the
 // tensor core reads 10 mantissa bits: together about 21 bits of x. a b = a_hi b_hi + a_hi b_lo + a_lo
@@ -20,13 +22,15 @@
 // each mma tile's accumulator fragment (rows l / 4 and l / 4 + 8, columns 2 (l mod 4) and 2 (l mod 4) +
 // 1 of the tile). As in team_tiles.h, rows and columns past the output are read at the last valid index
 // and never written, and the owner of (r, c) depends on (R, C) and the team only. Steps of the sum past
-// Kd read as zero.
+// Kd read as zero. The steps: Kd / 8 whole steps of 8, then what is left (Kd mod 8) in one step of 4 if
+// it is at most 4, else in one step of 8.
 //
 // On the host (tests/cuda_team_check.cpp) each rank emulates its lane: it loads the fragments of all 32
 // lanes of its warp exactly as the device's lanes load theirs, places them where PTX's description of
-// m16n8k8 puts them (written out separately below), multiplies, and keeps its own lane's results. A
-// wrong fragment index then gives a wrong product on the CPU. float emulates the TF32 splits; double
-// (device code has no double mma here) multiplies exactly. Ranks past the last whole warp own nothing.
+// m16n8k8 and m16n8k4 put them (written out separately below), multiplies, and keeps its own lane's
+// results. A wrong fragment index then gives a wrong product on the CPU. float emulates the TF32 splits;
+// double (device code has no double mma here) multiplies exactly. Ranks past the last whole warp own
+// nothing.
 #pragma once
 
 #include <string.h>
@@ -79,6 +83,31 @@ FASTMAML_HD inline MmaFragments<T> mma_load(const T* a, const MmaOffsets& o, con
   return f;
 }
 
+// The operands of the last step when at most 4 of the sum are left (mma.sync m16n8k4 .row.col): x[0..1] =
+// A(r0, k0), A(r1, k0) and, for n-tile j, y[j] = B(k0, c_j), with k0 = k + t (read at Kd - 1 and zeroed
+// past the sum), the rows and columns as mma_load's.
+template <typename T>
+struct MmaFragments4 {
+  T x[2];
+  T y[2];
+};
+
+template <typename T>
+FASTMAML_HD inline MmaFragments4<T> mma_load4(const T* a, const MmaOffsets& o, const T* B, int ak, int bk, int k,
+                                              int t, int Kd) {
+  MmaFragments4<T> f;
+  const bool v = k + t < Kd;
+  const int k0 = v ? k + t : Kd - 1;
+  f.x[0] = v ? a[o.ar0 + k0 * ak] : T(0);
+  f.x[1] = v ? a[o.ar1 + k0 * ak] : T(0);
+  f.y[0] = v ? B[o.bc0 + k0 * bk] : T(0);
+  f.y[1] = v ? B[o.bc1 + k0 * bk] : T(0);
+  return f;
+}
+
+// Whether the step at k, the first past the whole steps of 8, is a step of 4 (at most 4 of the sum left).
+FASTMAML_HD inline bool mma_last_is_4(int k, int Kd) { return Kd - k <= 4; }
+
 #if defined(__CUDA_ARCH__)
 
 // x = hi + lo exactly: hi is x rounded to TF32 (half an ulp of TF32 added, the 13 low bits cleared: two
@@ -103,6 +132,18 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
+// d += A B for one warp: A [16 x 4] in a0, a1, B [4 x 8] in b0 (TF32 bits), d [16 x 8] in float32.
+__device__ __forceinline__ void mma_tf32_k4(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k4.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(b0));
+#else
+  __trap();  // not reached, as mma_tf32
+#endif
+}
+
 // One step of 8 along the sum for both n-tiles: the two small cross terms into `small`, the main one
 // into `acc` (independent chains of mma, added at the end).
 __device__ __forceinline__ void mma_step(float (&acc)[2][4], float (&small)[2][4], const MmaFragments<float>& f) {
@@ -117,6 +158,21 @@ FASTMAML_UNROLL
     mma_tf32(small[j], al, bh[0], bh[1]);
     mma_tf32(acc[j], ah, bh[0], bh[1]);
     mma_tf32(small[j], ah, bl[0], bl[1]);
+  }
+}
+
+// The last step, of 4, as mma_step.
+__device__ __forceinline__ void mma_step4(float (&acc)[2][4], float (&small)[2][4], const MmaFragments4<float>& f) {
+  uint32_t ah[2], al[2];
+  tf32_split(f.x[0], ah[0], al[0]);
+  tf32_split(f.x[1], ah[1], al[1]);
+FASTMAML_UNROLL
+  for (int j = 0; j < 2; ++j) {
+    uint32_t bh, bl;
+    tf32_split(f.y[j], bh, bl);
+    mma_tf32_k4(small[j], al[0], al[1], bh);
+    mma_tf32_k4(acc[j], ah[0], ah[1], bh);
+    mma_tf32_k4(small[j], ah[0], ah[1], bl);
   }
 }
 
@@ -142,7 +198,13 @@ __device__ __noinline__ MmaSums mma_unit_sums(const float* a, MmaOffsets o, cons
   // One step at a time: this function's registers add to those of the kernel that calls it.
 #pragma unroll 1
   for (; k < full; k += 8) mma_step(acc, small, mma_load(a, o, B, ak, bk, k, t, Kd, false));
-  if (k < Kd) mma_step(acc, small, mma_load(a, o, B, ak, bk, k, t, Kd, true));
+  if (k < Kd) {
+    if (mma_last_is_4(k, Kd)) {
+      mma_step4(acc, small, mma_load4(a, o, B, ak, bk, k, t, Kd));
+    } else {
+      mma_step(acc, small, mma_load(a, o, B, ak, bk, k, t, Kd, true));
+    }
+  }
   MmaSums s;
 FASTMAML_UNROLL
   for (int j = 0; j < 2; ++j) {
@@ -171,23 +233,15 @@ inline float tf32_read(float x) {
   return x;
 }
 
-// Lane `lane`'s main and small accumulators of n-tile j after one step, for a warp whose lanes loaded
-// fragments as `load(l)` gives them: for float the device's three TF32 products, for double the exact
-// one. PTX's m16n8k8 (.tf32, .row.col): A's register i of lane l is element (l / 4 + 8 (i mod 2), l mod
-// 4 + 4 (i / 2)), B's register i element (k = l mod 4 + 4 i, n = l / 4), the accumulator's register i
-// element (l / 4 + 8 (i / 2), 2 (l mod 4) + i mod 2).
-template <typename T, typename Load>
-void emulate_mma_step(T (&acc)[4], T (&small)[4], int lane, int j, const Load& load) {
-  T A[16][8], B[8][8];
-  for (int l = 0; l < 32; ++l) {
-    const MmaFragments<T> f = load(l);
-    for (int i = 0; i < 4; ++i) A[l / 4 + 8 * (i % 2)][l % 4 + 4 * (i / 2)] = f.x[i];
-    for (int i = 0; i < 2; ++i) B[l % 4 + 4 * i][l / 4] = f.y[j][i];
-  }
+// Lane `lane`'s main and small accumulators after d += A B, A [16 x KS] and B [KS x 8] as the warp's
+// fragments placed them: for float the device's three TF32 products, for double the exact one. The
+// accumulator's register i of lane l is element (l / 4 + 8 (i / 2), 2 (l mod 4) + i mod 2) for both steps.
+template <typename T, int KS>
+void emulate_mma_products(T (&acc)[4], T (&small)[4], int lane, const T (&A)[16][KS], const T (&B)[KS][8]) {
   for (int i = 0; i < 4; ++i) {
     const int m = lane / 4 + 8 * (i / 2), n = 2 * (lane % 4) + i % 2;
     T main = 0, cross = 0;
-    for (int k = 0; k < 8; ++k) {
+    for (int k = 0; k < KS; ++k) {
       const T a = A[m][k], b = B[k][n];
       if constexpr (sizeof(T) == 4) {
         const float ah = tf32_round(a), al = tf32_read(a - ah), bh = tf32_round(b), bl = tf32_read(b - bh);
@@ -200,6 +254,33 @@ void emulate_mma_step(T (&acc)[4], T (&small)[4], int lane, int j, const Load& l
     acc[i] += main;
     small[i] += cross;
   }
+}
+
+// Lane `lane`'s accumulators of n-tile j after one step of 8, for a warp whose lanes loaded fragments as
+// `load(l)` gives them. PTX's m16n8k8 (.tf32, .row.col): A's register i of lane l is element (l / 4 + 8
+// (i mod 2), l mod 4 + 4 (i / 2)), B's register i element (k = l mod 4 + 4 i, n = l / 4).
+template <typename T, typename Load>
+void emulate_mma_step(T (&acc)[4], T (&small)[4], int lane, int j, const Load& load) {
+  T A[16][8], B[8][8];
+  for (int l = 0; l < 32; ++l) {
+    const MmaFragments<T> f = load(l);
+    for (int i = 0; i < 4; ++i) A[l / 4 + 8 * (i % 2)][l % 4 + 4 * (i / 2)] = f.x[i];
+    for (int i = 0; i < 2; ++i) B[l % 4 + 4 * i][l / 4] = f.y[j][i];
+  }
+  emulate_mma_products(acc, small, lane, A, B);
+}
+
+// The same for the step of 4. PTX's m16n8k4 (.tf32, .row.col): A's register i of lane l is element
+// (l / 4 + 8 i, l mod 4), B's register element (k = l mod 4, n = l / 4).
+template <typename T, typename Load>
+void emulate_mma_step4(T (&acc)[4], T (&small)[4], int lane, int j, const Load& load) {
+  T A[16][4], B[4][8];
+  for (int l = 0; l < 32; ++l) {
+    const MmaFragments4<T> f = load(l);
+    for (int i = 0; i < 2; ++i) A[l / 4 + 8 * i][l % 4] = f.x[i];
+    B[l % 4][l / 4] = f.y[j];
+  }
+  emulate_mma_products(acc, small, lane, A, B);
 }
 
 #endif
@@ -248,9 +329,14 @@ FASTMAML_UNROLL
     for (int j = 0; j < 2; ++j) {
       T small[4] = {};
       for (int k = 0; k < Kd; k += 8) {
-        emulate_mma_step(acc[j], small, lane, j, [&](int l) {
-          return mma_load(pa, offsets(l), pb, ak, bk, k, l % 4, Kd, k >= full);
-        });
+        if (k >= full && mma_last_is_4(k, Kd)) {
+          emulate_mma_step4(acc[j], small, lane, j,
+                            [&](int l) { return mma_load4(pa, offsets(l), pb, ak, bk, k, l % 4, Kd); });
+        } else {
+          emulate_mma_step(acc[j], small, lane, j, [&](int l) {
+            return mma_load(pa, offsets(l), pb, ak, bk, k, l % 4, Kd, k >= full);
+          });
+        }
       }
       for (int i = 0; i < 4; ++i) acc[j][i] += small[i];
     }
@@ -291,7 +377,7 @@ FASTMAML_HD inline void team_mma(int R, int C, int Kd, T alpha, const T* __restr
 // The team products with the tile `shape` (the team's tile(R, C)): a register tile of team_tiles.h or the
 // tensor-core tiles above. No sync.
 // store(r, c, alpha * sum_k a[r * ars + k * aks] * B[k * ldb + c]), k in order (kTileMma: steps of 8 in
-// order).
+// order, the last maybe of 4).
 template <typename T, typename Team, typename Store>
 FASTMAML_HD inline void team_gemm_nn(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t ars,
                                      int64_t aks, const T* __restrict__ B, int64_t ldb, const Store& store,
