@@ -155,20 +155,23 @@ def _measure(method, w, check, rtol, args, estimator) -> dict:
         return dict(out, status="failed", note=f"meta-gradient differs from reference: rel err {err:.2e} > {rtol:g}")
     out.update(ms=f"{timing.ms:.4g}", tasks_per_s=f"{w.T / (timing.ms / 1e3):.6g}")
     del timing
+    if method == "cuda":  # what the GPU made of the launch: tasks in flight explain a latency-bound speed
+        out["launch"] = H.cuda_launch_note(w)
+        out["note"] = "; ".join(n for n in (out["note"], out["launch"]) if n)
     if args.memory == "auto":
         if w.device.type == "cuda":
             H.release(w.device)
             try:
                 out["peak_mem_mb"] = f"{H.cuda_peak_mb(step, w.device):.4g}"
             except Exception as err:  # the timing stands; only the memory figure is missing
-                out["note"] = "; ".join(n for n in (check_note, f"memory not measured ({type(err).__name__})") if n)
+                out["note"] = "; ".join(n for n in (out["note"], f"memory not measured ({type(err).__name__})") if n)
         else:
             # Generous: a child may have to build the C++ extension when its sources just changed.
             budget = max(180.0, 4 * float(out["ms"]) / 1e3 + 60)
             peak, note = H.subprocess_peak_mb(method, w, timeout_s=budget)
             if peak is not None:
                 out["peak_mem_mb"] = f"{peak:.4g}"
-            out["note"] = "; ".join(n for n in (check_note, note) if n)
+            out["note"] = "; ".join(n for n in (out["note"], note) if n)
     return out
 
 
@@ -177,6 +180,8 @@ def _progress(row: dict) -> None:
         print(f"  {row['method']:<10} T={row['T']:<6} K={row['K']} W={row['width']:<4} "
               f"{float(row['tasks_per_s']):>12,.0f} tasks/s  {float(row['ms']):>10.3f} ms  "
               f"(rel err {row['rel_err']}, {row['repeats']} runs)", flush=True)
+        if row.get("launch"):
+            print(f"    {row['launch']}", flush=True)
     else:
         print(f"  {row['method']:<10} T={row['T']:<6} K={row['K']} W={row['width']:<4} "
               f"{row['status']}: {row['note']}", flush=True)

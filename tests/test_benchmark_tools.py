@@ -4,6 +4,7 @@ benchmarks/gpu_check.sh runs both)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -99,6 +100,53 @@ def test_harness_measures_what_auto_has_not_placed():
     assert H.why_not("factored", w) is None
     why = H.why_not("triton", w)
     assert why is not None and ("not meant for cpu" in why or "interpreter" in why), why
+
+
+LAUNCH = re.compile(r"launch: (\d+) blocks of (\d+) threads, (\d+) tasks a block, workspace ([\d.]+) KiB in "
+                    r"(shared|global) memory, (\d+) registers and (\d+) B local a thread, (\d+) blocks a "
+                    r"multiprocessor(, theta_k rebuilt)?(, tensor cores)?")
+
+
+def test_cuda_launch_report(monkeypatch):
+    """The throughput sweep's line under every cuda row: how the training call was laid out and how many
+    of its blocks a multiprocessor holds (fastmaml_testing::cuda_training_launch). Nothing off a GPU; the
+    report's fields in their places (a stand-in for the op here); on a GPU, figures that agree with the
+    launch (at the sinusoid size the workspace is in shared memory)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import _harness as H
+
+    assert H.cuda_launch_note(H.make_workload(3, 1, 7, device="cpu")) == ""
+    fake = SimpleNamespace(device=torch.device("cuda"), params=[torch.zeros(1)], width=40, K=5, T=65536,
+                           x_support=torch.zeros(65536, 10, 1), x_query=torch.zeros(65536, 10, 1))
+    seen = []
+
+    def op(theta, dims, ns, nq, k, t, need_lr):
+        seen.append((list(dims), ns, nq, k, t, need_lr))
+        return [128, 2048, 32, 1, 70656, 1, 0, 168, 0, 3]
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.ops.fastmaml_testing, "cuda_training_launch", op, raising=False)
+        note = H.cuda_launch_note(fake)
+    assert seen == [([1, 40, 40, 1], 10, 10, 5, 65536, False)]
+    m = LAUNCH.fullmatch(note)
+    assert m is not None and m.groups() == ("2048", "128", "32", "69.0", "shared", "168", "0", "3",
+                                            ", theta_k rebuilt", None), note
+    if not torch.cuda.is_available():
+        return
+    from fastmaml import dispatch
+
+    why = dispatch.get_backend("cuda").unavailable()  # loads the library the report is in
+    if why is not None:
+        pytest.skip(f"no CUDA kernels: {why}")
+    note = H.cuda_launch_note(H.make_workload(1000, 1, 40, device="cuda"))
+    m = LAUNCH.fullmatch(note)
+    assert m is not None, note
+    blocks, threads, chunk = (int(m[i]) for i in (1, 2, 3))
+    assert blocks * chunk >= 1000 and (blocks - 1) * chunk < 1000 and threads % 32 == 0
+    assert m[5] == "shared" and 0 < float(m[4]) < 64 and int(m[6]) > 0 and int(m[8]) >= 1
 
 
 def test_sweep_probes_before_skipping_on_a_far_estimate(monkeypatch):

@@ -4,7 +4,9 @@
 // This file checks the arguments, allocates the outputs, the workspace and the partial rows of the
 // meta-gradient with the tensors' allocator on their device, and calls the launchers of kernels.cuh
 // on the current stream. It is compiled only in builds with a CUDA torch and nvcc (fastmaml/_ext.py,
-// setup.py); the kernels themselves have no torch headers.
+// setup.py); the kernels themselves have no torch headers. It also adds one report for the benchmarks to
+// the test-only operations, fastmaml_testing::cuda_training_launch (how a training call is laid out, and
+// how many of its blocks a multiprocessor holds).
 
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
@@ -20,6 +22,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <tuple>
+#include <vector>
 
 #include "../op_checks.h"
 #include "maml_cuda.h"
@@ -299,9 +302,42 @@ at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const
   return thetas;
 }
 
+// fastmaml_testing::cuda_training_launch: how the training call (maml_fwdbwd_sum without rows) lays out T
+// tasks of the net `dims` with Ns + Nq points and K steps on `theta`'s GPU and dtype, for the benchmarks'
+// reports: [threads a block, blocks, tasks a block, workspace in shared memory (0 / 1), workspace bytes a
+// block, theta_k rebuilt (0 / 1), tensor cores (0 / 1), registers a thread, local bytes a thread, blocks a
+// multiprocessor holds at once].
+std::vector<int64_t> cuda_training_launch(const at::Tensor& theta, c10::IntArrayRef dims, int64_t Ns, int64_t Nq,
+                                          int64_t K, int64_t T, bool need_lr) {
+  TORCH_CHECK(theta.is_cuda(), "fastmaml: cuda_training_launch takes a CUDA tensor (for its device and dtype)");
+  Sizes s{};
+  TORCH_CHECK(task::make_net(s.net, dims.data(), static_cast<int>(dims.size()), 0, 0),
+              "fastmaml: cuda_training_launch: bad dims ", dims);
+  s.T = T;
+  s.Ns = Ns;
+  s.Nq = Nq;
+  s.K = K;
+  const c10::cuda::CUDAGuard guard(theta.device());
+  const Launch l = plan(Op::kBackward, s, need_lr, static_cast<int>(theta.element_size()), shared_limit(theta));
+  Residency r{};
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml_cuda_training_launch", [&] {
+    const cudaError_t err = reverse_sweep_residency<scalar_t>(l, &r);
+    TORCH_CHECK(err == cudaSuccess, "fastmaml: the reverse sweep's residency query failed: ", cudaGetErrorString(err));
+  });
+  const int64_t itemsize = static_cast<int64_t>(theta.element_size());
+  return {l.threads, l.blocks, l.chunk, l.shared, l.work_elems * itemsize, l.recompute_thetas, l.mma,
+          r.registers, r.local_bytes, r.blocks_per_sm};
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastmaml
+
+// A report for the benchmarks (no tensor math), beside the test-only operations of csrc/fastmaml.cpp.
+TORCH_LIBRARY_FRAGMENT(fastmaml_testing, m) {
+  m.def("cuda_training_launch(Tensor theta, int[] dims, int Ns, int Nq, int K, int T, bool need_lr) -> int[]",
+        &fastmaml::cuda::cuda_training_launch);
+}
 
 TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) {
   m.impl("maml_fwd", &fastmaml::cuda::maml_fwd);

@@ -362,6 +362,23 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
 }
 
 template <typename T>
+cudaError_t reverse_sweep_residency(const Launch& launch, Residency* out) {
+  const auto kernel = bwd_kernel_for<T>();
+  const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+  if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;  // as a launch would
+  cudaFuncAttributes attr{};
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  int blocks = 0;
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, launch.threads, smem);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return err;
+  }
+  *out = Residency{attr.numRegs, static_cast<int>(attr.localSizeBytes), blocks};
+  return cudaSuccess;
+}
+
+template <typename T>
 cudaError_t launch_bwd(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
                        const T* ys_float, const int64_t* ys_index, const T* xq, const T* yq_float,
                        const int64_t* yq_index, const T* qw, const T* g_task_losses, const T* g_query_preds,
@@ -421,7 +438,8 @@ cudaError_t launch_weighted_task_sum(const T* rows, const T* weights, int64_t n_
                                      const T*, bool, T*, T*, T*, T*, T*, T*, T*, cudaStream_t);                 \
   template cudaError_t launch_fwdbwd_sum<T>(const Sizes&, const Launch&, const T*, const T*, const T*, const T*, \
                                             const int64_t*, const T*, const T*, const int64_t*, const T*, bool, \
-                                            T*, T*, T*, T*, T*, T*, T*, T*, T*, cudaStream_t);
+                                            T*, T*, T*, T*, T*, T*, T*, T*, T*, cudaStream_t);                  \
+  template cudaError_t reverse_sweep_residency<T>(const Launch&, Residency*);
 #define FASTMAML_INSTANTIATE_FWDBWD(T)                                                                            \
   template cudaError_t launch_fwdbwd<T>(const Sizes&, const Launch&, const T*, const T*, const T*, const T*,    \
                                         const int64_t*, const T*, const T*, const int64_t*, const T*, bool, T*, \

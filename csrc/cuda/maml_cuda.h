@@ -120,6 +120,18 @@ template <typename T>
 cudaError_t launch_weighted_task_sum(const T* rows, const T* weights, int64_t n_tasks, int64_t M, T* out,
                                      cudaStream_t stream);
 
+// What this GPU makes of the reverse sweep's kernel (bwd_kernel, the training call's) launched as `launch`
+// says: its registers and local (spill) bytes a thread, and how many of its blocks one multiprocessor holds
+// at once (cudaOccupancyMaxActiveBlocksPerMultiprocessor, the workspace's shared memory counted). For the
+// benchmarks' reports: tasks in flight are what a latency-bound kernel's speed follows.
+struct Residency {
+  int registers;
+  int local_bytes;
+  int blocks_per_sm;
+};
+template <typename T>
+cudaError_t reverse_sweep_residency(const Launch& launch, Residency* out);
+
 // thetas [T, P]: theta_K of every task.
 template <typename T>
 cudaError_t launch_adapt(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
