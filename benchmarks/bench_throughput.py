@@ -192,6 +192,12 @@ def main(argv=None) -> int:
     rows = run(args)
     print()
     print(report.text_table(rows))
+    if args.device.startswith("cuda") and any(r["method"] == "triton" and r["status"] == "ok" for r in rows):
+        # What the Triton kernels that ran were compiled to (registers, spills, warps): the switches
+        # of an A/B variant (FASTMAML_TRITON_WARPS, _MAXNREG) change them.
+        from fastmaml.backends import _triton_targets
+
+        print("\n".join(["", "triton kernels compiled in this run:", *_triton_targets.compiled_report()]))
     try:
         report.plot(rows, args.out / "throughput.png")
         print(f"\nwrote {args.out / 'throughput.csv'} and {args.out / 'throughput.png'}")

@@ -337,6 +337,10 @@ fi
 #   warps4   FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4: Triton's scratch layout at 4 warps
 #            a program, two programs a multiprocessor instead of one (255 registers a thread)
 #   warps2   the same at 2 warps, W=40 only (four programs; at W=128 it spills 0.3-0.6 KiB a thread)
+#   nreg128  FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128: Triton's scratch layout at 8 warps
+#            capped at 128 registers, two programs a multiprocessor (spills 152 / 204 B a thread at W=40,
+#            352 / 896 B at W=128; at W=128, K=5 the scratch budget launches one program a multiprocessor)
+#   w4nreg128 the same at 4 warps: four programs a multiprocessor (432 / 1,144 B and 368 / 940 B)
 #   ieee     FASTMAML_TRITON_PRECISION=ieee at W=128: the scratch layout's products as FMAs
 #   scratch  FASTMAML_TRITON_LAYOUT=scratch at W=40 (`auto` takes it from W=128; the register layout at
 #            W=128 is left out: its backward alone compiles for 8 minutes on 2 cores)
@@ -347,23 +351,28 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "mma blocks4 team64s lds thetas warps4 floops fchunk16 team32
-# ftf32x3 team64 ieee warps2 scratch", is what no GPU has measured yet, the likeliest gains first (about 20 s each; scratch was
+# AB_VARIANTS picks some. The default, "mma blocks4 team64s lds thetas warps4 nreg128 floops fchunk16
+# team32 ftf32x3 team64 w4nreg128 ieee warps2 scratch", is what no GPU has measured yet, the likeliest gains first (about 20 s each; scratch was
 # measured with FMA products, equal to the register layout, and now runs tf32x3); "shared tiles chunk4g
 # factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
+# Variants joined with '+' (mma+blocks4, team64s+mma) combine their switches, one method's only.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-mma blocks4 team64s lds thetas warps4 floops fchunk16 team32 ftf32x3 team64 ieee warps2 scratch})
+  variants=(${AB_VARIANTS:-mma blocks4 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 w4nreg128 ieee warps2 scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
   stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt"
   : > "$DIR/ab.txt"
-  for v in "${variants[@]}"; do
+  # One variant's switches: sets `setting`, `method` and `widths` (the widths it is measured at).
+  ab_variant() {
     widths="40 128"
-    case "$v" in
+    case "$1" in
       scratch) setting=FASTMAML_TRITON_LAYOUT=scratch; method=triton; widths=40 ;;
       warps4) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4"; method=triton ;;
       warps2) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=2"; method=triton; widths=40 ;;
+      nreg128) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128"; method=triton ;;
+      w4nreg128) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4 FASTMAML_TRITON_MAXNREG=128"
+        method=triton ;;
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
       mma) setting=FASTMAML_CUDA_MMA=1; method=cuda ;;
       blocks4) setting=FASTMAML_CUDA_MIN_BLOCKS=4; method=cuda ;;
@@ -382,8 +391,23 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       fchunk16) setting=FASTMAML_FACTORED_K_CHUNK=16; method=factored ;;
       floops) setting=FASTMAML_FACTORED_K_LOOP=per_factor; method=factored ;;
       factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
-      *) echo "unknown A/B variant $v" >> "$DIR/ab.txt"; continue ;;
+      *) return 1 ;;
     esac
+  }
+  for v in "${variants[@]}"; do
+    # A variant joined with '+' (mma+blocks4) sets all its parts' switches, at the widths they share.
+    all_settings="" all_method="" all_widths="40 128" ok=1
+    for part in ${v//+/ }; do
+      if ! ab_variant "$part"; then ok=0; break; fi
+      [ -n "$all_method" ] && [ "$all_method" != "$method" ] && { ok=0; break; }
+      all_method=$method
+      all_settings="${all_settings:+$all_settings }$setting"
+      all_widths=$(for w in $all_widths; do [[ " $widths " == *" $w "* ]] && echo "$w"; done | xargs)
+    done
+    if [ "$ok" != 1 ] || [ -z "$all_widths" ]; then
+      echo "unknown A/B variant $v (or parts for different methods or widths)" >> "$DIR/ab.txt"; continue
+    fi
+    setting=$all_settings method=$all_method widths=$all_widths
     echo "== $setting ($method; compare with the sweep's $method rows)" >> "$DIR/ab.txt"
     # shellcheck disable=SC2086  # a variant may set several variables
     env $setting timeout "$per" python benchmarks/bench_throughput.py --device cuda --order second \
@@ -391,7 +415,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       --out "/tmp/fastmaml_ab_$v" >> "$DIR/ab.txt" 2>&1
     echo "exit code $?" >> "$DIR/ab.txt"
   done
-  grep -E "^==|tasks/s|failed|exit" "$DIR/ab.txt" | head -20 | cut -c1-160
+  grep -E "^==|tasks/s|failed|exit|unknown" "$DIR/ab.txt" | head -40 | cut -c1-160
 fi
 
 # The nvcc report ran in the background from the build on (a 3-minute compile on the H200's CPUs):

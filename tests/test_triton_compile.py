@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -135,7 +136,8 @@ def _compile_all(variants: list[dict]) -> None:
                                                        v["n_support"], v["n_query"], v["activation"], v["loss"],
                                                        layout=v["layout"], **v["options"])
             result = dict(ok=True, shared=kernel.metadata.shared, cubin_bytes=len(kernel.asm["cubin"]),
-                          num_warps=warps, mma=kernel.asm["ptx"].count("mma.sync"))
+                          num_warps=warps, mma=kernel.asm["ptx"].count("mma.sync"),
+                          maxnreg=int((re.search(r"\.maxnreg\s+(\d+)", kernel.asm["ptx"]) or [0, 0])[1]))
         except Exception as err:  # reported to the test, which fails with it
             result = dict(ok=False, error=f"{type(err).__name__}: {err}"[-4000:])
         result.update(name=_name(v), seconds=round(time.perf_counter() - start, 1))
@@ -332,6 +334,19 @@ def test_fewer_warps_compile(tmp_path):
         assert result["ok"], f"{name} does not compile at 4 warps:\n{result['error']}"
         assert result["num_warps"] == 4, result
         assert result["shared"] <= SM90_MAX_SHARED, result
+
+
+def test_register_cap_compiles(tmp_path):
+    """FASTMAML_TRITON_MAXNREG=128 (the A/B's two programs of 8 warps a multiprocessor where 255 registers
+    a thread make one): the sinusoid net's scratch-layout training kernel compiles for sm_90 with the cap in
+    its PTX (ptxas spills what no longer fits); without the switch, no cap."""
+    variants = [_variant("bwd", "float32", [1, 40, 40, 1], 10, 10, 0, 0, "scratch", outputs=True,
+                         need_lr_grad=False, need_x_grad=False)]
+    for value, want in (("128", 128), ("", 0)):
+        for name, result in _compile_in_subprocess(variants, {"FASTMAML_TRITON_MAXNREG": value},
+                                                   tmp_path / (value or "none")).items():
+            assert result["ok"], f"{name} does not compile with FASTMAML_TRITON_MAXNREG={value!r}:\n{result['error']}"
+            assert result["maxnreg"] == want and result["num_warps"] == 8, result
 
 
 @pytest.mark.parametrize("name,value,message", [

@@ -312,6 +312,27 @@ def test_warps_switch(monkeypatch):
         tm.num_warps_for([1, 40, 40, 1], 10, 10, "scratch")
 
 
+def test_register_cap_switch(monkeypatch):
+    """FASTMAML_TRITON_MAXNREG: unset, no cap in the launch options (ptxas's own registers); a count from
+    64 to 255 caps every launch (the GPU check's A/B), beside the warps; anything else is refused, naming
+    the switch."""
+    tm = _backend()
+    for name in ("WARPS", "MAXNREG"):
+        monkeypatch.setattr(tm, name, None)
+    monkeypatch.delenv("FASTMAML_TRITON_WARPS", raising=False)
+    monkeypatch.delenv("FASTMAML_TRITON_MAXNREG", raising=False)
+    assert tm.launch_options([1, 40, 40, 1], 10, 10, "scratch") == {"num_warps": 8}
+    monkeypatch.setattr(tm, "MAXNREG", None)
+    monkeypatch.setenv("FASTMAML_TRITON_MAXNREG", "128")
+    assert tm.launch_options([1, 40, 40, 1], 10, 10, "scratch") == {"num_warps": 8, "maxnreg": 128}
+    assert tm.launch_options([1, 5, 1], 10, 10, "registers") == {"num_warps": 4, "maxnreg": 128}
+    for bad in ("32", "256", "1e2"):
+        monkeypatch.setattr(tm, "MAXNREG", None)
+        monkeypatch.setenv("FASTMAML_TRITON_MAXNREG", bad)
+        with pytest.raises(ValueError, match=f"FASTMAML_TRITON_MAXNREG must be 0 .* got '{bad}'"):
+            tm.launch_options([1, 40, 40, 1], 10, 10, "scratch")
+
+
 # ---- the custom ops --------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ def _forward_launch(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, query
     with tm._device_guard(theta):
         k.maml_fwd_kernel[(G,)](
             theta, lr, xs, ys, xq, yq, qw, task_losses, preds, thetas, work, *scratch,
-            T, NS, NQ, P, K, G, *tm._sizes(dims), **consts, num_warps=tm.num_warps_for(dims, NS, NQ, layout),
+            T, NS, NQ, P, K, G, *tm._sizes(dims), **consts, **tm.launch_options(dims, NS, NQ, layout),
         )
     return task_losses, preds, thetas
 
@@ -92,7 +92,7 @@ def _backward_launch(theta, lr, xs, ys, xq, yq, qw, g_task_losses, g_query_preds
         k.maml_bwd_kernel[(G,)](
             theta, lr, xs, ys, xq, yq, qw.contiguous(), g_task_losses.contiguous(), g_query_preds.contiguous(),
             g_theta_part, g_lr_part, g_xs, g_xq, task_losses, preds, work, vbuf, *scratch,
-            T, NS, NQ, P, K, G, *tm._sizes(dims), **consts, num_warps=tm.num_warps_for(dims, NS, NQ, layout),
+            T, NS, NQ, P, K, G, *tm._sizes(dims), **consts, **tm.launch_options(dims, NS, NQ, layout),
         )
     # Outputs must not alias each other: a fresh empty tensor for each one not asked for.
     g_theta = g_theta_part.sum(0)

@@ -82,7 +82,8 @@ def compile_for_target(kind: str, dtype: torch.dtype, dims: list[int], n_support
     layout = layout or triton_maml.layout_for(dims)
     consts = triton_maml.kernel_constants(kind, dims, n_support, n_query, activation, loss, layout=layout,
                                           **options)
-    warps = num_warps or triton_maml.num_warps_for(dims, n_support, n_query, layout)
+    launch = triton_maml.launch_options(dims, n_support, n_query, layout)  # FASTMAML_TRITON_MAXNREG's cap too
+    warps = num_warps or launch["num_warps"]
     kernel = triton.compile(ast_source(kind, dtype, consts), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": warps})
+                            options=dict(launch, num_warps=warps))
     return kernel, warps

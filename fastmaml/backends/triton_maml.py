@@ -67,6 +67,9 @@ SCRATCH_ROW_CHUNK = 16
 # Warps a program: 0 for num_warps_for's choice, else this many. None: read FASTMAML_TRITON_WARPS on first
 # use (the GPU check's A/B; tests set it directly).
 WARPS: Optional[int] = None
+# Registers a thread at most (Triton's `maxnreg`, ptxas's .maxnreg): 0 for ptxas's own choice. None: read
+# FASTMAML_TRITON_MAXNREG on first use (the GPU check's A/B).
+MAXNREG: Optional[int] = None
 
 
 def _pad(n: int) -> int:
@@ -175,6 +178,32 @@ def _programs_and_acts(consts: dict, theta: torch.Tensor, T: int, rows: int) -> 
     acts_bytes = consts["NSLOT"] * consts["BNM"] * consts["BW"] * itemsize if "NSLOT" in consts else 0
     G = _programs(T, rows, theta.shape[0], itemsize, acts_bytes, _sms(theta))
     return G, ((theta.new_empty(G, acts_bytes // itemsize),) if acts_bytes else ())
+
+
+def max_registers() -> int:
+    """FASTMAML_TRITON_MAXNREG: registers a thread at most in every kernel of the fused Triton backend, 0
+    (unset) for what ptxas gives them. The kernels of the sweep's sizes take 234 to 255 registers a
+    thread, so a program of 8 warps fills a multiprocessor's registers and runs alone there; capped at
+    128, two such programs share one (with 4 warps, four), and what no longer fits spills to local
+    memory: compiled for sm_90 (ptxas -v, the training kernel of the scratch layout, float32, 10 + 10
+    points), 152 / 204 B of spill stores / loads a thread at width 40 and 8 warps, 352 / 896 B at width
+    128 (benchmarks/RESULTS.md). A switch for the GPU check's A/B until a GPU weighs the two."""
+    global MAXNREG
+    if MAXNREG is None:
+        from .._validate import env_int
+
+        MAXNREG = env_int("FASTMAML_TRITON_MAXNREG", 0, lambda n: n == 0 or 64 <= n <= 255,
+                          "0 (ptxas's choice) or a register count from 64 to 255")
+    return MAXNREG
+
+
+def launch_options(dims: list[int], n_support: int, n_query: int, layout: str) -> dict:
+    """The launch options of a fused Triton kernel: its warps (num_warps_for) and, where
+    FASTMAML_TRITON_MAXNREG sets one, its register cap."""
+    options = {"num_warps": num_warps_for(dims, n_support, n_query, layout)}
+    if max_registers():
+        options["maxnreg"] = max_registers()
+    return options
 
 
 def num_warps_for(dims: list[int], n_support: int, n_query: int, layout: str = "registers") -> int:
