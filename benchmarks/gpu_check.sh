@@ -339,7 +339,7 @@ fi
 #   warps2   the same at 2 warps, W=40 only (four programs; at W=128 it spills 0.3-0.6 KiB a thread)
 #   nreg128  FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128: Triton's scratch layout at 8 warps
 #            capped at 128 registers, two programs a multiprocessor (spills 152 / 204 B a thread at W=40,
-#            352 / 896 B at W=128; at W=128, K=5 the scratch budget launches one program a multiprocessor)
+#            352 / 896 B at W=128; at W=128, K=5 the scratch budget's 240 programs run in one wave, not 132)
 #   w4nreg128 the same at 4 warps: four programs a multiprocessor (432 / 1,144 B and 368 / 940 B)
 #   ieee     FASTMAML_TRITON_PRECISION=ieee at W=128: the scratch layout's products as FMAs
 #   scratch  FASTMAML_TRITON_LAYOUT=scratch at W=40 (`auto` takes it from W=128; the register layout at

@@ -209,6 +209,10 @@ def test_program_count_fills_whole_waves():
     assert tm._programs(65536, 14, 16_897, 4, 21 * 16 * 128 * 4, sms=100) == 200
     assert tm._programs(100, 14, 16_897, 4, 21 * 16 * 128 * 4, sms=132) == 100  # fewer tasks than SMs
     assert tm._programs(65536, 2, 1_761, 4, 0, sms=132) == 19_054 - 19_054 % 132
+    # Two programs a multiprocessor (FASTMAML_TRITON_MAXNREG=128 at 8 warps): the budget's 240 are one
+    # wave of up to 264, and past a wave the count is a multiple of 264.
+    assert tm._programs(65536, 14, 16_897, 4, 21 * 16 * 128 * 4, sms=132, per_sm=2) == 240
+    assert tm._programs(65536, 2, 1_761, 4, 0, sms=132, per_sm=2) == 19_054 - 19_054 % 264
 
 
 def test_first_order_has_no_support_input_gradient():
@@ -322,10 +326,15 @@ def test_register_cap_switch(monkeypatch):
     monkeypatch.delenv("FASTMAML_TRITON_WARPS", raising=False)
     monkeypatch.delenv("FASTMAML_TRITON_MAXNREG", raising=False)
     assert tm.launch_options([1, 40, 40, 1], 10, 10, "scratch") == {"num_warps": 8}
+    assert [tm.programs_per_sm(w) for w in (2, 4, 8)] == [1, 1, 1]  # not known before the compile
     monkeypatch.setattr(tm, "MAXNREG", None)
     monkeypatch.setenv("FASTMAML_TRITON_MAXNREG", "128")
     assert tm.launch_options([1, 40, 40, 1], 10, 10, "scratch") == {"num_warps": 8, "maxnreg": 128}
     assert tm.launch_options([1, 5, 1], 10, 10, "registers") == {"num_warps": 4, "maxnreg": 128}
+    assert [tm.programs_per_sm(w) for w in (2, 4, 8, 16)] == [8, 4, 2, 1]  # 64 K registers
+    monkeypatch.setattr(tm, "MAXNREG", None)
+    monkeypatch.setenv("FASTMAML_TRITON_MAXNREG", "100")  # allocated as 104
+    assert [tm.programs_per_sm(w) for w in (1, 4, 8)] == [19, 4, 2]
     for bad in ("32", "256", "1e2"):
         monkeypatch.setattr(tm, "MAXNREG", None)
         monkeypatch.setenv("FASTMAML_TRITON_MAXNREG", bad)

@@ -25,7 +25,8 @@ def _forward_launch(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, query
     DL = dims[-1]
     NQ = xq.shape[1] if query else 1
     consts = tm.kernel_constants("fwd", dims, NS, NQ, activation, loss, query=query, layout=layout)
-    G, scratch = tm._programs_and_acts(consts, theta, T, 2)
+    launch = tm.launch_options(dims, NS, NQ, layout)
+    G, scratch = tm._programs_and_acts(consts, theta, T, 2, launch["num_warps"])
     work = theta.new_empty(G, 2, P)
     if query:
         task_losses = theta.new_empty(T)
@@ -38,7 +39,7 @@ def _forward_launch(theta, lr, xs, ys, xq, yq, qw, dims, activation, loss, query
     with tm._device_guard(theta):
         k.maml_fwd_kernel[(G,)](
             theta, lr, xs, ys, xq, yq, qw, task_losses, preds, thetas, work, *scratch,
-            T, NS, NQ, P, K, G, *tm._sizes(dims), **consts, **tm.launch_options(dims, NS, NQ, layout),
+            T, NS, NQ, P, K, G, *tm._sizes(dims), **consts, **launch,
         )
     return task_losses, preds, thetas
 
@@ -75,7 +76,9 @@ def _backward_launch(theta, lr, xs, ys, xq, yq, qw, g_task_losses, g_query_preds
     K, P = lr.shape[0], theta.shape[0]
     consts = tm.kernel_constants("bwd", dims, NS, NQ, activation, loss, first_order=first_order,
                               need_lr_grad=need_lr_grad, need_x_grad=need_x_grad, outputs=outputs, layout=layout)
-    G, scratch = tm._programs_and_acts(consts, theta, T, (K + 1) + 2 + 1 + (K if need_lr_grad else 0))
+    launch = tm.launch_options(dims, NS, NQ, layout)
+    G, scratch = tm._programs_and_acts(consts, theta, T, (K + 1) + 2 + 1 + (K if need_lr_grad else 0),
+                                       launch["num_warps"])
     work = theta.new_empty(G, K + 1, P)
     vbuf = theta.new_empty(G, 2, P)
     g_theta_part = theta.new_zeros(G, P)
@@ -92,7 +95,7 @@ def _backward_launch(theta, lr, xs, ys, xq, yq, qw, g_task_losses, g_query_preds
         k.maml_bwd_kernel[(G,)](
             theta, lr, xs, ys, xq, yq, qw.contiguous(), g_task_losses.contiguous(), g_query_preds.contiguous(),
             g_theta_part, g_lr_part, g_xs, g_xq, task_losses, preds, work, vbuf, *scratch,
-            T, NS, NQ, P, K, G, *tm._sizes(dims), **consts, **tm.launch_options(dims, NS, NQ, layout),
+            T, NS, NQ, P, K, G, *tm._sizes(dims), **consts, **launch,
         )
     # Outputs must not alias each other: a fresh empty tensor for each one not asked for.
     g_theta = g_theta_part.sum(0)

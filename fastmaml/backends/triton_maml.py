@@ -171,13 +171,27 @@ def kernel_constants(kind: str, dims: list[int], n_support: int, n_query: int, a
     return consts
 
 
-def _programs_and_acts(consts: dict, theta: torch.Tensor, T: int, rows: int) -> tuple[int, tuple]:
-    """The program count for T tasks (each program with `rows` scratch rows of P) and the scratch layout's
-    `acts` buffer, as the kernel arguments it adds (none in the register layout)."""
+def _programs_and_acts(consts: dict, theta: torch.Tensor, T: int, rows: int,
+                       num_warps: int = 8) -> tuple[int, tuple]:
+    """The program count for T tasks (each program with `rows` scratch rows of P, `num_warps` warps) and the
+    scratch layout's `acts` buffer, as the kernel arguments it adds (none in the register layout)."""
     itemsize = theta.element_size()
     acts_bytes = consts["NSLOT"] * consts["BNM"] * consts["BW"] * itemsize if "NSLOT" in consts else 0
-    G = _programs(T, rows, theta.shape[0], itemsize, acts_bytes, _sms(theta))
+    G = _programs(T, rows, theta.shape[0], itemsize, acts_bytes, _sms(theta), programs_per_sm(num_warps))
     return G, ((theta.new_empty(G, acts_bytes // itemsize),) if acts_bytes else ())
+
+
+def programs_per_sm(num_warps: int) -> int:
+    """Programs of `num_warps` warps one multiprocessor holds by registers (64 K of them; with the cap at
+    least 64 registers a thread, at most 32 warps: never past the 64 a multiprocessor runs): 1 where
+    ptxas chooses the registers (234-255 a thread at the sweep's sizes: one program of 8 warps
+    fills them, and the count of fewer warps is not known before the compile), else by
+    FASTMAML_TRITON_MAXNREG's cap, allocated in steps of 8 registers a thread."""
+    cap = max_registers()
+    if not cap:
+        return 1
+    regs = -(-cap // 8) * 8
+    return max(1, 65536 // (regs * 32 * num_warps))
 
 
 def max_registers() -> int:
@@ -233,18 +247,20 @@ def num_warps_for(dims: list[int], n_support: int, n_query: int, layout: str = "
     return 4 if largest <= 1024 else 8
 
 
-def _programs(T: int, rows_per_program: int, P: int, itemsize: int, extra_bytes: int = 0, sms: int = 0) -> int:
+def _programs(T: int, rows_per_program: int, P: int, itemsize: int, extra_bytes: int = 0, sms: int = 0,
+              per_sm: int = 1) -> int:
     """How many programs (each with `rows_per_program` scratch rows of P, and `extra_bytes`) to launch for
-    T tasks on a GPU of `sms` multiprocessors (0: not a GPU).
+    T tasks on a GPU of `sms` multiprocessors (0: not a GPU) that hold `per_sm` programs each.
 
     Each program loops over its share of the tasks, so programs that wait for a multiprocessor make a
     second wave of the same length: at width 128, K = 5 (1.1 MiB of scratch a program, one program a
     multiprocessor by registers) the budget alone gives 240 programs, 132 then 108 on an H100 or H200.
-    Past one program a multiprocessor the count is rounded down to a multiple of `sms`."""
+    Past one wave (sms x per_sm programs) the count is rounded down to a multiple of it."""
     per_program = max(1, rows_per_program * P * itemsize + extra_bytes)
     G = max(1, min(T, SCRATCH_BYTES // per_program))
-    if sms > 0 and G > sms:
-        G -= G % sms
+    wave = sms * max(1, per_sm)
+    if sms > 0 and G > wave:
+        G -= G % wave
     return G
 
 
