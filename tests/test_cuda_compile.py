@@ -83,7 +83,8 @@ def test_cu_files_compile(arch: str, tmp_path: Path):
 def test_every_launcher_is_instantiated_once():
     """The kernels' launchers (csrc/cuda/kernels.cuh) are instantiated one group a file, so that ninja
     compiles the files in parallel; a group missing or doubled would only show when a GPU machine links
-    the library. Each group and dtype once across csrc/cuda/*.cu, and every .cu file is built."""
+    the library. Each group and dtype once across csrc/cuda/*.cu, the 4-block float reverse sweep's
+    launcher once, and every .cu file is built."""
     groups = re.findall(r"#define FASTMAML_INSTANTIATE_(\w+)\(T\)", (CSRC / "cuda" / "kernels.cuh").read_text())
     assert sorted(groups) == ["BWD", "FWDBWD", "LIGHT"]
     found = {}
@@ -93,6 +94,9 @@ def test_every_launcher_is_instantiated_once():
     expected = {(g, t) for g in groups for t in ("float", "double")}
     assert set(found) == expected, f"instantiated: {sorted(found)}"
     assert all(len(files) == 1 for files in found.values()), found
+    # The float reverse sweep's 4-block variant: launched through BwdMin4, defined in one file of its own.
+    defined = [cu.name for cu in CU_FILES if re.search(r"^cudaError_t BwdMin4::launch\(", cu.read_text(), re.M)]
+    assert defined == ["bwd_f32_min4.cu"], defined
     assert sorted(f"cuda/{cu.name}" for cu in CU_FILES) == sorted(s for s in _ext._CUDA_SOURCES if s.endswith(".cu"))
 
 

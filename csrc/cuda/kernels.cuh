@@ -6,7 +6,7 @@
 // Included by the .cu files of this folder, each of which instantiates one group of launchers
 // (FASTMAML_INSTANTIATE_*): maml_cuda.cu the forward, adapt and weighted-sum launchers of both dtypes
 // and plan(); bwd_f32.cu, bwd_f64.cu, fwdbwd_f32.cu and fwdbwd_f64.cu one reverse-sweep kernel family
-// each. Why several files: nvcc compiles one file on one core, and the reverse sweeps are most of the
+// each; bwd_f32_min4.cu the float reverse sweep's 4-block variant (BwdMin4). Why several files: nvcc compiles one file on one core, and the reverse sweeps are most of the
 // build (minutes on 2 cores, about two on the GPU machine when this was one file); ninja compiles the
 // files in parallel. Every helper and kernel here has internal linkage (the anonymous namespace): each
 // file gets its own copies of the few it shares with another (column_sum_kernel, block_sum), so no two
@@ -27,6 +27,33 @@
 
 namespace fastmaml {
 namespace cuda {
+
+// A task's data (the kernels' Data argument), and bwd_kernel's arguments past its launch configuration in
+// its parameter order: outside the anonymous namespace, for the launcher of bwd_f32_min4.cu (BwdMin4).
+template <typename T>
+struct Data {
+  const T* xs;
+  const T* ys_float;
+  const int64_t* ys_index;
+  const T* xq;
+  const T* yq_float;
+  const int64_t* yq_index;
+};
+
+template <typename T>
+struct BwdArgs {
+  task::Net net;
+  int64_t n_tasks, chunk, Ns, Nq;
+  int K;
+  const T *theta, *lr;
+  Data<T> data;
+  const T *qw, *g_task_losses, *g_query_preds;
+  bool first_order;
+  T *task_losses, *preds, *part_theta, *part_lr, *g_xs, *g_xq, *global_work;
+  int64_t work_elems;
+  bool shared, tiles, recompute_thetas, lds, mma;
+};
+
 namespace {
 
 using task::Net;
@@ -66,16 +93,6 @@ struct BlockTeam {
   // before), rounded once to T.
   template <typename T>
   __device__ T sum(T x) const { return static_cast<T>(block_sum(static_cast<double>(x), red)); }
-};
-
-template <typename T>
-struct Data {
-  const T* xs;
-  const T* ys_float;
-  const int64_t* ys_index;
-  const T* xq;
-  const T* yq_float;
-  const int64_t* yq_index;
 };
 
 template <typename T>
@@ -268,30 +285,51 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
 }
 
 // FASTMAML_CUDA_MIN_BLOCKS=4 (read once per process) launches the float reverse sweep compiled for 4
-// blocks a multiprocessor (128 registers, 24 / 56 B of spill stores / loads in sm_90's ptxas -v since the
-// operands are opaque pointers, csrc/task/team.h; 232 / 508 B before) instead of
-// the 3 its 168 registers allow: ncu on the H200 found it latency-bound at 12 warps a multiprocessor
-// (18.75% occupancy, SM throughput 22%). A switch until a GPU measures it (the GPU check's A/B).
+// blocks a multiprocessor (128 registers, 312 / 1,024 B of spill stores / loads in sm_90's ptxas -v)
+// instead of the 3 its 168 registers allow: ncu on the H200 found it latency-bound at 12 warps a
+// multiprocessor (18.75% occupancy, SM throughput 22%). A switch until a GPU measures it (the GPU check's
+// A/B). That kernel is instantiated in bwd_f32_min4.cu (BwdMin4 below), apart from bwd_f32.cu's default
+// sweep: each reverse sweep is most of its file's build, and ninja compiles the two files side by side.
 inline bool four_blocks() {
   static const bool on = env_is("FASTMAML_CUDA_MIN_BLOCKS", "4");
   return on;
 }
 
-// The reverse sweep's kernel for T: float has the 4-block variant too. One template, not a
-// specialisation for float: an explicit specialisation is an ordinary inline function, compiled in every
-// file that includes this one, so each of the five .cu files compiled both float reverse sweeps (about
-// 50 s of a file's build) whether it launched them or not.
-template <typename T>
-auto bwd_kernel_for() {
-  if constexpr (std::is_same_v<T, float>) {
-    return four_blocks() ? &bwd_kernel<float, 4> : &bwd_kernel<float>;
-  } else {
-    return &bwd_kernel<T>;
-  }
+// Launches bwd_kernel<T, kMinBlocks> with `a` (its shared-memory opt-in first), or reports its residency.
+template <typename T, int kMinBlocks>
+cudaError_t launch_bwd_kernel(const BwdArgs<T>& a, unsigned blocks, int threads, size_t smem, cudaStream_t stream) {
+  const auto kernel = &bwd_kernel<T, kMinBlocks>;
+  if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;
+  kernel<<<blocks, threads, smem, stream>>>(a.net, a.n_tasks, a.chunk, a.Ns, a.Nq, a.K, a.theta, a.lr, a.data, a.qw,
+                                            a.g_task_losses, a.g_query_preds, a.first_order, a.task_losses, a.preds,
+                                            a.part_theta, a.part_lr, a.g_xs, a.g_xq, a.global_work, a.work_elems,
+                                            a.shared, a.tiles, a.recompute_thetas, a.lds, a.mma);
+  return cudaGetLastError();
 }
 
+template <typename T, int kMinBlocks>
+cudaError_t bwd_kernel_residency(int threads, size_t smem, Residency* out) {
+  const auto kernel = &bwd_kernel<T, kMinBlocks>;
+  if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;  // as a launch would
+  cudaFuncAttributes attr{};
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  int blocks = 0;
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return err;
+  }
+  *out = Residency{attr.numRegs, static_cast<int>(attr.localSizeBytes), blocks};
+  return cudaSuccess;
+}
 
 }  // namespace
+
+// The float reverse sweep for 4 blocks a multiprocessor, defined in bwd_f32_min4.cu (four_blocks above).
+struct BwdMin4 {
+  static cudaError_t launch(const BwdArgs<float>& a, unsigned blocks, int threads, size_t smem, cudaStream_t stream);
+  static cudaError_t residency(int threads, size_t smem, Residency* out);
+};
 
 template <typename T>
 cudaError_t launch_fwd(const Sizes& s, const Launch& launch, const T* theta, const T* lr, const T* xs,
@@ -350,32 +388,25 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
   return over_partial_rows(launch, P, K, need_lr, part_theta, part_lr, out_theta, out_lr, stream, [&]() {
     if (s.T == 0) return cudaSuccess;
     const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
-    const auto kernel = bwd_kernel_for<T>();
-    if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;
-    kernel<<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
-        s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw, g_task_losses,
-        g_query_preds, first_order, task_losses, query_preds, part_theta, need_lr ? part_lr : nullptr, g_xs, g_xq,
-        workspace, launch.work_elems, launch.shared, launch.tiles, launch.recompute_thetas, launch.shared_loads,
-        launch.mma);
-    return cudaGetLastError();
+    const BwdArgs<T> a{s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw,
+                       g_task_losses, g_query_preds, first_order, task_losses, query_preds, part_theta,
+                       need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared,
+                       launch.tiles, launch.recompute_thetas, launch.shared_loads, launch.mma};
+    const auto blocks = static_cast<unsigned>(launch.blocks);
+    if constexpr (std::is_same_v<T, float>) {
+      if (four_blocks()) return BwdMin4::launch(a, blocks, launch.threads, smem, stream);
+    }
+    return launch_bwd_kernel<T, 0>(a, blocks, launch.threads, smem, stream);
   });
 }
 
 template <typename T>
 cudaError_t reverse_sweep_residency(const Launch& launch, Residency* out) {
-  const auto kernel = bwd_kernel_for<T>();
   const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
-  if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;  // as a launch would
-  cudaFuncAttributes attr{};
-  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
-  int blocks = 0;
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, launch.threads, smem);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    return err;
+  if constexpr (std::is_same_v<T, float>) {
+    if (four_blocks()) return BwdMin4::residency(launch.threads, smem, out);
   }
-  *out = Residency{attr.numRegs, static_cast<int>(attr.localSizeBytes), blocks};
-  return cudaSuccess;
+  return bwd_kernel_residency<T, 0>(launch.threads, smem, out);
 }
 
 template <typename T>
