@@ -6,11 +6,12 @@
 // Included by the .cu files of this folder, each of which instantiates one group of launchers
 // (FASTMAML_INSTANTIATE_*): maml_cuda.cu the forward, adapt and weighted-sum launchers of both dtypes
 // and plan(); bwd_f32.cu, bwd_f64.cu, fwdbwd_f32.cu and fwdbwd_f64.cu one reverse-sweep kernel family
-// each; bwd_f32_min4.cu the float reverse sweep's 4-block variant (BwdMin4). Why several files: nvcc compiles one file on one core, and the reverse sweeps are most of the
-// build (minutes on 2 cores, about two on the GPU machine when this was one file); ninja compiles the
-// files in parallel. Every helper and kernel here has internal linkage (the anonymous namespace): each
-// file gets its own copies of the few it shares with another (column_sum_kernel, block_sum), so no two
-// device modules define one symbol.
+// each; bwd_f32_min4.cu the float reverse sweep's 4-block variant (BwdMin4). Why several files: nvcc
+// compiles one file on one core, and the reverse sweeps are most of the build (minutes on 2 cores,
+// about two on the GPU machine when this was one file); ninja compiles the files in parallel. Every
+// helper and kernel here has internal linkage (the anonymous namespace): each file gets its own copies
+// of the few it shares with another (column_sum_kernel, block_sum), so no two device modules define one
+// symbol. Only what BwdMin4 passes between files is outside it (Data, BwdArgs: plain structs).
 #pragma once
 
 #include "maml_cuda.h"
@@ -295,7 +296,7 @@ inline bool four_blocks() {
   return on;
 }
 
-// Launches bwd_kernel<T, kMinBlocks> with `a` (its shared-memory opt-in first), or reports its residency.
+// Launches bwd_kernel<T, kMinBlocks> with `a`, its shared-memory opt-in first.
 template <typename T, int kMinBlocks>
 cudaError_t launch_bwd_kernel(const BwdArgs<T>& a, unsigned blocks, int threads, size_t smem, cudaStream_t stream) {
   const auto kernel = &bwd_kernel<T, kMinBlocks>;
@@ -307,6 +308,7 @@ cudaError_t launch_bwd_kernel(const BwdArgs<T>& a, unsigned blocks, int threads,
   return cudaGetLastError();
 }
 
+// bwd_kernel<T, kMinBlocks>'s registers, local bytes and blocks a multiprocessor (Residency).
 template <typename T, int kMinBlocks>
 cudaError_t bwd_kernel_residency(int threads, size_t smem, Residency* out) {
   const auto kernel = &bwd_kernel<T, kMinBlocks>;
