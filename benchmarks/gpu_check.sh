@@ -161,11 +161,12 @@ grep -E "^backend|failed" "$DIR/build.log" | cut -c1-200
 if command -v nvcc >/dev/null 2>&1 && [ "${REPORTS:-1}" = 1 ]; then
   stage "nvcc -Xptxas -v of every CUDA kernel variant (background) -> $DIR/ptxas.txt"
   ptx_arch="$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | tr ';' ' ' | awk '{print $1}' | tr -d '.')"
-  ( for cu in csrc/cuda/*.cu; do  # every file at once, as the build compiles them
-      out="/tmp/fastmaml_ptxas_$(basename "$cu")"
-      ( timeout 300 nvcc -arch="sm_${ptx_arch}" -O3 -Xptxas -v -c "$cu" -I csrc -o "$out.o" > "$out.txt" 2>&1 \
-          || echo "nvcc failed on $cu" >> "$out.txt" ) &
-    done; wait
+  # Every file at once, as the build compiles them, but at most one a core: each has 300 s (on 2 cores the
+  # six files all at once ran past it).
+  ( printf '%s\n' csrc/cuda/*.cu | xargs -P "$(nproc 2>/dev/null || echo 4)" -I{} sh -c '
+      out="/tmp/fastmaml_ptxas_$(basename "$1")"
+      timeout 300 nvcc -arch="sm_$2" -O3 -Xptxas -v -c "$1" -I csrc -o "$out.o" > "$out.txt" 2>&1 \
+        || echo "nvcc failed on $1" >> "$out.txt"' _ {} "$ptx_arch"
     cat /tmp/fastmaml_ptxas_*.cu.txt | c++filt > "$DIR/ptxas.txt"
     # The products' inner loops: FFMAs against loads and address arithmetic (a static count).
     if command -v cuobjdump >/dev/null 2>&1; then
