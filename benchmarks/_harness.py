@@ -186,9 +186,9 @@ def cuda_launch_note(w: Workload) -> str:
         v = torch.ops.fastmaml_testing.cuda_training_launch(
             w.params[0].detach(), [1, w.width, w.width, 1], w.x_support.shape[1], w.x_query.shape[1], w.K, w.T,
             False)
+        threads, blocks, chunk, shared, work_bytes, rebuilt, mma, regs, local, per_sm = (int(x) for x in v)
     except Exception as err:  # an older build, or no CUDA kernels: the timing stands without it
         return f"launch report unavailable ({type(err).__name__})"
-    threads, blocks, chunk, shared, work_bytes, rebuilt, mma, regs, local, per_sm = (int(x) for x in v)
     extras = "".join([", theta_k rebuilt" if rebuilt else "", ", tensor cores" if mma else ""])
     return (f"launch: {blocks} blocks of {threads} threads, {chunk} tasks a block, workspace "
             f"{work_bytes / 1024:.1f} KiB in {'shared' if shared else 'global'} memory, {regs} registers and "

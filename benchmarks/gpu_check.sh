@@ -353,9 +353,10 @@ fi
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
 # AB_VARIANTS picks some. The default, "mma blocks4 team64s lds thetas warps4 nreg128 floops fchunk16
-# team32 ftf32x3 team64 w4nreg128 ieee warps2 scratch", is what no GPU has measured yet, the likeliest gains first (about 20 s each; scratch was
-# measured with FMA products, equal to the register layout, and now runs tf32x3); "shared tiles chunk4g
-# factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
+# team32 ftf32x3 team64 w4nreg128 ieee warps2 scratch", is what no GPU has measured yet, the likeliest
+# gains first (AB_S / 16 each; scratch was measured with FMA products, equal to the register layout, and
+# now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200 (2026-11-30,
+# benchmarks/RESULTS.md). AB_S is the time for all.
 # Variants joined with '+' (mma+blocks4, team64s+mma) combine their switches, one method's only.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
   variants=(${AB_VARIANTS:-mma blocks4 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 w4nreg128 ieee warps2 scratch})
@@ -405,7 +406,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       all_settings="${all_settings:+$all_settings }$setting"
       all_widths=$(for w in $all_widths; do [[ " $widths " == *" $w "* ]] && echo "$w"; done | xargs)
     done
-    if [ "$ok" != 1 ] || [ -z "$all_widths" ]; then
+    if [ "$ok" != 1 ] || [ -z "$all_method" ] || [ -z "$all_widths" ]; then
       echo "unknown A/B variant $v (or parts for different methods or widths)" >> "$DIR/ab.txt"; continue
     fi
     setting=$all_settings method=$all_method widths=$all_widths

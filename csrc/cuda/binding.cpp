@@ -310,6 +310,8 @@ at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const
 std::vector<int64_t> cuda_training_launch(const at::Tensor& theta, c10::IntArrayRef dims, int64_t Ns, int64_t Nq,
                                           int64_t K, int64_t T, bool need_lr) {
   TORCH_CHECK(theta.is_cuda(), "fastmaml: cuda_training_launch takes a CUDA tensor (for its device and dtype)");
+  TORCH_CHECK(Ns >= 1 && Nq >= 1 && K >= 0 && T >= 0, "fastmaml: cuda_training_launch: Ns and Nq must be >= 1, ",
+              "K and T >= 0, got Ns=", Ns, " Nq=", Nq, " K=", K, " T=", T);
   Sizes s{};
   TORCH_CHECK(task::make_net(s.net, dims.data(), static_cast<int>(dims.size()), 0, 0),
               "fastmaml: cuda_training_launch: bad dims ", dims);
@@ -324,8 +326,15 @@ std::vector<int64_t> cuda_training_launch(const at::Tensor& theta, c10::IntArray
     const cudaError_t err = reverse_sweep_residency<scalar_t>(l, &r);
     TORCH_CHECK(err == cudaSuccess, "fastmaml: the reverse sweep's residency query failed: ", cudaGetErrorString(err));
   });
+  // The tensor-core path runs only for float on sm_80 and later (team_mma.h's kMmaCapable), whatever the
+  // switch says.
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, theta.get_device()) != cudaSuccess) {
+    (void)cudaGetLastError();
+  }
+  const bool mma = l.mma && theta.scalar_type() == at::kFloat && major >= 8;
   const int64_t itemsize = static_cast<int64_t>(theta.element_size());
-  return {l.threads, l.blocks, l.chunk, l.shared, l.work_elems * itemsize, l.recompute_thetas, l.mma,
+  return {l.threads, l.blocks, l.chunk, l.shared, l.work_elems * itemsize, l.recompute_thetas, mma,
           r.registers, r.local_bytes, r.blocks_per_sm};
 }
 

@@ -9,9 +9,10 @@
 // each; bwd_f32_min4.cu the float reverse sweep's 4-block variant (BwdMin4). Why several files: nvcc
 // compiles one file on one core, and the reverse sweeps are most of the build (minutes on 2 cores,
 // about two on the GPU machine when this was one file); ninja compiles the files in parallel. Every
-// helper and kernel here has internal linkage (the anonymous namespace): each file gets its own copies
-// of the few it shares with another (column_sum_kernel, block_sum), so no two device modules define one
-// symbol. Only what BwdMin4 passes between files is outside it (Data, BwdArgs: plain structs).
+// kernel and device helper here has internal linkage (the anonymous namespace): each file gets its own
+// copies of the few it shares with another (column_sum_kernel, block_sum), so no two device modules
+// define one symbol. Outside it: the launchers (host templates, each instantiated in one file), BwdMin4
+// and the plain structs it passes between files (Data, BwdArgs).
 #pragma once
 
 #include "maml_cuda.h"
