@@ -326,13 +326,13 @@ std::vector<int64_t> cuda_training_launch(const at::Tensor& theta, c10::IntArray
     const cudaError_t err = reverse_sweep_residency<scalar_t>(l, &r);
     TORCH_CHECK(err == cudaSuccess, "fastmaml: the reverse sweep's residency query failed: ", cudaGetErrorString(err));
   });
-  // The tensor-core path runs only for float on sm_80 and later (team_mma.h's kMmaCapable), whatever the
-  // switch says.
+  // plan() asks for the tensor-core path for float only; it runs on sm_80 and later (team_mma.h's
+  // kMmaCapable: the FFMA tiles below).
   int major = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, theta.get_device()) != cudaSuccess) {
     (void)cudaGetLastError();
   }
-  const bool mma = l.mma && theta.scalar_type() == at::kFloat && major >= 8;
+  const bool mma = l.mma && major >= 8;
   const int64_t itemsize = static_cast<int64_t>(theta.element_size());
   return {l.threads, l.blocks, l.chunk, l.shared, l.work_elems * itemsize, l.recompute_thetas, mma,
           r.registers, r.local_bytes, r.blocks_per_sm};

@@ -256,6 +256,12 @@ cudaError_t reduce_rows(const T* part, int64_t rows, int64_t width, T* out, cuda
   return column_sum<T>(part, nullptr, rows, width, out, stream);
 }
 
+// The dynamic shared memory of a task kernel's launch: its block's workspace where that is in shared memory.
+template <typename T>
+size_t dynamic_shared(const Launch& launch) {
+  return launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+}
+
 // Dynamic shared memory past the 48 KiB a kernel may use by default (its static shared memory counted)
 // needs the kernel's opt-in, cudaFuncSetAttribute, for the device. The attribute belongs to the function,
 // not the launch: it is only ever raised (a high-water mark per kernel and device, under a lock), so two
@@ -341,7 +347,7 @@ cudaError_t launch_fwd(const Sizes& s, const Launch& launch, const T* theta, con
                        cudaStream_t stream) {
   if (s.T == 0) return cudaSuccess;
   const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
-  const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+  const size_t smem = dynamic_shared<T>(launch);
   if (const cudaError_t e = allow_shared(fwd_kernel<T>, smem); e != cudaSuccess) return e;
   fwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, task_losses, query_preds, workspace,
@@ -354,7 +360,7 @@ cudaError_t launch_adapt(const Sizes& s, const Launch& launch, const T* theta, c
                          const T* ys_float, const int64_t* ys_index, T* thetas, T* workspace, cudaStream_t stream) {
   if (s.T == 0) return cudaSuccess;
   const Data<T> data{xs, ys_float, ys_index, nullptr, nullptr, nullptr};
-  const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+  const size_t smem = dynamic_shared<T>(launch);
   if (const cudaError_t e = allow_shared(adapt_kernel<T>, smem); e != cudaSuccess) return e;
   adapt_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, static_cast<int>(s.K), theta, lr, data, thetas, workspace, launch.work_elems, launch.shared,
@@ -390,7 +396,7 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
   const bool need_lr = out_lr != nullptr && K > 0;
   return over_partial_rows(launch, P, K, need_lr, part_theta, part_lr, out_theta, out_lr, stream, [&]() {
     if (s.T == 0) return cudaSuccess;
-    const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+    const size_t smem = dynamic_shared<T>(launch);
     const BwdArgs<T> a{s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw,
                        g_task_losses, g_query_preds, first_order, task_losses, query_preds, part_theta,
                        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared,
@@ -405,7 +411,7 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
 
 template <typename T>
 cudaError_t reverse_sweep_residency(const Launch& launch, Residency* out) {
-  const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+  const size_t smem = dynamic_shared<T>(launch);
   if constexpr (std::is_same_v<T, float>) {
     if (four_blocks()) return BwdMin4::residency(launch.threads, smem, out);
   }
@@ -431,7 +437,7 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
                           T* rows_theta, T* rows_lr, T* g_xs, T* g_xq, T* workspace, cudaStream_t stream) {
   if (s.T == 0) return cudaSuccess;
   const Data<T> data{xs, ys_float, ys_index, xq, yq_float, yq_index};
-  const size_t smem = launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+  const size_t smem = dynamic_shared<T>(launch);
   if (const cudaError_t e = allow_shared(fwdbwd_kernel<T>, smem); e != cudaSuccess) return e;
   fwdbwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, first_order, task_losses, query_preds,

@@ -107,7 +107,7 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
   l.global_elems = l.shared ? 0 : l.blocks * l.work_elems;
   l.tiles = register_tiles();
   l.shared_loads = shared_loads();
-  l.mma = tensor_cores();
+  l.mma = tensor_cores() && itemsize == 4;  // float only: team_mma.h has no double tiles
   return l;
 }
 

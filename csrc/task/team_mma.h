@@ -398,8 +398,8 @@ FASTMAML_HD inline void team_gemm_nn(int R, int C, int Kd, T alpha, const T* __r
 
 // store(r, c, sum_k a[r * lda + k] * B[c * ldb + k]). The rows of B a warp reads here lie ldb elements
 // apart: read at the same k they would fall on few shared-memory banks (ldb = 40 floats: 4 banks, an
-// 8-way conflict). Each unit's sums start at k = (rb * RB + g) mod Kd and wrap around instead, so
-// neighbouring ranks read neighbouring addresses.
+// 8-way conflict). The register tiles' sums start at k = (rb * RB + g) mod Kd and wrap around instead,
+// so neighbouring ranks read neighbouring addresses (kTileMma sums in steps from k = 0).
 template <typename T, typename Team, typename Store>
 FASTMAML_HD inline void team_gemm_nt(int R, int C, int Kd, const T* __restrict__ a, int64_t lda,
                                      const T* __restrict__ B, int64_t ldb, const Store& store, const Team& tm,
