@@ -100,9 +100,11 @@ def test_every_launcher_is_instantiated_once():
     expected = {(g, t) for g in groups for t in ("float", "double")}
     assert set(found) == expected, f"instantiated: {sorted(found)}"
     assert all(len(files) == 1 for files in found.values()), found
-    # The float reverse sweep's 4-block variant: launched through BwdMin4, defined in one file of its own.
-    defined = [cu.name for cu in CU_FILES if re.search(r"^cudaError_t BwdMin4::launch\(", cu.read_text(), re.M)]
-    assert defined == ["bwd_f32_min4.cu"], defined
+    # The float reverse sweep's 4-block variant and its timeline: launched through BwdMin4 and BwdTimeline,
+    # each defined in one file of its own.
+    for launcher, home in (("BwdMin4", "bwd_f32_min4.cu"), ("BwdTimeline", "bwd_f32_timeline.cu")):
+        defined = [cu.name for cu in CU_FILES if re.search(rf"^cudaError_t {launcher}::launch\(", cu.read_text(), re.M)]
+        assert defined == [home], (launcher, defined)
     assert sorted(f"cuda/{cu.name}" for cu in CU_FILES) == sorted(s for s in _ext._CUDA_SOURCES if s.endswith(".cu"))
 
 

@@ -4,9 +4,10 @@
 // This file checks the arguments, allocates the outputs, the workspace and the partial rows of the
 // meta-gradient with the tensors' allocator on their device, and calls the launchers of kernels.cuh
 // on the current stream. It is compiled only in builds with a CUDA torch and nvcc (fastmaml/_ext.py,
-// setup.py); the kernels themselves have no torch headers. It also adds one report for the benchmarks to
-// the test-only operations, fastmaml_testing::cuda_training_launch (how a training call is laid out, and
-// how many of its blocks a multiprocessor holds).
+// setup.py); the kernels themselves have no torch headers. It also adds two aids for the benchmarks to
+// the test-only operations: fastmaml_testing::cuda_training_launch (how a training call is laid out, and
+// how many of its blocks a multiprocessor holds) and cuda_timeline_arm (the reverse sweep's barrier
+// timeline, csrc/cuda/timeline.h).
 
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
@@ -338,14 +339,34 @@ std::vector<int64_t> cuda_training_launch(const at::Tensor& theta, c10::IntArray
           r.registers, r.local_bytes, r.blocks_per_sm};
 }
 
+// fastmaml_testing::cuda_timeline_arm: the next float reverse sweep of this process (a training call's or
+// maml_bwd's) runs with its barrier timeline (timeline.h), writing into `records` [blocks, capacity,
+// kTimelineWords] (int64, contiguous, on the GPU that call runs on; blocks 0 .. blocks - 1 record, the
+// caller fills it with -1 first). An empty tensor disarms. benchmarks/phase_timeline.py reads the records.
+void cuda_timeline_arm(const at::Tensor& records) {
+  if (records.numel() == 0) {
+    arm_timeline(Timeline{nullptr, 0, 0});
+    return;
+  }
+  TORCH_CHECK(records.is_cuda() && records.scalar_type() == at::kLong && records.dim() == 3 &&
+                  records.size(2) == kTimelineWords && records.is_contiguous(),
+              "fastmaml: cuda_timeline_arm takes a contiguous int64 CUDA tensor [blocks, capacity, ", kTimelineWords,
+              "], got ", records.scalar_type(), " ", records.sizes(), " on ", records.device());
+  TORCH_CHECK(records.size(0) <= INT32_MAX && records.size(1) <= INT32_MAX,
+              "fastmaml: cuda_timeline_arm: too many blocks or records ", records.sizes());
+  arm_timeline(Timeline{records.mutable_data_ptr<int64_t>(), static_cast<int>(records.size(1)),
+                        static_cast<int>(records.size(0))});
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastmaml
 
-// A report for the benchmarks (no tensor math), beside the test-only operations of csrc/fastmaml.cpp.
+// Reports for the benchmarks (no tensor math), beside the test-only operations of csrc/fastmaml.cpp.
 TORCH_LIBRARY_FRAGMENT(fastmaml_testing, m) {
   m.def("cuda_training_launch(Tensor theta, int[] dims, int Ns, int Nq, int K, int T, bool need_lr) -> int[]",
         &fastmaml::cuda::cuda_training_launch);
+  m.def("cuda_timeline_arm(Tensor records) -> ()", &fastmaml::cuda::cuda_timeline_arm);
 }
 
 TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) {

@@ -6,13 +6,14 @@
 // Included by the .cu files of this folder, each of which instantiates one group of launchers
 // (FASTMAML_INSTANTIATE_*): maml_cuda.cu the forward, adapt and weighted-sum launchers of both dtypes
 // and plan(); bwd_f32.cu, bwd_f64.cu, fwdbwd_f32.cu and fwdbwd_f64.cu one reverse-sweep kernel family
-// each; bwd_f32_min4.cu the float reverse sweep's 4-block variant (BwdMin4). Why several files: nvcc
-// compiles one file on one core, and the reverse sweeps are most of the build (minutes on 2 cores,
-// about two on the GPU machine when this was one file); ninja compiles the files in parallel. Every
+// each; bwd_f32_min4.cu the float reverse sweep's 4-block variant (BwdMin4), bwd_f32_timeline.cu its
+// barrier timeline (BwdTimeline, timeline.h). Why several files: nvcc compiles one file on one core, and
+// the reverse sweeps are most of the build (minutes on 2 cores, about two on the GPU machine when this
+// was one file); ninja compiles the files in parallel. Every
 // kernel and device helper here has internal linkage (the anonymous namespace): each file gets its own
 // copies of the few it shares with another (column_sum_kernel, block_sum), so no two device modules
-// define one symbol. Outside it: the launchers (host templates, each instantiated in one file), BwdMin4
-// and the plain structs it passes between files (Data, BwdArgs).
+// define one symbol. Outside it: the launchers (host templates, each instantiated in one file), BwdMin4,
+// BwdTimeline and the plain structs they pass between files (Data, BwdArgs).
 #pragma once
 
 #include "maml_cuda.h"
@@ -54,6 +55,7 @@ struct BwdArgs {
   T *task_losses, *preds, *part_theta, *part_lr, *g_xs, *g_xq, *global_work;
   int64_t work_elems;
   bool shared, tiles, recompute_thetas, lds, mma;
+  Timeline timeline;  // where the timeline variant writes (timeline.h); unused by the others
 };
 
 namespace {
@@ -95,6 +97,49 @@ struct BlockTeam {
   // before), rounded once to T.
   template <typename T>
   __device__ T sum(T x) const { return static_cast<T>(block_sum(static_cast<double>(x), red)); }
+};
+
+static_assert(kMaxThreads / 32 <= kTimelineWarps, "a timeline record has a word for each warp of a block");
+
+// A BlockTeam that, in a block that records (`rec` not null), writes a record (timeline.h) at each of its
+// barriers: the call site (file and line, from default arguments evaluated where sync() or sum() is
+// called), each warp's clock as it arrives and the block's as it leaves. Every thread counts the barriers
+// it passes (`n`: the same in every thread, since every thread passes every barrier); past `capacity`
+// records it only counts. The timeline variant of the reverse sweep only (bwd_f32_timeline.cu).
+struct TimelineTeam : BlockTeam {
+  int64_t* rec;
+  int capacity;
+  mutable int n;
+  __device__ void arrive(int64_t site) const {
+    if (rec != nullptr && n < capacity && (threadIdx.x & 31) == 0) {
+      int64_t* r = rec + static_cast<int64_t>(n) * kTimelineWords;
+      if (threadIdx.x == 0) r[0] = site;
+      r[2 + (threadIdx.x >> 5)] = static_cast<int64_t>(clock64());
+    }
+  }
+  __device__ void depart() const {
+    if (rec != nullptr && n < capacity && threadIdx.x == 0) {
+      rec[static_cast<int64_t>(n) * kTimelineWords + 1] = static_cast<int64_t>(clock64());
+    }
+    ++n;
+  }
+  __device__ void sync(uint32_t tag = file_tag(__builtin_FILE()), int line = __builtin_LINE()) const {
+    arrive(timeline_site(tag, line));
+    __syncthreads();
+    depart();
+  }
+  template <typename T>
+  __device__ T sum(T x, uint32_t tag = file_tag(__builtin_FILE()), int line = __builtin_LINE()) const {
+    arrive(timeline_site(tag, line));
+    const T total = BlockTeam::sum(x);
+    depart();
+    return total;
+  }
+  // A record without a barrier (kTaskStart, kTasksEnd): each warp's clock as it passes, thread 0's twice.
+  __device__ void mark(int64_t site) const {
+    arrive(site);
+    depart();
+  }
 };
 
 template <typename T>
@@ -151,27 +196,45 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// The reverse sweep's team: the block, or with kTimeline a TimelineTeam recording in the blocks that
+// `timeline` asks for. One team object written once in the kernel, not its body in a lambda called with
+// either: nvcc then called the lambda instead of inlining it (1,000 B of stack, ptxas -v).
+template <bool kTimeline>
+__device__ __forceinline__ auto kernel_team(const BlockTeam& block, const Timeline& timeline, int64_t b) {
+  if constexpr (kTimeline) {
+    int64_t* rec = b < timeline.blocks ? timeline.records + b * timeline.capacity * kTimelineWords : nullptr;
+    return TimelineTeam{block, rec, timeline.capacity, 0};
+  } else {
+    (void)timeline;
+    (void)b;
+    return block;
+  }
+}
+
 // Block b runs tasks [b * chunk, (b + 1) * chunk) in order, adding into its partial rows. The reverse
 // sweep of maml_bwd (cotangents g_task_losses, g_query_preds); or, with `task_losses` given, maml_fwdbwd_sum
 // without per-task rows: forward and reverse sweep with c = 1, each task's loss and query output written
 // (g_task_losses and g_query_preds unused). Nothing of size T x P is written either way.
 // kMinBlocks 0: the registers nvcc wants (168 for float at width 40 to 128: 3 blocks of 128 threads a
-// multiprocessor); 4: at most 128 registers, 4 blocks (FASTMAML_CUDA_MIN_BLOCKS, below).
-template <typename T, int kMinBlocks = 0>
+// multiprocessor); 4: at most 128 registers, 4 blocks (FASTMAML_CUDA_MIN_BLOCKS, below). kTimeline: the
+// team is a TimelineTeam writing to `timeline` (timeline.h; the other variants never read it).
+template <typename T, int kMinBlocks = 0, bool kTimeline = false>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     bwd_kernel(Net net, int64_t n_tasks, int64_t chunk, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                Data<T> data, const T* qw, const T* g_task_losses, const T* g_query_preds, bool first_order,
                T* task_losses, T* preds, T* part_theta, T* part_lr, T* g_xs, T* g_xq, T* global_work,
-               int64_t work_elems, bool shared, bool tiles, bool recompute_thetas, bool lds, bool mma) {
+               int64_t work_elems, bool shared, bool tiles, bool recompute_thetas, bool lds, bool mma,
+               Timeline timeline) {
   __shared__ double red[kReductionSlots];
-  const BlockTeam tm{red, tiles, lds, mma && std::is_same_v<T, float>};
+  const int64_t b = blockIdx.x;
+  const auto tm = kernel_team<kTimeline>(BlockTeam{red, tiles, lds, mma && std::is_same_v<T, float>}, timeline, b);
   T* work = block_workspace(shared, global_work, work_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
-  const int64_t b = blockIdx.x;
   T* pth = part_theta + b * P;
   T* plr = part_lr == nullptr ? nullptr : part_lr + b * K * P;
   const int64_t t_end = min(n_tasks, (b + 1) * chunk);
   for (int64_t t = b * chunk; t < t_end; ++t) {
+    if constexpr (kTimeline) tm.mark(kTaskStart);
     const TaskData<T> td = task_data(net, Ns, Nq, data, t);
     T* gxs = g_xs == nullptr ? nullptr : g_xs + t * Ns * din;
     T* gxq = g_xq == nullptr ? nullptr : g_xq + t * Nq * din;
@@ -185,6 +248,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
         /*add_rows=*/fused, recompute_thetas);
     if (fused && tm.rank() == 0) task_losses[t] = loss;
   }
+  if constexpr (kTimeline) tm.mark(kTasksEnd);
 }
 
 // maml_fwdbwd: each task's loss, query output and own gradient rows (task_backward with c = 1).
@@ -303,15 +367,15 @@ inline bool four_blocks() {
   return on;
 }
 
-// Launches bwd_kernel<T, kMinBlocks> with `a`, its shared-memory opt-in first.
-template <typename T, int kMinBlocks>
+// Launches bwd_kernel<T, kMinBlocks, kTimeline> with `a`, its shared-memory opt-in first.
+template <typename T, int kMinBlocks, bool kTimeline = false>
 cudaError_t launch_bwd_kernel(const BwdArgs<T>& a, unsigned blocks, int threads, size_t smem, cudaStream_t stream) {
-  const auto kernel = &bwd_kernel<T, kMinBlocks>;
+  const auto kernel = &bwd_kernel<T, kMinBlocks, kTimeline>;
   if (const cudaError_t e = allow_shared(kernel, smem); e != cudaSuccess) return e;
   kernel<<<blocks, threads, smem, stream>>>(a.net, a.n_tasks, a.chunk, a.Ns, a.Nq, a.K, a.theta, a.lr, a.data, a.qw,
                                             a.g_task_losses, a.g_query_preds, a.first_order, a.task_losses, a.preds,
                                             a.part_theta, a.part_lr, a.g_xs, a.g_xq, a.global_work, a.work_elems,
-                                            a.shared, a.tiles, a.recompute_thetas, a.lds, a.mma);
+                                            a.shared, a.tiles, a.recompute_thetas, a.lds, a.mma, a.timeline);
   return cudaGetLastError();
 }
 
@@ -338,6 +402,12 @@ cudaError_t bwd_kernel_residency(int threads, size_t smem, Residency* out) {
 struct BwdMin4 {
   static cudaError_t launch(const BwdArgs<float>& a, unsigned blocks, int threads, size_t smem, cudaStream_t stream);
   static cudaError_t residency(int threads, size_t smem, Residency* out);
+};
+
+// The float reverse sweep with its barrier timeline (TimelineTeam; a.timeline), defined in
+// bwd_f32_timeline.cu: launched in place of the default sweep once armed (maml_cuda.h, arm_timeline).
+struct BwdTimeline {
+  static cudaError_t launch(const BwdArgs<float>& a, unsigned blocks, int threads, size_t smem, cudaStream_t stream);
 };
 
 template <typename T>
@@ -400,9 +470,15 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
     const BwdArgs<T> a{s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw,
                        g_task_losses, g_query_preds, first_order, task_losses, query_preds, part_theta,
                        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared,
-                       launch.tiles, launch.recompute_thetas, launch.shared_loads, launch.mma};
+                       launch.tiles, launch.recompute_thetas, launch.shared_loads, launch.mma,
+                       Timeline{nullptr, 0, 0}};
     const auto blocks = static_cast<unsigned>(launch.blocks);
     if constexpr (std::is_same_v<T, float>) {
+      if (Timeline t{}; take_timeline(&t)) {
+        BwdArgs<float> timed = a;
+        timed.timeline = t;
+        return BwdTimeline::launch(timed, blocks, launch.threads, smem, stream);
+      }
       if (four_blocks()) return BwdMin4::launch(a, blocks, launch.threads, smem, stream);
     }
     return launch_bwd_kernel<T, 0>(a, blocks, launch.threads, smem, stream);

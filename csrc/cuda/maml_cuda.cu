@@ -111,6 +111,25 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
   return l;
 }
 
+// The armed timeline (maml_cuda.h): one per process, behind a lock, since any host thread may launch.
+namespace {
+std::mutex timeline_lock;
+Timeline armed_timeline{nullptr, 0, 0};
+}  // namespace
+
+void arm_timeline(const Timeline& t) {
+  const std::lock_guard<std::mutex> guard(timeline_lock);
+  armed_timeline = t.records == nullptr ? Timeline{nullptr, 0, 0} : t;
+}
+
+bool take_timeline(Timeline* out) {
+  const std::lock_guard<std::mutex> guard(timeline_lock);
+  if (armed_timeline.records == nullptr) return false;
+  *out = armed_timeline;
+  armed_timeline = Timeline{nullptr, 0, 0};
+  return true;
+}
+
 FASTMAML_INSTANTIATE_LIGHT(float)
 FASTMAML_INSTANTIATE_LIGHT(double)
 

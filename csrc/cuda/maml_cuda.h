@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "../maml_task.h"
+#include "timeline.h"
 
 namespace fastmaml {
 namespace cuda {
@@ -131,6 +132,13 @@ struct Residency {
 };
 template <typename T>
 cudaError_t reverse_sweep_residency(const Launch& launch, Residency* out);
+
+// The barrier timeline (timeline.h), for the benchmarks (fastmaml_testing::cuda_timeline_arm):
+// arm_timeline(t) makes the next float reverse sweep of the process (launch_bwd's or launch_fwdbwd_sum's)
+// run bwd_kernel's timeline variant, writing into t, once; t.records null disarms. take_timeline is the
+// launch's side: the armed timeline, disarmed as it is taken (false when none is armed).
+void arm_timeline(const Timeline& t);
+bool take_timeline(Timeline* out);
 
 // thetas [T, P]: theta_K of every task.
 template <typename T>
