@@ -19,9 +19,9 @@
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
 # nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
 # Every stage has a time limit and the whole run ends within about TOTAL_S (default 470 s). The output
-# folder gets at most 12 files: env.txt, build.log, ptxas.txt, tests.log, ab.txt, profile.txt,
-# overhead.txt, overhead.json, sweep.log, throughput.csv, throughput.png, summary.txt. The last thing
-# printed is the compact summary table.
+# folder gets env.txt, build.log, ptxas.txt, tests.log, ab.txt, profile.txt, timeline.txt (and the folder
+# timeline/), overhead.txt, overhead.json, sweep.log, throughput.csv, throughput.png, summary.txt. The last
+# thing printed is the compact summary table.
 #
 # Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), SWEEP_S (75 with --quick, else no
 # cap: what is left of TOTAL_S after the profile's and the A/B's time and a reserve for the summary),
@@ -32,7 +32,8 @@
 # replaces the GPU sweep's settings, SKIP_SWEEP=1 skips it. AB_S (only when set; --quick adds it to
 # TOTAL_S) runs the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
-# of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt). With --quick,
+# of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); TIMELINE_S=40 the CUDA
+# reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS its settings). With --quick,
 # MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons of cuda (every option, the GPU
 # sizes) with FASTMAML_CUDA_MMA=1.
 # OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register reports (nvcc's of the CUDA kernels takes
@@ -180,7 +181,7 @@ fi
 # First after the build: the throughput table is the check's main result (G2), and a GPU session's run
 # must not lose it to slow tests (the H200's first quick run did). At most SWEEP_S seconds (0: no cap),
 # and the profile and the A/B keep their time (PROFILE_S, 60 s by default, 0 skips it; AB_S when set).
-budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${AB_S:-0} ) ))
+budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${TIMELINE_S:-40} + ${AB_S:-0} ) ))
 if [ "${SWEEP_S:-0}" -gt 0 ] && [ "$budget" -gt "${SWEEP_S}" ]; then budget=$SWEEP_S; fi
 if [ "${SKIP_SWEEP:-0}" = 1 ]; then
   stage "sweep: skipped (SKIP_SWEEP=1)"
@@ -216,6 +217,18 @@ if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt
       python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width "${NCU_WIDTH:-40}" --warmup 0 \
       --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
   echo "ncu exit code $?"
+fi
+
+# The CUDA reverse sweep's time by phase: one training call's barrier timeline (csrc/cuda/timeline.h),
+# each phase named by the barrier that ends it, at T=25 (a task alone on a multiprocessor) and T=65,536
+# (as many as fit), compared phase by phase (benchmarks/phase_timeline.py).
+if [ "$DRY_RUN" != 1 ] && [ "${TIMELINE_S:-40}" -gt 0 ]; then
+  stage "the cuda reverse sweep's phases at T=25 and 65536 (limit ${TIMELINE_S:-40}s) -> $DIR/timeline.txt, $DIR/timeline/"
+  # shellcheck disable=SC2086
+  timeout "${TIMELINE_S:-40}" python benchmarks/phase_timeline.py ${TIMELINE_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128} \
+    --out "$DIR/timeline" > "$DIR/timeline.txt" 2>&1
+  echo "timeline exit code $?"
+  grep -E "^== K=|^cycles a task: |failed" "$DIR/timeline.txt" | head -12 | cut -c1-200
 fi
 
 # ---- tests -------------------------------------------------------------------------------------
