@@ -144,11 +144,13 @@ def find_cuobjdump() -> str | None:
 
 def short_name(mangled: str) -> str:
     """`bwd_kernel<float>` from an Itanium-mangled CUDA kernel name; the name itself otherwise."""
-    m = re.search(r"\d+([a-z_]+_kernel)I([df])(?:Li(\d+)E)?E", mangled)
+    m = re.search(r"\d+([a-z_]+_kernel)I([df])(?:Li(\d+)E)?(?:Lb([01])E)?E", mangled)
     if m:
-        # bwd_kernel<float, 4>: its min-blocks variant; 0 is the default (nvcc's own register count)
-        blocks = f", {m.group(3)}" if m.group(3) not in (None, "0") else ""
-        return f"{m.group(1)}<{'float' if m.group(2) == 'f' else 'double'}{blocks}>"
+        # bwd_kernel<float, 4>: its min-blocks variant; 0 is the default (nvcc's own register count).
+        # bwd_kernel<float, 3, timeline>: the barrier timeline's variant (csrc/cuda/timeline.h).
+        blocks = f", {m.group(3)}" if m.group(3) not in (None, "0") or m.group(4) == "1" else ""
+        timeline = ", timeline" if m.group(4) == "1" else ""
+        return f"{m.group(1)}<{'float' if m.group(2) == 'f' else 'double'}{blocks}{timeline}>"
     m = re.search(r"\d+(team_tiles|task_backward|task_forward|block_sum)", mangled)
     return m.group(1) if m else mangled[:60]
 

@@ -41,6 +41,17 @@ def test_ptxas_report_is_read_per_kernel():
     }
 
 
+def test_kernel_names_with_the_timeline_flag():
+    """The reverse sweep's template carries a bool for its barrier timeline (csrc/cuda/timeline.h): the
+    names as nvcc 13 mangles them now, each variant told apart."""
+    stem = "_ZN8fastmaml4cuda49_GLOBAL__N__b41779e0_10_bwd_f32_cu_8007c2aa_2957310bwd_kernelI"
+    tail = "EEvNS_4task6scalar3NetElllliPKT_"
+    assert kernel_registers.short_name(stem + "fLi0ELb0EE" + tail) == "bwd_kernel<float>"
+    assert kernel_registers.short_name(stem + "fLi4ELb0EE" + tail) == "bwd_kernel<float, 4>"
+    assert kernel_registers.short_name(stem + "fLi3ELb1EE" + tail) == "bwd_kernel<float, 3, timeline>"
+    assert kernel_registers.short_name(stem + "dLi0ELb0EE" + tail) == "bwd_kernel<double>"
+
+
 SASS = """\
 \t\tFunction : _ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfLi0EEEvNS_4task6scalar3NetEll
         /*0000*/                   LDC R1, c[0x0][0x28] ;
