@@ -85,51 +85,68 @@ FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t
   return (K + 1) * state_size(net, nmax) + tangents_size(net, nmax) + rows * padded(net.P);
 }
 
-// The reverse sweep's step k with rebuilt thetas (task_backward's recompute_thetas): g_k recomputed
-// element by element from the state step k's support pass left in `a` (each layer's h and d):
-// sum_n d[n, r] h[n, c] for W_l[r, c], sum_n d[n, r] for b_l[r] (h_{-1} = x), summed in point order (so
-// within a rounding of backward's tiles). Element i of theta's layout belongs to rank i mod size(), as in
-// every loop over a row of P; each owner sets theta_k = theta_{k+1} + lr_k g_k in `theta` where
-// `rebuild`, and writes or adds to g_lr's row `gl` (when given). No gradient row, no fill and no product
-// of its own. A layer at a time, each rank stepping its (row, column) by the team's size: no division
-// or layer search per element. Out of line on the host (config.h).
+// Where rebuild_step puts each element of g_k: theta_k = theta_{k+1} + lr_k g_k in `theta` (when
+// `rebuild`), and g_lr's row `gl` written or added to (when given). Also the store of a team product
+// (team_mma.h's team_gemm_nn): element (r, c) of the layer whose weights start at w0.
+template <typename T>
+struct RebuildStore {
+  T* theta;
+  const T* lrk;
+  T* gl;
+  const T* v;
+  int64_t w0;
+  int din;
+  bool rebuild, write_rows;
+  FASTMAML_HD void update(int64_t i, T gi) const {
+    if (rebuild) theta[i] += lrk[i] * gi;  // theta_k = theta_{k+1} + lr_k g_k
+    if (gl != nullptr) gl[i] = write_rows ? -(gi * v[i]) : gl[i] - gi * v[i];
+  }
+  FASTMAML_HD void operator()(int r, int c, T gi) const { update(w0 + static_cast<int64_t>(r) * din + c, gi); }
+};
+
+// The reverse sweep's step k with rebuilt thetas (task_backward's recompute_thetas): g_k recomputed from
+// the state step k's support pass left in `a` (each layer's h and d): sum_n d[n, r] h[n, c] for W_l[r, c],
+// sum_n d[n, r] for b_l[r] (h_{-1} = x), summed in point order (so within a rounding of backward's
+// products), each element put where RebuildStore says as soon as it is summed: no gradient row and no
+// fill. A team sums each W_l as backward does, a team product (register tiles, or the tensor cores) whose
+// owners finish their elements as they store them; the biases element by element. (Element by element
+// for the weights too, each FMA took two loads: about twice the instructions of the 2 x 2 tiles' loop.)
+// The elements' owners differ from the loops over rows of P: the caller syncs before theta, gl or v are
+// read by another rank. Out of line on the host (config.h).
 template <typename T, typename Team>
 FASTMAML_HD FASTMAML_HOST_NOINLINE void rebuild_step(const Net& net, const TaskData<T>& td, const Acts<T>& a,
                                                      const T* lrk, bool rebuild, T* theta, T* gl, bool write_rows,
                                                      const T* v, const Team& tm) {
-  lrk = opaque(lrk);  // team.h
-  theta = opaque(theta);
-  gl = opaque(gl);
-  v = opaque(v);
-  const int N = td.ns, size = tm.size();
-  const auto update = [&](int64_t i, T gi) {
-    if (rebuild) theta[i] += lrk[i] * gi;  // theta_k = theta_{k+1} + lr_k g_k
-    if (gl != nullptr) gl[i] = write_rows ? -(gi * v[i]) : gl[i] - gi * v[i];
-  };
+  // Opaque pointers (team.h): the elementwise passes over rows of P.
+  RebuildStore<T> st{opaque(theta), opaque(lrk), opaque(gl), opaque(v), 0, 0, rebuild, write_rows};
+  const int N = td.ns;
   for (int l = 0; l < net.L; ++l) {
-    const int din = net.dims[l], dout = net.dims[l + 1], nw = dout * din;
-    const int64_t w0 = net.w_off[l];
+    const int din = net.dims[l], dout = net.dims[l + 1];
+    st.w0 = net.w_off[l];
+    st.din = din;
+    const int64_t b0 = net.b_off[l];
     const T* d = opaque(a.d + slice(net, a, l));
     const T* in = opaque(l == 0 ? td.xs : a.h + slice(net, a, l - 1));
-    // This rank's first element of the layer (w0 + j = rank mod size), then every size-th.
-    int j = static_cast<int>(((tm.rank() - w0) % size + size) % size);
-    int r = j / din, c = j - r * din;
-    const int dr = size / din, dc = size - dr * din;
-    for (; j < nw; j += size) {
-      T acc = 0;
-      for (int n = 0; n < N; ++n) acc += d[n * dout + r] * in[n * din + c];
-      update(w0 + j, acc);
-      r += dr;
-      c += dc;
-      if (c >= din) {
-        c -= din;
-        ++r;
+    if (tm.size() > 1) {
+      team_gemm_nn(dout, din, N, T(1), d, 1, dout, in, din, st, tm, tm.tile(dout, din));  // d^T h
+      for_each(tm, dout, [&](int64_t j) {
+        T acc = 0;
+        for (int n = 0; n < N; ++n) acc += d[n * dout + j];
+        st.update(b0 + j, acc);
+      });
+      continue;
+    }
+    for (int r = 0; r < dout; ++r) {
+      for (int c = 0; c < din; ++c) {
+        T acc = 0;
+        for (int n = 0; n < N; ++n) acc += d[n * dout + r] * in[n * din + c];
+        st(r, c, acc);
       }
     }
-    for (j -= nw; j < dout; j += size) {  // the bias b_l[j], element w0 + nw + j
+    for (int j = 0; j < dout; ++j) {
       T acc = 0;
       for (int n = 0; n < N; ++n) acc += d[n * dout + j];
-      update(w0 + nw + j, acc);
+      st.update(b0 + j, acc);
     }
   }
 }
@@ -207,10 +224,10 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 // runs in turn sum their gradients into one row (the CUDA maml_fwdbwd_sum, which keeps no per-task rows).
 //
 // `recompute_thetas`: keep one theta row, and on the way back rebuild theta_k = theta_{k+1} + lr_k g_k, with
-// g_k recomputed element by element from step k's kept support state (rebuild_step). theta_k comes back
-// within a rounding of each element (theta_{k+1} was rounded once), so the sweep's results differ from
-// the kept rows' in the last bits; it costs the parameter products of one backward per step (K - 1 of
-// them, K with g_lr) and saves K - 1 rows of P (2K - 1 with g_lr).
+// g_k recomputed from step k's kept support state (rebuild_step). theta_k comes back within a rounding of
+// each element (theta_{k+1} was rounded once), so the sweep's results differ from the kept rows' in the
+// last bits; it costs the parameter products of one backward per step (K - 1 of them, K with g_lr) and
+// saves K - 1 rows of P (2K - 1 with g_lr).
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData<T>& td, const T* theta0,
                                                   const T* lr, int K, const T* qw, T c, const T* gpreds,
