@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import statistics
 import sys
@@ -179,7 +180,8 @@ def block_tasks(rows: np.ndarray) -> tuple[list[list[Phase]], bool, int]:
         raise ValueError("a block's records have a gap: not a timeline buffer filled with -1 before the call")
     rows = rows[:n]
     warps = int((rows[:, 2:] != -1).any(axis=0).sum()) if n else 0
-    truncated = n == written.shape[0]
+    # Full to the last record, unless that is the block's end: the block may have had more to write.
+    truncated = n == written.shape[0] and int(rows[n - 1, 0]) != TASKS_END
     tasks: list[list[Phase]] = []
     current: Optional[list[Phase]] = None
     for i in range(n):
@@ -211,12 +213,14 @@ def analyse(records: np.ndarray, sites: Optional[dict[int, Site]] = None) -> Tim
     all_tasks: list[list[Phase]] = []
     truncated = 0
     warps = 0
+    blocks = 0  # that wrote records (a grid smaller than the buffer leaves the rest empty)
     for b in range(records.shape[0]):
         tasks, cut, w = block_tasks(records[b])
         all_tasks += tasks
         truncated += cut
         warps = max(warps, w)
-    out = Timeline(tasks=len(all_tasks), blocks=records.shape[0], truncated_blocks=truncated, warps=warps)
+        blocks += bool(records[b, 0, 0] != -1)
+    out = Timeline(tasks=len(all_tasks), blocks=blocks, truncated_blocks=truncated, warps=warps)
     if not all_tasks:
         return out
     out.cycles_per_task = [float(sum(p.cycles for p in task)) for task in all_tasks]
@@ -347,6 +351,9 @@ def main(argv=None) -> int:
     import _harness
 
     device = torch.device("cuda")
+    if os.environ.get("FASTMAML_CUDA_MIN_BLOCKS", "").strip() == "4":
+        print("phase_timeline: FASTMAML_CUDA_MIN_BLOCKS=4 is set, but the timeline is of the default sweep "
+              "(168 registers, 3 blocks a multiprocessor); the launch lines below describe the 4-block kernel")
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     blocks = args.blocks or 3 * sms
     sites = site_names()

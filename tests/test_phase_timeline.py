@@ -133,6 +133,12 @@ def test_a_block_cut_at_capacity_keeps_its_whole_tasks_only():
     whole = pt.analyse(block([task, task], 0, 16, 3)[None])
     assert whole.truncated_blocks == 0 and whole.tasks == 2
     assert whole.cycles_per_task == tl.cycles_per_task
+    # Full to the last record with the block's end marker: nothing was lost.
+    exact = pt.analyse(block([task, task], 0, 9, 3)[None])  # 1 + 3 + 1 + 3 + 1 = 9 records
+    assert exact.truncated_blocks == 0 and exact.tasks == 2
+    # Blocks that wrote nothing (a grid smaller than the buffer) are not counted.
+    spare = pt.analyse(np.stack([block([task], 0, 16, 3), np.full((16, pt.WORDS), -1, dtype=np.int64)]))
+    assert spare.blocks == 1 and spare.tasks == 1
 
 
 def test_malformed_records_are_refused():

@@ -22,6 +22,7 @@
 #include <array>
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -341,11 +342,17 @@ std::vector<int64_t> cuda_training_launch(const at::Tensor& theta, c10::IntArray
 
 // fastmaml_testing::cuda_timeline_arm: the next float reverse sweep of this process (a training call's or
 // maml_bwd's) runs with its barrier timeline (timeline.h), writing into `records` [blocks, capacity,
-// kTimelineWords] (int64, contiguous, on the GPU that call runs on; blocks 0 .. blocks - 1 record, the
-// caller fills it with -1 first). An empty tensor disarms. benchmarks/phase_timeline.py reads the records.
+// kTimelineWords] (int64, contiguous; taken by the first such sweep on its GPU; blocks 0 .. blocks - 1
+// record, the caller fills it with -1 first). An empty tensor disarms. The tensor is held here until the
+// next arm or disarm, so the kernel cannot write into memory its caller has given back.
+// benchmarks/phase_timeline.py reads the records.
 void cuda_timeline_arm(const at::Tensor& records) {
+  static std::mutex lock;
+  static at::Tensor held;
+  const std::lock_guard<std::mutex> guard(lock);
   if (records.numel() == 0) {
-    arm_timeline(Timeline{nullptr, 0, 0});
+    arm_timeline(Timeline{nullptr, 0, 0, -1});
+    held = at::Tensor();
     return;
   }
   TORCH_CHECK(records.is_cuda() && records.scalar_type() == at::kLong && records.dim() == 3 &&
@@ -354,8 +361,9 @@ void cuda_timeline_arm(const at::Tensor& records) {
               "], got ", records.scalar_type(), " ", records.sizes(), " on ", records.device());
   TORCH_CHECK(records.size(0) <= INT32_MAX && records.size(1) <= INT32_MAX,
               "fastmaml: cuda_timeline_arm: too many blocks or records ", records.sizes());
+  held = records;
   arm_timeline(Timeline{records.mutable_data_ptr<int64_t>(), static_cast<int>(records.size(1)),
-                        static_cast<int>(records.size(0))});
+                        static_cast<int>(records.size(0)), static_cast<int>(records.get_device())});
 }
 
 }  // namespace

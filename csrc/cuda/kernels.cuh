@@ -471,10 +471,11 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
                        g_task_losses, g_query_preds, first_order, task_losses, query_preds, part_theta,
                        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared,
                        launch.tiles, launch.recompute_thetas, launch.shared_loads, launch.mma,
-                       Timeline{nullptr, 0, 0}};
+                       Timeline{nullptr, 0, 0, -1}};
     const auto blocks = static_cast<unsigned>(launch.blocks);
     if constexpr (std::is_same_v<T, float>) {
-      if (Timeline t{}; take_timeline(&t)) {
+      int device = -1;
+      if (Timeline t{}; timeline_armed() && cudaGetDevice(&device) == cudaSuccess && take_timeline(device, &t)) {
         BwdArgs<float> timed = a;
         timed.timeline = t;
         return BwdTimeline::launch(timed, blocks, launch.threads, smem, stream);

@@ -4,6 +4,8 @@
 
 #include "kernels.cuh"
 
+#include <atomic>
+
 #include "../env_switch.h"
 
 namespace fastmaml {
@@ -111,22 +113,28 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
   return l;
 }
 
-// The armed timeline (maml_cuda.h): one per process, behind a lock, since any host thread may launch.
+// The armed timeline (maml_cuda.h): one per process, behind a lock, since any host thread may launch;
+// `pending` mirrors whether one is armed, for the launches' look without the lock.
 namespace {
 std::mutex timeline_lock;
-Timeline armed_timeline{nullptr, 0, 0};
+Timeline armed_timeline{nullptr, 0, 0, -1};
+std::atomic<bool> pending{false};
 }  // namespace
 
 void arm_timeline(const Timeline& t) {
   const std::lock_guard<std::mutex> guard(timeline_lock);
-  armed_timeline = t.records == nullptr ? Timeline{nullptr, 0, 0} : t;
+  armed_timeline = t.records == nullptr ? Timeline{nullptr, 0, 0, -1} : t;
+  pending.store(t.records != nullptr);
 }
 
-bool take_timeline(Timeline* out) {
+bool timeline_armed() { return pending.load(std::memory_order_relaxed); }
+
+bool take_timeline(int device, Timeline* out) {
   const std::lock_guard<std::mutex> guard(timeline_lock);
-  if (armed_timeline.records == nullptr) return false;
+  if (armed_timeline.records == nullptr || armed_timeline.device != device) return false;
   *out = armed_timeline;
-  armed_timeline = Timeline{nullptr, 0, 0};
+  armed_timeline = Timeline{nullptr, 0, 0, -1};
+  pending.store(false);
   return true;
 }
 

@@ -134,11 +134,14 @@ template <typename T>
 cudaError_t reverse_sweep_residency(const Launch& launch, Residency* out);
 
 // The barrier timeline (timeline.h), for the benchmarks (fastmaml_testing::cuda_timeline_arm):
-// arm_timeline(t) makes the next float reverse sweep of the process (launch_bwd's or launch_fwdbwd_sum's)
-// run bwd_kernel's timeline variant, writing into t, once; t.records null disarms. take_timeline is the
-// launch's side: the armed timeline, disarmed as it is taken (false when none is armed).
+// arm_timeline(t) makes the next float reverse sweep of the process on GPU t.device (launch_bwd's or
+// launch_fwdbwd_sum's) run bwd_kernel's timeline variant, writing into t, once; t.records null disarms.
+// The launch's side: timeline_armed (a lock-free look, so that a launch asks for its device only when
+// something is armed) and take_timeline (the armed timeline if it is for `device`, disarmed as it is
+// taken; false otherwise).
 void arm_timeline(const Timeline& t);
-bool take_timeline(Timeline* out);
+bool timeline_armed();
+bool take_timeline(int device, Timeline* out);
 
 // thetas [T, P]: theta_K of every task.
 template <typename T>

@@ -47,12 +47,13 @@ FASTMAML_HD constexpr int64_t timeline_site(uint32_t tag, int line) {
   return (static_cast<int64_t>(tag) << 20) | static_cast<int64_t>(line & 0xFFFFF);
 }
 
-// Where the timeline variant writes: `records` [blocks, capacity, kTimelineWords] on the launch's GPU
-// (blocks 0 .. blocks - 1 record, each its first `capacity` records); null: the variant is not asked for.
+// Where the timeline variant writes: `records` [blocks, capacity, kTimelineWords] on GPU `device` (blocks
+// 0 .. blocks - 1 record, each its first `capacity` records); null: the variant is not asked for.
 struct Timeline {
   int64_t* records;
   int capacity;
   int blocks;
+  int device;
 };
 
 }  // namespace cuda

@@ -106,11 +106,12 @@ struct RebuildStore {
 
 // The reverse sweep's step k with rebuilt thetas (task_backward's recompute_thetas): g_k recomputed from
 // the state step k's support pass left in `a` (each layer's h and d): sum_n d[n, r] h[n, c] for W_l[r, c],
-// sum_n d[n, r] for b_l[r] (h_{-1} = x), summed in point order (so within a rounding of backward's
-// products), each element put where RebuildStore says as soon as it is summed: no gradient row and no
-// fill. A team sums each W_l as backward does, a team product (register tiles, or the tensor cores) whose
-// owners finish their elements as they store them; the biases element by element. (Element by element
-// for the weights too, each FMA took two loads: about twice the instructions of the 2 x 2 tiles' loop.)
+// sum_n d[n, r] for b_l[r] (h_{-1} = x), each element put where RebuildStore says as soon as it is summed:
+// no gradient row and no fill. A team sums each W_l as backward does, a team product whose owners finish
+// their elements as they store them: in point order with the register tiles (the bits of a loop per
+// element), in the tensor cores' steps of 8 and 4 under FASTMAML_CUDA_MMA=1 (then g_k's bits are
+// backward's); the biases element by element, in point order. (Element by element for the weights too,
+// each multiply-add took two loads: about twice the instructions of the 2 x 2 tiles' loop.)
 // The elements' owners differ from the loops over rows of P: the caller syncs before theta, gl or v are
 // read by another rank. Out of line on the host (config.h).
 template <typename T, typename Team>
