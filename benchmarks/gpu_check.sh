@@ -13,8 +13,9 @@
 #                                                # A/B only; with NCU_S=60, ncu of one CUDA backward launch too
 #   FASTMAML_COMMIT=$(git rev-parse --short HEAD) benchmarks/gpu_check.sh   # when the copy has no .git
 #
-# A device call returns at most 8 files: write to a folder outside $OUT and pack it,
-#   benchmarks/gpu_check.sh --quick /tmp/g; tar czf "$OUT/gpu_out.tgz" -C /tmp/g .
+# A device call returns at most 8 files: write to a folder outside $OUT and pack it, under a timeout
+# shorter than the call's own limit (600 s), so that the pack is made even when a stage overruns:
+#   timeout 560 benchmarks/gpu_check.sh --quick /tmp/g; tar czf "$OUT/gpu_out.tgz" -C /tmp/g .
 #
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
 # nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
@@ -32,7 +33,7 @@
 # replaces the GPU sweep's settings, SKIP_SWEEP=1 skips it. AB_S (only when set; --quick adds it to
 # TOTAL_S) runs the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
-# of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); TIMELINE_S=40 the CUDA
+# of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); TIMELINE_S=30 the CUDA
 # reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS its settings). With --quick,
 # MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons of cuda (every option, the GPU
 # sizes) with FASTMAML_CUDA_MMA=1.
@@ -181,7 +182,7 @@ fi
 # First after the build: the throughput table is the check's main result (G2), and a GPU session's run
 # must not lose it to slow tests (the H200's first quick run did). At most SWEEP_S seconds (0: no cap),
 # and the profile and the A/B keep their time (PROFILE_S, 60 s by default, 0 skips it; AB_S when set).
-budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${TIMELINE_S:-40} + ${AB_S:-0} ) ))
+budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${TIMELINE_S:-30} + ${AB_S:-0} ) ))
 if [ "${SWEEP_S:-0}" -gt 0 ] && [ "$budget" -gt "${SWEEP_S}" ]; then budget=$SWEEP_S; fi
 if [ "${SKIP_SWEEP:-0}" = 1 ]; then
   stage "sweep: skipped (SKIP_SWEEP=1)"
@@ -222,10 +223,10 @@ fi
 # The CUDA reverse sweep's time by phase: one training call's barrier timeline (csrc/cuda/timeline.h),
 # each phase named by the barrier that ends it, at T=25 (a task alone on a multiprocessor) and T=65,536
 # (as many as fit), compared phase by phase (benchmarks/phase_timeline.py).
-if [ "$DRY_RUN" != 1 ] && [ "${TIMELINE_S:-40}" -gt 0 ]; then
-  stage "the cuda reverse sweep's phases at T=25 and 65536 (limit ${TIMELINE_S:-40}s) -> $DIR/timeline.txt, $DIR/timeline/"
+if [ "$DRY_RUN" != 1 ] && [ "${TIMELINE_S:-30}" -gt 0 ]; then
+  stage "the cuda reverse sweep's phases at T=25 and 65536 (limit ${TIMELINE_S:-30}s) -> $DIR/timeline.txt, $DIR/timeline/"
   # shellcheck disable=SC2086
-  timeout "${TIMELINE_S:-40}" python benchmarks/phase_timeline.py ${TIMELINE_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128} \
+  timeout "${TIMELINE_S:-30}" python benchmarks/phase_timeline.py ${TIMELINE_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128} \
     --out "$DIR/timeline" > "$DIR/timeline.txt" 2>&1
   echo "timeline exit code $?"
   grep -E "^== K=|^cycles a task: |failed" "$DIR/timeline.txt" | head -12 | cut -c1-200
