@@ -346,9 +346,9 @@ fi
 #            shared memory, as before c5539fb (LDS: 35 instructions for a 2 x 2 tile's 16 FFMA, not 43)
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
 #   team64   team of one or two warps, more tasks resident a multiprocessor, cheaper barriers
-#   team64s  FASTMAML_CUDA_THREADS=64 with the workspace in shared memory, W=40: at K=1 (43 KiB a task)
-#            5 tasks of 2 warps a multiprocessor (shared memory; registers allow 6) instead of 3 of 4
-#            warps; at K=5 (69 KiB) 3 tasks of 2 warps. Tests whether tasks in flight set the speed
+#   team64s  FASTMAML_CUDA_THREADS=64 with the workspace in shared memory, W=40: at K=1 (36.8 KiB a
+#            task) 6 tasks of 2 warps a multiprocessor (shared memory and registers both allow 6) instead
+#            of 3 of 4 warps; at K=5 (62.6 KiB) 3 tasks of 2 warps. Tests whether tasks in flight set the speed
 #   warps4   FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4: Triton's scratch layout at 4 warps
 #            a program, two programs a multiprocessor instead of one (255 registers a thread)
 #   warps2   the same at 2 warps, W=40 only (four programs; at W=128 it spills 0.3-0.6 KiB a thread)

@@ -668,7 +668,8 @@ def test_workspace_bytes_matches_kernel_formula():
     P = 1 * 40 + 40 + 40 * 40 + 40 + 40 + 1  # 1761, padded to 1776 (segments on 64-byte boundaries)
     state = 2 * 816 + 16  # z (h written over it), d of 10 x 81 (810 -> 816) and the 10 outputs (-> 16)
     assert (P, (P + 15) // 16 * 16) == (1761, 1776)
-    assert small == (6 * state + 3 * 816 + 12 * 1776) * 4
+    # 5 support states; the tangents (3 x 816), which the query state shares; 12 rows of P.
+    assert small == (5 * state + 3 * 816 + 12 * 1776) * 4
     assert cpu_backend.workspace_bytes([1, 40, 40, 1], 6, 10, 4) > small
 
 

@@ -42,7 +42,7 @@ constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
 // recompute_thetas) where the kept rows would make a task's workspace larger than this: 3 blocks of 128
 // threads a multiprocessor is what the reverse sweep's 168 registers allow, and 3 workspaces of this size
 // (with 1 KiB a block for the system and the reduction buffer) fill a Hopper multiprocessor's 228 KiB of
-// shared memory. The 1-40-40-1 net at K = 5 (10 points, float32): 97 KiB kept, 2 blocks; 69 KiB
+// shared memory. The 1-40-40-1 net at K = 5 (10 points, float32): 90.3 KiB kept, 2 blocks; 62.6 KiB
 // recomputed, 3. A constant rather than the device's limit: the choice moves the results' last bits, and
 // plan() never depends on the device. FASTMAML_REVERSE_THETAS=keep or recompute overrides it.
 constexpr int64_t kKeepThetasBytes = 74 << 10;

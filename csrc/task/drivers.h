@@ -73,16 +73,23 @@ FASTMAML_HD inline int64_t forward_workspace(const Net& net, int64_t nmax) {
 FASTMAML_HD inline int64_t adapt_workspace(const Net& net, int64_t nmax) {
   return acts_size(net, nmax) + net.P;
 }
-// The reverse sweep keeps the support state of steps 0..K-1, a query state, the tangents, the vectors u
+// Elements of the space the reverse sweep's tangents and its query state take in turn (task_backward: the
+// Hessian-vector products use the tangents, the query passes between them the query state, never both
+// at once): the larger of the two (the tangents, three width-sized segments against two and the output).
+FASTMAML_HD inline int64_t tangents_or_query_size(const Net& net, int64_t nmax) {
+  const int64_t t = tangents_size(net, nmax), q = state_size(net, nmax);
+  return t > q ? t : q;
+}
+// The reverse sweep keeps the support state of steps 0..K-1, the tangents or a query state, the vectors u
 // and v, and theta_1..theta_K with the support gradients g_0..g_{K-1} when the rates need a gradient
 // (otherwise each g_k is computed in theta_{k+1}'s row and updated into it in place). With
 // `recompute_thetas` it keeps one theta row instead, and rebuilds each theta_k from theta_{k+1} on the way
 // back (task_backward): rows of P are most of the workspace of a narrow net (the 1-40-40-1 net at K = 5:
-// 97 KiB a task kept, 69 recomputed, in float32).
+// 90.3 KiB a task kept, 62.6 recomputed, in float32; at K = 1 36.8).
 FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax, bool need_lr_grad,
                                               bool recompute_thetas = false) {
   const int64_t rows = recompute_thetas ? 3 : K + (need_lr_grad ? K : 0) + 2;
-  return (K + 1) * state_size(net, nmax) + tangents_size(net, nmax) + rows * padded(net.P);
+  return K * state_size(net, nmax) + tangents_or_query_size(net, nmax) + rows * padded(net.P);
 }
 
 // Where rebuild_step puts each element of g_k: theta_k = theta_{k+1} + lr_k g_k in `theta` (when
@@ -241,13 +248,16 @@ FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData
   const int64_t P = net.P, Pp = padded(P);
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
   const int64_t st = state_size(net, nmax);
-  T* states = work;                              // support state of steps 0..K-1, then the query state
-  T* tangents = states + (K + 1) * st;           // rz, rh, rd
-  T* thetas = tangents + tangents_size(net, nmax);  // theta_1 .. theta_K, K rows of Pp (one_row: one row)
+  T* states = work;                              // support state of steps 0..K-1
+  T* tangents = states + K * st;                 // rz, rh, rd; between the HVPs, the query state
+  T* thetas = tangents + tangents_or_query_size(net, nmax);  // theta_1 .. theta_K, K rows of Pp (one_row: one)
   T* grads = thetas + (one_row ? 1 : K) * Pp;    // g_0 .. g_{K-1} (K rows) with g_lr and kept rows, else none
   T* u = grads + (g_lr != nullptr && !one_row ? K : 0) * Pp;  // one_row: also each g_k of the inner loop
   T* v = u + Pp;
-  Acts<T> q = make_split_acts(net, states + K * st, tangents, nmax);
+  // The query state in the tangents' space: each query pass (forward, loss, backward) runs between two
+  // Hessian-vector products, and every one of these passes syncs before it returns. q has no tangents.
+  Acts<T> q = make_split_acts(net, tangents, tangents, nmax);
+  q.rz = q.rh = q.rd = nullptr;
   const int64_t s = slice(net, q, net.L - 1);
   const int D = net.dims[net.L];
   const int64_t m_out = static_cast<int64_t>(td.nq) * D;

@@ -289,9 +289,9 @@ def workspace_bytes(dims: list[int], inner_steps: int, n_points: int, itemsize: 
         return (n + 15) // 16 * 16
 
     state = 2 * padded(n_points * width_sum) + padded(n_points * dims[-1])  # z (h in place), d, p
-    tangents = 3 * padded(n_points * width_sum)
+    tangents = 3 * padded(n_points * width_sum)  # in turn with the query state (tangents_or_query_size)
     grads = K  # g_0 .. g_{K-1} for the rates' gradient
-    return ((K + 1) * state + tangents + (K + grads + 2) * padded(P)) * itemsize
+    return (K * state + max(tangents, state) + (K + grads + 2) * padded(P)) * itemsize
 
 
 def size_limit_reason(problem: Problem, limits: SizeLimits, op: str = "maml") -> Optional[str]:
