@@ -119,8 +119,8 @@ struct RebuildStore {
 // element), in the tensor cores' steps of 8 and 4 under FASTMAML_CUDA_MMA=1 (then g_k's bits are
 // backward's); the biases element by element, in point order. (Element by element for the weights too,
 // each multiply-add took two loads: about twice the instructions of the 2 x 2 tiles' loop.)
-// The elements' owners differ from the loops over rows of P: the caller syncs before theta, gl or v are
-// read by another rank. Out of line on the host (config.h).
+// The elements' owners differ from the loops over rows of P: the caller syncs before another rank reads
+// theta or gl, or writes v. Out of line on the host (config.h).
 template <typename T, typename Team>
 FASTMAML_HD FASTMAML_HOST_NOINLINE void rebuild_step(const Net& net, const TaskData<T>& td, const Acts<T>& a,
                                                      const T* lrk, bool rebuild, T* theta, T* gl, bool write_rows,
