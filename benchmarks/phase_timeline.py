@@ -282,8 +282,8 @@ def compare(small: Timeline, large: Timeline, title: str, top: int = 12) -> str:
     for st in large.sites[:top]:
         other = by_site.get(st.site)
         few = other.cycles if other is not None else float("nan")
-        lines.append(f"{100 * st.share:5.1f}% {few:8,.0f} {st.cycles:8,.0f} {st.cycles / few if few else float('nan'):6.2f}"
-                     f"  {st.name}")
+        grown = st.cycles / few if few else float("nan")
+        lines.append(f"{100 * st.share:5.1f}% {few:8,.0f} {st.cycles:8,.0f} {grown:6.2f}  {st.name}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ put into them."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -181,3 +182,46 @@ def test_compare_gives_each_phase_full_card_over_few():
     line_b = next(line for line in text.splitlines() if "mlp.h:204" in line)
     assert line_b.split()[1:4] == ["50", "50", "1.00"]
     assert f"({(300 + 50 + 7) / (110 + 50 + 7):.2f}x)" in text
+
+
+def test_the_script_end_to_end_with_the_gpu_stubbed(monkeypatch, tmp_path, capsys):
+    """main() as the GPU check runs it, with the device calls stubbed (GPU time is scarce: a slip in the
+    script's own flow should show here): each setting's report, the files, and the comparison of T."""
+    import types
+
+    import torch
+
+    import _harness
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=2))
+    real_workload = _harness.make_workload
+    monkeypatch.setattr(_harness, "make_workload", lambda T, K, W, device: real_workload(T, K, W, device="cpu"))
+    monkeypatch.setattr(_harness, "device_name", lambda d: "stub GPU")
+    monkeypatch.setattr(_harness, "cuda_launch_note", lambda w: "launch: stub")
+    monkeypatch.setattr(_harness, "release", lambda d: None)
+    monkeypatch.setattr(_harness, "commit", lambda: "abc1234")
+    calls = []
+
+    def record_call(w, blocks, capacity):
+        calls.append((w.T, w.K, w.width, blocks, capacity))
+        slow = 3 if w.T > 25 else 1  # a full card: the first phase three times as long
+        return np.stack([block([[(A, 10, [100 * slow, 90]), (B, 10, [40, 40])]], 0, capacity, 2)
+                         for _ in range(blocks)])
+
+    monkeypatch.setattr(pt, "record_call", record_call)
+    rc = pt.main(["--tasks", "25", "300", "--steps", "1", "--width", "40", "--capacity", "16", "--out",
+                  str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert calls == [(25, 1, 40, 6, 16), (300, 1, 40, 6, 16)]  # three blocks a multiprocessor record
+    assert "== T=25 K=1 W=40 (stub GPU)" in out and "launch: stub" in out
+    assert "== K=1 W=40: T=25 against T=300" in out
+    lines = out.splitlines()
+    line_a = next(line for line in lines[lines.index("== K=1 W=40: T=25 against T=300"):] if "drivers.h:38" in line)
+    assert line_a.split()[1:4] == ["110", "310", "2.82"]
+    for T in (25, 300):
+        stem = tmp_path / f"timeline-T{T}-K1-W40"
+        assert stem.with_suffix(".csv").is_file()
+        meta = json.loads(stem.with_suffix(".json").read_text())
+        assert meta["commit"] == "abc1234" and meta["tasks"] == 6 and meta["blocks"] == 6
