@@ -373,11 +373,12 @@ def main(argv=None) -> int:
                     failed += 1
                     continue
                 found[(T, K, W)] = tl
+                launch = _harness.cuda_launch_note(w)
                 print(report(tl, title, args.top))
-                print(_harness.cuda_launch_note(w))
+                print(launch)
                 if args.out is not None:
                     meta = dict(T=T, K=K, width=W, device=_harness.device_name(device), commit=_harness.commit(),
-                                launch=_harness.cuda_launch_note(w))
+                                launch=launch)
                     write(tl, args.out / f"timeline-T{T}-K{K}-W{W}", meta)
                 del w
                 _harness.release(device)

@@ -351,7 +351,7 @@ void cuda_timeline_arm(const at::Tensor& records) {
   static at::Tensor held;
   const std::lock_guard<std::mutex> guard(lock);
   if (records.numel() == 0) {
-    arm_timeline(Timeline{nullptr, 0, 0, -1});
+    arm_timeline(Timeline{});
     held = at::Tensor();
     return;
   }

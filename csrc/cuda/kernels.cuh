@@ -9,11 +9,11 @@
 // each; bwd_f32_min4.cu the float reverse sweep's 4-block variant (BwdMin4), bwd_f32_timeline.cu its
 // barrier timeline (BwdTimeline, timeline.h). Why several files: nvcc compiles one file on one core, and
 // the reverse sweeps are most of the build (minutes on 2 cores, about two on the GPU machine when this
-// was one file); ninja compiles the files in parallel. Every
-// kernel and device helper here has internal linkage (the anonymous namespace): each file gets its own
-// copies of the few it shares with another (column_sum_kernel, block_sum), so no two device modules
-// define one symbol. Outside it: the launchers (host templates, each instantiated in one file), BwdMin4,
-// BwdTimeline and the plain structs they pass between files (Data, BwdArgs).
+// was one file); ninja compiles the files in parallel. Every kernel and device helper here has internal
+// linkage (the anonymous namespace): each file gets its own copies of the few it shares with another
+// (column_sum_kernel, block_sum), so no two device modules define one symbol. Outside it: the launchers
+// (host templates, each instantiated in one file), BwdMin4, BwdTimeline and the plain structs they pass
+// between files (Data, BwdArgs).
 #pragma once
 
 #include "maml_cuda.h"
@@ -470,8 +470,7 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
     const BwdArgs<T> a{s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw,
                        g_task_losses, g_query_preds, first_order, task_losses, query_preds, part_theta,
                        need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared,
-                       launch.tiles, launch.recompute_thetas, launch.shared_loads, launch.mma,
-                       Timeline{nullptr, 0, 0, -1}};
+                       launch.tiles, launch.recompute_thetas, launch.shared_loads, launch.mma, Timeline{}};
     const auto blocks = static_cast<unsigned>(launch.blocks);
     if constexpr (std::is_same_v<T, float>) {
       int device = -1;

@@ -117,13 +117,13 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
 // `pending` mirrors whether one is armed, for the launches' look without the lock.
 namespace {
 std::mutex timeline_lock;
-Timeline armed_timeline{nullptr, 0, 0, -1};
+Timeline armed_timeline{};
 std::atomic<bool> pending{false};
 }  // namespace
 
 void arm_timeline(const Timeline& t) {
   const std::lock_guard<std::mutex> guard(timeline_lock);
-  armed_timeline = t.records == nullptr ? Timeline{nullptr, 0, 0, -1} : t;
+  armed_timeline = t.records == nullptr ? Timeline{} : t;
   pending.store(t.records != nullptr);
 }
 
@@ -133,7 +133,7 @@ bool take_timeline(int device, Timeline* out) {
   const std::lock_guard<std::mutex> guard(timeline_lock);
   if (armed_timeline.records == nullptr || armed_timeline.device != device) return false;
   *out = armed_timeline;
-  armed_timeline = Timeline{nullptr, 0, 0, -1};
+  armed_timeline = Timeline{};
   pending.store(false);
   return true;
 }

@@ -48,12 +48,12 @@ FASTMAML_HD constexpr int64_t timeline_site(uint32_t tag, int line) {
 }
 
 // Where the timeline variant writes: `records` [blocks, capacity, kTimelineWords] on GPU `device` (blocks
-// 0 .. blocks - 1 record, each its first `capacity` records); null: the variant is not asked for.
+// 0 .. blocks - 1 record, each its first `capacity` records); null (`Timeline{}`): none is asked for.
 struct Timeline {
-  int64_t* records;
-  int capacity;
-  int blocks;
-  int device;
+  int64_t* records = nullptr;
+  int capacity = 0;
+  int blocks = 0;
+  int device = -1;
 };
 
 }  // namespace cuda

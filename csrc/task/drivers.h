@@ -137,25 +137,20 @@ FASTMAML_HD FASTMAML_HOST_NOINLINE void rebuild_step(const Net& net, const TaskD
     const T* in = opaque(l == 0 ? td.xs : a.h + slice(net, a, l - 1));
     if (tm.size() > 1) {
       team_gemm_nn(dout, din, N, T(1), d, 1, dout, in, din, st, tm, tm.tile(dout, din));  // d^T h
-      for_each(tm, dout, [&](int64_t j) {
-        T acc = 0;
-        for (int n = 0; n < N; ++n) acc += d[n * dout + j];
-        st.update(b0 + j, acc);
-      });
-      continue;
-    }
-    for (int r = 0; r < dout; ++r) {
-      for (int c = 0; c < din; ++c) {
-        T acc = 0;
-        for (int n = 0; n < N; ++n) acc += d[n * dout + r] * in[n * din + c];
-        st(r, c, acc);
+    } else {
+      for (int r = 0; r < dout; ++r) {
+        for (int c = 0; c < din; ++c) {
+          T acc = 0;
+          for (int n = 0; n < N; ++n) acc += d[n * dout + r] * in[n * din + c];
+          st(r, c, acc);
+        }
       }
     }
-    for (int j = 0; j < dout; ++j) {
+    for_each(tm, dout, [&](int64_t j) {  // the biases (a team of one walks them in order)
       T acc = 0;
       for (int n = 0; n < N; ++n) acc += d[n * dout + j];
       st.update(b0 + j, acc);
-    }
+    });
   }
 }
 
