@@ -342,6 +342,10 @@ fi
 #            tensor cores (mma.sync m16n8k8, 3xTF32), not register tiles of FFMAs
 #   blocks4  FASTMAML_CUDA_MIN_BLOCKS=4: the CUDA reverse sweep compiled for 4 blocks a multiprocessor
 #            (128 registers; 24 / 56 B of spills at ce8d7ec, 232 / 508 before d8db343)
+#   blocks6  FASTMAML_CUDA_MIN_BLOCKS=6: compiled for 6 blocks (80 registers, more spills): at K=1, W=40
+#            6 tasks of 4 warps a multiprocessor (shared memory allows 6), 24 warps instead of 12; at K=5,
+#            W=40 shared memory still holds 3; at W=128 (global workspace) 6. With team64 (blocks6+team64):
+#            12 tasks of 2 warps, the workspaces in global memory
 #   lds      FASTMAML_CUDA_LDS=0 at W=40: the CUDA products' generic loads where both operands are in
 #            shared memory, as before c5539fb (LDS: 35 instructions for a 2 x 2 tile's 16 FFMA, not 43)
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
@@ -366,14 +370,14 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "mma blocks4 team64s lds thetas warps4 nreg128 floops fchunk16
-# team32 ftf32x3 team64 w4nreg128 ieee warps2 scratch", is what no GPU has measured yet, the likeliest
-# gains first (AB_S / 16 each; scratch was measured with FMA products, equal to the register layout, and
-# now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200 (2026-11-30,
-# benchmarks/RESULTS.md). AB_S is the time for all.
+# AB_VARIANTS picks some. The default, "mma blocks4 blocks6 team64s lds thetas warps4 nreg128 floops
+# fchunk16 team32 ftf32x3 team64 blocks6+team64 w4nreg128 ieee warps2 scratch", is what no GPU has
+# measured yet, the likeliest gains first (AB_S / 18 each; scratch was measured with FMA products, equal
+# to the register layout, and now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200
+# (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
 # Variants joined with '+' (mma+blocks4, team64s+mma) combine their switches, one method's only.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-mma blocks4 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 w4nreg128 ieee warps2 scratch})
+  variants=(${AB_VARIANTS:-mma blocks4 blocks6 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 w4nreg128 ieee warps2 scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -392,6 +396,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
       mma) setting=FASTMAML_CUDA_MMA=1; method=cuda ;;
       blocks4) setting=FASTMAML_CUDA_MIN_BLOCKS=4; method=cuda ;;
+      blocks6) setting=FASTMAML_CUDA_MIN_BLOCKS=6; method=cuda ;;
       lds) setting=FASTMAML_CUDA_LDS=0; method=cuda; widths=40 ;;
       thetas) setting=FASTMAML_REVERSE_THETAS=keep; method=cuda ;;
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;

@@ -351,9 +351,10 @@ def main(argv=None) -> int:
     import _harness
 
     device = torch.device("cuda")
-    if os.environ.get("FASTMAML_CUDA_MIN_BLOCKS", "").strip() == "4":
-        print("phase_timeline: FASTMAML_CUDA_MIN_BLOCKS=4 is set, but the timeline is of the default sweep "
-              "(168 registers, 3 blocks a multiprocessor); the launch lines below describe the 4-block kernel")
+    if (min_blocks := os.environ.get("FASTMAML_CUDA_MIN_BLOCKS", "").strip()) in ("4", "6"):
+        print(f"phase_timeline: FASTMAML_CUDA_MIN_BLOCKS={min_blocks} is set, but the timeline is of the default "
+              f"sweep (168 registers, 3 blocks a multiprocessor); the launch lines below describe the "
+              f"{min_blocks}-block kernel")
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     blocks = args.blocks or 3 * sms
     sites = site_names()

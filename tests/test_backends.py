@@ -601,6 +601,20 @@ def test_a_bad_cuda_team_switch_is_refused(monkeypatch, value):
     CudaBackend().unavailable()  # a reason or None, no error
 
 
+@pytest.mark.parametrize("value", ["3", "5", "four"])
+def test_a_bad_cuda_min_blocks_switch_is_refused(monkeypatch, value):
+    """FASTMAML_CUDA_MIN_BLOCKS (which compiled reverse sweep the CUDA backend launches, for the GPU check's
+    A/B) is 0, 4 or 6: the kernels would launch the default for any other value, so the backend raises."""
+    from fastmaml.backends.cuda import CudaBackend
+
+    monkeypatch.setenv("FASTMAML_CUDA_MIN_BLOCKS", value)
+    with pytest.raises(ValueError, match=r"FASTMAML_CUDA_MIN_BLOCKS must be one of \('0', '4', '6'\)"):
+        CudaBackend().unavailable()
+    for good in ("6", " 4 ", ""):
+        monkeypatch.setenv("FASTMAML_CUDA_MIN_BLOCKS", good)
+        CudaBackend().unavailable()  # a reason or None, no error
+
+
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])
 def test_a_bad_reverse_thetas_switch_is_refused(monkeypatch, backend):
     """FASTMAML_REVERSE_THETAS (the reverse sweep's kept or rebuilt thetas) is auto, keep or recompute, case

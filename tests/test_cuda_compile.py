@@ -89,8 +89,8 @@ def test_cu_files_compile(arch: str, tmp_path: Path):
 def test_every_launcher_is_instantiated_once():
     """The kernels' launchers (csrc/cuda/kernels.cuh) are instantiated one group a file, so that ninja
     compiles the files in parallel; a group missing or doubled would only show when a GPU machine links
-    the library. Each group and dtype once across csrc/cuda/*.cu, the 4-block float reverse sweep's
-    launcher once, and every .cu file is built."""
+    the library. Each group and dtype once across csrc/cuda/*.cu, the float reverse sweep's 4- and 6-block
+    launchers once, and every .cu file is built."""
     groups = re.findall(r"#define FASTMAML_INSTANTIATE_(\w+)\(T\)", (CSRC / "cuda" / "kernels.cuh").read_text())
     assert sorted(groups) == ["BWD", "FWDBWD", "LIGHT"]
     found = {}
@@ -100,11 +100,18 @@ def test_every_launcher_is_instantiated_once():
     expected = {(g, t) for g in groups for t in ("float", "double")}
     assert set(found) == expected, f"instantiated: {sorted(found)}"
     assert all(len(files) == 1 for files in found.values()), found
-    # The float reverse sweep's 4-block variant and its timeline: launched through BwdMin4 and BwdTimeline,
-    # each defined in one file of its own.
-    for launcher, home in (("BwdMin4", "bwd_f32_min4.cu"), ("BwdTimeline", "bwd_f32_timeline.cu")):
-        defined = [cu.name for cu in CU_FILES if re.search(rf"^cudaError_t {launcher}::launch\(", cu.read_text(), re.M)]
+    # The float reverse sweep's 4- and 6-block variants and its timeline: launched through BwdMin<4>,
+    # BwdMin<6> (kernels.cuh declares both `extern template`) and BwdTimeline, each defined in one file of
+    # its own.
+    header = (CSRC / "cuda" / "kernels.cuh").read_text()
+    for launcher, pattern, home in (
+            ("BwdMin<4>", r"^template struct BwdMin<4>;", "bwd_f32_min4.cu"),
+            ("BwdMin<6>", r"^template struct BwdMin<6>;", "bwd_f32_min6.cu"),
+            ("BwdTimeline", r"^cudaError_t BwdTimeline::launch\(", "bwd_f32_timeline.cu")):
+        defined = [cu.name for cu in CU_FILES if re.search(pattern, cu.read_text(), re.M)]
         assert defined == [home], (launcher, defined)
+        if launcher.startswith("BwdMin"):
+            assert f"extern template struct {launcher};" in header, launcher
     assert sorted(f"cuda/{cu.name}" for cu in CU_FILES) == sorted(s for s in _ext._CUDA_SOURCES if s.endswith(".cu"))
 
 

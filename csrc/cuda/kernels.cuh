@@ -6,13 +6,13 @@
 // Included by the .cu files of this folder, each of which instantiates one group of launchers
 // (FASTMAML_INSTANTIATE_*): maml_cuda.cu the forward, adapt and weighted-sum launchers of both dtypes
 // and plan(); bwd_f32.cu, bwd_f64.cu, fwdbwd_f32.cu and fwdbwd_f64.cu one reverse-sweep kernel family
-// each; bwd_f32_min4.cu the float reverse sweep's 4-block variant (BwdMin4), bwd_f32_timeline.cu its
-// barrier timeline (BwdTimeline, timeline.h). Why several files: nvcc compiles one file on one core, and
+// each; bwd_f32_min4.cu and bwd_f32_min6.cu the float reverse sweep for 4 and 6 blocks a multiprocessor
+// (BwdMin), bwd_f32_timeline.cu its barrier timeline (BwdTimeline, timeline.h). Why several files: nvcc compiles one file on one core, and
 // the reverse sweeps are most of the build (minutes on 2 cores, about two on the GPU machine when this
 // was one file); ninja compiles the files in parallel. Every kernel and device helper here has internal
 // linkage (the anonymous namespace): each file gets its own copies of the few it shares with another
 // (column_sum_kernel, block_sum), so no two device modules define one symbol. Outside it: the launchers
-// (host templates, each instantiated in one file), BwdMin4, BwdTimeline and the plain structs they pass
+// (host templates, each instantiated in one file), BwdMin, BwdTimeline and the plain structs they pass
 // between files (Data, BwdArgs).
 #pragma once
 
@@ -32,7 +32,8 @@ namespace fastmaml {
 namespace cuda {
 
 // A task's data (the kernels' Data argument), and bwd_kernel's arguments past its launch configuration in
-// its parameter order: outside the anonymous namespace, for the launcher of bwd_f32_min4.cu (BwdMin4).
+// its parameter order: outside the anonymous namespace, for the launchers of bwd_f32_min4.cu and
+// bwd_f32_min6.cu (BwdMin).
 template <typename T>
 struct Data {
   const T* xs;
@@ -216,7 +217,7 @@ __device__ __forceinline__ auto kernel_team(const BlockTeam& block, const Timeli
 // without per-task rows: forward and reverse sweep with c = 1, each task's loss and query output written
 // (g_task_losses and g_query_preds unused). Nothing of size T x P is written either way.
 // kMinBlocks 0: the registers nvcc wants (168 for float at width 40 to 128: 3 blocks of 128 threads a
-// multiprocessor); 4: at most 128 registers, 4 blocks (FASTMAML_CUDA_MIN_BLOCKS, below). kTimeline: the
+// multiprocessor); 4 or 6: at most 128 or 80 registers (FASTMAML_CUDA_MIN_BLOCKS, below). kTimeline: the
 // team is a TimelineTeam writing to `timeline` (timeline.h; the other variants never read it).
 template <typename T, int kMinBlocks = 0, bool kTimeline = false>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
@@ -356,15 +357,23 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
   return cudaSuccess;
 }
 
-// FASTMAML_CUDA_MIN_BLOCKS=4 (read once per process) launches the float reverse sweep compiled for 4
-// blocks a multiprocessor (128 registers, 312 / 1,024 B of spill stores / loads in sm_90's ptxas -v)
-// instead of the 3 its 168 registers allow: ncu on the H200 found it latency-bound at 12 warps a
-// multiprocessor (18.75% occupancy, SM throughput 22%). A switch until a GPU measures it (the GPU check's
-// A/B). That kernel is instantiated in bwd_f32_min4.cu (BwdMin4 below), apart from bwd_f32.cu's default
-// sweep: each reverse sweep is most of its file's build, and ninja compiles the two files side by side.
-inline bool four_blocks() {
-  static const bool on = env_is("FASTMAML_CUDA_MIN_BLOCKS", "4");
-  return on;
+// FASTMAML_CUDA_MIN_BLOCKS=4 or 6 (read once per process; the cuda backend refuses other values but 0,
+// the default) launches the float reverse sweep compiled for that many blocks of 128 threads a
+// multiprocessor instead of the 3 its 168 registers allow: ncu on the H200 found it latency-bound at 12
+// warps a multiprocessor (18.75% occupancy, SM throughput 22%), and a task alone on a multiprocessor took
+// about as long as one of three. 4: at most 128 registers; 6: at most 80 (more spills, outside the
+// products' loops), which also fits 12 teams of 64 threads or 24 of 32 (FASTMAML_CUDA_THREADS). Where
+// shared memory holds fewer workspaces (6 x 37.8 KiB at K = 1, W = 40 fit; 62.6 KiB at K = 5 only 3),
+// it bounds the tasks in flight instead. Switches until a GPU measures them (the GPU check's A/B). Each
+// kernel is instantiated in a file of its own (bwd_f32_min4.cu, bwd_f32_min6.cu: BwdMin below), apart from
+// bwd_f32.cu's default sweep: each reverse sweep is most of its file's build, and ninja compiles the
+// files side by side.
+inline int min_blocks() {
+  static const int n = [] {
+    const std::string v = env_word("FASTMAML_CUDA_MIN_BLOCKS");
+    return v == "4" ? 4 : v == "6" ? 6 : 0;
+  }();
+  return n;
 }
 
 // Launches bwd_kernel<T, kMinBlocks, kTimeline> with `a`, its shared-memory opt-in first.
@@ -398,11 +407,25 @@ cudaError_t bwd_kernel_residency(int threads, size_t smem, Residency* out) {
 
 }  // namespace
 
-// The float reverse sweep for 4 blocks a multiprocessor, defined in bwd_f32_min4.cu (four_blocks above).
-struct BwdMin4 {
+// The float reverse sweep compiled for kMinBlocks blocks a multiprocessor (min_blocks above): the
+// members are instantiated only in bwd_f32_min<kMinBlocks>.cu (`extern template` keeps every other file
+// from compiling the kernel).
+template <int kMinBlocks>
+struct BwdMin {
   static cudaError_t launch(const BwdArgs<float>& a, unsigned blocks, int threads, size_t smem, cudaStream_t stream);
   static cudaError_t residency(int threads, size_t smem, Residency* out);
 };
+template <int kMinBlocks>
+cudaError_t BwdMin<kMinBlocks>::launch(const BwdArgs<float>& a, unsigned blocks, int threads, size_t smem,
+                                       cudaStream_t stream) {
+  return launch_bwd_kernel<float, kMinBlocks>(a, blocks, threads, smem, stream);
+}
+template <int kMinBlocks>
+cudaError_t BwdMin<kMinBlocks>::residency(int threads, size_t smem, Residency* out) {
+  return bwd_kernel_residency<float, kMinBlocks>(threads, smem, out);
+}
+extern template struct BwdMin<4>;
+extern template struct BwdMin<6>;
 
 // The float reverse sweep with its barrier timeline (TimelineTeam; a.timeline), defined in
 // bwd_f32_timeline.cu: launched in place of the default sweep once armed (maml_cuda.h, arm_timeline).
@@ -479,7 +502,8 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
         timed.timeline = t;
         return BwdTimeline::launch(timed, blocks, launch.threads, smem, stream);
       }
-      if (four_blocks()) return BwdMin4::launch(a, blocks, launch.threads, smem, stream);
+      if (min_blocks() == 4) return BwdMin<4>::launch(a, blocks, launch.threads, smem, stream);
+      if (min_blocks() == 6) return BwdMin<6>::launch(a, blocks, launch.threads, smem, stream);
     }
     return launch_bwd_kernel<T, 0>(a, blocks, launch.threads, smem, stream);
   });
@@ -489,7 +513,8 @@ template <typename T>
 cudaError_t reverse_sweep_residency(const Launch& launch, Residency* out) {
   const size_t smem = dynamic_shared<T>(launch);
   if constexpr (std::is_same_v<T, float>) {
-    if (four_blocks()) return BwdMin4::residency(launch.threads, smem, out);
+    if (min_blocks() == 4) return BwdMin<4>::residency(launch.threads, smem, out);
+    if (min_blocks() == 6) return BwdMin<6>::residency(launch.threads, smem, out);
   }
   return bwd_kernel_residency<T, 0>(launch.threads, smem, out);
 }

@@ -117,6 +117,7 @@ class CudaBackend(ExtensionBackend):
         # The kernels' team-size switch (read by the library, csrc/cuda/maml_cuda.cu, plan): a mistyped value
         # must not measure the default under another name.
         env_choice("FASTMAML_CUDA_THREADS", ("128", "64", "32"))
+        env_choice("FASTMAML_CUDA_MIN_BLOCKS", ("0", "4", "6"))  # the float reverse sweep's residency variant
         env_choice("FASTMAML_REVERSE_THETAS", ("auto", "keep", "recompute"))  # plan()'s rebuilt thetas
         # Decided from torch, the GPU and the kernels the loaded library registered, not from nvcc: a
         # prebuilt library with CUDA kernels runs where no compiler is installed. nvcc only explains why
