@@ -224,6 +224,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warm_up(device: torch.device, seconds: float = 0.5) -> None:
+    """Keeps a GPU busy for `seconds` before the first timed cell. A GPU at rest may run at low clocks for
+    a while after work arrives, and a run's first cell is a sub-millisecond one (T=25) timed over a few
+    calls. On the H200 (a75ae00) that first cell, cuda at K=1, W=40, took 970 us a call where K=5 took 438
+    and W=128 713: the one figure of the sweep out of line with its neighbours, which a cold card would
+    explain; warmed up, the next run says whether it was that. A CPU needs none."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(2048, 2048, device=device)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(8):
+            a = torch.tanh(a @ a)  # bounded values, so the loop never overflows into slow paths
+        torch.cuda.synchronize(device)
+
+
 def time_call(step: Step, device: torch.device):
     """Run `step` once; returns `(result, milliseconds)`. CUDA: events around the call (the queue is
     drained first); CPU: perf_counter."""

@@ -74,6 +74,7 @@ def run(args) -> list[dict]:
     deadline = None if args.time_budget is None else time.perf_counter() + args.time_budget
     print(f"# {env['device_name']} | torch {env['torch']} | triton {env['triton']} | fastmaml "
           f"{env['fastmaml']} ({env['commit']}) | {args.order} order, {args.dtype}", flush=True)
+    H.warm_up(device)
 
     for K, width, T in itertools.product(sorted(args.steps), sorted(args.width), sorted(args.tasks)):
         w = H.make_workload(T, K, width, first_order=H.parse_order(args.order), device=args.device, dtype=dtype)
