@@ -178,7 +178,8 @@ def reference_result(w: Workload) -> tuple[torch.Tensor, list[torch.Tensor]]:
 def cuda_launch_note(w: Workload) -> str:
     """How the cuda backend's training call lays out `w` on its GPU: blocks, threads, the workspace and
     where it lives, the reverse sweep's registers and local (spill) bytes a thread, and how many blocks
-    one multiprocessor holds at once (the tasks in flight). '' off a CUDA device; a short reason where
+    one multiprocessor holds at once (the tasks in flight), and the support states kept apart from the
+    workspace (FASTMAML_CUDA_STATES=global). '' off a CUDA device; a short reason where
     the library has no such report."""
     if w.device.type != "cuda":
         return ""
@@ -186,10 +187,11 @@ def cuda_launch_note(w: Workload) -> str:
         v = torch.ops.fastmaml_testing.cuda_training_launch(
             w.params[0].detach(), [1, w.width, w.width, 1], w.x_support.shape[1], w.x_query.shape[1], w.K, w.T,
             False)
-        threads, blocks, chunk, shared, work_bytes, rebuilt, mma, regs, local, per_sm = (int(x) for x in v)
+        threads, blocks, chunk, shared, work_bytes, rebuilt, mma, regs, local, per_sm, states = (int(x) for x in v)
     except Exception as err:  # an older build, or no CUDA kernels: the timing stands without it
         return f"launch report unavailable ({type(err).__name__})"
-    extras = "".join([", theta_k rebuilt" if rebuilt else "", ", tensor cores" if mma else ""])
+    extras = "".join([", theta_k rebuilt" if rebuilt else "", ", tensor cores" if mma else "",
+                      f", support states {states / 1024:.1f} KiB apart in global memory" if states else ""])
     return (f"launch: {blocks} blocks of {threads} threads, {chunk} tasks a block, workspace "
             f"{work_bytes / 1024:.1f} KiB in {'shared' if shared else 'global'} memory, {regs} registers and "
             f"{local} B local a thread, {per_sm} blocks a multiprocessor{extras}")

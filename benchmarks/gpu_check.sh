@@ -36,7 +36,8 @@
 # of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); TIMELINE_S=30 the CUDA
 # reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS its settings). With --quick,
 # MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons of cuda (every option, the GPU
-# sizes) with FASTMAML_CUDA_MMA=1.
+# sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with FASTMAML_CUDA_MIN_BLOCKS=6 and
+# FASTMAML_CUDA_STATES=global.
 # OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register reports (nvcc's of the CUDA kernels takes
 # minutes of the machine's CPUs).
 set -uo pipefail
@@ -258,15 +259,21 @@ else
     # The tensor-core products (FASTMAML_CUDA_MMA=1, off by default) on test_backends.py's float32
     # comparisons with the reference (every option, the GPU sizes), so that the A/B's `mma` row is a
     # kernel the tests have passed. float64 is left out: the switch is float's only.
-    if [ "${MMA_TESTS_S:-40}" -gt 0 ]; then
-      stage "tests of cuda with FASTMAML_CUDA_MMA=1: test_backends' float32 comparisons (limit ${MMA_TESTS_S:-40}s) -> $DIR/tests.log"
-      echo "===== cuda, FASTMAML_CUDA_MMA=1: tests/test_backends.py" >> "$DIR/tests.log"
-      FASTMAML_CUDA_MMA=1 FASTMAML_TEST_BACKENDS=cuda timeout "${MMA_TESTS_S:-40}" python -m pytest \
+    # The same for the 6-block sweep with the support states apart (FASTMAML_CUDA_MIN_BLOCKS=6,
+    # FASTMAML_CUDA_STATES=global: the A/B's blocks6+states), STATES_TESTS_S.
+    for switch in "FASTMAML_CUDA_MMA=1:${MMA_TESTS_S:-40}" \
+                  "FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global:${STATES_TESTS_S:-30}"; do
+      setting=${switch%:*} limit=${switch##*:}
+      [ "$limit" -gt 0 ] || continue
+      stage "tests of cuda with $setting: test_backends' float32 comparisons (limit ${limit}s) -> $DIR/tests.log"
+      echo "===== cuda, $setting: tests/test_backends.py" >> "$DIR/tests.log"
+      # shellcheck disable=SC2086  # a setting may set several variables
+      env $setting FASTMAML_TEST_BACKENDS=cuda timeout "$limit" python -m pytest \
         tests/test_backends.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
         -k "gpu_sizes or (maml_matches_reference and f32)" >> "$DIR/tests.log" 2>&1
-      echo "mma tests exit code $?"
+      echo "tests with $setting: exit code $?"
       tail -n 2 "$DIR/tests.log" | cut -c1-300
-    fi
+    done
   fi
   for backend in $( [ "$QUICK" = 1 ] || echo "${GPU_TEST_BACKENDS:-cuda triton factored}" ); do
     files=(tests/test_backends.py)
@@ -346,6 +353,9 @@ fi
 #            6 tasks of 4 warps a multiprocessor (shared memory allows 6), 24 warps instead of 12; at K=5,
 #            W=40 shared memory still holds 3; at W=128 (global workspace) 6. With team64 (blocks6+team64):
 #            12 tasks of 2 warps, the workspaces in global memory
+#   states   FASTMAML_CUDA_STATES=global at W=40: the reverse sweep's K support states in global memory
+#            apart, the rest of the workspace (30.4 KiB at K=5) in shared memory; with blocks6
+#            (blocks6+states) 6 tasks of 4 warps a multiprocessor at K=5 instead of 3, with blocks4 4
 #   lds      FASTMAML_CUDA_LDS=0 at W=40: the CUDA products' generic loads where both operands are in
 #            shared memory, as before c5539fb (LDS: 35 instructions for a 2 x 2 tile's 16 FFMA, not 43)
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
@@ -370,14 +380,14 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "mma blocks4 blocks6 team64s lds thetas warps4 nreg128 floops
-# fchunk16 team32 ftf32x3 team64 blocks6+team64 w4nreg128 ieee warps2 scratch", is what no GPU has
-# measured yet, the likeliest gains first (AB_S / 18 each; scratch was measured with FMA products, equal
+# AB_VARIANTS picks some. The default, "mma blocks4 blocks6 blocks6+states team64s lds thetas warps4
+# nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2
+# scratch", is what no GPU has measured yet, the likeliest gains first (AB_S / 20 each; scratch was measured with FMA products, equal
 # to the register layout, and now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200
 # (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
 # Variants joined with '+' (mma+blocks4, team64s+mma) combine their switches, one method's only.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-mma blocks4 blocks6 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 w4nreg128 ieee warps2 scratch})
+  variants=(${AB_VARIANTS:-mma blocks4 blocks6 blocks6+states team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2 scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -398,6 +408,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       blocks4) setting=FASTMAML_CUDA_MIN_BLOCKS=4; method=cuda ;;
       blocks6) setting=FASTMAML_CUDA_MIN_BLOCKS=6; method=cuda ;;
       lds) setting=FASTMAML_CUDA_LDS=0; method=cuda; widths=40 ;;
+      states) setting=FASTMAML_CUDA_STATES=global; method=cuda; widths=40 ;;
       thetas) setting=FASTMAML_REVERSE_THETAS=keep; method=cuda ;;
       shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
       team32) setting="FASTMAML_CUDA_THREADS=32 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;

@@ -57,6 +57,9 @@ struct Case {
   int ns, nq, K, activation, loss;
   bool first_order, need_lr, need_x, multi_step;
   bool recompute;  // the teams' reverse sweeps rebuild theta_k (recompute_thetas); the team of one keeps them
+  // The teams' reverse sweeps keep the support states apart from the workspace (kept_states, as the CUDA
+  // kernels under FASTMAML_CUDA_STATES=global); the team of one keeps them in it.
+  bool states_apart = false;
 };
 
 template <typename T>
@@ -130,7 +133,8 @@ struct Outputs {
 
 // Runs the three drivers for every task, one task after another, as rank `tm.rank()` of `tm`.
 template <typename T, typename Team>
-void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Team& tm, bool recompute) {
+void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Team& tm, bool recompute,
+              T* states) {
   const Net& net = p.net;
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   const Case& c = p.c;
@@ -144,24 +148,24 @@ void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Te
                                   c.need_lr ? o.g_lr.data() : nullptr,
                                   c.need_x ? o.gxs.data() + t * c.ns * din : nullptr,
                                   c.need_x ? o.gxq.data() + t * c.nq * din : nullptr, work.data(), tm,
-                                  static_cast<T*>(nullptr), static_cast<const T*>(nullptr), false, recompute);
+                                  static_cast<T*>(nullptr), static_cast<const T*>(nullptr), false, recompute, states);
     fastmaml::task::task_adapt(net, td, p.theta.data(), p.lr.data(), c.K, o.thetas.data() + t * P, work.data(), tm);
     const T f_loss = fastmaml::task::task_backward(
         net, td, p.theta.data(), p.lr.data(), c.K, p.qw.data(), T(1), static_cast<const T*>(nullptr),
         c.first_order, o.f_theta.data(), c.need_lr ? o.f_lr.data() : nullptr,
         c.need_x ? o.f_gxs.data() + t * c.ns * din : nullptr, c.need_x ? o.f_gxq.data() + t * c.nq * din : nullptr,
         work.data(), tm, o.f_preds.data() + t * c.nq * dout, static_cast<const T*>(nullptr), /*add_rows=*/true,
-        recompute);
+        recompute, states);
     if (tm.rank() == 0) o.f_losses[t] = f_loss;
     fastmaml::task::task_backward(net, td, p.theta.data(), p.lr.data(), c.K, p.qw.data(), T(1), o.zeros.data(),
                                   c.first_order, o.sum_theta.data(), c.need_lr ? o.sum_lr.data() : nullptr,
                                   static_cast<T*>(nullptr), static_cast<T*>(nullptr), work.data(), tm,
-                                  static_cast<T*>(nullptr), static_cast<const T*>(nullptr), false, recompute);
+                                  static_cast<T*>(nullptr), static_cast<const T*>(nullptr), false, recompute, states);
   }
 }
 
 template <typename T>
-Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1, bool recompute = false) {
+Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1, bool recompute = false, bool states_apart = false) {
   const Net& net = p.net;
   const Case& c = p.c;
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L], nmax = std::max(c.ns, c.nq);
@@ -183,12 +187,14 @@ Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1, bool recomput
   o.sum_theta.assign(P, T(0));
   o.sum_lr.assign(o.g_lr.size(), T(0));
   o.zeros.assign(static_cast<size_t>(c.nq) * dout, T(0));
-  int64_t ws = fastmaml::task::backward_workspace(net, c.K, nmax, c.need_lr, recompute);
+  int64_t ws = fastmaml::task::backward_workspace(net, c.K, nmax, c.need_lr, recompute, states_apart);
   ws = std::max(ws, fastmaml::task::forward_workspace(net, nmax));
   ws = std::max(ws, fastmaml::task::adapt_workspace(net, c.ns));
   std::vector<T> work(static_cast<size_t>(ws), nan);
+  std::vector<T> kept(states_apart ? static_cast<size_t>(fastmaml::task::backward_states(net, c.K, nmax)) : 0, nan);
+  T* states = states_apart ? kept.data() : nullptr;
   if (team_size == 0) {
-    run_rank(p, o, work, fastmaml::task::SerialTeam(), recompute);
+    run_rank(p, o, work, fastmaml::task::SerialTeam(), recompute, states);
     return o;
   }
   std::barrier<> bar(team_size);
@@ -196,7 +202,7 @@ Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1, bool recomput
   std::vector<std::thread> threads;
   for (int r = 0; r < team_size; ++r) {
     threads.emplace_back(
-        [&, r] { run_rank(p, o, work, ThreadTeam{r, team_size, &bar, red.data(), shape}, recompute); });
+        [&, r] { run_rank(p, o, work, ThreadTeam{r, team_size, &bar, red.data(), shape}, recompute, states); });
   }
   for (auto& th : threads) th.join();
   return o;
@@ -328,15 +334,16 @@ template <typename T>
 void check_case(const Case& c, uint64_t seed, const std::vector<TeamSpec>& teams, double rtol) {
   const Problem<T> p = make_problem<T>(c, 3, seed);
   char label[256];
-  std::snprintf(label, sizeof label, "case#%llu %s dims=%zu-layer ns=%d nq=%d K=%d %s %s%s%s%s%s",
+  std::snprintf(label, sizeof label, "case#%llu %s dims=%zu-layer ns=%d nq=%d K=%d %s %s%s%s%s%s%s%s",
                 static_cast<unsigned long long>(seed), sizeof(T) == 8 ? "f64" : "f32", c.dims.size() - 1, c.ns, c.nq,
                 c.K, c.activation == 0 ? "relu" : "tanh", c.loss == 0 ? "mse" : "ce", c.first_order ? " fo" : "",
-                c.need_lr ? " lr" : "", c.need_x ? " x" : "", c.multi_step ? " qw" : "");
+                c.need_lr ? " lr" : "", c.need_x ? " x" : "", c.multi_step ? " qw" : "", c.recompute ? " rebuilt" : "",
+                c.states_apart ? " states-apart" : "");
   // The team of one keeps theta_1..theta_K; teams of a recompute case rebuild them (within a rounding).
   const Outputs<T> want = run(p, 0);
   for (const TeamSpec& spec : teams) {
     const int team = spec.size;
-    const Outputs<T> got = run(p, team, spec.shape, c.recompute);
+    const Outputs<T> got = run(p, team, spec.shape, c.recompute, c.states_apart);
     compare(got.losses, want.losses, "task_losses", label, team, rtol);
     compare(got.preds, want.preds, "query_preds", label, team, rtol);
     compare(got.g_theta, want.g_theta, "g_theta", label, team, rtol);
@@ -386,6 +393,8 @@ int main() {
             c.need_x = variant != 1;
             c.multi_step = variant != 1 && K > 0;
             c.recompute = variant == 2;
+            // The states apart from the workspace with kept thetas on half the nets, rebuilt on the other.
+            c.states_apart = (variant == 0 && ni % 2 == 0) || (variant == 2 && ni % 2 == 1);
             check_case<double>(c, seed++, teams, 1e-12);
             ++n_cases;
           }
@@ -396,7 +405,7 @@ int main() {
   // float32 on one net: the same code path, instantiated for float.
   for (int loss = 0; loss < 2; ++loss) {
     for (bool recompute : {false, true}) {
-      Case c{{3, 10, 4}, 6, 5, 2, 1, loss, false, true, true, true, recompute};
+      Case c{{3, 10, 4}, 6, 5, 2, 1, loss, false, true, true, true, recompute, /*states_apart=*/recompute};
       check_case<float>(c, seed++, teams, 1e-5);
       ++n_cases;
     }

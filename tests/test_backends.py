@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import itertools
 import os
+import re
 import shutil
 
 import pytest
@@ -601,17 +602,21 @@ def test_a_bad_cuda_team_switch_is_refused(monkeypatch, value):
     CudaBackend().unavailable()  # a reason or None, no error
 
 
-@pytest.mark.parametrize("value", ["3", "5", "four"])
-def test_a_bad_cuda_min_blocks_switch_is_refused(monkeypatch, value):
-    """FASTMAML_CUDA_MIN_BLOCKS (which compiled reverse sweep the CUDA backend launches, for the GPU check's
-    A/B) is 0, 4 or 6: the kernels would launch the default for any other value, so the backend raises."""
+@pytest.mark.parametrize("name, bad, choices, good", [
+    ("FASTMAML_CUDA_MIN_BLOCKS", ["3", "5", "four"], ("0", "4", "6"), ["6", " 4 ", ""]),
+    ("FASTMAML_CUDA_STATES", ["shared", "globals"], ("workspace", "global"), [" Global", "workspace", ""])])
+def test_a_bad_cuda_kernel_switch_is_refused(monkeypatch, name, bad, choices, good):
+    """The CUDA kernels' A/B switches read in C++ (which compiled reverse sweep is launched, where it keeps
+    the support states): the kernels would run the default for any other value, so the backend raises,
+    naming the switch and its values; case and spaces are ignored as the kernels ignore them."""
     from fastmaml.backends.cuda import CudaBackend
 
-    monkeypatch.setenv("FASTMAML_CUDA_MIN_BLOCKS", value)
-    with pytest.raises(ValueError, match=r"FASTMAML_CUDA_MIN_BLOCKS must be one of \('0', '4', '6'\)"):
-        CudaBackend().unavailable()
-    for good in ("6", " 4 ", ""):
-        monkeypatch.setenv("FASTMAML_CUDA_MIN_BLOCKS", good)
+    for value in bad:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be one of {choices}")):
+            CudaBackend().unavailable()
+    for value in good:
+        monkeypatch.setenv(name, value)
         CudaBackend().unavailable()  # a reason or None, no error
 
 

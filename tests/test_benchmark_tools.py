@@ -115,7 +115,8 @@ def test_harness_measures_what_auto_has_not_placed():
 
 LAUNCH = re.compile(r"launch: (\d+) blocks of (\d+) threads, (\d+) tasks a block, workspace ([\d.]+) KiB in "
                     r"(shared|global) memory, (\d+) registers and (\d+) B local a thread, (\d+) blocks a "
-                    r"multiprocessor(, theta_k rebuilt)?(, tensor cores)?")
+                    r"multiprocessor(, theta_k rebuilt)?(, tensor cores)?(?:, support states ([\d.]+) KiB apart in "
+                    r"global memory)?")
 
 
 def test_cuda_launch_report(monkeypatch):
@@ -136,7 +137,7 @@ def test_cuda_launch_report(monkeypatch):
 
     def op(theta, dims, ns, nq, k, t, need_lr):
         seen.append((list(dims), ns, nq, k, t, need_lr))
-        return [128, 2048, 32, 1, 70656, 1, 0, 168, 0, 3]
+        return [128, 2048, 32, 1, 70656, 1, 0, 168, 0, 3, 0]
 
     with monkeypatch.context() as mp:
         mp.setattr(torch.ops.fastmaml_testing, "cuda_training_launch", op, raising=False)
@@ -144,7 +145,14 @@ def test_cuda_launch_report(monkeypatch):
     assert seen == [([1, 40, 40, 1], 10, 10, 5, 65536, False)]
     m = LAUNCH.fullmatch(note)
     assert m is not None and m.groups() == ("2048", "128", "32", "69.0", "shared", "168", "0", "3",
-                                            ", theta_k rebuilt", None), note
+                                            ", theta_k rebuilt", None, None), note
+    # FASTMAML_CUDA_STATES=global: the support states' bytes a block, kept apart from the workspace.
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.ops.fastmaml_testing, "cuda_training_launch",
+                   lambda *a: [128, 2048, 32, 1, 31232, 1, 0, 80, 416, 6, 33280], raising=False)
+        m = LAUNCH.fullmatch(H.cuda_launch_note(fake))
+    assert m is not None and m.groups()[3:] == ("30.5", "shared", "80", "416", "6", ", theta_k rebuilt", None,
+                                                "32.5"), m
     if not torch.cuda.is_available():
         return
     from fastmaml import dispatch

@@ -76,7 +76,8 @@ void check_launch(cudaError_t err, const char* op, const Launch& l) {
   if (err != cudaSuccess) (void)cudaGetLastError();  // reported here, not again by the next launch check
   TORCH_CHECK(err == cudaSuccess, "fastmaml: the CUDA kernel of ", op, " failed (", l.blocks, " blocks of ",
               l.threads, " threads, workspace ", l.work_elems, " elements per block in ",
-              l.shared ? "shared" : "global", " memory): ", cudaGetErrorString(err));
+              l.shared ? "shared" : "global", " memory, ", l.state_elems, " of states apart): ",
+              cudaGetErrorString(err));
 }
 
 // Typed pointers of a target tensor: floats for mse, class indices for cross-entropy.
@@ -308,7 +309,7 @@ at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const
 // tasks of the net `dims` with Ns + Nq points and K steps on `theta`'s GPU and dtype, for the benchmarks'
 // reports: [threads a block, blocks, tasks a block, workspace in shared memory (0 / 1), workspace bytes a
 // block, theta_k rebuilt (0 / 1), tensor cores (0 / 1), registers a thread, local bytes a thread, blocks a
-// multiprocessor holds at once].
+// multiprocessor holds at once, bytes a block of support states kept in global memory apart (0: none)].
 std::vector<int64_t> cuda_training_launch(const at::Tensor& theta, c10::IntArrayRef dims, int64_t Ns, int64_t Nq,
                                           int64_t K, int64_t T, bool need_lr) {
   TORCH_CHECK(theta.is_cuda(), "fastmaml: cuda_training_launch takes a CUDA tensor (for its device and dtype)");
@@ -337,7 +338,7 @@ std::vector<int64_t> cuda_training_launch(const at::Tensor& theta, c10::IntArray
   const bool mma = l.mma && major >= 8;
   const int64_t itemsize = static_cast<int64_t>(theta.element_size());
   return {l.threads, l.blocks, l.chunk, l.shared, l.work_elems * itemsize, l.recompute_thetas, mma,
-          r.registers, r.local_bytes, r.blocks_per_sm};
+          r.registers, r.local_bytes, r.blocks_per_sm, l.state_elems * itemsize};
 }
 
 // fastmaml_testing::cuda_timeline_arm: the next float reverse sweep of this process (a training call's or

@@ -53,8 +53,8 @@ struct BwdArgs {
   Data<T> data;
   const T *qw, *g_task_losses, *g_query_preds;
   bool first_order;
-  T *task_losses, *preds, *part_theta, *part_lr, *g_xs, *g_xq, *global_work;
-  int64_t work_elems;
+  T *task_losses, *preds, *part_theta, *part_lr, *g_xs, *g_xq, *global_work, *global_states;
+  int64_t work_elems, state_elems;
   bool shared, tiles, recompute_thetas, lds, mma;
   Timeline timeline;  // where the timeline variant writes (timeline.h); unused by the others
 };
@@ -165,6 +165,13 @@ __device__ T* block_workspace(bool shared, T* global, int64_t work_elems) {
   return shared ? reinterpret_cast<T*>(fastmaml_smem) : global + static_cast<int64_t>(blockIdx.x) * work_elems;
 }
 
+// The block's slice of the support states kept apart from the workspace (Launch::state_elems), or null
+// (task_backward then keeps them in the workspace).
+template <typename T>
+__device__ T* block_states(T* global_states, int64_t state_elems) {
+  return global_states == nullptr ? nullptr : global_states + static_cast<int64_t>(blockIdx.x) * state_elems;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     fwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr, Data<T> data,
@@ -224,12 +231,13 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     bwd_kernel(Net net, int64_t n_tasks, int64_t chunk, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                Data<T> data, const T* qw, const T* g_task_losses, const T* g_query_preds, bool first_order,
                T* task_losses, T* preds, T* part_theta, T* part_lr, T* g_xs, T* g_xq, T* global_work,
-               int64_t work_elems, bool shared, bool tiles, bool recompute_thetas, bool lds, bool mma,
-               Timeline timeline) {
+               int64_t work_elems, T* global_states, int64_t state_elems, bool shared, bool tiles,
+               bool recompute_thetas, bool lds, bool mma, Timeline timeline) {
   __shared__ double red[kReductionSlots];
   const int64_t b = blockIdx.x;
   const auto tm = kernel_team<kTimeline>(BlockTeam{red, tiles, lds, mma && std::is_same_v<T, float>}, timeline, b);
   T* work = block_workspace(shared, global_work, work_elems);
+  T* states = block_states(global_states, state_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   T* pth = part_theta + b * P;
   T* plr = part_lr == nullptr ? nullptr : part_lr + b * K * P;
@@ -246,7 +254,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
         net, td, theta, lr, K, qw, fused ? T(1) : g_task_losses[t],
         fused ? static_cast<const T*>(nullptr) : g_query_preds + t * Nq * dout, first_order, pth, plr, gxs, gxq, work,
         tm, fused ? preds + t * Nq * dout : static_cast<T*>(nullptr), static_cast<const T*>(nullptr),
-        /*add_rows=*/fused, recompute_thetas);
+        /*add_rows=*/fused, recompute_thetas, states);
     if (fused && tm.rank() == 0) task_losses[t] = loss;
   }
   if constexpr (kTimeline) tm.mark(kTasksEnd);
@@ -257,11 +265,12 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     fwdbwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                   Data<T> data, const T* qw, bool first_order, T* task_losses, T* preds, T* rows_theta,
-                  T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared, bool tiles,
-                  bool recompute_thetas, bool lds, bool mma) {
+                  T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, T* global_states,
+                  int64_t state_elems, bool shared, bool tiles, bool recompute_thetas, bool lds, bool mma) {
   __shared__ double red[kReductionSlots];
   const BlockTeam tm{red, tiles, lds, mma && std::is_same_v<T, float>};
   T* work = block_workspace(shared, global_work, work_elems);
+  T* states = block_states(global_states, state_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   for (int64_t t = blockIdx.x; t < n_tasks; t += gridDim.x) {
     const TaskData<T> td = task_data(net, Ns, Nq, data, t);
@@ -269,7 +278,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         net, td, theta, lr, K, qw, T(1), static_cast<const T*>(nullptr), first_order, rows_theta + t * P,
         rows_lr == nullptr ? nullptr : rows_lr + t * K * P, g_xs == nullptr ? nullptr : g_xs + t * Ns * din,
         g_xq == nullptr ? nullptr : g_xq + t * Nq * din, work, tm, preds + t * Nq * dout,
-        static_cast<const T*>(nullptr), /*add_rows=*/false, recompute_thetas);
+        static_cast<const T*>(nullptr), /*add_rows=*/false, recompute_thetas, states);
     if (tm.rank() == 0) task_losses[t] = loss;
   }
 }
@@ -325,6 +334,14 @@ cudaError_t reduce_rows(const T* part, int64_t rows, int64_t width, T* out, cuda
 template <typename T>
 size_t dynamic_shared(const Launch& launch) {
   return launch.shared ? static_cast<size_t>(launch.work_elems) * sizeof(T) : 0;
+}
+
+// Where the support states kept apart begin in the caller's global workspace (after the blocks'
+// workspaces where those are global too), or null where they are in the workspace.
+template <typename T>
+T* states_base(const Launch& launch, T* workspace) {
+  if (launch.state_elems == 0) return nullptr;
+  return workspace + (launch.shared ? 0 : launch.blocks * launch.work_elems);
 }
 
 // Dynamic shared memory past the 48 KiB a kernel may use by default (its static shared memory counted)
@@ -384,7 +401,8 @@ cudaError_t launch_bwd_kernel(const BwdArgs<T>& a, unsigned blocks, int threads,
   kernel<<<blocks, threads, smem, stream>>>(a.net, a.n_tasks, a.chunk, a.Ns, a.Nq, a.K, a.theta, a.lr, a.data, a.qw,
                                             a.g_task_losses, a.g_query_preds, a.first_order, a.task_losses, a.preds,
                                             a.part_theta, a.part_lr, a.g_xs, a.g_xq, a.global_work, a.work_elems,
-                                            a.shared, a.tiles, a.recompute_thetas, a.lds, a.mma, a.timeline);
+                                            a.global_states, a.state_elems, a.shared, a.tiles, a.recompute_thetas,
+                                            a.lds, a.mma, a.timeline);
   return cudaGetLastError();
 }
 
@@ -492,8 +510,9 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
     const size_t smem = dynamic_shared<T>(launch);
     const BwdArgs<T> a{s.net, s.T, launch.chunk, s.Ns, s.Nq, static_cast<int>(K), theta, lr, data, qw,
                        g_task_losses, g_query_preds, first_order, task_losses, query_preds, part_theta,
-                       need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, launch.work_elems, launch.shared,
-                       launch.tiles, launch.recompute_thetas, launch.shared_loads, launch.mma, Timeline{}};
+                       need_lr ? part_lr : nullptr, g_xs, g_xq, workspace, states_base(launch, workspace),
+                       launch.work_elems, launch.state_elems, launch.shared, launch.tiles, launch.recompute_thetas,
+                       launch.shared_loads, launch.mma, Timeline{}};
     const auto blocks = static_cast<unsigned>(launch.blocks);
     if constexpr (std::is_same_v<T, float>) {
       int device = -1;
@@ -542,8 +561,8 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
   if (const cudaError_t e = allow_shared(fwdbwd_kernel<T>, smem); e != cudaSuccess) return e;
   fwdbwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, first_order, task_losses, query_preds,
-      rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles,
-      launch.recompute_thetas, launch.shared_loads, launch.mma);
+      rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, states_base(launch, workspace),
+      launch.state_elems, launch.shared, launch.tiles, launch.recompute_thetas, launch.shared_loads, launch.mma);
   return cudaGetLastError();
 }
 

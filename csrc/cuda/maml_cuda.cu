@@ -52,6 +52,18 @@ int team_cap() {
   return cap;
 }
 
+// FASTMAML_CUDA_STATES=global (read once per process; the cuda backend refuses values other than
+// "workspace", the default, and "global") keeps the reverse sweeps' K support states in global memory
+// apart from the rest of a task's workspace (task_backward's kept_states). At the sinusoid net's K = 5
+// (W = 40, rebuilt thetas) the shared workspace then takes 30.4 KiB a task instead of 62.6: shared memory
+// holds 7 blocks a multiprocessor instead of 3, so the 4- and 6-block sweeps (FASTMAML_CUDA_MIN_BLOCKS)
+// run that many tasks at once; the states (32 KiB a task, written once a step, read in its reverse step)
+// are served by L1 and L2. A switch until a GPU measures it (the GPU check's A/B `states`).
+bool states_apart() {
+  static const bool on = env_word("FASTMAML_CUDA_STATES") == "global";
+  return on;
+}
+
 // FASTMAML_REVERSE_THETAS (read once per process): "keep" or "recompute" at every size; otherwise (unset,
 // "auto") recompute where the kept rows take the workspace past kKeepThetasBytes.
 int reverse_thetas() {  // 0 keep, 1 recompute, -1 auto
@@ -81,6 +93,10 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
       const int mode = reverse_thetas();
       l.recompute_thetas = mode == 1 || (mode == -1 && kept * itemsize > kKeepThetasBytes);
       l.work_elems = l.recompute_thetas ? task::backward_workspace(net, s.K, nmax, need_lr_grad, true) : kept;
+      if (states_apart() && s.K > 0) {
+        l.state_elems = task::backward_states(net, s.K, nmax);
+        l.work_elems -= l.state_elems;
+      }
       break;
     }
   }
@@ -91,10 +107,11 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
     widest = std::max({widest, nmax * dout, nmax * din, din * dout});
   }
   l.threads = static_cast<int>(std::min<int64_t>(team_cap(), ceil_div(widest, 32) * 32));
-  const int64_t work_bytes = l.work_elems * itemsize;
-  l.shared = work_bytes <= std::max(max_shared_bytes, kSharedWorkspaceBytes);
-  // The grid as if the workspace were global, whether or not it fits in this GPU's shared memory: the
-  // backward's chunks (its summation order) must not depend on the device.
+  l.shared = l.work_elems * itemsize <= std::max(max_shared_bytes, kSharedWorkspaceBytes);
+  // The grid as if the workspace (with the states) were global, whether or not it fits in this GPU's
+  // shared memory and wherever the states are kept: the backward's chunks (its summation order) must not
+  // depend on the device or the switches.
+  const int64_t work_bytes = (l.work_elems + l.state_elems) * itemsize;
   int64_t max_blocks = std::min<int64_t>(kMaxBlocks, std::max<int64_t>(s.T, 1));
   max_blocks = std::min(max_blocks, std::max<int64_t>(1, kWorkspaceBudgetBytes / std::max<int64_t>(work_bytes, 1)));
   if (op == Op::kBackward) {
@@ -106,7 +123,7 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
     l.chunk = 0;
     l.blocks = max_blocks;
   }
-  l.global_elems = l.shared ? 0 : l.blocks * l.work_elems;
+  l.global_elems = (l.shared ? 0 : l.blocks * l.work_elems) + l.blocks * l.state_elems;
   l.tiles = register_tiles();
   l.shared_loads = shared_loads();
   l.mma = tensor_cores() && itemsize == 4;  // float only: team_mma.h has no double tiles

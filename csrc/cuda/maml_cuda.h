@@ -63,7 +63,10 @@ struct Launch {
   int64_t chunk;         // backward: tasks per block (block b takes tasks [b * chunk, (b + 1) * chunk))
   int64_t work_elems;    // workspace elements per block
   bool shared;           // workspace in dynamic shared memory (work_elems * itemsize bytes per block)
-  int64_t global_elems;  // elements of global workspace the caller provides (0 when shared)
+  int64_t global_elems;  // elements of global workspace the caller provides: blocks * work_elems when not
+                         // shared, then blocks * state_elems (0 when neither)
+  int64_t state_elems;   // reverse sweeps: the support states' elements per block, kept in global memory
+                         // apart from the workspace (FASTMAML_CUDA_STATES=global); 0: in the workspace
   bool tiles;            // register tiles in the team products (FASTMAML_CUDA_TILES=0: one output per thread)
   bool recompute_thetas;  // reverse sweep: theta_k rebuilt, not kept (kKeepThetasBytes)
   bool shared_loads;     // products load from shared memory (LDS) where both operands are there

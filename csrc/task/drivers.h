@@ -86,11 +86,14 @@ FASTMAML_HD inline int64_t tangents_or_query_size(const Net& net, int64_t nmax) 
 // `recompute_thetas` it keeps one theta row instead, and rebuilds each theta_k from theta_{k+1} on the way
 // back (task_backward): rows of P are most of the workspace of a narrow net (the 1-40-40-1 net at K = 5:
 // 90.3 KiB a task kept, 62.6 recomputed, in float32; at K = 1 36.8).
+// With `states_apart` the support states are not in it (task_backward's kept_states): backward_states more.
 FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax, bool need_lr_grad,
-                                              bool recompute_thetas = false) {
+                                              bool recompute_thetas = false, bool states_apart = false) {
   const int64_t rows = recompute_thetas ? 3 : K + (need_lr_grad ? K : 0) + 2;
-  return K * state_size(net, nmax) + tangents_or_query_size(net, nmax) + rows * padded(net.P);
+  return (states_apart ? 0 : K * state_size(net, nmax)) + tangents_or_query_size(net, nmax) + rows * padded(net.P);
 }
+// Elements of the K support states the reverse sweep keeps (its workspace's first segment, or apart).
+FASTMAML_HD inline int64_t backward_states(const Net& net, int64_t K, int64_t nmax) { return K * state_size(net, nmax); }
 
 // Where rebuild_step puts each element of g_k: theta_k = theta_{k+1} + lr_k g_k in `theta` (when
 // `rebuild`), and g_lr's row `gl` written or added to (when given). Also the store of a team product
@@ -231,20 +234,25 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 // each element (theta_{k+1} was rounded once), so the sweep's results differ from the kept rows' in the
 // last bits; it costs the parameter products of one backward per step (K - 1 of them, K with g_lr) and
 // saves K - 1 rows of P (2K - 1 with g_lr).
+//
+// `kept_states` (optional): `backward_states(net, K, max(Ns, Nq))` elements where the support states of
+// steps 0..K-1 are kept instead of the workspace's first segment, which then holds the rest only
+// (`backward_workspace(..., states_apart = true)`): the CUDA kernels keep them in global memory so that a
+// shared workspace of a deep inner loop holds more tasks a multiprocessor. The same arithmetic either way.
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData<T>& td, const T* theta0,
                                                   const T* lr, int K, const T* qw, T c, const T* gpreds,
                                                   bool first_order, T* g_theta, T* g_lr, T* gxs, T* gxq, T* work,
                                                   const Team& tm = Team(), T* preds_out = nullptr,
                                                   const T* theta0_t = nullptr, bool add_rows = false,
-                                                  bool recompute_thetas = false) {
+                                                  bool recompute_thetas = false, T* kept_states = nullptr) {
   const bool write_rows = preds_out != nullptr && !add_rows;  // this task's own rows: written, not added to
   const bool one_row = recompute_thetas;
   const int64_t P = net.P, Pp = padded(P);
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
   const int64_t st = state_size(net, nmax);
-  T* states = work;                              // support state of steps 0..K-1
-  T* tangents = states + K * st;                 // rz, rh, rd; between the HVPs, the query state
+  T* states = kept_states != nullptr ? kept_states : work;  // support state of steps 0..K-1
+  T* tangents = kept_states != nullptr ? work : work + K * st;  // rz, rh, rd; between the HVPs, the query state
   T* thetas = tangents + tangents_or_query_size(net, nmax);  // theta_1 .. theta_K, K rows of Pp (one_row: one)
   T* grads = thetas + (one_row ? 1 : K) * Pp;    // g_0 .. g_{K-1} (K rows) with g_lr and kept rows, else none
   T* u = grads + (g_lr != nullptr && !one_row ? K : 0) * Pp;  // one_row: also each g_k of the inner loop

@@ -118,6 +118,7 @@ class CudaBackend(ExtensionBackend):
         # must not measure the default under another name.
         env_choice("FASTMAML_CUDA_THREADS", ("128", "64", "32"))
         env_choice("FASTMAML_CUDA_MIN_BLOCKS", ("0", "4", "6"))  # the float reverse sweep's residency variant
+        env_choice("FASTMAML_CUDA_STATES", ("workspace", "global"))  # where the reverse sweeps keep K states
         env_choice("FASTMAML_REVERSE_THETAS", ("auto", "keep", "recompute"))  # plan()'s rebuilt thetas
         # Decided from torch, the GPU and the kernels the loaded library registered, not from nvcc: a
         # prebuilt library with CUDA kernels runs where no compiler is installed. nvcc only explains why
