@@ -13,6 +13,7 @@
 //   g++ -std=c++20 -O1 -pthread -I csrc tests/cuda_team_check.cpp -o team_check && ./team_check
 // Exit status 0 when every case matches; otherwise it prints the first mismatches.
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -132,9 +133,11 @@ struct Outputs {
 };
 
 // Runs the three drivers for every task, one task after another, as rank `tm.rank()` of `tm`.
+// `states`: where the reverse sweeps keep the support states apart (null: in the workspace); `bwork`: their
+// workspace (then only the rest of it).
 template <typename T, typename Team>
 void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Team& tm, bool recompute,
-              T* states) {
+              T* states, T* bwork) {
   const Net& net = p.net;
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   const Case& c = p.c;
@@ -147,22 +150,24 @@ void run_rank(const Problem<T>& p, Outputs<T>& o, std::vector<T>& work, const Te
                                   p.gp.data() + t * c.nq * dout, c.first_order, o.g_theta.data(),
                                   c.need_lr ? o.g_lr.data() : nullptr,
                                   c.need_x ? o.gxs.data() + t * c.ns * din : nullptr,
-                                  c.need_x ? o.gxq.data() + t * c.nq * din : nullptr, work.data(), tm,
+                                  c.need_x ? o.gxq.data() + t * c.nq * din : nullptr, bwork, tm,
                                   static_cast<T*>(nullptr), static_cast<const T*>(nullptr), false, recompute, states);
     fastmaml::task::task_adapt(net, td, p.theta.data(), p.lr.data(), c.K, o.thetas.data() + t * P, work.data(), tm);
     const T f_loss = fastmaml::task::task_backward(
         net, td, p.theta.data(), p.lr.data(), c.K, p.qw.data(), T(1), static_cast<const T*>(nullptr),
         c.first_order, o.f_theta.data(), c.need_lr ? o.f_lr.data() : nullptr,
         c.need_x ? o.f_gxs.data() + t * c.ns * din : nullptr, c.need_x ? o.f_gxq.data() + t * c.nq * din : nullptr,
-        work.data(), tm, o.f_preds.data() + t * c.nq * dout, static_cast<const T*>(nullptr), /*add_rows=*/true,
+        bwork, tm, o.f_preds.data() + t * c.nq * dout, static_cast<const T*>(nullptr), /*add_rows=*/true,
         recompute, states);
     if (tm.rank() == 0) o.f_losses[t] = f_loss;
     fastmaml::task::task_backward(net, td, p.theta.data(), p.lr.data(), c.K, p.qw.data(), T(1), o.zeros.data(),
                                   c.first_order, o.sum_theta.data(), c.need_lr ? o.sum_lr.data() : nullptr,
-                                  static_cast<T*>(nullptr), static_cast<T*>(nullptr), work.data(), tm,
+                                  static_cast<T*>(nullptr), static_cast<T*>(nullptr), bwork, tm,
                                   static_cast<T*>(nullptr), static_cast<const T*>(nullptr), false, recompute, states);
   }
 }
+
+int failures = 0;
 
 template <typename T>
 Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1, bool recompute = false, bool states_apart = false) {
@@ -187,14 +192,35 @@ Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1, bool recomput
   o.sum_theta.assign(P, T(0));
   o.sum_lr.assign(o.g_lr.size(), T(0));
   o.zeros.assign(static_cast<size_t>(c.nq) * dout, T(0));
-  int64_t ws = fastmaml::task::backward_workspace(net, c.K, nmax, c.need_lr, recompute, states_apart);
+  int64_t ws = fastmaml::task::backward_workspace(net, c.K, nmax, c.need_lr, recompute);
   ws = std::max(ws, fastmaml::task::forward_workspace(net, nmax));
   ws = std::max(ws, fastmaml::task::adapt_workspace(net, c.ns));
   std::vector<T> work(static_cast<size_t>(ws), nan);
-  std::vector<T> kept(states_apart ? static_cast<size_t>(fastmaml::task::backward_states(net, c.K, nmax)) : 0, nan);
+  // States apart: the reverse sweeps get their own workspace of exactly backward_workspace(..., true)
+  // elements, then a guard of sentinels that must stay untouched (as long as the states, so that a sweep
+  // writing them into its workspace after all is reported, not a corrupted heap), and the states buffer
+  // must be written.
+  const int64_t bws = fastmaml::task::backward_workspace(net, c.K, nmax, c.need_lr, recompute, true);
+  const int64_t n_states = fastmaml::task::backward_states(net, c.K, nmax);
+  const T sentinel = T(-12345.5);
+  std::vector<T> kept(states_apart ? static_cast<size_t>(n_states) : 0, nan);
+  std::vector<T> bwork_apart(states_apart ? static_cast<size_t>(bws + n_states + 16) : 0, nan);
+  std::fill(bwork_apart.begin() + (states_apart ? bws : 0), bwork_apart.end(), sentinel);
   T* states = states_apart ? kept.data() : nullptr;
+  T* bwork = states_apart ? bwork_apart.data() : work.data();
+  const auto check_apart = [&] {
+    if (!states_apart) return;
+    const bool guard_kept = std::all_of(bwork_apart.begin() + bws, bwork_apart.end(), [&](T x) { return x == sentinel; });
+    const bool written = c.K == 0 || std::any_of(kept.begin(), kept.end(), [](T x) { return !std::isnan(x); });
+    if (!guard_kept || !written) {
+      std::printf("STATES APART team=%d: %s\n", team_size,
+                  !guard_kept ? "the reverse sweep wrote past its workspace" : "the kept states were never written");
+      ++failures;
+    }
+  };
   if (team_size == 0) {
-    run_rank(p, o, work, fastmaml::task::SerialTeam(), recompute, states);
+    run_rank(p, o, work, fastmaml::task::SerialTeam(), recompute, states, bwork);
+    check_apart();
     return o;
   }
   std::barrier<> bar(team_size);
@@ -202,13 +228,12 @@ Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1, bool recomput
   std::vector<std::thread> threads;
   for (int r = 0; r < team_size; ++r) {
     threads.emplace_back(
-        [&, r] { run_rank(p, o, work, ThreadTeam{r, team_size, &bar, red.data(), shape}, recompute, states); });
+        [&, r] { run_rank(p, o, work, ThreadTeam{r, team_size, &bar, red.data(), shape}, recompute, states, bwork); });
   }
   for (auto& th : threads) th.join();
+  check_apart();
   return o;
 }
-
-int failures = 0;
 
 template <typename T>
 void compare(const std::vector<T>& got, const std::vector<T>& want, const char* what, const char* label, int team,
@@ -393,8 +418,9 @@ int main() {
             c.need_x = variant != 1;
             c.multi_step = variant != 1 && K > 0;
             c.recompute = variant == 2;
-            // The states apart from the workspace with kept thetas on half the nets, rebuilt on the other.
-            c.states_apart = (variant == 0 && ni % 2 == 0) || (variant == 2 && ni % 2 == 1);
+            // The states apart from the workspace: second order with kept thetas on half the nets, with
+            // rebuilt ones on the other half, first order (kept thetas, no g_lr) on that half too.
+            c.states_apart = ni % 2 == 0 ? variant == 0 : variant != 0;
             check_case<double>(c, seed++, teams, 1e-12);
             ++n_cases;
           }

@@ -3,7 +3,7 @@
 // compiles this sweep beside bwd_f32.cu's default one; together in one file they were the build's
 // longest compile.
 
-#include "kernels.cuh"
+#include "bwd_min.cuh"
 
 namespace fastmaml {
 namespace cuda {

@@ -2,7 +2,7 @@
 // kernels.cuh's min_blocks): its launcher and its residency report. A file of its own so that ninja
 // compiles this sweep beside the default one (bwd_f32.cu) and the 4-block one (bwd_f32_min4.cu).
 
-#include "kernels.cuh"
+#include "bwd_min.cuh"
 
 namespace fastmaml {
 namespace cuda {

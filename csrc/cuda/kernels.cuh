@@ -7,13 +7,13 @@
 // (FASTMAML_INSTANTIATE_*): maml_cuda.cu the forward, adapt and weighted-sum launchers of both dtypes
 // and plan(); bwd_f32.cu, bwd_f64.cu, fwdbwd_f32.cu and fwdbwd_f64.cu one reverse-sweep kernel family
 // each; bwd_f32_min4.cu and bwd_f32_min6.cu the float reverse sweep for 4 and 6 blocks a multiprocessor
-// (BwdMin), bwd_f32_timeline.cu its barrier timeline (BwdTimeline, timeline.h). Why several files: nvcc compiles one file on one core, and
-// the reverse sweeps are most of the build (minutes on 2 cores, about two on the GPU machine when this
-// was one file); ninja compiles the files in parallel. Every kernel and device helper here has internal
-// linkage (the anonymous namespace): each file gets its own copies of the few it shares with another
-// (column_sum_kernel, block_sum), so no two device modules define one symbol. Outside it: the launchers
-// (host templates, each instantiated in one file), BwdMin, BwdTimeline and the plain structs they pass
-// between files (Data, BwdArgs).
+// (BwdMin, bwd_min.cuh), bwd_f32_timeline.cu its barrier timeline (BwdTimeline, timeline.h). Why several
+// files: nvcc compiles one file on one core, and the reverse sweeps are most of the build (minutes on 2
+// cores, about two on the GPU machine when this was one file); ninja compiles the files in parallel.
+// Every kernel and device helper here has internal linkage (the anonymous namespace): each file gets its
+// own copies of the few it shares with another (column_sum_kernel, block_sum), so no two device modules
+// define one symbol. Outside it: the launchers (host templates, each instantiated in one file), BwdMin,
+// BwdTimeline and the plain structs they pass between files (Data, BwdArgs).
 #pragma once
 
 #include "maml_cuda.h"
@@ -425,25 +425,15 @@ cudaError_t bwd_kernel_residency(int threads, size_t smem, Residency* out) {
 
 }  // namespace
 
-// The float reverse sweep compiled for kMinBlocks blocks a multiprocessor (min_blocks above): the
-// members are instantiated only in bwd_f32_min<kMinBlocks>.cu (`extern template` keeps every other file
-// from compiling the kernel).
+// The float reverse sweep compiled for kMinBlocks blocks a multiprocessor (min_blocks above). Only
+// declared here: the members are defined in bwd_min.cuh, which only bwd_f32_min4.cu and bwd_f32_min6.cu
+// include, each instantiating its own (so no other file can compile those kernels, and one missing
+// instantiation fails the link).
 template <int kMinBlocks>
 struct BwdMin {
   static cudaError_t launch(const BwdArgs<float>& a, unsigned blocks, int threads, size_t smem, cudaStream_t stream);
   static cudaError_t residency(int threads, size_t smem, Residency* out);
 };
-template <int kMinBlocks>
-cudaError_t BwdMin<kMinBlocks>::launch(const BwdArgs<float>& a, unsigned blocks, int threads, size_t smem,
-                                       cudaStream_t stream) {
-  return launch_bwd_kernel<float, kMinBlocks>(a, blocks, threads, smem, stream);
-}
-template <int kMinBlocks>
-cudaError_t BwdMin<kMinBlocks>::residency(int threads, size_t smem, Residency* out) {
-  return bwd_kernel_residency<float, kMinBlocks>(threads, smem, out);
-}
-extern template struct BwdMin<4>;
-extern template struct BwdMin<6>;
 
 // The float reverse sweep with its barrier timeline (TimelineTeam; a.timeline), defined in
 // bwd_f32_timeline.cu: launched in place of the default sweep once armed (maml_cuda.h, arm_timeline).
