@@ -353,9 +353,10 @@ fi
 #            6 tasks of 4 warps a multiprocessor (shared memory allows 6), 24 warps instead of 12; at K=5,
 #            W=40 shared memory still holds 3; at W=128 (global workspace) 6. With team64 (blocks6+team64):
 #            12 tasks of 2 warps, the workspaces in global memory
-#   states   FASTMAML_CUDA_STATES=global at W=40: the reverse sweep's K support states in global memory
-#            apart, the rest of the workspace (30.4 KiB at K=5) in shared memory; with blocks6
-#            (blocks6+states) 6 tasks of 4 warps a multiprocessor at K=5 instead of 3, with blocks4 4
+#   states   FASTMAML_CUDA_STATES=global at W=40: the reverse sweep's support states of steps 0..K-2 in
+#            global memory apart, copied in and out of a workspace that keeps one (36.8 KiB at K=5, as at
+#            K=1); with blocks6 (blocks6+states) 6 tasks of 4 warps a multiprocessor at K=5 instead of 3,
+#            with blocks4 4
 #   lds      FASTMAML_CUDA_LDS=0 at W=40: the CUDA products' generic loads where both operands are in
 #            shared memory, as before c5539fb (LDS: 35 instructions for a 2 x 2 tile's 16 FFMA, not 43)
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's

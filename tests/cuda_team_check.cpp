@@ -196,22 +196,23 @@ Outputs<T> run(const Problem<T>& p, int team_size, int shape = -1, bool recomput
   ws = std::max(ws, fastmaml::task::forward_workspace(net, nmax));
   ws = std::max(ws, fastmaml::task::adapt_workspace(net, c.ns));
   std::vector<T> work(static_cast<size_t>(ws), nan);
-  // States apart: the reverse sweeps get their own workspace of exactly backward_workspace(..., true)
-  // elements, then a guard of sentinels that must stay untouched (as long as the states, so that a sweep
-  // writing them into its workspace after all is reported, not a corrupted heap), and the states buffer
-  // must be written.
+  // States apart (K > 1: steps 0..K-2 apart, the step's at hand in the workspace): the reverse sweeps get
+  // their own workspace of exactly backward_workspace(..., true) elements, then a guard of sentinels that
+  // must stay untouched (as long as the states, so that a sweep keeping them in its workspace after all is
+  // reported, not a corrupted heap), and every element of the states buffer must be written.
   const int64_t bws = fastmaml::task::backward_workspace(net, c.K, nmax, c.need_lr, recompute, true);
   const int64_t n_states = fastmaml::task::backward_states(net, c.K, nmax);
-  const T sentinel = T(-12345.5);
-  std::vector<T> kept(states_apart ? static_cast<size_t>(n_states) : 0, nan);
+  const T sentinel = T(-12345.5), unwritten = T(-6789.25);
+  std::vector<T> kept(states_apart ? static_cast<size_t>(n_states) : 0, unwritten);
   std::vector<T> bwork_apart(states_apart ? static_cast<size_t>(bws + n_states + 16) : 0, nan);
   std::fill(bwork_apart.begin() + (states_apart ? bws : 0), bwork_apart.end(), sentinel);
-  T* states = states_apart ? kept.data() : nullptr;
+  T* states = states_apart && n_states > 0 ? kept.data() : nullptr;
   T* bwork = states_apart ? bwork_apart.data() : work.data();
   const auto check_apart = [&] {
     if (!states_apart) return;
     const bool guard_kept = std::all_of(bwork_apart.begin() + bws, bwork_apart.end(), [&](T x) { return x == sentinel; });
-    const bool written = c.K == 0 || std::any_of(kept.begin(), kept.end(), [](T x) { return !std::isnan(x); });
+    // Each state is copied out whole, padding included: no element may keep its initial sentinel.
+    const bool written = std::none_of(kept.begin(), kept.end(), [&](T x) { return x == unwritten; });
     if (!guard_kept || !written) {
       std::printf("STATES APART team=%d: %s\n", team_size,
                   !guard_kept ? "the reverse sweep wrote past its workspace" : "the kept states were never written");

@@ -53,12 +53,14 @@ int team_cap() {
 }
 
 // FASTMAML_CUDA_STATES=global (read once per process; the cuda backend refuses values other than
-// "workspace", the default, and "global") keeps the reverse sweeps' K support states in global memory
-// apart from the rest of a task's workspace (task_backward's kept_states). At the sinusoid net's K = 5
-// (W = 40, rebuilt thetas) the shared workspace then takes 30.4 KiB a task instead of 62.6: shared memory
-// holds 7 blocks a multiprocessor instead of 3, so the 4- and 6-block sweeps (FASTMAML_CUDA_MIN_BLOCKS)
-// run that many tasks at once; the states (32 KiB a task, written once a step, read in its reverse step)
-// are served by L1 and L2. A switch until a GPU measures it (the GPU check's A/B `states`).
+// "workspace", the default, and "global") keeps the reverse sweeps' support states of steps 0..K-2 in
+// global memory apart from a task's workspace, which holds the step's at hand (task_backward's
+// kept_states: each state copied out after its inner step and back in before its reverse step, so every
+// product still reads shared memory). At the sinusoid net's K = 5 (W = 40, rebuilt thetas) the shared
+// workspace then takes 36.8 KiB a task instead of 62.6, as at K = 1: shared memory holds 6 blocks a
+// multiprocessor instead of 3, so the 4- and 6-block sweeps (FASTMAML_CUDA_MIN_BLOCKS) run that many
+// tasks at once; the 25.8 KiB of states a task stream through L2. K = 1: no change. A switch until a
+// GPU measures it (the GPU check's A/B `states`).
 bool states_apart() {
   static const bool on = env_word("FASTMAML_CUDA_STATES") == "global";
   return on;
@@ -93,7 +95,7 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
       const int mode = reverse_thetas();
       l.recompute_thetas = mode == 1 || (mode == -1 && kept * itemsize > kKeepThetasBytes);
       l.work_elems = l.recompute_thetas ? task::backward_workspace(net, s.K, nmax, need_lr_grad, true) : kept;
-      if (states_apart() && s.K > 0) {
+      if (states_apart()) {  // none apart at K <= 1
         l.state_elems = task::backward_states(net, s.K, nmax);
         l.work_elems -= l.state_elems;
       }

@@ -86,14 +86,19 @@ FASTMAML_HD inline int64_t tangents_or_query_size(const Net& net, int64_t nmax) 
 // `recompute_thetas` it keeps one theta row instead, and rebuilds each theta_k from theta_{k+1} on the way
 // back (task_backward): rows of P are most of the workspace of a narrow net (the 1-40-40-1 net at K = 5:
 // 90.3 KiB a task kept, 62.6 recomputed, in float32; at K = 1 36.8).
-// With `states_apart` the support states are not in it (task_backward's kept_states): backward_states more.
+// With `states_apart` it holds one support state, the current step's (task_backward's kept_states holds the
+// others: backward_states more).
 FASTMAML_HD inline int64_t backward_workspace(const Net& net, int64_t K, int64_t nmax, bool need_lr_grad,
                                               bool recompute_thetas = false, bool states_apart = false) {
   const int64_t rows = recompute_thetas ? 3 : K + (need_lr_grad ? K : 0) + 2;
-  return (states_apart ? 0 : K * state_size(net, nmax)) + tangents_or_query_size(net, nmax) + rows * padded(net.P);
+  const int64_t in_work = states_apart && K > 1 ? 1 : K;
+  return in_work * state_size(net, nmax) + tangents_or_query_size(net, nmax) + rows * padded(net.P);
 }
-// Elements of the K support states the reverse sweep keeps (its workspace's first segment, or apart).
-FASTMAML_HD inline int64_t backward_states(const Net& net, int64_t K, int64_t nmax) { return K * state_size(net, nmax); }
+// Elements of the support states the reverse sweep keeps apart from its workspace (kept_states): those of
+// steps 0..K-2, the last one staying in the workspace.
+FASTMAML_HD inline int64_t backward_states(const Net& net, int64_t K, int64_t nmax) {
+  return K > 1 ? (K - 1) * state_size(net, nmax) : 0;
+}
 
 // Where rebuild_step puts each element of g_k: theta_k = theta_{k+1} + lr_k g_k in `theta` (when
 // `rebuild`), and g_lr's row `gl` written or added to (when given). Also the store of a team product
@@ -235,10 +240,12 @@ FASTMAML_HD inline const T* theta_at(const T* theta0, const T* thetas, int k, in
 // last bits; it costs the parameter products of one backward per step (K - 1 of them, K with g_lr) and
 // saves K - 1 rows of P (2K - 1 with g_lr).
 //
-// `kept_states` (optional): `backward_states(net, K, max(Ns, Nq))` elements where the support states of
-// steps 0..K-1 are kept instead of the workspace's first segment, which then holds the rest only
-// (`backward_workspace(..., states_apart = true)`): the CUDA kernels keep them in global memory so that a
-// shared workspace of a deep inner loop holds more tasks a multiprocessor. The same arithmetic either way.
+// `kept_states` (optional, with K > 1): `backward_states(net, K, max(Ns, Nq))` elements where the support
+// states of steps 0..K-2 are kept, while the workspace (`backward_workspace(..., states_apart = true)`)
+// holds one state, the step's at hand: each inner step's state is copied out after its support pass and
+// copied back in before its reverse step (the last step's stays). The CUDA kernels keep them in global
+// memory, so that a shared workspace of a deep inner loop holds more tasks a multiprocessor while every
+// product still reads shared memory. The same arithmetic either way.
 template <typename T, typename Team = SerialTeam>
 FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData<T>& td, const T* theta0,
                                                   const T* lr, int K, const T* qw, T c, const T* gpreds,
@@ -251,8 +258,11 @@ FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData
   const int64_t P = net.P, Pp = padded(P);
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
   const int64_t st = state_size(net, nmax);
-  T* states = kept_states != nullptr ? kept_states : work;  // support state of steps 0..K-1
-  T* tangents = kept_states != nullptr ? work : work + K * st;  // rz, rh, rd; between the HVPs, the query state
+  // Support state of steps 0..K-1: K segments of the workspace; or, apart, one (the step's at hand, `stage`)
+  // with steps 0..K-2 copied to kept_states.
+  const bool apart = kept_states != nullptr && K > 1;
+  T* states = work;
+  T* tangents = work + (apart ? 1 : K) * st;  // rz, rh, rd; between the HVPs, the query state
   T* thetas = tangents + tangents_or_query_size(net, nmax);  // theta_1 .. theta_K, K rows of Pp (one_row: one)
   T* grads = thetas + (one_row ? 1 : K) * Pp;    // g_0 .. g_{K-1} (K rows) with g_lr and kept rows, else none
   T* u = grads + (g_lr != nullptr && !one_row ? K : 0) * Pp;  // one_row: also each g_k of the inner loop
@@ -266,12 +276,15 @@ FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData
   const int64_t m_out = static_cast<int64_t>(td.nq) * D;
 
   for (int k = 0; k < K; ++k) {
-    Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
+    Acts<T> a = make_split_acts(net, apart ? states : states + k * st, tangents, nmax);
     // Kept rows without g_lr: g_k is not kept, it lands in theta_{k+1}'s row and the update overwrites it
     // there. One row: g_k in u's row, theta_{k+1} over theta_k.
     T* g = one_row ? u : g_lr != nullptr ? grads + k * Pp : thetas + k * Pp;
     const T* th = theta_at(theta0, thetas, k, Pp, one_row);
     support_grad(net, td, th, a, g, tm, k == 0 ? theta0_t : nullptr);
+    // Apart: the state out (support_grad syncs before it returns; sgd_update syncs before the next step
+    // writes the stage again).
+    if (apart && k < K - 1) copy(states, kept_states + k * st, st, tm);
     sgd_update(th, lr + k * P, g, one_row ? thetas : thetas + k * Pp, P, tm);
   }
   if (gxs != nullptr) fill(gxs, static_cast<int64_t>(td.ns) * net.dims[0], T(0), tm);
@@ -299,7 +312,13 @@ FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData
   v = opaque(v);
   for (int k = K - 1; k >= 0; --k) {
     const T* lrk = opaque(lr + k * P);
-    Acts<T> a = make_split_acts(net, states + k * st, tangents, nmax);
+    if (apart && k < K - 1) {
+      // Step k's state back in (the last step's never left): every pass of step k + 1 that reads the stage
+      // (rebuild_step, hvp) is followed by a sync before this point.
+      copy(kept_states + k * st, states, st, tm);
+      tm.sync();
+    }
+    Acts<T> a = make_split_acts(net, apart ? states : states + k * st, tangents, nmax);
     T* gl = g_lr != nullptr ? opaque(g_lr + k * P) : nullptr;
     if (one_row && (k > 0 || gl != nullptr)) {
       // g_k recomputed where theta_k is rebuilt from it (k > 0) or g_lr needs it.
