@@ -381,10 +381,10 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
 // about as long as one of three. 4: at most 128 registers; 6: at most 80 (more spills, outside the
 // products' loops), which also fits 12 teams of 64 threads or 24 of 32 (FASTMAML_CUDA_THREADS). Where
 // shared memory holds fewer workspaces (6 x 37.8 KiB at K = 1, W = 40 fit; 62.6 KiB at K = 5 only 3,
-// 7 with the states apart: FASTMAML_CUDA_STATES), it bounds the tasks in flight instead. Switches until a GPU measures them (the GPU check's A/B). Each
-// kernel is instantiated in a file of its own (bwd_f32_min4.cu, bwd_f32_min6.cu: BwdMin below), apart from
-// bwd_f32.cu's default sweep: each reverse sweep is most of its file's build, and ninja compiles the
-// files side by side.
+// 6 with the states apart: FASTMAML_CUDA_STATES), it bounds the tasks in flight instead. Switches until
+// a GPU measures them (the GPU check's A/B). Each kernel is instantiated in a file of its own
+// (bwd_f32_min4.cu, bwd_f32_min6.cu: BwdMin below), apart from bwd_f32.cu's default sweep: each reverse
+// sweep is most of its file's build, and ninja compiles the files side by side.
 inline int min_blocks() {
   static const int n = [] {
     const std::string v = env_word("FASTMAML_CUDA_MIN_BLOCKS");

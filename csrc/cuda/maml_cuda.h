@@ -65,8 +65,9 @@ struct Launch {
   bool shared;           // workspace in dynamic shared memory (work_elems * itemsize bytes per block)
   int64_t global_elems;  // elements of global workspace the caller provides: blocks * work_elems when not
                          // shared, then blocks * state_elems (0 when neither)
-  int64_t state_elems;   // reverse sweeps: the support states' elements per block, kept in global memory
-                         // apart from the workspace (FASTMAML_CUDA_STATES=global); 0: in the workspace
+  int64_t state_elems;   // reverse sweeps: elements per block of the support states of steps 0..K-2, kept
+                         // in global memory apart from the workspace (FASTMAML_CUDA_STATES=global, K > 1);
+                         // 0: all in the workspace
   bool tiles;            // register tiles in the team products (FASTMAML_CUDA_TILES=0: one output per thread)
   bool recompute_thetas;  // reverse sweep: theta_k rebuilt, not kept (kKeepThetasBytes)
   bool shared_loads;     // products load from shared memory (LDS) where both operands are there
