@@ -258,8 +258,8 @@ FASTMAML_HD FASTMAML_FORCE_INLINE T task_backward(const Net& net, const TaskData
   const int64_t P = net.P, Pp = padded(P);
   const int64_t nmax = td.ns > td.nq ? td.ns : td.nq;
   const int64_t st = state_size(net, nmax);
-  // Support state of steps 0..K-1: K segments of the workspace; or, apart, one (the step's at hand, `stage`)
-  // with steps 0..K-2 copied to kept_states.
+  // Support state of steps 0..K-1: K segments of the workspace; or, apart, one segment (the stage: the step
+  // at hand's state) with steps 0..K-2 copied to kept_states.
   const bool apart = kept_states != nullptr && K > 1;
   T* states = work;
   T* tangents = work + (apart ? 1 : K) * st;  // rz, rh, rd; between the HVPs, the query state
