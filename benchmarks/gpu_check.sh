@@ -353,10 +353,10 @@ fi
 #            6 tasks of 4 warps a multiprocessor (shared memory allows 6), 24 warps instead of 12; at K=5,
 #            W=40 shared memory still holds 3; at W=128 (global workspace) 6. With team64 (blocks6+team64):
 #            12 tasks of 2 warps, the workspaces in global memory
-#   states   FASTMAML_CUDA_STATES=global at W=40: the reverse sweep's support states of steps 0..K-2 in
+#   states   FASTMAML_CUDA_STATES=global at W=40, joined with blocks4 or blocks6 (only those sweeps stage
+#            the states; alone it is refused): the reverse sweep's support states of steps 0..K-2 in
 #            global memory apart, copied in and out of a workspace that keeps one (36.8 KiB at K=5, as at
-#            K=1); with blocks6 (blocks6+states) 6 tasks of 4 warps a multiprocessor at K=5 instead of 3,
-#            with blocks4 4
+#            K=1); blocks6+states: 6 tasks of 4 warps a multiprocessor at K=5 instead of 3, blocks4+states 4
 #   lds      FASTMAML_CUDA_LDS=0 at W=40: the CUDA products' generic loads where both operands are in
 #            shared memory, as before c5539fb (LDS: 35 instructions for a 2 x 2 tile's 16 FFMA, not 43)
 #   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
@@ -437,8 +437,11 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       all_settings="${all_settings:+$all_settings }$setting"
       all_widths=$(for w in $all_widths; do [[ " $widths " == *" $w "* ]] && echo "$w"; done | xargs)
     done
+    # states alone: the default sweep does not stage the states, and the backend refuses the switch.
+    [[ " ${v//+/ } " == *" states "* && " ${v//+/ } " != *" blocks"[46]" "* ]] && ok=0
     if [ "$ok" != 1 ] || [ -z "$all_method" ] || [ -z "$all_widths" ]; then
-      echo "unknown A/B variant $v (or parts for different methods or widths)" >> "$DIR/ab.txt"; continue
+      echo "unknown A/B variant $v (or parts for different methods or widths; states needs blocks4 or blocks6)" \
+        >> "$DIR/ab.txt"; continue
     fi
     setting=$all_settings method=$all_method widths=$all_widths
     echo "== $setting ($method; compare with the sweep's $method rows)" >> "$DIR/ab.txt"

@@ -600,12 +600,34 @@ def test_a_bad_cuda_kernel_switch_is_refused(monkeypatch, name, bad, choices, go
     kernels ignore them."""
     from fastmaml.backends.cuda import CudaBackend
 
+    if name == "FASTMAML_CUDA_STATES":
+        monkeypatch.setenv("FASTMAML_CUDA_MIN_BLOCKS", "6")  # global needs one (the test below)
     for value in bad:
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=re.escape(f"{name} must be one of {choices}")):
             CudaBackend().unavailable()
     for value in good:
         monkeypatch.setenv(name, value)
+        CudaBackend().unavailable()  # a reason or None, no error
+
+
+@pytest.mark.parametrize("blocks", [None, "0", " 0 "])
+def test_states_apart_without_a_staging_sweep_is_refused(monkeypatch, blocks):
+    """FASTMAML_CUDA_STATES=global is staged only by the reverse sweeps compiled for 4 or 6 blocks: with the
+    default sweep (FASTMAML_CUDA_MIN_BLOCKS unset or 0) it would change nothing, so the backend raises on any
+    machine, naming both switches; with 4 or 6 it is taken."""
+    from fastmaml.backends.cuda import CudaBackend
+
+    monkeypatch.setenv("FASTMAML_CUDA_STATES", "global")
+    if blocks is None:
+        monkeypatch.delenv("FASTMAML_CUDA_MIN_BLOCKS", raising=False)
+    else:
+        monkeypatch.setenv("FASTMAML_CUDA_MIN_BLOCKS", blocks)
+    with pytest.raises(ValueError, match=r"FASTMAML_CUDA_STATES=global takes effect only .* "
+                                         r"FASTMAML_CUDA_MIN_BLOCKS=4 or 6"):
+        CudaBackend().unavailable()
+    for taken in ("4", "6"):
+        monkeypatch.setenv("FASTMAML_CUDA_MIN_BLOCKS", taken)
         CudaBackend().unavailable()  # a reason or None, no error
 
 

@@ -226,6 +226,10 @@ __device__ __forceinline__ auto kernel_team(const BlockTeam& block, const Timeli
 // kMinBlocks 0: the registers nvcc wants (168 for float at width 40 to 128: 3 blocks of 128 threads a
 // multiprocessor); 4 or 6: at most 128 or 80 registers (FASTMAML_CUDA_MIN_BLOCKS, below). kTimeline: the
 // team is a TimelineTeam writing to `timeline` (timeline.h; the other variants never read it).
+// The support states kept apart (FASTMAML_CUDA_STATES=global, plan()) are staged only by the 4- and 6-block
+// sweeps and the timeline's, which run in their place: compiled into the default sweep, the copies' code
+// raised its spills with the switch off (ptxas, sm_90a: 188 / 452 to 264 / 716 B), since a kernel argument
+// cannot tell the compiler that the pointer is always null there.
 template <typename T, int kMinBlocks = 0, bool kTimeline = false>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     bwd_kernel(Net net, int64_t n_tasks, int64_t chunk, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
@@ -237,7 +241,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   const int64_t b = blockIdx.x;
   const auto tm = kernel_team<kTimeline>(BlockTeam{red, tiles, lds, mma && std::is_same_v<T, float>}, timeline, b);
   T* work = block_workspace(shared, global_work, work_elems);
-  T* states = block_states(global_states, state_elems);
+  constexpr bool kStaged = kMinBlocks != 0 || kTimeline;
+  T* states = kStaged ? block_states(global_states, state_elems) : nullptr;
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   T* pth = part_theta + b * P;
   T* plr = part_lr == nullptr ? nullptr : part_lr + b * K * P;
@@ -260,17 +265,17 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
   if constexpr (kTimeline) tm.mark(kTasksEnd);
 }
 
-// maml_fwdbwd: each task's loss, query output and own gradient rows (task_backward with c = 1).
+// maml_fwdbwd: each task's loss, query output and own gradient rows (task_backward with c = 1). Its support
+// states stay in the workspace under every switch (plan()).
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     fwdbwd_kernel(Net net, int64_t n_tasks, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,
                   Data<T> data, const T* qw, bool first_order, T* task_losses, T* preds, T* rows_theta,
-                  T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, T* global_states,
-                  int64_t state_elems, bool shared, bool tiles, bool recompute_thetas, bool lds, bool mma) {
+                  T* rows_lr, T* g_xs, T* g_xq, T* global_work, int64_t work_elems, bool shared, bool tiles,
+                  bool recompute_thetas, bool lds, bool mma) {
   __shared__ double red[kReductionSlots];
   const BlockTeam tm{red, tiles, lds, mma && std::is_same_v<T, float>};
   T* work = block_workspace(shared, global_work, work_elems);
-  T* states = block_states(global_states, state_elems);
   const int64_t P = net.P, din = net.dims[0], dout = net.dims[net.L];
   for (int64_t t = blockIdx.x; t < n_tasks; t += gridDim.x) {
     const TaskData<T> td = task_data(net, Ns, Nq, data, t);
@@ -278,7 +283,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         net, td, theta, lr, K, qw, T(1), static_cast<const T*>(nullptr), first_order, rows_theta + t * P,
         rows_lr == nullptr ? nullptr : rows_lr + t * K * P, g_xs == nullptr ? nullptr : g_xs + t * Ns * din,
         g_xq == nullptr ? nullptr : g_xq + t * Nq * din, work, tm, preds + t * Nq * dout,
-        static_cast<const T*>(nullptr), /*add_rows=*/false, recompute_thetas, states);
+        static_cast<const T*>(nullptr), /*add_rows=*/false, recompute_thetas);
     if (tm.rank() == 0) task_losses[t] = loss;
   }
 }
@@ -551,8 +556,8 @@ cudaError_t launch_fwdbwd(const Sizes& s, const Launch& launch, const T* theta, 
   if (const cudaError_t e = allow_shared(fwdbwd_kernel<T>, smem); e != cudaSuccess) return e;
   fwdbwd_kernel<T><<<static_cast<unsigned>(launch.blocks), launch.threads, smem, stream>>>(
       s.net, s.T, s.Ns, s.Nq, static_cast<int>(s.K), theta, lr, data, qw, first_order, task_losses, query_preds,
-      rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, states_base(launch, workspace),
-      launch.state_elems, launch.shared, launch.tiles, launch.recompute_thetas, launch.shared_loads, launch.mma);
+      rows_theta, rows_lr, g_xs, g_xq, workspace, launch.work_elems, launch.shared, launch.tiles,
+      launch.recompute_thetas, launch.shared_loads, launch.mma);
   return cudaGetLastError();
 }
 

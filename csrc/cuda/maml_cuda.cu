@@ -59,11 +59,14 @@ int team_cap() {
 // product still reads shared memory). At the sinusoid net's K = 5 (W = 40, rebuilt thetas) the shared
 // workspace then takes 36.8 KiB a task instead of 62.6, as at K = 1: shared memory holds 6 blocks a
 // multiprocessor instead of 3, so the 4- and 6-block sweeps (FASTMAML_CUDA_MIN_BLOCKS) run that many
-// tasks at once; the 25.8 KiB of states a task stream through L2. K = 1: no change. A switch until a
-// GPU measures it (the GPU check's A/B `states`).
-bool states_apart() {
+// tasks at once; the 25.8 KiB of states a task stream through L2. K = 1: no change. Only those two sweeps
+// stage the states (bwd_kernel's kStaged: compiled into the default sweep, the copies raised its spills), so
+// the switch takes effect with FASTMAML_CUDA_MIN_BLOCKS=4 or 6 on float tensors, in maml_bwd's reverse sweep
+// and the training call's (Op::kBackward); the backend refuses it without one of them. A switch until a GPU
+// measures it (the GPU check's A/B `blocks6+states`).
+bool states_apart(Op op, int itemsize) {
   static const bool on = env_word("FASTMAML_CUDA_STATES") == "global";
-  return on;
+  return on && op == Op::kBackward && itemsize == 4 && min_blocks() != 0;
 }
 
 // FASTMAML_REVERSE_THETAS (read once per process): "keep" or "recompute" at every size; otherwise (unset,
@@ -95,7 +98,7 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
       const int mode = reverse_thetas();
       l.recompute_thetas = mode == 1 || (mode == -1 && kept * itemsize > kKeepThetasBytes);
       l.work_elems = l.recompute_thetas ? task::backward_workspace(net, s.K, nmax, need_lr_grad, true) : kept;
-      if (states_apart()) {  // none apart at K <= 1
+      if (states_apart(op, itemsize)) {  // none apart at K <= 1
         l.state_elems = task::backward_states(net, s.K, nmax);
         l.work_elems -= l.state_elems;
       }

@@ -65,9 +65,10 @@ struct Launch {
   bool shared;           // workspace in dynamic shared memory (work_elems * itemsize bytes per block)
   int64_t global_elems;  // elements of global workspace the caller provides: blocks * work_elems when not
                          // shared, then blocks * state_elems (0 when neither)
-  int64_t state_elems;   // reverse sweeps: elements per block of the support states of steps 0..K-2, kept
-                         // in global memory apart from the workspace (FASTMAML_CUDA_STATES=global, K > 1);
-                         // 0: all in the workspace
+  int64_t state_elems;   // float reverse sweep (Op::kBackward): elements per block of the support states of
+                         // steps 0..K-2, kept in global memory apart from the workspace (K > 1,
+                         // FASTMAML_CUDA_STATES=global with FASTMAML_CUDA_MIN_BLOCKS=4 or 6: the sweeps that
+                         // stage them); 0: all in the workspace
   bool tiles;            // register tiles in the team products (FASTMAML_CUDA_TILES=0: one output per thread)
   bool recompute_thetas;  // reverse sweep: theta_k rebuilt, not kept (kKeepThetasBytes)
   bool shared_loads;     // products load from shared memory (LDS) where both operands are there

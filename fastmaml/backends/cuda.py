@@ -117,8 +117,14 @@ class CudaBackend(ExtensionBackend):
         # The kernels' team-size switch (read by the library, csrc/cuda/maml_cuda.cu, plan): a mistyped value
         # must not measure the default under another name.
         env_choice("FASTMAML_CUDA_THREADS", ("128", "64", "32"))
-        env_choice("FASTMAML_CUDA_MIN_BLOCKS", ("0", "4", "6"))  # the float reverse sweep's residency variant
-        env_choice("FASTMAML_CUDA_STATES", ("workspace", "global"))  # where the reverse sweeps keep K states
+        blocks = env_choice("FASTMAML_CUDA_MIN_BLOCKS", ("0", "4", "6"))  # the float reverse sweep's residency
+        states = env_choice("FASTMAML_CUDA_STATES", ("workspace", "global"))  # where the reverse sweep keeps K states
+        if states == "global" and blocks == "0":
+            # Only the 4- and 6-block sweeps stage the states (csrc/cuda/kernels.cuh, bwd_kernel): with the
+            # default sweep the switch would measure the default under another name.
+            raise ValueError("FASTMAML_CUDA_STATES=global takes effect only in the float reverse sweeps compiled "
+                             "for 4 or 6 blocks a multiprocessor: set FASTMAML_CUDA_MIN_BLOCKS=4 or 6 with it, "
+                             "or unset FASTMAML_CUDA_STATES")
         env_choice("FASTMAML_REVERSE_THETAS", ("auto", "keep", "recompute"))  # plan()'s rebuilt thetas
         # Decided from torch, the GPU and the kernels the loaded library registered, not from nvcc: a
         # prebuilt library with CUDA kernels runs where no compiler is installed. nvcc only explains why
