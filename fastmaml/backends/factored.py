@@ -187,7 +187,7 @@ class _Layer:
             # The rate on d (whose [Ns, out] is smaller than the update's [out, in]). Kept negated, so
             # that the update adds with baddbmm's default scale of 1: with alpha=-1 its backward
             # multiplied both gradients by -1.
-            out.w = torch.baddbmm(self.w, (d * self.rates.steps[k]).transpose(1, 2), h)
+            out.w = _scaled_update(self.w, d, h, self.rates.steps[k])
             out.h, out.d = [], []
         elif _dense_after(len(out.h), h.shape[1], *reversed(self.w0.shape)):
             out.w = out.dense(h.shape[0])[0]
@@ -200,8 +200,16 @@ class _Layer:
             return self.w, self.bias
         w = self.w0.expand(n_tasks, *self.w0.shape)
         for j, (h, d) in enumerate(zip(self.h, self.d)):
-            w = torch.baddbmm(w, (d * self.rates.steps[j]).transpose(1, 2), h)
+            w = _scaled_update(w, d, h, self.rates.steps[j])
         return w, self.bias.expand(n_tasks, self.w0.shape[0])
+
+
+def _scaled_update(w: torch.Tensor, d: torch.Tensor, h: torch.Tensor, rate: Rate) -> torch.Tensor:
+    """`w + rate d^T h` (d [T, Ns, out], h [T, Ns, in]), the rate on the smaller factor: h for the first
+    layer of a 1-W-W-1 net (d is W times its size), d for the last."""
+    if h.shape[-1] < d.shape[-1]:
+        return torch.baddbmm(w, d.transpose(1, 2), h * rate)
+    return torch.baddbmm(w, (d * rate).transpose(1, 2), h)
 
 
 def _forward(layers: list[_Layer], x: torch.Tensor, act) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
