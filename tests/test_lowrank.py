@@ -55,6 +55,7 @@ def kernels(monkeypatch):
     monkeypatch.setattr(_lowrank, "_INTERPRET_CPU", True)
     monkeypatch.setattr(_lowrank, "_add_batched", batched)
     monkeypatch.setattr(_lowrank, "_grads_batched", batched)
+    monkeypatch.setattr(_lowrank, "_backward_batched", batched)
 
 
 # ---- the operations' gradients (batched products: what the kernels must match) -------------------
@@ -172,6 +173,85 @@ def _add_ref(base, x, hs, ds, scales=None):
     scales = [1.0] * len(hs) if scales is None else scales
     out = sum(s * (x @ h.transpose(1, 2)) @ d for s, h, d in zip(scales, hs, ds))
     return out if base is None else base + out
+
+
+def _three_products(g, x, hs, ds, scales):
+    """lowrank_add's gradients in x, hs and ds for its output's gradient g, by matmul: the three products
+    `lowrank_add(None, g, ds, hs, s)`, `lowrank_grads(g, ds, x, s)` and `lowrank_grads(x, hs, g, s)`."""
+    scales = [1.0] * len(hs) if scales is None else scales
+    es = [s * (g @ d.transpose(1, 2)) for s, d in zip(scales, ds)]
+    cs = [s * (x @ h.transpose(1, 2)) for s, h in zip(scales, hs)]
+    return (sum(e @ h for e, h in zip(es, hs)), torch.stack([e.transpose(1, 2) @ x for e in es]),
+            torch.stack([c.transpose(1, 2) @ g for c in cs]))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("sizes", [
+    (3, 7, 5, 45, 70, 3),    # widths over one chunk of 16, not multiples of it
+    (2, 10, 10, 1, 40, 1),   # a 1-wide input
+    (2, 17, 3, 33, 1, 1),    # 17 points (a 32 block), a 1-wide output
+    (2, 10, 10, 37, 29, 3),  # the most pairs of 10 points float64's fused kernel takes (float32's: 5)
+], ids=["chunks", "in1", "out1", "pairs3"])
+def test_fused_backward_kernel_matches_the_three_products(kernels, sizes, dtype, rtol):
+    """lowrank_backward's kernel (x's, the factors' gradients in one program a task) against the three
+    batched products it replaces, with and without scales; the kernel itself, not its fallback."""
+    T, N, S, I, O, J = sizes
+    g, x, hs, ds = _inputs(*sizes, dtype=dtype, seed=9)
+    assert J * _lowrank._pad(N) * _lowrank._pad(S) <= _lowrank.FUSED_MAX_TILES[dtype]
+    launched = []
+    kernel = _lowrank._module().lowrank_backward_kernel
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_lowrank._module(), "lowrank_backward_kernel",
+                   type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
+        mp.setattr(_lowrank, "_add_impl", None)  # the three kernels' fallback must not run
+        for scales in (None, torch.linspace(-1.5, 0.7, J, dtype=dtype)):
+            got = _lowrank._backward_impl(g, x, hs, ds, scales)
+            want = _three_products(g, x, hs, ds, scales)
+            for name, a, b in zip(("g_x", "g_hs", "g_ds"), got, want):
+                assert a.dtype == dtype and a.shape == b.shape, name
+                assert_close(a, b, rtol, name)
+    assert launched == [(T,), (T,)]
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_fused_backward_past_its_bound_runs_the_three_kernels(kernels, dtype):
+    """More factor pairs than the fused kernel holds (float32: 6 of 10 points; float64: 4): the three
+    kernels, the same products."""
+    J = 6 if dtype == torch.float32 else 4
+    g, x, hs, ds = _inputs(2, 10, 10, 21, 19, J, dtype=dtype, seed=10)
+    assert J * 16 * 16 > _lowrank.FUSED_MAX_TILES[dtype]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_lowrank._module(), "lowrank_backward_kernel", None)
+        got = _lowrank._backward_impl(g, x, hs, ds, None)
+    for name, a, b in zip(("g_x", "g_hs", "g_ds"), got, _three_products(g, x, hs, ds, None)):
+        assert_close(a, b, 1e-12 if dtype == F64 else 1e-5, name)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("rates_learned", [False, True])
+def test_add_backward_in_one_operation_or_three(monkeypatch, fused, rates_learned):
+    """lowrank_add's backward as `lowrank_backward` (FASTMAML_FACTORED_FUSED_BACKWARD=1, where x and every
+    factor need a gradient and the scales none) or as three operations (=0, or learned scales): the same
+    gradients, first and second order, against autograd through matmul."""
+    monkeypatch.setattr(_lowrank, "FUSED_BACKWARD", fused)
+    calls = []
+    real = _lowrank.lowrank_backward
+    monkeypatch.setattr(_lowrank, "lowrank_backward", lambda *a: calls.append(1) or real(*a))
+    base, x, hs, ds = _inputs(2, 6, 4, 9, 11, 3, seed=11, grad=True)
+    scales = torch.tensor([0.6, -1.1, 0.3], dtype=F64, requires_grad=rates_learned)
+    flat = [base, x, *hs, *ds] + ([scales] if rates_learned else [])
+    w = torch.rand(2, 6, 11, dtype=F64) + 0.5
+
+    def value(add):
+        out = add(base, x, hs, ds, scales)
+        gx, *ghs = torch.autograd.grad((out * w).sum(), [x, *hs], create_graph=True)
+        return (out * w).sum() + (gx * gx).sum() + sum((gh * gh).sum() for gh in ghs)
+
+    got = torch.autograd.grad(value(_lowrank.lowrank_add), flat)
+    assert bool(calls) == (fused and not rates_learned)
+    want = torch.autograd.grad(value(_add_ref), flat)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, 1e-11, f"input {i}")
 
 
 def test_kernels_take_strided_inputs(kernels):
@@ -343,6 +423,12 @@ def _compiled_rows(variants, **env_extra) -> list:
     for kind, dtype, n, j, report in rows:
         assert isinstance(report, dict) and "registers" in report, (kind, dtype, n, j, report)
     return rows
+
+
+# The fused backward at its bounds (FUSED_MAX_TILES): five pairs of 10 points and one of 20 in float32, three
+# of 10 in float64.
+_VARIANTS += [("backward", "float32", 10, 1), ("backward", "float32", 10, 5), ("backward", "float32", 20, 1),
+              ("backward", "float64", 10, 3)]
 
 
 def test_kernels_compile_for_sm90_within_registers():

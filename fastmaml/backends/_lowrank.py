@@ -20,7 +20,10 @@ Its gradients are the same kind of product and one more,
 
 and the gradients of `lowrank_grads` are again these two (`_grads_backward`): both operations are
 differentiable to any order, as the meta-gradient through the factored inner loop needs (its backward
-differentiates the inner loop's gradient, and `create_graph=True` once more).
+differentiates the inner loop's gradient, and `create_graph=True` once more). Where x and every factor
+need a gradient and the scales none, the first three come from one operation, `lowrank_backward` (one
+kernel: each `[N, S]` product made once, the inputs read once or twice instead of two or three times;
+FUSED_BACKWARD), whose own gradients are again the two.
 
 Where the kernels run (KERNELS, from FASTMAML_FACTORED_TRITON): "auto" on CUDA tensors when Triton >= 3.6
 is installed and the factors' products fit in registers (`kernel_reason`); "never" keeps the batched
@@ -280,6 +283,11 @@ def _add_backward(ctx, g):
     hs, ds = rest[:J], rest[J:]
     need_base, need_x, need_hs, need_ds, need_scales = ctx.needs_input_grad
     need_scales = scales is not None and need_scales
+    if FUSED_BACKWARD and need_x and _all(need_hs) and _all(need_ds) and not need_scales:
+        # The three products of the backward in one operation: each `[N, S]` product made once, g, x and
+        # the factors read once (`lowrank_backward`).
+        g_x, g_hs, g_ds = lowrank_backward(g, x, list(hs), list(ds), scales)
+        return (g if ctx.has_base and need_base else None), g_x, list(g_hs.unbind(0)), list(g_ds.unbind(0)), None
     g_x = lowrank_add(None, g, ds, hs, scales) if need_x else None
     # A list input's gradient is a list, None per element not needed (a bare None breaks torch.library's
     # check that the gradients have the inputs' structure).
@@ -323,11 +331,131 @@ def _grads_backward(ctx, g):
     return g_u, g_bs, g_c, g_scales
 
 
+def _all(flag) -> bool:
+    """`needs_input_grad` of a list input: every element's flag."""
+    return all(flag) if isinstance(flag, (list, tuple)) else bool(flag)
+
+
 def _any(flag) -> bool:
     """`needs_input_grad` of a list input: one flag, or one per element."""
     return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
 
 
+# FASTMAML_FACTORED_FUSED_BACKWARD (read once, at import): "1" (the default) takes lowrank_add's backward
+# as one operation (`lowrank_backward`) where x and every factor need a gradient and the scales none; "0"
+# keeps the three operations (one lowrank_add, two lowrank_grads) for the GPU check's A/B (`fbwd3`).
+# Per task at K=5, W=128 (operations logged on the CPU, each counted as a kernel that reads its inputs and
+# writes its outputs once): the low-rank kernels' launches 36 -> 18 a chunk of tasks, their bytes 1,439 ->
+# 1,044 KB, the meta-iteration's 4,232 -> 3,736 KB (benchmarks/RESULTS.md). The kernel reads g and the h
+# factors a second time (a task's own rows, just read), which that count leaves out.
+FUSED_BACKWARD = env_choice("FASTMAML_FACTORED_FUSED_BACKWARD", ("1", "0")) == "1"
+# The fused kernel holds the J products e_j and c_j in registers, and each e_j in the two layouts of its
+# two products. In chunks of 32 that took 168 registers at one factor pair of 16 x 16 padded points and
+# spilled from four (ptxas -v, sm_90a, float32, 4 warps, I = O = 128); in chunks of 16 it takes 72 at one
+# pair and 154 at five, without spills (the three kernels it replaces: 56 to 152 in chunks of 32). Past
+# these padded elements over all pairs the three kernels run instead: in float32 five pairs of 16 x 16
+# points, or one of 32 x 32 (168 registers); in float64 three of 16 x 16 (212 registers; four took 255
+# and spilled).
+FUSED_CHUNK = 16
+FUSED_MAX_TILES = {torch.float32: 1280, torch.float64: 768}
+
+
+def _backward_batched(g, x, hs, ds, scales):
+    """`(g_x, g_hs [J, T, S, I], g_ds [J, T, S, O])` with each factor's two `[N, S]` products made once:
+    e_j = s_j g ds_j^T and c_j = s_j x hs_j^T; g_x = sum_j e_j hs_j, g_hs_j = e_j^T x, g_ds_j = c_j^T g."""
+    g_x, g_hs, g_ds = None, [], []
+    for j, (h, d) in enumerate(zip(hs, ds)):
+        e = torch.bmm(g, d.transpose(1, 2))  # [T, N, S]
+        c = torch.bmm(x, h.transpose(1, 2))
+        if scales is not None:
+            e, c = e * scales[j], c * scales[j]
+        g_x = torch.bmm(e, h) if g_x is None else torch.baddbmm(g_x, e, h)
+        g_hs.append(torch.bmm(e.transpose(1, 2), x))
+        g_ds.append(torch.bmm(c.transpose(1, 2), g))
+    return g_x, torch.stack(g_hs), torch.stack(g_ds)
+
+
+def _backward_impl(g, x, hs, ds, scales):
+    T, N, I = x.shape
+    J, S, O = len(hs), hs[0].shape[1], g.shape[2]
+    if kernel_reason(x, J, S) is not None:
+        return _backward_batched(g, x, hs, ds, scales)
+    if J * _pad(N) * _pad(S) > FUSED_MAX_TILES[x.dtype]:
+        # Past what the fused kernel holds in registers: the three kernels, the same numbers.
+        return (_add_impl(None, g, ds, hs, scales), _grads_impl(g, ds, x, scales), _grads_impl(x, hs, g, scales))
+    g, x = g.contiguous(), x.contiguous()
+    hs = tuple(h.contiguous() for h in hs)
+    ds = tuple(d.contiguous() for d in ds)
+    g_x, g_hs, g_ds = x.new_empty(T, N, I), x.new_empty(J, T, S, I), x.new_empty(J, T, S, O)
+    if T > 0:
+        scales_ = scales.contiguous() if scales is not None else g_x
+        with _device_guard(x):
+            _module().lowrank_backward_kernel[(T,)](
+                g, x, hs, ds, scales_, g_x, g_hs, g_ds, T, N, S, I, O, J=J, HAS_SCALES=scales is not None,
+                PRECISION=_precision(x.dtype), ONE_LOOP=_one_loop(x.dtype, N, S, J), BN=_pad(N), BS=_pad(S),
+                BK=FUSED_CHUNK, BO=FUSED_CHUNK, num_warps=4,
+            )
+    return g_x, g_hs, g_ds
+
+
+@torch.library.custom_op("fastmaml::lowrank_backward", mutates_args=())
+def lowrank_backward(g: torch.Tensor, x: torch.Tensor, hs: list[torch.Tensor], ds: list[torch.Tensor],
+                     scales: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lowrank_add's gradients in x, hs and ds for its output's gradient g, in one operation:
+    `(lowrank_add(None, g, ds, hs, s), lowrank_grads(g, ds, x, s), lowrank_grads(x, hs, g, s))`."""
+    return _backward_impl(g, x, hs, ds, scales)
+
+
+@lowrank_backward.register_fake
+def _backward_fake(g, x, hs, ds, scales):
+    J, T, N = len(hs), x.shape[0], x.shape[1]
+    S, I, O = hs[0].shape[1], x.shape[2], g.shape[2]
+    return x.new_empty(T, N, I), x.new_empty(J, T, S, I), x.new_empty(J, T, S, O)
+
+
+def _backward_setup(ctx, inputs, output):
+    g, x, hs, ds, scales = inputs
+    ctx.has_scales = scales is not None
+    ctx.save_for_backward(g, x, *hs, *ds, *([scales] if scales is not None else []))
+
+
+def _backward_backward(ctx, a, b, c):
+    """The gradients of `(g_x, g_hs, g_ds)` (cotangents a [T, N, I], b [J, T, S, I], c [J, T, S, O]) in
+    g, x, hs and ds, as lowrank_add and lowrank_grads (differentiable again). The scales take none: the
+    fused backward runs only where they need none."""
+    g, x, *rest = ctx.saved_tensors
+    scales = rest.pop() if ctx.has_scales else None
+    J = len(rest) // 2
+    hs, ds = list(rest[:J]), list(rest[J:])
+    need_g, need_x, need_hs, need_ds, need_scales = ctx.needs_input_grad
+    if scales is not None and need_scales:
+        raise RuntimeError("lowrank_backward: no gradient for the scales (_add_backward keeps them apart)")
+    bs = list(b.unbind(0)) if b is not None else None
+    cs = list(c.unbind(0)) if c is not None else None
+    terms_g, terms_x, terms_h, terms_d = [], [], [], []
+    if a is not None:  # g_x = sum_j s_j (g ds_j^T) hs_j
+        terms_g.append(lowrank_add(None, a, hs, ds, scales))
+        terms_d.append(lowrank_grads(a, hs, g, scales))
+        terms_h.append(lowrank_grads(g, ds, a, scales))
+    if bs is not None:  # g_hs_j = s_j (ds_j g^T) x
+        terms_g.append(lowrank_add(None, x, bs, ds, scales))
+        terms_x.append(lowrank_add(None, g, ds, bs, scales))
+        terms_d.append(lowrank_grads(x, bs, g, scales))
+    if cs is not None:  # g_ds_j = s_j (hs_j x^T) g
+        terms_g.append(lowrank_add(None, x, hs, cs, scales))
+        terms_x.append(lowrank_add(None, g, cs, hs, scales))
+        terms_h.append(lowrank_grads(g, cs, x, scales))
+
+    def total(terms):
+        return None if not terms else functools.reduce(torch.add, terms)
+
+    g_h, g_d = total(terms_h), total(terms_d)
+    return (total(terms_g) if need_g else None, total(terms_x) if need_x else None,
+            list(g_h.unbind(0)) if g_h is not None and _any(need_hs) else [None] * J,
+            list(g_d.unbind(0)) if g_d is not None and _any(need_ds) else [None] * J, None)
+
+
+lowrank_backward.register_autograd(_backward_backward, setup_context=_backward_setup)
 lowrank_add.register_autograd(_add_backward, setup_context=_add_setup)
 lowrank_grads.register_autograd(_grads_backward, setup_context=_grads_setup)
 
@@ -346,14 +474,16 @@ def compiled_report() -> list[str]:
     warps), as `_triton_targets.compiled_report`; empty in the interpreter or before any launch."""
     if _MODULE is None or _DEFINED_INTERPRETED:
         return []
-    return _triton_targets.kernel_cache_report(_MODULE, ("lowrank_add_kernel", "lowrank_grads_kernel"))
+    return _triton_targets.kernel_cache_report(_MODULE, ("lowrank_add_kernel", "lowrank_grads_kernel",
+                                                         "lowrank_backward_kernel"))
 
 
 def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o: int, factors: int, *,
                        has_base: bool = True, arch: int = 90, num_warps: int = 4):
-    """One variant of `lowrank_add_kernel` (kind "add") or `lowrank_grads_kernel` ("grads") compiled by
-    `triton.compile` for an NVIDIA GPU of compute capability `arch`, on a machine without one (the
-    interpreter must be off): for `benchmarks/kernel_registers.py`'s register and spill report."""
+    """One variant of `lowrank_add_kernel` (kind "add"), `lowrank_grads_kernel` ("grads") or
+    `lowrank_backward_kernel` ("backward") compiled by `triton.compile` for an NVIDIA GPU of compute
+    capability `arch`, on a machine without one (the interpreter must be off): for
+    `benchmarks/kernel_registers.py`'s register and spill report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -365,8 +495,11 @@ def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o:
         fn, consts, lists = module.lowrank_add_kernel, dict(blocks, HAS_BASE=has_base, HAS_SCALES=True), ("hs", "ds")
     elif kind == "grads":
         fn, consts, lists = module.lowrank_grads_kernel, dict(blocks, HAS_SCALES=True), ("bs",)
+    elif kind == "backward":
+        fn, lists = module.lowrank_backward_kernel, ("hs", "ds")
+        consts = dict(blocks, BK=FUSED_CHUNK, BO=FUSED_CHUNK, HAS_SCALES=True)
     else:
-        raise ValueError(f"kind must be 'add' or 'grads', got {kind!r}")
+        raise ValueError(f"kind must be 'add', 'grads' or 'backward', got {kind!r}")
     pointer = {torch.float32: "*fp32", torch.float64: "*fp64"}[dtype]
     signature = _triton_targets.kernel_signature(fn, consts, module._RUNTIME_INTS, dtype,
                                              {name: (pointer,) * factors for name in lists})

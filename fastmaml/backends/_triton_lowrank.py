@@ -136,3 +136,60 @@ def lowrank_grads_kernel(
         for j in tl.static_range(J):
             res = tl.dot(es[j], ct, input_precision=PRECISION, out_dtype=ct.dtype)  # [BS, BO]
             tl.store(out + (j * T + t) * S * O + rs[:, None] * O + ro[None, :], res, mask=mask)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def lowrank_backward_kernel(
+    g, x, hs, ds, scales,          # [T, N, O], [T, N, I], J x [T, S, I], J x [T, S, O], [J] (if HAS_SCALES)
+    g_x, g_hs, g_ds,               # -> [T, N, I], [J, T, S, I], [J, T, S, O]
+    T, N, S, I, O,
+    J: tl.constexpr, HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
+    BN: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
+):
+    """lowrank_add's gradients in x, hs and ds for the output's gradient g, for the task t of this program:
+    with `e_j = s_j g ds[j]^T` and `c_j = s_j x hs[j]^T` (`[N, S]` each, in registers),
+
+        g_x = sum_j e_j hs[j],   g_hs[j] = e_j^T x,   g_ds[j] = c_j^T g.
+
+    Three passes: the e_j over O; one over I that loads x's and every hs[j]'s chunk once for all three
+    of their uses (g_x's and g_hs[j]'s chunks written, c_j summed); the g_ds[j] over O, reading g again.
+    The three kernels this replaces (one lowrank_add, two lowrank_grads) read g three times, x, hs and ds
+    twice, and made every `[N, S]` product twice. Each product sums its chunks in ascending k as they do."""
+    t = tl.program_id(0).to(tl.int64)
+    rn = tl.arange(0, BN)
+    rs = tl.arange(0, BS)
+    es = _factor_products(g + t * N * O, ds, t * S * O, scales, rn, rs, N, S, O, J, False, HAS_SCALES, ONE_LOOP,
+                          BN, BS, BO, PRECISION)
+    cs = ()
+    for j in tl.static_range(J):
+        cs = cs + (tl.zeros([BN, BS], dtype=x.dtype.element_ty),)
+    for i0 in range(0, I, BK):
+        ri = i0 + tl.arange(0, BK)
+        acc = tl.zeros([BN, BK], dtype=x.dtype.element_ty)
+        for j in tl.static_range(J):
+            h = _tile(hs[j] + t * S * I, rs, ri, S, I, BS, BK)
+            acc = tl.dot(es[j], h, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        tl.store(g_x + t * N * I + rn[:, None] * I + ri[None, :], acc, mask=(rn[:, None] < N) & (ri[None, :] < I))
+    for i0 in range(0, I, BK):
+        ri = i0 + tl.arange(0, BK)
+        xt = _tile(x + t * N * I, rn, ri, N, I, BN, BK)
+        summed = ()
+        for j in tl.static_range(J):
+            h = _tile(hs[j] + t * S * I, rs, ri, S, I, BS, BK)
+            gh = tl.dot(tl.trans(es[j]), xt, input_precision=PRECISION, out_dtype=xt.dtype)  # [BS, BK]
+            tl.store(g_hs + (j * T + t) * S * I + rs[:, None] * I + ri[None, :], gh,
+                     mask=(rs[:, None] < S) & (ri[None, :] < I))
+            summed = summed + (tl.dot(xt, tl.trans(h), cs[j], input_precision=PRECISION, out_dtype=xt.dtype),)
+        cs = summed
+    if HAS_SCALES:
+        scaled = ()
+        for j in tl.static_range(J):
+            scaled = scaled + (cs[j] * tl.load(scales + j),)
+        cs = scaled
+    for o0 in range(0, O, BO):
+        ro = o0 + tl.arange(0, BO)
+        gt = _tile(g + t * N * O, rn, ro, N, O, BN, BO)
+        mask = (rs[:, None] < S) & (ro[None, :] < O)
+        for j in tl.static_range(J):
+            res = tl.dot(tl.trans(cs[j]), gt, input_precision=PRECISION, out_dtype=gt.dtype)  # [BS, BO]
+            tl.store(g_ds + (j * T + t) * S * O + rs[:, None] * O + ro[None, :], res, mask=mask)
