@@ -356,6 +356,8 @@ fi
 # are the sweep's rows of the same cells. The variants:
 #   fbwd3    FASTMAML_FACTORED_FUSED_BACKWARD=0: the factored backend's low-rank products' backward as the
 #            three kernels it was before the fused lowrank_backward (the default since 2026-12-01)
+#   fwarps8  FASTMAML_FACTORED_WARPS=8: those kernels at 8 warps a program (74 to 80 registers a thread at
+#            five factor pairs instead of 148 to 154: 24 warps a multiprocessor instead of 12)
 #   ftf32x3  FASTMAML_FACTORED_PRECISION=tf32x3: the factored backend's low-rank products on tensor cores
 #   fchunk16 FASTMAML_FACTORED_K_CHUNK=16: those products in chunks of 16, for fewer registers and more
 #            programs a multiprocessor (their time was an eighth of what their bytes allow)
@@ -399,14 +401,14 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "mma blocks4 blocks6 blocks6+states fbwd3 team64s lds thetas warps4
+# AB_VARIANTS picks some. The default, "mma blocks4 blocks6 blocks6+states fbwd3 fwarps8 team64s lds thetas warps4
 # nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2
 # scratch", is what no GPU has measured yet, the likeliest gains first (AB_S / 20 each; scratch was
 # measured with FMA products, equal to the register layout, and now runs tf32x3); "shared tiles chunk4g
 # factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
 # Variants joined with '+' (mma+blocks4, team64s+mma) combine their switches, one method's only.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-mma blocks4 blocks6 blocks6+states fbwd3 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2 scratch})
+  variants=(${AB_VARIANTS:-mma blocks4 blocks6 blocks6+states fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2 scratch})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
@@ -442,6 +444,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
       fchunk16) setting=FASTMAML_FACTORED_K_CHUNK=16; method=factored ;;
       floops) setting=FASTMAML_FACTORED_K_LOOP=per_factor; method=factored ;;
       fbwd3) setting=FASTMAML_FACTORED_FUSED_BACKWARD=0; method=factored ;;
+      fwarps8) setting=FASTMAML_FACTORED_WARPS=8; method=factored ;;
       factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
       *) return 1 ;;
     esac

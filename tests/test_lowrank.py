@@ -457,6 +457,32 @@ def test_chunks_of_16_compile_to_fewer_registers():
             kind, report, default[kind])
 
 
+def test_eight_warps_reach_the_compiled_kernels():
+    """FASTMAML_FACTORED_WARPS=8 (the A/B `fwarps8`) reaches the compiled kernels: with five factor pairs at
+    width 128 each of the three takes at most 96 registers a thread without spills (twice the warps a
+    multiprocessor of the default 4 warps' 148 to 154)."""
+    variants = [(kind, "float32", 10, 5) for kind in ("add", "grads", "backward")]
+    for kind, dtype, n, j, report in _compiled_rows(variants, FASTMAML_FACTORED_WARPS="8"):
+        assert report["spill_stores"] == 0 and 32 < report["registers"] <= 96, (kind, report)
+
+
+def test_warps_switch_reaches_every_launch(kernels, monkeypatch):
+    """Every launch of the three kernels takes WARPS (FASTMAML_FACTORED_WARPS) warps."""
+    seen = []
+    module = _lowrank._module()
+    for name in ("lowrank_add_kernel", "lowrank_grads_kernel", "lowrank_backward_kernel"):
+        real = getattr(module, name)
+        spy = type("Spy", (), {"__getitem__": lambda self, grid, real=real: (
+            lambda *a, **kw: seen.append(kw["num_warps"]) or real[grid](*a, **kw))})()
+        monkeypatch.setattr(module, name, spy)
+    monkeypatch.setattr(_lowrank, "WARPS", 8)
+    g, x, hs, ds = _inputs(2, 6, 4, 9, 11, 2, seed=12)
+    _lowrank._add_impl(g, x, hs, ds, None)
+    _lowrank._grads_impl(x, hs, g, None)
+    _lowrank._backward_impl(g, x, hs, ds, None)
+    assert seen == [8, 8, 8]
+
+
 def test_loop_per_factor_reaches_the_compiled_kernels():
     """FASTMAML_FACTORED_K_LOOP=per_factor (the A/B `floops`) compiles, without spills, to another kernel than
     the default's one loop for all factors: five factor pairs at width 128 take other register counts."""

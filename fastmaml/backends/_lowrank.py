@@ -106,6 +106,17 @@ K_CHUNK = int(env_choice("FASTMAML_FACTORED_K_CHUNK", ("32", "16")))
 # elsewhere. Both sum each product's chunks in ascending k: the same bits. The GPU check's A/B `floops`
 # runs "per_factor"; benchmarks/RESULTS.md has the prediction.
 K_LOOP = env_choice("FASTMAML_FACTORED_K_LOOP", ("auto", "one", "per_factor"))
+
+# Warps a program of the three kernels (FASTMAML_FACTORED_WARPS, read once at import): 4 (the default) or 8.
+# Registers, not shared memory, bound the programs a multiprocessor: ptxas -v (sm_90a, float32, 16 x 16
+# padded points, I = O = 128, chunks of 32; lowrank_add / lowrank_grads / lowrank_backward, the last in its
+# chunks of 16) at five factor pairs 148 / 152 / 154 registers a thread at 4 warps, 74 / 74 / 80 at 8,
+# 255 with spills at 2: 12 warps a multiprocessor at 4, 24 at 8; at one pair 72 / 56 / 72 and 44 / 42 / 46
+# (28 to 36 warps, 40 to 48). The pipelined loads' shared memory (5 to 28 KiB a program) allows more. Twice
+# the warps in flight, each with half the outputs, so more shared-memory operand loads a multiply-add: for
+# a GPU to decide (the GPU check's A/B `fwarps8`), after the kernels ran at about a quarter of the
+# bandwidth the rest of the iteration reached (benchmarks/RESULTS.md).
+WARPS = int(env_choice("FASTMAML_FACTORED_WARPS", ("4", "8")))
 ONE_LOOP_MAX_FACTORS = 5
 
 
@@ -214,7 +225,7 @@ def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tens
                 base_, x, hs, ds, scales_, out, T, N, S, I, O, J=len(hs), HAS_BASE=base is not None,
                 HAS_SCALES=scales is not None,
                 PRECISION=_precision(x.dtype), ONE_LOOP=_one_loop(x.dtype, N, S, len(hs)), BN=_pad(N),
-                BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
+                BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=WARPS,
             )
     return out
 
@@ -234,7 +245,7 @@ def _grads_impl(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor,
             _module().lowrank_grads_kernel[(T,)](
                 u, bs, c, scales_, out, T, N, S, I, O, J=len(bs), HAS_SCALES=scales is not None,
                 PRECISION=_precision(u.dtype), ONE_LOOP=_one_loop(u.dtype, N, S, len(bs)), BN=_pad(N),
-                BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=4,
+                BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=WARPS,
             )
     return out
 
@@ -393,7 +404,7 @@ def _backward_impl(g, x, hs, ds, scales):
             _module().lowrank_backward_kernel[(T,)](
                 g, x, hs, ds, scales_, g_x, g_hs, g_ds, T, N, S, I, O, J=J, HAS_SCALES=scales is not None,
                 PRECISION=_precision(x.dtype), ONE_LOOP=_one_loop(x.dtype, N, S, J), BN=_pad(N), BS=_pad(S),
-                BK=FUSED_CHUNK, BO=FUSED_CHUNK, num_warps=4,
+                BK=FUSED_CHUNK, BO=FUSED_CHUNK, num_warps=WARPS,
             )
     return g_x, g_hs, g_ds
 
@@ -479,11 +490,11 @@ def compiled_report() -> list[str]:
 
 
 def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o: int, factors: int, *,
-                       has_base: bool = True, arch: int = 90, num_warps: int = 4):
+                       has_base: bool = True, arch: int = 90, num_warps: int = 0):
     """One variant of `lowrank_add_kernel` (kind "add"), `lowrank_grads_kernel` ("grads") or
     `lowrank_backward_kernel` ("backward") compiled by `triton.compile` for an NVIDIA GPU of compute
-    capability `arch`, on a machine without one (the interpreter must be off): for
-    `benchmarks/kernel_registers.py`'s register and spill report."""
+    capability `arch`, on a machine without one (the interpreter must be off), at `num_warps` (0: WARPS,
+    as launched): for `benchmarks/kernel_registers.py`'s register and spill report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -504,7 +515,7 @@ def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o:
     signature = _triton_targets.kernel_signature(fn, consts, module._RUNTIME_INTS, dtype,
                                              {name: (pointer,) * factors for name in lists})
     source = ASTSource(fn, signature=signature, constexprs=consts)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps or WARPS})
 
 
 __all__ = ["KERNELS", "compile_for_target", "compiled_report", "kernel_reason", "lowrank_add", "lowrank_grads",
