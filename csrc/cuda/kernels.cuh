@@ -379,25 +379,6 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
   return cudaSuccess;
 }
 
-// FASTMAML_CUDA_MIN_BLOCKS=4 or 6 (read once per process; the cuda backend refuses values other than 0,
-// the default, 4 and 6) launches the float reverse sweep compiled for that many blocks of 128 threads a
-// multiprocessor instead of the 3 its 168 registers allow: ncu on the H200 found it latency-bound at 12
-// warps a multiprocessor (18.75% occupancy, SM throughput 22%), and a task alone on a multiprocessor took
-// about as long as one of three. 4: at most 128 registers; 6: at most 80 (more spills, outside the
-// products' loops), which also fits 12 teams of 64 threads or 24 of 32 (FASTMAML_CUDA_THREADS). Where
-// shared memory holds fewer workspaces (6 x 37.8 KiB at K = 1, W = 40 fit; 62.6 KiB at K = 5 only 3,
-// 6 with the states apart: FASTMAML_CUDA_STATES), it bounds the tasks in flight instead. Switches until
-// a GPU measures them (the GPU check's A/B). Each kernel is instantiated in a file of its own
-// (bwd_f32_min4.cu, bwd_f32_min6.cu: BwdMin below), apart from bwd_f32.cu's default sweep: each reverse
-// sweep is most of its file's build, and ninja compiles the files side by side.
-inline int min_blocks() {
-  static const int n = [] {
-    const std::string v = env_word("FASTMAML_CUDA_MIN_BLOCKS");
-    return v == "4" ? 4 : v == "6" ? 6 : 0;
-  }();
-  return n;
-}
-
 // Launches bwd_kernel<T, kMinBlocks, kTimeline> with `a`, its shared-memory opt-in first.
 template <typename T, int kMinBlocks, bool kTimeline = false>
 cudaError_t launch_bwd_kernel(const BwdArgs<T>& a, unsigned blocks, int threads, size_t smem, cudaStream_t stream) {
@@ -430,7 +411,8 @@ cudaError_t bwd_kernel_residency(int threads, size_t smem, Residency* out) {
 
 }  // namespace
 
-// The float reverse sweep compiled for kMinBlocks blocks a multiprocessor (min_blocks above). Only
+// The float reverse sweep compiled for kMinBlocks blocks a multiprocessor (Launch::min_blocks, from
+// FASTMAML_CUDA_MIN_BLOCKS in plan()). Only
 // declared here: the members are defined in bwd_min.cuh, which only bwd_f32_min4.cu and bwd_f32_min6.cu
 // include, each instantiating its own (so no other file can compile those kernels, and one missing
 // instantiation fails the link).
@@ -516,9 +498,12 @@ cudaError_t reverse_sweep(const Sizes& s, const Launch& launch, const T* theta, 
         timed.timeline = t;
         return BwdTimeline::launch(timed, blocks, launch.threads, smem, stream);
       }
-      if (min_blocks() == 4) return BwdMin<4>::launch(a, blocks, launch.threads, smem, stream);
-      if (min_blocks() == 6) return BwdMin<6>::launch(a, blocks, launch.threads, smem, stream);
+      if (launch.min_blocks == 4) return BwdMin<4>::launch(a, blocks, launch.threads, smem, stream);
+      if (launch.min_blocks == 6) return BwdMin<6>::launch(a, blocks, launch.threads, smem, stream);
     }
+    // The default sweep keeps every state in the workspace (bwd_kernel's kStaged): a plan that put some
+    // apart gave it a workspace too small for them.
+    if (launch.state_elems != 0) return cudaErrorInvalidValue;
     return launch_bwd_kernel<T, 0>(a, blocks, launch.threads, smem, stream);
   });
 }
@@ -527,8 +512,8 @@ template <typename T>
 cudaError_t reverse_sweep_residency(const Launch& launch, Residency* out) {
   const size_t smem = dynamic_shared<T>(launch);
   if constexpr (std::is_same_v<T, float>) {
-    if (min_blocks() == 4) return BwdMin<4>::residency(launch.threads, smem, out);
-    if (min_blocks() == 6) return BwdMin<6>::residency(launch.threads, smem, out);
+    if (launch.min_blocks == 4) return BwdMin<4>::residency(launch.threads, smem, out);
+    if (launch.min_blocks == 6) return BwdMin<6>::residency(launch.threads, smem, out);
   }
   return bwd_kernel_residency<T, 0>(launch.threads, smem, out);
 }

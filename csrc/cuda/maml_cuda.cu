@@ -52,6 +52,26 @@ int team_cap() {
   return cap;
 }
 
+// FASTMAML_CUDA_MIN_BLOCKS=4 or 6 (read once per process, here only: plan() records it in Launch::min_blocks,
+// which the launchers dispatch on, so the sweep launched is the one plan() sized the workspace for; the
+// cuda backend refuses values other than 0, the default, 4 and 6) launches the float reverse sweep compiled for that many blocks of 128 threads a
+// multiprocessor instead of the 3 its 168 registers allow: ncu on the H200 found it latency-bound at 12
+// warps a multiprocessor (18.75% occupancy, SM throughput 22%), and a task alone on a multiprocessor took
+// about as long as one of three. 4: at most 128 registers; 6: at most 80 (more spills, outside the
+// products' loops), which also fits 12 teams of 64 threads or 24 of 32 (FASTMAML_CUDA_THREADS). Where
+// shared memory holds fewer workspaces (6 x 37.8 KiB at K = 1, W = 40 fit; 62.6 KiB at K = 5 only 3,
+// 6 with the states apart: FASTMAML_CUDA_STATES), it bounds the tasks in flight instead. Switches until
+// a GPU measures them (the GPU check's A/B). Each kernel is instantiated in a file of its own
+// (bwd_f32_min4.cu, bwd_f32_min6.cu: kernels.cuh's BwdMin), apart from bwd_f32.cu's default sweep: each reverse
+// sweep is most of its file's build, and ninja compiles the files side by side.
+int min_blocks() {
+  static const int n = [] {
+    const std::string v = env_word("FASTMAML_CUDA_MIN_BLOCKS");
+    return v == "4" ? 4 : v == "6" ? 6 : 0;
+  }();
+  return n;
+}
+
 // FASTMAML_CUDA_STATES=global (read once per process; the cuda backend refuses values other than
 // "workspace", the default, and "global") keeps the reverse sweeps' support states of steps 0..K-2 in
 // global memory apart from a task's workspace, which holds the step's at hand (task_backward's
@@ -64,9 +84,9 @@ int team_cap() {
 // the switch takes effect with FASTMAML_CUDA_MIN_BLOCKS=4 or 6 on float tensors, in maml_bwd's reverse sweep
 // and the training call's (Op::kBackward); the backend refuses it without one of them. A switch until a GPU
 // measures it (the GPU check's A/B `blocks6+states`).
-bool states_apart(Op op, int itemsize) {
+bool states_apart(const Launch& l) {
   static const bool on = env_word("FASTMAML_CUDA_STATES") == "global";
-  return on && op == Op::kBackward && itemsize == 4 && min_blocks() != 0;
+  return on && l.min_blocks != 0;
 }
 
 // FASTMAML_REVERSE_THETAS (read once per process): "keep" or "recompute" at every size; otherwise (unset,
@@ -98,7 +118,8 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
       const int mode = reverse_thetas();
       l.recompute_thetas = mode == 1 || (mode == -1 && kept * itemsize > kKeepThetasBytes);
       l.work_elems = l.recompute_thetas ? task::backward_workspace(net, s.K, nmax, need_lr_grad, true) : kept;
-      if (states_apart(op, itemsize)) {  // none apart at K <= 1
+      l.min_blocks = op == Op::kBackward && itemsize == 4 ? min_blocks() : 0;
+      if (states_apart(l)) {  // none apart at K <= 1
         l.state_elems = task::backward_states(net, s.K, nmax);
         l.work_elems -= l.state_elems;
       }

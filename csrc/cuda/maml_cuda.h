@@ -69,6 +69,9 @@ struct Launch {
                          // steps 0..K-2, kept in global memory apart from the workspace (K > 1,
                          // FASTMAML_CUDA_STATES=global with FASTMAML_CUDA_MIN_BLOCKS=4 or 6: the sweeps that
                          // stage them); 0: all in the workspace
+  int min_blocks;        // float reverse sweep (Op::kBackward): the sweep compiled for 4 or 6 blocks a
+                         // multiprocessor (FASTMAML_CUDA_MIN_BLOCKS), or 0: the default; the launchers
+                         // launch this one, which plan() sized the states for
   bool tiles;            // register tiles in the team products (FASTMAML_CUDA_TILES=0: one output per thread)
   bool recompute_thetas;  // reverse sweep: theta_k rebuilt, not kept (kKeepThetasBytes)
   bool shared_loads;     // products load from shared memory (LDS) where both operands are there
