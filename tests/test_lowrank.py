@@ -191,13 +191,14 @@ def _three_products(g, x, hs, ds, scales):
     (2, 10, 10, 1, 40, 1),   # a 1-wide input
     (2, 17, 3, 33, 1, 1),    # 17 points (a 32 block), a 1-wide output
     (2, 10, 10, 37, 29, 3),  # the most pairs of 10 points float64's fused kernel takes (float32's: 5)
-], ids=["chunks", "in1", "out1", "pairs3"])
+    (3, 7, 19, 21, 13, 1),   # 19 support rows (a 32 block of S)
+], ids=["chunks", "in1", "out1", "pairs3", "s19"])
 def test_fused_backward_kernel_matches_the_three_products(kernels, sizes, dtype, rtol):
     """lowrank_backward's kernel (x's, the factors' gradients in one program a task) against the three
     batched products it replaces, with and without scales; the kernel itself, not its fallback."""
     T, N, S, I, O, J = sizes
     g, x, hs, ds = _inputs(*sizes, dtype=dtype, seed=9)
-    assert J * _lowrank._pad(N) * _lowrank._pad(S) <= _lowrank.FUSED_MAX_TILES[dtype]
+    assert J * _lowrank._pad(N) * _lowrank._pad(S) <= _lowrank._fused_max_tiles(dtype)
     launched = []
     kernel = _lowrank._module().lowrank_backward_kernel
     with pytest.MonkeyPatch.context() as mp:
@@ -219,7 +220,7 @@ def test_fused_backward_past_its_bound_runs_the_three_kernels(kernels, dtype):
     kernels, the same products."""
     J = 6 if dtype == torch.float32 else 4
     g, x, hs, ds = _inputs(2, 10, 10, 21, 19, J, dtype=dtype, seed=10)
-    assert J * 16 * 16 > _lowrank.FUSED_MAX_TILES[dtype]
+    assert J * 16 * 16 > _lowrank._fused_max_tiles(dtype)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_lowrank._module(), "lowrank_backward_kernel", None)
         got = _lowrank._backward_impl(g, x, hs, ds, None)
@@ -242,16 +243,28 @@ def test_add_backward_in_one_operation_or_three(monkeypatch, fused, rates_learne
     flat = [base, x, *hs, *ds] + ([scales] if rates_learned else [])
     w = torch.rand(2, 6, 11, dtype=F64) + 0.5
 
-    def value(add):
+    def value(add, used):
+        """The output and, of its gradients in x, hs and ds, those `used` (the others reach no loss)."""
         out = add(base, x, hs, ds, scales)
-        gx, *ghs = torch.autograd.grad((out * w).sum(), [x, *hs], create_graph=True)
-        return (out * w).sum() + (gx * gx).sum() + sum((gh * gh).sum() for gh in ghs)
+        first = (out * w + out * out).sum()  # its gradient in out depends on the inputs: the op's g needs one
+        gx, *rest = torch.autograd.grad(first, [x, *hs, *ds], create_graph=True)
+        ghs, gds = rest[:3], rest[3:]
+        total = first
+        if "x" in used:
+            total = total + (gx * gx).sum()
+        if "hs" in used:
+            total = total + sum((gh * gh).sum() for gh in ghs)
+        if "ds" in used:
+            total = total + sum((gd ** 3).sum() for gd in gds)
+        return total
 
-    got = torch.autograd.grad(value(_lowrank.lowrank_add), flat)
-    assert bool(calls) == (fused and not rates_learned)
-    want = torch.autograd.grad(value(_add_ref), flat)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert_close(a, b, 1e-11, f"input {i}")
+    for used in (("x", "hs", "ds"), ("ds",), ("x",)):
+        calls.clear()
+        got = torch.autograd.grad(value(_lowrank.lowrank_add, used), flat)
+        assert bool(calls) == (fused and not rates_learned)
+        want = torch.autograd.grad(value(_add_ref, used), flat)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, 1e-11, f"input {i}, gradients of {used} used")
 
 
 def test_kernels_take_strided_inputs(kernels):
@@ -431,6 +444,16 @@ _VARIANTS += [("backward", "float32", 10, 1), ("backward", "float32", 10, 5), ("
               ("backward", "float64", 10, 3)]
 
 
+def test_fused_backward_bound_follows_the_precision(monkeypatch):
+    """With tf32x3 products the fused kernel holds fewer pairs (three of 16 x 16 padded points, not five):
+    the bound the compile test below checks at both precisions."""
+    monkeypatch.setattr(_lowrank, "PRECISION", "tf32x3")
+    assert _lowrank._fused_max_tiles(torch.float32) == 3 * 256
+    assert _lowrank._fused_max_tiles(F64) == 3 * 256
+    monkeypatch.setattr(_lowrank, "PRECISION", "ieee")
+    assert _lowrank._fused_max_tiles(torch.float32) == 5 * 256
+
+
 def test_kernels_compile_for_sm90_within_registers():
     for kind, dtype, n, j, report in _compiled_rows(_VARIANTS):
         assert report["registers"] > 32 and report["spill_stores"] <= 32, (kind, dtype, n, j, report)
@@ -442,6 +465,7 @@ def test_tf32x3_switch_compiles_to_tensor_cores():
     """FASTMAML_FACTORED_PRECISION=tf32x3 (the GPU check's A/B): the float32 products become tensor-core
     instructions, without the spills of ptxas's fallback; float64 still compiles (it ignores the switch)."""
     variants = [(kind, dtype, 10, 1) for kind in ("add", "grads") for dtype in ("float32", "float64")]
+    variants.append(("backward", "float32", 10, 3))  # at tf32x3's bound (FUSED_MAX_TILES)
     for kind, dtype, n, j, report in _compiled_rows(variants, FASTMAML_FACTORED_PRECISION="tf32x3"):
         assert dtype == "float64" or report["mma"] > 0, (kind, dtype, report)
         assert report["registers"] > 32 and report["spill_stores"] <= 32, (kind, dtype, n, j, report)

@@ -295,8 +295,8 @@ def _add_backward(ctx, g):
     need_base, need_x, need_hs, need_ds, need_scales = ctx.needs_input_grad
     need_scales = scales is not None and need_scales
     if FUSED_BACKWARD and need_x and _all(need_hs) and _all(need_ds) and not need_scales:
-        # The three products of the backward in one operation: each `[N, S]` product made once, g, x and
-        # the factors read once (`lowrank_backward`).
+        # The three products of the backward in one operation (`lowrank_backward`): each `[N, S]` product
+        # made once, x and the ds read once, g and the hs twice.
         g_x, g_hs, g_ds = lowrank_backward(g, x, list(hs), list(ds), scales)
         return (g if ctx.has_base and need_base else None), g_x, list(g_hs.unbind(0)), list(g_ds.unbind(0)), None
     g_x = lowrank_add(None, g, ds, hs, scales) if need_x else None
@@ -366,9 +366,15 @@ FUSED_BACKWARD = env_choice("FASTMAML_FACTORED_FUSED_BACKWARD", ("1", "0")) == "
 # pair and 154 at five, without spills (the three kernels it replaces: 56 to 152 in chunks of 32). Past
 # these padded elements over all pairs the three kernels run instead: in float32 five pairs of 16 x 16
 # points, or one of 32 x 32 (168 registers); in float64 three of 16 x 16 (212 registers; four took 255
-# and spilled).
+# and spilled); in float32 with FASTMAML_FACTORED_PRECISION=tf32x3 three of 16 x 16 (128, 207 and 255
+# registers at one to three pairs; four spilled).
 FUSED_CHUNK = 16
-FUSED_MAX_TILES = {torch.float32: 1280, torch.float64: 768}
+FUSED_MAX_TILES = {torch.float32: 1280, torch.float64: 768, "tf32x3": 768}
+
+
+def _fused_max_tiles(dtype: torch.dtype) -> int:
+    """FUSED_MAX_TILES for the products of `dtype` as they run (PRECISION)."""
+    return FUSED_MAX_TILES["tf32x3" if dtype == torch.float32 and _precision(dtype) == "tf32x3" else dtype]
 
 
 def _backward_batched(g, x, hs, ds, scales):
@@ -391,7 +397,7 @@ def _backward_impl(g, x, hs, ds, scales):
     J, S, O = len(hs), hs[0].shape[1], g.shape[2]
     if kernel_reason(x, J, S) is not None:
         return _backward_batched(g, x, hs, ds, scales)
-    if J * _pad(N) * _pad(S) > FUSED_MAX_TILES[x.dtype]:
+    if J * _pad(N) * _pad(S) > _fused_max_tiles(x.dtype):
         # Past what the fused kernel holds in registers: the three kernels, the same numbers.
         return (_add_impl(None, g, ds, hs, scales), _grads_impl(g, ds, x, scales), _grads_impl(x, hs, g, scales))
     g, x = g.contiguous(), x.contiguous()
@@ -428,6 +434,9 @@ def _backward_setup(ctx, inputs, output):
     g, x, hs, ds, scales = inputs
     ctx.has_scales = scales is not None
     ctx.save_for_backward(g, x, *hs, *ds, *([scales] if scales is not None else []))
+    # An output no loss reaches gets None, not zeros: its three products are then skipped (materialised
+    # zeros ran all nine whatever was used).
+    ctx.set_materialize_grads(False)
 
 
 def _backward_backward(ctx, a, b, c):
@@ -443,27 +452,32 @@ def _backward_backward(ctx, a, b, c):
         raise RuntimeError("lowrank_backward: no gradient for the scales (_add_backward keeps them apart)")
     bs = list(b.unbind(0)) if b is not None else None
     cs = list(c.unbind(0)) if c is not None else None
-    terms_g, terms_x, terms_h, terms_d = [], [], [], []
+    need_hs, need_ds = _any(need_hs), _any(need_ds)
+    # Each input's gradient: a term from each output whose cotangent is not None (an output no loss reaches
+    # gets None: _backward_setup's set_materialize_grads(False)), where the input needs a gradient.
+    terms = {"g": [], "x": [], "hs": [], "ds": []}
+    wanted = {"g": need_g, "x": need_x, "hs": need_hs, "ds": need_ds}
+
+    def add(name, make):
+        if wanted[name]:
+            terms[name].append(make())
+
     if a is not None:  # g_x = sum_j s_j (g ds_j^T) hs_j
-        terms_g.append(lowrank_add(None, a, hs, ds, scales))
-        terms_d.append(lowrank_grads(a, hs, g, scales))
-        terms_h.append(lowrank_grads(g, ds, a, scales))
+        add("g", lambda: lowrank_add(None, a, hs, ds, scales))
+        add("ds", lambda: lowrank_grads(a, hs, g, scales))
+        add("hs", lambda: lowrank_grads(g, ds, a, scales))
     if bs is not None:  # g_hs_j = s_j (ds_j g^T) x
-        terms_g.append(lowrank_add(None, x, bs, ds, scales))
-        terms_x.append(lowrank_add(None, g, ds, bs, scales))
-        terms_d.append(lowrank_grads(x, bs, g, scales))
+        add("g", lambda: lowrank_add(None, x, bs, ds, scales))
+        add("x", lambda: lowrank_add(None, g, ds, bs, scales))
+        add("ds", lambda: lowrank_grads(x, bs, g, scales))
     if cs is not None:  # g_ds_j = s_j (hs_j x^T) g
-        terms_g.append(lowrank_add(None, x, hs, cs, scales))
-        terms_x.append(lowrank_add(None, g, cs, hs, scales))
-        terms_h.append(lowrank_grads(g, cs, x, scales))
-
-    def total(terms):
-        return None if not terms else functools.reduce(torch.add, terms)
-
-    g_h, g_d = total(terms_h), total(terms_d)
-    return (total(terms_g) if need_g else None, total(terms_x) if need_x else None,
-            list(g_h.unbind(0)) if g_h is not None and _any(need_hs) else [None] * J,
-            list(g_d.unbind(0)) if g_d is not None and _any(need_ds) else [None] * J, None)
+        add("g", lambda: lowrank_add(None, x, hs, cs, scales))
+        add("x", lambda: lowrank_add(None, g, cs, hs, scales))
+        add("hs", lambda: lowrank_grads(g, cs, x, scales))
+    total = {name: functools.reduce(torch.add, ts) if ts else None for name, ts in terms.items()}
+    return (total["g"], total["x"],
+            [None] * J if total["hs"] is None else list(total["hs"].unbind(0)),
+            [None] * J if total["ds"] is None else list(total["ds"].unbind(0)), None)
 
 
 lowrank_backward.register_autograd(_backward_backward, setup_context=_backward_setup)

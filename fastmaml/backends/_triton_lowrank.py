@@ -151,10 +151,11 @@ def lowrank_backward_kernel(
 
         g_x = sum_j e_j hs[j],   g_hs[j] = e_j^T x,   g_ds[j] = c_j^T g.
 
-    Three passes: the e_j over O; one over I that loads x's and every hs[j]'s chunk once for all three
-    of their uses (g_x's and g_hs[j]'s chunks written, c_j summed); the g_ds[j] over O, reading g again.
-    The three kernels this replaces (one lowrank_add, two lowrank_grads) read g three times, x, hs and ds
-    twice, and made every `[N, S]` product twice. Each product sums its chunks in ascending k as they do."""
+    Four passes: the e_j over O; g_x over I; g_hs[j] over I, summing c_j from the same chunks of x and
+    hs[j]; g_ds[j] over O. So g and hs are read twice, x and ds once (g_x's pass apart from g_hs[j]'s:
+    in one pass each e_j was held in the layouts of both its products, and the kernel spilled). The three
+    kernels this replaces (one lowrank_add, two lowrank_grads) read g three times and x, hs and ds twice,
+    and made every `[N, S]` product twice. Each product sums its chunks in ascending k as they do."""
     t = tl.program_id(0).to(tl.int64)
     rn = tl.arange(0, BN)
     rs = tl.arange(0, BS)
