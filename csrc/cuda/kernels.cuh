@@ -224,12 +224,13 @@ __device__ __forceinline__ auto kernel_team(const BlockTeam& block, const Timeli
 // without per-task rows: forward and reverse sweep with c = 1, each task's loss and query output written
 // (g_task_losses and g_query_preds unused). Nothing of size T x P is written either way.
 // kMinBlocks 0: the registers nvcc wants (168 for float at width 40 to 128: 3 blocks of 128 threads a
-// multiprocessor); 4 or 6: at most 128 or 80 registers (FASTMAML_CUDA_MIN_BLOCKS, below). kTimeline: the
+// multiprocessor); 4 or 6: at most 128 or 80 registers (FASTMAML_CUDA_MIN_BLOCKS: maml_cuda.cu's
+// min_blocks, recorded by plan() in Launch::min_blocks). kTimeline: the
 // team is a TimelineTeam writing to `timeline` (timeline.h; the other variants never read it).
 // The support states kept apart (FASTMAML_CUDA_STATES=global, plan()) are staged only by the 4- and 6-block
 // sweeps and the timeline's, which run in their place: compiled into the default sweep, the copies' code
-// raised its spills with the switch off (ptxas, sm_90a: 188 / 452 to 264 / 716 B), since a kernel argument
-// cannot tell the compiler that the pointer is always null there.
+// raised its spills with the switch off (ptxas, sm_90a: 264 / 716 B with it, 228 / 620 B without), since a
+// kernel argument cannot tell the compiler that the pointer is always null there.
 template <typename T, int kMinBlocks = 0, bool kTimeline = false>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks)
     bwd_kernel(Net net, int64_t n_tasks, int64_t chunk, int64_t Ns, int64_t Nq, int K, const T* theta, const T* lr,

@@ -52,18 +52,19 @@ int team_cap() {
   return cap;
 }
 
-// FASTMAML_CUDA_MIN_BLOCKS=4 or 6 (read once per process, here only: plan() records it in Launch::min_blocks,
-// which the launchers dispatch on, so the sweep launched is the one plan() sized the workspace for; the
-// cuda backend refuses values other than 0, the default, 4 and 6) launches the float reverse sweep compiled for that many blocks of 128 threads a
-// multiprocessor instead of the 3 its 168 registers allow: ncu on the H200 found it latency-bound at 12
-// warps a multiprocessor (18.75% occupancy, SM throughput 22%), and a task alone on a multiprocessor took
-// about as long as one of three. 4: at most 128 registers; 6: at most 80 (more spills, outside the
+// FASTMAML_CUDA_MIN_BLOCKS=4 or 6 launches the float reverse sweep compiled for that many blocks of 128
+// threads a multiprocessor instead of the 3 its 168 registers allow: ncu on the H200 found it latency-bound
+// at 12 warps a multiprocessor (18.75% occupancy, SM throughput 22%), and a task alone on a multiprocessor
+// took about as long as one of three. 4: at most 128 registers; 6: at most 80 (more spills, outside the
 // products' loops), which also fits 12 teams of 64 threads or 24 of 32 (FASTMAML_CUDA_THREADS). Where
 // shared memory holds fewer workspaces (6 x 37.8 KiB at K = 1, W = 40 fit; 62.6 KiB at K = 5 only 3,
 // 6 with the states apart: FASTMAML_CUDA_STATES), it bounds the tasks in flight instead. Switches until
 // a GPU measures them (the GPU check's A/B). Each kernel is instantiated in a file of its own
-// (bwd_f32_min4.cu, bwd_f32_min6.cu: kernels.cuh's BwdMin), apart from bwd_f32.cu's default sweep: each reverse
-// sweep is most of its file's build, and ninja compiles the files side by side.
+// (bwd_f32_min4.cu, bwd_f32_min6.cu: kernels.cuh's BwdMin), apart from bwd_f32.cu's default sweep: each
+// reverse sweep is most of its file's build, and ninja compiles the files side by side.
+// Read once per process, here only: plan() records it in Launch::min_blocks, which the launchers dispatch
+// on, so the sweep launched is the one plan() sized the workspace for (the cuda backend refuses values
+// other than 0, the default, 4 and 6).
 int min_blocks() {
   static const int n = [] {
     const std::string v = env_word("FASTMAML_CUDA_MIN_BLOCKS");
