@@ -106,18 +106,18 @@ K_CHUNK = int(env_choice("FASTMAML_FACTORED_K_CHUNK", ("32", "16")))
 # elsewhere. Both sum each product's chunks in ascending k: the same bits. The GPU check's A/B `floops`
 # runs "per_factor"; benchmarks/RESULTS.md has the prediction.
 K_LOOP = env_choice("FASTMAML_FACTORED_K_LOOP", ("auto", "one", "per_factor"))
+ONE_LOOP_MAX_FACTORS = 5
 
 # Warps a program of the three kernels (FASTMAML_FACTORED_WARPS, read once at import): 4 (the default) or 8.
 # Registers, not shared memory, bound the programs a multiprocessor: ptxas -v (sm_90a, float32, 16 x 16
 # padded points, I = O = 128, chunks of 32; lowrank_add / lowrank_grads / lowrank_backward, the last in its
 # chunks of 16) at five factor pairs 148 / 152 / 154 registers a thread at 4 warps, 74 / 74 / 80 at 8,
-# 255 with spills at 2: 12 warps a multiprocessor at 4, 24 at 8; at one pair 72 / 56 / 72 and 44 / 42 / 46
+# 255 at 2 (two of them spilling): 12 warps a multiprocessor at 4, 24 at 8; at one pair 72 / 56 / 72 and 44 / 42 / 46
 # (28 to 36 warps, 40 to 48). The pipelined loads' shared memory (5 to 28 KiB a program) allows more. Twice
 # the warps in flight, each with half the outputs, so more shared-memory operand loads a multiply-add: for
 # a GPU to decide (the GPU check's A/B `fwarps8`), after the kernels ran at about a quarter of the
 # bandwidth the rest of the iteration reached (benchmarks/RESULTS.md).
 WARPS = int(env_choice("FASTMAML_FACTORED_WARPS", ("4", "8")))
-ONE_LOOP_MAX_FACTORS = 5
 
 
 def _one_loop(dtype: torch.dtype, n: int, s: int, factors: int) -> bool:
@@ -393,6 +393,9 @@ def _backward_batched(g, x, hs, ds, scales):
 
 
 def _backward_impl(g, x, hs, ds, scales):
+    """lowrank_backward's value: g [T, N, O], x [T, N, I], hs[j] [T, S, I], ds[j] [T, S, O], scales [J] or
+    None -> (g_x [T, N, I], g_hs [J, T, S, I], g_ds [J, T, S, O]); the fused kernel where it runs and holds
+    the pairs, the three kernels past its bound, the batched products elsewhere."""
     T, N, I = x.shape
     J, S, O = len(hs), hs[0].shape[1], g.shape[2]
     if kernel_reason(x, J, S) is not None:
@@ -418,8 +421,9 @@ def _backward_impl(g, x, hs, ds, scales):
 @torch.library.custom_op("fastmaml::lowrank_backward", mutates_args=())
 def lowrank_backward(g: torch.Tensor, x: torch.Tensor, hs: list[torch.Tensor], ds: list[torch.Tensor],
                      scales: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lowrank_add's gradients in x, hs and ds for its output's gradient g, in one operation:
-    `(lowrank_add(None, g, ds, hs, s), lowrank_grads(g, ds, x, s), lowrank_grads(x, hs, g, s))`."""
+    """lowrank_add's gradients in x, hs and ds for its output's gradient g [T, N, O], in one operation:
+    `(lowrank_add(None, g, ds, hs, s), lowrank_grads(g, ds, x, s), lowrank_grads(x, hs, g, s))`, shapes
+    [T, N, I], [J, T, S, I] and [J, T, S, O]."""
     return _backward_impl(g, x, hs, ds, scales)
 
 
