@@ -41,7 +41,8 @@
 # sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with FASTMAML_CUDA_MIN_BLOCKS=6 and
 # FASTMAML_CUDA_STATES=global.
 # OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register reports (nvcc's of the CUDA kernels takes
-# minutes of the machine's CPUs).
+# minutes of the machine's CPUs). With AB_S, the A/B's Triton variants are compiled in the background from
+# the tests on (prewarm.log; PREWARM=0 skips it, PREWARM_WAIT_S=30 how long the A/B waits for it).
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -249,6 +250,35 @@ if [ "$DRY_RUN" != 1 ] && [ "${TIMELINE_S:-30}" -gt 0 ]; then
   grep -E "^== K=|^cycles a task: |failed" "$DIR/timeline.txt" | head -12 | cut -c1-200
 fi
 
+# ---- the A/B's variants (described at the A/B below): AB_DEFAULT, ab_variant, ab_resolve, stop_prewarm --
+# shellcheck source=benchmarks/ab_variants.sh
+source "$REPO/benchmarks/ab_variants.sh"
+
+# The Triton kernels of the A/B's triton and factored variants, compiled ahead in the background while the
+# tests run: a variant's kernels (other warps, layouts, chunks) are new to Triton's cache, and compiling
+# them inside the A/B took its share of the time (the scratch layout's backward alone compiles for about
+# 30 s). One call of each variant at T=64 (the kernels' sizes are runtime values: the same compiled
+# kernels as at T=65,536) fills the cache on disk that the A/B's processes then load from; its check
+# against the reference is an early word on the variant. Stopped when the A/B starts (after up to
+# PREWARM_WAIT_S=30 more seconds), so that it never runs beside a timed call. PREWARM=0 skips it.
+PREWARM_PID=""
+if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "${PREWARM:-1}" = 1 ]; then
+  stage "compiling the A/B's Triton variants in the background -> $DIR/prewarm.log"
+  (
+    for v in ${AB_VARIANTS:-$AB_DEFAULT}; do
+      ab_resolve "$v" || continue
+      [ "$method" = cuda ] && continue
+      echo "== $v: $setting ($method)"
+      # shellcheck disable=SC2086  # a variant may set several variables
+      env $setting python benchmarks/bench_throughput.py --device cuda --order second --methods "$method" \
+        --tasks 64 --steps 1 5 --width $widths --warmup 0 --repeats 1 --max-seconds 60 \
+        --out "/tmp/fastmaml_prewarm_$v" 2>&1 | grep -E "tasks/s|failed|skipped|Error" | cut -c1-200
+    done
+    echo "prewarm done"
+  ) > "$DIR/prewarm.log" 2>&1 &
+  PREWARM_PID=$!
+fi
+
 # ---- tests -------------------------------------------------------------------------------------
 if [ "${SKIP_TESTS:-0}" = 1 ]; then
   stage "tests: skipped (SKIP_TESTS=1)"
@@ -408,64 +438,18 @@ fi
 # factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
 # Variants joined with '+' (mma+blocks4, team64s+mma) combine their switches, one method's only.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
-  variants=(${AB_VARIANTS:-mma blocks4 blocks6 blocks6+states fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2 scratch})
+  stop_prewarm
+  variants=(${AB_VARIANTS:-$AB_DEFAULT})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
   stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt"
   : > "$DIR/ab.txt"
-  # One variant's switches: sets `setting`, `method` and `widths` (the widths it is measured at).
-  ab_variant() {
-    widths="40 128"
-    case "$1" in
-      scratch) setting=FASTMAML_TRITON_LAYOUT=scratch; method=triton; widths=40 ;;
-      warps4) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4"; method=triton ;;
-      warps2) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=2"; method=triton; widths=40 ;;
-      nreg128) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128"; method=triton ;;
-      w4nreg128) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4 FASTMAML_TRITON_MAXNREG=128"
-        method=triton ;;
-      tiles) setting=FASTMAML_CUDA_TILES=0; method=cuda ;;
-      mma) setting=FASTMAML_CUDA_MMA=1; method=cuda ;;
-      blocks4) setting=FASTMAML_CUDA_MIN_BLOCKS=4; method=cuda ;;
-      blocks6) setting=FASTMAML_CUDA_MIN_BLOCKS=6; method=cuda ;;
-      lds) setting=FASTMAML_CUDA_LDS=0; method=cuda; widths=40 ;;
-      states) setting=FASTMAML_CUDA_STATES=global; method=cuda; widths=40 ;;
-      thetas) setting=FASTMAML_REVERSE_THETAS=keep; method=cuda ;;
-      shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
-      team32) setting="FASTMAML_CUDA_THREADS=32 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;
-      team64) setting="FASTMAML_CUDA_THREADS=64 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;
-      team64s) setting=FASTMAML_CUDA_THREADS=64; method=cuda; widths=40 ;;
-      kchunk) setting=FASTMAML_TRITON_K_CHUNK=32; method=triton ;;
-      tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton; widths=40 ;;
-      ieee) setting=FASTMAML_TRITON_PRECISION=ieee; method=triton; widths=128 ;;
-      batched) setting=FASTMAML_FACTORED_TRITON=never; method=factored ;;
-      chunk4g) setting=FASTMAML_FACTORED_CHUNK_MB=4096; method=factored ;;
-      ftf32x3) setting=FASTMAML_FACTORED_PRECISION=tf32x3; method=factored ;;
-      fchunk16) setting=FASTMAML_FACTORED_K_CHUNK=16; method=factored ;;
-      floops) setting=FASTMAML_FACTORED_K_LOOP=per_factor; method=factored ;;
-      fbwd3) setting=FASTMAML_FACTORED_FUSED_BACKWARD=0; method=factored ;;
-      fwarps8) setting=FASTMAML_FACTORED_WARPS=8; method=factored ;;
-      factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
-      *) return 1 ;;
-    esac
-  }
   for v in "${variants[@]}"; do
-    # A variant joined with '+' (mma+blocks4) sets all its parts' switches, at the widths they share.
-    all_settings="" all_method="" all_widths="40 128" ok=1
-    for part in ${v//+/ }; do
-      if ! ab_variant "$part"; then ok=0; break; fi
-      [ -n "$all_method" ] && [ "$all_method" != "$method" ] && { ok=0; break; }
-      all_method=$method
-      all_settings="${all_settings:+$all_settings }$setting"
-      all_widths=$(for w in $all_widths; do [[ " $widths " == *" $w "* ]] && echo "$w"; done | xargs)
-    done
-    # states alone: the default sweep does not stage the states, and the backend refuses the switch.
-    [[ " ${v//+/ } " == *" states "* && " ${v//+/ } " != *" blocks"[46]" "* ]] && ok=0
-    if [ "$ok" != 1 ] || [ -z "$all_method" ] || [ -z "$all_widths" ]; then
+    if ! ab_resolve "$v"; then
       echo "unknown A/B variant $v (or parts for different methods or widths; states needs blocks4 or blocks6)" \
         >> "$DIR/ab.txt"; continue
     fi
-    setting=$all_settings method=$all_method widths=$all_widths
     echo "== $setting ($method; compare with the sweep's $method rows)" >> "$DIR/ab.txt"
     # shellcheck disable=SC2086  # a variant may set several variables
     env $setting timeout "$per" python benchmarks/bench_throughput.py --device cuda --order second \
@@ -475,6 +459,8 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
   done
   grep -E "^==|tasks/s|failed|exit|unknown" "$DIR/ab.txt" | head -40 | cut -c1-160
 fi
+
+PREWARM_WAIT_S=0 stop_prewarm > /dev/null  # where the A/B did not run
 
 # The nvcc report ran in the background from the build on (a 3-minute compile on the H200's CPUs):
 # waited for only after the measurements (the Triton report below appends to its file).

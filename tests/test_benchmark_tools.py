@@ -251,3 +251,50 @@ def test_graph_method_keeps_what_its_replays_write(monkeypatch):
     gc.collect()
     assert all(r() is not None for r in refs), "the graph's parameters were freed when build() returned"
     call()
+
+
+def _bash(script: str) -> str:
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed (the GPU check is a bash script)")
+    proc = subprocess.run(["bash", "-c", f"source benchmarks/ab_variants.sh\n{script}"], cwd=BENCH.parent,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_ab_variants_resolve_to_their_switches():
+    """The GPU check's A/B variants (benchmarks/ab_variants.sh): a '+' joins one method's switches at the
+    widths its parts share; an unknown part, parts of two methods, and the states switch without the 4- or
+    6-block sweep (which alone stage the states) are refused; every default variant resolves."""
+    out = _bash('for v in blocks6+states states mma+states fchunk16+fwarps8 mma+fwarps8 nosuch team64s+mma '
+                'lds+ieee $AB_DEFAULT; do if ab_resolve "$v"; then echo "$v|$method|$widths|$setting"; '
+                'else echo "$v|refused"; fi; done')
+    got = dict(line.split("|", 1) for line in out.splitlines())
+    assert got["blocks6+states"] == "cuda|40|FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global"
+    assert got["fchunk16+fwarps8"] == "factored|40 128|FASTMAML_FACTORED_K_CHUNK=16 FASTMAML_FACTORED_WARPS=8"
+    assert got["team64s+mma"] == "cuda|40|FASTMAML_CUDA_THREADS=64 FASTMAML_CUDA_MMA=1"
+    for refused in ("states", "mma+states", "mma+fwarps8", "nosuch", "lds+ieee"):
+        assert got[refused] == "refused", refused
+    defaults = _bash('echo "$AB_DEFAULT"').split()
+    assert len(defaults) > 10 and all(got[v] != "refused" for v in defaults), got
+
+
+def test_prewarm_is_stopped_with_its_processes(tmp_path):
+    """stop_prewarm waits up to PREWARM_WAIT_S for the background compile loop, then stops the loop and the
+    processes it runs, so that nothing of it runs beside the A/B's timed calls."""
+    out = _bash(f'''DIR={tmp_path}
+( echo "== one"; sleep 60 | cat ) > "$DIR/prewarm.log" 2>&1 &
+PREWARM_PID=$!
+sleep 0.5
+kids=$(child_pids "$PREWARM_PID" | xargs)
+echo "kids $kids"
+PREWARM_WAIT_S=1 stop_prewarm
+sleep 0.3
+for k in $kids; do [ "$(cut -d' ' -f3 /proc/$k/stat 2>/dev/null)" = S ] && echo "alive $k"; done
+echo "pid [$PREWARM_PID]"''')
+    assert len(out.split("\n")[0].split()) == 3, out  # the loop ran its two processes
+    assert "alive" not in out and "pid []" in out and "variants started: 1" in out, out
+    assert "prewarm stopped after waiting 1s" in (tmp_path / "prewarm.log").read_text()
