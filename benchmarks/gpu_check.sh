@@ -35,11 +35,10 @@
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
 # of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); NCU_LOWRANK_S (0: only
 # when asked) ncu of four of the factored backend's low-rank Triton launches at K=5, W=128 (profile.txt);
-# TIMELINE_S=30 the CUDA
-# reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS its settings). With --quick,
-# MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons of cuda (every option, the GPU
-# sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with FASTMAML_CUDA_MIN_BLOCKS=6 and
-# FASTMAML_CUDA_STATES=global.
+# TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
+# its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
+# of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
+# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global.
 # OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register reports (nvcc's of the CUDA kernels takes
 # minutes of the machine's CPUs). With AB_S, the A/B's Triton variants are compiled in the background from
 # the tests on (prewarm.log; PREWARM=0 skips it, PREWARM_WAIT_S=30 how long the A/B waits for it).
