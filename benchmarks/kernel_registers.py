@@ -215,15 +215,18 @@ def _triton_child(spec: dict) -> None:
 
     if spec.get("factored"):
         # The low-rank products of the 1-W-W-1 net's middle layer, 10 + 10 points, at every factor count
-        # the default form reaches (the layer turns dense after the last).
-        width = spec["dims"][1]
+        # the default form reaches (the layer turns dense after the last), at --warps or the backend's
+        # (FASTMAML_FACTORED_WARPS); lowrank_backward (the fused backward) within its bound, where it
+        # runs in place of the other two's backward.
+        width, warps = spec["dims"][1], spec["warps"] or _lowrank.WARPS
         steps = next(k for k in range(1, 64) if factored._dense_after(k, 10, width, width))
         for factors in range(1, steps):
-            for kind in ("add", "grads"):
+            fused = factors * 16 * 16 <= _lowrank._fused_max_tiles(torch.float32)
+            for kind in ("add", "grads") + (("backward",) if fused else ()):
                 start = time.perf_counter()
                 kernel = _lowrank.compile_for_target(kind, torch.float32, 10, 10, width, width, factors,
-                                                     arch=spec["arch"])
-                _print_ptxas(kernel, spec["arch"], start, kind=f"lowrank_{kind} J={factors}", warps=4)
+                                                     arch=spec["arch"], num_warps=warps)
+                _print_ptxas(kernel, spec["arch"], start, kind=f"lowrank_{kind} J={factors}", warps=warps)
         return
     # fwd and bwd with every gradient; train: the backward kernel as a training loop's call launches it
     # (triton_maml_train: the forward's outputs too, a float rate, no input gradients).
