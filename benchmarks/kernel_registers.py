@@ -209,7 +209,7 @@ def _triton_child(spec: dict) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from fastmaml.backends import _lowrank, factored
+    from fastmaml.backends import _lowrank, _lowrank_backward, factored
     from fastmaml.backends import _triton_targets as targets
     from fastmaml.backends import triton_maml as tm
 
@@ -221,7 +221,7 @@ def _triton_child(spec: dict) -> None:
         width, warps = spec["dims"][1], spec["warps"] or _lowrank.WARPS
         steps = next(k for k in range(1, 64) if factored._dense_after(k, 10, width, width))
         for factors in range(1, steps):
-            fused = factors * 16 * 16 <= _lowrank._fused_max_tiles(torch.float32)
+            fused = factors * 16 * 16 <= _lowrank_backward._fused_max_tiles(torch.float32)
             for kind in ("add", "grads") + (("backward",) if fused else ()):
                 start = time.perf_counter()
                 kernel = _lowrank.compile_for_target(kind, torch.float32, 10, 10, width, width, factors,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmaml.backends import _lowrank, factored
+from fastmaml.backends import _lowrank, _lowrank_backward, factored
 from _reference_loop import assert_close
 
 F64 = torch.float64
@@ -55,7 +55,7 @@ def kernels(monkeypatch):
     monkeypatch.setattr(_lowrank, "_INTERPRET_CPU", True)
     monkeypatch.setattr(_lowrank, "_add_batched", batched)
     monkeypatch.setattr(_lowrank, "_grads_batched", batched)
-    monkeypatch.setattr(_lowrank, "_backward_batched", batched)
+    monkeypatch.setattr(_lowrank_backward, "_backward_batched", batched)
 
 
 # ---- the operations' gradients (batched products: what the kernels must match) -------------------
@@ -198,7 +198,7 @@ def test_fused_backward_kernel_matches_the_three_products(kernels, sizes, dtype,
     batched products it replaces, with and without scales; the kernel itself, not its fallback."""
     T, N, S, I, O, J = sizes
     g, x, hs, ds = _inputs(*sizes, dtype=dtype, seed=9)
-    assert J * _lowrank._pad(N) * _lowrank._pad(S) <= _lowrank._fused_max_tiles(dtype)
+    assert J * _lowrank._pad(N) * _lowrank._pad(S) <= _lowrank_backward._fused_max_tiles(dtype)
     launched = []
     kernel = _lowrank._module().lowrank_backward_kernel
     with pytest.MonkeyPatch.context() as mp:
@@ -206,7 +206,7 @@ def test_fused_backward_kernel_matches_the_three_products(kernels, sizes, dtype,
                    type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or kernel[grid]})())
         mp.setattr(_lowrank, "_add_impl", None)  # the three kernels' fallback must not run
         for scales in (None, torch.linspace(-1.5, 0.7, J, dtype=dtype)):
-            got = _lowrank._backward_impl(g, x, hs, ds, scales)
+            got = _lowrank_backward._backward_impl(g, x, hs, ds, scales)
             want = _three_products(g, x, hs, ds, scales)
             for name, a, b in zip(("g_x", "g_hs", "g_ds"), got, want):
                 assert a.dtype == dtype and a.shape == b.shape, name
@@ -220,10 +220,10 @@ def test_fused_backward_past_its_bound_runs_the_three_kernels(kernels, dtype):
     kernels, the same products."""
     J = 6 if dtype == torch.float32 else 4
     g, x, hs, ds = _inputs(2, 10, 10, 21, 19, J, dtype=dtype, seed=10)
-    assert J * 16 * 16 > _lowrank._fused_max_tiles(dtype)
+    assert J * 16 * 16 > _lowrank_backward._fused_max_tiles(dtype)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_lowrank._module(), "lowrank_backward_kernel", None)
-        got = _lowrank._backward_impl(g, x, hs, ds, None)
+        got = _lowrank_backward._backward_impl(g, x, hs, ds, None)
     for name, a, b in zip(("g_x", "g_hs", "g_ds"), got, _three_products(g, x, hs, ds, None)):
         assert_close(a, b, 1e-12 if dtype == F64 else 1e-5, name)
 
@@ -234,10 +234,10 @@ def test_add_backward_in_one_operation_or_three(monkeypatch, fused, rates_learne
     """lowrank_add's backward as `lowrank_backward` (FASTMAML_FACTORED_FUSED_BACKWARD=1, where x and every
     factor need a gradient and the scales none) or as three operations (=0, or learned scales): the same
     gradients, first and second order, against autograd through matmul."""
-    monkeypatch.setattr(_lowrank, "FUSED_BACKWARD", fused)
+    monkeypatch.setattr(_lowrank_backward, "FUSED_BACKWARD", fused)
     calls = []
-    real = _lowrank.lowrank_backward
-    monkeypatch.setattr(_lowrank, "lowrank_backward", lambda *a: calls.append(1) or real(*a))
+    real = _lowrank_backward.lowrank_backward
+    monkeypatch.setattr(_lowrank_backward, "lowrank_backward", lambda *a: calls.append(1) or real(*a))
     base, x, hs, ds = _inputs(2, 6, 4, 9, 11, 3, seed=11, grad=True)
     scales = torch.tensor([0.6, -1.1, 0.3], dtype=F64, requires_grad=rates_learned)
     flat = [base, x, *hs, *ds] + ([scales] if rates_learned else [])
@@ -448,10 +448,10 @@ def test_fused_backward_bound_follows_the_precision(monkeypatch):
     """With tf32x3 products the fused kernel holds fewer pairs (three of 16 x 16 padded points, not five):
     the bound the compile test below checks at both precisions."""
     monkeypatch.setattr(_lowrank, "PRECISION", "tf32x3")
-    assert _lowrank._fused_max_tiles(torch.float32) == 3 * 256
-    assert _lowrank._fused_max_tiles(F64) == 3 * 256
+    assert _lowrank_backward._fused_max_tiles(torch.float32) == 3 * 256
+    assert _lowrank_backward._fused_max_tiles(F64) == 3 * 256
     monkeypatch.setattr(_lowrank, "PRECISION", "ieee")
-    assert _lowrank._fused_max_tiles(torch.float32) == 5 * 256
+    assert _lowrank_backward._fused_max_tiles(torch.float32) == 5 * 256
 
 
 def test_kernels_compile_for_sm90_within_registers():
@@ -503,7 +503,7 @@ def test_warps_switch_reaches_every_launch(kernels, monkeypatch):
     g, x, hs, ds = _inputs(2, 6, 4, 9, 11, 2, seed=12)
     _lowrank._add_impl(g, x, hs, ds, None)
     _lowrank._grads_impl(x, hs, g, None)
-    _lowrank._backward_impl(g, x, hs, ds, None)
+    _lowrank_backward._backward_impl(g, x, hs, ds, None)
     assert seen == [8, 8, 8]
 
 
