@@ -430,11 +430,10 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default, "mma blocks4 blocks6 blocks6+states fbwd3 fwarps8 team64s lds thetas warps4
-# nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2
-# scratch", is what no GPU has measured yet, the likeliest gains first (AB_S / 20 each; scratch was
-# measured with FMA products, equal to the register layout, and now runs tf32x3); "shared tiles chunk4g
-# factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
+# AB_VARIANTS picks some. The default (AB_DEFAULT in benchmarks/ab_variants.sh) is what no GPU has measured
+# yet, the likeliest gains first (AB_S / 22 each; scratch was measured with FMA products, equal to the
+# register layout, and now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200
+# (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
 # Variants joined with '+' (mma+blocks4, team64s+mma) combine their switches, one method's only.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
   stop_prewarm
