@@ -383,8 +383,10 @@ fi
 # Each variant changes one kernel choice from the default (docs/kernels.md lists the switches), at the
 # large-batch cells of G2 (T=65,536, K in {1, 5}, W in {40, 128} unless named); the defaults' own figures
 # are the sweep's rows of the same cells. The variants:
-#   fbwd3    FASTMAML_FACTORED_FUSED_BACKWARD=0: the factored backend's low-rank products' backward as the
-#            three kernels it was before the fused lowrank_backward (the default since 2026-12-01)
+#   frevauto FASTMAML_FACTORED_REVERSE=autograd: the factored backend's meta-gradient by autograd through
+#            its inner loop (with the fused lowrank_backward), as before its written-out reverse sweep
+#   fbwd3    FASTMAML_FACTORED_REVERSE=autograd FASTMAML_FACTORED_FUSED_BACKWARD=0: autograd's path with the
+#            low-rank products' backward as the three kernels it was before the fused lowrank_backward
 #   fwarps8  FASTMAML_FACTORED_WARPS=8: those kernels at 8 warps a program (74 to 80 registers a thread at
 #            five factor pairs instead of 148 to 154: 24 warps a multiprocessor instead of 12)
 #   ftf32x3  FASTMAML_FACTORED_PRECISION=tf32x3: the factored backend's low-rank products on tensor cores

@@ -276,6 +276,9 @@ def test_ab_variants_resolve_to_their_switches():
     assert got["blocks6+states"] == "cuda|40|FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global"
     assert got["fchunk16+fwarps8"] == "factored|40 128|FASTMAML_FACTORED_K_CHUNK=16 FASTMAML_FACTORED_WARPS=8"
     assert got["team64s+mma"] == "cuda|40|FASTMAML_CUDA_THREADS=64 FASTMAML_CUDA_MMA=1"
+    # the fused backward's A/B runs autograd's path: the written-out sweep has no lowrank_add backward
+    assert got["fbwd3"] == ("factored|40 128|FASTMAML_FACTORED_REVERSE=autograd "
+                            "FASTMAML_FACTORED_FUSED_BACKWARD=0")
     for refused in ("states", "mma+states", "mma+fwarps8", "nosuch", "lds+ieee"):
         assert got[refused] == "refused", refused
     defaults = _bash('echo "$AB_DEFAULT"').split()

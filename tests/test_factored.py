@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastmaml
-from fastmaml.backends import factored
+from fastmaml.backends import _factored_reverse, factored
 from _reference_loop import assert_close, gradients, make_case
 
 F64 = torch.float64
@@ -49,6 +49,7 @@ def test_memory_estimate_bounds_what_autograd_keeps(monkeypatch, dense, activati
     with the layers factored, dense, or turning dense on the way."""
     monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", 1 << 40)  # one chunk: every intermediate kept
     monkeypatch.setattr(factored, "DENSE", dense)
+    monkeypatch.setattr(_factored_reverse, "MODE", "autograd")
     T = 6
     case = make_case(dims=dims, tasks=T, n_support=ns, n_query=nq, inner_steps=K, loss=loss,
                      query_loss_weights=qw, activation=activation, seed=3).to(torch.float32)
@@ -58,6 +59,28 @@ def test_memory_estimate_bounds_what_autograd_keeps(monkeypatch, dense, activati
         query_loss_weights=case.query_loss_weights, loss=loss, activation=activation)
     estimate = factored.saved_bytes_per_task(problem) * T
     assert kept <= estimate <= 1.4 * kept, (kept, estimate)
+    # The written-out sweep keeps its own tensors (tanh's `D W` products, which autograd does not): the
+    # estimate bounds them too.
+    monkeypatch.setattr(_factored_reverse, "MODE", "hand")
+    by_hand = _kept_by_the_sweep(monkeypatch, case)
+    assert by_hand is None or 0 < by_hand <= estimate, (by_hand, estimate)
+
+
+def _kept_by_the_sweep(monkeypatch, case) -> "int | None":
+    """Bytes the written-out sweep keeps for its backward (`_factored_reverse._Run.kept_bytes`), or None
+    where the call keeps autograd (a layer turns dense)."""
+    runs = []
+
+    class Spy(_factored_reverse._Run):
+        def __init__(self, *args):
+            super().__init__(*args)
+            runs.append(self)
+
+    monkeypatch.setattr(_factored_reverse, "_Run", Spy)
+    _run(case)
+    if not runs:
+        return None
+    return sum(r.kept_bytes([*case.params, case.x_support, case.x_query]) for r in runs)
 
 
 CHUNK_OPTIONS = {

@@ -16,10 +16,11 @@ and a product with W_k never needs W_k itself:
 GPU cuBLAS), and the corrections go through `[N, Ns]` intermediates (`_lowrank.products`: Triton kernels
 on CUDA tensors, batched products elsewhere). No `[T, out, in]` tensor is made: torch.func.vmap keeps
 every task's W_k (4.3 GB per 128 x 128 layer and step at T = 65,536). The inner loop's gradients are
-written out (the backpropagation of the MLP above), so autograd through them gives the exact
-second-order meta-gradient, itself in factored form (its products are the same kinds of products), and
-every input's gradient: params, rates, both inputs, float targets, the multi-step loss weights. It can
-even be differentiated again.
+written out (the backpropagation of the MLP above), so their derivative is the exact second-order
+meta-gradient, itself in factored form (its products are the same kinds of products), with every input's
+gradient: params, rates, both inputs, float targets, the multi-step loss weights. The backward is written
+out too (`_factored_reverse`: the weights' cotangents kept in factors, no per-use gradients to add); a
+backward to be differentiated again is autograd's through the inner loop.
 
 Memory: autograd keeps the intermediates of each task's inner loop, about 2 K Ns activations of
 every layer (`saved_bytes_per_task`; measured, 128 KB a task for the 1-128-128-1 net, 10 + 10 points,
@@ -282,7 +283,16 @@ def _adapted_layers(problem: Problem, xs: torch.Tensor, ys: torch.Tensor, params
 
 
 def _maml_chunk(problem: Problem, neg_rates, weights, xs, ys, xq, yq, *params):
-    """`(task_losses [T'], query_preds [T', Nq, D_out])` of the chunk's tasks."""
+    """`(task_losses [T'], query_preds [T', Nq, D_out])` of the chunk's tasks: its gradient by the written-out
+    sweep (`_factored_reverse`) where it runs, else by autograd through the inner loop."""
+    tensors = [weights, xs, ys, xq, yq, *params, *(r.tensor for r in neg_rates)]
+    if _factored_reverse.reason(tensors) is None:
+        return _factored_reverse.maml_chunk(problem, neg_rates, weights, xs, ys, xq, yq, *params)
+    return _autograd_chunk(problem, neg_rates, weights, xs, ys, xq, yq, *params)
+
+
+def _autograd_chunk(problem: Problem, neg_rates, weights, xs, ys, xq, yq, *params):
+    """`_maml_chunk` by autograd through the inner loop."""
     act = ACTIVATIONS[problem.activation]
     history = _adapted_layers(problem, xs, ys, list(params), neg_rates)
     K = problem.inner_steps
@@ -504,5 +514,8 @@ class FactoredBackend:
             out.extend(t.contiguous() for t in layer.dense(problem.num_tasks))
         return out
 
+
+# The written-out meta-gradient (`_maml_chunk` takes it where it runs); it builds on this module's layers.
+from . import _factored_reverse  # noqa: E402
 
 __all__ = ["FactoredBackend", "MAX_CHUNK_BYTES", "saved_bytes_per_task"]

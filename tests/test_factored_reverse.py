@@ -1,0 +1,226 @@
+"""The factored backend's written-out meta-gradient (`_factored_reverse`): every option against the float64
+reference with the layers in each form (factors, dense, turning dense), every input's gradient including
+float targets and the step weights, against autograd through the inner loop (its switch's other side) at
+the sinusoid size, in chunks, differentiated again, and through the Triton kernels in the interpreter."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fastmaml
+from fastmaml.backends import _factored_reverse, factored
+from _reference_loop import assert_close, gradients, make_case
+from test_backends import FACTORED_DEPTH_GRID, OPTION_GRID, _case_id, check_maml
+from test_lowrank import kernels  # noqa: F401 (the fixture)
+
+F64 = torch.float64
+
+
+@pytest.fixture
+def sweeps(monkeypatch):
+    """Counts the written-out sweeps run (so that a test of it cannot pass on autograd's path)."""
+    count = [0]
+    real = _factored_reverse._Sweep.run_all
+
+    def spy(self, *args):
+        count[0] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(_factored_reverse, "MODE", "hand")
+    monkeypatch.setattr(_factored_reverse._Sweep, "run_all", spy)
+    return count
+
+
+GRID = [o for o in OPTION_GRID + FACTORED_DEPTH_GRID if o["lr_form"] != "per_parameter"]
+
+
+@pytest.mark.parametrize("dense", ["auto", "never", "always"])
+@pytest.mark.parametrize("options", [{**o, "seed": i} for i, o in enumerate(GRID)], ids=_case_id)
+def test_sweep_matches_the_reference(monkeypatch, sweeps, dense, options):
+    """Every option of test_backends (per-tensor rates) in float64, with the layers factored at every
+    step, dense from the first, or as `auto` picks (the small nets here: dense from the first step):
+    outputs and every gradient, with and without a cotangent on the query outputs."""
+    monkeypatch.setattr(factored, "DENSE", dense)
+    check_maml("factored", options, F64)
+    assert sweeps[0] == 2
+
+
+@pytest.mark.parametrize("options", [
+    dict(inner_steps=2, lr_form="per_step", grad_inputs=False),
+    dict(inner_steps=3, lr_form="per_layer", grad_inputs=False, activation="tanh", query_loss_weights=True),
+    dict(dims=(2, 11, 11, 11, 3), inner_steps=2, lr_form="float", grad_inputs=False, loss="cross_entropy"),
+], ids=_case_id)
+@pytest.mark.parametrize("dense", ["auto", "never"])
+def test_sweep_without_input_gradients(monkeypatch, sweeps, dense, options):
+    """Only params and rates require grad: the sweep skips the inputs' gradients, not what the layers
+    below need (a mutant that drops the first hidden layer's update cotangent with them fails here)."""
+    monkeypatch.setattr(factored, "DENSE", dense)
+    check_maml("factored", {**options, "tasks": 4, "seed": 71}, F64)
+    assert sweeps[0] == 2
+
+
+@pytest.mark.parametrize("dense", ["auto", "never"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["so", "fo"])
+def test_targets_and_step_weights_get_their_gradients(monkeypatch, sweeps, dense, activation, first_order):
+    """Float targets (mse) and the multi-step weights requiring grad: their gradients are the reference's,
+    along with every other input's."""
+    monkeypatch.setattr(factored, "DENSE", dense)
+    case = make_case(dims=(2, 9, 6, 3), tasks=5, inner_steps=3, lr_form="per_layer", query_loss_weights=True,
+                     grad_weights=True, activation=activation, first_order=first_order, seed=72)
+    case.y_support.requires_grad_(True)
+    case.y_query.requires_grad_(True)
+    leaves = {**case.leaves(), "y_support": case.y_support, "y_query": case.y_query}
+    assert "query_loss_weights" in leaves
+    got = {}
+    for backend in ("reference", "factored"):
+        out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                            backend=backend, **case.kwargs())
+        objective = (out.task_losses * torch.linspace(0.5, 1.5, 5, dtype=F64)).sum() + out.query_preds.sin().sum()
+        got[backend] = gradients(objective, leaves)
+    assert sweeps[0] == 1
+    for name in ("y_support", "query_loss_weights", "y_query"):
+        if name == "y_support" and first_order:
+            continue  # FOMAML: the support targets only reach the outputs through the detached inner gradient
+        assert got["reference"][name].abs().max() > 0, f"a test that cannot fail ({name})"
+    assert_close(got["factored"], got["reference"], 1e-9, "grad")
+
+
+@pytest.mark.parametrize("options", [
+    dict(inner_steps=5, lr_form="per_layer", activation="tanh"),
+    dict(inner_steps=5, lr_form="float", query_loss_weights=True),
+    dict(inner_steps=1, lr_form="per_step", loss="cross_entropy"),
+], ids=_case_id)
+def test_sweep_and_autograd_agree_at_the_sinusoid_size(monkeypatch, options):
+    """1-40-40-1 (1-40-40-5 for cross-entropy), 10 + 10 points, float32, as `auto` forms the layers (the
+    middle one in factors for two steps, then dense): the sweep's gradients are autograd's through the
+    inner loop (`FASTMAML_FACTORED_REVERSE=autograd`) to float32 rounding."""
+    dims = (1, 40, 40, 5 if options.get("loss") == "cross_entropy" else 1)
+    case = make_case(dims=dims, tasks=6, n_support=10, n_query=10, lr_scale=0.2, seed=73, **options)
+    case = case.to(torch.float32)
+    got = {}
+    for mode in ("hand", "autograd"):
+        monkeypatch.setattr(_factored_reverse, "MODE", mode)
+        out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                            backend="factored", **case.kwargs())
+        assert (type(out.task_losses.grad_fn).__name__ == "_ReverseBackward") == (mode == "hand")
+        got[mode] = gradients(out.loss + out.query_preds.square().mean(), case.leaves())
+    assert_close(got["hand"], got["autograd"], 1e-5, "grad")
+
+
+@pytest.mark.parametrize("dense", ["auto", "never"])
+def test_differentiated_again_recomputes_through_autograd(monkeypatch, sweeps, dense):
+    """create_graph through the sweep's node: the gradient of the meta-gradient is the reference's (the
+    node recomputes the call with autograd), and a plain gradient of the same call still takes the sweep."""
+    monkeypatch.setattr(factored, "DENSE", dense)
+    case = make_case(inner_steps=2, lr_form="per_step", activation="tanh", query_loss_weights=True, seed=74)
+    grads = {}
+    for backend in ("reference", "factored"):
+        out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                            backend=backend, **case.kwargs())
+        first = out.loss + out.query_preds.square().sum()
+        (g,) = torch.autograd.grad(first, case.params[2], create_graph=True, retain_graph=True)
+        grads[backend] = gradients((g * g).sum(), case.leaves(), retain_graph=True)
+        grads[backend + "-plain"] = gradients(first, case.leaves())
+    # The plain gradient, and the second derivative's path through the query outputs (the first's
+    # cotangent on them is 2 query_preds); the create_graph gradient itself recomputed.
+    assert sweeps[0] == 2
+    assert grads["reference"]["params[0]"].abs().max() > 0, "a test that cannot fail"
+    assert_close(grads["factored"], grads["reference"], 1e-9, "grad of the meta-gradient")
+    assert_close(grads["factored-plain"], grads["reference-plain"], 1e-9, "grad")
+
+
+@pytest.mark.parametrize("what", ["loss", "outputs", "again"])
+@pytest.mark.parametrize("options", ["so-qlw-tanh", "fo-ce"])
+def test_sweep_in_chunks(monkeypatch, sweeps, options, what):
+    """The chunked path (`_Chunked`) with the sweep in each chunk, its layers in factors: the unchunked
+    result (test_factored's check)."""
+    from test_factored import test_chunks_give_the_unchunked_result as check
+
+    monkeypatch.setattr(factored, "DENSE", "never")
+    check(monkeypatch, options, what)
+    assert sweeps[0] > 0
+
+
+def test_sweep_with_one_tensor_passed_twice(monkeypatch, sweeps):
+    """x_query the same tensor as x_support, with the sweep (each use's gradient once) and differentiated
+    again (test_factored's check)."""
+    from test_factored import test_chunks_with_one_tensor_passed_twice as check
+
+    monkeypatch.setattr(factored, "DENSE", "never")
+    check(monkeypatch)
+    case = make_case(dims=(3, 9, 6, 4), tasks=4, seed=75, inner_steps=2, lr_form="per_step")
+    x = case.x_support
+    got = {}
+    for backend in ("reference", "factored"):
+        out = fastmaml.maml(case.params, x, case.y_support, x, case.y_support, backend=backend, **case.kwargs())
+        got[backend] = gradients(out.loss, {"x": x, **case.leaves()})
+    assert_close(got["factored"], got["reference"], 1e-9, "grad")
+    assert sweeps[0] > 0
+
+
+@pytest.mark.parametrize("max_tiles", [None, 64], ids=["groups", "one-pair-a-group"])
+@pytest.mark.parametrize("options", [
+    dict(inner_steps=3, lr_form="per_layer", activation="tanh", query_loss_weights=True),
+    dict(inner_steps=2, lr_form="per_step", loss="cross_entropy", first_order=True),
+], ids=_case_id)
+def test_sweep_through_the_kernels(kernels, monkeypatch, sweeps, options, max_tiles):  # noqa: F811
+    """Every low-rank product through the Triton kernels (interpreter; factors kept at every step): the
+    reference's results, with bar W's pairs grouped by their rows (5 support and 6 query points) and cut
+    into groups the kernels keep in registers (64 padded elements: one pair a group)."""
+    monkeypatch.setattr(factored, "DENSE", "never")
+    if max_tiles is not None:
+        monkeypatch.setattr(_factored_reverse, "MAX_TILES", max_tiles)
+    check_maml("factored", {"dims": (3, 9, 6, 4), "tasks": 3, "seed": 76, **options}, torch.float32)
+    assert sweeps[0] == 2
+
+
+def test_pair_products_group_and_chain(monkeypatch):
+    """`_pair_products` sums every pair whatever the grouping: pairs of two row counts, groups of one."""
+    g = torch.Generator().manual_seed(77)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=F64) * 2 - 1
+
+    x = rand(3, 7, 5)
+    left = [rand(3, n, 5) for n in (4, 6, 4, 4, 6)]
+    right = [rand(3, n, 2) for n in (4, 6, 4, 4, 6)]
+    want = sum(torch.bmm(torch.bmm(x, a.transpose(1, 2)), b) for a, b in zip(left, right))
+    for tiles in (2048, 64, 1):
+        monkeypatch.setattr(_factored_reverse, "MAX_TILES", tiles)
+        assert_close(_factored_reverse._pair_products(x, left, right), want, 1e-12, f"MAX_TILES={tiles}")
+
+
+def test_reverse_switch_and_where_the_sweep_runs(monkeypatch):
+    """FASTMAML_FACTORED_REVERSE picks the sweep or autograd (read at import; a bad value is refused by
+    name); without a gradient wanted the call keeps no sweep."""
+    monkeypatch.delenv("FASTMAML_FACTORED_REVERSE", raising=False)
+    assert _factored_reverse.env_choice("FASTMAML_FACTORED_REVERSE", ("hand", "autograd")) == "hand"
+    monkeypatch.setenv("FASTMAML_FACTORED_REVERSE", "sideways")
+    with pytest.raises(ValueError, match="FASTMAML_FACTORED_REVERSE"):
+        _factored_reverse.env_choice("FASTMAML_FACTORED_REVERSE", ("hand", "autograd"))
+    t = torch.ones(2, requires_grad=True)
+    monkeypatch.setattr(_factored_reverse, "MODE", "hand")
+    assert _factored_reverse.reason([None, t]) is None
+    assert "no gradient" in _factored_reverse.reason([None, t.detach()])
+    with torch.no_grad():
+        assert "no gradient" in _factored_reverse.reason([t])
+    monkeypatch.setattr(_factored_reverse, "MODE", "autograd")
+    assert "FASTMAML_FACTORED_REVERSE=autograd" in _factored_reverse.reason([t])
+    case = make_case(inner_steps=2, seed=78)
+    with torch.no_grad():
+        out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                            backend="factored", **case.kwargs())
+    assert out.loss.grad_fn is None
+
+
+def test_grid_is_not_empty():
+    """The grid above covers each loss, activation, order and rate form (a filter that emptied it would
+    pass as no tests)."""
+    seen = {(o["loss"], o["activation"], o.get("first_order", False), o["lr_form"]) for o in GRID}
+    want = set(itertools.product(["mse", "cross_entropy"], ["relu", "tanh"], [False, True],
+                                 ["float", "per_step", "per_layer"]))
+    assert want <= seen
