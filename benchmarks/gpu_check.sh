@@ -385,6 +385,10 @@ fi
 # are the sweep's rows of the same cells. The variants:
 #   frevauto FASTMAML_FACTORED_REVERSE=autograd: the factored backend's meta-gradient by autograd through
 #            its inner loop (with the fused lowrank_backward), as before its written-out reverse sweep
+#   fpairs   FASTMAML_FACTORED_PAIRS=fused: the sweep's two products of each weight cotangent with a step's
+#            factors in one kernel (each pair read once from memory; more registers)
+#   fstages2 FASTMAML_FACTORED_STAGES=2: the low-rank kernels' loops pipelined 2 deep, not 3 (fewer
+#            registers: 118 instead of 148 at five pairs, 4 programs a multiprocessor instead of 3)
 #   fbwd3    FASTMAML_FACTORED_REVERSE=autograd FASTMAML_FACTORED_FUSED_BACKWARD=0: autograd's path with the
 #            low-rank products' backward as the three kernels it was before the fused lowrank_backward
 #   fwarps8  FASTMAML_FACTORED_WARPS=8: those kernels at 8 warps a program (74 to 80 registers a thread at

@@ -209,20 +209,25 @@ def _triton_child(spec: dict) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from fastmaml.backends import _lowrank, _lowrank_backward, factored
+    from fastmaml.backends import _lowrank, _lowrank_backward, _lowrank_pairs, factored
     from fastmaml.backends import _triton_targets as targets
     from fastmaml.backends import triton_maml as tm
 
     if spec.get("factored"):
         # The low-rank products of the 1-W-W-1 net's middle layer, 10 + 10 points, at every factor count
         # the default form reaches (the layer turns dense after the last), at --warps or the backend's
-        # (FASTMAML_FACTORED_WARPS); lowrank_backward (the fused backward) within its bound, where it
-        # runs in place of the other two's backward.
+        # (FASTMAML_FACTORED_WARPS); lowrank_backward (autograd's fused backward) within its bound, where
+        # it runs in place of the other two's backward. The written-out sweep's groups of the weight
+        # cotangent's pairs take lowrank_add up to MAX_TILES (eight pairs), the fused pair kernel
+        # (FASTMAML_FACTORED_PAIRS=fused) up to its bound (five).
         width, warps = spec["dims"][1], spec["warps"] or _lowrank.WARPS
         steps = next(k for k in range(1, 64) if factored._dense_after(k, 10, width, width))
-        for factors in range(1, steps):
+        for factors in range(1, max(steps, _lowrank.MAX_TILES // 256 + 1)):
             fused = factors * 16 * 16 <= _lowrank_backward._fused_max_tiles(torch.float32)
-            for kind in ("add", "grads") + (("backward",) if fused else ()):
+            kinds = ("add",) + (("grads", "backward") if fused and factors < steps else
+                                ("grads",) if factors < steps else ())
+            kinds += ("pairs",) if factors * 16 * 16 <= _lowrank_pairs.PAIRS_MAX_TILES[torch.float32] else ()
+            for kind in kinds:
                 start = time.perf_counter()
                 kernel = _lowrank.compile_for_target(kind, torch.float32, 10, 10, width, width, factors,
                                                      arch=spec["arch"], num_warps=warps)

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import fastmaml
-from fastmaml.backends import _factored_reverse, factored
+from fastmaml.backends import _factored_reverse, _lowrank_pairs, factored
 from _reference_loop import assert_close, gradients, make_case
 from test_backends import FACTORED_DEPTH_GRID, OPTION_GRID, _case_id, check_maml
-from test_lowrank import kernels  # noqa: F401 (the fixture)
 
 F64 = torch.float64
 
@@ -162,36 +161,92 @@ def test_sweep_with_one_tensor_passed_twice(monkeypatch, sweeps):
     assert sweeps[0] > 0
 
 
+@pytest.mark.parametrize("pairs", ["two", "fused"])
 @pytest.mark.parametrize("max_tiles", [None, 64], ids=["groups", "one-pair-a-group"])
 @pytest.mark.parametrize("options", [
     dict(inner_steps=3, lr_form="per_layer", activation="tanh", query_loss_weights=True),
     dict(inner_steps=2, lr_form="per_step", loss="cross_entropy", first_order=True),
+    dict(inner_steps=2, lr_form="float", grad_inputs=False),
 ], ids=_case_id)
-def test_sweep_through_the_kernels(kernels, monkeypatch, sweeps, options, max_tiles):  # noqa: F811
-    """Every low-rank product through the Triton kernels (interpreter; factors kept at every step): the
-    reference's results, with bar W's pairs grouped by their rows (5 support and 6 query points) and cut
-    into groups the kernels keep in registers (64 padded elements: one pair a group)."""
+def test_sweep_through_the_kernels(kernels, monkeypatch, sweeps, options, max_tiles, pairs):
+    """Every low-rank product through the Triton kernels (interpreter; factors kept at every step), bar W's
+    two products by two lowrank_add launches or the fused kernel (`FASTMAML_FACTORED_PAIRS`): the
+    reference's results, with the pairs grouped by their rows (5 support and 6 query points) and cut into
+    groups the kernels keep in registers (64 padded elements: one pair a group)."""
     monkeypatch.setattr(factored, "DENSE", "never")
+    monkeypatch.setattr(_lowrank_pairs, "FUSED", pairs == "fused")
+    launches = []
+    real = _lowrank_pairs.lr._module
+
+    def spy():
+        module = real()
+        launches.append(1)
+        return module
+
+    monkeypatch.setattr(_lowrank_pairs.lr, "_module", spy)
     if max_tiles is not None:
-        monkeypatch.setattr(_factored_reverse, "MAX_TILES", max_tiles)
+        monkeypatch.setattr(_lowrank_pairs, "max_tiles", lambda dtype: max_tiles)
     check_maml("factored", {"dims": (3, 9, 6, 4), "tasks": 3, "seed": 76, **options}, torch.float32)
-    assert sweeps[0] == 2
+    assert sweeps[0] == 2 and launches
+
+
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("sizes", [(3, 10, 10, 40, 40, 3), (2, 7, 5, 1, 45, 2), (2, 17, 9, 33, 1, 1)],
+                         ids=["w40-J3", "in1", "out1"])
+def test_fused_pairs_kernel_matches_the_batched_products(kernels, monkeypatch, sizes, dtype, rtol):
+    """`lowrank_pairs_kernel` (interpreter) against the two batched products, with and without bases and
+    scales, with and without v."""
+    T, N, S, I, O, J = sizes
+    g = torch.Generator().manual_seed(79)
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=g, dtype=F64) * 2 - 1).to(dtype)
+
+    monkeypatch.setattr(_lowrank_pairs, "FUSED", True)
+    h, d, base_u, base_v = rand(T, N, I), rand(T, N, O), rand(T, N, O), rand(T, N, I)
+    fa, fb = [rand(T, S, O) for _ in range(J)], [rand(T, S, I) for _ in range(J)]
+    scales = rand(J)
+    calls = []
+    real = _lowrank_pairs.lr._module
+    monkeypatch.setattr(_lowrank_pairs.lr, "_module", lambda: calls.append(1) or real())
+    for bu, bv, sc, want_v in itertools.product((None, base_u), (None, base_v), (None, scales), (True, False)):
+        u, v = _lowrank_pairs.pair_products(bu, bv, h, d, fa, fb, sc, want_v)
+        s = [1.0] * J if sc is None else sc
+        want_u = sum(s[j] * torch.bmm(torch.bmm(h, fb[j].transpose(1, 2)), fa[j]) for j in range(J))
+        want_u = want_u if bu is None else want_u + bu
+        assert_close(u, want_u, rtol, "u")
+        if want_v:
+            want = sum(s[j] * torch.bmm(torch.bmm(d, fa[j].transpose(1, 2)), fb[j]) for j in range(J))
+            assert_close(v, want if bv is None else want + bv, rtol, "v")
+        else:
+            assert v is None
+    assert len(calls) == 16, "the kernel ran"
 
 
 def test_pair_products_group_and_chain(monkeypatch):
-    """`_pair_products` sums every pair whatever the grouping: pairs of two row counts, groups of one."""
+    """`_pair_products` gives both products over every pair whatever the grouping (pairs of two row
+    counts, groups of one), with a base and a scale, and v only where asked (batched products on the CPU,
+    by two lowrank_add calls or the fused path's fallback)."""
     g = torch.Generator().manual_seed(77)
 
     def rand(*shape):
         return torch.rand(*shape, generator=g, dtype=F64) * 2 - 1
 
-    x = rand(3, 7, 5)
-    left = [rand(3, n, 5) for n in (4, 6, 4, 4, 6)]
-    right = [rand(3, n, 2) for n in (4, 6, 4, 4, 6)]
-    want = sum(torch.bmm(torch.bmm(x, a.transpose(1, 2)), b) for a, b in zip(left, right))
-    for tiles in (2048, 64, 1):
-        monkeypatch.setattr(_factored_reverse, "MAX_TILES", tiles)
-        assert_close(_factored_reverse._pair_products(x, left, right), want, 1e-12, f"MAX_TILES={tiles}")
+    h, d, base = rand(3, 7, 5), rand(3, 7, 2), rand(3, 7, 2)
+    rows = (4, 6, 4, 4, 6)
+    fa = [rand(3, n, 2) for n in rows]
+    fb = [rand(3, n, 5) for n in rows]
+    scale = torch.tensor([-0.3], dtype=F64)
+    want_u = base - 0.3 * sum(torch.bmm(torch.bmm(h, b.transpose(1, 2)), a) for a, b in zip(fa, fb))
+    want_v = -0.3 * sum(torch.bmm(torch.bmm(d, a.transpose(1, 2)), b) for a, b in zip(fa, fb))
+    for tiles, fused in itertools.product((2048, 64, 1), (False, True)):
+        monkeypatch.setattr(_lowrank_pairs, "FUSED", fused)
+        monkeypatch.setattr(_lowrank_pairs, "max_tiles", lambda dtype: tiles)
+        u, v = _factored_reverse._pair_products(h, d, fa, fb, scale, base, True)
+        assert_close({"u": u, "v": v}, {"u": want_u, "v": want_v}, 1e-12, f"MAX_TILES={tiles}")
+        u, v = _factored_reverse._pair_products(h, d, fa, fb, scale, base, False)
+        assert v is None
+        assert_close(u, want_u, 1e-12, f"MAX_TILES={tiles}, u only")
 
 
 def test_reverse_switch_and_where_the_sweep_runs(monkeypatch):

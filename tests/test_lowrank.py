@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmaml.backends import _lowrank, _lowrank_backward, factored
+from fastmaml.backends import _lowrank, _lowrank_backward, _lowrank_pairs, factored
 from _reference_loop import assert_close
 
 F64 = torch.float64
@@ -35,27 +35,11 @@ def _inputs(T, N, S, I, O, J, dtype=F64, seed=0, grad=False):
 
 
 def _interpreter_reason():
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return "TRITON_INTERPRET is not 1 (conftest.py sets it)"
-    from fastmaml.backends import triton_maml
+    """conftest's, imported when asked: importing conftest switches the interpreter on, which the compile
+    children below (`_compile_child`) must not."""
+    from conftest import lowrank_interpreter_reason
 
-    return _lowrank._triton_reason() or triton_maml.interpreter_problem()
-
-
-@pytest.fixture
-def kernels(monkeypatch):
-    """CPU tensors through the kernels in the Triton interpreter, and no batched product anywhere."""
-    why = _interpreter_reason()
-    if why is not None:
-        pytest.skip(why)
-
-    def batched(*args):
-        raise AssertionError("the batched PyTorch products ran where the kernels should have")
-
-    monkeypatch.setattr(_lowrank, "_INTERPRET_CPU", True)
-    monkeypatch.setattr(_lowrank, "_add_batched", batched)
-    monkeypatch.setattr(_lowrank, "_grads_batched", batched)
-    monkeypatch.setattr(_lowrank_backward, "_backward_batched", batched)
+    return lowrank_interpreter_reason()
 
 
 # ---- the operations' gradients (batched products: what the kernels must match) -------------------
@@ -394,6 +378,24 @@ def test_kernel_switch_from_the_environment(monkeypatch):
         _lowrank._kernels_mode()
 
 
+def test_stages_and_pairs_switches_from_the_environment():
+    """FASTMAML_FACTORED_STAGES and FASTMAML_FACTORED_PAIRS are read at import (a fresh interpreter each):
+    the defaults, the other values, and a bad value refused by name."""
+    code = ("from fastmaml.backends import _lowrank, _lowrank_pairs; "
+            "print(_lowrank.STAGES, _lowrank_pairs.FUSED)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTMAML_FACTORED_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True)
+
+    assert run().stdout.split() == ["3", "False"]
+    assert run(FASTMAML_FACTORED_STAGES="2", FASTMAML_FACTORED_PAIRS="Fused").stdout.split() == ["2", "True"]
+    for name, bad in (("FASTMAML_FACTORED_STAGES", "4"), ("FASTMAML_FACTORED_PAIRS", "one")):
+        proc = run(**{name: bad})
+        assert proc.returncode != 0 and name in proc.stderr, proc.stderr[-500:]
+
+
 # ---- registers, compiled for sm_90 -------------------------------------------------------------------
 
 # At the bounds of `kernel_reason` (10 and 20 points pad to 16 and 32), and the smallest: no more than a
@@ -442,6 +444,10 @@ def _compiled_rows(variants, **env_extra) -> list:
 # of 10 in float64.
 _VARIANTS += [("backward", "float32", 10, 1), ("backward", "float32", 10, 5), ("backward", "float32", 20, 1),
               ("backward", "float64", 10, 3)]
+# The written-out sweep's fused pair products at their bounds (`_lowrank_pairs.PAIRS_MAX_TILES`): five pairs
+# of 10 points and one of 20 in float32, four of 10 in float64.
+_VARIANTS += [("pairs", "float32", 10, 1), ("pairs", "float32", 10, 5), ("pairs", "float32", 20, 1),
+              ("pairs", "float64", 10, 4)]
 
 
 def test_fused_backward_bound_follows_the_precision(monkeypatch):
@@ -481,6 +487,16 @@ def test_chunks_of_16_compile_to_fewer_registers():
             kind, report, default[kind])
 
 
+def test_two_stages_compile_to_fewer_registers():
+    """FASTMAML_FACTORED_STAGES=2 (the A/B `fstages2`) reaches the compiled kernels: lowrank_add at five and
+    eight factor pairs, width 128, takes fewer registers a thread than at Triton's 3 stages, without
+    spills (a switch that changed nothing would pass as a run of the default)."""
+    variants = [("add", "float32", 10, 5), ("add", "float32", 10, 8)]
+    default = {j: report for _, _, _, j, report in _compiled_rows(variants)}
+    for kind, dtype, n, j, report in _compiled_rows(variants, FASTMAML_FACTORED_STAGES="2"):
+        assert report["spill_stores"] == 0 and report["registers"] < default[j]["registers"], (j, report, default[j])
+
+
 def test_eight_warps_reach_the_compiled_kernels():
     """FASTMAML_FACTORED_WARPS=8 (the A/B `fwarps8`) reaches the compiled kernels: with five factor pairs at
     width 128 each of the three takes at most 96 registers a thread without spills (twice the warps a
@@ -491,20 +507,24 @@ def test_eight_warps_reach_the_compiled_kernels():
 
 
 def test_warps_switch_reaches_every_launch(kernels, monkeypatch):
-    """Every launch of the three kernels takes WARPS (FASTMAML_FACTORED_WARPS) warps."""
+    """Every launch of the four kernels takes WARPS (FASTMAML_FACTORED_WARPS) warps and STAGES
+    (FASTMAML_FACTORED_STAGES) pipeline stages."""
     seen = []
     module = _lowrank._module()
-    for name in ("lowrank_add_kernel", "lowrank_grads_kernel", "lowrank_backward_kernel"):
+    for name in ("lowrank_add_kernel", "lowrank_grads_kernel", "lowrank_backward_kernel", "lowrank_pairs_kernel"):
         real = getattr(module, name)
         spy = type("Spy", (), {"__getitem__": lambda self, grid, real=real: (
-            lambda *a, **kw: seen.append(kw["num_warps"]) or real[grid](*a, **kw))})()
+            lambda *a, **kw: seen.append((kw["num_warps"], kw["num_stages"])) or real[grid](*a, **kw))})()
         monkeypatch.setattr(module, name, spy)
     monkeypatch.setattr(_lowrank, "WARPS", 8)
+    monkeypatch.setattr(_lowrank, "STAGES", 2)
     g, x, hs, ds = _inputs(2, 6, 4, 9, 11, 2, seed=12)
     _lowrank._add_impl(g, x, hs, ds, None)
     _lowrank._grads_impl(x, hs, g, None)
     _lowrank_backward._backward_impl(g, x, hs, ds, None)
-    assert seen == [8, 8, 8]
+    monkeypatch.setattr(_lowrank_pairs, "FUSED", True)
+    _lowrank_pairs.pair_products(None, None, x, g, ds, hs, None, True)
+    assert seen == [(8, 2)] * 4
 
 
 def test_loop_per_factor_reaches_the_compiled_kernels():

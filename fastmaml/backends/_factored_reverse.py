@@ -42,7 +42,8 @@ import torch
 from .._mlp import ACTIVATIONS
 from .._validate import Problem, env_choice
 from . import factored as _f
-from ._lowrank import MAX_TILES, products
+from . import _lowrank_pairs
+from ._lowrank import products
 from .triton_maml import _pad
 
 MODE = env_choice("FASTMAML_FACTORED_REVERSE", ("hand", "autograd"))
@@ -100,21 +101,23 @@ def _times_w(layer: "_f._Layer", y: torch.Tensor, base: Optional[torch.Tensor] =
     return products(g, y, layer.d, layer.h, layer.scales()) if layer.h else g
 
 
-def _pair_products(x: torch.Tensor, left: list[torch.Tensor], right: list[torch.Tensor],
-                   scale: Optional[torch.Tensor] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`base + scale sum_u (x left[u]^T) right[u]` per task (x [T, N, a], left[u] [T, n_u, a], right[u]
-    [T, n_u, b]; scale a `[1]` tensor or None): the pairs grouped by their rows (the kernels take pairs of
-    one size) and in groups the kernels keep in registers (`_lowrank.MAX_TILES`), each group added onto the
-    last's result, the scale applied to the `[N, n_u]` products inside."""
-    out = base
-    for rows in sorted({t.shape[1] for t in left}):
-        idx = [u for u, t in enumerate(left) if t.shape[1] == rows]
-        per_group = max(1, MAX_TILES // (_pad(x.shape[1]) * _pad(rows)))
+def _pair_products(h: torch.Tensor, d: torch.Tensor, fa: list[torch.Tensor], fb: list[torch.Tensor],
+                   scale: Optional[torch.Tensor], base_u: Optional[torch.Tensor], want_v: bool):
+    """`(u, v)`: `u = base_u + scale sum_j (h fb[j]^T) fa[j]` and `v = scale sum_j (d fa[j]^T) fb[j]` per task
+    (h [T, N, in], d [T, N, out], fa[j] [T, n_j, out], fb[j] [T, n_j, in]; scale a `[1]` tensor or None; v
+    None unless want_v), by `_lowrank_pairs.pair_products`: the pairs grouped by their rows (the kernels
+    take pairs of one size) and in groups the kernels keep in registers (`_lowrank_pairs.max_tiles`), each group
+    added onto the last's results, the scale applied to the `[N, n_j]` products inside."""
+    u, v = base_u, None
+    for rows in sorted({t.shape[1] for t in fa}):
+        idx = [j for j, t in enumerate(fa) if t.shape[1] == rows]
+        per_group = max(1, _lowrank_pairs.max_tiles(h.dtype) // (_pad(h.shape[1]) * _pad(rows)))
         for start in range(0, len(idx), per_group):
             group = idx[start:start + per_group]
             scales = None if scale is None else scale.expand(len(group))
-            out = products(out, x, [left[u] for u in group], [right[u] for u in group], scales)
-    return out
+            u, v = _lowrank_pairs.pair_products(u, v, h, d, [fa[j] for j in group], [fb[j] for j in group],
+                                                scales, want_v)
+    return u, v
 
 
 def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -299,16 +302,16 @@ class _Sweep:
                 if not p.first_order:
                     from_bias = (self.bias[i] * s_b).unsqueeze(1).expand_as(D)
             if self.pairs[i] or self.dense[i] is not None:
-                scale = rates_w.tensor[k:k + 1]  # s_w, applied to the [N, n] products inside the kernels
-                if self.want["rates"][2 * i]:  # the rate's gradient takes H bar W^T unscaled
-                    u = self._times_bar_t(i, H)  # [T, Ns, out]
+                # u = H bar W^T [T, Ns, out] and v = D bar W [T, Ns, in], times s_w
+                want_v = not p.first_order and (i > 0 or self.want["xs"])
+                if self.want["rates"][2 * i]:  # the rate's gradient takes u unscaled
+                    u, v = self._bar_products(i, H, D, None, None, want_v)
                     self.rate_w[i][k] = (u * D).sum()
                     if not p.first_order:
                         bar_d[i] = _add(u * rates_w.steps[k], from_bias)
-                elif not p.first_order:
-                    bar_d[i] = self._times_bar_t(i, H, scale, from_bias)
-                if not p.first_order and (i > 0 or self.want["xs"]):
-                    bar_a[i] = self._times_bar(i, D, scale)  # s_w D bar W: [T, Ns, in]
+                        bar_a[i] = None if v is None else v * rates_w.steps[k]
+                elif not p.first_order:  # s_w applied to the [N, n] products inside the kernels
+                    bar_d[i], bar_a[i] = self._bar_products(i, H, D, rates_w.tensor[k:k + 1], from_bias, want_v)
             else:
                 bar_d[i] = from_bias
         if p.first_order:  # the inner gradient is a constant: nothing flows into the support pass
@@ -343,23 +346,19 @@ class _Sweep:
             out_bar = torch.zeros_like(step.deltas[L - 1])
         self._backprop(layers, step.acts, out_bar, "xs", bar_a)
 
-    def _times_bar_t(self, i: int, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
-                     base: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`base + scale x bar W^T` for layer i's bar W: x [T, N, in] -> [T, N, out]."""
+    def _bar_products(self, i: int, h: torch.Tensor, d: torch.Tensor, scale: Optional[torch.Tensor],
+                      base_u: Optional[torch.Tensor], want_v: bool):
+        """`(base_u + scale h bar W^T, scale d bar W or None)` for layer i's bar W (h [T, N, in], d [T, N,
+        out])."""
         pairs, dense = self.pairs[i], self.dense[i]
+        u, v = base_u, None
         if dense is not None:
-            base = _scaled_bmm(base, x, dense.transpose(1, 2), scale)
+            u = _scaled_bmm(u, h, dense.transpose(1, 2), scale)
+            v = _scaled_bmm(None, d, dense, scale) if want_v else None
         if pairs:
-            base = _pair_products(x, [b for _, b in pairs], [a for a, _ in pairs], scale, base)
-        return base
-
-    def _times_bar(self, i: int, x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """`scale x bar W` for layer i's bar W: x [T, N, out] -> [T, N, in]."""
-        pairs, dense = self.pairs[i], self.dense[i]
-        out = None if dense is None else _scaled_bmm(None, x, dense, scale)
-        if pairs:
-            out = _pair_products(x, [a for a, _ in pairs], [b for _, b in pairs], scale, out)
-        return out
+            u, v_pairs = _pair_products(h, d, [a for a, _ in pairs], [b for _, b in pairs], scale, u, want_v)
+            v = _add(v, v_pairs)
+        return u, v
 
     def param_grads(self, params) -> list[Optional[torch.Tensor]]:
         out = []
@@ -436,7 +435,8 @@ def _recompute(ctx, g_losses, g_preds) -> tuple:
     neg_rates = []
     for r, i in zip(ctx.run.neg_rates, ctx.rate_index):
         t = rate_tensors[i]
-        steps = r.steps if all(not isinstance(v, torch.Tensor) for v in r.steps) else [t[k] for k in range(len(r.steps))]
+        numbers = all(not isinstance(v, torch.Tensor) for v in r.steps)
+        steps = r.steps if numbers else [t[k] for k in range(len(r.steps))]
         neg_rates.append(_f._Rates(t, steps))
     out = _f._autograd_chunk(ctx.run.problem, neg_rates, weights, xs, ys, xq, yq, *params)
     pairs = [(o, g) for o, g in zip(out, (g_losses, g_preds)) if g is not None]

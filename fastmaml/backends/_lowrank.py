@@ -119,6 +119,16 @@ ONE_LOOP_MAX_FACTORS = 5
 # bandwidth the rest of the iteration reached (benchmarks/RESULTS.md).
 WARPS = int(env_choice("FASTMAML_FACTORED_WARPS", ("4", "8")))
 
+# Software-pipelining stages of the kernels' loops (FASTMAML_FACTORED_STAGES, read once at import): 3
+# (Triton's default) or 2. Each stage holds another round of loads in flight, in shared memory and in the
+# registers that address and wait on them. sm_90a, ptxas -v, float32, 16 x 16 padded points, I = O =
+# 128, 4 warps, chunks of 32: lowrank_add at 1 / 3 / 5 / 8 factor pairs takes 72 / 96 / 148 / 168
+# registers at 3 stages, 64 / 80 / 118 / 144 at 2 (at 1 stage 56 / 128 / 168 with 4 B of spills / 168),
+# so at five pairs 4 programs a multiprocessor instead of 3. Fewer loads in flight a program, more
+# programs: for a GPU to decide (the GPU check's A/B `fstages2`), after these kernels waited on their
+# loads at a quarter of the bandwidth the rest of the iteration reached.
+STAGES = int(env_choice("FASTMAML_FACTORED_STAGES", ("3", "2")))
+
 
 def _one_loop(dtype: torch.dtype, n: int, s: int, factors: int) -> bool:
     """Whether the kernels for `factors` pairs of `s` rows against `n` points reduce in one loop (K_LOOP)."""
@@ -225,7 +235,7 @@ def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tens
                 base_, x, hs, ds, scales_, out, T, N, S, I, O, J=len(hs), HAS_BASE=base is not None,
                 HAS_SCALES=scales is not None,
                 PRECISION=_precision(x.dtype), ONE_LOOP=_one_loop(x.dtype, N, S, len(hs)), BN=_pad(N),
-                BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=WARPS,
+                BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=WARPS, num_stages=STAGES,
             )
     return out
 
@@ -245,7 +255,7 @@ def _grads_impl(u: torch.Tensor, bs: list[torch.Tensor], c: torch.Tensor,
             _module().lowrank_grads_kernel[(T,)](
                 u, bs, c, scales_, out, T, N, S, I, O, J=len(bs), HAS_SCALES=scales is not None,
                 PRECISION=_precision(u.dtype), ONE_LOOP=_one_loop(u.dtype, N, S, len(bs)), BN=_pad(N),
-                BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=WARPS,
+                BS=_pad(S), BK=_chunk(I), BO=_chunk(O), num_warps=WARPS, num_stages=STAGES,
             )
     return out
 
@@ -375,15 +385,16 @@ def compiled_report() -> list[str]:
     if _MODULE is None or _DEFINED_INTERPRETED:
         return []
     return _triton_targets.kernel_cache_report(_MODULE, ("lowrank_add_kernel", "lowrank_grads_kernel",
-                                                         "lowrank_backward_kernel"))
+                                                         "lowrank_backward_kernel", "lowrank_pairs_kernel"))
 
 
 def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o: int, factors: int, *,
                        has_base: bool = True, arch: int = 90, num_warps: int = 0):
-    """One variant of `lowrank_add_kernel` (kind "add"), `lowrank_grads_kernel` ("grads") or
-    `lowrank_backward_kernel` ("backward") compiled by `triton.compile` for an NVIDIA GPU of compute
-    capability `arch`, on a machine without one (the interpreter must be off), at `num_warps` (0: WARPS,
-    as launched): for `benchmarks/kernel_registers.py`'s register and spill report."""
+    """One variant of `lowrank_add_kernel` (kind "add"), `lowrank_grads_kernel` ("grads"),
+    `lowrank_backward_kernel` ("backward") or `lowrank_pairs_kernel` ("pairs") compiled by `triton.compile`
+    for an NVIDIA GPU of compute capability `arch`, on a machine without one (the interpreter must be off),
+    at `num_warps` (0: WARPS, as launched) and STAGES: for `benchmarks/kernel_registers.py`'s register and
+    spill report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -398,13 +409,18 @@ def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o:
     elif kind == "backward":
         fn, lists = module.lowrank_backward_kernel, ("hs", "ds")
         consts = dict(blocks, BK=_lowrank_backward.FUSED_CHUNK, BO=_lowrank_backward.FUSED_CHUNK, HAS_SCALES=True)
+    elif kind == "pairs":
+        fn, lists = module.lowrank_pairs_kernel, ("fa", "fb")
+        consts = {**{k: v for k, v in blocks.items() if k != "BK"}, "BI": blocks["BK"], "HAS_BASE_U": has_base,
+                  "HAS_BASE_V": has_base, "HAS_SCALES": True, "WANT_V": True}
     else:
-        raise ValueError(f"kind must be 'add', 'grads' or 'backward', got {kind!r}")
+        raise ValueError(f"kind must be 'add', 'grads', 'backward' or 'pairs', got {kind!r}")
     pointer = {torch.float32: "*fp32", torch.float64: "*fp64"}[dtype]
     signature = _triton_targets.kernel_signature(fn, consts, module._RUNTIME_INTS, dtype,
                                              {name: (pointer,) * factors for name in lists})
     source = ASTSource(fn, signature=signature, constexprs=consts)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps or WARPS})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps or WARPS, "num_stages": STAGES})
 
 
 __all__ = ["KERNELS", "compile_for_target", "compiled_report", "kernel_reason", "lowrank_add", "lowrank_grads",

@@ -85,7 +85,7 @@ def _backward_impl(g, x, hs, ds, scales):
             lr._module().lowrank_backward_kernel[(T,)](
                 g, x, hs, ds, scales_, g_x, g_hs, g_ds, T, N, S, I, O, J=J, HAS_SCALES=scales is not None,
                 PRECISION=lr._precision(x.dtype), ONE_LOOP=lr._one_loop(x.dtype, N, S, J), BN=lr._pad(N),
-                BS=lr._pad(S), BK=FUSED_CHUNK, BO=FUSED_CHUNK, num_warps=lr.WARPS,
+                BS=lr._pad(S), BK=FUSED_CHUNK, BO=FUSED_CHUNK, num_warps=lr.WARPS, num_stages=lr.STAGES,
             )
     return g_x, g_hs, g_ds
 

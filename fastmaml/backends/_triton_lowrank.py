@@ -83,6 +83,36 @@ def _factor_products(a, bs, offset, scales, rows_a, rows_b, RA, RB, K, J: tl.con
     return accs
 
 
+@triton.jit
+def _store_sum(cs, ds, offset, base, out, rn, rs, N, S, O, J: tl.constexpr, HAS_BASE: tl.constexpr, BN: tl.constexpr,
+               BS: tl.constexpr, BO: tl.constexpr, PRECISION: tl.constexpr):
+    """Stores `base + sum_j cs[j] (ds[j] + offset)` (`cs[j] [BN, BS]` in registers, `ds[j] [S, O]` row-major)
+    to the row-major `out [N, O]`, in column chunks of BO (`base [N, O]` read only with HAS_BASE)."""
+    for o0 in range(0, O, BO):
+        ro = o0 + tl.arange(0, BO)
+        if HAS_BASE:
+            acc = _tile(base, rn, ro, N, O, BN, BO)
+        else:
+            acc = tl.zeros([BN, BO], dtype=cs[0].dtype)
+        for j in tl.static_range(J):
+            d = _tile(ds[j] + offset, rs, ro, S, O, BS, BO)
+            acc = tl.dot(cs[j], d, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        tl.store(out + rn[:, None] * O + ro[None, :], acc, mask=(rn[:, None] < N) & (ro[None, :] < O))
+
+
+@triton.jit
+def _add_task(t, base, x, hs, ds, scales, out, N, S, I, O, J: tl.constexpr, HAS_BASE: tl.constexpr,
+              HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr, BN: tl.constexpr,
+              BS: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr):
+    """lowrank_add for task t: every `c_j = s_j x hs[j]^T` in registers, then the output (`_store_sum`)."""
+    rn = tl.arange(0, BN)
+    rs = tl.arange(0, BS)
+    cs = _factor_products(x + t * N * I, hs, t * S * I, scales, rn, rs, N, S, I, J, False, HAS_SCALES, ONE_LOOP,
+                          BN, BS, BK, PRECISION)
+    _store_sum(cs, ds, t * S * O, base + t * N * O, out + t * N * O, rn, rs, N, S, O, J, HAS_BASE, BN, BS, BO,
+               PRECISION)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def lowrank_add_kernel(
     base, x, hs, ds, scales, out,  # [T, N, O] (if HAS_BASE), [T, N, I], J x [T, S, I], J x [T, S, O],
@@ -95,22 +125,8 @@ def lowrank_add_kernel(
     First every factor's `c_j = s_j x hs[j]^T` (`[N, S]`, I in chunks of BK; with ONE_LOOP one loop over I
     for all J), kept in registers; then the output in column chunks of BO, each `base + sum_j c_j ds[j]`
     over its columns."""
-    t = tl.program_id(0).to(tl.int64)
-    rn = tl.arange(0, BN)
-    rs = tl.arange(0, BS)
-    cs = _factor_products(x + t * N * I, hs, t * S * I, scales, rn, rs, N, S, I, J, False, HAS_SCALES, ONE_LOOP,
-                          BN, BS, BK, PRECISION)
-    for o0 in range(0, O, BO):
-        ro = o0 + tl.arange(0, BO)
-        if HAS_BASE:
-            acc = _tile(base + t * N * O, rn, ro, N, O, BN, BO)
-        else:
-            acc = tl.zeros([BN, BO], dtype=x.dtype.element_ty)
-        for j in tl.static_range(J):
-            d = _tile(ds[j] + t * S * O, rs, ro, S, O, BS, BO)
-            acc = tl.dot(cs[j], d, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-        mask = (rn[:, None] < N) & (ro[None, :] < O)
-        tl.store(out + t * N * O + rn[:, None] * O + ro[None, :], acc, mask=mask)
+    _add_task(tl.program_id(0).to(tl.int64), base, x, hs, ds, scales, out, N, S, I, O, J, HAS_BASE, HAS_SCALES,
+              PRECISION, ONE_LOOP, BN, BS, BK, BO)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -194,3 +210,34 @@ def lowrank_backward_kernel(
         for j in tl.static_range(J):
             res = tl.dot(tl.trans(cs[j]), gt, input_precision=PRECISION, out_dtype=gt.dtype)  # [BS, BO]
             tl.store(g_ds + (j * T + t) * S * O + rs[:, None] * O + ro[None, :], res, mask=mask)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def lowrank_pairs_kernel(
+    h, d, fa, fb, base_u, base_v, scales,  # [T, N, I], [T, N, O], J x [T, S, O], J x [T, S, I],
+    u, v,                                  # [T, N, O] / [T, N, I] (if HAS_BASE_*), [J] -> [T, N, O], [T, N, I]
+    T, N, S, I, O,
+    J: tl.constexpr, HAS_BASE_U: tl.constexpr, HAS_BASE_V: tl.constexpr, HAS_SCALES: tl.constexpr,
+    WANT_V: tl.constexpr, PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
+    BI: tl.constexpr, BO: tl.constexpr,
+):
+    """Both products of a layer's weight cotangent `bar W = sum_j fa[j]^T fb[j]` with one step's factors
+    (`_lowrank_pairs.py`), for the task t of this program:
+
+        u = base_u + sum_j s_j (h fb[j]^T) fa[j]       v = base_v + sum_j s_j (d fa[j]^T) fb[j]
+
+    u first: each `h fb[j]^T` over I in chunks of BI (with ONE_LOOP one loop for all J), then u in column
+    chunks of BO; then each `d fa[j]^T` over O and v over I. So each pair is read twice within the
+    program, fa[j] in two passes one after the other, where two lowrank_add launches read every pair
+    twice from memory. The first products are dead before the second are made, yet the compiled kernel
+    holds more registers than lowrank_add (`_lowrank_pairs.py` has ptxas's counts)."""
+    t = tl.program_id(0).to(tl.int64)
+    _add_task(t, base_u, h, fb, fa, scales, u, N, S, I, O, J, HAS_BASE_U, HAS_SCALES, PRECISION, ONE_LOOP, BN, BS, BI,
+              BO)
+    if WANT_V:
+        rn = tl.arange(0, BN)
+        rs = tl.arange(0, BS)
+        es = _factor_products(d + t * N * O, fa, t * S * O, scales, rn, rs, N, S, O, J, False, HAS_SCALES,
+                              ONE_LOOP, BN, BS, BO, PRECISION)
+        _store_sum(es, fb, t * S * I, base_v + t * N * I, v + t * N * I, rn, rs, N, S, I, J, HAS_BASE_V, BN, BS,
+                   BI, PRECISION)
