@@ -1,5 +1,5 @@
 """The factored backend's own parts: its memory estimate against what autograd keeps, the chunked path
-(`_Chunked`; under torch.compile, activation checkpointing) against the unchunked one, each form of its
+(`_factored_chunks.Chunked`; under torch.compile, activation checkpointing) against the unchunked one, each form of its
 layers (factors only, dense from the first step) against the reference, its switches, what it refuses,
 and its torch.compile capture.
 Its results against the reference in the default form, for every option, are in test_backends.py."""
@@ -107,7 +107,7 @@ def test_chunks_give_the_unchunked_result(monkeypatch, options, what):
             budget = factored.saved_bytes_per_task(problem) * 3
         monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", budget)
         out = _run(case)
-        assert (type(out.loss.grad_fn).__name__ == "_ChunkedBackward") == (name == "chunks")
+        assert (type(out.loss.grad_fn).__name__ == "ChunkedBackward") == (name == "chunks")
         cot = torch.linspace(0.5, 1.5, 7, dtype=F64)
         outputs = (out.task_losses * cot).sum() + out.query_preds.square().mean()
         if what.startswith("again"):
@@ -192,7 +192,7 @@ def test_compiles_in_one_graph():
 
 def test_compiles_in_chunks(monkeypatch):
     """Above the chunk budget under torch.compile: the chunks under activation checkpointing (dynamo does
-    not trace `_Chunked`'s gradients taken in its forward), one graph, the eager result."""
+    not trace `Chunked`'s gradients taken in its forward), one graph, the eager result."""
     monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", 1)  # a chunk per task
     check_compiled(tasks=3, calls=1)
 

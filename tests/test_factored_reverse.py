@@ -135,7 +135,7 @@ def test_differentiated_again_recomputes_through_autograd(monkeypatch, sweeps, d
 @pytest.mark.parametrize("what", ["loss", "outputs", "again"])
 @pytest.mark.parametrize("options", ["so-qlw-tanh", "fo-ce"])
 def test_sweep_in_chunks(monkeypatch, sweeps, options, what):
-    """The chunked path (`_Chunked`) with the sweep in each chunk, its layers in factors: the unchunked
+    """The chunked path (`_factored_chunks.Chunked`) with the sweep in each chunk, its layers in factors: the unchunked
     result (test_factored's check)."""
     from test_factored import test_chunks_give_the_unchunked_result as check
 

@@ -25,9 +25,10 @@ What it keeps: each step's layer inputs and loss derivatives (the factors, which
 anyway), tanh's pre-activation products, and the query passes' layer inputs; no `[N, S]` products and no
 autograd graph. It runs a gradient through the task losses and the query outputs with any cotangents,
 for every input (params, rates, data, float targets, the multi-step weights). A gradient to be
-differentiated again (create_graph) recomputes the call through autograd, as `_Chunked` does; torch.compile
-traces the autograd form. A layer whose weights are dense per task (`factored._dense_after`: the thin first
-and last layers of a 1-W-W-1 net from the first step) keeps its bar W as one `[T, out, in]` tensor.
+differentiated again (create_graph) recomputes the call through autograd, as `_factored_chunks.Chunked`
+does; torch.compile traces the autograd form. A layer whose weights are dense per task
+(`factored._dense_after`: the thin first and last layers of a 1-W-W-1 net from the first step) keeps its
+bar W as one `[T, out, in]` tensor.
 
 FASTMAML_FACTORED_REVERSE (read once, at import): "hand" (the default, this sweep) or "autograd" (the
 inner loop differentiated by autograd: the GPU check's A/B `frevauto`, and the tests' second oracle).
