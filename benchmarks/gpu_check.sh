@@ -225,8 +225,10 @@ fi
 
 # The factored backend's low-rank Triton kernels: two thirds of its time at K=5, W=128 on the H200
 # (a75ae00), at about a quarter of the bandwidth the rest of its iteration reached. Launches 7 to 10 of a
-# call at T=8192, K=5: the forward's products with four and five factor pairs, then the first fused
-# backward (lowrank_backward); the same sections as above (occupancy, stall reasons, memory traffic).
+# call at T=8192, K=5 (logged through the interpreter): the forward's lowrank_add with four, four and five
+# factor pairs, then the written-out sweep's first, the query pass's backward through five pairs (under
+# FASTMAML_FACTORED_REVERSE=autograd, the first fused backward); the same sections as above (occupancy,
+# stall reasons, memory traffic).
 if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_LOWRANK_S:-0}" -gt 0 ]; then
   stage "ncu of four factored low-rank launches at T=8192, K=5, W=128 (limit ${NCU_LOWRANK_S}s) -> $DIR/profile.txt"
   ( cd benchmarks && timeout "$NCU_LOWRANK_S" ncu --kernel-name regex:"lowrank_" --launch-skip 6 --launch-count 4 \
