@@ -279,3 +279,68 @@ def test_grid_is_not_empty():
     want = set(itertools.product(["mse", "cross_entropy"], ["relu", "tanh"], [False, True],
                                  ["float", "per_step", "per_layer"]))
     assert want <= seen
+
+
+@pytest.mark.parametrize("qw", [False, True], ids=["last-step", "step-weights"])
+def test_the_sweep_frees_what_it_keeps(monkeypatch, qw):
+    """After the backward the call's outputs are freed with the last reference to them (no cycle through
+    the node: its tensors go through save_for_backward), and the node holds none of the forward's tensors
+    (a training loop's memory stays flat)."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(_factored_reverse, "MODE", "hand")
+    case = make_case(dims=(3, 7, 5, 2), tasks=3, inner_steps=2, lr_form="per_step", query_loss_weights=qw, seed=80)
+    out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                        backend="factored", **case.kwargs())
+    node = out.task_losses.grad_fn
+    assert type(node).__name__ == "_ReverseBackward"
+    out.loss.backward()
+    run = node.run
+    held = [h[k] if isinstance(h, (list, dict)) else getattr(h, k) for h, k in run._slots()]
+    assert len(held) > 10 and all(t is None for t in held)
+    preds = weakref.ref(out.query_preds)
+    del out, node
+    gc.collect()
+    assert preds() is None
+
+
+def test_checkpoint_recomputes_the_sweep_node(monkeypatch, sweeps):
+    """Under torch.utils.checkpoint (non-reentrant) the sweep's saved tensors are dropped and recomputed
+    like any other: the same gradients as without."""
+    from torch.utils.checkpoint import checkpoint
+
+    case = make_case(dims=(3, 7, 5, 2), tasks=4, inner_steps=2, lr_form="per_layer", activation="tanh", seed=81)
+
+    def loss(*params):
+        return fastmaml.maml(list(params), case.x_support, case.y_support, case.x_query, case.y_query,
+                             backend="factored", **case.kwargs()).loss
+
+    plain = gradients(loss(*case.params), case.leaves())
+    kept = gradients(checkpoint(loss, *case.params, use_reentrant=False), case.leaves())
+    assert sweeps[0] == 2
+    assert_close(kept, plain, 1e-12, "grad")
+
+
+def test_forward_mode_and_torch_func_keep_autograd(monkeypatch, sweeps):
+    """Forward-mode AD and torch.func transforms take autograd's form (the sweep is a reverse-mode
+    Function without setup_context): their results are autograd's, and the sweep did not run."""
+    from torch.autograd import forward_ad as fwAD
+
+    case = make_case(dims=(1, 16, 16, 1), tasks=3, inner_steps=2, lr_form="float", n_support=4, n_query=4, seed=82)
+    rest = case.params[1:]
+
+    def loss(p0):
+        return fastmaml.maml([p0, *rest], case.x_support, case.y_support, case.x_query, case.y_query,
+                             backend="factored", **case.kwargs()).loss
+
+    tangent = torch.linspace(-1, 1, case.params[0].numel(), dtype=F64).view_as(case.params[0])
+    results = {}
+    for mode in ("hand", "autograd"):
+        monkeypatch.setattr(_factored_reverse, "MODE", mode)
+        with fwAD.dual_level():
+            jvp = fwAD.unpack_dual(loss(fwAD.make_dual(case.params[0].detach(), tangent))).tangent
+        results[mode] = {"jvp": jvp, "grad": torch.func.grad(loss)(case.params[0].detach())}
+    assert sweeps[0] == 0
+    assert results["autograd"]["grad"].abs().max() > 0, "a test that cannot fail"
+    assert_close(results["hand"], results["autograd"], 1e-12, "")

@@ -21,14 +21,16 @@ terms: the derivative of `delta W` in W and delta, of the activation's derivativ
 loss's gradient in the output) and of the support and query passes, in the order the kernels' reverse
 sweeps use (docs/math.md).
 
-What it keeps: each step's layer inputs and loss derivatives (the factors, which the forward makes
-anyway), tanh's pre-activation products, and the query passes' layer inputs; no `[N, S]` products and no
-autograd graph. It runs a gradient through the task losses and the query outputs with any cotangents,
-for every input (params, rates, data, float targets, the multi-step weights). A gradient to be
-differentiated again (create_graph) recomputes the call through autograd, as `_factored_chunks.Chunked`
-does; torch.compile traces the autograd form. A layer whose weights are dense per task
-(`factored._dense_after`: the thin first and last layers of a 1-W-W-1 net from the first step) keeps its
-bar W as one `[T, out, in]` tensor.
+What it keeps (`_Run`, through `save_for_backward`, so freed after the backward and seen by saved-tensor
+hooks and checkpointing): each step's layer inputs and loss derivatives (the factors, which the forward
+makes anyway), tanh's `D W` products, the query passes' layer inputs and outputs, each pass's task losses
+and a dense layer's per-task weights; no `[N, S]` products and no autograd graph. It runs a gradient through
+the task losses and the query outputs with any cotangents, for every input (params, rates, data, float
+targets, the multi-step weights). A gradient to be differentiated again (create_graph) recomputes the call
+through autograd, as `_factored_chunks.Chunked` does; forward-mode AD, torch.func transforms and
+torch.compile's tracing take the autograd form. A layer whose weights are dense per task
+(`factored._dense_after`: the thin first and last layers of a 1-W-W-1 net from the first step) keeps its bar
+W as one `[T, out, in]` tensor.
 
 FASTMAML_FACTORED_REVERSE (read once, at import): "hand" (the default, this sweep) or "autograd" (the
 inner loop differentiated by autograd: the GPU check's A/B `frevauto`, and the tests' second oracle).
@@ -52,14 +54,24 @@ MODE = env_choice("FASTMAML_FACTORED_REVERSE", ("hand", "autograd"))
 
 def reason(tensors: list[Optional[torch.Tensor]]) -> Optional[str]:
     """Why a chunk keeps autograd through its inner loop (or None): the switch, no gradient wanted,
-    torch.compile's tracing."""
+    torch.compile's tracing, forward-mode AD, a torch.func transform."""
     if MODE == "autograd":
         return "FASTMAML_FACTORED_REVERSE=autograd"
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
         return "no gradient is wanted (nothing to keep)"
     if torch.compiler.is_compiling():
         return "torch.compile traces the autograd form"
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return "forward-mode AD is active (the sweep is reverse mode only; autograd's form has both)"
+    if _functorch_active():
+        return "a torch.func transform is active (the sweep's Function has no setup_context for it)"
     return None
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, vmap) is running this call."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 def maml_chunk(problem: Problem, neg_rates: list, weights, xs, ys, xq, yq, *params):
@@ -177,7 +189,7 @@ class _Run:
         self.query, self.losses = {}, {}
         for m in self.query_steps:
             acts, out = self._pass(self.history[m], xq, act)
-            self.query[m] = (acts, out)
+            self.query[m] = [acts, out]
             self.losses[m] = _f._losses(out, yq, problem.loss)
         for layers in self.history[1:]:  # the sweep's products take no bias: the adapted ones need not stay
             for layer in layers:
@@ -203,17 +215,46 @@ class _Run:
                 total = total + weights[k] * self.losses[k]
         return total, self.query[K][1]
 
-    def kept_bytes(self, inputs: list[torch.Tensor]) -> int:
-        """Bytes of the tensors this run keeps (each storage once), less the inputs': for the tests'
-        check that the chunks' memory estimate bounds it."""
-        tensors = [t for s in self.steps for t in (*s.acts, *s.deltas, *s.es, s.out) if t is not None]
-        tensors += [t for acts, out in self.query.values() for t in (*acts, out)]
-        tensors += [t for layers in self.history for layer in layers
-                    for t in (layer.bias, layer.w, *layer.h, *layer.d) if t is not None]
-        tensors += list(self.losses.values())
-        skip = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
-        sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-        return sum(n for ptr, n in sizes.items() if ptr not in skip)
+    def _slots(self):
+        """`(holder, key)` of every tensor the run holds, in a fixed order: list items and dict values by
+        index or key, object attributes by name."""
+        for s in self.steps:
+            for seq in (s.acts, s.deltas, s.es):
+                yield from ((seq, j) for j in range(len(seq)))
+            yield s, "out"
+        for m in self.query_steps:
+            acts = self.query[m][0]
+            yield from ((acts, j) for j in range(len(acts)))
+            yield self.query[m], 1
+            yield self.losses, m
+        for layers in self.history:
+            for layer in layers:
+                for seq in (layer.h, layer.d):
+                    yield from ((seq, j) for j in range(len(seq)))
+                yield from ((layer, name) for name in ("w0", "bias", "w"))
+
+    def stash(self) -> list[Optional[torch.Tensor]]:
+        """Takes every tensor out of the run (left as None) and returns them in `_slots`' order: they go to
+        the backward through `save_for_backward`, so that autograd frees them after it (unless the graph
+        is retained), saved-tensor hooks and checkpointing see them, and the run holds no output (which
+        holds the node that holds the run: a cycle the garbage collector cannot free)."""
+        out = []
+        for holder, key in self._slots():
+            if isinstance(holder, (list, dict)):
+                out.append(holder[key])
+                holder[key] = None
+            else:
+                out.append(getattr(holder, key))
+                setattr(holder, key, None)
+        return out
+
+    def restore(self, tensors) -> None:
+        """Puts `stash`'s tensors back."""
+        for (holder, key), t in zip(self._slots(), tensors):
+            if isinstance(holder, (list, dict)):
+                holder[key] = t
+            else:
+                setattr(holder, key, t)
 
 
 class _Sweep:
@@ -395,15 +436,19 @@ class _Reverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem, neg_rates, rate_index, n_params, weights, xs, ys, xq, yq, *tensors):
         ctx.set_materialize_grads(False)
-        params, rate_tensors = list(tensors[:n_params]), list(tensors[n_params:])
-        run = _Run(problem, neg_rates, weights, xs, ys, xq, yq, params)
+        run = _Run(problem, neg_rates, weights, xs, ys, xq, yq, list(tensors[:n_params]))
+        outputs = run.outputs(weights)
+        kept = run.stash()
         ctx.run, ctx.rate_index, ctx.n_params = run, rate_index, n_params
-        ctx.save_for_backward(weights, xs, ys, xq, yq, *params, *rate_tensors)
-        return run.outputs(weights)
+        ctx.n_inputs = 5 + len(tensors)
+        ctx.kept = [i for i, t in enumerate(kept) if t is not None]
+        ctx.save_for_backward(weights, xs, ys, xq, yq, *tensors, *[kept[i] for i in ctx.kept])
+        return outputs
 
     @staticmethod
     def backward(ctx, g_losses, g_preds):
-        weights, xs, ys, xq, yq, *tensors = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        weights, xs, ys, xq, yq, *tensors = saved[:ctx.n_inputs]
         n = ctx.n_params
         params, rate_tensors = tensors[:n], tensors[n:]
         need = ctx.needs_input_grad[4:]  # weights, xs, ys, xq, yq, params..., rates...
@@ -414,7 +459,14 @@ class _Reverse(torch.autograd.Function):
         want = dict(weights=need[0], xs=need[1], ys=need[2] and ys.is_floating_point(), xq=need[3],
                     yq=need[4] and yq.is_floating_point(), params=need[5:5 + n],
                     rates=[need[5 + n + r] for r in ctx.rate_index])
-        sweep = _Sweep(ctx.run, g_losses, g_preds, want).run_all(weights, ys, yq)
+        kept = [None] * len(list(ctx.run._slots()))
+        for i, t in zip(ctx.kept, saved[ctx.n_inputs:]):
+            kept[i] = t
+        ctx.run.restore(kept)
+        try:
+            sweep = _Sweep(ctx.run, g_losses, g_preds, want).run_all(weights, ys, yq)
+        finally:
+            ctx.run.stash()  # the run holds nothing past the backward
         g = sweep.g
         g_weights = None
         if want["weights"]:
@@ -428,7 +480,7 @@ def _recompute(ctx, g_losses, g_preds) -> tuple:
     """The gradients by autograd through the recomputed chunk, as functions of the inputs (create_graph).
     Views of the inputs, so that a tensor passed twice (x_query as x_support) gets each use's gradient
     once, not the whole gradient at both places."""
-    saved = ctx.saved_tensors
+    saved = ctx.saved_tensors[:ctx.n_inputs]
     n = ctx.n_params
     leaves = [t.view_as(t) if t is not None and t.requires_grad else t for t in saved]
     weights, xs, ys, xq, yq, *tensors = leaves

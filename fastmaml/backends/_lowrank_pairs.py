@@ -6,15 +6,15 @@ and `d [T, N, O]` and the cotangent `bar W = sum_j fa[j]^T fb[j]` (fa[j] [T, S, 
 
 By default these are two lowrank_add launches, which read every pair from memory twice. With
 FASTMAML_FACTORED_PAIRS=fused (read once, at import; the GPU check's A/B `fpairs`) one kernel
-(`_triton_lowrank.lowrank_pairs_kernel`) makes both, reading each pair twice within one program, the
-second time just after the first: at K = 5, W = 128 the sweep's low-rank bytes drop from 1,040 to 790 KB
-a task (logged on the CPU, each pair counted once a program). It holds more registers than
-lowrank_add, though (ptxas -v, sm_90a, float32, 16 x 16 padded points, I = O = 128, 4 warps, chunks of
-32): 114 at one pair, 255 at three and four (20 B of spills at four), 198 at five, 255 with 24 B of
-spills at eight (lowrank_add: 72, 96, 118, 148, 168); in chunks of 16, 148 at five; at 8 warps in chunks
-of 16, 107 at eight. Whether the reuse pays for the occupancy is for a GPU to say. Within
-PAIRS_MAX_TILES (five pairs of 16 x 16 in float32, four in float64: at most a few bytes of spills) the
-fused kernel runs, past it the batched products (the sweep's groups stay within it).
+(`_triton_lowrank.lowrank_pairs_kernel`) makes both, reading each pair twice within one program, the second
+time just after the first: at K = 5, W = 128 the sweep's own low-rank bytes drop from 1,040 to 790 KB a task
+(1,425 to 1,175 with the forward's; logged on the CPU, each pair counted once a program). It holds more
+registers than lowrank_add, though (ptxas -v, sm_90a, float32, 16 x 16 padded points, I = O = 128, 4 warps,
+chunks of 32): 114 at one pair, 255 at three and four (20 B of spills at four), 198 at five, 255 with 24 B
+of spills at eight (lowrank_add: 72, 96, 118, 148, 168); in chunks of 16, 148 at five; at 8 warps in chunks
+of 16, 107 at eight. Whether the reuse pays for the occupancy is for a GPU to say. Within PAIRS_MAX_TILES
+(five pairs of 16 x 16 in float32, four in float64: at most a few bytes of spills) the fused kernel runs,
+past it the batched products (the sweep's groups stay within it).
 
 Not differentiated (the sweep runs outside autograd): a plain function, not an operation with a
 derivative. Where the kernels run, their precision, warps and padding are `_lowrank`'s, read at call
