@@ -27,8 +27,8 @@ makes anyway), tanh's `D W` products, the query passes' layer inputs and outputs
 and a dense layer's per-task weights; no `[N, S]` products and no autograd graph. It runs a gradient through
 the task losses and the query outputs with any cotangents, for every input (params, rates, data, float
 targets, the multi-step weights). A gradient to be differentiated again (create_graph) recomputes the call
-through autograd, as `_factored_chunks.Chunked` does; forward-mode AD, torch.func transforms and
-torch.compile's tracing take the autograd form. A layer whose weights are dense per task
+through autograd, as `_factored_chunks.Chunked` does; forward-mode AD, torch.func transforms,
+autocast and torch.compile's tracing take the autograd form. A layer whose weights are dense per task
 (`factored._dense_after`: the thin first and last layers of a 1-W-W-1 net from the first step) keeps its bar
 W as one `[T, out, in]` tensor.
 
@@ -46,6 +46,7 @@ from .._mlp import ACTIVATIONS
 from .._validate import Problem, env_choice
 from . import factored as _f
 from . import _lowrank_pairs
+from ._fused import _autocast_enabled
 from ._lowrank import products
 from .triton_maml import _pad
 
@@ -54,7 +55,7 @@ MODE = env_choice("FASTMAML_FACTORED_REVERSE", ("hand", "autograd"))
 
 def reason(tensors: list[Optional[torch.Tensor]]) -> Optional[str]:
     """Why a chunk keeps autograd through its inner loop (or None): the switch, no gradient wanted,
-    torch.compile's tracing, forward-mode AD, a torch.func transform."""
+    torch.compile's tracing, forward-mode AD, a torch.func transform, autocast."""
     if MODE == "autograd":
         return "FASTMAML_FACTORED_REVERSE=autograd"
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
@@ -65,6 +66,9 @@ def reason(tensors: list[Optional[torch.Tensor]]) -> Optional[str]:
         return "forward-mode AD is active (the sweep is reverse mode only; autograd's form has both)"
     if _functorch_active():
         return "a torch.func transform is active (the sweep's Function has no setup_context for it)"
+    device = next(t.device.type for t in tensors if t is not None)
+    if _autocast_enabled(device):  # the forward's tensors come in mixed dtypes, which autograd casts back
+        return f"autocast is enabled on {device} (autograd's form follows its casts)"
     return None
 
 
