@@ -360,3 +360,51 @@ def test_autocast_keeps_autograd(monkeypatch, sweeps):
         got[mode] = gradients(out.loss, case.leaves())
     assert sweeps[0] == 0
     assert_close(got["hand"], got["autograd"], 0.0, "grad")
+
+
+def test_backward_under_autocast(monkeypatch, sweeps):
+    """A forward outside autocast and its backward inside it (the sweep's products in the autocast dtype
+    failed on its float32 tensors: "mat1 and mat2 must have the same dtype"): the sweep runs in the
+    forward's dtype, so its gradients are autograd's outside autocast (autograd's own backward under
+    autocast computes its products in bfloat16: within bfloat16's rounding of them)."""
+    case = make_case(dims=(1, 16, 16, 1), tasks=3, inner_steps=2, lr_form="per_step", n_support=4, n_query=4,
+                     seed=84).to(torch.float32)
+    got = {}
+    for mode, cast in (("hand", True), ("autograd", False), ("autograd-cast", True)):
+        monkeypatch.setattr(_factored_reverse, "MODE", mode.split("-")[0])
+        out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                            backend="factored", **case.kwargs())
+        with torch.autocast("cpu", torch.bfloat16, enabled=cast):
+            got[mode] = gradients(out.loss, case.leaves())
+    assert sweeps[0] == 1
+    assert_close(got["hand"], got["autograd"], 1e-5, "grad")
+    assert_close(got["hand"], got["autograd-cast"], 3e-2, "grad against autograd's bfloat16 backward")
+
+
+def test_each_kept_tensor_saved_once(monkeypatch):
+    """The run holds the inputs again and each factor in every later layer's lists: save_for_backward
+    gets each tensor once (a saved-tensor hook such as save_on_cpu would copy every repeat), and the
+    gradients under save_on_cpu are autograd's."""
+    case = make_case(dims=(1, 40, 40, 1), tasks=4, n_support=5, n_query=5, inner_steps=3, lr_form="float",
+                     lr_scale=0.2, seed=85)
+    monkeypatch.setattr(factored, "DENSE", "never")
+    got = {}
+    for mode in ("hand", "autograd"):
+        monkeypatch.setattr(_factored_reverse, "MODE", mode)
+        packed = []
+
+        def pack(t, packed=packed):
+            packed.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                                backend="factored", **case.kwargs())
+        if mode == "hand":
+            ids = [id(t) for t in packed]
+            assert len(ids) == len(set(ids)), "a tensor saved twice"
+        with torch.autograd.graph.save_on_cpu():
+            out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                                backend="factored", **case.kwargs())
+        got[mode] = gradients(out.loss + out.query_preds.square().sum(), case.leaves())
+    assert_close(got["hand"], got["autograd"], 1e-10, "grad")

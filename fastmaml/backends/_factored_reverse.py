@@ -38,6 +38,7 @@ inner loop differentiated by autograd: the GPU check's A/B `frevauto`, and the t
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -442,11 +443,22 @@ class _Reverse(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         run = _Run(problem, neg_rates, weights, xs, ys, xq, yq, list(tensors[:n_params]))
         outputs = run.outputs(weights)
-        kept = run.stash()
+        inputs = [weights, xs, ys, xq, yq, *tensors]
+        # Each tensor saved once: the run holds the inputs again (w0, the first layer's inputs) and each
+        # factor in every later layer's lists (a saved-tensor hook would copy every repeat).
+        saved, where = list(inputs), {}
+        for i, t in enumerate(inputs):
+            if t is not None:
+                where.setdefault(id(t), i)
+        ctx.kept = []  # per slot of the run: its tensor's index in the saved tensors, or -1 (None)
+        for t in run.stash():
+            if t is not None and id(t) not in where:
+                where[id(t)] = len(saved)
+                saved.append(t)
+            ctx.kept.append(-1 if t is None else where[id(t)])
         ctx.run, ctx.rate_index, ctx.n_params = run, rate_index, n_params
-        ctx.n_inputs = 5 + len(tensors)
-        ctx.kept = [i for i, t in enumerate(kept) if t is not None]
-        ctx.save_for_backward(weights, xs, ys, xq, yq, *tensors, *[kept[i] for i in ctx.kept])
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(*saved)
         return outputs
 
     @staticmethod
@@ -463,12 +475,13 @@ class _Reverse(torch.autograd.Function):
         want = dict(weights=need[0], xs=need[1], ys=need[2] and ys.is_floating_point(), xq=need[3],
                     yq=need[4] and yq.is_floating_point(), params=need[5:5 + n],
                     rates=[need[5 + n + r] for r in ctx.rate_index])
-        kept = [None] * len(list(ctx.run._slots()))
-        for i, t in zip(ctx.kept, saved[ctx.n_inputs:]):
-            kept[i] = t
-        ctx.run.restore(kept)
+        ctx.run.restore([None if i < 0 else saved[i] for i in ctx.kept])
         try:
-            sweep = _Sweep(ctx.run, g_losses, g_preds, want).run_all(weights, ys, yq)
+            # A backward run under autocast would cast the sweep's products (its tensors are the forward's
+            # dtype): it runs in that dtype, as autograd's form of the backward does.
+            device = xs.device.type
+            with torch.autocast(device, enabled=False) if _autocast_enabled(device) else contextlib.nullcontext():
+                sweep = _Sweep(ctx.run, g_losses, g_preds, want).run_all(weights, ys, yq)
         finally:
             ctx.run.stash()  # the run holds nothing past the backward
         g = sweep.g
