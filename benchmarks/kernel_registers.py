@@ -224,9 +224,11 @@ def _triton_child(spec: dict) -> None:
         steps = next(k for k in range(1, 64) if factored._dense_after(k, 10, width, width))
         for factors in range(1, max(steps, _lowrank.MAX_TILES // 256 + 1)):
             fused = factors * 16 * 16 <= _lowrank_backward._fused_max_tiles(torch.float32)
-            kinds = ("add",) + (("grads", "backward") if fused and factors < steps else
-                                ("grads",) if factors < steps else ())
-            kinds += ("pairs",) if factors * 16 * 16 <= _lowrank_pairs.PAIRS_MAX_TILES[torch.float32] else ()
+            kinds = ["add"]
+            if factors < steps:  # autograd's backward reaches these factor counts
+                kinds += ["grads", "backward"] if fused else ["grads"]
+            if factors * 16 * 16 <= _lowrank_pairs.PAIRS_MAX_TILES[torch.float32]:
+                kinds.append("pairs")
             for kind in kinds:
                 start = time.perf_counter()
                 kernel = _lowrank.compile_for_target(kind, torch.float32, 10, 10, width, width, factors,

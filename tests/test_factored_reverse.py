@@ -177,13 +177,7 @@ def test_sweep_through_the_kernels(kernels, monkeypatch, sweeps, options, max_ti
     monkeypatch.setattr(_lowrank_pairs, "FUSED", pairs == "fused")
     launches = []
     real = _lowrank_pairs.lr._module
-
-    def spy():
-        module = real()
-        launches.append(1)
-        return module
-
-    monkeypatch.setattr(_lowrank_pairs.lr, "_module", spy)
+    monkeypatch.setattr(_lowrank_pairs.lr, "_module", lambda: launches.append(1) or real())
     if max_tiles is not None:
         monkeypatch.setattr(_lowrank_pairs, "max_tiles", lambda dtype: max_tiles)
     check_maml("factored", {"dims": (3, 9, 6, 4), "tasks": 3, "seed": 76, **options}, torch.float32)
@@ -225,7 +219,7 @@ def test_fused_pairs_kernel_matches_the_batched_products(kernels, monkeypatch, s
 
 def test_pair_products_group_and_chain(monkeypatch):
     """`_pair_products` gives both products over every pair whatever the grouping (pairs of two row
-    counts, groups of one), with a base and a scale, and v only where asked (batched products on the CPU,
+    counts, groups of one), with bases and a scale, and v only where asked (batched products on the CPU,
     by two lowrank_add calls or the fused path's fallback)."""
     g = torch.Generator().manual_seed(77)
 
@@ -244,6 +238,8 @@ def test_pair_products_group_and_chain(monkeypatch):
         monkeypatch.setattr(_lowrank_pairs, "max_tiles", lambda dtype: tiles)
         u, v = _factored_reverse._pair_products(h, d, fa, fb, scale, base, True)
         assert_close({"u": u, "v": v}, {"u": want_u, "v": want_v}, 1e-12, f"MAX_TILES={tiles}")
+        u, v = _factored_reverse._pair_products(h, d, fa, fb, scale, base, True, 2 * h)
+        assert_close(v, want_v + 2 * h, 1e-12, f"MAX_TILES={tiles}, v with a base")
         u, v = _factored_reverse._pair_products(h, d, fa, fb, scale, base, False)
         assert v is None
         assert_close(u, want_u, 1e-12, f"MAX_TILES={tiles}, u only")

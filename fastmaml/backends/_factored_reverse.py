@@ -48,7 +48,6 @@ from .._validate import Problem, env_choice
 from . import factored as _f
 from . import _lowrank_pairs
 from ._fused import _autocast_enabled
-from ._lowrank import products
 from .triton_maml import _pad
 
 MODE = env_choice("FASTMAML_FACTORED_REVERSE", ("hand", "autograd"))
@@ -93,40 +92,15 @@ def maml_chunk(problem: Problem, neg_rates: list, weights, xs, ys, xq, yq, *para
                           *rate_tensors)
 
 
-def _base_mm(base: Optional[torch.Tensor], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`base + x w` (x [T, N, a], w [a, b] shared by the tasks, base [T, N, b] or None) as one matrix
-    product over every task, the base added in the product (no pass of its own)."""
-    flat = x.reshape(-1, x.shape[-1])
-    if base is None:
-        return torch.mm(flat, w).view(*x.shape[:-1], w.shape[1])
-    return torch.addmm(base.reshape(-1, w.shape[1]), flat, w).view(*x.shape[:-1], w.shape[1])
-
-
-def _times_w_t(layer: "_f._Layer", x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`base + x W_k^T` (no bias): x [T, N, in] -> [T, N, out]."""
-    if layer.w is not None:
-        wt = layer.w.transpose(1, 2)
-        return torch.bmm(x, wt) if base is None else torch.baddbmm(base, x, wt)
-    z = _base_mm(base, x, layer.w0.t())
-    return products(z, x, layer.h, layer.d, layer.scales()) if layer.h else z
-
-
-def _times_w(layer: "_f._Layer", y: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`base + y W_k`: y [T, N, out] -> [T, N, in]."""
-    if layer.w is not None:
-        return torch.bmm(y, layer.w) if base is None else torch.baddbmm(base, y, layer.w)
-    g = _base_mm(base, y, layer.w0)
-    return products(g, y, layer.d, layer.h, layer.scales()) if layer.h else g
-
-
 def _pair_products(h: torch.Tensor, d: torch.Tensor, fa: list[torch.Tensor], fb: list[torch.Tensor],
-                   scale: Optional[torch.Tensor], base_u: Optional[torch.Tensor], want_v: bool):
-    """`(u, v)`: `u = base_u + scale sum_j (h fb[j]^T) fa[j]` and `v = scale sum_j (d fa[j]^T) fb[j]` per task
-    (h [T, N, in], d [T, N, out], fa[j] [T, n_j, out], fb[j] [T, n_j, in]; scale a `[1]` tensor or None; v
-    None unless want_v), by `_lowrank_pairs.pair_products`: the pairs grouped by their rows (the kernels
+                   scale: Optional[torch.Tensor], base_u: Optional[torch.Tensor], want_v: bool,
+                   base_v: Optional[torch.Tensor] = None):
+    """`(u, v)`: `u = base_u + scale sum_j (h fb[j]^T) fa[j]` and `v = base_v + scale sum_j (d fa[j]^T)
+    fb[j]` per task (h [T, N, in], d [T, N, out], fa[j] [T, n_j, out], fb[j] [T, n_j, in]; scale a `[1]`
+    tensor or None; bases None: zeros; v None unless want_v), by `_lowrank_pairs.pair_products`: the pairs grouped by their rows (the kernels
     take pairs of one size) and in groups the kernels keep in registers (`_lowrank_pairs.max_tiles`), each group
     added onto the last's results, the scale applied to the `[N, n_j]` products inside."""
-    u, v = base_u, None
+    u, v = base_u, base_v
     for rows in sorted({t.shape[1] for t in fa}):
         idx = [j for j, t in enumerate(fa) if t.shape[1] == rows]
         per_group = max(1, _lowrank_pairs.max_tiles(h.dtype) // (_pad(h.shape[1]) * _pad(rows)))
@@ -142,18 +116,6 @@ def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch
     if a is None:
         return b
     return a if b is None else a + b
-
-
-def _scaled_bmm(base: Optional[torch.Tensor], x: torch.Tensor, m: torch.Tensor,
-                scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """`base + scale x m` per task, the scale on the smaller operand (a dense layer of a 1-W-W-1 net is
-    [W, 1] or [1, W] per task: one of the two is W times smaller than the output)."""
-    if scale is not None:
-        if x.numel() <= m.numel():
-            x = x * scale
-        else:
-            m = m * scale
-    return torch.bmm(x, m) if base is None else torch.baddbmm(base, x, m)
 
 
 class _Step:
@@ -176,13 +138,14 @@ class _Run:
         layers = [_f._Layer(params[2 * i], params[2 * i + 1], neg_rates[2 * i]) for i in range(L)]
         self.history, self.steps = [layers], []
         for k in range(K):
-            acts, out = self._pass(layers, xs, act)
+            acts, outs = _f._forward(layers, xs, act)
+            out = outs[-1]
             delta = _f._loss_grad(out, ys, problem.loss)
             deltas, es = [None] * L, [None] * L
             for i in range(L - 1, -1, -1):
                 deltas[i] = delta
                 if i > 0:
-                    e = _times_w(layers[i], delta)
+                    e = layers[i].apply_t(delta)
                     if problem.activation == "tanh":  # tanh's second derivative needs it in the sweep
                         es[i] = e
                     delta = _f._through_act(e, acts[i], problem.activation)
@@ -193,23 +156,12 @@ class _Run:
         self.query_steps = [K] if weights is None else list(range(K + 1))
         self.query, self.losses = {}, {}
         for m in self.query_steps:
-            acts, out = self._pass(self.history[m], xq, act)
-            self.query[m] = [acts, out]
-            self.losses[m] = _f._losses(out, yq, problem.loss)
+            acts, outs = _f._forward(self.history[m], xq, act)
+            self.query[m] = [acts, outs[-1]]
+            self.losses[m] = _f._losses(outs[-1], yq, problem.loss)
         for layers in self.history[1:]:  # the sweep's products take no bias: the adapted ones need not stay
             for layer in layers:
                 layer.bias = None
-
-    @staticmethod
-    def _pass(layers, x, act):
-        """`(each layer's input, the net's output)`."""
-        acts, h = [], x
-        for i, layer in enumerate(layers):
-            acts.append(h)
-            h = layer.apply(h)
-            if i < len(layers) - 1:
-                h = act(h)
-        return acts, h
 
     def outputs(self, weights) -> tuple[torch.Tensor, torch.Tensor]:
         K = self.problem.inner_steps
@@ -317,9 +269,9 @@ class _Sweep:
             self.bias[i] = _add(self.bias[i], bar_z.sum(1))
             extra = bar_acts[i] if bar_acts is not None else None
             if i > 0:
-                bar_z = _f._through_act(_times_w(layers[i], bar_z, extra), acts[i], act)
+                bar_z = _f._through_act(layers[i].apply_t(bar_z, extra), acts[i], act)
             elif self.want[x_key]:
-                self.g[x_key] = _add(self.g[x_key], _times_w(layers[0], bar_z, extra))
+                self.g[x_key] = _add(self.g[x_key], layers[0].apply_t(bar_z, extra))
 
     def _use(self, i: int, layer: "_f._Layer", a: torch.Tensor, b: torch.Tensor):
         """Adds `a^T b` (a [T, n, out], b [T, n, in]) to layer i's bar W: a pair where the use was of its
@@ -373,7 +325,7 @@ class _Sweep:
             bar_e = _f._through_act(bar_d[i], a, act)
             if act == "tanh":  # d/da of g (1 - a^2) = -2 a g
                 bar_a[i + 1] = _add(bar_a[i + 1], bar_d[i] * step.es[i + 1] * (-2.0 * a))
-            bar_d[i + 1] = _times_w_t(layers[i + 1], bar_e, bar_d[i + 1])
+            bar_d[i + 1] = layers[i + 1].linear(bar_e, bar_d[i + 1])
             self._use(i + 1, layers[i + 1], step.deltas[i + 1], bar_e)
         # The loss's gradient at the net's output.
         bar_delta = bar_d[L - 1]
@@ -400,11 +352,10 @@ class _Sweep:
         pairs, dense = self.pairs[i], self.dense[i]
         u, v = base_u, None
         if dense is not None:
-            u = _scaled_bmm(u, h, dense.transpose(1, 2), scale)
-            v = _scaled_bmm(None, d, dense, scale) if want_v else None
+            u = _f.scaled_bmm(u, h, dense.transpose(1, 2), scale)
+            v = _f.scaled_bmm(None, d, dense, scale) if want_v else None
         if pairs:
-            u, v_pairs = _pair_products(h, d, [a for a, _ in pairs], [b for _, b in pairs], scale, u, want_v)
-            v = _add(v, v_pairs)
+            u, v = _pair_products(h, d, [a for a, _ in pairs], [b for _, b in pairs], scale, u, want_v, v)
         return u, v
 
     def param_grads(self, params) -> list[Optional[torch.Tensor]]:

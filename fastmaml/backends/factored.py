@@ -166,12 +166,21 @@ class _Layer:
         z = F.linear(x, self.w0) + self.bias.unsqueeze(-2)
         return products(z, x, self.h, self.d, self.scales()) if self.h else z  # z += sum_j -r_j (x h_j^T) D_j
 
-    def apply_t(self, y: torch.Tensor) -> torch.Tensor:
-        """`y W_k`: y [T, N, out] -> [T, N, in]."""
+    def apply_t(self, y: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`base + y W_k`: y [T, N, out] -> [T, N, in] (base [T, N, in] or None: the written-out backward's
+        sums, added inside the products)."""
         if self.w is not None:
-            return torch.bmm(y, self.w)
-        g = torch.matmul(y, self.w0)
+            return torch.bmm(y, self.w) if base is None else torch.baddbmm(base, y, self.w)
+        g = _base_mm(base, y, self.w0)
         return products(g, y, self.d, self.h, self.scales()) if self.h else g  # g += sum_j -r_j (y D_j^T) h_j
+
+    def linear(self, x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`base + x W_k^T`, no bias: x [T, N, in] -> [T, N, out] (for the written-out backward)."""
+        if self.w is not None:
+            wt = self.w.transpose(1, 2)
+            return torch.bmm(x, wt) if base is None else torch.baddbmm(base, x, wt)
+        z = _base_mm(base, x, self.w0.t())
+        return products(z, x, self.h, self.d, self.scales()) if self.h else z
 
     def scales(self) -> torch.Tensor:
         """`[J]`: minus the rates of the factors (factor j is step j's: a layer in factors has had no
@@ -208,9 +217,28 @@ class _Layer:
 def _scaled_update(w: torch.Tensor, d: torch.Tensor, h: torch.Tensor, rate: Rate) -> torch.Tensor:
     """`w + rate d^T h` (d [T, Ns, out], h [T, Ns, in]), the rate on the smaller factor: h for the first
     layer of a 1-W-W-1 net (d is W times its size), d for the last."""
-    if h.shape[-1] < d.shape[-1]:
-        return torch.baddbmm(w, d.transpose(1, 2), h * rate)
-    return torch.baddbmm(w, (d * rate).transpose(1, 2), h)
+    return scaled_bmm(w, d.transpose(1, 2), h, rate)
+
+
+def scaled_bmm(base: Optional[torch.Tensor], x: torch.Tensor, m: torch.Tensor, scale) -> torch.Tensor:
+    """`base + scale x m` per task (x [T, a, n], m [T, n, b]; scale a number, a tensor or None; base None:
+    zeros), the scale on the smaller operand (a dense layer of a 1-W-W-1 net is [W, 1] or [1, W] per
+    task: one side is W times smaller than the other)."""
+    if scale is not None:
+        if x.numel() <= m.numel():
+            x = x * scale
+        else:
+            m = m * scale
+    return torch.bmm(x, m) if base is None else torch.baddbmm(base, x, m)
+
+
+def _base_mm(base: Optional[torch.Tensor], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`base + x w` (x [T, N, a], w [a, b] shared by the tasks, base [T, N, b] or None) as one matrix
+    product over every task, the base added in the product (no pass of its own)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if base is None:
+        return torch.mm(flat, w).view(*x.shape[:-1], w.shape[1])
+    return torch.addmm(base.reshape(-1, w.shape[1]), flat, w).view(*x.shape[:-1], w.shape[1])
 
 
 def _forward(layers: list[_Layer], x: torch.Tensor, act) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
