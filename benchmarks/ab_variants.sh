@@ -2,7 +2,7 @@
 # described there, at the A/B). Functions only, and the default list: tests/test_benchmark_tools.py runs
 # them in bash.
 
-AB_DEFAULT="mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2 scratch"
+AB_DEFAULT="fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2 scratch"
 # One variant's switches: sets `setting`, `method` and `widths` (the widths it is measured at).
 ab_variant() {
   widths="40 128"
@@ -37,6 +37,7 @@ ab_variant() {
     fstages2) setting=FASTMAML_FACTORED_STAGES=2; method=factored ;;
     fbwd3) setting="FASTMAML_FACTORED_REVERSE=autograd FASTMAML_FACTORED_FUSED_BACKWARD=0"; method=factored ;;
     fwarps8) setting=FASTMAML_FACTORED_WARPS=8; method=factored ;;
+    fcuda) setting=FASTMAML_FACTORED_KERNELS=cuda; method=factored ;;
     factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
     *) return 1 ;;
   esac

@@ -294,12 +294,12 @@ else
   if [ "$QUICK" = 1 ]; then
     # One run for the GPU backends: every case of tests/test_backends.py (G2's first must-show: every
     # option, the sinusoid size, 20,000 tasks, width 128) and the tests new with G2/G3 (with the launch
-    # report under the sweep's cuda rows).
+    # report under the sweep's cuda rows; the factored backend's CUDA lowrank_add kernel).
     stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${TESTS_S}s) -> $DIR/tests.log"
     FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$TESTS_S" python -m pytest tests/test_backends.py \
       tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py \
       tests/test_benchmark_tools.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
-      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report" \
+      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank" \
       >> "$DIR/tests.log" 2>&1
     echo "quick tests exit code $?"
     tail -n 4 "$DIR/tests.log" | cut -c1-300
@@ -387,6 +387,9 @@ fi
 # are the sweep's rows of the same cells. The variants:
 #   frevauto FASTMAML_FACTORED_REVERSE=autograd: the factored backend's meta-gradient by autograd through
 #            its inner loop (with the fused lowrank_backward), as before its written-out reverse sweep
+#   fcuda    FASTMAML_FACTORED_KERNELS=cuda: the factored backend's lowrank_add by the C++ extension's CUDA
+#            kernel (factors loaded into registers, sums over k by warp shuffles), not Triton's (whose
+#            products read an operand from shared memory a multiply-add); needs the extension built
 #   fpairs   FASTMAML_FACTORED_PAIRS=fused: the sweep's two products of each weight cotangent with a step's
 #            factors in one kernel (each pair read once from memory; more registers)
 #   fstages2 FASTMAML_FACTORED_STAGES=2: the low-rank kernels' loops pipelined 2 deep, not 3 (fewer

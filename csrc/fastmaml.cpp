@@ -46,6 +46,9 @@ TORCH_LIBRARY(fastmaml, m) {
   m.def(
       "maml_adapt(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
       "int loss) -> Tensor");
+  // The factored backend's low-rank product on CUDA tensors (csrc/cuda/lowrank_add.cuh; no CPU kernel:
+  // fastmaml/backends/_lowrank.py calls it inside its own operation, where FASTMAML_FACTORED_KERNELS=cuda).
+  m.def("lowrank_add_cuda(Tensor? base, Tensor x, Tensor[] hs, Tensor[] ds, Tensor? scales) -> Tensor");
 }
 
 // Test-only operations, outside the public fastmaml namespace: parallel_probe(n) runs an

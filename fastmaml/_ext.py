@@ -53,6 +53,7 @@ _SOURCES = ("fastmaml.cpp", "autograd_fwdbwd.cpp", "cpu/maml_cpu.cpp", "cpu/task
 # (csrc/cuda/kernels.cuh says why).
 _CUDA_SOURCES = ("cuda/maml_cuda.cu", "cuda/bwd_f32.cu", "cuda/bwd_f32_min4.cu", "cuda/bwd_f32_min6.cu",
                  "cuda/bwd_f32_timeline.cu", "cuda/bwd_f64.cu", "cuda/fwdbwd_f32.cu", "cuda/fwdbwd_f64.cu",
+                 "cuda/lowrank_cuda.cu",
                  "cuda/binding.cpp")
 # Every file the library can be built from, CPU and CUDA alike (whichever are shipped): `source_hash`
 # hashes them all, whether or not this machine can compile the CUDA ones.

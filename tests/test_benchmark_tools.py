@@ -50,6 +50,10 @@ def test_kernel_names_with_the_timeline_flag():
     assert kernel_registers.short_name(stem + "fLi4ELb0EE" + tail) == "bwd_kernel<float, 4>"
     assert kernel_registers.short_name(stem + "fLi3ELb1EE" + tail) == "bwd_kernel<float, 3, timeline>"
     assert kernel_registers.short_name(stem + "dLi0ELb0EE" + tail) == "bwd_kernel<double>"
+    # the factored backend's CUDA lowrank_add: elements a load in each pass first, then the dtype
+    lowrank = "_ZN8fastmaml4cuda53_GLOBAL__N__3e54c23e_15_lowrank_cuda_cu_42f71b2f_130718lowrank_add_kernelI{}EEvNS_7"
+    assert kernel_registers.short_name(lowrank.format("Li4ELi1Ef")) == "lowrank_add_kernel<float, loads 4/1>"
+    assert kernel_registers.short_name(lowrank.format("Li1ELi2Ed")) == "lowrank_add_kernel<double, loads 1/2>"
 
 
 SASS = """\

@@ -21,38 +21,20 @@ with NaN, so a read of an unwritten element shows up too).
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from _host_checks import build_and_run
 
-ROOT = Path(__file__).resolve().parent.parent
 SOURCE = Path(__file__).resolve().parent / "cuda_team_check.cpp"
-CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-
-
-def build_and_run(tmp_path: Path, flags: list[str]) -> str:
-    if CXX is None:
-        pytest.skip("no C++ compiler")
-    exe = tmp_path / "team_check"
-    cmd = [CXX, "-std=c++20", "-pthread", *flags, "-I", str(ROOT / "csrc"), str(SOURCE), "-o", str(exe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "barrier" in proc.stderr and "No such file" in proc.stderr:
-        pytest.skip(f"{CXX} has no <barrier> (C++20): {proc.stderr.strip()[:200]}")
-    assert proc.returncode == 0, f"building the team check failed:\n$ {' '.join(cmd)}\n{proc.stderr}"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
-    out = run.stdout + run.stderr
-    assert run.returncode == 0, f"the team loops differ from the team of one:\n{out}"
-    return out
 
 
 def test_team_loops_match_the_team_of_one(tmp_path):
-    out = build_and_run(tmp_path, ["-O1"])
+    out = build_and_run(tmp_path, SOURCE, ["-O1"])
     assert "ok: 4320 product cases and 184 cases x 6 team sizes" in out
 
 
 @pytest.mark.skipif(os.environ.get("FASTMAML_TSAN") != "1", reason="set FASTMAML_TSAN=1 to run under ThreadSanitizer")
 def test_team_loops_have_no_data_race(tmp_path):
-    out = build_and_run(tmp_path, ["-O1", "-g", "-fsanitize=thread"])
+    out = build_and_run(tmp_path, SOURCE, ["-O1", "-g", "-fsanitize=thread"])
     assert "ThreadSanitizer" not in out, out

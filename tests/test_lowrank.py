@@ -322,12 +322,16 @@ def test_meta_gradient_through_the_kernels_differentiated_again(kernels, monkeyp
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernels)")
+@pytest.mark.parametrize("language", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype,rtol", [(F64, 1e-10), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("sizes", [(3000, 10, 10, 128, 128, 4), (257, 10, 10, 40, 1, 2), (33, 17, 5, 1, 45, 1)],
-                         ids=["w128-J4", "out1", "in1"])
-def test_lowrank_on_the_gpu(sizes, dtype, rtol):
-    """The compiled kernels on CUDA tensors (chosen by `kernel_reason`, no interpreter): values, first and
-    second derivatives against autograd through the batched products, with scales."""
+@pytest.mark.parametrize("sizes", [(3000, 10, 10, 128, 128, 4), (257, 10, 10, 40, 1, 2), (33, 17, 5, 1, 45, 1),
+                                   (65, 13, 7, 132, 36, 5)],
+                         ids=["w128-J4", "out1", "in1", "odd"])
+def test_lowrank_on_the_gpu(monkeypatch, sizes, dtype, rtol, language):
+    """The compiled kernels on CUDA tensors (chosen by `kernel_reason`, no interpreter; lowrank_add by
+    Triton's kernel or the extension's CUDA one): values, first and second derivatives against autograd
+    through the batched products, with scales."""
+    monkeypatch.setattr(_lowrank, "LANGUAGE", language)
     T, N, S, I, O, J = sizes
     cpu = _inputs(*sizes, dtype=dtype, seed=9)
     base, x, hs, ds = [t.cuda().requires_grad_() for t in cpu[:2]] + [[t.cuda().requires_grad_() for t in ts]
@@ -347,6 +351,89 @@ def test_lowrank_on_the_gpu(sizes, dtype, rtol):
     assert_close(got_out, want_out, rtol, "lowrank_add")
     for i, (a, b) in enumerate(zip(torch.autograd.grad(got, flat), torch.autograd.grad(want, flat))):
         assert_close(a, b, rtol, f"input {i}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the extension's CUDA kernel)")
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-12), (torch.float32, 1e-5)])
+def test_cuda_lowrank_kernel_takes_any_alignment_and_sixteen_pairs(dtype, rtol):
+    """fastmaml::lowrank_add_cuda itself: 16 pairs (past the Triton kernels' bound), inputs one element off
+    16-byte alignment (its elementwise loads) and transposed views, without base and scales."""
+    from fastmaml import _ext
+
+    _ext.load()
+    T, N, S, I, O, J = 40, 10, 10, 128, 64, 16
+    base, x, hs, ds = (t.cuda() if torch.is_tensor(t) else [f.cuda() for f in t]
+                       for t in _inputs(T, N, S, I, O, J, dtype=dtype, seed=21))
+    scales = torch.linspace(-1.0, 1.5, J, dtype=dtype, device="cuda")
+    want = _lowrank._add_batched(base, x, hs, ds, scales)
+    got = torch.ops.fastmaml.lowrank_add_cuda(base, x, hs, ds, scales)
+    assert_close(got, want, rtol, "16 pairs")
+    off = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view_as(x).copy_(x)  # 4 or 8 bytes off
+    assert off.data_ptr() % 16 != 0
+    got = torch.ops.fastmaml.lowrank_add_cuda(None, off, hs[:3], [d.transpose(1, 2).contiguous().transpose(1, 2)
+                                                                  for d in ds[:3]], None)
+    assert_close(got, _lowrank._add_batched(None, x, hs[:3], ds[:3]), rtol, "misaligned x, strided ds")
+    with pytest.raises(RuntimeError, match="1 to 16 pairs"):
+        torch.ops.fastmaml.lowrank_add_cuda(None, x, hs + hs[:1], ds + ds[:1], None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the extension's CUDA kernel)")
+def test_factored_with_the_cuda_kernel_matches_the_reference(monkeypatch):
+    """The factored backend with FASTMAML_FACTORED_KERNELS=cuda, at the sinusoid net's size in float64:
+    loss, predictions and every gradient against the reference."""
+    import fastmaml
+    from _reference_loop import gradients, make_case
+
+    monkeypatch.setattr(_lowrank, "LANGUAGE", "cuda")
+    monkeypatch.setattr(factored, "DENSE", "never")
+    case = make_case(dims=(1, 40, 40, 1), tasks=37, n_support=10, n_query=10, inner_steps=3, lr_form="per_step",
+                     activation="relu", seed=5).to(F64, "cuda")
+    grads = {}
+    for backend in ("reference", "factored"):
+        out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                            backend=backend, **case.kwargs())
+        grads[backend] = gradients(out.loss, case.leaves())
+    assert grads["reference"]["params[2]"].abs().max() > 0, "a test that cannot fail"
+    assert_close(grads["factored"], grads["reference"], 1e-10, "meta-gradient")
+
+
+def test_cuda_kernel_switch_says_why_it_cannot_run(monkeypatch):
+    """FASTMAML_FACTORED_KERNELS=cuda where the extension has no CUDA kernels: an error that says so,
+    not the Triton kernels in its place."""
+    if torch.cuda.is_available() and _lowrank._cuda_kernel_missing() is None:
+        pytest.skip("the extension's CUDA kernel is here (the GPU tests above run it)")
+    x = torch.rand(2, 3, 4)
+    with pytest.raises(RuntimeError, match="FASTMAML_FACTORED_KERNELS=cuda.*cannot run here"):
+        _lowrank._cuda_add(None, x, [torch.rand(2, 5, 4)], [torch.rand(2, 5, 6)], None)
+
+
+def test_where_the_cuda_kernel_runs(monkeypatch):
+    """With FASTMAML_FACTORED_KERNELS=cuda, lowrank_add's own bounds (not Triton's): CUDA tensors of float32
+    or float64, at most 16 pairs, their products in 48 KiB; each reason says which. With Triton's, the
+    Triton kernels' reasons."""
+    x = torch.zeros(2, 10, 8)
+    assert _lowrank.add_kernel_reason(x, 3, 10) == _lowrank.kernel_reason(x, 3, 10)
+    monkeypatch.setattr(_lowrank, "LANGUAGE", "cuda")
+    assert "cpu tensors" in _lowrank.add_kernel_reason(x, 3, 10)
+    meta = torch.empty(2, 10, 8, device="meta")  # a device the kernel does not take either, with no data
+    assert "meta tensors" in _lowrank.add_kernel_reason(meta, 3, 10)
+    if torch.cuda.is_available():
+        cuda = torch.zeros(2, 10, 8, device="cuda")
+        assert _lowrank.add_kernel_reason(cuda, 16, 10) is None  # past Triton's 8 pairs of 16 x 16
+        assert "at most 16 pairs" in _lowrank.add_kernel_reason(cuda, 17, 10)
+        assert "48 KiB" in _lowrank.add_kernel_reason(cuda.double(), 16, 48)  # 16 x 48 x 12 doubles
+        assert "dtype" in _lowrank.add_kernel_reason(cuda.half(), 1, 10)
+    monkeypatch.setattr(_lowrank, "KERNELS", "never")
+    assert "FASTMAML_FACTORED_TRITON=never" in _lowrank.add_kernel_reason(x, 3, 10)
+
+
+def test_cuda_kernel_block_on_the_cpu(tmp_path):
+    """The CUDA kernel's block code (csrc/cuda/lowrank_add.cuh) with std::threads as its lanes
+    (tests/lowrank_cuda_check.cpp), under AddressSanitizer: 70 cases against a long double sum."""
+    from _host_checks import build_and_run
+
+    out = build_and_run(tmp_path, ROOT / "tests" / "lowrank_cuda_check.cpp", ["-O1", "-g", "-fsanitize=address"])
+    assert "ok: 70 cases" in out
 
 
 # ---- where the kernels run ---------------------------------------------------------------------------
@@ -378,20 +465,22 @@ def test_kernel_switch_from_the_environment(monkeypatch):
         _lowrank._kernels_mode()
 
 
-def test_stages_and_pairs_switches_from_the_environment():
-    """FASTMAML_FACTORED_STAGES and FASTMAML_FACTORED_PAIRS are read at import (a fresh interpreter each):
+def test_stages_pairs_and_kernels_switches_from_the_environment():
+    """FASTMAML_FACTORED_STAGES, FASTMAML_FACTORED_PAIRS and FASTMAML_FACTORED_KERNELS are read at import (a fresh interpreter each):
     the defaults, the other values, and a bad value refused by name."""
     code = ("from fastmaml.backends import _lowrank, _lowrank_pairs; "
-            "print(_lowrank.STAGES, _lowrank_pairs.FUSED)")
+            "print(_lowrank.STAGES, _lowrank_pairs.FUSED, _lowrank.LANGUAGE)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTMAML_FACTORED_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
 
     def run(**extra):
         return subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True)
 
-    assert run().stdout.split() == ["3", "False"]
-    assert run(FASTMAML_FACTORED_STAGES="2", FASTMAML_FACTORED_PAIRS="Fused").stdout.split() == ["2", "True"]
-    for name, bad in (("FASTMAML_FACTORED_STAGES", "4"), ("FASTMAML_FACTORED_PAIRS", "one")):
+    assert run().stdout.split() == ["3", "False", "triton"]
+    assert run(FASTMAML_FACTORED_STAGES="2", FASTMAML_FACTORED_PAIRS="Fused",
+               FASTMAML_FACTORED_KERNELS="CUDA").stdout.split() == ["2", "True", "cuda"]
+    for name, bad in (("FASTMAML_FACTORED_STAGES", "4"), ("FASTMAML_FACTORED_PAIRS", "one"),
+                      ("FASTMAML_FACTORED_KERNELS", "cutlass")):
         proc = run(**{name: bad})
         assert proc.returncode != 0 and name in proc.stderr, proc.stderr[-500:]
 

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../op_checks.h"
+#include "lowrank_cuda.h"
 #include "maml_cuda.h"
 
 namespace fastmaml {
@@ -367,6 +368,66 @@ void cuda_timeline_arm(const at::Tensor& records) {
                         static_cast<int>(records.size(0)), static_cast<int>(records.get_device())});
 }
 
+// fastmaml::lowrank_add_cuda: `base + sum_j s_j (x hs[j]^T) ds[j]` per task (csrc/cuda/lowrank_add.cuh),
+// x [T, N, I], hs[j] [T, S, I], ds[j] [T, S, O], base [T, N, O] or None, scales [J] or None.
+at::Tensor lowrank_add_cuda(const std::optional<at::Tensor>& base_in, const at::Tensor& x_in, at::TensorList hs_in,
+                            at::TensorList ds_in, const std::optional<at::Tensor>& scales_in) {
+  const int64_t J = static_cast<int64_t>(hs_in.size());
+  TORCH_CHECK(J >= 1 && J <= lowrank::kMaxPairs && static_cast<int64_t>(ds_in.size()) == J,
+              "fastmaml: lowrank_add_cuda takes 1 to ", lowrank::kMaxPairs, " pairs of factors, got ", J, " and ",
+              ds_in.size());
+  TORCH_CHECK(x_in.dim() == 3 && x_in.is_cuda() && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble),
+              "fastmaml: lowrank_add_cuda: x must be a float32 or float64 CUDA tensor [T, N, I], got ",
+              x_in.scalar_type(), " ", x_in.sizes(), " on ", x_in.device());
+  TORCH_CHECK(hs_in[0].dim() == 3 && ds_in[0].dim() == 3, "fastmaml: lowrank_add_cuda: the factors must be "
+              "[T, S, I] and [T, S, O], got ", hs_in[0].sizes(), " and ", ds_in[0].sizes());
+  const int64_t T = x_in.size(0), N = x_in.size(1), I = x_in.size(2), S = hs_in[0].size(1), O = ds_in[0].size(2);
+  auto check = [&](const at::Tensor& t, std::initializer_list<int64_t> shape, const char* name) {
+    TORCH_CHECK(t.sizes().equals(shape) && t.scalar_type() == x_in.scalar_type() && t.device() == x_in.device(),
+                "fastmaml: lowrank_add_cuda: ", name, " must be ", x_in.scalar_type(), " ", c10::IntArrayRef(shape),
+                " on ", x_in.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  };
+  for (int64_t j = 0; j < J; ++j) {
+    check(hs_in[j], {T, S, I}, "each hs[j]");
+    check(ds_in[j], {T, S, O}, "each ds[j]");
+  }
+  if (base_in.has_value()) check(*base_in, {T, N, O}, "base");
+  if (scales_in.has_value()) check(*scales_in, {J}, "scales");
+  // Offsets within a task are 32-bit (a margin for a lane's last step past the width), the grid's tasks too.
+  constexpr int64_t kIntBound = INT32_MAX - 4096;
+  TORCH_CHECK(T <= INT32_MAX && N * I <= kIntBound && S * I <= kIntBound && N * O <= kIntBound && S * O <= kIntBound &&
+                  (N == 0 || S == 0 || lowrank::shared_elements(static_cast<int>(J), static_cast<int>(N),
+                                                                static_cast<int>(S)) * x_in.element_size() <=
+                                           lowrank_max_shared_bytes),
+              "fastmaml: lowrank_add_cuda: ", T, " tasks of ", J, " pairs of ", N, " x ", S, " products (widths ", I,
+              " and ", O, ") are past the kernel's bounds (fewer than 2^31 tasks, 32-bit offsets within a task, the "
+              "products in ", lowrank_max_shared_bytes, " bytes of shared memory)");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  std::vector<at::Tensor> hs, ds;  // held until the launch is queued
+  for (int64_t j = 0; j < J; ++j) hs.push_back(hs_in[j].contiguous()), ds.push_back(ds_in[j].contiguous());
+  const at::Tensor base = base_in.has_value() ? base_in->contiguous() : at::Tensor();
+  const at::Tensor scales = scales_in.has_value() ? scales_in->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({T, N, O}, x.options());
+  if (T == 0 || N == 0 || O == 0) return out;
+  if (S == 0 || I == 0) return base.defined() ? out.copy_(base) : out.zero_();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lowrank_add_cuda", [&] {
+    lowrank::AddArgs<scalar_t> a{};
+    a.base = base.defined() ? base.const_data_ptr<scalar_t>() : nullptr;
+    a.x = x.const_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < J; ++j) a.hs[j] = hs[j].const_data_ptr<scalar_t>(), a.ds[j] = ds[j].const_data_ptr<scalar_t>();
+    a.scales = scales.defined() ? scales.const_data_ptr<scalar_t>() : nullptr;
+    a.out = out.mutable_data_ptr<scalar_t>();
+    a.tasks = T, a.n = static_cast<int>(N), a.s = static_cast<int>(S), a.i = static_cast<int>(I),
+    a.o = static_cast<int>(O), a.pairs = static_cast<int>(J);
+    cudaError_t err = launch_lowrank_add<scalar_t>(a, c10::cuda::getCurrentCUDAStream());
+    if (err != cudaSuccess) (void)cudaGetLastError();
+    TORCH_CHECK(err == cudaSuccess, "fastmaml: the CUDA kernel of lowrank_add_cuda failed (", T, " tasks, ", J,
+                " pairs of ", N, " x ", S, ", widths ", I, " and ", O, "): ", cudaGetErrorString(err));
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastmaml
@@ -385,4 +446,5 @@ TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) {
   m.impl("maml_fwdbwd", &fastmaml::cuda::maml_fwdbwd);
   m.impl("maml_fwdbwd_sum", &fastmaml::cuda::maml_fwdbwd_sum);
   m.impl("weighted_task_sum", &fastmaml::cuda::weighted_task_sum);
+  m.impl("lowrank_add_cuda", &fastmaml::cuda::lowrank_add_cuda);
 }

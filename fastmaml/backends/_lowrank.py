@@ -28,7 +28,9 @@ kernel: each `[N, S]` product made once, the inputs read once or twice instead o
 Where the kernels run (KERNELS, from FASTMAML_FACTORED_TRITON): "auto" on CUDA tensors when Triton >= 3.6
 is installed and the factors' products fit in registers (`kernel_reason`); "never" keeps the batched
 PyTorch products everywhere (the GPU check's A/B). CPU tensors take the batched products, unless a test
-sends them through the Triton interpreter (`_INTERPRET_CPU`).
+sends them through the Triton interpreter (`_INTERPRET_CPU`). With FASTMAML_FACTORED_KERNELS=cuda (LANGUAGE),
+lowrank_add runs the C++ extension's CUDA kernel instead of Triton's, within its own bounds
+(`add_kernel_reason`).
 """
 
 from __future__ import annotations
@@ -130,6 +132,67 @@ WARPS = int(env_choice("FASTMAML_FACTORED_WARPS", ("4", "8")))
 STAGES = int(env_choice("FASTMAML_FACTORED_STAGES", ("3", "2")))
 
 
+# Which kernel makes lowrank_add on CUDA tensors (FASTMAML_FACTORED_KERNELS, read once at import):
+# "triton" (the default, `_triton_lowrank.py`, where `kernel_reason` allows) or "cuda" (the C++
+# extension's fastmaml::lowrank_add_cuda, csrc/cuda/lowrank_add.cuh, where `add_kernel_reason` allows).
+# Triton's products of these shapes pad 10 points to 16 and read about one operand from shared memory a
+# multiply-add (sm_90a SASS at five pairs of 10 x 128 factors: about 1.2 MB a task, 9 bytes a useful
+# multiply-add, where a multiprocessor's shared memory serves 128 bytes a clock: at T=65,536 that alone is
+# about 2.3 ms a launch, twice what the launch's bytes take from memory). The CUDA kernel loads the factors
+# from global memory into registers, uses each element five times and sums over k with warp shuffles:
+# about 1 byte a multiply-add (benchmarks/RESULTS.md). Not the default until a GPU has measured it (the
+# GPU check's A/B `fcuda`). It needs the C++ extension built with CUDA and says so where it is asked for
+# and missing. Only lowrank_add changes: lowrank_grads, the fused backward and the fused pairs keep their
+# Triton kernels (the factored backend's default meta-gradient, `_factored_reverse.py`, makes every
+# product with lowrank_add; autograd's path and FASTMAML_FACTORED_PAIRS=fused use the others).
+LANGUAGE = env_choice("FASTMAML_FACTORED_KERNELS", ("triton", "cuda"))
+CUDA_MAX_PAIRS = 16  # csrc/cuda/lowrank_add.cuh: kMaxPairs
+CUDA_MAX_SHARED = 48 << 10  # csrc/cuda/lowrank_cuda.h: lowrank_max_shared_bytes
+
+
+def add_kernel_reason(x: torch.Tensor, factors: int, n_support: int) -> Optional[str]:
+    """Why `lowrank_add(., x, hs, ds)` with `factors` pairs of `n_support` rows takes the batched PyTorch
+    products, or None: with FASTMAML_FACTORED_KERNELS=cuda the CUDA kernel's own bounds (Triton's do not
+    apply to it), else `kernel_reason`."""
+    if LANGUAGE != "cuda":
+        return kernel_reason(x, factors, n_support)
+    if KERNELS == "never":
+        return "FASTMAML_FACTORED_TRITON=never"
+    if x.device.type != "cuda":
+        return f"{x.device.type} tensors (FASTMAML_FACTORED_KERNELS=cuda runs CUDA tensors)"
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"dtype {x.dtype}"
+    rows = (x.shape[1] + 3) // 4 * 4  # the kernel's c_j in shared memory, rows padded to 4
+    if factors < 1:
+        return "no factor pairs"
+    if factors > CUDA_MAX_PAIRS or factors * n_support * rows * x.element_size() > CUDA_MAX_SHARED:
+        return (f"{factors} factor pairs of {x.shape[1]} x {n_support} points (the CUDA kernel takes at most "
+                f"{CUDA_MAX_PAIRS} pairs, their products in {CUDA_MAX_SHARED // 1024} KiB of shared memory)")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernel_missing() -> Optional[str]:
+    """Why the extension's lowrank_add_cuda cannot run, or None (asked once, on the first call that wants it)."""
+    from .. import _ext
+    from .cuda import cuda_kernels_registered
+
+    why = _ext.unavailable()
+    if why is None and not cuda_kernels_registered("lowrank_add_cuda"):
+        why = "the loaded fastmaml library has no CUDA kernels (built without nvcc or with a CPU-only torch)"
+    return why
+
+
+def _cuda_add(base, x, hs, ds, scales) -> torch.Tensor:
+    """lowrank_add by the extension's CUDA kernel (FASTMAML_FACTORED_KERNELS=cuda): an error where it cannot
+    run, never another kernel in its place."""
+    why = _cuda_kernel_missing()
+    if why is not None:
+        raise RuntimeError(f"fastmaml: FASTMAML_FACTORED_KERNELS=cuda asks for the C++ extension's lowrank_add, "
+                           f"which cannot run here: {why}. Unset it to use the Triton kernels")
+    return torch.ops.fastmaml.lowrank_add_cuda(base, x, hs, ds, scales)
+
+
 def _one_loop(dtype: torch.dtype, n: int, s: int, factors: int) -> bool:
     """Whether the kernels for `factors` pairs of `s` rows against `n` points reduce in one loop (K_LOOP)."""
     if K_LOOP != "auto":
@@ -221,8 +284,10 @@ def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tens
               scales: Optional[torch.Tensor]) -> torch.Tensor:
     T, N, I = x.shape
     S, O = hs[0].shape[1], ds[0].shape[2]
-    if kernel_reason(x, len(hs), S) is not None:
+    if add_kernel_reason(x, len(hs), S) is not None:
         return _add_batched(base, x, hs, ds, scales)  # at least one factor: never `base` itself
+    if LANGUAGE == "cuda":
+        return _cuda_add(base, x, list(hs), list(ds), scales)
     x = x.contiguous()
     hs = tuple(h.contiguous() for h in hs)
     ds = tuple(d.contiguous() for d in ds)
@@ -374,7 +439,7 @@ def products(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tenso
              scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`base + sum_j s_j (x hs[j]^T) ds[j]`: through the kernel where `kernel_reason` allows, else
     batched PyTorch products (which autograd differentiates as they are)."""
-    if kernel_reason(x, len(hs), hs[0].shape[1]) is None:
+    if add_kernel_reason(x, len(hs), hs[0].shape[1]) is None:
         return lowrank_add(base, x, list(hs), list(ds), scales)
     return _add_batched(base, x, hs, ds, scales)
 
@@ -423,5 +488,5 @@ def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o:
                           options={"num_warps": num_warps or WARPS, "num_stages": STAGES})
 
 
-__all__ = ["KERNELS", "compile_for_target", "compiled_report", "kernel_reason", "lowrank_add", "lowrank_grads",
-           "products"]
+__all__ = ["KERNELS", "LANGUAGE", "add_kernel_reason", "compile_for_target", "compiled_report", "kernel_reason",
+           "lowrank_add", "lowrank_grads", "products"]

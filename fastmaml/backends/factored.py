@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .._mlp import ACTIVATIONS
 from .._validate import Problem, env_choice, env_int
-from ._lowrank import kernel_reason, products
+from ._lowrank import add_kernel_reason, products
 
 
 def _chunk_budget() -> int:
@@ -338,7 +338,7 @@ def saved_bytes_per_task(problem: Problem) -> int:
     """The bytes autograd keeps per task, from above (within 1.4x of what tests/test_factored.py measures
     with saved-tensor hooks): about 1.5 (relu) or 2.0 (tanh) activations per support point, layer and
     step, and 0.6 per query point and query pass; a pass through k factors adds its `[N, Ns]` products
-    with them where they are batched products (the kernels keep none: `_lowrank.kernel_reason`), a dense
+    with them where they are batched products (the kernels keep none: `_lowrank.add_kernel_reason`), a dense
     layer its `[out, in]` weights."""
     dims, K = problem.dims, problem.inner_steps
     ns, nq = problem.n_support, problem.n_query
@@ -356,7 +356,7 @@ def saved_bytes_per_task(problem: Problem) -> int:
                 elems += d_in * d_out
                 continue
             for x, rows in ((problem.x_support, 2 * ns * (k < K)), (problem.x_query, nq * (k in query_steps))):
-                if k and rows and kernel_reason(x, k, ns) is not None:
+                if k and rows and add_kernel_reason(x, k, ns) is not None:
                     elems += k * ns * rows
     return int(elems) * problem.params[0].element_size()
 
