@@ -34,7 +34,8 @@
 # TOTAL_S) runs the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
 # of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); NCU_LOWRANK_S (0: only
-# when asked) ncu of four of the factored backend's low-rank Triton launches at K=5, W=128 (profile.txt);
+# when asked) ncu of four of the factored backend's low-rank launches at K=5, W=128, Triton's and the CUDA
+# lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the limit each (profile.txt);
 # TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
@@ -230,13 +231,18 @@ fi
 # FASTMAML_FACTORED_REVERSE=autograd, the first fused backward); the same sections as above (occupancy,
 # stall reasons, memory traffic).
 if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_LOWRANK_S:-0}" -gt 0 ]; then
-  stage "ncu of four factored low-rank launches at T=8192, K=5, W=128 (limit ${NCU_LOWRANK_S}s) -> $DIR/profile.txt"
-  ( cd benchmarks && timeout "$NCU_LOWRANK_S" ncu --kernel-name regex:"lowrank_" --launch-skip 6 --launch-count 4 \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-      --section WarpStateStats --section InstructionStats \
-      python profile_kernels.py --methods factored --tasks 8192 --steps 5 --width 128 --warmup 0 \
-      --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
-  echo "ncu (low-rank) exit code $?"
+  # Triton's lowrank_add and the extension's CUDA one (FASTMAML_FACTORED_KERNELS), half the limit each.
+  for kernels in triton cuda; do
+    stage "ncu of four factored low-rank launches ($kernels) at T=8192, K=5, W=128 (limit $(( NCU_LOWRANK_S / 2 ))s) -> $DIR/profile.txt"
+    echo "===== ncu, FASTMAML_FACTORED_KERNELS=$kernels" >> "$DIR/profile.txt"
+    ( cd benchmarks && FASTMAML_FACTORED_KERNELS=$kernels timeout "$(( NCU_LOWRANK_S / 2 ))" ncu \
+        --kernel-name regex:"lowrank_" --launch-skip 6 --launch-count 4 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section InstructionStats \
+        python profile_kernels.py --methods factored --tasks 8192 --steps 5 --width 128 --warmup 0 \
+        --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
+    echo "ncu (low-rank, $kernels) exit code $?"
+  done
 fi
 
 # The CUDA reverse sweep's time by phase: one training call's barrier timeline (csrc/cuda/timeline.h),
