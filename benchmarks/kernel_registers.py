@@ -151,8 +151,9 @@ def short_name(mangled: str) -> str:
         blocks = f", {m.group(3)}" if m.group(3) not in (None, "0") or m.group(4) == "1" else ""
         timeline = ", timeline" if m.group(4) == "1" else ""
         return f"{m.group(1)}<{'float' if m.group(2) == 'f' else 'double'}{blocks}{timeline}>"
-    m = re.search(r"\d+(lowrank_add_kernel)ILi(\d+)ELi(\d+)E([df])E", mangled)
-    if m:  # the factored backend's CUDA lowrank_add: <dtype, elements a load in its first and second pass>
+    m = re.search(r"\d+(lowrank_(?:add|pairs)_kernel)ILi(\d+)ELi(\d+)E([df])E", mangled)
+    if m:  # the factored backend's CUDA lowrank_add, alone or as the sweep's pair: <dtype, elements a load in
+        # its first and second pass>
         return f"{m.group(1)}<{'float' if m.group(4) == 'f' else 'double'}, loads {m.group(2)}/{m.group(3)}>"
     m = re.search(r"\d+(team_tiles|task_backward|task_forward|block_sum)", mangled)
     return m.group(1) if m else mangled[:60]

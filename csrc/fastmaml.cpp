@@ -46,9 +46,13 @@ TORCH_LIBRARY(fastmaml, m) {
   m.def(
       "maml_adapt(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
       "int loss) -> Tensor");
-  // The factored backend's low-rank product on CUDA tensors (csrc/cuda/lowrank_add.cuh; no CPU kernel:
-  // fastmaml/backends/_lowrank.py calls it inside its own operation, where FASTMAML_FACTORED_KERNELS=cuda).
+  // The factored backend's low-rank product, and the sweep's pair of them, on CUDA tensors
+  // (csrc/cuda/lowrank_add.cuh; no CPU kernels: fastmaml/backends/_lowrank.py and _lowrank_pairs.py call
+  // them where FASTMAML_FACTORED_KERNELS=cuda).
   m.def("lowrank_add_cuda(Tensor? base, Tensor x, Tensor[] hs, Tensor[] ds, Tensor? scales) -> Tensor");
+  m.def(
+      "lowrank_pairs_cuda(Tensor? base_u, Tensor? base_v, Tensor h, Tensor d, Tensor[] fa, Tensor[] fb, "
+      "Tensor? scales) -> (Tensor, Tensor)");
 }
 
 // Test-only operations, outside the public fastmaml namespace: parallel_probe(n) runs an

@@ -54,6 +54,8 @@ def test_kernel_names_with_the_timeline_flag():
     lowrank = "_ZN8fastmaml4cuda53_GLOBAL__N__3e54c23e_15_lowrank_cuda_cu_42f71b2f_130718lowrank_add_kernelI{}EEvNS_7"
     assert kernel_registers.short_name(lowrank.format("Li4ELi1Ef")) == "lowrank_add_kernel<float, loads 4/1>"
     assert kernel_registers.short_name(lowrank.format("Li1ELi2Ed")) == "lowrank_add_kernel<double, loads 1/2>"
+    pairs = lowrank.replace("18lowrank_add_kernel", "20lowrank_pairs_kernel")
+    assert kernel_registers.short_name(pairs.format("Li4ELi4Ef")) == "lowrank_pairs_kernel<float, loads 4/4>"
 
 
 SASS = """\

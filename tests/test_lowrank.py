@@ -378,9 +378,37 @@ def test_cuda_lowrank_kernel_takes_any_alignment_and_sixteen_pairs(dtype, rtol):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the extension's CUDA kernel)")
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("bases", [False, True])
+def test_cuda_pair_products_match_the_batched_ones(monkeypatch, dtype, rtol, bases):
+    """The sweep's two products of a weight cotangent (`_lowrank_pairs.pair_products`) in one launch of
+    fastmaml::lowrank_pairs_cuda: u and v against the batched products, input and output widths apart (a
+    swap shows), with and without bases, and u alone."""
+    monkeypatch.setattr(_lowrank, "LANGUAGE", "cuda")
+    monkeypatch.setattr(_lowrank_pairs, "FUSED", False)
+    T, N, S, I, O, J = 300, 10, 10, 128, 36, 3
+    g = torch.Generator(device="cuda").manual_seed(4)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, device="cuda", dtype=F64).to(dtype) * 2 - 1
+
+    h, d = rand(T, N, I), rand(T, N, O)
+    fa, fb = [rand(T, S, O) for _ in range(J)], [rand(T, S, I) for _ in range(J)]
+    base_u, base_v = (rand(T, N, O), rand(T, N, I)) if bases else (None, None)
+    scales = torch.tensor([0.7, -1.3, 0.4], dtype=dtype, device="cuda")
+    want = _lowrank_pairs._pairs_batched(base_u, base_v, h, d, fa, fb, scales, True)
+    got = _lowrank_pairs.pair_products(base_u, base_v, h, d, fa, fb, scales, True)
+    assert_close(got[0], want[0], rtol, "u")
+    assert_close(got[1], want[1], rtol, "v")
+    u, v = _lowrank_pairs.pair_products(base_u, base_v, h, d, fa, fb, scales, False)
+    assert v is None
+    assert_close(u, want[0], rtol, "u alone")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the extension's CUDA kernel)")
 def test_factored_with_the_cuda_kernel_matches_the_reference(monkeypatch):
-    """The factored backend with FASTMAML_FACTORED_KERNELS=cuda, at the sinusoid net's size in float64:
-    loss, predictions and every gradient against the reference."""
+    """The factored backend with FASTMAML_FACTORED_KERNELS=cuda (lowrank_add and the sweep's pairs of it), at
+    the sinusoid net's size in float64: every gradient against the reference."""
     import fastmaml
     from _reference_loop import gradients, make_case
 
@@ -405,6 +433,8 @@ def test_cuda_kernel_switch_says_why_it_cannot_run(monkeypatch):
     x = torch.rand(2, 3, 4)
     with pytest.raises(RuntimeError, match="FASTMAML_FACTORED_KERNELS=cuda.*cannot run here"):
         _lowrank._cuda_add(None, x, [torch.rand(2, 5, 4)], [torch.rand(2, 5, 6)], None)
+    with pytest.raises(RuntimeError, match="FASTMAML_FACTORED_KERNELS=cuda.*cannot run here"):
+        _lowrank._cuda_pairs(None, None, x, torch.rand(2, 3, 6), [torch.rand(2, 5, 6)], [torch.rand(2, 5, 4)], None)
 
 
 def test_where_the_cuda_kernel_runs(monkeypatch):

@@ -1,5 +1,5 @@
-// fastmaml: the factored backend's lowrank_add as a CUDA kernel (the math and the layout are in
-// lowrank_add.cuh), float32 and float64.
+// fastmaml: the factored backend's lowrank_add as a CUDA kernel, alone and as the sweep's pair (the math and
+// the layout are in lowrank_add.cuh), float32 and float64.
 
 #include <cstdint>
 
@@ -54,37 +54,70 @@ bool second_pass_vectors(const lowrank::AddArgs<T>& a) {
   return true;
 }
 
+// Two lowrank_adds of the same sizes: block b makes task b / 2 of problem b % 2.
 template <int kVecI, int kVecO, typename T>
-void launch(const lowrank::AddArgs<T>& a, int64_t shared, cudaStream_t stream) {
-  lowrank_add_kernel<kVecI, kVecO, T><<<dim3(static_cast<unsigned>(a.tasks)), lowrank::kThreads, shared, stream>>>(a);
+__global__ void __launch_bounds__(lowrank::kThreads, sizeof(T) == 4 ? 6 : 4)
+    lowrank_pairs_kernel(const lowrank::AddArgs<T> u, const lowrank::AddArgs<T> v) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  lowrank::add_task<kVecI, kVecO>(BlockLanes{}, (blockIdx.x & 1u) != 0 ? v : u, static_cast<int64_t>(blockIdx.x >> 1),
+                                  reinterpret_cast<T*>(shared_bytes));
+}
+
+template <typename T>
+bool valid(const lowrank::AddArgs<T>& a) {
+  return a.pairs >= 1 && a.pairs <= lowrank::kMaxPairs && a.tasks >= 1 && a.tasks <= int64_t(0x3fffffff) && a.n >= 1 &&
+         a.s >= 1 && a.i >= 1 && a.o >= 1 &&
+         lowrank::shared_elements(a.pairs, a.n, a.s) * int64_t(sizeof(T)) <= lowrank_max_shared_bytes;
+}
+
+// Launches lowrank_add_kernel on a alone (b null) or lowrank_pairs_kernel on a and b, with the widest loads
+// every problem allows in each pass.
+template <typename T>
+cudaError_t launch_any(const lowrank::AddArgs<T>& a, const lowrank::AddArgs<T>* b, cudaStream_t stream) {
+  if (!valid(a) || (b != nullptr && !valid(*b))) return cudaErrorInvalidValue;
+  const int64_t shared = lowrank::shared_elements(a.pairs, a.n, a.s) * int64_t(sizeof(T));
+  const dim3 grid(static_cast<unsigned>(b != nullptr ? 2 * a.tasks : a.tasks));
+  constexpr int kVec = 16 / sizeof(T);
+  const bool first = first_pass_vectors(a) && (b == nullptr || first_pass_vectors(*b));
+  const bool second = second_pass_vectors(a) && (b == nullptr || second_pass_vectors(*b));
+  auto go = [&](auto kernel_add, auto kernel_pairs) {
+    if (b != nullptr) {
+      kernel_pairs<<<grid, lowrank::kThreads, shared, stream>>>(a, *b);
+    } else {
+      kernel_add<<<grid, lowrank::kThreads, shared, stream>>>(a);
+    }
+  };
+  if (first && second) {
+    go(lowrank_add_kernel<kVec, kVec, T>, lowrank_pairs_kernel<kVec, kVec, T>);
+  } else if (first) {
+    go(lowrank_add_kernel<kVec, 1, T>, lowrank_pairs_kernel<kVec, 1, T>);
+  } else if (second) {
+    go(lowrank_add_kernel<1, kVec, T>, lowrank_pairs_kernel<1, kVec, T>);
+  } else {
+    go(lowrank_add_kernel<1, 1, T>, lowrank_pairs_kernel<1, 1, T>);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
 
 template <typename T>
 cudaError_t launch_lowrank_add(const lowrank::AddArgs<T>& a, cudaStream_t stream) {
-  if (a.pairs < 1 || a.pairs > lowrank::kMaxPairs || a.tasks < 1 || a.tasks > int64_t(0x7fffffff) || a.n < 1 ||
-      a.s < 1 || a.i < 1 || a.o < 1) {
-    return cudaErrorInvalidValue;
-  }
-  const int64_t shared = lowrank::shared_elements(a.pairs, a.n, a.s) * int64_t(sizeof(T));
-  if (shared > lowrank_max_shared_bytes) return cudaErrorInvalidValue;
-  constexpr int kVec = 16 / sizeof(T);
-  const bool first = first_pass_vectors(a), second = second_pass_vectors(a);
-  if (first && second) {
-    launch<kVec, kVec>(a, shared, stream);
-  } else if (first) {
-    launch<kVec, 1>(a, shared, stream);
-  } else if (second) {
-    launch<1, kVec>(a, shared, stream);
-  } else {
-    launch<1, 1>(a, shared, stream);
-  }
-  return cudaGetLastError();
+  return launch_any<T>(a, nullptr, stream);
+}
+
+template <typename T>
+cudaError_t launch_lowrank_pairs(const lowrank::AddArgs<T>& u, const lowrank::AddArgs<T>& v, cudaStream_t stream) {
+  if (u.tasks != v.tasks || u.n != v.n || u.s != v.s || u.pairs != v.pairs) return cudaErrorInvalidValue;
+  return launch_any<T>(u, &v, stream);
 }
 
 template cudaError_t launch_lowrank_add<float>(const lowrank::AddArgs<float>&, cudaStream_t);
 template cudaError_t launch_lowrank_add<double>(const lowrank::AddArgs<double>&, cudaStream_t);
+template cudaError_t launch_lowrank_pairs<float>(const lowrank::AddArgs<float>&, const lowrank::AddArgs<float>&,
+                                                 cudaStream_t);
+template cudaError_t launch_lowrank_pairs<double>(const lowrank::AddArgs<double>&, const lowrank::AddArgs<double>&,
+                                                  cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastmaml

@@ -18,6 +18,13 @@ namespace cuda {
 template <typename T>
 cudaError_t launch_lowrank_add(const lowrank::AddArgs<T>& a, cudaStream_t stream);
 
+// u and v, two lowrank_adds of the same tasks, pairs and sizes (I and O swapped, as the factored sweep's
+// two products of a weight cotangent are), in one launch: blocks 2t and 2t + 1 make task t's u and v, so
+// the second reads the task's factors while the first's reads have them in L2. The bounds of
+// launch_lowrank_add, and u.tasks below 2^30.
+template <typename T>
+cudaError_t launch_lowrank_pairs(const lowrank::AddArgs<T>& u, const lowrank::AddArgs<T>& v, cudaStream_t stream);
+
 // The shared memory (the c_j) a launch may take without opting in.
 constexpr int64_t lowrank_max_shared_bytes = 48 << 10;
 

@@ -144,7 +144,8 @@ STAGES = int(env_choice("FASTMAML_FACTORED_STAGES", ("3", "2")))
 # GPU check's A/B `fcuda`). It needs the C++ extension built with CUDA and says so where it is asked for
 # and missing. Only lowrank_add changes: lowrank_grads, the fused backward and the fused pairs keep their
 # Triton kernels (the factored backend's default meta-gradient, `_factored_reverse.py`, makes every
-# product with lowrank_add; autograd's path and FASTMAML_FACTORED_PAIRS=fused use the others).
+# product with lowrank_add, its pairs of them in one launch, `_lowrank_pairs.py`; autograd's path and
+# FASTMAML_FACTORED_PAIRS=fused use the others).
 LANGUAGE = env_choice("FASTMAML_FACTORED_KERNELS", ("triton", "cuda"))
 CUDA_MAX_PAIRS = 16  # csrc/cuda/lowrank_add.cuh: kMaxPairs
 CUDA_MAX_SHARED = 48 << 10  # csrc/cuda/lowrank_cuda.h: lowrank_max_shared_bytes
@@ -183,14 +184,25 @@ def _cuda_kernel_missing() -> Optional[str]:
     return why
 
 
-def _cuda_add(base, x, hs, ds, scales) -> torch.Tensor:
-    """lowrank_add by the extension's CUDA kernel (FASTMAML_FACTORED_KERNELS=cuda): an error where it cannot
-    run, never another kernel in its place."""
+def _require_cuda_kernels() -> None:
+    """Raises where FASTMAML_FACTORED_KERNELS=cuda cannot run: never another kernel in its place."""
     why = _cuda_kernel_missing()
     if why is not None:
-        raise RuntimeError(f"fastmaml: FASTMAML_FACTORED_KERNELS=cuda asks for the C++ extension's lowrank_add, "
-                           f"which cannot run here: {why}. Unset it to use the Triton kernels")
+        raise RuntimeError(f"fastmaml: FASTMAML_FACTORED_KERNELS=cuda asks for the C++ extension's low-rank "
+                           f"kernels, which cannot run here: {why}. Unset it to use the Triton kernels")
+
+
+def _cuda_add(base, x, hs, ds, scales) -> torch.Tensor:
+    """lowrank_add by the extension's CUDA kernel (FASTMAML_FACTORED_KERNELS=cuda)."""
+    _require_cuda_kernels()
     return torch.ops.fastmaml.lowrank_add_cuda(base, x, hs, ds, scales)
+
+
+def _cuda_pairs(base_u, base_v, h, d, fa, fb, scales) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_lowrank_pairs.pair_products`' u and v by the extension's CUDA kernel in one launch
+    (FASTMAML_FACTORED_KERNELS=cuda)."""
+    _require_cuda_kernels()
+    return torch.ops.fastmaml.lowrank_pairs_cuda(base_u, base_v, h, d, fa, fb, scales)
 
 
 def _one_loop(dtype: torch.dtype, n: int, s: int, factors: int) -> bool:

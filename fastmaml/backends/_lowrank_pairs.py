@@ -4,7 +4,9 @@ and `d [T, N, O]` and the cotangent `bar W = sum_j fa[j]^T fb[j]` (fa[j] [T, S, 
 
     u = base_u + sum_j s_j (h fb[j]^T) fa[j]   (h bar W^T)      v = base_v + sum_j s_j (d fa[j]^T) fb[j]   (d bar W)
 
-By default these are two lowrank_add launches, which read every pair from memory twice. With
+By default these are two lowrank_add launches, which read every pair from memory twice (with
+FASTMAML_FACTORED_KERNELS=cuda one launch of the extension's CUDA kernel, whose two blocks of a task are
+neighbours: the second finds the pairs in L2). With
 FASTMAML_FACTORED_PAIRS=fused (read once, at import; the GPU check's A/B `fpairs`) one kernel
 (`_triton_lowrank.lowrank_pairs_kernel`) makes both, reading each pair twice within one program, the second
 time just after the first: at K = 5, W = 128 the sweep's own low-rank bytes drop from 1,040 to 790 KB a task
@@ -54,6 +56,10 @@ def pair_products(base_u: Optional[torch.Tensor], base_v: Optional[torch.Tensor]
     T, N, I = h.shape
     O, S, J = d.shape[2], fa[0].shape[1], len(fa)
     if not FUSED:
+        if want_v and lr.LANGUAGE == "cuda" and lr.add_kernel_reason(h, J, S) is None:
+            # both in one launch of the extension's CUDA kernel: a task's u and v by neighbouring blocks, the
+            # pairs read from memory once
+            return lr._cuda_pairs(base_u, base_v, h, d, list(fa), list(fb), scales)
         u = lr.products(base_u, h, fb, fa, scales)
         return u, (lr.products(base_v, d, fa, fb, scales) if want_v else None)
     # past the fused kernel's register bound (one pair always fits: `kernel_reason` bounds one tile)
