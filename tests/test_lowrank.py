@@ -379,25 +379,35 @@ def test_cuda_lowrank_kernel_takes_any_alignment_and_sixteen_pairs(dtype, rtol):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the extension's CUDA kernel)")
 @pytest.mark.parametrize("dtype,rtol", [(F64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("bases", [False, True])
-def test_cuda_pair_products_match_the_batched_ones(monkeypatch, dtype, rtol, bases):
+@pytest.mark.parametrize("case", ["w128-bases", "odd-widths", "misaligned-h", "width-1"])
+def test_cuda_pair_products_match_the_batched_ones(monkeypatch, dtype, rtol, case):
     """The sweep's two products of a weight cotangent (`_lowrank_pairs.pair_products`) in one launch of
-    fastmaml::lowrank_pairs_cuda: u and v against the batched products, input and output widths apart (a
-    swap shows), with and without bases, and u alone."""
+    fastmaml::lowrank_pairs_cuda (counted: the test fails if another path made them): u and v against the
+    batched products, input and output widths apart (a swap shows), with and without bases, each load
+    width (16-byte, odd widths, a misaligned input, a width of 1), and u alone."""
     monkeypatch.setattr(_lowrank, "LANGUAGE", "cuda")
+    monkeypatch.setattr(_lowrank, "KERNELS", "auto")
     monkeypatch.setattr(_lowrank_pairs, "FUSED", False)
-    T, N, S, I, O, J = 300, 10, 10, 128, 36, 3
+    calls = []
+    real = _lowrank._cuda_pairs
+    monkeypatch.setattr(_lowrank, "_cuda_pairs", lambda *args: calls.append(1) or real(*args))
+    T, N, S, I, O, J = {"w128-bases": (300, 10, 10, 128, 36, 3), "odd-widths": (64, 13, 7, 41, 35, 2),
+                        "misaligned-h": (50, 10, 10, 40, 128, 3), "width-1": (70, 10, 10, 1, 40, 3)}[case]
     g = torch.Generator(device="cuda").manual_seed(4)
 
     def rand(*shape):
         return torch.rand(*shape, generator=g, device="cuda", dtype=F64).to(dtype) * 2 - 1
 
     h, d = rand(T, N, I), rand(T, N, O)
+    if case == "misaligned-h":  # one element past 16-byte alignment, contiguous
+        h = torch.empty(h.numel() + 1, dtype=dtype, device="cuda")[1:].view_as(h).copy_(h)
+        assert h.data_ptr() % 16 != 0
     fa, fb = [rand(T, S, O) for _ in range(J)], [rand(T, S, I) for _ in range(J)]
-    base_u, base_v = (rand(T, N, O), rand(T, N, I)) if bases else (None, None)
-    scales = torch.tensor([0.7, -1.3, 0.4], dtype=dtype, device="cuda")
+    base_u, base_v = (rand(T, N, O), rand(T, N, I)) if case != "odd-widths" else (None, None)
+    scales = torch.tensor([0.7, -1.3, 0.4][:J], dtype=dtype, device="cuda")
     want = _lowrank_pairs._pairs_batched(base_u, base_v, h, d, fa, fb, scales, True)
     got = _lowrank_pairs.pair_products(base_u, base_v, h, d, fa, fb, scales, True)
+    assert calls == [1], "lowrank_pairs_cuda did not make u and v"
     assert_close(got[0], want[0], rtol, "u")
     assert_close(got[1], want[1], rtol, "v")
     u, v = _lowrank_pairs.pair_products(base_u, base_v, h, d, fa, fb, scales, False)

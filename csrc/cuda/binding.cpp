@@ -401,18 +401,29 @@ struct AddProblem {
   }
 };
 
+// The names of a lowrank_add's operands in an op's messages: the input [T, N, I], the factors [T, S, I] and
+// [T, S, O], the base [T, N, O].
+struct AddNames {
+  const char* x;
+  const char* hs;
+  const char* ds;
+  const char* base;
+};
+
 // x [T, N, I], hs[j] [T, S, I], ds[j] [T, S, O], base [T, N, O] or None, scales [J] or None: checked (for
-// `op`'s messages) and made contiguous, the output allocated.
-AddProblem add_problem(const char* op, const std::optional<at::Tensor>& base_in, const at::Tensor& x_in,
-                       at::TensorList hs_in, at::TensorList ds_in, const std::optional<at::Tensor>& scales_in) {
+// `op`'s messages, the operands as `names` calls them; at most max_tasks tasks) and made contiguous, the
+// output allocated.
+AddProblem add_problem(const char* op, const AddNames& names, int64_t max_tasks, const std::optional<at::Tensor>& base_in,
+                       const at::Tensor& x_in, at::TensorList hs_in, at::TensorList ds_in,
+                       const std::optional<at::Tensor>& scales_in) {
   const int64_t J = static_cast<int64_t>(hs_in.size());
   TORCH_CHECK(J >= 1 && J <= lowrank::kMaxPairs && static_cast<int64_t>(ds_in.size()) == J, "fastmaml: ", op,
               " takes 1 to ", lowrank::kMaxPairs, " pairs of factors, got ", J, " and ", ds_in.size());
   TORCH_CHECK(x_in.dim() == 3 && x_in.is_cuda() && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble),
-              "fastmaml: ", op, ": the input must be a float32 or float64 CUDA tensor [T, N, I], got ",
-              x_in.scalar_type(), " ", x_in.sizes(), " on ", x_in.device());
-  TORCH_CHECK(hs_in[0].dim() == 3 && ds_in[0].dim() == 3, "fastmaml: ", op, ": the factors must be [T, S, I] and "
-              "[T, S, O], got ", hs_in[0].sizes(), " and ", ds_in[0].sizes());
+              "fastmaml: ", op, ": ", names.x, " must be a float32 or float64 CUDA tensor, got ", x_in.scalar_type(),
+              " ", x_in.sizes(), " on ", x_in.device());
+  TORCH_CHECK(hs_in[0].dim() == 3 && ds_in[0].dim() == 3, "fastmaml: ", op, ": the factors must be ", names.hs,
+              " and ", names.ds, ", got ", hs_in[0].sizes(), " and ", ds_in[0].sizes());
   AddProblem p;
   p.T = x_in.size(0), p.N = x_in.size(1), p.I = x_in.size(2), p.S = hs_in[0].size(1), p.O = ds_in[0].size(2), p.J = J;
   const int64_t T = p.T, N = p.N, I = p.I, S = p.S, O = p.O;
@@ -422,21 +433,20 @@ AddProblem add_problem(const char* op, const std::optional<at::Tensor>& base_in,
                 x_in.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
   };
   for (int64_t j = 0; j < J; ++j) {
-    check(hs_in[j], {T, S, I}, "each factor [T, S, I]");
-    check(ds_in[j], {T, S, O}, "each factor [T, S, O]");
+    check(hs_in[j], {T, S, I}, names.hs);
+    check(ds_in[j], {T, S, O}, names.ds);
   }
-  if (base_in.has_value()) check(*base_in, {T, N, O}, "the base");
+  if (base_in.has_value()) check(*base_in, {T, N, O}, names.base);
   if (scales_in.has_value()) check(*scales_in, {J}, "scales");
-  // Offsets within a task are 32-bit (a margin for a lane's last step past the width), the grid's tasks too.
+  // Offsets within a task are 32-bit (a margin for a lane's last step past the width).
   constexpr int64_t kIntBound = INT32_MAX - 4096;
-  TORCH_CHECK(T <= INT32_MAX / 2 && N * I <= kIntBound && S * I <= kIntBound && N * O <= kIntBound &&
-                  S * O <= kIntBound &&
+  TORCH_CHECK(T <= max_tasks && N * I <= kIntBound && S * I <= kIntBound && N * O <= kIntBound && S * O <= kIntBound &&
                   (N == 0 || S == 0 || lowrank::shared_elements(static_cast<int>(J), static_cast<int>(N),
                                                                 static_cast<int>(S)) * x_in.element_size() <=
                                            lowrank_max_shared_bytes),
               "fastmaml: ", op, ": ", T, " tasks of ", J, " pairs of ", N, " x ", S, " products (widths ", I, " and ",
-              O, ") are past the kernel's bounds (fewer than 2^30 tasks, 32-bit offsets within a task, the products "
-              "in ", lowrank_max_shared_bytes, " bytes of shared memory)");
+              O, ") are past the kernel's bounds (at most ", max_tasks, " tasks, 32-bit offsets within a task, the "
+              "products in ", lowrank_max_shared_bytes, " bytes of shared memory)");
   p.x = x_in.contiguous();
   for (int64_t j = 0; j < J; ++j) p.hs.push_back(hs_in[j].contiguous()), p.ds.push_back(ds_in[j].contiguous());
   if (base_in.has_value()) p.base = base_in->contiguous();
@@ -454,8 +464,9 @@ void check_lowrank_launch(cudaError_t err, const char* op, const AddProblem& p) 
 // fastmaml::lowrank_add_cuda: one lowrank_add (AddProblem's shapes).
 at::Tensor lowrank_add_cuda(const std::optional<at::Tensor>& base, const at::Tensor& x, at::TensorList hs,
                             at::TensorList ds, const std::optional<at::Tensor>& scales) {
+  AddProblem p = add_problem("lowrank_add_cuda", {"x [T, N, I]", "each hs[j] [T, S, I]", "each ds[j] [T, S, O]",
+                             "base [T, N, O]"}, INT32_MAX, base, x, hs, ds, scales);
   const c10::cuda::CUDAGuard guard(x.device());
-  AddProblem p = add_problem("lowrank_add_cuda", base, x, hs, ds, scales);
   if (p.done_without_kernel()) return p.out;
   AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "lowrank_add_cuda", [&] {
     check_lowrank_launch(launch_lowrank_add<scalar_t>(p.args<scalar_t>(), c10::cuda::getCurrentCUDAStream()),
@@ -473,12 +484,14 @@ std::tuple<at::Tensor, at::Tensor> lowrank_pairs_cuda(const std::optional<at::Te
                                                       const std::optional<at::Tensor>& base_v, const at::Tensor& h,
                                                       const at::Tensor& d, at::TensorList fa, at::TensorList fb,
                                                       const std::optional<at::Tensor>& scales) {
+  constexpr int64_t kMaxTasks = INT32_MAX / 2;  // two blocks a task
+  AddProblem u = add_problem("lowrank_pairs_cuda", {"h [T, N, I]", "each fb[j] [T, S, I]", "each fa[j] [T, S, O]",
+                             "base_u [T, N, O]"}, kMaxTasks, base_u, h, fb, fa, scales);
+  AddProblem v = add_problem("lowrank_pairs_cuda", {"d [T, N, O]", "each fa[j] [T, S, O]", "each fb[j] [T, S, I]",
+                             "base_v [T, N, I]"}, kMaxTasks, base_v, d, fa, fb, scales);
+  // v's checks tie d's T and O to the factors; its N is h's too
+  TORCH_CHECK(d.size(1) == u.N, "fastmaml: lowrank_pairs_cuda: d must have h's ", u.N, " rows, got ", d.sizes());
   const c10::cuda::CUDAGuard guard(h.device());
-  AddProblem u = add_problem("lowrank_pairs_cuda (u)", base_u, h, fb, fa, scales);
-  AddProblem v = add_problem("lowrank_pairs_cuda (v)", base_v, d, fa, fb, scales);
-  TORCH_CHECK(d.size(0) == u.T && d.size(1) == u.N && d.scalar_type() == h.scalar_type(),
-              "fastmaml: lowrank_pairs_cuda: d must be ", h.scalar_type(), " [", u.T, ", ", u.N, ", O], got ",
-              d.scalar_type(), " ", d.sizes());
   const bool u_done = u.done_without_kernel(), v_done = v.done_without_kernel();
   if (u_done || v_done) {  // an empty size is one of T, N, S, I, O, which the two share (I and O swapped)
     TORCH_INTERNAL_ASSERT(u_done && v_done, "lowrank_pairs_cuda: one product is empty, the other not");

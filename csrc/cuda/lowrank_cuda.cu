@@ -2,6 +2,7 @@
 // the layout are in lowrank_add.cuh), float32 and float64.
 
 #include <cstdint>
+#include <type_traits>
 
 #include "lowrank_cuda.h"
 
@@ -54,62 +55,80 @@ bool second_pass_vectors(const lowrank::AddArgs<T>& a) {
   return true;
 }
 
-// Two lowrank_adds of the same sizes: block b makes task b / 2 of problem b % 2.
+// The sweep's two lowrank_adds, u over widths (I, O) and v over (O, I): block b makes task b / 2 of u
+// (b even) or v. kVecI and kVecO are the loads over width I and width O, so u's passes take <kVecI, kVecO>
+// and v's <kVecO, kVecI>: a net's first or last layer (a width of 1) keeps 16-byte loads over its other
+// width in both.
 template <int kVecI, int kVecO, typename T>
 __global__ void __launch_bounds__(lowrank::kThreads, sizeof(T) == 4 ? 6 : 4)
     lowrank_pairs_kernel(const lowrank::AddArgs<T> u, const lowrank::AddArgs<T> v) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  lowrank::add_task<kVecI, kVecO>(BlockLanes{}, (blockIdx.x & 1u) != 0 ? v : u, static_cast<int64_t>(blockIdx.x >> 1),
-                                  reinterpret_cast<T*>(shared_bytes));
+  T* cs = reinterpret_cast<T*>(shared_bytes);
+  const int64_t t = static_cast<int64_t>(blockIdx.x >> 1);
+  if ((blockIdx.x & 1u) == 0) {
+    lowrank::add_task<kVecI, kVecO>(BlockLanes{}, u, t, cs);
+  } else {
+    lowrank::add_task<kVecO, kVecI>(BlockLanes{}, v, t, cs);
+  }
 }
 
 template <typename T>
-bool valid(const lowrank::AddArgs<T>& a) {
-  return a.pairs >= 1 && a.pairs <= lowrank::kMaxPairs && a.tasks >= 1 && a.tasks <= int64_t(0x3fffffff) && a.n >= 1 &&
+bool valid(const lowrank::AddArgs<T>& a, int64_t max_tasks) {
+  return a.pairs >= 1 && a.pairs <= lowrank::kMaxPairs && a.tasks >= 1 && a.tasks <= max_tasks && a.n >= 1 &&
          a.s >= 1 && a.i >= 1 && a.o >= 1 &&
          lowrank::shared_elements(a.pairs, a.n, a.s) * int64_t(sizeof(T)) <= lowrank_max_shared_bytes;
 }
 
-// Launches lowrank_add_kernel on a alone (b null) or lowrank_pairs_kernel on a and b, with the widest loads
-// every problem allows in each pass.
 template <typename T>
-cudaError_t launch_any(const lowrank::AddArgs<T>& a, const lowrank::AddArgs<T>* b, cudaStream_t stream) {
-  if (!valid(a) || (b != nullptr && !valid(*b))) return cudaErrorInvalidValue;
-  const int64_t shared = lowrank::shared_elements(a.pairs, a.n, a.s) * int64_t(sizeof(T));
-  const dim3 grid(static_cast<unsigned>(b != nullptr ? 2 * a.tasks : a.tasks));
+int64_t shared_bytes_of(const lowrank::AddArgs<T>& a) {
+  return lowrank::shared_elements(a.pairs, a.n, a.s) * int64_t(sizeof(T));
+}
+
+// Calls f(std::integral_constant<int, A>, std::integral_constant<int, B>): A 16-byte loads (16 / sizeof(T)
+// elements) where `a` holds, else 1; B likewise for `b`.
+template <typename T, typename F>
+void with_loads(bool a, bool b, F&& f) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool first = first_pass_vectors(a) && (b == nullptr || first_pass_vectors(*b));
-  const bool second = second_pass_vectors(a) && (b == nullptr || second_pass_vectors(*b));
-  auto go = [&](auto kernel_add, auto kernel_pairs) {
-    if (b != nullptr) {
-      kernel_pairs<<<grid, lowrank::kThreads, shared, stream>>>(a, *b);
-    } else {
-      kernel_add<<<grid, lowrank::kThreads, shared, stream>>>(a);
-    }
-  };
-  if (first && second) {
-    go(lowrank_add_kernel<kVec, kVec, T>, lowrank_pairs_kernel<kVec, kVec, T>);
-  } else if (first) {
-    go(lowrank_add_kernel<kVec, 1, T>, lowrank_pairs_kernel<kVec, 1, T>);
-  } else if (second) {
-    go(lowrank_add_kernel<1, kVec, T>, lowrank_pairs_kernel<1, kVec, T>);
+  using Wide = std::integral_constant<int, kVec>;
+  using One = std::integral_constant<int, 1>;
+  if (a && b) {
+    f(Wide{}, Wide{});
+  } else if (a) {
+    f(Wide{}, One{});
+  } else if (b) {
+    f(One{}, Wide{});
   } else {
-    go(lowrank_add_kernel<1, 1, T>, lowrank_pairs_kernel<1, 1, T>);
+    f(One{}, One{});
   }
-  return cudaGetLastError();
 }
 
 }  // namespace
 
 template <typename T>
 cudaError_t launch_lowrank_add(const lowrank::AddArgs<T>& a, cudaStream_t stream) {
-  return launch_any<T>(a, nullptr, stream);
+  if (!valid(a, int64_t(0x7fffffff))) return cudaErrorInvalidValue;
+  with_loads<T>(first_pass_vectors(a), second_pass_vectors(a), [&](auto in, auto out) {
+    lowrank_add_kernel<decltype(in)::value, decltype(out)::value, T>
+        <<<dim3(static_cast<unsigned>(a.tasks)), lowrank::kThreads, shared_bytes_of(a), stream>>>(a);
+  });
+  return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_lowrank_pairs(const lowrank::AddArgs<T>& u, const lowrank::AddArgs<T>& v, cudaStream_t stream) {
-  if (u.tasks != v.tasks || u.n != v.n || u.s != v.s || u.pairs != v.pairs) return cudaErrorInvalidValue;
-  return launch_any<T>(u, &v, stream);
+  // v is u with the widths swapped: the same tasks, rows and pairs, v.i == u.o, v.o == u.i.
+  if (!valid(u, int64_t(0x3fffffff)) || !valid(v, int64_t(0x3fffffff)) || u.tasks != v.tasks || u.n != v.n ||
+      u.s != v.s || u.pairs != v.pairs || u.i != v.o || u.o != v.i) {
+    return cudaErrorInvalidValue;
+  }
+  // Width I: u's first pass, v's second; width O: u's second pass, v's first.
+  const bool wide_i = first_pass_vectors(u) && second_pass_vectors(v);
+  const bool wide_o = second_pass_vectors(u) && first_pass_vectors(v);
+  with_loads<T>(wide_i, wide_o, [&](auto in, auto out) {
+    lowrank_pairs_kernel<decltype(in)::value, decltype(out)::value, T>
+        <<<dim3(static_cast<unsigned>(2 * u.tasks)), lowrank::kThreads, shared_bytes_of(u), stream>>>(u, v);
+  });
+  return cudaGetLastError();
 }
 
 template cudaError_t launch_lowrank_add<float>(const lowrank::AddArgs<float>&, cudaStream_t);

@@ -18,10 +18,10 @@ namespace cuda {
 template <typename T>
 cudaError_t launch_lowrank_add(const lowrank::AddArgs<T>& a, cudaStream_t stream);
 
-// u and v, two lowrank_adds of the same tasks, pairs and sizes (I and O swapped, as the factored sweep's
-// two products of a weight cotangent are), in one launch: blocks 2t and 2t + 1 make task t's u and v, so
-// the second reads the task's factors while the first's reads have them in L2. The bounds of
-// launch_lowrank_add, and u.tasks below 2^30.
+// u and v, two lowrank_adds of the same tasks, rows and pairs with the widths swapped (v.i == u.o, v.o ==
+// u.i: the factored sweep's two products of a weight cotangent), in one launch: blocks 2t and 2t + 1 make
+// task t's u and v, so the second reads the task's factors while the first's reads have them in L2. The
+// bounds of launch_lowrank_add, and u.tasks below 2^30.
 template <typename T>
 cudaError_t launch_lowrank_pairs(const lowrank::AddArgs<T>& u, const lowrank::AddArgs<T>& v, cudaStream_t stream);
 
