@@ -54,7 +54,7 @@ _SOURCES = ("fastmaml.cpp", "autograd_fwdbwd.cpp", "cpu/maml_cpu.cpp", "cpu/task
 _CUDA_SOURCES = ("cuda/maml_cuda.cu", "cuda/bwd_f32.cu", "cuda/bwd_f32_min4.cu", "cuda/bwd_f32_min6.cu",
                  "cuda/bwd_f32_timeline.cu", "cuda/bwd_f64.cu", "cuda/fwdbwd_f32.cu", "cuda/fwdbwd_f64.cu",
                  "cuda/lowrank_cuda.cu",
-                 "cuda/binding.cpp")
+                 "cuda/binding.cpp", "cuda/lowrank_binding.cpp")
 # Every file the library can be built from, CPU and CUDA alike (whichever are shipped): `source_hash`
 # hashes them all, whether or not this machine can compile the CUDA ones.
 _HASHED_GLOBS = ("*.h", "*.cpp", "task/*.h", "cpu/*.h", "cpu/*.cpp", "cpu/*.inc")

@@ -53,7 +53,7 @@ def run(cmd: list[str], what: str) -> None:
 
 def test_there_are_cuda_sources():
     assert CU_FILES, f"no .cu files under {CSRC / 'cuda'}"
-    assert (CSRC / "cuda" / "binding.cpp").is_file()
+    assert (CSRC / "cuda" / "binding.cpp").is_file() and (CSRC / "cuda" / "lowrank_binding.cpp").is_file()
 
 
 @needs_nvcc
@@ -126,9 +126,11 @@ def cuda_include_dir() -> Path | None:
 
 
 @needs_nvcc
-def test_binding_syntax(tmp_path: Path):
-    """binding.cpp against the installed torch headers (g++ -fsyntax-only). A CPU build of torch ships
-    the c10/cuda headers but not the one CMake generates for them; a stub stands in for it here."""
+@pytest.mark.parametrize("binding", ["binding.cpp", "lowrank_binding.cpp"])
+def test_binding_syntax(tmp_path: Path, binding: str):
+    """The torch bindings of the CUDA kernels against the installed torch headers (g++ -fsyntax-only). A
+    CPU build of torch ships the c10/cuda headers but not the one CMake generates for them; a stub stands
+    in for it here."""
     include = cuda_include_dir()
     if include is None or shutil.which("g++") is None:
         pytest.skip("no CUDA toolkit headers or no g++")
@@ -141,8 +143,8 @@ def test_binding_syntax(tmp_path: Path):
     cmd = ["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-I", str(tmp_path / "stub")]
     for path in include_paths():
         cmd += ["-isystem", path]
-    cmd += ["-isystem", str(include), str(CSRC / "cuda" / "binding.cpp")]
-    run(cmd, "g++ -fsyntax-only on binding.cpp")
+    cmd += ["-isystem", str(include), str(CSRC / "cuda" / binding)]
+    run(cmd, f"g++ -fsyntax-only on {binding}")
 
 
 # ---- the backend on a machine that cannot run it ----------------------------------------------------

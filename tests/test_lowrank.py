@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmaml.backends import _lowrank, _lowrank_backward, _lowrank_pairs, factored
+from fastmaml.backends import _lowrank, _lowrank_backward, _lowrank_cuda, _lowrank_pairs, factored
 from _reference_loop import assert_close
 
 F64 = torch.float64
@@ -389,8 +389,8 @@ def test_cuda_pair_products_match_the_batched_ones(monkeypatch, dtype, rtol, cas
     monkeypatch.setattr(_lowrank, "KERNELS", "auto")
     monkeypatch.setattr(_lowrank_pairs, "FUSED", False)
     calls = []
-    real = _lowrank._cuda_pairs
-    monkeypatch.setattr(_lowrank, "_cuda_pairs", lambda *args: calls.append(1) or real(*args))
+    real = _lowrank_cuda.pairs
+    monkeypatch.setattr(_lowrank_cuda, "pairs", lambda *args: calls.append(1) or real(*args))
     T, N, S, I, O, J = {"w128-bases": (300, 10, 10, 128, 36, 3), "odd-widths": (64, 13, 7, 41, 35, 2),
                         "misaligned-h": (50, 10, 10, 40, 128, 3), "width-1": (70, 10, 10, 1, 40, 3)}[case]
     g = torch.Generator(device="cuda").manual_seed(4)
@@ -438,13 +438,13 @@ def test_factored_with_the_cuda_kernel_matches_the_reference(monkeypatch):
 def test_cuda_kernel_switch_says_why_it_cannot_run(monkeypatch):
     """FASTMAML_FACTORED_KERNELS=cuda where the extension has no CUDA kernels: an error that says so,
     not the Triton kernels in its place."""
-    if torch.cuda.is_available() and _lowrank._cuda_kernel_missing() is None:
+    if torch.cuda.is_available() and _lowrank_cuda.kernel_missing() is None:
         pytest.skip("the extension's CUDA kernel is here (the GPU tests above run it)")
     x = torch.rand(2, 3, 4)
     with pytest.raises(RuntimeError, match="FASTMAML_FACTORED_KERNELS=cuda.*cannot run here"):
-        _lowrank._cuda_add(None, x, [torch.rand(2, 5, 4)], [torch.rand(2, 5, 6)], None)
+        _lowrank_cuda.add(None, x, [torch.rand(2, 5, 4)], [torch.rand(2, 5, 6)], None)
     with pytest.raises(RuntimeError, match="FASTMAML_FACTORED_KERNELS=cuda.*cannot run here"):
-        _lowrank._cuda_pairs(None, None, x, torch.rand(2, 3, 6), [torch.rand(2, 5, 6)], [torch.rand(2, 5, 4)], None)
+        _lowrank_cuda.pairs(None, None, x, torch.rand(2, 3, 6), [torch.rand(2, 5, 6)], [torch.rand(2, 5, 4)], None)
 
 
 def test_where_the_cuda_kernel_runs(monkeypatch):

@@ -22,11 +22,14 @@ struct BlockLanes {
   }
 };
 
-// 128 threads and at least 6 blocks a multiprocessor in float32 (at most 80 registers a thread, taken
-// without spills; at 8 blocks, 64 registers, it spills: ptxas -v, sm_90a, benchmarks/RESULTS.md), 4 in
-// float64 (a lane's 32 partial sums alone take 64 registers).
+// Both kernels: 128 threads and at least 6 blocks a multiprocessor in float32 (at most 80 registers a
+// thread, taken without spills; at 8 blocks, 64 registers, it spills: ptxas -v, sm_90a,
+// benchmarks/RESULTS.md), 4 in float64 (a lane's 32 partial sums alone take 64 registers).
+template <typename T>
+constexpr int kMinBlocks = sizeof(T) == 4 ? 6 : 4;
+
 template <int kVecI, int kVecO, typename T>
-__global__ void __launch_bounds__(lowrank::kThreads, sizeof(T) == 4 ? 6 : 4)
+__global__ void __launch_bounds__(lowrank::kThreads, kMinBlocks<T>)
     lowrank_add_kernel(const lowrank::AddArgs<T> a) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   lowrank::add_task<kVecI, kVecO>(BlockLanes{}, a, static_cast<int64_t>(blockIdx.x),
@@ -60,7 +63,7 @@ bool second_pass_vectors(const lowrank::AddArgs<T>& a) {
 // and v's <kVecO, kVecI>: a net's first or last layer (a width of 1) keeps 16-byte loads over its other
 // width in both.
 template <int kVecI, int kVecO, typename T>
-__global__ void __launch_bounds__(lowrank::kThreads, sizeof(T) == 4 ? 6 : 4)
+__global__ void __launch_bounds__(lowrank::kThreads, kMinBlocks<T>)
     lowrank_pairs_kernel(const lowrank::AddArgs<T> u, const lowrank::AddArgs<T> v) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* cs = reinterpret_cast<T*>(shared_bytes);

@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 from .._validate import env_choice
-from . import _triton_targets, triton_maml
+from . import _lowrank_cuda, _triton_targets, triton_maml
 from .triton_maml import _device_guard, _pad
 
 # The kernels keep every factor's `[N, S]` intermediate in registers. Within these bounds (padded sizes,
@@ -134,21 +134,9 @@ STAGES = int(env_choice("FASTMAML_FACTORED_STAGES", ("3", "2")))
 
 # Which kernel makes lowrank_add on CUDA tensors (FASTMAML_FACTORED_KERNELS, read once at import):
 # "triton" (the default, `_triton_lowrank.py`, where `kernel_reason` allows) or "cuda" (the C++
-# extension's fastmaml::lowrank_add_cuda, csrc/cuda/lowrank_add.cuh, where `add_kernel_reason` allows).
-# Triton's products of these shapes pad 10 points to 16 and read about one operand from shared memory a
-# multiply-add (sm_90a SASS at five pairs of 10 x 128 factors: about 1.2 MB a task, 9 bytes a useful
-# multiply-add, where a multiprocessor's shared memory serves 128 bytes a clock: at T=65,536 that alone is
-# about 2.3 ms a launch, twice what the launch's bytes take from memory). The CUDA kernel loads the factors
-# from global memory into registers, uses each element five times and sums over k with warp shuffles:
-# about 1 byte a multiply-add (benchmarks/RESULTS.md). Not the default until a GPU has measured it (the
-# GPU check's A/B `fcuda`). It needs the C++ extension built with CUDA and says so where it is asked for
-# and missing. Only lowrank_add changes: lowrank_grads, the fused backward and the fused pairs keep their
-# Triton kernels (the factored backend's default meta-gradient, `_factored_reverse.py`, makes every
-# product with lowrank_add, its pairs of them in one launch, `_lowrank_pairs.py`; autograd's path and
-# FASTMAML_FACTORED_PAIRS=fused use the others).
+# extension's kernel, `_lowrank_cuda.py` says why and where). Not the default until a GPU has measured it
+# (the GPU check's A/B `fcuda`).
 LANGUAGE = env_choice("FASTMAML_FACTORED_KERNELS", ("triton", "cuda"))
-CUDA_MAX_PAIRS = 16  # csrc/cuda/lowrank_add.cuh: kMaxPairs
-CUDA_MAX_SHARED = 48 << 10  # csrc/cuda/lowrank_cuda.h: lowrank_max_shared_bytes
 
 
 def add_kernel_reason(x: torch.Tensor, factors: int, n_support: int) -> Optional[str]:
@@ -159,50 +147,7 @@ def add_kernel_reason(x: torch.Tensor, factors: int, n_support: int) -> Optional
         return kernel_reason(x, factors, n_support)
     if KERNELS == "never":
         return "FASTMAML_FACTORED_TRITON=never"
-    if x.device.type != "cuda":
-        return f"{x.device.type} tensors (FASTMAML_FACTORED_KERNELS=cuda runs CUDA tensors)"
-    if x.dtype not in (torch.float32, torch.float64):
-        return f"dtype {x.dtype}"
-    rows = (x.shape[1] + 3) // 4 * 4  # the kernel's c_j in shared memory, rows padded to 4
-    if factors < 1:
-        return "no factor pairs"
-    if factors > CUDA_MAX_PAIRS or factors * n_support * rows * x.element_size() > CUDA_MAX_SHARED:
-        return (f"{factors} factor pairs of {x.shape[1]} x {n_support} points (the CUDA kernel takes at most "
-                f"{CUDA_MAX_PAIRS} pairs, their products in {CUDA_MAX_SHARED // 1024} KiB of shared memory)")
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_kernel_missing() -> Optional[str]:
-    """Why the extension's lowrank_add_cuda cannot run, or None (asked once, on the first call that wants it)."""
-    from .. import _ext
-    from .cuda import cuda_kernels_registered
-
-    why = _ext.unavailable()
-    if why is None and not cuda_kernels_registered("lowrank_add_cuda"):
-        why = "the loaded fastmaml library has no CUDA kernels (built without nvcc or with a CPU-only torch)"
-    return why
-
-
-def _require_cuda_kernels() -> None:
-    """Raises where FASTMAML_FACTORED_KERNELS=cuda cannot run: never another kernel in its place."""
-    why = _cuda_kernel_missing()
-    if why is not None:
-        raise RuntimeError(f"fastmaml: FASTMAML_FACTORED_KERNELS=cuda asks for the C++ extension's low-rank "
-                           f"kernels, which cannot run here: {why}. Unset it to use the Triton kernels")
-
-
-def _cuda_add(base, x, hs, ds, scales) -> torch.Tensor:
-    """lowrank_add by the extension's CUDA kernel (FASTMAML_FACTORED_KERNELS=cuda)."""
-    _require_cuda_kernels()
-    return torch.ops.fastmaml.lowrank_add_cuda(base, x, hs, ds, scales)
-
-
-def _cuda_pairs(base_u, base_v, h, d, fa, fb, scales) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_lowrank_pairs.pair_products`' u and v by the extension's CUDA kernel in one launch
-    (FASTMAML_FACTORED_KERNELS=cuda)."""
-    _require_cuda_kernels()
-    return torch.ops.fastmaml.lowrank_pairs_cuda(base_u, base_v, h, d, fa, fb, scales)
+    return _lowrank_cuda.reason(x, factors, n_support)
 
 
 def _one_loop(dtype: torch.dtype, n: int, s: int, factors: int) -> bool:
@@ -299,7 +244,7 @@ def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tens
     if add_kernel_reason(x, len(hs), S) is not None:
         return _add_batched(base, x, hs, ds, scales)  # at least one factor: never `base` itself
     if LANGUAGE == "cuda":
-        return _cuda_add(base, x, list(hs), list(ds), scales)
+        return _lowrank_cuda.add(base, x, list(hs), list(ds), scales)
     x = x.contiguous()
     hs = tuple(h.contiguous() for h in hs)
     ds = tuple(d.contiguous() for d in ds)

@@ -31,6 +31,7 @@ import torch
 
 from .._validate import env_choice
 from . import _lowrank as lr
+from . import _lowrank_cuda
 from .triton_maml import _device_guard, _pad
 
 FUSED = env_choice("FASTMAML_FACTORED_PAIRS", ("two", "fused")) == "fused"
@@ -59,7 +60,7 @@ def pair_products(base_u: Optional[torch.Tensor], base_v: Optional[torch.Tensor]
         if want_v and lr.LANGUAGE == "cuda" and lr.add_kernel_reason(h, J, S) is None:
             # both in one launch of the extension's CUDA kernel: a task's u and v by neighbouring blocks, the
             # pairs read from memory once
-            return lr._cuda_pairs(base_u, base_v, h, d, list(fa), list(fb), scales)
+            return _lowrank_cuda.pairs(base_u, base_v, h, d, list(fa), list(fb), scales)
         u = lr.products(base_u, h, fb, fa, scales)
         return u, (lr.products(base_v, d, fa, fb, scales) if want_v else None)
     # past the fused kernel's register bound (one pair always fits: `kernel_reason` bounds one tile)
