@@ -10,6 +10,7 @@ import torch
 
 from .._validate import Problem
 from . import factored as _f
+from ._fused import autocast_off
 
 
 def _problem_tensors(problem: Problem) -> list[Optional[torch.Tensor]]:
@@ -103,6 +104,13 @@ class Chunked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_losses, g_preds, g_loss):
+        # The forward ran without autocast (the backend refuses it): the recomputed chunks and their
+        # gradients run without it too, whatever context backward is called in.
+        with autocast_off(ctx.problem.device.type):
+            return Chunked._backward(ctx, g_losses, g_preds, g_loss)
+
+    @staticmethod
+    def _backward(ctx, g_losses, g_preds, g_loss):
         inputs = ctx.saved_tensors
         problem, chunk, T = ctx.problem, ctx.chunk, ctx.problem.num_tasks
         create_graph = torch.is_grad_enabled()  # backward(create_graph=True) records this backward

@@ -27,8 +27,9 @@ makes anyway), tanh's `D W` products, the query passes' layer inputs and outputs
 and a dense layer's per-task weights; no `[N, S]` products and no autograd graph. It runs a gradient through
 the task losses and the query outputs with any cotangents, for every input (params, rates, data, float
 targets, the multi-step weights). A gradient to be differentiated again (create_graph) recomputes the call
-through autograd, as `_factored_chunks.Chunked` does; forward-mode AD, torch.func transforms,
-autocast and torch.compile's tracing take the autograd form. A layer whose weights are dense per task
+through autograd, as `_factored_chunks.Chunked` does; forward-mode AD, torch.func transforms and
+torch.compile's tracing take the autograd form. The backend refuses autocast; a backward called under it runs
+without it (the function the forward computed). A layer whose weights are dense per task
 (`factored._dense_after`: the thin first and last layers of a 1-W-W-1 net from the first step) keeps its bar
 W as one `[T, out, in]` tensor.
 
@@ -38,7 +39,6 @@ inner loop differentiated by autograd: the GPU check's A/B `frevauto`, and the t
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -47,7 +47,7 @@ from .._mlp import ACTIVATIONS
 from .._validate import Problem, env_choice
 from . import factored as _f
 from . import _lowrank_pairs
-from ._fused import _autocast_enabled
+from ._fused import autocast_off
 from .triton_maml import _pad
 
 MODE = env_choice("FASTMAML_FACTORED_REVERSE", ("hand", "autograd"))
@@ -55,7 +55,7 @@ MODE = env_choice("FASTMAML_FACTORED_REVERSE", ("hand", "autograd"))
 
 def reason(tensors: list[Optional[torch.Tensor]]) -> Optional[str]:
     """Why a chunk keeps autograd through its inner loop (or None): the switch, no gradient wanted,
-    torch.compile's tracing, forward-mode AD, a torch.func transform, autocast."""
+    torch.compile's tracing, forward-mode AD, a torch.func transform."""
     if MODE == "autograd":
         return "FASTMAML_FACTORED_REVERSE=autograd"
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
@@ -66,9 +66,6 @@ def reason(tensors: list[Optional[torch.Tensor]]) -> Optional[str]:
         return "forward-mode AD is active (the sweep is reverse mode only; autograd's form has both)"
     if _functorch_active():
         return "a torch.func transform is active (the sweep's Function has no setup_context for it)"
-    device = next(t.device.type for t in tensors if t is not None)
-    if _autocast_enabled(device):  # the forward's tensors come in mixed dtypes, which autograd casts back
-        return f"autocast is enabled on {device} (autograd's form follows its casts)"
     return None
 
 
@@ -414,6 +411,13 @@ class _Reverse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_losses, g_preds):
+        # The forward ran without autocast (the backend refuses it): a backward called under autocast would
+        # cast the sweep's products, or the recomputed chunk's, and differentiate another function.
+        with autocast_off(ctx.run.problem.device.type):  # not saved_tensors: it unpacks once only
+            return _Reverse._backward(ctx, g_losses, g_preds)
+
+    @staticmethod
+    def _backward(ctx, g_losses, g_preds):
         saved = ctx.saved_tensors
         weights, xs, ys, xq, yq, *tensors = saved[:ctx.n_inputs]
         n = ctx.n_params
@@ -428,11 +432,7 @@ class _Reverse(torch.autograd.Function):
                     rates=[need[5 + n + r] for r in ctx.rate_index])
         ctx.run.restore([None if i < 0 else saved[i] for i in ctx.kept])
         try:
-            # A backward run under autocast would cast the sweep's products (its tensors are the forward's
-            # dtype): it runs in that dtype, as autograd's form of the backward does.
-            device = xs.device.type
-            with torch.autocast(device, enabled=False) if _autocast_enabled(device) else contextlib.nullcontext():
-                sweep = _Sweep(ctx.run, g_losses, g_preds, want).run_all(weights, ys, yq)
+            sweep = _Sweep(ctx.run, g_losses, g_preds, want).run_all(weights, ys, yq)
         finally:
             ctx.run.stash()  # the run holds nothing past the backward
         g = sweep.g

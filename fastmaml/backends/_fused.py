@@ -12,6 +12,7 @@ kernel. `maml_bwd` itself is not differentiable: asking for a gradient of the me
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -132,6 +133,13 @@ def _autocast_enabled(device_type: str) -> bool:
         return bool(torch.is_autocast_enabled(device_type))
     except (TypeError, RuntimeError):  # a device type autocast does not know
         return False
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on `device_type` (a no-op where it is off): for a backward that
+    recomputes or sweeps a forward run without autocast, so that it differentiates the function the forward
+    computed, whatever context the user calls backward in."""
+    return torch.autocast(device_type, enabled=False) if _autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 def common_reject(problem: Problem, op: str) -> str | None:
