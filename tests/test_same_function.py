@@ -26,7 +26,7 @@ from torch import nn
 
 import fastmaml
 from _reference_loop import assert_close, assert_close_per_tensor, gradients, maml_loop, mlp_apply, random_data, random_params
-from test_backends import device_for, require_backend
+from test_backends import device_for, require_backend, run_or_skip
 
 F64 = torch.float64
 RTOL = 1e-9
@@ -288,6 +288,54 @@ def test_forward_mode_ad_and_autocast_take_the_reference():
         assert fastmaml.maml(params, xs, ys, xq, yq).backend == "reference"
         with pytest.raises(ValueError, match="autocast"):
             fastmaml.maml(params, xs, ys, xq, yq, backend="cpu")
+
+
+# ---- values that are not finite -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["x_support", "y_support", "weight"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("name", [n for n in ALL if n != "reference"] + ["triton:scratch"])
+def test_nan_spreads_as_in_the_reference(monkeypatch, name, activation, where):
+    """A NaN in one task's support point or target, or in a hidden weight, is NaN wherever the reference makes it NaN:
+    the task losses, the predictions, every gradient element, the weights after one step; the rest equals
+    the reference's. (The
+    kernels' ReLU turned NaN into 0, so a diverged or corrupted task gave a finite loss.) Triton in both
+    its layouts."""
+    if name == "triton:scratch":
+        from fastmaml.backends import triton_maml
+        monkeypatch.setattr(triton_maml, "LAYOUT", "scratch")
+        name = "triton"
+    require_backend(name)
+    device = device_for(name)
+    params, (xs, ys, xq, yq) = _mse_case(dims=(3, 9, 6, 4), tasks=5, n_support=5, n_query=6, seed=7, device=device)
+    if where != "weight":
+        # A NaN in x makes the point's every activation NaN; one in y only its loss derivatives, which
+        # meet ReLU's mask where h <= 0 (there torch passes 0, not 0 * NaN).
+        data = xs if where == "x_support" else ys
+        data = data.clone()
+        data[1, 2, 0] = float("nan")
+        xs, ys = (data, ys) if where == "x_support" else (xs, data)
+    else:
+        with torch.no_grad():
+            params[2][4, 1] = float("nan")
+    got = {}
+    for b in ("reference", name):
+        out = run_or_skip(b, lambda: fastmaml.maml(params, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1,
+                                                   activation=activation, backend=b))
+        objective = out.loss + (out.query_preds * torch.linspace(0.5, 1.5, 4, dtype=F64, device=device)).mean()
+        got[b] = {"task_losses": out.task_losses.detach(), "query_preds": out.query_preds.detach(),
+                  **{f"grad[{i}]": g for i, g in enumerate(torch.autograd.grad(objective, params))}}
+        with torch.no_grad():  # one step's weights: there a NaN target leaves rows of W1 finite
+            adapted = run_or_skip(b, lambda: fastmaml.adapt(params, xs, ys, inner_steps=1, inner_lr=0.1,
+                                                            activation=activation, backend=b))
+        got[b].update({f"adapted[{i}]": a for i, a in enumerate(adapted)})
+    want = got["reference"]
+    # One task's support point or target: that task only. A shared weight: every task.
+    assert want["task_losses"].isnan().sum() == (5 if where == "weight" else 1), "a test that cannot fail"
+    for key, value in got[name].items():
+        assert torch.equal(value.isnan(), want[key].isnan()), f"{key}: NaN at other places than the reference's"
+        assert_close(value.nan_to_num(), want[key].nan_to_num(), RTOL, key)
 
 
 # ---- frozen parameters --------------------------------------------------------------------------

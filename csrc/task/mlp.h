@@ -100,17 +100,18 @@ FASTMAML_HD inline bool use_transposed(const T* theta_t, int dout, const Team& t
 
 constexpr int kNoAct = -1;
 
-// s(v) for the activation `act` (kNoAct: v).
+// s(v) for the activation `act` (kNoAct: v). ReLU as torch's: 0 where v < 0, else v, so that NaN stays
+// NaN (a diverged task must not look finite; `v > 0 ? v : 0` made it 0) and -0 stays -0.
 template <typename T>
 FASTMAML_HD inline T act_value(int act, T v) {
-  return act == kRelu ? (v > T(0) ? v : T(0)) : act == kTanh ? fm_tanh(v) : v;
+  return act == kRelu ? (v < T(0) ? T(0) : v) : act == kTanh ? fm_tanh(v) : v;
 }
 
-// e * s'(z), with s' read from h = s(z): ReLU [h > 0] (h = max(z, 0) is positive exactly where z is),
-// tanh 1 - h^2.
+// e * s'(z), with s' read from h = s(z): ReLU as torch's threshold_backward, 0 where h <= 0 (z <= 0), else
+// e, a choice rather than a product (0 * inf would be NaN) that passes e where h is NaN; tanh 1 - h^2.
 template <typename T>
 FASTMAML_HD inline T act_grad(int act, T h, T e) {
-  return act == kRelu ? (h > T(0) ? e : T(0)) : e * (T(1) - h * h);
+  return act == kRelu ? (h <= T(0) ? T(0) : e) : e * (T(1) - h * h);
 }
 
 // z = s(b + in W^T): a layer's output, from its bias.

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_pieces import (_accumulate, _act, _copy, _dact, _ddact, _layer_offsets, _load_layer, _load_points,
+from ._triton_pieces import (_accumulate, _act, _copy, _dmul, _ddact, _layer_offsets, _load_layer, _load_points,
                              _load_targets, _load_weight, _store_layer, _store_points, _zero)
 from ._triton_products import _mm, _mm_nt, _mm_tn
 
@@ -129,7 +129,7 @@ def _support_pass(cur, nxt, lrk, v, g_lr_k, x, y, N, offs, dims, pads, UPDATE, A
             bp = _mm(d, w)
             if ACT == 1:
                 bps = (bp,) + bps
-            d = bp * _dact(hs[i], ACT)
+            d = _dmul(bp, hs[i], ACT)
         if UPDATE:
             lw, lb = _load_layer(lrk, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
             _store_layer(nxt, offs[i], dims[i + 1], dims[i], w - lw * gw, b - lb * gb, pads[i + 1], pads[i])
@@ -170,7 +170,7 @@ def _hvp_update(cur, lrk, v_in, v_out, hs, ds, bps, p, N, offs, dims, pads,
         rz = _mm_nt(hs[i], lw * vw) + (lb * vbias)[None, :]
         if i > 0:
             w = _load_weight(cur, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
-            rz += _mm_nt(rzs[i - 1] * _dact(hs[i], ACT), w)
+            rz += _mm_nt(_dmul(rzs[i - 1], hs[i], ACT), w)
         rzs = rzs + (rz,)
     # Tangents backward: H u layer by layer. Ordered so that at most two weight-sized blocks are live at
     # a time (at width 128 one such block takes 64 registers a thread at 8 warps): H u's weight block is
@@ -179,7 +179,7 @@ def _hvp_update(cur, lrk, v_in, v_out, hs, ds, bps, p, N, offs, dims, pads,
     for i in tl.static_range(DEPTH - 1, -1, -1):
         hu_w = _mm_tn(rd, hs[i])
         if i > 0:
-            hu_w += _mm_tn(ds[i], rzs[i - 1] * _dact(hs[i], ACT))
+            hu_w += _mm_tn(ds[i], _dmul(rzs[i - 1], hs[i], ACT))
         hu_b = tl.sum(rd, axis=0)
         vw, vbias = _load_layer(v_in, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
         _store_layer(v_out, offs[i], dims[i + 1], dims[i], vw - hu_w, vbias - hu_b, pads[i + 1], pads[i])
@@ -189,7 +189,7 @@ def _hvp_update(cur, lrk, v_in, v_out, hs, ds, bps, p, N, offs, dims, pads,
               * _load_weight(v_in, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i]))
         back += _mm(ds[i], uw)
         if i > 0:
-            rd_next = back * _dact(hs[i], ACT)
+            rd_next = _dmul(back, hs[i], ACT)
             if ACT == 1:
                 rd_next += bps[i - 1] * _ddact(hs[i], ACT) * rzs[i - 1]
             rd = rd_next
@@ -212,7 +212,7 @@ def _backprop_accumulate(acc, wb, hs, d, offs, dims, pads, DEPTH: tl.constexpr, 
             w = _load_weight(wb, offs[i], dims[i + 1], dims[i], pads[i + 1], pads[i])
             d = _mm(d, w)
         if i > 0:
-            d = d * _dact(hs[i], ACT)
+            d = _dmul(d, hs[i], ACT)
     if INPUT_GRAD:
         gx = d
     else:

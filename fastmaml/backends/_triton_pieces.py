@@ -14,7 +14,7 @@ import triton.language as tl
 def _act(z, ACT: tl.constexpr):
     """The hidden activation s(z): 0 = relu, 1 = tanh."""
     if ACT == 0:
-        h = tl.where(z > 0, z, 0.0)
+        h = tl.where(z < 0, 0.0, z)  # torch's relu: NaN stays NaN (a diverged task must not look finite)
     else:
         # tanh from exp(-2|z|), which cannot overflow.
         e = tl.exp(-2.0 * tl.abs(z))
@@ -24,13 +24,14 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _dact(h, ACT: tl.constexpr):
-    """s'(z) written with h = s(z): relu 1[h > 0], tanh 1 - h^2."""
+def _dmul(x, h, ACT: tl.constexpr):
+    """`x s'(z)` written with h = s(z): relu as torch's threshold_backward, 0 where h <= 0, else x (a choice,
+    not a product with a mask: 0 * inf would be NaN, and a NaN h passes x); tanh x (1 - h^2)."""
     if ACT == 0:
-        sp = tl.where(h > 0, 1.0, 0.0).to(h.dtype)
+        y = tl.where(h <= 0, 0.0, x)
     else:
-        sp = 1.0 - h * h
-    return sp
+        y = x * (1.0 - h * h)
+    return y
 
 
 @triton.jit

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._triton_kernels import _RUNTIME_INTS, _loss_grad, _loss_hvp
-from ._triton_pieces import (_act, _copy, _accumulate, _dact, _ddact, _layer_offsets, _load_points, _load_targets,
+from ._triton_pieces import (_act, _copy, _accumulate, _dmul, _ddact, _layer_offsets, _load_points, _load_targets,
                              _store_points, _zero)
 from ._triton_products import SCRATCH_PRECISION as PRECISION
 
@@ -227,7 +227,7 @@ def _support_pass(cur, nxt, lrk, v, glr, y, N, offs, dims, pads, UPDATE, ACC_LR,
                           BW, False, KC)
             if ACT == 1:
                 _put(_slot(acts, _BP, i - 1, DEPTH, SLOT), bp, BN, pads[i], BW)
-            d = bp * _dact(_get(h, BN, pads[i], BW), ACT)
+            d = _dmul(bp, _get(h, BN, pads[i], BW), ACT)
             _put(_slot(acts, _D, i - 1, DEPTH, SLOT), d, BN, pads[i], BW)
 
 
@@ -246,8 +246,8 @@ def _hvp_update(cur, lrk, v_in, v_out, N, offs, dims, pads, acts,
                * _bias(v_in, offs[i], dims[i + 1], dims[i], pads[i + 1]))[None, :]
         if i > 0:
             t = _slot(acts, _T, i, DEPTH, SLOT)
-            _put(t, _get(_slot(acts, _RZ, i - 1, DEPTH, SLOT), BN, pads[i], BW)
-                 * _dact(_get(h, BN, pads[i], BW), ACT), BN, pads[i], BW)
+            _put(t, _dmul(_get(_slot(acts, _RZ, i - 1, DEPTH, SLOT), BN, pads[i], BW),
+                          _get(h, BN, pads[i], BW), ACT), BN, pads[i], BW)
             rz += _rows_mm(t, cur + offs[i], cur, 1, dims[i], dims[i], dims[i + 1], BN, pads[i], pads[i + 1],
                            BW, False, KC)
         if i < DEPTH - 1:
@@ -267,7 +267,7 @@ def _hvp_update(cur, lrk, v_in, v_out, N, offs, dims, pads, acts,
                          pads[i], BW, True, KC)
         if i > 0:
             hi = _get(h, BN, pads[i], BW)
-            rd_next = back * _dact(hi, ACT)
+            rd_next = _dmul(back, hi, ACT)
             if ACT == 1:
                 rd_next += (_get(_slot(acts, _BP, i - 1, DEPTH, SLOT), BN, pads[i], BW) * _ddact(hi, ACT)
                             * _get(_slot(acts, _RZ, i - 1, DEPTH, SLOT), BN, pads[i], BW))
@@ -291,7 +291,7 @@ def _backprop_accumulate(acc, wb, offs, dims, pads, acts, BN: tl.constexpr, DEPT
             d = _rows_mm(dq, wb + offs[i], wb, dims[i], 1, dims[i + 1], dims[i], BN, pads[i + 1], pads[i], BW,
                          False, KC)
         if i > 0:
-            _put(dq, d * _dact(_get(h, BN, pads[i], BW), ACT), BN, pads[i], BW)
+            _put(dq, _dmul(d, _get(h, BN, pads[i], BW), ACT), BN, pads[i], BW)
     if INPUT_GRAD:
         gx = d
     else:
