@@ -2,7 +2,8 @@
 
 A meta-iteration calls `fastmaml.maml` with tensors of the same shapes, dtypes and devices every time.
 The checks of `_validate` and the backend choice of `dispatch` depend only on that metadata, on the
-options and on a little global state (grad mode, inference mode, forward-mode AD, autocast); their
+options and on a little global state (grad mode, inference mode, forward-mode AD, autocast, torch.func's
+transforms); their
 outcome for one signature is kept here as a `Plan`, and a later call with the same signature skips them.
 The checks that read data (`_validate.check_values`) are not metadata: they run on every call where they
 run at all.
@@ -40,6 +41,34 @@ def _meta(t: torch.Tensor) -> tuple:
     return (t.shape, t.dtype, t.device, t.requires_grad)
 
 
+def _rate_meta(t: torch.Tensor) -> tuple:
+    # With the strides: a [K, *shape] rate expanded from [K, 1, ...] (stride 0) is one rate per tensor,
+    # the same shape materialised is Meta-SGD's, and the factored backend takes only the first.
+    return (*_meta(t), t.stride())
+
+
+_PEEK = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, vmap, ...) is running this call. False while
+    torch.compile traces, which runs its own interpreters there (the kernels' ops are traced as ops)."""
+    return _PEEK is not None and not torch.compiler.is_compiling() and _PEEK() is not None
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD is on (torch.func.jvp, forward_ad.dual_level)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (False for a device type autocast does not know)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (TypeError, RuntimeError):
+        return False
+
+
 def key(op: str, params: Any, tensors: tuple, inner_steps: Any, inner_lr: Any, options: tuple) -> Optional[tuple]:
     """The signature of a call, or None when it is not one a plan can stand for (then the call is
     validated in full). `tensors`: the data tensors (x and y, support and query; None where absent);
@@ -54,9 +83,9 @@ def key(op: str, params: Any, tensors: tuple, inner_steps: Any, inner_lr: Any, o
         if lr_type is float or lr_type is int:
             lr_key: Any = lr_type
         elif isinstance(inner_lr, torch.Tensor):
-            lr_key = _meta(inner_lr)
+            lr_key = _rate_meta(inner_lr)
         elif lr_type is list or lr_type is tuple:
-            lr_key = (lr_type, tuple([_meta(r) for r in inner_lr]))
+            lr_key = (lr_type, tuple([_rate_meta(r) for r in inner_lr]))
         else:
             return None
     except AttributeError:  # something that is not a tensor: the full validation says what
@@ -72,16 +101,10 @@ def key(op: str, params: Any, tensors: tuple, inner_steps: Any, inner_lr: Any, o
         torch.is_grad_enabled(),
         torch.is_inference_mode_enabled(),
         torch.autograd.forward_ad._current_level,
-        _autocast(device_type),
+        autocast_enabled(device_type),
+        functorch_active(),
     )
     return (op, param_key, data_key, inner_steps, lr_key, options, state)
-
-
-def _autocast(device_type: str) -> bool:
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except (TypeError, RuntimeError):
-        return False
 
 
 def get(signature: Optional[tuple]) -> Optional[Plan]:

@@ -63,7 +63,9 @@ def maml(
         activation: "relu" or "tanh" on the hidden layers (the last layer is linear).
         loss: "mse" (mean over points and outputs) or "cross_entropy" (mean over points).
         query_loss_weights: optional `[K + 1]`: the task loss becomes
-            `sum_k w_k * L_query(theta_k)` (MAML++ multi-step loss).
+            `sum_k w_k * L_query(theta_k)` (MAML++ multi-step loss). The fused kernels skip a step whose
+            weight is 0 (they never evaluate its query loss), so where that loss is inf or NaN the task
+            loss stays what the other steps make it; the reference's `0 * inf` is NaN.
         backend: "auto", "reference", "cpu", "triton", "cuda" or "factored" (see `fastmaml.explain`).
 
     Returns:

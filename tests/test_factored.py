@@ -149,6 +149,57 @@ def test_refuses_per_parameter_rates_and_says_why():
     assert out.backend != "factored"
 
 
+def test_a_remembered_call_does_not_let_per_parameter_rates_through():
+    """Rates of shape [K, *shape] expanded from [K, 1, ...] (stride 0: one per tensor and step) run; the
+    same shapes with a rate per element, in a later call, are refused (explicitly) or left to another
+    backend (`auto`, here with targets that require grad so that the cpu kernel refuses too). The plan
+    remembered for the first call keyed the rates without their strides: the second ran on factored,
+    which took each tensor's first rate (task losses off by 0.6 to 4.5)."""
+    case = make_case(dims=(2, 37, 29, 3), tasks=6, n_support=4, n_query=5, inner_steps=3, seed=23)
+    K = 3
+    one_each = [torch.full((K,) + (1,) * p.dim(), 0.2, dtype=F64).expand(K, *p.shape) for p in case.params]
+    per_element = [torch.rand(K, *p.shape, dtype=F64, generator=torch.Generator().manual_seed(i))
+                   for i, p in enumerate(case.params)]
+    ys = case.y_support.detach().requires_grad_()
+    for backend in ("factored", "auto"):
+        args = (case.params, case.x_support, ys, case.x_query, case.y_query)
+        first = fastmaml.maml(*args, inner_steps=K, inner_lr=one_each, backend=backend)
+        assert first.backend == "factored"
+        if backend == "factored":
+            with pytest.raises(ValueError, match=r"inner_lr\[0\].*Meta-SGD"):
+                fastmaml.maml(*args, inner_steps=K, inner_lr=per_element, backend=backend)
+        else:
+            assert fastmaml.maml(*args, inner_steps=K, inner_lr=per_element, backend=backend).backend == "reference"
+
+
+@pytest.mark.parametrize("transform", ["jvp", "grad"])
+def test_chunks_refuse_forward_mode_and_torch_func(monkeypatch, transform):
+    """The chunks' autograd Function has no forward-mode or torch.func rule (they raised
+    NotImplementedError and RuntimeError from inside the call, `auto` included): a call that would run in
+    chunks is refused under them, and `auto` takes the reference. One chunk runs them (autograd's form)."""
+    case = make_case(dims=(3, 9, 6, 4), tasks=7, seed=24, inner_steps=2, lr_form="float")
+    params = [p.detach() for p in case.params]
+
+    def loss_of(x, backend):
+        return fastmaml.maml(params, x, case.y_support, case.x_query, case.y_query, backend=backend,
+                             **case.kwargs()).loss
+
+    def run(backend):
+        if transform == "jvp":
+            return torch.func.jvp(lambda x: loss_of(x, backend), (case.x_support,),
+                                  (torch.ones_like(case.x_support),))[1]
+        return torch.func.grad(lambda x: loss_of(x, backend))(case.x_support)
+
+    want = run("reference")
+    assert want.abs().max() > 0, "a test that cannot fail"
+    monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", 1)
+    with pytest.raises(ValueError, match="runs in chunks"):
+        run("factored")
+    assert_close(run("auto"), want, 1e-12, transform)
+    monkeypatch.setattr(factored, "MAX_CHUNK_BYTES", 1 << 40)
+    assert_close(run("factored"), want, 1e-12, transform)
+
+
 def test_refuses_other_models_and_half_precision():
     """A module that is not the MLP (here a softplus net) and bfloat16 are refused with the reason."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Softplus(), torch.nn.Linear(5, 2)).double()

@@ -290,6 +290,28 @@ def test_forward_mode_ad_and_autocast_take_the_reference():
             fastmaml.maml(params, xs, ys, xq, yq, backend="cpu")
 
 
+def test_torch_func_transforms_leave_the_fused_kernels():
+    """torch.func.grad and vjp through maml: the fused kernels' autograd Functions have no rule for their
+    transforms (`auto` picked cpu, which raised from inside the call). `auto` takes another backend, with
+    the reference's result, also where a plan for the same call was remembered outside the transform; an
+    explicit fused backend is refused with the reason."""
+    params, (xs, ys, xq, yq) = _mse_case(dims=(3, 7, 5, 2), tasks=4)
+    params = [p.detach() for p in params]
+
+    def loss_of(w, backend="auto"):
+        return fastmaml.maml([w, *params[1:]], xs, ys, xq, yq, inner_steps=2, inner_lr=0.1, backend=backend).loss
+
+    outside = [params[0].clone().requires_grad_(), *params[1:]]  # the key of the calls under grad below
+    assert fastmaml.maml(outside, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1).backend == "cpu"
+    want = torch.func.grad(lambda w: loss_of(w, "reference"))(params[0])
+    assert want.abs().max() > 0, "a test that cannot fail"
+    assert_close(torch.func.grad(loss_of)(params[0]), want, RTOL, "grad")
+    _, vjp = torch.func.vjp(loss_of, params[0])
+    assert_close(vjp(torch.ones((), dtype=F64))[0], want, RTOL, "vjp")
+    with pytest.raises(ValueError, match="torch.func transform"):
+        torch.func.grad(lambda w: loss_of(w, "cpu"))(params[0])
+
+
 # ---- values that are not finite -------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 from .._mlp import ACTIVATIONS
+from .._plans import forward_ad_active, functorch_active
 from .._validate import Problem, env_choice
 from . import factored as _f
 from . import _lowrank_pairs
@@ -62,17 +63,11 @@ def reason(tensors: list[Optional[torch.Tensor]]) -> Optional[str]:
         return "no gradient is wanted (nothing to keep)"
     if torch.compiler.is_compiling():
         return "torch.compile traces the autograd form"
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+    if forward_ad_active():
         return "forward-mode AD is active (the sweep is reverse mode only; autograd's form has both)"
-    if _functorch_active():
+    if functorch_active():
         return "a torch.func transform is active (the sweep's Function has no setup_context for it)"
     return None
-
-
-def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, jvp, vmap) is running this call."""
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
 
 
 def maml_chunk(problem: Problem, neg_rates: list, weights, xs, ys, xq, yq, *params):

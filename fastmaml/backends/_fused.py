@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._plans import autocast_enabled, forward_ad_active, functorch_active
 from .._validate import Problem
 
 ACTIVATION_IDS = {"relu": 0, "tanh": 1}
@@ -128,18 +129,11 @@ def adapt_args(problem: Problem) -> tuple:
     )
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except (TypeError, RuntimeError):  # a device type autocast does not know
-        return False
-
-
 def autocast_off(device_type: str):
     """A context with autocast off on `device_type` (a no-op where it is off): for a backward that
     recomputes or sweeps a forward run without autocast, so that it differentiates the function the forward
     computed, whatever context the user calls backward in."""
-    return torch.autocast(device_type, enabled=False) if _autocast_enabled(device_type) else contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else contextlib.nullcontext()
 
 
 def common_reject(problem: Problem, op: str) -> str | None:
@@ -151,11 +145,15 @@ def common_reject(problem: Problem, op: str) -> str | None:
         return f"dtype {problem.dtype} (fused kernels run float32 and float64)"
     if problem.query_loss_weights is not None and problem.query_loss_weights.requires_grad and torch.is_grad_enabled():
         return "query_loss_weights requires grad (the fused kernels treat it as a constant)"
-    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+    if forward_ad_active():
         # Forward-mode AD (torch.func.jvp, forward_ad.dual_level): the kernels have no forward-mode
         # formula, and their outputs would carry no tangent.
         return "forward-mode AD is active (the fused kernels have no forward-mode formula)"
-    if _autocast_enabled(problem.device.type):
+    if functorch_active():
+        # torch.func.grad, vjp, vmap: the kernels' autograd Functions (C++ for cpu and cuda) have no rule
+        # for its transforms, which raised from inside the call.
+        return "a torch.func transform is active (the fused kernels' autograd Functions have no rule for it)"
+    if autocast_enabled(problem.device.type):
         return (f"autocast is enabled on {problem.device.type} (the model would compute in a lower precision; "
                 "the fused kernels run the parameters' dtype)")
     if problem.targets_require_grad:

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from .._mlp import ACTIVATIONS
+from .._plans import autocast_enabled, forward_ad_active, functorch_active
 from .._validate import Problem, env_choice, env_int
-from ._fused import _autocast_enabled
 from ._lowrank import add_kernel_reason, products
 
 
@@ -386,11 +386,15 @@ class FactoredBackend:
                     or "the model is not an MLP of nn.Linear layers (the factored form is the MLP's)")
         if problem.dtype not in (torch.float32, torch.float64):
             return f"dtype {problem.dtype} (the factored backend runs float32 and float64)"
-        if _autocast_enabled(problem.device.type):
+        if autocast_enabled(problem.device.type):
             # The module under autocast multiplies by W_k cast to the lower precision; the factored form
             # never makes W_k, so its products would round differently (on the CPU the loss moved by 3e-4).
             return (f"autocast is enabled on {problem.device.type} (the model would multiply by its adapted "
                     "weights in a lower precision; the factored form never makes them)")
+        if (op == "maml" and (forward_ad_active() or functorch_active())
+                and _chunk_tasks(problem) < problem.num_tasks):
+            return ("the call runs in chunks (its saved tensors above the chunk budget, "
+                    "FASTMAML_FACTORED_CHUNK_MB), whose autograd Function has no forward-mode or torch.func rule")
         return _rates_reason(problem)
 
     def maml(self, problem: Problem) -> tuple[torch.Tensor, ...]:
