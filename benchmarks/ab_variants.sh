@@ -39,6 +39,11 @@ ab_variant() {
     fwarps8) setting=FASTMAML_FACTORED_WARPS=8; method=factored ;;
     fcuda) setting=FASTMAML_FACTORED_KERNELS=cuda; method=factored ;;
     factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
+    # Controls: a method with no switch, in the A/B's own run (same arguments, minutes from its variants;
+    # the sweep's rows are another process's, with other repeats, or another call's).
+    base_cuda) setting=""; method=cuda ;;
+    base_triton) setting=""; method=triton ;;
+    base_factored) setting=""; method=factored ;;
     *) return 1 ;;
   esac
 }

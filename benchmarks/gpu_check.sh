@@ -61,6 +61,8 @@ mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
+# Everything the console shows goes with the results too (exit codes and stage lines were console-only).
+exec > >(tee -a "$DIR/console.log") 2>&1
 
 if [ "$QUICK" = 1 ]; then
   TOTAL_S="${TOTAL_S:-$(( 450 + ${AB_S:-0} ))}"  # the A/B, when asked for, gets its own time on top
@@ -98,8 +100,14 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 if [ -z "${FASTMAML_COMMIT:-}" ]; then
   FASTMAML_COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  export FASTMAML_COMMIT
 fi
+# A tree that differs from its commit is labelled so (a given FASTMAML_COMMIT skipped the harness's own
+# check, and every row of a dirty tree carried the clean commit's name).
+if [ -n "$(git -C "$REPO" status --porcelain --untracked-files=no -- fastmaml csrc benchmarks tests 2>/dev/null)" ] \
+   && [[ "$FASTMAML_COMMIT" != *+dirty ]]; then
+  FASTMAML_COMMIT="$FASTMAML_COMMIT+dirty"
+fi
+export FASTMAML_COMMIT
 
 if [ "$DRY_RUN" = 1 ]; then
   DEVICE=cpu
@@ -115,6 +123,9 @@ stage "environment -> $DIR/env.txt (dry run: $DRY_RUN, commit $FASTMAML_COMMIT)"
 {
   date -Is
   echo "commit: $FASTMAML_COMMIT"
+  git -C "$REPO" diff --stat 2>/dev/null | tail -20
+  # Switches set in the caller's shell apply to every stage: a variant would pass for the default.
+  env | grep -E '^(FASTMAML|TRITON|TORCH|CUDA|PYTORCH)_' | sort | sed 's/^/env: /'
   if command -v nvidia-smi >/dev/null 2>&1; then
     timeout 20 nvidia-smi || echo "nvidia-smi failed"
   else
@@ -169,7 +180,8 @@ if command -v nvcc >/dev/null 2>&1 && [ "${REPORTS:-1}" = 1 ]; then
   ptx_arch="$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | tr ';' ' ' | awk '{print $1}' | tr -d '.')"
   # Every file at once, as the build compiles them, but at most one a core: each has 300 s (on 2 cores the
   # six files all at once ran past it).
-  ( printf '%s\n' csrc/cuda/*.cu | xargs -P "$(nproc 2>/dev/null || echo 4)" -I{} sh -c '
+  # Niced, on half the cores: it runs beside the sweep, whose small-T cells are host-bound.
+  ( printf '%s\n' csrc/cuda/*.cu | nice -n 19 xargs -P "$(( $(nproc 2>/dev/null || echo 4) / 2 + 1 ))" -I{} sh -c '
       out="/tmp/fastmaml_ptxas_$(basename "$1")"
       timeout 300 nvcc -arch="sm_$2" -O3 -Xptxas -v -c "$1" -I csrc -o "$out.o" > "$out.txt" 2>&1 \
         || echo "nvcc failed on $1" >> "$out.txt"' _ {} "$ptx_arch"
@@ -216,7 +228,7 @@ if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt
   # profiled W=128. WarpStateStats gives the stall reasons (long scoreboard: waiting on loads; no
   # instruction: fetch, which the 1 MB sweep may cause), InstructionStats the executed mix.
   stage "ncu of one cuda backward launch at T=8192, W=${NCU_WIDTH:-40} (limit ${NCU_S:-60}s) -> $DIR/profile.txt"
-  ( cd benchmarks && timeout "${NCU_S:-60}" ncu --kernel-name regex:"bwd_kernel" --launch-count 1 \
+  ( cd benchmarks && timeout "${NCU_S:-60}" ncu --clock-control none --kernel-name regex:"bwd_kernel" --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section InstructionStats \
       python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width "${NCU_WIDTH:-40}" --warmup 0 \
@@ -235,7 +247,7 @@ if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_LOWRANK_S:-
   for kernels in triton cuda; do
     stage "ncu of four factored low-rank launches ($kernels) at T=8192, K=5, W=128 (limit $(( NCU_LOWRANK_S / 2 ))s) -> $DIR/profile.txt"
     echo "===== ncu, FASTMAML_FACTORED_KERNELS=$kernels" >> "$DIR/profile.txt"
-    ( cd benchmarks && FASTMAML_FACTORED_KERNELS=$kernels timeout "$(( NCU_LOWRANK_S / 2 ))" ncu \
+    ( cd benchmarks && FASTMAML_FACTORED_KERNELS=$kernels timeout "$(( NCU_LOWRANK_S / 2 ))" ncu --clock-control none \
         --kernel-name regex:"lowrank_" --launch-skip 6 --launch-count 4 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
         --section WarpStateStats --section InstructionStats \
@@ -368,6 +380,7 @@ fi
 
 # ---- per-call overhead (G3) ---------------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ] && [ "${OVERHEAD_S:-90}" -gt 0 ]; then
+  stop_prewarm  # its compiles and GPU calls would run beside the microsecond timings
   stage "overhead of a small training call (limit ${OVERHEAD_S:-90}s) -> $DIR/overhead.txt, overhead.json"
   # shellcheck disable=SC2086
   timeout "${OVERHEAD_S:-90}" python benchmarks/bench_overhead.py --device cuda --tasks 25 --inner-steps 5 \
@@ -448,10 +461,14 @@ fi
 #   batched  FASTMAML_FACTORED_TRITON=never: the factored products as batched PyTorch products
 #   chunk4g  FASTMAML_FACTORED_CHUNK_MB=4096: the factored backend's chunks of tasks at 4 GiB, not 1
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
-# AB_VARIANTS picks some. The default (AB_DEFAULT in benchmarks/ab_variants.sh) is what no GPU has measured
-# yet, the likeliest gains first (AB_S / 22 each; scratch was measured with FMA products, equal to the
-# register layout, and now runs tf32x3); "shared tiles chunk4g factors" were measured on the H200
-# (2026-11-30, benchmarks/RESULTS.md). AB_S is the time for all.
+#   base_cuda, base_triton, base_factored: the method with no switch, the controls of the variants
+#            beside them (same arguments, same process conditions, minutes apart)
+# AB_VARIANTS picks some: name at most AB_S / 30 of them, a control with them (a variant at T=65536 and two
+# widths needs about 25 s with the process's start; 9 s measured nothing on the H200). The default
+# (AB_DEFAULT in benchmarks/ab_variants.sh) is what no GPU has measured yet, the likeliest gains first,
+# too many for one call (scratch was measured with FMA products, equal to the register layout, and now runs
+# tf32x3); "shared tiles chunk4g factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md).
+# AB_S is the time for all; each variant's CSV goes to ab/.
 # Variants joined with '+' (mma+blocks4, team64s+mma) combine their switches, one method's only.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
   stop_prewarm
@@ -459,8 +476,11 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
   per=$(( ab_total / ${#variants[@]} ))
-  stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt"
+  stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt, ab/"
   : > "$DIR/ab.txt"
+  if [ "$per" -lt 25 ]; then  # a process's start, imports and the cells at two widths: 9 s measured nothing
+    echo "warning: ${per}s a variant is too little for T=65536 at two widths; name fewer (AB_VARIANTS)" | tee -a "$DIR/ab.txt"
+  fi
   for v in "${variants[@]}"; do
     if ! ab_resolve "$v"; then
       echo "unknown A/B variant $v (or parts for different methods or widths; states needs blocks4 or blocks6)" \
@@ -470,7 +490,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
     # shellcheck disable=SC2086  # a variant may set several variables
     env $setting timeout "$per" python benchmarks/bench_throughput.py --device cuda --order second \
       --methods "$method" --tasks 65536 --steps 1 5 --width $widths --warmup 1 --repeats 3 --max-seconds 3 \
-      --out "/tmp/fastmaml_ab_$v" >> "$DIR/ab.txt" 2>&1
+      --out "$DIR/ab/$v" >> "$DIR/ab.txt" 2>&1
     echo "exit code $?" >> "$DIR/ab.txt"
   done
   grep -E "^==|tasks/s|failed|exit|unknown" "$DIR/ab.txt" | head -40 | cut -c1-160

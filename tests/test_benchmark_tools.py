@@ -276,12 +276,14 @@ def test_ab_variants_resolve_to_their_switches():
     widths its parts share; an unknown part, parts of two methods, and the states switch without the 4- or
     6-block sweep (which alone stage the states) are refused; every default variant resolves."""
     out = _bash('for v in blocks6+states states mma+states fchunk16+fwarps8 mma+fwarps8 nosuch team64s+mma '
-                'lds+ieee $AB_DEFAULT; do if ab_resolve "$v"; then echo "$v|$method|$widths|$setting"; '
+                'lds+ieee base_factored base_cuda+mma $AB_DEFAULT; do if ab_resolve "$v"; then echo "$v|$method|$widths|$setting"; '
                 'else echo "$v|refused"; fi; done')
     got = dict(line.split("|", 1) for line in out.splitlines())
     assert got["blocks6+states"] == "cuda|40|FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global"
     assert got["fchunk16+fwarps8"] == "factored|40 128|FASTMAML_FACTORED_K_CHUNK=16 FASTMAML_FACTORED_WARPS=8"
     assert got["team64s+mma"] == "cuda|40|FASTMAML_CUDA_THREADS=64 FASTMAML_CUDA_MMA=1"
+    assert got["base_factored"] == "factored|40 128|"  # a control: the method, no switch
+    assert got["base_cuda+mma"] == "cuda|40 128|FASTMAML_CUDA_MMA=1"
     # the fused backward's A/B runs autograd's path: the written-out sweep has no lowrank_add backward
     assert got["fbwd3"] == ("factored|40 128|FASTMAML_FACTORED_REVERSE=autograd "
                             "FASTMAML_FACTORED_FUSED_BACKWARD=0")
