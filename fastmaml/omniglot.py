@@ -257,8 +257,8 @@ def train(config: OmniglotConfig, meta_train: data.Characters, progress: bool = 
     return Trained(net, learner.inner.eval_rates(), result.backend, result.seconds, result.skipped, result.metrics)
 
 
-_RESUME_KEYS = ("model", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr", "learn_inner_lr",
-                "inner_lr_range", "first_order", "meta_lr", "seed", "log_every", "train_set")
+_RESUME_KEYS = ("model", "head_hidden", "ways", "shots", "queries", "meta_batch", "inner_steps", "inner_lr",
+                "learn_inner_lr", "inner_lr_range", "first_order", "meta_lr", "seed", "log_every", "train_set")
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -363,8 +363,9 @@ def pretrained_baseline(config: OmniglotConfig, meta_train: data.Characters, tas
 
 class Predictor:
     """A trained model that adapts to new tasks: `predict(x_support [T, Ns, 28, 28], y_support [T, Ns]
-    int64 in 0..ways-1, x_query [T, Nq, 28, 28], inner_steps=3) -> logits [T, Nq, ways]`. Images are
-    floats in [0, 1] with strokes 1 (invert black-on-white scans: `1 - x`)."""
+    int64 in 0..ways-1, x_query [T, Nq, 28, 28], inner_steps=None) -> logits [T, Nq, ways]`; inner_steps
+    defaults to the job's --test-steps. Images are floats in [0, 1] with strokes 1 (invert black-on-white
+    scans: `1 - x`)."""
 
     def __init__(self, net: Network, rates: dict, config: dict):
         self.net, self.rates, self.config = net, rates, config
@@ -372,7 +373,9 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                inner_steps: int = 3) -> torch.Tensor:
+                inner_steps: Optional[int] = None) -> torch.Tensor:
+        if inner_steps is None:  # the job's --test-steps (it was a fixed 3 whatever the job was given)
+            inner_steps = int(self.config.get("test_steps", 3))
         for name, x in (("x_support", x_support), ("x_query", x_query)):
             if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[2:]) != (data.SIZE, data.SIZE):
                 raise ValueError(f"{name} must be a tensor [T, N, {data.SIZE}, {data.SIZE}], got "
@@ -458,8 +461,10 @@ def run(config: OmniglotConfig, meta_train: data.Characters, held_out: data.Char
 def format_results(results: dict) -> str:
     s, e = results["setting"], results["eval"]
     lines = [f"{s['ways']}-way {s['shots']}-shot, model {s['model']}: held-out accuracy after n steps (95% interval)"]
+    test_steps = results.get("config", {}).get("test_steps")
     for k, (m, c) in enumerate(zip(e["maml"], e["maml_ci95"])):
-        lines.append(f"  {k:>2} steps: {100 * m:5.1f}% +- {100 * c:.1f}")
+        mark = "   <- --test-steps, the predictor's" if k == test_steps else ""
+        lines.append(f"  {k:>2} steps: {100 * m:5.1f}% +- {100 * c:.1f}{mark}")
     lines.append(f"  pixel nearest neighbour: {100 * e['pixel_nn']:.1f}% +- {100 * e['pixel_nn_ci95']:.1f}")
     lines.append(f"  pretrained, head fine-tuned: {100 * e['pretrained']:.1f}% +- {100 * e['pretrained_ci95']:.1f}")
     return "\n".join(lines)

@@ -92,3 +92,28 @@ def test_resume_with_other_settings_is_one_error_line(tmp_path, capsys):
     assert cli.main([*base, "--iterations", "30", "--resume", "--checkpoint-every", "10"]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert _checkpoint_iteration(out / "checkpoint.pt") == 30
+
+
+@pytest.mark.parametrize("damage", ["truncated", "fewer params", "other shape"])
+def test_a_damaged_or_foreign_checkpoint_is_one_error_line(tmp_path, capsys, damage):
+    """A checkpoint cut short, or one whose tensors are not this model's (fewer, or another shape: the copy
+    into the model dropped extra tensors and broadcast a smaller one over a larger, so that a resume with
+    another omniglot --head-hidden ran on, its 64 rows copies of one), is refused in one line."""
+    out = tmp_path / "run"
+    base = ["train", "sinusoid", "--backend", "cpu", "--eval-tasks", "3", "--out", str(out), "--no-progress"]
+    assert cli.main([*base, "--iterations", "20", "--checkpoint-every", "10"]) == 0
+    path = out / "checkpoint.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        state = torch.load(path, weights_only=False)
+        if damage == "fewer params":
+            state["params"] = state["params"][:-1]
+        else:
+            state["params"][0] = state["params"][0][:1]
+        torch.save(state, path)
+    capsys.readouterr()
+    assert cli.main([*base, "--iterations", "30", "--resume"]) == 2
+    err = capsys.readouterr().err
+    want = {"truncated": "cannot be read", "fewer params": "holds 5 params", "other shape": "params[0] of shape [1, 1]"}
+    assert "Traceback" not in err and "error: --resume:" in err and want[damage] in err, err

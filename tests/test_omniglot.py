@@ -171,6 +171,11 @@ def test_job_end_to_end(tiny, tmp_path, model, capsys):
     logits = predictor.predict(xs, ys, xq, inner_steps=3)
     assert logits.shape == (8, 3 * 5, 3)
     assert (logits.argmax(-1) == yq).double().mean().item() == pytest.approx(ev["maml"][3], abs=1e-9)
+    # Without inner_steps, the job's --test-steps (it was a fixed 3).
+    predictor.config["test_steps"] = 1
+    assert torch.equal(predictor.predict(xs, ys, xq), predictor.predict(xs, ys, xq, inner_steps=1))
+    assert not torch.equal(predictor.predict(xs, ys, xq), logits)
+    assert "<- --test-steps" in omniglot.format_results(results).splitlines()[1 + results["config"]["test_steps"]]
 
 
 def test_predictor_refuses_bad_inputs(tiny, tmp_path):

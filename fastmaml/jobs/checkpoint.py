@@ -61,8 +61,30 @@ def check_resumable(path: str, state: dict[str, Any], settings: dict[str, Any], 
         raise JobError(f"--resume: {path} was written by {len(state['tasks_rng'])} process(es), this run has {world}")
 
 
+def check_tensors(path: str, state: dict[str, Any], params: Sequence[torch.Tensor],
+                  buffers: Sequence[torch.Tensor]) -> None:
+    """That the checkpoint holds exactly the run's tensors, in number and shape; `JobError` otherwise (the
+    copy into them would drop extra tensors and broadcast a smaller one over a larger)."""
+    from .checks import JobError
+
+    for kind, mine in (("params", params), ("buffers", buffers)):
+        saved = state.get(kind, [])
+        if len(saved) != len(mine):
+            raise JobError(f"--resume: {path} holds {len(saved)} {kind}, this run's model has {len(mine)}")
+        for i, (t, s) in enumerate(zip(mine, saved)):
+            if not isinstance(s, torch.Tensor) or s.shape != t.shape:
+                shape = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise JobError(f"--resume: {path} holds {kind}[{i}] of shape {shape}, this run's model "
+                               f"has {list(t.shape)} (other model settings?)")
+
+
 def load(path: str) -> Optional[dict[str, Any]]:
-    """The state saved at `path`, or None when there is none."""
+    """The state saved at `path`, or None when there is none; `JobError` when it cannot be read."""
+    from .checks import JobError
+
     if not os.path.exists(path):
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated, empty or not a checkpoint: one line, not a traceback
+        raise JobError(f"--resume: {path} cannot be read as a checkpoint ({type(err).__name__}: {err})") from err

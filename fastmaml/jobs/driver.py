@@ -92,6 +92,7 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
     if resume and path and os.path.exists(path):
         state = ckpt.load(path)
         ckpt.check_resumable(path, state, config, resume_keys, iterations, ranks.world)
+        ckpt.check_tensors(path, state, tensors, buffers)
         with torch.no_grad():
             for t, saved in zip(tensors + buffers, state["params"] + state.get("buffers", [])):
                 t.copy_(saved)
