@@ -347,6 +347,7 @@ def plot(
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    num_tasks = min(num_tasks, config.eval_tasks)  # --eval-tasks 1 or 2: as many panels (it failed here)
     fig = plt.figure(figsize=(12, 6), layout="constrained")
     grid = fig.add_gridspec(num_tasks, 2, width_ratios=[1.1, 1])
     ax = fig.add_subplot(grid[:, 0])

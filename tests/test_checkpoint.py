@@ -4,6 +4,7 @@ of an uninterrupted run, and a kill during the write leaves the previous checkpo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,11 @@ def test_resume_with_other_settings_is_one_error_line(tmp_path, capsys):
     assert cli.main([*base, "--iterations", "30", "--resume", "--checkpoint-every", "10"]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert _checkpoint_iteration(out / "checkpoint.pt") == 30
+    # A resume with nothing left to run reports the checkpoint's backend (it said 'none'), and two held-out
+    # tasks are enough for the plot (it drew three panels and failed).
+    assert cli.main([*base[:5], "2", *base[6:], "--iterations", "30", "--resume"]) == 0
+    assert "on backend 'cpu'" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["backend"] == "cpu"
 
 
 @pytest.mark.parametrize("damage", ["truncated", "fewer params", "other shape"])

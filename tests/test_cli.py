@@ -106,8 +106,10 @@ def test_help_and_usage_errors(capsys):
     (["--device", "tpu"], "--device 'tpu' is not a device"),
     (["--device", "cuda:7"], "--device 'cuda:7'"),
     (["--backend", "cuda"], "--backend 'cuda' cannot run this job's"),
+    (["--algorithm", "metasgd", "--inner-lr", "0.2"], "Meta-SGD keeps its learned rates in (0.0, 0.1)"),
+    (["--algorithm", "reptile", "--first-order"], "first_order does not apply"),
 ], ids=["nan_inner_lr", "inf_meta_lr", "out_under_a_file", "unknown_backend", "unknown_device", "no_such_gpu",
-        "cuda_backend_on_cpu"])
+        "cuda_backend_on_cpu", "learned_rate_out_of_range", "reptile_first_order"])
 def test_bad_arguments_are_one_line_before_training(tmp_path, capsys, monkeypatch, extra, message):
     """A bad argument or one this machine cannot serve is reported as one error line with exit code 2,
     before training starts (the trainer must not run), never as a traceback."""

@@ -124,6 +124,8 @@ class Learner:
         self.inner_steps = a.inner_steps if inner_steps is None else int(inner_steps)
         self.inner_lr = a.inner_lr if inner_lr is None else float(inner_lr)
         self.meta_lr = a.meta_lr if meta_lr is None else float(meta_lr)
+        if a.reptile and first_order:  # it was stored (results.json said first_order: true) and ignored
+            raise ValueError("Reptile takes no meta-gradient, of first order or second: first_order does not apply")
         self.first_order = a.first_order if first_order is None else bool(first_order)
         self.activation, self.loss_name, self.backend = activation, loss, backend
         self.metric_names = ("meta_loss", "accuracy") if loss == "cross_entropy" else ("meta_loss",)

@@ -89,6 +89,7 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
     path = os.path.join(checkpoint_dir, ckpt.CHECKPOINT) if checkpoint_dir else None
     names = tuple(learner.metric_names)
     first, seconds_before, metrics = 0, 0.0, {n: [] for n in names}
+    saved_backend = None  # the checkpoint's: a resume with no step left to run reports it, not 'none'
     if resume and path and os.path.exists(path):
         state = ckpt.load(path)
         ckpt.check_resumable(path, state, config, resume_keys, iterations, ranks.world)
@@ -99,7 +100,7 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
         optimizer.load_state_dict(state["optimizer"])
         tasks.set_state(state["tasks_rng"][ranks.rank])
         guard.load_state_dict(state["guard"])
-        first, seconds_before = state["iteration"], state["seconds"]
+        first, seconds_before, saved_backend = state["iteration"], state["seconds"], state.get("backend")
         metrics = {n: list(state["metrics"].get(n, [])) for n in names}
         log(f"fastmaml {name}: resuming from {path} at iteration {first}")
     elif resume:
@@ -146,6 +147,7 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
                 "buffers": [b.detach().cpu() for b in buffers],
                 "optimizer": optimizer.state_dict(), "tasks_rng": streams, "guard": guard.state_dict(),
                 "seconds": seconds_before + time.perf_counter() - start, "metrics": metrics, "config": config,
+                "backend": backend or saved_backend,
             })
 
     if device.type == "cuda":
@@ -177,5 +179,5 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
         bar.close()
     if guard.skipped:
         log(f"fastmaml {name}: skipped {guard.skipped} meta-step(s) whose loss or gradient was not finite")
-    return TrainResult([t.detach() for t in tensors], backend or "none", seconds, list(metrics[names[0]]),
+    return TrainResult([t.detach() for t in tensors], backend or saved_backend or "none", seconds, list(metrics[names[0]]),
                        guard.skipped, metrics)

@@ -96,9 +96,12 @@ def preflight(config: sinusoid.SinusoidConfig) -> None:
         return (params, *sinusoid.sample_batch(config.meta_batch, config.n_support, config.n_query, g, device))
 
     params = call()[0]
-    learner = algorithms.Learner(config.algorithm, params, iterations=config.iterations,
-                                 inner_steps=config.inner_steps, inner_lr=config.inner_lr,
-                                 first_order=config.first_order)
+    try:
+        learner = algorithms.Learner(config.algorithm, params, iterations=config.iterations,
+                                     inner_steps=config.inner_steps, inner_lr=config.inner_lr,
+                                     first_order=config.first_order)
+    except ValueError as err:  # the algorithm's own bounds (a learned rate's range): one line, not a traceback
+        raise JobError(str(err)) from err
     options = learner.maml_options(config.iterations)  # second order, where derivative annealing ends
     if learner.algorithm.reptile:  # no query loss: only adapt calls, on support and query points
         options = {k: options[k] for k in ("inner_steps", "inner_lr", "activation", "loss")}
