@@ -1,10 +1,10 @@
 """Validated calls remembered by their signature, so that a training loop validates and dispatches once.
 
 A meta-iteration calls `fastmaml.maml` with tensors of the same shapes, dtypes and devices every time.
-The checks of `_validate` and the backend choice of `dispatch` depend only on that metadata, on the
-options and on a little global state (grad mode, inference mode, forward-mode AD, autocast, torch.func's
-transforms); their
-outcome for one signature is kept here as a `Plan`, and a later call with the same signature skips them.
+The checks of `_validate` and the backend choice of `dispatch` depend only on that metadata (for rates
+their strides too), on the options and on a little global state (grad mode, inference mode, forward-mode
+AD, autocast, torch.func's transforms); their outcome for one signature is kept here as a `Plan`, and a
+later call with the same signature skips them.
 The checks that read data (`_validate.check_values`) are not metadata: they run on every call where they
 run at all.
 

@@ -179,5 +179,5 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
         bar.close()
     if guard.skipped:
         log(f"fastmaml {name}: skipped {guard.skipped} meta-step(s) whose loss or gradient was not finite")
-    return TrainResult([t.detach() for t in tensors], backend or saved_backend or "none", seconds, list(metrics[names[0]]),
-                       guard.skipped, metrics)
+    return TrainResult([t.detach() for t in tensors], backend or saved_backend or "none", seconds,
+                       list(metrics[names[0]]), guard.skipped, metrics)
