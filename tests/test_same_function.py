@@ -324,11 +324,10 @@ _NAN_CASES = [(n, a) for n in [*FUSED, "factored", "triton:scratch"] for a in ("
 @pytest.mark.parametrize("where", ["x_support", "y_support", "weight"])
 @pytest.mark.parametrize("name,activation", _NAN_CASES)
 def test_nan_spreads_as_in_the_reference(monkeypatch, name, activation, where):
-    """A NaN in one task's support point or target, or in a hidden weight, is NaN wherever the reference makes it NaN:
-    the task losses, the predictions, every gradient element, the weights after one step; the rest equals
-    the reference's. (The
-    kernels' ReLU turned NaN into 0, so a diverged or corrupted task gave a finite loss.) Triton in both
-    its layouts."""
+    """A NaN in one task's support point or target, or in a hidden weight, is NaN wherever the reference
+    makes it NaN: the task losses, the predictions, every gradient element, the weights after one step; the
+    rest equals the reference's. (The kernels' ReLU turned NaN into 0, so a diverged or corrupted task gave
+    a finite loss.) Triton in both its layouts."""
     if name == "triton:scratch":
         from fastmaml.backends import triton_maml
         monkeypatch.setattr(triton_maml, "LAYOUT", "scratch")
