@@ -432,20 +432,22 @@ def load_average() -> str:
 
 
 def commit() -> str:
-    """The git commit of the repository (`+dirty` when fastmaml's sources differ from it);
-    FASTMAML_COMMIT overrides it (a copy of the tree without .git)."""
-    if os.environ.get("FASTMAML_COMMIT"):
-        return os.environ["FASTMAML_COMMIT"]
+    """The git commit of the repository, `+dirty` where git sees fastmaml's sources (fastmaml, csrc,
+    benchmarks) differ from it. FASTMAML_COMMIT names the commit for a copy of the tree without .git; where
+    git works, a given name gets `+dirty` too (once): rows from a changed tree never carry a clean name.
+    benchmarks/gpu_check.sh labels its files by this function."""
+    given = os.environ.get("FASTMAML_COMMIT")
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10)
         if rev.returncode != 0:
-            return "unknown"
+            return given or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastmaml", "csrc", "benchmarks"],
                                cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return given or "unknown"
+    name = given or rev.stdout.strip()
+    return name + "+dirty" if dirty and not name.endswith("+dirty") else name
 
 
 def environment(device: torch.device) -> dict:
