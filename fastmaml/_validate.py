@@ -385,6 +385,16 @@ def planned_problem(params, x_support, y_support, x_query, y_query, inner_steps,
             raise ValueError(f"inner_lr must be finite, got {inner_lr}")
     else:
         rates = [r.expand(inner_steps, *p.shape) for r, p in zip(inner_lr, params)]
+    # What the function does not depend on is detached, so that every backend leaves its gradient None, as
+    # autograd through the model does (the fused kernels would return zeros: an optimizer skips a None
+    # gradient but decays a zero one and counts it in its moments). The rates when no step is taken; the
+    # support set when no step is taken or the inner gradient is a constant (first order).
+    if inner_steps == 0:
+        tensor = tensor.detach() if tensor is not None else None
+        rates = [r.detach() for r in rates] if rates is not None else None
+    if inner_steps == 0 or first_order:
+        x_support = x_support.detach() if x_support.requires_grad else x_support
+        y_support = y_support.detach() if y_support.requires_grad else y_support
     return Problem(
         params=list(params), x_support=x_support, y_support=y_support, x_query=x_query, y_query=y_query,
         inner_steps=inner_steps, rates=rates, first_order=first_order, activation=activation, loss=loss,

@@ -72,7 +72,9 @@ def maml(
         `MAMLOutput(loss, task_losses [T], query_preds [T, Nq, D_out], backend)`; `loss` is
         differentiable w.r.t. params, rate tensors, `x_support` and `x_query` (exact second order
         unless `first_order`), and float (mse) targets that require grad: those calls run on the
-        reference backend (the fused kernels compute no target gradient and refuse them).
+        reference backend (the fused kernels compute no target gradient and refuse them). What the
+        result does not depend on gets no gradient (None, as through autograd): the rates at K = 0,
+        the support set at K = 0 or with `first_order`.
 
     Every tensor of `params` is adapted, whatever its `requires_grad` (which says only whether it gets a
     gradient: a detached copy still adapts); to hold one fixed, give it a zero rate (a per-parameter

@@ -417,6 +417,46 @@ def test_frozen_parameters(name, learn):
             assert rate_grads[0] is not None and rate_grads[0].abs().max() > 0
 
 
+# ---- inputs the function does not depend on -------------------------------------------------------
+
+
+@pytest.mark.parametrize("K,first_order,lr_form", [(0, False, "per_layer"), (0, False, "meta_sgd"),
+                                                   (0, False, "scalar_tensor"), (2, True, "per_step"),
+                                                   (1, True, "meta_sgd")])
+@pytest.mark.parametrize("name", ALL)
+def test_unused_inputs_get_no_gradient(name, K, first_order, lr_form):
+    """The rates at K = 0, the support set at K = 0 or first order: the function does not depend on them,
+    so autograd leaves their gradient None, and every backend does the same (the fused kernels returned
+    zeros, which an optimizer with weight decay or momentum would still apply). The loss requires grad as
+    the reference's does (at K = 0 with only the rates and the support set requiring grad, not at all)."""
+    from _reference_loop import make_case
+
+    require_backend(name)
+    device = device_for(name)
+    case = make_case(dims=(3, 7, 2), tasks=3, inner_steps=max(K, 1), lr_form=lr_form, first_order=first_order,
+                     seed=11).to(F64, device)
+    case.y_support.requires_grad_()  # mse targets: the fused kernels refuse them where they are used
+    kwargs = dict(case.kwargs(), inner_steps=K)
+    leaves = {**case.leaves(), "y_support": case.y_support}
+    unused = {n for n in leaves if n.startswith("inner_lr") and K == 0} | {"x_support", "y_support"}
+    assert "x_support" in leaves and len(leaves) > len(unused), "a test that cannot fail"
+    if name == "factored" and lr_form == "meta_sgd":
+        pytest.skip("the factored backend refuses Meta-SGD rates (one rate per element)")
+    # Every other backend must run it: the fused kernels refused targets that require grad.
+    out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query, backend=name,
+                        **kwargs)
+    out.loss.backward()
+    nones = {n for n, t in leaves.items() if t.grad is None}
+    assert nones == unused, f"None gradients {sorted(nones)}, the reference's {sorted(unused)}"
+    assert all(leaves[n].grad.abs().max() > 0 for n in set(leaves) - nones)
+    for leaf in leaves.values():
+        leaf.grad = None
+    frozen = [p.detach() for p in case.params]  # only unused leaves require grad: nothing to differentiate
+    out = fastmaml.maml(frozen, case.x_support, case.y_support, case.x_query.detach(), case.y_query, backend=name,
+                        **kwargs)
+    assert out.loss.requires_grad == (K > 0 and any(n.startswith("inner_lr") for n in leaves)), out.backend
+
+
 # ---- the reference path: vmap with randomness, a warning when it loops ----------------------------
 
 
