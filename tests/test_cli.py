@@ -108,8 +108,9 @@ def test_help_and_usage_errors(capsys):
     (["--backend", "cuda"], "--backend 'cuda' cannot run this job's"),
     (["--algorithm", "metasgd", "--inner-lr", "0.2"], "Meta-SGD keeps its learned rates in (0.0, 0.1)"),
     (["--algorithm", "reptile", "--first-order"], "first_order does not apply"),
+    (["--seed", "20170702"], "seed 20170702 draws the training tasks from the held-out stream"),
 ], ids=["nan_inner_lr", "inf_meta_lr", "out_under_a_file", "unknown_backend", "unknown_device", "no_such_gpu",
-        "cuda_backend_on_cpu", "learned_rate_out_of_range", "reptile_first_order"])
+        "cuda_backend_on_cpu", "learned_rate_out_of_range", "reptile_first_order", "seed_of_the_held_out_tasks"])
 def test_bad_arguments_are_one_line_before_training(tmp_path, capsys, monkeypatch, extra, message):
     """A bad argument or one this machine cannot serve is reported as one error line with exit code 2,
     before training starts (the trainer must not run), never as a traceback."""
@@ -131,6 +132,20 @@ def test_bad_arguments_are_one_line_before_training(tmp_path, capsys, monkeypatc
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(lines) == 1 and lines[0].startswith("fastmaml train sinusoid: error: ") and message in lines[0], err
+
+
+def test_no_rank_trains_on_the_held_out_tasks():
+    """Every rank's task stream differs from the held-out one; where a seed would make them one, training
+    refuses (the evaluation would measure tasks the model was trained on)."""
+    sinusoid.check_task_streams(sinusoid.SinusoidConfig(iterations=1, seed=5), 8)
+    eval_seed = sinusoid.SinusoidConfig().eval_seed
+    colliding = sinusoid.SinusoidConfig(iterations=1, seed=eval_seed - 1 - 1_000_003 * 3)
+    assert sinusoid.task_stream_seed(colliding.seed, 3) == colliding.eval_seed
+    sinusoid.check_task_streams(colliding, 3)  # ranks 0-2 draw other tasks
+    with pytest.raises(ValueError, match="on rank 3 of 4 from the held-out stream"):
+        sinusoid.check_task_streams(colliding, 4)
+    with pytest.raises(ValueError, match="from the held-out stream"):
+        sinusoid.train(sinusoid.SinusoidConfig(iterations=1, seed=colliding.eval_seed - 1), progress=False)
 
 
 def test_training_reduces_loss_and_adaptation_helps():

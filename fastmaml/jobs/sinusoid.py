@@ -68,7 +68,8 @@ def main(args: argparse.Namespace) -> int:
     after those checks, which every process makes alike."""
     try:
         device = job_device(args.device)
-        ranks_mod.split(args.meta_batch, int(os.environ.get("WORLD_SIZE", "1")))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        ranks_mod.split(args.meta_batch, world)
         config = sinusoid.SinusoidConfig(
             iterations=args.iterations, meta_batch=args.meta_batch, n_support=args.n_support,
             n_query=args.n_query, algorithm=args.algorithm, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
@@ -76,6 +77,10 @@ def main(args: argparse.Namespace) -> int:
             device=str(device), threads=args.threads, eval_tasks=args.eval_tasks,
             eval_steps=args.eval_steps,
         )
+        try:
+            sinusoid.check_task_streams(config, world)
+        except ValueError as err:
+            raise JobError(str(err)) from err
         preflight(config)
         check_out_dir(args.out)
     except JobError as err:
