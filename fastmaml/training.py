@@ -46,8 +46,17 @@ def rates_for_steps(rate: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.cat([rate, rate[-1:].expand(steps - K, *rate.shape[1:])])
 
 
+def _square(t: torch.Tensor) -> torch.Tensor:
+    """`t * t` in float32, or in `t`'s dtype if wider: inf where a second moment would overflow."""
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    return t * t
+
+
 class FiniteStep:
-    """Steps `optimizer` only when the meta-loss and every gradient are finite.
+    """Steps `optimizer` only when the meta-loss and every gradient are finite, and no gradient's square
+    overflows (past about 1.8e19 in float32): near there an optimizer's second moment turns inf (Adagrad's
+    from 1.8e19, Adam's from about 5.8e20 at beta2 = 0.999), and the parameter's later steps
+    `m / (sqrt(v) + eps)` are 0: it would never move again.
 
     Usage, in place of `optimizer.step()`:
 
@@ -69,13 +78,14 @@ class FiniteStep:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self.steps = 0    # steps taken
-        self.skipped = 0  # steps skipped for a non-finite loss or gradient
+        self.skipped = 0  # steps skipped: a non-finite loss or gradient, or a gradient too large to square
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
 
     def is_finite(self, loss: torch.Tensor | float | None = None) -> bool:
-        """Whether `loss` (if given) and every gradient of the optimizer's parameters are finite."""
+        """Whether `loss` (if given) is finite and every gradient of the optimizer's parameters is finite
+        with a finite square (in float32, or the gradient's dtype if wider)."""
         checks = []
         if loss is not None:
             checks.append(torch.isfinite(torch.as_tensor(loss).detach()).all().reshape(1))
@@ -83,13 +93,13 @@ class FiniteStep:
         for g in self._grads():
             (sparse if g.layout != torch.strided else dense).append(g.detach())
         if dense:
-            # The largest magnitude (inf-norm): finite exactly when every value is, and it cannot overflow
-            # where an L2 norm of finite values would (float16 gradients past 65504).
+            # The largest magnitude (inf-norm): it cannot overflow where an L2 norm of finite values would
+            # (float16 gradients past 65504); its square is finite exactly when every value's is.
             norms = torch._foreach_norm(dense, ord=float("inf"))
-            checks.extend(torch.isfinite(n).reshape(1) for n in norms)
+            checks.extend(torch.isfinite(_square(n)).reshape(1) for n in norms)
         for g in sparse:
             values = g.coalesce().values() if g.layout == torch.sparse_coo else g.values()
-            checks.append(torch.isfinite(values).all().reshape(1))
+            checks.append(torch.isfinite(_square(values)).all().reshape(1))
         if not checks:
             return True
         devices = {c.device for c in checks}

@@ -88,6 +88,34 @@ def test_finite_step_judges_values_not_norms():
     assert not guard.is_finite()
 
 
+def test_finite_step_skips_a_gradient_whose_square_overflows():
+    """A finite float32 gradient of 1e21 makes Adam's second moment inf (its `(1 - beta2) g g` overflows
+    from about 5.8e20), and the parameter never moves again (shown without the guard). The guard skips a
+    step whose gradient's square overflows (from 1.8e19, whatever the optimizer scales the square by,
+    Adagrad 1). The square is taken in float32 at least (a float16 gradient of 3000 passes above) and in
+    float64 for float64 gradients."""
+    bare = nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([bare], lr=0.1)
+    bare.grad = torch.tensor([1.0, 1e21, 1.0])
+    adam.step()
+    assert torch.isinf(adam.state[bare]["exp_avg_sq"][1])
+    for _ in range(3):
+        before = bare.detach().clone()
+        bare.grad = torch.ones(3)
+        adam.step()
+        assert bare[1] == before[1] and bare[0] != before[0], "the parameter should be frozen without the guard"
+
+    guarded = nn.Parameter(torch.ones(3))
+    guard = fastmaml.FiniteStep(torch.optim.Adam([guarded], lr=0.1))
+    guarded.grad = torch.tensor([1.0, 1e20, 1.0])
+    assert not guard.step() and guard.skipped == 1 and torch.equal(guarded.detach(), torch.ones(3))
+    guarded.grad = torch.tensor([1.0, 1e19, 1.0])  # its square, 1e38, is a float32
+    assert guard.step() and guard.steps == 1
+    wide = nn.Parameter(torch.ones(3, dtype=F64))
+    wide.grad = torch.tensor([1.0, 1e20, 1.0], dtype=F64)
+    assert fastmaml.FiniteStep(torch.optim.Adam([wide])).is_finite()
+
+
 def test_finite_step_refuses_a_non_optimizer():
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         fastmaml.FiniteStep([torch.zeros(1)])

@@ -178,6 +178,7 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
     if bar is not None:
         bar.close()
     if guard.skipped:
-        log(f"fastmaml {name}: skipped {guard.skipped} meta-step(s) whose loss or gradient was not finite")
+        log(f"fastmaml {name}: skipped {guard.skipped} meta-step(s) whose loss or gradient was not finite "
+            "(or a gradient too large to square)")
     return TrainResult([t.detach() for t in tensors], backend or saved_backend or "none", seconds,
                        list(metrics[names[0]]), guard.skipped, metrics)
