@@ -98,28 +98,61 @@ def test_resume_with_other_settings_is_one_error_line(tmp_path, capsys):
     assert cli.main([*base[:5], "2", *base[6:], "--iterations", "30", "--resume"]) == 0
     assert "on backend 'cpu'" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["backend"] == "cpu"
+    # Another backend may continue the run (the same function), and the log says the result's rounding
+    # then differs from an uninterrupted run's.
+    base[3] = "reference"
+    assert cli.main([*base, "--iterations", "35", "--resume"]) == 0
+    logged = capsys.readouterr().out
+    assert "training on backend 'reference' (cpu); the checkpoint was written on 'cpu'" in logged, logged
 
 
-@pytest.mark.parametrize("damage", ["truncated", "fewer params", "other shape"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "edited", "fewer params", "other shape"])
 def test_a_damaged_or_foreign_checkpoint_is_one_error_line(tmp_path, capsys, damage):
-    """A checkpoint cut short, or one whose tensors are not this model's (fewer, or another shape: the copy
-    into the model dropped extra tensors and broadcast a smaller one over a larger, so that a resume with
-    another omniglot --head-hidden ran on, its 64 rows copies of one), is refused in one line."""
+    """A checkpoint cut short, one with a byte of a tensor changed on disk (torch.load reads it without
+    complaint: the run resumed from the damaged weight), one edited and saved without its digest changed,
+    or one whose tensors are not this model's (fewer, or another shape: the copy into the model dropped
+    extra tensors and broadcast a smaller one over a larger, so that a resume with another omniglot
+    --head-hidden ran on, its 64 rows copies of one), is refused in one line."""
     out = tmp_path / "run"
     base = ["train", "sinusoid", "--backend", "cpu", "--eval-tasks", "3", "--out", str(out), "--no-progress"]
     assert cli.main([*base, "--iterations", "20", "--checkpoint-every", "10"]) == 0
     path = out / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    assert state[jobs.checkpoint.DIGEST] == jobs.checkpoint.digest(state)
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:300])
-    else:
-        state = torch.load(path, weights_only=False)
+    elif damage == "flipped byte":
+        raw = bytearray(path.read_bytes())
+        at = raw.find(state["params"][2].numpy().tobytes())  # W2, 40 x 40 float32, stored as is
+        assert at > 0 and raw.find(state["params"][2].numpy().tobytes(), at + 1) < 0
+        raw[at + 801] ^= 0x10
+        path.write_bytes(bytes(raw))
+        torch.load(path, weights_only=False)  # still loads
+    elif damage == "edited":
+        state["params"][2][3, 4] += 1
+        torch.save(state, path)
+    else:  # foreign tensors, saved with their own digest
         if damage == "fewer params":
             state["params"] = state["params"][:-1]
         else:
             state["params"][0] = state["params"][0][:1]
-        torch.save(state, path)
+        jobs.checkpoint.save(str(path), state)
     capsys.readouterr()
     assert cli.main([*base, "--iterations", "30", "--resume"]) == 2
     err = capsys.readouterr().err
-    want = {"truncated": "cannot be read", "fewer params": "holds 5 params", "other shape": "params[0] of shape [1, 1]"}
+    want = {"truncated": "cannot be read", "flipped byte": "is damaged", "edited": "is damaged",
+            "fewer params": "holds 5 params", "other shape": "params[0] of shape [1, 1]"}
     assert "Traceback" not in err and "error: --resume:" in err and want[damage] in err, err
+
+
+def test_a_checkpoint_without_a_digest_is_read_as_it_is(tmp_path):
+    """A state saved by hand (torch.save, no digest) loads; the digest does not depend on where the state
+    lives or whether it went through a file."""
+    state = {"iteration": 3, "params": [torch.randn(4, 3)], "config": {"hidden": [40, 40], "seed": None},
+             "metrics": {"loss": [0.5, float("nan")]}, "optimizer": {"param_groups": [{"betas": (0.9, 0.999)}]}}
+    torch.save(state, tmp_path / "plain.pt")
+    assert jobs.checkpoint.load(str(tmp_path / "plain.pt"))["iteration"] == 3
+    jobs.checkpoint.save(str(tmp_path / "c.pt"), state)
+    loaded = jobs.checkpoint.load(str(tmp_path / "c.pt"))
+    assert jobs.checkpoint.DIGEST not in loaded and jobs.checkpoint.digest(loaded) == jobs.checkpoint.digest(state)
+    assert jobs.checkpoint.digest({**state, "iteration": 4}) != jobs.checkpoint.digest(state)

@@ -3,10 +3,15 @@
 `save(path, state)` writes `path` through a temporary file in the same folder, flushed to disk, then
 renamed over `path` (`os.replace`, atomic on POSIX and Windows): a process killed at any moment, during
 the write included, leaves either the previous checkpoint or the new one, never a torn file.
+
+The state carries a SHA-256 digest of its contents (`DIGEST`), which `load` checks: a byte changed on
+disk after the write (torch.load reads a changed tensor byte without complaint, and a resumed run went
+on from the damaged value) is refused. The file stays a plain `torch.save` dict.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from typing import Any, Optional, Sequence
@@ -14,10 +19,38 @@ from typing import Any, Optional, Sequence
 import torch
 
 CHECKPOINT = "checkpoint.pt"
+DIGEST = "sha256"  # the key of the state's digest
+
+
+def digest(state: dict[str, Any]) -> str:
+    """SHA-256 of `state` without its `DIGEST` entry: every tensor's dtype, shape and bytes, every other
+    value's type and repr, containers in order (the same for the state as saved and as loaded back)."""
+    h = hashlib.sha256()
+
+    def walk(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"dict:{len(x)}:".encode())
+            for key, value in x.items():
+                walk(key)
+                walk(value)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__}:{len(x)}:".encode())
+            for value in x:
+                walk(value)
+        else:  # numbers, strings, None, bools: their repr is exact and stable
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    walk({k: v for k, v in state.items() if k != DIGEST})
+    return h.hexdigest()
 
 
 def save(path: str, state: dict[str, Any]) -> None:
-    """Write `state` (anything `torch.save` takes) to `path` atomically."""
+    """Write `state` (a dict of what `torch.save` takes) to `path` atomically, with its digest."""
+    state = {**{k: v for k, v in state.items() if k != DIGEST}, DIGEST: digest(state)}
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
     try:
@@ -79,12 +112,21 @@ def check_tensors(path: str, state: dict[str, Any], params: Sequence[torch.Tenso
 
 
 def load(path: str) -> Optional[dict[str, Any]]:
-    """The state saved at `path`, or None when there is none; `JobError` when it cannot be read."""
+    """The state saved at `path` (without its digest), or None when there is none; `JobError` when it
+    cannot be read or its contents no longer match its digest. A state saved without a digest (by hand)
+    is taken as it is."""
     from .checks import JobError
 
     if not os.path.exists(path):
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated, empty or not a checkpoint: one line, not a traceback
         raise JobError(f"--resume: {path} cannot be read as a checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise JobError(f"--resume: {path} holds a {type(state).__name__}, not a checkpoint")
+    written = state.pop(DIGEST, None)
+    if written is not None and written != digest(state):
+        raise JobError(f"--resume: {path} is damaged (its contents no longer match the digest written with "
+                       "them); resume from a copy or start again without --resume")
+    return state

@@ -165,6 +165,11 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
         if backend is None:
             backend = used
             message = f"fastmaml {name}: training on backend {backend!r} ({device.type})"
+            if saved_backend is not None and saved_backend != backend:
+                # The same function in another rounding order: the run goes on, but it no longer ends with
+                # the uninterrupted run's tensors bit for bit.
+                message += (f"; the checkpoint was written on {saved_backend!r}, so the result will differ from "
+                            "an uninterrupted run's in rounding")
             bar.write(message) if bar is not None else log(message)  # above the bar, which a print would break
         if block == log_every or it == iterations - 1:
             close_block()
