@@ -6,9 +6,9 @@ sizes around the tiles' edges, each output element owned once, the same owner in
 shape into one output) and their tensor-core tiles (csrc/task/team_mma.h, emulated lane by lane from
 PTX's fragment layout of mma.sync m16n8k8: teams of 32, 40 and 128), then runs the per-task drivers
 (forward, reverse sweep, adapt, and the fused forward and reverse sweep summing tasks into one row as
-the CUDA maml_fwdbwd_sum does) with teams of 2, 3, 5, 8, 33 and 64 std::threads synchronised by a
-std::barrier, each with its own tile shape (64: every product on the emulated tensor-core tiles),
-several tasks one after another per team into shared meta-gradient rows, on fresh random problems (mse
+the CUDA maml_fwdbwd_sum does) with teams of 2, 3, 5, 8 and, case by case in turn, 33 or 64 std::threads
+synchronised by a std::barrier, each with its own tile shape (64: every product on the emulated tensor-core
+tiles), several tasks one after another per team into shared meta-gradient rows, on fresh random problems (mse
 and cross-entropy, relu and tanh, depths 1 to 4, widths up to 41, K = 0, 1, 3, first and second order,
 rate and input gradients, multi-step query weights, the reverse sweep's thetas kept and recomputed), and
 compares every output with the team of one that the cpu backend runs (tested against the reference
@@ -31,7 +31,7 @@ SOURCE = Path(__file__).resolve().parent / "cuda_team_check.cpp"
 
 def test_team_loops_match_the_team_of_one(tmp_path):
     out = build_and_run(tmp_path, SOURCE, ["-O1"])
-    assert "ok: 4320 product cases and 184 cases x 6 team sizes" in out
+    assert "ok: 4320 product cases and 184 cases x 5 team sizes" in out
 
 
 @pytest.mark.skipif(os.environ.get("FASTMAML_TSAN") != "1", reason="set FASTMAML_TSAN=1 to run under ThreadSanitizer")
