@@ -8,6 +8,7 @@ them like any parameter). Each rank is a process started by the test (torch.mult
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -123,3 +124,52 @@ def test_a_malformed_world_size_is_named(monkeypatch):
         ranks.from_environment(torch.device("cpu"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert ranks.from_environment(torch.device("cpu")).world == 1
+
+
+def _job_rank(rank: int, folder: str, phase: str) -> None:
+    """One rank of a 2-rank sinusoid job (gloo) whose checkpoint folder is its own "disk": only rank 0's
+    ever holds the checkpoint, as on two nodes without a shared file system."""
+    from fastmaml import sinusoid
+    from fastmaml.jobs.ranks import Ranks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-{phase}", rank=rank, world_size=WORLD)
+    try:
+        iterations = 12 if phase == "first" else 24
+        config = sinusoid.SinusoidConfig(iterations=iterations, meta_batch=4, backend="cpu", seed=3, log_every=4)
+        disk = os.path.join(folder, f"{phase if phase == 'whole' else 'run'}-disk{rank}")
+        os.makedirs(disk, exist_ok=True)
+        result = sinusoid.train(config, progress=False, log=lambda *a: None, checkpoint_dir=disk,
+                                checkpoint_every=6 if phase != "whole" else 0, resume=phase == "resumed",
+                                ranks=Ranks(rank, WORLD))
+        torch.save(result.params, os.path.join(folder, f"{phase}{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_or_fail(fn, args, seconds: float) -> None:
+    """mp.spawn with a deadline: ranks that disagree block in a collective, which must fail the test, not
+    hang it."""
+    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.time() + seconds
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish within {seconds} s (blocked in a collective?)")
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path):
+    """A resume is decided by rank 0, whose checkpoint every rank takes: where rank 1 could not see the
+    file (another node, no shared file system) it started over at iteration 0 while rank 0 resumed, and
+    the ranks blocked in their all-reduces. Both ranks end with the parameters of an uninterrupted run."""
+    for phase in ("first", "resumed", "whole"):
+        _spawn_or_fail(_job_rank, (str(tmp_path), phase), 90)
+    assert (tmp_path / "run-disk0" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run-disk1" / "checkpoint.pt").exists(), "a test that cannot fail"
+    whole = torch.load(tmp_path / "whole0.pt")
+    for rank in range(WORLD):
+        for a, b in zip(torch.load(tmp_path / f"resumed{rank}.pt"), whole):
+            assert torch.equal(a, b), f"rank {rank} did not resume to the uninterrupted run"

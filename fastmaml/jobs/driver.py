@@ -28,6 +28,7 @@ import torch
 
 from ..training import FiniteStep
 from . import checkpoint as ckpt
+from .checks import JobError
 from .ranks import Ranks
 
 
@@ -65,6 +66,22 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
+def _resume_state(path: str, ranks: Ranks) -> Optional[dict]:
+    """The checkpoint at `path` as rank 0 reads it, on every rank (None where rank 0 has none): each rank
+    deciding for itself, a rank on another node without the file (or with an older one) started over
+    while the others resumed. A checkpoint rank 0 cannot read is every rank's `JobError`."""
+    state, problem = None, None
+    if ranks.is_main:
+        try:
+            state = ckpt.load(path)
+        except JobError as err:
+            problem = str(err)
+    state, problem = ranks.from_main((state, problem))
+    if problem is not None:
+        raise JobError(problem)
+    return state
+
+
 def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Generator, *, iterations: int,
           name: str, config: dict, resume_keys: Sequence[str], device: torch.device, log_every: int = 100,
           warm_batch: Optional[tuple] = None, progress: bool = True, log=print,
@@ -77,8 +94,8 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
     backend's first call may build its kernels, the reference path traces its vmap). With
     `checkpoint_every = N > 0`, `checkpoint_dir/checkpoint.pt` is written atomically every N iterations
     and at the end (tensors, optimizer and guard state, iteration, every rank's task stream, metrics,
-    `config`); with `resume`, training continues from it when it exists (its `resume_keys` of `config`
-    must match) and ends with exactly the tensors of an uninterrupted run.
+    `config`); with `resume`, training continues from it when rank 0 has it (every rank takes rank 0's;
+    its `resume_keys` of `config` must match) and ends with exactly the tensors of an uninterrupted run.
     """
     ranks = ranks or Ranks()
     if not ranks.is_main:
@@ -90,8 +107,8 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
     names = tuple(learner.metric_names)
     first, seconds_before, metrics = 0, 0.0, {n: [] for n in names}
     saved_backend = None  # the checkpoint's: a resume with no step left to run reports it, not 'none'
-    if resume and path and os.path.exists(path):
-        state = ckpt.load(path)
+    state = _resume_state(path, ranks) if resume and path else None
+    if state is not None:
         ckpt.check_resumable(path, state, config, resume_keys, iterations, ranks.world)
         ckpt.check_tensors(path, state, tensors, buffers)
         with torch.no_grad():

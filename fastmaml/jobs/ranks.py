@@ -59,6 +59,14 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's `obj`, on every rank (what the other ranks pass is ignored)."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def share(self, count: int) -> slice:
         """This rank's contiguous share of `count` items (the first `count % world` ranks get one more)."""
         base, extra = divmod(count, self.world)
@@ -88,6 +96,10 @@ def from_environment(device: torch.device) -> Ranks:
         raise JobError(f"WORLD_SIZE must be a whole number of processes (torchrun sets it), got {text!r}") from None
     if world <= 1:
         return Ranks()
+    if device.type == "cuda":
+        # The object collectives (gather_objects, from_main) move their bytes through the current device:
+        # each rank must have its own, or NCCL sees two ranks on one GPU.
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size())
