@@ -4,7 +4,9 @@ The inner loop of one task is written with `torch.func.grad`; `torch.func.vmap` 
 at once (a generic module with `randomness="different"`: each task its own dropout masks). Outer
 autograd differentiates through it (second order unless `first_order`, where the inner gradients are
 detached). Where vmap cannot run the model (batch-norm statistics, data-dependent control flow), the
-same per-task function runs in a loop over tasks with `torch.autograd.grad`, with a `TaskLoopWarning`.
+same per-task function runs in a loop over tasks with `torch.autograd.grad`, with a `TaskLoopWarning`;
+so does a second-order call through a model whose second derivatives vmap gets wrong (a LayerNorm with a
+learned scale, a batch norm on batch statistics: `fastmaml.nn.vmap_second_order_reason`).
 """
 
 from __future__ import annotations
@@ -115,7 +117,15 @@ def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args
     A generic module runs with `randomness="different"`: each task draws its own random numbers (dropout
     masks), as it would in a loop over tasks."""
     vmap_error = None
-    if problem.forward is None or not problem.extras.get("no_vmap", False):
+    untrusted = problem.extras.get("vmap_second_order")  # set by fastmaml.MAML for a generic module
+    if untrusted and not problem.first_order and problem.inner_steps > 0 and torch.is_grad_enabled():
+        warnings.warn(
+            f"fastmaml: torch.func.vmap's second derivatives through this model differ from autograd's "
+            f"({untrusted}); the reference path runs this second-order call one task at a time: "
+            f"{problem.num_tasks} passes instead of one batched pass.",
+            TaskLoopWarning, stacklevel=_user_stacklevel(),
+        )
+    elif problem.forward is None or not problem.extras.get("no_vmap", False):
         try:
             if problem.forward is None:  # the MLP draws no random numbers
                 return torch.func.vmap(make_vmap_task(), in_dims=in_dims)(*args)
@@ -134,8 +144,9 @@ def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args
             f"fastmaml: torch.func.vmap cannot batch this model over tasks ({type(vmap_error).__name__}: "
             f"{first_line}); the reference path runs it one task at a time: {problem.num_tasks} passes "
             "instead of one batched pass, each paying Python and autograd overhead. Batch-norm layers in "
-            "training mode are a common cause (track_running_stats=False, or a norm without running "
-            "statistics, lets vmap batch it).",
+            "training mode are a common cause (track_running_stats=False lets vmap batch them in first-order "
+            "and no-grad calls; second-order ones run task by task anyway, vmap's second derivatives through "
+            "batch statistics being wrong).",
             TaskLoopWarning, stacklevel=_user_stacklevel(),
         )
         problem.extras["no_vmap"] = True
