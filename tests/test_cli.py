@@ -109,8 +109,12 @@ def test_help_and_usage_errors(capsys):
     (["--algorithm", "metasgd", "--inner-lr", "0.2"], "Meta-SGD keeps its learned rates in (0.0, 0.1)"),
     (["--algorithm", "reptile", "--first-order"], "first_order does not apply"),
     (["--seed", "20170702"], "seed 20170702 draws the training tasks from the held-out stream"),
+    (["--algorithm", "mamlpp", "--inner-steps", "0"], "MAML++ needs inner_steps >= 1"),
+    (["--algorithm", "reptile", "--inner-steps", "0"], "Reptile needs inner_steps >= 1"),
+    (["--algorithm", "metasgd", "--inner-steps", "0"], "Meta-SGD needs inner_steps >= 1"),
 ], ids=["nan_inner_lr", "inf_meta_lr", "out_under_a_file", "unknown_backend", "unknown_device", "no_such_gpu",
-        "cuda_backend_on_cpu", "learned_rate_out_of_range", "reptile_first_order", "seed_of_the_held_out_tasks"])
+        "cuda_backend_on_cpu", "learned_rate_out_of_range", "reptile_first_order", "seed_of_the_held_out_tasks",
+        "mamlpp_without_steps", "reptile_without_steps", "metasgd_without_steps"])
 def test_bad_arguments_are_one_line_before_training(tmp_path, capsys, monkeypatch, extra, message):
     """A bad argument or one this machine cannot serve is reported as one error line with exit code 2,
     before training starts (the trainer must not run), never as a traceback."""

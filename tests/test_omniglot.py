@@ -140,6 +140,16 @@ def test_loader_refusals_are_one_line_errors(tmp_path, broken, message, capsys):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_learned_rates_without_steps_are_one_error_line(tiny, tmp_path, capsys):
+    """--learn-inner-lr with --inner-steps 0 would learn rates no step uses: refused before training, in
+    one line (it raised from inside training)."""
+    code = cli.main(["train", "omniglot", "--data", tiny, "--cache", "", "--learn-inner-lr", "--inner-steps", "0",
+                     "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("fastmaml train omniglot: error: Meta-SGD needs inner_steps >= 1 (it adapts on "
+                                 "the support set to train), got 0"), err
+
+
 @pytest.mark.parametrize("model", ["anil", "mlp"])
 def test_job_end_to_end(tiny, tmp_path, model, capsys):
     out = tmp_path / model

@@ -126,6 +126,11 @@ class Learner:
         self.meta_lr = a.meta_lr if meta_lr is None else float(meta_lr)
         if a.reptile and first_order:  # it was stored (results.json said first_order: true) and ignored
             raise ValueError("Reptile takes no meta-gradient, of first order or second: first_order does not apply")
+        if self.inner_steps < 1 and (a.reptile or a.learns_rates):
+            # MAML with K = 0 is pretraining on the query loss; these would train nothing (Reptile's direction
+            # theta - theta, MAML++'s zero-weighted loss) or learn rates no step uses, and say nothing.
+            raise ValueError(f"{a.title} needs inner_steps >= 1 (it adapts on the support set to train), "
+                             f"got {self.inner_steps}")
         self.first_order = a.first_order if first_order is None else bool(first_order)
         self.activation, self.loss_name, self.backend = activation, loss, backend
         self.metric_names = ("meta_loss", "accuracy") if loss == "cross_entropy" else ("meta_loss",)

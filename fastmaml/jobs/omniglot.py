@@ -16,7 +16,7 @@ import torch
 from .. import omniglot
 from .._mlp import init_mlp
 from .. import omniglot_data as data
-from . import ranks as ranks_mod
+from . import algorithms, ranks as ranks_mod
 from .checks import (JobError, add_run_options, check_backend, check_out_dir, job_device, non_negative_int, positive,
                      report, run_on_ranks)
 
@@ -140,5 +140,11 @@ def preflight(config: omniglot.OmniglotConfig) -> None:
         yq = torch.randint(0, config.ways, (T, nq), device=device)
         return params, xs, ys, xq, yq
 
+    try:  # the algorithm's own bounds (a learned rate's range, steps to learn them by): one line, not a traceback
+        algorithms.Learner("metasgd" if config.learn_inner_lr else "maml", call()[0], iterations=config.iterations,
+                           inner_steps=config.inner_steps, inner_lr=config.inner_lr, first_order=config.first_order,
+                           inner_lr_range=config.inner_lr_range)
+    except ValueError as err:
+        raise JobError(str(err)) from err
     check_backend(config.backend, call, inner_steps=config.inner_steps, inner_lr=config.inner_lr,
                   first_order=config.first_order, loss="cross_entropy")
