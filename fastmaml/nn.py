@@ -141,6 +141,11 @@ def mlp_structure(model: nn.Module) -> Optional[str]:
     return mlp_structure_reason(model)[0]
 
 
+def _accept_state_without_rate_form(module, state_dict, prefix, *args) -> None:
+    """A state_dict saved before the rates' form was saved with it loads as before (nothing to check)."""
+    state_dict.setdefault(prefix + "_extra_state", module.get_extra_state())
+
+
 class MAML(nn.Module):
     """Wraps `model` so that `forward(x_s, y_s, x_q, y_q)` runs MAML on a batch of tasks.
 
@@ -200,6 +205,8 @@ class MAML(nn.Module):
         # Whether vmap failed on this model, per training mode (batch-norm statistics block vmap in
         # training mode only): the reference path then goes straight to its task loop.
         self._no_vmap = {True: False, False: False}
+        # Whether the reference path has said, per mode, that it loops second-order calls (once, as above).
+        self._said_second_order = {True: False, False: False}
         self.inner_lr = float(inner_lr)
         self.inner_lr_range = _check_range(inner_lr_range, self.inner_lr, learn_inner_lr)
         K = self.inner_steps
@@ -224,6 +231,27 @@ class MAML(nn.Module):
             )
         else:
             self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), start)) for p in params])
+        self.register_load_state_dict_pre_hook(_accept_state_without_rate_form)
+
+    # What gives the registered rates their meaning goes with `state_dict()`: loaded into a MAML with
+    # another `inner_lr_range` (or none), the same raw values were other rates (a rate of 0.04 became
+    # -0.35 without the range) and "All keys matched".
+    def get_extra_state(self) -> dict:
+        """The form of the learned rates (`learn_inner_lr`, `inner_lr_range`), saved with `state_dict()`."""
+        return {"learn_inner_lr": self.learn_inner_lr, "inner_lr_range": self.inner_lr_range}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Refuses a state_dict whose learned rates have another form than this module's."""
+        saved_range = state.get("inner_lr_range")
+        theirs = {"learn_inner_lr": state.get("learn_inner_lr"),
+                  "inner_lr_range": None if saved_range is None else tuple(float(v) for v in saved_range)}
+        mine = self.get_extra_state()
+        if theirs != mine:
+            raise ValueError(
+                f"this state_dict's learned rates are learn_inner_lr={theirs['learn_inner_lr']!r}, "
+                f"inner_lr_range={theirs['inner_lr_range']!r}; this fastmaml.MAML has "
+                f"learn_inner_lr={mine['learn_inner_lr']!r}, inner_lr_range={mine['inner_lr_range']!r}: its "
+                "stored rate parameters would mean other rates. Make the MAML with the same options.")
 
     def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
         """A learned rate as used: the parameter itself, or with `inner_lr_range = (low, high)`,
@@ -323,6 +351,7 @@ class MAML(nn.Module):
         problem = make_problem(params, x_s, y_s, x_q, y_q, forward=self._forward_fn(), **common)
         problem.extras["not_fused"] = why
         problem.extras["vmap_second_order"] = vmap_second_order_reason(self.model)
+        problem.extras["said_second_order"] = self._said_second_order[self.model.training]
         if self._no_vmap[self.model.training]:
             problem.extras["no_vmap"] = True
         return problem
@@ -330,6 +359,8 @@ class MAML(nn.Module):
     def _remember_vmap(self, problem) -> None:
         if problem.extras.get("no_vmap"):
             self._no_vmap[self.model.training] = True
+        if problem.extras.get("said_second_order"):
+            self._said_second_order[self.model.training] = True
 
     def forward(self, x_support, y_support, x_query, y_query, query_loss_weights=None) -> MAMLOutput:
         params = self._named_params()

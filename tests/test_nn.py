@@ -6,6 +6,7 @@ net with BatchNorm (which vmap cannot batch) run on the reference path and match
 written with torch.nn.functional. All comparisons in float64 on fresh random inputs.
 """
 
+import re
 import warnings
 
 import pytest
@@ -164,6 +165,36 @@ def test_learned_rates(mode, loss):
     assert_close([r.grad for r in rates], list(want[len(params):]), RTOL, "rate grad")
 
 
+def test_state_dict_carries_the_rates_form(tmp_path):
+    """The learned rates' form (learn_inner_lr, inner_lr_range) goes with state_dict(): loaded into a MAML
+    with the same form the rates and losses are the saved module's; into one with another range (or none,
+    where a stored raw value would be a rate of -0.35) the load is refused, naming both; a state_dict
+    without the form (saved before it was stored) loads as before."""
+    def make(**kw):
+        return fastmaml.MAML(_mlp([3, 5, 2], nn.Tanh, seed=2), inner_lr=0.04, inner_steps=2,
+                             learn_inner_lr="per_layer", backend="reference", **kw)
+
+    source = make(inner_lr_range=(0.0, 0.1))
+    with torch.no_grad():
+        for r in source.inner_lrs:
+            r.add_(torch.randn(r.shape, dtype=r.dtype))
+    torch.save(source.state_dict(), tmp_path / "sd.pt")
+    saved = torch.load(tmp_path / "sd.pt", weights_only=True)
+    xs, ys, xq, yq = _data(3, 4, 5, 3, 2, "mse", seed=3)
+    same = make(inner_lr_range=(0.0, 0.1))
+    same.load_state_dict(saved)
+    assert torch.equal(same(xs, ys, xq, yq).task_losses, source(xs, ys, xq, yq).task_losses)
+    for other in (None, (0.0, 0.5)):
+        with pytest.raises(ValueError, match=r"inner_lr_range=\(0.0, 0.1\); this fastmaml.MAML has .*"
+                                             + re.escape(f"inner_lr_range={other!r}")):
+            make(inner_lr_range=other).load_state_dict(saved)
+    with pytest.raises(ValueError, match="learn_inner_lr='per_layer', .* has learn_inner_lr='per_step'"):
+        fastmaml.MAML(_mlp([3, 5, 2], nn.Tanh, seed=2), inner_lr=0.04, inner_steps=2, learn_inner_lr="per_step",
+                      inner_lr_range=(0.0, 0.1)).load_state_dict(saved, strict=False)
+    older = {k: v for k, v in saved.items() if k != "_extra_state"}
+    assert not make(inner_lr_range=(0.0, 0.1)).load_state_dict(older).missing_keys
+
+
 # ---- modules that are not MLPs: the reference path ----------------------------------------------
 
 
@@ -210,8 +241,10 @@ def _bn_forward(params, x):
     return h.clamp_min(0) @ w2.t() + b2
 
 
-def test_batchnorm_task_loop(monkeypatch):
-    """BatchNorm in training mode updates its running statistics in place, which vmap cannot batch:
+@pytest.mark.parametrize("first_order", [False, True], ids=["so", "fo"])
+def test_batchnorm_task_loop(monkeypatch, first_order):
+    """BatchNorm in training mode updates its running statistics in place, which vmap cannot batch (and
+    vmap's second derivatives through batch statistics are wrong, so second-order calls do not try it):
     the reference path loops over tasks, says so once with a TaskLoopWarning, and still matches (batch
     statistics per task)."""
     torch.manual_seed(10)
@@ -219,13 +252,15 @@ def test_batchnorm_task_loop(monkeypatch):
     with torch.no_grad():  # non-trivial affine parameters
         model[1].weight.uniform_(0.5, 1.5)
         model[1].bias.uniform_(-0.5, 0.5)
-    wrapped = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2, backend="reference")
+    wrapped = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2, first_order=first_order, backend="reference")
     xs, ys, xq, yq = _data(3, 7, 5, 3, 2, "mse", seed=11)
-    with pytest.warns(fastmaml.TaskLoopWarning, match="vmap cannot batch this model") as record:
+    said = "vmap cannot batch this model" if first_order else "second derivatives through this model differ"
+    with pytest.warns(fastmaml.TaskLoopWarning, match=said) as record:
         out = wrapped(xs, ys, xq, yq)
-    assert record[0].filename == __file__, "the warning should point at the caller's line"
+    assert len(record) == 1 and record[0].filename == __file__, "one warning, pointing at the caller's line"
     params = _leaves(model)
-    ref = maml_loop(params, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1, forward=_bn_forward)
+    ref = maml_loop(params, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1, forward=_bn_forward,
+                    first_order=first_order)
     assert_close(out.task_losses, ref.task_losses, RTOL, "task_losses")
     assert_close(out.query_preds, ref.query_preds, RTOL, "query_preds")
     assert_close(list(torch.autograd.grad(out.loss, list(model.parameters()))),

@@ -119,12 +119,14 @@ def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args
     vmap_error = None
     untrusted = problem.extras.get("vmap_second_order")  # set by fastmaml.MAML for a generic module
     if untrusted and not problem.first_order and problem.inner_steps > 0 and torch.is_grad_enabled():
-        warnings.warn(
-            f"fastmaml: torch.func.vmap's second derivatives through this model differ from autograd's "
-            f"({untrusted}); the reference path runs this second-order call one task at a time: "
-            f"{problem.num_tasks} passes instead of one batched pass.",
-            TaskLoopWarning, stacklevel=_user_stacklevel(),
-        )
+        if not problem.extras.get("said_second_order"):  # once per module and mode, as below
+            warnings.warn(
+                f"fastmaml: torch.func.vmap's second derivatives through this model differ from autograd's "
+                f"({untrusted}); the reference path runs its second-order calls one task at a time: "
+                f"{problem.num_tasks} passes instead of one batched pass.",
+                TaskLoopWarning, stacklevel=_user_stacklevel(),
+            )
+            problem.extras["said_second_order"] = True
     elif problem.forward is None or not problem.extras.get("no_vmap", False):
         try:
             if problem.forward is None:  # the MLP draws no random numbers
