@@ -207,17 +207,24 @@ def explain(
     each other backend was rejected. Takes the same arguments as `maml`; returns a printable report.
 
     `params` may also be a `fastmaml.MAML` module (`explain(maml_module, x_s, y_s, x_q, y_q)`): the
-    report then also says what in the model keeps it off the fused kernels."""
+    report then also says what in the model keeps it off the fused kernels; the module's settings are
+    its own (only `query_loss_weights`, and `inner_steps` for adapt, may be given). With `backend=` a
+    name (or a module made with one), the report also says whether that backend runs the call."""
     if isinstance(params, torch.nn.Module):
         from .nn import MAML
 
         if not isinstance(params, MAML):
             raise TypeError(f"explain takes params or a fastmaml.MAML module, got {type(params).__name__}")
-        return params.explain(x_support, y_support, x_query, y_query, options.get("query_loss_weights"))
-    options.pop("backend", None)
+        other = sorted(set(options) - {"query_loss_weights", "inner_steps"})
+        if other:  # the module's own settings decide them: a report with them dropped would describe another call
+            raise TypeError(f"explain(module, ...) takes query_loss_weights and (for adapt) inner_steps; "
+                            f"{', '.join(other)}: the module's own settings decide them")
+        return params.explain(x_support, y_support, x_query, y_query, options.get("query_loss_weights"),
+                              options.get("inner_steps"))
+    requested = options.pop("backend", "auto")
     need_query = x_query is not None
     if not need_query:
         options.pop("first_order", None)
         options.pop("query_loss_weights", None)
     problem = make_problem(params, x_support, y_support, x_query, y_query, need_query=need_query, **options)
-    return dispatch.explain_problem(problem, "maml" if need_query else "adapt")
+    return dispatch.explain_problem(problem, "maml" if need_query else "adapt", requested=requested)

@@ -172,11 +172,19 @@ def select(problem: Problem, backend: str = "auto", op: str = "maml") -> Backend
     return chosen
 
 
-def explain_problem(problem: Problem, op: str = "maml") -> str:
-    """A short report: which backend `auto` picks for this call and why each other one was not."""
+def explain_problem(problem: Problem, op: str = "maml", requested: str = "auto") -> str:
+    """A short report: which backend `auto` picks for this call and why each other one was not; with
+    `requested` a backend's name (a `fastmaml.MAML` made with `backend=`), whether that one runs it."""
     lines = []
     chosen = None
-    for name, why in candidates(problem, op):
+    reasons = candidates(problem, op)
+    if requested != "auto":
+        asked = _REGISTRY.get(requested)
+        why = f"no backend is named {requested!r}" if asked is None else _reason(asked, problem, op)
+        lines.append(f"  backend={requested!r} was asked for: "
+                     + ("it runs this call" if why is None else f"the call raises ({why})")
+                     + "; auto would pick as below")
+    for name, why in reasons:
         if why is None and chosen is None:
             chosen = name
             lines.append(f"  {name:<10} chosen")

@@ -384,13 +384,19 @@ class MAML(nn.Module):
         self._remember_vmap(problem)
         return MAMLOutput(loss, task_losses, query_preds, chosen.name)
 
-    def explain(self, x_support, y_support, x_query=None, y_query=None, query_loss_weights=None) -> str:
-        """Which backend `forward` (or `adapt`, without query data) would run on these tasks, and why each
-        other backend was rejected (for a model the fused kernels cannot run exactly: what in it)."""
+    def explain(self, x_support, y_support, x_query=None, y_query=None, query_loss_weights=None,
+                inner_steps: Optional[int] = None) -> str:
+        """Which backend `forward` (or `adapt`, without query data: with `inner_steps` as `adapt` takes it)
+        would run on these tasks, and why each other backend was rejected (for a model the fused kernels
+        cannot run exactly: what in it). With `backend=` a name, the report says whether it can run."""
         need_query = x_query is not None
-        problem = self._problem(x_support, y_support, x_query, y_query, steps=self.inner_steps,
+        if need_query and inner_steps is not None:
+            raise ValueError("explain with query data describes forward, which takes the module's inner_steps; "
+                             "give inner_steps without x_query/y_query to describe adapt")
+        steps = self.inner_steps if inner_steps is None else check_inner_steps(inner_steps)
+        problem = self._problem(x_support, y_support, x_query, y_query, steps=steps,
                                 need_query=need_query, query_loss_weights=query_loss_weights)
-        return dispatch.explain_problem(problem, "maml" if need_query else "adapt")
+        return dispatch.explain_problem(problem, "maml" if need_query else "adapt", requested=self.backend)
 
     def adapt(self, x_support, y_support, inner_steps: Optional[int] = None) -> dict[str, torch.Tensor]:
         """The adapted parameters of every task, `{name: [T, *shape]}`, after `inner_steps` steps (default:

@@ -195,6 +195,28 @@ def test_state_dict_carries_the_rates_form(tmp_path):
     assert not make(inner_lr_range=(0.0, 0.1)).load_state_dict(older).missing_keys
 
 
+def test_explain_describes_what_the_module_runs():
+    """A module's explain names the backend it was made with and whether it runs the call (it reported
+    auto's choice, cpu, for a module that runs reference); it describes adapt with the inner_steps given;
+    options the module decides for itself are refused, not dropped."""
+    wrapped = fastmaml.MAML(_mlp([3, 5, 2], nn.Tanh, seed=2), inner_lr=0.04, backend="reference")
+    xs, ys, xq, yq = _data(2, 4, 5, 3, 2, "mse", seed=3)
+    report = wrapped.explain(xs, ys, xq, yq)
+    assert "backend='reference' was asked for: it runs this call" in report
+    assert wrapped(xs, ys, xq, yq).backend == "reference"
+    assert "fastmaml.adapt on cpu, T=2, K=7" in fastmaml.explain(wrapped, xs, ys, inner_steps=7)
+    with pytest.raises(TypeError, match="first_order: the module's own settings decide them"):
+        fastmaml.explain(wrapped, xs, ys, xq, yq, first_order=True)
+    with pytest.raises(ValueError, match="forward, which takes the module's inner_steps"):
+        wrapped.explain(xs, ys, xq, yq, inner_steps=3)
+    params = [p.detach() for p in wrapped.model.parameters()]
+    assert "backend='cpu' was asked for: it runs this call" in fastmaml.explain(params, xs, ys, xq, yq,
+                                                                                 activation="tanh", backend="cpu")
+    wrapped.backend = "cuda"
+    if not torch.cuda.is_available():
+        assert "backend='cuda' was asked for: the call raises (" in wrapped.explain(xs, ys, xq, yq)
+
+
 # ---- modules that are not MLPs: the reference path ----------------------------------------------
 
 
