@@ -5,8 +5,9 @@ at once (a generic module with `randomness="different"`: each task its own dropo
 autograd differentiates through it (second order unless `first_order`, where the inner gradients are
 detached). Where vmap cannot run the model (batch-norm statistics, data-dependent control flow), the
 same per-task function runs in a loop over tasks with `torch.autograd.grad`, with a `TaskLoopWarning`;
-so does a second-order call through a model whose second derivatives vmap gets wrong (a LayerNorm with a
-learned scale, a batch norm on batch statistics: `fastmaml.nn.vmap_second_order_reason`).
+so does a call through a model whose derivatives vmap gets wrong (second-order calls through a LayerNorm
+with a learned scale or an affine instance or batch norm on batch statistics; every call through an
+Embedding with a padding_idx: `fastmaml.nn.vmap_gradient_reason`).
 """
 
 from __future__ import annotations
@@ -117,16 +118,19 @@ def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args
     A generic module runs with `randomness="different"`: each task draws its own random numbers (dropout
     masks), as it would in a loop over tasks."""
     vmap_error = None
-    untrusted = problem.extras.get("vmap_second_order")  # set by fastmaml.MAML for a generic module
-    if untrusted and not problem.first_order and problem.inner_steps > 0 and torch.is_grad_enabled():
-        if not problem.extras.get("said_second_order"):  # once per module and mode, as below
+    # fastmaml.MAML marks a generic module whose derivatives vmap gets wrong (`nn.vmap_gradient_reason`).
+    untrusted, every_order = problem.extras.get("vmap_untrusted") or (None, False)
+    second_order = not problem.first_order and torch.is_grad_enabled()
+    if untrusted and problem.inner_steps > 0 and (every_order or second_order):
+        if not problem.extras.get("said_untrusted"):  # once per module and mode, as below
+            which = "derivatives" if every_order else "second derivatives"
             warnings.warn(
-                f"fastmaml: torch.func.vmap's second derivatives through this model differ from autograd's "
-                f"({untrusted}); the reference path runs its second-order calls one task at a time: "
-                f"{problem.num_tasks} passes instead of one batched pass.",
+                f"fastmaml: torch.func.vmap's {which} through this model differ from autograd's ({untrusted}); "
+                f"the reference path runs {'its' if every_order else 'its second-order'} calls one task at a "
+                f"time: {problem.num_tasks} passes instead of one batched pass.",
                 TaskLoopWarning, stacklevel=_user_stacklevel(),
             )
-            problem.extras["said_second_order"] = True
+            problem.extras["said_untrusted"] = True
     elif problem.forward is None or not problem.extras.get("no_vmap", False):
         try:
             if problem.forward is None:  # the MLP draws no random numbers
@@ -147,8 +151,8 @@ def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args
             f"{first_line}); the reference path runs it one task at a time: {problem.num_tasks} passes "
             "instead of one batched pass, each paying Python and autograd overhead. Batch-norm layers in "
             "training mode are a common cause (track_running_stats=False lets vmap batch them in first-order "
-            "and no-grad calls; second-order ones run task by task anyway, vmap's second derivatives through "
-            "batch statistics being wrong).",
+            "and no-grad calls, and in second-order ones without affine parameters; vmap's second derivatives "
+            "through affine batch statistics are wrong, so those calls run task by task anyway).",
             TaskLoopWarning, stacklevel=_user_stacklevel(),
         )
         problem.extras["no_vmap"] = True
