@@ -402,7 +402,8 @@ class MAML(nn.Module):
                 inner_steps: Optional[int] = None) -> str:
         """Which backend `forward` (or `adapt`, without query data: with `inner_steps` as `adapt` takes it)
         would run on these tasks, and why each other backend was rejected (for a model the fused kernels
-        cannot run exactly: what in it). With `backend=` a name, the report says whether it can run."""
+        cannot run exactly: what in it). For a module made with `backend=` a name, the report says
+        whether that backend runs the call."""
         need_query = x_query is not None
         if need_query and inner_steps is not None:
             raise ValueError("explain with query data describes forward, which takes the module's inner_steps; "

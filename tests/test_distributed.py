@@ -114,14 +114,20 @@ def test_ddp_world_of_one_on_the_gpu(backend, tmp_path):
         assert torch.allclose(a, b.detach().cpu(), rtol=1e-9, atol=1e-12)
 
 
-def test_a_malformed_world_size_is_named(monkeypatch):
-    """A WORLD_SIZE that is not a number is refused with the variable's name, not a bare int() error."""
+def test_a_malformed_world_size_is_named(monkeypatch, tmp_path, capsys):
+    """A WORLD_SIZE that is not a number is refused with the variable's name, not a bare int() error: by
+    the process group's setup and, in one error line, by every job (their checks read it first)."""
+    from fastmaml import cli
     from fastmaml.jobs import ranks
     from fastmaml.jobs.checks import JobError
 
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(JobError, match="WORLD_SIZE must be a whole number of processes .* got 'two'"):
         ranks.from_environment(torch.device("cpu"))
+    for job in (["train", "sinusoid"], ["train", "omniglot", "--data", str(tmp_path)], ["compare", "sinusoid"]):
+        assert cli.main([*job, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("error: WORLD_SIZE must be a whole number of processes (torchrun sets it), got 'two'"), err
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert ranks.from_environment(torch.device("cpu")).world == 1
 

@@ -58,8 +58,10 @@ def add_run_options(parser: argparse.ArgumentParser, *, backend: str, seed: int,
 
 def job_device(name: str) -> torch.device:
     """`check_device(name)`; under torchrun a bare `cuda` becomes this process's `cuda:LOCAL_RANK`."""
+    from . import ranks as ranks_mod
+
     device = check_device(name)
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if device.type == "cuda" and device.index is None and ranks_mod.world_size() > 1:
         device = check_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     return device
 

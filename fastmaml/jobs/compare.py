@@ -24,7 +24,7 @@ import sys
 import time
 
 from .. import sinusoid
-from . import algorithms, driver
+from . import algorithms, driver, ranks as ranks_mod
 from .checks import JobError, add_run_options, check_device, check_out_dir, non_negative_int, positive, report
 
 STEPS = (1, 5, 10)  # the table's columns
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
                 raise JobError(f"--algorithms: unknown {n!r}; choose from {', '.join(algorithms.ALGORITHMS)}")
         if not names:
             raise JobError("--algorithms: give at least one")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if ranks_mod.world_size() > 1:
             raise JobError("compare runs in one process; run `fastmaml train sinusoid --algorithm NAME` under "
                            "torchrun to train one algorithm over several")
         device = check_device(args.device)

@@ -84,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
         if args.data is None:
             raise JobError(f"--data DIR is required: {data.DOWNLOAD}")
         device = job_device(args.device)
-        ranks_mod.split(args.meta_batch, int(os.environ.get("WORLD_SIZE", "1")))
+        ranks_mod.split(args.meta_batch, ranks_mod.world_size())
         try:
             meta_train, held_out, train_path, test_path = omniglot.load_data(args.data, args.train, args.test,
                                                                             args.cache)

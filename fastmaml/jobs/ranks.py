@@ -84,16 +84,22 @@ def split(meta_batch: int, world: int) -> int:
     return meta_batch // world
 
 
-def from_environment(device: torch.device) -> Ranks:
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, ...) with gloo on the CPU
-    or NCCL on CUDA devices; a world of one without it."""
+def world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 without it); `JobError` naming the variable
+    when it is not a whole number."""
     text = os.environ.get("WORLD_SIZE", "1")
     try:
-        world = int(text)
+        return int(text)
     except ValueError:
         from .checks import JobError
 
         raise JobError(f"WORLD_SIZE must be a whole number of processes (torchrun sets it), got {text!r}") from None
+
+
+def from_environment(device: torch.device) -> Ranks:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, ...) with gloo on the CPU
+    or NCCL on CUDA devices; a world of one without it."""
+    world = world_size()
     if world <= 1:
         return Ranks()
     if device.type == "cuda":

@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     after those checks, which every process makes alike."""
     try:
         device = job_device(args.device)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = ranks_mod.world_size()
         ranks_mod.split(args.meta_batch, world)
         config = sinusoid.SinusoidConfig(
             iterations=args.iterations, meta_batch=args.meta_batch, n_support=args.n_support,
