@@ -242,7 +242,7 @@ def train(config: OmniglotConfig, meta_train: data.Characters, progress: bool = 
     images = data.with_rotations(meta_train.as_float())  # sampled on the CPU, moved per batch
     net = Network(config.model, config.ways, _generator(config.seed), device, config.head_hidden)
     learner = Learner(net, config)
-    tasks = _generator(config.seed + 1 + 1_000_003 * ranks.rank)
+    tasks = _generator(jobs.ranks.task_stream_seed(config.seed, ranks.rank))
 
     def sample(g):
         return tuple(t.to(device) for t in data.sample_tasks(images, per_rank, config.ways, config.shots,

@@ -197,16 +197,11 @@ def _resume_keys(config: SinusoidConfig) -> tuple[str, ...]:
     return _RESUME_KEYS + (("iterations",) if scheduled else ())
 
 
-def task_stream_seed(seed: int, rank: int) -> int:
-    """The seed of rank `rank`'s training tasks (rank 0's is the one-process run's)."""
-    return seed + 1 + 1_000_003 * rank
-
-
 def check_task_streams(config: SinusoidConfig, world: int) -> None:
     """Raises ValueError where a rank's training tasks would be the held-out ones (its stream's seed is
     `eval_seed`): the evaluation would then measure tasks the model was trained on."""
     for rank in range(world):
-        if task_stream_seed(config.seed, rank) == config.eval_seed:
+        if jobs.ranks.task_stream_seed(config.seed, rank) == config.eval_seed:
             where = "" if world == 1 else f" on rank {rank} of {world}"
             raise ValueError(f"seed {config.seed} draws the training tasks{where} from the held-out stream "
                              f"(eval_seed {config.eval_seed}): the evaluation would measure trained-on tasks; "
@@ -227,7 +222,7 @@ def _train(config: SinusoidConfig, progress: bool, log, checkpoint_dir: str | No
     # (rank 0's is the one-process run's). Every algorithm sees the same tasks. They are drawn on the
     # training device with one torch.rand call per meta-batch: microseconds.
     check_task_streams(config, ranks.world)
-    tasks = _generator(task_stream_seed(config.seed, ranks.rank), device)
+    tasks = _generator(jobs.ranks.task_stream_seed(config.seed, ranks.rank), device)
     result = driver.train(
         learner, lambda g: sample_batch(per_rank, config.n_support, config.n_query, g, device), tasks,
         iterations=config.iterations, name="sinusoid", config=config.to_dict(), resume_keys=_resume_keys(config),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastmaml
-from fastmaml import cli, sinusoid
+from fastmaml import cli, jobs, sinusoid
 
 SHOTS = ("5", "10", "20")
 
@@ -144,7 +144,7 @@ def test_no_rank_trains_on_the_held_out_tasks():
     sinusoid.check_task_streams(sinusoid.SinusoidConfig(iterations=1, seed=5), 8)
     eval_seed = sinusoid.SinusoidConfig().eval_seed
     colliding = sinusoid.SinusoidConfig(iterations=1, seed=eval_seed - 1 - 1_000_003 * 3)
-    assert sinusoid.task_stream_seed(colliding.seed, 3) == colliding.eval_seed
+    assert jobs.ranks.task_stream_seed(colliding.seed, 3) == colliding.eval_seed
     sinusoid.check_task_streams(colliding, 3)  # ranks 0-2 draw other tasks
     with pytest.raises(ValueError, match="on rank 3 of 4 from the held-out stream"):
         sinusoid.check_task_streams(colliding, 4)

@@ -74,6 +74,12 @@ class Ranks:
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
 
+def task_stream_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s stream of training tasks in a job seeded with `seed` (rank 0's is the
+    one-process run's)."""
+    return seed + 1 + 1_000_003 * rank
+
+
 def split(meta_batch: int, world: int) -> int:
     """Each rank's share of the global meta-batch; `JobError` unless it splits evenly."""
     if meta_batch % world:
