@@ -53,8 +53,9 @@ def vmap_gradient_reason(model: nn.Module) -> tuple[Optional[str], bool]:
       0.2) and a batch norm with affine parameters on batch statistics (1.4e-2 to 0.19): the second-order
       meta-gradient differs; the losses and first order agree. TransformerEncoderLayer holds LayerNorms.
     The same norms without learned parameters, GroupNorm, RMSNorm, LocalResponseNorm, convolutions,
-    pooling, attention and the usual activations agree to 1e-15. A norm called through
-    torch.nn.functional in a custom forward cannot be seen here."""
+    pooling, attention and the usual activations agree to 1e-15. A norm or an embedding called through
+    torch.nn.functional in a custom forward is not seen here: the reference path sees those calls when the
+    forward first runs under vmap (`backends.reference._untrusted_call`)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             return f"{name or 'the model'} is an Embedding with a padding_idx", True
@@ -221,6 +222,9 @@ class MAML(nn.Module):
         self._no_vmap = {True: False, False: False}
         # Whether the reference path has said, per mode, that it loops calls vmap gets wrong (once, as above).
         self._said_untrusted = {True: False, False: False}
+        # What the reference path saw the forward call in its first batched run, per mode (None: not run
+        # yet): `(why vmap's derivatives through those calls are wrong, every_order)` or `(None, False)`.
+        self._vmap_calls = {True: None, False: None}
         self.inner_lr = float(inner_lr)
         self.inner_lr_range = _check_range(inner_lr_range, self.inner_lr, learn_inner_lr)
         K = self.inner_steps
@@ -366,6 +370,8 @@ class MAML(nn.Module):
         problem.extras["not_fused"] = why
         problem.extras["vmap_untrusted"] = vmap_gradient_reason(self.model)
         problem.extras["said_untrusted"] = self._said_untrusted[self.model.training]
+        if self._vmap_calls[self.model.training] is not None:
+            problem.extras["vmap_calls"] = self._vmap_calls[self.model.training]
         if self._no_vmap[self.model.training]:
             problem.extras["no_vmap"] = True
         return problem
@@ -375,6 +381,8 @@ class MAML(nn.Module):
             self._no_vmap[self.model.training] = True
         if problem.extras.get("said_untrusted"):
             self._said_untrusted[self.model.training] = True
+        if "vmap_calls" in problem.extras:
+            self._vmap_calls[self.model.training] = problem.extras["vmap_calls"]
 
     def forward(self, x_support, y_support, x_query, y_query, query_loss_weights=None) -> MAMLOutput:
         params = self._named_params()

@@ -23,6 +23,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import fastmaml
 from _reference_loop import assert_close, assert_close_per_tensor, gradients, maml_loop, mlp_apply, random_data, random_params
@@ -572,9 +573,106 @@ def test_models_vmap_differentiates_wrongly_match_the_loop(monkeypatch, case, fi
     assert_close(out.task_losses, ref.task_losses, RTOL, "task_losses")
     assert_close(flat(got), flat(want), RTOL, "meta-gradient")
     if loops:  # a test that can fail: batched by vmap, this call is wrong
+        from fastmaml.backends import reference as reference_backend
+
         monkeypatch.setattr(fastmaml.nn, "vmap_gradient_reason", lambda model: (None, False))
+        monkeypatch.setattr(reference_backend, "_untrusted_call", lambda func, args, kwargs: None)
         batched = torch.autograd.grad(wrapped(xs, ys, xq, yq).loss, params)
         error = (flat(batched) - flat(want)).abs().max() / flat(want).abs().max()
+        assert error > 1e-4, error
+
+
+class _Functional(nn.Module):
+    """A custom forward that calls a norm or an embedding through torch.nn.functional (or torch) on
+    parameters of its own: no layer of it is one `vmap_gradient_reason` knows."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.inp = nn.Linear(12 if kind == "embedding_padding" else 3, 8)
+        self.scale = nn.Parameter(1 + 0.3 * torch.randn(8))
+        self.shift = nn.Parameter(0.3 * torch.randn(8))
+        self.table = nn.Parameter(torch.randn(6, 3))
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        kind = self.kind
+        if kind == "embedding_padding":
+            h = self.inp(F.embedding(x.long(), self.table, padding_idx=0).flatten(1)) * self.scale + self.shift
+            return self.out(torch.tanh(h))
+        h = self.inp(x)
+        if kind == "layer_norm":
+            h = F.layer_norm(h, (8,), self.scale, self.shift)
+        elif kind == "torch_layer_norm":
+            h = torch.layer_norm(h, [8], self.scale, self.shift)
+        elif kind == "instance_norm":
+            h = F.instance_norm(h.view(-1, 2, 4), weight=self.scale[:2], bias=self.shift[:2]).flatten(1)
+        elif kind == "batch_norm_batch_stats":
+            h = F.batch_norm(h, None, None, self.scale, self.shift, training=True)
+        elif kind == "group_norm":
+            h = F.group_norm(h, 2, self.scale, self.shift)
+        elif kind == "layer_norm_no_scale":
+            h = F.layer_norm(h, (8,)) * self.scale + self.shift  # the scale outside: no learned one inside
+        return self.out(torch.tanh(h * self.table[1, 1]))
+
+
+# kind -> which calls vmap gets wrong, as in _VMAP_CASES
+_FUNCTIONAL_CASES = {
+    "layer_norm": "second order", "torch_layer_norm": "second order", "instance_norm": "second order",
+    "batch_norm_batch_stats": "second order", "embedding_padding": "every order",
+    "group_norm": None, "layer_norm_no_scale": None,
+}
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["so", "fo"])
+@pytest.mark.parametrize("kind", list(_FUNCTIONAL_CASES))
+def test_functional_calls_vmap_differentiates_wrongly_match_the_loop(monkeypatch, kind, first_order):
+    """The same layers called through torch.nn.functional in a custom forward, which the module walk
+    cannot see: the reference path sees the calls in the forward's first batched run, drops that run's
+    result where it is wrong for the call, loops (one TaskLoopWarning), and goes straight to the loop in
+    the next call. Every call matches the independent loop; batched, the looped ones would not."""
+    wrong = _FUNCTIONAL_CASES[kind]
+    torch.manual_seed(5)
+    model = _Functional(kind).double()
+    assert fastmaml.nn.vmap_gradient_reason(model) == (None, False)
+    wrapped = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2, first_order=first_order)
+    _, (xs, ys, xq, yq) = _mse_case(dims=(3, 8, 2), tasks=4, n_support=6, n_query=5, seed=14)
+    if kind == "embedding_padding":
+        g = torch.Generator().manual_seed(15)
+        xs, xq = (torch.randint(0, 6, (4, n, 4), generator=g).double() for n in (6, 5))
+    loops = wrong == "every order" or (wrong == "second order" and not first_order)
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+
+    def forward(ps, x):
+        return torch.func.functional_call(model, dict(zip(names, ps)), (x,))
+
+    ref = maml_loop(leaves, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1, first_order=first_order, forward=forward)
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(ref.loss, leaves)])
+    from fastmaml.backends import reference as reference_backend
+
+    vmapped = []
+    real_vmap = torch.func.vmap
+    monkeypatch.setattr(torch.func, "vmap", lambda *a, **k: vmapped.append(1) or real_vmap(*a, **k))
+    for call in range(2):
+        vmapped.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", fastmaml.TaskLoopWarning)
+            out = wrapped(xs, ys, xq, yq)
+        said = [str(w.message) for w in caught if issubclass(w.category, fastmaml.TaskLoopWarning)]
+        assert len(said) == (loops and call == 0), said
+        assert not said or "forward calls" in said[0], said
+        # the first call runs vmap (then the loop where wrong); the second runs vmap only where right
+        assert len(vmapped) == (1 if call == 0 or not loops else 0), (call, vmapped)
+        got = torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, params)])
+        assert_close(out.task_losses, ref.task_losses, RTOL, f"task_losses, call {call}")
+        assert_close(got, want, RTOL, f"meta-gradient, call {call}")
+    if loops:  # a test that can fail: batched by vmap, this call is wrong
+        monkeypatch.setattr(reference_backend, "_untrusted_call", lambda func, args, kwargs: None)
+        fresh = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2, first_order=first_order)
+        batched = torch.cat([g.reshape(-1) for g in torch.autograd.grad(fresh(xs, ys, xq, yq).loss, params)])
+        error = (batched - want).abs().max() / want.abs().max()
         assert error > 1e-4, error
 
 

@@ -7,7 +7,8 @@ detached). Where vmap cannot run the model (batch-norm statistics, data-dependen
 same per-task function runs in a loop over tasks with `torch.autograd.grad`, with a `TaskLoopWarning`;
 so does a call through a model whose derivatives vmap gets wrong (second-order calls through a LayerNorm
 with a learned scale or an affine instance or batch norm on batch statistics; every call through an
-Embedding with a padding_idx: `fastmaml.nn.vmap_gradient_reason`).
+Embedding with a padding_idx): known from the model's layers (`fastmaml.nn.vmap_gradient_reason`), or
+from the functions its forward called in its first batched run (`_untrusted_call`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,60 @@ def _maml_task(problem: Problem, inner: Callable):
     return task, weights
 
 
+# ---- the calls whose derivatives vmap gets wrong, seen as the forward makes them ----------------------
+
+
+def _arg(args, kwargs, index: int, name: str, default=None):
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _untrusted_call(func, args, kwargs) -> Optional[tuple[str, bool]]:
+    """`(what, every_order)` when vmap's derivatives through this call of `func` differ from autograd's
+    (the functional forms of the layers `fastmaml.nn.vmap_gradient_reason` names), else None.
+
+    Each function is listed in both forms a forward may call: `torch.nn.functional`'s and `torch`'s,
+    whose argument orders differ."""
+    F = torch.nn.functional
+    if func in (F.layer_norm, torch.layer_norm, torch.native_layer_norm):
+        if _arg(args, kwargs, 2, "weight") is not None:
+            return f"its forward calls {func.__name__} with a learned scale", False
+    elif func in (F.instance_norm, torch.instance_norm):
+        if _arg(args, kwargs, 3 if func is F.instance_norm else 1, "weight") is not None:
+            return f"its forward calls {func.__name__} with affine parameters", False
+    elif func is F.batch_norm:
+        stats = _arg(args, kwargs, 5, "training", False) or _arg(args, kwargs, 1, "running_mean") is None
+        if _arg(args, kwargs, 3, "weight") is not None and stats:
+            return "its forward calls batch_norm with affine parameters on batch statistics", False
+    elif func in (torch.batch_norm, torch.native_batch_norm):
+        stats = _arg(args, kwargs, 5, "training", False) or _arg(args, kwargs, 3, "running_mean") is None
+        if _arg(args, kwargs, 1, "weight") is not None and stats:
+            return f"its forward calls {func.__name__} with affine parameters on batch statistics", False
+    elif func is F.embedding:
+        if _arg(args, kwargs, 2, "padding_idx") is not None:
+            return "its forward calls embedding with a padding_idx", True
+    elif func is torch.embedding:
+        if _arg(args, kwargs, 2, "padding_idx", -1) != -1:
+            return "its forward calls embedding with a padding_idx", True
+    return None
+
+
+class _SeeUntrustedCalls(torch.overrides.TorchFunctionMode):
+    """Notes the calls of `_untrusted_call` made while it is active (an every-order one before a
+    second-order one): `found` is `(what, every_order)` or `(None, False)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: tuple[Optional[str], bool] = (None, False)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.found[1]:
+            seen = _untrusted_call(func, args, kwargs)
+            if seen is not None and (self.found[0] is None or seen[1]):
+                self.found = seen
+        return func(*args, **kwargs)
+
+
 class TaskLoopWarning(UserWarning):
     """The reference path runs a model task by task because `torch.func.vmap` cannot batch it."""
 
@@ -118,28 +173,47 @@ def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args
     A generic module runs with `randomness="different"`: each task draws its own random numbers (dropout
     masks), as it would in a loop over tasks."""
     vmap_error = None
-    # fastmaml.MAML marks a generic module whose derivatives vmap gets wrong (`nn.vmap_gradient_reason`).
-    untrusted, every_order = problem.extras.get("vmap_untrusted") or (None, False)
     second_order = not problem.first_order and torch.is_grad_enabled()
-    if untrusted and problem.inner_steps > 0 and (every_order or second_order):
-        if not problem.extras.get("said_untrusted"):  # once per module and mode, as below
-            which = "derivatives" if every_order else "second derivatives"
-            warnings.warn(
-                f"fastmaml: torch.func.vmap's {which} through this model differ from autograd's ({untrusted}); "
-                f"the reference path runs {'its' if every_order else 'its second-order'} calls one task at a "
-                f"time: {problem.num_tasks} passes instead of one batched pass.",
-                TaskLoopWarning, stacklevel=_user_stacklevel(),
-            )
-            problem.extras["said_untrusted"] = True
-    elif problem.forward is None or not problem.extras.get("no_vmap", False):
+
+    def wrong_here(untrusted, every_order):
+        return untrusted is not None and problem.inner_steps > 0 and (every_order or second_order)
+
+    # fastmaml.MAML marks a generic module whose derivatives vmap gets wrong: by its layers
+    # (`nn.vmap_gradient_reason`), else by the calls its forward made under vmap before ("vmap_calls").
+    untrusted = problem.extras.get("vmap_untrusted") or (None, False)
+    if untrusted[0] is None:
+        untrusted = problem.extras.get("vmap_calls") or (None, False)
+    if not wrong_here(*untrusted) and (problem.forward is None or not problem.extras.get("no_vmap", False)):
+        # A generic forward's first batched run per module and mode notes its calls: a norm or an
+        # embedding called through torch.nn.functional is invisible to the module walk. Where one is
+        # wrong for this call, the batched result is dropped and the loop below runs instead. Not while
+        # torch.compile traces (a function mode there would be traced too): the walk alone holds there.
+        see = (problem.forward is not None and "vmap_calls" not in problem.extras
+               and not torch.compiler.is_compiling())
         try:
             if problem.forward is None:  # the MLP draws no random numbers
                 return torch.func.vmap(make_vmap_task(), in_dims=in_dims)(*args)
-            return torch.func.vmap(make_vmap_task(), in_dims=in_dims, randomness="different")(*args)
+            if not see:
+                return torch.func.vmap(make_vmap_task(), in_dims=in_dims, randomness="different")(*args)
+            with _SeeUntrustedCalls() as calls:
+                batched = torch.func.vmap(make_vmap_task(), in_dims=in_dims, randomness="different")(*args)
+            problem.extras["vmap_calls"] = untrusted = calls.found
+            if not wrong_here(*untrusted):
+                return batched
+            del batched
         except Exception as err:  # vmap refuses some modules (in-place buffer updates, .item(), ...)
             if problem.forward is None:
                 raise
             vmap_error = err
+    if wrong_here(*untrusted) and not problem.extras.get("said_untrusted"):  # once per module and mode
+        which = "derivatives" if untrusted[1] else "second derivatives"
+        warnings.warn(
+            f"fastmaml: torch.func.vmap's {which} through this model differ from autograd's ({untrusted[0]}); "
+            f"the reference path runs {'its' if untrusted[1] else 'its second-order'} calls one task at a "
+            f"time: {problem.num_tasks} passes instead of one batched pass.",
+            TaskLoopWarning, stacklevel=_user_stacklevel(),
+        )
+        problem.extras["said_untrusted"] = True
     task = make_loop_task()
     outs = []
     for t in range(problem.num_tasks):
