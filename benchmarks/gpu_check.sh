@@ -22,7 +22,8 @@
 # Every stage has a time limit and the whole run ends within about TOTAL_S (default 470 s). The output
 # folder gets env.txt, build.log, ptxas.txt, tests.log, ab.txt, profile.txt, timeline.txt (and the folder
 # timeline/), overhead.txt, overhead.json, sweep.log, throughput.csv, throughput.png, summary.txt. The last
-# thing printed is the compact summary table.
+# thing printed is the compact summary table, then the stages that failed or ran out of time, if any: the
+# exit status is then 1 (0 when every stage that ran finished cleanly).
 #
 # Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), SWEEP_S (75 with --quick, else no
 # cap: what is left of TOTAL_S after the profile's and the A/B's time and a reserve for the summary),
@@ -85,6 +86,10 @@ RESERVE_S=50  # the Triton register report (30 s) and the summary
 START=$SECONDS
 left() { echo $(( TOTAL_S - RESERVE_S - (SECONDS - START) )); }
 stage() { echo "== [$(( SECONDS - START ))s] $*"; }
+# The stages that failed or ran out of time: listed at the end, and the script then exits 1 (after
+# writing everything it could: a pack after it, joined with `;`, still runs).
+FAILED=()
+check_rc() { [ "$2" = 0 ] || FAILED+=("$1 (exit $2)"); }
 
 # Some images have only `python3`: give the stages a `python` that is it.
 if ! command -v python >/dev/null 2>&1 && command -v python3 >/dev/null 2>&1; then
@@ -158,7 +163,7 @@ stage "build (limit ${BUILD_S}s) -> $DIR/build.log"
       || echo "pip install -e . failed; running from PYTHONPATH=$REPO"
   fi
   # Asking every backend whether it can run builds what it needs (the C++ extension, the CUDA kernels).
-  timeout "$BUILD_S" python - <<'EOF' || echo "build step failed or timed out"
+  timeout "$BUILD_S" python - <<'EOF' || { echo "build step failed or timed out"; FAILED+=("build"); }
 import time
 import fastmaml
 from fastmaml.dispatch import get_backend
@@ -211,6 +216,7 @@ else
   rc=$?
   [ $rc = 124 ] && echo "sweep: timed out after ${budget}s (the CSV keeps the rows measured)" | tee -a "$DIR/sweep.log"
   echo "sweep exit code $rc (1: a method failed its check)"
+  check_rc sweep $rc
   grep -E "failed|oom|Error" "$DIR/sweep.log" | head -8 | cut -c1-200
 fi
 
@@ -220,6 +226,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
   # triton last: at this width it is the slowest by far, and the limit may end it.
   ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda factored vmap triton \
       --tasks 65536 --steps 5 --width 128 --warmup 1 --iters 2 ) > "$DIR/profile.txt" 2>&1
+  check_rc profile $?
   grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -6
 fi
 # ncu apart from the profile, so that a second run can ask for it alone (PROFILE_S=0 NCU_S=60).
@@ -233,7 +240,9 @@ if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt
       --section WarpStateStats --section InstructionStats \
       python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width "${NCU_WIDTH:-40}" --warmup 0 \
       --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
-  echo "ncu exit code $?"
+  rc=$?
+  echo "ncu exit code $rc"
+  check_rc ncu $rc
 fi
 
 # The factored backend's low-rank Triton kernels: two thirds of its time at K=5, W=128 on the H200
@@ -253,7 +262,9 @@ if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_LOWRANK_S:-
         --section WarpStateStats --section InstructionStats \
         python profile_kernels.py --methods factored --tasks 8192 --steps 5 --width 128 --warmup 0 \
         --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
-    echo "ncu (low-rank, $kernels) exit code $?"
+    rc=$?
+    echo "ncu (low-rank, $kernels) exit code $rc"
+    check_rc "ncu of the low-rank kernels ($kernels)" $rc
   done
 fi
 
@@ -265,7 +276,9 @@ if [ "$DRY_RUN" != 1 ] && [ "${TIMELINE_S:-30}" -gt 0 ]; then
   # shellcheck disable=SC2086
   timeout "${TIMELINE_S:-30}" python benchmarks/phase_timeline.py ${TIMELINE_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128} \
     --out "$DIR/timeline" > "$DIR/timeline.txt" 2>&1
-  echo "timeline exit code $?"
+  rc=$?
+  echo "timeline exit code $rc"
+  check_rc timeline $rc
   grep -E "^== K=|^cycles a task: |failed" "$DIR/timeline.txt" | head -12 | cut -c1-200
 fi
 
@@ -304,7 +317,9 @@ if [ "${SKIP_TESTS:-0}" = 1 ]; then
 elif [ "$DRY_RUN" = 1 ]; then
   stage "tests: collection only in a dry run (limit ${TESTS_S}s) -> $DIR/tests.log"
   timeout "$TESTS_S" python -m pytest tests -q --co > "$DIR/tests.log" 2>&1
-  echo "tests exit code $?"
+  rc=$?
+  echo "tests exit code $rc"
+  check_rc "test collection" $rc
 else
   XDIST=()
   python -c "import xdist" >/dev/null 2>&1 && XDIST=(-n "${TEST_WORKERS:-12}")
@@ -320,7 +335,9 @@ else
       tests/test_benchmark_tools.py tests/test_same_function.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
       -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or unused_inputs" \
       >> "$DIR/tests.log" 2>&1
-    echo "quick tests exit code $?"
+    rc=$?
+    echo "quick tests exit code $rc"
+    check_rc "quick tests" $rc
     tail -n 4 "$DIR/tests.log" | cut -c1-300
     # The tensor-core products (FASTMAML_CUDA_MMA=1, off by default) on test_backends.py's float32
     # comparisons with the reference (every option, the GPU sizes), so that the A/B's `mma` row is a
@@ -337,7 +354,9 @@ else
       env $setting FASTMAML_TEST_BACKENDS=cuda timeout "$limit" python -m pytest \
         tests/test_backends.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
         -k "gpu_sizes or (maml_matches_reference and f32)" >> "$DIR/tests.log" 2>&1
-      echo "tests with $setting: exit code $?"
+      rc=$?
+      echo "tests with $setting: exit code $rc"
+      check_rc "tests with $setting" $rc
       tail -n 2 "$DIR/tests.log" | cut -c1-300
     done
   fi
@@ -359,6 +378,7 @@ else
     rc=$?
     [ $rc = 124 ] && echo "tests of $backend: timed out after ${limit}s" | tee -a "$DIR/tests.log"
     echo "tests of $backend exit code $rc"
+    check_rc "tests of $backend" $rc
     tail -n 4 "$DIR/tests.log" | cut -c1-300
   done
 fi
@@ -375,6 +395,7 @@ for T in (25, 65536):
     xs, ys, xq, yq = (torch.randn(T, 10, 1, device="cuda", generator=g) for _ in range(4))
     print(fastmaml.explain(params, xs, ys, xq, yq, inner_steps=1))
 EOF
+  check_rc "auto's choice" $?
   grep -E "chosen|rejected: slower" "$DIR/tests.log" | tail -4
 fi
 
@@ -387,6 +408,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${OVERHEAD_S:-90}" -gt 0 ]; then
     ${OVERHEAD_ARGS:---seconds 2 --rounds 5} --json "$DIR/overhead.json" > "$DIR/overhead.txt" 2>&1
   rc=$?
   echo "overhead exit code $rc"
+  check_rc overhead $rc
   grep -E "^\|" "$DIR/overhead.txt" | head -4
   if [ $rc != 0 ] && [ $rc != 124 ] && command -v compute-sanitizer >/dev/null 2>&1; then
     # A failure here was once an asynchronous 'illegal memory access' (H200, 2026-11-30), reported after
@@ -491,7 +513,9 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
     env $setting timeout "$per" python benchmarks/bench_throughput.py --device cuda --order second \
       --methods "$method" --tasks 65536 --steps 1 5 --width $widths --warmup 1 --repeats 3 --max-seconds 3 \
       --out "$DIR/ab/$v" >> "$DIR/ab.txt" 2>&1
-    echo "exit code $?" >> "$DIR/ab.txt"
+    rc=$?
+    echo "exit code $rc" >> "$DIR/ab.txt"
+    check_rc "A/B $v" $rc
   done
   grep -E "^==|tasks/s|failed|exit|unknown" "$DIR/ab.txt" | head -40 | cut -c1-160
 fi
@@ -534,4 +558,9 @@ if [ -s "$DIR/throughput.csv" ]; then
   cat "$DIR/summary.txt"
 else
   echo "no throughput.csv: see $DIR/sweep.log" | tee "$DIR/summary.txt"
+fi
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf 'failed or out of time (the logs above say which part):%s\n' "$(printf ' %s;' "${FAILED[@]}")" \
+    | tee -a "$DIR/summary.txt"
+  exit 1
 fi
