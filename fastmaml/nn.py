@@ -346,6 +346,7 @@ class MAML(nn.Module):
                 raise ValueError("the model's parameters changed since fastmaml.MAML was made, so its learned "
                                  "per-parameter rates no longer match them: make a new fastmaml.MAML")
             self._names = names
+            self._vmap_calls = {True: None, False: None}  # a changed model is looked at again
 
     def _named_params(self) -> list[torch.Tensor]:
         """The model's parameters, with their names refreshed from the same walk of the module tree."""

@@ -605,6 +605,8 @@ class _Functional(nn.Module):
             h = F.layer_norm(h, (8,), self.scale, self.shift)
         elif kind == "torch_layer_norm":
             h = torch.layer_norm(h, [8], self.scale, self.shift)
+        elif kind == "aten_layer_norm":
+            h = torch.ops.aten.native_layer_norm(h, [8], self.scale, self.shift, 1e-5)[0]
         elif kind == "instance_norm":
             h = F.instance_norm(h.view(-1, 2, 4), weight=self.scale[:2], bias=self.shift[:2]).flatten(1)
         elif kind == "batch_norm_batch_stats":
@@ -618,7 +620,8 @@ class _Functional(nn.Module):
 
 # kind -> which calls vmap gets wrong, as in _VMAP_CASES
 _FUNCTIONAL_CASES = {
-    "layer_norm": "second order", "torch_layer_norm": "second order", "instance_norm": "second order",
+    "layer_norm": "second order", "torch_layer_norm": "second order", "aten_layer_norm": "second order",
+    "instance_norm": "second order",
     "batch_norm_batch_stats": "second order", "embedding_padding": "every order",
     "group_norm": None, "layer_norm_no_scale": None,
 }
@@ -674,6 +677,62 @@ def test_functional_calls_vmap_differentiates_wrongly_match_the_loop(monkeypatch
         batched = torch.cat([g.reshape(-1) for g in torch.autograd.grad(fresh(xs, ys, xq, yq).loss, params)])
         error = (batched - want).abs().max() / want.abs().max()
         assert error > 1e-4, error
+
+
+class _NormAndPadding(nn.Module):
+    """An nn.LayerNorm (the module walk: wrong in second order) and an embedding with a padding row called
+    through torch.nn.functional (wrong in every order), as a review's reproducer had them."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(6, 3))
+        self.norm = nn.LayerNorm(12)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(F.embedding(x.long(), self.table, padding_idx=0).flatten(1))))
+
+
+@pytest.mark.parametrize("first", ["adapt_k0", "first_order", "walk_finding"])
+def test_what_the_calls_showed_is_not_lost(first):
+    """The calls a forward made are judged with every finding: a first `adapt` with no inner steps (the
+    forward never differentiated) records nothing; a module walk's finding (second order) does not hide
+    the calls' worse one (every order); a first-order first call keeps a second-order finding for later.
+    Each later call matches the independent loop."""
+    torch.manual_seed(6)
+    if first == "walk_finding":
+        model, wrong_first_order = _NormAndPadding().double(), True
+    else:
+        model, wrong_first_order = _Functional("layer_norm").double(), False
+    _, (xs, ys, xq, yq) = _mse_case(dims=(3, 8, 2), tasks=4, n_support=6, n_query=5, seed=16)
+    if first == "walk_finding":
+        g = torch.Generator().manual_seed(17)
+        xs, xq = (torch.randint(0, 6, (4, n, 4), generator=g).double() for n in (6, 5))
+    wrapped = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2, first_order=wrong_first_order)
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def forward(ps, x):
+        return torch.func.functional_call(model, dict(zip(names, ps)), (x,))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", fastmaml.TaskLoopWarning)
+        if first == "adapt_k0":
+            wrapped.adapt(xs, ys, inner_steps=0)
+        elif first == "first_order":
+            wrapped.first_order = True
+            wrapped(xs, ys, xq, yq)
+            wrapped.first_order = False
+        for _ in range(2):
+            out = wrapped(xs, ys, xq, yq)
+            leaves = [p.detach().clone().requires_grad_() for p in params]
+            ref = maml_loop(leaves, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1, first_order=wrapped.first_order,
+                            forward=forward)
+            got = torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, params)])
+            want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(ref.loss, leaves)])
+            assert_close(got, want, RTOL, "meta-gradient")
+    said = [str(w.message) for w in caught if issubclass(w.category, fastmaml.TaskLoopWarning)]
+    assert len(said) == 1 and ("padding_idx" if first == "walk_finding" else "layer_norm") in said[0], said
 
 
 def test_a_failing_model_raises_its_own_error_without_blaming_vmap():

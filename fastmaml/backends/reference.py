@@ -108,30 +108,43 @@ def _untrusted_call(func, args, kwargs) -> Optional[tuple[str, bool]]:
     """`(what, every_order)` when vmap's derivatives through this call of `func` differ from autograd's
     (the functional forms of the layers `fastmaml.nn.vmap_gradient_reason` names), else None.
 
-    Each function is listed in both forms a forward may call: `torch.nn.functional`'s and `torch`'s,
-    whose argument orders differ."""
-    F = torch.nn.functional
-    if func in (F.layer_norm, torch.layer_norm, torch.native_layer_norm):
+    Each function is listed in the forms a forward may call: `torch.nn.functional`'s, `torch`'s and
+    `torch.ops.aten`'s (the last two share an argument order, which differs from the first's)."""
+    F, aten = torch.nn.functional, torch.ops.aten
+    if isinstance(func, torch._ops.OpOverload):
+        func = func.overloadpacket
+    name = getattr(func, "__name__", "")
+    if func in (F.layer_norm, torch.layer_norm, torch.native_layer_norm, aten.layer_norm, aten.native_layer_norm):
         if _arg(args, kwargs, 2, "weight") is not None:
-            return f"its forward calls {func.__name__} with a learned scale", False
-    elif func in (F.instance_norm, torch.instance_norm):
-        if _arg(args, kwargs, 3 if func is F.instance_norm else 1, "weight") is not None:
-            return f"its forward calls {func.__name__} with affine parameters", False
-    elif func is F.batch_norm:
-        stats = _arg(args, kwargs, 5, "training", False) or _arg(args, kwargs, 1, "running_mean") is None
-        if _arg(args, kwargs, 3, "weight") is not None and stats:
-            return "its forward calls batch_norm with affine parameters on batch statistics", False
-    elif func in (torch.batch_norm, torch.native_batch_norm):
-        stats = _arg(args, kwargs, 5, "training", False) or _arg(args, kwargs, 3, "running_mean") is None
-        if _arg(args, kwargs, 1, "weight") is not None and stats:
-            return f"its forward calls {func.__name__} with affine parameters on batch statistics", False
+            return f"its forward calls {name} with a learned scale", False
+    elif func in (F.instance_norm, torch.instance_norm, aten.instance_norm):
+        functional = func is F.instance_norm
+        weight = _arg(args, kwargs, 3 if functional else 1, "weight")
+        batch_stats = (_arg(args, kwargs, 5, "use_input_stats", True)
+                       or _arg(args, kwargs, 1 if functional else 3, "running_mean") is None)
+        if weight is not None and batch_stats:
+            return f"its forward calls {name} with affine parameters", False
+    elif func in (F.batch_norm, torch.batch_norm, torch.native_batch_norm, aten.batch_norm, aten.native_batch_norm):
+        functional = func is F.batch_norm
+        weight = _arg(args, kwargs, 3 if functional else 1, "weight")
+        batch_stats = (_arg(args, kwargs, 5, "training", False)
+                       or _arg(args, kwargs, 1 if functional else 3, "running_mean") is None)
+        if weight is not None and batch_stats:
+            return f"its forward calls {name} with affine parameters on batch statistics", False
     elif func is F.embedding:
         if _arg(args, kwargs, 2, "padding_idx") is not None:
             return "its forward calls embedding with a padding_idx", True
-    elif func is torch.embedding:
+    elif func in (torch.embedding, aten.embedding):
         if _arg(args, kwargs, 2, "padding_idx", -1) != -1:
-            return "its forward calls embedding with a padding_idx", True
+            return f"its forward calls {name} with a padding_idx", True
     return None
+
+
+def _worse(a: tuple[Optional[str], bool], b: tuple[Optional[str], bool]) -> tuple[Optional[str], bool]:
+    """Of two findings `(what, every_order)`, the one that loops more calls (every order over second)."""
+    if a[0] is None or (b[0] is not None and b[1] and not a[1]):
+        return b
+    return a
 
 
 class _SeeUntrustedCalls(torch.overrides.TorchFunctionMode):
@@ -146,8 +159,8 @@ class _SeeUntrustedCalls(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.found[1]:
             seen = _untrusted_call(func, args, kwargs)
-            if seen is not None and (self.found[0] is None or seen[1]):
-                self.found = seen
+            if seen is not None:
+                self.found = _worse(self.found, seen)
         return func(*args, **kwargs)
 
 
@@ -167,7 +180,9 @@ def _user_stacklevel() -> int:
 def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args):
     """Run the per-task function under vmap; fall back to a task loop where vmap cannot run the model,
     with a `TaskLoopWarning` once the loop has run (`fastmaml.MAML` remembers the failure, so it warns once
-    per module and mode). A model whose loop fails too raises the loop's error with no warning: the fault
+    per module and mode). A call whose derivatives vmap gets wrong loops too, with its own warning: known
+    from the module's layers ("vmap_untrusted"), or from the calls a generic forward made in its first
+    batched run with inner steps (seen by `_SeeUntrustedCalls`, then remembered as "vmap_calls"). A model whose loop fails too raises the loop's error with no warning: the fault
     is then the model's, not vmap's.
 
     A generic module runs with `randomness="different"`: each task draws its own random numbers (dropout
@@ -180,15 +195,15 @@ def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args
 
     # fastmaml.MAML marks a generic module whose derivatives vmap gets wrong: by its layers
     # (`nn.vmap_gradient_reason`), else by the calls its forward made under vmap before ("vmap_calls").
-    untrusted = problem.extras.get("vmap_untrusted") or (None, False)
-    if untrusted[0] is None:
-        untrusted = problem.extras.get("vmap_calls") or (None, False)
+    untrusted = _worse(problem.extras.get("vmap_untrusted") or (None, False),
+                       problem.extras.get("vmap_calls") or (None, False))
     if not wrong_here(*untrusted) and (problem.forward is None or not problem.extras.get("no_vmap", False)):
         # A generic forward's first batched run per module and mode notes its calls: a norm or an
         # embedding called through torch.nn.functional is invisible to the module walk. Where one is
-        # wrong for this call, the batched result is dropped and the loop below runs instead. Not while
-        # torch.compile traces (a function mode there would be traced too): the walk alone holds there.
-        see = (problem.forward is not None and "vmap_calls" not in problem.extras
+        # wrong for this call, the batched result is dropped and the loop below runs instead. Only with
+        # inner steps (without, the task never differentiates the forward, and may not even call it). Not
+        # while torch.compile traces (a function mode there would be traced too): the walk alone holds there.
+        see = (problem.forward is not None and "vmap_calls" not in problem.extras and problem.inner_steps > 0
                and not torch.compiler.is_compiling())
         try:
             if problem.forward is None:  # the MLP draws no random numbers
@@ -197,7 +212,8 @@ def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args
                 return torch.func.vmap(make_vmap_task(), in_dims=in_dims, randomness="different")(*args)
             with _SeeUntrustedCalls() as calls:
                 batched = torch.func.vmap(make_vmap_task(), in_dims=in_dims, randomness="different")(*args)
-            problem.extras["vmap_calls"] = untrusted = calls.found
+            problem.extras["vmap_calls"] = calls.found
+            untrusted = _worse(untrusted, calls.found)
             if not wrong_here(*untrusted):
                 return batched
             del batched
