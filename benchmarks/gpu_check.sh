@@ -8,6 +8,13 @@
 #                                                # sweep at T in {25, 65536}, the kernel profile, the GPU tests
 #                                                # of test_backends.py and those new with G2/G3 (no
 #                                                # synchronisation, CUDA graphs, compile), the overhead
+#   benchmarks/gpu_check.sh --measure [OUT_DIR]  # under 300 s: the build, the quick sweep, the CUDA sweep's
+#                                                # timeline, the A/B of three switches (AB_S=80); no tests
+#   benchmarks/gpu_check.sh --tests [OUT_DIR]    # under 300 s, best on the machine --measure warmed (the
+#                                                # build cached): the quick tests and the switches' tests,
+#                                                # auto's choice, ncu of the CUDA and low-rank kernels, the
+#                                                # register reports; no sweep
+#   The two halves of --quick, each with room for a rerun in a session's 15 minutes of device time.
 #   SKIP_TESTS=1 SKIP_SWEEP=1 PROFILE_S=0 OVERHEAD_S=0 REPORTS=0 AB_S=220 benchmarks/gpu_check.sh --quick
 #                                                # a second call on the warm machine (the build cached): the
 #                                                # A/B only; with NCU_S=60, ncu of one CUDA backward launch too
@@ -41,18 +48,20 @@
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
 # FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global.
-# OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register reports (nvcc's of the CUDA kernels takes
+# EXPLAIN=0 skips auto's choice. OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register reports (nvcc's of the CUDA kernels takes
 # minutes of the machine's CPUs). With AB_S, the A/B's Triton variants are compiled in the background from
 # the tests on (prewarm.log; PREWARM=0 skips it, PREWARM_WAIT_S=30 how long the A/B waits for it).
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
 QUICK="${QUICK:-0}"
+MODE="${MODE:-}"
 OUT_ARG=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     --quick) QUICK=1 ;;
+    --measure|--tests) QUICK=1; MODE="${arg#--}" ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) OUT_ARG="$arg" ;;
   esac
@@ -65,6 +74,21 @@ REPO="$(pwd)"
 # Everything the console shows goes with the results too (exit codes and stage lines were console-only).
 exec > >(tee -a "$DIR/console.log") 2>&1
 
+# The halves of --quick set their own defaults first (each still overridable from the environment).
+# --measure: build about 110 s at worst, the sweep 60 (30 s measured on the H200), the timeline 25, the A/B
+# 80 (three variants at 26 s), the summary: under 300 s. Its A/B: the switches whose prediction is largest
+# (the factored backend's CUDA lowrank_add, the 6-block CUDA sweep with its states apart) and the check
+# that the factored backend's written-out meta-gradient beats autograd's, its default since 2026-12-01.
+if [ "$MODE" = measure ]; then
+  : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=25}" "${NCU_S:=0}"
+  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=fcuda blocks6+states frevauto}"
+  : "${TOTAL_S:=$(( 220 + AB_S ))}"
+elif [ "$MODE" = tests ]; then
+  # The quick tests 130 s (a75ae00's took 114 s with warm caches), the switches' tests 45, ncu 65, the
+  # register reports in the background and Triton's 30 s at the end.
+  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=35}" "${NCU_LOWRANK_S:=30}"
+  : "${CUDA_TESTS_S:=80}" "${TRITON_TESTS_S:=50}" "${MMA_TESTS_S:=25}" "${STATES_TESTS_S:=20}" "${TOTAL_S:=290}"
+fi
 if [ "$QUICK" = 1 ]; then
   TOTAL_S="${TOTAL_S:-$(( 450 + ${AB_S:-0} ))}"  # the A/B, when asked for, gets its own time on top
   SWEEP_S="${SWEEP_S:-75}"  # the quick sweep measured 30 s on the H200
@@ -82,7 +106,7 @@ BUILD_S="${BUILD_S:-180}"
 CUDA_TESTS_S="${CUDA_TESTS_S:-100}"
 TRITON_TESTS_S="${TRITON_TESTS_S:-120}"
 TESTS_S=$(( CUDA_TESTS_S + TRITON_TESTS_S ))
-RESERVE_S=50  # the Triton register report (30 s) and the summary
+RESERVE_S="${RESERVE_S:-50}"  # the Triton register report (30 s) and the summary
 START=$SECONDS
 left() { echo $(( TOTAL_S - RESERVE_S - (SECONDS - START) )); }
 stage() { echo "== [$(( SECONDS - START ))s] $*"; }
@@ -384,7 +408,7 @@ else
 fi
 
 # ---- what auto picks ---------------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ]; then
+if [ "$DRY_RUN" != 1 ] && [ "${EXPLAIN:-1}" = 1 ]; then
   stage "auto's choice on the GPU (small and large batch) -> $DIR/tests.log"
   timeout 60 python - >> "$DIR/tests.log" 2>&1 <<'EOF'
 import torch, fastmaml
@@ -524,7 +548,20 @@ PREWARM_WAIT_S=0 stop_prewarm > /dev/null  # where the A/B did not run
 
 # The nvcc report ran in the background from the build on (a 3-minute compile on the H200's CPUs):
 # waited for only after the measurements (the Triton report below appends to its file).
-[ -n "${PTXAS_PID:-}" ] && wait "$PTXAS_PID" && grep -c "Used" "$DIR/ptxas.txt" | sed 's/^/ptxas reports: /'
+# At most until the run's end less the Triton report's 30 s: a report still compiling then is left out.
+if [ -n "${PTXAS_PID:-}" ]; then
+  waited=0
+  while kill -0 "$PTXAS_PID" 2>/dev/null && [ "$waited" -lt $(( $(left) + RESERVE_S - 30 )) ]; do
+    sleep 2; waited=$(( waited + 2 ))
+  done
+  if kill -0 "$PTXAS_PID" 2>/dev/null; then
+    echo "the nvcc register report was still compiling after ${waited}s more: left out (REPORTS=1 in a longer run)"
+    pkill -P "$PTXAS_PID" 2>/dev/null; kill "$PTXAS_PID" 2>/dev/null  # before its late write of ptxas.txt
+    FAILED+=("nvcc register report (out of time)")
+  else
+    grep -c "Used" "$DIR/ptxas.txt" | sed 's/^/ptxas reports: /'
+  fi
+fi
 
 # ---- Triton registers and spills (G2) -------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ] && [ "${REPORTS:-1}" = 1 ]; then
