@@ -210,6 +210,7 @@ if command -v nvcc >/dev/null 2>&1 && [ "${REPORTS:-1}" = 1 ]; then
   # Every file at once, as the build compiles them, but at most one a core: each has 300 s (on 2 cores the
   # six files all at once ran past it).
   # Niced, on half the cores: it runs beside the sweep, whose small-T cells are host-bound.
+  set -m  # its own process group, so that a report out of time can be stopped whole (nvcc's children too)
   ( printf '%s\n' csrc/cuda/*.cu | nice -n 19 xargs -P "$(( $(nproc 2>/dev/null || echo 4) / 2 + 1 ))" -I{} sh -c '
       out="/tmp/fastmaml_ptxas_$(basename "$1")"
       timeout 300 nvcc -arch="sm_$2" -O3 -Xptxas -v -c "$1" -I csrc -o "$out.o" > "$out.txt" 2>&1 \
@@ -221,6 +222,7 @@ if command -v nvcc >/dev/null 2>&1 && [ "${REPORTS:-1}" = 1 ]; then
         | python benchmarks/kernel_registers.py --sass-from - >> "$DIR/ptxas.txt" 2>&1
     fi ) &
   PTXAS_PID=$!
+  set +m
 fi
 
 # ---- sweep -------------------------------------------------------------------------------------
@@ -556,7 +558,9 @@ if [ -n "${PTXAS_PID:-}" ]; then
   done
   if kill -0 "$PTXAS_PID" 2>/dev/null; then
     echo "the nvcc register report was still compiling after ${waited}s more: left out (REPORTS=1 in a longer run)"
-    pkill -P "$PTXAS_PID" 2>/dev/null; kill "$PTXAS_PID" 2>/dev/null  # before its late write of ptxas.txt
+    # The group, before its late write of ptxas.txt; each `timeout` leads a group of its own and takes
+    # its nvcc's children down with it.
+    kill -- -"$PTXAS_PID" 2>/dev/null; pkill -f "timeout 300 nvcc .*fastmaml_ptxas_" 2>/dev/null
     FAILED+=("nvcc register report (out of time)")
   else
     grep -c "Used" "$DIR/ptxas.txt" | sed 's/^/ptxas reports: /'
