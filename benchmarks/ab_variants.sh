@@ -21,8 +21,8 @@ ab_variant() {
     states) setting=FASTMAML_CUDA_STATES=global; method=cuda; widths=40 ;;
     thetas) setting=FASTMAML_REVERSE_THETAS=keep; method=cuda ;;
     shared) setting=FASTMAML_CUDA_SHARED_KB=44; method=cuda ;;
-    team32) setting="FASTMAML_CUDA_THREADS=32 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;
-    team64) setting="FASTMAML_CUDA_THREADS=64 FASTMAML_CUDA_SHARED_KB=44"; method=cuda ;;
+    team32) setting="FASTMAML_CUDA_THREADS=32 FASTMAML_CUDA_SHARED_KB=0"; method=cuda ;;
+    team64) setting="FASTMAML_CUDA_THREADS=64 FASTMAML_CUDA_SHARED_KB=0"; method=cuda ;;
     team64s) setting=FASTMAML_CUDA_THREADS=64; method=cuda; widths=40 ;;
     kchunk) setting=FASTMAML_TRITON_K_CHUNK=32; method=triton ;;
     tf32x3) setting=FASTMAML_TRITON_PRECISION=tf32x3; method=triton; widths=40 ;;

@@ -76,12 +76,14 @@ exec > >(tee -a "$DIR/console.log") 2>&1
 
 # The halves of --quick set their own defaults first (each still overridable from the environment).
 # --measure: build about 110 s at worst, the sweep 60 (30 s measured on the H200), the timeline 25, the A/B
-# 80 (three variants at 26 s), the summary: under 300 s. Its A/B: the switches whose prediction is largest
-# (the factored backend's CUDA lowrank_add, the 6-block CUDA sweep with its states apart) and the check
-# that the factored backend's written-out meta-gradient beats autograd's, its default since 2026-12-01.
+# 80 (three variants at 26 s), the summary: under 300 s. Its A/B: the factored backend's CUDA lowrank_add
+# (the largest prediction, at W=128), and at W=40 the two tests of whether the CUDA sweep's speed follows
+# the tasks in flight a multiprocessor (a75ae00: a task took about 390 us at K=5 alone or beside two
+# others): 25 one-warp teams with their workspaces in global memory, and 6 teams of 4 warps in shared
+# memory with the states apart.
 if [ "$MODE" = measure ]; then
   : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=25}" "${NCU_S:=0}"
-  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=fcuda blocks6+states frevauto}"
+  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=fcuda blocks6+team32 blocks6+states}"
   : "${TOTAL_S:=$(( 220 + AB_S ))}"
 elif [ "$MODE" = tests ]; then
   # The quick tests 130 s (a75ae00's took 114 s with warm caches), the switches' tests 45, ncu 65, the
@@ -480,15 +482,17 @@ fi
 #   blocks6  FASTMAML_CUDA_MIN_BLOCKS=6: compiled for 6 blocks (80 registers, more spills): at K=1, W=40
 #            6 tasks of 4 warps a multiprocessor (shared memory allows 6), 24 warps instead of 12; at K=5,
 #            W=40 shared memory still holds 3; at W=128 (global workspace) 6. With team64 (blocks6+team64):
-#            12 tasks of 2 warps, the workspaces in global memory
+#            12 tasks of 2 warps, with team32 25 of one warp, the workspaces in global memory
 #   states   FASTMAML_CUDA_STATES=global at W=40, joined with blocks4 or blocks6 (only those sweeps stage
 #            the states; alone it is refused): the reverse sweep's support states of steps 0..K-2 in
 #            global memory apart, copied in and out of a workspace that keeps one (36.8 KiB at K=5, as at
 #            K=1); blocks6+states: 6 tasks of 4 warps a multiprocessor at K=5 instead of 3, blocks4+states 4
 #   lds      FASTMAML_CUDA_LDS=0 at W=40: the CUDA products' generic loads where both operands are in
 #            shared memory, as before c5539fb (LDS: 35 instructions for a 2 x 2 tile's 16 FFMA, not 43)
-#   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=44, the workspace in global memory): a CUDA task's
-#   team64   team of one or two warps, more tasks resident a multiprocessor, cheaper barriers
+#   team32   FASTMAML_CUDA_THREADS=32 (and SHARED_KB=0, every workspace in global memory, so that shared
+#   team64   memory does not cap the tasks at 6 at K=1, W=40): a CUDA task's team of one or two warps,
+#            more tasks resident a multiprocessor (by registers: 12 or 6 of the default sweep, 25 or 12
+#            of the 6-block one, blocks6+team32), cheaper barriers
 #   team64s  FASTMAML_CUDA_THREADS=64 with the workspace in shared memory, W=40: at K=1 (36.8 KiB a
 #            task) 6 tasks of 2 warps a multiprocessor (shared memory and registers both allow 6) instead
 #            of 3 of 4 warps; at K=5 (62.6 KiB) 3 tasks of 2 warps. Tests whether tasks in flight set the speed

@@ -611,6 +611,20 @@ def test_a_bad_cuda_kernel_switch_is_refused(monkeypatch, name, bad, choices, go
         CudaBackend().unavailable()  # a reason or None, no error
 
 
+def test_a_bad_shared_workspace_cap_is_refused(monkeypatch):
+    """FASTMAML_CUDA_SHARED_KB, read in C++ with atoll: any text would become 0 (every workspace in
+    global memory) and measure that under the name of the mistyped value."""
+    from fastmaml.backends.cuda import CudaBackend
+
+    for value in ("44k", "-1", "forty", "4.5"):
+        monkeypatch.setenv("FASTMAML_CUDA_SHARED_KB", value)
+        with pytest.raises(ValueError, match="FASTMAML_CUDA_SHARED_KB"):
+            CudaBackend().unavailable()
+    for value in ("0", " 44 ", "227", ""):
+        monkeypatch.setenv("FASTMAML_CUDA_SHARED_KB", value)
+        CudaBackend().unavailable()  # a reason or None, no error
+
+
 @pytest.mark.parametrize("blocks", [None, "0", " 0 "])
 def test_states_apart_without_a_staging_sweep_is_refused(monkeypatch, blocks):
     """FASTMAML_CUDA_STATES=global is staged only by the reverse sweeps compiled for 4 or 6 blocks: with the

@@ -36,7 +36,8 @@ namespace {
 // The dynamic shared memory one block may opt into on the tensor's GPU, less the kernels' static part
 // and a margin, asked once per device. FASTMAML_CUDA_SHARED_KB caps it (read once per process): a
 // switch for measuring the global-memory workspace against the shared one (44 keeps every workspace
-// above 44 KiB in global memory, as before the opt-in).
+// above 44 KiB in global memory, as before the opt-in; 0 every workspace, so that teams of one or two
+// warps are bounded by registers, not by shared memory).
 int64_t shared_limit(const at::Tensor& t) {
   constexpr int kDevices = 64;
   static std::array<std::atomic<int64_t>, kDevices> cache{};
@@ -47,7 +48,7 @@ int64_t shared_limit(const at::Tensor& t) {
   const int dev = t.get_device();
   if (dev >= 0 && dev < kDevices) {
     const int64_t known = cache[dev].load(std::memory_order_relaxed);
-    if (known > 0) return known;
+    if (known > 0) return known - 1;  // stored plus one: 0 is a limit (SHARED_KB=0), not "not asked"
   }
   int optin = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
@@ -56,7 +57,7 @@ int64_t shared_limit(const at::Tensor& t) {
   }
   int64_t limit = std::max<int64_t>(kSharedWorkspaceBytes, int64_t(optin) - kStaticSharedBytes - 1024);
   if (cap >= 0) limit = std::min(limit, cap);
-  if (dev >= 0 && dev < kDevices) cache[dev].store(std::max<int64_t>(limit, 1), std::memory_order_relaxed);
+  if (dev >= 0 && dev < kDevices) cache[dev].store(limit + 1, std::memory_order_relaxed);
   return limit;
 }
 

@@ -134,7 +134,7 @@ Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_
     widest = std::max({widest, nmax * dout, nmax * din, din * dout});
   }
   l.threads = static_cast<int>(std::min<int64_t>(team_cap(), ceil_div(widest, 32) * 32));
-  l.shared = l.work_elems * itemsize <= std::max(max_shared_bytes, kSharedWorkspaceBytes);
+  l.shared = l.work_elems * itemsize <= max_shared_bytes;
   // The grid as if the workspace (with the states) were global, whether or not it fits in this GPU's
   // shared memory and wherever the states are kept: the backward's chunks (its summation order) must not
   // depend on the device or the switches.

@@ -81,7 +81,8 @@ struct Launch {
 };
 
 // `max_shared_bytes`: the dynamic shared memory one block of this GPU may opt into (a workspace up to it
-// goes to shared memory; never less than kSharedWorkspaceBytes). The grid does not depend on it.
+// goes to shared memory): at least kSharedWorkspaceBytes, unless FASTMAML_CUDA_SHARED_KB asks for less
+// (0: every workspace in global memory). The grid does not depend on it.
 Launch plan(Op op, const Sizes& s, bool need_lr_grad, int itemsize, int64_t max_shared_bytes = kSharedWorkspaceBytes);
 
 // task_losses [T], query_preds [T, Nq, D_out]. Targets: y_float (mse) or y_index (cross-entropy), the

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._validate import Problem, env_choice
+from .._validate import Problem, env_choice, env_int
 from ._fused import ExtensionBackend, SizeLimits, flat_theta
 from ._fused import size_limit_reason as _size_limit_reason
 
@@ -126,6 +126,9 @@ class CudaBackend(ExtensionBackend):
                              "for 4 or 6 blocks a multiprocessor: set FASTMAML_CUDA_MIN_BLOCKS=4 or 6 with it, "
                              "or unset FASTMAML_CUDA_STATES")
         env_choice("FASTMAML_REVERSE_THETAS", ("auto", "keep", "recompute"))  # plan()'s rebuilt thetas
+        # The shared workspace's cap in KiB (csrc/cuda/binding.cpp, shared_limit): C++ reads it with atoll,
+        # which makes any text 0, every workspace in global memory.
+        env_int("FASTMAML_CUDA_SHARED_KB", 0, lambda kb: kb >= 0, "a whole number of KiB, 0 or more")
         # Decided from torch, the GPU and the kernels the loaded library registered, not from nvcc: a
         # prebuilt library with CUDA kernels runs where no compiler is installed. nvcc only explains why
         # a library built on first use has none.
