@@ -83,7 +83,7 @@ exec > >(tee -a "$DIR/console.log") 2>&1
 # memory with the states apart.
 if [ "$MODE" = measure ]; then
   : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=25}" "${NCU_S:=0}"
-  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=fcuda blocks6+team32 blocks6+states}"
+  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=fcuda blocks6+team32 blocks6+states}"
   : "${TOTAL_S:=$(( 220 + AB_S ))}"
 elif [ "$MODE" = tests ]; then
   # The quick tests 130 s (a75ae00's took 114 s with warm caches), the switches' tests 45, ncu 65, the
@@ -231,7 +231,8 @@ fi
 # First after the build: the throughput table is the check's main result (G2), and a GPU session's run
 # must not lose it to slow tests (the H200's first quick run did). At most SWEEP_S seconds (0: no cap),
 # and the profile and the A/B keep their time (PROFILE_S, 60 s by default, 0 skips it; AB_S when set).
-budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${TIMELINE_S:-30} + ${AB_S:-0} ) ))
+# With SWEEP_FIRST=1 (--measure) a slow build takes its time from the A/B, not from the sweep.
+budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${TIMELINE_S:-30} + ( ${SWEEP_FIRST:-0} == 1 ? 0 : ${AB_S:-0} ) ) ))
 if [ "${SWEEP_S:-0}" -gt 0 ] && [ "$budget" -gt "${SWEEP_S}" ]; then budget=$SWEEP_S; fi
 if [ "${SKIP_SWEEP:-0}" = 1 ]; then
   stage "sweep: skipped (SKIP_SWEEP=1)"
