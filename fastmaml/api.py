@@ -63,16 +63,17 @@ def maml(
         activation: "relu" or "tanh" on the hidden layers (the last layer is linear).
         loss: "mse" (mean over points and outputs) or "cross_entropy" (mean over points).
         query_loss_weights: optional `[K + 1]`: the task loss becomes
-            `sum_k w_k * L_query(theta_k)` (MAML++ multi-step loss). The fused kernels skip a step whose
-            weight is 0 (they never evaluate its query loss), so where that loss is inf or NaN the task
-            loss stays what the other steps make it; the reference's `0 * inf` is NaN.
+            `sum_k w_k * L_query(theta_k)` (MAML++ multi-step loss). The fused kernels skip a step
+            k < K whose weight is 0 (they never evaluate its query loss), so where that loss is inf or
+            NaN the task loss stays what the other steps make it; the reference's `0 * inf` is NaN.
+            The last step's loss is always evaluated, on every backend.
         backend: "auto", "reference", "cpu", "triton", "cuda" or "factored" (see `fastmaml.explain`).
 
     Returns:
         `MAMLOutput(loss, task_losses [T], query_preds [T, Nq, D_out], backend)`; `loss` is
         differentiable w.r.t. params, rate tensors, `x_support` and `x_query` (exact second order
         unless `first_order`), and float (mse) targets that require grad: those calls run on the
-        reference backend (the fused kernels compute no target gradient and refuse them). What the
+        `factored` or reference backend (the fused kernels compute no target gradient and refuse them). What the
         result does not depend on gets no gradient (None, as through autograd): the rates at K = 0,
         the support set at K = 0 or with `first_order`.
 
@@ -120,8 +121,9 @@ def adapt(
 
     Args as `maml` (`x_support [T, Ns, D_in]`, `y_support [T, Ns, D_out]` or `[T, Ns]`).
     Returns one tensor per param, `[T, *params[i].shape]`; evaluate them with `fastmaml.mlp`.
-    Differentiable on the reference backend; the fused backends serve it under `torch.no_grad()`
-    (evaluation with more steps than training), and `auto` picks accordingly.
+    Differentiable on the reference and `factored` backends; the fused kernels (`cpu`, `cuda`, `triton`)
+    serve it under `torch.no_grad()` (evaluation with more steps than training), and `auto` picks
+    accordingly.
     """
     return adapt_on(params, x_support, y_support, inner_steps=inner_steps, inner_lr=inner_lr,
                     activation=activation, loss=loss, backend=backend)[0]

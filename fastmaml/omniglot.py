@@ -312,8 +312,9 @@ def pixel_nn(tasks) -> torch.Tensor:
 def pretrained_baseline(config: OmniglotConfig, meta_train: data.Characters, tasks, log=print,
                         progress: bool = True) -> torch.Tensor:
     """Per-task accuracy of the same network trained without meta-learning: ordinary classification of
-    every meta-training class (rotations included) with Adam, then, per task, its head (ANIL: the 64-64
-    hidden layer and a new zero-initialised N-way layer; MLP: a new last layer on the frozen hidden ones)
+    every meta-training class (rotations included) with Adam, then, per task, its head (ANIL: the head's
+    hidden layers, none by default, and a new zero-initialised N-way layer; MLP: a new last layer on the
+    frozen hidden ones)
     fine-tuned on the support set with `finetune_steps` SGD steps of `finetune_lr` (`fastmaml.adapt`)."""
     device = jobs.check_device(config.device)
     images = data.with_rotations(meta_train.as_float())

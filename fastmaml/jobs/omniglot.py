@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None,
                         help=f"folder for the decoded images (default {data.default_cache()}; '' for none)")
     parser.add_argument("--model", default=d.model, choices=["anil", "mlp"],
-                        help="anil: conv backbone meta-trained through the fused head's input gradients, 64-64-N "
-                             "head adapted per task (default); mlp: the MAML paper's 784-256-128-64-64-N network, "
+                        help="anil: conv backbone meta-trained through the fused head's input gradients, 64-N "
+                             "linear head (hidden layers: --head-hidden) adapted per task (default); mlp: the MAML paper's 784-256-128-64-64-N network, "
                              "all adapted")
     parser.add_argument("--head-hidden", default=",".join(map(str, d.head_hidden)), metavar="W1,W2,...",
                         help="anil: hidden widths of the adapted head (default: none, a linear head, ANIL's choice, "
