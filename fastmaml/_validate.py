@@ -412,7 +412,18 @@ def planned_problem(params, x_support, y_support, x_query, y_query, inner_steps,
 # `check_values` makes them here. Under torch.compile they are left to the operations (a data-dependent
 # branch would break the graph): the CPU kernels still make them.
 
-_CHECK_INPUTS = [os.environ.get("FASTMAML_CHECK_INPUTS", "0") not in ("", "0")]
+def check_inputs_setting(value: Optional[str]) -> bool:
+    """FASTMAML_CHECK_INPUTS read as a yes or no (case and spaces ignored; unset or empty: no). Any other
+    value raises: `=off` used to switch the checks on, as every value but "" and "0" did."""
+    word = (value or "").strip().lower()
+    if word in ("", "0", "false", "off", "no"):
+        return False
+    if word in ("1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"FASTMAML_CHECK_INPUTS must be 0 or 1 (or false/true, off/on, no/yes), got {value!r}")
+
+
+_CHECK_INPUTS = [check_inputs_setting(os.environ.get("FASTMAML_CHECK_INPUTS"))]
 
 
 def env_choice(name: str, choices: tuple[str, ...]) -> str:
@@ -423,6 +434,15 @@ def env_choice(name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def env_exact(name: str, choices: tuple[str, ...]) -> Optional[str]:
+    """The switch `name` as the C++ side reads it, exactly (no case folding, no spaces): unset, or one of
+    `choices`. Any other value raises ValueError naming the switch (C++ would run the default for it)."""
+    value = os.environ.get(name)
+    if value is None or value in choices:
+        return value
+    raise ValueError(f"{name} must be unset or exactly one of {choices}, got {value!r}")
 
 
 def env_int(name: str, default: int, valid, requirement: str) -> int:

@@ -611,6 +611,45 @@ def test_a_bad_cuda_kernel_switch_is_refused(monkeypatch, name, bad, choices, go
         CudaBackend().unavailable()  # a reason or None, no error
 
 
+@pytest.mark.parametrize("backend, name, bad, good", [
+    ("cuda", "FASTMAML_CUDA_TILES", ["00", " 0", "off"], ["0", "1", ""]),
+    ("cuda", "FASTMAML_CUDA_LDS", ["no", "0 "], ["0", "1"]),
+    ("cuda", "FASTMAML_CUDA_MMA", ["on", "true", "1 "], ["1", "0", ""]),
+    ("cpu", "FASTMAML_CPU_ISA", ["Baseline", "avx", "scalar"], ["baseline", ""]),
+    ("cpu", "FASTMAML_KEEP_ROWS", ["no", "false"], ["0", "1", ""])])
+def test_a_switch_read_exactly_in_cpp_refuses_other_spellings(monkeypatch, backend, name, bad, good):
+    """Switches the C++ side compares exactly (no case folding, no spaces): any other spelling would run
+    the default under the mistyped name, so the backend refuses it, naming the switch."""
+    from fastmaml.backends.cpu import CpuBackend
+    from fastmaml.backends.cuda import CudaBackend
+
+    make = CudaBackend if backend == "cuda" else CpuBackend
+    for value in bad:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=re.escape(name)):
+            make().unavailable()
+    for value in good:
+        monkeypatch.setenv(name, value)
+        make().unavailable()  # a reason or None, no error
+
+
+@pytest.mark.parametrize("value, on", [(None, False), ("", False), ("0", False), (" off ", False), ("FALSE", False),
+                                       ("no", False), ("1", True), ("true", True), ("On", True), ("yes", True)])
+def test_the_input_checks_switch_reads_yes_and_no(value, on):
+    """FASTMAML_CHECK_INPUTS: `=off` used to switch the checks on (any value but "" and "0" did)."""
+    from fastmaml._validate import check_inputs_setting
+
+    assert check_inputs_setting(value) is on
+
+
+def test_the_input_checks_switch_refuses_other_values():
+    from fastmaml._validate import check_inputs_setting
+
+    for value in ("2", "maybe", "enable"):
+        with pytest.raises(ValueError, match="FASTMAML_CHECK_INPUTS must be 0 or 1"):
+            check_inputs_setting(value)
+
+
 def test_a_bad_shared_workspace_cap_is_refused(monkeypatch):
     """FASTMAML_CUDA_SHARED_KB, read in C++ with atoll: any text would become 0 (every workspace in
     global memory) and measure that under the name of the mistyped value."""

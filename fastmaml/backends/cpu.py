@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._validate import Problem, env_choice
+from .._validate import Problem, env_choice, env_exact
 from ._fused import ExtensionBackend, SizeLimits
 from ._fused import fused_rows_bytes, workspace_bytes  # noqa: F401 (kept importable from here)
 
@@ -60,6 +60,8 @@ class CpuBackend(ExtensionBackend):
         # The reverse sweep's switch (read by the library per call, csrc/cpu/maml_cpu.cpp): a mistyped value
         # must not measure the default under another name.
         env_choice("FASTMAML_REVERSE_THETAS", ("auto", "keep", "recompute"))
+        env_exact("FASTMAML_CPU_ISA", ("", "baseline"))  # read exactly by csrc/cpu/maml_cpu.cpp
+        env_exact("FASTMAML_KEEP_ROWS", ("", "0", "1"))  # and by csrc/autograd_fwdbwd.cpp
         return _ext.unavailable()
 
     def max_fused_rows_bytes(self) -> int:

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._validate import Problem, env_choice, env_int
+from .._validate import Problem, env_choice, env_exact, env_int
 from ._fused import ExtensionBackend, SizeLimits, flat_theta
 from ._fused import size_limit_reason as _size_limit_reason
 
@@ -117,6 +117,8 @@ class CudaBackend(ExtensionBackend):
         # The kernels' team-size switch (read by the library, csrc/cuda/maml_cuda.cu, plan): a mistyped value
         # must not measure the default under another name.
         env_choice("FASTMAML_CUDA_THREADS", ("128", "64", "32"))
+        for name in ("FASTMAML_CUDA_TILES", "FASTMAML_CUDA_LDS", "FASTMAML_CUDA_MMA"):  # read exactly (env_is)
+            env_exact(name, ("", "0", "1"))
         blocks = env_choice("FASTMAML_CUDA_MIN_BLOCKS", ("0", "4", "6"))  # the float reverse sweep's residency
         states = env_choice("FASTMAML_CUDA_STATES", ("workspace", "global"))  # where the reverse sweep keeps K states
         if states == "global" and blocks == "0":
