@@ -14,7 +14,11 @@
 #                                                # build cached): the quick tests and the switches' tests,
 #                                                # auto's choice, ncu of the CUDA and low-rank kernels, the
 #                                                # register reports; no sweep
-#   The two halves of --quick, each with room for a rerun in a session's 15 minutes of device time.
+#   The two halves of --quick, each with room for a rerun in a session's 15 minutes of device time,
+#   less --quick's kernel profile (PROFILE_S) and overhead run (OVERHEAD_S): set those to add them. Every
+#   stage's limit is cut to the time left, and a stage with under 15 s is skipped and listed; on any
+#   exit, an outer timeout's included, the stages still running are stopped and failed.txt says where
+#   the run was.
 #   SKIP_TESTS=1 SKIP_SWEEP=1 PROFILE_S=0 OVERHEAD_S=0 REPORTS=0 AB_S=220 benchmarks/gpu_check.sh --quick
 #                                                # a second call on the warm machine (the build cached): the
 #                                                # A/B only; with NCU_S=60, ncu of one CUDA backward launch too
@@ -48,14 +52,14 @@
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
 # FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global.
-# EXPLAIN=0 skips auto's choice. OVERHEAD_S=0 skips the overhead run, REPORTS=0 the register reports (nvcc's of the CUDA kernels takes
-# minutes of the machine's CPUs). With AB_S, the A/B's Triton variants are compiled in the background from
+# EXPLAIN=0 skips auto's choice, OVERHEAD_S=0 the overhead run, REPORTS=0 the register reports (nvcc's of
+# the CUDA kernels takes minutes of the machine's CPUs). ncu runs after the tests and auto's choice. With AB_S, the A/B's Triton variants are compiled in the background from
 # the tests on (prewarm.log; PREWARM=0 skips it, PREWARM_WAIT_S=30 how long the A/B waits for it).
 set -uo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
 QUICK="${QUICK:-0}"
-MODE="${MODE:-}"
+MODE=""  # only from the flags: a stray MODE in the environment must not change the run
 OUT_ARG=""
 for arg in "$@"; do
   case "$arg" in
@@ -73,6 +77,7 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 # Everything the console shows goes with the results too (exit codes and stage lines were console-only).
 exec > >(tee -a "$DIR/console.log") 2>&1
+TEE_PID=$!
 
 # The halves of --quick set their own defaults first (each still overridable from the environment).
 # --measure: build about 110 s at worst, the sweep 60 (30 s measured on the H200), the timeline 25, the A/B
@@ -86,10 +91,12 @@ if [ "$MODE" = measure ]; then
   : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=fcuda blocks6+team32 blocks6+states}"
   : "${TOTAL_S:=$(( 220 + AB_S ))}"
 elif [ "$MODE" = tests ]; then
-  # The quick tests 130 s (a75ae00's took 114 s with warm caches), the switches' tests 45, ncu 65, the
-  # register reports in the background and Triton's 30 s at the end.
-  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=35}" "${NCU_LOWRANK_S:=30}"
-  : "${CUDA_TESTS_S:=80}" "${TRITON_TESTS_S:=50}" "${MMA_TESTS_S:=25}" "${STATES_TESTS_S:=20}" "${TOTAL_S:=290}"
+  # The quick tests 120 s (a75ae00's took 114 s with warm caches), the switches' tests 55, auto's choice,
+  # then ncu with what is left (30 + 24 s at most), the register reports (nvcc's in the background from the
+  # start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the time left.
+  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=30}" "${NCU_LOWRANK_S:=24}"
+  : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=30}" "${STATES_TESTS_S:=25}" "${TOTAL_S:=285}"
+  : "${RESERVE_S:=35}"
 fi
 if [ "$QUICK" = 1 ]; then
   TOTAL_S="${TOTAL_S:-$(( 450 + ${AB_S:-0} ))}"  # the A/B, when asked for, gets its own time on top
@@ -111,11 +118,48 @@ TESTS_S=$(( CUDA_TESTS_S + TRITON_TESTS_S ))
 RESERVE_S="${RESERVE_S:-50}"  # the Triton register report (30 s) and the summary
 START=$SECONDS
 left() { echo $(( TOTAL_S - RESERVE_S - (SECONDS - START) )); }
-stage() { echo "== [$(( SECONDS - START ))s] $*"; }
-# The stages that failed or ran out of time: listed at the end, and the script then exits 1 (after
-# writing everything it could: a pack after it, joined with `;`, still runs).
+CURRENT_STAGE="start"
+stage() { CURRENT_STAGE="$*"; echo "== [$(( SECONDS - START ))s] $*"; }
+# The stages that failed or ran out of time: each written to failed.txt as it ends (an outer timeout
+# may end the run before the summary), listed at the end, and the script then exits 1 (after writing
+# everything it could: a pack after it, joined with `;`, still runs).
 FAILED=()
-check_rc() { [ "$2" = 0 ] || FAILED+=("$1 (exit $2)"); }
+rm -f "$DIR/failed.txt"
+fail() { FAILED+=("$1"); echo "$1" >> "$DIR/failed.txt"; }
+check_rc() { [ "$2" = 0 ] || fail "$1 (exit $2)"; }
+# A stage's limit cut to the time left (0 when none): `lim=$(capped 60)`. Under 15 s a stage is skipped.
+capped() { local l=$1 r; r=$(left); [ "$r" -lt "$l" ] && l=$r; [ "$l" -lt 0 ] && l=0; echo "$l"; }
+too_late() {  # a stage that cannot start in time: said, and listed
+  if [ "$2" -lt 15 ]; then stage "$1: skipped, ${2}s left"; fail "$1 (not run: ${2}s left)"; return 0; fi
+  return 1
+}
+
+# shellcheck source=benchmarks/ab_variants.sh
+source "$REPO/benchmarks/ab_variants.sh"  # AB_DEFAULT, ab_variant, ab_resolve, child_pids, stop_prewarm
+
+# An outer `timeout` ends bash and its process group only: every stage's own `timeout` leads a group of
+# its own (and the register report another), so pytest or ncu would go on using the GPU and writing the
+# logs while the results are packed, or into the next call. On any exit the stages still running are
+# ended (each inner timeout passes the signal to its group), and an interrupted run says where.
+FINISHED=0
+on_exit() {
+  if [ "$FINISHED" != 1 ]; then
+    echo "interrupted during: $CURRENT_STAGE ($(( SECONDS - START ))s)" | tee -a "$DIR/failed.txt" >> "$DIR/summary.txt"
+  fi
+  [ -n "${PTXAS_PID:-}" ] && kill -0 "$PTXAS_PID" 2>/dev/null && stop_report
+  [ -n "${PREWARM_PID:-}" ] && kill "$PREWARM_PID" $(child_pids "$PREWARM_PID") 2>/dev/null
+  local pid
+  for pid in $(child_pids $$); do [ "$pid" = "$TEE_PID" ] || kill "$pid" 2>/dev/null; done
+  exec >&- 2>&-  # then tee, the last child, ends with its input
+  wait "$TEE_PID" 2>/dev/null
+}
+trap on_exit EXIT
+# The background register report: its group (before its late write of ptxas.txt), and each of its
+# `timeout`s, which leads a group of its own and takes its nvcc's children down with it.
+stop_report() {
+  kill -- -"$PTXAS_PID" 2>/dev/null
+  pkill -f "timeout 300 nvcc .*fastmaml_ptxas_" 2>/dev/null
+}
 
 # Some images have only `python3`: give the stages a `python` that is it.
 if ! command -v python >/dev/null 2>&1 && command -v python3 >/dev/null 2>&1; then
@@ -189,7 +233,7 @@ stage "build (limit ${BUILD_S}s) -> $DIR/build.log"
       || echo "pip install -e . failed; running from PYTHONPATH=$REPO"
   fi
   # Asking every backend whether it can run builds what it needs (the C++ extension, the CUDA kernels).
-  timeout "$BUILD_S" python - <<'EOF' || { echo "build step failed or timed out"; FAILED+=("build"); }
+  timeout "$BUILD_S" python - <<'EOF' || { rc=$?; echo "build step failed or timed out"; check_rc build $rc; }
 import time
 import fastmaml
 from fastmaml.dispatch import get_backend
@@ -250,70 +294,29 @@ else
 fi
 
 # ---- where the time goes (G2) ------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ]; then
-  stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${PROFILE_S:-60}s) -> $DIR/profile.txt"
+if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ] && ! too_late profile "$(capped "${PROFILE_S:-60}")"; then
+  lim=$(capped "${PROFILE_S:-60}")
+  stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${lim}s) -> $DIR/profile.txt"
   # triton last: at this width it is the slowest by far, and the limit may end it.
-  ( cd benchmarks && timeout "${PROFILE_S:-60}" python profile_kernels.py --methods cuda factored vmap triton \
+  ( cd benchmarks && timeout "$lim" python profile_kernels.py --methods cuda factored vmap triton \
       --tasks 65536 --steps 5 --width 128 --warmup 1 --iters 2 ) > "$DIR/profile.txt" 2>&1
   check_rc profile $?
   grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -6
 fi
-# ncu apart from the profile, so that a second run can ask for it alone (PROFILE_S=0 NCU_S=60).
-if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ]; then
-  # Width 40 (NCU_WIDTH): the workspace in shared memory, the products' LDS loop; the 2026-11-30 run
-  # profiled W=128. WarpStateStats gives the stall reasons (long scoreboard: waiting on loads; no
-  # instruction: fetch, which the 1 MB sweep may cause), InstructionStats the executed mix.
-  stage "ncu of one cuda backward launch at T=8192, W=${NCU_WIDTH:-40} (limit ${NCU_S:-60}s) -> $DIR/profile.txt"
-  ( cd benchmarks && timeout "${NCU_S:-60}" ncu --clock-control none --kernel-name regex:"bwd_kernel" --launch-count 1 \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-      --section WarpStateStats --section InstructionStats \
-      python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width "${NCU_WIDTH:-40}" --warmup 0 \
-      --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
-  rc=$?
-  echo "ncu exit code $rc"
-  check_rc ncu $rc
-fi
-
-# The factored backend's low-rank Triton kernels: two thirds of its time at K=5, W=128 on the H200
-# (a75ae00), at about a quarter of the bandwidth the rest of its iteration reached. Launches 7 to 10 of a
-# call at T=8192, K=5 (logged through the interpreter): the forward's lowrank_add with four, four and five
-# factor pairs, then the written-out sweep's first, the query pass's backward through five pairs (under
-# FASTMAML_FACTORED_REVERSE=autograd, the first fused backward); the same sections as above (occupancy,
-# stall reasons, memory traffic).
-if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_LOWRANK_S:-0}" -gt 0 ]; then
-  # Triton's lowrank_add and the extension's CUDA one (FASTMAML_FACTORED_KERNELS), half the limit each.
-  for kernels in triton cuda; do
-    stage "ncu of four factored low-rank launches ($kernels) at T=8192, K=5, W=128 (limit $(( NCU_LOWRANK_S / 2 ))s) -> $DIR/profile.txt"
-    echo "===== ncu, FASTMAML_FACTORED_KERNELS=$kernels" >> "$DIR/profile.txt"
-    ( cd benchmarks && FASTMAML_FACTORED_KERNELS=$kernels timeout "$(( NCU_LOWRANK_S / 2 ))" ncu --clock-control none \
-        --kernel-name regex:"lowrank_" --launch-skip 6 --launch-count 4 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-        --section WarpStateStats --section InstructionStats \
-        python profile_kernels.py --methods factored --tasks 8192 --steps 5 --width 128 --warmup 0 \
-        --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
-    rc=$?
-    echo "ncu (low-rank, $kernels) exit code $rc"
-    check_rc "ncu of the low-rank kernels ($kernels)" $rc
-  done
-fi
-
 # The CUDA reverse sweep's time by phase: one training call's barrier timeline (csrc/cuda/timeline.h),
 # each phase named by the barrier that ends it, at T=25 (a task alone on a multiprocessor) and T=65,536
 # (as many as fit), compared phase by phase (benchmarks/phase_timeline.py).
-if [ "$DRY_RUN" != 1 ] && [ "${TIMELINE_S:-30}" -gt 0 ]; then
-  stage "the cuda reverse sweep's phases at T=25 and 65536 (limit ${TIMELINE_S:-30}s) -> $DIR/timeline.txt, $DIR/timeline/"
+if [ "$DRY_RUN" != 1 ] && [ "${TIMELINE_S:-30}" -gt 0 ] && ! too_late timeline "$(capped "${TIMELINE_S:-30}")"; then
+  lim=$(capped "${TIMELINE_S:-30}")
+  stage "the cuda reverse sweep's phases at T=25 and 65536 (limit ${lim}s) -> $DIR/timeline.txt, $DIR/timeline/"
   # shellcheck disable=SC2086
-  timeout "${TIMELINE_S:-30}" python benchmarks/phase_timeline.py ${TIMELINE_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128} \
+  timeout "$lim" python benchmarks/phase_timeline.py ${TIMELINE_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128} \
     --out "$DIR/timeline" > "$DIR/timeline.txt" 2>&1
   rc=$?
   echo "timeline exit code $rc"
   check_rc timeline $rc
   grep -E "^== K=|^cycles a task: |failed" "$DIR/timeline.txt" | head -12 | cut -c1-200
 fi
-
-# ---- the A/B's variants (described at the A/B below): AB_DEFAULT, ab_variant, ab_resolve, stop_prewarm --
-# shellcheck source=benchmarks/ab_variants.sh
-source "$REPO/benchmarks/ab_variants.sh"
 
 # The Triton kernels of the A/B's triton and factored variants, compiled ahead in the background while the
 # tests run: a variant's kernels (other warps, layouts, chunks) are new to Triton's cache, and compiling
@@ -358,8 +361,9 @@ else
     # option, the sinusoid size, 20,000 tasks, width 128) and the tests new with G2/G3 (with the launch
     # report under the sweep's cuda rows; the factored backend's CUDA lowrank_add kernel; NaN spreading
     # as in the reference through each GPU kernel's ReLU; no gradient for the inputs a call does not read).
-    stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${TESTS_S}s) -> $DIR/tests.log"
-    FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$TESTS_S" python -m pytest tests/test_backends.py \
+    lim=$(capped "$TESTS_S")
+    stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${lim}s) -> $DIR/tests.log"
+    FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$lim" python -m pytest tests/test_backends.py \
       tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py \
       tests/test_benchmark_tools.py tests/test_same_function.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
       -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or unused_inputs" \
@@ -377,6 +381,8 @@ else
                   "FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global:${STATES_TESTS_S:-30}"; do
       setting=${switch%:*} limit=${switch##*:}
       [ "$limit" -gt 0 ] || continue
+      limit=$(capped "$limit")
+      too_late "tests with $setting" "$limit" && continue
       stage "tests of cuda with $setting: test_backends' float32 comparisons (limit ${limit}s) -> $DIR/tests.log"
       echo "===== cuda, $setting: tests/test_backends.py" >> "$DIR/tests.log"
       # shellcheck disable=SC2086  # a setting may set several variables
@@ -400,6 +406,8 @@ else
     if [ "$backend" = cuda ]; then
       files+=(tests/test_same_function.py tests/test_distributed.py tests/test_overhead.py tests/test_gpu_overhead.py)
     fi
+    limit=$(capped "$limit")
+    too_late "tests of $backend" "$limit" && continue
     stage "tests of $backend: ${files[*]} (limit ${limit}s) -> $DIR/tests.log"
     echo "===== $backend: ${files[*]}" >> "$DIR/tests.log"
     FASTMAML_TEST_BACKENDS=$backend timeout "$limit" python -m pytest "${files[@]}" -q -rfE "${XDIST[@]}" \
@@ -413,9 +421,9 @@ else
 fi
 
 # ---- what auto picks ---------------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ] && [ "${EXPLAIN:-1}" = 1 ]; then
+if [ "$DRY_RUN" != 1 ] && [ "${EXPLAIN:-1}" = 1 ] && ! too_late "auto's choice" "$(capped 60)"; then
   stage "auto's choice on the GPU (small and large batch) -> $DIR/tests.log"
-  timeout 60 python - >> "$DIR/tests.log" 2>&1 <<'EOF'
+  timeout "$(capped 60)" python - >> "$DIR/tests.log" 2>&1 <<'EOF'
 import torch, fastmaml
 for T in (25, 65536):
     dims, g = [1, 40, 40, 1], torch.Generator(device="cuda").manual_seed(0)
@@ -428,12 +436,60 @@ EOF
   grep -E "chosen|rejected: slower" "$DIR/tests.log" | tail -4
 fi
 
+# ---- ncu (G2): after the tests, which G2's first must-show needs more --------------------------------
+if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && { [ "${NCU_S:-60}" -gt 0 ] || [ "${NCU_LOWRANK_S:-0}" -gt 0 ]; }; then
+  stop_prewarm  # its compiles and GPU calls would run beside the profiled launches
+fi
+# ncu apart from the profile, so that a second run can ask for it alone (PROFILE_S=0 NCU_S=60).
+if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ] \
+   && ! too_late ncu "$(capped "${NCU_S:-60}")"; then
+  lim=$(capped "${NCU_S:-60}")
+  # Width 40 (NCU_WIDTH): the workspace in shared memory, the products' LDS loop; the 2026-11-30 run
+  # profiled W=128. WarpStateStats gives the stall reasons (long scoreboard: waiting on loads; no
+  # instruction: fetch, which the 1 MB sweep may cause), InstructionStats the executed mix.
+  stage "ncu of one cuda backward launch at T=8192, W=${NCU_WIDTH:-40} (limit ${lim}s) -> $DIR/profile.txt"
+  ( cd benchmarks && timeout "$lim" ncu --clock-control none --kernel-name regex:"bwd_kernel" --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section InstructionStats \
+      python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width "${NCU_WIDTH:-40}" --warmup 0 \
+      --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
+  rc=$?
+  echo "ncu exit code $rc"
+  check_rc ncu $rc
+fi
+
+# The factored backend's low-rank Triton kernels: two thirds of its time at K=5, W=128 on the H200
+# (a75ae00), at about a quarter of the bandwidth the rest of its iteration reached. Launches 7 to 10 of a
+# call at T=8192, K=5 (logged through the interpreter): the forward's lowrank_add with four, four and five
+# factor pairs, then the written-out sweep's first, the query pass's backward through five pairs (under
+# FASTMAML_FACTORED_REVERSE=autograd, the first fused backward); the same sections as above (occupancy,
+# stall reasons, memory traffic).
+if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_LOWRANK_S:-0}" -gt 0 ]; then
+  # Triton's lowrank_add and the extension's CUDA one (FASTMAML_FACTORED_KERNELS), half the limit each.
+  for kernels in triton cuda; do
+    lim=$(capped $(( NCU_LOWRANK_S / 2 )))
+    too_late "ncu of the low-rank kernels ($kernels)" "$lim" && continue
+    stage "ncu of four factored low-rank launches ($kernels) at T=8192, K=5, W=128 (limit ${lim}s) -> $DIR/profile.txt"
+    echo "===== ncu, FASTMAML_FACTORED_KERNELS=$kernels" >> "$DIR/profile.txt"
+    ( cd benchmarks && FASTMAML_FACTORED_KERNELS=$kernels timeout "$lim" ncu --clock-control none \
+        --kernel-name regex:"lowrank_" --launch-skip 6 --launch-count 4 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section InstructionStats \
+        python profile_kernels.py --methods factored --tasks 8192 --steps 5 --width 128 --warmup 0 \
+        --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
+    rc=$?
+    echo "ncu (low-rank, $kernels) exit code $rc"
+    check_rc "ncu of the low-rank kernels ($kernels)" $rc
+  done
+fi
+
 # ---- per-call overhead (G3) ---------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ] && [ "${OVERHEAD_S:-90}" -gt 0 ]; then
+if [ "$DRY_RUN" != 1 ] && [ "${OVERHEAD_S:-90}" -gt 0 ] && ! too_late overhead "$(capped "${OVERHEAD_S:-90}")"; then
   stop_prewarm  # its compiles and GPU calls would run beside the microsecond timings
-  stage "overhead of a small training call (limit ${OVERHEAD_S:-90}s) -> $DIR/overhead.txt, overhead.json"
+  lim=$(capped "${OVERHEAD_S:-90}")
+  stage "overhead of a small training call (limit ${lim}s) -> $DIR/overhead.txt, overhead.json"
   # shellcheck disable=SC2086
-  timeout "${OVERHEAD_S:-90}" python benchmarks/bench_overhead.py --device cuda --tasks 25 --inner-steps 5 \
+  timeout "$lim" python benchmarks/bench_overhead.py --device cuda --tasks 25 --inner-steps 5 \
     ${OVERHEAD_ARGS:---seconds 2 --rounds 5} --json "$DIR/overhead.json" > "$DIR/overhead.txt" 2>&1
   rc=$?
   echo "overhead exit code $rc"
@@ -528,7 +584,14 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
   variants=(${AB_VARIANTS:-$AB_DEFAULT})
   # What is left of the run, up to AB_S: the sweep and the profile (G2's must-shows) come first.
   ab_total=$(( $(left) < AB_S ? $(left) : AB_S ))
-  per=$(( ab_total / ${#variants[@]} ))
+  # At least 25 s a variant (a process's start, imports and two widths; 9 s measured nothing): with less
+  # time, the first variants that fit run whole and the rest are listed as not run.
+  if [ $(( ab_total / 25 )) -lt ${#variants[@]} ]; then
+    fits=$(( ab_total / 25 ))
+    fail "A/B variants not run for time: ${variants[*]:$fits}"
+    variants=("${variants[@]:0:$fits}")
+  fi
+  per=$(( ab_total / (${#variants[@]} > 0 ? ${#variants[@]} : 1) ))
   stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt, ab/"
   : > "$DIR/ab.txt"
   if [ "$per" -lt 25 ]; then  # a process's start, imports and the cells at two widths: 9 s measured nothing
@@ -557,16 +620,14 @@ PREWARM_WAIT_S=0 stop_prewarm > /dev/null  # where the A/B did not run
 # waited for only after the measurements (the Triton report below appends to its file).
 # At most until the run's end less the Triton report's 30 s: a report still compiling then is left out.
 if [ -n "${PTXAS_PID:-}" ]; then
-  waited=0
-  while kill -0 "$PTXAS_PID" 2>/dev/null && [ "$waited" -lt $(( $(left) + RESERVE_S - 30 )) ]; do
+  waited=0 deadline=$(( START + TOTAL_S - 30 ))  # the Triton report's 30 s stay
+  while kill -0 "$PTXAS_PID" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do
     sleep 2; waited=$(( waited + 2 ))
   done
   if kill -0 "$PTXAS_PID" 2>/dev/null; then
     echo "the nvcc register report was still compiling after ${waited}s more: left out (REPORTS=1 in a longer run)"
-    # The group, before its late write of ptxas.txt; each `timeout` leads a group of its own and takes
-    # its nvcc's children down with it.
-    kill -- -"$PTXAS_PID" 2>/dev/null; pkill -f "timeout 300 nvcc .*fastmaml_ptxas_" 2>/dev/null
-    FAILED+=("nvcc register report (out of time)")
+    stop_report
+    fail "nvcc register report (out of time)"
   else
     grep -c "Used" "$DIR/ptxas.txt" | sed 's/^/ptxas reports: /'
   fi
@@ -575,7 +636,8 @@ fi
 # ---- Triton registers and spills (G2) -------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ] && [ "${REPORTS:-1}" = 1 ]; then
   stage "Triton kernel variants at the sweep's shapes: registers, spills (limit 30s) -> $DIR/ptxas.txt"
-  timeout 30 python - >> "$DIR/ptxas.txt" 2>&1 <<'EOF'
+  lim=$(( $(left) + RESERVE_S - 5 )); [ "$lim" -gt 30 ] && lim=30; [ "$lim" -lt 1 ] && lim=1  # in the reserve
+  timeout "$lim" python - >> "$DIR/ptxas.txt" 2>&1 <<'EOF'
 import torch, fastmaml
 from fastmaml.backends import _lowrank, _triton_targets
 print("== Triton kernels (registers and spills per thread)")
@@ -603,8 +665,10 @@ if [ -s "$DIR/throughput.csv" ]; then
   timeout 60 python benchmarks/report.py "$DIR/throughput.csv" --compact > "$DIR/summary.txt" 2>&1
   cat "$DIR/summary.txt"
 else
-  echo "no throughput.csv: see $DIR/sweep.log" | tee "$DIR/summary.txt"
+  [ "${SKIP_SWEEP:-0}" = 1 ] && echo "no sweep in this run (SKIP_SWEEP=1)" | tee "$DIR/summary.txt" \
+    || echo "no throughput.csv: see $DIR/sweep.log" | tee "$DIR/summary.txt"
 fi
+FINISHED=1
 if [ ${#FAILED[@]} -gt 0 ]; then
   printf 'failed or out of time (the logs above say which part):%s\n' "$(printf ' %s;' "${FAILED[@]}")" \
     | tee -a "$DIR/summary.txt"
