@@ -182,8 +182,9 @@ def _run_batched(problem: Problem, make_vmap_task, make_loop_task, in_dims, args
     with a `TaskLoopWarning` once the loop has run (`fastmaml.MAML` remembers the failure, so it warns once
     per module and mode). A call whose derivatives vmap gets wrong loops too, with its own warning: known
     from the module's layers ("vmap_untrusted"), or from the calls a generic forward made in its first
-    batched run with inner steps (seen by `_SeeUntrustedCalls`, then remembered as "vmap_calls"). A model whose loop fails too raises the loop's error with no warning: the fault
-    is then the model's, not vmap's.
+    batched run with inner steps (seen by `_SeeUntrustedCalls`, then remembered as "vmap_calls"). A model
+    whose loop fails too raises the loop's error with no warning: the fault is then the model's, not
+    vmap's.
 
     A generic module runs with `randomness="different"`: each task draws its own random numbers (dropout
     masks), as it would in a loop over tasks."""
