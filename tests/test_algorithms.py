@@ -185,15 +185,20 @@ def test_driver_skips_a_non_finite_step(name):
 
 @pytest.mark.parametrize("name", ["metasgd", "mamlpp", "reptile"])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, name, monkeypatch):
-    """A run stopped by an exception after its checkpoint at iteration 20 and resumed ends with the
-    uninterrupted run's parameters and rates, bit for bit (scheduled algorithms included)."""
+    """A run stopped by an exception after its checkpoint at iteration 20 and resumed takes the 20
+    iterations left and ends with the uninterrupted run's parameters and rates, bit for bit (scheduled
+    algorithms included)."""
+    from test_checkpoint import counted_steps
+
     config = sinusoid.SinusoidConfig(iterations=40, algorithm=name, backend="cpu", seed=4, log_every=10, eval_tasks=3)
     quiet = dict(progress=False, log=lambda *a: None)
     whole = sinusoid.train(config, **quiet)
 
     with interrupted_at(monkeypatch, algorithms.Learner, 27):
         sinusoid.train(config, checkpoint_dir=str(tmp_path), checkpoint_every=10, **quiet)
+    steps = counted_steps(monkeypatch)
     resumed = sinusoid.train(config, checkpoint_dir=str(tmp_path), checkpoint_every=10, resume=True, **quiet)
+    assert len(steps) == 20
     for a, b in zip(resumed.params, whole.params):
         assert torch.equal(a, b)
     for a, b in zip(resumed.rates.get("rates", []), whole.rates.get("rates", [])):

@@ -32,9 +32,20 @@ def _checkpoint_iteration(path):
         return 0
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    """SIGKILL a job once its checkpoint has passed a few saves, resume it: the parameters equal those of
-    an uninterrupted run bit for bit (cpu backend, one process)."""
+def counted_steps(monkeypatch) -> list:
+    """The meta-steps the driver takes from now on (one FiniteStep.step an iteration): a resume that
+    started over would end with the same parameters (training is deterministic), but not the same count."""
+    from fastmaml.training import FiniteStep
+
+    calls, real = [], FiniteStep.step
+    monkeypatch.setattr(FiniteStep, "step", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """SIGKILL a job once its checkpoint has passed a few saves, resume it: the resumed run takes only the
+    iterations left, and its parameters equal those of an uninterrupted run bit for bit (cpu backend,
+    one process)."""
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "fastmaml", "train", "sinusoid", "--iterations", str(ITERATIONS),
            "--checkpoint-every", str(EVERY), "--backend", "cpu", "--seed", "5", "--eval-tasks", "3",
@@ -51,8 +62,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     if reached == ITERATIONS:
         pytest.skip("the job finished before it could be killed (a machine much faster than this test expects)")
 
+    steps = counted_steps(monkeypatch)
     resumed = sinusoid.train(_config(), progress=False, log=lambda *a: None, checkpoint_dir=str(out),
                              checkpoint_every=EVERY, resume=True)
+    assert len(steps) == ITERATIONS - reached, (len(steps), reached)
     whole = sinusoid.train(_config(), progress=False, log=lambda *a: None)
     for a, b in zip(resumed.params, whole.params):
         assert torch.equal(a, b)

@@ -557,6 +557,31 @@ def test_recomputed_thetas_move_only_the_last_bits(monkeypatch):
         assert_all_close(got, want, 2e-5, f"float32, thetas {mode}")
 
 
+@pytest.mark.skipif(isa_choices() == ["baseline"], reason="this CPU lacks AVX2 or FMA: only the baseline loops run")
+def test_the_avx2_loops_run_where_the_cpu_has_them(monkeypatch):
+    """The [avx2] cases compare the default build with the reference; this checks that the default is
+    the AVX2 build: in float32 its fused multiply-adds round differently from the baseline loops, so the
+    two give other bits (a default that ran the baseline loops would give the same), both within float32
+    accuracy of the float64 reference."""
+    gen = torch.Generator().manual_seed(72)
+    dims = [1, 40, 40, 1]
+    params = make_params(dims, F64, gen)
+    data = make_data(dims, 16, 10, 10, "mse", F64, gen)
+    runs = {}
+    for isa_name in ("baseline", "avx2"):
+        if isa_name == "baseline":
+            monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline")
+        else:
+            monkeypatch.delenv("FASTMAML_CPU_ISA", raising=False)
+        runs[isa_name] = run_maml("cpu", [p.float().requires_grad_() for p in params],
+                                  [d.float() if d.is_floating_point() else d for d in data], 2, 0.05, "mse", "relu",
+                                  False, None, 9)
+    want = run_maml("reference", [p.requires_grad_() for p in params], data, 2, 0.05, "mse", "relu", False, None, 9)
+    assert any(bool((a != b).any()) for a, b in zip(runs["baseline"], runs["avx2"])), "the same bits: no AVX2 loops?"
+    for isa_name, got in runs.items():
+        assert_all_close(got, want, 2e-5, f"float32, {isa_name} loops")
+
+
 @pytest.mark.parametrize("case", option_grid()[::4], ids=lambda c: "-".join(map(str, c)))
 def test_matches_reference_float32(case, isa):
     """float32 kernel against the float64 reference on the same (float32-rounded) inputs."""

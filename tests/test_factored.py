@@ -139,7 +139,7 @@ def test_chunk_size(monkeypatch):
 
 def test_refuses_per_parameter_rates_and_says_why():
     """Meta-SGD rates (one per element) are refused naming the tensor; rates broadcast from [K, 1, ...]
-    run; `auto` never picks the backend by itself."""
+    run. (`auto` takes the cpu kernel for this small call, ahead of factored in its order.)"""
     case = make_case(inner_steps=2, lr_form="per_parameter", seed=4)
     with pytest.raises(ValueError, match=r"inner_lr\[0\].*Meta-SGD"):
         _run(case)

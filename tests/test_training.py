@@ -72,6 +72,10 @@ def test_non_finite_step_is_skipped(backend, how):
     out.loss.backward()
     assert guard.step(out.loss) and guard.steps == 2
     assert guard.state_dict() == {"steps": 2, "skipped": 1}
+    # the finite steps were taken: the first moved the parameters, and so did the one after the skip
+    assert any(not torch.equal(p.detach(), before) for p, before in zip(maml.parameters(), params_before))
+    first_params = [p.detach().clone() for p in _model().parameters()]  # the same seed's starting point
+    assert any(not torch.equal(a, b) for a, b in zip(params_before, first_params))
 
 
 def test_finite_step_judges_values_not_norms():
