@@ -583,7 +583,7 @@ def test_models_vmap_differentiates_wrongly_match_the_loop(monkeypatch, case, fi
 
 
 class _Functional(nn.Module):
-    """A custom forward that calls a norm or an embedding through torch.nn.functional (or torch) on
+    """A custom forward that calls a norm or an embedding through torch.nn.functional (or torch.ops) on
     parameters of its own: no layer of it is one `vmap_gradient_reason` knows."""
 
     def __init__(self, kind):
