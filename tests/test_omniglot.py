@@ -235,14 +235,19 @@ def test_task_batch_norm_normalises_each_task_over_its_own_images():
 
 def test_interrupted_training_resumes_to_the_uninterrupted_result(tiny, tmp_path, monkeypatch):
     """ANIL's backbone, head and Adam state go through the jobs' checkpoint: a run stopped after its
-    checkpoint at iteration 4 and resumed ends with the uninterrupted run's tensors."""
+    checkpoint at iteration 4 and resumed takes the 4 iterations left and ends with the uninterrupted
+    run's tensors."""
+    from test_checkpoint import counted_steps
+
     meta_train, _, _, _ = omniglot.load_data(tiny, cache="")
     config = omniglot.OmniglotConfig(ways=3, meta_batch=2, iterations=8, log_every=2, threads=1)
     quiet = dict(progress=False, log=lambda *a: None)
     whole = omniglot.train(config, meta_train, **quiet)
     with interrupted_at(monkeypatch, omniglot.Learner, 6):
         omniglot.train(config, meta_train, checkpoint_dir=str(tmp_path), checkpoint_every=4, **quiet)
+    steps = counted_steps(monkeypatch)
     resumed = omniglot.train(config, meta_train, checkpoint_dir=str(tmp_path), checkpoint_every=4, resume=True, **quiet)
+    assert len(steps) == 4
     for a, b in zip(resumed.net.params + list(resumed.net.backbone.parameters()),
                     whole.net.params + list(whole.net.backbone.parameters())):
         assert torch.equal(a.detach(), b.detach())
