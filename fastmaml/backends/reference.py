@@ -117,17 +117,14 @@ def _untrusted_call(func, args, kwargs) -> Optional[tuple[str, bool]]:
     if func in (F.layer_norm, torch.layer_norm, torch.native_layer_norm, aten.layer_norm, aten.native_layer_norm):
         if _arg(args, kwargs, 2, "weight") is not None:
             return f"its forward calls {name} with a learned scale", False
-    elif func in (F.instance_norm, torch.instance_norm, aten.instance_norm):
-        functional = func is F.instance_norm
+    elif func in (F.instance_norm, torch.instance_norm, aten.instance_norm,
+                  F.batch_norm, torch.batch_norm, torch.native_batch_norm, aten.batch_norm, aten.native_batch_norm):
+        # The same arguments in both: the functional forms put the running statistics before the weight;
+        # the flag at 5 is instance_norm's use_input_stats (default True) or batch_norm's training (False).
+        functional = func in (F.instance_norm, F.batch_norm)
+        flag, default = ("use_input_stats", True) if "instance" in name else ("training", False)
         weight = _arg(args, kwargs, 3 if functional else 1, "weight")
-        batch_stats = (_arg(args, kwargs, 5, "use_input_stats", True)
-                       or _arg(args, kwargs, 1 if functional else 3, "running_mean") is None)
-        if weight is not None and batch_stats:
-            return f"its forward calls {name} with affine parameters", False
-    elif func in (F.batch_norm, torch.batch_norm, torch.native_batch_norm, aten.batch_norm, aten.native_batch_norm):
-        functional = func is F.batch_norm
-        weight = _arg(args, kwargs, 3 if functional else 1, "weight")
-        batch_stats = (_arg(args, kwargs, 5, "training", False)
+        batch_stats = (_arg(args, kwargs, 5, flag, default)
                        or _arg(args, kwargs, 1 if functional else 3, "running_mean") is None)
         if weight is not None and batch_stats:
             return f"its forward calls {name} with affine parameters on batch statistics", False
