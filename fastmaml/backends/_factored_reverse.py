@@ -45,7 +45,8 @@ import torch
 
 from .._mlp import ACTIVATIONS
 from .._plans import forward_ad_active, functorch_active
-from .._validate import Problem, env_choice
+from .._switches import env_choice
+from .._validate import Problem
 from . import factored as _f
 from . import _lowrank_pairs
 from ._fused import autocast_off

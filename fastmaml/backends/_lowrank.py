@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from .._validate import env_choice
+from .._switches import env_choice
 from . import _lowrank_cuda, _triton_targets, triton_maml
 from .triton_maml import _device_guard, _pad
 

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .._validate import env_choice
+from .._switches import env_choice
 from . import _lowrank as lr
 
 # FASTMAML_FACTORED_FUSED_BACKWARD (read once, at import): "1" (the default) takes lowrank_add's backward

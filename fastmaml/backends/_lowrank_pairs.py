@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .._validate import env_choice
+from .._switches import env_choice
 from . import _lowrank as lr
 from . import _lowrank_cuda
 from .triton_maml import _device_guard, _pad

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._validate import env_choice, env_int
+from .._switches import env_choice, env_int
 
 # How float32 products are computed, both float32-accurate: "ieee" (FMAs on the CUDA cores) or "tf32x3"
 # (three TF32 tensor-core products of the split operands, hi*hi + hi*lo + lo*hi). Plain "tf32" would

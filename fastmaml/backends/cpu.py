@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._validate import Problem, env_choice, env_exact
+from .._switches import env_choice, env_exact
+from .._validate import Problem
 from ._fused import ExtensionBackend, SizeLimits
 from ._fused import fused_rows_bytes, workspace_bytes  # noqa: F401 (kept importable from here)
 

@@ -37,7 +37,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .._validate import Problem, env_choice, env_exact, env_int
+from .._switches import env_choice, env_exact, env_int
+from .._validate import Problem
 from ._fused import ExtensionBackend, SizeLimits, flat_theta
 from ._fused import size_limit_reason as _size_limit_reason
 

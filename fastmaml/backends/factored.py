@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from .._mlp import ACTIVATIONS
 from .._plans import autocast_enabled, forward_ad_active, functorch_active
-from .._validate import Problem, env_choice, env_int
+from .._switches import env_choice, env_int
+from .._validate import Problem
 from ._lowrank import add_kernel_reason, products
 
 

@@ -122,7 +122,7 @@ def layout_for(dims: list[int]) -> str:
     """"registers" or "scratch": the kernels that run a net of `dims` (see LAYOUT)."""
     global LAYOUT
     if LAYOUT is None:
-        from .._validate import env_choice
+        from .._switches import env_choice
 
         LAYOUT = env_choice("FASTMAML_TRITON_LAYOUT", ("auto", "registers", "scratch"))
     if LAYOUT != "auto":
@@ -204,7 +204,7 @@ def max_registers() -> int:
     128 (benchmarks/RESULTS.md). A switch for the GPU check's A/B until a GPU weighs the two."""
     global MAXNREG
     if MAXNREG is None:
-        from .._validate import env_int
+        from .._switches import env_int
 
         MAXNREG = env_int("FASTMAML_TRITON_MAXNREG", 0, lambda n: n == 0 or 64 <= n <= 255,
                           "0 (ptxas's choice) or a register count from 64 to 255")
@@ -233,7 +233,7 @@ def num_warps_for(dims: list[int], n_support: int, n_query: int, layout: str = "
     """
     global WARPS
     if WARPS is None:
-        from .._validate import env_int
+        from .._switches import env_int
 
         WARPS = env_int("FASTMAML_TRITON_WARPS", 0, lambda n: n in (0, 1, 2, 4, 8, 16),
                         "0 (the backend's choice) or a power of two from 1 to 16")
