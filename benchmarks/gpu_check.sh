@@ -294,8 +294,7 @@ else
 fi
 
 # ---- where the time goes (G2) ------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ] && ! too_late profile "$(capped "${PROFILE_S:-60}")"; then
-  lim=$(capped "${PROFILE_S:-60}")
+if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ] && lim=$(capped "${PROFILE_S:-60}") && ! too_late profile "$lim"; then
   stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${lim}s) -> $DIR/profile.txt"
   # triton last: at this width it is the slowest by far, and the limit may end it.
   ( cd benchmarks && timeout "$lim" python profile_kernels.py --methods cuda factored vmap triton \
@@ -306,8 +305,7 @@ fi
 # The CUDA reverse sweep's time by phase: one training call's barrier timeline (csrc/cuda/timeline.h),
 # each phase named by the barrier that ends it, at T=25 (a task alone on a multiprocessor) and T=65,536
 # (as many as fit), compared phase by phase (benchmarks/phase_timeline.py).
-if [ "$DRY_RUN" != 1 ] && [ "${TIMELINE_S:-30}" -gt 0 ] && ! too_late timeline "$(capped "${TIMELINE_S:-30}")"; then
-  lim=$(capped "${TIMELINE_S:-30}")
+if [ "$DRY_RUN" != 1 ] && [ "${TIMELINE_S:-30}" -gt 0 ] && lim=$(capped "${TIMELINE_S:-30}") && ! too_late timeline "$lim"; then
   stage "the cuda reverse sweep's phases at T=25 and 65536 (limit ${lim}s) -> $DIR/timeline.txt, $DIR/timeline/"
   # shellcheck disable=SC2086
   timeout "$lim" python benchmarks/phase_timeline.py ${TIMELINE_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128} \
@@ -421,9 +419,9 @@ else
 fi
 
 # ---- what auto picks ---------------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ] && [ "${EXPLAIN:-1}" = 1 ] && ! too_late "auto's choice" "$(capped 60)"; then
+if [ "$DRY_RUN" != 1 ] && [ "${EXPLAIN:-1}" = 1 ] && lim=$(capped 60) && ! too_late "auto's choice" "$lim"; then
   stage "auto's choice on the GPU (small and large batch) -> $DIR/tests.log"
-  timeout "$(capped 60)" python - >> "$DIR/tests.log" 2>&1 <<'EOF'
+  timeout "$lim" python - >> "$DIR/tests.log" 2>&1 <<'EOF'
 import torch, fastmaml
 for T in (25, 65536):
     dims, g = [1, 40, 40, 1], torch.Generator(device="cuda").manual_seed(0)
@@ -442,8 +440,7 @@ if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && { [ "${NCU_S:-60}" -
 fi
 # ncu apart from the profile, so that a second run can ask for it alone (PROFILE_S=0 NCU_S=60).
 if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ] \
-   && ! too_late ncu "$(capped "${NCU_S:-60}")"; then
-  lim=$(capped "${NCU_S:-60}")
+   && lim=$(capped "${NCU_S:-60}") && ! too_late ncu "$lim"; then
   # Width 40 (NCU_WIDTH): the workspace in shared memory, the products' LDS loop; the 2026-11-30 run
   # profiled W=128. WarpStateStats gives the stall reasons (long scoreboard: waiting on loads; no
   # instruction: fetch, which the 1 MB sweep may cause), InstructionStats the executed mix.
@@ -484,9 +481,9 @@ if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_LOWRANK_S:-
 fi
 
 # ---- per-call overhead (G3) ---------------------------------------------------------------------
-if [ "$DRY_RUN" != 1 ] && [ "${OVERHEAD_S:-90}" -gt 0 ] && ! too_late overhead "$(capped "${OVERHEAD_S:-90}")"; then
+if [ "$DRY_RUN" != 1 ] && [ "${OVERHEAD_S:-90}" -gt 0 ] && lim=$(capped "${OVERHEAD_S:-90}") && ! too_late overhead "$lim"; then
   stop_prewarm  # its compiles and GPU calls would run beside the microsecond timings
-  lim=$(capped "${OVERHEAD_S:-90}")
+  lim=$(capped "$lim")  # again: the wait for the prewarm took from the time left
   stage "overhead of a small training call (limit ${lim}s) -> $DIR/overhead.txt, overhead.json"
   # shellcheck disable=SC2086
   timeout "$lim" python benchmarks/bench_overhead.py --device cuda --tasks 25 --inner-steps 5 \
