@@ -92,9 +92,9 @@ if [ "$MODE" = measure ]; then
   : "${TOTAL_S:=$(( 220 + AB_S ))}"
 elif [ "$MODE" = tests ]; then
   # The quick tests 120 s (a75ae00's took 114 s with warm caches), the switches' tests 55, auto's choice,
-  # then ncu with what is left (30 + 24 s at most), the register reports (nvcc's in the background from the
-  # start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the time left.
-  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=30}" "${NCU_LOWRANK_S:=24}"
+  # then ncu with what is left (30 + 2 x 20 s at most), the register reports (nvcc's in the background
+  # from the start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the time left.
+  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=30}" "${NCU_LOWRANK_S:=40}"
   : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=30}" "${STATES_TESTS_S:=25}" "${TOTAL_S:=285}"
   : "${RESERVE_S:=35}"
 fi
@@ -130,7 +130,7 @@ check_rc() { [ "$2" = 0 ] || fail "$1 (exit $2)"; }
 # A stage's limit cut to the time left (0 when none): `lim=$(capped 60)`. Under 15 s a stage is skipped.
 capped() { local l=$1 r; r=$(left); [ "$r" -lt "$l" ] && l=$r; [ "$l" -lt 0 ] && l=0; echo "$l"; }
 too_late() {  # a stage that cannot start in time: said, and listed
-  if [ "$2" -lt 15 ]; then stage "$1: skipped, ${2}s left"; fail "$1 (not run: ${2}s left)"; return 0; fi
+  if [ "$2" -lt 15 ]; then stage "$1: skipped, ${2}s for it"; fail "$1 (not run: ${2}s for it)"; return 0; fi
   return 1
 }
 
