@@ -10,6 +10,7 @@
 
 #include "autograd_fwdbwd.h"
 #include "cpu/maml_cpu.h"
+#include "cpu/onestep_cpu.h"
 
 // The hash of the sources this library was built from, given as -DFASTMAML_SOURCE_HASH=h<hex> (a bare
 // token: no quotes to survive the build tools' shells). fastmaml/_ext.py uses a prebuilt library only
@@ -46,6 +47,12 @@ TORCH_LIBRARY(fastmaml, m) {
   m.def(
       "maml_adapt(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
       "int loss) -> Tensor");
+  // One-step MAML with theta_1 kept low-rank: losses, query outputs and the meta-gradient's factor rows
+  // (csrc/onestep_op.h; fastmaml/backends/_onestep.py).
+  m.def(
+      "maml_onestep(Tensor theta, Tensor theta_t, Tensor rates, Tensor x_support, Tensor y_support, "
+      "Tensor x_query, Tensor y_query, Tensor? cot, Tensor? g_pred, int[] dims, int activation, bool first_order, "
+      "bool factors) -> (Tensor, Tensor, Tensor, Tensor)");
   // The factored backend's low-rank product, and the sweep's pair of them, on CUDA tensors
   // (csrc/cuda/lowrank_add.cuh; no CPU kernels: fastmaml/backends/_lowrank.py and _lowrank_pairs.py call
   // them where FASTMAML_FACTORED_KERNELS=cuda).
@@ -69,6 +76,7 @@ TORCH_LIBRARY_IMPL(fastmaml, CPU, m) {
   m.impl("maml_fwdbwd", &fastmaml::cpu::maml_fwdbwd);
   m.impl("maml_fwdbwd_sum", &fastmaml::cpu::maml_fwdbwd_sum);
   m.impl("weighted_task_sum", &fastmaml::cpu::weighted_task_sum);
+  m.impl("maml_onestep", &fastmaml::cpu::maml_onestep);
 }
 
 // Device-independent: saves the per-task rows and weighs them in the backward (any device's kernels).

@@ -47,14 +47,14 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 # The editable checkout's top-level csrc/, then the copy that setup.py ships inside the package.
 _CSRC_CANDIDATES = (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc")
 _SOURCES = ("fastmaml.cpp", "autograd_fwdbwd.cpp", "cpu/maml_cpu.cpp", "cpu/task_loops_baseline.cpp",
-            "cpu/task_loops_avx2.cpp")
+            "cpu/task_loops_avx2.cpp", "cpu/onestep_cpu.cpp")
 # The kernels come in one file per reverse-sweep family and dtype, and one each for the float reverse
 # sweep's 4- and 6-block variants and its barrier timeline, which ninja compiles in parallel
 # (csrc/cuda/kernels.cuh says why).
 _CUDA_SOURCES = ("cuda/maml_cuda.cu", "cuda/bwd_f32.cu", "cuda/bwd_f32_min4.cu", "cuda/bwd_f32_min6.cu",
                  "cuda/bwd_f32_timeline.cu", "cuda/bwd_f64.cu", "cuda/fwdbwd_f32.cu", "cuda/fwdbwd_f64.cu",
-                 "cuda/lowrank_cuda.cu",
-                 "cuda/binding.cpp", "cuda/lowrank_binding.cpp")
+                 "cuda/lowrank_cuda.cu", "cuda/onestep.cu",
+                 "cuda/binding.cpp", "cuda/lowrank_binding.cpp", "cuda/onestep_binding.cpp")
 # Every file the library can be built from, CPU and CUDA alike (whichever are shipped): `source_hash`
 # hashes them all, whether or not this machine can compile the CUDA ones.
 _HASHED_GLOBS = ("*.h", "*.cpp", "task/*.h", "cpu/*.h", "cpu/*.cpp", "cpu/*.inc")

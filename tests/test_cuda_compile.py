@@ -53,7 +53,8 @@ def run(cmd: list[str], what: str) -> None:
 
 def test_there_are_cuda_sources():
     assert CU_FILES, f"no .cu files under {CSRC / 'cuda'}"
-    assert (CSRC / "cuda" / "binding.cpp").is_file() and (CSRC / "cuda" / "lowrank_binding.cpp").is_file()
+    for name in ("binding.cpp", "lowrank_binding.cpp", "onestep_binding.cpp"):
+        assert (CSRC / "cuda" / name).is_file(), name
 
 
 @needs_nvcc
@@ -126,7 +127,7 @@ def cuda_include_dir() -> Path | None:
 
 
 @needs_nvcc
-@pytest.mark.parametrize("binding", ["binding.cpp", "lowrank_binding.cpp"])
+@pytest.mark.parametrize("binding", ["binding.cpp", "lowrank_binding.cpp", "onestep_binding.cpp"])
 def test_binding_syntax(tmp_path: Path, binding: str):
     """The torch bindings of the CUDA kernels against the installed torch headers (g++ -fsyntax-only). A
     CPU build of torch ships the c10/cuda headers but not the one CMake generates for them; a stub stands

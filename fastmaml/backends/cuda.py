@@ -39,6 +39,7 @@ import torch
 from .. import _ext
 from .._switches import env_choice, env_exact, env_int
 from .._validate import Problem
+from . import _onestep
 from ._fused import ExtensionBackend, SizeLimits, flat_theta
 from ._fused import size_limit_reason as _size_limit_reason
 
@@ -51,6 +52,10 @@ LIMITS = SizeLimits(MAX_LAYERS, MAX_WIDTH, MAX_POINTS, None, MAX_WORKSPACE_BYTES
 # For a library without the CUDA maml_fwdbwd_sum (which keeps no per-task rows): above this many bytes of
 # rows the training call runs forward and backward apart.
 MAX_FUSED_ROWS_BYTES = 256 << 20
+# FASTMAML_CUDA_ONESTEP=1: training calls with one inner step run the one-step kernel (`_onestep`: a warp
+# a task, theta_1 kept low-rank) where it takes them. Off by default until a GPU has measured it against
+# the reverse sweep (read once, at import; benchmarks/gpu_check.sh's A/B sets it).
+ONESTEP = env_choice("FASTMAML_CUDA_ONESTEP", ("0", "1")) == "1"
 
 
 def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:
@@ -107,6 +112,8 @@ class CudaBackend(ExtensionBackend):
         return MAX_FUSED_ROWS_BYTES if cuda_kernels_registered("maml_fwdbwd") else 0
 
     def train(self, problem: Problem, tail: tuple, need_lr: bool, need_x: bool) -> Optional[tuple]:
+        if ONESTEP and _onestep.reason(problem, need_lr, need_x) is None and cuda_kernels_registered("maml_onestep"):
+            return _onestep.maml(problem)
         if cuda_kernels_registered("maml_fwdbwd_sum"):
             # As on the CPU: the parameter list goes to C++, the third output is the mean loss, whose
             # gradient alone comes from the kernel's sums (csrc/autograd_fwdbwd.cpp).
@@ -129,6 +136,8 @@ class CudaBackend(ExtensionBackend):
                              "for 4 or 6 blocks a multiprocessor: set FASTMAML_CUDA_MIN_BLOCKS=4 or 6 with it, "
                              "or unset FASTMAML_CUDA_STATES")
         env_choice("FASTMAML_REVERSE_THETAS", ("auto", "keep", "recompute"))  # plan()'s rebuilt thetas
+        env_choice("FASTMAML_ONESTEP_WARPS", ("8", "2", "4", "16"))  # the one-step kernel's warps a block
+        env_exact("FASTMAML_ONESTEP_SHARED", ("", "0", "1"))  # its scratch in shared memory (0: global)
         # The shared workspace's cap in KiB (csrc/cuda/binding.cpp, shared_limit): C++ reads it with atoll,
         # which makes any text 0, every workspace in global memory.
         env_int("FASTMAML_CUDA_SHARED_KB", 0, lambda kb: kb >= 0, "a whole number of KiB, 0 or more")

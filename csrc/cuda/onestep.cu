@@ -1,0 +1,173 @@
+// fastmaml: the CUDA kernel of maml_onestep: csrc/task/onestep.h's per-task math with one warp a task
+// (WarpTeam: no block barriers inside a task), several warps a block sharing theta_0, a grid that loops over
+// the tasks. Torch-free (onestep_cuda.h); float32 and float64.
+
+#include "onestep_cuda.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "../env_switch.h"
+#include "../maml_task.h"
+#include "../task/onestep.h"
+
+namespace fastmaml {
+namespace cuda {
+namespace {
+
+// One warp as the team of csrc/task/team.h: sync() is __syncwarp (which also orders the warp's shared and
+// global memory), sum() a butterfly of shuffles (every lane gets a total; the kernel keeps lane 0's).
+struct WarpTeam {
+  __device__ int rank() const { return static_cast<int>(threadIdx.x & 31u); }
+  __device__ int size() const { return 32; }
+  __device__ void sync() const { __syncwarp(); }
+  template <typename T>
+  __device__ T sum(T x) const {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    __syncwarp();
+    return x;
+  }
+};
+
+constexpr int kMaxWarps = 16;
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxWarps * 32) onestep_kernel(OnestepArgs<T> a, bool stage, bool shared_work,
+                                                                 int64_t work_elems) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const task::Net& net = a.net;
+  const T *theta = a.theta, *wt = a.theta_t, *rates = a.rates;
+  int64_t staged = 0;
+  if (stage) {
+    const int64_t P = net.P, Pp = (P + 15) & ~int64_t(15);
+    T* st = smem;
+    T* swt = smem + Pp;
+    T* sr = smem + 2 * Pp;
+    for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
+      st[i] = a.theta[i];
+      swt[i] = a.theta_t[i];
+    }
+    for (int i = threadIdx.x; i < 2 * net.L; i += blockDim.x) sr[i] = a.rates[i];
+    __syncthreads();  // the only block barrier: before any warp reads the staged copy
+    theta = st, wt = swt, rates = sr;
+    staged = 2 * Pp + 16;
+  }
+  const int warp = static_cast<int>(threadIdx.x >> 5), nw = static_cast<int>(blockDim.x >> 5);
+  T* work = shared_work ? smem + staged + warp * work_elems
+                        : a.global_work + (static_cast<int64_t>(blockIdx.x) * nw + warp) * work_elems;
+  const WarpTeam tm;
+  const int64_t din = net.dims[0], dout = net.dims[net.L];
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * nw + warp; t < a.n_tasks;
+       t += static_cast<int64_t>(gridDim.x) * nw) {
+    task::onestep::Task<T> tk;
+    tk.xs = a.xs + t * a.ns * din;
+    tk.ys = a.ys + t * a.ns * dout;
+    tk.xq = a.xq + t * a.nq * din;
+    tk.yq = a.yq + t * a.nq * dout;
+    tk.cot = a.cot != nullptr ? a.cot[t] : T(1);
+    tk.g_pred = a.g_pred != nullptr ? a.g_pred + t * a.nq * dout : nullptr;
+    tk.loss = a.losses + t;
+    tk.pred = a.preds + t * a.nq * dout;
+    tk.U = a.U;
+    tk.V = a.V;
+    tk.n_tasks = a.n_tasks;
+    tk.index = t;
+    task::onestep::task(net, theta, wt, rates, a.ns, a.nq, a.first_order, tk, work, tm);
+  }
+}
+
+// The kernel's opt-in to more than 48 KiB of dynamic shared memory, only ever raised (a high-water mark per
+// device under a lock, as kernels.cuh's allow_shared: a captured graph never sees it shrink).
+template <typename T>
+cudaError_t allow_shared(size_t bytes) {
+  if (bytes <= (size_t(48) << 10)) return cudaSuccess;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return (void)cudaGetLastError(), err;
+  static std::mutex lock;
+  static std::map<int, size_t> granted;
+  const std::lock_guard<std::mutex> guard(lock);
+  size_t& high = granted[device];
+  if (bytes <= high) return cudaSuccess;
+  err = cudaFuncSetAttribute(&onestep_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) return (void)cudaGetLastError(), err;
+  high = bytes;
+  return cudaSuccess;
+}
+
+int warps_switch() {
+  const std::string w = env_word("FASTMAML_ONESTEP_WARPS");
+  if (w == "2") return 2;
+  if (w == "4") return 4;
+  if (w == "16") return 16;
+  return 8;  // "" or "8" (the Python side refuses any other value)
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, OnestepPlan* plan) {
+  int device = 0, sms = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return (void)cudaGetLastError(), err;
+  OnestepPlan p{};
+  p.warps = warps_switch();
+  p.work_elems = task::onestep::layout(net, ns, nq).total;
+  const int64_t Pp = (net.P + 15) & ~int64_t(15);
+  const int64_t stage_bytes = (2 * Pp + 16) * static_cast<int64_t>(sizeof(T));
+  const int64_t work_bytes = p.work_elems * static_cast<int64_t>(sizeof(T));
+  p.stage = stage_bytes <= optin / 2;  // theta_0 in shared memory leaves at least half for the scratch
+  const int64_t base = p.stage ? stage_bytes : 0;
+  p.shared_work = !env_is("FASTMAML_ONESTEP_SHARED", "0") && base + p.warps * work_bytes <= optin;
+  p.shared_bytes = base + (p.shared_work ? p.warps * work_bytes : 0);
+  if ((err = allow_shared<T>(static_cast<size_t>(p.shared_bytes))) != cudaSuccess) return err;
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, &onestep_kernel<T>, p.warps * 32,
+                                                      static_cast<size_t>(p.shared_bytes));
+  if (err != cudaSuccess) return (void)cudaGetLastError(), err;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  const int64_t needed = (n_tasks + p.warps - 1) / p.warps;
+  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
+  p.blocks = needed < resident ? needed : resident;
+  if (p.blocks < 1) p.blocks = 1;
+  p.global_work_elems = p.shared_work ? 0 : p.blocks * p.warps * p.work_elems;
+  *plan = p;
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_onestep(const OnestepArgs<T>& a, const OnestepPlan& plan, cudaStream_t stream) {
+  if (plan.blocks < 1 || plan.blocks > 0x7fffffff || (!plan.shared_work && a.global_work == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (const cudaError_t e = allow_shared<T>(static_cast<size_t>(plan.shared_bytes)); e != cudaSuccess) return e;
+  onestep_kernel<T><<<static_cast<unsigned>(plan.blocks), plan.warps * 32, static_cast<size_t>(plan.shared_bytes),
+                      stream>>>(a, plan.stage, plan.shared_work, plan.work_elems);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t onestep_attributes(int* registers, int* local_bytes) {
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, &onestep_kernel<T>);
+  if (err != cudaSuccess) return (void)cudaGetLastError(), err;
+  *registers = attr.numRegs;
+  *local_bytes = static_cast<int>(attr.localSizeBytes);
+  return cudaSuccess;
+}
+
+template cudaError_t plan_onestep<float>(const task::Net&, int, int, int64_t, OnestepPlan*);
+template cudaError_t plan_onestep<double>(const task::Net&, int, int, int64_t, OnestepPlan*);
+template cudaError_t launch_onestep<float>(const OnestepArgs<float>&, const OnestepPlan&, cudaStream_t);
+template cudaError_t launch_onestep<double>(const OnestepArgs<double>&, const OnestepPlan&, cudaStream_t);
+template cudaError_t onestep_attributes<float>(int*, int*);
+template cudaError_t onestep_attributes<double>(int*, int*);
+
+}  // namespace cuda
+}  // namespace fastmaml

@@ -1,0 +1,90 @@
+// fastmaml: the CUDA implementation of maml_onestep (csrc/onestep_op.h), registered under the CUDA dispatch
+// key: the checks and outputs of onestep_op.h, the scratch the plan asks for, and onestep.cu's torch-free
+// launcher on the current stream. Also the test-only fastmaml_testing::cuda_onestep_attributes (the kernel's
+// registers and spilled bytes, for the GPU check). Compiled only in builds with a CUDA torch and nvcc.
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../onestep_op.h"
+#include "onestep_cuda.h"
+
+namespace fastmaml {
+namespace cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep_cuda(
+    const at::Tensor& theta, const at::Tensor& theta_t, const at::Tensor& rates, const at::Tensor& xs,
+    const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq, const std::optional<at::Tensor>& cot,
+    const std::optional<at::Tensor>& g_pred, c10::IntArrayRef dims, int64_t activation, bool first_order,
+    bool factors) {
+  onestep_op::Call c = onestep_op::setup(theta, theta_t, rates, xs, ys, xq, yq, cot, g_pred, dims, activation,
+                                         first_order, factors);
+  if (c.T == 0) return {c.losses, c.preds, c.U, c.V};
+  const c10::cuda::CUDAGuard guard(theta.device());
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "maml_onestep_cuda", [&] {
+    using T = scalar_t;
+    OnestepPlan plan{};
+    cudaError_t err = plan_onestep<T>(c.net, static_cast<int>(c.ns), static_cast<int>(c.nq), c.T, &plan);
+    TORCH_CHECK(err == cudaSuccess, "fastmaml: maml_onestep: no launch plan for dims ", dims, " with ", c.ns,
+                " + ", c.nq, " points: ", cudaGetErrorString(err));
+    at::Tensor work = at::empty({plan.global_work_elems}, theta.options());
+    OnestepArgs<T> a{};
+    a.net = c.net;
+    a.n_tasks = c.T;
+    a.ns = static_cast<int>(c.ns);
+    a.nq = static_cast<int>(c.nq);
+    a.first_order = first_order;
+    a.theta = theta.const_data_ptr<T>();
+    a.theta_t = theta_t.const_data_ptr<T>();
+    a.rates = rates.const_data_ptr<T>();
+    a.xs = xs.const_data_ptr<T>();
+    a.ys = ys.const_data_ptr<T>();
+    a.xq = xq.const_data_ptr<T>();
+    a.yq = yq.const_data_ptr<T>();
+    a.cot = cot.has_value() ? cot->const_data_ptr<T>() : nullptr;
+    a.g_pred = g_pred.has_value() ? g_pred->const_data_ptr<T>() : nullptr;
+    a.losses = c.losses.mutable_data_ptr<T>();
+    a.preds = c.preds.mutable_data_ptr<T>();
+    a.U = factors ? c.U.mutable_data_ptr<T>() : nullptr;
+    a.V = factors ? c.V.mutable_data_ptr<T>() : nullptr;
+    a.global_work = plan.global_work_elems > 0 ? work.mutable_data_ptr<T>() : nullptr;
+    err = launch_onestep<T>(a, plan, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "fastmaml: the CUDA kernel of maml_onestep failed (", c.T, " tasks, dims ", dims,
+                "): ", cudaGetErrorString(err));
+  });
+  return {c.losses, c.preds, c.U, c.V};
+}
+
+// [registers, local bytes] of the float32 and float64 kernels.
+std::vector<int64_t> cuda_onestep_attributes() {
+  std::vector<int64_t> out;
+  int regs = 0, local = 0;
+  cudaError_t err = onestep_attributes<float>(&regs, &local);
+  TORCH_CHECK(err == cudaSuccess, "fastmaml: cudaFuncGetAttributes: ", cudaGetErrorString(err));
+  out.push_back(regs), out.push_back(local);
+  err = onestep_attributes<double>(&regs, &local);
+  TORCH_CHECK(err == cudaSuccess, "fastmaml: cudaFuncGetAttributes: ", cudaGetErrorString(err));
+  out.push_back(regs), out.push_back(local);
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastmaml
+
+TORCH_LIBRARY_FRAGMENT(fastmaml_testing, m) {
+  m.def("cuda_onestep_attributes() -> int[]", &fastmaml::cuda::cuda_onestep_attributes);
+}
+
+TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) { m.impl("maml_onestep", &fastmaml::cuda::maml_onestep_cuda); }

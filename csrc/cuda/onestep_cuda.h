@@ -1,0 +1,54 @@
+// fastmaml: the launcher of the CUDA maml_onestep (onestep.cu; the per-task math is csrc/task/onestep.h, the
+// operation's contract csrc/onestep_op.h). Raw pointers in, a cudaError_t out, no torch headers: onestep.cu
+// compiles with a bare `nvcc -c` (tests/test_cuda_compile.py), and onestep_binding.cpp connects it to torch.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../task/config.h"
+#include "../task/layout.h"
+
+namespace fastmaml {
+namespace cuda {
+
+// How a launch lays out its tasks: one warp a task, `warps` warps a block, a grid of `blocks` blocks looping
+// over the tasks (at most as many blocks as are resident at once). theta_0, its transposes and the rates are
+// staged in each block's shared memory when they fit (`stage`), and each warp's scratch (`work_elems`) is
+// there too when every warp's fits beside them (`shared_work`); otherwise the caller provides
+// `global_work_elems` elements of global memory for it.
+struct OnestepPlan {
+  int warps;
+  int64_t blocks;
+  int64_t shared_bytes;
+  bool stage, shared_work;
+  int64_t work_elems, global_work_elems;
+};
+
+template <typename T>
+struct OnestepArgs {
+  task::Net net;
+  int64_t n_tasks;
+  int ns, nq;
+  bool first_order;
+  const T *theta, *theta_t, *rates, *xs, *ys, *xq, *yq, *cot, *g_pred;  // cot and g_pred may be null
+  T *losses, *preds, *U, *V;                                          // U and V null: no factor rows
+  T* global_work;                                                     // null where the plan needs none
+};
+
+// The plan of a launch on the current device. FASTMAML_ONESTEP_WARPS (2, 4, 8 or 16; default 8) sets the
+// warps of a block, FASTMAML_ONESTEP_SHARED=0 keeps the scratch in global memory (the A/B switches).
+template <typename T>
+cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, OnestepPlan* plan);
+
+// The kernel on `stream` with a plan from plan_onestep (n_tasks at least 1).
+template <typename T>
+cudaError_t launch_onestep(const OnestepArgs<T>& a, const OnestepPlan& plan, cudaStream_t stream);
+
+// The kernel's registers and local (spilled) bytes a thread, for the GPU check's report.
+template <typename T>
+cudaError_t onestep_attributes(int* registers, int* local_bytes);
+
+}  // namespace cuda
+}  // namespace fastmaml

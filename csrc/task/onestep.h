@@ -1,0 +1,391 @@
+// fastmaml: one task of one-step MAML with theta_1 never formed (the `onestep` kernels, docs/kernels.md).
+//
+// Every task starts from the same theta_0 and takes one SGD step on its support loss, so each adapted
+// weight matrix is theta_0's plus a matrix of rank at most Ns:
+//     W1_l = W_l - rW_l D_l^T H_l      (D_l = dL_s/dz_l [Ns, out], H_l = layer l's support inputs [Ns, in])
+//     b1_l = b_l - rb_l sum_n D_l[n]
+// and every product with W1_l is a product with the shared W_l plus a correction through an [Nq, Ns]
+// matrix of the task's own (`gram_in` = H'_l H_l^T, `gram_d` = D'_l D_l^T). The meta-gradient
+//     g = v - H_s (R v),   v = grad L_q(theta_1),  R = the rates per tensor,  H_s = the support Hessian at theta_0
+// is never formed either: per layer it is a sum of outer products, written out as factor rows
+//     g_[W_l | b_l] = U_l^T V_l,   U_l = [D'_l ; Ddot_l ; D_l],   V_l = [H'_l | 1 ; -H_l | -1 ; -Hdot_l | 0]
+// (R = Nq + 2 Ns rows; first order: the first Nq only), so the caller sums tasks with one matrix
+// product per layer ([out, T R] x [T R, in + 1]). Ddot and Hdot are the tangents of the Hessian-vector
+// product along R v, whose W part is rW_l D'_l^T H'_l: rank Nq, so its products go through the same
+// two Gram matrices.
+//
+// MSE loss, ReLU or tanh hidden layers, one rate per tensor (a number or a tensor of 2 L values). The
+// loss of a task is its query loss at theta_1; its cotangent `cot` and the query output's `g_pred` seed
+// the query backward (the training call's fused pass takes cot = 1 and none, and the caller scales the
+// rows by each task's cotangent: every row is linear in the seed).
+//
+// The work of a task is shared by a team (team.h): on a GPU one warp, whose syncs are __syncwarp; on the
+// CPU a team of one. Every product is `cols_product`: a rank owns whole output columns and keeps a chunk
+// of points in registers, reading the left operand's rows as one value for the whole team (a broadcast
+// on a GPU) and the right operand's row across the team (consecutive columns: coalesced). So theta_0's
+// weights are read both as W (for D W) and transposed (for H W^T): `wt` holds the transposes.
+#pragma once
+
+#include "config.h"
+#include "layout.h"
+#include "products.h"
+#include "mlp.h"
+#include "team.h"
+
+namespace fastmaml {
+namespace FASTMAML_TASK_NAMESPACE {
+inline namespace FASTMAML_IMPL_NAMESPACE {
+namespace onestep {
+
+constexpr int kChunk = 8;  // points a rank keeps in registers in one pass over k
+
+// out[n, m] for n < N, m < M: f.finish(n, m, f.init(n, m) + sum_k A[n an + k ak] B[k bk + m bm]), the sum
+// in k order. Rank r owns the columns m = r, r + size, ...: two products of one M into one output have
+// the same owners, so the second may read what the first stored without a sync.
+template <typename T, typename Team, typename F>
+FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
+                                     const F& f, const Team& tm) {
+  for (int m = tm.rank(); m < M; m += tm.size()) {
+    for (int n0 = 0; n0 < N; n0 += kChunk) {
+      const int nn = N - n0 < kChunk ? N - n0 : kChunk;
+      T acc[kChunk];
+      FASTMAML_UNROLL
+      for (int i = 0; i < kChunk; ++i) acc[i] = i < nn ? f.init(n0 + i, m) : T(0);
+      const T* a0 = A + static_cast<int64_t>(n0) * an;
+      for (int k = 0; k < Kd; ++k) {
+        const T b = B[static_cast<int64_t>(k) * bk + static_cast<int64_t>(m) * bm];
+        const T* a = a0 + static_cast<int64_t>(k) * ak;
+        FASTMAML_UNROLL
+        for (int i = 0; i < kChunk; ++i) {
+          if (i < nn) acc[i] += a[static_cast<int64_t>(i) * an] * b;
+        }
+      }
+      FASTMAML_UNROLL
+      for (int i = 0; i < kChunk; ++i) {
+        if (i < nn) f.finish(n0 + i, m, acc[i]);
+      }
+    }
+  }
+}
+
+// The products' ends. Each names its output [N, ld]; `i` is element (n, m)'s index in it.
+
+// out = v (from zero, or from a column's bias when `bias` is given: the first of two products into out).
+template <typename T>
+struct Store {
+  T* out;
+  int ld;
+  const T* bias;
+  FASTMAML_HD T init(int, int m) const { return bias != nullptr ? bias[m] : T(0); }
+  FASTMAML_HD void finish(int n, int m, T v) const { out[n * ld + m] = v; }
+};
+
+// out = s(b + v): a layer's forward from its bias (act = kNoAct: the output layer, no activation).
+template <typename T>
+struct BiasAct {
+  const T* bias;
+  T* out;
+  int ld, act;
+  FASTMAML_HD T init(int, int m) const { return bias[m]; }
+  FASTMAML_HD void finish(int n, int m, T v) const { out[n * ld + m] = act_value(act, v); }
+};
+
+// out = s(out + scale v): the second product into a layer's output.
+template <typename T>
+struct AddAct {
+  T* out;
+  int ld, act;
+  T scale;
+  FASTMAML_HD T init(int, int) const { return T(0); }
+  FASTMAML_HD void finish(int n, int m, T v) const {
+    T* o = out + n * ld + m;
+    *o = act_value(act, *o + scale * v);
+  }
+};
+
+// e = s'(z) v: a backward step in one product.
+template <typename T>
+struct ActGradStore {
+  const T* h;
+  T* e;
+  int ld, act;
+  FASTMAML_HD T init(int, int) const { return T(0); }
+  FASTMAML_HD void finish(int n, int m, T v) const { e[n * ld + m] = act_grad(act, h[n * ld + m], v); }
+};
+
+// e = s'(z) (e + scale v) [+ s''(z) z_dot (D W), tanh's -2 h z_dot D_low, where z_dot is given]: a backward
+// step's second product, with s' and s'' read from h = s(z) as mlp.h's act_grad does.
+template <typename T>
+struct GradAct {
+  const T* h;
+  T* e;
+  int ld, act;
+  T scale;
+  const T* z_dot;  // null: no s'' term (the query backward)
+  const T* d_low;
+  FASTMAML_HD T init(int, int) const { return T(0); }
+  FASTMAML_HD void finish(int n, int m, T v) const {
+    const int i = n * ld + m;
+    const T hi = h[i];
+    T r = act_grad(act, hi, e[i] + scale * v);
+    if (z_dot != nullptr && act == kTanh) r -= T(2) * hi * z_dot[i] * d_low[i];
+    e[i] = r;
+  }
+};
+
+// z_dot = (bias ? bias : z_dot) + scale v, h_dot = s'(z) z_dot: a tangent layer's second product.
+template <typename T>
+struct TangentAct {
+  T* z_dot;
+  T* h_dot;
+  const T* h;
+  const T* bias;  // the layer's bias tangent where no product came first (layer 0)
+  int ld, act;
+  T scale;
+  FASTMAML_HD T init(int, int) const { return T(0); }
+  FASTMAML_HD void finish(int n, int m, T v) const {
+    const int i = n * ld + m;
+    const T z = (bias != nullptr ? bias[m] : z_dot[i]) + scale * v;
+    z_dot[i] = z;
+    h_dot[i] = act == kNoAct ? z : act_grad(act, h[i], z);
+  }
+};
+
+// The team's layout of one task's scratch (elements; `width_sum` S, support and query points ns, nq).
+// Every [N, S] buffer holds each layer's [N, D_{l+1}] slice at N * act_off[l], as Acts does.
+struct Layout {
+  int64_t hs, ds, hq, dq, rz, rh, rd, ga, gb, vb, total;
+};
+
+FASTMAML_HD inline Layout layout(const Net& net, int ns, int nq) {
+  Layout w;
+  const int64_t S = net.width_sum, L = net.L;
+  int64_t o = 0;
+  auto take = [&](int64_t n) {
+    const int64_t at = o;
+    o += (n + 15) & ~int64_t(15);  // 64-byte segments in float32
+    return at;
+  };
+  w.hs = take(ns * S);
+  w.ds = take(ns * S);
+  w.hq = take(nq * S);
+  w.dq = take(nq * S);
+  w.rz = take(ns * S);
+  w.rh = take(ns * S);
+  w.rd = take(ns * S);
+  w.ga = take(L * nq * ns);
+  w.gb = take(L * nq * ns);
+  w.vb = take(S);
+  w.total = o;
+  return w;
+}
+
+// Rows of a task's factors (R) and the elements of one task's U and V over all layers.
+FASTMAML_HD inline int factor_rows(int ns, int nq, bool first_order) { return first_order ? nq : nq + 2 * ns; }
+// Per row of R: U's elements over all layers (sum D_{l+1}) and V's (sum (D_l + 1)).
+FASTMAML_HD inline int64_t u_width(const Net& net) { return net.width_sum; }
+FASTMAML_HD inline int64_t v_width(const Net& net) {
+  int64_t s = 0;
+  for (int l = 0; l < net.L; ++l) s += net.dims[l] + 1;
+  return s;
+}
+
+// One task's inputs and outputs. U and V hold the rows of every task of the call layer by layer: layer
+// l's block is [T, R, D_{l+1}] (U) and [T, R, D_l + 1] (V), starting at T R sum_{j<l} D_{j+1} (U) and
+// T R sum_{j<l} (D_j + 1) (V), so that each layer's block is one [T R, width] matrix.
+template <typename T>
+struct Task {
+  const T *xs, *ys, *xq, *yq;  // [ns, D_in], [ns, D_out], [nq, D_in], [nq, D_out]
+  T cot;                       // the cotangent of the task's loss
+  const T* g_pred;             // [nq, D_out] or null
+  T* loss;                     // the task's query loss at theta_1
+  T* pred;                     // [nq, D_out]: the query output at theta_1 (or null)
+  T *U, *V;                    // the call's factor rows (null: losses and outputs only)
+  int64_t n_tasks, index;      // the call's tasks and this one's place among them
+};
+
+// One task (`t`). theta [P] is theta_0 (flat: W_l [out, in], b_l [out]), wt the transposes of its weights
+// (W_l^T [in, out] at w_off[l]; biases unread), rates [2 L] (rW_l, rb_l). `work` has
+// layout(net, ns, nq).total elements. Every rank of the team calls it; it syncs before it returns.
+template <typename T, typename Team>
+FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, const T* wt, const T* rates, int ns,
+                                            int nq, bool first_order, const Task<T>& t, T* work, const Team& tm) {
+  const int L = net.L, act = net.activation, dy = net.dims[L];
+  const Layout w = layout(net, ns, nq);
+  T *hs = work + w.hs, *ds = work + w.ds, *hq = work + w.hq, *dq = work + w.dq;
+  T *rz = work + w.rz, *rh = work + w.rh, *rd = work + w.rd, *ga = work + w.ga, *gb = work + w.gb;
+  T* vb = work + w.vb;
+  const int gsz = nq * ns;
+  auto off = [&](int l) { return static_cast<int>(net.act_off[l]); };
+  auto layer_act = [&](int l) { return l == L - 1 ? kNoAct : act; };
+  auto weights = [&](int l) { return theta + net.w_off[l]; };
+  auto weights_t = [&](int l) { return wt + net.w_off[l]; };
+
+  // The support pass at theta_0: z_l = H_l W_l^T + b_l, h_l = s(z_l) (H_0 = xs, H_l = h_{l-1}).
+  for (int l = 0; l < L; ++l) {
+    const int din = net.dims[l], dout = net.dims[l + 1];
+    const T* in = l == 0 ? t.xs : hs + ns * off(l - 1);
+    BiasAct<T> f{theta + net.b_off[l], hs + ns * off(l), dout, layer_act(l)};
+    cols_product(ns, din, dout, in, din, 1, weights_t(l), dout, 1, f, tm);
+    tm.sync();
+  }
+  // D_{L-1} = dL_s/dz (mse: 2 (z - y) / (Ns D_out)), then D_{l-1} = (D_l W_l) s'(z_{l-1}).
+  {
+    const int m = ns * dy;
+    const T c = T(2) / static_cast<T>(m);
+    const T* z = hs + ns * off(L - 1);
+    T* d = ds + ns * off(L - 1);
+    for_each(tm, m, [&](int64_t j) { d[j] = c * (z[j] - t.ys[j]); });
+    tm.sync();
+  }
+  for (int l = L - 1; l >= 1; --l) {
+    const int din = net.dims[l], dout = net.dims[l + 1];
+    ActGradStore<T> f{hs + ns * off(l - 1), ds + ns * off(l - 1), din, act};
+    cols_product(ns, dout, din, ds + ns * off(l), dout, 1, weights(l), din, 1, f, tm);
+    tm.sync();
+  }
+
+  // The query pass at theta_1: z'_l = H'_l W_l^T + b1_l - rW_l gram_in_l D_l, gram_in_l = H'_l H_l^T [nq, ns],
+  // b1_l = b_l - rb_l sum_n D_l[n].
+  for (int l = 0; l < L; ++l) {
+    const int din = net.dims[l], dout = net.dims[l + 1];
+    const T rw = rates[2 * l], rb = rates[2 * l + 1];
+    const T* in_q = l == 0 ? t.xq : hq + nq * off(l - 1);
+    const T* in_s = l == 0 ? t.xs : hs + ns * off(l - 1);
+    const T* d = ds + ns * off(l);
+    const T* b = theta + net.b_off[l];
+    T* g = ga + l * gsz;
+    T* b1 = vb + off(l);
+    Store<T> sg{g, ns, nullptr};
+    cols_product(nq, din, ns, in_q, din, 1, in_s, 1, din, sg, tm);
+    for_each(tm, dout, [&](int64_t m) {
+      T s = 0;
+      for (int n = 0; n < ns; ++n) s += d[n * dout + m];
+      b1[m] = b[m] - rb * s;
+    });
+    tm.sync();
+    T* z = hq + nq * off(l);
+    Store<T> f0{z, dout, b1};
+    cols_product(nq, din, dout, in_q, din, 1, weights_t(l), dout, 1, f0, tm);
+    AddAct<T> f1{z, dout, layer_act(l), -rw};
+    cols_product(nq, ns, dout, g, ns, 1, d, dout, 1, f1, tm);
+    tm.sync();
+  }
+  // The query loss, and its gradient seeding the query backward: D'_{L-1} = cot dL_q/dz' + g_pred.
+  {
+    const int m = nq * dy;
+    const T c = T(2) / static_cast<T>(m);
+    const T* z = hq + nq * off(L - 1);
+    T* d = dq + nq * off(L - 1);
+    T part = 0;
+    for_each(tm, m, [&](int64_t j) {
+      const T r = z[j] - t.yq[j];
+      part += r * r;
+      d[j] = t.cot * c * r + (t.g_pred != nullptr ? t.g_pred[j] : T(0));
+      if (t.pred != nullptr) t.pred[j] = z[j];
+    });
+    const T total = tm.sum(part);  // syncs
+    if (tm.rank() == 0 && t.loss != nullptr) *t.loss = total / static_cast<T>(m);
+  }
+  if (t.U == nullptr) {
+    tm.sync();
+    return;
+  }
+  // The query backward at theta_1: D'_{l-1} = (D'_l W_l - rW_l gram_d_l H_l) s'(z'_{l-1}), gram_d_l = D'_l D_l^T.
+  for (int l = L - 1; l >= 1; --l) {
+    const int din = net.dims[l], dout = net.dims[l + 1];
+    const T rw = rates[2 * l];
+    T* g = gb + l * gsz;
+    Store<T> sg{g, ns, nullptr};
+    cols_product(nq, dout, ns, dq + nq * off(l), dout, 1, ds + ns * off(l), 1, dout, sg, tm);
+    tm.sync();
+    T* e = dq + nq * off(l - 1);
+    Store<T> f0{e, din, nullptr};
+    cols_product(nq, dout, din, dq + nq * off(l), dout, 1, weights(l), din, 1, f0, tm);
+    GradAct<T> f1{hq + nq * off(l - 1), e, din, act, -rw, nullptr, nullptr};
+    cols_product(nq, ns, din, g, ns, 1, hs + ns * off(l - 1), din, 1, f1, tm);
+    tm.sync();
+  }
+  if (!first_order) {
+    // The tangents along u = R v at theta_0: z_dot_l = Hdot_l W_l^T + rW_l gram_in_l^T D'_l + rb_l sum_q D'_l[q]
+    // (Hdot_0 = 0), h_dot_l = s'(z_l) z_dot_l.
+    for (int l = 0; l < L; ++l) {
+      const int din = net.dims[l], dout = net.dims[l + 1];
+      const T rw = rates[2 * l], rb = rates[2 * l + 1];
+      const T* dql = dq + nq * off(l);
+      T* bt = vb + off(l);
+      for_each(tm, dout, [&](int64_t m) {
+        T s = 0;
+        for (int q = 0; q < nq; ++q) s += dql[q * dout + m];
+        bt[m] = rb * s;
+      });
+      tm.sync();
+      T* zd = rz + ns * off(l);
+      if (l > 0) {
+        Store<T> f0{zd, dout, bt};
+        cols_product(ns, din, dout, rh + ns * off(l - 1), din, 1, weights_t(l), dout, 1, f0, tm);
+      }
+      TangentAct<T> f1{zd, rh + ns * off(l), hs + ns * off(l), l > 0 ? nullptr : bt, dout, layer_act(l), rw};
+      cols_product(ns, nq, dout, ga + l * gsz, 1, ns, dql, dout, 1, f1, tm);
+      tm.sync();
+    }
+    // Ddot_{L-1} = 2 z_dot / (Ns D_out) (mse), then
+    // Ddot_{l-1} = s'(z) (Ddot_l W_l + rW_l gram_d_l^T H'_l) + s''(z) z_dot (D_l W_l),
+    // where tanh's s''(z) (D_l W_l) is -2 h D_{l-1} (ReLU's s'' is 0).
+    {
+      const int m = ns * dy;
+      const T c = T(2) / static_cast<T>(m);
+      const T* zd = rz + ns * off(L - 1);
+      T* d = rd + ns * off(L - 1);
+      for_each(tm, m, [&](int64_t j) { d[j] = c * zd[j]; });
+      tm.sync();
+    }
+    for (int l = L - 1; l >= 1; --l) {
+      const int din = net.dims[l], dout = net.dims[l + 1];
+      const T rw = rates[2 * l];
+      T* e = rd + ns * off(l - 1);
+      Store<T> f0{e, din, nullptr};
+      cols_product(ns, dout, din, rd + ns * off(l), dout, 1, weights(l), din, 1, f0, tm);
+      GradAct<T> f1{hs + ns * off(l - 1), e, din, act, rw, rz + ns * off(l - 1), ds + ns * off(l - 1)};
+      cols_product(ns, nq, din, gb + l * gsz, 1, ns, hq + nq * off(l - 1), din, 1, f1, tm);
+      tm.sync();
+    }
+  }
+  // The factor rows, layer by layer: U_l = [D' ; Ddot ; D], V_l = [H' | 1 ; -H | -1 ; -Hdot | 0].
+  const int R = factor_rows(ns, nq, first_order);
+  int64_t uo = 0, vo = 0;
+  for (int l = 0; l < L; ++l) {
+    const int din = net.dims[l], dout = net.dims[l + 1], vw = din + 1;
+    T* U = t.U + t.n_tasks * R * uo + t.index * R * dout;
+    T* V = t.V + t.n_tasks * R * vo + t.index * R * vw;
+    const T* in_q = l == 0 ? t.xq : hq + nq * off(l - 1);
+    const T* in_s = l == 0 ? t.xs : hs + ns * off(l - 1);
+    const T* hd = l == 0 ? nullptr : rh + ns * off(l - 1);
+    const T* dql = dq + nq * off(l);
+    const T* rdl = rd + ns * off(l);
+    const T* dsl = ds + ns * off(l);
+    for_each(tm, int64_t(R) * dout, [&](int64_t j) {
+      const int64_t a = nq * dout, b = a + ns * dout;
+      U[j] = j < a ? dql[j] : j < b ? rdl[j - a] : dsl[j - b];
+    });
+    for_owned(tm, R, vw, [&](int64_t r, int64_t c) {
+      T v;
+      if (r < nq) {
+        v = c < din ? in_q[r * din + c] : T(1);
+      } else if (r < nq + ns) {
+        v = c < din ? -in_s[(r - nq) * din + c] : T(-1);
+      } else {
+        v = c < din && hd != nullptr ? -hd[(r - nq - ns) * din + c] : T(0);
+      }
+      V[r * vw + c] = v;
+    });
+    uo += dout;
+    vo += vw;
+  }
+  tm.sync();
+}
+
+}  // namespace onestep
+}  // namespace FASTMAML_IMPL_NAMESPACE
+}  // namespace FASTMAML_TASK_NAMESPACE
+}  // namespace fastmaml

@@ -1,0 +1,207 @@
+"""One-step MAML with theta_1 never formed: the `maml_onestep` kernels (csrc/task/onestep.h).
+
+Every task starts from theta_0 and takes one SGD step, so each adapted weight matrix is theta_0's less a
+matrix of rank at most Ns, and a product with it is a product with the shared theta_0 plus a correction
+through an `[Nq, Ns]` matrix of the task's own. The kernel runs one task per team (a warp on a GPU, one
+thread on the CPU) with theta_0 shared by every task, and returns, with each task's loss and query output,
+the meta-gradient as factor rows per layer: `g[W_l | b_l] = sum_t U_lt^T V_lt` with `R = Nq + 2 Ns` rows a
+task (`Nq` first order). The sum over tasks is one matrix product per layer, `[out, T R] x [T R, in + 1]`.
+
+The rows are linear in the seed of the task's query backward, so the training call's pass (seed 1 for every
+task) serves any cotangent of the task losses: the backward scales each task's rows by its cotangent. A
+cotangent of the query outputs reruns the kernel with both seeds. Above `MAX_FACTOR_BYTES` of rows the
+forward keeps none and the backward reruns the kernel in chunks of tasks, summing each chunk's products.
+
+Takes MLP problems with one inner step, the mse loss, relu or tanh, one rate per tensor (a number, one
+tensor, or `[1, 1, ...]` per tensor) that needs no gradient, inputs and targets that need none, and no
+per-step query-loss weights; `reason` says which of these a call misses.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._mlp import ACTIVATIONS
+from .._switches import env_int
+from .._validate import Problem
+from ._fused import flat_theta
+
+# Factor rows the training call's forward may keep for its backward, in bytes: above it the backward reruns
+# the kernel chunk by chunk. FASTMAML_ONESTEP_KEEP_MB sets it (read once, at import).
+MAX_FACTOR_BYTES = env_int("FASTMAML_ONESTEP_KEEP_MB", 1024, lambda n: n >= 0, "a whole number of MiB, 0 or more") << 20
+
+_ACTIVATION_IDS = {"relu": 0, "tanh": 1}
+MAX_WORKSPACE_BYTES = 16 << 20  # a task's scratch (a warp's, global memory where shared memory lacks room)
+
+
+def workspace_bytes(dims: list[int], ns: int, nq: int, itemsize: int) -> int:
+    """A task's scratch: csrc/task/onestep.h's `layout` (segments rounded up to 16 elements)."""
+    def padded(n: int) -> int:
+        return (n + 15) // 16 * 16
+
+    S, L = sum(dims[1:]), len(dims) - 1
+    return itemsize * (5 * padded(ns * S) + 2 * padded(nq * S) + 2 * padded(L * nq * ns) + padded(S))
+
+
+def reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
+    """Why the one-step kernels cannot run this call, or None."""
+    if not problem.is_mlp:
+        return "not an MLP"
+    if problem.inner_steps != 1:
+        return f"{problem.inner_steps} inner steps (the one-step kernels take one)"
+    if problem.loss != "mse":
+        return f"the {problem.loss} loss (the one-step kernels take mse)"
+    if problem.activation not in _ACTIVATION_IDS:
+        return f"the {problem.activation} activation (the one-step kernels take relu and tanh)"
+    if problem.dtype not in (torch.float32, torch.float64):
+        return f"dtype {problem.dtype}"
+    if problem.query_loss_weights is not None:
+        return "per-step query-loss weights"
+    if need_lr:
+        return "the inner rates need a gradient"
+    if need_x:
+        return "the inputs need a gradient"
+    if problem.y_support.requires_grad or problem.y_query.requires_grad:
+        return "the targets need a gradient"
+    if problem.n_support < 1 or problem.n_query < 1:
+        return "no support or no query points"
+    dims = problem.dims
+    L, width_sum = len(dims) - 1, sum(dims[1:])
+    ns, nq = problem.n_support, problem.n_query
+    if max(ns, nq) * width_sum >= 1 << 31 or L * ns * nq >= 1 << 31:
+        return "a task's activations or its [Nq, Ns] products of 2^31 elements or more"
+    if workspace_bytes(dims, ns, nq, problem.params[0].element_size()) > MAX_WORKSPACE_BYTES:
+        return (f"{workspace_bytes(dims, ns, nq, problem.params[0].element_size()) >> 20} MiB of scratch a task "
+                f"(the one-step kernels take up to {MAX_WORKSPACE_BYTES >> 20} MiB)")
+    if problem.inner_lr_form == "list":
+        for i, r in enumerate(problem.inner_lr):
+            if any(size > 1 and stride != 0 for size, stride in zip(r.shape[1:], r.stride()[1:])):
+                return f"inner_lr[{i}] gives each element of params[{i}] its own rate (Meta-SGD)"
+    return None
+
+
+assert set(_ACTIVATION_IDS) <= set(ACTIVATIONS)
+
+
+def rates(problem: Problem) -> torch.Tensor:
+    """`[2 L]`: the rate of each parameter tensor (W_0, b_0, W_1, ...) at the one step."""
+    n = len(problem.params)
+    if problem.inner_lr_value is not None:
+        return torch.full((n,), problem.inner_lr_value, dtype=problem.dtype, device=problem.device)
+    if problem.inner_lr_tensor is not None:
+        return problem.inner_lr_tensor.detach().reshape(-1)[:1].expand(n).to(problem.dtype).contiguous()
+    return torch.stack([r.detach()[(0,) * r.dim()] for r in problem.inner_lr]).to(problem.dtype)
+
+
+def transposed(problem: Problem) -> torch.Tensor:
+    """`[P]`: theta_0 with each weight matrix transposed (`W_l^T [in, out]` in W_l's place)."""
+    parts = []
+    for p in problem.params:
+        parts.append(p.detach().t().reshape(-1) if p.dim() == 2 else p.detach().reshape(-1))
+    return torch.cat(parts)
+
+
+class _Call(NamedTuple):
+    theta: torch.Tensor
+    theta_t: torch.Tensor
+    rates: torch.Tensor
+    xs: torch.Tensor
+    ys: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+    dims: list[int]
+    activation: int
+    first_order: bool
+
+    def run(self, lo: int, hi: int, cot: Optional[torch.Tensor], g_pred: Optional[torch.Tensor], factors: bool):
+        """The kernel on tasks lo..hi-1: (losses, preds, U, V)."""
+        return torch.ops.fastmaml.maml_onestep.default(
+            self.theta, self.theta_t, self.rates, self.xs[lo:hi], self.ys[lo:hi], self.xq[lo:hi], self.yq[lo:hi],
+            cot, g_pred, self.dims, self.activation, self.first_order, factors)
+
+    def rows(self) -> int:
+        ns, nq = self.xs.shape[1], self.xq.shape[1]
+        return nq if self.first_order else nq + 2 * ns
+
+    def row_bytes(self) -> int:
+        """Bytes of one task's factor rows."""
+        d = self.dims
+        width = sum(d[l + 1] + d[l] + 1 for l in range(len(d) - 1))
+        return self.rows() * width * self.theta.element_size()
+
+    def layer_grads(self, U: torch.Tensor, V: torch.Tensor, n_tasks: int, scale: Optional[torch.Tensor]):
+        """`[out, in + 1]` per layer: sum over the tasks of `U^T V`, each task's rows times `scale[t]` (None: 1)."""
+        R, d = self.rows(), self.dims
+        out, uo, vo = [], 0, 0
+        for l in range(len(d) - 1):
+            du, dv = d[l + 1], d[l] + 1
+            u = U[n_tasks * R * uo:n_tasks * R * (uo + du)]
+            v = V[n_tasks * R * vo:n_tasks * R * (vo + dv)].view(n_tasks * R, dv)
+            if scale is not None:
+                u = (u.view(n_tasks, R * du) * scale[:, None])
+            out.append(u.reshape(n_tasks * R, du).t().mm(v))
+            uo, vo = uo + du, vo + dv
+        return out
+
+
+def _split(grads: list[torch.Tensor], params: tuple, needs: tuple) -> tuple:
+    """The per-layer `[out, in + 1]` sums as the gradients of W_l and b_l (None where none is needed)."""
+    result = []
+    for l, g in enumerate(grads):
+        w, b = params[2 * l], params[2 * l + 1]
+        result.append(g[:, :w.shape[1]].contiguous() if needs[2 * l] else None)
+        result.append(g[:, w.shape[1]].reshape(b.shape).contiguous() if needs[2 * l + 1] else None)
+    return tuple(result)
+
+
+class _OneStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call: _Call, *params):
+        T = call.xs.shape[0]
+        keep = any(ctx.needs_input_grad[1:]) and T * call.row_bytes() <= MAX_FACTOR_BYTES
+        losses, preds, U, V = call.run(0, T, None, None, keep)
+        ctx.call, ctx.U, ctx.V, ctx.keep = call, U, V, keep
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+        return losses, preds
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_losses, g_preds):
+        call, T = ctx.call, ctx.call.xs.shape[0]
+        needs = ctx.needs_input_grad[1:]
+        if g_losses is None and g_preds is None:
+            return (None,) * (1 + len(needs))
+        if ctx.keep and g_preds is None:
+            grads = call.layer_grads(ctx.U, ctx.V, T, g_losses)
+        else:
+            chunk = max(1, min(T, MAX_FACTOR_BYTES // max(call.row_bytes(), 1)))
+            cot = g_losses if g_losses is not None else torch.zeros(T, dtype=call.theta.dtype, device=call.theta.device)
+            grads = None
+            for lo in range(0, T, chunk):
+                hi = min(T, lo + chunk)
+                gp = None if g_preds is None else g_preds[lo:hi].contiguous()
+                _, _, U, V = call.run(lo, hi, cot[lo:hi].contiguous(), gp, True)
+                part = call.layer_grads(U, V, hi - lo, None)
+                grads = part if grads is None else [a + b for a, b in zip(grads, part)]
+        ctx.U = ctx.V = None
+        return (None, *_split(grads, ctx.params, needs))
+
+
+def maml(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(task_losses [T], query_preds [T, Nq, D_out])` of a call `reason` accepts, differentiable in the
+    parameters."""
+    from .. import _ext
+
+    _ext.load()
+    call = _Call(flat_theta(problem).detach(), transposed(problem), rates(problem),
+                 problem.x_support.detach().contiguous(), problem.y_support.detach().contiguous(),
+                 problem.x_query.detach().contiguous(), problem.y_query.detach().contiguous(),
+                 list(problem.dims), _ACTIVATION_IDS[problem.activation], problem.first_order)
+    return _OneStep.apply(call, *problem.params)
+
+
+__all__ = ["MAX_FACTOR_BYTES", "MAX_WORKSPACE_BYTES", "maml", "rates", "reason", "transposed", "workspace_bytes"]

@@ -1,0 +1,178 @@
+// fastmaml: checks the one-step kernel's per-task math (csrc/task/onestep.h) with teams of threads on the
+// CPU, without a GPU.
+//
+// The CUDA kernel runs each task with a warp as the team (__syncwarp as sync()); here a team of std::threads
+// with a std::barrier as sync() runs the same function, and every output is compared with the team of one
+// that the CPU kernel runs (tested against the reference in tests/test_onestep.py). A missing sync or an
+// element written by two ranks shows up as a mismatch (under -fsanitize=thread as the race itself). The
+// workspace is filled with NaN before the first task, so a read of an element nobody wrote poisons the
+// result; several tasks run one after another on one team and one workspace, as a warp's loop does.
+//
+// Build and run (tests/test_onestep.py does this):
+//   g++ -std=c++20 -O1 -pthread -I csrc tests/onestep_team_check.cpp -o onestep_check && ./onestep_check
+// Exit status 0 when every case matches.
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "maml_task.h"
+#include "task/onestep.h"
+
+namespace {
+
+namespace ft = fastmaml::task;
+
+struct ThreadTeam {
+  int r, s;
+  std::barrier<>* bar;
+  double* red;
+  int rank() const { return r; }
+  int size() const { return s; }
+  void sync() const { bar->arrive_and_wait(); }
+  template <typename T>
+  T sum(T x) const {
+    red[r] = static_cast<double>(x);
+    sync();
+    T total = 0;
+    for (int i = 0; i < s; ++i) total += static_cast<T>(red[i]);
+    sync();
+    return total;
+  }
+};
+
+struct Case {
+  std::vector<int> dims;
+  int ns, nq, activation;
+  bool first_order, g_pred;
+};
+
+struct Outputs {
+  std::vector<double> losses, preds, U, V;
+};
+
+// Runs every task of the problem with a team of `team` threads (0: SerialTeam).
+Outputs run(const Case& c, int team, int T, unsigned seed) {
+  ft::Net net;
+  ft::make_net(net, c.dims.data(), static_cast<int>(c.dims.size()), c.activation, ft::kMse);
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  auto fill = [&](std::vector<double>& v, size_t n, double scale) {
+    v.resize(n);
+    for (auto& x : v) x = scale * normal(gen);
+  };
+  const int din = net.dims[0], dout = net.dims[net.L];
+  std::vector<double> theta, xs, ys, xq, yq, cot, gp, rates;
+  fill(theta, net.P, 0.5);
+  fill(xs, size_t(T) * c.ns * din, 1.0);
+  fill(ys, size_t(T) * c.ns * dout, 1.0);
+  fill(xq, size_t(T) * c.nq * din, 1.0);
+  fill(yq, size_t(T) * c.nq * dout, 1.0);
+  fill(cot, T, 1.0);
+  fill(gp, size_t(T) * c.nq * dout, 1.0);
+  fill(rates, 2 * net.L, 0.2);
+  std::vector<double> theta_t(net.P);
+  for (int l = 0; l < net.L; ++l) {
+    const int a = net.dims[l], b = net.dims[l + 1];
+    for (int j = 0; j < b; ++j)
+      for (int k = 0; k < a; ++k) theta_t[net.w_off[l] + k * b + j] = theta[net.w_off[l] + j * a + k];
+  }
+  const int R = ft::onestep::factor_rows(c.ns, c.nq, c.first_order);
+  Outputs o;
+  o.losses.assign(T, 0);
+  o.preds.assign(size_t(T) * c.nq * dout, 0);
+  o.U.assign(size_t(T) * R * ft::onestep::u_width(net), 0);
+  o.V.assign(size_t(T) * R * ft::onestep::v_width(net), 0);
+  std::vector<double> work(ft::onestep::layout(net, c.ns, c.nq).total, std::numeric_limits<double>::quiet_NaN());
+  auto task_of = [&](int t) {
+    ft::onestep::Task<double> tk;
+    tk.xs = xs.data() + size_t(t) * c.ns * din;
+    tk.ys = ys.data() + size_t(t) * c.ns * dout;
+    tk.xq = xq.data() + size_t(t) * c.nq * din;
+    tk.yq = yq.data() + size_t(t) * c.nq * dout;
+    tk.cot = cot[t];
+    tk.g_pred = c.g_pred ? gp.data() + size_t(t) * c.nq * dout : nullptr;
+    tk.loss = o.losses.data() + t;
+    tk.pred = o.preds.data() + size_t(t) * c.nq * dout;
+    tk.U = o.U.data();
+    tk.V = o.V.data();
+    tk.n_tasks = T;
+    tk.index = t;
+    return tk;
+  };
+  if (team == 0) {
+    for (int t = 0; t < T; ++t)
+      ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, task_of(t),
+                        work.data(), ft::SerialTeam());
+    return o;
+  }
+  std::barrier<> bar(team);
+  std::vector<double> red(team);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < team; ++r) {
+    threads.emplace_back([&, r] {
+      const ThreadTeam tm{r, team, &bar, red.data()};
+      for (int t = 0; t < T; ++t)
+        ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, task_of(t),
+                          work.data(), tm);
+    });
+  }
+  for (auto& th : threads) th.join();
+  return o;
+}
+
+// Every element equal (the products sum each element in one order whatever the team); the losses, which
+// the team sums in rank order, within 1e-12 relative.
+int compare(const char* what, const std::vector<double>& a, const std::vector<double>& b, bool exact) {
+  int bad = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const bool same = exact ? a[i] == b[i] : std::fabs(a[i] - b[i]) <= 1e-12 * (1 + std::fabs(b[i]));
+    if (!same && bad++ < 3) std::printf("  %s[%zu]: team %.17g, one %.17g\n", what, i, a[i], b[i]);
+  }
+  return bad;
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<Case> cases = {
+      {{1, 40, 40, 1}, 10, 10, ft::kRelu, false, false},  // the sinusoid net
+      {{3, 7, 5, 2}, 4, 6, ft::kTanh, false, true},
+      {{3, 7, 5, 2}, 4, 6, ft::kRelu, true, true},
+      {{2, 33, 3}, 9, 3, ft::kTanh, true, false},
+      {{5, 3}, 3, 11, ft::kRelu, false, true},           // one layer
+      {{4, 6, 9, 7, 3}, 13, 5, ft::kTanh, false, false},  // four layers, more points than a chunk
+  };
+  int failures = 0, runs = 0;
+  unsigned seed = 1;
+  for (const Case& c : cases) {
+    const Outputs one = run(c, 0, 3, seed);
+    for (int team : {2, 5, 32, 33}) {
+      const Outputs o = run(c, team, 3, seed);
+      const int bad = compare("losses", o.losses, one.losses, false) + compare("preds", o.preds, one.preds, true) +
+                      compare("U", o.U, one.U, true) + compare("V", o.V, one.V, true);
+      ++runs;
+      if (bad != 0) {
+        std::printf("case %zu (L=%zu) team %d: %d mismatches\n", static_cast<size_t>(&c - cases.data()),
+                    c.dims.size() - 1, team, bad);
+        ++failures;
+      }
+      bool finite = true;
+      for (double v : o.U) finite = finite && std::isfinite(v);
+      if (!finite) {
+        std::printf("case %zu team %d: a NaN in U (an unwritten element read)\n",
+                    static_cast<size_t>(&c - cases.data()), team);
+        ++failures;
+      }
+    }
+    ++seed;
+  }
+  if (failures != 0) return 1;
+  std::printf("ok: %d cases x 4 team sizes (%d runs)\n", static_cast<int>(cases.size()), runs);
+  return 0;
+}

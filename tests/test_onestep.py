@@ -1,0 +1,269 @@
+"""The one-step kernels (`maml_onestep`, csrc/task/onestep.h; fastmaml/backends/_onestep.py): one inner step
+with theta_1 kept as theta_0 plus rank-Ns updates and the meta-gradient returned as factor rows.
+
+On the CPU op (the math with a team of one): every option it takes against the independent task loop in
+float64, with every cotangent (the task losses', the query output's), both rows-kept and chunked backwards;
+what it refuses, and why; the op's argument checks. The team loops (a warp on a GPU) with teams of threads:
+tests/onestep_team_check.cpp. On a GPU: the CUDA op against the CPU op, the cuda backend's switch, more
+tasks than resident warps, the sinusoid size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmaml
+from fastmaml._validate import make_problem
+from fastmaml.backends import _onestep
+from _host_checks import build_and_run
+from _reference_loop import DIMS_BY_DEPTH, assert_close, gradients, maml_loop, make_case, output_cotangents
+
+F64 = torch.float64
+CHECK = Path(__file__).resolve().parent / "onestep_team_check.cpp"
+
+
+def _problem(case, dtype=F64, device="cpu"):
+    c = case.to(dtype, device) if (dtype != F64 or device != "cpu") else case
+    return c, make_problem(c.params, c.x_support, c.y_support, c.x_query, c.y_query,
+                           **c.kwargs())
+
+
+def _case(**kw):
+    kw.setdefault("grad_inputs", False)
+    return make_case(**kw)
+
+
+def _oracle(case, cot):
+    out = maml_loop(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                    **case.kwargs())
+    a, b = cot
+    value = (out.task_losses * a).sum() + (0 if b is None else (out.query_preds * b).sum())
+    return out, gradients(value, {f"p{i}": p for i, p in enumerate(case.params)})
+
+
+def _ours(case, cot):
+    _, problem = _problem(case)
+    assert _onestep.reason(problem, False, False) is None
+    losses, preds = _onestep.maml(problem)
+    a, b = cot
+    value = (losses * a).sum() + (0 if b is None else (preds * b).sum())
+    return losses, preds, gradients(value, {f"p{i}": p for i, p in enumerate(case.params)})
+
+
+def _rates_no_grad(case):
+    if isinstance(case.inner_lr, list):
+        case.inner_lr = [r.detach() for r in case.inner_lr]
+    elif isinstance(case.inner_lr, torch.Tensor):
+        case.inner_lr = case.inner_lr.detach()
+    return case
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("lr_form", ["float", "per_step", "per_layer", "scalar_tensor"])
+@pytest.mark.parametrize("cotangent", ["losses", "losses_and_preds"])
+def test_matches_the_task_loop(depth, activation, first_order, lr_form, cotangent):
+    """Float64, fresh random inputs, widths that are not powers of two, Ns != Nq: losses, outputs and
+    every parameter's gradient within 1e-10 of the independent loop."""
+    case = _rates_no_grad(_case(dims=DIMS_BY_DEPTH[depth], tasks=4, n_support=5, n_query=7, lr_form=lr_form,
+                                first_order=first_order, activation=activation, seed=depth))
+    losses_cot, preds_cot = output_cotangents(torch.zeros(4, dtype=F64), torch.zeros(4, 7, DIMS_BY_DEPTH[depth][-1],
+                                                                                       dtype=F64), seed=depth)
+    cot = (losses_cot, preds_cot if cotangent == "losses_and_preds" else None)
+    ref, g_ref = _oracle(case, cot)
+    losses, preds, g = _ours(case, cot)
+    assert_close(losses, ref.task_losses, 1e-10, "task_losses")
+    assert_close(preds, ref.query_preds, 1e-10, "query_preds")
+    assert_close(g, g_ref, 1e-10, "grads")
+    assert max(t.abs().max().item() for t in g.values()) > 0
+
+
+def test_second_order_differs_from_first_order():
+    """The Hessian term is there: at one rate the two orders' gradients differ by far more than rounding."""
+    grads = []
+    for fo in (False, True):
+        case = _case(dims=[3, 7, 5, 2], tasks=3, first_order=fo, activation="tanh", seed=11)
+        grads.append(_ours(case, (torch.ones(3, dtype=F64), None))[2])
+    assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) > 1e-3
+
+
+@pytest.mark.parametrize("keep_mb", [0, "two_tasks"])
+def test_chunked_backward_matches(monkeypatch, keep_mb):
+    """Without kept rows (the budget below one task's) the backward reruns the kernel chunk by chunk; the
+    sum over chunks gives the same gradients as the rows kept."""
+    case = _case(dims=[3, 7, 5, 2], tasks=5, n_support=4, n_query=6, activation="tanh", seed=5)
+    cot = (torch.randn(5, dtype=F64, generator=torch.Generator().manual_seed(2)), None)
+    _, _, kept = _ours(case, cot)
+    _, problem = _problem(case)
+    call_bytes = _onestep._Call(*([torch.zeros(1, dtype=F64)] * 3), problem.x_support, problem.y_support,
+                                problem.x_query, problem.y_query, list(problem.dims), 1, False).row_bytes()
+    budget = 0 if keep_mb == 0 else 2 * call_bytes
+    monkeypatch.setattr(_onestep, "MAX_FACTOR_BYTES", budget)
+    calls = []
+    real = torch.ops.fastmaml.maml_onestep.default
+
+    def counting(*args):
+        calls.append(args[3].shape[0])
+        return real(*args)
+
+    monkeypatch.setattr(_onestep._Call, "run", lambda self, lo, hi, c, g, f: counting(
+        self.theta, self.theta_t, self.rates, self.xs[lo:hi], self.ys[lo:hi], self.xq[lo:hi], self.yq[lo:hi], c, g,
+        self.dims, self.activation, self.first_order, f))
+    _, _, chunked = _ours(case, cot)
+    assert_close(chunked, kept, 1e-12, "grads")
+    assert calls == ([5] + ([1] * 5 if keep_mb == 0 else [2, 2, 1]))
+
+
+def test_no_grad_call_keeps_no_rows():
+    """Without a gradient to give, the forward asks the kernel for no factor rows."""
+    case = _case(dims=[3, 7, 2], tasks=3, seed=4)
+    _, problem = _problem(case)
+    with torch.no_grad():
+        losses, preds = _onestep.maml(problem)
+    ref = maml_loop(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                    **case.kwargs())
+    assert_close(losses, ref.task_losses.detach(), 1e-10)
+    assert not losses.requires_grad
+    from fastmaml.backends._fused import flat_theta
+
+    out = torch.ops.fastmaml.maml_onestep(
+        flat_theta(problem).detach(), _onestep.transposed(problem), _onestep.rates(problem), problem.x_support,
+        problem.y_support, problem.x_query, problem.y_query, None, None, [3, 7, 2], 0, False, False)
+    assert out[2].numel() == 0 and out[3].numel() == 0
+    assert_close(out[0], ref.task_losses.detach(), 1e-10)
+
+
+def test_float32_within_1e4_of_float64():
+    """The sinusoid net's shape (1-40-40-1, 10 + 10 points), float32 against the float64 loop."""
+    case = _case(dims=[1, 40, 40, 1], tasks=6, n_support=10, n_query=10, seed=8)
+    cot = (torch.full((6,), 1 / 6, dtype=F64), None)
+    ref, g_ref = _oracle(case, cot)
+    c32, problem = _problem(case, torch.float32)
+    losses, _ = _onestep.maml(problem)
+    g = gradients((losses * cot[0].float()).sum(), {f"p{i}": p for i, p in enumerate(c32.params)})
+    assert_close(losses.double(), ref.task_losses, 1e-4, "task_losses")
+    assert_close({k: v.double() for k, v in g.items()}, g_ref, 1e-4, "grads")
+
+
+@pytest.mark.parametrize("change, why", [
+    (dict(inner_steps=2), "2 inner steps"),
+    (dict(loss="cross_entropy"), "cross_entropy loss"),
+    (dict(query_loss_weights=True), "per-step query-loss weights"),
+    (dict(lr_form="per_parameter"), "Meta-SGD"),
+])
+def test_refuses_what_it_does_not_compute(change, why):
+    case = _case(dims=[3, 7, 2], tasks=2, **change)
+    _, problem = _problem(case)
+    assert why in _onestep.reason(problem, False, False)
+
+
+def test_refuses_gradients_it_does_not_give():
+    case = _case(dims=[3, 7, 2], tasks=2)
+    _, problem = _problem(case)
+    assert "rates" in _onestep.reason(problem, True, False)
+    assert "inputs" in _onestep.reason(problem, False, True)
+    case.y_support.requires_grad_(True)
+    _, problem = _problem(case)
+    assert "targets" in _onestep.reason(problem, False, False)
+
+
+def test_op_checks_its_arguments():
+    case = _case(dims=[3, 7, 2], tasks=2)
+    _, p = _problem(case)
+    from fastmaml.backends._fused import flat_theta
+
+    theta = flat_theta(p).detach()
+    good = [theta, _onestep.transposed(p), _onestep.rates(p), p.x_support.detach(), p.y_support, p.x_query.detach(),
+            p.y_query, None, None, [3, 7, 2], 0, False, True]
+    torch.ops.fastmaml.maml_onestep(*good)
+    for i, bad, msg in [(2, torch.zeros(3, dtype=F64), "rates must be"), (0, theta.float(), "dtype"),
+                        (10, 2, "activation"), (4, p.y_support[:, :, :1].contiguous(), "ys must be"),
+                        (3, p.x_support.detach().transpose(1, 2).contiguous().transpose(1, 2), "contiguous")]:
+        args = list(good)
+        args[i] = bad
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.fastmaml.maml_onestep(*args)
+
+
+def test_team_loops_match_the_team_of_one(tmp_path):
+    """The per-task math with teams of 2, 5, 32 and 33 threads (a warp is 32) against the team of one."""
+    out = build_and_run(tmp_path, CHECK, ["-O1"])
+    assert "ok: 6 cases x 4 team sizes" in out
+
+
+@pytest.mark.skipif(os.environ.get("FASTMAML_TSAN") == "0", reason="FASTMAML_TSAN=0 skips the ThreadSanitizer run")
+def test_team_loops_have_no_data_race(tmp_path):
+    out = build_and_run(tmp_path, CHECK, ["-O1", "-g", "-fsanitize=thread"])
+    assert "ThreadSanitizer" not in out, out
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------
+
+def _cuda_ready() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from fastmaml import _ext
+    from fastmaml.backends.cuda import cuda_kernels_registered
+
+    _ext.load()
+    return None if cuda_kernels_registered("maml_onestep") else "the loaded library has no CUDA maml_onestep"
+
+
+needs_cuda = pytest.mark.skipif(_cuda_ready() is not None if torch.cuda.is_available() else True,
+                                reason="needs a GPU and the CUDA maml_onestep")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("setting", ["", "FASTMAML_ONESTEP_WARPS=2", "FASTMAML_ONESTEP_WARPS=16",
+                                     "FASTMAML_ONESTEP_SHARED=0"])
+@pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "width128"])
+def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
+    """The CUDA kernel's outputs and factor rows against the CPU op's on the same inputs: float64 within 1e-10,
+    float32 within 1e-4 of the float64 CPU op; more tasks than resident warps (20,000); width 128."""
+    if setting:
+        name, value = setting.split("=")
+        monkeypatch.setenv(name, value)
+    dims, tasks, ns, nq, act = {"depth4_tanh": ([5, 6, 3, 9, 3], 37, 13, 5, "tanh"),
+                                "sinusoid_20000": ([1, 40, 40, 1], 20000, 10, 10, "relu"),
+                                "width128": ([1, 128, 128, 1], 300, 10, 10, "relu")}[shape]
+    case = _case(dims=dims, tasks=tasks, n_support=ns, n_query=nq, activation=act, lr_form="per_layer", seed=3)
+    case = _rates_no_grad(case)
+    _, p64 = _problem(case)
+    cot = torch.randn(tasks, dtype=F64)
+    gp = torch.randn(tasks, nq, dims[-1], dtype=F64)
+    from fastmaml.backends._fused import flat_theta
+
+    def args(p, dev, dt):
+        return [flat_theta(p).detach().to(dev, dt), _onestep.transposed(p).to(dev, dt), _onestep.rates(p).to(dev, dt),
+                *(t.detach().to(dev, dt).contiguous() for t in (p.x_support, p.y_support, p.x_query, p.y_query)),
+                cot.to(dev, dt), gp.to(dev, dt), dims, 1 if act == "tanh" else 0, False, True]
+
+    expected = torch.ops.fastmaml.maml_onestep(*args(p64, "cpu", F64))
+    actual = torch.ops.fastmaml.maml_onestep(*args(p64, "cuda", dtype))
+    tol = 1e-10 if dtype == F64 else 1e-4
+    for name, a, e in zip(("losses", "preds", "U", "V"), actual, expected):
+        assert_close(a.double().cpu(), e, tol, name)
+
+
+@needs_cuda
+def test_cuda_backend_switch_runs_the_onestep_kernel(monkeypatch):
+    from fastmaml.backends import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "ONESTEP", True)
+    case = _case(dims=[1, 40, 40, 1], tasks=50, n_support=10, n_query=10, seed=2)
+    ref, g_ref = _oracle(case, (torch.full((50,), 1 / 50, dtype=F64), None))
+    c = case.to(torch.float32, "cuda")
+    calls = []
+    real = _onestep.maml
+    monkeypatch.setattr(_onestep, "maml", lambda problem: calls.append(1) or real(problem))
+    out = fastmaml.maml(c.params, c.x_support, c.y_support, c.x_query, c.y_query,
+                        backend="cuda", **c.kwargs())
+    g = gradients(out.loss, {f"p{i}": p for i, p in enumerate(c.params)})
+    assert calls == [1]
+    assert_close({k: v.double().cpu() for k, v in g.items()}, g_ref, 1e-4, "grads")
