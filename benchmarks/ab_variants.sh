@@ -2,10 +2,11 @@
 # described there, at the A/B). Functions only, and the default list: tests/test_benchmark_tools.py runs
 # them in bash.
 
-AB_DEFAULT="fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2 scratch"
-# One variant's switches: sets `setting`, `method` and `widths` (the widths it is measured at).
+AB_DEFAULT="onestep ow16 oglobal okeep4g ow4 fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2 scratch"
+# One variant's switches: sets `setting`, `method`, `widths` and `steps` (the widths and inner steps it is
+# measured at).
 ab_variant() {
-  widths="40 128"
+  widths="40 128" steps="1 5"
   case "$1" in
     scratch) setting=FASTMAML_TRITON_LAYOUT=scratch; method=triton; widths=40 ;;
     warps4) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4"; method=triton ;;
@@ -39,6 +40,11 @@ ab_variant() {
     fwarps8) setting=FASTMAML_FACTORED_WARPS=8; method=factored ;;
     fcuda) setting=FASTMAML_FACTORED_KERNELS=cuda; method=factored ;;
     factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
+    onestep) setting=FASTMAML_CUDA_ONESTEP=1; method=cuda; steps=1 ;;
+    ow4) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_WARPS=4"; method=cuda; steps=1 ;;
+    ow16) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_WARPS=16"; method=cuda; steps=1 ;;
+    oglobal) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_SHARED=0"; method=cuda; steps=1 ;;
+    okeep4g) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_KEEP_MB=4096"; method=cuda; steps=1 ;;
     # Controls: a method with no switch, in the A/B's own run (same arguments, minutes from its variants;
     # the sweep's rows are another process's, with other repeats, or another call's).
     base_cuda) setting=""; method=cuda ;;
@@ -47,21 +53,22 @@ ab_variant() {
     *) return 1 ;;
   esac
 }
-# One variant, its parts joined with '+' (mma+blocks4): sets `setting` (all its parts' switches), `method`
-# and `widths` (those its parts share); fails for an unknown part, parts of different methods, or states
-# without blocks4 or blocks6 (the default sweep does not stage the states, and the backend refuses it).
+# One variant, its parts joined with '+' (mma+blocks4): sets `setting` (all its parts' switches), `method`,
+# `widths` and `steps` (those its parts share); fails for an unknown part, parts of different methods, or
+# states without blocks4 or blocks6 (the default sweep does not stage the states, and the backend refuses it).
 ab_resolve() {
-  local all_settings="" all_method="" all_widths="40 128" part
+  local all_settings="" all_method="" all_widths="40 128" all_steps="1 5" part
   for part in ${1//+/ }; do
     ab_variant "$part" || return 1
     [ -n "$all_method" ] && [ "$all_method" != "$method" ] && return 1
     all_method=$method
     all_settings="${all_settings:+$all_settings }$setting"
     all_widths=$(for w in $all_widths; do [[ " $widths " == *" $w "* ]] && echo "$w"; done | xargs)
+    all_steps=$(for k in $all_steps; do [[ " $steps " == *" $k "* ]] && echo "$k"; done | xargs)
   done
   [[ " ${1//+/ } " == *" states "* && " ${1//+/ } " != *" blocks"[46]" "* ]] && return 1
-  [ -n "$all_method" ] && [ -n "$all_widths" ] || return 1
-  setting=$all_settings method=$all_method widths=$all_widths
+  [ -n "$all_method" ] && [ -n "$all_widths" ] && [ -n "$all_steps" ] || return 1
+  setting=$all_settings method=$all_method widths=$all_widths steps=$all_steps
 }
 
 # The direct children of process $1, from /proc (no procps needed).

@@ -47,11 +47,12 @@
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
 # of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); NCU_LOWRANK_S (0: only
 # when asked) ncu of four of the factored backend's low-rank launches at K=5, W=128, Triton's and the CUDA
-# lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the limit each (profile.txt);
+# lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the limit each (profile.txt); NCU_ONESTEP_S (0; 30 in
+# --tests) ncu of one launch of the one-step kernel at T=8192, K=1, W=40 (profile.txt);
 # TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
-# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global.
+# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global, ONESTEP_TESTS_S=25 with FASTMAML_CUDA_ONESTEP=1.
 # EXPLAIN=0 skips auto's choice, OVERHEAD_S=0 the overhead run, REPORTS=0 the register reports (nvcc's of
 # the CUDA kernels takes minutes of the machine's CPUs). ncu runs after the tests and auto's choice. With AB_S, the A/B's Triton variants are compiled in the background from
 # the tests on (prewarm.log; PREWARM=0 skips it, PREWARM_WAIT_S=30 how long the A/B waits for it).
@@ -81,21 +82,24 @@ TEE_PID=$!
 
 # The halves of --quick set their own defaults first (each still overridable from the environment).
 # --measure: build about 110 s at worst, the sweep 60 (30 s measured on the H200), the timeline 25, the A/B
-# 80 (three variants at 26 s), the summary: under 300 s. Its A/B: the factored backend's CUDA lowrank_add
-# (the largest prediction, at W=128), and at W=40 the two tests of whether the CUDA sweep's speed follows
-# the tasks in flight a multiprocessor (a75ae00: a task took about 390 us at K=5 alone or beside two
-# others): 25 one-warp teams with their workspaces in global memory, and 6 teams of 4 warps in shared
-# memory with the states apart.
+# 80 (three variants at 26 s), the summary: under 300 s. Its A/B: the one-step kernel (a warp a task,
+# theta_1 kept low-rank: G2's redesign for K=1), the test of whether the CUDA sweep's speed follows the
+# tasks in flight a multiprocessor (a75ae00: a task took about 390 us at K=5 alone or beside two others:
+# 25 one-warp teams with their workspaces in global memory), and the factored backend's CUDA lowrank_add
+# (the largest prediction, at W=128).
 if [ "$MODE" = measure ]; then
   : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=25}" "${NCU_S:=0}"
-  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=fcuda blocks6+team32 blocks6+states}"
+  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=onestep blocks6+team32 fcuda}"
   : "${TOTAL_S:=$(( 220 + AB_S ))}"
 elif [ "$MODE" = tests ]; then
-  # The quick tests 120 s (a75ae00's took 114 s with warm caches), the switches' tests 55, auto's choice,
-  # then ncu with what is left (30 + 2 x 20 s at most), the register reports (nvcc's in the background
-  # from the start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the time left.
-  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=30}" "${NCU_LOWRANK_S:=40}"
-  : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=30}" "${STATES_TESTS_S:=25}" "${TOTAL_S:=285}"
+  # The quick tests 120 s (a75ae00's took 114 s with warm caches), the switches' tests 65 (the one-step
+  # kernel's 20), auto's choice, then ncu with what is left (the one-step kernel's 30, the CUDA backward's 30;
+  # the factored low-rank kernels' only when asked, NCU_LOWRANK_S=40), the register reports (nvcc's in the
+  # background from the start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the
+  # time left.
+  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=30}" "${NCU_LOWRANK_S:=0}"
+  : "${NCU_ONESTEP_S:=30}" "${ONESTEP_TESTS_S:=20}"
+  : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=25}" "${STATES_TESTS_S:=20}" "${TOTAL_S:=285}"
   : "${RESERVE_S:=35}"
 fi
 if [ "$QUICK" = 1 ]; then
@@ -363,8 +367,9 @@ else
     stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${lim}s) -> $DIR/tests.log"
     FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$lim" python -m pytest tests/test_backends.py \
       tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py \
-      tests/test_benchmark_tools.py tests/test_same_function.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
-      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or unused_inputs" \
+      tests/test_benchmark_tools.py tests/test_same_function.py tests/test_onestep.py -q -rfE "${XDIST[@]}" \
+      -p no:cacheprovider \
+      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or unused_inputs or cuda_op_matches or onestep_kernel" \
       >> "$DIR/tests.log" 2>&1
     rc=$?
     echo "quick tests exit code $rc"
@@ -375,8 +380,10 @@ else
     # kernel the tests have passed. float64 is left out: the switch is float's only.
     # The same for the 6-block sweep with the support states apart (FASTMAML_CUDA_MIN_BLOCKS=6,
     # FASTMAML_CUDA_STATES=global: the A/B's blocks6+states), STATES_TESTS_S.
+    # And the one-step kernel (FASTMAML_CUDA_ONESTEP=1, the A/B's onestep) on every one-step case it takes.
     for switch in "FASTMAML_CUDA_MMA=1:${MMA_TESTS_S:-40}" \
-                  "FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global:${STATES_TESTS_S:-30}"; do
+                  "FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global:${STATES_TESTS_S:-30}" \
+                  "FASTMAML_CUDA_ONESTEP=1:${ONESTEP_TESTS_S:-25}"; do
       setting=${switch%:*} limit=${switch##*:}
       [ "$limit" -gt 0 ] || continue
       limit=$(capped "$limit")
@@ -402,7 +409,8 @@ else
     # its cases cover cpu, triton and cuda at once, so they run once, with the cuda tests.
     # The G3 tests (no synchronisation, CUDA graphs, torch.compile of every fused backend) too.
     if [ "$backend" = cuda ]; then
-      files+=(tests/test_same_function.py tests/test_distributed.py tests/test_overhead.py tests/test_gpu_overhead.py)
+      files+=(tests/test_same_function.py tests/test_distributed.py tests/test_overhead.py tests/test_gpu_overhead.py
+              tests/test_onestep.py)
     fi
     limit=$(capped "$limit")
     too_late "tests of $backend" "$limit" && continue
@@ -435,21 +443,41 @@ EOF
 fi
 
 # ---- ncu (G2): after the tests, which G2's first must-show needs more --------------------------------
-if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && { [ "${NCU_S:-60}" -gt 0 ] || [ "${NCU_LOWRANK_S:-0}" -gt 0 ]; }; then
+if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 \
+   && { [ "${NCU_S:-60}" -gt 0 ] || [ "${NCU_LOWRANK_S:-0}" -gt 0 ] || [ "${NCU_ONESTEP_S:-0}" -gt 0 ]; }; then
   stop_prewarm  # its compiles and GPU calls would run beside the profiled launches
+fi
+# One ncu run into profile.txt: `ncu_launches LIMIT SETTING REGEX "LAUNCH OPTIONS" PROFILE_KERNELS_ARGS...`
+# (SETTING: switches for its environment, "" for none), with the sections every ncu stage reads: occupancy,
+# stall reasons (WarpStateStats: long scoreboard, waiting on loads; no instruction, fetch), memory traffic,
+# the executed instruction mix. Returns ncu's exit code.
+ncu_launches() {
+  local lim=$1 setting=$2 regex=$3 launches=$4
+  shift 4
+  # shellcheck disable=SC2086  # a setting may set several variables; the launch options are words
+  ( cd benchmarks && env $setting timeout "$lim" ncu --clock-control none --kernel-name regex:"$regex" $launches \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section InstructionStats \
+      python profile_kernels.py "$@" --warmup 0 --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
+}
+# The one-step kernel first (G2's redesign for K=1, never profiled): one launch at T=8192, K=1, W=40.
+if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_ONESTEP_S:-0}" -gt 0 ] \
+   && lim=$(capped "$NCU_ONESTEP_S") && ! too_late "ncu of the one-step kernel" "$lim"; then
+  stage "ncu of one one-step launch at T=8192, K=1, W=40 (limit ${lim}s) -> $DIR/profile.txt"
+  echo "===== ncu, FASTMAML_CUDA_ONESTEP=1" >> "$DIR/profile.txt"
+  ncu_launches "$lim" FASTMAML_CUDA_ONESTEP=1 onestep_kernel "--launch-count 1" \
+    --methods cuda --tasks 8192 --steps 1 --width 40
+  rc=$?
+  echo "ncu (one-step) exit code $rc"
+  check_rc "ncu of the one-step kernel" $rc
 fi
 # ncu apart from the profile, so that a second run can ask for it alone (PROFILE_S=0 NCU_S=60).
 if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ] \
    && lim=$(capped "${NCU_S:-60}") && ! too_late ncu "$lim"; then
   # Width 40 (NCU_WIDTH): the workspace in shared memory, the products' LDS loop; the 2026-11-30 run
-  # profiled W=128. WarpStateStats gives the stall reasons (long scoreboard: waiting on loads; no
-  # instruction: fetch, which the 1 MB sweep may cause), InstructionStats the executed mix.
+  # profiled W=128.
   stage "ncu of one cuda backward launch at T=8192, W=${NCU_WIDTH:-40} (limit ${lim}s) -> $DIR/profile.txt"
-  ( cd benchmarks && timeout "$lim" ncu --clock-control none --kernel-name regex:"bwd_kernel" --launch-count 1 \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-      --section WarpStateStats --section InstructionStats \
-      python profile_kernels.py --methods cuda --tasks 8192 --steps 5 --width "${NCU_WIDTH:-40}" --warmup 0 \
-      --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
+  ncu_launches "$lim" "" bwd_kernel "--launch-count 1" --methods cuda --tasks 8192 --steps 5 --width "${NCU_WIDTH:-40}"
   rc=$?
   echo "ncu exit code $rc"
   check_rc ncu $rc
@@ -459,8 +487,7 @@ fi
 # (a75ae00), at about a quarter of the bandwidth the rest of its iteration reached. Launches 7 to 10 of a
 # call at T=8192, K=5 (logged through the interpreter): the forward's lowrank_add with four, four and five
 # factor pairs, then the written-out sweep's first, the query pass's backward through five pairs (under
-# FASTMAML_FACTORED_REVERSE=autograd, the first fused backward); the same sections as above (occupancy,
-# stall reasons, memory traffic).
+# FASTMAML_FACTORED_REVERSE=autograd, the first fused backward).
 if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_LOWRANK_S:-0}" -gt 0 ]; then
   # Triton's lowrank_add and the extension's CUDA one (FASTMAML_FACTORED_KERNELS), half the limit each.
   for kernels in triton cuda; do
@@ -468,12 +495,8 @@ if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_LOWRANK_S:-
     too_late "ncu of the low-rank kernels ($kernels)" "$lim" && continue
     stage "ncu of four factored low-rank launches ($kernels) at T=8192, K=5, W=128 (limit ${lim}s) -> $DIR/profile.txt"
     echo "===== ncu, FASTMAML_FACTORED_KERNELS=$kernels" >> "$DIR/profile.txt"
-    ( cd benchmarks && FASTMAML_FACTORED_KERNELS=$kernels timeout "$lim" ncu --clock-control none \
-        --kernel-name regex:"lowrank_" --launch-skip 6 --launch-count 4 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-        --section WarpStateStats --section InstructionStats \
-        python profile_kernels.py --methods factored --tasks 8192 --steps 5 --width 128 --warmup 0 \
-        --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
+    ncu_launches "$lim" "FASTMAML_FACTORED_KERNELS=$kernels" "lowrank_" "--launch-skip 6 --launch-count 4" \
+      --methods factored --tasks 8192 --steps 5 --width 128
     rc=$?
     echo "ncu (low-rank, $kernels) exit code $rc"
     check_rc "ncu of the low-rank kernels ($kernels)" $rc
@@ -527,6 +550,13 @@ fi
 #            programs a multiprocessor (their time was an eighth of what their bytes allow)
 #   floops   FASTMAML_FACTORED_K_LOOP=per_factor: those products' reduction in a loop per factor (as
 #            before), not one loop for all factors (fewer rounds of dependent loads, more registers)
+#   onestep  FASTMAML_CUDA_ONESTEP=1 at K=1: training calls of one inner step on the one-step kernel
+#            (csrc/task/onestep.h: a warp a task, theta_0 shared by a block's warps in shared memory,
+#            theta_1 never formed, the meta-gradient as factor rows summed by one product a layer)
+#   ow4, ow16  the same with 4 or 16 warps a block (FASTMAML_ONESTEP_WARPS; 8 by default)
+#   oglobal  the same with every warp's scratch in global memory (FASTMAML_ONESTEP_SHARED=0)
+#   okeep4g  the same keeping up to 4 GiB of factor rows for the backward (FASTMAML_ONESTEP_KEEP_MB=4096;
+#            1 GiB by default: above it the backward reruns the kernel, as at T=65536 for both widths)
 #   thetas   FASTMAML_REVERSE_THETAS=keep: the CUDA reverse sweep keeps theta_1..theta_K, not rebuilding
 #            them above 74 KiB of workspace (W=40, K=5: 2 tasks a multiprocessor instead of 3)
 #   mma      FASTMAML_CUDA_MMA=1: the CUDA float reverse sweeps' products of at least 8 x 8 outputs on
@@ -602,7 +632,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
     echo "== $setting ($method; compare with the sweep's $method rows)" >> "$DIR/ab.txt"
     # shellcheck disable=SC2086  # a variant may set several variables
     env $setting timeout "$per" python benchmarks/bench_throughput.py --device cuda --order second \
-      --methods "$method" --tasks 65536 --steps 1 5 --width $widths --warmup 1 --repeats 3 --max-seconds 3 \
+      --methods "$method" --tasks 65536 --steps $steps --width $widths --warmup 1 --repeats 3 --max-seconds 3 \
       --out "$DIR/ab/$v" >> "$DIR/ab.txt" 2>&1
     rc=$?
     echo "exit code $rc" >> "$DIR/ab.txt"

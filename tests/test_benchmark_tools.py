@@ -291,6 +291,13 @@ def test_ab_variants_resolve_to_their_switches():
         assert got[refused] == "refused", refused
     defaults = _bash('echo "$AB_DEFAULT"').split()
     assert len(defaults) > 10 and all(got[v] != "refused" for v in defaults), got
+    # The one-step kernel's variants measure K=1 only (at K=5 they would time the default sweep again); a
+    # part joined with them keeps the steps they share.
+    steps = _bash('for v in onestep ow16+mma mma base_cuda; do ab_resolve "$v"; echo "$v|$steps|$setting"; done')
+    got = dict(line.split("|", 1) for line in steps.splitlines())
+    assert got["onestep"] == "1|FASTMAML_CUDA_ONESTEP=1"
+    assert got["ow16+mma"] == "1|FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_WARPS=16 FASTMAML_CUDA_MMA=1"
+    assert got["mma"].startswith("1 5|") and got["base_cuda"] == "1 5|"
 
 
 def test_prewarm_is_stopped_with_its_processes(tmp_path):

@@ -99,12 +99,10 @@ cudaError_t allow_shared(size_t bytes) {
   return cudaSuccess;
 }
 
+// FASTMAML_ONESTEP_WARPS, or 0 when unset (the Python side refuses any value but 2, 4, 8 and 16).
 int warps_switch() {
   const std::string w = env_word("FASTMAML_ONESTEP_WARPS");
-  if (w == "2") return 2;
-  if (w == "4") return 4;
-  if (w == "16") return 16;
-  return 8;  // "" or "8" (the Python side refuses any other value)
+  return w == "2" ? 2 : w == "4" ? 4 : w == "8" ? 8 : w == "16" ? 16 : 0;
 }
 
 }  // namespace
@@ -117,14 +115,20 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return (void)cudaGetLastError(), err;
   OnestepPlan p{};
-  p.warps = warps_switch();
   p.work_elems = task::onestep::layout(net, ns, nq).total;
   const int64_t Pp = (net.P + 15) & ~int64_t(15);
   const int64_t stage_bytes = (2 * Pp + 16) * static_cast<int64_t>(sizeof(T));
   const int64_t work_bytes = p.work_elems * static_cast<int64_t>(sizeof(T));
-  p.stage = stage_bytes <= optin / 2;  // theta_0 in shared memory leaves at least half for the scratch
+  // theta_0 in shared memory wherever it fits: the products read it most (a product with W reads all of W
+  // for every 8 points, the scratch's left operand once). 8 warps a block where their scratch fits beside
+  // it (the sinusoid net in float32: 14 + 8 x 25 KiB, one block a multiprocessor), else 16 warps with the
+  // scratch in global memory, more tasks in flight to cover its latency (the A/B measures both).
+  p.stage = stage_bytes <= optin;
   const int64_t base = p.stage ? stage_bytes : 0;
-  p.shared_work = !env_is("FASTMAML_ONESTEP_SHARED", "0") && base + p.warps * work_bytes <= optin;
+  const bool shared_allowed = !env_is("FASTMAML_ONESTEP_SHARED", "0");
+  p.warps = warps_switch();
+  if (p.warps == 0) p.warps = shared_allowed && base + 8 * work_bytes <= optin ? 8 : 16;
+  p.shared_work = shared_allowed && base + p.warps * work_bytes <= optin;
   p.shared_bytes = base + (p.shared_work ? p.warps * work_bytes : 0);
   if ((err = allow_shared<T>(static_cast<size_t>(p.shared_bytes))) != cudaSuccess) return err;
   int per_sm = 0;

@@ -37,8 +37,9 @@ struct OnestepArgs {
   T* global_work;                                                     // null where the plan needs none
 };
 
-// The plan of a launch on the current device. FASTMAML_ONESTEP_WARPS (2, 4, 8 or 16; default 8) sets the
-// warps of a block, FASTMAML_ONESTEP_SHARED=0 keeps the scratch in global memory (the A/B switches).
+// The plan of a launch on the current device. FASTMAML_ONESTEP_WARPS (2, 4, 8 or 16) sets the warps of a
+// block (by default 8 where their scratch fits in shared memory beside theta_0, else 16),
+// FASTMAML_ONESTEP_SHARED=0 keeps the scratch in global memory (the A/B switches).
 template <typename T>
 cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, OnestepPlan* plan);
 

@@ -136,7 +136,7 @@ class CudaBackend(ExtensionBackend):
                              "for 4 or 6 blocks a multiprocessor: set FASTMAML_CUDA_MIN_BLOCKS=4 or 6 with it, "
                              "or unset FASTMAML_CUDA_STATES")
         env_choice("FASTMAML_REVERSE_THETAS", ("auto", "keep", "recompute"))  # plan()'s rebuilt thetas
-        env_choice("FASTMAML_ONESTEP_WARPS", ("8", "2", "4", "16"))  # the one-step kernel's warps a block
+        env_choice("FASTMAML_ONESTEP_WARPS", ("", "2", "4", "8", "16"))  # the one-step kernel's warps a block
         env_exact("FASTMAML_ONESTEP_SHARED", ("", "0", "1"))  # its scratch in shared memory (0: global)
         # The shared workspace's cap in KiB (csrc/cuda/binding.cpp, shared_limit): C++ reads it with atoll,
         # which makes any text 0, every workspace in global memory.
