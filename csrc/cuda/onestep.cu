@@ -157,9 +157,13 @@ cudaError_t launch_onestep(const OnestepArgs<T>& a, const OnestepPlan& plan, cud
 }
 
 template <typename T>
-cudaError_t onestep_attributes(int* registers, int* local_bytes) {
+cudaError_t onestep_attributes(int* registers, int* local_bytes, const OnestepPlan& plan, int* blocks_per_sm) {
   cudaFuncAttributes attr{};
-  const cudaError_t err = cudaFuncGetAttributes(&attr, &onestep_kernel<T>);
+  cudaError_t err = cudaFuncGetAttributes(&attr, &onestep_kernel<T>);
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, &onestep_kernel<T>, plan.warps * 32,
+                                                        static_cast<size_t>(plan.shared_bytes));
+  }
   if (err != cudaSuccess) return (void)cudaGetLastError(), err;
   *registers = attr.numRegs;
   *local_bytes = static_cast<int>(attr.localSizeBytes);
@@ -170,8 +174,8 @@ template cudaError_t plan_onestep<float>(const task::Net&, int, int, int64_t, On
 template cudaError_t plan_onestep<double>(const task::Net&, int, int, int64_t, OnestepPlan*);
 template cudaError_t launch_onestep<float>(const OnestepArgs<float>&, const OnestepPlan&, cudaStream_t);
 template cudaError_t launch_onestep<double>(const OnestepArgs<double>&, const OnestepPlan&, cudaStream_t);
-template cudaError_t onestep_attributes<float>(int*, int*);
-template cudaError_t onestep_attributes<double>(int*, int*);
+template cudaError_t onestep_attributes<float>(int*, int*, const OnestepPlan&, int*);
+template cudaError_t onestep_attributes<double>(int*, int*, const OnestepPlan&, int*);
 
 }  // namespace cuda
 }  // namespace fastmaml

@@ -1,7 +1,7 @@
 // fastmaml: the CUDA implementation of maml_onestep (csrc/onestep_op.h), registered under the CUDA dispatch
 // key: the checks and outputs of onestep_op.h, the scratch the plan asks for, and onestep.cu's torch-free
-// launcher on the current stream. Also the test-only fastmaml_testing::cuda_onestep_attributes (the kernel's
-// registers and spilled bytes, for the GPU check). Compiled only in builds with a CUDA torch and nvcc.
+// launcher on the current stream. Also the test-only fastmaml_testing::cuda_onestep_launch (a launch's layout,
+// registers and spilled bytes, for the benchmarks' notes). Compiled only in builds with a CUDA torch and nvcc.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -66,16 +66,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep_cuda(
   return {c.losses, c.preds, c.U, c.V};
 }
 
-// [registers, local bytes] of the float32 and float64 kernels.
-std::vector<int64_t> cuda_onestep_attributes() {
+// How a launch of `like`'s dtype on its device would be laid out for T tasks of the MLP `dims` (relu, mse):
+// [warps a block, blocks, shared bytes a block, theta_0 staged (0/1), scratch in shared memory (0/1),
+// scratch bytes a task, registers and local bytes a thread, blocks a multiprocessor]. For the benchmarks'
+// notes under the cuda rows when FASTMAML_CUDA_ONESTEP=1 (the plan reads the switches in force).
+std::vector<int64_t> cuda_onestep_launch(const at::Tensor& like, c10::IntArrayRef dims, int64_t ns, int64_t nq,
+                                         int64_t T) {
+  task::Net net;
+  TORCH_CHECK(task::make_net(net, dims.data(), static_cast<int>(dims.size()), task::kRelu, task::kMse),
+              "fastmaml: cuda_onestep_launch: bad dims ", dims);
+  TORCH_CHECK(like.is_cuda(), "fastmaml: cuda_onestep_launch needs a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(like.device());
   std::vector<int64_t> out;
-  int regs = 0, local = 0;
-  cudaError_t err = onestep_attributes<float>(&regs, &local);
-  TORCH_CHECK(err == cudaSuccess, "fastmaml: cudaFuncGetAttributes: ", cudaGetErrorString(err));
-  out.push_back(regs), out.push_back(local);
-  err = onestep_attributes<double>(&regs, &local);
-  TORCH_CHECK(err == cudaSuccess, "fastmaml: cudaFuncGetAttributes: ", cudaGetErrorString(err));
-  out.push_back(regs), out.push_back(local);
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "cuda_onestep_launch", [&] {
+    OnestepPlan p{};
+    cudaError_t err = plan_onestep<scalar_t>(net, static_cast<int>(ns), static_cast<int>(nq), T, &p);
+    int regs = 0, local = 0, per_sm = 0;
+    if (err == cudaSuccess) err = onestep_attributes<scalar_t>(&regs, &local, p, &per_sm);
+    TORCH_CHECK(err == cudaSuccess, "fastmaml: cuda_onestep_launch: ", cudaGetErrorString(err));
+    out = {p.warps, p.blocks, p.shared_bytes, p.stage, p.shared_work,
+           p.work_elems * static_cast<int64_t>(sizeof(scalar_t)), regs, local, per_sm};
+  });
   return out;
 }
 
@@ -84,7 +95,8 @@ std::vector<int64_t> cuda_onestep_attributes() {
 }  // namespace fastmaml
 
 TORCH_LIBRARY_FRAGMENT(fastmaml_testing, m) {
-  m.def("cuda_onestep_attributes() -> int[]", &fastmaml::cuda::cuda_onestep_attributes);
+  m.def("cuda_onestep_launch(Tensor like, int[] dims, int Ns, int Nq, int T) -> int[]",
+        &fastmaml::cuda::cuda_onestep_launch);
 }
 
 TORCH_LIBRARY_IMPL(fastmaml, CUDA, m) { m.impl("maml_onestep", &fastmaml::cuda::maml_onestep_cuda); }

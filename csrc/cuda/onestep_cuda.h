@@ -47,9 +47,10 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
 template <typename T>
 cudaError_t launch_onestep(const OnestepArgs<T>& a, const OnestepPlan& plan, cudaStream_t stream);
 
-// The kernel's registers and local (spilled) bytes a thread, for the GPU check's report.
+// The kernel's registers and local (spilled) bytes a thread, and how many blocks of `plan` one
+// multiprocessor holds, for the benchmarks' launch notes.
 template <typename T>
-cudaError_t onestep_attributes(int* registers, int* local_bytes);
+cudaError_t onestep_attributes(int* registers, int* local_bytes, const OnestepPlan& plan, int* blocks_per_sm);
 
 }  // namespace cuda
 }  // namespace fastmaml

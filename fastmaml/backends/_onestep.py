@@ -50,6 +50,8 @@ def reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
     """Why the one-step kernels cannot run this call, or None."""
     if not problem.is_mlp:
         return "not an MLP"
+    if torch.compiler.is_compiling():
+        return "under torch.compile (maml_onestep has no fake kernel to trace)"
     if problem.inner_steps != 1:
         return f"{problem.inner_steps} inner steps (the one-step kernels take one)"
     if problem.loss != "mse":
@@ -104,6 +106,12 @@ def transposed(problem: Problem) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def row_bytes(dims: list[int], ns: int, nq: int, first_order: bool, itemsize: int) -> int:
+    """Bytes of one task's factor rows: `R = Nq (+ 2 Ns at second order)` rows of `D_{l+1} + D_l + 1` a layer."""
+    rows = nq if first_order else nq + 2 * ns
+    return rows * sum(dims[l + 1] + dims[l] + 1 for l in range(len(dims) - 1)) * itemsize
+
+
 class _Call(NamedTuple):
     theta: torch.Tensor
     theta_t: torch.Tensor
@@ -128,9 +136,7 @@ class _Call(NamedTuple):
 
     def row_bytes(self) -> int:
         """Bytes of one task's factor rows."""
-        d = self.dims
-        width = sum(d[l + 1] + d[l] + 1 for l in range(len(d) - 1))
-        return self.rows() * width * self.theta.element_size()
+        return row_bytes(self.dims, self.xs.shape[1], self.xq.shape[1], self.first_order, self.theta.element_size())
 
     def layer_grads(self, U: torch.Tensor, V: torch.Tensor, n_tasks: int, scale: Optional[torch.Tensor]):
         """`[out, in + 1]` per layer: sum over the tasks of `U^T V`, each task's rows times `scale[t]` (None: 1)."""
@@ -204,4 +210,4 @@ def maml(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     return _OneStep.apply(call, *problem.params)
 
 
-__all__ = ["MAX_FACTOR_BYTES", "MAX_WORKSPACE_BYTES", "maml", "rates", "reason", "transposed", "workspace_bytes"]
+__all__ = ["MAX_FACTOR_BYTES", "MAX_WORKSPACE_BYTES", "maml", "rates", "reason", "row_bytes", "transposed", "workspace_bytes"]
