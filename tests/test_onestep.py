@@ -267,3 +267,25 @@ def test_cuda_backend_switch_runs_the_onestep_kernel(monkeypatch):
     g = gradients(out.loss, {f"p{i}": p for i, p in enumerate(c.params)})
     assert calls == [1]
     assert_close({k: v.double().cpu() for k, v in g.items()}, g_ref, 1e-4, "grads")
+
+
+@pytest.mark.parametrize("name, value", [("FASTMAML_CUDA_ONESTEP", "yes"), ("FASTMAML_ONESTEP_KEEP_MB", "1.5")])
+def test_mistyped_import_switches_are_refused(name, value):
+    """Read at import: a value they do not know makes the import fail, naming the switch (a mistyped
+    switch must not measure the default under another name)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import fastmaml.backends.cuda"], capture_output=True, text=True,
+                          env={**os.environ, name: value}, timeout=120)
+    assert proc.returncode != 0 and name in proc.stderr, proc.stderr[-500:]
+
+
+@pytest.mark.parametrize("name, value", [("FASTMAML_ONESTEP_WARPS", "3"), ("FASTMAML_ONESTEP_SHARED", "off")])
+def test_mistyped_launch_switches_are_refused(monkeypatch, name, value):
+    """Read by the CUDA plan on every launch: the backend refuses values it would not read as written."""
+    from fastmaml.backends.cuda import CudaBackend
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        CudaBackend().unavailable()
