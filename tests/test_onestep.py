@@ -119,12 +119,18 @@ def test_chunked_backward_matches(monkeypatch, keep_mb):
     assert calls == ([5] + ([1] * 5 if keep_mb == 0 else [2, 2, 1]))
 
 
-def test_no_grad_call_keeps_no_rows():
-    """Without a gradient to give, the forward asks the kernel for no factor rows."""
+def test_no_grad_call_keeps_no_rows(monkeypatch):
+    """Without a gradient to give (no_grad, though the parameters require grad), the forward asks the
+    kernel for no factor rows."""
     case = _case(dims=[3, 7, 2], tasks=3, seed=4)
     _, problem = _problem(case)
+    asked = []
+    real = _onestep._Call.run
+    monkeypatch.setattr(_onestep._Call, "run",
+                        lambda self, lo, hi, c, g, f: asked.append(f) or real(self, lo, hi, c, g, f))
     with torch.no_grad():
         losses, preds = _onestep.maml(problem)
+    assert asked == [False]
     ref = maml_loop(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
                     **case.kwargs())
     assert_close(losses, ref.task_losses.detach(), 1e-10)

@@ -153,24 +153,26 @@ class _Call(NamedTuple):
         return out
 
 
-def _split(grads: list[torch.Tensor], params: tuple, needs: tuple) -> tuple:
+def _split(grads: list[torch.Tensor], shapes: list[torch.Size], needs: tuple) -> tuple:
     """The per-layer `[out, in + 1]` sums as the gradients of W_l and b_l (None where none is needed)."""
     result = []
     for l, g in enumerate(grads):
-        w, b = params[2 * l], params[2 * l + 1]
-        result.append(g[:, :w.shape[1]].contiguous() if needs[2 * l] else None)
-        result.append(g[:, w.shape[1]].reshape(b.shape).contiguous() if needs[2 * l + 1] else None)
+        w, b = shapes[2 * l], shapes[2 * l + 1]
+        result.append(g[:, :w[1]].contiguous() if needs[2 * l] else None)
+        result.append(g[:, w[1]].reshape(b).contiguous() if needs[2 * l + 1] else None)
     return tuple(result)
 
 
 class _OneStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, call: _Call, *params):
+    def forward(ctx, call: _Call, differentiable: bool, *params):
+        # `differentiable` comes from the caller: inside forward grad mode is off, and needs_input_grad
+        # says only which inputs require grad, also under no_grad (where no backward will come).
         T = call.xs.shape[0]
-        keep = any(ctx.needs_input_grad[1:]) and T * call.row_bytes() <= MAX_FACTOR_BYTES
+        keep = differentiable and T * call.row_bytes() <= MAX_FACTOR_BYTES
         losses, preds, U, V = call.run(0, T, None, None, keep)
         ctx.call, ctx.U, ctx.V, ctx.keep = call, U, V, keep
-        ctx.params = params
+        ctx.shapes = [p.shape for p in params]
         ctx.set_materialize_grads(False)
         return losses, preds
 
@@ -178,9 +180,9 @@ class _OneStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_losses, g_preds):
         call, T = ctx.call, ctx.call.xs.shape[0]
-        needs = ctx.needs_input_grad[1:]
+        needs = ctx.needs_input_grad[2:]
         if g_losses is None and g_preds is None:
-            return (None,) * (1 + len(needs))
+            return (None,) * (2 + len(needs))
         if ctx.keep and g_preds is None:
             grads = call.layer_grads(ctx.U, ctx.V, T, g_losses)
         else:
@@ -194,7 +196,7 @@ class _OneStep(torch.autograd.Function):
                 part = call.layer_grads(U, V, hi - lo, None)
                 grads = part if grads is None else [a + b for a, b in zip(grads, part)]
         ctx.U = ctx.V = None
-        return (None, *_split(grads, ctx.params, needs))
+        return (None, None, *_split(grads, ctx.shapes, needs))
 
 
 def maml(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +209,9 @@ def maml(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
                  problem.x_support.detach().contiguous(), problem.y_support.detach().contiguous(),
                  problem.x_query.detach().contiguous(), problem.y_query.detach().contiguous(),
                  list(problem.dims), _ACTIVATION_IDS[problem.activation], problem.first_order)
-    return _OneStep.apply(call, *problem.params)
+    differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in problem.params)
+    return _OneStep.apply(call, differentiable, *problem.params)
 
 
-__all__ = ["MAX_FACTOR_BYTES", "MAX_WORKSPACE_BYTES", "maml", "rates", "reason", "row_bytes", "transposed", "workspace_bytes"]
+__all__ = ["MAX_FACTOR_BYTES", "MAX_WORKSPACE_BYTES", "maml", "rates", "reason", "row_bytes", "transposed",
+           "workspace_bytes"]
