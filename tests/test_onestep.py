@@ -119,6 +119,17 @@ def test_chunked_backward_matches(monkeypatch, keep_mb):
     assert calls == ([5] + ([1] * 5 if keep_mb == 0 else [2, 2, 1]))
 
 
+def test_second_backward_through_the_graph():
+    """retain_graph: the first backward uses the kept rows and frees them; a second reruns the kernel and
+    gives the same gradients."""
+    case = _case(dims=[3, 7, 5, 2], tasks=4, seed=9)
+    _, problem = _problem(case)
+    losses, _ = _onestep.maml(problem)
+    first = torch.autograd.grad(losses.sum(), case.params, retain_graph=True)
+    second = torch.autograd.grad(losses.sum(), case.params)
+    assert_close(list(second), list(first), 1e-12, "grads")
+
+
 def test_no_grad_call_keeps_no_rows(monkeypatch):
     """Without a gradient to give (no_grad, though the parameters require grad), the forward asks the
     kernel for no factor rows."""

@@ -19,7 +19,8 @@ namespace cuda {
 namespace {
 
 // One warp as the team of csrc/task/team.h: sync() is __syncwarp (which also orders the warp's shared and
-// global memory), sum() a butterfly of shuffles (every lane gets a total; the kernel keeps lane 0's).
+// global memory), sum() a butterfly of shuffles (every lane gets a total, the kernel keeps lane 0's; not in
+// rank order, so a task's loss may round differently from the CPU's team of one).
 struct WarpTeam {
   __device__ int rank() const { return static_cast<int>(threadIdx.x & 31u); }
   __device__ int size() const { return 32; }
@@ -33,6 +34,7 @@ struct WarpTeam {
 };
 
 constexpr int kMaxWarps = 16;
+constexpr int64_t kMaxGlobalWork = int64_t(1) << 30;  // bytes of a launch's scratch in global memory
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxWarps * 32) onestep_kernel(OnestepArgs<T> a, bool stage, bool shared_work,
@@ -127,7 +129,14 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   const int64_t base = p.stage ? stage_bytes : 0;
   const bool shared_allowed = !env_is("FASTMAML_ONESTEP_SHARED", "0");
   p.warps = warps_switch();
-  if (p.warps == 0) p.warps = shared_allowed && base + 8 * work_bytes <= optin ? 8 : 16;
+  if (p.warps == 0) {
+    p.warps = shared_allowed && base + 8 * work_bytes <= optin ? 8 : 16;
+    // A small meta-batch spread over the multiprocessors (T=25: 25 blocks of one warp, not 4 of 8 on 4 of
+    // them): each task's latency is the call's, so one a multiprocessor is fastest.
+    if (n_tasks < static_cast<int64_t>(sms) * p.warps) {
+      p.warps = static_cast<int>(n_tasks <= sms ? 1 : (n_tasks + sms - 1) / sms);
+    }
+  }
   p.shared_work = shared_allowed && base + p.warps * work_bytes <= optin;
   p.shared_bytes = base + (p.shared_work ? p.warps * work_bytes : 0);
   if ((err = allow_shared<T>(static_cast<size_t>(p.shared_bytes))) != cudaSuccess) return err;
@@ -137,8 +146,14 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   if (err != cudaSuccess) return (void)cudaGetLastError(), err;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;
   const int64_t needed = (n_tasks + p.warps - 1) / p.warps;
-  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
-  p.blocks = needed < resident ? needed : resident;
+  int64_t blocks = static_cast<int64_t>(per_sm) * sms;  // resident at once: the grid loops over the rest
+  if (!p.shared_work) {
+    // Global scratch for every resident warp is at most kMaxGlobalWork bytes (16 MiB a task would be 33 GiB
+    // on 132 multiprocessors of 16 warps): fewer blocks, each looping over more tasks.
+    const int64_t fit = kMaxGlobalWork / (static_cast<int64_t>(p.warps) * work_bytes);
+    blocks = fit < blocks ? fit : blocks;
+  }
+  p.blocks = needed < blocks ? needed : blocks;
   if (p.blocks < 1) p.blocks = 1;
   p.global_work_elems = p.shared_work ? 0 : p.blocks * p.warps * p.work_elems;
   *plan = p;

@@ -38,8 +38,9 @@ struct OnestepArgs {
 };
 
 // The plan of a launch on the current device. FASTMAML_ONESTEP_WARPS (2, 4, 8 or 16) sets the warps of a
-// block (by default 8 where their scratch fits in shared memory beside theta_0, else 16),
-// FASTMAML_ONESTEP_SHARED=0 keeps the scratch in global memory (the A/B switches).
+// block (by default 8 where their scratch fits in shared memory beside theta_0, else 16, and fewer where
+// the tasks would not reach every multiprocessor), FASTMAML_ONESTEP_SHARED=0 keeps the scratch in global
+// memory (the A/B switches). Global scratch is kept to 1 GiB a launch by running fewer blocks.
 template <typename T>
 cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, OnestepPlan* plan);
 

@@ -14,10 +14,11 @@
 // product along R v, whose W part is rW_l D'_l^T H'_l: rank Nq, so its products go through the same
 // two Gram matrices.
 //
-// MSE loss, ReLU or tanh hidden layers, one rate per tensor (a number or a tensor of 2 L values). The
+// MSE loss, ReLU or tanh hidden layers, one rate per tensor (2 L values: rW_l, rb_l). The
 // loss of a task is its query loss at theta_1; its cotangent `cot` and the query output's `g_pred` seed
-// the query backward (the training call's fused pass takes cot = 1 and none, and the caller scales the
-// rows by each task's cotangent: every row is linear in the seed).
+// the query backward (the training call's fused pass takes cot = 1 and none, and the caller scales U's rows
+// by each task's cotangent: D' and Ddot are linear in the seed, D is not but pairs with Hdot, which is, so
+// every outer product U_r^T V_r is).
 //
 // The work of a task is shared by a team (team.h): on a GPU one warp, whose syncs are __syncwarp; on the
 // CPU a team of one. Every product is `cols_product`: a rank owns whole output columns and keeps a chunk

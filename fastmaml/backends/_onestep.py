@@ -195,7 +195,9 @@ class _OneStep(torch.autograd.Function):
                 _, _, U, V = call.run(lo, hi, cot[lo:hi].contiguous(), gp, True)
                 part = call.layer_grads(U, V, hi - lo, None)
                 grads = part if grads is None else [a + b for a, b in zip(grads, part)]
+        # The rows go with this backward; a second one (retain_graph) reruns the kernel.
         ctx.U = ctx.V = None
+        ctx.keep = False
         return (None, None, *_split(grads, ctx.shapes, needs))
 
 
