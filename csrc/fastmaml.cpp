@@ -51,8 +51,8 @@ TORCH_LIBRARY(fastmaml, m) {
   // (csrc/onestep_op.h; fastmaml/backends/_onestep.py).
   m.def(
       "maml_onestep(Tensor theta, Tensor theta_t, Tensor rates, Tensor x_support, Tensor y_support, "
-      "Tensor x_query, Tensor y_query, Tensor? cot, Tensor? g_pred, int[] dims, int activation, bool first_order, "
-      "bool factors) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor x_query, Tensor y_query, Tensor? cot, Tensor? g_pred, int[] dims, int activation, int loss, "
+      "bool first_order, bool factors) -> (Tensor, Tensor, Tensor, Tensor)");
   // The factored backend's low-rank product, and the sweep's pair of them, on CUDA tensors
   // (csrc/cuda/lowrank_add.cuh; no CPU kernels: fastmaml/backends/_lowrank.py and _lowrank_pairs.py call
   // them where FASTMAML_FACTORED_KERNELS=cuda).

@@ -1,12 +1,13 @@
 // fastmaml: the argument checks and outputs of maml_onestep (csrc/task/onestep.h), written once for the CPU
 // kernel (cpu/onestep_cpu.cpp) and the CUDA binding (cuda/onestep_binding.cpp). Host code with torch headers.
 //
-// maml_onestep(theta [P], theta_t [P], rates [2 L], xs [T, Ns, D_in], ys [T, Ns, D_out], xq [T, Nq, D_in],
-//              yq [T, Nq, D_out], cot [T]?, g_pred [T, Nq, D_out]?, dims, activation, first_order, factors)
+// maml_onestep(theta [P], theta_t [P], rates [2 L], xs [T, Ns, D_in], ys, xq [T, Nq, D_in], yq, cot [T]?,
+//              g_pred [T, Nq, D_out]?, dims, activation, loss, first_order, factors)
 //   -> (losses [T], preds [T, Nq, D_out], U [T R sum_l D_{l+1}], V [T R sum_l (D_l + 1)])
 // theta_t holds theta's weights transposed (W_l^T [D_l, D_{l+1}] at W_l's offset; the biases' places are
 // not read). U and V are the factor rows of onestep.h (empty when `factors` is false); cot defaults to 1
-// for every task and g_pred to none. Mean-squared-error loss only, one step.
+// for every task and g_pred to none. Targets as the other operations take them: floats [T, N, D_out] for mse,
+// int64 classes [T, N] for cross-entropy. One step.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,6 +19,7 @@
 #include <optional>
 
 #include "maml_task.h"
+#include "op_checks.h"
 #include "task/onestep.h"
 
 namespace fastmaml {
@@ -42,17 +44,22 @@ inline void check_shape(const at::Tensor& t, const char* name, std::initializer_
               ", got ", t.sizes());
 }
 
+// `class_range` checks the classes of cross-entropy targets (the CPU's; null on a GPU, where an
+// out-of-range class makes its task NaN instead).
 inline Call setup(const at::Tensor& theta, const at::Tensor& theta_t, const at::Tensor& rates, const at::Tensor& xs,
                   const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
                   const std::optional<at::Tensor>& cot, const std::optional<at::Tensor>& g_pred,
-                  c10::IntArrayRef dims, int64_t activation, bool first_order, bool factors) {
+                  c10::IntArrayRef dims, int64_t activation, int64_t loss, bool first_order, bool factors,
+                  checks::ClassRangeCheck class_range) {
   TORCH_CHECK(theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble,
               "fastmaml: maml_onestep takes float32 or float64, got ", theta.scalar_type());
   TORCH_CHECK(activation == task::kRelu || activation == task::kTanh, "fastmaml: maml_onestep: activation ",
               activation, " is neither relu (0) nor tanh (1)");
+  TORCH_CHECK(loss == task::kMse || loss == task::kCrossEntropy, "fastmaml: maml_onestep: loss ", loss,
+              " is neither mse (0) nor cross-entropy (1)");
   Call c;
   TORCH_CHECK(task::make_net(c.net, dims.data(), static_cast<int>(dims.size()), static_cast<int>(activation),
-                             task::kMse),
+                             static_cast<int>(loss)),
               "fastmaml: maml_onestep: dims ", dims, " must have 2 to ", task::kMaxLayers + 1,
               " positive widths");
   const int L = c.net.L;
@@ -74,12 +81,11 @@ inline Call setup(const at::Tensor& theta, const at::Tensor& theta_t, const at::
   check_shape(rates, "rates", {2 * L});
   check_same(xs, "xs", theta);
   check_shape(xs, "xs", {c.T, c.ns, din});
-  check_same(ys, "ys", theta);
-  check_shape(ys, "ys", {c.T, c.ns, dout});
   check_same(xq, "xq", theta);
   check_shape(xq, "xq", {c.T, c.nq, din});
-  check_same(yq, "yq", theta);
-  check_shape(yq, "yq", {c.T, c.nq, dout});
+  TORCH_CHECK(ys.is_contiguous() && yq.is_contiguous(), "fastmaml: maml_onestep: ys and yq must be contiguous");
+  checks::check_targets(ys, "ys", theta, loss, c.T, c.ns, dout, class_range);
+  checks::check_targets(yq, "yq", theta, loss, c.T, c.nq, dout, class_range);
   if (cot.has_value()) {
     check_same(*cot, "cot", theta);
     check_shape(*cot, "cot", {c.T});

@@ -50,6 +50,7 @@ struct Case {
   std::vector<int> dims;
   int ns, nq, activation;
   bool first_order, g_pred;
+  int loss = ft::kMse;
 };
 
 struct Outputs {
@@ -59,7 +60,7 @@ struct Outputs {
 // Runs every task of the problem with a team of `team` threads (0: SerialTeam).
 Outputs run(const Case& c, int team, int T, unsigned seed) {
   ft::Net net;
-  ft::make_net(net, c.dims.data(), static_cast<int>(c.dims.size()), c.activation, ft::kMse);
+  ft::make_net(net, c.dims.data(), static_cast<int>(c.dims.size()), c.activation, c.loss);
   std::mt19937 gen(seed);
   std::normal_distribution<double> normal(0.0, 1.0);
   auto fill = [&](std::vector<double>& v, size_t n, double scale) {
@@ -76,6 +77,11 @@ Outputs run(const Case& c, int team, int T, unsigned seed) {
   fill(cot, T, 1.0);
   fill(gp, size_t(T) * c.nq * dout, 1.0);
   fill(rates, 2 * net.L, 0.2);
+  std::vector<int64_t> ys_i(size_t(T) * c.ns), yq_i(size_t(T) * c.nq);
+  std::uniform_int_distribution<int64_t> cls(0, dout - 1);
+  for (auto& y : ys_i) y = cls(gen);
+  for (auto& y : yq_i) y = cls(gen);
+  const bool ce = c.loss == ft::kCrossEntropy;
   std::vector<double> theta_t(net.P);
   for (int l = 0; l < net.L; ++l) {
     const int a = net.dims[l], b = net.dims[l + 1];
@@ -95,6 +101,8 @@ Outputs run(const Case& c, int team, int T, unsigned seed) {
     tk.ys = ys.data() + size_t(t) * c.ns * dout;
     tk.xq = xq.data() + size_t(t) * c.nq * din;
     tk.yq = yq.data() + size_t(t) * c.nq * dout;
+    tk.ys_index = ce ? ys_i.data() + size_t(t) * c.ns : nullptr;
+    tk.yq_index = ce ? yq_i.data() + size_t(t) * c.nq : nullptr;
     tk.cot = cot[t];
     tk.g_pred = c.g_pred ? gp.data() + size_t(t) * c.nq * dout : nullptr;
     tk.loss = o.losses.data() + t;
@@ -147,6 +155,8 @@ int main() {
       {{2, 33, 3}, 9, 3, ft::kTanh, true, false},
       {{5, 3}, 3, 11, ft::kRelu, false, true},           // one layer
       {{4, 6, 9, 7, 3}, 13, 5, ft::kTanh, false, false},  // four layers, more points than a chunk
+      {{3, 7, 5}, 6, 9, ft::kTanh, false, true, ft::kCrossEntropy},
+      {{12, 33, 5}, 5, 15, ft::kRelu, true, false, ft::kCrossEntropy},
   };
   int failures = 0, runs = 0;
   unsigned seed = 1;

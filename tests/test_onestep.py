@@ -62,18 +62,14 @@ def _rates_no_grad(case):
     return case
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 4])
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
-@pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("lr_form", ["float", "per_step", "per_layer", "scalar_tensor"])
-@pytest.mark.parametrize("cotangent", ["losses", "losses_and_preds"])
-def test_matches_the_task_loop(depth, activation, first_order, lr_form, cotangent):
-    """Float64, fresh random inputs, widths that are not powers of two, Ns != Nq: losses, outputs and
-    every parameter's gradient within 1e-10 of the independent loop."""
-    case = _rates_no_grad(_case(dims=DIMS_BY_DEPTH[depth], tasks=4, n_support=5, n_query=7, lr_form=lr_form,
-                                first_order=first_order, activation=activation, seed=depth))
-    losses_cot, preds_cot = output_cotangents(torch.zeros(4, dtype=F64), torch.zeros(4, 7, DIMS_BY_DEPTH[depth][-1],
-                                                                                       dtype=F64), seed=depth)
+def _compare_with_the_loop(depth: int, cotangent: str, seed: int, **options) -> None:
+    """Float64, fresh random inputs, widths that are not powers of two, Ns != Nq: losses, outputs and every
+    parameter's gradient within 1e-10 of the independent loop, under the task losses' cotangent alone or
+    with the query output's."""
+    dims = DIMS_BY_DEPTH[depth]
+    case = _rates_no_grad(_case(dims=dims, tasks=4, n_support=5, n_query=7, seed=seed, **options))
+    losses_cot, preds_cot = output_cotangents(torch.zeros(4, dtype=F64), torch.zeros(4, 7, dims[-1], dtype=F64),
+                                              seed=depth)
     cot = (losses_cot, preds_cot if cotangent == "losses_and_preds" else None)
     ref, g_ref = _oracle(case, cot)
     losses, preds, g = _ours(case, cot)
@@ -81,6 +77,34 @@ def test_matches_the_task_loop(depth, activation, first_order, lr_form, cotangen
     assert_close(preds, ref.query_preds, 1e-10, "query_preds")
     assert_close(g, g_ref, 1e-10, "grads")
     assert max(t.abs().max().item() for t in g.values()) > 0
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("lr_form", ["float", "per_step", "per_layer", "scalar_tensor"])
+@pytest.mark.parametrize("cotangent", ["losses", "losses_and_preds"])
+def test_matches_the_task_loop(depth, activation, first_order, lr_form, cotangent):
+    _compare_with_the_loop(depth, cotangent, depth, lr_form=lr_form, first_order=first_order, activation=activation)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("lr_form", ["float", "per_layer"])
+@pytest.mark.parametrize("cotangent", ["losses", "losses_and_preds"])
+def test_cross_entropy_matches_the_task_loop(depth, activation, first_order, lr_form, cotangent):
+    """The cross-entropy loss (int64 classes): the same comparisons as the mse loss's."""
+    _compare_with_the_loop(depth, cotangent, 20 + depth, lr_form=lr_form, first_order=first_order,
+                           activation=activation, loss="cross_entropy")
+
+
+def test_out_of_range_class_is_refused_on_the_cpu():
+    case = _case(dims=[3, 7, 4], tasks=2, loss="cross_entropy", seed=1)
+    case.y_query[1, 2] = 4
+    _, problem = _problem(case)
+    with pytest.raises(ValueError, match="class 4"):
+        _onestep.maml(problem)
 
 
 def test_second_order_differs_from_first_order():
@@ -101,7 +125,7 @@ def test_chunked_backward_matches(monkeypatch, keep_mb):
     _, _, kept = _ours(case, cot)
     _, problem = _problem(case)
     call_bytes = _onestep._Call(*([torch.zeros(1, dtype=F64)] * 3), problem.x_support, problem.y_support,
-                                problem.x_query, problem.y_query, list(problem.dims), 1, False).row_bytes()
+                                problem.x_query, problem.y_query, list(problem.dims), 1, 0, False).row_bytes()
     budget = 0 if keep_mb == 0 else 2 * call_bytes
     monkeypatch.setattr(_onestep, "MAX_FACTOR_BYTES", budget)
     calls = []
@@ -113,7 +137,7 @@ def test_chunked_backward_matches(monkeypatch, keep_mb):
 
     monkeypatch.setattr(_onestep._Call, "run", lambda self, lo, hi, c, g, f: counting(
         self.theta, self.theta_t, self.rates, self.xs[lo:hi], self.ys[lo:hi], self.xq[lo:hi], self.yq[lo:hi], c, g,
-        self.dims, self.activation, self.first_order, f))
+        self.dims, self.activation, self.loss, self.first_order, f))
     _, _, chunked = _ours(case, cot)
     assert_close(chunked, kept, 1e-12, "grads")
     assert calls == ([5] + ([1] * 5 if keep_mb == 0 else [2, 2, 1]))
@@ -150,7 +174,7 @@ def test_no_grad_call_keeps_no_rows(monkeypatch):
 
     out = torch.ops.fastmaml.maml_onestep(
         flat_theta(problem).detach(), _onestep.transposed(problem), _onestep.rates(problem), problem.x_support,
-        problem.y_support, problem.x_query, problem.y_query, None, None, [3, 7, 2], 0, False, False)
+        problem.y_support, problem.x_query, problem.y_query, None, None, [3, 7, 2], 0, 0, False, False)
     assert out[2].numel() == 0 and out[3].numel() == 0
     assert_close(out[0], ref.task_losses.detach(), 1e-10)
 
@@ -169,7 +193,6 @@ def test_float32_within_1e4_of_float64():
 
 @pytest.mark.parametrize("change, why", [
     (dict(inner_steps=2), "2 inner steps"),
-    (dict(loss="cross_entropy"), "cross_entropy loss"),
     (dict(query_loss_weights=True), "per-step query-loss weights"),
     (dict(lr_form="per_parameter"), "Meta-SGD"),
 ])
@@ -196,10 +219,10 @@ def test_op_checks_its_arguments():
 
     theta = flat_theta(p).detach()
     good = [theta, _onestep.transposed(p), _onestep.rates(p), p.x_support.detach(), p.y_support, p.x_query.detach(),
-            p.y_query, None, None, [3, 7, 2], 0, False, True]
+            p.y_query, None, None, [3, 7, 2], 0, 0, False, True]
     torch.ops.fastmaml.maml_onestep(*good)
     for i, bad, msg in [(2, torch.zeros(3, dtype=F64), "rates must be"), (0, theta.float(), "dtype"),
-                        (10, 2, "activation"), (4, p.y_support[:, :, :1].contiguous(), "ys must be"),
+                        (10, 2, "activation"), (11, 2, "loss"), (4, p.y_support[:, :, :1].contiguous(), "ys must be"),
                         (3, p.x_support.detach().transpose(1, 2).contiguous().transpose(1, 2), "contiguous")]:
         args = list(good)
         args[i] = bad
@@ -210,7 +233,7 @@ def test_op_checks_its_arguments():
 def test_team_loops_match_the_team_of_one(tmp_path):
     """The per-task math with teams of 2, 5, 32 and 33 threads (a warp is 32) against the team of one."""
     out = build_and_run(tmp_path, CHECK, ["-O1"])
-    assert "ok: 6 cases x 4 team sizes" in out
+    assert "ok: 8 cases x 4 team sizes" in out
 
 
 @pytest.mark.skipif(os.environ.get("FASTMAML_TSAN") == "0", reason="FASTMAML_TSAN=0 skips the ThreadSanitizer run")
@@ -239,17 +262,19 @@ needs_cuda = pytest.mark.skipif(_cuda_ready() is not None if torch.cuda.is_avail
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("setting", ["", "FASTMAML_ONESTEP_WARPS=2", "FASTMAML_ONESTEP_WARPS=16",
                                      "FASTMAML_ONESTEP_SHARED=0"])
-@pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "width128"])
+@pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "width128", "ce_5way"])
 def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     """The CUDA kernel's outputs and factor rows against the CPU op's on the same inputs: float64 within 1e-10,
     float32 within 1e-4 of the float64 CPU op; more tasks than resident warps (20,000); width 128."""
     if setting:
         name, value = setting.split("=")
         monkeypatch.setenv(name, value)
-    dims, tasks, ns, nq, act = {"depth4_tanh": ([5, 6, 3, 9, 3], 37, 13, 5, "tanh"),
-                                "sinusoid_20000": ([1, 40, 40, 1], 20000, 10, 10, "relu"),
-                                "width128": ([1, 128, 128, 1], 300, 10, 10, "relu")}[shape]
-    case = _case(dims=dims, tasks=tasks, n_support=ns, n_query=nq, activation=act, lr_form="per_layer", seed=3)
+    dims, tasks, ns, nq, act, loss = {"depth4_tanh": ([5, 6, 3, 9, 3], 37, 13, 5, "tanh", "mse"),
+                                      "sinusoid_20000": ([1, 40, 40, 1], 20000, 10, 10, "relu", "mse"),
+                                      "width128": ([1, 128, 128, 1], 300, 10, 10, "relu", "mse"),
+                                      "ce_5way": ([12, 33, 5], 301, 5, 15, "relu", "cross_entropy")}[shape]
+    case = _case(dims=dims, tasks=tasks, n_support=ns, n_query=nq, activation=act, lr_form="per_layer", seed=3,
+                 loss=loss)
     case = _rates_no_grad(case)
     _, p64 = _problem(case)
     cot = torch.randn(tasks, dtype=F64)
@@ -258,8 +283,10 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
 
     def args(p, dev, dt):
         return [flat_theta(p).detach().to(dev, dt), _onestep.transposed(p).to(dev, dt), _onestep.rates(p).to(dev, dt),
-                *(t.detach().to(dev, dt).contiguous() for t in (p.x_support, p.y_support, p.x_query, p.y_query)),
-                cot.to(dev, dt), gp.to(dev, dt), dims, 1 if act == "tanh" else 0, False, True]
+                *(t.detach().to(dev, dt if t.is_floating_point() else t.dtype).contiguous()
+                  for t in (p.x_support, p.y_support, p.x_query, p.y_query)),
+                cot.to(dev, dt), gp.to(dev, dt), dims, 1 if act == "tanh" else 0, 1 if loss == "cross_entropy" else 0,
+                False, True]
 
     expected = torch.ops.fastmaml.maml_onestep(*args(p64, "cpu", F64))
     actual = torch.ops.fastmaml.maml_onestep(*args(p64, "cuda", dtype))

@@ -449,5 +449,9 @@ at::Tensor maml_adapt(const at::Tensor& theta_in, const at::Tensor& lr_in, const
   return thetas;
 }
 
+void class_range_check(const at::Tensor& y, const char* name, int64_t n_classes) {
+  check_class_range(y, name, n_classes);
+}
+
 }  // namespace cpu
 }  // namespace fastmaml

@@ -39,6 +39,10 @@ maml_fwdbwd_sum(const at::Tensor& theta, const at::Tensor& lr, const at::Tensor&
 // sum_t weights[t] * rows[t] for rows [T, ...] (tasks in order for every element: deterministic).
 at::Tensor weighted_task_sum(const at::Tensor& rows, const at::Tensor& weights);
 
+// Raises ValueError where a class of the int64 targets `y` lies outside [0, n_classes) (the CPU kernels'
+// check, for maml_onestep's CPU kernel too).
+void class_range_check(const at::Tensor& y, const char* name, int64_t n_classes);
+
 // The number of distinct threads that run at::parallel_for(0, n, 1) here (a build check for the tests).
 int64_t parallel_probe(int64_t n);
 

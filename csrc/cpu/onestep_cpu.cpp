@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../onestep_op.h"
+#include "maml_cpu.h"
 
 namespace fastmaml {
 namespace cpu {
@@ -17,10 +18,10 @@ namespace cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep(
     const at::Tensor& theta, const at::Tensor& theta_t, const at::Tensor& rates, const at::Tensor& xs,
     const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq, const std::optional<at::Tensor>& cot,
-    const std::optional<at::Tensor>& g_pred, c10::IntArrayRef dims, int64_t activation, bool first_order,
-    bool factors) {
+    const std::optional<at::Tensor>& g_pred, c10::IntArrayRef dims, int64_t activation, int64_t loss,
+    bool first_order, bool factors) {
   onestep_op::Call c = onestep_op::setup(theta, theta_t, rates, xs, ys, xq, yq, cot, g_pred, dims, activation,
-                                         first_order, factors);
+                                         loss, first_order, factors, &class_range_check);
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "maml_onestep", [&] {
     using T = scalar_t;
     const task::Net net = c.net;
@@ -30,8 +31,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep(
     const T* th = theta.const_data_ptr<T>();
     const T* tht = theta_t.const_data_ptr<T>();
     const T* r = rates.const_data_ptr<T>();
-    const T *pxs = xs.const_data_ptr<T>(), *pys = ys.const_data_ptr<T>();
-    const T *pxq = xq.const_data_ptr<T>(), *pyq = yq.const_data_ptr<T>();
+    const bool ce = loss == task::kCrossEntropy;
+    const T *pxs = xs.const_data_ptr<T>(), *pxq = xq.const_data_ptr<T>();
+    const T *pys = ce ? nullptr : ys.const_data_ptr<T>(), *pyq = ce ? nullptr : yq.const_data_ptr<T>();
+    const int64_t *pysi = ce ? ys.const_data_ptr<int64_t>() : nullptr;
+    const int64_t *pyqi = ce ? yq.const_data_ptr<int64_t>() : nullptr;
     const T* pc = cot.has_value() ? cot->const_data_ptr<T>() : nullptr;
     const T* pg = g_pred.has_value() ? g_pred->const_data_ptr<T>() : nullptr;
     T* pl = c.losses.mutable_data_ptr<T>();
@@ -43,9 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep(
       for (int64_t t = begin; t < end; ++t) {
         task::onestep::Task<T> tk;
         tk.xs = pxs + t * ns * din;
-        tk.ys = pys + t * ns * dout;
+        tk.ys = ce ? nullptr : pys + t * ns * dout;
         tk.xq = pxq + t * nq * din;
-        tk.yq = pyq + t * nq * dout;
+        tk.yq = ce ? nullptr : pyq + t * nq * dout;
+        tk.ys_index = ce ? pysi + t * ns : nullptr;
+        tk.yq_index = ce ? pyqi + t * nq : nullptr;
         tk.cot = pc != nullptr ? pc[t] : T(1);
         tk.g_pred = pg != nullptr ? pg + t * nq * dout : nullptr;
         tk.loss = pl + t;

@@ -67,9 +67,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32) onestep_kernel(OnestepArgs<T> 
        t += static_cast<int64_t>(gridDim.x) * nw) {
     task::onestep::Task<T> tk;
     tk.xs = a.xs + t * a.ns * din;
-    tk.ys = a.ys + t * a.ns * dout;
+    tk.ys = a.ys != nullptr ? a.ys + t * a.ns * dout : nullptr;
     tk.xq = a.xq + t * a.nq * din;
-    tk.yq = a.yq + t * a.nq * dout;
+    tk.yq = a.yq != nullptr ? a.yq + t * a.nq * dout : nullptr;
+    tk.ys_index = a.ys_index != nullptr ? a.ys_index + t * a.ns : nullptr;
+    tk.yq_index = a.yq_index != nullptr ? a.yq_index + t * a.nq : nullptr;
     tk.cot = a.cot != nullptr ? a.cot[t] : T(1);
     tk.g_pred = a.g_pred != nullptr ? a.g_pred + t * a.nq * dout : nullptr;
     tk.loss = a.losses + t;

@@ -26,10 +26,10 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep_cuda(
     const at::Tensor& theta, const at::Tensor& theta_t, const at::Tensor& rates, const at::Tensor& xs,
     const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq, const std::optional<at::Tensor>& cot,
-    const std::optional<at::Tensor>& g_pred, c10::IntArrayRef dims, int64_t activation, bool first_order,
-    bool factors) {
+    const std::optional<at::Tensor>& g_pred, c10::IntArrayRef dims, int64_t activation, int64_t loss,
+    bool first_order, bool factors) {
   onestep_op::Call c = onestep_op::setup(theta, theta_t, rates, xs, ys, xq, yq, cot, g_pred, dims, activation,
-                                         first_order, factors);
+                                         loss, first_order, factors, nullptr);
   if (c.T == 0) return {c.losses, c.preds, c.U, c.V};
   const c10::cuda::CUDAGuard guard(theta.device());
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "maml_onestep_cuda", [&] {
@@ -49,9 +49,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep_cuda(
     a.theta_t = theta_t.const_data_ptr<T>();
     a.rates = rates.const_data_ptr<T>();
     a.xs = xs.const_data_ptr<T>();
-    a.ys = ys.const_data_ptr<T>();
+    const bool ce = loss == task::kCrossEntropy;
+    a.ys = ce ? nullptr : ys.const_data_ptr<T>();
     a.xq = xq.const_data_ptr<T>();
-    a.yq = yq.const_data_ptr<T>();
+    a.yq = ce ? nullptr : yq.const_data_ptr<T>();
+    a.ys_index = ce ? ys.const_data_ptr<int64_t>() : nullptr;
+    a.yq_index = ce ? yq.const_data_ptr<int64_t>() : nullptr;
     a.cot = cot.has_value() ? cot->const_data_ptr<T>() : nullptr;
     a.g_pred = g_pred.has_value() ? g_pred->const_data_ptr<T>() : nullptr;
     a.losses = c.losses.mutable_data_ptr<T>();

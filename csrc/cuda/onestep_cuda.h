@@ -32,7 +32,8 @@ struct OnestepArgs {
   int64_t n_tasks;
   int ns, nq;
   bool first_order;
-  const T *theta, *theta_t, *rates, *xs, *ys, *xq, *yq, *cot, *g_pred;  // cot and g_pred may be null
+  const T *theta, *theta_t, *rates, *xs, *ys, *xq, *yq, *cot, *g_pred;  // ys, yq (mse), cot and g_pred may be null
+  const int64_t *ys_index, *yq_index;                                 // the classes (cross-entropy), else null
   T *losses, *preds, *U, *V;                                          // U and V null: no factor rows
   T* global_work;                                                     // null where the plan needs none
 };

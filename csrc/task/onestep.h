@@ -14,7 +14,7 @@
 // product along R v, whose W part is rW_l D'_l^T H'_l: rank Nq, so its products go through the same
 // two Gram matrices.
 //
-// MSE loss, ReLU or tanh hidden layers, one rate per tensor (2 L values: rW_l, rb_l). The
+// MSE or cross-entropy loss, ReLU or tanh hidden layers, one rate per tensor (2 L values: rW_l, rb_l). The
 // loss of a task is its query loss at theta_1; its cotangent `cot` and the query output's `g_pred` seed
 // the query backward (the training call's fused pass takes cot = 1 and none, and the caller scales U's rows
 // by each task's cotangent: D' and Ddot are linear in the seed, D is not but pairs with Hdot, which is, so
@@ -191,6 +191,37 @@ struct TangentAct {
   }
 };
 
+// softmax(z) of one point's D logits into p; returns their log-sum-exp (stable: through the largest).
+template <typename T>
+FASTMAML_HD inline T softmax_into(const T* z, int D, T* p) {
+  T mx = z[0];
+  for (int i = 1; i < D; ++i) mx = z[i] > mx ? z[i] : mx;
+  T se = 0;
+  for (int i = 0; i < D; ++i) {
+    p[i] = fm_exp(z[i] - mx);
+    se += p[i];
+  }
+  const T inv = T(1) / se;
+  for (int i = 0; i < D; ++i) p[i] *= inv;
+  return mx + fm_log(se);
+}
+
+// One point's cross-entropy at logits z [D] with class `cls`: d = c (softmax(z) - onehot(cls)); returns the
+// point's loss. A class outside [0, D) (possible where the data checks are off) poisons the task with NaN,
+// as mlp.h's loss_and_grad does, instead of reading past the logits.
+template <typename T>
+FASTMAML_HD inline T ce_point(const T* z, int D, int64_t cls, T c, T* d) {
+  const T lse = softmax_into(z, D, d);
+  if (cls < 0 || cls >= D) {
+    const T nan = static_cast<T>(::nan(""));
+    for (int i = 0; i < D; ++i) d[i] = nan;
+    return nan;
+  }
+  for (int i = 0; i < D; ++i) d[i] *= c;
+  d[cls] -= c;
+  return lse - z[cls];
+}
+
 // The team's layout of one task's scratch (elements; `width_sum` S, support and query points ns, nq).
 // Every [N, S] buffer holds each layer's [N, D_{l+1}] slice at N * act_off[l], as Acts does.
 struct Layout {
@@ -235,7 +266,8 @@ FASTMAML_HD inline int64_t v_width(const Net& net) {
 // T R sum_{j<l} (D_j + 1) (V), so that each layer's block is one [T R, width] matrix.
 template <typename T>
 struct Task {
-  const T *xs, *ys, *xq, *yq;  // [ns, D_in], [ns, D_out], [nq, D_in], [nq, D_out]
+  const T *xs, *ys, *xq, *yq;  // [ns, D_in], [ns, D_out] (mse), [nq, D_in], [nq, D_out] (mse)
+  const int64_t *ys_index, *yq_index;  // [ns], [nq]: the classes (cross-entropy)
   T cot;                       // the cotangent of the task's loss
   const T* g_pred;             // [nq, D_out] or null
   T* loss;                     // the task's query loss at theta_1
@@ -269,13 +301,20 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     cols_product(ns, din, dout, in, din, 1, weights_t(l), dout, 1, f, tm);
     tm.sync();
   }
-  // D_{L-1} = dL_s/dz (mse: 2 (z - y) / (Ns D_out)), then D_{l-1} = (D_l W_l) s'(z_{l-1}).
+  // D_{L-1} = dL_s/dz (mse: 2 (z - y) / (Ns D_out); cross-entropy: (softmax(z) - onehot(y)) / Ns), then
+  // D_{l-1} = (D_l W_l) s'(z_{l-1}).
   {
-    const int m = ns * dy;
-    const T c = T(2) / static_cast<T>(m);
     const T* z = hs + ns * off(L - 1);
     T* d = ds + ns * off(L - 1);
-    for_each(tm, m, [&](int64_t j) { d[j] = c * (z[j] - t.ys[j]); });
+    if (net.loss == kMse) {
+      const int m = ns * dy;
+      const T c = T(2) / static_cast<T>(m);
+      for_each(tm, m, [&](int64_t j) { d[j] = c * (z[j] - t.ys[j]); });
+    } else {
+      for (int n = tm.rank(); n < ns; n += tm.size()) {
+        ce_point(z + n * dy, dy, t.ys_index[n], T(1) / static_cast<T>(ns), d + n * dy);
+      }
+    }
     tm.sync();
   }
   for (int l = L - 1; l >= 1; --l) {
@@ -314,18 +353,29 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
   // The query loss, and its gradient seeding the query backward: D'_{L-1} = cot dL_q/dz' + g_pred.
   {
     const int m = nq * dy;
-    const T c = T(2) / static_cast<T>(m);
     const T* z = hq + nq * off(L - 1);
     T* d = dq + nq * off(L - 1);
-    T part = 0;
-    for_each(tm, m, [&](int64_t j) {
-      const T r = z[j] - t.yq[j];
-      part += r * r;
-      d[j] = t.cot * c * r + (t.g_pred != nullptr ? t.g_pred[j] : T(0));
-      if (t.pred != nullptr) t.pred[j] = z[j];
-    });
+    T part = 0, count = T(m);
+    if (net.loss == kMse) {
+      const T c = T(2) / static_cast<T>(m);
+      for_each(tm, m, [&](int64_t j) {
+        const T r = z[j] - t.yq[j];
+        part += r * r;
+        d[j] = t.cot * c * r + (t.g_pred != nullptr ? t.g_pred[j] : T(0));
+      });
+    } else {
+      count = T(nq);
+      for (int n = tm.rank(); n < nq; n += tm.size()) {
+        T* dn = d + n * dy;
+        part += ce_point(z + n * dy, dy, t.yq_index[n], t.cot / static_cast<T>(nq), dn);
+        if (t.g_pred != nullptr) {
+          for (int i = 0; i < dy; ++i) dn[i] += t.g_pred[n * dy + i];
+        }
+      }
+    }
+    if (t.pred != nullptr) for_each(tm, m, [&](int64_t j) { t.pred[j] = z[j]; });
     const T total = tm.sum(part);  // syncs
-    if (tm.rank() == 0 && t.loss != nullptr) *t.loss = total / static_cast<T>(m);
+    if (tm.rank() == 0 && t.loss != nullptr) *t.loss = total / count;
   }
   if (t.U == nullptr) {
     tm.sync();
@@ -369,15 +419,29 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
       cols_product(ns, nq, dout, ga + l * gsz, 1, ns, dql, dout, 1, f1, tm);
       tm.sync();
     }
-    // Ddot_{L-1} = 2 z_dot / (Ns D_out) (mse), then
+    // Ddot_{L-1} = the loss's Hessian in z times z_dot (mse: 2 z_dot / (Ns D_out); cross-entropy, a point
+    // at a time: (p z_dot - p (p . z_dot)) / Ns with p = softmax(z)), then
     // Ddot_{l-1} = s'(z) (Ddot_l W_l + rW_l gram_d_l^T H'_l) + s''(z) z_dot (D_l W_l),
     // where tanh's s''(z) (D_l W_l) is -2 h D_{l-1} (ReLU's s'' is 0).
     {
-      const int m = ns * dy;
-      const T c = T(2) / static_cast<T>(m);
       const T* zd = rz + ns * off(L - 1);
       T* d = rd + ns * off(L - 1);
-      for_each(tm, m, [&](int64_t j) { d[j] = c * zd[j]; });
+      if (net.loss == kMse) {
+        const int m = ns * dy;
+        const T c = T(2) / static_cast<T>(m);
+        for_each(tm, m, [&](int64_t j) { d[j] = c * zd[j]; });
+      } else {
+        const T* z = hs + ns * off(L - 1);
+        const T c = T(1) / static_cast<T>(ns);
+        for (int n = tm.rank(); n < ns; n += tm.size()) {
+          T* dn = d + n * dy;
+          const T* zdn = zd + n * dy;
+          softmax_into(z + n * dy, dy, dn);
+          T s = 0;
+          for (int i = 0; i < dy; ++i) s += dn[i] * zdn[i];
+          for (int i = 0; i < dy; ++i) dn[i] = c * dn[i] * (zdn[i] - s);
+        }
+      }
       tm.sync();
     }
     for (int l = L - 1; l >= 1; --l) {

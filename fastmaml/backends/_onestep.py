@@ -12,7 +12,7 @@ task) serves any cotangent of the task losses: the backward scales each task's r
 cotangent of the query outputs reruns the kernel with both seeds. Above `MAX_FACTOR_BYTES` of rows the
 forward keeps none and the backward reruns the kernel in chunks of tasks, summing each chunk's products.
 
-Takes MLP problems with one inner step, the mse loss, relu or tanh, one rate per tensor (a number, one
+Takes MLP problems with one inner step, the mse or cross-entropy loss, relu or tanh, one rate per tensor (a number, one
 tensor, or `[1, 1, ...]` per tensor) that needs no gradient, inputs and targets that need none, and no
 per-step query-loss weights; `reason` says which of these a call misses.
 """
@@ -34,6 +34,7 @@ from ._fused import flat_theta
 MAX_FACTOR_BYTES = env_int("FASTMAML_ONESTEP_KEEP_MB", 1024, lambda n: n >= 0, "a whole number of MiB, 0 or more") << 20
 
 _ACTIVATION_IDS = {"relu": 0, "tanh": 1}
+_LOSS_IDS = {"mse": 0, "cross_entropy": 1}
 MAX_WORKSPACE_BYTES = 16 << 20  # a task's scratch (a warp's, global memory where shared memory lacks room)
 
 
@@ -54,8 +55,6 @@ def reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
         return "under torch.compile (maml_onestep has no fake kernel to trace)"
     if problem.inner_steps != 1:
         return f"{problem.inner_steps} inner steps (the one-step kernels take one)"
-    if problem.loss != "mse":
-        return f"the {problem.loss} loss (the one-step kernels take mse)"
     if problem.activation not in _ACTIVATION_IDS:
         return f"the {problem.activation} activation (the one-step kernels take relu and tanh)"
     if problem.dtype not in (torch.float32, torch.float64):
@@ -122,13 +121,14 @@ class _Call(NamedTuple):
     yq: torch.Tensor
     dims: list[int]
     activation: int
+    loss: int
     first_order: bool
 
     def run(self, lo: int, hi: int, cot: Optional[torch.Tensor], g_pred: Optional[torch.Tensor], factors: bool):
         """The kernel on tasks lo..hi-1: (losses, preds, U, V)."""
         return torch.ops.fastmaml.maml_onestep.default(
             self.theta, self.theta_t, self.rates, self.xs[lo:hi], self.ys[lo:hi], self.xq[lo:hi], self.yq[lo:hi],
-            cot, g_pred, self.dims, self.activation, self.first_order, factors)
+            cot, g_pred, self.dims, self.activation, self.loss, self.first_order, factors)
 
     def rows(self) -> int:
         ns, nq = self.xs.shape[1], self.xq.shape[1]
@@ -210,7 +210,8 @@ def maml(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     call = _Call(flat_theta(problem).detach(), transposed(problem), rates(problem),
                  problem.x_support.detach().contiguous(), problem.y_support.detach().contiguous(),
                  problem.x_query.detach().contiguous(), problem.y_query.detach().contiguous(),
-                 list(problem.dims), _ACTIVATION_IDS[problem.activation], problem.first_order)
+                 list(problem.dims), _ACTIVATION_IDS[problem.activation], _LOSS_IDS[problem.loss],
+                 problem.first_order)
     differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in problem.params)
     return _OneStep.apply(call, differentiable, *problem.params)
 
