@@ -7,14 +7,15 @@ thread on the CPU) with theta_0 shared by every task, and returns, with each tas
 the meta-gradient as factor rows per layer: `g[W_l | b_l] = sum_t U_lt^T V_lt` with `R = Nq + 2 Ns` rows a
 task (`Nq` first order). The sum over tasks is one matrix product per layer, `[out, T R] x [T R, in + 1]`.
 
-The rows are linear in the seed of the task's query backward, so the training call's pass (seed 1 for every
-task) serves any cotangent of the task losses: the backward scales each task's rows by its cotangent. A
-cotangent of the query outputs reruns the kernel with both seeds. Above `MAX_FACTOR_BYTES` of rows the
-forward keeps none and the backward reruns the kernel in chunks of tasks, summing each chunk's products.
+Each task's outer products `U_r^T V_r` are linear in the seed of its query backward, so the training call's
+pass (seed 1 for every task) serves any cotangent of the task losses: the backward scales each task's U rows
+by its cotangent. A cotangent of the query outputs reruns the kernel with both seeds. Above
+`MAX_FACTOR_BYTES` of rows the forward keeps none and the backward reruns the kernel in chunks of tasks,
+summing each chunk's products.
 
-Takes MLP problems with one inner step, the mse or cross-entropy loss, relu or tanh, one rate per tensor (a number, one
-tensor, or `[1, 1, ...]` per tensor) that needs no gradient, inputs and targets that need none, and no
-per-step query-loss weights; `reason` says which of these a call misses.
+Takes MLP problems with one inner step, the mse or cross-entropy loss, relu or tanh, one rate per tensor (a
+number, one tensor, or `[1, 1, ...]` per tensor) that needs no gradient, inputs and targets that need none,
+and no per-step query-loss weights; `reason` says which of these a call misses.
 """
 
 from __future__ import annotations
