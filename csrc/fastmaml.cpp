@@ -47,12 +47,12 @@ TORCH_LIBRARY(fastmaml, m) {
   m.def(
       "maml_adapt(Tensor theta, Tensor lr, Tensor x_support, Tensor y_support, int[] dims, int activation, "
       "int loss) -> Tensor");
-  // One-step MAML with theta_1 kept low-rank: losses, query outputs and the meta-gradient's factor rows
-  // (csrc/onestep_op.h; fastmaml/backends/_onestep.py).
+  // One-step MAML with theta_1 kept low-rank: losses, query outputs, the meta-gradient's factor rows and
+  // each task's rate gradients (csrc/onestep_op.h; fastmaml/backends/_onestep.py).
   m.def(
       "maml_onestep(Tensor theta, Tensor theta_t, Tensor rates, Tensor x_support, Tensor y_support, "
       "Tensor x_query, Tensor y_query, Tensor? cot, Tensor? g_pred, int[] dims, int activation, int loss, "
-      "bool first_order, bool factors) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool first_order, bool factors) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The factored backend's low-rank product, and the sweep's pair of them, on CUDA tensors
   // (csrc/cuda/lowrank_add.cuh; no CPU kernels: fastmaml/backends/_lowrank.py and _lowrank_pairs.py call
   // them where FASTMAML_FACTORED_KERNELS=cuda).

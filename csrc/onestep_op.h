@@ -3,9 +3,10 @@
 //
 // maml_onestep(theta [P], theta_t [P], rates [2 L], xs [T, Ns, D_in], ys, xq [T, Nq, D_in], yq, cot [T]?,
 //              g_pred [T, Nq, D_out]?, dims, activation, loss, first_order, factors)
-//   -> (losses [T], preds [T, Nq, D_out], U [T R sum_l D_{l+1}], V [T R sum_l (D_l + 1)])
+//   -> (losses [T], preds [T, Nq, D_out], U [T R sum_l D_{l+1}], V [T R sum_l (D_l + 1)], rate_grads [T, 2 L])
 // theta_t holds theta's weights transposed (W_l^T [D_l, D_{l+1}] at W_l's offset; the biases' places are
-// not read). U and V are the factor rows of onestep.h (empty when `factors` is false); cot defaults to 1
+// not read). U and V are the factor rows of onestep.h and rate_grads each task's gradient in its 2 L rates
+// (all three empty when `factors` is false); cot defaults to 1
 // for every task and g_pred to none. Targets as the other operations take them: floats [T, N, D_out] for mse,
 // int64 classes [T, N] for cross-entropy. One step.
 #pragma once
@@ -28,7 +29,7 @@ namespace onestep_op {
 struct Call {
   task::Net net;
   int64_t T, ns, nq, R;
-  at::Tensor losses, preds, U, V;
+  at::Tensor losses, preds, U, V, rate_grads;
 };
 
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& theta) {
@@ -101,6 +102,7 @@ inline Call setup(const at::Tensor& theta, const at::Tensor& theta_t, const at::
   const int64_t rows = factors ? c.T * c.R : 0;
   c.U = at::empty({rows * task::onestep::u_width(c.net)}, opts);
   c.V = at::empty({rows * task::onestep::v_width(c.net)}, opts);
+  c.rate_grads = at::empty({factors ? c.T : 0, 2 * L}, opts);
   return c;
 }
 

@@ -54,7 +54,7 @@ struct Case {
 };
 
 struct Outputs {
-  std::vector<double> losses, preds, U, V;
+  std::vector<double> losses, preds, U, V, rg;
 };
 
 // Runs every task of the problem with a team of `team` threads (0: SerialTeam).
@@ -94,6 +94,7 @@ Outputs run(const Case& c, int team, int T, unsigned seed) {
   o.preds.assign(size_t(T) * c.nq * dout, 0);
   o.U.assign(size_t(T) * R * ft::onestep::u_width(net), 0);
   o.V.assign(size_t(T) * R * ft::onestep::v_width(net), 0);
+  o.rg.assign(size_t(T) * 2 * net.L, 0);
   std::vector<double> work(ft::onestep::layout(net, c.ns, c.nq).total, std::numeric_limits<double>::quiet_NaN());
   auto task_of = [&](int t) {
     ft::onestep::Task<double> tk;
@@ -109,6 +110,7 @@ Outputs run(const Case& c, int team, int T, unsigned seed) {
     tk.pred = o.preds.data() + size_t(t) * c.nq * dout;
     tk.U = o.U.data();
     tk.V = o.V.data();
+    tk.rate_grad = o.rg.data() + size_t(t) * 2 * net.L;
     tk.n_tasks = T;
     tk.index = t;
     return tk;
@@ -165,7 +167,8 @@ int main() {
     for (int team : {2, 5, 32, 33}) {
       const Outputs o = run(c, team, 3, seed);
       const int bad = compare("losses", o.losses, one.losses, false) + compare("preds", o.preds, one.preds, true) +
-                      compare("U", o.U, one.U, true) + compare("V", o.V, one.V, true);
+                      compare("U", o.U, one.U, true) + compare("V", o.V, one.V, true) +
+                      compare("rate grads", o.rg, one.rg, false);
       ++runs;
       if (bad != 0) {
         std::printf("case %zu (L=%zu) team %d: %d mismatches\n", static_cast<size_t>(&c - cases.data()),

@@ -42,7 +42,7 @@ def _oracle(case, cot):
                     **case.kwargs())
     a, b = cot
     value = (out.task_losses * a).sum() + (0 if b is None else (out.query_preds * b).sum())
-    return out, gradients(value, {f"p{i}": p for i, p in enumerate(case.params)})
+    return out, gradients(value, case.leaves())
 
 
 def _ours(case, cot):
@@ -51,10 +51,11 @@ def _ours(case, cot):
     losses, preds = _onestep.maml(problem)
     a, b = cot
     value = (losses * a).sum() + (0 if b is None else (preds * b).sum())
-    return losses, preds, gradients(value, {f"p{i}": p for i, p in enumerate(case.params)})
+    return losses, preds, gradients(value, case.leaves())
 
 
 def _rates_no_grad(case):
+    """The case with rates that need no gradient (the kernel's rate gradients are left out)."""
     if isinstance(case.inner_lr, list):
         case.inner_lr = [r.detach() for r in case.inner_lr]
     elif isinstance(case.inner_lr, torch.Tensor):
@@ -63,11 +64,11 @@ def _rates_no_grad(case):
 
 
 def _compare_with_the_loop(depth: int, cotangent: str, seed: int, **options) -> None:
-    """Float64, fresh random inputs, widths that are not powers of two, Ns != Nq: losses, outputs and every
-    parameter's gradient within 1e-10 of the independent loop, under the task losses' cotangent alone or
-    with the query output's."""
+    """Float64, fresh random inputs, widths that are not powers of two, Ns != Nq: losses, outputs and the
+    gradient of every parameter and learned rate within 1e-10 of the independent loop, under the task losses'
+    cotangent alone or with the query output's."""
     dims = DIMS_BY_DEPTH[depth]
-    case = _rates_no_grad(_case(dims=dims, tasks=4, n_support=5, n_query=7, seed=seed, **options))
+    case = _case(dims=dims, tasks=4, n_support=5, n_query=7, seed=seed, **options)
     losses_cot, preds_cot = output_cotangents(torch.zeros(4, dtype=F64), torch.zeros(4, 7, dims[-1], dtype=F64),
                                               seed=depth)
     cot = (losses_cot, preds_cot if cotangent == "losses_and_preds" else None)
@@ -186,7 +187,7 @@ def test_float32_within_1e4_of_float64():
     ref, g_ref = _oracle(case, cot)
     c32, problem = _problem(case, torch.float32)
     losses, _ = _onestep.maml(problem)
-    g = gradients((losses * cot[0].float()).sum(), {f"p{i}": p for i, p in enumerate(c32.params)})
+    g = gradients((losses * cot[0].float()).sum(), c32.leaves())
     assert_close(losses.double(), ref.task_losses, 1e-4, "task_losses")
     assert_close({k: v.double() for k, v in g.items()}, g_ref, 1e-4, "grads")
 
@@ -205,7 +206,7 @@ def test_refuses_what_it_does_not_compute(change, why):
 def test_refuses_gradients_it_does_not_give():
     case = _case(dims=[3, 7, 2], tasks=2)
     _, problem = _problem(case)
-    assert "rates" in _onestep.reason(problem, True, False)
+    assert _onestep.reason(problem, True, False) is None  # learned rates: the kernel gives their gradient
     assert "inputs" in _onestep.reason(problem, False, True)
     case.y_support.requires_grad_(True)
     _, problem = _problem(case)
@@ -308,7 +309,7 @@ def test_cuda_backend_switch_runs_the_onestep_kernel(monkeypatch):
     monkeypatch.setattr(_onestep, "maml", lambda problem: calls.append(1) or real(problem))
     out = fastmaml.maml(c.params, c.x_support, c.y_support, c.x_query, c.y_query,
                         backend="cuda", **c.kwargs())
-    g = gradients(out.loss, {f"p{i}": p for i, p in enumerate(c.params)})
+    g = gradients(out.loss, c.leaves())
     assert calls == [1]
     assert_close({k: v.double().cpu() for k, v in g.items()}, g_ref, 1e-4, "grads")
 

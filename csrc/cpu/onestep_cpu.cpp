@@ -15,7 +15,7 @@
 namespace fastmaml {
 namespace cpu {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep(
     const at::Tensor& theta, const at::Tensor& theta_t, const at::Tensor& rates, const at::Tensor& xs,
     const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq, const std::optional<at::Tensor>& cot,
     const std::optional<at::Tensor>& g_pred, c10::IntArrayRef dims, int64_t activation, int64_t loss,
@@ -42,6 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep(
     T* pp = c.preds.mutable_data_ptr<T>();
     T* pu = factors ? c.U.mutable_data_ptr<T>() : nullptr;
     T* pv = factors ? c.V.mutable_data_ptr<T>() : nullptr;
+    T* prg = factors ? c.rate_grads.mutable_data_ptr<T>() : nullptr;
     at::parallel_for(0, c.T, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> work(static_cast<size_t>(ws));
       for (int64_t t = begin; t < end; ++t) {
@@ -58,13 +59,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep(
         tk.pred = pp + t * nq * dout;
         tk.U = pu;
         tk.V = pv;
+        tk.rate_grad = prg != nullptr ? prg + t * 2 * net.L : nullptr;
         tk.n_tasks = c.T;
         tk.index = t;
         task::onestep::task(net, th, tht, r, ns, nq, first_order, tk, work.data(), task::SerialTeam());
       }
     });
   });
-  return {c.losses, c.preds, c.U, c.V};
+  return {c.losses, c.preds, c.U, c.V, c.rate_grads};
 }
 
 }  // namespace cpu

@@ -10,7 +10,7 @@
 namespace fastmaml {
 namespace cpu {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep(
     const at::Tensor& theta, const at::Tensor& theta_t, const at::Tensor& rates, const at::Tensor& xs,
     const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq, const std::optional<at::Tensor>& cot,
     const std::optional<at::Tensor>& g_pred, c10::IntArrayRef dims, int64_t activation, int64_t loss,

@@ -78,6 +78,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) onestep_kernel(OnestepArgs<T> 
     tk.pred = a.preds + t * a.nq * dout;
     tk.U = a.U;
     tk.V = a.V;
+    tk.rate_grad = a.rate_grads != nullptr ? a.rate_grads + t * 2 * net.L : nullptr;
     tk.n_tasks = a.n_tasks;
     tk.index = t;
     task::onestep::task(net, theta, wt, rates, a.ns, a.nq, a.first_order, tk, work, tm);

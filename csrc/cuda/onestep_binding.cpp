@@ -23,14 +23,14 @@ namespace fastmaml {
 namespace cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep_cuda(
     const at::Tensor& theta, const at::Tensor& theta_t, const at::Tensor& rates, const at::Tensor& xs,
     const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq, const std::optional<at::Tensor>& cot,
     const std::optional<at::Tensor>& g_pred, c10::IntArrayRef dims, int64_t activation, int64_t loss,
     bool first_order, bool factors) {
   onestep_op::Call c = onestep_op::setup(theta, theta_t, rates, xs, ys, xq, yq, cot, g_pred, dims, activation,
                                          loss, first_order, factors, nullptr);
-  if (c.T == 0) return {c.losses, c.preds, c.U, c.V};
+  if (c.T == 0) return {c.losses, c.preds, c.U, c.V, c.rate_grads};
   const c10::cuda::CUDAGuard guard(theta.device());
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "maml_onestep_cuda", [&] {
     using T = scalar_t;
@@ -61,12 +61,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_onestep_cuda(
     a.preds = c.preds.mutable_data_ptr<T>();
     a.U = factors ? c.U.mutable_data_ptr<T>() : nullptr;
     a.V = factors ? c.V.mutable_data_ptr<T>() : nullptr;
+    a.rate_grads = factors ? c.rate_grads.mutable_data_ptr<T>() : nullptr;
     a.global_work = plan.global_work_elems > 0 ? work.mutable_data_ptr<T>() : nullptr;
     err = launch_onestep<T>(a, plan, c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "fastmaml: the CUDA kernel of maml_onestep failed (", c.T, " tasks, dims ", dims,
                 "): ", cudaGetErrorString(err));
   });
-  return {c.losses, c.preds, c.U, c.V};
+  return {c.losses, c.preds, c.U, c.V, c.rate_grads};
 }
 
 // How a launch of `like`'s dtype on its device would be laid out for T tasks of the MLP `dims` (relu, mse):

@@ -34,7 +34,7 @@ struct OnestepArgs {
   bool first_order;
   const T *theta, *theta_t, *rates, *xs, *ys, *xq, *yq, *cot, *g_pred;  // ys, yq (mse), cot and g_pred may be null
   const int64_t *ys_index, *yq_index;                                 // the classes (cross-entropy), else null
-  T *losses, *preds, *U, *V;                                          // U and V null: no factor rows
+  T *losses, *preds, *U, *V, *rate_grads;  // U, V and rate_grads [T, 2 L] null: no factor rows
   T* global_work;                                                     // null where the plan needs none
 };
 

@@ -273,6 +273,7 @@ struct Task {
   T* loss;                     // the task's query loss at theta_1
   T* pred;                     // [nq, D_out]: the query output at theta_1 (or null)
   T *U, *V;                    // the call's factor rows (null: losses and outputs only)
+  T* rate_grad;                // [2 L]: dL/d rW_l, dL/d rb_l of the seeded loss (null: none)
   int64_t n_tasks, index;      // the call's tasks and this one's place among them
 };
 
@@ -395,6 +396,34 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     GradAct<T> f1{hq + nq * off(l - 1), e, din, act, -rw, nullptr, nullptr};
     cols_product(nq, ns, din, g, ns, 1, hs + ns * off(l - 1), din, 1, f1, tm);
     tm.sync();
+  }
+  if (t.rate_grad != nullptr) {
+    // The rates' gradients: theta_1 = theta_0 - r_l g_l, so dL/dr_l = -<v_l, g_l> with v = D'^T H' and
+    // g = D^T H: -sum(gram_d_l * gram_in_l) for W_l (both [nq, ns]), -(sum_n D_l[n]) . (sum_q D'_l[q]) for
+    // b_l. Order does not enter: r_l moves theta_1 alone. gram_d of layer 0 is made here (the backward
+    // above stops at layer 1).
+    {
+      Store<T> sg{gb, ns, nullptr};
+      cols_product(nq, net.dims[1], ns, dq, net.dims[1], 1, ds, 1, net.dims[1], sg, tm);
+      tm.sync();
+    }
+    for (int l = 0; l < L; ++l) {
+      const int dout = net.dims[l + 1];
+      const T* g = gb + l * gsz;
+      const T* a = ga + l * gsz;
+      const T* dsl = ds + ns * off(l);
+      const T* dql = dq + nq * off(l);
+      T pw = 0, pb = 0;
+      for_each(tm, gsz, [&](int64_t j) { pw += g[j] * a[j]; });
+      for_each(tm, dout, [&](int64_t i) {
+        T sd = 0, sq = 0;
+        for (int n = 0; n < ns; ++n) sd += dsl[n * dout + i];
+        for (int q = 0; q < nq; ++q) sq += dql[q * dout + i];
+        pb += sd * sq;
+      });
+      const T w = tm.sum(pw), b = tm.sum(pb);
+      if (tm.rank() == 0) t.rate_grad[2 * l] = -w, t.rate_grad[2 * l + 1] = -b;
+    }
   }
   if (!first_order) {
     // The tangents along u = R v at theta_0: z_dot_l = Hdot_l W_l^T + rW_l gram_in_l^T D'_l + rb_l sum_q D'_l[q]

@@ -14,8 +14,9 @@ by its cotangent. A cotangent of the query outputs reruns the kernel with both s
 summing each chunk's products.
 
 Takes MLP problems with one inner step, the mse or cross-entropy loss, relu or tanh, one rate per tensor (a
-number, one tensor, or `[1, 1, ...]` per tensor) that needs no gradient, inputs and targets that need none,
-and no per-step query-loss weights; `reason` says which of these a call misses.
+number, one tensor, or `[1, 1, ...]` per tensor; learned or not: the kernel gives each task's gradient in its
+2 L rates, `-<v_l, g_l>` from the same two Gram matrices), inputs and targets that need no gradient, and no
+per-step query-loss weights; `reason` says which of these a call misses.
 """
 
 from __future__ import annotations
@@ -62,8 +63,6 @@ def reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
         return f"dtype {problem.dtype}"
     if problem.query_loss_weights is not None:
         return "per-step query-loss weights"
-    if need_lr:
-        return "the inner rates need a gradient"
     if need_x:
         return "the inputs need a gradient"
     if problem.y_support.requires_grad or problem.y_query.requires_grad:
@@ -89,13 +88,14 @@ assert set(_ACTIVATION_IDS) <= set(ACTIVATIONS)
 
 
 def rates(problem: Problem) -> torch.Tensor:
-    """`[2 L]`: the rate of each parameter tensor (W_0, b_0, W_1, ...) at the one step."""
+    """`[2 L]`: the rate of each parameter tensor (W_0, b_0, W_1, ...) at the one step, differentiable in the
+    user's rates (their gradient is the kernel's rate_grads summed over tasks, then autograd's through this)."""
     n = len(problem.params)
     if problem.inner_lr_value is not None:
         return torch.full((n,), problem.inner_lr_value, dtype=problem.dtype, device=problem.device)
     if problem.inner_lr_tensor is not None:
-        return problem.inner_lr_tensor.detach().reshape(-1)[:1].expand(n).to(problem.dtype).contiguous()
-    return torch.stack([r.detach()[(0,) * r.dim()] for r in problem.inner_lr]).to(problem.dtype)
+        return problem.inner_lr_tensor.reshape(-1)[:1].expand(n).to(problem.dtype).contiguous()
+    return torch.stack([r[(0,) * r.dim()] for r in problem.inner_lr]).to(problem.dtype)
 
 
 def transposed(problem: Problem) -> torch.Tensor:
@@ -126,7 +126,7 @@ class _Call(NamedTuple):
     first_order: bool
 
     def run(self, lo: int, hi: int, cot: Optional[torch.Tensor], g_pred: Optional[torch.Tensor], factors: bool):
-        """The kernel on tasks lo..hi-1: (losses, preds, U, V)."""
+        """The kernel on tasks lo..hi-1: (losses, preds, U, V, rate_grads)."""
         return torch.ops.fastmaml.maml_onestep.default(
             self.theta, self.theta_t, self.rates, self.xs[lo:hi], self.ys[lo:hi], self.xq[lo:hi], self.yq[lo:hi],
             cot, g_pred, self.dims, self.activation, self.loss, self.first_order, factors)
@@ -166,13 +166,14 @@ def _split(grads: list[torch.Tensor], shapes: list[torch.Size], needs: tuple) ->
 
 class _OneStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, call: _Call, differentiable: bool, *params):
+    def forward(ctx, call: _Call, differentiable: bool, rates: torch.Tensor, *params):
         # `differentiable` comes from the caller: inside forward grad mode is off, and needs_input_grad
-        # says only which inputs require grad, also under no_grad (where no backward will come).
+        # says only which inputs require grad, also under no_grad (where no backward will come). `rates`
+        # is call.rates, an input here so that the user's rates get their gradient.
         T = call.xs.shape[0]
         keep = differentiable and T * call.row_bytes() <= MAX_FACTOR_BYTES
-        losses, preds, U, V = call.run(0, T, None, None, keep)
-        ctx.call, ctx.U, ctx.V, ctx.keep = call, U, V, keep
+        losses, preds, U, V, rate_grads = call.run(0, T, None, None, keep)
+        ctx.call, ctx.U, ctx.V, ctx.rate_grads, ctx.keep = call, U, V, rate_grads, keep
         ctx.shapes = [p.shape for p in params]
         ctx.set_materialize_grads(False)
         return losses, preds
@@ -181,25 +182,27 @@ class _OneStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_losses, g_preds):
         call, T = ctx.call, ctx.call.xs.shape[0]
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[3:]
         if g_losses is None and g_preds is None:
-            return (None,) * (2 + len(needs))
+            return (None,) * (3 + len(needs))
         if ctx.keep and g_preds is None:
             grads = call.layer_grads(ctx.U, ctx.V, T, g_losses)
+            g_rates = (ctx.rate_grads * g_losses[:, None]).sum(0)
         else:
             chunk = max(1, min(T, MAX_FACTOR_BYTES // max(call.row_bytes(), 1)))
             cot = g_losses if g_losses is not None else torch.zeros(T, dtype=call.theta.dtype, device=call.theta.device)
-            grads = None
+            grads = g_rates = None
             for lo in range(0, T, chunk):
                 hi = min(T, lo + chunk)
                 gp = None if g_preds is None else g_preds[lo:hi].contiguous()
-                _, _, U, V = call.run(lo, hi, cot[lo:hi].contiguous(), gp, True)
-                part = call.layer_grads(U, V, hi - lo, None)
+                _, _, U, V, rate_grads = call.run(lo, hi, cot[lo:hi].contiguous(), gp, True)
+                part, part_rates = call.layer_grads(U, V, hi - lo, None), rate_grads.sum(0)
                 grads = part if grads is None else [a + b for a, b in zip(grads, part)]
+                g_rates = part_rates if g_rates is None else g_rates + part_rates
         # The rows go with this backward; a second one (retain_graph) reruns the kernel.
-        ctx.U = ctx.V = None
+        ctx.U = ctx.V = ctx.rate_grads = None
         ctx.keep = False
-        return (None, None, *_split(grads, ctx.shapes, needs))
+        return (None, None, g_rates if ctx.needs_input_grad[2] else None, *_split(grads, ctx.shapes, needs))
 
 
 def maml(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,13 +211,15 @@ def maml(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     from .. import _ext
 
     _ext.load()
-    call = _Call(flat_theta(problem).detach(), transposed(problem), rates(problem),
+    rate_vector = rates(problem)
+    call = _Call(flat_theta(problem).detach(), transposed(problem), rate_vector.detach(),
                  problem.x_support.detach().contiguous(), problem.y_support.detach().contiguous(),
                  problem.x_query.detach().contiguous(), problem.y_query.detach().contiguous(),
                  list(problem.dims), _ACTIVATION_IDS[problem.activation], _LOSS_IDS[problem.loss],
                  problem.first_order)
-    differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in problem.params)
-    return _OneStep.apply(call, differentiable, *problem.params)
+    differentiable = torch.is_grad_enabled() and (rate_vector.requires_grad
+                                                  or any(p.requires_grad for p in problem.params))
+    return _OneStep.apply(call, differentiable, rate_vector, *problem.params)
 
 
 __all__ = ["MAX_FACTOR_BYTES", "MAX_WORKSPACE_BYTES", "maml", "rates", "reason", "row_bytes", "transposed",
