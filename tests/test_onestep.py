@@ -265,8 +265,9 @@ needs_cuda = pytest.mark.skipif(_cuda_ready() is not None if torch.cuda.is_avail
                                      "FASTMAML_ONESTEP_SHARED=0"])
 @pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "width128", "ce_5way"])
 def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
-    """The CUDA kernel's outputs and factor rows against the CPU op's on the same inputs: float64 within 1e-10,
-    float32 within 1e-4 of the float64 CPU op; more tasks than resident warps (20,000); width 128."""
+    """The CUDA kernel's outputs, factor rows and rate gradients against the CPU op's on the same inputs: float64
+    within 1e-10, float32 within 1e-4 of the float64 CPU op; more tasks than resident warps (20,000); width
+    128; cross-entropy with 5 classes."""
     if setting:
         name, value = setting.split("=")
         monkeypatch.setenv(name, value)
@@ -292,7 +293,7 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     expected = torch.ops.fastmaml.maml_onestep(*args(p64, "cpu", F64))
     actual = torch.ops.fastmaml.maml_onestep(*args(p64, "cuda", dtype))
     tol = 1e-10 if dtype == F64 else 1e-4
-    for name, a, e in zip(("losses", "preds", "U", "V"), actual, expected):
+    for name, a, e in zip(("losses", "preds", "U", "V", "rate_grads"), actual, expected):
         assert_close(a.double().cpu(), e, tol, name)
 
 
