@@ -206,6 +206,21 @@ FASTMAML_HD inline void forward(const Net& net, const T* __restrict__ theta, con
   }
 }
 
+// softmax(z) of one point's D logits into p; returns their log-sum-exp (stable: through the largest).
+template <typename T>
+FASTMAML_HD inline T softmax_into(const T* z, int D, T* p) {
+  T mx = z[0];
+  for (int i = 1; i < D; ++i) mx = z[i] > mx ? z[i] : mx;
+  T se = 0;
+  for (int i = 0; i < D; ++i) {
+    p[i] = fm_exp(z[i] - mx);
+    se += p[i];
+  }
+  const T inv = T(1) / se;
+  for (int i = 0; i < D; ++i) p[i] *= inv;
+  return mx + fm_log(se);
+}
+
 // The loss of the output `out [N, D]` against `y` (mse: `y_float [N, D]`; cross-entropy: `y_index [N]`,
 // classes 0..D-1), unscaled, returned to every rank of the team. Writes `dout = scale * dloss/dout` and,
 // for cross-entropy, the softmax `p` (which the Hessian-vector product reads).
@@ -231,16 +246,8 @@ FASTMAML_HD inline T loss_and_grad(const Net& net, const T* __restrict__ out, co
     const T* zr = out + static_cast<int64_t>(n) * D;
     T* pr = p + static_cast<int64_t>(n) * D;
     T* dr = dout + static_cast<int64_t>(n) * D;
-    T mx = zr[0];
-    for (int i = 1; i < D; ++i) mx = zr[i] > mx ? zr[i] : mx;
-    T se = 0;
-    for (int i = 0; i < D; ++i) {
-      pr[i] = fm_exp(zr[i] - mx);
-      se += pr[i];
-    }
+    const T lse = softmax_into(zr, D, pr);
     const int64_t cls = y_index[n];
-    const T inv = T(1) / se;
-    for (int i = 0; i < D; ++i) pr[i] *= inv;
     if (cls < 0 || cls >= D) {
       // A class out of range (possible where the data checks are off: GPU tensors by default) poisons
       // the task: its loss and gradient become nan instead of reading outside the logits.
@@ -249,7 +256,7 @@ FASTMAML_HD inline T loss_and_grad(const Net& net, const T* __restrict__ out, co
       for (int i = 0; i < D; ++i) dr[i] = nan;
       continue;
     }
-    total += mx + fm_log(se) - zr[cls];
+    total += lse - zr[cls];
     for (int i = 0; i < D; ++i) dr[i] = c * pr[i];
     dr[cls] -= c;
   }

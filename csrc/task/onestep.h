@@ -21,7 +21,7 @@
 // every outer product U_r^T V_r is).
 //
 // The work of a task is shared by a team (team.h): on a GPU one warp, whose syncs are __syncwarp; on the
-// CPU a team of one. Every product is `cols_product`: a rank owns whole output columns and keeps a chunk
+// CPU a team of one. Every product is `cols_product` (onestep_loops.h): a rank owns whole output columns and keeps a chunk
 // of points in registers, reading the left operand's rows as one value for the whole team (a broadcast
 // on a GPU) and the right operand's row across the team (consecutive columns: coalesced). So theta_0's
 // weights are read both as W (for D W) and transposed (for H W^T): `wt` holds the transposes.
@@ -29,8 +29,8 @@
 
 #include "config.h"
 #include "layout.h"
-#include "products.h"
 #include "mlp.h"
+#include "onestep_loops.h"
 #include "team.h"
 
 namespace fastmaml {
@@ -38,177 +38,9 @@ namespace FASTMAML_TASK_NAMESPACE {
 inline namespace FASTMAML_IMPL_NAMESPACE {
 namespace onestep {
 
-constexpr int kChunk = 8;  // points a rank keeps in registers in one pass over k
-
-// V consecutive elements of T at p into v (16 bytes: 4 floats or 2 doubles). On a GPU one 16-byte load,
-// a broadcast when the whole warp reads the same address; p must be 16-byte aligned there.
-template <typename T>
-FASTMAML_HD inline void load16(const T* p, T* v) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(T) == 4) {
-    const float4 q = *reinterpret_cast<const float4*>(p);
-    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
-  } else {
-    const double2 q = *reinterpret_cast<const double2*>(p);
-    v[0] = q.x, v[1] = q.y;
-  }
-#else
-  for (int j = 0; j < static_cast<int>(16 / sizeof(T)); ++j) v[j] = p[j];
-#endif
-}
-
-// out[n, m] for n < N, m < M: f.finish(n, m, f.init(n, m) + sum_k A[n an + k ak] B[k bk + m bm]), the sum
-// in k order. Rank r owns the columns m = r, r + size, ...: two products of one M into one output have
-// the same owners, so the second may read what the first stored without a sync.
-// Where A's rows are contiguous and 16-byte aligned (ak = 1, an and A's address multiples of 16 bytes)
-// each point's A values come 16 bytes at a time: per 4 k (float) 8 loads of A and 4 of B for 32
-// multiply-adds, where one value at a time takes 36 loads (the loads, not the multiply-adds, bound a
-// warp's products on a GPU: every A load is a broadcast of one value to the whole warp).
-template <typename T, typename Team, typename F>
-FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
-                                     const F& f, const Team& tm) {
-  constexpr int V = static_cast<int>(16 / sizeof(T));
-  const bool rows16 = ak == 1 && an % V == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0;
-  const int kv = rows16 ? Kd - Kd % V : 0;  // k below kv: 16-byte loads of A
-  for (int m = tm.rank(); m < M; m += tm.size()) {
-    const T* Bm = B + static_cast<int64_t>(m) * bm;
-    for (int n0 = 0; n0 < N; n0 += kChunk) {
-      const int nn = N - n0 < kChunk ? N - n0 : kChunk;
-      T acc[kChunk];
-      FASTMAML_UNROLL
-      for (int i = 0; i < kChunk; ++i) acc[i] = i < nn ? f.init(n0 + i, m) : T(0);
-      const T* a0 = A + static_cast<int64_t>(n0) * an;
-      for (int k = 0; k < kv; k += V) {
-        T b[V];
-        FASTMAML_UNROLL
-        for (int j = 0; j < V; ++j) b[j] = Bm[static_cast<int64_t>(k + j) * bk];
-        FASTMAML_UNROLL
-        for (int i = 0; i < kChunk; ++i) {
-          if (i < nn) {
-            T a[V];
-            load16(a0 + static_cast<int64_t>(i) * an + k, a);
-            FASTMAML_UNROLL
-            for (int j = 0; j < V; ++j) acc[i] += a[j] * b[j];
-          }
-        }
-      }
-      for (int k = kv; k < Kd; ++k) {
-        const T b = Bm[static_cast<int64_t>(k) * bk];
-        const T* a = a0 + static_cast<int64_t>(k) * ak;
-        FASTMAML_UNROLL
-        for (int i = 0; i < kChunk; ++i) {
-          if (i < nn) acc[i] += a[static_cast<int64_t>(i) * an] * b;
-        }
-      }
-      FASTMAML_UNROLL
-      for (int i = 0; i < kChunk; ++i) {
-        if (i < nn) f.finish(n0 + i, m, acc[i]);
-      }
-    }
-  }
-}
-
-// The products' ends. Each names its output [N, ld]; `i` is element (n, m)'s index in it.
-
-// out = v (from zero, or from a column's bias when `bias` is given: the first of two products into out).
-template <typename T>
-struct Store {
-  T* out;
-  int ld;
-  const T* bias;
-  FASTMAML_HD T init(int, int m) const { return bias != nullptr ? bias[m] : T(0); }
-  FASTMAML_HD void finish(int n, int m, T v) const { out[n * ld + m] = v; }
-};
-
-// out = s(b + v): a layer's forward from its bias (act = kNoAct: the output layer, no activation).
-template <typename T>
-struct BiasAct {
-  const T* bias;
-  T* out;
-  int ld, act;
-  FASTMAML_HD T init(int, int m) const { return bias[m]; }
-  FASTMAML_HD void finish(int n, int m, T v) const { out[n * ld + m] = act_value(act, v); }
-};
-
-// out = s(out + scale v): the second product into a layer's output.
-template <typename T>
-struct AddAct {
-  T* out;
-  int ld, act;
-  T scale;
-  FASTMAML_HD T init(int, int) const { return T(0); }
-  FASTMAML_HD void finish(int n, int m, T v) const {
-    T* o = out + n * ld + m;
-    *o = act_value(act, *o + scale * v);
-  }
-};
-
-// e = s'(z) v: a backward step in one product.
-template <typename T>
-struct ActGradStore {
-  const T* h;
-  T* e;
-  int ld, act;
-  FASTMAML_HD T init(int, int) const { return T(0); }
-  FASTMAML_HD void finish(int n, int m, T v) const { e[n * ld + m] = act_grad(act, h[n * ld + m], v); }
-};
-
-// e = s'(z) (e + scale v) [+ s''(z) z_dot (D W), tanh's -2 h z_dot D_low, where z_dot is given]: a backward
-// step's second product, with s' and s'' read from h = s(z) as mlp.h's act_grad does.
-template <typename T>
-struct GradAct {
-  const T* h;
-  T* e;
-  int ld, act;
-  T scale;
-  const T* z_dot;  // null: no s'' term (the query backward)
-  const T* d_low;
-  FASTMAML_HD T init(int, int) const { return T(0); }
-  FASTMAML_HD void finish(int n, int m, T v) const {
-    const int i = n * ld + m;
-    const T hi = h[i];
-    T r = act_grad(act, hi, e[i] + scale * v);
-    if (z_dot != nullptr && act == kTanh) r -= T(2) * hi * z_dot[i] * d_low[i];
-    e[i] = r;
-  }
-};
-
-// z_dot = (bias ? bias : z_dot) + scale v, h_dot = s'(z) z_dot: a tangent layer's second product.
-template <typename T>
-struct TangentAct {
-  T* z_dot;
-  T* h_dot;
-  const T* h;
-  const T* bias;  // the layer's bias tangent where no product came first (layer 0)
-  int ld, act;
-  T scale;
-  FASTMAML_HD T init(int, int) const { return T(0); }
-  FASTMAML_HD void finish(int n, int m, T v) const {
-    const int i = n * ld + m;
-    const T z = (bias != nullptr ? bias[m] : z_dot[i]) + scale * v;
-    z_dot[i] = z;
-    h_dot[i] = act == kNoAct ? z : act_grad(act, h[i], z);
-  }
-};
-
-// softmax(z) of one point's D logits into p; returns their log-sum-exp (stable: through the largest).
-template <typename T>
-FASTMAML_HD inline T softmax_into(const T* z, int D, T* p) {
-  T mx = z[0];
-  for (int i = 1; i < D; ++i) mx = z[i] > mx ? z[i] : mx;
-  T se = 0;
-  for (int i = 0; i < D; ++i) {
-    p[i] = fm_exp(z[i] - mx);
-    se += p[i];
-  }
-  const T inv = T(1) / se;
-  for (int i = 0; i < D; ++i) p[i] *= inv;
-  return mx + fm_log(se);
-}
-
-// One point's cross-entropy at logits z [D] with class `cls`: d = c (softmax(z) - onehot(cls)); returns the
-// point's loss. A class outside [0, D) (possible where the data checks are off) poisons the task with NaN,
-// as mlp.h's loss_and_grad does, instead of reading past the logits.
+// One point's cross-entropy at logits z [D] with class `cls` (mlp.h's softmax_into): d = c (softmax(z) -
+// onehot(cls)); returns the point's loss. A class outside [0, D) (possible where the data checks are off)
+// poisons the task with NaN, as mlp.h's loss_and_grad does, instead of reading past the logits.
 template <typename T>
 FASTMAML_HD inline T ce_point(const T* z, int D, int64_t cls, T c, T* d) {
   const T lse = softmax_into(z, D, d);
