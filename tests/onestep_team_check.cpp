@@ -23,28 +23,11 @@
 
 #include "maml_task.h"
 #include "task/onestep.h"
+#include "thread_team.h"
 
 namespace {
 
 namespace ft = fastmaml::task;
-
-struct ThreadTeam {
-  int r, s;
-  std::barrier<>* bar;
-  double* red;
-  int rank() const { return r; }
-  int size() const { return s; }
-  void sync() const { bar->arrive_and_wait(); }
-  template <typename T>
-  T sum(T x) const {
-    red[r] = static_cast<double>(x);
-    sync();
-    T total = 0;
-    for (int i = 0; i < s; ++i) total += static_cast<T>(red[i]);
-    sync();
-    return total;
-  }
-};
 
 struct Case {
   std::vector<int> dims;
@@ -126,7 +109,7 @@ Outputs run(const Case& c, int team, int T, unsigned seed) {
   std::vector<std::thread> threads;
   for (int r = 0; r < team; ++r) {
     threads.emplace_back([&, r] {
-      const ThreadTeam tm{r, team, &bar, red.data()};
+      const ThreadTeam tm{r, team, &bar, red.data(), -1};
       for (int t = 0; t < T; ++t)
         ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, task_of(t),
                           work.data(), tm);
