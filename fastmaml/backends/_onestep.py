@@ -50,7 +50,8 @@ def workspace_bytes(dims: list[int], ns: int, nq: int, itemsize: int) -> int:
 
 
 def reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
-    """Why the one-step kernels cannot run this call, or None."""
+    """Why the one-step kernels cannot run this call, or None. `need_lr` is taken as the other backends' checks
+    take it; the kernels give the rates' gradient, so it refuses nothing."""
     if not problem.is_mlp:
         return "not an MLP"
     if torch.compiler.is_compiling():
@@ -74,9 +75,10 @@ def reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
     ns, nq = problem.n_support, problem.n_query
     if max(ns, nq) * width_sum >= 1 << 31 or L * ns * nq >= 1 << 31:
         return "a task's activations or its [Nq, Ns] products of 2^31 elements or more"
-    if workspace_bytes(dims, ns, nq, problem.params[0].element_size()) > MAX_WORKSPACE_BYTES:
-        return (f"{workspace_bytes(dims, ns, nq, problem.params[0].element_size()) >> 20} MiB of scratch a task "
-                f"(the one-step kernels take up to {MAX_WORKSPACE_BYTES >> 20} MiB)")
+    scratch = workspace_bytes(dims, ns, nq, problem.params[0].element_size())
+    if scratch > MAX_WORKSPACE_BYTES:
+        return (f"{scratch >> 20} MiB of scratch a task (the one-step kernels take up to "
+                f"{MAX_WORKSPACE_BYTES >> 20} MiB)")
     if problem.inner_lr_form == "list":
         for i, r in enumerate(problem.inner_lr):
             if any(size > 1 and stride != 0 for size, stride in zip(r.shape[1:], r.stride()[1:])):
@@ -106,10 +108,14 @@ def transposed(problem: Problem) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def factor_rows(ns: int, nq: int, first_order: bool) -> int:
+    """R, a task's factor rows: `Nq` query rows, and `2 Ns` more at second order (onestep.h's factor_rows)."""
+    return nq if first_order else nq + 2 * ns
+
+
 def row_bytes(dims: list[int], ns: int, nq: int, first_order: bool, itemsize: int) -> int:
-    """Bytes of one task's factor rows: `R = Nq (+ 2 Ns at second order)` rows of `D_{l+1} + D_l + 1` a layer."""
-    rows = nq if first_order else nq + 2 * ns
-    return rows * sum(dims[l + 1] + dims[l] + 1 for l in range(len(dims) - 1)) * itemsize
+    """Bytes of one task's factor rows: R rows of `D_{l+1} + D_l + 1` a layer."""
+    return factor_rows(ns, nq, first_order) * sum(dims[l + 1] + dims[l] + 1 for l in range(len(dims) - 1)) * itemsize
 
 
 class _Call(NamedTuple):
@@ -132,8 +138,7 @@ class _Call(NamedTuple):
             cot, g_pred, self.dims, self.activation, self.loss, self.first_order, factors)
 
     def rows(self) -> int:
-        ns, nq = self.xs.shape[1], self.xq.shape[1]
-        return nq if self.first_order else nq + 2 * ns
+        return factor_rows(self.xs.shape[1], self.xq.shape[1], self.first_order)
 
     def row_bytes(self) -> int:
         """Bytes of one task's factor rows."""
