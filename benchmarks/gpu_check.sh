@@ -367,9 +367,9 @@ else
     stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${lim}s) -> $DIR/tests.log"
     FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$lim" python -m pytest tests/test_backends.py \
       tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py \
-      tests/test_benchmark_tools.py tests/test_same_function.py tests/test_onestep.py -q -rfE "${XDIST[@]}" \
-      -p no:cacheprovider \
-      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or unused_inputs or cuda_op_matches or onestep_kernel" \
+      tests/test_benchmark_tools.py tests/test_same_function.py tests/test_onestep.py tests/test_triton_onestep.py \
+      -q -rfE "${XDIST[@]}" -p no:cacheprovider \
+      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or unused_inputs or cuda_op_matches or onestep_kernel or gpu_kernel_matches" \
       >> "$DIR/tests.log" 2>&1
     rc=$?
     echo "quick tests exit code $rc"
@@ -403,7 +403,7 @@ else
   for backend in $( [ "$QUICK" = 1 ] || echo "${GPU_TEST_BACKENDS:-cuda triton factored}" ); do
     files=(tests/test_backends.py)
     limit=$CUDA_TESTS_S
-    if [ "$backend" = triton ]; then files+=(tests/test_triton_maml.py); limit=$TRITON_TESTS_S; fi
+    if [ "$backend" = triton ]; then files+=(tests/test_triton_maml.py tests/test_triton_onestep.py); limit=$TRITON_TESTS_S; fi
     if [ "$backend" = factored ]; then files+=(tests/test_lowrank.py tests/test_factored.py); fi
     # Every backend computes the model's function or refuses (y requiring grad, frozen parameters, ...):
     # its cases cover cpu, triton and cuda at once, so they run once, with the cuda tests.
@@ -557,6 +557,11 @@ fi
 #   oglobal  the same with every warp's scratch in global memory (FASTMAML_ONESTEP_SHARED=0)
 #   okeep4g  the same keeping up to 4 GiB of factor rows for the backward (FASTMAML_ONESTEP_KEEP_MB=4096;
 #            1 GiB by default: above it the backward reruns the kernel, as at T=65536 for both widths)
+#   tonestep FASTMAML_TRITON_ONESTEP=1 at K=1, W=40: the triton backend's one-step calls on its one-step
+#            kernel (fastmaml/backends/_triton_onestep.py: the same math, a group of tasks a program, the
+#            products with theta_0 one tl.dot over the group's points; 8 warps, one task a program)
+#   tonestep2, tonestep_tf  the same with two tasks a program (FASTMAML_TRITON_ONESTEP_TASKS=2), or its
+#            products on tensor cores (FASTMAML_TRITON_PRECISION=tf32x3)
 #   thetas   FASTMAML_REVERSE_THETAS=keep: the CUDA reverse sweep keeps theta_1..theta_K, not rebuilding
 #            them above 74 KiB of workspace (W=40, K=5: 2 tasks a multiprocessor instead of 3)
 #   mma      FASTMAML_CUDA_MMA=1: the CUDA float reverse sweeps' products of at least 8 x 8 outputs on

@@ -21,7 +21,7 @@ per-step query-loss weights; `reason` says which of these a call misses.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -130,12 +130,17 @@ class _Call(NamedTuple):
     activation: int
     loss: int
     first_order: bool
+    # The kernel: None for the C++ op (`torch.ops.fastmaml.maml_onestep`), else a function with its
+    # arguments less theta_t and its outputs (the Triton kernel's launch, `triton_maml.onestep_kernel`).
+    kernel: Optional[Callable] = None
 
     def run(self, lo: int, hi: int, cot: Optional[torch.Tensor], g_pred: Optional[torch.Tensor], factors: bool):
         """The kernel on tasks lo..hi-1: (losses, preds, U, V, rate_grads)."""
-        return torch.ops.fastmaml.maml_onestep.default(
-            self.theta, self.theta_t, self.rates, self.xs[lo:hi], self.ys[lo:hi], self.xq[lo:hi], self.yq[lo:hi],
-            cot, g_pred, self.dims, self.activation, self.loss, self.first_order, factors)
+        data = (self.xs[lo:hi], self.ys[lo:hi], self.xq[lo:hi], self.yq[lo:hi], cot, g_pred, self.dims,
+                self.activation, self.loss, self.first_order, factors)
+        if self.kernel is not None:
+            return self.kernel(self.theta, self.rates, *data)
+        return torch.ops.fastmaml.maml_onestep.default(self.theta, self.theta_t, self.rates, *data)
 
     def rows(self) -> int:
         return factor_rows(self.xs.shape[1], self.xq.shape[1], self.first_order)
@@ -210,18 +215,20 @@ class _OneStep(torch.autograd.Function):
         return (None, None, g_rates if ctx.needs_input_grad[2] else None, *_split(grads, ctx.shapes, needs))
 
 
-def maml(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+def maml(problem: Problem, kernel: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`(task_losses [T], query_preds [T, Nq, D_out])` of a call `reason` accepts, differentiable in the
-    parameters."""
-    from .. import _ext
+    parameters. `kernel`: `_Call.kernel` (None: the C++ op)."""
+    if kernel is None:
+        from .. import _ext
 
-    _ext.load()
+        _ext.load()
     rate_vector = rates(problem)
-    call = _Call(flat_theta(problem).detach(), transposed(problem), rate_vector.detach(),
+    theta = flat_theta(problem).detach()
+    call = _Call(theta, transposed(problem) if kernel is None else theta, rate_vector.detach(),
                  problem.x_support.detach().contiguous(), problem.y_support.detach().contiguous(),
                  problem.x_query.detach().contiguous(), problem.y_query.detach().contiguous(),
                  list(problem.dims), _ACTIVATION_IDS[problem.activation], _LOSS_IDS[problem.loss],
-                 problem.first_order)
+                 problem.first_order, kernel)
     differentiable = torch.is_grad_enabled() and (rate_vector.requires_grad
                                                   or any(p.requires_grad for p in problem.params))
     return _OneStep.apply(call, differentiable, rate_vector, *problem.params)

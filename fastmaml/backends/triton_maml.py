@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from .._validate import Problem
-from . import _fused
+from . import _fused, _onestep
 
 MAX_DEPTH = 4
 # Most points per task (support or query) by dtype and padded width (the largest layer width rounded up
@@ -70,6 +70,15 @@ WARPS: Optional[int] = None
 # Registers a thread at most (Triton's `maxnreg`, ptxas's .maxnreg): 0 for ptxas's own choice. None: read
 # FASTMAML_TRITON_MAXNREG on first use (the GPU check's A/B).
 MAXNREG: Optional[int] = None
+# The one-step kernel (`_triton_onestep.py`: theta_1 kept low-rank, a group of tasks a program): training
+# calls with one inner step run it where `_onestep.reason` takes them, under FASTMAML_TRITON_ONESTEP=1; off
+# by default until a GPU has measured it against the reverse sweep. FASTMAML_TRITON_ONESTEP_TASKS sets its
+# tasks a program (1, 2 or 4), FASTMAML_TRITON_WARPS its warps (default 8). Compiled for sm_90 (ptxas -v,
+# float32, ieee, the sinusoid net): one task and 8 warps spills 1.6 / 2.0 KiB of stores / loads a thread at
+# 255 registers (4 warps 3.2 / 3.9 KiB), two tasks 2.9 / 3.3 KiB; four tasks, or two at 4 warps, fall to
+# ptxas's 32 registers with 48-150 KiB. None: read on first use (`onestep_settings`; tests set them).
+ONESTEP: Optional[bool] = None
+ONESTEP_TASKS: Optional[int] = None
 
 
 def _pad(n: int) -> int:
@@ -114,7 +123,8 @@ def _kernels() -> SimpleNamespace:
     if _KERNELS is None:
         module = importlib.import_module(f"{__package__}._triton_kernels")
         scratch = importlib.import_module(f"{__package__}._triton_scratch")
-        _KERNELS = SimpleNamespace(module=module, scratch=scratch, interpreted=_interpreter_on())
+        onestep = importlib.import_module(f"{__package__}._triton_onestep")
+        _KERNELS = SimpleNamespace(module=module, scratch=scratch, onestep=onestep, interpreted=_interpreter_on())
     return _KERNELS
 
 
@@ -231,13 +241,7 @@ def num_warps_for(dims: list[int], n_support: int, n_query: int, layout: str = "
     each with fewer threads on its task; the scratch layout at width 40 compiles at 4 warps without spills
     and at 2 with 116 / 148 B (benchmarks/RESULTS.md), for the GPU check's A/B.
     """
-    global WARPS
-    if WARPS is None:
-        from .._switches import env_int
-
-        WARPS = env_int("FASTMAML_TRITON_WARPS", 0, lambda n: n in (0, 1, 2, 4, 8, 16),
-                        "0 (the backend's choice) or a power of two from 1 to 16")
-    if WARPS:
+    if warps_switch():
         return WARPS
     if layout == "scratch":
         return 8
@@ -245,6 +249,17 @@ def num_warps_for(dims: list[int], n_support: int, n_query: int, layout: str = "
     pads = [_pad(d) for d in dims]
     largest = max(max(bn * p for p in pads), max(a * b for a, b in zip(pads[1:], pads[:-1])))
     return 4 if largest <= 1024 else 8
+
+
+def warps_switch() -> int:
+    """FASTMAML_TRITON_WARPS (read once; 0: the backend's choice)."""
+    global WARPS
+    if WARPS is None:
+        from .._switches import env_int
+
+        WARPS = env_int("FASTMAML_TRITON_WARPS", 0, lambda n: n in (0, 1, 2, 4, 8, 16),
+                        "0 (the backend's choice) or a power of two from 1 to 16")
+    return WARPS
 
 
 def _programs(T: int, rows_per_program: int, P: int, itemsize: int, extra_bytes: int = 0, sms: int = 0,
@@ -283,6 +298,42 @@ def _device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+
+
+def onestep_settings() -> tuple[bool, int]:
+    """(FASTMAML_TRITON_ONESTEP is on, its tasks a program), read once (see ONESTEP)."""
+    global ONESTEP, ONESTEP_TASKS
+    from .._switches import env_choice
+
+    if ONESTEP is None:
+        ONESTEP = env_choice("FASTMAML_TRITON_ONESTEP", ("0", "1")) == "1"
+    if ONESTEP_TASKS is None:
+        ONESTEP_TASKS = int(env_choice("FASTMAML_TRITON_ONESTEP_TASKS", ("1", "2", "4")))
+    return ONESTEP, ONESTEP_TASKS
+
+
+# Widest padded layer the one-step kernel takes: it keeps every activation of its tasks in registers, and at
+# 128 (the 1-128-128-1 net, 8 or 16 warps) ptxas falls back to 32 registers and spills 26-37 KiB a thread.
+ONESTEP_MAX_PADDED_WIDTH = 64
+
+
+def onestep_reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
+    """Why the Triton one-step kernel does not take this training call (`_onestep.reason`, and its width), or
+    None."""
+    why = _onestep.reason(problem, need_lr, need_x)
+    if why is None and max(_pad(d) for d in problem.dims) > ONESTEP_MAX_PADDED_WIDTH:
+        why = (f"width {max(problem.dims)} (the Triton one-step kernel keeps its activations in registers: "
+               f"padded widths up to {ONESTEP_MAX_PADDED_WIDTH})")
+    return why
+
+
+def onestep_kernel(theta, rates, *args):
+    """`_onestep._Call.kernel` for Triton: one launch of `_triton_onestep.onestep_kernel` on theta's device."""
+    _, tasks = onestep_settings()
+    options = {"maxnreg": max_registers()} if max_registers() else {}
+    with _device_guard(theta):
+        return _kernels().onestep.launch(theta, rates, *args, tasks_per_program=tasks,
+                                         num_warps=warps_switch() or 8, **options)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -364,6 +415,7 @@ class TritonBackend(_fused.FusedBackend):
         # Define the custom ops now: this answer is computed eagerly even under torch.compile (a traced
         # constant, `dispatch.unavailable`), while defining an op inside a traced call cannot be traced.
         _triton_ops.ops()
+        onestep_settings()  # a mistyped switch is refused here, not measured as the default
         return None
 
     def device_reason(self, problem: Problem) -> Optional[str]:
@@ -384,6 +436,8 @@ class TritonBackend(_fused.FusedBackend):
         return 1 << 62  # the training op keeps no per-task rows: only the sums and the inputs' gradients
 
     def train(self, problem: Problem, tail: tuple, need_lr: bool, need_x: bool) -> Optional[tuple]:
+        if onestep_settings()[0] and onestep_reason(problem, need_lr, need_x) is None:
+            return _onestep.maml(problem, onestep_kernel)
         # One launch of the backward kernel that also writes the forward's outputs, instead of the forward
         # kernel now and the backward (which runs the same inner loop again) at backward time: the forward
         # was 22% of the GPU time at T=65,536, K=5, W=128 (H200, benchmarks/RESULTS.md).

@@ -1,0 +1,346 @@
+"""The one-step kernel in Triton: `maml_onestep`'s math (csrc/task/onestep.h, docs/kernels.md) for a group
+of tasks a program, the products with theta_0 as one matrix product over the group's points.
+
+Every task starts from theta_0 and takes one step, so `W1_l = W_l - rW_l D_l^T H_l`: theta_1 is never formed.
+A program takes BT tasks. Their points are one block `[BT, BN, BD]` (points padded to BN, widths to BD,
+powers of two >= 16, the least `tl.dot` takes), so a product with the shared W_l is one `[BT BN, BD_in] x
+[BD_in, BD_out]` `tl.dot` for all of them, and each task's own products (its `[Nq, Ns]` Gram matrices and
+their corrections) one batched `tl.dot` over the group. Every activation stays in registers as a tuple
+indexed by the (unrolled) layer, as in `_triton_kernels.py`.
+
+Padding: weights and inputs load as zero outside their real sizes, so padded feature columns stay zero; a
+padded point's activations are not (the bias and the activation make them nonzero), but the three seeds of
+backward passes (the support and query losses' gradients and the loss's Hessian along the tangent) are zero
+on padded points, and every quantity that reaches an output through a padded point's column of a Gram matrix
+is multiplied by such a seed's row. Stores are masked to the real tasks, points and columns.
+
+The outputs are those of the C++ op (`_onestep`'s autograd function sums the factor rows): each task's query
+loss and output, and with `FACTORS` the factor rows `U_l = [D' ; Ddot ; D]`, `V_l = [H' | 1 ; -H | -1 ; -Hdot
+| 0]` of every layer (layer l's block `[T, R, D_{l+1}]` / `[T, R, D_l + 1]` at `T R sum_{j<l}`) and the rates'
+gradients `[T, 2 L]`.
+
+Imported only on first use: `triton.jit` reads `TRITON_INTERPRET` when a kernel is defined (tests without a
+GPU run it in the interpreter on CPU tensors).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._triton_pieces import _act, _dmul, _layer_offsets, _load_layer
+from ._triton_products import PRECISION
+
+
+@triton.jit
+def _fw(h, w):
+    """`h [BT, BN, BI] @ w[BO, BI]^T -> [BT, BN, BO]`: a product with a shared weight matrix, one `tl.dot`
+    over the group's points."""
+    BT: tl.constexpr = h.shape[0]
+    BN: tl.constexpr = h.shape[1]
+    BI: tl.constexpr = h.shape[2]
+    BO: tl.constexpr = w.shape[0]
+    z = tl.dot(tl.reshape(h, [BT * BN, BI]), tl.trans(w), input_precision=PRECISION, out_dtype=h.dtype)
+    return tl.reshape(z, [BT, BN, BO])
+
+
+@triton.jit
+def _bw(d, w):
+    """`d [BT, BN, BO] @ w [BO, BI] -> [BT, BN, BI]`."""
+    BT: tl.constexpr = d.shape[0]
+    BN: tl.constexpr = d.shape[1]
+    BO: tl.constexpr = d.shape[2]
+    BI: tl.constexpr = w.shape[1]
+    e = tl.dot(tl.reshape(d, [BT * BN, BO]), w, input_precision=PRECISION, out_dtype=d.dtype)
+    return tl.reshape(e, [BT, BN, BI])
+
+
+@triton.jit
+def _bmm(a, b):
+    """Per task: `a [BT, M, K] @ b [BT, K, N]`."""
+    return tl.dot(a, b, input_precision=PRECISION, out_dtype=a.dtype)
+
+
+@triton.jit
+def _bmm_nt(a, b):
+    """Per task: `a [BT, M, K] @ b [BT, N, K]^T`."""
+    return _bmm(a, tl.permute(b, (0, 2, 1)))
+
+
+@triton.jit
+def _bmm_tn(a, b):
+    """Per task: `a [BT, K, M]^T @ b [BT, K, N]`."""
+    return _bmm(tl.permute(a, (0, 2, 1)), b)
+
+
+@triton.jit
+def _index(t0, T, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """The group's task numbers (int64) and point and column indices, shaped to broadcast over `[BT, BN, BD]`."""
+    t = (t0 + tl.arange(0, BT)).to(tl.int64)[:, None, None]
+    n = tl.arange(0, BN)[None, :, None]
+    c = tl.arange(0, BD)[None, None, :]
+    return t, n, c
+
+
+@triton.jit
+def _load_block(base, t0, T, N, D, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """`[BT, BN, BD]` of the tasks' `[T, N, D]` points (zero outside)."""
+    t, n, c = _index(t0, T, BT, BN, BD)
+    return tl.load(base + (t * N + n) * D + c, mask=(t < T) & (n < N) & (c < D), other=0.0)
+
+
+@triton.jit
+def _load_labels(base, t0, T, N, BT: tl.constexpr, BN: tl.constexpr):
+    """`[BT, BN]` class labels (int32; 0 outside)."""
+    t = (t0 + tl.arange(0, BT)).to(tl.int64)[:, None]
+    n = tl.arange(0, BN)[None, :]
+    return tl.load(base + t * N + n, mask=(t < T) & (n < N), other=0).to(tl.int32)
+
+
+@triton.jit
+def _load_targets(base, t0, T, N, DL, BT: tl.constexpr, BN: tl.constexpr, BDL: tl.constexpr, LOSS: tl.constexpr):
+    """mse: `[BT, BN, BDL]` float targets; cross-entropy: `[BT, BN]` classes."""
+    if LOSS == 0:
+        y = _load_block(base, t0, T, N, DL, BT, BN, BDL)
+    else:
+        y = _load_labels(base, t0, T, N, BT, BN)
+    return y
+
+
+@triton.jit
+def _store_block(base, t0, T, N, D, ld, row0, rows, val, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """`val [BT, BN, BD]` into task t's `[rows, ld]` block at `base + t rows ld`, points at rows row0.., columns
+    0..D-1 (masked to the real tasks, points and columns)."""
+    t, n, c = _index(t0, T, BT, BN, BD)
+    tl.store(base + (t * rows + row0 + n) * ld + c, val, mask=(t < T) & (n < N) & (c < D))
+
+
+@triton.jit
+def _store_column(base, t0, T, N, ld, row0, rows, col, value, BT: tl.constexpr, BN: tl.constexpr):
+    """`value` into column `col` of rows row0..row0+N-1 of each task's `[rows, ld]` block."""
+    t = (t0 + tl.arange(0, BT)).to(tl.int64)[:, None]
+    n = tl.arange(0, BN)[None, :]
+    v = tl.zeros([BT, BN], dtype=base.dtype.element_ty) + value
+    tl.store(base + (t * rows + row0 + n) * ld + col, v, mask=(t < T) & (n < N))
+
+
+@triton.jit
+def _loss(z, y, N, DL, LOSS: tl.constexpr):
+    """Each task's loss at outputs `z [BT, BN, BD]` and its gradient in z (zero on padded points and columns).
+    Returns `(loss [BT], dz, p)`, p the softmax for cross-entropy (its Hessian needs it), else z. mse:
+    `mean (z - y)^2` over points and outputs; cross-entropy: the mean over points, a class out of range
+    giving that point NaN (as the C++ kernels do)."""
+    BN: tl.constexpr = z.shape[1]
+    BD: tl.constexpr = z.shape[2]
+    n = tl.arange(0, BN)[None, :, None]
+    c = tl.arange(0, BD)[None, None, :]
+    rows = n < N
+    if LOSS == 0:
+        scale = 1.0 / (N * DL).to(z.dtype)
+        diff = tl.where(rows & (c < DL), z - y, 0.0)
+        loss = tl.sum(tl.sum(diff * diff, axis=2), axis=1) * scale
+        dz = diff * (2.0 * scale)
+        p = z
+    else:
+        scale = 1.0 / N.to(z.dtype)
+        zm = tl.where(c < DL, z, float("-inf"))
+        m = tl.max(zm, axis=2)
+        e = tl.exp(zm - m[:, :, None])
+        s = tl.sum(e, axis=2)
+        p = e / s[:, :, None]
+        onehot = c == y[:, :, None]
+        zy = tl.sum(tl.where(onehot, z, 0.0), axis=2)
+        valid = (y >= 0) & (y < DL)
+        point = tl.where(valid, m + tl.log(s) - zy, float("nan"))
+        loss = tl.sum(tl.where(tl.arange(0, BN)[None, :] < N, point, 0.0), axis=1) * scale
+        dz = tl.where(rows, tl.where(valid[:, :, None], p - onehot.to(z.dtype), float("nan")), 0.0) * scale
+    return loss, dz, p
+
+
+@triton.jit
+def _loss_hvp(zd, p, N, DL, LOSS: tl.constexpr):
+    """The loss's Hessian in z times `zd` (zero on padded points): mse `2 zd / (N DL)`; cross-entropy
+    `(p zd - p (p . zd)) / N` a point at a time."""
+    BN: tl.constexpr = zd.shape[1]
+    BD: tl.constexpr = zd.shape[2]
+    mask = (tl.arange(0, BN)[None, :, None] < N) & (tl.arange(0, BD)[None, None, :] < DL)
+    if LOSS == 0:
+        out = tl.where(mask, zd, 0.0) * (2.0 / (N * DL).to(zd.dtype))
+    else:
+        pz = p * zd
+        out = tl.where(mask, pz - p * tl.sum(pz, axis=2)[:, :, None], 0.0) * (1.0 / N.to(zd.dtype))
+    return out
+
+
+_RUNTIME_INTS = ["T", "NS", "NQ", "D0", "D1", "D2", "D3", "D4"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def onestep_kernel(
+    theta, rates, xs, ys, xq, yq, cot, g_pred, losses, preds, U, V, rate_grads,
+    T, NS, NQ, D0, D1, D2, D3, D4,
+    DEPTH: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr,
+    BD4: tl.constexpr, BNS: tl.constexpr, BNQ: tl.constexpr, BT: tl.constexpr, ACT: tl.constexpr,
+    LOSS: tl.constexpr, FIRST_ORDER: tl.constexpr, HAS_COT: tl.constexpr, HAS_GPRED: tl.constexpr,
+    FACTORS: tl.constexpr,
+):
+    """Tasks `pid BT .. pid BT + BT - 1` of one-step MAML. theta [P] is theta_0 (W_l [out, in], b_l [out]),
+    rates [2 L] (rW_l, rb_l); xs [T, NS, D0], ys [T, NS, DL] (mse) or [T, NS] classes, the same for the
+    query; cot [T] and g_pred [T, NQ, DL] seed the query backward where given (else 1 and none)."""
+    t0 = tl.program_id(0) * BT
+    dims = (D0, D1, D2, D3, D4)
+    pads: tl.constexpr = (BD0, BD1, BD2, BD3, BD4)
+    offs = _layer_offsets(D0, D1, D2, D3, D4, DEPTH)
+    DL = dims[DEPTH]
+    BDL: tl.constexpr = pads[DEPTH]
+
+    # The support pass at theta_0: hs[l] is layer l's input [BT, BNS, BD_l] (hs[0] = xs).
+    x = _load_block(xs, t0, T, NS, D0, BT, BNS, BD0)
+    hs = (x,)
+    z = x
+    for l in tl.static_range(DEPTH):
+        w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
+        z = _fw(hs[l], w) + b[None, None, :]
+        if l < DEPTH - 1:
+            hs = hs + (_act(z, ACT),)
+    y = _load_targets(ys, t0, T, NS, DL, BT, BNS, BDL, LOSS)
+    _, d, p_s = _loss(z, y, NS, DL, LOSS)
+    # ds[l] = D_l = dL_s/dz_l [BT, BNS, BD_{l+1}].
+    ds = (d,)
+    for l in tl.static_range(DEPTH - 1, 0, -1):
+        w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
+        d = _dmul(_bw(d, w), hs[l], ACT)
+        ds = (d,) + ds
+
+    # The query pass at theta_1: z'_l = H'_l W_l^T + b1_l - rW_l ga_l D_l, ga_l = H'_l H_l^T [BT, BNQ, BNS],
+    # b1_l = b_l - rb_l sum_n D_l[n].
+    xqb = _load_block(xq, t0, T, NQ, D0, BT, BNQ, BD0)
+    hq = (xqb,)
+    gas = ()
+    zq = xqb
+    for l in tl.static_range(DEPTH):
+        rw = tl.load(rates + 2 * l)
+        rb = tl.load(rates + 2 * l + 1)
+        w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
+        ga = _bmm_nt(hq[l], hs[l])
+        gas = gas + (ga,)
+        b1 = b[None, :] - rb * tl.sum(ds[l], axis=1)
+        zq = _fw(hq[l], w) + b1[:, None, :] - rw * _bmm(ga, ds[l])
+        if l < DEPTH - 1:
+            hq = hq + (_act(zq, ACT),)
+    y = _load_targets(yq, t0, T, NQ, DL, BT, BNQ, BDL, LOSS)
+    loss, dq, _ = _loss(zq, y, NQ, DL, LOSS)
+    tq = t0 + tl.arange(0, BT)
+    tl.store(losses + tq, loss, mask=tq < T)
+    _store_block(preds, t0, T, NQ, DL, DL, 0, NQ, zq, BT, BNQ, BDL)
+    if FACTORS:
+        # D'_{L-1} = cot dL_q/dz' + g_pred, then D'_{l-1} = (D'_l W_l - rW_l gb_l H_l) s'(z'_{l-1}),
+        # gb_l = D'_l D_l^T.
+        if HAS_COT:
+            dq = dq * tl.load(cot + tq, mask=tq < T, other=0.0)[:, None, None]
+        if HAS_GPRED:
+            dq = dq + _load_block(g_pred, t0, T, NQ, DL, BT, BNQ, BDL)
+        dqs = (dq,)
+        gbs = (_bmm_nt(dq, ds[DEPTH - 1]),)
+        for l in tl.static_range(DEPTH - 1, 0, -1):
+            rw = tl.load(rates + 2 * l)
+            w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
+            dq = _dmul(_bw(dq, w) - rw * _bmm(gbs[0], hs[l]), hq[l], ACT)
+            dqs = (dq,) + dqs
+            gbs = (_bmm_nt(dq, ds[l - 1]),) + gbs
+        # The rates' gradients: dL/drW_l = -sum(gb_l * ga_l), dL/drb_l = -(sum_n D_l[n]) . (sum_q D'_l[q]).
+        for l in tl.static_range(DEPTH):
+            gw = -tl.sum(tl.sum(gbs[l] * gas[l], axis=2), axis=1)
+            gbias = -tl.sum(tl.sum(ds[l], axis=1) * tl.sum(dqs[l], axis=1), axis=1)
+            tl.store(rate_grads + tq.to(tl.int64) * (2 * DEPTH) + 2 * l, gw, mask=tq < T)
+            tl.store(rate_grads + tq.to(tl.int64) * (2 * DEPTH) + 2 * l + 1, gbias, mask=tq < T)
+
+        R = NQ
+        if not FIRST_ORDER:
+            R = NQ + 2 * NS
+        rds = ()
+        rhs = ()
+        if not FIRST_ORDER:
+            # The tangents along R v at theta_0: z_dot_l = Hdot_l W_l^T + rW_l ga_l^T D'_l + rb_l sum_q D'_l[q]
+            # (Hdot_0 = 0); rhs[l] = Hdot_l, layer l's input tangent (rhs[0] unused); rzs[l] = z_dot_l.
+            rzs = ()
+            rhs = (x,)
+            zd = x
+            for l in tl.static_range(DEPTH):
+                rw = tl.load(rates + 2 * l)
+                rb = tl.load(rates + 2 * l + 1)
+                zd = rw * _bmm_tn(gas[l], dqs[l]) + rb * tl.sum(dqs[l], axis=1)[:, None, :]
+                if l > 0:
+                    w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
+                    zd = zd + _fw(rhs[l], w)
+                rzs = rzs + (zd,)
+                if l < DEPTH - 1:
+                    rhs = rhs + (_dmul(zd, hs[l + 1], ACT),)
+            # Ddot_{L-1} = the loss's Hessian times z_dot; Ddot_{l-1} = s'(z) (Ddot_l W_l + rW_l gb_l^T H'_l)
+            # + s''(z) z_dot (D_l W_l), tanh's s'' term being -2 h z_dot D_{l-1} (ReLU's is 0).
+            rd = _loss_hvp(zd, p_s, NS, DL, LOSS)
+            rds = (rd,)
+            for l in tl.static_range(DEPTH - 1, 0, -1):
+                rw = tl.load(rates + 2 * l)
+                w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
+                rd = _dmul(_bw(rd, w) + rw * _bmm_tn(gbs[l], hq[l]), hs[l], ACT)
+                if ACT == 1:
+                    rd = rd - 2.0 * hs[l] * rzs[l - 1] * ds[l - 1]
+                rds = (rd,) + rds
+
+        # The factor rows of each layer: U_l = [D' ; Ddot ; D], V_l = [H' | 1 ; -H | -1 ; -Hdot | 0].
+        uo = 0
+        vo = 0
+        for l in tl.static_range(DEPTH):
+            din = dims[l]
+            dout = dims[l + 1]
+            ub = U + T.to(tl.int64) * R * uo
+            vb = V + T.to(tl.int64) * R * vo
+            _store_block(ub, t0, T, NQ, dout, dout, 0, R, dqs[l], BT, BNQ, pads[l + 1])
+            _store_block(vb, t0, T, NQ, din, din + 1, 0, R, hq[l], BT, BNQ, pads[l])
+            _store_column(vb, t0, T, NQ, din + 1, 0, R, din, 1.0, BT, BNQ)
+            if not FIRST_ORDER:
+                _store_block(ub, t0, T, NS, dout, dout, NQ, R, rds[l], BT, BNS, pads[l + 1])
+                _store_block(ub, t0, T, NS, dout, dout, NQ + NS, R, ds[l], BT, BNS, pads[l + 1])
+                _store_block(vb, t0, T, NS, din, din + 1, NQ, R, -hs[l], BT, BNS, pads[l])
+                _store_column(vb, t0, T, NS, din + 1, NQ, R, din, -1.0, BT, BNS)
+                if l > 0:
+                    _store_block(vb, t0, T, NS, din, din + 1, NQ + NS, R, -rhs[l], BT, BNS, pads[l])
+                else:
+                    _store_block(vb, t0, T, NS, din, din + 1, NQ + NS, R, tl.zeros_like(hs[0]), BT, BNS, pads[0])
+                _store_column(vb, t0, T, NS, din + 1, NQ + NS, R, din, 0.0, BT, BNS)
+            uo += dout
+            vo += din + 1
+
+
+def pad(n: int) -> int:
+    """A padded size: the power of two >= n, at least 16."""
+    return max(16, 1 << (max(1, n) - 1).bit_length())
+
+
+def launch(theta, rates, xs, ys, xq, yq, cot, g_pred, dims, activation, loss, first_order, factors, *,
+           tasks_per_program, num_warps, **options):
+    """`maml_onestep`'s outputs, `(losses [T], preds [T, Nq, D_out], U, V, rate_grads [T, 2 L])` (the C++ op's
+    layout, `_onestep`), from one launch of `ceil(T / tasks_per_program)` programs. The caller has checked the
+    arguments (`_onestep` builds them)."""
+    T, ns, nq = xs.shape[0], xs.shape[1], xq.shape[1]
+    L, dy = len(dims) - 1, dims[-1]
+    R = nq if first_order else nq + 2 * ns
+    rows = T * R if factors else 0
+    losses = theta.new_empty(T)
+    preds = theta.new_empty(T, nq, dy)
+    U = theta.new_empty(rows * sum(dims[1:]))
+    V = theta.new_empty(rows * sum(d + 1 for d in dims[:-1]))
+    rate_grads = theta.new_empty(T if factors else 0, 2 * L)
+    if T == 0:
+        return losses, preds, U, V, rate_grads
+    sizes = list(dims) + [1] * (5 - len(dims))
+    pads = {f"BD{i}": pad(d) for i, d in enumerate(sizes)}
+    onestep_kernel[(triton.cdiv(T, tasks_per_program),)](
+        theta, rates, xs, ys, xq, yq, theta if cot is None else cot, theta if g_pred is None else g_pred,
+        losses, preds, U if rows else theta, V if rows else theta, rate_grads if factors else theta,
+        T, ns, nq, *sizes,
+        DEPTH=L, **pads, BNS=pad(ns), BNQ=pad(nq), BT=tasks_per_program, ACT=int(activation), LOSS=int(loss),
+        FIRST_ORDER=bool(first_order), HAS_COT=cot is not None, HAS_GPRED=g_pred is not None,
+        FACTORS=bool(factors), num_warps=num_warps, **options)
+    return losses, preds, U, V, rate_grads

@@ -1,0 +1,218 @@
+"""The one-step kernel in Triton (fastmaml/backends/_triton_onestep.py): `maml_onestep`'s math for a group of
+tasks a program, run by the `triton` backend's training calls under FASTMAML_TRITON_ONESTEP=1.
+
+Without a GPU the kernel runs in the Triton interpreter on CPU tensors: against the CPU op (itself checked
+against the independent task loop, tests/test_onestep.py) in float64 over every option it takes, with group
+sizes that do not divide the tasks; the backend under the switch against the task loop, its gradients and the
+rates' among them; the chunked backward; float32. On a GPU: the compiled kernel against the CPU op at the
+sinusoid size with more tasks than programs in flight.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastmaml
+from fastmaml.backends import _onestep, triton_maml
+from _reference_loop import assert_close, gradients, maml_loop, make_case, output_cotangents
+
+F64 = torch.float64
+DIMS = {1: [3, 9], 2: [3, 9, 4], 3: [3, 9, 6, 4], 4: [3, 9, 6, 5, 4]}
+
+
+def _interpreter_reason():
+    if torch.cuda.is_available():
+        return "a GPU is visible: the kernel is compiled, not interpreted (the GPU tests below)"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "TRITON_INTERPRET is not 1 (conftest.py sets it)"
+    if not triton_maml._triton_installed():
+        return "Triton is not installed"
+    return triton_maml.interpreter_problem()
+
+
+interpreted = pytest.mark.skipif(_interpreter_reason() is not None, reason=str(_interpreter_reason()))
+
+
+def _inputs(dims, tasks, ns, nq, loss, seed, dtype=F64, device="cpu", scale=0.5):
+    """The CPU op's arguments on fresh random inputs (theta, its transposes, rates [2 L], points, targets)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [(torch.randn(o, i, generator=g, dtype=F64) * scale, torch.randn(o, generator=g, dtype=F64) * scale)
+              for i, o in zip(dims[:-1], dims[1:])]
+    theta = torch.cat([t.reshape(-1) for w, b in layers for t in (w, b)])
+    theta_t = torch.cat([t.reshape(-1) for w, b in layers for t in (w.t(), b)])
+    rates = torch.rand(2 * len(layers), generator=g, dtype=F64) * 0.3 + 0.05
+    xs = torch.randn(tasks, ns, dims[0], generator=g, dtype=F64)
+    xq = torch.randn(tasks, nq, dims[0], generator=g, dtype=F64)
+    if loss == 0:
+        ys = torch.randn(tasks, ns, dims[-1], generator=g, dtype=F64)
+        yq = torch.randn(tasks, nq, dims[-1], generator=g, dtype=F64)
+    else:
+        ys = torch.randint(0, dims[-1], (tasks, ns), generator=g)
+        yq = torch.randint(0, dims[-1], (tasks, nq), generator=g)
+    moved = [t.to(device, dtype if t.is_floating_point() else t.dtype) for t in (theta, theta_t, rates, xs, ys, xq, yq)]
+    return moved, (theta, theta_t, rates, xs, ys, xq, yq)
+
+
+def _compare(dims, tasks, ns, nq, act, loss, first_order, cot, g_pred, tasks_per_program, seed, factors=True,
+             dtype=F64, device="cpu", tol=1e-10, num_warps=4):
+    """The Triton kernel's five outputs against the float64 CPU op's on the same inputs."""
+    from fastmaml import _ext
+
+    _ext.load()
+    triton_maml._kernels()
+    from fastmaml.backends import _triton_onestep
+
+    ours, ref = _inputs(dims, tasks, ns, nq, loss, seed, dtype, device)
+    g = torch.Generator().manual_seed(seed + 1)
+    c = torch.randn(tasks, generator=g, dtype=F64) if cot else None
+    gp = torch.randn(tasks, nq, dims[-1], generator=g, dtype=F64) if g_pred else None
+    expected = torch.ops.fastmaml.maml_onestep(*ref, c, gp, dims, act, loss, first_order, factors)
+    theta, _, rates, xs, ys, xq, yq = ours
+    actual = _triton_onestep.launch(theta, rates, xs, ys, xq, yq, None if c is None else c.to(device, dtype),
+                                    None if gp is None else gp.to(device, dtype), dims, act, loss, first_order,
+                                    factors, tasks_per_program=tasks_per_program, num_warps=num_warps)
+    for name, a, e in zip(("losses", "preds", "U", "V", "rate_grads"), actual, expected):
+        assert a.shape == e.shape, name
+        assert_close(a.double().cpu(), e, tol, name)
+    if factors:
+        assert expected[2].abs().max() > 0 and expected[4].abs().max() > 0  # the rows are not all zero
+    return actual
+
+
+@interpreted
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("act", [0, 1])
+@pytest.mark.parametrize("loss", [0, 1])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_kernel_matches_the_cpu_op(depth, act, loss, first_order):
+    """Float64, widths and point counts that are not powers of two (Ns != Nq, 17 query points: two blocks of
+    16), groups of 1, 2 or 4 tasks over 5 tasks, the seeds of the query backward (a cotangent of the losses,
+    of the outputs, both, neither) taken in turn."""
+    i = (depth - 1) * 8 + act * 4 + loss * 2 + int(first_order)
+    _compare(DIMS[depth], 5, 6, 17 if i % 3 == 0 else 7, act, loss, first_order, cot=i % 2 == 0, g_pred=i % 4 < 2,
+             tasks_per_program=(1, 2, 4)[i % 3], seed=i)
+
+
+@interpreted
+def test_kernel_without_factors_gives_losses_and_outputs():
+    _compare([3, 9, 4], 3, 5, 6, 1, 0, False, False, False, 2, seed=40, factors=False)
+
+
+@interpreted
+def test_sinusoid_size_in_float32_within_1e4():
+    """The 1-40-40-1 net with 10 + 10 points in float32 within 1e-4 of the float64 CPU op."""
+    _compare([1, 40, 40, 1], 7, 10, 10, 0, 0, False, True, False, 2, seed=41, dtype=torch.float32, tol=1e-4)
+
+
+def _case(**kw):
+    kw.setdefault("grad_inputs", False)
+    return make_case(**kw)
+
+
+@pytest.fixture
+def onestep_on(monkeypatch):
+    """The triton backend with its one-step switch on, counting the calls that take the one-step path."""
+    monkeypatch.setattr(triton_maml, "ONESTEP", True)
+    monkeypatch.setattr(triton_maml, "ONESTEP_TASKS", 2)
+    calls = []
+    real = _onestep.maml
+
+    def counted(problem, kernel=None):
+        calls.append(kernel)
+        return real(problem, kernel)
+
+    monkeypatch.setattr(_onestep, "maml", counted)
+    return calls
+
+
+@interpreted
+@pytest.mark.parametrize("depth, loss, lr_form, cotangent", [
+    (2, "mse", "per_layer", "losses"), (3, "mse", "float", "losses_and_preds"),
+    (2, "cross_entropy", "scalar_tensor", "losses_and_preds"), (3, "cross_entropy", "per_step", "losses")])
+def test_backend_switch_matches_the_task_loop(onestep_on, depth, loss, lr_form, cotangent):
+    """`fastmaml.maml(..., backend="triton")` under the switch: losses, outputs and the gradient of every
+    parameter and learned rate within 1e-10 of the independent loop (float64), through the Triton kernel."""
+    dims = {2: [3, 7, 4], 3: [3, 7, 5, 4]}[depth]
+    case = _case(dims=dims, tasks=5, n_support=5, n_query=7, seed=50 + depth, lr_form=lr_form, loss=loss,
+                 activation="tanh")
+    lc, pc = output_cotangents(torch.zeros(5, dtype=F64), torch.zeros(5, 7, dims[-1], dtype=F64), seed=depth)
+    ref = maml_loop(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
+    out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query, backend="triton",
+                        **case.kwargs())
+    assert onestep_on == [triton_maml.onestep_kernel]
+
+    def value(o):
+        return (o.task_losses * lc).sum() + ((o.query_preds * pc).sum() if cotangent == "losses_and_preds" else 0)
+
+    assert_close(out.task_losses, ref.task_losses, 1e-10, "task_losses")
+    assert_close(out.query_preds, ref.query_preds, 1e-10, "query_preds")
+    assert_close(gradients(value(out), case.leaves()), gradients(value(ref), case.leaves()), 1e-10, "grads")
+
+
+@interpreted
+def test_backend_switch_chunked_backward(onestep_on, monkeypatch):
+    """No rows kept (budget 0): the backward reruns the Triton kernel a task at a time, with the same result."""
+    monkeypatch.setattr(_onestep, "MAX_FACTOR_BYTES", 0)
+    case = _case(dims=[3, 7, 4], tasks=3, n_support=5, n_query=6, seed=60)
+    ref = maml_loop(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
+    out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query, backend="triton",
+                        **case.kwargs())
+    assert_close(gradients(out.loss, case.leaves()), gradients(ref.loss, case.leaves()), 1e-10, "grads")
+    assert len(onestep_on) == 1
+
+
+@interpreted
+def test_backend_switch_leaves_other_calls_to_the_sweep(onestep_on):
+    """Two inner steps: `_onestep.reason` refuses, the reverse sweep runs (no one-step call)."""
+    case = _case(dims=[3, 7, 4], tasks=2, n_support=5, n_query=6, seed=61, inner_steps=2)
+    fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query, backend="triton",
+                  **case.kwargs()).loss.backward()
+    assert onestep_on == []
+
+
+@pytest.mark.parametrize("name, value", [("FASTMAML_TRITON_ONESTEP", "yes"), ("FASTMAML_TRITON_ONESTEP_TASKS", "3")])
+def test_mistyped_switches_are_refused(monkeypatch, name, value):
+    """Read on first use: a value the backend does not know is refused, naming the switch."""
+    if not triton_maml._triton_installed():
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(triton_maml, "ONESTEP", None)
+    monkeypatch.setattr(triton_maml, "ONESTEP_TASKS", None)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        triton_maml.TritonBackend().unavailable()
+
+
+# ---- on a GPU -------------------------------------------------------------------------------------------
+
+def _gpu_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not triton_maml._triton_installed():
+        return "Triton is not installed"
+    return None
+
+
+@pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+@pytest.mark.parametrize("dtype, tasks_per_program", [(torch.float32, 1), (torch.float32, 2), (torch.float64, 1)])
+@pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "ce_5way"])
+def test_gpu_kernel_matches_the_cpu_op(dtype, tasks_per_program, shape):
+    """The compiled kernel (8 warps, as the backend launches it) against the float64 CPU op: float64 within
+    1e-10, float32 within 1e-4; 20,000 tasks at the sinusoid size; one or two tasks a program (nine
+    compiles)."""
+    dims, tasks, ns, nq, act, loss = {"depth4_tanh": ([5, 6, 3, 9, 3], 37, 13, 5, 1, 0),
+                                      "sinusoid_20000": ([1, 40, 40, 1], 20000, 10, 10, 0, 0),
+                                      "ce_5way": ([12, 33, 5], 301, 5, 15, 0, 1)}[shape]
+    _compare(dims, tasks, ns, nq, act, loss, False, True, True, tasks_per_program, seed=70, dtype=dtype,
+             device="cuda", tol=1e-10 if dtype == F64 else 1e-4, num_warps=8)
+
+
+def test_width_beyond_the_register_tiles_is_refused():
+    case = _case(dims=[1, 100, 1], tasks=2, n_support=5, n_query=6, seed=62)
+    from fastmaml._validate import make_problem
+
+    problem = make_problem(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
+    assert _onestep.reason(problem, False, False) is None
+    assert "padded widths up to 64" in triton_maml.onestep_reason(problem, False, False)
