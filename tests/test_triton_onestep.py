@@ -57,7 +57,7 @@ def _inputs(dims, tasks, ns, nq, loss, seed, dtype=F64, device="cpu", scale=0.5)
 
 
 def _compare(dims, tasks, ns, nq, act, loss, first_order, cot, g_pred, tasks_per_program, seed, factors=True,
-             dtype=F64, device="cpu", tol=1e-10, num_warps=4):
+             dtype=F64, device="cpu", tol=1e-10, num_warps=4, reload=True):
     """The Triton kernel's five outputs against the float64 CPU op's on the same inputs."""
     from fastmaml import _ext
 
@@ -73,7 +73,8 @@ def _compare(dims, tasks, ns, nq, act, loss, first_order, cot, g_pred, tasks_per
     theta, _, rates, xs, ys, xq, yq = ours
     actual = _triton_onestep.launch(theta, rates, xs, ys, xq, yq, None if c is None else c.to(device, dtype),
                                     None if gp is None else gp.to(device, dtype), dims, act, loss, first_order,
-                                    factors, tasks_per_program=tasks_per_program, num_warps=num_warps)
+                                    factors, tasks_per_program=tasks_per_program, num_warps=num_warps,
+                                    reload=reload)
     for name, a, e in zip(("losses", "preds", "U", "V", "rate_grads"), actual, expected):
         assert a.shape == e.shape, name
         assert_close(a.double().cpu(), e, tol, name)
@@ -94,6 +95,13 @@ def test_kernel_matches_the_cpu_op(depth, act, loss, first_order):
     i = (depth - 1) * 8 + act * 4 + loss * 2 + int(first_order)
     _compare(DIMS[depth], 5, 6, 17 if i % 3 == 0 else 7, act, loss, first_order, cot=i % 2 == 0, g_pred=i % 4 < 2,
              tasks_per_program=(1, 2, 4)[i % 3], seed=i)
+
+
+@interpreted
+@pytest.mark.parametrize("act, loss", [(0, 0), (1, 0), (1, 1)])
+def test_kernel_keeping_blocks_in_registers_matches(act, loss):
+    """Second order with the written blocks kept in registers, not read back from the rows (reload=False)."""
+    _compare([3, 9, 6, 4], 5, 6, 7, act, loss, False, True, True, 2, seed=30 + act + 2 * loss, reload=False)
 
 
 @interpreted

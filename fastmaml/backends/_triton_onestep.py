@@ -172,6 +172,35 @@ def _loss_hvp(zd, p, N, DL, LOSS: tl.constexpr):
     return out
 
 
+@triton.jit
+def _load_rows(base, t0, T, N, D, ld, row0, rows, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Rows row0..row0+N-1, columns 0..D-1 of each task's `[rows, ld]` block, as `[BT, BN, BD]` (zero outside)."""
+    t, n, c = _index(t0, T, BT, BN, BD)
+    return tl.load(base + (t * rows + row0 + n) * ld + c, mask=(t < T) & (n < N) & (c < D), other=0.0)
+
+
+@triton.jit
+def _get(value, base, t0, T, N, D, ld, row0, rows, NEGATED: tl.constexpr, RELOAD: tl.constexpr, BT: tl.constexpr,
+         BN: tl.constexpr, BD: tl.constexpr):
+    """A block the kernel has written to its factor rows: `value` (still in registers) or, with RELOAD, read back
+    from the rows (negated where they hold -value). Read back, `value` is dead once the rows are written, so its
+    registers are free for the passes in between; the zeros it reads on padded points stand for values that
+    only ever meet zero seeds there."""
+    if RELOAD:
+        v = _load_rows(base, t0, T, N, D, ld, row0, rows, BT, BN, BD)
+        if NEGATED:
+            v = -v
+    else:
+        v = value
+    return v
+
+
+@triton.jit
+def _block(base, T, R, off):
+    """Layer block of the factor rows starting at element `T R off`."""
+    return base + T.to(tl.int64) * R * off
+
+
 _RUNTIME_INTS = ["T", "NS", "NQ", "D0", "D1", "D2", "D3", "D4"]
 
 
@@ -182,17 +211,31 @@ def onestep_kernel(
     DEPTH: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr,
     BD4: tl.constexpr, BNS: tl.constexpr, BNQ: tl.constexpr, BT: tl.constexpr, ACT: tl.constexpr,
     LOSS: tl.constexpr, FIRST_ORDER: tl.constexpr, HAS_COT: tl.constexpr, HAS_GPRED: tl.constexpr,
-    FACTORS: tl.constexpr,
+    FACTORS: tl.constexpr, RELOAD: tl.constexpr,
 ):
     """Tasks `pid BT .. pid BT + BT - 1` of one-step MAML. theta [P] is theta_0 (W_l [out, in], b_l [out]),
     rates [2 L] (rW_l, rb_l); xs [T, NS, D0], ys [T, NS, DL] (mse) or [T, NS] classes, the same for the
-    query; cot [T] and g_pred [T, NQ, DL] seed the query backward where given (else 1 and none)."""
+    query; cot [T] and g_pred [T, NQ, DL] seed the query backward where given (else 1 and none).
+
+    Every block of the factor rows is written as soon as it is known. With RELOAD (second order with factors
+    only: the rows then hold H, D, H' and D') the later passes read those blocks back from the rows instead of
+    keeping them in registers from pass to pass (`_get`), a barrier between a block's store and its loads."""
     t0 = tl.program_id(0) * BT
     dims = (D0, D1, D2, D3, D4)
     pads: tl.constexpr = (BD0, BD1, BD2, BD3, BD4)
     offs = _layer_offsets(D0, D1, D2, D3, D4, DEPTH)
     DL = dims[DEPTH]
     BDL: tl.constexpr = pads[DEPTH]
+    tq = t0 + tl.arange(0, BT)
+    # Rows a task (R), and where each layer's U and V blocks start (in rows of one element's width).
+    R = NQ
+    if not FIRST_ORDER:
+        R = NQ + 2 * NS
+    uos = (0,)
+    vos = (0,)
+    for l in tl.static_range(DEPTH):
+        uos = uos + (uos[l] + dims[l + 1],)
+        vos = vos + (vos[l] + dims[l] + 1,)
 
     # The support pass at theta_0: hs[l] is layer l's input [BT, BNS, BD_l] (hs[0] = xs).
     x = _load_block(xs, t0, T, NS, D0, BT, BNS, BD0)
@@ -211,106 +254,138 @@ def onestep_kernel(
         w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
         d = _dmul(_bw(d, w), hs[l], ACT)
         ds = (d,) + ds
+    if FACTORS and not FIRST_ORDER:
+        # Rows NQ + NS.. of U_l: D_l; rows NQ.. of V_l: [-H_l | -1].
+        for l in tl.static_range(DEPTH):
+            ub = _block(U, T, R, uos[l])
+            vb = _block(V, T, R, vos[l])
+            _store_block(ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, ds[l], BT, BNS, pads[l + 1])
+            _store_block(vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, -hs[l], BT, BNS, pads[l])
+            _store_column(vb, t0, T, NS, dims[l] + 1, NQ, R, dims[l], -1.0, BT, BNS)
+        if RELOAD:
+            tl.debug_barrier()
 
     # The query pass at theta_1: z'_l = H'_l W_l^T + b1_l - rW_l ga_l D_l, ga_l = H'_l H_l^T [BT, BNQ, BNS],
-    # b1_l = b_l - rb_l sum_n D_l[n].
+    # b1_l = b_l - rb_l sum_n D_l[n] (sds[l], the sum).
     xqb = _load_block(xq, t0, T, NQ, D0, BT, BNQ, BD0)
     hq = (xqb,)
     gas = ()
+    sds = ()
     zq = xqb
     for l in tl.static_range(DEPTH):
         rw = tl.load(rates + 2 * l)
         rb = tl.load(rates + 2 * l + 1)
         w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
-        ga = _bmm_nt(hq[l], hs[l])
+        ub = _block(U, T, R, uos[l])
+        vb = _block(V, T, R, vos[l])
+        h_s = _get(hs[l], vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, True, RELOAD, BT, BNS, pads[l])
+        d_s = _get(ds[l], ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, False, RELOAD, BT, BNS, pads[l + 1])
+        ga = _bmm_nt(hq[l], h_s)
         gas = gas + (ga,)
-        b1 = b[None, :] - rb * tl.sum(ds[l], axis=1)
-        zq = _fw(hq[l], w) + b1[:, None, :] - rw * _bmm(ga, ds[l])
+        sd = tl.sum(d_s, axis=1)
+        sds = sds + (sd,)
+        zq = _fw(hq[l], w) + (b[None, :] - rb * sd)[:, None, :] - rw * _bmm(ga, d_s)
+        if FACTORS:
+            # Rows 0.. of V_l: [H'_l | 1].
+            _store_block(vb, t0, T, NQ, dims[l], dims[l] + 1, 0, R, hq[l], BT, BNQ, pads[l])
+            _store_column(vb, t0, T, NQ, dims[l] + 1, 0, R, dims[l], 1.0, BT, BNQ)
         if l < DEPTH - 1:
             hq = hq + (_act(zq, ACT),)
     y = _load_targets(yq, t0, T, NQ, DL, BT, BNQ, BDL, LOSS)
     loss, dq, _ = _loss(zq, y, NQ, DL, LOSS)
-    tq = t0 + tl.arange(0, BT)
     tl.store(losses + tq, loss, mask=tq < T)
     _store_block(preds, t0, T, NQ, DL, DL, 0, NQ, zq, BT, BNQ, BDL)
     if FACTORS:
+        if RELOAD:
+            tl.debug_barrier()
         # D'_{L-1} = cot dL_q/dz' + g_pred, then D'_{l-1} = (D'_l W_l - rW_l gb_l H_l) s'(z'_{l-1}),
-        # gb_l = D'_l D_l^T.
+        # gb_l = D'_l D_l^T; rows 0.. of U_l: D'_l; sdqs[l] = sum_q D'_l[q].
         if HAS_COT:
             dq = dq * tl.load(cot + tq, mask=tq < T, other=0.0)[:, None, None]
         if HAS_GPRED:
             dq = dq + _load_block(g_pred, t0, T, NQ, DL, BT, BNQ, BDL)
         dqs = (dq,)
-        gbs = (_bmm_nt(dq, ds[DEPTH - 1]),)
-        for l in tl.static_range(DEPTH - 1, 0, -1):
-            rw = tl.load(rates + 2 * l)
-            w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
-            dq = _dmul(_bw(dq, w) - rw * _bmm(gbs[0], hs[l]), hq[l], ACT)
-            dqs = (dq,) + dqs
-            gbs = (_bmm_nt(dq, ds[l - 1]),) + gbs
+        gbs = ()
+        sdqs = ()
+        for l in tl.static_range(DEPTH - 1, -1, -1):
+            ub = _block(U, T, R, uos[l])
+            vb = _block(V, T, R, vos[l])
+            _store_block(ub, t0, T, NQ, dims[l + 1], dims[l + 1], 0, R, dq, BT, BNQ, pads[l + 1])
+            d_s = _get(ds[l], ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, False, RELOAD, BT, BNS,
+                       pads[l + 1])
+            gb = _bmm_nt(dq, d_s)
+            gbs = (gb,) + gbs
+            sdqs = (tl.sum(dq, axis=1),) + sdqs
+            if l > 0:
+                rw = tl.load(rates + 2 * l)
+                w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
+                h_s = _get(hs[l], vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, True, RELOAD, BT, BNS, pads[l])
+                h_q = _get(hq[l], vb, t0, T, NQ, dims[l], dims[l] + 1, 0, R, False, RELOAD, BT, BNQ, pads[l])
+                dq = _dmul(_bw(dq, w) - rw * _bmm(gb, h_s), h_q, ACT)
+                dqs = (dq,) + dqs
         # The rates' gradients: dL/drW_l = -sum(gb_l * ga_l), dL/drb_l = -(sum_n D_l[n]) . (sum_q D'_l[q]).
         for l in tl.static_range(DEPTH):
             gw = -tl.sum(tl.sum(gbs[l] * gas[l], axis=2), axis=1)
-            gbias = -tl.sum(tl.sum(ds[l], axis=1) * tl.sum(dqs[l], axis=1), axis=1)
+            gbias = -tl.sum(sds[l] * sdqs[l], axis=1)
             tl.store(rate_grads + tq.to(tl.int64) * (2 * DEPTH) + 2 * l, gw, mask=tq < T)
             tl.store(rate_grads + tq.to(tl.int64) * (2 * DEPTH) + 2 * l + 1, gbias, mask=tq < T)
 
-        R = NQ
         if not FIRST_ORDER:
-            R = NQ + 2 * NS
-        rds = ()
-        rhs = ()
-        if not FIRST_ORDER:
+            if RELOAD:
+                tl.debug_barrier()
             # The tangents along R v at theta_0: z_dot_l = Hdot_l W_l^T + rW_l ga_l^T D'_l + rb_l sum_q D'_l[q]
-            # (Hdot_0 = 0); rhs[l] = Hdot_l, layer l's input tangent (rhs[0] unused); rzs[l] = z_dot_l.
+            # (Hdot_0 = 0), Hdot_{l+1} = s'(z_l) z_dot_l: rows NQ + NS.. of V_l hold [-Hdot_l | 0]. With tanh,
+            # rzs[l] = z_dot_l (read back from rows NQ.. of U_l, where Ddot_l goes once it is read).
             rzs = ()
-            rhs = (x,)
+            rh = x
             zd = x
+            vb = _block(V, T, R, vos[0])
+            _store_block(vb, t0, T, NS, D0, D0 + 1, NQ + NS, R, tl.zeros_like(x), BT, BNS, BD0)
+            _store_column(vb, t0, T, NS, D0 + 1, NQ + NS, R, D0, 0.0, BT, BNS)
             for l in tl.static_range(DEPTH):
                 rw = tl.load(rates + 2 * l)
                 rb = tl.load(rates + 2 * l + 1)
-                zd = rw * _bmm_tn(gas[l], dqs[l]) + rb * tl.sum(dqs[l], axis=1)[:, None, :]
+                ub = _block(U, T, R, uos[l])
+                d_q = _get(dqs[l], ub, t0, T, NQ, dims[l + 1], dims[l + 1], 0, R, False, RELOAD, BT, BNQ,
+                           pads[l + 1])
+                zd = rw * _bmm_tn(gas[l], d_q) + rb * sdqs[l][:, None, :]
                 if l > 0:
                     w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
-                    zd = zd + _fw(rhs[l], w)
+                    zd = zd + _fw(rh, w)
                 rzs = rzs + (zd,)
                 if l < DEPTH - 1:
-                    rhs = rhs + (_dmul(zd, hs[l + 1], ACT),)
+                    if ACT == 1 and RELOAD:
+                        _store_block(ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ, R, zd, BT, BNS, pads[l + 1])
+                    vb = _block(V, T, R, vos[l + 1])
+                    h_s = _get(hs[l + 1], vb, t0, T, NS, dims[l + 1], dims[l + 1] + 1, NQ, R, True, RELOAD, BT, BNS,
+                               pads[l + 1])
+                    rh = _dmul(zd, h_s, ACT)
+                    _store_block(vb, t0, T, NS, dims[l + 1], dims[l + 1] + 1, NQ + NS, R, -rh, BT, BNS, pads[l + 1])
+                    _store_column(vb, t0, T, NS, dims[l + 1] + 1, NQ + NS, R, dims[l + 1], 0.0, BT, BNS)
             # Ddot_{L-1} = the loss's Hessian times z_dot; Ddot_{l-1} = s'(z) (Ddot_l W_l + rW_l gb_l^T H'_l)
-            # + s''(z) z_dot (D_l W_l), tanh's s'' term being -2 h z_dot D_{l-1} (ReLU's is 0).
+            # + s''(z) z_dot (D_l W_l), tanh's s'' term being -2 h z_dot D_{l-1} (ReLU's is 0). Rows NQ.. of U_l.
             rd = _loss_hvp(zd, p_s, NS, DL, LOSS)
-            rds = (rd,)
             for l in tl.static_range(DEPTH - 1, 0, -1):
+                if RELOAD:
+                    tl.debug_barrier()  # every read of rows NQ.. of U_l (z_dot_l) is done: Ddot_l replaces it
+                ub = _block(U, T, R, uos[l])
+                _store_block(ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ, R, rd, BT, BNS, pads[l + 1])
                 rw = tl.load(rates + 2 * l)
                 w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
-                rd = _dmul(_bw(rd, w) + rw * _bmm_tn(gbs[l], hq[l]), hs[l], ACT)
+                vb = _block(V, T, R, vos[l])
+                h_q = _get(hq[l], vb, t0, T, NQ, dims[l], dims[l] + 1, 0, R, False, RELOAD, BT, BNQ, pads[l])
+                h_s = _get(hs[l], vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, True, RELOAD, BT, BNS, pads[l])
+                rd_low = _dmul(_bw(rd, w) + rw * _bmm_tn(gbs[l], h_q), h_s, ACT)
                 if ACT == 1:
-                    rd = rd - 2.0 * hs[l] * rzs[l - 1] * ds[l - 1]
-                rds = (rd,) + rds
-
-        # The factor rows of each layer: U_l = [D' ; Ddot ; D], V_l = [H' | 1 ; -H | -1 ; -Hdot | 0].
-        uo = 0
-        vo = 0
-        for l in tl.static_range(DEPTH):
-            din = dims[l]
-            dout = dims[l + 1]
-            ub = U + T.to(tl.int64) * R * uo
-            vb = V + T.to(tl.int64) * R * vo
-            _store_block(ub, t0, T, NQ, dout, dout, 0, R, dqs[l], BT, BNQ, pads[l + 1])
-            _store_block(vb, t0, T, NQ, din, din + 1, 0, R, hq[l], BT, BNQ, pads[l])
-            _store_column(vb, t0, T, NQ, din + 1, 0, R, din, 1.0, BT, BNQ)
-            if not FIRST_ORDER:
-                _store_block(ub, t0, T, NS, dout, dout, NQ, R, rds[l], BT, BNS, pads[l + 1])
-                _store_block(ub, t0, T, NS, dout, dout, NQ + NS, R, ds[l], BT, BNS, pads[l + 1])
-                _store_block(vb, t0, T, NS, din, din + 1, NQ, R, -hs[l], BT, BNS, pads[l])
-                _store_column(vb, t0, T, NS, din + 1, NQ, R, din, -1.0, BT, BNS)
-                if l > 0:
-                    _store_block(vb, t0, T, NS, din, din + 1, NQ + NS, R, -rhs[l], BT, BNS, pads[l])
-                else:
-                    _store_block(vb, t0, T, NS, din, din + 1, NQ + NS, R, tl.zeros_like(hs[0]), BT, BNS, pads[0])
-                _store_column(vb, t0, T, NS, din + 1, NQ + NS, R, din, 0.0, BT, BNS)
-            uo += dout
-            vo += din + 1
+                    lb = _block(U, T, R, uos[l - 1])
+                    z_dot = _get(rzs[l - 1], lb, t0, T, NS, dims[l], dims[l], NQ, R, False, RELOAD, BT, BNS, pads[l])
+                    d_s = _get(ds[l - 1], lb, t0, T, NS, dims[l], dims[l], NQ + NS, R, False, RELOAD, BT, BNS,
+                               pads[l])
+                    rd_low = rd_low - 2.0 * h_s * z_dot * d_s
+                rd = rd_low
+            if RELOAD:
+                tl.debug_barrier()
+            _store_block(U, t0, T, NS, D1, D1, NQ, R, rd, BT, BNS, BD1)
 
 
 def pad(n: int) -> int:
@@ -319,7 +394,7 @@ def pad(n: int) -> int:
 
 
 def launch(theta, rates, xs, ys, xq, yq, cot, g_pred, dims, activation, loss, first_order, factors, *,
-           tasks_per_program, num_warps, **options):
+           tasks_per_program, num_warps, reload=True, **options):
     """`maml_onestep`'s outputs, `(losses [T], preds [T, Nq, D_out], U, V, rate_grads [T, 2 L])` (the C++ op's
     layout, `_onestep`), from one launch of `ceil(T / tasks_per_program)` programs. The caller has checked the
     arguments (`_onestep` builds them)."""
@@ -342,5 +417,5 @@ def launch(theta, rates, xs, ys, xq, yq, cot, g_pred, dims, activation, loss, fi
         T, ns, nq, *sizes,
         DEPTH=L, **pads, BNS=pad(ns), BNQ=pad(nq), BT=tasks_per_program, ACT=int(activation), LOSS=int(loss),
         FIRST_ORDER=bool(first_order), HAS_COT=cot is not None, HAS_GPRED=g_pred is not None,
-        FACTORS=bool(factors), num_warps=num_warps, **options)
+        FACTORS=bool(factors), RELOAD=bool(factors and not first_order and reload), num_warps=num_warps, **options)
     return losses, preds, U, V, rate_grads

@@ -74,9 +74,12 @@ MAXNREG: Optional[int] = None
 # calls with one inner step run it where `_onestep.reason` takes them, under FASTMAML_TRITON_ONESTEP=1; off
 # by default until a GPU has measured it against the reverse sweep. FASTMAML_TRITON_ONESTEP_TASKS sets its
 # tasks a program (1, 2 or 4), FASTMAML_TRITON_WARPS its warps (default 8). Compiled for sm_90 (ptxas -v,
-# float32, ieee, the sinusoid net): one task and 8 warps spills 1.6 / 2.0 KiB of stores / loads a thread at
-# 255 registers (4 warps 3.2 / 3.9 KiB), two tasks 2.9 / 3.3 KiB; four tasks, or two at 4 warps, fall to
-# ptxas's 32 registers with 48-150 KiB. None: read on first use (`onestep_settings`; tests set them).
+# float32, ieee, the sinusoid net, second order, the blocks read back from the factor rows): one task and 8
+# warps spills 148 / 116 B of stores / loads a thread at 255 registers (52 / 52 with tanh and cross-entropy),
+# 4 warps 2.5 / 4.1 KiB, two tasks 2.9 / 4.2 KiB (kept in registers instead: 1.6 / 2.0 KiB at one task);
+# tf32x3 1.9 / 2.7 KiB. Launched with ptxas's cap at 255 registers (FASTMAML_TRITON_MAXNREG sets another):
+# without it, ptxas gave some of these variants 32 registers and 50-150 KiB of spills. None: read on first
+# use (`onestep_settings`; tests set them).
 ONESTEP: Optional[bool] = None
 ONESTEP_TASKS: Optional[int] = None
 
@@ -312,8 +315,9 @@ def onestep_settings() -> tuple[bool, int]:
     return ONESTEP, ONESTEP_TASKS
 
 
-# Widest padded layer the one-step kernel takes: it keeps every activation of its tasks in registers, and at
-# 128 (the 1-128-128-1 net, 8 or 16 warps) ptxas falls back to 32 registers and spills 26-37 KiB a thread.
+# Widest padded layer the one-step kernel takes: its products are whole `tl.dot`s of a task's points, and at
+# 128 (the 1-128-128-1 net) they spill 4.9 / 8.0 KiB a thread at 8 warps, 0.8 / 1.4 KiB at 16, where the
+# reverse sweep's scratch layout spills none.
 ONESTEP_MAX_PADDED_WIDTH = 64
 
 
@@ -330,7 +334,7 @@ def onestep_reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[st
 def onestep_kernel(theta, rates, *args):
     """`_onestep._Call.kernel` for Triton: one launch of `_triton_onestep.onestep_kernel` on theta's device."""
     _, tasks = onestep_settings()
-    options = {"maxnreg": max_registers()} if max_registers() else {}
+    options = {"maxnreg": max_registers() or 255}
     with _device_guard(theta):
         return _kernels().onestep.launch(theta, rates, *args, tasks_per_program=tasks,
                                          num_warps=warps_switch() or 8, **options)
