@@ -247,6 +247,12 @@ def _triton_child(spec: dict) -> None:
         kernel, warps = targets.compile_for_target(kind, torch.float32, spec["dims"], 10, 10, 0, 0,
                                                    arch=spec["arch"], num_warps=spec["warps"], **options)
         _print_ptxas(kernel, spec["arch"], start, kind=f"{name} {tm.layout_for(spec['dims'])}", warps=warps)
+    if max(spec["dims"]) <= tm.ONESTEP_MAX_PADDED_WIDTH:  # the one-step kernel (FASTMAML_TRITON_ONESTEP=1)
+        start = time.perf_counter()
+        warps = spec["warps"] or 8
+        kernel = targets.onestep_compile_for_target(torch.float32, spec["dims"], 10, 10, 0, 0, num_warps=warps,
+                                                    arch=spec["arch"])
+        _print_ptxas(kernel, spec["arch"], start, kind="onestep registers", warps=warps)
 
 
 def _print_ptxas(kernel, arch: int, start: float, **fields) -> None:

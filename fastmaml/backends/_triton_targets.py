@@ -17,8 +17,9 @@ def compiled_report() -> list[str]:
     kernels = triton_maml._KERNELS
     if kernels is None or kernels.interpreted:
         return []
-    return [f"{layout}: {line}" for layout, module in (("registers", kernels.module), ("scratch", kernels.scratch))
-            for line in kernel_cache_report(module, ("maml_fwd_kernel", "maml_bwd_kernel"))]
+    return ([f"{layout}: {line}" for layout, module in (("registers", kernels.module), ("scratch", kernels.scratch))
+             for line in kernel_cache_report(module, ("maml_fwd_kernel", "maml_bwd_kernel"))]
+            + [f"one-step: {line}" for line in kernel_cache_report(kernels.onestep, ("onestep_kernel",))])
 
 
 def kernel_cache_report(module, names) -> list[str]:
@@ -87,3 +88,26 @@ def compile_for_target(kind: str, dtype: torch.dtype, dims: list[int], n_support
     kernel = triton.compile(ast_source(kind, dtype, consts), target=GPUTarget("cuda", arch, 32),
                             options=dict(launch, num_warps=warps))
     return kernel, warps
+
+
+def onestep_compile_for_target(dtype: torch.dtype, dims: list[int], n_support: int, n_query: int, activation: int,
+                               loss: int, *, first_order: bool = False, tasks_per_program: int = 1,
+                               num_warps: int = 8, arch: int = 90):
+    """The one-step kernel (`_triton_onestep.py`) of a training call, compiled by `triton.compile` for an NVIDIA
+    GPU of compute capability `arch` on a machine without one (the interpreter off), with the launch's
+    constants and register cap (`triton_maml.onestep_kernel`)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = triton_maml._kernels().onestep.onestep_kernel
+    pad = triton_maml._kernels().onestep.pad
+    sizes = list(dims) + [1] * (5 - len(dims))
+    consts = {f"BD{i}": pad(d) for i, d in enumerate(sizes)}
+    consts.update(DEPTH=len(dims) - 1, BNS=pad(n_support), BNQ=pad(n_query), BT=tasks_per_program,
+                  ACT=int(activation), LOSS=int(loss), FIRST_ORDER=bool(first_order), HAS_COT=False,
+                  HAS_GPRED=False, FACTORS=True, RELOAD=not first_order)
+    labels = {"ys": "*i64", "yq": "*i64"} if loss == 1 else {}
+    signature = kernel_signature(fn, consts, triton_maml._kernels().onestep._RUNTIME_INTS, dtype, labels)
+    return triton.compile(ASTSource(fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, maxnreg=triton_maml.max_registers() or 255))

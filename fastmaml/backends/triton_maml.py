@@ -74,12 +74,12 @@ MAXNREG: Optional[int] = None
 # calls with one inner step run it where `_onestep.reason` takes them, under FASTMAML_TRITON_ONESTEP=1; off
 # by default until a GPU has measured it against the reverse sweep. FASTMAML_TRITON_ONESTEP_TASKS sets its
 # tasks a program (1, 2 or 4), FASTMAML_TRITON_WARPS its warps (default 8). Compiled for sm_90 (ptxas -v,
-# float32, ieee, the sinusoid net, second order, the blocks read back from the factor rows): one task and 8
-# warps spills 148 / 116 B of stores / loads a thread at 255 registers (52 / 52 with tanh and cross-entropy),
-# 4 warps 2.5 / 4.1 KiB, two tasks 2.9 / 4.2 KiB (kept in registers instead: 1.6 / 2.0 KiB at one task);
-# tf32x3 1.9 / 2.7 KiB. Launched with ptxas's cap at 255 registers (FASTMAML_TRITON_MAXNREG sets another):
-# without it, ptxas gave some of these variants 32 registers and 50-150 KiB of spills. None: read on first
-# use (`onestep_settings`; tests set them).
+# float32, ieee, the sinusoid net, second order, the blocks read back from the factor rows; launched with
+# ptxas's cap at 255 registers, FASTMAML_TRITON_MAXNREG setting another): one task and 8 warps spills 200 /
+# 248 B of stores / loads a thread (kept in registers instead: 1.6 / 2.0 KiB; tanh and cross-entropy 452 /
+# 720 B); two tasks 5.0 / 5.9 KiB; 4 warps 2.2 / 3.3 KiB; tf32x3 (no cap) 1.5 / 2.2 KiB. Without the cap ptxas
+# spilled more at one task and 8 warps (356 / 548 B) and gave two tasks, or 4 warps, 32 registers and 32-45
+# KiB. None: read on first use (`onestep_settings`; tests set them).
 ONESTEP: Optional[bool] = None
 ONESTEP_TASKS: Optional[int] = None
 
@@ -316,8 +316,8 @@ def onestep_settings() -> tuple[bool, int]:
 
 
 # Widest padded layer the one-step kernel takes: its products are whole `tl.dot`s of a task's points, and at
-# 128 (the 1-128-128-1 net) they spill 4.9 / 8.0 KiB a thread at 8 warps, 0.8 / 1.4 KiB at 16, where the
-# reverse sweep's scratch layout spills none.
+# 128 (the 1-128-128-1 net, 16 warps) they spill 0.8 / 1.4 KiB a thread (at 8 warps 49 / 69 KiB, at ptxas's
+# 32 registers without the cap), where the reverse sweep's scratch layout spills none.
 ONESTEP_MAX_PADDED_WIDTH = 64
 
 
