@@ -105,6 +105,21 @@ def test_kernel_keeping_blocks_in_registers_matches(act, loss):
 
 
 @interpreted
+@pytest.mark.parametrize("label", [-1, 4, 2**32])
+def test_class_out_of_range_poisons_its_task(label):
+    """A class label out of range (possible on a GPU with the input checks off) makes its task's loss NaN, as in
+    the C++ kernels, also past int32 (where a narrower type would wrap it into a class in range)."""
+    triton_maml._kernels()
+    from fastmaml.backends import _triton_onestep
+
+    (theta, _, rates, xs, ys, xq, yq), _ = _inputs([3, 7, 4], 3, 5, 6, 1, seed=80)
+    yq[1, 2] = label
+    out = _triton_onestep.launch(theta, rates, xs, ys, xq, yq, None, None, [3, 7, 4], 0, 1, False, True,
+                                 tasks_per_program=2, num_warps=4)
+    assert torch.isnan(out[0][1]) and torch.isfinite(out[0][[0, 2]]).all()
+
+
+@interpreted
 def test_kernel_without_factors_gives_losses_and_outputs():
     _compare([3, 9, 4], 3, 5, 6, 1, 0, False, False, False, 2, seed=40, factors=False)
 
@@ -244,13 +259,19 @@ def test_gpu_kernel_matches_the_cpu_op(dtype, tasks_per_program, shape):
              device="cuda", tol=1e-10 if dtype == F64 else 1e-4, num_warps=8)
 
 
-def test_width_beyond_the_register_tiles_is_refused():
-    case = _case(dims=[1, 100, 1], tasks=2, n_support=5, n_query=6, seed=62)
+@pytest.mark.parametrize("dims, ns, nq, why", [([1, 100, 1], 5, 6, "padded widths up to 64"),
+                                               ([1, 40, 1], 5, 33, "up to 32 support and query points"),
+                                               ([1, 40, 1], 33, 5, "up to 32 support and query points")])
+def test_sizes_beyond_the_register_tiles_are_refused(dims, ns, nq, why):
     from fastmaml._validate import make_problem
 
+    case = _case(dims=dims, tasks=2, n_support=ns, n_query=nq, seed=62)
     problem = make_problem(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
     assert _onestep.reason(problem, False, False) is None
-    assert "padded widths up to 64" in triton_maml.onestep_reason(problem, False, False)
+    assert why in triton_maml.onestep_reason(problem, False, False)
+    case = _case(dims=[1, 64, 1], tasks=2, n_support=32, n_query=17, seed=63)
+    problem = make_problem(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
+    assert triton_maml.onestep_reason(problem, False, False) is None
 
 
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))

@@ -91,10 +91,11 @@ def _load_block(base, t0, T, N, D, BT: tl.constexpr, BN: tl.constexpr, BD: tl.co
 
 @triton.jit
 def _load_labels(base, t0, T, N, BT: tl.constexpr, BN: tl.constexpr):
-    """`[BT, BN]` class labels (int32; 0 outside)."""
+    """`[BT, BN]` class labels (int64, as given: a narrower type would wrap a label out of range into one in
+    range, which `_loss` must see as out of range; 0 outside)."""
     t = (t0 + tl.arange(0, BT)).to(tl.int64)[:, None]
     n = tl.arange(0, BN)[None, :]
-    return tl.load(base + t * N + n, mask=(t < T) & (n < N), other=0).to(tl.int32)
+    return tl.load(base + t * N + n, mask=(t < T) & (n < N), other=0)
 
 
 @triton.jit
@@ -366,7 +367,7 @@ def onestep_kernel(
             # + s''(z) z_dot (D_l W_l), tanh's s'' term being -2 h z_dot D_{l-1} (ReLU's is 0). Rows NQ.. of U_l.
             rd = _loss_hvp(zd, p_s, NS, DL, LOSS)
             for l in tl.static_range(DEPTH - 1, 0, -1):
-                if RELOAD:
+                if RELOAD and ACT == 1:
                     tl.debug_barrier()  # every read of rows NQ.. of U_l (z_dot_l) is done: Ddot_l replaces it
                 ub = _block(U, T, R, uos[l])
                 _store_block(ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ, R, rd, BT, BNS, pads[l + 1])
@@ -383,8 +384,8 @@ def onestep_kernel(
                                pads[l])
                     rd_low = rd_low - 2.0 * h_s * z_dot * d_s
                 rd = rd_low
-            if RELOAD:
-                tl.debug_barrier()
+            if RELOAD and ACT == 1:
+                tl.debug_barrier()  # the same for z_dot_0 (only tanh keeps z_dot in the rows)
             _store_block(U, t0, T, NS, D1, D1, NQ, R, rd, BT, BNS, BD1)
 
 

@@ -317,8 +317,11 @@ def onestep_settings() -> tuple[bool, int]:
 
 # Widest padded layer the one-step kernel takes: its products are whole `tl.dot`s of a task's points, and at
 # 128 (the 1-128-128-1 net, 16 warps) they spill 0.8 / 1.4 KiB a thread (at 8 warps 49 / 69 KiB, at ptxas's
-# 32 registers without the cap), where the reverse sweep's scratch layout spills none.
+# 32 registers without the cap), where the reverse sweep's scratch layout spills none. The same for a task's
+# points (support or query, padded): 32 (20 points: 2.8 / 3.8 KiB at the sinusoid widths), not 64 (50 points:
+# 19 / 25 KiB, 138 s to compile; 100 points did not compile in 12 minutes).
 ONESTEP_MAX_PADDED_WIDTH = 64
+ONESTEP_MAX_PADDED_POINTS = 32
 
 
 def onestep_reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
@@ -328,6 +331,9 @@ def onestep_reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[st
     if why is None and max(_pad(d) for d in problem.dims) > ONESTEP_MAX_PADDED_WIDTH:
         why = (f"width {max(problem.dims)} (the Triton one-step kernel keeps its activations in registers: "
                f"padded widths up to {ONESTEP_MAX_PADDED_WIDTH})")
+    if why is None and max(_pad(problem.n_support), _pad(problem.n_query)) > ONESTEP_MAX_PADDED_POINTS:
+        why = (f"{max(problem.n_support, problem.n_query)} points a task (the Triton one-step kernel keeps its "
+               f"activations in registers: up to {ONESTEP_MAX_PADDED_POINTS} support and query points)")
     return why
 
 
