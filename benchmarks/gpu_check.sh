@@ -369,7 +369,7 @@ else
       tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py \
       tests/test_benchmark_tools.py tests/test_same_function.py tests/test_onestep.py tests/test_triton_onestep.py \
       -q -rfE "${XDIST[@]}" -p no:cacheprovider \
-      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or unused_inputs or cuda_op_matches or onestep_kernel or gpu_kernel_matches or gpu_backend_switch" \
+      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or unused_inputs or cuda_op_matches or onestep_kernel or (gpu_kernel_matches and sinusoid and f32_one) or gpu_backend_switch" \
       >> "$DIR/tests.log" 2>&1
     rc=$?
     echo "quick tests exit code $rc"

@@ -246,7 +246,8 @@ def _gpu_reason():
 
 
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
-@pytest.mark.parametrize("dtype, tasks_per_program", [(torch.float32, 1), (torch.float32, 2), (torch.float64, 1)])
+@pytest.mark.parametrize("dtype, tasks_per_program", [(torch.float32, 1), (torch.float32, 2), (torch.float64, 1)],
+                         ids=["f32_one", "f32_two", "f64_one"])
 @pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "ce_5way"])
 def test_gpu_kernel_matches_the_cpu_op(dtype, tasks_per_program, shape):
     """The compiled kernel (8 warps, as the backend launches it) against the float64 CPU op: float64 within
