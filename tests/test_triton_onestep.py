@@ -89,8 +89,8 @@ def _compare(dims, tasks, ns, nq, act, loss, first_order, cot, g_pred, tasks_per
 @pytest.mark.parametrize("loss", [0, 1])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_kernel_matches_the_cpu_op(depth, act, loss, first_order):
-    """Float64, widths and point counts that are not powers of two (Ns != Nq, 17 query points: two blocks of
-    16), groups of 1, 2 or 4 tasks over 5 tasks, the seeds of the query backward (a cotangent of the losses,
+    """Float64, widths and point counts that are not powers of two (Ns != Nq, 17 query points: padded to 32),
+    groups of 1, 2 or 4 tasks over 5 tasks, the seeds of the query backward (a cotangent of the losses,
     of the outputs, both, neither) taken in turn."""
     i = (depth - 1) * 8 + act * 4 + loss * 2 + int(first_order)
     _compare(DIMS[depth], 5, 6, 17 if i % 3 == 0 else 7, act, loss, first_order, cot=i % 2 == 0, g_pred=i % 4 < 2,

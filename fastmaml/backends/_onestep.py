@@ -3,7 +3,8 @@
 Every task starts from theta_0 and takes one SGD step, so each adapted weight matrix is theta_0's less a
 matrix of rank at most Ns, and a product with it is a product with the shared theta_0 plus a correction
 through an `[Nq, Ns]` matrix of the task's own. The kernel runs one task per team (a warp on a GPU, one
-thread on the CPU) with theta_0 shared by every task, and returns, with each task's loss and query output,
+thread on the CPU; the `triton` backend's form, `_triton_onestep.py`, a group of tasks a program) with theta_0
+shared by every task, and returns, with each task's loss and query output,
 the meta-gradient as factor rows per layer: `g[W_l | b_l] = sum_t U_lt^T V_lt` with `R = Nq + 2 Ns` rows a
 task (`Nq` first order). The sum over tasks is one matrix product per layer, `[out, T R] x [T R, in + 1]`.
 

@@ -325,15 +325,15 @@ ONESTEP_MAX_PADDED_POINTS = 32
 
 
 def onestep_reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
-    """Why the Triton one-step kernel does not take this training call (`_onestep.reason`, and its width), or
-    None."""
+    """Why the Triton one-step kernel does not take this training call (`_onestep.reason`, then its bounds on
+    the padded width and points), or None."""
     why = _onestep.reason(problem, need_lr, need_x)
     if why is None and max(_pad(d) for d in problem.dims) > ONESTEP_MAX_PADDED_WIDTH:
-        why = (f"width {max(problem.dims)} (the Triton one-step kernel keeps its activations in registers: "
+        why = (f"width {max(problem.dims)} (the Triton one-step kernel's products are whole register tiles: "
                f"padded widths up to {ONESTEP_MAX_PADDED_WIDTH})")
     if why is None and max(_pad(problem.n_support), _pad(problem.n_query)) > ONESTEP_MAX_PADDED_POINTS:
-        why = (f"{max(problem.n_support, problem.n_query)} points a task (the Triton one-step kernel keeps its "
-               f"activations in registers: up to {ONESTEP_MAX_PADDED_POINTS} support and query points)")
+        why = (f"{max(problem.n_support, problem.n_query)} points a task (the Triton one-step kernel's products "
+               f"are whole register tiles: up to {ONESTEP_MAX_PADDED_POINTS} support and query points)")
     return why
 
 
