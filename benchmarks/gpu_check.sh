@@ -52,7 +52,8 @@
 # TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
-# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global, ONESTEP_TESTS_S=25 with FASTMAML_CUDA_ONESTEP=1.
+# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global, ONESTEP_TESTS_S=25 with FASTMAML_CUDA_ONESTEP=1,
+# and TONESTEP_TESTS_S=40 two GPU tests of the Triton one-step kernel (tests/test_triton_onestep.py).
 # EXPLAIN=0 skips auto's choice, OVERHEAD_S=0 the overhead run, REPORTS=0 the register reports (nvcc's of
 # the CUDA kernels takes minutes of the machine's CPUs). ncu runs after the tests and auto's choice. With AB_S, the A/B's Triton variants are compiled in the background from
 # the tests on (prewarm.log; PREWARM=0 skips it, PREWARM_WAIT_S=30 how long the A/B waits for it).
@@ -92,14 +93,15 @@ if [ "$MODE" = measure ]; then
   : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=onestep blocks6+team32 fcuda}"
   : "${TOTAL_S:=$(( 220 + AB_S ))}"
 elif [ "$MODE" = tests ]; then
-  # The quick tests 120 s (a75ae00's took 114 s with warm caches), the switches' tests 65 (the one-step
-  # kernel's 20), auto's choice, then ncu with what is left (the one-step kernel's 30, the CUDA backward's 30;
+  # The quick tests 120 s (a75ae00's took 114 s with warm caches), the Triton one-step kernel's 40, the CUDA
+  # one-step switch's 20 (the mma and blocks6+states switches' tests only when asked: neither is in this
+  # plan's A/B), auto's choice, then ncu with what is left (the one-step kernel's 30, the CUDA backward's 30;
   # the factored low-rank kernels' only when asked, NCU_LOWRANK_S=40), the register reports (nvcc's in the
   # background from the start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the
   # time left.
   : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=30}" "${NCU_LOWRANK_S:=0}"
-  : "${NCU_ONESTEP_S:=30}" "${ONESTEP_TESTS_S:=20}"
-  : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=25}" "${STATES_TESTS_S:=20}" "${TOTAL_S:=285}"
+  : "${NCU_ONESTEP_S:=30}" "${ONESTEP_TESTS_S:=20}" "${TONESTEP_TESTS_S:=40}"
+  : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=0}" "${STATES_TESTS_S:=0}" "${TOTAL_S:=285}"
   : "${RESERVE_S:=35}"
 fi
 if [ "$QUICK" = 1 ]; then
@@ -367,14 +369,32 @@ else
     stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${lim}s) -> $DIR/tests.log"
     FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$lim" python -m pytest tests/test_backends.py \
       tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py \
-      tests/test_benchmark_tools.py tests/test_same_function.py tests/test_onestep.py tests/test_triton_onestep.py \
-      -q -rfE "${XDIST[@]}" -p no:cacheprovider \
-      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or unused_inputs or cuda_op_matches or onestep_kernel or (gpu_kernel_matches and sinusoid and f32_one) or gpu_backend_switch" \
+      tests/test_benchmark_tools.py tests/test_same_function.py tests/test_onestep.py -q -rfE "${XDIST[@]}" \
+      -p no:cacheprovider \
+      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or unused_inputs or cuda_op_matches or onestep_kernel" \
       >> "$DIR/tests.log" 2>&1
     rc=$?
     echo "quick tests exit code $rc"
     check_rc "quick tests" $rc
     tail -n 4 "$DIR/tests.log" | cut -c1-300
+    # The Triton one-step kernel (FASTMAML_TRITON_ONESTEP=1, the A/B's tonestep), a stage of its own: each of
+    # its GPU tests compiles a kernel variant (10-20 s without pytest-xdist), which would push the quick tests
+    # past their limit. The compiled kernel against the CPU op at the sinusoid size with 20,000 tasks, and the
+    # backend under the switch; TONESTEP_TESTS_S (0 skips them).
+    limit=${TONESTEP_TESTS_S:-40}
+    if [ "$limit" -gt 0 ]; then
+      limit=$(capped "$limit")
+      if ! too_late "tests of the Triton one-step kernel" "$limit"; then
+        stage "tests of the Triton one-step kernel: two GPU tests (limit ${limit}s) -> $DIR/tests.log"
+        echo "===== triton one-step: tests/test_triton_onestep.py" >> "$DIR/tests.log"
+        timeout "$limit" python -m pytest tests/test_triton_onestep.py -q -rfE -p no:cacheprovider \
+          -k "(gpu_kernel_matches and sinusoid and f32_one) or gpu_backend_switch" >> "$DIR/tests.log" 2>&1
+        rc=$?
+        echo "Triton one-step tests: exit code $rc"
+        check_rc "tests of the Triton one-step kernel" $rc
+        tail -n 2 "$DIR/tests.log" | cut -c1-300
+      fi
+    fi
     # The tensor-core products (FASTMAML_CUDA_MMA=1, off by default) on test_backends.py's float32
     # comparisons with the reference (every option, the GPU sizes), so that the A/B's `mma` row is a
     # kernel the tests have passed. float64 is left out: the switch is float's only.
