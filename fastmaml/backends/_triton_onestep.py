@@ -30,8 +30,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._onestep import factor_rows
 from ._triton_pieces import _act, _dmul, _layer_offsets, _load_layer
 from ._triton_products import PRECISION
+from .triton_maml import _pad, _sizes
 
 
 @triton.jit
@@ -391,9 +393,16 @@ def onestep_kernel(
             _store_block(U, t0, T, NS, D1, D1, NQ, R, rd, BT, BNS, BD1)
 
 
-def pad(n: int) -> int:
-    """A padded size: the power of two >= n, at least 16."""
-    return max(16, 1 << (max(1, n) - 1).bit_length())
+def constants(dims, n_support, n_query, tasks_per_program, activation, loss, first_order, *, has_cot=False,
+              has_gpred=False, factors=True, reload=True) -> dict:
+    """The compile-time constants of one launch (the launch's, and `_triton_targets`' compile for a GPU):
+    padded sizes as the other Triton kernels pad them (`triton_maml._pad`), RELOAD where the rows hold the
+    blocks to read back (second order with factors)."""
+    consts = {f"BD{i}": _pad(d) for i, d in enumerate(_sizes(dims))}
+    consts.update(DEPTH=len(dims) - 1, BNS=_pad(n_support), BNQ=_pad(n_query), BT=tasks_per_program,
+                  ACT=int(activation), LOSS=int(loss), FIRST_ORDER=bool(first_order), HAS_COT=bool(has_cot),
+                  HAS_GPRED=bool(has_gpred), FACTORS=bool(factors), RELOAD=bool(factors and not first_order and reload))
+    return consts
 
 
 def launch(theta, rates, xs, ys, xq, yq, cot, g_pred, dims, activation, loss, first_order, factors, *,
@@ -403,8 +412,7 @@ def launch(theta, rates, xs, ys, xq, yq, cot, g_pred, dims, activation, loss, fi
     arguments (`_onestep` builds them)."""
     T, ns, nq = xs.shape[0], xs.shape[1], xq.shape[1]
     L, dy = len(dims) - 1, dims[-1]
-    R = nq if first_order else nq + 2 * ns
-    rows = T * R if factors else 0
+    rows = T * factor_rows(ns, nq, first_order) if factors else 0
     losses = theta.new_empty(T)
     preds = theta.new_empty(T, nq, dy)
     U = theta.new_empty(rows * sum(dims[1:]))
@@ -412,13 +420,10 @@ def launch(theta, rates, xs, ys, xq, yq, cot, g_pred, dims, activation, loss, fi
     rate_grads = theta.new_empty(T if factors else 0, 2 * L)
     if T == 0:
         return losses, preds, U, V, rate_grads
-    sizes = list(dims) + [1] * (5 - len(dims))
-    pads = {f"BD{i}": pad(d) for i, d in enumerate(sizes)}
+    consts = constants(dims, ns, nq, tasks_per_program, activation, loss, first_order, has_cot=cot is not None,
+                       has_gpred=g_pred is not None, factors=factors, reload=reload)
     onestep_kernel[(triton.cdiv(T, tasks_per_program),)](
         theta, rates, xs, ys, xq, yq, theta if cot is None else cot, theta if g_pred is None else g_pred,
         losses, preds, U if rows else theta, V if rows else theta, rate_grads if factors else theta,
-        T, ns, nq, *sizes,
-        DEPTH=L, **pads, BNS=pad(ns), BNQ=pad(nq), BT=tasks_per_program, ACT=int(activation), LOSS=int(loss),
-        FIRST_ORDER=bool(first_order), HAS_COT=cot is not None, HAS_GPRED=g_pred is not None,
-        FACTORS=bool(factors), RELOAD=bool(factors and not first_order and reload), num_warps=num_warps, **options)
+        T, ns, nq, *_sizes(dims), **consts, num_warps=num_warps, **options)
     return losses, preds, U, V, rate_grads

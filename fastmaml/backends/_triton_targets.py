@@ -100,14 +100,10 @@ def onestep_compile_for_target(dtype: torch.dtype, dims: list[int], n_support: i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = triton_maml._kernels().onestep.onestep_kernel
-    pad = triton_maml._kernels().onestep.pad
-    sizes = list(dims) + [1] * (5 - len(dims))
-    consts = {f"BD{i}": pad(d) for i, d in enumerate(sizes)}
-    consts.update(DEPTH=len(dims) - 1, BNS=pad(n_support), BNQ=pad(n_query), BT=tasks_per_program,
-                  ACT=int(activation), LOSS=int(loss), FIRST_ORDER=bool(first_order), HAS_COT=False,
-                  HAS_GPRED=False, FACTORS=True, RELOAD=not first_order)
+    onestep = triton_maml._kernels().onestep
+    fn = onestep.onestep_kernel
+    consts = onestep.constants(dims, n_support, n_query, tasks_per_program, activation, loss, first_order)
     labels = {"ys": "*i64", "yq": "*i64"} if loss == 1 else {}
-    signature = kernel_signature(fn, consts, triton_maml._kernels().onestep._RUNTIME_INTS, dtype, labels)
+    signature = kernel_signature(fn, consts, onestep._RUNTIME_INTS, dtype, labels)
     return triton.compile(ASTSource(fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, maxnreg=triton_maml.max_registers() or 255))
