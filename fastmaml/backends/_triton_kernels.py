@@ -29,8 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_pieces import (_accumulate, _act, _copy, _dmul, _ddact, _layer_offsets, _load_layer, _load_points,
-                             _load_targets, _load_weight, _store_layer, _store_points, _zero)
+from ._triton_pieces import (_accumulate, _act, _ce_points, _copy, _dmul, _ddact, _layer_offsets, _load_layer,
+                             _load_points, _load_targets, _load_weight, _store_layer, _store_points, _zero)
 from ._triton_products import _mm, _mm_nt, _mm_tn
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,20 +75,9 @@ def _loss_grad(z, y, N, DL, BN: tl.constexpr, BDL: tl.constexpr, LOSS: tl.conste
         p = z
     else:
         scale = 1.0 / N.to(z.dtype)
-        zm = tl.where(c[None, :] < DL, z, float("-inf"))
-        m = tl.max(zm, axis=1)
-        e = tl.exp(zm - m[:, None])
-        s = tl.sum(e, axis=1)
-        p = e / s[:, None]
-        onehot = c[None, :] == y[:, None]
-        zy = tl.sum(tl.where(onehot, z, 0.0), axis=1)
-        lse = m + tl.log(s)
-        # A class out of range (possible where the data checks are off: GPU tensors by default) makes the
-        # point's loss and gradient nan, as in the CUDA kernels, instead of a silently wrong finite loss.
-        valid = (y >= 0) & (y < DL)
-        point = tl.where(valid, lse - zy, float("nan"))
+        point, grad, p = _ce_points(z, y, DL, c[None, :])
         loss = tl.sum(tl.where(rows, point, 0.0), axis=0) * scale
-        dz = tl.where(rows[:, None], tl.where(valid[:, None], p - onehot.to(z.dtype), float("nan")), 0.0) * scale
+        dz = tl.where(rows[:, None], grad, 0.0) * scale
     return loss, dz, p
 
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._onestep import factor_rows
-from ._triton_pieces import _act, _dmul, _layer_offsets, _load_layer
+from ._triton_pieces import _act, _ce_points, _dmul, _layer_offsets, _load_layer
 from ._triton_products import PRECISION
 from .triton_maml import _pad, _sizes
 
@@ -148,17 +148,9 @@ def _loss(z, y, N, DL, LOSS: tl.constexpr):
         p = z
     else:
         scale = 1.0 / N.to(z.dtype)
-        zm = tl.where(c < DL, z, float("-inf"))
-        m = tl.max(zm, axis=2)
-        e = tl.exp(zm - m[:, :, None])
-        s = tl.sum(e, axis=2)
-        p = e / s[:, :, None]
-        onehot = c == y[:, :, None]
-        zy = tl.sum(tl.where(onehot, z, 0.0), axis=2)
-        valid = (y >= 0) & (y < DL)
-        point = tl.where(valid, m + tl.log(s) - zy, float("nan"))
+        point, grad, p = _ce_points(z, y, DL, c)
         loss = tl.sum(tl.where(tl.arange(0, BN)[None, :] < N, point, 0.0), axis=1) * scale
-        dz = tl.where(rows, tl.where(valid[:, :, None], p - onehot.to(z.dtype), float("nan")), 0.0) * scale
+        dz = tl.where(rows, grad, 0.0) * scale
     return loss, dz, p
 
 

@@ -45,6 +45,27 @@ def _ddact(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _ce_points(z, y, DL, c):
+    """Cross-entropy point by point, the classes along the last axis of the logits `z [..., BD]` (`c`, the
+    class numbers, broadcast to it; columns from `DL` are padding), `y [...]` the labels. Returns each point's
+    loss `[...]`, its gradient in z `[..., BD]` (softmax - onehot) and the softmax. A class out of range (possible
+    where the data checks are off: GPU tensors by default) makes the point's loss and gradient NaN, as in the
+    CUDA kernels, instead of a silently wrong finite loss."""
+    zm = tl.where(c < DL, z, float("-inf"))
+    m = tl.max(zm, axis=-1)
+    e = tl.exp(zm - tl.expand_dims(m, -1))
+    s = tl.sum(e, axis=-1)
+    p = e / tl.expand_dims(s, -1)
+    onehot = c == tl.expand_dims(y, -1)
+    zy = tl.sum(tl.where(onehot, z, 0.0), axis=-1)
+    lse = m + tl.log(s)
+    valid = (y >= 0) & (y < DL)
+    point = tl.where(valid, lse - zy, float("nan"))
+    grad = tl.where(tl.expand_dims(valid, -1), p - onehot.to(z.dtype), float("nan"))
+    return point, grad, p
+
+
+@triton.jit
 def _layer_offsets(D0, D1, D2, D3, D4, DEPTH: tl.constexpr):
     """Offsets of each layer's W in the flat parameters (`b_l` follows `W_l`), as a tuple."""
     dims = (D0, D1, D2, D3, D4)
