@@ -575,8 +575,8 @@ fi
 #            theta_1 never formed, the meta-gradient as factor rows summed by one product a layer)
 #   ow4, ow16  the same with 4 or 16 warps a block (FASTMAML_ONESTEP_WARPS; 8 by default)
 #   oglobal  the same with every warp's scratch in global memory (FASTMAML_ONESTEP_SHARED=0)
-#   okeep4g  the same keeping up to 4 GiB of factor rows for the backward (FASTMAML_ONESTEP_KEEP_MB=4096;
-#            1 GiB by default: above it the backward reruns the kernel, as at T=65536 for both widths)
+#   okeep4g  the same summing up to 4 GiB of factor rows a chunk (FASTMAML_ONESTEP_KEEP_MB=4096; 1 GiB by
+#            default: at T=65536 the forward runs the kernel in two chunks at W=40, more at W=128)
 #   tonestep FASTMAML_TRITON_ONESTEP=1 at K=1, W=40: the triton backend's one-step calls on its one-step
 #            kernel (fastmaml/backends/_triton_onestep.py: the same math, a group of tasks a program, the
 #            products with theta_0 one tl.dot over the group's points; 8 warps, one task a program)

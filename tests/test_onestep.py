@@ -48,7 +48,7 @@ def _oracle(case, cot):
 def _ours(case, cot):
     _, problem = _problem(case)
     assert _onestep.reason(problem, False, False) is None
-    losses, preds = _onestep.maml(problem)
+    losses, preds, _ = _onestep.maml(problem)
     a, b = cot
     value = (losses * a).sum() + (0 if b is None else (preds * b).sum())
     return losses, preds, gradients(value, case.leaves())
@@ -117,31 +117,57 @@ def test_second_order_differs_from_first_order():
     assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) > 1e-3
 
 
+def _count_runs(monkeypatch, budget):
+    """Set the rows' budget and record the task count of every kernel run."""
+    monkeypatch.setattr(_onestep, "MAX_FACTOR_BYTES", budget)
+    calls = []
+    real = _onestep._Call.run
+    monkeypatch.setattr(_onestep._Call, "run",
+                        lambda self, lo, hi, c, g, f: calls.append(hi - lo) or real(self, lo, hi, c, g, f))
+    return calls
+
+
+def _task_row_bytes(case):
+    _, problem = _problem(case)
+    return _onestep.row_bytes(list(problem.dims), problem.n_support, problem.n_query, problem.first_order, 8)
+
+
 @pytest.mark.parametrize("keep_mb", [0, "two_tasks"])
 def test_chunked_backward_matches(monkeypatch, keep_mb):
-    """Without kept rows (the budget below one task's) the backward reruns the kernel chunk by chunk; the
-    sum over chunks gives the same gradients as the rows kept."""
+    """Without kept rows (the budget below every task's) the forward sums its rows chunk by chunk, and a
+    backward with per-task cotangents reruns the kernel chunk by chunk; the sum over chunks gives the same
+    gradients as the rows kept."""
     case = _case(dims=[3, 7, 5, 2], tasks=5, n_support=4, n_query=6, activation="tanh", seed=5)
     cot = (torch.randn(5, dtype=F64, generator=torch.Generator().manual_seed(2)), None)
     _, _, kept = _ours(case, cot)
-    _, problem = _problem(case)
-    call_bytes = _onestep._Call(*([torch.zeros(1, dtype=F64)] * 3), problem.x_support, problem.y_support,
-                                problem.x_query, problem.y_query, list(problem.dims), 1, 0, False).row_bytes()
-    budget = 0 if keep_mb == 0 else 2 * call_bytes
-    monkeypatch.setattr(_onestep, "MAX_FACTOR_BYTES", budget)
-    calls = []
-    real = torch.ops.fastmaml.maml_onestep.default
-
-    def counting(*args):
-        calls.append(args[3].shape[0])
-        return real(*args)
-
-    monkeypatch.setattr(_onestep._Call, "run", lambda self, lo, hi, c, g, f: counting(
-        self.theta, self.theta_t, self.rates, self.xs[lo:hi], self.ys[lo:hi], self.xq[lo:hi], self.yq[lo:hi], c, g,
-        self.dims, self.activation, self.loss, self.first_order, f))
+    calls = _count_runs(monkeypatch, 0 if keep_mb == 0 else 2 * _task_row_bytes(case))
     _, _, chunked = _ours(case, cot)
     assert_close(chunked, kept, 1e-12, "grads")
-    assert calls == ([5] + ([1] * 5 if keep_mb == 0 else [2, 2, 1]))
+    assert calls == ([1] * 10 if keep_mb == 0 else [2, 2, 1] * 2)
+
+
+@pytest.mark.parametrize("budget", ["all", "two_tasks", 0])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_mean_loss_backward_runs_the_kernel_once(monkeypatch, budget, first_order):
+    """`loss.backward()` (the mean loss's cotangent alone): the forward's summed rows, scaled, with no kernel run
+    in the backward whatever the budget; the gradients (the learned rates' among them) within 1e-10 of the task
+    loop's. With the task losses' cotangent too, the two add up."""
+    case = _case(dims=[3, 7, 5, 2], tasks=5, n_support=4, n_query=6, activation="tanh", seed=12,
+                 first_order=first_order, lr_form="per_layer")
+    ref = maml_loop(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
+    extra = torch.randn(5, dtype=F64, generator=torch.Generator().manual_seed(3))
+    g_ref = gradients(3.0 * ref.loss, case.leaves(), retain_graph=True)
+    g_both_ref = gradients(3.0 * ref.loss + (ref.task_losses * extra).sum(), case.leaves())
+    size = {"all": 1 << 40, "two_tasks": 2 * _task_row_bytes(case), 0: 0}[budget]
+    calls = _count_runs(monkeypatch, size)
+    _, problem = _problem(case)
+    losses, _, loss = _onestep.maml(problem)
+    forward_calls = list(calls)
+    assert forward_calls == {"all": [5], "two_tasks": [2, 2, 1], 0: [1] * 5}[budget]
+    assert_close(loss, ref.loss, 1e-10, "loss")
+    assert_close(gradients(3.0 * loss, case.leaves(), retain_graph=True), g_ref, 1e-10, "grads")
+    assert calls == forward_calls  # no run in the backward
+    assert_close(gradients(3.0 * loss + (losses * extra).sum(), case.leaves()), g_both_ref, 1e-10, "grads")
 
 
 def test_second_backward_through_the_graph():
@@ -149,7 +175,7 @@ def test_second_backward_through_the_graph():
     gives the same gradients."""
     case = _case(dims=[3, 7, 5, 2], tasks=4, seed=9)
     _, problem = _problem(case)
-    losses, _ = _onestep.maml(problem)
+    losses, _, _ = _onestep.maml(problem)
     first = torch.autograd.grad(losses.sum(), case.params, retain_graph=True)
     second = torch.autograd.grad(losses.sum(), case.params)
     assert_close(list(second), list(first), 1e-12, "grads")
@@ -165,12 +191,12 @@ def test_no_grad_call_keeps_no_rows(monkeypatch):
     monkeypatch.setattr(_onestep._Call, "run",
                         lambda self, lo, hi, c, g, f: asked.append(f) or real(self, lo, hi, c, g, f))
     with torch.no_grad():
-        losses, preds = _onestep.maml(problem)
+        losses, preds, loss = _onestep.maml(problem)
     assert asked == [False]
     ref = maml_loop(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
                     **case.kwargs())
     assert_close(losses, ref.task_losses.detach(), 1e-10)
-    assert not losses.requires_grad
+    assert not losses.requires_grad and not loss.requires_grad
     from fastmaml.backends._fused import flat_theta
 
     out = torch.ops.fastmaml.maml_onestep(
@@ -186,7 +212,7 @@ def test_float32_within_1e4_of_float64():
     cot = (torch.full((6,), 1 / 6, dtype=F64), None)
     ref, g_ref = _oracle(case, cot)
     c32, problem = _problem(case, torch.float32)
-    losses, _ = _onestep.maml(problem)
+    losses, _, _ = _onestep.maml(problem)
     g = gradients((losses * cot[0].float()).sum(), c32.leaves())
     assert_close(losses.double(), ref.task_losses, 1e-4, "task_losses")
     assert_close({k: v.double() for k, v in g.items()}, g_ref, 1e-4, "grads")

@@ -177,13 +177,18 @@ def test_backend_switch_matches_the_task_loop(onestep_on, depth, loss, lr_form, 
 
 @interpreted
 def test_backend_switch_chunked_backward(onestep_on, monkeypatch):
-    """No rows kept (budget 0): the backward reruns the Triton kernel a task at a time, with the same result."""
+    """No rows kept (budget 0): the forward runs the Triton kernel a task at a time, summing each one's rows;
+    the mean loss's gradient and that of per-task cotangents (the kernel rerun a task at a time) as the loop's."""
     monkeypatch.setattr(_onestep, "MAX_FACTOR_BYTES", 0)
     case = _case(dims=[3, 7, 4], tasks=3, n_support=5, n_query=6, seed=60)
     ref = maml_loop(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
     out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query, backend="triton",
                         **case.kwargs())
-    assert_close(gradients(out.loss, case.leaves()), gradients(ref.loss, case.leaves()), 1e-10, "grads")
+    assert_close(gradients(out.loss, case.leaves(), retain_graph=True), gradients(ref.loss, case.leaves(), True),
+                 1e-10, "grads")
+    w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    assert_close(gradients((out.task_losses * w).sum(), case.leaves()),
+                 gradients((ref.task_losses * w).sum(), case.leaves()), 1e-10, "grads")
     assert len(onestep_on) == 1
 
 

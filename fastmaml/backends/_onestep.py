@@ -8,11 +8,13 @@ shared by every task, and returns, with each task's loss and query output,
 the meta-gradient as factor rows per layer: `g[W_l | b_l] = sum_t U_lt^T V_lt` with `R = Nq + 2 Ns` rows a
 task (`Nq` first order). The sum over tasks is one matrix product per layer, `[out, T R] x [T R, in + 1]`.
 
-Each task's outer products `U_r^T V_r` are linear in the seed of its query backward, so the training call's
-pass (seed 1 for every task) serves any cotangent of the task losses: the backward scales each task's U rows
-by its cotangent. A cotangent of the query outputs reruns the kernel with both seeds. Above
-`MAX_FACTOR_BYTES` of rows the forward keeps none and the backward reruns the kernel in chunks of tasks,
-summing each chunk's products.
+Each task's outer products `U_r^T V_r` are linear in the seed of its query backward. The training call's
+forward runs the kernel with seed 1 for every task and sums the rows at once, chunk by chunk (at most
+`MAX_FACTOR_BYTES` of rows at a time), into the gradients of the sum of the task losses: the usual
+`loss.backward()` (`loss` the mean task loss, the third output) scales those sums and never reruns the kernel.
+Where every task's rows fit in `MAX_FACTOR_BYTES` the forward also keeps them, so a cotangent of the task
+losses scales each task's U rows; past it, and for a cotangent of the query outputs (both seeds), the backward
+reruns the kernel in chunks.
 
 Takes MLP problems with one inner step, the mse or cross-entropy loss, relu or tanh, one rate per tensor (a
 number, one tensor, or `[1, 1, ...]` per tensor; learned or not: the kernel gives each task's gradient in its
@@ -32,8 +34,9 @@ from .._switches import env_int
 from .._validate import Problem
 from ._fused import flat_theta
 
-# Factor rows the training call's forward may keep for its backward, in bytes: above it the backward reruns
-# the kernel chunk by chunk. FASTMAML_ONESTEP_KEEP_MB sets it (read once, at import).
+# Factor rows the training call's forward may keep for its backward, and hold at once while summing them, in
+# bytes: above it a backward with per-task cotangents reruns the kernel chunk by chunk.
+# FASTMAML_ONESTEP_KEEP_MB sets it (read once, at import).
 MAX_FACTOR_BYTES = env_int("FASTMAML_ONESTEP_KEEP_MB", 1024, lambda n: n >= 0, "a whole number of MiB, 0 or more") << 20
 
 _ACTIVATION_IDS = {"relu": 0, "tanh": 1}
@@ -175,50 +178,84 @@ def _split(grads: list[torch.Tensor], shapes: list[torch.Size], needs: tuple) ->
     return tuple(result)
 
 
+def _summed(call: _Call, cot: Optional[torch.Tensor], g_preds: Optional[torch.Tensor]):
+    """The kernel over every task in chunks of at most `MAX_FACTOR_BYTES` of rows (at least one task), each
+    chunk's rows summed into the layers' `[out, in + 1]` gradients as soon as it is done (in chunk order):
+    `(losses, preds, layer sums, rate sums)`. `cot` None: every task's seed is 1."""
+    T = call.xs.shape[0]
+    chunk = max(1, min(T, MAX_FACTOR_BYTES // max(call.row_bytes(), 1)))
+    losses, preds, grads, g_rates = [], [], None, None
+    for lo in range(0, T, chunk):
+        hi = min(T, lo + chunk)
+        c = None if cot is None else cot[lo:hi].contiguous()
+        gp = None if g_preds is None else g_preds[lo:hi].contiguous()
+        chunk_losses, chunk_preds, U, V, rate_grads = call.run(lo, hi, c, gp, True)
+        part, part_rates = call.layer_grads(U, V, hi - lo, None), rate_grads.sum(0)
+        del U, V  # the next chunk's rows take their place
+        grads = part if grads is None else [a + b for a, b in zip(grads, part)]
+        g_rates = part_rates if g_rates is None else g_rates + part_rates
+        losses.append(chunk_losses)
+        preds.append(chunk_preds)
+    cat = (lambda parts: parts[0]) if len(losses) == 1 else torch.cat
+    return cat(losses), cat(preds), grads, g_rates
+
+
 class _OneStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, differentiable: bool, rates: torch.Tensor, *params):
         # `differentiable` comes from the caller: inside forward grad mode is off, and needs_input_grad
         # says only which inputs require grad, also under no_grad (where no backward will come). `rates`
         # is call.rates, an input here so that the user's rates get their gradient.
+        #
+        # A training call's forward sums every task's rows itself (seed 1: the gradients of the sum of the task
+        # losses), so the usual `loss.backward()` (the mean loss's cotangent alone) only scales those sums: no
+        # rows kept, no second run of the kernel at any T. Rows are kept besides where they all fit in
+        # MAX_FACTOR_BYTES, for a cotangent of the task losses themselves; past it such a backward reruns the
+        # kernel (as does one of the query outputs).
         T = call.xs.shape[0]
         keep = differentiable and T * call.row_bytes() <= MAX_FACTOR_BYTES
-        losses, preds, U, V, rate_grads = call.run(0, T, None, None, keep)
-        ctx.call, ctx.U, ctx.V, ctx.rate_grads, ctx.keep = call, U, V, rate_grads, keep
+        ctx.U = ctx.V = ctx.rate_grads = ctx.sums = ctx.rate_sums = None
+        if keep:
+            losses, preds, ctx.U, ctx.V, ctx.rate_grads = call.run(0, T, None, None, True)
+            ctx.sums, ctx.rate_sums = call.layer_grads(ctx.U, ctx.V, T, None), ctx.rate_grads.sum(0)
+        elif differentiable:
+            losses, preds, ctx.sums, ctx.rate_sums = _summed(call, None, None)
+        else:
+            losses, preds = call.run(0, T, None, None, False)[:2]
+        ctx.call, ctx.keep = call, keep
         ctx.shapes = [p.shape for p in params]
         ctx.set_materialize_grads(False)
-        return losses, preds
+        return losses, preds, losses.mean()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_losses, g_preds):
+    def backward(ctx, g_losses, g_preds, g_loss):
         call, T = ctx.call, ctx.call.xs.shape[0]
         needs = ctx.needs_input_grad[3:]
-        if g_losses is None and g_preds is None:
+        if g_losses is None and g_preds is None and g_loss is None:
             return (None,) * (3 + len(needs))
-        if ctx.keep and g_preds is None:
-            grads = call.layer_grads(ctx.U, ctx.V, T, g_losses)
-            g_rates = (ctx.rate_grads * g_losses[:, None]).sum(0)
+        if g_losses is None and g_preds is None:  # `loss.backward()`: the forward's sums, scaled
+            scale = g_loss / T
+            grads, g_rates = [s * scale for s in ctx.sums], ctx.rate_sums * scale
         else:
-            chunk = max(1, min(T, MAX_FACTOR_BYTES // max(call.row_bytes(), 1)))
             cot = g_losses if g_losses is not None else torch.zeros(T, dtype=call.theta.dtype, device=call.theta.device)
-            grads = g_rates = None
-            for lo in range(0, T, chunk):
-                hi = min(T, lo + chunk)
-                gp = None if g_preds is None else g_preds[lo:hi].contiguous()
-                _, _, U, V, rate_grads = call.run(lo, hi, cot[lo:hi].contiguous(), gp, True)
-                part, part_rates = call.layer_grads(U, V, hi - lo, None), rate_grads.sum(0)
-                grads = part if grads is None else [a + b for a, b in zip(grads, part)]
-                g_rates = part_rates if g_rates is None else g_rates + part_rates
-        # The rows go with this backward; a second one (retain_graph) reruns the kernel.
+            if g_loss is not None:
+                cot = cot + g_loss / T
+            if ctx.keep and g_preds is None:
+                grads = call.layer_grads(ctx.U, ctx.V, T, cot)
+                g_rates = (ctx.rate_grads * cot[:, None]).sum(0)
+            else:
+                _, _, grads, g_rates = _summed(call, cot, g_preds)
+        # The rows go with this backward; a second one (retain_graph) reruns the kernel or scales the sums.
         ctx.U = ctx.V = ctx.rate_grads = None
         ctx.keep = False
         return (None, None, g_rates if ctx.needs_input_grad[2] else None, *_split(grads, ctx.shapes, needs))
 
 
-def maml(problem: Problem, kernel: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(task_losses [T], query_preds [T, Nq, D_out])` of a call `reason` accepts, differentiable in the
-    parameters. `kernel`: `_Call.kernel` (None: the C++ op)."""
+def maml(problem: Problem, kernel: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(task_losses [T], query_preds [T, Nq, D_out], loss [])` of a call `reason` accepts, differentiable in
+    the parameters; `loss` is the task losses' mean, whose cotangent alone needs no second kernel run.
+    `kernel`: `_Call.kernel` (None: the C++ op)."""
     if kernel is None:
         from .. import _ext
 
