@@ -21,10 +21,11 @@
 // every outer product U_r^T V_r is).
 //
 // The work of a task is shared by a team (team.h): on a GPU one warp, whose syncs are __syncwarp; on the
-// CPU a team of one. Every product is `cols_product` (onestep_loops.h): a rank owns whole output columns and keeps a chunk
-// of points in registers, reading the left operand's rows as one value for the whole team (a broadcast
-// on a GPU) and the right operand's row across the team (consecutive columns: coalesced). So theta_0's
-// weights are read both as W (for D W) and transposed (for H W^T): `wt` holds the transposes.
+// CPU a team of one. Every product is `cols_product` (onestep_loops.h): a rank owns units of one output column
+// and one chunk of points, keeps the chunk in registers, and reads the left operand's rows as one value for
+// the ranks on that chunk (a broadcast on a GPU) and the right operand's row across the team (consecutive
+// columns: coalesced). So theta_0's weights are read both as W (for D W) and transposed (for H W^T): `wt`
+// holds the transposes.
 #pragma once
 
 #include "config.h"

@@ -30,53 +30,83 @@ FASTMAML_HD inline void load16(const T* p, T* v) {
 #endif
 }
 
+// How many chunks `cols_product` cuts a product's N points into, for M columns and a team of `size`: the
+// count (at least ceil(N / kChunk), so a chunk fits in registers) that takes the fewest rounds of the team
+// times the loads and multiply-adds of one chunk (per V values of k: V loads of B, one 16-byte load of A a
+// point, V multiply-adds a point), the fewest chunks among equals. It depends on N, M and the team alone, not
+// on the sum's length or layout, so two products of one N and M into one output have the same owners.
+// A warp at the sinusoid size: M = 40 columns in 2 chunks of 5 points (80 units, 3 rounds), where whole
+// columns of 8 + 2 points took lanes 0-7 four passes; M = 10 (the Gram matrices) in 3 chunks; M = 1 (the
+// output layer) a point a lane. About 1.6x fewer issue slots over the kernel's products by that count.
+template <typename T>
+FASTMAML_HD inline int point_chunks(int N, int M, int size) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  const int lo = (N + kChunk - 1) / kChunk;
+  const int hi = N < lo + size ? N : lo + size;
+  int best = lo;
+  int64_t best_cost = -1;
+  for (int c = lo; c <= hi; ++c) {
+    const int64_t p = (N + c - 1) / c;
+    const int64_t rounds = (static_cast<int64_t>(M) * c + size - 1) / size;
+    const int64_t cost = rounds * (V + p + V * p);
+    if (best_cost < 0 || cost < best_cost) best = c, best_cost = cost;
+  }
+  return best;
+}
+
 // out[n, m] for n < N, m < M: f.finish(n, m, f.init(n, m) + sum_k A[n an + k ak] B[k bk + m bm]), the sum
-// in k order. Rank r owns the columns m = r, r + size, ...: two products of one M into one output have
-// the same owners, so the second may read what the first stored without a sync.
+// in k order. The work is cut into units of one column and one chunk of points (`point_chunks`: balanced
+// chunks of at most kChunk points, kept in registers for one pass over k): unit u is column u % M, chunk
+// u / M, and rank r owns the units r, r + size, ... (stepped without a division a unit: the float kernel
+// spilled with one). Each output's sum is one rank's, in k order, so the result does not depend on the
+// team. Two products of one N and M into one output have the same owners, so the second may read what
+// the first stored without a sync.
 // Where A's rows are contiguous and 16-byte aligned (ak = 1, an and A's address multiples of 16 bytes)
 // each point's A values come 16 bytes at a time: per 4 k (float) 8 loads of A and 4 of B for 32
 // multiply-adds, where one value at a time takes 36 loads (the loads, not the multiply-adds, bound a
-// warp's products on a GPU: every A load is a broadcast of one value to the whole warp).
+// warp's products on a GPU: the lanes on one chunk read the same A value, a broadcast, so a round of
+// units reads as many A addresses as it holds chunks).
 template <typename T, typename Team, typename F>
 FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
                                      const F& f, const Team& tm) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
   const bool rows16 = ak == 1 && an % V == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int kv = rows16 ? Kd - Kd % V : 0;  // k below kv: 16-byte loads of A
-  for (int m = tm.rank(); m < M; m += tm.size()) {
+  const int chunks = point_chunks<T>(N, M, tm.size());
+  const int per = (N + chunks - 1) / chunks;  // points a chunk (the last may have fewer)
+  const int step = tm.size();
+  for (int m = tm.rank() % M, n0 = tm.rank() / M * per; n0 < N; m += step, n0 += m / M * per, m %= M) {
     const T* Bm = B + static_cast<int64_t>(m) * bm;
-    for (int n0 = 0; n0 < N; n0 += kChunk) {
-      const int nn = N - n0 < kChunk ? N - n0 : kChunk;
-      T acc[kChunk];
+    const int nn = N - n0 < per ? N - n0 : per;
+    T acc[kChunk];
+    FASTMAML_UNROLL
+    for (int i = 0; i < kChunk; ++i) acc[i] = i < nn ? f.init(n0 + i, m) : T(0);
+    const T* a0 = A + static_cast<int64_t>(n0) * an;
+    for (int k = 0; k < kv; k += V) {
+      T b[V];
       FASTMAML_UNROLL
-      for (int i = 0; i < kChunk; ++i) acc[i] = i < nn ? f.init(n0 + i, m) : T(0);
-      const T* a0 = A + static_cast<int64_t>(n0) * an;
-      for (int k = 0; k < kv; k += V) {
-        T b[V];
-        FASTMAML_UNROLL
-        for (int j = 0; j < V; ++j) b[j] = Bm[static_cast<int64_t>(k + j) * bk];
-        FASTMAML_UNROLL
-        for (int i = 0; i < kChunk; ++i) {
-          if (i < nn) {
-            T a[V];
-            load16(a0 + static_cast<int64_t>(i) * an + k, a);
-            FASTMAML_UNROLL
-            for (int j = 0; j < V; ++j) acc[i] += a[j] * b[j];
-          }
-        }
-      }
-      for (int k = kv; k < Kd; ++k) {
-        const T b = Bm[static_cast<int64_t>(k) * bk];
-        const T* a = a0 + static_cast<int64_t>(k) * ak;
-        FASTMAML_UNROLL
-        for (int i = 0; i < kChunk; ++i) {
-          if (i < nn) acc[i] += a[static_cast<int64_t>(i) * an] * b;
-        }
-      }
+      for (int j = 0; j < V; ++j) b[j] = Bm[static_cast<int64_t>(k + j) * bk];
       FASTMAML_UNROLL
       for (int i = 0; i < kChunk; ++i) {
-        if (i < nn) f.finish(n0 + i, m, acc[i]);
+        if (i < nn) {
+          T a[V];
+          load16(a0 + static_cast<int64_t>(i) * an + k, a);
+          FASTMAML_UNROLL
+          for (int j = 0; j < V; ++j) acc[i] += a[j] * b[j];
+        }
       }
+    }
+    for (int k = kv; k < Kd; ++k) {
+      const T b = Bm[static_cast<int64_t>(k) * bk];
+      const T* a = a0 + static_cast<int64_t>(k) * ak;
+      FASTMAML_UNROLL
+      for (int i = 0; i < kChunk; ++i) {
+        if (i < nn) acc[i] += a[static_cast<int64_t>(i) * an] * b;
+      }
+    }
+    FASTMAML_UNROLL
+    for (int i = 0; i < kChunk; ++i) {
+      if (i < nn) f.finish(n0 + i, m, acc[i]);
     }
   }
 }
