@@ -41,7 +41,9 @@ struct Outputs {
 };
 
 // Runs every task of the problem with a team of `team` threads (0: SerialTeam).
-Outputs run(const Case& c, int team, int T, unsigned seed) {
+// `float_chunks`: the teams cut their products' points as the float kernel does (make_chunks<float>), the
+// other owners of the outputs a warp has.
+Outputs run(const Case& c, int team, int T, unsigned seed, bool float_chunks = false) {
   ft::Net net;
   ft::make_net(net, c.dims.data(), static_cast<int>(c.dims.size()), c.activation, c.loss);
   std::mt19937 gen(seed);
@@ -98,10 +100,14 @@ Outputs run(const Case& c, int team, int T, unsigned seed) {
     tk.index = t;
     return tk;
   };
+  const ft::onestep::Chunks serial_chunks = ft::onestep::make_chunks<double>(net, c.ns, c.nq, 1);
+  const int size = team > 0 ? team : 1;
+  const ft::onestep::Chunks team_chunks = float_chunks ? ft::onestep::make_chunks<float>(net, c.ns, c.nq, size)
+                                                       : ft::onestep::make_chunks<double>(net, c.ns, c.nq, size);
   if (team == 0) {
     for (int t = 0; t < T; ++t)
-      ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, task_of(t),
-                        work.data(), ft::SerialTeam());
+      ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, serial_chunks,
+                        task_of(t), work.data(), ft::SerialTeam());
     return o;
   }
   std::barrier<> bar(team);
@@ -111,8 +117,8 @@ Outputs run(const Case& c, int team, int T, unsigned seed) {
     threads.emplace_back([&, r] {
       const ThreadTeam tm{r, team, &bar, red.data(), -1};
       for (int t = 0; t < T; ++t)
-        ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, task_of(t),
-                          work.data(), tm);
+        ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, team_chunks,
+                          task_of(t), work.data(), tm);
     });
   }
   for (auto& th : threads) th.join();
@@ -147,15 +153,17 @@ int main() {
   unsigned seed = 1;
   for (const Case& c : cases) {
     const Outputs one = run(c, 0, 3, seed);
-    for (int team : {2, 5, 32, 33}) {
-      const Outputs o = run(c, team, 3, seed);
+    for (int variant = 0; variant < 8; ++variant) {
+      constexpr int kTeams[] = {2, 5, 32, 33};
+      const int team = kTeams[variant % 4];
+      const Outputs o = run(c, team, 3, seed, variant >= 4);
       const int bad = compare("losses", o.losses, one.losses, false) + compare("preds", o.preds, one.preds, true) +
                       compare("U", o.U, one.U, true) + compare("V", o.V, one.V, true) +
                       compare("rate grads", o.rg, one.rg, false);
       ++runs;
       if (bad != 0) {
-        std::printf("case %zu (L=%zu) team %d: %d mismatches\n", static_cast<size_t>(&c - cases.data()),
-                    c.dims.size() - 1, team, bad);
+        std::printf("case %zu (L=%zu) team %d%s: %d mismatches\n", static_cast<size_t>(&c - cases.data()),
+                    c.dims.size() - 1, team, variant >= 4 ? " (float's chunks)" : "", bad);
         ++failures;
       }
       bool finite = true;
@@ -169,6 +177,6 @@ int main() {
     ++seed;
   }
   if (failures != 0) return 1;
-  std::printf("ok: %d cases x 4 team sizes (%d runs)\n", static_cast<int>(cases.size()), runs);
+  std::printf("ok: %d cases x 4 team sizes x 2 chunkings (%d runs)\n", static_cast<int>(cases.size()), runs);
   return 0;
 }

@@ -37,7 +37,8 @@ FASTMAML_HD inline void load16(const T* p, T* v) {
 // on the sum's length or layout, so two products of one N and M into one output have the same owners.
 // A warp at the sinusoid size: M = 40 columns in 2 chunks of 5 points (80 units, 3 rounds), where whole
 // columns of 8 + 2 points took lanes 0-7 four passes; M = 10 (the Gram matrices) in 3 chunks; M = 1 (the
-// output layer) a point a lane. About 1.6x fewer issue slots over the kernel's products by that count.
+// output layer) a point a lane. The search costs hundreds of instructions (a division a step), so it runs on
+// the host, once a call (`Chunks`, onestep.h), not at every product.
 template <typename T>
 FASTMAML_HD inline int point_chunks(int N, int M, int size) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
@@ -55,27 +56,30 @@ FASTMAML_HD inline int point_chunks(int N, int M, int size) {
 }
 
 // out[n, m] for n < N, m < M: f.finish(n, m, f.init(n, m) + sum_k A[n an + k ak] B[k bk + m bm]), the sum
-// in k order. The work is cut into units of one column and one chunk of points (`point_chunks`: balanced
-// chunks of at most kChunk points, kept in registers for one pass over k): unit u is column u % M, chunk
-// u / M, and rank r owns the units r, r + size, ... (stepped without a division a unit: the float kernel
-// spilled with one). Each output's sum is one rank's, in k order, so the result does not depend on the
-// team. Two products of one N and M into one output have the same owners, so the second may read what
-// the first stored without a sync.
+// in k order. The work is cut into units of one column and one chunk of points (`chunks` of them, from
+// `point_chunks`: balanced, at most kChunk points each, kept in registers for one pass over k): unit u is
+// chunk u % chunks of column u / chunks, and rank r owns the units r, r + size, ... So a warp's lanes read
+// at most 32 / chunks + 1 neighbouring columns of B at once (no two in one bank where B's columns are
+// neighbours in memory, bm = 1) and `chunks` rows of A. Each output's sum is one rank's, in k order, so the result does not
+// depend on the team. Two products of one N and M into one output get the same `chunks` (onestep.h's
+// `Chunks`) and so the same owners: the second may read what the first stored without a sync.
 // Where A's rows are contiguous and 16-byte aligned (ak = 1, an and A's address multiples of 16 bytes)
 // each point's A values come 16 bytes at a time: per 4 k (float) 8 loads of A and 4 of B for 32
 // multiply-adds, where one value at a time takes 36 loads (the loads, not the multiply-adds, bound a
-// warp's products on a GPU: the lanes on one chunk read the same A value, a broadcast, so a round of
-// units reads as many A addresses as it holds chunks).
+// warp's products on a GPU: the lanes on one chunk read the same A value, a broadcast).
 template <typename T, typename Team, typename F>
 FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
-                                     const F& f, const Team& tm) {
+                                     int chunks, const F& f, const Team& tm) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
   const bool rows16 = ak == 1 && an % V == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int kv = rows16 ? Kd - Kd % V : 0;  // k below kv: 16-byte loads of A
-  const int chunks = point_chunks<T>(N, M, tm.size());
-  const int per = (N + chunks - 1) / chunks;  // points a chunk (the last may have fewer)
-  const int step = tm.size();
-  for (int m = tm.rank() % M, n0 = tm.rank() / M * per; n0 < N; m += step, n0 += m / M * per, m %= M) {
+  const int least = (N + kChunk - 1) / kChunk;  // a chunk must fit in acc, whatever the caller passed
+  const int nc = chunks < least ? least : chunks;
+  const int per = (N + nc - 1) / nc;  // points a chunk (the last may have fewer)
+  const int dm = tm.size() / nc, dc = tm.size() % nc;  // a step of `size` units: dm columns and dc chunks
+  for (int c = tm.rank() % nc, m = tm.rank() / nc; m < M; c += dc, m += dm, (c >= nc ? (c -= nc, ++m) : 0)) {
+    const int n0 = c * per;
+    if (n0 >= N) continue;
     const T* Bm = B + static_cast<int64_t>(m) * bm;
     const int nn = N - n0 < per ? N - n0 : per;
     T acc[kChunk];
