@@ -196,7 +196,8 @@ def cuda_launch_note(w: Workload) -> str:
                                         w.first_order, w.params[0].element_size())
         chunk = max(1, min(w.T, _onestep.MAX_FACTOR_BYTES // max(task_bytes, 1)))  # as _onestep._summed
         chunks = -(-w.T // chunk)
-        rows = "kept" if chunks <= 1 else f"summed in {chunks} chunks, not kept"
+        kept = w.T * task_bytes <= _onestep.MAX_FACTOR_BYTES  # as _OneStep.forward
+        rows = f"summed in {chunks} chunk{'s' if chunks > 1 else ''}, {'kept' if kept else 'not kept'}"
         return (f"one-step launch: {blocks} blocks of {warps} warps (a task each), {shared / 1024:.1f} KiB shared "
                 f"a block, theta_0 {'staged' if staged else 'from global memory'}, scratch {work / 1024:.1f} KiB a "
                 f"task in {'shared' if in_shared else 'global'} memory, {regs} registers and {local} B local a "
