@@ -8,6 +8,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "../env_switch.h"
@@ -33,11 +34,26 @@ struct WarpTeam {
   }
 };
 
+// The same warp where every product's operands are in shared memory (theta_0 staged, the scratch and the
+// task's inputs there): cols_product then loads with 32-bit shared addresses, its loop unpredicated.
+struct SharedWarpTeam : WarpTeam {
+  static constexpr bool kSharedOperands = true;
+};
+
 constexpr int kMaxWarps = 16;
+
+// A task's inputs copied into its warp's scratch, after onestep.h's layout (so that with the scratch and
+// theta_0 in shared memory every product reads shared memory): xs, then xq, each rounded up to 16 elements.
+FASTMAML_HD inline int64_t padded16(int64_t n) { return (n + 15) & ~int64_t(15); }
+inline int64_t input_copies(const task::Net& net, int ns, int nq) {
+  return padded16(int64_t(ns) * net.dims[0]) + padded16(int64_t(nq) * net.dims[0]);
+}
 constexpr int64_t kMaxGlobalWork = int64_t(1) << 30;  // bytes of a launch's scratch in global memory
 
-template <typename T>
-__global__ void __launch_bounds__(kMaxWarps * 32) onestep_kernel(OnestepArgs<T> a, bool stage, bool shared_work,
+// kShared: theta_0 staged and the scratch in shared memory (the launch's plan), the task's inputs copied
+// there too, the warp a SharedWarpTeam.
+template <typename T, bool kShared>
+__global__ void __launch_bounds__(kMaxWarps * 32, 1) onestep_kernel(OnestepArgs<T> a, bool stage, bool shared_work,
                                                                  int64_t work_elems) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
@@ -61,14 +77,25 @@ __global__ void __launch_bounds__(kMaxWarps * 32) onestep_kernel(OnestepArgs<T> 
   const int warp = static_cast<int>(threadIdx.x >> 5), nw = static_cast<int>(blockDim.x >> 5);
   T* work = shared_work ? smem + staged + warp * work_elems
                         : a.global_work + (static_cast<int64_t>(blockIdx.x) * nw + warp) * work_elems;
-  const WarpTeam tm;
+  using Team = std::conditional_t<kShared, SharedWarpTeam, WarpTeam>;
+  const Team tm;
   const int64_t din = net.dims[0], dout = net.dims[net.L];
+  T* xs_copy = work + task::onestep::layout(net, a.ns, a.nq).total;
+  T* xq_copy = xs_copy + padded16(a.ns * din);
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * nw + warp; t < a.n_tasks;
        t += static_cast<int64_t>(gridDim.x) * nw) {
     task::onestep::Task<T> tk;
     tk.xs = a.xs + t * a.ns * din;
     tk.ys = a.ys != nullptr ? a.ys + t * a.ns * dout : nullptr;
     tk.xq = a.xq + t * a.nq * din;
+    if constexpr (kShared) {
+      // The previous task's last sync came after its last read of these copies (task() syncs on return).
+      for (int64_t i = tm.rank(); i < a.ns * din; i += 32) xs_copy[i] = tk.xs[i];
+      for (int64_t i = tm.rank(); i < a.nq * din; i += 32) xq_copy[i] = tk.xq[i];
+      tm.sync();
+      tk.xs = xs_copy;
+      tk.xq = xq_copy;
+    }
     tk.yq = a.yq != nullptr ? a.yq + t * a.nq * dout : nullptr;
     tk.ys_index = a.ys_index != nullptr ? a.ys_index + t * a.ns : nullptr;
     tk.yq_index = a.yq_index != nullptr ? a.yq_index + t * a.nq : nullptr;
@@ -98,10 +125,18 @@ cudaError_t allow_shared(size_t bytes) {
   const std::lock_guard<std::mutex> guard(lock);
   size_t& high = granted[device];
   if (bytes <= high) return cudaSuccess;
-  err = cudaFuncSetAttribute(&onestep_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (err != cudaSuccess) return (void)cudaGetLastError(), err;
+  for (auto kernel : {&onestep_kernel<T, false>, &onestep_kernel<T, true>}) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (err != cudaSuccess) return (void)cudaGetLastError(), err;
+  }
   high = bytes;
   return cudaSuccess;
+}
+
+// The kernel a plan runs: the shared-operand form where theta_0 is staged and the scratch is in shared memory.
+template <typename T>
+auto kernel_of(const OnestepPlan& p) {
+  return p.stage && p.shared_work ? &onestep_kernel<T, true> : &onestep_kernel<T, false>;
 }
 
 // FASTMAML_ONESTEP_WARPS, or 0 when unset (the Python side refuses any value but 2, 4, 8 and 16).
@@ -120,7 +155,7 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return (void)cudaGetLastError(), err;
   OnestepPlan p{};
-  p.work_elems = task::onestep::layout(net, ns, nq).total;
+  p.work_elems = task::onestep::layout(net, ns, nq).total + input_copies(net, ns, nq);
   const int64_t Pp = (net.P + 15) & ~int64_t(15);
   const int64_t stage_bytes = (2 * Pp + 16) * static_cast<int64_t>(sizeof(T));
   const int64_t work_bytes = p.work_elems * static_cast<int64_t>(sizeof(T));
@@ -144,7 +179,7 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   p.shared_bytes = base + (p.shared_work ? p.warps * work_bytes : 0);
   if ((err = allow_shared<T>(static_cast<size_t>(p.shared_bytes))) != cudaSuccess) return err;
   int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, &onestep_kernel<T>, p.warps * 32,
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_of<T>(p), p.warps * 32,
                                                       static_cast<size_t>(p.shared_bytes));
   if (err != cudaSuccess) return (void)cudaGetLastError(), err;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;
@@ -171,17 +206,17 @@ cudaError_t launch_onestep(const OnestepArgs<T>& a, const OnestepPlan& plan, cud
   if (const cudaError_t e = allow_shared<T>(static_cast<size_t>(plan.shared_bytes)); e != cudaSuccess) return e;
   OnestepArgs<T> args = a;  // the chunks' search here, once a launch, not at every product of every task
   args.chunks = task::onestep::make_chunks<T>(a.net, a.ns, a.nq, 32);
-  onestep_kernel<T><<<static_cast<unsigned>(plan.blocks), plan.warps * 32, static_cast<size_t>(plan.shared_bytes),
-                      stream>>>(args, plan.stage, plan.shared_work, plan.work_elems);
+  kernel_of<T>(plan)<<<static_cast<unsigned>(plan.blocks), plan.warps * 32, static_cast<size_t>(plan.shared_bytes),
+                       stream>>>(args, plan.stage, plan.shared_work, plan.work_elems);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t onestep_attributes(int* registers, int* local_bytes, const OnestepPlan& plan, int* blocks_per_sm) {
   cudaFuncAttributes attr{};
-  cudaError_t err = cudaFuncGetAttributes(&attr, &onestep_kernel<T>);
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel_of<T>(plan));
   if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, &onestep_kernel<T>, plan.warps * 32,
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel_of<T>(plan), plan.warps * 32,
                                                         static_cast<size_t>(plan.shared_bytes));
   }
   if (err != cudaSuccess) return (void)cudaGetLastError(), err;

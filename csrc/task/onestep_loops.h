@@ -55,37 +55,54 @@ FASTMAML_HD inline int point_chunks(int N, int M, int size) {
   return best;
 }
 
-// out[n, m] for n < N, m < M: f.finish(n, m, f.init(n, m) + sum_k A[n an + k ak] B[k bk + m bm]), the sum
-// in k order. The work is cut into units of one column and one chunk of points (`chunks` of them, from
-// `point_chunks`: balanced, at most kChunk points each, kept in registers for one pass over k): unit u is
-// chunk u % chunks of column u / chunks, and rank r owns the units r, r + size, ... So a warp's lanes read
-// at most 32 / chunks + 1 neighbouring columns of B at once (no two in one bank where B's columns are
-// neighbours in memory, bm = 1) and `chunks` rows of A. Each output's sum is one rank's, in k order, so the result does not
-// depend on the team. Two products of one N and M into one output get the same `chunks` (onestep.h's
-// `Chunks`) and so the same owners: the second may read what the first stored without a sync.
-// Where A's rows are contiguous and 16-byte aligned (ak = 1, an and A's address multiples of 16 bytes)
-// each point's A values come 16 bytes at a time: per 4 k (float) 8 loads of A and 4 of B for 32
-// multiply-adds, where one value at a time takes 36 loads (the loads, not the multiply-adds, bound a
-// warp's products on a GPU: the lanes on one chunk read the same A value, a broadcast).
-template <typename T, typename Team, typename F>
-FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
-                                     int chunks, const F& f, const Team& tm) {
+// Whether a team's products read both operands from shared memory (every one of them: the kernel staged
+// theta_0, the scratch and the task's inputs there). A team says so with `static constexpr bool
+// kSharedOperands = true` (csrc/cuda/onestep.cu's kernel for that case); by default false.
+template <typename Team, typename = void>
+struct SharedOperands {
+  static constexpr bool value = false;
+};
+template <typename Team>
+struct SharedOperands<Team, decltype(void(Team::kSharedOperands))> {
+  static constexpr bool value = Team::kSharedOperands;
+};
+
+// One unit's sums: acc[i] += sum_k A[(n0 + i) an + k ak] B[k bk] (Bm is B's column) for i < nn, k in order.
+// Two forms of one loop, the same sums in the same order:
+// - kClamp (shared operands on a GPU, and always on the host, so the CPU tests run it): points past the
+//   chunk read its last point's row, in bounds, into accumulators nobody stores, so the loop runs without
+//   predicates. Told that both operands are in shared memory, nvcc loads them with 32-bit shared addresses:
+//   65-67 sm_90a instructions a step of 4 k for 8 points' 32 multiply-adds, against 96-112 predicated from
+//   generic addresses (8 points' predicates and the loop's outgrew the 7 predicate registers and were
+//   recomputed every step, each address rebuilt in 64 bits, and a point left out issued anyway);
+// - otherwise (generic addresses: the scratch in global memory), predicated: clamped, that loop kept 8 row
+//   pointers and the kernel spilled 52 / 136 B.
+template <bool kClamp, typename T>
+FASTMAML_HD FASTMAML_FORCE_INLINE void unit_sums(T (&acc)[kChunk], int nn, int Kd, int kv, const T* a0, int an,
+                                                 int ak, const T* Bm, int bk) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
-  const bool rows16 = ak == 1 && an % V == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0;
-  const int kv = rows16 ? Kd - Kd % V : 0;  // k below kv: 16-byte loads of A
-  const int least = (N + kChunk - 1) / kChunk;  // a chunk must fit in acc, whatever the caller passed
-  const int nc = chunks < least ? least : chunks;
-  const int per = (N + nc - 1) / nc;  // points a chunk (the last may have fewer)
-  const int dm = tm.size() / nc, dc = tm.size() % nc;  // a step of `size` units: dm columns and dc chunks
-  for (int c = tm.rank() % nc, m = tm.rank() / nc; m < M; c += dc, m += dm, (c >= nc ? (c -= nc, ++m) : 0)) {
-    const int n0 = c * per;
-    if (n0 >= N) continue;
-    const T* Bm = B + static_cast<int64_t>(m) * bm;
-    const int nn = N - n0 < per ? N - n0 : per;
-    T acc[kChunk];
+  if constexpr (kClamp) {
+    const T* ar[kChunk];
     FASTMAML_UNROLL
-    for (int i = 0; i < kChunk; ++i) acc[i] = i < nn ? f.init(n0 + i, m) : T(0);
-    const T* a0 = A + static_cast<int64_t>(n0) * an;
+    for (int i = 0; i < kChunk; ++i) ar[i] = a0 + static_cast<int64_t>(i < nn ? i : nn - 1) * an;
+    for (int k = 0; k < kv; k += V) {
+      T b[V];
+      FASTMAML_UNROLL
+      for (int j = 0; j < V; ++j) b[j] = Bm[static_cast<int64_t>(k + j) * bk];
+      FASTMAML_UNROLL
+      for (int i = 0; i < kChunk; ++i) {
+        T a[V];
+        load16(ar[i] + k, a);
+        FASTMAML_UNROLL
+        for (int j = 0; j < V; ++j) acc[i] += a[j] * b[j];
+      }
+    }
+    for (int k = kv; k < Kd; ++k) {
+      const T b = Bm[static_cast<int64_t>(k) * bk];
+      FASTMAML_UNROLL
+      for (int i = 0; i < kChunk; ++i) acc[i] += ar[i][static_cast<int64_t>(k) * ak] * b;
+    }
+  } else {
     for (int k = 0; k < kv; k += V) {
       T b[V];
       FASTMAML_UNROLL
@@ -108,6 +125,50 @@ FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, i
         if (i < nn) acc[i] += a[static_cast<int64_t>(i) * an] * b;
       }
     }
+  }
+}
+
+// out[n, m] for n < N, m < M: f.finish(n, m, f.init(n, m) + sum_k A[n an + k ak] B[k bk + m bm]), the sum
+// in k order. The work is cut into units of one column and one chunk of points (`chunks` of them, from
+// `point_chunks`: balanced, at most kChunk points each, kept in registers for one pass over k): unit u is
+// chunk u % chunks of column u / chunks, and rank r owns the units r, r + size, ... So a warp's lanes read
+// at most 32 / chunks + 1 neighbouring columns of B at once (no two in one bank where B's columns are
+// neighbours in memory, bm = 1) and `chunks` rows of A. Each output's sum is one rank's, in k order, so the
+// result does not depend on the team. Two products of one N and M into one output get the same `chunks`
+// (onestep.h's `Chunks`) and so the same owners: the second may read what the first stored without a sync.
+// Where A's rows are contiguous and 16-byte aligned (ak = 1, an and A's address multiples of 16 bytes)
+// each point's A values come 16 bytes at a time: per 4 k (float) 8 loads of A and 4 of B for 32
+// multiply-adds, where one value at a time takes 36 loads (the loads, not the multiply-adds, bound a
+// warp's products on a GPU: the lanes on one chunk read the same A value, a broadcast).
+template <typename T, typename Team, typename F>
+FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
+                                     int chunks, const F& f, const Team& tm) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  constexpr bool kShared = SharedOperands<Team>::value;
+#if defined(__CUDA_ARCH__)
+  constexpr bool kClamp = kShared;
+  if constexpr (kShared) {
+    __builtin_assume(__isShared(A));
+    __builtin_assume(__isShared(B));
+  }
+#else
+  constexpr bool kClamp = true;
+#endif
+  const bool rows16 = ak == 1 && an % V == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0;
+  const int kv = rows16 ? Kd - Kd % V : 0;  // k below kv: 16-byte loads of A
+  const int least = (N + kChunk - 1) / kChunk;  // a chunk must fit in acc, whatever the caller passed
+  const int nc = chunks < least ? least : chunks;
+  const int per = (N + nc - 1) / nc;  // points a chunk (the last may have fewer)
+  const int dm = tm.size() / nc, dc = tm.size() % nc;  // a step of `size` units: dm columns and dc chunks
+  for (int c = tm.rank() % nc, m = tm.rank() / nc; m < M; c += dc, m += dm, (c >= nc ? (c -= nc, ++m) : 0)) {
+    const int n0 = c * per;
+    if (n0 >= N) continue;
+    const int nn = N - n0 < per ? N - n0 : per;
+    T acc[kChunk];
+    FASTMAML_UNROLL
+    for (int i = 0; i < kChunk; ++i) acc[i] = i < nn ? f.init(n0 + i, m) : T(0);
+    unit_sums<kClamp>(acc, nn, Kd, kv, A + static_cast<int64_t>(n0) * an, an, ak, B + static_cast<int64_t>(m) * bm,
+                      bk);
     FASTMAML_UNROLL
     for (int i = 0; i < kChunk; ++i) {
       if (i < nn) f.finish(n0 + i, m, acc[i]);
