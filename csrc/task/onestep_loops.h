@@ -81,49 +81,29 @@ template <bool kClamp, typename T>
 FASTMAML_HD FASTMAML_FORCE_INLINE void unit_sums(T (&acc)[kChunk], int nn, int Kd, int kv, const T* a0, int an,
                                                  int ak, const T* Bm, int bk) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
-  if constexpr (kClamp) {
-    const T* ar[kChunk];
+  const T* ar[kChunk];  // each point's row (kClamp; the predicated form addresses from a0)
+  FASTMAML_UNROLL
+  for (int i = 0; i < kChunk; ++i) ar[i] = a0 + static_cast<int64_t>(kClamp && i >= nn ? nn - 1 : i) * an;
+  for (int k = 0; k < kv; k += V) {
+    T b[V];
     FASTMAML_UNROLL
-    for (int i = 0; i < kChunk; ++i) ar[i] = a0 + static_cast<int64_t>(i < nn ? i : nn - 1) * an;
-    for (int k = 0; k < kv; k += V) {
-      T b[V];
-      FASTMAML_UNROLL
-      for (int j = 0; j < V; ++j) b[j] = Bm[static_cast<int64_t>(k + j) * bk];
-      FASTMAML_UNROLL
-      for (int i = 0; i < kChunk; ++i) {
+    for (int j = 0; j < V; ++j) b[j] = Bm[static_cast<int64_t>(k + j) * bk];
+    FASTMAML_UNROLL
+    for (int i = 0; i < kChunk; ++i) {
+      if (kClamp || i < nn) {
         T a[V];
-        load16(ar[i] + k, a);
+        load16((kClamp ? ar[i] : a0 + static_cast<int64_t>(i) * an) + k, a);
         FASTMAML_UNROLL
         for (int j = 0; j < V; ++j) acc[i] += a[j] * b[j];
       }
     }
-    for (int k = kv; k < Kd; ++k) {
-      const T b = Bm[static_cast<int64_t>(k) * bk];
-      FASTMAML_UNROLL
-      for (int i = 0; i < kChunk; ++i) acc[i] += ar[i][static_cast<int64_t>(k) * ak] * b;
-    }
-  } else {
-    for (int k = 0; k < kv; k += V) {
-      T b[V];
-      FASTMAML_UNROLL
-      for (int j = 0; j < V; ++j) b[j] = Bm[static_cast<int64_t>(k + j) * bk];
-      FASTMAML_UNROLL
-      for (int i = 0; i < kChunk; ++i) {
-        if (i < nn) {
-          T a[V];
-          load16(a0 + static_cast<int64_t>(i) * an + k, a);
-          FASTMAML_UNROLL
-          for (int j = 0; j < V; ++j) acc[i] += a[j] * b[j];
-        }
-      }
-    }
-    for (int k = kv; k < Kd; ++k) {
-      const T b = Bm[static_cast<int64_t>(k) * bk];
-      const T* a = a0 + static_cast<int64_t>(k) * ak;
-      FASTMAML_UNROLL
-      for (int i = 0; i < kChunk; ++i) {
-        if (i < nn) acc[i] += a[static_cast<int64_t>(i) * an] * b;
-      }
+  }
+  for (int k = kv; k < Kd; ++k) {
+    const T b = Bm[static_cast<int64_t>(k) * bk];
+    FASTMAML_UNROLL
+    for (int i = 0; i < kChunk; ++i) {
+      const T* row = kClamp ? ar[i] : a0 + static_cast<int64_t>(i) * an;
+      if (kClamp || i < nn) acc[i] += row[static_cast<int64_t>(k) * ak] * b;
     }
   }
 }
