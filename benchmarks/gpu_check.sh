@@ -575,6 +575,8 @@ fi
 #            theta_1 never formed, the meta-gradient as factor rows summed by one product a layer)
 #   ow4, ow16  the same with 4 or 16 warps a block (FASTMAML_ONESTEP_WARPS; 8 by default)
 #   oglobal  the same with every warp's scratch in global memory (FASTMAML_ONESTEP_SHARED=0)
+#   ogeneric the same at W=40 in the kernel's generic form (FASTMAML_ONESTEP_FORM=generic): its products'
+#            loads by generic addresses, predicated, not the shared-operand form's 32-bit shared loads
 #   okeep4g  the same summing up to 4 GiB of factor rows a chunk (FASTMAML_ONESTEP_KEEP_MB=4096; 1 GiB by
 #            default: at T=65536 the forward runs the kernel in two chunks at W=40, more at W=128)
 #   tonestep FASTMAML_TRITON_ONESTEP=1 at K=1, W=40: the triton backend's one-step calls on its one-step

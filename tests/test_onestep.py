@@ -289,7 +289,7 @@ needs_cuda = pytest.mark.skipif(_cuda_ready() is not None if torch.cuda.is_avail
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("setting", ["", "FASTMAML_ONESTEP_WARPS=2", "FASTMAML_ONESTEP_WARPS=16",
-                                     "FASTMAML_ONESTEP_SHARED=0"])
+                                     "FASTMAML_ONESTEP_SHARED=0", "FASTMAML_ONESTEP_FORM=generic"])
 @pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "width128", "ce_5way"])
 def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     """The CUDA kernel's outputs, factor rows and rate gradients against the CPU op's on the same inputs: float64
@@ -354,7 +354,8 @@ def test_mistyped_import_switches_are_refused(name, value):
     assert proc.returncode != 0 and name in proc.stderr, proc.stderr[-500:]
 
 
-@pytest.mark.parametrize("name, value", [("FASTMAML_ONESTEP_WARPS", "3"), ("FASTMAML_ONESTEP_SHARED", "off")])
+@pytest.mark.parametrize("name, value", [("FASTMAML_ONESTEP_WARPS", "3"), ("FASTMAML_ONESTEP_SHARED", "off"),
+                                         ("FASTMAML_ONESTEP_FORM", "fast")])
 def test_mistyped_launch_switches_are_refused(monkeypatch, name, value):
     """Read by the CUDA plan on every launch: the backend refuses values it would not read as written."""
     from fastmaml.backends.cuda import CudaBackend

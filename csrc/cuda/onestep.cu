@@ -133,10 +133,10 @@ cudaError_t allow_shared(size_t bytes) {
   return cudaSuccess;
 }
 
-// The kernel a plan runs: the shared-operand form where theta_0 is staged and the scratch is in shared memory.
+// The kernel a plan runs (its shared_form: see plan_onestep).
 template <typename T>
 auto kernel_of(const OnestepPlan& p) {
-  return p.stage && p.shared_work ? &onestep_kernel<T, true> : &onestep_kernel<T, false>;
+  return p.shared_form ? &onestep_kernel<T, true> : &onestep_kernel<T, false>;
 }
 
 // FASTMAML_ONESTEP_WARPS, or 0 when unset (the Python side refuses any value but 2, 4, 8 and 16).
@@ -177,6 +177,9 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   }
   p.shared_work = shared_allowed && base + p.warps * work_bytes <= optin;
   p.shared_bytes = base + (p.shared_work ? p.warps * work_bytes : 0);
+  // The shared-operand form wherever every operand can be in shared memory; FASTMAML_ONESTEP_FORM=generic
+  // keeps the generic form there too (the A/B; the Python side refuses other values).
+  p.shared_form = p.stage && p.shared_work && !env_is("FASTMAML_ONESTEP_FORM", "generic");
   if ((err = allow_shared<T>(static_cast<size_t>(p.shared_bytes))) != cudaSuccess) return err;
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_of<T>(p), p.warps * 32,

@@ -24,6 +24,7 @@ struct OnestepPlan {
   int64_t blocks;
   int64_t shared_bytes;
   bool stage, shared_work;
+  bool shared_form;  // the kernel's shared-operand form (stage and shared_work, unless FASTMAML_ONESTEP_FORM=generic)
   int64_t work_elems, global_work_elems;
 };
 
