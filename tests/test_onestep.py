@@ -295,6 +295,8 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     """The CUDA kernel's outputs, factor rows and rate gradients against the CPU op's on the same inputs: float64
     within 1e-10, float32 within 1e-4 of the float64 CPU op; more tasks than resident warps (20,000); width
     128; cross-entropy with 5 classes."""
+    if setting == "FASTMAML_ONESTEP_FORM=generic" and (shape == "width128" or dtype == torch.float64):
+        pytest.skip("width 128 runs the generic form anyway; the float32 cases cover the generic form's loads")
     if setting:
         name, value = setting.split("=")
         monkeypatch.setenv(name, value)
