@@ -52,8 +52,11 @@ constexpr int64_t kMaxGlobalWork = int64_t(1) << 30;  // bytes of a launch's scr
 
 // kShared: theta_0 staged and the scratch in shared memory (the launch's plan), the task's inputs copied
 // there too, the warp a SharedWarpTeam.
+// The shared-operand form's bounds ask for at least one block a multiprocessor: without that ptxas gave its
+// float build 64 registers and 180 / 224 B of spills (the generic form keeps the bounds it had: with the
+// minimum its double build spilled 28 / 44 B, not 8 / 8).
 template <typename T, bool kShared>
-__global__ void __launch_bounds__(kMaxWarps * 32, 1) onestep_kernel(OnestepArgs<T> a, bool stage, bool shared_work,
+__global__ void __launch_bounds__(kMaxWarps * 32, kShared ? 1 : 0) onestep_kernel(OnestepArgs<T> a, bool stage, bool shared_work,
                                                                  int64_t work_elems) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
@@ -155,10 +158,13 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return (void)cudaGetLastError(), err;
   OnestepPlan p{};
-  p.work_elems = task::onestep::layout(net, ns, nq).total + input_copies(net, ns, nq);
+  const int64_t layout_elems = task::onestep::layout(net, ns, nq).total, copy_elems = input_copies(net, ns, nq);
+  // A task's scratch in bytes, with the input copies the shared-operand form makes or without.
+  auto scratch = [&](bool copies) {
+    return (layout_elems + (copies ? copy_elems : 0)) * static_cast<int64_t>(sizeof(T));
+  };
   const int64_t Pp = (net.P + 15) & ~int64_t(15);
   const int64_t stage_bytes = (2 * Pp + 16) * static_cast<int64_t>(sizeof(T));
-  const int64_t work_bytes = p.work_elems * static_cast<int64_t>(sizeof(T));
   // theta_0 in shared memory wherever it fits: the products read it most (a product with W reads all of W
   // for every 8 points, the scratch's left operand once). 8 warps a block where their scratch fits beside
   // it (the sinusoid net in float32: 14 + 8 x 25 KiB, one block a multiprocessor), else 16 warps with the
@@ -166,20 +172,25 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   p.stage = stage_bytes <= optin;
   const int64_t base = p.stage ? stage_bytes : 0;
   const bool shared_allowed = !env_is("FASTMAML_ONESTEP_SHARED", "0");
+  // The shared-operand form wherever every operand can be in shared memory; FASTMAML_ONESTEP_FORM=generic
+  // keeps the generic form there too (the A/B; the Python side refuses other values).
+  const bool form_allowed = p.stage && !env_is("FASTMAML_ONESTEP_FORM", "generic");
   p.warps = warps_switch();
   if (p.warps == 0) {
-    p.warps = shared_allowed && base + 8 * work_bytes <= optin ? 8 : 16;
+    p.warps = shared_allowed && base + 8 * scratch(false) <= optin ? 8 : 16;
     // A small meta-batch spread over the multiprocessors (T=25: 25 blocks of one warp, not 4 of 8 on 4 of
     // them): each task's latency is the call's, so one a multiprocessor is fastest.
     if (n_tasks < static_cast<int64_t>(sms) * p.warps) {
       p.warps = static_cast<int>(n_tasks <= sms ? 1 : (n_tasks + sms - 1) / sms);
     }
   }
-  p.shared_work = shared_allowed && base + p.warps * work_bytes <= optin;
+  // The copies only where the shared-operand form runs, and never at the price of the scratch's place: where
+  // they would not fit beside it, the generic form keeps the scratch in shared memory without them.
+  p.shared_form = shared_allowed && form_allowed && base + p.warps * scratch(true) <= optin;
+  p.shared_work = p.shared_form || (shared_allowed && base + p.warps * scratch(false) <= optin);
+  p.work_elems = layout_elems + (p.shared_form ? copy_elems : 0);
+  const int64_t work_bytes = scratch(p.shared_form);
   p.shared_bytes = base + (p.shared_work ? p.warps * work_bytes : 0);
-  // The shared-operand form wherever every operand can be in shared memory; FASTMAML_ONESTEP_FORM=generic
-  // keeps the generic form there too (the A/B; the Python side refuses other values).
-  p.shared_form = p.stage && p.shared_work && !env_is("FASTMAML_ONESTEP_FORM", "generic");
   if ((err = allow_shared<T>(static_cast<size_t>(p.shared_bytes))) != cudaSuccess) return err;
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_of<T>(p), p.warps * 32,

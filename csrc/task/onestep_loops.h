@@ -67,9 +67,21 @@ struct SharedOperands<Team, decltype(void(Team::kSharedOperands))> {
   static constexpr bool value = Team::kSharedOperands;
 };
 
+// Whether a host team runs `unit_sums`' predicated form, the one a GPU runs from generic addresses (a team
+// says so with `static constexpr bool kPredicatedLoop = true`: the team check's, so that the CPU tests cover
+// both forms); by default a host team runs the unpredicated one.
+template <typename Team, typename = void>
+struct PredicatedLoop {
+  static constexpr bool value = false;
+};
+template <typename Team>
+struct PredicatedLoop<Team, decltype(void(Team::kPredicatedLoop))> {
+  static constexpr bool value = Team::kPredicatedLoop;
+};
+
 // One unit's sums: acc[i] += sum_k A[(n0 + i) an + k ak] B[k bk] (Bm is B's column) for i < nn, k in order.
 // Two forms of one loop, the same sums in the same order:
-// - kClamp (shared operands on a GPU, and always on the host, so the CPU tests run it): points past the
+// - kClamp (shared operands on a GPU, and on the host unless the team asks for the other): points past the
 //   chunk read its last point's row, in bounds, into accumulators nobody stores, so the loop runs without
 //   predicates. Told that both operands are in shared memory, nvcc loads them with 32-bit shared addresses:
 //   65-67 sm_90a instructions a step of 4 k for 8 points' 32 multiply-adds, against 96-112 predicated from
@@ -124,15 +136,14 @@ template <typename T, typename Team, typename F>
 FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
                                      int chunks, const F& f, const Team& tm) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
-  constexpr bool kShared = SharedOperands<Team>::value;
 #if defined(__CUDA_ARCH__)
-  constexpr bool kClamp = kShared;
-  if constexpr (kShared) {
+  constexpr bool kClamp = SharedOperands<Team>::value;
+  if constexpr (kClamp) {
     __builtin_assume(__isShared(A));
     __builtin_assume(__isShared(B));
   }
 #else
-  constexpr bool kClamp = true;
+  constexpr bool kClamp = !PredicatedLoop<Team>::value;
 #endif
   const bool rows16 = ak == 1 && an % V == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int kv = rows16 ? Kd - Kd % V : 0;  // k below kv: 16-byte loads of A
