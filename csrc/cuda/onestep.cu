@@ -51,13 +51,12 @@ inline int64_t input_copies(const task::Net& net, int ns, int nq) {
 constexpr int64_t kMaxGlobalWork = int64_t(1) << 30;  // bytes of a launch's scratch in global memory
 
 // kShared: theta_0 staged and the scratch in shared memory (the launch's plan), the task's inputs copied
-// there too, the warp a SharedWarpTeam.
-// The shared-operand form's bounds ask for at least one block a multiprocessor: without that ptxas gave its
-// float build 64 registers and 180 / 224 B of spills (the generic form keeps the bounds it had: with the
-// minimum its double build spilled 28 / 44 B, not 8 / 8).
+// there too, the warp a SharedWarpTeam. That form's bounds ask for at least one block a multiprocessor:
+// without it ptxas gave its float build 64 registers and 180 / 224 B of spills. The generic form keeps the
+// bounds it had (with the minimum its double build spilled 28 / 44 B, not 8 / 8).
 template <typename T, bool kShared>
-__global__ void __launch_bounds__(kMaxWarps * 32, kShared ? 1 : 0) onestep_kernel(OnestepArgs<T> a, bool stage, bool shared_work,
-                                                                 int64_t work_elems) {
+__global__ void __launch_bounds__(kMaxWarps * 32, kShared ? 1 : 0)
+    onestep_kernel(OnestepArgs<T> a, bool stage, bool shared_work, int64_t work_elems) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const task::Net& net = a.net;
