@@ -28,7 +28,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_ones
     const int ns = static_cast<int>(c.ns), nq = static_cast<int>(c.nq);
     const int64_t din = net.dims[0], dout = net.dims[net.L];
     const int64_t ws = task::onestep::layout(net, ns, nq).total;
-    const task::onestep::Chunks chunks = task::onestep::make_chunks<T>(net, ns, nq, 1);
     const T* th = theta.const_data_ptr<T>();
     const T* tht = theta_t.const_data_ptr<T>();
     const T* r = rates.const_data_ptr<T>();
@@ -63,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_ones
         tk.rate_grad = prg != nullptr ? prg + t * 2 * net.L : nullptr;
         tk.n_tasks = c.T;
         tk.index = t;
-        task::onestep::task(net, th, tht, r, ns, nq, first_order, chunks, tk, work.data(), task::SerialTeam());
+        task::onestep::task(net, th, tht, r, ns, nq, first_order, tk, work.data(), task::SerialTeam());
       }
     });
   });

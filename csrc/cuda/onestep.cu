@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kShared ? 1 : 0)
     tk.rate_grad = a.rate_grads != nullptr ? a.rate_grads + t * 2 * net.L : nullptr;
     tk.n_tasks = a.n_tasks;
     tk.index = t;
-    task::onestep::task(net, theta, wt, rates, a.ns, a.nq, a.first_order, a.chunks, tk, work, tm);
+    task::onestep::task(net, theta, wt, rates, a.ns, a.nq, a.first_order, tk, work, tm);
   }
 }
 
@@ -217,10 +217,8 @@ cudaError_t launch_onestep(const OnestepArgs<T>& a, const OnestepPlan& plan, cud
     return cudaErrorInvalidValue;
   }
   if (const cudaError_t e = allow_shared<T>(static_cast<size_t>(plan.shared_bytes)); e != cudaSuccess) return e;
-  OnestepArgs<T> args = a;  // the chunks' search here, once a launch, not at every product of every task
-  args.chunks = task::onestep::make_chunks<T>(a.net, a.ns, a.nq, 32);
   kernel_of<T>(plan)<<<static_cast<unsigned>(plan.blocks), plan.warps * 32, static_cast<size_t>(plan.shared_bytes),
-                       stream>>>(args, plan.stage, plan.shared_work, plan.work_elems);
+                       stream>>>(a, plan.stage, plan.shared_work, plan.work_elems);
   return cudaGetLastError();
 }
 

@@ -9,7 +9,6 @@
 
 #include "../task/config.h"
 #include "../task/layout.h"
-#include "../task/onestep.h"
 
 namespace fastmaml {
 namespace cuda {
@@ -38,7 +37,6 @@ struct OnestepArgs {
   const int64_t *ys_index, *yq_index;                                 // the classes (cross-entropy), else null
   T *losses, *preds, *U, *V, *rate_grads;  // U, V and rate_grads [T, 2 L] null: no factor rows
   T* global_work;                                                     // null where the plan needs none
-  task::onestep::Chunks chunks;  // set by launch_onestep (the products' chunks of points for a warp)
 };
 
 // The plan of a launch on the current device. FASTMAML_ONESTEP_WARPS (2, 4, 8 or 16) sets the warps of a

@@ -94,25 +94,6 @@ FASTMAML_HD inline int64_t v_width(const Net& net) {
   return s;
 }
 
-// How many chunks of points each product's columns are cut into (onestep_loops.h, `point_chunks`), for a team
-// of `size`: s[j] for ns points and dims[j] columns, q[j] for nq points, gram for nq points and ns columns.
-// Made once a call (on the host for a GPU launch), not at every product: its search costs hundreds of
-// instructions. Two products into one output read one entry, so they share their owners.
-struct Chunks {
-  int s[kMaxLayers + 1], q[kMaxLayers + 1], gram;
-};
-
-template <typename T>
-FASTMAML_HD inline Chunks make_chunks(const Net& net, int ns, int nq, int size) {
-  Chunks c{};
-  for (int j = 0; j <= net.L; ++j) {
-    c.s[j] = point_chunks<T>(ns, net.dims[j], size);
-    c.q[j] = point_chunks<T>(nq, net.dims[j], size);
-  }
-  c.gram = point_chunks<T>(nq, ns, size);
-  return c;
-}
-
 // One task's inputs and outputs. U and V hold the rows of every task of the call layer by layer: layer
 // l's block is [T, R, D_{l+1}] (U) and [T, R, D_l + 1] (V), starting at T R sum_{j<l} D_{j+1} (U) and
 // T R sum_{j<l} (D_j + 1) (V), so that each layer's block is one [T R, width] matrix.
@@ -130,13 +111,11 @@ struct Task {
 };
 
 // One task (`t`). theta [P] is theta_0 (flat: W_l [out, in], b_l [out]), wt the transposes of its weights
-// (W_l^T [in, out] at w_off[l]; biases unread), rates [2 L] (rW_l, rb_l), ch make_chunks(net, ns, nq, the
-// team's size). `work` has layout(net, ns, nq).total elements. Every rank of the team calls it; it syncs
-// before it returns.
+// (W_l^T [in, out] at w_off[l]; biases unread), rates [2 L] (rW_l, rb_l). `work` has
+// layout(net, ns, nq).total elements. Every rank of the team calls it; it syncs before it returns.
 template <typename T, typename Team>
 FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, const T* wt, const T* rates, int ns,
-                                            int nq, bool first_order, const Chunks& ch, const Task<T>& t, T* work,
-                                            const Team& tm) {
+                                            int nq, bool first_order, const Task<T>& t, T* work, const Team& tm) {
   const int L = net.L, act = net.activation, dy = net.dims[L];
   const Layout w = layout(net, ns, nq);
   T *hs = work + w.hs, *ds = work + w.ds, *hq = work + w.hq, *dq = work + w.dq;
@@ -153,7 +132,7 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     const int din = net.dims[l], dout = net.dims[l + 1];
     const T* in = l == 0 ? t.xs : hs + ns * off(l - 1);
     BiasAct<T> f{theta + net.b_off[l], hs + ns * off(l), dout, layer_act(l)};
-    cols_product(ns, din, dout, in, din, 1, weights_t(l), dout, 1, ch.s[l + 1], f, tm);
+    cols_product(ns, din, dout, in, din, 1, weights_t(l), dout, 1, f, tm);
     tm.sync();
   }
   // D_{L-1} = dL_s/dz (mse: 2 (z - y) / (Ns D_out); cross-entropy: (softmax(z) - onehot(y)) / Ns), then
@@ -175,7 +154,7 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
   for (int l = L - 1; l >= 1; --l) {
     const int din = net.dims[l], dout = net.dims[l + 1];
     ActGradStore<T> f{hs + ns * off(l - 1), ds + ns * off(l - 1), din, act};
-    cols_product(ns, dout, din, ds + ns * off(l), dout, 1, weights(l), din, 1, ch.s[l], f, tm);
+    cols_product(ns, dout, din, ds + ns * off(l), dout, 1, weights(l), din, 1, f, tm);
     tm.sync();
   }
 
@@ -191,7 +170,7 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     T* g = ga + l * gsz;
     T* b1 = vb + off(l);
     Store<T> sg{g, ns, nullptr};
-    cols_product(nq, din, ns, in_q, din, 1, in_s, 1, din, ch.gram, sg, tm);
+    cols_product(nq, din, ns, in_q, din, 1, in_s, 1, din, sg, tm);
     for_each(tm, dout, [&](int64_t m) {
       T s = 0;
       for (int n = 0; n < ns; ++n) s += d[n * dout + m];
@@ -200,9 +179,9 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     tm.sync();
     T* z = hq + nq * off(l);
     Store<T> f0{z, dout, b1};
-    cols_product(nq, din, dout, in_q, din, 1, weights_t(l), dout, 1, ch.q[l + 1], f0, tm);
+    cols_product(nq, din, dout, in_q, din, 1, weights_t(l), dout, 1, f0, tm);
     AddAct<T> f1{z, dout, layer_act(l), -rw};
-    cols_product(nq, ns, dout, g, ns, 1, d, dout, 1, ch.q[l + 1], f1, tm);
+    cols_product(nq, ns, dout, g, ns, 1, d, dout, 1, f1, tm);
     tm.sync();
   }
   // The query loss, and its gradient seeding the query backward: D'_{L-1} = cot dL_q/dz' + g_pred.
@@ -242,13 +221,13 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     const T rw = rates[2 * l];
     T* g = gb + l * gsz;
     Store<T> sg{g, ns, nullptr};
-    cols_product(nq, dout, ns, dq + nq * off(l), dout, 1, ds + ns * off(l), 1, dout, ch.gram, sg, tm);
+    cols_product(nq, dout, ns, dq + nq * off(l), dout, 1, ds + ns * off(l), 1, dout, sg, tm);
     tm.sync();
     T* e = dq + nq * off(l - 1);
     Store<T> f0{e, din, nullptr};
-    cols_product(nq, dout, din, dq + nq * off(l), dout, 1, weights(l), din, 1, ch.q[l], f0, tm);
+    cols_product(nq, dout, din, dq + nq * off(l), dout, 1, weights(l), din, 1, f0, tm);
     GradAct<T> f1{hq + nq * off(l - 1), e, din, act, -rw, nullptr, nullptr};
-    cols_product(nq, ns, din, g, ns, 1, hs + ns * off(l - 1), din, 1, ch.q[l], f1, tm);
+    cols_product(nq, ns, din, g, ns, 1, hs + ns * off(l - 1), din, 1, f1, tm);
     tm.sync();
   }
   if (t.rate_grad != nullptr) {
@@ -258,7 +237,7 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     // above stops at layer 1).
     {
       Store<T> sg{gb, ns, nullptr};
-      cols_product(nq, net.dims[1], ns, dq, net.dims[1], 1, ds, 1, net.dims[1], ch.gram, sg, tm);
+      cols_product(nq, net.dims[1], ns, dq, net.dims[1], 1, ds, 1, net.dims[1], sg, tm);
       tm.sync();
     }
     for (int l = 0; l < L; ++l) {
@@ -296,10 +275,10 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
       T* zd = rz + ns * off(l);
       if (l > 0) {
         Store<T> f0{zd, dout, bt};
-        cols_product(ns, din, dout, rh + ns * off(l - 1), din, 1, weights_t(l), dout, 1, ch.s[l + 1], f0, tm);
+        cols_product(ns, din, dout, rh + ns * off(l - 1), din, 1, weights_t(l), dout, 1, f0, tm);
       }
       TangentAct<T> f1{zd, rh + ns * off(l), hs + ns * off(l), l > 0 ? nullptr : bt, dout, layer_act(l), rw};
-      cols_product(ns, nq, dout, ga + l * gsz, 1, ns, dql, dout, 1, ch.s[l + 1], f1, tm);
+      cols_product(ns, nq, dout, ga + l * gsz, 1, ns, dql, dout, 1, f1, tm);
       tm.sync();
     }
     // Ddot_{L-1} = the loss's Hessian in z times z_dot (mse: 2 z_dot / (Ns D_out); cross-entropy, a point
@@ -332,9 +311,9 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
       const T rw = rates[2 * l];
       T* e = rd + ns * off(l - 1);
       Store<T> f0{e, din, nullptr};
-      cols_product(ns, dout, din, rd + ns * off(l), dout, 1, weights(l), din, 1, ch.s[l], f0, tm);
+      cols_product(ns, dout, din, rd + ns * off(l), dout, 1, weights(l), din, 1, f0, tm);
       GradAct<T> f1{hs + ns * off(l - 1), e, din, act, rw, rz + ns * off(l - 1), ds + ns * off(l - 1)};
-      cols_product(ns, nq, din, gb + l * gsz, 1, ns, hq + nq * off(l - 1), din, 1, ch.s[l], f1, tm);
+      cols_product(ns, nq, din, gb + l * gsz, 1, ns, hq + nq * off(l - 1), din, 1, f1, tm);
       tm.sync();
     }
   }

@@ -30,31 +30,6 @@ FASTMAML_HD inline void load16(const T* p, T* v) {
 #endif
 }
 
-// How many chunks `cols_product` cuts a product's N points into, for M columns and a team of `size`: the
-// count (at least ceil(N / kChunk), so a chunk fits in registers) that takes the fewest rounds of the team
-// times the loads and multiply-adds of one chunk (per V values of k: V loads of B, one 16-byte load of A a
-// point, V multiply-adds a point), the fewest chunks among equals. It depends on N, M and the team alone, not
-// on the sum's length or layout, so two products of one N and M into one output have the same owners.
-// A warp at the sinusoid size: M = 40 columns in 2 chunks of 5 points (80 units, 3 rounds), where whole
-// columns of 8 + 2 points took lanes 0-7 four passes; M = 10 (the Gram matrices) in 3 chunks; M = 1 (the
-// output layer) a point a lane. The search costs hundreds of instructions (a division a step), so it runs on
-// the host, once a call (`Chunks`, onestep.h), not at every product.
-template <typename T>
-FASTMAML_HD inline int point_chunks(int N, int M, int size) {
-  constexpr int V = static_cast<int>(16 / sizeof(T));
-  const int lo = (N + kChunk - 1) / kChunk;
-  const int hi = N < lo + size ? N : lo + size;
-  int best = lo;
-  int64_t best_cost = -1;
-  for (int c = lo; c <= hi; ++c) {
-    const int64_t p = (N + c - 1) / c;
-    const int64_t rounds = (static_cast<int64_t>(M) * c + size - 1) / size;
-    const int64_t cost = rounds * (V + p + V * p);
-    if (best_cost < 0 || cost < best_cost) best = c, best_cost = cost;
-  }
-  return best;
-}
-
 // Whether a team's products read both operands from shared memory (every one of them: the kernel staged
 // theta_0, the scratch and the task's inputs there). A team says so with `static constexpr bool
 // kSharedOperands = true` (csrc/cuda/onestep.cu's kernel for that case); by default false.
@@ -121,20 +96,24 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void unit_sums(T (&acc)[kChunk], int nn, int K
 }
 
 // out[n, m] for n < N, m < M: f.finish(n, m, f.init(n, m) + sum_k A[n an + k ak] B[k bk + m bm]), the sum
-// in k order. The work is cut into units of one column and one chunk of points (`chunks` of them, from
-// `point_chunks`: balanced, at most kChunk points each, kept in registers for one pass over k): unit u is
-// chunk u % chunks of column u / chunks, and rank r owns the units r, r + size, ... So a warp's lanes read
-// at most 32 / chunks + 1 neighbouring columns of B at once (no two in one bank where B's columns are
-// neighbours in memory, bm = 1) and `chunks` rows of A. Each output's sum is one rank's, in k order, so the
-// result does not depend on the team. Two products of one N and M into one output get the same `chunks`
-// (onestep.h's `Chunks`) and so the same owners: the second may read what the first stored without a sync.
+// in k order. The work is cut into units of one column and one chunk of points: ceil(N / kChunk) chunks,
+// balanced (10 points: 5 + 5, not 8 + 2), each kept in registers for one pass over k. Unit u is chunk
+// u % chunks of column u / chunks, and rank r owns the units r, r + size, ... A unit's loop issues the same
+// instructions whatever its points (unit_sums), so the fewest chunks take the fewest rounds; spreading the
+// units over the ranks is what balances them: at the sinusoid size a 40-column product takes a warp 3 rounds,
+// where whole columns of 8 + 2 points gave lanes 0-7 four passes, and a 10-column Gram matrix or the output
+// layer's one column one round, not two. A warp's lanes read at most 32 / chunks + 1 neighbouring columns of
+// B at once (no two in one bank where B's columns are neighbours in memory, bm = 1) and `chunks` rows of A.
+// Each output's sum is one rank's, in k order, so the result does not depend on the team; the owners depend
+// on N, M and the team only, so the second of two products of one N and M into one output may read what the
+// first stored without a sync.
 // Where A's rows are contiguous and 16-byte aligned (ak = 1, an and A's address multiples of 16 bytes)
 // each point's A values come 16 bytes at a time: per 4 k (float) 8 loads of A and 4 of B for 32
 // multiply-adds, where one value at a time takes 36 loads (the loads, not the multiply-adds, bound a
 // warp's products on a GPU: the lanes on one chunk read the same A value, a broadcast).
 template <typename T, typename Team, typename F>
 FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
-                                     int chunks, const F& f, const Team& tm) {
+                                     const F& f, const Team& tm) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
 #if defined(__CUDA_ARCH__)
   constexpr bool kClamp = SharedOperands<Team>::value;
@@ -147,8 +126,7 @@ FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, i
 #endif
   const bool rows16 = ak == 1 && an % V == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int kv = rows16 ? Kd - Kd % V : 0;  // k below kv: 16-byte loads of A
-  const int least = (N + kChunk - 1) / kChunk;  // a chunk must fit in acc, whatever the caller passed
-  const int nc = chunks < least ? least : chunks;
+  const int nc = (N + kChunk - 1) / kChunk;  // chunks
   const int per = (N + nc - 1) / nc;  // points a chunk (the last may have fewer)
   const int dm = tm.size() / nc, dc = tm.size() % nc;  // a step of `size` units: dm columns and dc chunks
   for (int c = tm.rank() % nc, m = tm.rank() / nc; m < M; c += dc, m += dm, (c >= nc ? (c -= nc, ++m) : 0)) {
