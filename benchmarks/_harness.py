@@ -194,9 +194,8 @@ def cuda_launch_note(w: Workload) -> str:
             return f"one-step launch report unavailable ({type(err).__name__})"
         task_bytes = _onestep.row_bytes([1, w.width, w.width, 1], w.x_support.shape[1], w.x_query.shape[1],
                                         w.first_order, w.params[0].element_size())
-        chunk = max(1, min(w.T, _onestep.MAX_FACTOR_BYTES // max(task_bytes, 1)))  # as _onestep._summed
-        chunks = -(-w.T // chunk)
-        kept = w.T * task_bytes <= _onestep.MAX_FACTOR_BYTES  # as _OneStep.forward
+        chunks = -(-w.T // _onestep.chunk_tasks(w.T, task_bytes))
+        kept = _onestep.keeps_rows(w.T, task_bytes)
         rows = f"summed in {chunks} chunk{'s' if chunks > 1 else ''}, {'kept' if kept else 'not kept'}"
         return (f"one-step launch: {blocks} blocks of {warps} warps (a task each), {shared / 1024:.1f} KiB shared "
                 f"a block, theta_0 {'staged' if staged else 'from global memory'}, scratch {work / 1024:.1f} KiB a "

@@ -117,15 +117,15 @@ Outputs run(const Case& c, int team, int T, unsigned seed, bool predicated = fal
   for (int r = 0; r < team; ++r) {
     threads.emplace_back([&, r] {
       const ThreadTeam tm{r, team, &bar, red.data(), -1};
-      const PredicatedThreadTeam ptm{tm};
-      for (int t = 0; t < T; ++t) {
-        if (predicated) {
+      auto tasks = [&](const auto& any_team) {
+        for (int t = 0; t < T; ++t)
           ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, task_of(t),
-                            work.data(), ptm);
-        } else {
-          ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, task_of(t),
-                            work.data(), tm);
-        }
+                            work.data(), any_team);
+      };
+      if (predicated) {
+        tasks(PredicatedThreadTeam{tm});
+      } else {
+        tasks(tm);
       }
     });
   }

@@ -42,12 +42,6 @@ struct SharedWarpTeam : WarpTeam {
 
 constexpr int kMaxWarps = 16;
 
-// A task's inputs copied into its warp's scratch, after onestep.h's layout (so that with the scratch and
-// theta_0 in shared memory every product reads shared memory): xs, then xq, each rounded up to 16 elements.
-FASTMAML_HD inline int64_t padded16(int64_t n) { return (n + 15) & ~int64_t(15); }
-inline int64_t input_copies(const task::Net& net, int ns, int nq) {
-  return padded16(int64_t(ns) * net.dims[0]) + padded16(int64_t(nq) * net.dims[0]);
-}
 constexpr int64_t kMaxGlobalWork = int64_t(1) << 30;  // bytes of a launch's scratch in global memory
 
 // kShared: theta_0 staged and the scratch in shared memory (the launch's plan), the task's inputs copied
@@ -82,8 +76,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kShared ? 1 : 0)
   using Team = std::conditional_t<kShared, SharedWarpTeam, WarpTeam>;
   const Team tm;
   const int64_t din = net.dims[0], dout = net.dims[net.L];
-  T* xs_copy = work + task::onestep::layout(net, a.ns, a.nq).total;
-  T* xq_copy = xs_copy + padded16(a.ns * din);
+  // The shared-operand form's copies of each task's inputs, past the scratch task() uses (onestep.h's layout).
+  const task::onestep::Layout w = task::onestep::layout(net, a.ns, a.nq);
+  T* xs_copy = work + w.xs;
+  T* xq_copy = work + w.xq;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * nw + warp; t < a.n_tasks;
        t += static_cast<int64_t>(gridDim.x) * nw) {
     task::onestep::Task<T> tk;
@@ -157,11 +153,10 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return (void)cudaGetLastError(), err;
   OnestepPlan p{};
-  const int64_t layout_elems = task::onestep::layout(net, ns, nq).total, copy_elems = input_copies(net, ns, nq);
-  // A task's scratch in bytes, with the input copies the shared-operand form makes or without.
-  auto scratch = [&](bool copies) {
-    return (layout_elems + (copies ? copy_elems : 0)) * static_cast<int64_t>(sizeof(T));
-  };
+  const task::onestep::Layout w = task::onestep::layout(net, ns, nq);
+  // A task's scratch in elements and bytes, with the input copies the shared-operand form makes or without.
+  auto elems = [&](bool copies) { return copies ? w.with_inputs : w.total; };
+  auto scratch = [&](bool copies) { return elems(copies) * static_cast<int64_t>(sizeof(T)); };
   const int64_t Pp = (net.P + 15) & ~int64_t(15);
   const int64_t stage_bytes = (2 * Pp + 16) * static_cast<int64_t>(sizeof(T));
   // theta_0 in shared memory wherever it fits: the products read it most (a product with W reads all of W
@@ -187,7 +182,7 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   // they would not fit beside it, the generic form keeps the scratch in shared memory without them.
   p.shared_form = shared_allowed && form_allowed && base + p.warps * scratch(true) <= optin;
   p.shared_work = p.shared_form || (shared_allowed && base + p.warps * scratch(false) <= optin);
-  p.work_elems = layout_elems + (p.shared_form ? copy_elems : 0);
+  p.work_elems = elems(p.shared_form);
   const int64_t work_bytes = scratch(p.shared_form);
   p.shared_bytes = base + (p.shared_work ? p.warps * work_bytes : 0);
   if ((err = allow_shared<T>(static_cast<size_t>(p.shared_bytes))) != cudaSuccess) return err;

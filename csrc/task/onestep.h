@@ -56,9 +56,11 @@ FASTMAML_HD inline T ce_point(const T* z, int D, int64_t cls, T c, T* d) {
 }
 
 // The team's layout of one task's scratch (elements; `width_sum` S, support and query points ns, nq).
-// Every [N, S] buffer holds each layer's [N, D_{l+1}] slice at N * act_off[l], as Acts does.
+// Every [N, S] buffer holds each layer's [N, D_{l+1}] slice at N * act_off[l], as Acts does. `total` is the
+// scratch task() uses; past it, up to `with_inputs`, the task's inputs xs and xq where the CUDA kernel's
+// shared-operand form copies them (csrc/cuda/onestep.cu).
 struct Layout {
-  int64_t hs, ds, hq, dq, rz, rh, rd, ga, gb, vb, total;
+  int64_t hs, ds, hq, dq, rz, rh, rd, ga, gb, vb, total, xs, xq, with_inputs;
 };
 
 FASTMAML_HD inline Layout layout(const Net& net, int ns, int nq) {
@@ -81,6 +83,9 @@ FASTMAML_HD inline Layout layout(const Net& net, int ns, int nq) {
   w.gb = take(L * nq * ns);
   w.vb = take(S);
   w.total = o;
+  w.xs = take(ns * net.dims[0]);
+  w.xq = take(nq * net.dims[0]);
+  w.with_inputs = o;
   return w;
 }
 

@@ -178,12 +178,23 @@ def _split(grads: list[torch.Tensor], shapes: list[torch.Size], needs: tuple) ->
     return tuple(result)
 
 
+def chunk_tasks(n_tasks: int, task_row_bytes: int) -> int:
+    """Tasks a kernel run of a training call's forward (and of a rerun backward) takes: at most
+    `MAX_FACTOR_BYTES` of factor rows, at least one task."""
+    return max(1, min(n_tasks, MAX_FACTOR_BYTES // max(task_row_bytes, 1)))
+
+
+def keeps_rows(n_tasks: int, task_row_bytes: int) -> bool:
+    """Whether the training call's forward keeps every task's rows for its backward (all fit in the budget)."""
+    return n_tasks * task_row_bytes <= MAX_FACTOR_BYTES
+
+
 def _summed(call: _Call, cot: Optional[torch.Tensor], g_preds: Optional[torch.Tensor]):
     """The kernel over every task in chunks of at most `MAX_FACTOR_BYTES` of rows (at least one task), each
     chunk's rows summed into the layers' `[out, in + 1]` gradients as soon as it is done (in chunk order):
     `(losses, preds, layer sums, rate sums)`. `cot` None: every task's seed is 1."""
     T = call.xs.shape[0]
-    chunk = max(1, min(T, MAX_FACTOR_BYTES // max(call.row_bytes(), 1)))
+    chunk = chunk_tasks(T, call.row_bytes())
     losses, preds, grads, g_rates = [], [], None, None
     for lo in range(0, T, chunk):
         hi = min(T, lo + chunk)
@@ -213,7 +224,7 @@ class _OneStep(torch.autograd.Function):
         # MAX_FACTOR_BYTES, for a cotangent of the task losses themselves; past it such a backward reruns the
         # kernel (as does one of the query outputs).
         T = call.xs.shape[0]
-        keep = differentiable and T * call.row_bytes() <= MAX_FACTOR_BYTES
+        keep = differentiable and keeps_rows(T, call.row_bytes())
         ctx.U = ctx.V = ctx.rate_grads = ctx.sums = ctx.rate_sums = None
         if keep:
             losses, preds, ctx.U, ctx.V, ctx.rate_grads = call.run(0, T, None, None, True)
@@ -272,5 +283,5 @@ def maml(problem: Problem, kernel: Optional[Callable] = None) -> tuple[torch.Ten
     return _OneStep.apply(call, differentiable, rate_vector, *problem.params)
 
 
-__all__ = ["MAX_FACTOR_BYTES", "MAX_WORKSPACE_BYTES", "maml", "rates", "reason", "row_bytes", "transposed",
-           "workspace_bytes"]
+__all__ = ["MAX_FACTOR_BYTES", "MAX_WORKSPACE_BYTES", "chunk_tasks", "keeps_rows", "maml", "rates", "reason",
+           "row_bytes", "transposed", "workspace_bytes"]
