@@ -187,7 +187,7 @@ def cuda_launch_note(w: Workload) -> str:
 
     if cuda_backend.ONESTEP and w.K == 1:  # the training call's kernel is the one-step kernel
         try:
-            warps, blocks, shared, staged, in_shared, work, regs, local, per_sm, form = (int(x) for x in (
+            warps, blocks, shared, staged, in_shared, work, regs, local, per_sm, form, *mma = (int(x) for x in (
                 torch.ops.fastmaml_testing.cuda_onestep_launch(w.params[0].detach(), [1, w.width, w.width, 1],
                                                                w.x_support.shape[1], w.x_query.shape[1], w.T)))
         except Exception as err:  # an older build: the timing stands without it
@@ -200,7 +200,8 @@ def cuda_launch_note(w: Workload) -> str:
         return (f"one-step launch: {blocks} blocks of {warps} warps (a task each), {shared / 1024:.1f} KiB shared "
                 f"a block, theta_0 {'staged' if staged else 'from global memory'}, scratch {work / 1024:.1f} KiB a "
                 f"task in {'shared' if in_shared else 'global'} memory, {regs} registers and {local} B local a "
-                f"thread, {per_sm} blocks a multiprocessor, the {'shared-operand' if form else 'generic'} form; "
+                f"thread, {per_sm} blocks a multiprocessor, the {'shared-operand' if form else 'generic'} form"
+                f"{', products on tensor cores' if mma and mma[0] else ''}; "
                 f"factor rows {rows}")
     try:
         v = torch.ops.fastmaml_testing.cuda_training_launch(

@@ -40,15 +40,23 @@ struct Outputs {
   std::vector<double> losses, preds, U, V, rg;
 };
 
-// Runs every task of the problem with a team of `team` threads (0: SerialTeam).
 // A team that runs cols_product's predicated loop, the form a GPU runs from generic addresses (the host's
 // teams run the unpredicated one by default).
 struct PredicatedThreadTeam : ThreadTeam {
   static constexpr bool kPredicatedLoop = true;
 };
 
-// `predicated`: the team runs cols_product's predicated loop.
-Outputs run(const Case& c, int team, int T, unsigned seed, bool predicated = false) {
+// A team whose products run team_mma.h's tensor-core tiles, each whole warp of it emulating its lanes'
+// fragments (in double: exact products, summed in steps of 8 and so in another order than cols_product).
+struct MmaThreadTeam : ThreadTeam {
+  static constexpr bool kMmaProducts = true;
+};
+
+// How a team runs the products: cols_product's unpredicated loop, its predicated loop, or tensor cores.
+enum class Loop { kClamped, kPredicated, kMma };
+
+// Runs every task of the problem with a team of `team` threads (0: SerialTeam).
+Outputs run(const Case& c, int team, int T, unsigned seed, Loop loop = Loop::kClamped) {
   ft::Net net;
   ft::make_net(net, c.dims.data(), static_cast<int>(c.dims.size()), c.activation, c.loss);
   std::mt19937 gen(seed);
@@ -122,8 +130,10 @@ Outputs run(const Case& c, int team, int T, unsigned seed, bool predicated = fal
           ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, task_of(t),
                             work.data(), any_team);
       };
-      if (predicated) {
+      if (loop == Loop::kPredicated) {
         tasks(PredicatedThreadTeam{tm});
+      } else if (loop == Loop::kMma) {
+        tasks(MmaThreadTeam{tm});
       } else {
         tasks(tm);
       }
@@ -133,12 +143,18 @@ Outputs run(const Case& c, int team, int T, unsigned seed, bool predicated = fal
   return o;
 }
 
-// Every element equal (the products sum each element in one order whatever the team); the losses, which
-// the team sums in rank order, within 1e-12 relative.
-int compare(const char* what, const std::vector<double>& a, const std::vector<double>& b, bool exact) {
+// Every element equal (cols_product sums each element in one order whatever the team); the losses, which
+// the team sums in rank order, within 1e-12 relative. `scaled`: within 1e-11 of the tensor's largest
+// magnitude (the tensor-core tiles' other order of the sums).
+int compare(const char* what, const std::vector<double>& a, const std::vector<double>& b, bool exact,
+            bool scaled = false) {
+  double scale = 1;
+  for (double v : b) scale = std::fmax(scale, std::fabs(v));
   int bad = 0;
   for (size_t i = 0; i < a.size(); ++i) {
-    const bool same = exact ? a[i] == b[i] : std::fabs(a[i] - b[i]) <= 1e-12 * (1 + std::fabs(b[i]));
+    const bool same = scaled  ? std::fabs(a[i] - b[i]) <= 1e-11 * scale
+                      : exact ? a[i] == b[i]
+                              : std::fabs(a[i] - b[i]) <= 1e-12 * (1 + std::fabs(b[i]));
     if (!same && bad++ < 3) std::printf("  %s[%zu]: team %.17g, one %.17g\n", what, i, a[i], b[i]);
   }
   return bad;
@@ -161,18 +177,28 @@ int main() {
   unsigned seed = 1;
   for (const Case& c : cases) {
     const Outputs one = run(c, 0, 3, seed);
-    for (int variant = 0; variant < 8; ++variant) {
-      constexpr int kTeams[] = {2, 5, 32, 33};
-      const int team = kTeams[variant % 4];
-      const bool predicated = (variant & 4) != 0;
-      const Outputs o = run(c, team, 3, seed, predicated);
-      const int bad = compare("losses", o.losses, one.losses, false) + compare("preds", o.preds, one.preds, true) +
-                      compare("U", o.U, one.U, true) + compare("V", o.V, one.V, true) +
-                      compare("rate grads", o.rg, one.rg, false);
+    // cols_product's two loops at 4 team sizes; the tensor-core tiles at one warp, a warp and a rank that
+    // owns nothing, two warps, and a team too small for a warp (which runs cols_product).
+    struct Variant {
+      int team;
+      Loop loop;
+    };
+    constexpr Variant kVariants[] = {{2, Loop::kClamped},    {5, Loop::kClamped},    {32, Loop::kClamped},
+                                     {33, Loop::kClamped},   {2, Loop::kPredicated}, {5, Loop::kPredicated},
+                                     {32, Loop::kPredicated}, {33, Loop::kPredicated}, {32, Loop::kMma},
+                                     {33, Loop::kMma},       {64, Loop::kMma},       {5, Loop::kMma}};
+    for (const Variant& v : kVariants) {
+      const int team = v.team;
+      const Outputs o = run(c, team, 3, seed, v.loop);
+      const bool mma = v.loop == Loop::kMma && team >= 32;
+      const int bad = compare("losses", o.losses, one.losses, false, mma) +
+                      compare("preds", o.preds, one.preds, !mma, mma) + compare("U", o.U, one.U, !mma, mma) +
+                      compare("V", o.V, one.V, !mma, mma) + compare("rate grads", o.rg, one.rg, false, mma);
       ++runs;
       if (bad != 0) {
+        constexpr const char* kLoops[] = {"", " (predicated loop)", " (tensor cores)"};
         std::printf("case %zu (L=%zu) team %d%s: %d mismatches\n", static_cast<size_t>(&c - cases.data()),
-                    c.dims.size() - 1, team, predicated ? " (predicated loop)" : "", bad);
+                    c.dims.size() - 1, team, kLoops[static_cast<int>(v.loop)], bad);
         ++failures;
       }
       bool finite = true;
@@ -186,6 +212,7 @@ int main() {
     ++seed;
   }
   if (failures != 0) return 1;
-  std::printf("ok: %d cases x 4 team sizes x 2 loops (%d runs)\n", static_cast<int>(cases.size()), runs);
+  std::printf("ok: %d cases x 12 teams and loops (%d runs: cols_product's two loops, tensor cores)\n",
+              static_cast<int>(cases.size()), runs);
   return 0;
 }

@@ -259,10 +259,12 @@ def test_op_checks_its_arguments():
 
 def test_team_loops_match_the_team_of_one(tmp_path):
     """The per-task math with teams of 2, 5, 32 and 33 threads (a warp is 32) against the team of one, with
-    both forms of the products' loop (the unpredicated one the host and a GPU's shared-operand form run, the
-    predicated one of a GPU's generic form)."""
+    both forms of the FFMA loop (the unpredicated one the host and a GPU's shared-operand form run, the
+    predicated one of a GPU's generic form), exactly; and with the tensor-core tiles emulated lane by lane
+    (teams of 32, 33 and 64; 5, too small for a warp, falls back to the FFMA loop), within 1e-11 of each
+    tensor's scale (their sums run in another order)."""
     out = build_and_run(tmp_path, CHECK, ["-O1"])
-    assert "ok: 8 cases x 4 team sizes x 2 loops (64 runs)" in out
+    assert "ok: 8 cases x 12 teams and loops (96 runs: cols_product's two loops, tensor cores)" in out
 
 
 @pytest.mark.skipif(os.environ.get("FASTMAML_TSAN") == "0", reason="FASTMAML_TSAN=0 skips the ThreadSanitizer run")
@@ -290,14 +292,18 @@ needs_cuda = pytest.mark.skipif(_cuda_ready() is not None if torch.cuda.is_avail
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("setting", ["", "FASTMAML_ONESTEP_WARPS=2", "FASTMAML_ONESTEP_WARPS=16",
-                                     "FASTMAML_ONESTEP_SHARED=0", "FASTMAML_ONESTEP_FORM=generic"])
+                                     "FASTMAML_ONESTEP_SHARED=0", "FASTMAML_ONESTEP_FORM=generic",
+                                     "FASTMAML_ONESTEP_PRODUCTS=mma"])
 @pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "width128", "ce_5way"])
 def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     """The CUDA kernel's outputs, factor rows and rate gradients against the CPU op's on the same inputs: float64
     within 1e-10, float32 within 1e-4 of the float64 CPU op; more tasks than resident warps (20,000); width
-    128; cross-entropy with 5 classes."""
+    128; cross-entropy with 5 classes. The products on tensor cores (3xTF32) in float32 at every shape, in the
+    shared-operand form (the sinusoid net) and the generic one (width 128, and the shapes whose scratch fits)."""
     if setting == "FASTMAML_ONESTEP_FORM=generic" and (shape == "width128" or dtype == torch.float64):
         pytest.skip("width 128 runs the generic form anyway; the float32 cases cover the generic form's loads")
+    if setting == "FASTMAML_ONESTEP_PRODUCTS=mma" and dtype == torch.float64:
+        pytest.skip("float64 has no tensor-core products: the plan keeps the FFMA loop (the default case)")
     if setting:
         name, value = setting.split("=")
         monkeypatch.setenv(name, value)
@@ -358,7 +364,8 @@ def test_mistyped_import_switches_are_refused(name, value):
 
 
 @pytest.mark.parametrize("name, value", [("FASTMAML_ONESTEP_WARPS", "3"), ("FASTMAML_ONESTEP_SHARED", "off"),
-                                         ("FASTMAML_ONESTEP_FORM", "fast")])
+                                         ("FASTMAML_ONESTEP_FORM", "fast"),
+                                         ("FASTMAML_ONESTEP_PRODUCTS", "tf32")])
 def test_mistyped_launch_switches_are_refused(monkeypatch, name, value):
     """Read by the CUDA plan on every launch: the backend refuses values it would not read as written."""
     from fastmaml.backends.cuda import CudaBackend

@@ -40,15 +40,24 @@ struct SharedWarpTeam : WarpTeam {
   static constexpr bool kSharedOperands = true;
 };
 
+// The warp whose products run on tensor cores (onestep_loops.h's `product`), in either form: the tiles test
+// each operand's address space themselves (shared_loads: allowed) and load by 32-bit shared addresses where
+// both are in shared memory.
+struct MmaWarpTeam : WarpTeam {
+  static constexpr bool kMmaProducts = true;
+  __device__ bool shared_loads() const { return true; }
+};
+
 constexpr int kMaxWarps = 16;
 
 constexpr int64_t kMaxGlobalWork = int64_t(1) << 30;  // bytes of a launch's scratch in global memory
 
 // kShared: theta_0 staged and the scratch in shared memory (the launch's plan), the task's inputs copied
-// there too, the warp a SharedWarpTeam. That form's bounds ask for at least one block a multiprocessor:
+// there too, the warp's products told so. That form's bounds ask for at least one block a multiprocessor:
 // without it ptxas gave its float build 64 registers and 180 / 224 B of spills. The generic form keeps the
-// bounds it had (with the minimum its double build spilled 28 / 44 B, not 8 / 8).
-template <typename T, bool kShared>
+// bounds it had (with the minimum its double build spilled 28 / 44 B, not 8 / 8). kMma: the products on
+// tensor cores (float only: the plan never asks for it in double).
+template <typename T, bool kShared, bool kMma>
 __global__ void __launch_bounds__(kMaxWarps * 32, kShared ? 1 : 0)
     onestep_kernel(OnestepArgs<T> a, bool stage, bool shared_work, int64_t work_elems) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -73,7 +82,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kShared ? 1 : 0)
   const int warp = static_cast<int>(threadIdx.x >> 5), nw = static_cast<int>(blockDim.x >> 5);
   T* work = shared_work ? smem + staged + warp * work_elems
                         : a.global_work + (static_cast<int64_t>(blockIdx.x) * nw + warp) * work_elems;
-  using Team = std::conditional_t<kShared, SharedWarpTeam, WarpTeam>;
+  using Team = std::conditional_t<kMma, MmaWarpTeam, std::conditional_t<kShared, SharedWarpTeam, WarpTeam>>;
   const Team tm;
   const int64_t din = net.dims[0], dout = net.dims[net.L];
   // The shared-operand form's copies of each task's inputs, past the scratch task() uses (onestep.h's layout).
@@ -110,6 +119,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kShared ? 1 : 0)
   }
 }
 
+// Whether the tensor-core form is built for T: float (team_mma.h has no double mma; a double kernel with kMma
+// would be the FFMA kernel again, so the plan never asks for one and none is built).
+template <typename T>
+constexpr bool kMmaKernels = sizeof(T) == 4;
+
 // The kernel's opt-in to more than 48 KiB of dynamic shared memory, only ever raised (a high-water mark per
 // device under a lock, as kernels.cuh's allow_shared: a captured graph never sees it shrink).
 template <typename T>
@@ -123,7 +137,8 @@ cudaError_t allow_shared(size_t bytes) {
   const std::lock_guard<std::mutex> guard(lock);
   size_t& high = granted[device];
   if (bytes <= high) return cudaSuccess;
-  for (auto kernel : {&onestep_kernel<T, false>, &onestep_kernel<T, true>}) {
+  for (auto kernel : {&onestep_kernel<T, false, false>, &onestep_kernel<T, true, false>,
+                      &onestep_kernel<T, false, kMmaKernels<T>>, &onestep_kernel<T, true, kMmaKernels<T>>}) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
     if (err != cudaSuccess) return (void)cudaGetLastError(), err;
   }
@@ -131,10 +146,11 @@ cudaError_t allow_shared(size_t bytes) {
   return cudaSuccess;
 }
 
-// The kernel a plan runs (its shared_form: see plan_onestep).
+// The kernel a plan runs (its shared_form and mma: see plan_onestep).
 template <typename T>
 auto kernel_of(const OnestepPlan& p) {
-  return p.shared_form ? &onestep_kernel<T, true> : &onestep_kernel<T, false>;
+  if (p.mma) return p.shared_form ? &onestep_kernel<T, true, kMmaKernels<T>> : &onestep_kernel<T, false, kMmaKernels<T>>;
+  return p.shared_form ? &onestep_kernel<T, true, false> : &onestep_kernel<T, false, false>;
 }
 
 // FASTMAML_ONESTEP_WARPS, or 0 when unset (the Python side refuses any value but 2, 4, 8 and 16).
@@ -147,10 +163,11 @@ int warps_switch() {
 
 template <typename T>
 cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, OnestepPlan* plan) {
-  int device = 0, sms = 0, optin = 0;
+  int device = 0, sms = 0, optin = 0, major = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess) return (void)cudaGetLastError(), err;
   OnestepPlan p{};
   const task::onestep::Layout w = task::onestep::layout(net, ns, nq);
@@ -183,6 +200,9 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   p.shared_form = shared_allowed && form_allowed && base + p.warps * scratch(true) <= optin;
   p.shared_work = p.shared_form || (shared_allowed && base + p.warps * scratch(false) <= optin);
   p.work_elems = elems(p.shared_form);
+  // The products on tensor cores where FASTMAML_ONESTEP_PRODUCTS=mma asks (float on sm_80 and later; the FFMA
+  // loop by default until a GPU run has measured both: the A/B's `omma`).
+  p.mma = kMmaKernels<T> && major >= 8 && env_is("FASTMAML_ONESTEP_PRODUCTS", "mma");
   const int64_t work_bytes = scratch(p.shared_form);
   p.shared_bytes = base + (p.shared_work ? p.warps * work_bytes : 0);
   if ((err = allow_shared<T>(static_cast<size_t>(p.shared_bytes))) != cudaSuccess) return err;

@@ -24,6 +24,7 @@ struct OnestepPlan {
   int64_t shared_bytes;
   bool stage, shared_work;
   bool shared_form;  // the kernel's shared-operand form (stage and shared_work, unless FASTMAML_ONESTEP_FORM=generic)
+  bool mma;          // the products on tensor cores (float, sm_80 and later, FASTMAML_ONESTEP_PRODUCTS=mma)
   int64_t work_elems, global_work_elems;
 };
 
@@ -42,7 +43,8 @@ struct OnestepArgs {
 // The plan of a launch on the current device. FASTMAML_ONESTEP_WARPS (2, 4, 8 or 16) sets the warps of a
 // block (by default 8 where their scratch fits in shared memory beside theta_0, else 16, and fewer where
 // the tasks would not reach every multiprocessor), FASTMAML_ONESTEP_SHARED=0 keeps the scratch in global
-// memory (the A/B switches). Global scratch is kept to 1 GiB a launch by running fewer blocks.
+// memory, FASTMAML_ONESTEP_PRODUCTS=mma runs the float products on tensor cores (the A/B switches). Global
+// scratch is kept to 1 GiB a launch by running fewer blocks.
 template <typename T>
 cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, OnestepPlan* plan);
 

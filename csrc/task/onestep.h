@@ -21,11 +21,12 @@
 // every outer product U_r^T V_r is).
 //
 // The work of a task is shared by a team (team.h): on a GPU one warp, whose syncs are __syncwarp; on the
-// CPU a team of one. Every product is `cols_product` (onestep_loops.h): a rank owns units of one output column
-// and one chunk of points, keeps the chunk in registers, and reads the left operand's rows as one value for
-// the ranks on that chunk (a broadcast on a GPU) and the right operand's row across the team (consecutive
-// columns: coalesced). So theta_0's weights are read both as W (for D W) and transposed (for H W^T): `wt`
-// holds the transposes.
+// CPU a team of one. Every product is `product` (onestep_loops.h): by default `cols_product`, where a rank
+// owns units of one output column and one chunk of points, keeps the chunk in registers, and reads the left
+// operand's rows as one value for the ranks on that chunk (a broadcast on a GPU) and the right operand's row
+// across the team (consecutive columns: coalesced), so theta_0's weights are read both as W (for D W) and
+// transposed (for H W^T): `wt` holds the transposes; for a team that asks for them, tensor-core tiles of 16 x
+// 16 outputs a warp.
 #pragma once
 
 #include "config.h"
@@ -137,7 +138,7 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     const int din = net.dims[l], dout = net.dims[l + 1];
     const T* in = l == 0 ? t.xs : hs + ns * off(l - 1);
     BiasAct<T> f{theta + net.b_off[l], hs + ns * off(l), dout, layer_act(l)};
-    cols_product(ns, din, dout, in, din, 1, weights_t(l), dout, 1, f, tm);
+    product(ns, din, dout, in, din, 1, weights_t(l), dout, 1, f, tm);
     tm.sync();
   }
   // D_{L-1} = dL_s/dz (mse: 2 (z - y) / (Ns D_out); cross-entropy: (softmax(z) - onehot(y)) / Ns), then
@@ -159,7 +160,7 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
   for (int l = L - 1; l >= 1; --l) {
     const int din = net.dims[l], dout = net.dims[l + 1];
     ActGradStore<T> f{hs + ns * off(l - 1), ds + ns * off(l - 1), din, act};
-    cols_product(ns, dout, din, ds + ns * off(l), dout, 1, weights(l), din, 1, f, tm);
+    product(ns, dout, din, ds + ns * off(l), dout, 1, weights(l), din, 1, f, tm);
     tm.sync();
   }
 
@@ -175,7 +176,7 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     T* g = ga + l * gsz;
     T* b1 = vb + off(l);
     Store<T> sg{g, ns, nullptr};
-    cols_product(nq, din, ns, in_q, din, 1, in_s, 1, din, sg, tm);
+    product(nq, din, ns, in_q, din, 1, in_s, 1, din, sg, tm);
     for_each(tm, dout, [&](int64_t m) {
       T s = 0;
       for (int n = 0; n < ns; ++n) s += d[n * dout + m];
@@ -184,9 +185,9 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     tm.sync();
     T* z = hq + nq * off(l);
     Store<T> f0{z, dout, b1};
-    cols_product(nq, din, dout, in_q, din, 1, weights_t(l), dout, 1, f0, tm);
+    product(nq, din, dout, in_q, din, 1, weights_t(l), dout, 1, f0, tm);
     AddAct<T> f1{z, dout, layer_act(l), -rw};
-    cols_product(nq, ns, dout, g, ns, 1, d, dout, 1, f1, tm);
+    product(nq, ns, dout, g, ns, 1, d, dout, 1, f1, tm);
     tm.sync();
   }
   // The query loss, and its gradient seeding the query backward: D'_{L-1} = cot dL_q/dz' + g_pred.
@@ -226,13 +227,13 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     const T rw = rates[2 * l];
     T* g = gb + l * gsz;
     Store<T> sg{g, ns, nullptr};
-    cols_product(nq, dout, ns, dq + nq * off(l), dout, 1, ds + ns * off(l), 1, dout, sg, tm);
+    product(nq, dout, ns, dq + nq * off(l), dout, 1, ds + ns * off(l), 1, dout, sg, tm);
     tm.sync();
     T* e = dq + nq * off(l - 1);
     Store<T> f0{e, din, nullptr};
-    cols_product(nq, dout, din, dq + nq * off(l), dout, 1, weights(l), din, 1, f0, tm);
+    product(nq, dout, din, dq + nq * off(l), dout, 1, weights(l), din, 1, f0, tm);
     GradAct<T> f1{hq + nq * off(l - 1), e, din, act, -rw, nullptr, nullptr};
-    cols_product(nq, ns, din, g, ns, 1, hs + ns * off(l - 1), din, 1, f1, tm);
+    product(nq, ns, din, g, ns, 1, hs + ns * off(l - 1), din, 1, f1, tm);
     tm.sync();
   }
   if (t.rate_grad != nullptr) {
@@ -242,7 +243,7 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
     // above stops at layer 1).
     {
       Store<T> sg{gb, ns, nullptr};
-      cols_product(nq, net.dims[1], ns, dq, net.dims[1], 1, ds, 1, net.dims[1], sg, tm);
+      product(nq, net.dims[1], ns, dq, net.dims[1], 1, ds, 1, net.dims[1], sg, tm);
       tm.sync();
     }
     for (int l = 0; l < L; ++l) {
@@ -280,10 +281,10 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
       T* zd = rz + ns * off(l);
       if (l > 0) {
         Store<T> f0{zd, dout, bt};
-        cols_product(ns, din, dout, rh + ns * off(l - 1), din, 1, weights_t(l), dout, 1, f0, tm);
+        product(ns, din, dout, rh + ns * off(l - 1), din, 1, weights_t(l), dout, 1, f0, tm);
       }
       TangentAct<T> f1{zd, rh + ns * off(l), hs + ns * off(l), l > 0 ? nullptr : bt, dout, layer_act(l), rw};
-      cols_product(ns, nq, dout, ga + l * gsz, 1, ns, dql, dout, 1, f1, tm);
+      product(ns, nq, dout, ga + l * gsz, 1, ns, dql, dout, 1, f1, tm);
       tm.sync();
     }
     // Ddot_{L-1} = the loss's Hessian in z times z_dot (mse: 2 z_dot / (Ns D_out); cross-entropy, a point
@@ -316,9 +317,9 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
       const T rw = rates[2 * l];
       T* e = rd + ns * off(l - 1);
       Store<T> f0{e, din, nullptr};
-      cols_product(ns, dout, din, rd + ns * off(l), dout, 1, weights(l), din, 1, f0, tm);
+      product(ns, dout, din, rd + ns * off(l), dout, 1, weights(l), din, 1, f0, tm);
       GradAct<T> f1{hs + ns * off(l - 1), e, din, act, rw, rz + ns * off(l - 1), ds + ns * off(l - 1)};
-      cols_product(ns, nq, din, gb + l * gsz, 1, ns, hq + nq * off(l - 1), din, 1, f1, tm);
+      product(ns, nq, din, gb + l * gsz, 1, ns, hq + nq * off(l - 1), din, 1, f1, tm);
       tm.sync();
     }
   }

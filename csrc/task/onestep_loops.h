@@ -1,10 +1,12 @@
-// fastmaml: the one-step kernel's product loop (`cols_product`) and the ends its products finish with
-// (csrc/task/onestep.h's per-task math calls them; the CPU runs them with a team of one, a GPU with a warp).
+// fastmaml: the one-step kernel's products (`product`: the FFMA loop `cols_product`, or team_mma.h's
+// tensor-core tiles where the team asks for them) and the ends its products finish with (csrc/task/onestep.h's
+// per-task math calls them; the CPU runs them with a team of one, a GPU with a warp).
 #pragma once
 
 #include "config.h"
 #include "mlp.h"
 #include "team.h"
+#include "team_mma.h"
 
 namespace fastmaml {
 namespace FASTMAML_TASK_NAMESPACE {
@@ -142,6 +144,47 @@ FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, i
     for (int i = 0; i < kChunk; ++i) {
       if (i < nn) f.finish(n0 + i, m, acc[i]);
     }
+  }
+}
+
+// Whether a team's products run on tensor cores (team_mma.h's warp tiles, 3xTF32 for float): a team says
+// so with `static constexpr bool kMmaProducts = true` (the CUDA kernel's mma form, and the team check's teams
+// that emulate it on the host); by default false.
+template <typename Team, typename = void>
+struct MmaProducts {
+  static constexpr bool value = false;
+};
+template <typename Team>
+struct MmaProducts<Team, decltype(void(Team::kMmaProducts))> {
+  static constexpr bool value = Team::kMmaProducts;
+};
+
+// out[n, m] = f.finish(n, m, f.init(n, m) + sum_k A[n an + k ak] B[k bk + m bm]), as cols_product, by the
+// team's engine. With MmaProducts (and a type and device that have TF32 mma: kMmaCapable) a warp takes units
+// of 16 x 16 outputs on tensor cores (mma_warp_tiles: 3xTF32, about 2^-21 of each product, summed in steps
+// of 8 in the hardware's order, init added after the sum); else cols_product. Both engines give each output
+// one owner that depends on N, M and the team only, so the pairs of products into one output that onestep.h
+// runs without a sync between them keep that property as long as one team uses one engine throughout, which
+// this choice, made from the team's type alone, ensures. On the host a team of fewer than 32 ranks holds no
+// whole warp and runs cols_product (a device team is a warp: no FFMA loop is built beside the tiles). Every
+// product here sums over at least one k (onestep.h's widths and point counts are positive), which the tiles
+// need: they store nothing for an empty sum.
+// Counted for the sinusoid task on a warp (the sm_90a loops of both: 67 instructions for 32 multiply-adds in
+// cols_product's shared-operand form; 6 mma and about 46 other instructions a step of 8 of a 16 x 16 unit):
+// the 40 x 40 products of 10 points take 3 units of 5 steps, about 960 instructions, against 3 rounds of
+// about 700 in cols_product; the 10-column Gram matrices and the output layer one unit each, about 320
+// against 700; the sums over 10 points 3 units of a step of 8 and one of 4, about 440 against 900.
+template <typename T, typename Team, typename F>
+FASTMAML_HD inline void product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
+                                const F& f, const Team& tm) {
+  if constexpr (MmaProducts<Team>::value && kMmaCapable<T>) {
+#if !defined(__CUDA_ARCH__)
+    if (tm.size() < 32) return cols_product(N, Kd, M, A, an, ak, B, bk, bm, f, tm);
+#endif
+    const auto store = [&](int n, int m, T v) { f.finish(n, m, f.init(n, m) + v); };
+    mma_warp_tiles(N, M, Kd, T(1), A, an, ak, B, bm, bk, store, tm);
+  } else {
+    cols_product(N, Kd, M, A, an, ak, B, bk, bm, f, tm);
   }
 }
 

@@ -139,6 +139,7 @@ class CudaBackend(ExtensionBackend):
         env_choice("FASTMAML_ONESTEP_WARPS", ("", "2", "4", "8", "16"))  # the one-step kernel's warps a block
         env_exact("FASTMAML_ONESTEP_SHARED", ("", "0", "1"))  # its scratch in shared memory (0: global)
         env_exact("FASTMAML_ONESTEP_FORM", ("", "shared", "generic"))  # its shared-operand form (generic: not)
+        env_exact("FASTMAML_ONESTEP_PRODUCTS", ("", "ffma", "mma"))  # its float products (mma: tensor cores)
         # The shared workspace's cap in KiB (csrc/cuda/binding.cpp, shared_limit): C++ reads it with atoll,
         # which makes any text 0, every workspace in global memory.
         env_int("FASTMAML_CUDA_SHARED_KB", 0, lambda kb: kb >= 0, "a whole number of KiB, 0 or more")
