@@ -13,7 +13,8 @@ namespace FASTMAML_TASK_NAMESPACE {
 inline namespace FASTMAML_IMPL_NAMESPACE {
 namespace onestep {
 
-constexpr int kChunk = 8;  // points a rank keeps in registers in one pass over k
+constexpr int kChunk = 8;       // points a rank keeps in registers in one pass over k
+constexpr int kSmallChunk = 5;  // the capacity of cols_product's second build (chunks of 5 points or fewer)
 
 // V consecutive elements of T at p into v (16 bytes: 4 floats or 2 doubles). On a GPU one 16-byte load,
 // a broadcast when the whole warp reads the same address; p must be 16-byte aligned there.
@@ -56,8 +57,8 @@ struct PredicatedLoop<Team, decltype(void(Team::kPredicatedLoop))> {
   static constexpr bool value = Team::kPredicatedLoop;
 };
 
-// One unit's sums: acc[i] += sum_k A[(n0 + i) an + k ak] B[k bk] (Bm is B's column) for i < nn, k in order.
-// Two forms of one loop, the same sums in the same order:
+// One unit's sums: acc[i] += sum_k A[(n0 + i) an + k ak] B[k bk] (Bm is B's column) for i < nn <= C, k in
+// order. Two forms of one loop, the same sums in the same order:
 // - kClamp (shared operands on a GPU, and on the host unless the team asks for the other): points past the
 //   chunk read its last point's row, in bounds, into accumulators nobody stores, so the loop runs without
 //   predicates. Told that both operands are in shared memory, nvcc loads them with 32-bit shared addresses:
@@ -66,19 +67,20 @@ struct PredicatedLoop<Team, decltype(void(Team::kPredicatedLoop))> {
 //   recomputed every step, each address rebuilt in 64 bits, and a point left out issued anyway);
 // - otherwise (generic addresses: the scratch in global memory), predicated: clamped, that loop kept 8 row
 //   pointers and the kernel spilled 52 / 136 B.
-template <bool kClamp, typename T>
-FASTMAML_HD FASTMAML_FORCE_INLINE void unit_sums(T (&acc)[kChunk], int nn, int Kd, int kv, const T* a0, int an,
-                                                 int ak, const T* Bm, int bk) {
+// Either way a step issues C points' work whatever nn is: C is the chunk's capacity, compiled in.
+template <int C, bool kClamp, typename T>
+FASTMAML_HD FASTMAML_FORCE_INLINE void unit_sums(T (&acc)[C], int nn, int Kd, int kv, const T* a0, int an, int ak,
+                                                 const T* Bm, int bk) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
-  const T* ar[kChunk];  // each point's row (kClamp; the predicated form addresses from a0)
+  const T* ar[C];  // each point's row (kClamp; the predicated form addresses from a0)
   FASTMAML_UNROLL
-  for (int i = 0; i < kChunk; ++i) ar[i] = a0 + static_cast<int64_t>(kClamp && i >= nn ? nn - 1 : i) * an;
+  for (int i = 0; i < C; ++i) ar[i] = a0 + static_cast<int64_t>(kClamp && i >= nn ? nn - 1 : i) * an;
   for (int k = 0; k < kv; k += V) {
     T b[V];
     FASTMAML_UNROLL
     for (int j = 0; j < V; ++j) b[j] = Bm[static_cast<int64_t>(k + j) * bk];
     FASTMAML_UNROLL
-    for (int i = 0; i < kChunk; ++i) {
+    for (int i = 0; i < C; ++i) {
       if (kClamp || i < nn) {
         T a[V];
         load16((kClamp ? ar[i] : a0 + static_cast<int64_t>(i) * an) + k, a);
@@ -90,9 +92,36 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void unit_sums(T (&acc)[kChunk], int nn, int K
   for (int k = kv; k < Kd; ++k) {
     const T b = Bm[static_cast<int64_t>(k) * bk];
     FASTMAML_UNROLL
-    for (int i = 0; i < kChunk; ++i) {
+    for (int i = 0; i < C; ++i) {
       const T* row = kClamp ? ar[i] : a0 + static_cast<int64_t>(i) * an;
       if (kClamp || i < nn) acc[i] += row[static_cast<int64_t>(k) * ak] * b;
+    }
+  }
+}
+
+// cols_product's units with chunks of at most C points (the function below).
+template <int C, bool kClamp, typename T, typename Team, typename F>
+FASTMAML_HD inline void chunk_units(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
+                                    int nc, int per, int kv, const F& f, const Team& tm) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (kClamp) {  // on a GPU: the shared-operand form (cols_product)
+    __builtin_assume(__isShared(A));
+    __builtin_assume(__isShared(B));
+  }
+#endif
+  const int dm = tm.size() / nc, dc = tm.size() % nc;  // a step of `size` units: dm columns and dc chunks
+  for (int c = tm.rank() % nc, m = tm.rank() / nc; m < M; c += dc, m += dm, (c >= nc ? (c -= nc, ++m) : 0)) {
+    const int n0 = c * per;
+    if (n0 >= N) continue;
+    const int nn = N - n0 < per ? N - n0 : per;
+    T acc[C];
+    FASTMAML_UNROLL
+    for (int i = 0; i < C; ++i) acc[i] = i < nn ? f.init(n0 + i, m) : T(0);
+    unit_sums<C, kClamp>(acc, nn, Kd, kv, A + static_cast<int64_t>(n0) * an, an, ak,
+                         B + static_cast<int64_t>(m) * bm, bk);
+    FASTMAML_UNROLL
+    for (int i = 0; i < C; ++i) {
+      if (i < nn) f.finish(n0 + i, m, acc[i]);
     }
   }
 }
@@ -109,6 +138,10 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void unit_sums(T (&acc)[kChunk], int nn, int K
 // Each output's sum is one rank's, in k order, so the result does not depend on the team; the owners depend
 // on N, M and the team only, so the second of two products of one N and M into one output may read what the
 // first stored without a sync.
+// The loop is compiled for chunks of at most 5 points and of at most kChunk: chunks of 5 or fewer (10 points,
+// 5, 4, 3, ...) run the first, whose step of 4 k issues 5 points' loads and multiply-adds, not 8 (at the
+// sinusoid size every product's chunks are 5 points). Which one runs depends on N alone, so the owners do
+// not change.
 // Where A's rows are contiguous and 16-byte aligned (ak = 1, an and A's address multiples of 16 bytes)
 // each point's A values come 16 bytes at a time: per 4 k (float) 8 loads of A and 4 of B for 32
 // multiply-adds, where one value at a time takes 36 loads (the loads, not the multiply-adds, bound a
@@ -119,10 +152,6 @@ FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, i
   constexpr int V = static_cast<int>(16 / sizeof(T));
 #if defined(__CUDA_ARCH__)
   constexpr bool kClamp = SharedOperands<Team>::value;
-  if constexpr (kClamp) {
-    __builtin_assume(__isShared(A));
-    __builtin_assume(__isShared(B));
-  }
 #else
   constexpr bool kClamp = !PredicatedLoop<Team>::value;
 #endif
@@ -130,20 +159,10 @@ FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, i
   const int kv = rows16 ? Kd - Kd % V : 0;  // k below kv: 16-byte loads of A
   const int nc = (N + kChunk - 1) / kChunk;  // chunks
   const int per = (N + nc - 1) / nc;  // points a chunk (the last may have fewer)
-  const int dm = tm.size() / nc, dc = tm.size() % nc;  // a step of `size` units: dm columns and dc chunks
-  for (int c = tm.rank() % nc, m = tm.rank() / nc; m < M; c += dc, m += dm, (c >= nc ? (c -= nc, ++m) : 0)) {
-    const int n0 = c * per;
-    if (n0 >= N) continue;
-    const int nn = N - n0 < per ? N - n0 : per;
-    T acc[kChunk];
-    FASTMAML_UNROLL
-    for (int i = 0; i < kChunk; ++i) acc[i] = i < nn ? f.init(n0 + i, m) : T(0);
-    unit_sums<kClamp>(acc, nn, Kd, kv, A + static_cast<int64_t>(n0) * an, an, ak, B + static_cast<int64_t>(m) * bm,
-                      bk);
-    FASTMAML_UNROLL
-    for (int i = 0; i < kChunk; ++i) {
-      if (i < nn) f.finish(n0 + i, m, acc[i]);
-    }
+  if (per <= kSmallChunk) {
+    chunk_units<kSmallChunk, kClamp>(N, Kd, M, A, an, ak, B, bk, bm, nc, per, kv, f, tm);
+  } else {
+    chunk_units<kChunk, kClamp>(N, Kd, M, A, an, ak, B, bk, bm, nc, per, kv, f, tm);
   }
 }
 
