@@ -578,8 +578,8 @@ fi
 #   ogeneric the same at W=40 in the kernel's generic form (FASTMAML_ONESTEP_FORM=generic): its products'
 #            loads by generic addresses, predicated, not the shared-operand form's 32-bit shared loads
 #   omma     the same with its float products on tensor cores (FASTMAML_ONESTEP_PRODUCTS=mma: mma.sync,
-#            3xTF32, a warp's units of 16 x 16 outputs; by count about 1.2x fewer instructions a task than
-#            the FFMA loop at W=40, about 2x at W=128)
+#            3xTF32, a warp's units of 16 x 16 outputs; by count about 1.6x fewer instructions a task than
+#            the FFMA loop at W=128, about 1.4x more at W=40, where the FFMA loop's 5-point build runs)
 #   okeep4g  the same summing up to 4 GiB of factor rows a chunk (FASTMAML_ONESTEP_KEEP_MB=4096; 1 GiB by
 #            default: at T=65536 the forward runs the kernel in two chunks at W=40, more at W=128)
 #   tonestep FASTMAML_TRITON_ONESTEP=1 at K=1, W=40: the triton backend's one-step calls on its one-step
