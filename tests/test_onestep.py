@@ -298,8 +298,8 @@ needs_cuda = pytest.mark.skipif(_cuda_ready() is not None if torch.cuda.is_avail
 def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     """The CUDA kernel's outputs, factor rows and rate gradients against the CPU op's on the same inputs: float64
     within 1e-10, float32 within 1e-4 of the float64 CPU op; more tasks than resident warps (20,000); width
-    128; cross-entropy with 5 classes. The products on tensor cores (3xTF32) in float32 at every shape, in the
-    shared-operand form (the sinusoid net) and the generic one (width 128, and the shapes whose scratch fits)."""
+    128; cross-entropy with 5 classes. The products on tensor cores (3xTF32) in float32 at every shape: in the
+    generic form at width 128, the shared-operand form elsewhere; the launch report must say they ran."""
     if setting == "FASTMAML_ONESTEP_FORM=generic" and (shape == "width128" or dtype == torch.float64):
         pytest.skip("width 128 runs the generic form anyway; the float32 cases cover the generic form's loads")
     if setting == "FASTMAML_ONESTEP_PRODUCTS=mma" and dtype == torch.float64:
@@ -326,6 +326,10 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
                 cot.to(dev, dt), gp.to(dev, dt), dims, 1 if act == "tanh" else 0, 1 if loss == "cross_entropy" else 0,
                 False, True]
 
+    if setting == "FASTMAML_ONESTEP_PRODUCTS=mma":
+        like = torch.empty(1, device="cuda", dtype=dtype)
+        report = torch.ops.fastmaml_testing.cuda_onestep_launch(like, dims, ns, nq, tasks)
+        assert report[-1] == 1, f"the plan did not take the tensor-core products: {list(report)}"
     expected = torch.ops.fastmaml.maml_onestep(*args(p64, "cpu", F64))
     actual = torch.ops.fastmaml.maml_onestep(*args(p64, "cuda", dtype))
     tol = 1e-10 if dtype == F64 else 1e-4

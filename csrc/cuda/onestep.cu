@@ -163,11 +163,10 @@ int warps_switch() {
 
 template <typename T>
 cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, OnestepPlan* plan) {
-  int device = 0, sms = 0, optin = 0, major = 0;
+  int device = 0, sms = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess) return (void)cudaGetLastError(), err;
   OnestepPlan p{};
   const task::onestep::Layout w = task::onestep::layout(net, ns, nq);
@@ -200,9 +199,17 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   p.shared_form = shared_allowed && form_allowed && base + p.warps * scratch(true) <= optin;
   p.shared_work = p.shared_form || (shared_allowed && base + p.warps * scratch(false) <= optin);
   p.work_elems = elems(p.shared_form);
-  // The products on tensor cores where FASTMAML_ONESTEP_PRODUCTS=mma asks (float on sm_80 and later; the FFMA
-  // loop by default until a GPU run has measured both: the A/B's `omma`).
-  p.mma = kMmaKernels<T> && major >= 8 && env_is("FASTMAML_ONESTEP_PRODUCTS", "mma");
+  // The products on tensor cores where FASTMAML_ONESTEP_PRODUCTS=mma asks (the FFMA loop by default until a GPU
+  // run has measured both: the A/B's `omma`): float, and a kernel compiled for a virtual architecture of 8.0 or
+  // later (team_mma.h's kMmaCapable follows the one it was compiled for: a build for an older one, run through
+  // the driver's JIT on a newer card, holds the FFMA loop under the mma kernel's name).
+  p.mma = false;
+  if (kMmaKernels<T> && env_is("FASTMAML_ONESTEP_PRODUCTS", "mma")) {
+    cudaFuncAttributes attr{};
+    err = cudaFuncGetAttributes(&attr, &onestep_kernel<T, false, kMmaKernels<T>>);
+    if (err != cudaSuccess) return (void)cudaGetLastError(), err;
+    p.mma = attr.ptxVersion >= 80;
+  }
   const int64_t work_bytes = scratch(p.shared_form);
   p.shared_bytes = base + (p.shared_work ? p.warps * work_bytes : 0);
   if ((err = allow_shared<T>(static_cast<size_t>(p.shared_bytes))) != cudaSuccess) return err;

@@ -143,8 +143,8 @@ FASTMAML_HD inline void chunk_units(int N, int Kd, int M, const T* A, int an, in
 // sinusoid size every product's chunks are 5 points). Which one runs depends on N alone, so the owners do
 // not change.
 // Where A's rows are contiguous and 16-byte aligned (ak = 1, an and A's address multiples of 16 bytes)
-// each point's A values come 16 bytes at a time: per 4 k (float) 8 loads of A and 4 of B for 32
-// multiply-adds, where one value at a time takes 36 loads (the loads, not the multiply-adds, bound a
+// each point's A values come 16 bytes at a time: per 4 k (float) one load of A a point and 4 of B for 4
+// multiply-adds a point (8 points: 12 loads for 32), where one value at a time takes 36 loads (the loads, not the multiply-adds, bound a
 // warp's products on a GPU: the lanes on one chunk read the same A value, a broadcast).
 template <typename T, typename Team, typename F>
 FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
@@ -188,11 +188,11 @@ struct MmaProducts<Team, decltype(void(Team::kMmaProducts))> {
 // whole warp and runs cols_product (a device team is a warp: no FFMA loop is built beside the tiles). Every
 // product here sums over at least one k (onestep.h's widths and point counts are positive), which the tiles
 // need: they store nothing for an empty sum.
-// Counted for the sinusoid task on a warp (the sm_90a loops of both: 67 instructions for 32 multiply-adds in
-// cols_product's shared-operand form; 6 mma and about 46 other instructions a step of 8 of a 16 x 16 unit):
-// the 40 x 40 products of 10 points take 3 units of 5 steps, about 960 instructions, against 3 rounds of
-// about 700 in cols_product; the 10-column Gram matrices and the output layer one unit each, about 320
-// against 700; the sums over 10 points 3 units of a step of 8 and one of 4, about 440 against 900.
+// Counted from sm_90a's disassembly (the tiles: 52-53 instructions a step of 8 of a 16 x 16 unit from shared
+// memory, 6 of them mma, and 150-250 around each unit's call; cols_product's 5-point build: about 35 a step of
+// 4 k for 20 multiply-adds): a sinusoid task's 67 units take its warp about 18,000 instructions on the tiles
+// and about 13,000 in the FFMA loop (the sums are short: 1, 10 or 40); a width-128 task about 82,000 against
+// 136,000 (benchmarks/RESULTS.md, 2026-12-03). The GPU's A/B decides; the FFMA loop is the default.
 template <typename T, typename Team, typename F>
 FASTMAML_HD inline void product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
                                 const F& f, const Team& tm) {

@@ -64,6 +64,7 @@ FASTMAML_HD inline void for_owned(const Team& tm, int64_t rows, int64_t cols, F&
     return;
   }
   const int64_t m = rows * cols;
+  if (rows <= 0 || cols <= 0) return;  // nothing to own (and no column count to step by)
   if (m < (int64_t(1) << 30)) {
     // (r, c) stepped by size() elements with a carry: a division a call, not one an element (a 32-bit
     // integer division is about 25 sm_90a instructions; the one-step kernel's factor rows run some 80

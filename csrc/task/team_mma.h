@@ -290,7 +290,7 @@ template <typename T, typename Team, typename Store>
 FASTMAML_HD inline void mma_warp_tiles(int R, int C, int Kd, T alpha, const T* __restrict__ a, int64_t a_row,
                                        int64_t a_k, const T* __restrict__ B, int64_t b_col, int64_t b_k,
                                        const Store& store, const Team& tm) {
-  if (Kd <= 0) return;
+  if (Kd <= 0 || R <= 0 || C <= 0) return;
   const int warps = tm.size() / 32, warp = tm.rank() / 32, lane = tm.rank() % 32;
   if (warp >= warps) return;
   const int g = lane / 4, t = lane % 4;
