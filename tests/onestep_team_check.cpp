@@ -3,8 +3,10 @@
 //
 // The CUDA kernel runs each task with a warp as the team (__syncwarp as sync()); here a team of std::threads
 // with a std::barrier as sync() runs the same function, and every output is compared with the team of one
-// that the CPU kernel runs (tested against the reference in tests/test_onestep.py). A missing sync or an
-// element written by two ranks shows up as a mismatch (under -fsanitize=thread as the race itself). The
+// that the CPU kernel runs (tested against the reference in tests/test_onestep.py): exactly with the FFMA
+// loop, within 1e-11 of each tensor's scale with the tensor-core tiles (their host emulation sums in another
+// order). A missing sync or an element written by two ranks shows up as a mismatch (under -fsanitize=thread
+// as the race itself). The
 // workspace is filled with NaN before the first task, so a read of an element nobody wrote poisons the
 // result; several tasks run one after another on one team and one workspace, as a warp's loop does.
 //

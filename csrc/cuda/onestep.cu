@@ -149,7 +149,8 @@ cudaError_t allow_shared(size_t bytes) {
 // The kernel a plan runs (its shared_form and mma: see plan_onestep).
 template <typename T>
 auto kernel_of(const OnestepPlan& p) {
-  if (p.mma) return p.shared_form ? &onestep_kernel<T, true, kMmaKernels<T>> : &onestep_kernel<T, false, kMmaKernels<T>>;
+  constexpr bool kMma = kMmaKernels<T>;
+  if (p.mma) return p.shared_form ? &onestep_kernel<T, true, kMma> : &onestep_kernel<T, false, kMma>;
   return p.shared_form ? &onestep_kernel<T, true, false> : &onestep_kernel<T, false, false>;
 }
 

@@ -73,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_ones
 // How a launch of `like`'s dtype on its device would be laid out for T tasks of the MLP `dims` (relu, mse):
 // [warps a block, blocks, shared bytes a block, theta_0 staged (0/1), scratch in shared memory (0/1),
 // scratch bytes a task, registers and local bytes a thread, blocks a multiprocessor, the shared-operand form
-// (0/1), the products on tensor cores (0/1)]. For the benchmarks' notes under the cuda rows when FASTMAML_CUDA_ONESTEP=1 (the plan reads the
-// switches in force).
+// (0/1), the products on tensor cores (0/1)]. For the benchmarks' notes under the cuda rows when
+// FASTMAML_CUDA_ONESTEP=1 (the plan reads the switches in force).
 std::vector<int64_t> cuda_onestep_launch(const at::Tensor& like, c10::IntArrayRef dims, int64_t ns, int64_t nq,
                                          int64_t T) {
   task::Net net;

@@ -24,7 +24,7 @@ struct OnestepPlan {
   int64_t shared_bytes;
   bool stage, shared_work;
   bool shared_form;  // the kernel's shared-operand form (stage and shared_work, unless FASTMAML_ONESTEP_FORM=generic)
-  bool mma;          // the products on tensor cores (float, sm_80 and later, FASTMAML_ONESTEP_PRODUCTS=mma)
+  bool mma;          // the products on tensor cores (float, built for compute 8.0+, FASTMAML_ONESTEP_PRODUCTS=mma)
   int64_t work_elems, global_work_elems;
 };
 

@@ -144,8 +144,9 @@ FASTMAML_HD inline void chunk_units(int N, int Kd, int M, const T* A, int an, in
 // not change.
 // Where A's rows are contiguous and 16-byte aligned (ak = 1, an and A's address multiples of 16 bytes)
 // each point's A values come 16 bytes at a time: per 4 k (float) one load of A a point and 4 of B for 4
-// multiply-adds a point (8 points: 12 loads for 32), where one value at a time takes 36 loads (the loads, not the multiply-adds, bound a
-// warp's products on a GPU: the lanes on one chunk read the same A value, a broadcast).
+// multiply-adds a point (8 points: 12 loads for 32), where one value at a time takes 36 loads (the loads,
+// not the multiply-adds, bound a warp's products on a GPU: the lanes on one chunk read the same A value, a
+// broadcast).
 template <typename T, typename Team, typename F>
 FASTMAML_HD inline void cols_product(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
                                      const F& f, const Team& tm) {
