@@ -6,7 +6,8 @@
 // that the CPU kernel runs (tested against the reference in tests/test_onestep.py): exactly with the FFMA
 // loop, within 1e-11 of each tensor's scale with the tensor-core tiles (their host emulation sums in another
 // order). A missing sync or an element written by two ranks shows up as a mismatch (under -fsanitize=thread
-// as the race itself). The
+// as the race itself). Each case also runs in float, with the FFMA loop and with the tiles (their 3xTF32
+// splits emulated), against the double result: within the GPU tests' 1e-4 of each tensor's scale. The
 // workspace is filled with NaN before the first task, so a read of an element nobody wrote poisons the
 // result; several tasks run one after another on one team and one workspace, as a warp's loop does.
 //
@@ -57,7 +58,9 @@ struct MmaThreadTeam : ThreadTeam {
 // How a team runs the products: cols_product's unpredicated loop, its predicated loop, or tensor cores.
 enum class Loop { kClamped, kPredicated, kMma };
 
-// Runs every task of the problem with a team of `team` threads (0: SerialTeam).
+// Runs every task of the problem with a team of `team` threads (0: SerialTeam), in F (the inputs drawn in
+// double, then rounded to F; the outputs returned in double).
+template <typename F = double>
 Outputs run(const Case& c, int team, int T, unsigned seed, Loop loop = Loop::kClamped) {
   ft::Net net;
   ft::make_net(net, c.dims.data(), static_cast<int>(c.dims.size()), c.activation, c.loss);
@@ -89,23 +92,32 @@ Outputs run(const Case& c, int team, int T, unsigned seed, Loop loop = Loop::kCl
       for (int k = 0; k < a; ++k) theta_t[net.w_off[l] + k * b + j] = theta[net.w_off[l] + j * a + k];
   }
   const int R = ft::onestep::factor_rows(c.ns, c.nq, c.first_order);
-  Outputs o;
+  struct {
+    std::vector<F> losses, preds, U, V, rg;
+  } o;
   o.losses.assign(T, 0);
   o.preds.assign(size_t(T) * c.nq * dout, 0);
   o.U.assign(size_t(T) * R * ft::onestep::u_width(net), 0);
   o.V.assign(size_t(T) * R * ft::onestep::v_width(net), 0);
   o.rg.assign(size_t(T) * 2 * net.L, 0);
-  std::vector<double> work(ft::onestep::layout(net, c.ns, c.nq).total, std::numeric_limits<double>::quiet_NaN());
+  std::vector<F> work(ft::onestep::layout(net, c.ns, c.nq).total, std::numeric_limits<F>::quiet_NaN());
+  const auto in = [](const std::vector<double>& v) { return std::vector<F>(v.begin(), v.end()); };
+  const std::vector<F> th = in(theta), th_t = in(theta_t), rt = in(rates), xs_f = in(xs), ys_f = in(ys),
+                       xq_f = in(xq), yq_f = in(yq), gp_f = in(gp);
+  const auto outputs = [&] {
+    const auto out = [](const std::vector<F>& v) { return std::vector<double>(v.begin(), v.end()); };
+    return Outputs{out(o.losses), out(o.preds), out(o.U), out(o.V), out(o.rg)};
+  };
   auto task_of = [&](int t) {
-    ft::onestep::Task<double> tk;
-    tk.xs = xs.data() + size_t(t) * c.ns * din;
-    tk.ys = ys.data() + size_t(t) * c.ns * dout;
-    tk.xq = xq.data() + size_t(t) * c.nq * din;
-    tk.yq = yq.data() + size_t(t) * c.nq * dout;
+    ft::onestep::Task<F> tk;
+    tk.xs = xs_f.data() + size_t(t) * c.ns * din;
+    tk.ys = ys_f.data() + size_t(t) * c.ns * dout;
+    tk.xq = xq_f.data() + size_t(t) * c.nq * din;
+    tk.yq = yq_f.data() + size_t(t) * c.nq * dout;
     tk.ys_index = ce ? ys_i.data() + size_t(t) * c.ns : nullptr;
     tk.yq_index = ce ? yq_i.data() + size_t(t) * c.nq : nullptr;
-    tk.cot = cot[t];
-    tk.g_pred = c.g_pred ? gp.data() + size_t(t) * c.nq * dout : nullptr;
+    tk.cot = static_cast<F>(cot[t]);
+    tk.g_pred = c.g_pred ? gp_f.data() + size_t(t) * c.nq * dout : nullptr;
     tk.loss = o.losses.data() + t;
     tk.pred = o.preds.data() + size_t(t) * c.nq * dout;
     tk.U = o.U.data();
@@ -117,9 +129,9 @@ Outputs run(const Case& c, int team, int T, unsigned seed, Loop loop = Loop::kCl
   };
   if (team == 0) {
     for (int t = 0; t < T; ++t)
-      ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, task_of(t),
-                        work.data(), ft::SerialTeam());
-    return o;
+      ft::onestep::task(net, th.data(), th_t.data(), rt.data(), c.ns, c.nq, c.first_order, task_of(t), work.data(),
+                        ft::SerialTeam());
+    return outputs();
   }
   std::barrier<> bar(team);
   std::vector<double> red(team);
@@ -129,7 +141,7 @@ Outputs run(const Case& c, int team, int T, unsigned seed, Loop loop = Loop::kCl
       const ThreadTeam tm{r, team, &bar, red.data(), -1};
       auto tasks = [&](const auto& any_team) {
         for (int t = 0; t < T; ++t)
-          ft::onestep::task(net, theta.data(), theta_t.data(), rates.data(), c.ns, c.nq, c.first_order, task_of(t),
+          ft::onestep::task(net, th.data(), th_t.data(), rt.data(), c.ns, c.nq, c.first_order, task_of(t),
                             work.data(), any_team);
       };
       if (loop == Loop::kPredicated) {
@@ -141,8 +153,8 @@ Outputs run(const Case& c, int team, int T, unsigned seed, Loop loop = Loop::kCl
       }
     });
   }
-  for (auto& th : threads) th.join();
-  return o;
+  for (auto& thread : threads) thread.join();
+  return outputs();
 }
 
 // Every element equal (cols_product sums each element in one order whatever the team); the losses, which
@@ -162,6 +174,23 @@ int compare(const char* what, const std::vector<double>& a, const std::vector<do
   return bad;
 }
 
+// The largest |a - b| over the largest |b| (b's scale; 0 if both are all zero).
+double worst(const std::vector<double>& a, const std::vector<double>& b) {
+  double err = 0, scale = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    err = std::fmax(err, std::fabs(a[i] - b[i]));
+    scale = std::fmax(scale, std::fabs(b[i]));
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+// The worst of worst() over an output's five tensors.
+double worst(const Outputs& a, const Outputs& b) {
+  return std::fmax(std::fmax(std::fmax(worst(a.losses, b.losses), worst(a.preds, b.preds)),
+                             std::fmax(worst(a.U, b.U), worst(a.V, b.V))),
+                   worst(a.rg, b.rg));
+}
+
 }  // namespace
 
 int main() {
@@ -176,6 +205,7 @@ int main() {
       {{12, 33, 5}, 5, 15, ft::kRelu, true, false, ft::kCrossEntropy},
   };
   int failures = 0, runs = 0;
+  double worst_ffma = 0, worst_mma = 0;
   unsigned seed = 1;
   for (const Case& c : cases) {
     const Outputs one = run(c, 0, 3, seed);
@@ -211,8 +241,21 @@ int main() {
         ++failures;
       }
     }
+    // In float, as a GPU runs it: the FFMA loop (a team of one) and the tensor-core tiles (a warp, their TF32
+    // splits emulated) against the double team of one, within the GPU tests' 1e-4 of each tensor's scale.
+    const double e_ffma = worst(run<float>(c, 0, 3, seed), one);
+    const double e_mma = worst(run<float>(c, 32, 3, seed, Loop::kMma), one);
+    worst_ffma = std::fmax(worst_ffma, e_ffma);
+    worst_mma = std::fmax(worst_mma, e_mma);
+    if (!(e_ffma <= 1e-4) || !(e_mma <= 1e-4)) {
+      std::printf("case %zu in float: worst element %.3g (FFMA), %.3g (tensor cores) of its tensor's scale\n",
+                  static_cast<size_t>(&c - cases.data()), e_ffma, e_mma);
+      ++failures;
+    }
     ++seed;
   }
+  std::printf("float against double, worst element over the cases: FFMA %.3g, tensor cores %.3g of the scale\n",
+              worst_ffma, worst_mma);
   if (failures != 0) return 1;
   std::printf("ok: %d cases x 12 teams and loops (%d runs: cols_product's two loops, tensor cores)\n",
               static_cast<int>(cases.size()), runs);
