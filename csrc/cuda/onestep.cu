@@ -188,7 +188,13 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   const bool form_allowed = p.stage && !env_is("FASTMAML_ONESTEP_FORM", "generic");
   p.warps = warps_switch();
   if (p.warps == 0) {
-    p.warps = shared_allowed && base + 8 * scratch(false) <= optin ? 8 : 16;
+    // As many warps as fit with their scratch beside theta_0 (with the input copies where 8 such fit: the
+    // shared-operand form), up to 16, where that is 8 or more; else 16 with the scratch in global memory.
+    const int64_t room = optin - base;
+    const int64_t fit = shared_allowed ? room / scratch(false) : 0;
+    const int64_t fit_copies = shared_allowed && form_allowed ? room / scratch(true) : 0;
+    const int64_t w = fit_copies >= 8 ? fit_copies : fit;
+    p.warps = w >= 8 ? static_cast<int>(w < kMaxWarps ? w : kMaxWarps) : kMaxWarps;
     // A small meta-batch spread over the multiprocessors (T=25: 25 blocks of one warp, not 4 of 8 on 4 of
     // them): each task's latency is the call's, so one a multiprocessor is fastest.
     if (n_tasks < static_cast<int64_t>(sms) * p.warps) {

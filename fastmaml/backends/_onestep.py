@@ -44,13 +44,15 @@ _LOSS_IDS = {"mse": 0, "cross_entropy": 1}
 MAX_WORKSPACE_BYTES = 16 << 20  # a task's scratch (a warp's, global memory where shared memory lacks room)
 
 
-def workspace_bytes(dims: list[int], ns: int, nq: int, itemsize: int) -> int:
-    """A task's scratch: csrc/task/onestep.h's `layout` (segments rounded up to 16 elements)."""
+def workspace_bytes(dims: list[int], ns: int, nq: int, itemsize: int, activation: str = "tanh") -> int:
+    """A task's scratch: csrc/task/onestep.h's `layout` (segments rounded up to 16 elements; the tangents'
+    z_dot has a buffer of its own with tanh only)."""
     def padded(n: int) -> int:
         return (n + 15) // 16 * 16
 
     S, L = sum(dims[1:]), len(dims) - 1
-    return itemsize * (5 * padded(ns * S) + 2 * padded(nq * S) + 2 * padded(L * nq * ns) + padded(S))
+    support = 5 if activation == "tanh" else 4
+    return itemsize * (support * padded(ns * S) + 2 * padded(nq * S) + 2 * padded(L * nq * ns) + padded(S))
 
 
 def reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
@@ -79,7 +81,7 @@ def reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
     ns, nq = problem.n_support, problem.n_query
     if max(ns, nq) * width_sum >= 1 << 31 or L * ns * nq >= 1 << 31:
         return "a task's activations or its [Nq, Ns] products of 2^31 elements or more"
-    scratch = workspace_bytes(dims, ns, nq, problem.params[0].element_size())
+    scratch = workspace_bytes(dims, ns, nq, problem.params[0].element_size(), problem.activation)
     if scratch > MAX_WORKSPACE_BYTES:
         return (f"{scratch >> 20} MiB of scratch a task (the one-step kernels take up to "
                 f"{MAX_WORKSPACE_BYTES >> 20} MiB)")
