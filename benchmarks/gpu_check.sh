@@ -573,7 +573,8 @@ fi
 #   onestep  FASTMAML_CUDA_ONESTEP=1 at K=1: training calls of one inner step on the one-step kernel
 #            (csrc/task/onestep.h: a warp a task, theta_0 shared by a block's warps in shared memory,
 #            theta_1 never formed, the meta-gradient as factor rows summed by one product a layer)
-#   ow4, ow16  the same with 4 or 16 warps a block (FASTMAML_ONESTEP_WARPS; 8 by default)
+#   ow4, ow16  the same with 4 or 16 warps a block (FASTMAML_ONESTEP_WARPS; by default as many as fit in
+#            shared memory where 8 or more do: 9 at W=40 with ReLU, else 16 with global scratch)
 #   oglobal  the same with every warp's scratch in global memory (FASTMAML_ONESTEP_SHARED=0)
 #   ogeneric the same at W=40 in the kernel's generic form (FASTMAML_ONESTEP_FORM=generic): its products'
 #            loads by generic addresses, predicated, not the shared-operand form's 32-bit shared loads

@@ -177,9 +177,10 @@ cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, 
   const int64_t Pp = (net.P + 15) & ~int64_t(15);
   const int64_t stage_bytes = (2 * Pp + 16) * static_cast<int64_t>(sizeof(T));
   // theta_0 in shared memory wherever it fits: the products read it most (a product with W reads all of W
-  // for every 8 points, the scratch's left operand once). 8 warps a block where their scratch fits beside
-  // it (the sinusoid net in float32: 14 + 8 x 25 KiB, one block a multiprocessor), else 16 warps with the
-  // scratch in global memory, more tasks in flight to cover its latency (the A/B measures both).
+  // for every 8 points, the scratch's left operand once). As many warps a block as fit with their scratch
+  // beside it where 8 or more do (the sinusoid net in float32 with ReLU: 14 + 9 x 22 KiB, one block a
+  // multiprocessor), else 16 warps with the scratch in global memory, more tasks in flight to cover its
+  // latency (the A/B measures both).
   p.stage = stage_bytes <= optin;
   const int64_t base = p.stage ? stage_bytes : 0;
   const bool shared_allowed = !env_is("FASTMAML_ONESTEP_SHARED", "0");
