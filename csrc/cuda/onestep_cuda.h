@@ -42,9 +42,10 @@ struct OnestepArgs {
 
 // The plan of a launch on the current device. FASTMAML_ONESTEP_WARPS (2, 4, 8 or 16) sets the warps of a
 // block (by default as many as fit with their scratch in shared memory beside theta_0, up to 16, where that
-// is 8 or more, else 16, and fewer where the tasks would not reach every multiprocessor), FASTMAML_ONESTEP_SHARED=0 keeps the scratch in global
-// memory, FASTMAML_ONESTEP_PRODUCTS=mma runs the float products on tensor cores (the A/B switches). Global
-// scratch is kept to 1 GiB a launch by running fewer blocks.
+// is 8 or more, else 16, and fewer where the tasks would not reach every multiprocessor),
+// FASTMAML_ONESTEP_SHARED=0 keeps the scratch in global memory, FASTMAML_ONESTEP_PRODUCTS=mma runs the float
+// products on tensor cores (the A/B switches). Global scratch is kept to 1 GiB a launch by running fewer
+// blocks.
 template <typename T>
 cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, OnestepPlan* plan);
 
