@@ -201,8 +201,7 @@ FASTMAML_HD inline void product(int N, int Kd, int M, const T* A, int an, int ak
 #if !defined(__CUDA_ARCH__)
     if (tm.size() < 32) return cols_product(N, Kd, M, A, an, ak, B, bk, bm, f, tm);
 #endif
-    const auto store = [&](int n, int m, T v) { f.finish(n, m, f.init(n, m) + v); };
-    mma_warp_tiles(N, M, Kd, T(1), A, an, ak, B, bm, bk, store, tm);
+    mma_warp_tiles(N, M, Kd, T(1), A, an, ak, B, bm, bk, Finish<T, F>{f}, tm);  // products.h: init + sum
   } else {
     cols_product(N, Kd, M, A, an, ak, B, bk, bm, f, tm);
   }
