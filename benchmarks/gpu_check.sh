@@ -53,7 +53,7 @@
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
 # FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global, ONESTEP_TESTS_S=25 with FASTMAML_CUDA_ONESTEP=1,
-# and TONESTEP_TESTS_S=40 two GPU tests of the Triton one-step kernel (tests/test_triton_onestep.py).
+# and TONESTEP_TESTS_S=55 (50 in --tests) three GPU tests of the Triton one-step kernel (tests/test_triton_onestep.py).
 # EXPLAIN=0 skips auto's choice, OVERHEAD_S=0 the overhead run, REPORTS=0 the register reports (nvcc's of
 # the CUDA kernels takes minutes of the machine's CPUs). ncu runs after the tests and auto's choice. With AB_S, the A/B's Triton variants are compiled in the background from
 # the tests on (prewarm.log; PREWARM=0 skips it, PREWARM_WAIT_S=30 how long the A/B waits for it).
@@ -93,14 +93,14 @@ if [ "$MODE" = measure ]; then
   : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=onestep blocks6+team32 fcuda}"
   : "${TOTAL_S:=$(( 220 + AB_S ))}"
 elif [ "$MODE" = tests ]; then
-  # The quick tests 120 s (a75ae00's took 114 s with warm caches), the Triton one-step kernel's 40, the CUDA
+  # The quick tests 120 s (a75ae00's took 114 s with warm caches), the Triton one-step kernel's 50, the CUDA
   # one-step switch's 20 (the mma and blocks6+states switches' tests only when asked: neither is in this
   # plan's A/B), auto's choice, then ncu with what is left (the one-step kernel's 30, the CUDA backward's 30;
   # the factored low-rank kernels' only when asked, NCU_LOWRANK_S=40), the register reports (nvcc's in the
   # background from the start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the
   # time left.
   : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=30}" "${NCU_LOWRANK_S:=0}"
-  : "${NCU_ONESTEP_S:=30}" "${ONESTEP_TESTS_S:=20}" "${TONESTEP_TESTS_S:=40}"
+  : "${NCU_ONESTEP_S:=30}" "${ONESTEP_TESTS_S:=20}" "${TONESTEP_TESTS_S:=50}"
   : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=0}" "${STATES_TESTS_S:=0}" "${TOTAL_S:=285}"
   : "${RESERVE_S:=35}"
 fi
@@ -379,16 +379,17 @@ else
     tail -n 4 "$DIR/tests.log" | cut -c1-300
     # The Triton one-step kernel (FASTMAML_TRITON_ONESTEP=1, the A/B's tonestep), a stage of its own: each of
     # its GPU tests compiles a kernel variant (10-20 s without pytest-xdist), which would push the quick tests
-    # past their limit. The compiled kernel against the CPU op at the sinusoid size with 20,000 tasks, and the
-    # backend under the switch; TONESTEP_TESTS_S (0 skips them).
-    limit=${TONESTEP_TESTS_S:-40}
+    # past their limit. The compiled kernel against the CPU op at the sinusoid size with 20,000 tasks, its
+    # chunked form at width 128 (ReLU), and the backend under the switch; TONESTEP_TESTS_S (0 skips them).
+    limit=${TONESTEP_TESTS_S:-55}
     if [ "$limit" -gt 0 ]; then
       limit=$(capped "$limit")
       if ! too_late "tests of the Triton one-step kernel" "$limit"; then
-        stage "tests of the Triton one-step kernel: two GPU tests (limit ${limit}s) -> $DIR/tests.log"
+        stage "tests of the Triton one-step kernel: three GPU tests (limit ${limit}s) -> $DIR/tests.log"
         echo "===== triton one-step: tests/test_triton_onestep.py" >> "$DIR/tests.log"
         timeout "$limit" python -m pytest tests/test_triton_onestep.py -q -rfE -p no:cacheprovider \
-          -k "(gpu_kernel_matches and sinusoid and f32_one) or gpu_backend_switch" >> "$DIR/tests.log" 2>&1
+          -k "(gpu_kernel_matches and sinusoid and f32_one) or (gpu_chunked and relu) or gpu_backend_switch" \
+          >> "$DIR/tests.log" 2>&1
         rc=$?
         echo "Triton one-step tests: exit code $rc"
         check_rc "tests of the Triton one-step kernel" $rc
@@ -583,9 +584,12 @@ fi
 #            the FFMA loop at W=128, about 1.4x more at W=40, where the FFMA loop's 5-point build runs)
 #   okeep4g  the same summing up to 4 GiB of factor rows a chunk (FASTMAML_ONESTEP_KEEP_MB=4096; 1 GiB by
 #            default: at T=65536 the forward runs the kernel in two chunks at W=40, more at W=128)
-#   tonestep FASTMAML_TRITON_ONESTEP=1 at K=1, W=40: the triton backend's one-step calls on its one-step
-#            kernel (fastmaml/backends/_triton_onestep.py: the same math, a group of tasks a program, the
-#            products with theta_0 one tl.dot over the group's points; 8 warps, one task a program)
+#   tonestep FASTMAML_TRITON_ONESTEP=1 at K=1: the triton backend's one-step calls on its one-step kernel
+#            (fastmaml/backends/_triton_onestep.py: the same math, a group of tasks a program, the products
+#            with theta_0 one tl.dot over the group's points; 8 warps, one task a program); at W=128 its
+#            products read their operands from the factor rows in chunks of 16 columns (one stage)
+#   tonestep_kc16  the same at W=40 with the chunked products (FASTMAML_TRITON_ONESTEP_CHUNK=16; sm_90
+#            spills 48 / 112 B a thread against the register form's 200 / 248 B)
 #   tonestep2, tonestep_tf  the same with two tasks a program (FASTMAML_TRITON_ONESTEP_TASKS=2), or its
 #            products on tensor cores (FASTMAML_TRITON_PRECISION=tf32x3)
 #   thetas   FASTMAML_REVERSE_THETAS=keep: the CUDA reverse sweep keeps theta_1..theta_K, not rebuilding

@@ -252,7 +252,9 @@ def _triton_child(spec: dict) -> None:
         warps = spec["warps"] or 8
         kernel = targets.onestep_compile_for_target(torch.float32, spec["dims"], 10, 10, 0, 0, num_warps=warps,
                                                     arch=spec["arch"])
-        _print_ptxas(kernel, spec["arch"], start, kind="onestep registers", warps=warps)
+        chunk = tm.onestep_chunk(spec["dims"], False)
+        _print_ptxas(kernel, spec["arch"], start, kind=f"onestep {f'chunks of {chunk}' if chunk else 'registers'}",
+                     warps=warps)
 
 
 def _print_ptxas(kernel, arch: int, start: float, **fields) -> None:

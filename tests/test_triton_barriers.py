@@ -1,5 +1,5 @@
-"""Block barriers of the Triton scratch layout (`fastmaml/backends/_triton_scratch.py`), checked in the
-interpreter.
+"""Block barriers of the Triton scratch layout (`fastmaml/backends/_triton_scratch.py`) and of the one-step
+kernel (`fastmaml/backends/_triton_onestep.py`), checked in the interpreter.
 
 The interpreter runs all threads of a program as one, so a missing `tl.debug_barrier()` cannot change its
 results and the comparisons with the reference cannot see one. Here the interpreter is instrumented
@@ -28,7 +28,8 @@ import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
-_KERNEL_FILES = ("_triton_scratch.py", "_triton_pieces.py", "_triton_kernels.py", "test_triton_barriers.py")
+_KERNEL_FILES = ("_triton_scratch.py", "_triton_pieces.py", "_triton_kernels.py", "_triton_onestep.py",
+                 "test_triton_barriers.py")
 _HOOKS = ("create_masked_load", "create_masked_store", "create_barrier", "set_grid_idx")
 
 
@@ -225,3 +226,22 @@ def test_scratch_layout_has_no_barrier_hazards(hazards, monkeypatch, case):
     # float32 rounding).
     torch.testing.assert_close(train[0], losses, rtol=1e-6, atol=0)
     torch.testing.assert_close(train[1], preds, rtol=0, atol=0)
+
+
+# ---- the one-step kernel ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [(c, True) for c in __import__("test_triton_onestep").CHUNKED_CASES]
+                         + [(([3, 9, 6, 4], 0, 0, True, True, 2, 0), False), (([3, 9, 6, 4], 1, 1, True, False, 1, 0), False),
+                            (([3, 9, 6, 4], 1, 0, False, True, 2, 0), True)],
+                         ids=lambda c: "x".join(map(str, c[0][0])) + f"-kc{c[0][6]}" + ("-fo" if not c[1] else ""))
+def test_onestep_kernel_has_no_barrier_hazards(hazards, case):
+    """Every store the one-step kernel reads back (the default form at second order, and first order; the
+    chunked form, whose products read every block of points from the rows) is read after a barrier, by one
+    statement's own position otherwise, and no factor row is read before the launch wrote it."""
+    from test_triton_onestep import _compare
+
+    (dims, act, loss, cot, g_pred, tasks_per_program, chunk), second_order = case
+    _compare(dims, 5, 6, 7, act, loss, not second_order, cot, g_pred, tasks_per_program, seed=95 + act, chunk=chunk)
+    assert not hazards.found and not hazards.unwritten, _report(hazards)
+    assert hazards.epoch > 0

@@ -57,7 +57,7 @@ def _inputs(dims, tasks, ns, nq, loss, seed, dtype=F64, device="cpu", scale=0.5)
 
 
 def _compare(dims, tasks, ns, nq, act, loss, first_order, cot, g_pred, tasks_per_program, seed, factors=True,
-             dtype=F64, device="cpu", tol=1e-10, num_warps=4, reload=True):
+             dtype=F64, device="cpu", tol=1e-10, num_warps=4, reload=True, chunk=0):
     """The Triton kernel's five outputs against the float64 CPU op's on the same inputs."""
     from fastmaml import _ext
 
@@ -74,7 +74,7 @@ def _compare(dims, tasks, ns, nq, act, loss, first_order, cot, g_pred, tasks_per
     actual = _triton_onestep.launch(theta, rates, xs, ys, xq, yq, None if c is None else c.to(device, dtype),
                                     None if gp is None else gp.to(device, dtype), dims, act, loss, first_order,
                                     factors, tasks_per_program=tasks_per_program, num_warps=num_warps,
-                                    reload=reload)
+                                    reload=reload, chunk=chunk, **({"num_stages": 1} if chunk else {}))
     for name, a, e in zip(("losses", "preds", "U", "V", "rate_grads"), actual, expected):
         assert a.shape == e.shape, name
         assert_close(a.double().cpu(), e, tol, name)
@@ -122,6 +122,50 @@ def test_class_out_of_range_poisons_its_task(label):
 @interpreted
 def test_kernel_without_factors_gives_losses_and_outputs():
     _compare([3, 9, 4], 3, 5, 6, 1, 0, False, False, False, 2, seed=40, factors=False)
+
+
+# The chunked form (and the default one) under the interpreter's barrier watch: tests/test_triton_barriers.py.
+CHUNKED_CASES = [([3, 20, 17, 4], 0, 0, True, True, 2, 16), ([3, 20, 17, 4], 1, 1, False, True, 1, 16),
+                 ([2, 33, 5], 1, 0, True, False, 4, 16), ([3, 9, 40, 18, 4], 0, 1, False, False, 1, 16),
+                 ([3, 9, 40, 18, 4], 1, 0, True, True, 2, 32), ([5, 70, 3], 0, 0, True, False, 1, 16)]
+
+
+@interpreted
+@pytest.mark.parametrize("dims, act, loss, cot, g_pred, tasks_per_program, chunk", CHUNKED_CASES)
+def test_chunked_kernel_matches_the_cpu_op(dims, act, loss, cot, g_pred, tasks_per_program, chunk):
+    """The products reading their operands from the factor rows, `chunk` columns a step (the form of padded
+    widths above 64): float64 within 1e-10 of the CPU op at widths of one to five chunks."""
+    _compare(dims, 5, 6, 7, act, loss, False, cot, g_pred, tasks_per_program, seed=90 + act + 2 * loss, chunk=chunk)
+
+
+@interpreted
+def test_chunked_launch_without_factors_runs_with_rows_in_chunks(monkeypatch):
+    """A call without factors (no gradient wanted) in the chunked form reads its blocks from rows it then drops:
+    the losses and outputs of the CPU op, over task chunks of at most the rows' budget (here two tasks)."""
+    from fastmaml.backends import _triton_onestep
+
+    per_task = _onestep.row_bytes([3, 20, 4], 6, 7, False, 8)
+    monkeypatch.setattr(_onestep, "MAX_FACTOR_BYTES", 2 * per_task)
+    launches = []
+    real = _triton_onestep.onestep_kernel.run
+    monkeypatch.setattr(_triton_onestep.onestep_kernel, "run", lambda *a, **k: launches.append(1) or real(*a, **k))
+    out = _compare([3, 20, 4], 5, 6, 7, 0, 0, False, True, False, 1, seed=97, factors=False, chunk=16)
+    assert len(launches) == 3 and out[2].numel() == 0 and out[4].shape == (0, 4)
+
+
+def test_chunked_products_need_the_second_order_rows():
+    """The chunked products read H and D from the rows: refused where a launch does not write them."""
+    if not triton_maml._triton_installed():
+        pytest.skip("Triton is not installed")
+    triton_maml._kernels()
+    from fastmaml.backends import _triton_onestep
+
+    for first_order, factors, reload, chunk in [(True, True, True, 16), (False, True, False, 16), (False, True, True, 8),
+                                                (False, True, True, 24)]:
+        with pytest.raises(ValueError, match="chunk"):
+            _triton_onestep.constants([1, 100, 1], 5, 5, 1, 0, 0, first_order, factors=factors, reload=reload,
+                                      chunk=chunk)
+    assert _triton_onestep.constants([1, 100, 1], 5, 5, 1, 0, 0, False, chunk=16)["KC"] == 16
 
 
 @interpreted
@@ -193,6 +237,32 @@ def test_backend_switch_chunked_backward(onestep_on, monkeypatch):
 
 
 @interpreted
+def test_backend_switch_takes_wide_layers_in_chunks(onestep_on, monkeypatch):
+    """A layer of 70 (padded to 128): the chunked form, chosen by the backend (chunks of 16), through the autograd
+    function, in float32 (the backend takes widths above 64 in float32 only): losses, outputs and gradients
+    within 1e-4 of the float64 task loop (and a call without gradients, which the forward kernel runs)."""
+    monkeypatch.setattr(triton_maml, "ONESTEP_CHUNK", None)
+    monkeypatch.delenv("FASTMAML_TRITON_ONESTEP_CHUNK", raising=False)
+    chunks = []
+    from fastmaml.backends import _triton_onestep
+
+    real = _triton_onestep.launch
+    monkeypatch.setattr(_triton_onestep, "launch", lambda *a, **k: chunks.append(k["chunk"]) or real(*a, **k))
+    case = _case(dims=[2, 70, 3], tasks=3, n_support=5, n_query=6, seed=64, lr_form="per_layer")
+    ref = maml_loop(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
+    c = case.to(torch.float32)
+    out = fastmaml.maml(c.params, c.x_support, c.y_support, c.x_query, c.y_query, backend="triton", **c.kwargs())
+    assert_close(out.task_losses.double(), ref.task_losses, 1e-4, "task_losses")
+    assert_close({k: v.double() for k, v in gradients(out.loss, c.leaves()).items()},
+                 gradients(ref.loss, case.leaves()), 1e-4, "grads")
+    with torch.no_grad():
+        quiet = fastmaml.maml(c.params, c.x_support, c.y_support, c.x_query, c.y_query, backend="triton",
+                              **c.kwargs())
+    assert_close(quiet.query_preds.double(), ref.query_preds.detach(), 1e-4, "query_preds")
+    assert onestep_on == [triton_maml.onestep_kernel] and chunks == [16]  # no_grad: the forward kernel
+
+
+@interpreted
 def test_backend_switch_leaves_other_calls_to_the_sweep(onestep_on):
     """Two inner steps: `_onestep.reason` refuses, the reverse sweep runs (no one-step call)."""
     case = _case(dims=[3, 7, 4], tasks=2, n_support=5, n_query=6, seed=61, inner_steps=2)
@@ -201,13 +271,15 @@ def test_backend_switch_leaves_other_calls_to_the_sweep(onestep_on):
     assert onestep_on == []
 
 
-@pytest.mark.parametrize("name, value", [("FASTMAML_TRITON_ONESTEP", "yes"), ("FASTMAML_TRITON_ONESTEP_TASKS", "3")])
+@pytest.mark.parametrize("name, value", [("FASTMAML_TRITON_ONESTEP", "yes"), ("FASTMAML_TRITON_ONESTEP_TASKS", "3"),
+                                         ("FASTMAML_TRITON_ONESTEP_CHUNK", "8")])
 def test_mistyped_switches_are_refused(monkeypatch, name, value):
     """Read on first use: a value the backend does not know is refused, naming the switch."""
     if not triton_maml._triton_installed():
         pytest.skip("Triton is not installed")
     monkeypatch.setattr(triton_maml, "ONESTEP", None)
     monkeypatch.setattr(triton_maml, "ONESTEP_TASKS", None)
+    monkeypatch.setattr(triton_maml, "ONESTEP_CHUNK", None)
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=name):
         triton_maml.TritonBackend().unavailable()
@@ -215,11 +287,13 @@ def test_mistyped_switches_are_refused(monkeypatch, name, value):
 
 @pytest.mark.parametrize("variant", [
     dict(dtype="float32", dims=[1, 40, 40, 1], ns=10, nq=10, act=0, loss=0, first_order=False, tasks=1),
-    dict(dtype="float64", dims=[3, 9, 6, 5, 4], ns=10, nq=17, act=1, loss=1, first_order=True, tasks=2)])
+    dict(dtype="float64", dims=[3, 9, 6, 5, 4], ns=10, nq=17, act=1, loss=1, first_order=True, tasks=2),
+    dict(dtype="float32", dims=[1, 128, 128, 1], ns=10, nq=10, act=1, loss=0, first_order=False, tasks=1)])
 def test_sm90_cubin_builds_without_a_gpu(variant):
     """Through ptxas to a cubin for an H100 / H200 without a GPU (the interpreter cannot show what only the
-    compiler refuses): the sinusoid training call, and float64 at depth 4 with tanh, cross-entropy, first order
-    and two tasks a program. In a subprocess, with TRITON_INTERPRET unset."""
+    compiler refuses): the sinusoid training call; float64 at depth 4 with tanh, cross-entropy, first order
+    and two tasks a program; the 1-128-128-1 net with tanh (the chunked products). In a subprocess, with
+    TRITON_INTERPRET unset."""
     import json
     import subprocess
     import sys
@@ -265,19 +339,39 @@ def test_gpu_kernel_matches_the_cpu_op(dtype, tasks_per_program, shape):
              device="cuda", tol=1e-10 if dtype == F64 else 1e-4, num_warps=8)
 
 
-@pytest.mark.parametrize("dims, ns, nq, why", [([1, 100, 1], 5, 6, "padded widths up to 64"),
-                                               ([1, 40, 1], 5, 33, "up to 32 support and query points"),
-                                               ([1, 40, 1], 33, 5, "up to 32 support and query points")])
-def test_sizes_beyond_the_register_tiles_are_refused(dims, ns, nq, why):
+@pytest.mark.parametrize("dims, ns, nq, first_order, chunk, why", [
+    ([1, 130, 1], 5, 6, False, "auto", "padded widths up to 128"),
+    ([1, 100, 1], 5, 6, True, "auto", "with first order"),
+    ([1, 100, 1], 5, 6, False, "0", "with FASTMAML_TRITON_ONESTEP_CHUNK=0"),
+    ([1, 40, 1], 5, 33, False, "auto", "up to 32 support and query points"),
+    ([1, 40, 1], 33, 5, False, "auto", "up to 32 support and query points")])
+def test_sizes_beyond_the_kernel_are_refused(monkeypatch, dims, ns, nq, first_order, chunk, why):
+    """Padded widths above 64 run only in chunks, which read the rows a second-order call writes; above 128 and
+    beyond 32 points not at all. Each refusal says why; the largest sizes taken are taken."""
     from fastmaml._validate import make_problem
 
-    case = _case(dims=dims, tasks=2, n_support=ns, n_query=nq, seed=62)
+    monkeypatch.setattr(triton_maml, "ONESTEP_CHUNK", chunk)
+    case = _case(dims=dims, tasks=2, n_support=ns, n_query=nq, seed=62, first_order=first_order)
     problem = make_problem(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
     assert _onestep.reason(problem, False, False) is None
     assert why in triton_maml.onestep_reason(problem, False, False)
-    case = _case(dims=[1, 64, 1], tasks=2, n_support=32, n_query=17, seed=63)
-    problem = make_problem(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
-    assert triton_maml.onestep_reason(problem, False, False) is None
+    wide = chunk == "auto"  # chunks of 16 by default; none with the switch at 0
+    for dims, ns, nq, taken, chunks in [([1, 64, 1], 32, 17, True, 0), ([1, 128, 3], 10, 10, wide, 16 if wide else 0)]:
+        case = _case(dims=dims, tasks=2, n_support=ns, n_query=nq, seed=63)
+        problem = make_problem(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
+                               **case.kwargs())
+        assert (triton_maml.onestep_reason(problem, False, False) is None) == taken
+        assert triton_maml.onestep_chunk(dims, False) == chunks
+    assert triton_maml.onestep_chunk([1, 128, 3], True) == 0
+
+
+@pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+@pytest.mark.parametrize("act", [0, 1], ids=["relu", "tanh"])
+def test_gpu_chunked_kernel_matches_the_cpu_op(act):
+    """The chunked form as the backend launches it at width 128 (chunks of 16, one stage, 8 warps): 20,000 tasks
+    of the 1-128-128-1 net in float32 within 1e-4 of the float64 CPU op."""
+    _compare([1, 128, 128, 1], 20000, 10, 10, act, 0, False, True, True, 1, seed=71, dtype=torch.float32,
+             device="cuda", tol=1e-4, num_warps=8, chunk=triton_maml.onestep_chunk([1, 128, 128, 1], False))
 
 
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))

@@ -9,6 +9,9 @@ their corrections) one batched `tl.dot` over the group. Each pass keeps its acti
 tuple indexed by the (unrolled) layer as in `_triton_kernels.py`; at second order the later passes read the
 blocks already written to the factor rows back from there (`_get`, RELOAD) instead of keeping them live from
 pass to pass, which cut the spills of the sinusoid call (sm_90, 8 warps) from 1.6 KiB a thread to 200 B.
+Where the layers are wide (padded above 64: `triton_maml.onestep_chunk`), the products with the shared weights
+and the Gram matrices read their blocks of points from the rows, a chunk of columns a loop step (`_wprod`,
+`_gram`), instead of taking them whole from registers.
 
 Padding: weights and inputs load as zero outside their real sizes, so padded feature columns stay zero; a
 padded point's activations are not (the bias and the activation make them nonzero), but the three seeds of
@@ -27,6 +30,7 @@ GPU run it in the interpreter on CPU tensors).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -193,6 +197,81 @@ def _get(value, base, t0, T, N, D, ld, row0, rows, NEGATED: tl.constexpr, RELOAD
 
 
 @triton.jit
+def _load_cols(base, t0, T, N, K, ld, row0, rows, k0, BT: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr):
+    """Columns k0 .. k0 + KC - 1 of rows row0 .. row0 + N - 1 of each task's `[rows, ld]` block, as `[BT, BN, KC]`
+    (zero outside the tasks, the N points and the K columns)."""
+    t, n, c = _index(t0, T, BT, BN, KC)
+    c = c + k0
+    return tl.load(base + (t * rows + row0 + n) * ld + c, mask=(t < T) & (n < N) & (c < K), other=0.0)
+
+
+@triton.jit
+def _wprod(a, src, t0, T, N, ld, row0, rows, NEGATED: tl.constexpr, theta, off, DO, DI, FORWARD: tl.constexpr,
+           BT: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, KC: tl.constexpr):
+    """A product with a layer's shared weights `W [DO, DI]` (at `theta + off`): FORWARD `a [BT, BN, BI] @ W^T ->
+    [BT, BN, BO]`, else `a [BT, BN, BO] @ W -> [BT, BN, BI]`.
+    KC = 0: `a` as given, W loaded whole (`_fw`, `_bw`). KC > 0 (the wide layers): `a` read from the rows where
+    the kernel stored it (`src`, `ld`, `row0`, `rows` as `_load_rows`; stored negated with NEGATED) and W from
+    theta, KC values of the sum at a time, the chunks summed in order; `a` is not read. Triton's FMA products
+    hold each thread's rows and columns of both operands whole along the sum: a `[16, 128] x [128, 128]`
+    product, its operands in registers, spilled kilobytes a thread (sm_90 ptxas -v; benchmarks/RESULTS.md)."""
+    if KC == 0:
+        w, b = _load_layer(theta, off, DO, DI, BO, BI)
+        if FORWARD:
+            out = _fw(a, w)
+        else:
+            out = _bw(a, w)
+    else:
+        BK: tl.constexpr = BI if FORWARD else BO
+        BM: tl.constexpr = BO if FORWARD else BI
+        K = DI if FORWARD else DO
+        M = DO if FORWARD else DI
+        kk = tl.arange(0, KC)[:, None]
+        m = tl.arange(0, BM)[None, :]
+        acc = tl.zeros([BT * BN, BM], dtype=theta.dtype.element_ty)
+        for k0 in range(0, BK, KC):
+            av = tl.reshape(_load_cols(src, t0, T, N, K, ld, row0, rows, k0, BT, BN, KC), [BT * BN, KC])
+            if FORWARD:
+                wp = theta + off + m * DI + (k0 + kk)  # W[m, k]: element (k, m) of W^T
+            else:
+                wp = theta + off + (k0 + kk) * DI + m  # W[k, m]
+            wv = tl.load(wp, mask=(k0 + kk < K) & (m < M), other=0.0)
+            acc = tl.dot(av, wv, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        out = tl.reshape(acc, [BT, BN, BM])
+        if NEGATED:
+            out = -out  # sum (-a) W = -(sum a W) exactly: negation commutes with rounding
+    return out
+
+
+@triton.jit
+def _gram(a, b, src_a, ld_a, row0_a, rows_a, NA, NEG_A: tl.constexpr, src_b, ld_b, row0_b, rows_b, NB,
+          NEG_B: tl.constexpr, K, t0, T, BT: tl.constexpr, BNA: tl.constexpr, BNB: tl.constexpr, BK: tl.constexpr,
+          KC: tl.constexpr):
+    """Per task `a [BT, BNA, BK] @ b [BT, BNB, BK]^T -> [BT, BNA, BNB]` (a Gram matrix of two blocks of points).
+    KC = 0: as given (`_bmm_nt`). KC > 0: both read from the rows where the kernel stored them, KC columns at a
+    time, as `_wprod` reads `a`."""
+    if KC == 0:
+        out = _bmm_nt(a, b)
+    else:
+        acc = tl.zeros([BT, BNA, BNB], dtype=src_a.dtype.element_ty)
+        for k0 in range(0, BK, KC):
+            av = _load_cols(src_a, t0, T, NA, K, ld_a, row0_a, rows_a, k0, BT, BNA, KC)
+            bv = _load_cols(src_b, t0, T, NB, K, ld_b, row0_b, rows_b, k0, BT, BNB, KC)
+            acc = tl.dot(av, tl.permute(bv, (0, 2, 1)), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        out = acc
+        if NEG_A != NEG_B:
+            out = -out
+    return out
+
+
+@triton.jit
+def _load_bias(base, off, DO, DI, BO: tl.constexpr):
+    """`b [BO]` of one layer (zero outside DO): the layer's W `[DO, DI]` starts at `off`, b follows it."""
+    r = tl.arange(0, BO)
+    return tl.load(base + off + DO * DI + r, mask=r < DO, other=0.0)
+
+
+@triton.jit
 def _block(base, T, R, off):
     """Layer block of the factor rows starting at element `T R off`."""
     return base + T.to(tl.int64) * R * off
@@ -208,7 +287,7 @@ def onestep_kernel(
     DEPTH: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr,
     BD4: tl.constexpr, BNS: tl.constexpr, BNQ: tl.constexpr, BT: tl.constexpr, ACT: tl.constexpr,
     LOSS: tl.constexpr, FIRST_ORDER: tl.constexpr, HAS_COT: tl.constexpr, HAS_GPRED: tl.constexpr,
-    FACTORS: tl.constexpr, RELOAD: tl.constexpr,
+    FACTORS: tl.constexpr, RELOAD: tl.constexpr, KC: tl.constexpr,
 ):
     """Tasks `pid BT .. pid BT + BT - 1` of one-step MAML. theta [P] is theta_0 (W_l [out, in], b_l [out]),
     rates [2 L] (rW_l, rb_l); xs [T, NS, D0], ys [T, NS, DL] (mse) or [T, NS] classes, the same for the
@@ -216,7 +295,12 @@ def onestep_kernel(
 
     Every block of the factor rows is written as soon as it is known. With RELOAD (second order with factors
     only: the rows then hold H, D, H' and D') the later passes read those blocks back from the rows instead of
-    keeping them in registers from pass to pass (`_get`), a barrier between a block's store and its loads."""
+    keeping them in registers from pass to pass (`_get`), a barrier between a block's store and its loads.
+
+    KC > 0 (with RELOAD; the wide layers): every product with a shared weight matrix, and every Gram matrix of
+    two blocks of points, reads its blocks of points from the rows (or the inputs) KC columns at a time
+    (`_wprod`, `_gram`), so each block is stored, and a barrier passed, before its first product, and a
+    program never holds a whole weight matrix or a whole block of points as a product's operand."""
     t0 = tl.program_id(0) * BT
     dims = (D0, D1, D2, D3, D4)
     pads: tl.constexpr = (BD0, BD1, BD2, BD3, BD4)
@@ -239,26 +323,48 @@ def onestep_kernel(
     hs = (x,)
     z = x
     for l in tl.static_range(DEPTH):
-        w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
-        z = _fw(hs[l], w) + b[None, None, :]
+        b = _load_bias(theta, offs[l], dims[l + 1], dims[l], pads[l + 1])
+        if l == 0:
+            z = _wprod(hs[l], xs, t0, T, NS, D0, 0, NS, False, theta, offs[l], dims[l + 1], dims[l], True, BT, BNS,
+                       pads[l + 1], pads[l], KC)
+        else:
+            z = _wprod(hs[l], _block(V, T, R, vos[l]), t0, T, NS, dims[l] + 1, NQ, R, True, theta, offs[l],
+                       dims[l + 1], dims[l], True, BT, BNS, pads[l + 1], pads[l], KC)
+        z = z + b[None, None, :]
         if l < DEPTH - 1:
-            hs = hs + (_act(z, ACT),)
+            h = _act(z, ACT)
+            hs = hs + (h,)
+            if KC > 0:
+                # Rows NQ.. of V_{l+1}: [-H_{l+1} | -1], read by the next layer's product.
+                vb = _block(V, T, R, vos[l + 1])
+                _store_block(vb, t0, T, NS, dims[l + 1], dims[l + 1] + 1, NQ, R, -h, BT, BNS, pads[l + 1])
+                _store_column(vb, t0, T, NS, dims[l + 1] + 1, NQ, R, dims[l + 1], -1.0, BT, BNS)
+                tl.debug_barrier()
     y = _load_targets(ys, t0, T, NS, DL, BT, BNS, BDL, LOSS)
     _, d, p_s = _loss(z, y, NS, DL, LOSS)
     # ds[l] = D_l = dL_s/dz_l [BT, BNS, BD_{l+1}].
     ds = (d,)
     for l in tl.static_range(DEPTH - 1, 0, -1):
-        w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
-        d = _dmul(_bw(d, w), hs[l], ACT)
+        ub = _block(U, T, R, uos[l])
+        if KC > 0:
+            # Rows NQ + NS.. of U_l: D_l, read by the product below.
+            _store_block(ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, d, BT, BNS, pads[l + 1])
+            tl.debug_barrier()
+        e = _wprod(d, ub, t0, T, NS, dims[l + 1], NQ + NS, R, False, theta, offs[l], dims[l + 1], dims[l], False,
+                   BT, BNS, pads[l + 1], pads[l], KC)
+        h_s = _get(hs[l], _block(V, T, R, vos[l]), t0, T, NS, dims[l], dims[l] + 1, NQ, R, True, KC > 0, BT, BNS,
+                   pads[l])
+        d = _dmul(e, h_s, ACT)
         ds = (d,) + ds
     if FACTORS and not FIRST_ORDER:
-        # Rows NQ + NS.. of U_l: D_l; rows NQ.. of V_l: [-H_l | -1].
+        # Rows NQ + NS.. of U_l: D_l; rows NQ.. of V_l: [-H_l | -1] (with KC, those of layers above 0 are there).
         for l in tl.static_range(DEPTH):
-            ub = _block(U, T, R, uos[l])
-            vb = _block(V, T, R, vos[l])
-            _store_block(ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, ds[l], BT, BNS, pads[l + 1])
-            _store_block(vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, -hs[l], BT, BNS, pads[l])
-            _store_column(vb, t0, T, NS, dims[l] + 1, NQ, R, dims[l], -1.0, BT, BNS)
+            if KC == 0 or l == 0:
+                ub = _block(U, T, R, uos[l])
+                vb = _block(V, T, R, vos[l])
+                _store_block(ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, ds[l], BT, BNS, pads[l + 1])
+                _store_block(vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, -hs[l], BT, BNS, pads[l])
+                _store_column(vb, t0, T, NS, dims[l] + 1, NQ, R, dims[l], -1.0, BT, BNS)
         if RELOAD:
             tl.debug_barrier()
 
@@ -272,22 +378,42 @@ def onestep_kernel(
     for l in tl.static_range(DEPTH):
         rw = tl.load(rates + 2 * l)
         rb = tl.load(rates + 2 * l + 1)
-        w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
+        b = _load_bias(theta, offs[l], dims[l + 1], dims[l], pads[l + 1])
         ub = _block(U, T, R, uos[l])
         vb = _block(V, T, R, vos[l])
-        h_s = _get(hs[l], vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, True, RELOAD, BT, BNS, pads[l])
         d_s = _get(ds[l], ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, False, RELOAD, BT, BNS, pads[l + 1])
-        ga = _bmm_nt(hq[l], h_s)
+        # H'_l (xq, or rows 0.. of V_l) and H_l (xs, or rows NQ.. of V_l, negated) where KC reads them.
+        if l == 0:
+            ga = _gram(hq[l], hs[l], xq, D0, 0, NQ, NQ, False, xs, D0, 0, NS, NS, False, D0, t0, T, BT, BNQ, BNS,
+                       pads[l], KC)
+            zq = _wprod(hq[l], xq, t0, T, NQ, D0, 0, NQ, False, theta, offs[l], dims[l + 1], dims[l], True, BT, BNQ,
+                        pads[l + 1], pads[l], KC)
+        else:
+            if KC == 0:
+                h_s = _get(hs[l], vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, True, RELOAD, BT, BNS, pads[l])
+            else:
+                h_s = hs[l]  # not read: _gram reads H_l from the rows
+            ga = _gram(hq[l], h_s, vb, dims[l] + 1, 0, R, NQ, False, vb, dims[l] + 1, NQ, R, NS, True, dims[l], t0,
+                       T, BT, BNQ, BNS, pads[l], KC)
+            zq = _wprod(hq[l], vb, t0, T, NQ, dims[l] + 1, 0, R, False, theta, offs[l], dims[l + 1], dims[l], True,
+                        BT, BNQ, pads[l + 1], pads[l], KC)
         gas = gas + (ga,)
         sd = tl.sum(d_s, axis=1)
         sds = sds + (sd,)
-        zq = _fw(hq[l], w) + (b[None, :] - rb * sd)[:, None, :] - rw * _bmm(ga, d_s)
-        if FACTORS:
-            # Rows 0.. of V_l: [H'_l | 1].
+        zq = zq + (b[None, :] - rb * sd)[:, None, :] - rw * _bmm(ga, d_s)
+        if FACTORS and (KC == 0 or l == 0):
+            # Rows 0.. of V_l: [H'_l | 1] (with KC, those of layers above 0 are there already).
             _store_block(vb, t0, T, NQ, dims[l], dims[l] + 1, 0, R, hq[l], BT, BNQ, pads[l])
             _store_column(vb, t0, T, NQ, dims[l] + 1, 0, R, dims[l], 1.0, BT, BNQ)
         if l < DEPTH - 1:
-            hq = hq + (_act(zq, ACT),)
+            h = _act(zq, ACT)
+            hq = hq + (h,)
+            if KC > 0:
+                # Rows 0.. of V_{l+1}: [H'_{l+1} | 1], read by the next layer's products.
+                vn = _block(V, T, R, vos[l + 1])
+                _store_block(vn, t0, T, NQ, dims[l + 1], dims[l + 1] + 1, 0, R, h, BT, BNQ, pads[l + 1])
+                _store_column(vn, t0, T, NQ, dims[l + 1] + 1, 0, R, dims[l + 1], 1.0, BT, BNQ)
+                tl.debug_barrier()
     y = _load_targets(yq, t0, T, NQ, DL, BT, BNQ, BDL, LOSS)
     loss, dq, _ = _loss(zq, y, NQ, DL, LOSS)
     tl.store(losses + tq, loss, mask=tq < T)
@@ -308,17 +434,23 @@ def onestep_kernel(
             ub = _block(U, T, R, uos[l])
             vb = _block(V, T, R, vos[l])
             _store_block(ub, t0, T, NQ, dims[l + 1], dims[l + 1], 0, R, dq, BT, BNQ, pads[l + 1])
-            d_s = _get(ds[l], ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, False, RELOAD, BT, BNS,
-                       pads[l + 1])
-            gb = _bmm_nt(dq, d_s)
+            if KC > 0:
+                tl.debug_barrier()  # D'_l, stored above, is read from the rows below
+                d_s = ds[l]  # not read: _gram reads D_l from the rows
+            else:
+                d_s = _get(ds[l], ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, False, RELOAD, BT, BNS,
+                           pads[l + 1])
+            gb = _gram(dq, d_s, ub, dims[l + 1], 0, R, NQ, False, ub, dims[l + 1], NQ + NS, R, NS, False,
+                       dims[l + 1], t0, T, BT, BNQ, BNS, pads[l + 1], KC)
             gbs = (gb,) + gbs
             sdqs = (tl.sum(dq, axis=1),) + sdqs
             if l > 0:
                 rw = tl.load(rates + 2 * l)
-                w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
                 h_s = _get(hs[l], vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, True, RELOAD, BT, BNS, pads[l])
                 h_q = _get(hq[l], vb, t0, T, NQ, dims[l], dims[l] + 1, 0, R, False, RELOAD, BT, BNQ, pads[l])
-                dq = _dmul(_bw(dq, w) - rw * _bmm(gb, h_s), h_q, ACT)
+                e = _wprod(dq, ub, t0, T, NQ, dims[l + 1], 0, R, False, theta, offs[l], dims[l + 1], dims[l], False,
+                           BT, BNQ, pads[l + 1], pads[l], KC)
+                dq = _dmul(e - rw * _bmm(gb, h_s), h_q, ACT)
                 dqs = (dq,) + dqs
         # The rates' gradients: dL/drW_l = -sum(gb_l * ga_l), dL/drb_l = -(sum_n D_l[n]) . (sum_q D'_l[q]).
         for l in tl.static_range(DEPTH):
@@ -347,8 +479,8 @@ def onestep_kernel(
                            pads[l + 1])
                 zd = rw * _bmm_tn(gas[l], d_q) + rb * sdqs[l][:, None, :]
                 if l > 0:
-                    w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
-                    zd = zd + _fw(rh, w)
+                    zd = zd + _wprod(rh, _block(V, T, R, vos[l]), t0, T, NS, dims[l] + 1, NQ + NS, R, True, theta,
+                                     offs[l], dims[l + 1], dims[l], True, BT, BNS, pads[l + 1], pads[l], KC)
                 rzs = rzs + (zd,)
                 if l < DEPTH - 1:
                     if ACT == 1 and RELOAD:
@@ -359,6 +491,8 @@ def onestep_kernel(
                     rh = _dmul(zd, h_s, ACT)
                     _store_block(vb, t0, T, NS, dims[l + 1], dims[l + 1] + 1, NQ + NS, R, -rh, BT, BNS, pads[l + 1])
                     _store_column(vb, t0, T, NS, dims[l + 1] + 1, NQ + NS, R, dims[l + 1], 0.0, BT, BNS)
+                    if KC > 0:
+                        tl.debug_barrier()  # -Hdot_{l+1}, read by the next layer's product
             # Ddot_{L-1} = the loss's Hessian times z_dot; Ddot_{l-1} = s'(z) (Ddot_l W_l + rW_l gb_l^T H'_l)
             # + s''(z) z_dot (D_l W_l), tanh's s'' term being -2 h z_dot D_{l-1} (ReLU's is 0). Rows NQ.. of U_l.
             rd = _loss_hvp(zd, p_s, NS, DL, LOSS)
@@ -367,12 +501,15 @@ def onestep_kernel(
                     tl.debug_barrier()  # every read of rows NQ.. of U_l (z_dot_l) is done: Ddot_l replaces it
                 ub = _block(U, T, R, uos[l])
                 _store_block(ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ, R, rd, BT, BNS, pads[l + 1])
+                if KC > 0:
+                    tl.debug_barrier()  # Ddot_l, read by the product below
                 rw = tl.load(rates + 2 * l)
-                w, b = _load_layer(theta, offs[l], dims[l + 1], dims[l], pads[l + 1], pads[l])
                 vb = _block(V, T, R, vos[l])
                 h_q = _get(hq[l], vb, t0, T, NQ, dims[l], dims[l] + 1, 0, R, False, RELOAD, BT, BNQ, pads[l])
                 h_s = _get(hs[l], vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, True, RELOAD, BT, BNS, pads[l])
-                rd_low = _dmul(_bw(rd, w) + rw * _bmm_tn(gbs[l], h_q), h_s, ACT)
+                e = _wprod(rd, ub, t0, T, NS, dims[l + 1], NQ, R, False, theta, offs[l], dims[l + 1], dims[l], False,
+                           BT, BNS, pads[l + 1], pads[l], KC)
+                rd_low = _dmul(e + rw * _bmm_tn(gbs[l], h_q), h_s, ACT)
                 if ACT == 1:
                     lb = _block(U, T, R, uos[l - 1])
                     z_dot = _get(rzs[l - 1], lb, t0, T, NS, dims[l], dims[l], NQ, R, False, RELOAD, BT, BNS, pads[l])
@@ -386,23 +523,41 @@ def onestep_kernel(
 
 
 def constants(dims, n_support, n_query, tasks_per_program, activation, loss, first_order, *, has_cot=False,
-              has_gpred=False, factors=True, reload=True) -> dict:
+              has_gpred=False, factors=True, reload=True, chunk=0) -> dict:
     """The compile-time constants of one launch (the launch's, and `_triton_targets`' compile for a GPU):
     padded sizes as the other Triton kernels pad them (`triton_maml._pad`), RELOAD where the rows hold the
-    blocks to read back (second order with factors)."""
+    blocks to read back (second order with factors), KC = `chunk` (0: the products' operands in registers;
+    else columns a step of the products that read them from the rows, which needs RELOAD)."""
     consts = {f"BD{i}": _pad(d) for i, d in enumerate(_sizes(dims))}
+    reload = bool(factors and not first_order and reload)
+    if chunk and (not reload or chunk < 16 or chunk & (chunk - 1)):
+        raise ValueError(f"chunk {chunk}: the chunked products take a power of two >= 16 and read their operands "
+                         "from the rows of a second-order launch with factors, read back (reload)")
     consts.update(DEPTH=len(dims) - 1, BNS=_pad(n_support), BNQ=_pad(n_query), BT=tasks_per_program,
                   ACT=int(activation), LOSS=int(loss), FIRST_ORDER=bool(first_order), HAS_COT=bool(has_cot),
-                  HAS_GPRED=bool(has_gpred), FACTORS=bool(factors), RELOAD=bool(factors and not first_order and reload))
+                  HAS_GPRED=bool(has_gpred), FACTORS=bool(factors), RELOAD=reload, KC=int(chunk))
     return consts
 
 
 def launch(theta, rates, xs, ys, xq, yq, cot, g_pred, dims, activation, loss, first_order, factors, *,
-           tasks_per_program, num_warps, reload=True, **options):
+           tasks_per_program, num_warps, reload=True, chunk=0, **options):
     """`maml_onestep`'s outputs, `(losses [T], preds [T, Nq, D_out], U, V, rate_grads [T, 2 L])` (the C++ op's
     layout, `_onestep`), from one launch of `ceil(T / tasks_per_program)` programs. The caller has checked the
-    arguments (`_onestep` builds them)."""
+    arguments (`_onestep` builds them). `chunk` > 0: the products read their operands from the factor rows
+    (`constants`); a call without factors then runs with them in chunks of tasks of at most
+    `_onestep.MAX_FACTOR_BYTES` of rows, which it drops."""
     T, ns, nq = xs.shape[0], xs.shape[1], xq.shape[1]
+    if chunk and not factors:
+        from ._onestep import chunk_tasks, row_bytes
+
+        step = chunk_tasks(T, row_bytes(dims, ns, nq, first_order, theta.element_size()))
+        parts = [launch(theta, rates, xs[lo:lo + step], ys[lo:lo + step], xq[lo:lo + step], yq[lo:lo + step],
+                        None if cot is None else cot[lo:lo + step], None if g_pred is None else g_pred[lo:lo + step],
+                        dims, activation, loss, first_order, True, tasks_per_program=tasks_per_program,
+                        num_warps=num_warps, reload=reload, chunk=chunk, **options)[:2] for lo in range(0, T, step)]
+        losses = torch.cat([p[0] for p in parts]) if parts else theta.new_empty(0)
+        preds = torch.cat([p[1] for p in parts]) if parts else theta.new_empty(0, nq, dims[-1])
+        return losses, preds, theta.new_empty(0), theta.new_empty(0), theta.new_empty(0, 2 * (len(dims) - 1))
     L, dy = len(dims) - 1, dims[-1]
     rows = T * factor_rows(ns, nq, first_order) if factors else 0
     losses = theta.new_empty(T)
@@ -413,7 +568,7 @@ def launch(theta, rates, xs, ys, xq, yq, cot, g_pred, dims, activation, loss, fi
     if T == 0:
         return losses, preds, U, V, rate_grads
     consts = constants(dims, ns, nq, tasks_per_program, activation, loss, first_order, has_cot=cot is not None,
-                       has_gpred=g_pred is not None, factors=factors, reload=reload)
+                       has_gpred=g_pred is not None, factors=factors, reload=reload, chunk=chunk)
     onestep_kernel[(triton.cdiv(T, tasks_per_program),)](
         theta, rates, xs, ys, xq, yq, theta if cot is None else cot, theta if g_pred is None else g_pred,
         losses, preds, U if rows else theta, V if rows else theta, rate_grads if factors else theta,

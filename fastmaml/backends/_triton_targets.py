@@ -5,6 +5,8 @@ tools of `tests/test_triton_compile.py`, `benchmarks/kernel_registers.py` and `b
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import triton_maml
@@ -92,18 +94,23 @@ def compile_for_target(kind: str, dtype: torch.dtype, dims: list[int], n_support
 
 def onestep_compile_for_target(dtype: torch.dtype, dims: list[int], n_support: int, n_query: int, activation: int,
                                loss: int, *, first_order: bool = False, tasks_per_program: int = 1,
-                               num_warps: int = 8, arch: int = 90):
+                               num_warps: int = 8, arch: int = 90, chunk: Optional[int] = None):
     """The one-step kernel (`_triton_onestep.py`) of a training call, compiled by `triton.compile` for an NVIDIA
     GPU of compute capability `arch` on a machine without one (the interpreter off), with the launch's
-    constants and register cap (`triton_maml.onestep_kernel`)."""
+    constants and register cap (`triton_maml.onestep_kernel`); `chunk` None: the backend's
+    (`triton_maml.onestep_chunk`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     onestep = triton_maml._kernels().onestep
     fn = onestep.onestep_kernel
-    consts = onestep.constants(dims, n_support, n_query, tasks_per_program, activation, loss, first_order)
+    if chunk is None:
+        chunk = triton_maml.onestep_chunk(dims, first_order)
+    consts = onestep.constants(dims, n_support, n_query, tasks_per_program, activation, loss, first_order,
+                               chunk=chunk)
     labels = {"ys": "*i64", "yq": "*i64"} if loss == 1 else {}
     signature = kernel_signature(fn, consts, onestep._RUNTIME_INTS, dtype, labels)
     return triton.compile(ASTSource(fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, maxnreg=triton_maml.max_registers() or 255))
+                          options=dict(num_warps=num_warps, maxnreg=triton_maml.max_registers() or 255,
+                                       **({"num_stages": 1} if chunk else {})))

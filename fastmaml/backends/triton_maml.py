@@ -82,6 +82,16 @@ MAXNREG: Optional[int] = None
 # KiB. None: read on first use (`onestep_settings`; tests set them).
 ONESTEP: Optional[bool] = None
 ONESTEP_TASKS: Optional[int] = None
+# Its products with the shared weights and its Gram matrices, where their operands are wide: read from the
+# factor rows ONESTEP_CHUNK columns a step (`_triton_onestep._wprod`) instead of held whole in registers.
+# FASTMAML_TRITON_ONESTEP_CHUNK: auto (the default: 16 where the widest padded layer is above
+# ONESTEP_MAX_REGISTER_WIDTH, else 0), 0, 16 or 32. Compiled for sm_90 (ptxas -v, float32, ieee, 1-128-128-1,
+# 10 + 10 points, second order, 8 warps, 255 registers): chunks of 16 spill 212 / 580 B a thread, of 32 992 /
+# 2,024 B; the same net in registers 11.3 / 14.6 KiB (at 16 warps, the most that 128 registers a thread
+# allow, 2.8 / 4.2 KiB). At the sinusoid width chunks of 16 spill 48 / 112 B against the registers' 200 /
+# 248 B: the A/B's tonestep_kc16. None: read on first use (`onestep_chunk`; tests set it).
+ONESTEP_CHUNK: Optional[str] = None
+ONESTEP_MAX_REGISTER_WIDTH = 64
 
 
 def _pad(n: int) -> int:
@@ -315,22 +325,45 @@ def onestep_settings() -> tuple[bool, int]:
     return ONESTEP, ONESTEP_TASKS
 
 
-# Widest padded layer the one-step kernel takes: its products are whole `tl.dot`s of a task's points, and at
-# 128 (the 1-128-128-1 net, 16 warps) they spill 0.8 / 1.4 KiB a thread (at 8 warps 49 / 69 KiB, at ptxas's
-# 32 registers without the cap), where the reverse sweep's scratch layout spills none. The same for a task's
-# points (support or query, padded): 32 (20 points: 2.8 / 3.8 KiB at the sinusoid widths), not 64 (50 points:
-# 19 / 25 KiB, 138 s to compile; 100 points did not compile in 12 minutes).
-ONESTEP_MAX_PADDED_WIDTH = 64
+# Widest padded layer the one-step kernel takes: up to ONESTEP_MAX_REGISTER_WIDTH its products may hold their
+# operands in registers; above, up to 128, they read them from the factor rows in chunks (ONESTEP_CHUNK), which
+# only a second-order call writes in full. A task's points (support or query, padded): 32 (20 points: 2.8 /
+# 3.8 KiB of spills at the sinusoid widths), not 64 (50 points: 19 / 25 KiB, 138 s to compile; 100 points did
+# not compile in 12 minutes).
+ONESTEP_MAX_PADDED_WIDTH = 128
 ONESTEP_MAX_PADDED_POINTS = 32
+
+
+def onestep_chunk(dims: list[int], first_order: bool) -> int:
+    """Columns a step of the Triton one-step kernel's chunked products for a call of these widths (0: the
+    operands in registers): FASTMAML_TRITON_ONESTEP_CHUNK, by default 16 where the widest padded layer is
+    above ONESTEP_MAX_REGISTER_WIDTH; 0 at first order (the rows then hold no support blocks to read)."""
+    global ONESTEP_CHUNK
+    from .._switches import env_choice
+
+    if ONESTEP_CHUNK is None:
+        ONESTEP_CHUNK = env_choice("FASTMAML_TRITON_ONESTEP_CHUNK", ("auto", "0", "16", "32"))
+    if first_order:
+        return 0
+    if ONESTEP_CHUNK == "auto":
+        return 16 if max(_pad(d) for d in dims) > ONESTEP_MAX_REGISTER_WIDTH else 0
+    return int(ONESTEP_CHUNK)
 
 
 def onestep_reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
     """Why the Triton one-step kernel does not take this training call (`_onestep.reason`, then its bounds on
     the padded width and points), or None."""
     why = _onestep.reason(problem, need_lr, need_x)
-    if why is None and max(_pad(d) for d in problem.dims) > ONESTEP_MAX_PADDED_WIDTH:
-        why = (f"width {max(problem.dims)} (the Triton one-step kernel's products are whole register tiles: "
-               f"padded widths up to {ONESTEP_MAX_PADDED_WIDTH})")
+    widest = max(_pad(d) for d in problem.dims)
+    if why is None and widest > ONESTEP_MAX_PADDED_WIDTH:
+        why = (f"width {max(problem.dims)} (the Triton one-step kernel takes padded widths up to "
+               f"{ONESTEP_MAX_PADDED_WIDTH})")
+    if (why is None and widest > ONESTEP_MAX_REGISTER_WIDTH
+            and onestep_chunk(problem.dims, problem.first_order) == 0):
+        cause = "first order" if problem.first_order else "FASTMAML_TRITON_ONESTEP_CHUNK=0"
+        why = (f"width {max(problem.dims)} with {cause} (the Triton one-step kernel's products hold their "
+               f"operands in registers up to padded widths of {ONESTEP_MAX_REGISTER_WIDTH}; wider ones read them "
+               "from a second-order call's factor rows in chunks)")
     if why is None and max(_pad(problem.n_support), _pad(problem.n_query)) > ONESTEP_MAX_PADDED_POINTS:
         why = (f"{max(problem.n_support, problem.n_query)} points a task (the Triton one-step kernel's products "
                f"are whole register tiles: up to {ONESTEP_MAX_PADDED_POINTS} support and query points)")
@@ -338,12 +371,18 @@ def onestep_reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[st
 
 
 def onestep_kernel(theta, rates, *args):
-    """`_onestep._Call.kernel` for Triton: one launch of `_triton_onestep.onestep_kernel` on theta's device."""
+    """`_onestep._Call.kernel` for Triton: one launch of `_triton_onestep.onestep_kernel` on theta's device
+    (`args`: xs, ys, xq, yq, cot, g_pred, dims, activation, loss, first_order, factors)."""
     _, tasks = onestep_settings()
+    chunk = onestep_chunk(args[6], args[9])
     options = {"maxnreg": max_registers() or 255}
+    if chunk:
+        # One stage: pipelined, the next chunks' loads were held beside this one's (sm_90, 1-128-128-1, spills a
+        # thread: 504 / 1,220 B at Triton's default 3 stages, 380 / 860 B at 2, 212 / 580 B at 1).
+        options["num_stages"] = 1
     with _device_guard(theta):
         return _kernels().onestep.launch(theta, rates, *args, tasks_per_program=tasks,
-                                         num_warps=warps_switch() or 8, **options)
+                                         num_warps=warps_switch() or 8, chunk=chunk, **options)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -426,6 +465,7 @@ class TritonBackend(_fused.FusedBackend):
         # constant, `dispatch.unavailable`), while defining an op inside a traced call cannot be traced.
         _triton_ops.ops()
         onestep_settings()  # a mistyped switch is refused here, not measured as the default
+        onestep_chunk([1], False)
         return None
 
     def device_reason(self, problem: Problem) -> Optional[str]:
