@@ -232,8 +232,9 @@ def test_scratch_layout_has_no_barrier_hazards(hazards, monkeypatch, case):
 
 
 @pytest.mark.parametrize("case", [(c, True) for c in __import__("test_triton_onestep").CHUNKED_CASES]
-                         + [(([3, 9, 6, 4], 0, 0, True, True, 2, 0), False), (([3, 9, 6, 4], 1, 1, True, False, 1, 0), False),
-                            (([3, 9, 6, 4], 1, 0, False, True, 2, 0), True)],
+                         + [(([3, 9, 6, 4], 0, 0, True, True, 2, 0, 6, 7), False),
+                            (([3, 9, 6, 4], 1, 1, True, False, 1, 0, 17, 3), False),
+                            (([3, 9, 6, 4], 1, 0, False, True, 2, 0, 6, 7), True)],
                          ids=lambda c: "x".join(map(str, c[0][0])) + f"-kc{c[0][6]}" + ("-fo" if not c[1] else ""))
 def test_onestep_kernel_has_no_barrier_hazards(hazards, case):
     """Every store the one-step kernel reads back (the default form at second order, and first order; the
@@ -241,7 +242,8 @@ def test_onestep_kernel_has_no_barrier_hazards(hazards, case):
     statement's own position otherwise, and no factor row is read before the launch wrote it."""
     from test_triton_onestep import _compare
 
-    (dims, act, loss, cot, g_pred, tasks_per_program, chunk), second_order = case
-    _compare(dims, 5, 6, 7, act, loss, not second_order, cot, g_pred, tasks_per_program, seed=95 + act, chunk=chunk)
+    (dims, act, loss, cot, g_pred, tasks_per_program, chunk, ns, nq), second_order = case
+    _compare(dims, 5, ns, nq, act, loss, not second_order, cot, g_pred, tasks_per_program, seed=95 + act,
+             chunk=chunk)
     assert not hazards.found and not hazards.unwritten, _report(hazards)
     assert hazards.epoch > 0

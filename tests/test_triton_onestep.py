@@ -125,17 +125,37 @@ def test_kernel_without_factors_gives_losses_and_outputs():
 
 
 # The chunked form (and the default one) under the interpreter's barrier watch: tests/test_triton_barriers.py.
-CHUNKED_CASES = [([3, 20, 17, 4], 0, 0, True, True, 2, 16), ([3, 20, 17, 4], 1, 1, False, True, 1, 16),
-                 ([2, 33, 5], 1, 0, True, False, 4, 16), ([3, 9, 40, 18, 4], 0, 1, False, False, 1, 16),
-                 ([3, 9, 40, 18, 4], 1, 0, True, True, 2, 32), ([5, 70, 3], 0, 0, True, False, 1, 16)]
+# (dims, act, loss, cot, g_pred, tasks a program, chunk, support points, query points)
+CHUNKED_CASES = [([3, 20, 17, 4], 0, 0, True, True, 2, 16, 6, 7), ([3, 20, 17, 4], 1, 1, False, True, 1, 16, 17, 3),
+                 ([2, 33, 5], 1, 0, True, False, 4, 16, 6, 7), ([3, 9, 40, 18, 4], 0, 1, False, False, 1, 16, 17, 3),
+                 ([3, 9, 40, 18, 4], 1, 0, True, True, 2, 32, 6, 7), ([5, 70, 3], 0, 0, True, False, 1, 16, 17, 3)]
 
 
 @interpreted
-@pytest.mark.parametrize("dims, act, loss, cot, g_pred, tasks_per_program, chunk", CHUNKED_CASES)
-def test_chunked_kernel_matches_the_cpu_op(dims, act, loss, cot, g_pred, tasks_per_program, chunk):
+@pytest.mark.parametrize("dims, act, loss, cot, g_pred, tasks_per_program, chunk, ns, nq", CHUNKED_CASES)
+def test_chunked_kernel_matches_the_cpu_op(dims, act, loss, cot, g_pred, tasks_per_program, chunk, ns, nq):
     """The products reading their operands from the factor rows, `chunk` columns a step (the form of padded
-    widths above 64): float64 within 1e-10 of the CPU op at widths of one to five chunks."""
-    _compare(dims, 5, 6, 7, act, loss, False, cot, g_pred, tasks_per_program, seed=90 + act + 2 * loss, chunk=chunk)
+    widths above 64): float64 within 1e-10 of the CPU op at widths of one to five chunks, with more query than
+    support points and more support than query points (a block read with the other's point count reads rows
+    of its neighbour block)."""
+    _compare(dims, 5, ns, nq, act, loss, False, cot, g_pred, tasks_per_program, seed=90 + act + 2 * loss,
+             chunk=chunk)
+
+
+@interpreted
+def test_chunked_kernel_takes_no_operand_from_registers(monkeypatch):
+    """With chunks, no product with a shared weight matrix or Gram matrix of two blocks takes its operands from
+    registers (`_fw`, `_bw`, `_bmm_nt`, which the interpreter calls as Python): that is the form's point."""
+    from fastmaml.backends import _triton_onestep
+
+    def refuse(*args):
+        raise AssertionError("a product from registers")
+
+    for name in ("_fw", "_bw", "_bmm_nt"):
+        monkeypatch.setattr(_triton_onestep, name, refuse)
+    _compare([3, 20, 17, 4], 3, 6, 7, 1, 1, False, True, True, 1, seed=98, chunk=16)
+    with pytest.raises(Exception, match="from registers"):  # the interpreter wraps it in InterpreterError
+        _compare([3, 20, 17, 4], 3, 6, 7, 1, 1, False, True, True, 1, seed=98)
 
 
 @interpreted
