@@ -590,6 +590,9 @@ fi
 #            products read their operands from the factor rows in chunks of 16 columns (one stage)
 #   tonestep_kc16  the same at W=40 with the chunked products (FASTMAML_TRITON_ONESTEP_CHUNK=16; sm_90
 #            spills 48 / 112 B a thread against the register form's 156 / 232 B)
+#   tonestep16  the same at W=128 with 16 warps a program at 128 registers (FASTMAML_TRITON_WARPS=16
+#            FASTMAML_TRITON_MAXNREG=128: 16 warps a multiprocessor instead of 8, 276 / 736 B of spills
+#            against 212 / 580)
 #   tonestep2, tonestep_tf  the same with two tasks a program (FASTMAML_TRITON_ONESTEP_TASKS=2), or its
 #            products on tensor cores (FASTMAML_TRITON_PRECISION=tf32x3)
 #   thetas   FASTMAML_REVERSE_THETAS=keep: the CUDA reverse sweep keeps theta_1..theta_K, not rebuilding
