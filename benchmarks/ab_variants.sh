@@ -2,7 +2,7 @@
 # described there, at the A/B). Functions only, and the default list: tests/test_benchmark_tools.py runs
 # them in bash.
 
-AB_DEFAULT="onestep tonestep tonestep_kc16 tonestep16 omma ogeneric ow16 oglobal okeep4g tonestep2 tonestep_tf ow4 fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2 scratch"
+AB_DEFAULT="onestep tonestep tonestep_kc16 tonestep16 tonestep2_kc16 omma ogeneric ow16 oglobal okeep4g tonestep2 tonestep_tf ow4 fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2 scratch"
 # One variant's switches: sets `setting`, `method`, `widths` and `steps` (the widths and inner steps it is
 # measured at).
 ab_variant() {
@@ -50,6 +50,8 @@ ab_variant() {
     tonestep) setting=FASTMAML_TRITON_ONESTEP=1; method=triton; steps=1 ;;
     tonestep_kc16) setting="FASTMAML_TRITON_ONESTEP=1 FASTMAML_TRITON_ONESTEP_CHUNK=16"; method=triton; steps=1
       widths=40 ;;
+    tonestep2_kc16) setting="FASTMAML_TRITON_ONESTEP=1 FASTMAML_TRITON_ONESTEP_TASKS=2 FASTMAML_TRITON_ONESTEP_CHUNK=16"
+      method=triton; steps=1; widths=40 ;;
     tonestep16) setting="FASTMAML_TRITON_ONESTEP=1 FASTMAML_TRITON_WARPS=16 FASTMAML_TRITON_MAXNREG=128"
       method=triton; steps=1; widths=128 ;;
     tonestep2) setting="FASTMAML_TRITON_ONESTEP=1 FASTMAML_TRITON_ONESTEP_TASKS=2"; method=triton; steps=1; widths=40 ;;

@@ -590,6 +590,8 @@ fi
 #            products read their operands from the factor rows in chunks of 16 columns (one stage)
 #   tonestep_kc16  the same at W=40 with the chunked products (FASTMAML_TRITON_ONESTEP_CHUNK=16; sm_90
 #            spills 48 / 112 B a thread against the register form's 156 / 232 B)
+#   tonestep2_kc16  two tasks a program, chunked, at W=40 (352 / 892 B of spills; two tasks in registers
+#            spill 5.0 / 5.9 KiB)
 #   tonestep16  the same at W=128 with 16 warps a program at 128 registers (FASTMAML_TRITON_WARPS=16
 #            FASTMAML_TRITON_MAXNREG=128: 16 warps a multiprocessor instead of 8, 276 / 736 B of spills
 #            against 212 / 580)
