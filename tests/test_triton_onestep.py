@@ -291,6 +291,15 @@ def test_backend_switch_leaves_other_calls_to_the_sweep(onestep_on):
     assert onestep_on == []
 
 
+@pytest.mark.parametrize("cap, warps, expected", [(0, 8, 255), (0, 4, 255), (0, 16, 128), (0, 32, 64), (200, 8, 200),
+                                                  (200, 16, 128), (96, 16, 96)])
+def test_register_cap_fits_the_warps(monkeypatch, cap, warps, expected):
+    """The one-step launch's register cap: FASTMAML_TRITON_MAXNREG or 255, at most what a program of its warps
+    can hold (16 warps at 255 registers could not launch)."""
+    monkeypatch.setattr(triton_maml, "MAXNREG", cap)
+    assert triton_maml.onestep_register_cap(warps) == expected
+
+
 @pytest.mark.parametrize("name, value", [("FASTMAML_TRITON_ONESTEP", "yes"), ("FASTMAML_TRITON_ONESTEP_TASKS", "3"),
                                          ("FASTMAML_TRITON_ONESTEP_CHUNK", "8")])
 def test_mistyped_switches_are_refused(monkeypatch, name, value):

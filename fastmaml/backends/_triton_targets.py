@@ -112,5 +112,5 @@ def onestep_compile_for_target(dtype: torch.dtype, dims: list[int], n_support: i
     labels = {"ys": "*i64", "yq": "*i64"} if loss == 1 else {}
     signature = kernel_signature(fn, consts, onestep._RUNTIME_INTS, dtype, labels)
     return triton.compile(ASTSource(fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, maxnreg=triton_maml.max_registers() or 255,
+                          options=dict(num_warps=num_warps, maxnreg=triton_maml.onestep_register_cap(num_warps),
                                        **({"num_stages": 1} if chunk else {})))

@@ -370,19 +370,28 @@ def onestep_reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[st
     return why
 
 
+def onestep_register_cap(num_warps: int) -> int:
+    """The one-step kernel's register cap a thread (Triton's `maxnreg`): FASTMAML_TRITON_MAXNREG, or 255, at most
+    what a program of `num_warps` warps can have of a multiprocessor's 64 K registers (allocated in steps of 8).
+    16 warps at 255 registers would need 130,560: the launch would fail for lack of registers."""
+    fits = 65536 // (32 * num_warps) // 8 * 8
+    return min(max_registers() or 255, fits, 255)
+
+
 def onestep_kernel(theta, rates, *args):
     """`_onestep._Call.kernel` for Triton: one launch of `_triton_onestep.onestep_kernel` on theta's device
     (`args`: xs, ys, xq, yq, cot, g_pred, dims, activation, loss, first_order, factors)."""
     _, tasks = onestep_settings()
     chunk = onestep_chunk(args[6], args[9])
-    options = {"maxnreg": max_registers() or 255}
+    warps = warps_switch() or 8
+    options = {"maxnreg": onestep_register_cap(warps)}
     if chunk:
         # One stage: pipelined, the next chunks' loads were held beside this one's (sm_90, 1-128-128-1, spills a
         # thread: 504 / 1,220 B at Triton's default 3 stages, 380 / 860 B at 2, 212 / 580 B at 1).
         options["num_stages"] = 1
     with _device_guard(theta):
-        return _kernels().onestep.launch(theta, rates, *args, tasks_per_program=tasks,
-                                         num_warps=warps_switch() or 8, chunk=chunk, **options)
+        return _kernels().onestep.launch(theta, rates, *args, tasks_per_program=tasks, num_warps=warps, chunk=chunk,
+                                         **options)
 
 
 # ---------------------------------------------------------------------------------------------------
