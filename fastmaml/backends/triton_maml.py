@@ -77,9 +77,10 @@ MAXNREG: Optional[int] = None
 # float32, ieee, the sinusoid net, second order, the blocks read back from the factor rows; launched with
 # ptxas's cap at 255 registers, FASTMAML_TRITON_MAXNREG setting another): one task and 8 warps spills 156 /
 # 232 B of stores / loads a thread (200 / 248 B before the layer-0 Gram took xs from registers, 2eca629; kept
-# in registers instead: 1.6 / 2.0 KiB; tanh and cross-entropy 452 / 720 B); two tasks 5.0 / 5.9 KiB; 4 warps 2.2 / 3.3 KiB; tf32x3 (no cap) 1.5 / 2.2 KiB. Without the cap ptxas
-# spilled more at one task and 8 warps (356 / 548 B) and gave two tasks, or 4 warps, 32 registers and 32-45
-# KiB. None: read on first use (`onestep_settings`; tests set them).
+# in registers instead: 1.6 / 2.0 KiB; tanh and cross-entropy 452 / 720 B); two tasks 5.0 / 5.9 KiB; 4 warps
+# 2.2 / 3.3 KiB; tf32x3 (no cap) 1.5 / 2.2 KiB. Without the cap ptxas spilled more at one task and 8 warps
+# (356 / 548 B) and gave two tasks, or 4 warps, 32 registers and 32-45 KiB. None: read on first use
+# (`onestep_settings`; tests set them).
 ONESTEP: Optional[bool] = None
 ONESTEP_TASKS: Optional[int] = None
 # Its products with the shared weights and its Gram matrices, where their operands are wide: read from the
@@ -89,7 +90,8 @@ ONESTEP_TASKS: Optional[int] = None
 # 10 + 10 points, second order, 8 warps, 255 registers): chunks of 16 spill 212 / 580 B a thread, of 32 992 /
 # 2,024 B, with tf32x3 products 1,860 / 2,988 B; the same net in registers 11.3 / 14.6 KiB (at 16 warps, the
 # most that 128 registers a thread allow, 2.8 / 4.2 KiB). At the sinusoid width chunks of 16 spill 48 / 112 B
-# against the registers' 156 / 232 B: the A/B's tonestep_kc16. None: read on first use (`onestep_chunk`; tests set it).
+# against the registers' 156 / 232 B: the A/B's tonestep_kc16. None: read on first use (`onestep_chunk`;
+# tests set it).
 ONESTEP_CHUNK: Optional[str] = None
 ONESTEP_MAX_REGISTER_WIDTH = 64
 
