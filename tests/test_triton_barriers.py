@@ -31,7 +31,7 @@ from test_triton_onestep import CHUNKED_CASES, _compare  # the one-step kernel's
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 _KERNEL_FILES = ("_triton_scratch.py", "_triton_pieces.py", "_triton_kernels.py", "_triton_onestep.py",
-                 "test_triton_barriers.py")
+                 "_triton_onestep_blocks.py", "test_triton_barriers.py")
 _HOOKS = ("create_masked_load", "create_masked_store", "create_barrier", "set_grid_idx")
 
 

@@ -146,13 +146,14 @@ def test_chunked_kernel_matches_the_cpu_op(dims, act, loss, cot, g_pred, tasks_p
 def test_chunked_kernel_takes_no_operand_from_registers(monkeypatch):
     """With chunks, no product with a shared weight matrix or Gram matrix of two blocks takes its operands from
     registers (`_fw`, `_bw`, `_bmm_nt`, which the interpreter calls as Python): that is the form's point."""
-    from fastmaml.backends import _triton_onestep
+    triton_maml._kernels()
+    from fastmaml.backends import _triton_onestep_blocks
 
     def refuse(*args):
         raise AssertionError("a product from registers")
 
     for name in ("_fw", "_bw", "_bmm_nt"):
-        monkeypatch.setattr(_triton_onestep, name, refuse)
+        monkeypatch.setattr(_triton_onestep_blocks, name, refuse)
     _compare([3, 20, 17, 4], 3, 6, 7, 1, 1, False, True, True, 1, seed=98, chunk=16)
     with pytest.raises(Exception, match="from registers"):  # the interpreter wraps it in InterpreterError
         _compare([3, 20, 17, 4], 3, 6, 7, 1, 1, False, True, True, 1, seed=98)

@@ -78,12 +78,7 @@ def _layer_offsets(D0, D1, D2, D3, D4, DEPTH: tl.constexpr):
 @triton.jit
 def _load_layer(base, off, DO, DI, BO: tl.constexpr, BI: tl.constexpr):
     """`W [BO, BI]`, `b [BO]` of one layer (zero outside `[DO, DI]`)."""
-    r = tl.arange(0, BO)
-    c = tl.arange(0, BI)
-    mask = (r[:, None] < DO) & (c[None, :] < DI)
-    w = tl.load(base + off + r[:, None] * DI + c[None, :], mask=mask, other=0.0)
-    b = tl.load(base + off + DO * DI + r, mask=r < DO, other=0.0)
-    return w, b
+    return _load_weight(base, off, DO, DI, BO, BI), _load_bias(base, off, DO, DI, BO)
 
 
 @triton.jit
@@ -93,6 +88,13 @@ def _load_weight(base, off, DO, DI, BO: tl.constexpr, BI: tl.constexpr):
     c = tl.arange(0, BI)
     mask = (r[:, None] < DO) & (c[None, :] < DI)
     return tl.load(base + off + r[:, None] * DI + c[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_bias(base, off, DO, DI, BO: tl.constexpr):
+    """`b [BO]` of one layer (zero outside DO): the layer's W `[DO, DI]` starts at `off`, b follows it."""
+    r = tl.arange(0, BO)
+    return tl.load(base + off + DO * DI + r, mask=r < DO, other=0.0)
 
 
 @triton.jit

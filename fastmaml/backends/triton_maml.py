@@ -90,7 +90,7 @@ ONESTEP_TASKS: Optional[int] = None
 # 10 + 10 points, second order, 8 warps, 255 registers): chunks of 16 spill 212 / 580 B a thread, of 32 992 /
 # 2,024 B, with tf32x3 products 1,860 / 2,988 B; the same net in registers 11.3 / 14.6 KiB (at 16 warps, the
 # most that 128 registers a thread allow, 2.8 / 4.2 KiB). At the sinusoid width chunks of 16 spill 48 / 112 B
-# against the registers' 156 / 232 B: the A/B's tonestep_kc16. None: read on first use (`onestep_chunk`;
+# against the registers' 156 / 232 B: the A/B's tonestep_kc16. None: read on first use (`onestep_settings`;
 # tests set it).
 ONESTEP_CHUNK: Optional[str] = None
 ONESTEP_MAX_REGISTER_WIDTH = 64
@@ -316,14 +316,17 @@ def _device_guard(t: torch.Tensor):
 
 
 def onestep_settings() -> tuple[bool, int]:
-    """(FASTMAML_TRITON_ONESTEP is on, its tasks a program), read once (see ONESTEP)."""
-    global ONESTEP, ONESTEP_TASKS
+    """(FASTMAML_TRITON_ONESTEP is on, its tasks a program), read once (see ONESTEP), and
+    FASTMAML_TRITON_ONESTEP_CHUNK into ONESTEP_CHUNK (`onestep_chunk` applies it to a call's widths)."""
+    global ONESTEP, ONESTEP_TASKS, ONESTEP_CHUNK
     from .._switches import env_choice
 
     if ONESTEP is None:
         ONESTEP = env_choice("FASTMAML_TRITON_ONESTEP", ("0", "1")) == "1"
     if ONESTEP_TASKS is None:
         ONESTEP_TASKS = int(env_choice("FASTMAML_TRITON_ONESTEP_TASKS", ("1", "2", "4")))
+    if ONESTEP_CHUNK is None:
+        ONESTEP_CHUNK = env_choice("FASTMAML_TRITON_ONESTEP_CHUNK", ("auto", "0", "16", "32"))
     return ONESTEP, ONESTEP_TASKS
 
 
@@ -340,11 +343,7 @@ def onestep_chunk(dims: list[int], first_order: bool) -> int:
     """Columns a step of the Triton one-step kernel's chunked products for a call of these widths (0: the
     operands in registers): FASTMAML_TRITON_ONESTEP_CHUNK, by default 16 where the widest padded layer is
     above ONESTEP_MAX_REGISTER_WIDTH; 0 at first order (the rows then hold no support blocks to read)."""
-    global ONESTEP_CHUNK
-    from .._switches import env_choice
-
-    if ONESTEP_CHUNK is None:
-        ONESTEP_CHUNK = env_choice("FASTMAML_TRITON_ONESTEP_CHUNK", ("auto", "0", "16", "32"))
+    onestep_settings()  # reads the switch once
     if first_order:
         return 0
     if ONESTEP_CHUNK == "auto":
@@ -476,7 +475,6 @@ class TritonBackend(_fused.FusedBackend):
         # constant, `dispatch.unavailable`), while defining an op inside a traced call cannot be traced.
         _triton_ops.ops()
         onestep_settings()  # a mistyped switch is refused here, not measured as the default
-        onestep_chunk([1], False)
         return None
 
     def device_reason(self, problem: Problem) -> Optional[str]:
