@@ -723,14 +723,14 @@ for width in (40, 128):
             sinusoid = (params, xs, ys, xq, yq)
 # Last (a compile of its own, where the stage's time may run out): the Triton one-step kernel, which only
 # FASTMAML_TRITON_ONESTEP=1 switches on.
-from fastmaml.backends import triton_maml
-triton_maml.onestep_settings()
-was, triton_maml.ONESTEP = triton_maml.ONESTEP, True
+from fastmaml.backends import _triton_onestep_call
+_triton_onestep_call.settings()
+was, _triton_onestep_call.ONESTEP = _triton_onestep_call.ONESTEP, True
 try:
     fastmaml.maml(*sinusoid, inner_steps=1, backend="triton").loss.backward()
 except Exception as err:
     print(f"triton one-step width 40: {type(err).__name__}: {err}")
-triton_maml.ONESTEP = was
+_triton_onestep_call.ONESTEP = was
 report = _triton_targets.compiled_report() + _lowrank.compiled_report()
 print("\n".join(report) or "no compiled Triton kernels to report")
 EOF

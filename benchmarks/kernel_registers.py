@@ -215,7 +215,7 @@ def _triton_child(spec: dict) -> None:
     sys.path.insert(0, str(ROOT))
     from fastmaml.backends import _lowrank, _lowrank_backward, _lowrank_pairs, factored
     from fastmaml.backends import _triton_targets as targets
-    from fastmaml.backends import triton_maml as tm
+    from fastmaml.backends import _triton_onestep_call as onestep_call, triton_maml as tm
 
     if spec.get("factored"):
         # The low-rank products of the 1-W-W-1 net's middle layer, 10 + 10 points, at every factor count
@@ -247,12 +247,12 @@ def _triton_child(spec: dict) -> None:
         kernel, warps = targets.compile_for_target(kind, torch.float32, spec["dims"], 10, 10, 0, 0,
                                                    arch=spec["arch"], num_warps=spec["warps"], **options)
         _print_ptxas(kernel, spec["arch"], start, kind=f"{name} {tm.layout_for(spec['dims'])}", warps=warps)
-    if max(spec["dims"]) <= tm.ONESTEP_MAX_PADDED_WIDTH:  # the one-step kernel (FASTMAML_TRITON_ONESTEP=1)
+    if max(spec["dims"]) <= onestep_call.ONESTEP_MAX_PADDED_WIDTH:  # the one-step kernel (FASTMAML_TRITON_ONESTEP=1)
         start = time.perf_counter()
         warps = spec["warps"] or 8
         kernel = targets.onestep_compile_for_target(torch.float32, spec["dims"], 10, 10, 0, 0, num_warps=warps,
                                                     arch=spec["arch"])
-        chunk = tm.onestep_chunk(spec["dims"], False)
+        chunk = onestep_call.chunk(spec["dims"], False)
         _print_ptxas(kernel, spec["arch"], start, kind=f"onestep {f'chunks of {chunk}' if chunk else 'registers'}",
                      warps=warps)
 

@@ -17,6 +17,7 @@ import torch
 
 import fastmaml
 from fastmaml.backends import _onestep, triton_maml
+from fastmaml.backends import _triton_onestep_call as onestep_call
 from _reference_loop import assert_close, gradients, maml_loop, make_case, output_cotangents
 
 F64 = torch.float64
@@ -204,8 +205,8 @@ def _case(**kw):
 @pytest.fixture
 def onestep_on(monkeypatch):
     """The triton backend with its one-step switch on, counting the calls that take the one-step path."""
-    monkeypatch.setattr(triton_maml, "ONESTEP", True)
-    monkeypatch.setattr(triton_maml, "ONESTEP_TASKS", 2)
+    monkeypatch.setattr(onestep_call, "ONESTEP", True)
+    monkeypatch.setattr(onestep_call, "ONESTEP_TASKS", 2)
     calls = []
     real = _onestep.maml
 
@@ -231,7 +232,7 @@ def test_backend_switch_matches_the_task_loop(onestep_on, depth, loss, lr_form, 
     ref = maml_loop(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
     out = fastmaml.maml(case.params, case.x_support, case.y_support, case.x_query, case.y_query, backend="triton",
                         **case.kwargs())
-    assert onestep_on == [triton_maml.onestep_kernel]
+    assert onestep_on == [onestep_call.run]
 
     def value(o):
         return (o.task_losses * lc).sum() + ((o.query_preds * pc).sum() if cotangent == "losses_and_preds" else 0)
@@ -263,7 +264,7 @@ def test_backend_switch_takes_wide_layers_in_chunks(onestep_on, monkeypatch):
     """A layer of 70 (padded to 128): the chunked form, chosen by the backend (chunks of 16), through the autograd
     function, in float32 (the backend takes widths above 64 in float32 only): losses, outputs and gradients
     within 1e-4 of the float64 task loop (and a call without gradients, which the forward kernel runs)."""
-    monkeypatch.setattr(triton_maml, "ONESTEP_CHUNK", None)
+    monkeypatch.setattr(onestep_call, "ONESTEP_CHUNK", None)
     monkeypatch.delenv("FASTMAML_TRITON_ONESTEP_CHUNK", raising=False)
     chunks = []
     from fastmaml.backends import _triton_onestep
@@ -281,7 +282,7 @@ def test_backend_switch_takes_wide_layers_in_chunks(onestep_on, monkeypatch):
         quiet = fastmaml.maml(c.params, c.x_support, c.y_support, c.x_query, c.y_query, backend="triton",
                               **c.kwargs())
     assert_close(quiet.query_preds.double(), ref.query_preds.detach(), 1e-4, "query_preds")
-    assert onestep_on == [triton_maml.onestep_kernel] and chunks == [16]  # no_grad: the forward kernel
+    assert onestep_on == [onestep_call.run] and chunks == [16]  # no_grad: the forward kernel
 
 
 @interpreted
@@ -299,7 +300,7 @@ def test_register_cap_fits_the_warps(monkeypatch, cap, warps, expected):
     """The one-step launch's register cap: FASTMAML_TRITON_MAXNREG or 255, at most what a program of its warps
     can hold (16 warps at 255 registers could not launch)."""
     monkeypatch.setattr(triton_maml, "MAXNREG", cap)
-    assert triton_maml.onestep_register_cap(warps) == expected
+    assert onestep_call.register_cap(warps) == expected
 
 
 @pytest.mark.parametrize("name, value", [("FASTMAML_TRITON_ONESTEP", "yes"), ("FASTMAML_TRITON_ONESTEP_TASKS", "3"),
@@ -308,9 +309,9 @@ def test_mistyped_switches_are_refused(monkeypatch, name, value):
     """Read on first use: a value the backend does not know is refused, naming the switch."""
     if not triton_maml._triton_installed():
         pytest.skip("Triton is not installed")
-    monkeypatch.setattr(triton_maml, "ONESTEP", None)
-    monkeypatch.setattr(triton_maml, "ONESTEP_TASKS", None)
-    monkeypatch.setattr(triton_maml, "ONESTEP_CHUNK", None)
+    monkeypatch.setattr(onestep_call, "ONESTEP", None)
+    monkeypatch.setattr(onestep_call, "ONESTEP_TASKS", None)
+    monkeypatch.setattr(onestep_call, "ONESTEP_CHUNK", None)
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=name):
         triton_maml.TritonBackend().unavailable()
@@ -381,19 +382,19 @@ def test_sizes_beyond_the_kernel_are_refused(monkeypatch, dims, ns, nq, first_or
     beyond 32 points not at all. Each refusal says why; the largest sizes taken are taken."""
     from fastmaml._validate import make_problem
 
-    monkeypatch.setattr(triton_maml, "ONESTEP_CHUNK", chunk)
+    monkeypatch.setattr(onestep_call, "ONESTEP_CHUNK", chunk)
     case = _case(dims=dims, tasks=2, n_support=ns, n_query=nq, seed=62, first_order=first_order)
     problem = make_problem(case.params, case.x_support, case.y_support, case.x_query, case.y_query, **case.kwargs())
     assert _onestep.reason(problem, False, False) is None
-    assert why in triton_maml.onestep_reason(problem, False, False)
+    assert why in onestep_call.reason(problem, False, False)
     wide = chunk == "auto"  # chunks of 16 by default; none with the switch at 0
     for dims, ns, nq, taken, chunks in [([1, 64, 1], 32, 17, True, 0), ([1, 128, 3], 10, 10, wide, 16 if wide else 0)]:
         case = _case(dims=dims, tasks=2, n_support=ns, n_query=nq, seed=63)
         problem = make_problem(case.params, case.x_support, case.y_support, case.x_query, case.y_query,
                                **case.kwargs())
-        assert (triton_maml.onestep_reason(problem, False, False) is None) == taken
-        assert triton_maml.onestep_chunk(dims, False) == chunks
-    assert triton_maml.onestep_chunk([1, 128, 3], True) == 0
+        assert (onestep_call.reason(problem, False, False) is None) == taken
+        assert onestep_call.chunk(dims, False) == chunks
+    assert onestep_call.chunk([1, 128, 3], True) == 0
 
 
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
@@ -402,7 +403,7 @@ def test_gpu_chunked_kernel_matches_the_cpu_op(act):
     """The chunked form as the backend launches it at width 128 (chunks of 16, one stage, 8 warps): 20,000 tasks
     of the 1-128-128-1 net in float32 within 1e-4 of the float64 CPU op."""
     _compare([1, 128, 128, 1], 20000, 10, 10, act, 0, False, True, True, 1, seed=71, dtype=torch.float32,
-             device="cuda", tol=1e-4, num_warps=8, chunk=triton_maml.onestep_chunk([1, 128, 128, 1], False))
+             device="cuda", tol=1e-4, num_warps=8, chunk=onestep_call.chunk([1, 128, 128, 1], False))
 
 
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
@@ -415,5 +416,5 @@ def test_gpu_backend_switch_matches_the_task_loop(onestep_on):
     c = case.to(torch.float32, "cuda")
     out = fastmaml.maml(c.params, c.x_support, c.y_support, c.x_query, c.y_query, backend="triton", **c.kwargs())
     g = gradients(out.loss, c.leaves())
-    assert onestep_on == [triton_maml.onestep_kernel]
+    assert onestep_on == [onestep_call.run]
     assert_close({k: v.double().cpu() for k, v in g.items()}, g_ref, 1e-4, "grads")

@@ -137,7 +137,7 @@ class _Call(NamedTuple):
     loss: int
     first_order: bool
     # The kernel: None for the C++ op (`torch.ops.fastmaml.maml_onestep`), else a function with its
-    # arguments less theta_t and its outputs (the Triton kernel's launch, `triton_maml.onestep_kernel`).
+    # arguments less theta_t and its outputs (the Triton kernel's launch, `_triton_onestep_call.run`).
     kernel: Optional[Callable] = None
 
     def run(self, lo: int, hi: int, cot: Optional[torch.Tensor], g_pred: Optional[torch.Tensor], factors: bool):

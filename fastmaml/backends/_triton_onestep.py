@@ -9,7 +9,7 @@ their corrections) one batched `tl.dot` over the group. Each pass keeps its acti
 tuple indexed by the (unrolled) layer as in `_triton_kernels.py`; at second order the later passes read the
 blocks already written to the factor rows back from there (`_get`, RELOAD) instead of keeping them live from
 pass to pass, which cut the spills of the sinusoid call (sm_90, 8 warps) from 1.6 KiB a thread to 200 B.
-Where the layers are wide (padded above 64: `triton_maml.onestep_chunk`), the products with the shared weights
+Where the layers are wide (padded above 64: `_triton_onestep_call.chunk`), the products with the shared weights
 and the Gram matrices read their blocks of points from the rows, a chunk of columns a loop step (`_wprod`,
 `_gram`), instead of taking them whole from registers. The blocks' loads, stores and products are
 `_triton_onestep_blocks.py`'s.

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from . import triton_maml
+from . import _triton_onestep_call, triton_maml
 
 
 def compiled_report() -> list[str]:
@@ -97,8 +97,8 @@ def onestep_compile_for_target(dtype: torch.dtype, dims: list[int], n_support: i
                                num_warps: int = 8, arch: int = 90, chunk: Optional[int] = None):
     """The one-step kernel (`_triton_onestep.py`) of a training call, compiled by `triton.compile` for an NVIDIA
     GPU of compute capability `arch` on a machine without one (the interpreter off), with the launch's
-    constants and register cap (`triton_maml.onestep_kernel`); `chunk` None: the backend's
-    (`triton_maml.onestep_chunk`)."""
+    constants and register cap (`_triton_onestep_call.run`); `chunk` None: the backend's
+    (`_triton_onestep_call.chunk`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -106,11 +106,11 @@ def onestep_compile_for_target(dtype: torch.dtype, dims: list[int], n_support: i
     onestep = triton_maml._kernels().onestep
     fn = onestep.onestep_kernel
     if chunk is None:
-        chunk = triton_maml.onestep_chunk(dims, first_order)
+        chunk = _triton_onestep_call.chunk(dims, first_order)
     consts = onestep.constants(dims, n_support, n_query, tasks_per_program, activation, loss, first_order,
                                chunk=chunk)
     labels = {"ys": "*i64", "yq": "*i64"} if loss == 1 else {}
     signature = kernel_signature(fn, consts, onestep._RUNTIME_INTS, dtype, labels)
     return triton.compile(ASTSource(fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, maxnreg=triton_maml.onestep_register_cap(num_warps),
+                          options=dict(num_warps=num_warps, maxnreg=_triton_onestep_call.register_cap(num_warps),
                                        **({"num_stages": 1} if chunk else {})))
