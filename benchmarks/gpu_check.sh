@@ -48,7 +48,9 @@
 # of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); NCU_LOWRANK_S (0: only
 # when asked) ncu of four of the factored backend's low-rank launches at K=5, W=128, Triton's and the CUDA
 # lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the limit each (profile.txt); NCU_ONESTEP_S (0; 30 in
-# --tests) ncu of one launch of the one-step kernel at T=8192, K=1, W=40 (profile.txt);
+# --tests) ncu of one launch of the one-step kernel at T=8192, K=1, W=40 (profile.txt); NCU_TRITON_S (0; 30 in
+# --tests) ncu of one launch of Triton's training kernel at T=2048, K=5, W=NCU_TRITON_WIDTH (40). Every ncu stage
+# also keeps its report's source page, summed by benchmarks/ncu_source.py (ncu_*_lines.csv, profile.txt);
 # TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
@@ -100,7 +102,7 @@ elif [ "$MODE" = tests ]; then
   # background from the start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the
   # time left.
   : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=30}" "${NCU_LOWRANK_S:=0}"
-  : "${NCU_ONESTEP_S:=30}" "${ONESTEP_TESTS_S:=20}" "${TONESTEP_TESTS_S:=50}"
+  : "${NCU_ONESTEP_S:=30}" "${NCU_TRITON_S:=30}" "${ONESTEP_TESTS_S:=20}" "${TONESTEP_TESTS_S:=50}"
   : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=0}" "${STATES_TESTS_S:=0}" "${TOTAL_S:=285}"
   : "${RESERVE_S:=35}"
 fi
@@ -465,28 +467,55 @@ fi
 
 # ---- ncu (G2): after the tests, which G2's first must-show needs more --------------------------------
 if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 \
-   && { [ "${NCU_S:-60}" -gt 0 ] || [ "${NCU_LOWRANK_S:-0}" -gt 0 ] || [ "${NCU_ONESTEP_S:-0}" -gt 0 ]; }; then
+   && { [ "${NCU_S:-60}" -gt 0 ] || [ "${NCU_LOWRANK_S:-0}" -gt 0 ] || [ "${NCU_ONESTEP_S:-0}" -gt 0 ] \
+        || [ "${NCU_TRITON_S:-0}" -gt 0 ]; }; then
   stop_prewarm  # its compiles and GPU calls would run beside the profiled launches
 fi
-# One ncu run into profile.txt: `ncu_launches LIMIT SETTING REGEX "LAUNCH OPTIONS" PROFILE_KERNELS_ARGS...`
+# One ncu run into profile.txt: `ncu_launches LIMIT TAG SETTING REGEX "LAUNCH OPTIONS" PROFILE_KERNELS_ARGS...`
 # (SETTING: switches for its environment, "" for none), with the sections every ncu stage reads: occupancy,
 # stall reasons (WarpStateStats: long scoreboard, waiting on loads; no instruction, fetch), memory traffic,
-# the executed instruction mix. Returns ncu's exit code.
+# the executed instruction mix, and SourceCounters: the report (ncu_TAG.ncu-rep, the sources in it) gives
+# each source line its instructions executed and stall samples, which benchmarks/ncu_source.py sums into
+# profile.txt (the instruction mix by opcode, the instructions a task, the lines that issue the most) and
+# ncu_TAG_lines.csv (the per-instruction CSV is kept under 8 MB, the report under 4 MB). Returns ncu's exit code.
 ncu_launches() {
-  local lim=$1 setting=$2 regex=$3 launches=$4
-  shift 4
+  local lim=$1 tag=$2 setting=$3 regex=$4 launches=$5 tasks=0 prev="" a rc t0=$SECONDS
+  shift 5
+  for a in "$@"; do [ "$prev" = --tasks ] && tasks=$a; prev=$a; done
   # shellcheck disable=SC2086  # a setting may set several variables; the launch options are words
   ( cd benchmarks && env $setting timeout "$lim" ncu --clock-control none --kernel-name regex:"$regex" $launches \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-      --section WarpStateStats --section InstructionStats \
-      python profile_kernels.py "$@" --warmup 0 --iters 1 --no-profiler ) >> "$DIR/profile.txt" 2>&1
+      --section WarpStateStats --section InstructionStats --section SourceCounters --import-source yes \
+      -f -o "$DIR/ncu_$tag" python profile_kernels.py "$@" --warmup 0 --iters 1 --no-profiler ) \
+      >> "$DIR/profile.txt" 2>&1
+  rc=$?
+  local rep="$DIR/ncu_$tag.ncu-rep" left_s=$(( lim - (SECONDS - t0) ))
+  if [ -f "$rep" ]; then
+    # The sections as ncu printed them before the report was kept; then the source page, in what the stage
+    # has left (at least 20 s: the reverse sweep's page lists some 80,000 instructions).
+    [ "$left_s" -lt 20 ] && left_s=20
+    timeout 15 ncu -i "$rep" --page details >> "$DIR/profile.txt" 2>&1
+    if timeout "$left_s" ncu -i "$rep" --page source --print-source cuda,sass --csv \
+        > "$DIR/ncu_${tag}_source.csv" 2>> "$DIR/profile.txt"; then
+      echo "===== ncu source lines ($tag)" >> "$DIR/profile.txt"
+      python benchmarks/ncu_source.py "$DIR/ncu_${tag}_source.csv" --top 25 --tasks "$tasks" \
+        --lines-out "$DIR/ncu_${tag}_lines.csv" >> "$DIR/profile.txt" 2>&1
+    else
+      echo "ncu source page ($tag) failed or ran out of time" >> "$DIR/profile.txt"
+    fi
+    # The pack comes back in one file of at most 16 MiB: the big ones stay behind (no ncu here reads a report).
+    local csv="$DIR/ncu_${tag}_source.csv"
+    [ "$(stat -c %s "$csv" 2>/dev/null || echo 0)" -gt 8000000 ] && rm -f "$csv"
+    [ "$(stat -c %s "$rep" 2>/dev/null || echo 0)" -gt 4000000 ] && rm -f "$rep"
+  fi
+  return $rc
 }
 # The one-step kernel first (G2's redesign for K=1, never profiled): one launch at T=8192, K=1, W=40.
 if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_ONESTEP_S:-0}" -gt 0 ] \
    && lim=$(capped "$NCU_ONESTEP_S") && ! too_late "ncu of the one-step kernel" "$lim"; then
   stage "ncu of one one-step launch at T=8192, K=1, W=40 (limit ${lim}s) -> $DIR/profile.txt"
   echo "===== ncu, FASTMAML_CUDA_ONESTEP=1" >> "$DIR/profile.txt"
-  ncu_launches "$lim" FASTMAML_CUDA_ONESTEP=1 onestep_kernel "--launch-count 1" \
+  ncu_launches "$lim" onestep FASTMAML_CUDA_ONESTEP=1 onestep_kernel "--launch-count 1" \
     --methods cuda --tasks 8192 --steps 1 --width 40
   rc=$?
   echo "ncu (one-step) exit code $rc"
@@ -498,10 +527,24 @@ if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt
   # Width 40 (NCU_WIDTH): the workspace in shared memory, the products' LDS loop; the 2026-11-30 run
   # profiled W=128.
   stage "ncu of one cuda backward launch at T=8192, W=${NCU_WIDTH:-40} (limit ${lim}s) -> $DIR/profile.txt"
-  ncu_launches "$lim" "" bwd_kernel "--launch-count 1" --methods cuda --tasks 8192 --steps 5 --width "${NCU_WIDTH:-40}"
+  ncu_launches "$lim" "bwd_w${NCU_WIDTH:-40}" "" bwd_kernel "--launch-count 1" --methods cuda --tasks 8192 --steps 5 \
+    --width "${NCU_WIDTH:-40}"
   rc=$?
   echo "ncu exit code $rc"
   check_rc ncu $rc
+fi
+
+# The Triton training kernel at K=5 (one program a multiprocessor at 255 registers; 0.28x vmap at W=40 on
+# the H200, a75ae00): where its instructions and stalls are, by Python line of the kernel.
+if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_TRITON_S:-0}" -gt 0 ] \
+   && lim=$(capped "$NCU_TRITON_S") && ! too_late "ncu of the Triton kernel" "$lim"; then
+  stage "ncu of one triton training launch at T=2048, K=5, W=${NCU_TRITON_WIDTH:-40} (limit ${lim}s)"
+  echo "===== ncu, triton maml_bwd_kernel" >> "$DIR/profile.txt"
+  ncu_launches "$lim" "triton_w${NCU_TRITON_WIDTH:-40}" "" maml_bwd_kernel "--launch-count 1" --methods triton \
+    --tasks 2048 --steps 5 --width "${NCU_TRITON_WIDTH:-40}"
+  rc=$?
+  echo "ncu (triton) exit code $rc"
+  check_rc "ncu of the Triton kernel" $rc
 fi
 
 # The factored backend's low-rank Triton kernels: two thirds of its time at K=5, W=128 on the H200
@@ -516,7 +559,8 @@ if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_LOWRANK_S:-
     too_late "ncu of the low-rank kernels ($kernels)" "$lim" && continue
     stage "ncu of four factored low-rank launches ($kernels) at T=8192, K=5, W=128 (limit ${lim}s) -> $DIR/profile.txt"
     echo "===== ncu, FASTMAML_FACTORED_KERNELS=$kernels" >> "$DIR/profile.txt"
-    ncu_launches "$lim" "FASTMAML_FACTORED_KERNELS=$kernels" "lowrank_" "--launch-skip 6 --launch-count 4" \
+    ncu_launches "$lim" "lowrank_$kernels" "FASTMAML_FACTORED_KERNELS=$kernels" "lowrank_" \
+      "--launch-skip 6 --launch-count 4" \
       --methods factored --tasks 8192 --steps 5 --width 128
     rc=$?
     echo "ncu (low-rank, $kernels) exit code $rc"

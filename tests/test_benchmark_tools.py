@@ -1,6 +1,6 @@
 """The GPU-side measuring tools that can run here: the ptxas report parser of
-benchmarks/kernel_registers.py, and benchmarks/profile_kernels.py on the CPU (on a GPU,
-benchmarks/gpu_check.sh runs both)."""
+benchmarks/kernel_registers.py, the reader of ncu's source page (benchmarks/ncu_source.py), and
+benchmarks/profile_kernels.py on the CPU (on a GPU, benchmarks/gpu_check.sh runs them)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import kernel_registers  # noqa: E402
+import ncu_source  # noqa: E402
 
 PTXAS = """\
 ptxas info    : Compiling entry function '_ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfEEvNS_4task6scalar3NetEll' for 'sm_90a'
@@ -316,3 +317,68 @@ echo "pid [$PREWARM_PID]"''')
     assert len(out.split("\n")[0].split()) == 3, out  # the loop ran its two processes
     assert "alive" not in out and "pid []" in out and "variants started: 1" in out, out
     assert "prewarm stopped after waiting 1s" in (tmp_path / "prewarm.log").read_text()
+
+
+# ncu's `--page source --print-source cuda,sass --csv` layout (2024.1-2025.x): file and function rows, a
+# header whose second "Source" is the instruction, per line its totals, then its instructions (line number
+# empty); an instruction that two inlined lines share is listed under both; "..." elides. Made-up numbers.
+_STALLS = ["stall_barrier", "stall_long_sb", "stall_mio", "stall_barrier (Not Issued)"]
+_HEADER = ["Line No", "Source", "Address", "Source", "Warp Stall Sampling (All Samples)",
+           "Warp Stall Sampling (Not-issued Samples)", "# Samples", "Instructions Executed",
+           "Thread Instructions Executed", *_STALLS]
+
+
+def _ncu_csv(path, launches=1):
+    import csv
+
+    rows = [["File Path", "/src/csrc/task/products.h"], ["Function Name", "void bwd_kernel<float>(Net)"], _HEADER,
+            ["41", "acc += a[k] * b[k];", "-", "-", "70", "10", "70", "3000", "96000", "0", "20", "50", "0"],
+            ["", "", "0x7f00", "@!P0 FFMA R1, R2, R3, R1 ", "30", "5", "30", "2000", "64000", "0", "5", "25", "0"],
+            ["", "", "0x7f10", "LDS.128 R4, [R9+0x10] ", "40", "5", "40", "1000", "32000", "0", "15", "25", "0"],
+            ["", "", "...", "", "", "", "", "", "", "", "", "", ""],
+            ["File Path", "/src/csrc/cuda/kernels.cuh"], _HEADER,
+            ["7", "__syncthreads();", "-", "-", "30", "30", "30", "1500", "48000", "30", "0", "0", "30"],
+            ["", "", "0x7f20", "BAR.SYNC.DEFER_BLOCKING 0x0 ", "30", "30", "30", "500", "16000", "30", "0", "0", "30"],
+            ["", "", "0x7f10", "LDS.128 R4, [R9+0x10] ", "40", "5", "40", "1000", "32000", "0", "15", "25", "0"]]
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(rows * launches)
+
+
+def test_ncu_source_page_is_read_by_line_and_instruction(tmp_path, capsys):
+    """Totals count each instruction once (the shared LDS and the elision row not twice), opcodes lose their
+    predicate and modifiers, each line keeps its file, and the report ranks lines with their stall reasons."""
+    path = tmp_path / "source.csv"
+    _ncu_csv(path)
+    prof = ncu_source.read(path)
+    assert prof.kernels == ["void bwd_kernel<float>(Net)"]
+    assert prof.inst == 3500 and prof.samples == 100
+    assert dict(prof.opcodes) == {"FFMA": 2000, "LDS": 1000, "BAR": 500}
+    assert [(r.file.split("/")[-1], r.line, r.inst) for r in prof.lines] == [("products.h", 41, 3000),
+                                                                              ("kernels.cuh", 7, 1500)]
+    assert prof.stalls == {"barrier": 30, "long_sb": 20, "mio": 50}
+    text = "\n".join(ncu_source.report(prof, top=1, tasks=7))
+    assert "warp instructions a task: 500" in text
+    assert "among the instructions executed: 57.1%" in text  # FFMA 2000 of 3500
+    assert "products.h:41" in text and "mio 71%" in text
+    assert "by file: products.h 85.7%, kernels.cuh 14.3%" in text
+    out = tmp_path / "lines.csv"
+    assert ncu_source.main([str(path), "--lines-out", str(out), "--tasks", "7"]) == 0
+    assert out.read_text().splitlines()[1].startswith("/src/csrc/task/products.h,41,3000,70,mio=50 long_sb=20")
+    assert "FFMA 57.1%" in capsys.readouterr().out
+
+
+def test_ncu_source_page_of_several_launches_adds_them(tmp_path):
+    """A report of several launches (the low-rank stage's four) lists each one's table: their instructions
+    add up, each launch's counted once."""
+    path = tmp_path / "source.csv"
+    _ncu_csv(path, launches=3)
+    prof = ncu_source.read(path)
+    assert prof.inst == 3 * 3500 and dict(prof.opcodes) == {"FFMA": 6000, "LDS": 3000, "BAR": 1500}
+
+
+def test_ncu_source_page_without_the_counters_is_refused(tmp_path, capsys):
+    """A report without SourceCounters has no "Instructions Executed" column: said, not read as zeros."""
+    path = tmp_path / "source.csv"
+    path.write_text('"Kernel Name","k"\n"Address","Source","# Samples"\n"0x1","FFMA R1, R2, R3, R1","4"\n')
+    assert ncu_source.main([str(path)]) == 1
+    assert "SourceCounters" in capsys.readouterr().err
