@@ -5,7 +5,7 @@
 #   benchmarks/gpu_check.sh [OUT_DIR]            # OUT_DIR defaults to $OUT, else ./gpu_out
 #   benchmarks/gpu_check.sh --dry-run [OUT_DIR]  # (or DRY_RUN=1) the CPU-side parts, on a machine without a GPU
 #   benchmarks/gpu_check.sh --quick [OUT_DIR]    # (or QUICK=1) 450-600 s, 2 minutes of them the build: a
-#                                                # sweep at T in {25, 65536}, the kernel profile, the GPU tests
+#                                                # sweep at T in {25, 1024, 65536}, the profile, the GPU tests
 #                                                # of test_backends.py and those new with G2/G3 (no
 #                                                # synchronisation, CUDA graphs, compile), the overhead
 #   benchmarks/gpu_check.sh --measure [OUT_DIR]  # under 300 s: the build, the quick sweep, the CUDA sweep's
@@ -108,8 +108,9 @@ elif [ "$MODE" = tests ]; then
 fi
 if [ "$QUICK" = 1 ]; then
   TOTAL_S="${TOTAL_S:-$(( 450 + ${AB_S:-0} ))}"  # the A/B, when asked for, gets its own time on top
-  SWEEP_S="${SWEEP_S:-75}"  # the quick sweep measured 30 s on the H200
-  SWEEP_ARGS="${SWEEP_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128 --methods cuda triton factored vmap --warmup 1 --repeats 3 --max-seconds 3}"
+  SWEEP_S="${SWEEP_S:-75}"  # the quick sweep measured 30 s on the H200 without T=1024
+  # T=1024 too: G2's table has three batch sizes (25, 1024, 65536), each in the same run as vmap.
+  SWEEP_ARGS="${SWEEP_ARGS:---tasks 25 1024 65536 --steps 1 5 --width 40 128 --methods cuda triton factored vmap --warmup 1 --repeats 3 --max-seconds 3}"
   BUILD_S="${BUILD_S:-150}"
   CUDA_TESTS_S="${CUDA_TESTS_S:-90}"
   TRITON_TESTS_S="${TRITON_TESTS_S:-60}"
