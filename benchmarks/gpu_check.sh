@@ -47,8 +47,8 @@
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
 # of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); NCU_LOWRANK_S (0: only
 # when asked) ncu of four of the factored backend's low-rank launches at K=5, W=128, Triton's and the CUDA
-# lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the limit each (profile.txt); NCU_ONESTEP_S (0; 30 in
-# --tests) ncu of one launch of the one-step kernel at T=8192, K=1, W=40 (profile.txt); NCU_TRITON_S (0; 30 in
+# lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the limit each (profile.txt); NCU_ONESTEP_S (0; 35 in
+# --tests) ncu of one launch of the one-step kernel at T=8192, K=1, W=40 (profile.txt); NCU_TRITON_S (0; 35 in
 # --tests) ncu of one launch of Triton's training kernel at T=2048, K=5, W=NCU_TRITON_WIDTH (40). Every ncu stage
 # also keeps its report's source page, summed by benchmarks/ncu_source.py (ncu_*_lines.csv, profile.txt);
 # TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
@@ -97,12 +97,13 @@ if [ "$MODE" = measure ]; then
 elif [ "$MODE" = tests ]; then
   # The quick tests 120 s (a75ae00's took 114 s with warm caches), the Triton one-step kernel's 50, the CUDA
   # one-step switch's 20 (the mma and blocks6+states switches' tests only when asked: neither is in this
-  # plan's A/B), auto's choice, then ncu with what is left (the one-step kernel's 30, the CUDA backward's 30;
-  # the factored low-rank kernels' only when asked, NCU_LOWRANK_S=40), the register reports (nvcc's in the
+  # plan's A/B), auto's choice, then ncu with what is left (the one-step kernel's 35, the CUDA backward's 40,
+  # Triton's training kernel's 35, each with its source page, which takes about 10 s of it; the factored
+  # low-rank kernels' only when asked, NCU_LOWRANK_S=40), the register reports (nvcc's in the
   # background from the start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the
   # time left.
-  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=30}" "${NCU_LOWRANK_S:=0}"
-  : "${NCU_ONESTEP_S:=30}" "${NCU_TRITON_S:=30}" "${ONESTEP_TESTS_S:=20}" "${TONESTEP_TESTS_S:=50}"
+  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=40}" "${NCU_LOWRANK_S:=0}"
+  : "${NCU_ONESTEP_S:=35}" "${NCU_TRITON_S:=35}" "${ONESTEP_TESTS_S:=20}" "${TONESTEP_TESTS_S:=50}"
   : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=0}" "${STATES_TESTS_S:=0}" "${TOTAL_S:=285}"
   : "${RESERVE_S:=35}"
 fi
@@ -478,37 +479,51 @@ fi
 # the executed instruction mix, and SourceCounters: the report (ncu_TAG.ncu-rep, the sources in it) gives
 # each source line its instructions executed and stall samples, which benchmarks/ncu_source.py sums into
 # profile.txt (the instruction mix by opcode, the instructions a task, the lines that issue the most) and
-# ncu_TAG_lines.csv (the per-instruction CSV is kept under 8 MB, the report under 4 MB). Returns ncu's exit code.
+# ncu_TAG_lines.csv (the pages' CSVs are kept under 6 MB, the report under 4 MB). Returns ncu's exit code, 3
+# when no launch was profiled, 4 when the source page could not be read.
 ncu_launches() {
   local lim=$1 tag=$2 setting=$3 regex=$4 launches=$5 tasks=0 prev="" a rc t0=$SECONDS
   shift 5
   for a in "$@"; do [ "$prev" = --tasks ] && tasks=$a; prev=$a; done
+  local rep="$DIR/ncu_$tag.ncu-rep" lines="$DIR/ncu_${tag}_source.csv" sass="$DIR/ncu_${tag}_sass.csv"
+  rm -f "$rep" "$lines" "$sass" "$DIR/ncu_${tag}_lines.csv"  # a folder used before must not lend its report
+  # The collection gets the limit less 25 s (at most a third of it) for reading the report back.
+  local post=$(( lim / 3 < 25 ? lim / 3 : 25 ))
   # shellcheck disable=SC2086  # a setting may set several variables; the launch options are words
-  ( cd benchmarks && env $setting timeout "$lim" ncu --clock-control none --kernel-name regex:"$regex" $launches \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+  ( cd benchmarks && env $setting timeout "$(( lim - post ))" ncu --clock-control none --kernel-name regex:"$regex" \
+      $launches --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section InstructionStats --section SourceCounters --import-source yes \
       -f -o "$DIR/ncu_$tag" python profile_kernels.py "$@" --warmup 0 --iters 1 --no-profiler ) \
       >> "$DIR/profile.txt" 2>&1
   rc=$?
-  local rep="$DIR/ncu_$tag.ncu-rep" left_s=$(( lim - (SECONDS - t0) ))
-  if [ -f "$rep" ]; then
-    # The sections as ncu printed them before the report was kept; then the source page, in what the stage
-    # has left (at least 20 s: the reverse sweep's page lists some 80,000 instructions).
-    [ "$left_s" -lt 20 ] && left_s=20
-    timeout 15 ncu -i "$rep" --page details >> "$DIR/profile.txt" 2>&1
-    if timeout "$left_s" ncu -i "$rep" --page source --print-source cuda,sass --csv \
-        > "$DIR/ncu_${tag}_source.csv" 2>> "$DIR/profile.txt"; then
-      echo "===== ncu source lines ($tag)" >> "$DIR/profile.txt"
-      python benchmarks/ncu_source.py "$DIR/ncu_${tag}_source.csv" --top 25 --tasks "$tasks" \
-        --lines-out "$DIR/ncu_${tag}_lines.csv" >> "$DIR/profile.txt" 2>&1
-    else
-      echo "ncu source page ($tag) failed or ran out of time" >> "$DIR/profile.txt"
-    fi
-    # The pack comes back in one file of at most 16 MiB: the big ones stay behind (no ncu here reads a report).
-    local csv="$DIR/ncu_${tag}_source.csv"
-    [ "$(stat -c %s "$csv" 2>/dev/null || echo 0)" -gt 8000000 ] && rm -f "$csv"
-    [ "$(stat -c %s "$rep" 2>/dev/null || echo 0)" -gt 4000000 ] && rm -f "$rep"
+  if [ ! -f "$rep" ]; then
+    echo "ncu ($tag): no report (exit $rc; a kernel name that matched nothing profiles no launch)" >> "$DIR/profile.txt"
+    [ "$rc" = 0 ] && rc=3
+    return $rc
   fi
+  # The sections as ncu printed them before the report was kept; then the source page in both views: the
+  # `sass` view lists each launch's instructions once (the totals), `cuda,sass` each source line's (an
+  # instruction of inlined code under every line it came from). What is left of the limit, 10 s at least
+  # for each: the reverse sweep's page lists some 80,000 instructions.
+  timeout 10 ncu -i "$rep" --page details >> "$DIR/profile.txt" 2>&1
+  local view out ok=1 left
+  for view in sass cuda,sass; do
+    out=$sass; [ "$view" = sass ] || out=$lines
+    left=$(( lim - (SECONDS - t0) )); [ "$left" -lt 10 ] && left=10
+    if ! timeout "$left" ncu -i "$rep" --page source --print-source "$view" --csv > "$out" 2>> "$DIR/profile.txt"; then
+      echo "ncu source page ($tag, $view) failed or ran out of time; it began:" >> "$DIR/profile.txt"
+      head -c 600 "$out" >> "$DIR/profile.txt"; ok=0
+    fi
+  done
+  if [ "$ok" = 1 ]; then
+    echo "===== ncu source lines ($tag)" >> "$DIR/profile.txt"
+    timeout 60 python benchmarks/ncu_source.py "$lines" --sass "$sass" --top 25 --tasks "$tasks" \
+      --lines-out "$DIR/ncu_${tag}_lines.csv" >> "$DIR/profile.txt" 2>&1 || ok=0
+  fi
+  # The pack comes back in one file of at most 16 MiB: the big ones stay behind (no ncu here reads a report).
+  for a in "$lines" "$sass"; do [ "$(stat -c %s "$a" 2>/dev/null || echo 0)" -gt 6000000 ] && rm -f "$a"; done
+  [ "$(stat -c %s "$rep" 2>/dev/null || echo 0)" -gt 4000000 ] && rm -f "$rep"
+  [ "$rc" = 0 ] && [ "$ok" = 0 ] && rc=4  # the profile ran; its source page did not come
   return $rc
 }
 # The one-step kernel first (G2's redesign for K=1, never profiled): one launch at T=8192, K=1, W=40.

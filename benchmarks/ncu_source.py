@@ -3,11 +3,13 @@ from Nsight Compute's source page.
 
     ncu --section SourceCounters --import-source yes -k regex:bwd_kernel -c 1 -o rep python ...
     ncu -i rep.ncu-rep --page source --print-source cuda,sass --csv > source.csv
-    python benchmarks/ncu_source.py source.csv --top 25 --lines-out lines.csv
+    ncu -i rep.ncu-rep --page source --print-source sass --csv > sass.csv
+    python benchmarks/ncu_source.py source.csv --sass sass.csv --top 25 --lines-out lines.csv
 
 Reads the CSV of the `cuda,sass` view (a "File Path" row, then per source line its totals, each followed by
-the SASS instructions it compiled to, the line number empty) or of the `sass` view (instructions only), and
-prints:
+the SASS instructions it compiled to, the line number empty) or of the `sass` view (instructions only). The
+`cuda,sass` view lists an inlined instruction under every line and file it came from and its launches are
+not told apart, so the totals come from the `sass` view where it is given (`--sass`). It prints:
 - the kernel's totals: warp instructions executed, PC samples, and the samples by stall reason;
 - the instruction mix: executed instructions by opcode (FFMA, LDS, BAR, ...), and the share of the
   arithmetic the kernel exists for (FP32/FP64 multiply-adds and tensor-core MMAs) among all issued;
@@ -26,7 +28,7 @@ import argparse
 import csv
 import re
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +59,7 @@ class Profile:
     instructions: list[Row] = field(default_factory=list)
     opcodes: Counter = field(default_factory=Counter)
     stalls: Counter = field(default_factory=Counter)
+    by_file: Counter = field(default_factory=Counter)  # instructions executed, the `cuda,sass` view only
 
     @property
     def inst(self) -> float:
@@ -118,14 +121,18 @@ def read(path: Path) -> Profile:
                 continue
             head = rec[0]
             if head in ("Kernel Name", "Function Name"):
-                # A report of several launches lists each one's table in turn: they add up.
                 name = rec[1] if len(rec) > 1 else ""
                 if name and name not in prof.kernels:
                     prof.kernels.append(name)
-                seen.clear()
+                if head == "Kernel Name":
+                    # The `sass` view of a report of several launches lists each one's table in turn: they
+                    # add up. (The `cuda,sass` view repeats "Function Name" for every file of one launch,
+                    # whose inlined instructions it lists under each file they came from: counted once.)
+                    seen.clear()
                 continue
             if head == "File Path":
                 current_file = rec[1] if len(rec) > 1 else ""
+                current_line = None
                 continue
             if head in ("Line No", "Address") and "Source" in rec:
                 cols = _columns(rec)
@@ -149,6 +156,8 @@ def read(path: Path) -> Profile:
             prof.instructions.append(row)
             prof.opcodes[opcode(sass)] += row.inst
             prof.stalls.update(stalls)
+            if cols["line"] is not None:
+                prof.by_file[_short(current_file)] += row.inst
     if cols is None:
         raise ValueError(f"{path}: no source table (expected ncu --page source --csv output)")
     return prof
@@ -194,13 +203,18 @@ def report(prof: Profile, top: int = 20, tasks: int = 0) -> list[str]:
             where = f"{_short(r.file)}:{r.line}" if prof.lines else f"line {r.line}" if r.line else ""
             text = re.sub(r"\s+", " ", r.text)[:90]
             out.append(f"{100 * getattr(r, key) / total:5.1f}%  {where:28s} {_lead(r.stalls):18s} {text}")
-    if prof.lines:
-        by_file: dict[str, float] = defaultdict(float)
-        for r in prof.instructions:  # each instruction once (the lines' totals count a shared one twice)
-            by_file[_short(r.file)] += r.inst
+    located = sum(prof.by_file.values())
+    if located:
         out.append("-- instructions executed by file: " + ", ".join(
-            f"{name} {100 * n / inst:.1f}%" for name, n in sorted(by_file.items(), key=lambda kv: -kv[1]) if inst))
+            f"{name} {100 * n / located:.1f}%" for name, n in prof.by_file.most_common()))
     return out
+
+
+def combined(lines: Profile, sass: Profile) -> Profile:
+    """The source lines (and the files' shares) of the `cuda,sass` view with the totals, instruction mix and
+    stalls of the `sass` view, which lists every launch's instructions once each."""
+    return Profile(sass.kernels or lines.kernels, lines.lines, sass.instructions, sass.opcodes, sass.stalls,
+                   lines.by_file)
 
 
 def write_lines(prof: Profile, path: Path) -> None:
@@ -218,10 +232,13 @@ def main(argv=None) -> int:
     p.add_argument("csv", type=Path, help="ncu -i REPORT --page source --print-source cuda,sass --csv")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--tasks", type=int, default=0, help="tasks in the profiled launch (prints instructions a task)")
+    p.add_argument("--sass", type=Path, help="the same report's `--print-source sass` page: the totals from it")
     p.add_argument("--lines-out", type=Path, help="write the per-line table here")
     args = p.parse_args(argv)
     try:
         prof = read(args.csv)
+        if args.sass:
+            prof = combined(prof, read(args.sass))
     except (OSError, ValueError, StopIteration) as err:
         print(f"ncu_source: {err}", file=sys.stderr)
         return 1

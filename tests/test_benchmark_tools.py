@@ -319,38 +319,49 @@ echo "pid [$PREWARM_PID]"''')
     assert "prewarm stopped after waiting 1s" in (tmp_path / "prewarm.log").read_text()
 
 
-# ncu's `--page source --print-source cuda,sass --csv` layout (2024.1-2025.x): file and function rows, a
-# header whose second "Source" is the instruction, per line its totals, then its instructions (line number
-# empty); an instruction that two inlined lines share is listed under both; "..." elides. Made-up numbers.
+# ncu's `--page source --print-source cuda,sass --csv` layout (2024.1-2025.x): for every file of the kernel a
+# file and a function row, a header whose second "Source" is the instruction, per line its totals, then its
+# instructions (line number empty); an instruction that two inlined lines share is listed under both; "..."
+# elides. The `sass` view: a kernel row and a header per launch, then the instructions. Made-up numbers.
 _STALLS = ["stall_barrier", "stall_long_sb", "stall_mio", "stall_barrier (Not Issued)"]
-_HEADER = ["Line No", "Source", "Address", "Source", "Warp Stall Sampling (All Samples)",
-           "Warp Stall Sampling (Not-issued Samples)", "# Samples", "Instructions Executed",
-           "Thread Instructions Executed", *_STALLS]
+_METRICS = ["Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)", "# Samples",
+            "Instructions Executed", "Thread Instructions Executed", *_STALLS]
+_FFMA = ["0x7f00", "@!P0 FFMA R1, R2, R3, R1 ", "30", "5", "30", "2000", "64000", "0", "5", "25", "0"]
+_LDS = ["0x7f10", "LDS.128 R4, [R9+0x10] ", "40", "5", "40", "1000", "32000", "0", "15", "25", "0"]
+_BAR = ["0x7f20", "BAR.SYNC.DEFER_BLOCKING 0x0 ", "30", "30", "30", "500", "16000", "30", "0", "0", "30"]
+_KERNEL = "void bwd_kernel<float>(Net)"
 
 
-def _ncu_csv(path, launches=1):
+def _write_csv(path, rows):
     import csv
 
-    rows = [["File Path", "/src/csrc/task/products.h"], ["Function Name", "void bwd_kernel<float>(Net)"], _HEADER,
-            ["41", "acc += a[k] * b[k];", "-", "-", "70", "10", "70", "3000", "96000", "0", "20", "50", "0"],
-            ["", "", "0x7f00", "@!P0 FFMA R1, R2, R3, R1 ", "30", "5", "30", "2000", "64000", "0", "5", "25", "0"],
-            ["", "", "0x7f10", "LDS.128 R4, [R9+0x10] ", "40", "5", "40", "1000", "32000", "0", "15", "25", "0"],
-            ["", "", "...", "", "", "", "", "", "", "", "", "", ""],
-            ["File Path", "/src/csrc/cuda/kernels.cuh"], _HEADER,
-            ["7", "__syncthreads();", "-", "-", "30", "30", "30", "1500", "48000", "30", "0", "0", "30"],
-            ["", "", "0x7f20", "BAR.SYNC.DEFER_BLOCKING 0x0 ", "30", "30", "30", "500", "16000", "30", "0", "0", "30"],
-            ["", "", "0x7f10", "LDS.128 R4, [R9+0x10] ", "40", "5", "40", "1000", "32000", "0", "15", "25", "0"]]
     with open(path, "w", newline="") as fh:
-        csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(rows * launches)
+        csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(rows)
+
+
+def _ncu_csv(path):
+    header = ["Line No", "Source", "Address", "Source", *_METRICS]
+    _write_csv(path, [
+        ["File Path", "/src/csrc/task/products.h"], ["Function Name", _KERNEL], header,
+        ["41", "acc += a[k] * b[k];", "-", "-", "70", "10", "70", "3000", "96000", "0", "20", "50", "0"],
+        ["", "", *_FFMA], ["", "", *_LDS], ["", "", "...", "", "", "", "", "", "", "", "", "", ""],
+        ["File Path", "/src/csrc/cuda/kernels.cuh"], ["Function Name", _KERNEL], header,
+        ["7", "__syncthreads();", "-", "-", "30", "30", "30", "1500", "48000", "30", "0", "0", "30"],
+        ["", "", *_BAR], ["", "", *_LDS]])
+
+
+def _ncu_sass_csv(path, launches):
+    _write_csv(path, [["Kernel Name", _KERNEL, ""], ["Address", "Source", *_METRICS], _FFMA, _LDS, _BAR] * launches)
 
 
 def test_ncu_source_page_is_read_by_line_and_instruction(tmp_path, capsys):
-    """Totals count each instruction once (the shared LDS and the elision row not twice), opcodes lose their
-    predicate and modifiers, each line keeps its file, and the report ranks lines with their stall reasons."""
+    """Totals count each instruction once (the LDS listed under both files' lines and the elision row not
+    twice), opcodes lose their predicate and modifiers, each line keeps its file, and the report ranks lines
+    with their stall reasons."""
     path = tmp_path / "source.csv"
     _ncu_csv(path)
     prof = ncu_source.read(path)
-    assert prof.kernels == ["void bwd_kernel<float>(Net)"]
+    assert prof.kernels == [_KERNEL]
     assert prof.inst == 3500 and prof.samples == 100
     assert dict(prof.opcodes) == {"FFMA": 2000, "LDS": 1000, "BAR": 500}
     assert [(r.file.split("/")[-1], r.line, r.inst) for r in prof.lines] == [("products.h", 41, 3000),
@@ -367,13 +378,19 @@ def test_ncu_source_page_is_read_by_line_and_instruction(tmp_path, capsys):
     assert "FFMA 57.1%" in capsys.readouterr().out
 
 
-def test_ncu_source_page_of_several_launches_adds_them(tmp_path):
-    """A report of several launches (the low-rank stage's four) lists each one's table: their instructions
-    add up, each launch's counted once."""
-    path = tmp_path / "source.csv"
-    _ncu_csv(path, launches=3)
-    prof = ncu_source.read(path)
+def test_ncu_totals_come_from_the_sass_view_and_add_up_over_launches(tmp_path, capsys):
+    """The `sass` view of a report of several launches (the low-rank stage's four) lists each launch's
+    instructions in turn: they add up, and with `--sass` they are the totals, the lines still the other
+    view's."""
+    lines, sass = tmp_path / "source.csv", tmp_path / "sass.csv"
+    _ncu_csv(lines)
+    _ncu_sass_csv(sass, launches=3)
+    prof = ncu_source.read(sass)
     assert prof.inst == 3 * 3500 and dict(prof.opcodes) == {"FFMA": 6000, "LDS": 3000, "BAR": 1500}
+    assert ncu_source.main([str(lines), "--sass", str(sass), "--tasks", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "warp instructions executed: 10,500" in out and "a task: 3,500" in out
+    assert "products.h:41" in out and "by file: products.h 85.7%" in out
 
 
 def test_ncu_source_page_without_the_counters_is_refused(tmp_path, capsys):
@@ -382,3 +399,55 @@ def test_ncu_source_page_without_the_counters_is_refused(tmp_path, capsys):
     path.write_text('"Kernel Name","k"\n"Address","Source","# Samples"\n"0x1","FFMA R1, R2, R3, R1","4"\n')
     assert ncu_source.main([str(path)]) == 1
     assert "SourceCounters" in capsys.readouterr().err
+
+
+_STUB_NCU = """#!/usr/bin/env bash
+# ncu as the GPU check calls it: -o NAME writes NAME.ncu-rep (unless STUB_NO_REPORT), -i REP --page source
+# --print-source VIEW prints that view's CSV (fails under STUB_NO_SOURCE), --page details a line.
+out=""; page=""; view=""; prev=""
+for a in "$@"; do
+  [ "$prev" = -o ] && out=$a; [ "$prev" = --page ] && page=$a; [ "$prev" = --print-source ] && view=$a; prev=$a
+done
+if [ -n "$out" ]; then [ -n "${STUB_NO_REPORT:-}" ] || echo report > "$out.ncu-rep"; exit 0; fi
+if [ "$page" = details ]; then echo "Section: SpeedOfLight"; exit 0; fi
+if [ -n "${STUB_NO_SOURCE:-}" ]; then echo "==ERROR== no source"; exit 1; fi
+cat "$STUB_DIR/$view.csv"
+"""
+
+
+@pytest.mark.parametrize("case", ["profiled", "stale report, none profiled", "no source page"])
+def test_gpu_check_ncu_stage_with_a_stub_ncu(tmp_path, case):
+    """gpu_check.sh's `ncu_launches` against a stub ncu: it keeps the report, reads both source views and
+    sums them into profile.txt (exit 0); a report left from an earlier run is not read again when this one
+    profiled nothing (exit 3); a source page that cannot be read fails the stage (exit 4)."""
+    import os
+    import subprocess
+
+    script = (BENCH / "gpu_check.sh").read_text()
+    start = script.index("ncu_launches() {")
+    function = script[start:script.index("\n}\n", start) + 3]
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    out.mkdir()
+    (bin_dir / "ncu").write_text(_STUB_NCU)
+    (bin_dir / "ncu").chmod(0o755)
+    _ncu_csv(tmp_path / "cuda,sass.csv")
+    _ncu_sass_csv(tmp_path / "sass.csv", launches=1)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DIR=str(out), STUB_DIR=str(tmp_path))
+    if case.startswith("stale"):
+        (out / "ncu_k.ncu-rep").write_text("an earlier run's")
+        env["STUB_NO_REPORT"] = "1"
+    elif case == "no source page":
+        env["STUB_NO_SOURCE"] = "1"
+    run = subprocess.run(["bash", "-c", f'set -uo pipefail\n{function}\nncu_launches 60 k "" kern "--launch-count 1" '
+                          "--methods cuda --tasks 7"], cwd=BENCH.parent, env=env, capture_output=True, text=True)
+    profile = (out / "profile.txt").read_text()
+    if case == "profiled":
+        assert run.returncode == 0, profile
+        assert "warp instructions a task: 500" in profile and "products.h:41" in profile
+        assert (out / "ncu_k_lines.csv").exists() and (out / "ncu_k.ncu-rep").exists()
+    elif case.startswith("stale"):
+        assert run.returncode == 3 and "no report" in profile
+        assert "warp instructions" not in profile and not (out / "ncu_k.ncu-rep").exists()
+    else:
+        assert run.returncode == 4 and "==ERROR== no source" in profile
