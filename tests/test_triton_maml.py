@@ -270,7 +270,7 @@ def test_scratch_layout_matches_reference_float64(case, monkeypatch):
 
 
 def test_wide_nets_take_the_scratch_layout(monkeypatch):
-    """`auto` runs a width padded to 128 in the scratch layout (reductions in 8 chunks of 16), narrower
+    """`auto` runs a width padded to 128 in the scratch layout (width 100: reductions in 7 chunks of 16), narrower
     nets in the register layout."""
     taken = _use_layout(monkeypatch, "auto")
     run_both((2, 100, 3), tasks=2, n_support=10, n_query=7, K=2, lr="per_parameter", loss="mse",

@@ -149,14 +149,14 @@ def _wprod(a, src, t0, T, N, ld, row0, rows, NEGATED: tl.constexpr, theta, off, 
         else:
             out = _bw(a, w)
     else:
-        BK: tl.constexpr = BI if FORWARD else BO
         BM: tl.constexpr = BO if FORWARD else BI
         K = DI if FORWARD else DO
         M = DO if FORWARD else DI
         kk = tl.arange(0, KC)[:, None]
         m = tl.arange(0, BM)[None, :]
         acc = tl.zeros([BT * BN, BM], dtype=theta.dtype.element_ty)
-        for k0 in range(0, BK, KC):
+        # Up to the real sum K, not its padded width: a chunk past it adds only zeros (W is masked there).
+        for k0 in range(0, K, KC):
             av = tl.reshape(_load_cols(src, t0, T, N, K, ld, row0, rows, k0, BT, BN, KC), [BT * BN, KC])
             if FORWARD:
                 wp = theta + off + m * DI + (k0 + kk)  # W[m, k]: element (k, m) of W^T
@@ -181,7 +181,7 @@ def _gram(a, b, src_a, ld_a, row0_a, rows_a, NA, NEG_A: tl.constexpr, src_b, ld_
         out = _bmm_nt(a, b)
     else:
         acc = tl.zeros([BT, BNA, BNB], dtype=src_a.dtype.element_ty)
-        for k0 in range(0, BK, KC):
+        for k0 in range(0, K, KC):  # up to the real sum, as in `_wprod`
             av = _load_cols(src_a, t0, T, NA, K, ld_a, row0_a, rows_a, k0, BT, BNA, KC)
             bv = _load_cols(src_b, t0, T, NB, K, ld_b, row0_b, rows_b, k0, BT, BNB, KC)
             acc = tl.dot(av, tl.permute(bv, (0, 2, 1)), acc, input_precision=PRECISION, out_dtype=acc.dtype)

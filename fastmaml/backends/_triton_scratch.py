@@ -92,7 +92,9 @@ def _rows_mm(a, b, b2, sk, sn, KD, ND, BN: tl.constexpr, BK: tl.constexpr, BND: 
     # num_stages=1: no software pipelining of the loads; the pipelined loop's buffers made the width-128
     # backward spill more (ptxas -v, sm_90, 8 warps, chunks of 16: 592 / 1,876 B a thread against 136 /
     # 168 without), and the scratch should be cache-resident. loop_unroll_factor=1: one copy of the body.
-    for k0 in tl.range(0, BK, C, loop_unroll_factor=1, num_stages=1):
+    # Up to KD, not BK: a chunk wholly past the real sum adds only zeros (B is masked there), so the loop
+    # stops at the last chunk that holds part of it (W=40, padded 64: 3 chunks of 16, not 4).
+    for k0 in tl.range(0, KD, C, loop_unroll_factor=1, num_stages=1):
         ks = k0 + kk
         at = tl.load(a + r[:, None] * BW + ks[None, :])
         mask = (ks < KD)[:, None] & (n < ND)[None, :]
@@ -143,7 +145,7 @@ def _support_grad(a, h, off, DO, DI, cur, nxt, lrk, v, glr, UPDATE, ACC_LR, BN: 
     rate gradients needs only the pass's blocks)."""
     R: tl.constexpr = BO if BO < RC else RC
     if UPDATE | ACC_LR:
-        for o0 in tl.range(0, BO, R, loop_unroll_factor=1, num_stages=1):
+        for o0 in tl.range(0, DO, R, loop_unroll_factor=1, num_stages=1):  # rows past DO: not stored
             gw, gb = _grad_tile(a, h, a, h, False, o0, BN, BO, BI, BW, RC)
             wo, wm, bo, bm = _tile_offsets(off, o0, DO, DI, BO, BI, RC)
             if UPDATE:
@@ -159,7 +161,7 @@ def _hvp_grad(a, h, a2, h2, TWO: tl.constexpr, off, DO, DI, v_in, v_out, BN: tl.
               BI: tl.constexpr, BW: tl.constexpr, RC: tl.constexpr):
     """`v_out = v_in - H u` for one layer, `H u = (A^T H [+ A2^T H2], sum A)`."""
     R: tl.constexpr = BO if BO < RC else RC
-    for o0 in tl.range(0, BO, R, loop_unroll_factor=1, num_stages=1):
+    for o0 in tl.range(0, DO, R, loop_unroll_factor=1, num_stages=1):  # rows past DO: not stored
         gw, gb = _grad_tile(a, h, a2, h2, TWO, o0, BN, BO, BI, BW, RC)
         wo, wm, bo, bm = _tile_offsets(off, o0, DO, DI, BO, BI, RC)
         tl.store(v_out + wo, tl.load(v_in + wo, mask=wm) - gw, mask=wm)
@@ -171,7 +173,7 @@ def _add_grad(a, h, off, DO, DI, acc, BN: tl.constexpr, BO: tl.constexpr, BI: tl
               RC: tl.constexpr):
     """`acc += (A^T H, sum A)` for one layer."""
     R: tl.constexpr = BO if BO < RC else RC
-    for o0 in tl.range(0, BO, R, loop_unroll_factor=1, num_stages=1):
+    for o0 in tl.range(0, DO, R, loop_unroll_factor=1, num_stages=1):  # rows past DO: not stored
         gw, gb = _grad_tile(a, h, a, h, False, o0, BN, BO, BI, BW, RC)
         wo, wm, bo, bm = _tile_offsets(off, o0, DO, DI, BO, BI, RC)
         tl.store(acc + wo, tl.load(acc + wo, mask=wm) + gw, mask=wm)
