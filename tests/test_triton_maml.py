@@ -155,6 +155,12 @@ CASES = [
     dict(dims=(3, 6, 2), K=2, lr="per_step", loss="mse", activation="tanh", query_loss_weights=True),
     dict(dims=(3, 5, 4), K=2, lr="float", loss="cross_entropy", activation="relu", query_loss_weights=True,
          first_order=True),
+    # layers of width 1, which the register layout keeps 1 wide (products as broadcasts and row sums): the
+    # sinusoid net's input and output, a hidden layer of 1, a single class
+    dict(dims=(1, 9, 7, 1), K=2, lr="per_parameter", loss="mse", activation="tanh", tasks=3),
+    dict(dims=(1, 6, 1), K=1, lr="per_step", loss="mse", activation="relu", first_order=True),
+    dict(dims=(3, 1, 5), K=2, lr="float", loss="cross_entropy", activation="tanh", query_loss_weights=True),
+    dict(dims=(1, 5, 1), K=1, lr="per_parameter", loss="cross_entropy", activation="relu"),
     # a width and a point count padded to 64 (with FASTMAML_TRITON_K_CHUNK=32, products reduced in chunks)
     dict(dims=(2, 37, 3), n_support=33, n_query=5, K=1, lr="per_parameter", loss="mse", activation="tanh",
          tasks=2),
@@ -173,7 +179,10 @@ def test_matches_reference_float32(case):
     run_both(**case, seed=CASES.index(case))
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=[_id(CASES[1]), _id(CASES[4])])
+_F64_CASES = [CASES[1], CASES[4], CASES[10], CASES[12]]  # the last two with layers of width 1
+
+
+@pytest.mark.parametrize("case", _F64_CASES, ids=[_id(c) for c in _F64_CASES])
 def test_matches_reference_float64(case):
     run_both(**case, dtype=F64, seed=100 + CASES.index(case))
 
@@ -288,6 +297,25 @@ def test_scratch_layout_several_tasks_per_program(monkeypatch):
     monkeypatch.setattr(tm, "SCRATCH_BYTES", 1)  # one program for all tasks
     run_both((3, 6, 2), tasks=3, K=2, lr="per_parameter", loss="cross_entropy", activation="relu", seed=402)
     assert set(taken) == {"scratch"}, taken
+
+
+def test_width_one_layers_kept_or_padded(monkeypatch):
+    """FASTMAML_TRITON_WIDTH1: the register layout keeps a 1-wide layer 1 wide by default and pads it to 16
+    under `pad` (the A/B's old way, which still matches the reference); the scratch layout always pads; a
+    value it does not know is refused by name."""
+    tm = _backend()
+    monkeypatch.setattr(tm, "WIDTH1", None)
+    monkeypatch.delenv("FASTMAML_TRITON_WIDTH1", raising=False)
+    consts = tm.kernel_constants("bwd", [1, 40, 40, 1], 10, 10, 0, 0)
+    assert (consts["BD0"], consts["BD1"], consts["BD3"]) == (1, 64, 1)
+    assert tm.kernel_constants("bwd", [1, 40, 40, 1], 10, 10, 0, 0, layout="scratch")["BD0"] == 16
+    monkeypatch.setattr(tm, "WIDTH1", "pad")
+    assert tm.kernel_constants("fwd", [1, 40, 40, 1], 10, 10, 0, 0)["BD0"] == 16
+    run_both((1, 9, 7, 1), tasks=2, K=2, lr="per_parameter", loss="mse", activation="tanh", seed=403)
+    monkeypatch.setattr(tm, "WIDTH1", None)
+    monkeypatch.setenv("FASTMAML_TRITON_WIDTH1", "narrow")
+    with pytest.raises(ValueError, match="FASTMAML_TRITON_WIDTH1"):
+        tm.width1()
 
 
 def test_a_bad_layout_switch_is_refused(monkeypatch):

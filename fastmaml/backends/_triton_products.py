@@ -62,25 +62,33 @@ def _split_rows(x):
 @triton.jit
 def _mm(a, b):
     """`a [M, K] @ b [K, N]`; float32 with K_CHUNK > 0: K in chunks accumulated in K order (the sum's
-    order is that of one product over all of K)."""
+    order is that of one product over all of K). A side under 16 (a layer of width 1, which the register
+    layout does not pad): the products broadcast and summed along K, since `tl.dot` takes sides of 16 or
+    more and padding a 1 to 16 would multiply 15 zeros for every term."""
+    M: tl.constexpr = a.shape[0]
     K: tl.constexpr = a.shape[1]
-    N_CHUNKS: tl.constexpr = K // K_CHUNK if (K_CHUNK > 0 and K > K_CHUNK and a.dtype == tl.float32) else 1
-    pa = (a,)
-    pb = (b,)
-    for level in tl.static_range(6):  # halves until the chunk size (K up to 64 chunks)
-        if N_CHUNKS > 1 and pa[0].shape[1] > K_CHUNK:
-            na = ()
-            nb = ()
-            for i in tl.static_range(2 ** level):
-                a0, a1 = _split_cols(pa[i])
-                b0, b1 = _split_rows(pb[i])
-                na = na + (a0, a1)
-                nb = nb + (b0, b1)
-            pa = na
-            pb = nb
-    acc = tl.dot(pa[0], pb[0], input_precision=PRECISION)
-    for i in tl.static_range(1, N_CHUNKS):
-        acc = tl.dot(pa[i], pb[i], acc, input_precision=PRECISION)
+    N: tl.constexpr = b.shape[1]
+    SMALL: tl.constexpr = M < 16 or K < 16 or N < 16
+    if SMALL:
+        acc = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        N_CHUNKS: tl.constexpr = K // K_CHUNK if (K_CHUNK > 0 and K > K_CHUNK and a.dtype == tl.float32) else 1
+        pa = (a,)
+        pb = (b,)
+        for level in tl.static_range(6):  # halves until the chunk size (K up to 64 chunks)
+            if N_CHUNKS > 1 and pa[0].shape[1] > K_CHUNK:
+                na = ()
+                nb = ()
+                for i in tl.static_range(2 ** level):
+                    a0, a1 = _split_cols(pa[i])
+                    b0, b1 = _split_rows(pb[i])
+                    na = na + (a0, a1)
+                    nb = nb + (b0, b1)
+                pa = na
+                pb = nb
+        acc = tl.dot(pa[0], pb[0], input_precision=PRECISION)
+        for i in tl.static_range(1, N_CHUNKS):
+            acc = tl.dot(pa[i], pb[i], acc, input_precision=PRECISION)
     return acc
 
 

@@ -11,7 +11,7 @@ was set before first use (that is how the tests run without a GPU; it is far too
 Size limits (`reject` says which one a call exceeds): depth <= 4 layers; float32: widths <= 64 with
 up to 64 support and 64 query points per task, or widths <= 128 with up to 16; float64: widths <= 64
 with up to 32 points (shared memory bounds them, see `MAX_POINTS_BY_WIDTH`). Every padded block is a
-power of two >= 16.
+power of two >= 16, except that the register layout keeps a layer of width 1 one wide.
 """
 
 from __future__ import annotations
@@ -57,6 +57,14 @@ _COPY_BLOCK = 1024
 # FASTMAML_TRITON_LAYOUT on first use ("auto", "registers" or "scratch"); tests set it directly.
 LAYOUT: Optional[str] = None
 SCRATCH_FROM_WIDTH = 128
+# A layer of width 1 in the register layout (the sinusoid net's input and output): "keep" (the default)
+# leaves it 1 wide, its products broadcasts and row sums (`_triton_products._mm`); "pad" pads it to 16 like
+# every other width, its products `tl.dot`s over 15 zeros a term. Compiled for sm_90 (ptxas -v, 1-40-40-1,
+# 10 + 10 points, 8 warps), keep against pad: the training kernel 3,149 FFMA instructions against 4,258 and
+# 1,272 / 1,632 B of spill stores / loads a thread against 1,496 / 1,940, but 135 barriers against 117 (the
+# row sums' cross-warp step); the forward kernel no spills against 84 / 84 B. Not yet measured on a GPU: the
+# A/B's `pad1` is the old way. None: read FASTMAML_TRITON_WIDTH1 on first use; tests set it directly.
+WIDTH1: Optional[str] = None
 # The scratch layout's chunks: the reduction of an activation-sized product (KC) and the rows of a
 # parameter-sized one (RC), each at most the padded size. 16 (tl.dot's least) because Triton's FMA
 # products hold each thread's operand rows and columns whole along the chunk: compiled for sm_90 (ptxas
@@ -75,6 +83,11 @@ MAXNREG: Optional[int] = None
 def _pad(n: int) -> int:
     """The padded block size of a dimension: a power of two, at least 16."""
     return max(_MIN_BLOCK, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _pad_feature(n: int) -> int:
+    """A layer's width as the register layout pads it: 1 stays 1, others as `_pad`."""
+    return 1 if n == 1 else _pad(n)
 
 
 def _interpreter_on() -> bool:
@@ -131,6 +144,16 @@ def layout_for(dims: list[int]) -> str:
     return "scratch" if max(_pad(d) for d in dims) >= SCRATCH_FROM_WIDTH else "registers"
 
 
+def width1() -> str:
+    """"keep" or "pad": how the register layout takes a layer of width 1 (see WIDTH1)."""
+    global WIDTH1
+    if WIDTH1 is None:
+        from .._switches import env_choice
+
+        WIDTH1 = env_choice("FASTMAML_TRITON_WIDTH1", ("keep", "pad"))
+    return WIDTH1
+
+
 def _module(layout: str):
     kernels = _kernels()
     return kernels.scratch if layout == "scratch" else kernels.module
@@ -154,7 +177,11 @@ def kernel_constants(kind: str, dims: list[int], n_support: int, n_query: int, a
     `outputs=True` the backward of `maml_train` (which also writes the forward's outputs)."""
     if not 1 <= len(dims) - 1 <= MAX_DEPTH:
         raise ValueError(f"fastmaml triton: depth {len(dims) - 1} layers (the kernels run 1 to {MAX_DEPTH})")
-    consts = {f"BD{i}": _pad(d) for i, d in enumerate(_sizes(dims))}
+    # The register layout keeps a layer of width 1 (the sinusoid net's input and output) 1 wide (WIDTH1): its
+    # products are then broadcasts and row sums, not `tl.dot`s padded to 16 along it. The scratch layout's
+    # slots and loops take every width padded to 16.
+    pad = _pad_feature if layout == "registers" and width1() == "keep" else _pad
+    consts = {f"BD{i}": pad(d) for i, d in enumerate(_sizes(dims))}
     consts.update(DEPTH=len(dims) - 1, BNS=_pad(n_support), BNQ=_pad(n_query if query else 1),
                   ACT=int(activation), LOSS=int(loss), BLOCK=_COPY_BLOCK)
     if kind == "fwd":
@@ -369,6 +396,7 @@ class TritonBackend(_fused.FusedBackend):
         # constant, `dispatch.unavailable`), while defining an op inside a traced call cannot be traced.
         _triton_ops.ops()
         _triton_onestep_call.settings()  # a mistyped switch is refused here, not measured as the default
+        width1()
         return None
 
     def device_reason(self, problem: Problem) -> Optional[str]:
