@@ -35,7 +35,6 @@ from pathlib import Path
 # ncu's column names (2024.1-2025.x; older releases said "Cycles" where these say "Samples": matched by prefix).
 INST = "Instructions Executed"
 SAMPLES = "Warp Stall Sampling (All Samples)"
-NOT_ISSUED = "Warp Stall Sampling (Not-issued Samples)"
 # Opcodes whose work is the kernels' arithmetic (the rest is loads, stores, addresses, control, barriers).
 MATH = {"FFMA", "DFMA", "HMMA", "DMMA", "IMMA", "HGMMA"}
 
