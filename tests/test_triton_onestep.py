@@ -120,6 +120,20 @@ def test_class_out_of_range_poisons_its_task(label):
     assert torch.isnan(out[0][1]) and torch.isfinite(out[0][[0, 2]]).all()
 
 
+# Layers of width 1 (padded to 16 here, unlike the register layout's `FASTMAML_TRITON_WIDTH1=keep`: kept 1 wide,
+# this kernel spilled more, benchmarks/RESULTS.md): the sinusoid net's input and output, a hidden width of 1;
+# both orders, in registers and in chunks. (dims, act, loss, first_order, chunk)
+WIDTH1_CASES = [([1, 9, 7, 1], 1, 0, False, 0), ([1, 9, 7, 1], 0, 0, True, 0), ([3, 1, 5], 1, 1, False, 0),
+                ([1, 6, 3], 0, 1, False, 0), ([1, 20, 17, 1], 1, 0, False, 16), ([1, 70, 1], 0, 0, False, 16)]
+
+
+@interpreted
+@pytest.mark.parametrize("dims, act, loss, first_order, chunk", WIDTH1_CASES)
+def test_width_one_layers_match_the_cpu_op(dims, act, loss, first_order, chunk):
+    """Float64 within 1e-10 of the CPU op, with a cotangent of the losses and of the outputs."""
+    _compare(dims, 5, 6, 7, act, loss, first_order, True, True, 2, seed=110 + len(dims) + act, chunk=chunk)
+
+
 @interpreted
 def test_kernel_without_factors_gives_losses_and_outputs():
     _compare([3, 9, 4], 3, 5, 6, 1, 0, False, False, False, 2, seed=40, factors=False)
