@@ -161,6 +161,9 @@ CASES = [
     dict(dims=(1, 6, 1), K=1, lr="per_step", loss="mse", activation="relu", first_order=True),
     dict(dims=(3, 1, 5), K=2, lr="float", loss="cross_entropy", activation="tanh", query_loss_weights=True),
     dict(dims=(1, 5, 1), K=1, lr="per_parameter", loss="cross_entropy", activation="relu"),
+    # a full block of 16 support points (the last row of a 1-wide product's sum is a real point), and widths
+    # of 17 and 33 (the scratch layout's loops end in a chunk of 1)
+    dict(dims=(1, 17, 33, 1), n_support=16, n_query=9, K=2, lr="per_step", loss="mse", activation="tanh"),
     # a width and a point count padded to 64 (with FASTMAML_TRITON_K_CHUNK=32, products reduced in chunks)
     dict(dims=(2, 37, 3), n_support=33, n_query=5, K=1, lr="per_parameter", loss="mse", activation="tanh",
          tasks=2),

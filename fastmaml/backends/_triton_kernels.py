@@ -21,8 +21,8 @@ the same addresses by other threads of the program. Gradients summed over tasks 
 program into its own row of a partial-sum buffer (`[G, P]`, `[G, K, P]`), summed afterwards by torch:
 deterministic, no atomics.
 
-Matrix products are `_triton_products.py`'s: `tl.dot`, float32-accurate, in one piece or chunks along K; the
-loads, stores and activations `_triton_pieces.py`'s.
+Matrix products are `_triton_products.py`'s: `tl.dot`, float32-accurate, in one piece or chunks along K, or
+a broadcast and a sum where a side is 1 wide; the loads, stores and activations `_triton_pieces.py`'s.
 """
 
 from __future__ import annotations
