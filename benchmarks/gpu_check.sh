@@ -649,12 +649,12 @@ fi
 #            with theta_0 one tl.dot over the group's points; 8 warps, one task a program); at W=128 its
 #            products read their operands from the factor rows in chunks of 16 columns (one stage)
 #   tonestep_kc16  the same at W=40 with the chunked products (FASTMAML_TRITON_ONESTEP_CHUNK=16; sm_90
-#            spills 48 / 112 B a thread against the register form's 156 / 232 B)
+#            no spills since e143a24 (48 / 112 B a thread before) against the register form's 156 / 232 B)
 #   tonestep2_kc16  two tasks a program, chunked, at W=40 (352 / 892 B of spills; two tasks in registers
 #            spill 5.0 / 5.9 KiB)
 #   tonestep16  the same at W=128 with 16 warps a program at 128 registers (FASTMAML_TRITON_WARPS=16
 #            FASTMAML_TRITON_MAXNREG=128: 16 warps a multiprocessor instead of 8, 276 / 736 B of spills
-#            against 212 / 580)
+#            against 212 / 580, both before e143a24, which took the 8-warp form to 204 / 576)
 #   tonestep2, tonestep_tf  the same with two tasks a program (FASTMAML_TRITON_ONESTEP_TASKS=2), or its
 #            products on tensor cores (FASTMAML_TRITON_PRECISION=tf32x3)
 #   thetas   FASTMAML_REVERSE_THETAS=keep: the CUDA reverse sweep keeps theta_1..theta_K, not rebuilding

@@ -190,7 +190,7 @@ def onestep_kernel(
         # H'_l (xq, or rows 0.. of V_l) and H_l (xs, or rows NQ.. of V_l, negated) where KC reads them.
         if l == 0:
             ga = _gram(hq[l], hs[l], xq, D0, 0, NQ, NQ, False, xs, D0, 0, NS, NS, False, D0, t0, T, BT, BNQ, BNS,
-                       pads[l], KC)
+                       KC)
             zq = _wprod(hq[l], xq, t0, T, NQ, D0, 0, NQ, False, theta, offs[l], dims[l + 1], dims[l], True, BT, BNQ,
                         pads[l + 1], pads[l], KC)
         else:
@@ -199,7 +199,7 @@ def onestep_kernel(
             else:
                 h_s = hs[l]  # not read: _gram reads H_l from the rows
             ga = _gram(hq[l], h_s, vb, dims[l] + 1, 0, R, NQ, False, vb, dims[l] + 1, NQ, R, NS, True, dims[l], t0,
-                       T, BT, BNQ, BNS, pads[l], KC)
+                       T, BT, BNQ, BNS, KC)
             zq = _wprod(hq[l], vb, t0, T, NQ, dims[l] + 1, 0, R, False, theta, offs[l], dims[l + 1], dims[l], True,
                         BT, BNQ, pads[l + 1], pads[l], KC)
         gas = gas + (ga,)
@@ -246,7 +246,7 @@ def onestep_kernel(
                 d_s = _get(ds[l], ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, False, RELOAD, BT, BNS,
                            pads[l + 1])
             gb = _gram(dq, d_s, ub, dims[l + 1], 0, R, NQ, False, ub, dims[l + 1], NQ + NS, R, NS, False,
-                       dims[l + 1], t0, T, BT, BNQ, BNS, pads[l + 1], KC)
+                       dims[l + 1], t0, T, BT, BNQ, BNS, KC)
             gbs = (gb,) + gbs
             sdqs = (tl.sum(dq, axis=1),) + sdqs
             if l > 0:

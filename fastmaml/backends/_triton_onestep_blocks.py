@@ -172,9 +172,9 @@ def _wprod(a, src, t0, T, N, ld, row0, rows, NEGATED: tl.constexpr, theta, off, 
 
 @triton.jit
 def _gram(a, b, src_a, ld_a, row0_a, rows_a, NA, NEG_A: tl.constexpr, src_b, ld_b, row0_b, rows_b, NB,
-          NEG_B: tl.constexpr, K, t0, T, BT: tl.constexpr, BNA: tl.constexpr, BNB: tl.constexpr, BK: tl.constexpr,
-          KC: tl.constexpr):
-    """Per task `a [BT, BNA, BK] @ b [BT, BNB, BK]^T -> [BT, BNA, BNB]` (a Gram matrix of two blocks of points).
+          NEG_B: tl.constexpr, K, t0, T, BT: tl.constexpr, BNA: tl.constexpr, BNB: tl.constexpr, KC: tl.constexpr):
+    """Per task `a [BT, BNA, BD] @ b [BT, BNB, BD]^T -> [BT, BNA, BNB]` (a Gram matrix of two blocks of points, BD
+    their padded width, K its real part).
     KC = 0: as given (`_bmm_nt`). KC > 0: both read from the rows where the kernel stored them, KC columns at a
     time, as `_wprod` reads `a`."""
     if KC == 0:

@@ -28,14 +28,15 @@ from .triton_maml import _device_guard, _kernels, _pad, max_registers, warps_swi
 ONESTEP: Optional[bool] = None
 ONESTEP_TASKS: Optional[int] = None
 # Its products with the shared weights and its Gram matrices, where their operands are wide: read from the
-# factor rows ONESTEP_CHUNK columns a step (`_triton_onestep._wprod`) instead of held whole in registers.
-# FASTMAML_TRITON_ONESTEP_CHUNK: auto (the default: 16 where the widest padded layer is above
+# factor rows ONESTEP_CHUNK columns a step (`_triton_onestep_blocks._wprod`, `_gram`) instead of held whole in
+# registers. FASTMAML_TRITON_ONESTEP_CHUNK: auto (the default: 16 where the widest padded layer is above
 # ONESTEP_MAX_REGISTER_WIDTH, else 0), 0, 16 or 32. Compiled for sm_90 (ptxas -v, float32, ieee, 1-128-128-1,
-# 10 + 10 points, second order, 8 warps, 255 registers): chunks of 16 spill 212 / 580 B a thread, of 32 992 /
-# 2,024 B, with tf32x3 products 1,860 / 2,988 B; the same net in registers 11.3 / 14.6 KiB (at 16 warps, the
-# most that 128 registers a thread allow, 2.8 / 4.2 KiB). At the sinusoid width chunks of 16 spill 48 / 112 B
-# against the registers' 156 / 232 B: the A/B's tonestep_kc16. None: read on first use (`settings`;
-# tests set it).
+# 10 + 10 points, second order, 8 warps, 255 registers): chunks of 16 spill 204 / 576 B a thread (212 / 580 B
+# before the loops stopped at the real width, e143a24), of 32 992 / 2,024 B, with tf32x3 products 1,860 /
+# 2,988 B (both measured before e143a24); the same net in registers 11.3 / 14.6 KiB (at 16 warps, the most
+# that 128 registers a thread allow, 2.8 / 4.2 KiB). At the sinusoid width chunks of 16 no longer spill (48 /
+# 112 B before e143a24) against the registers' 156 / 232 B: the A/B's tonestep_kc16. None: read on first use
+# (`settings`; tests set it).
 ONESTEP_CHUNK: Optional[str] = None
 ONESTEP_MAX_REGISTER_WIDTH = 64
 
