@@ -246,3 +246,13 @@ def test_onestep_kernel_has_no_barrier_hazards(hazards, case):
     _compare(dims, 5, ns, nq, act, loss, not second_order, cot, g_pred, tasks_per_program, seed=95 + act,
              chunk=chunk)
     assert not hazards.found and not hazards.unwritten, _report(hazards)
+
+
+@pytest.mark.parametrize("case", CHUNKED_CASES[:3], ids=lambda c: "x".join(map(str, c[0])))
+def test_onestep_chunked_kernel_without_factors_has_no_barrier_hazards(hazards, case):
+    """The chunked form of a call without factors (losses and outputs only): its support and query passes read
+    their blocks back from rows used as scratch, each after a barrier, and none before it was written."""
+    dims, act, loss, cot, g_pred, tasks_per_program, chunk, ns, nq = case
+    _compare(dims, 5, ns, nq, act, loss, False, cot, g_pred, tasks_per_program, seed=75 + act, factors=False,
+             chunk=chunk)
+    assert not hazards.found and not hazards.unwritten, _report(hazards)

@@ -177,7 +177,10 @@ def test_chunked_kernel_takes_no_operand_from_registers(monkeypatch):
 @interpreted
 def test_chunked_launch_without_factors_runs_with_rows_in_chunks(monkeypatch):
     """A call without factors (no gradient wanted) in the chunked form reads its blocks from rows it then drops:
-    the losses and outputs of the CPU op, over task chunks of at most the rows' budget (here two tasks)."""
+    the losses and outputs of the CPU op, over task chunks of at most the rows' budget (here two tasks), from
+    the support and query passes only (the query backward and the tangents, which alone call `_bmm_tn` and
+    `_loss_hvp`, are not run)."""
+    triton_maml._kernels()
     from fastmaml.backends import _triton_onestep
 
     per_task = _onestep.row_bytes([3, 20, 4], 6, 7, False, 8)
@@ -185,6 +188,12 @@ def test_chunked_launch_without_factors_runs_with_rows_in_chunks(monkeypatch):
     launches = []
     real = _triton_onestep.onestep_kernel.run
     monkeypatch.setattr(_triton_onestep.onestep_kernel, "run", lambda *a, **k: launches.append(1) or real(*a, **k))
+
+    def refuse(*args):
+        raise AssertionError("a backward pass in a call without factors")
+
+    for name in ("_bmm_tn", "_loss_hvp"):
+        monkeypatch.setattr(_triton_onestep, name, refuse)
     out = _compare([3, 20, 4], 5, 6, 7, 0, 0, False, True, False, 1, seed=97, factors=False, chunk=16)
     assert len(launches) == 3 and out[2].numel() == 0 and out[4].shape == (0, 4)
 

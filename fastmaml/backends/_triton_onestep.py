@@ -161,8 +161,9 @@ def onestep_kernel(
                    pads[l])
         d = _dmul(e, h_s, ACT)
         ds = (d,) + ds
-    if FACTORS and not FIRST_ORDER:
+    if (FACTORS or RELOAD) and not FIRST_ORDER:
         # Rows NQ + NS.. of U_l: D_l; rows NQ.. of V_l: [-H_l | -1] (with KC, those of layers above 0 are there).
+        # RELOAD without FACTORS (the chunked form's rows as scratch): the query pass reads D_0 back.
         for l in tl.static_range(DEPTH):
             if KC == 0 or l == 0:
                 ub = _block(U, T, R, uos[l])
@@ -223,6 +224,7 @@ def onestep_kernel(
     loss, dq, _ = _loss(zq, y, NQ, DL, LOSS)
     tl.store(losses + tq, loss, mask=tq < T)
     _store_block(preds, t0, T, NQ, DL, DL, 0, NQ, zq, BT, BNQ, BDL)
+    # Without FACTORS the call wants the losses and outputs only: no query backward, no tangents.
     if FACTORS:
         if RELOAD:
             tl.debug_barrier()
@@ -331,13 +333,14 @@ def constants(dims, n_support, n_query, tasks_per_program, activation, loss, fir
               has_gpred=False, factors=True, reload=True, chunk=0) -> dict:
     """The compile-time constants of one launch (the launch's, and `_triton_targets`' compile for a GPU):
     padded sizes as the other Triton kernels pad them (`triton_maml._pad`), RELOAD where the rows hold the
-    blocks to read back (second order with factors), KC = `chunk` (0: the products' operands in registers;
-    else columns a step of the products that read them from the rows, which needs RELOAD)."""
+    blocks to read back (second order with factors, or in the chunked form without: the rows are then scratch
+    for the support and query passes), KC = `chunk` (0: the products' operands in registers; else columns a
+    step of the products that read them from the rows, which needs RELOAD)."""
     consts = {f"BD{i}": _pad(d) for i, d in enumerate(_sizes(dims))}
-    reload = bool(factors and not first_order and reload)
+    reload = bool((factors or chunk) and not first_order and reload)
     if chunk and (not reload or chunk < 16 or chunk & (chunk - 1)):
         raise ValueError(f"chunk {chunk}: the chunked products take a power of two >= 16 and read their operands "
-                         "from the rows of a second-order launch with factors, read back (reload)")
+                         "from the rows of a second-order launch, read back (reload)")
     consts.update(DEPTH=len(dims) - 1, BNS=_pad(n_support), BNQ=_pad(n_query), BT=tasks_per_program,
                   ACT=int(activation), LOSS=int(loss), FIRST_ORDER=bool(first_order), HAS_COT=bool(has_cot),
                   HAS_GPRED=bool(has_gpred), FACTORS=bool(factors), RELOAD=reload, KC=int(chunk))
@@ -349,22 +352,23 @@ def launch(theta, rates, xs, ys, xq, yq, cot, g_pred, dims, activation, loss, fi
     """`maml_onestep`'s outputs, `(losses [T], preds [T, Nq, D_out], U, V, rate_grads [T, 2 L])` (the C++ op's
     layout, `_onestep`), from one launch of `ceil(T / tasks_per_program)` programs. The caller has checked the
     arguments (`_onestep` builds them). `chunk` > 0: the products read their operands from the factor rows
-    (`constants`); a call without factors then runs with them in chunks of tasks of at most
-    `_onestep.MAX_FACTOR_BYTES` of rows, which it drops."""
+    (`constants`); a call without factors then runs the support and query passes only, with those rows as
+    scratch, in chunks of tasks of at most `_onestep.MAX_FACTOR_BYTES` of rows, which it drops."""
     T, ns, nq = xs.shape[0], xs.shape[1], xq.shape[1]
-    if chunk and not factors:
+    scratch = bool(chunk) and not factors
+    if scratch:
         from ._onestep import chunk_tasks, row_bytes
 
         step = chunk_tasks(T, row_bytes(dims, ns, nq, first_order, theta.element_size()))
-        parts = [launch(theta, rates, xs[lo:lo + step], ys[lo:lo + step], xq[lo:lo + step], yq[lo:lo + step],
-                        None if cot is None else cot[lo:lo + step], None if g_pred is None else g_pred[lo:lo + step],
-                        dims, activation, loss, first_order, True, tasks_per_program=tasks_per_program,
-                        num_warps=num_warps, reload=reload, chunk=chunk, **options)[:2] for lo in range(0, T, step)]
-        losses = torch.cat([p[0] for p in parts]) if parts else theta.new_empty(0)
-        preds = torch.cat([p[1] for p in parts]) if parts else theta.new_empty(0, nq, dims[-1])
-        return losses, preds, theta.new_empty(0), theta.new_empty(0), theta.new_empty(0, 2 * (len(dims) - 1))
+        if T > step:
+            parts = [launch(theta, rates, xs[lo:lo + step], ys[lo:lo + step], xq[lo:lo + step], yq[lo:lo + step],
+                            None if cot is None else cot[lo:lo + step],
+                            None if g_pred is None else g_pred[lo:lo + step], dims, activation, loss, first_order,
+                            False, tasks_per_program=tasks_per_program, num_warps=num_warps, reload=reload,
+                            chunk=chunk, **options) for lo in range(0, T, step)]
+            return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])) + parts[0][2:]
     L, dy = len(dims) - 1, dims[-1]
-    rows = T * factor_rows(ns, nq, first_order) if factors else 0
+    rows = T * factor_rows(ns, nq, first_order) if factors or scratch else 0
     losses = theta.new_empty(T)
     preds = theta.new_empty(T, nq, dy)
     U = theta.new_empty(rows * sum(dims[1:]))
@@ -378,4 +382,6 @@ def launch(theta, rates, xs, ys, xq, yq, cot, g_pred, dims, activation, loss, fi
         theta, rates, xs, ys, xq, yq, theta if cot is None else cot, theta if g_pred is None else g_pred,
         losses, preds, U if rows else theta, V if rows else theta, rate_grads if factors else theta,
         T, ns, nq, *_sizes(dims), **consts, num_warps=num_warps, **options)
+    if scratch:
+        return losses, preds, theta.new_empty(0), theta.new_empty(0), rate_grads
     return losses, preds, U, V, rate_grads
