@@ -256,3 +256,11 @@ def test_onestep_chunked_kernel_without_factors_has_no_barrier_hazards(hazards, 
     _compare(dims, 5, ns, nq, act, loss, False, cot, g_pred, tasks_per_program, seed=75 + act, factors=False,
              chunk=chunk)
     assert not hazards.found and not hazards.unwritten, _report(hazards)
+
+
+@pytest.mark.parametrize("factors", [True, False], ids=["factors", "no-factors"])
+def test_onestep_chunked_kernel_of_one_layer_has_no_barrier_hazards(hazards, factors):
+    """One layer (3-70) in chunks: the query pass's only block of rows (H'_0) is stored with no barrier of its
+    own after it, and the query backward's first store and barrier must cover it."""
+    _compare([3, 70], 5, 6, 7, 1, 0, False, True, True, 2, seed=3, factors=factors, chunk=16)
+    assert not hazards.found and not hazards.unwritten, _report(hazards)

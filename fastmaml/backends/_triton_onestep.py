@@ -226,7 +226,8 @@ def onestep_kernel(
     _store_block(preds, t0, T, NQ, DL, DL, 0, NQ, zq, BT, BNQ, BDL)
     # Without FACTORS the call wants the losses and outputs only: no query backward, no tangents.
     if FACTORS:
-        if RELOAD:
+        if RELOAD and KC == 0:
+            # (With KC the loop below stores D'_{L-1} and passes a barrier before its first read of the rows.)
             tl.debug_barrier()
         # D'_{L-1} = cot dL_q/dz' + g_pred, then D'_{l-1} = (D'_l W_l - rW_l gb_l H_l) s'(z'_{l-1}),
         # gb_l = D'_l D_l^T; rows 0.. of U_l: D'_l; sdqs[l] = sum_q D'_l[q].
@@ -267,7 +268,8 @@ def onestep_kernel(
             tl.store(rate_grads + tq.to(tl.int64) * (2 * DEPTH) + 2 * l + 1, gbias, mask=tq < T)
 
         if not FIRST_ORDER:
-            if RELOAD:
+            if RELOAD and KC == 0:
+                # (With KC every D'_l the loop above stored was followed by a barrier.)
                 tl.debug_barrier()
             # The tangents along R v at theta_0: z_dot_l = Hdot_l W_l^T + rW_l ga_l^T D'_l + rb_l sum_q D'_l[q]
             # (Hdot_0 = 0), Hdot_{l+1} = s'(z_l) z_dot_l: rows NQ + NS.. of V_l hold [-Hdot_l | 0]. With tanh,
