@@ -248,7 +248,7 @@ def test_onestep_kernel_has_no_barrier_hazards(hazards, case):
     assert not hazards.found and not hazards.unwritten, _report(hazards)
 
 
-@pytest.mark.parametrize("case", CHUNKED_CASES[:3], ids=lambda c: "x".join(map(str, c[0])))
+@pytest.mark.parametrize("case", CHUNKED_CASES[:4], ids=lambda c: "x".join(map(str, c[0])))
 def test_onestep_chunked_kernel_without_factors_has_no_barrier_hazards(hazards, case):
     """The chunked form of a call without factors (losses and outputs only): its support and query passes read
     their blocks back from rows used as scratch, each after a barrier, and none before it was written."""
@@ -260,7 +260,7 @@ def test_onestep_chunked_kernel_without_factors_has_no_barrier_hazards(hazards, 
 
 @pytest.mark.parametrize("factors", [True, False], ids=["factors", "no-factors"])
 def test_onestep_chunked_kernel_of_one_layer_has_no_barrier_hazards(hazards, factors):
-    """One layer (3-70) in chunks: the query pass's only block of rows (H'_0) is stored with no barrier of its
-    own after it, and the query backward's first store and barrier must cover it."""
+    """One layer (3-70) in chunks, with and without factors: every row read back (D_0, and with factors D'_0
+    and the tangents' blocks) is read after it was written and after a barrier."""
     _compare([3, 70], 5, 6, 7, 1, 0, False, True, True, 2, seed=3, factors=factors, chunk=16)
     assert not hazards.found and not hazards.unwritten, _report(hazards)

@@ -196,6 +196,12 @@ def test_chunked_launch_without_factors_runs_with_rows_in_chunks(monkeypatch):
         monkeypatch.setattr(_triton_onestep, name, refuse)
     out = _compare([3, 20, 4], 5, 6, 7, 0, 0, False, True, False, 1, seed=97, factors=False, chunk=16)
     assert len(launches) == 3 and out[2].numel() == 0 and out[4].shape == (0, 4)
+    # No tasks: no launch, empty outputs of the op's shapes.
+    (theta, _, rates, xs, ys, xq, yq), _ = _inputs([3, 20, 4], 0, 6, 7, 0, seed=97)
+    empty = _triton_onestep.launch(theta, rates, xs, ys, xq, yq, None, None, [3, 20, 4], 0, 0, False, False,
+                                   tasks_per_program=1, num_warps=4, chunk=16)
+    assert len(launches) == 3
+    assert [tuple(t.shape) for t in empty] == [(0,), (0, 7, 4), (0,), (0,), (0, 4)]
 
 
 def test_chunked_products_need_the_second_order_rows():

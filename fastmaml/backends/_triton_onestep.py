@@ -98,9 +98,10 @@ def onestep_kernel(
     rates [2 L] (rW_l, rb_l); xs [T, NS, D0], ys [T, NS, DL] (mse) or [T, NS] classes, the same for the
     query; cot [T] and g_pred [T, NQ, DL] seed the query backward where given (else 1 and none).
 
-    Every block of the factor rows is written as soon as it is known. With RELOAD (second order with factors
-    only: the rows then hold H, D, H' and D') the later passes read those blocks back from the rows instead of
-    keeping them in registers from pass to pass (`_get`), a barrier between a block's store and its loads.
+    Every block of the factor rows is written as soon as it is known. With RELOAD (second order, with factors:
+    the rows then hold H, D, H' and D'; or in chunks without: the rows are scratch, and the kernel stops after
+    the query pass) the later passes read those blocks back from the rows instead of keeping them in registers
+    from pass to pass (`_get`), a barrier between a block's store and its loads.
 
     KC > 0 (with RELOAD; the wide layers): every product with a shared weight matrix, and every Gram matrix of
     two blocks of points, reads its blocks of points from the rows (or the inputs) KC columns at a time
@@ -163,14 +164,16 @@ def onestep_kernel(
         ds = (d,) + ds
     if (FACTORS or RELOAD) and not FIRST_ORDER:
         # Rows NQ + NS.. of U_l: D_l; rows NQ.. of V_l: [-H_l | -1] (with KC, those of layers above 0 are there).
-        # RELOAD without FACTORS (the chunked form's rows as scratch): the query pass reads D_0 back.
+        # RELOAD without FACTORS (the chunked form's rows as scratch): D_0 only, which the query pass reads back
+        # (the kernel never reads -H_0: layer 0's products take xs itself).
         for l in tl.static_range(DEPTH):
             if KC == 0 or l == 0:
                 ub = _block(U, T, R, uos[l])
-                vb = _block(V, T, R, vos[l])
                 _store_block(ub, t0, T, NS, dims[l + 1], dims[l + 1], NQ + NS, R, ds[l], BT, BNS, pads[l + 1])
-                _store_block(vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, -hs[l], BT, BNS, pads[l])
-                _store_column(vb, t0, T, NS, dims[l] + 1, NQ, R, dims[l], -1.0, BT, BNS)
+                if FACTORS:
+                    vb = _block(V, T, R, vos[l])
+                    _store_block(vb, t0, T, NS, dims[l], dims[l] + 1, NQ, R, -hs[l], BT, BNS, pads[l])
+                    _store_column(vb, t0, T, NS, dims[l] + 1, NQ, R, dims[l], -1.0, BT, BNS)
         if RELOAD:
             tl.debug_barrier()
 
