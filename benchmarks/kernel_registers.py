@@ -251,7 +251,7 @@ def _triton_child(spec: dict) -> None:
         warps = spec["warps"] or 8
         chunk = onestep_call.chunk(spec["dims"], False)
         form = f"chunks of {chunk}" if chunk else "registers"
-        # A training call's launch, and one without factors (losses and outputs only: evaluation).
+        # A training call's launch, and one without factors (the losses and outputs only, as the op's factors=False).
         for factors in (True, False):
             start = time.perf_counter()
             kernel = targets.onestep_compile_for_target(torch.float32, spec["dims"], 10, 10, 0, 0, num_warps=warps,

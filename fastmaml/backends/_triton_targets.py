@@ -96,10 +96,10 @@ def onestep_compile_for_target(dtype: torch.dtype, dims: list[int], n_support: i
                                loss: int, *, first_order: bool = False, tasks_per_program: int = 1,
                                num_warps: int = 8, arch: int = 90, chunk: Optional[int] = None,
                                factors: bool = True):
-    """The one-step kernel (`_triton_onestep.py`) of a training call (`factors` False: of a call that wants
-    the losses and outputs only), compiled by `triton.compile` for an NVIDIA GPU of compute capability `arch`
-    on a machine without one (the interpreter off), with the launch's constants and register cap (`_triton_onestep_call.run`); `chunk` None: the backend's
-    (`_triton_onestep_call.chunk`)."""
+    """The one-step kernel (`_triton_onestep.py`) of a training call (`factors` False: of a launch that asks
+    for the losses and outputs only), compiled by `triton.compile` for an NVIDIA GPU of compute capability
+    `arch` on a machine without one (the interpreter off), with the launch's constants and register cap
+    (`_triton_onestep_call.run`); `chunk` None: the backend's (`_triton_onestep_call.chunk`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
