@@ -57,6 +57,16 @@ def _inputs(dims, tasks, ns, nq, loss, seed, dtype=F64, device="cpu", scale=0.5)
     return moved, (theta, theta_t, rates, xs, ys, xq, yq)
 
 
+def _refuse_calls(monkeypatch, module, names, message):
+    """Make the kernel's calls of `module`'s jit functions `names` fail with `message` (the interpreter calls
+    them as Python, through the module's globals)."""
+    def refuse(*args):
+        raise AssertionError(message)
+
+    for name in names:
+        monkeypatch.setattr(module, name, refuse)
+
+
 def _compare(dims, tasks, ns, nq, act, loss, first_order, cot, g_pred, tasks_per_program, seed, factors=True,
              dtype=F64, device="cpu", tol=1e-10, num_warps=4, reload=True, chunk=0):
     """The Triton kernel's five outputs against the float64 CPU op's on the same inputs."""
@@ -164,11 +174,7 @@ def test_chunked_kernel_takes_no_operand_from_registers(monkeypatch):
     triton_maml._kernels()
     from fastmaml.backends import _triton_onestep_blocks
 
-    def refuse(*args):
-        raise AssertionError("a product from registers")
-
-    for name in ("_fw", "_bw", "_bmm_nt"):
-        monkeypatch.setattr(_triton_onestep_blocks, name, refuse)
+    _refuse_calls(monkeypatch, _triton_onestep_blocks, ("_fw", "_bw", "_bmm_nt"), "a product from registers")
     _compare([3, 20, 17, 4], 3, 6, 7, 1, 1, False, True, True, 1, seed=98, chunk=16)
     with pytest.raises(Exception, match="from registers"):  # the interpreter wraps it in InterpreterError
         _compare([3, 20, 17, 4], 3, 6, 7, 1, 1, False, True, True, 1, seed=98)
@@ -188,12 +194,7 @@ def test_chunked_launch_without_factors_runs_with_rows_in_chunks(monkeypatch):
     launches = []
     real = _triton_onestep.onestep_kernel.run
     monkeypatch.setattr(_triton_onestep.onestep_kernel, "run", lambda *a, **k: launches.append(1) or real(*a, **k))
-
-    def refuse(*args):
-        raise AssertionError("a backward pass in a call without factors")
-
-    for name in ("_bmm_tn", "_loss_hvp"):
-        monkeypatch.setattr(_triton_onestep, name, refuse)
+    _refuse_calls(monkeypatch, _triton_onestep, ("_bmm_tn", "_loss_hvp"), "a backward pass in a call without factors")
     out = _compare([3, 20, 4], 5, 6, 7, 0, 0, False, True, False, 1, seed=97, factors=False, chunk=16)
     assert len(launches) == 3 and out[2].numel() == 0 and out[4].shape == (0, 4)
     # No tasks: no launch, empty outputs of the op's shapes.
