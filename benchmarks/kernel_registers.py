@@ -248,16 +248,13 @@ def _triton_child(spec: dict) -> None:
                                                    arch=spec["arch"], num_warps=spec["warps"], **options)
         _print_ptxas(kernel, spec["arch"], start, kind=f"{name} {tm.layout_for(spec['dims'])}", warps=warps)
     if max(spec["dims"]) <= onestep_call.ONESTEP_MAX_PADDED_WIDTH:  # the one-step kernel (FASTMAML_TRITON_ONESTEP=1)
+        start = time.perf_counter()
         warps = spec["warps"] or 8
+        kernel = targets.onestep_compile_for_target(torch.float32, spec["dims"], 10, 10, 0, 0, num_warps=warps,
+                                                    arch=spec["arch"])
         chunk = onestep_call.chunk(spec["dims"], False)
-        form = f"chunks of {chunk}" if chunk else "registers"
-        # A training call's launch, and one without factors (the losses and outputs only, as the op's factors=False).
-        for factors in (True, False):
-            start = time.perf_counter()
-            kernel = targets.onestep_compile_for_target(torch.float32, spec["dims"], 10, 10, 0, 0, num_warps=warps,
-                                                        arch=spec["arch"], factors=factors)
-            _print_ptxas(kernel, spec["arch"], start, kind=f"onestep {form}{'' if factors else ', no factors'}",
-                         warps=warps)
+        _print_ptxas(kernel, spec["arch"], start, kind=f"onestep {f'chunks of {chunk}' if chunk else 'registers'}",
+                     warps=warps)
 
 
 def _print_ptxas(kernel, arch: int, start: float, **fields) -> None:

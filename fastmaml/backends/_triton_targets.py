@@ -94,12 +94,11 @@ def compile_for_target(kind: str, dtype: torch.dtype, dims: list[int], n_support
 
 def onestep_compile_for_target(dtype: torch.dtype, dims: list[int], n_support: int, n_query: int, activation: int,
                                loss: int, *, first_order: bool = False, tasks_per_program: int = 1,
-                               num_warps: int = 8, arch: int = 90, chunk: Optional[int] = None,
-                               factors: bool = True):
-    """The one-step kernel (`_triton_onestep.py`) of a training call (`factors` False: of a launch that asks
-    for the losses and outputs only), compiled by `triton.compile` for an NVIDIA GPU of compute capability
-    `arch` on a machine without one (the interpreter off), with the launch's constants and register cap
-    (`_triton_onestep_call.run`); `chunk` None: the backend's (`_triton_onestep_call.chunk`)."""
+                               num_warps: int = 8, arch: int = 90, chunk: Optional[int] = None):
+    """The one-step kernel (`_triton_onestep.py`) of a training call, compiled by `triton.compile` for an NVIDIA
+    GPU of compute capability `arch` on a machine without one (the interpreter off), with the launch's
+    constants and register cap (`_triton_onestep_call.run`); `chunk` None: the backend's
+    (`_triton_onestep_call.chunk`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -109,7 +108,7 @@ def onestep_compile_for_target(dtype: torch.dtype, dims: list[int], n_support: i
     if chunk is None:
         chunk = _triton_onestep_call.chunk(dims, first_order)
     consts = onestep.constants(dims, n_support, n_query, tasks_per_program, activation, loss, first_order,
-                               factors=factors, chunk=chunk)
+                               chunk=chunk)
     labels = {"ys": "*i64", "yq": "*i64"} if loss == 1 else {}
     signature = kernel_signature(fn, consts, onestep._RUNTIME_INTS, dtype, labels)
     return triton.compile(ASTSource(fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
