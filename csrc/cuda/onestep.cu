@@ -163,7 +163,10 @@ int warps_switch() {
 }  // namespace
 
 template <typename T>
-cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, OnestepPlan* plan) {
+cudaError_t plan_onestep(const OnestepShape& shape, OnestepPlan* plan) {
+  const task::Net& net = shape.net;
+  const int ns = shape.ns, nq = shape.nq;
+  const int64_t n_tasks = shape.n_tasks;
   int device = 0, sms = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
@@ -266,8 +269,8 @@ cudaError_t onestep_attributes(int* registers, int* local_bytes, const OnestepPl
   return cudaSuccess;
 }
 
-template cudaError_t plan_onestep<float>(const task::Net&, int, int, int64_t, OnestepPlan*);
-template cudaError_t plan_onestep<double>(const task::Net&, int, int, int64_t, OnestepPlan*);
+template cudaError_t plan_onestep<float>(const OnestepShape&, OnestepPlan*);
+template cudaError_t plan_onestep<double>(const OnestepShape&, OnestepPlan*);
 template cudaError_t launch_onestep<float>(const OnestepArgs<float>&, const OnestepPlan&, cudaStream_t);
 template cudaError_t launch_onestep<double>(const OnestepArgs<double>&, const OnestepPlan&, cudaStream_t);
 template cudaError_t onestep_attributes<float>(int*, int*, const OnestepPlan&, int*);

@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_ones
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "maml_onestep_cuda", [&] {
     using T = scalar_t;
     OnestepPlan plan{};
-    cudaError_t err = plan_onestep<T>(c.net, static_cast<int>(c.ns), static_cast<int>(c.nq), c.T, &plan);
+    cudaError_t err = plan_onestep<T>({c.net, static_cast<int>(c.ns), static_cast<int>(c.nq), c.T}, &plan);
     TORCH_CHECK(err == cudaSuccess, "fastmaml: maml_onestep: no launch plan for dims ", dims, " with ", c.ns,
                 " + ", c.nq, " points: ", cudaGetErrorString(err));
     at::Tensor work = at::empty({plan.global_work_elems}, theta.options());
@@ -85,7 +85,7 @@ std::vector<int64_t> cuda_onestep_launch(const at::Tensor& like, c10::IntArrayRe
   std::vector<int64_t> out;
   AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "cuda_onestep_launch", [&] {
     OnestepPlan p{};
-    cudaError_t err = plan_onestep<scalar_t>(net, static_cast<int>(ns), static_cast<int>(nq), T, &p);
+    cudaError_t err = plan_onestep<scalar_t>({net, static_cast<int>(ns), static_cast<int>(nq), T}, &p);
     int regs = 0, local = 0, per_sm = 0;
     if (err == cudaSuccess) err = onestep_attributes<scalar_t>(&regs, &local, p, &per_sm);
     TORCH_CHECK(err == cudaSuccess, "fastmaml: cuda_onestep_launch: ", cudaGetErrorString(err));

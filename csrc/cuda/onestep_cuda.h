@@ -28,6 +28,17 @@ struct OnestepPlan {
   int64_t work_elems, global_work_elems;
 };
 
+// What a plan depends on. The net reaches the launchers only inside structs of this namespace, never as a
+// parameter of its own: task::Net lives in the inline namespace that names the host loop variant
+// (task/config.h), `vec16` in the g++-compiled bindings and `scalar` in nvcc's host pass, so a launcher
+// declared with a task::Net parameter is mangled two ways and the extension does not link
+// (tests/test_cuda_compile.py checks that every launcher the bindings call is one the .cu files define).
+struct OnestepShape {
+  task::Net net;
+  int ns, nq;
+  int64_t n_tasks;
+};
+
 template <typename T>
 struct OnestepArgs {
   task::Net net;
@@ -47,7 +58,7 @@ struct OnestepArgs {
 // products on tensor cores (the A/B switches). Global scratch is kept to 1 GiB a launch by running fewer
 // blocks.
 template <typename T>
-cudaError_t plan_onestep(const task::Net& net, int ns, int nq, int64_t n_tasks, OnestepPlan* plan);
+cudaError_t plan_onestep(const OnestepShape& shape, OnestepPlan* plan);
 
 // The kernel on `stream` with a plan from plan_onestep (n_tasks at least 1).
 template <typename T>
