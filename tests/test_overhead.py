@@ -341,3 +341,27 @@ def test_cuda_kernel_query_is_a_traced_constant():
     want = backend.max_fused_rows_bytes()
     compiled = torch.compile(lambda x: x + (backend.max_fused_rows_bytes() > 0), fullgraph=True, backend="eager")
     assert compiled(torch.ones(2)).tolist() == [1.0 + (want > 0)] * 2
+
+
+@pytest.mark.parametrize("module, probe, inner", [("_lowrank", "_triton_reason", "_probe_triton"),
+                                                  ("_lowrank_cuda", "kernel_missing", "_probe")])
+def test_kernel_probes_are_traced_constants(module, probe, inner, monkeypatch):
+    """The factored backend's kernel probes (is Triton installed; does the extension have its CUDA low-rank
+    kernels) are asked inside the traced call and answered eagerly: torch 2.11's dynamo refuses to trace
+    the first one's module search, and a fullgraph compile of a factored call stopped there. A probe that
+    breaks any graph stands in for each, so the test fails on every torch if the answer is traced."""
+    import importlib
+
+    where = importlib.import_module(f"fastmaml.backends.{module}")
+    asked = []
+
+    def breaking_probe():
+        torch._dynamo.graph_break()
+        asked.append(1)
+        return "probed"
+
+    monkeypatch.setattr(where, inner, breaking_probe)
+    ask = getattr(where, probe)
+    compiled = torch.compile(lambda x: x + len(ask()), fullgraph=True, backend="eager")
+    assert compiled(torch.ones(2)).tolist() == [7.0, 7.0]
+    assert asked == [1], "the probe should run once, eagerly, while the call is traced"

@@ -162,9 +162,20 @@ def _chunk(n: int) -> int:
     return min(_pad(n), K_CHUNK)
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_reason() -> Optional[str]:
     """Why the kernels cannot be defined here, or None (asked once)."""
+    return _probe_triton()
+
+
+# torch.compile takes the answer as a constant, as it takes `dispatch.unavailable`'s. Traced, torch 2.11's
+# dynamo went past the probe's cache into its module search (importlib.util.find_spec), which it refuses to
+# trace, and a fullgraph compile of a factored call stopped there (tests/test_lowrank.py,
+# test_compiles_through_the_kernels, under torch 2.11.0; torch 2.13 traces it).
+_triton_reason._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_triton() -> Optional[str]:
     if not triton_maml._triton_installed():
         return "Triton is not installed"
     version = triton_maml._triton_version()

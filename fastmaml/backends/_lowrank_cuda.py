@@ -40,10 +40,19 @@ def reason(x: torch.Tensor, factors: int, n_support: int) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
 def kernel_missing() -> Optional[str]:
     """Why the extension's CUDA low-rank kernels cannot run, or None (asked once, on the first call that
     wants them)."""
+    return _probe()
+
+
+# A constant to torch.compile, as `_lowrank._triton_reason` is: the probe loads the extension and asks the
+# dispatcher, neither of which a traced call can do.
+kernel_missing._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=None)
+def _probe() -> Optional[str]:
     from .. import _ext
     from .cuda import cuda_kernels_registered
 
