@@ -25,27 +25,32 @@ TESTS=0
 for arg in "$@"; do
   case "$arg" in
     --tests) TESTS=1 ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "cuda_build_check.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
 
-if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
-  echo "cuda_build_check.sh: $PYTHON has no CUDA build of torch (set PYTHON; see the header)" >&2
+if ! cuda="$("$PYTHON" -c "import torch; print(torch.version.cuda or '')")"; then
+  echo "cuda_build_check.sh: $PYTHON cannot import torch (set PYTHON; see the header)" >&2
   exit 2
 fi
-# torch takes CUDA_HOME from nvcc's path when unset; a wrapper on PATH (/usr/local/bin/nvcc) would give it
-# /usr/local, without the toolkit's headers.
-if [ -z "${CUDA_HOME:-}" ]; then
-  for root in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent)")")")"; do
-    if [ -f "$root/include/cuda_runtime.h" ]; then export CUDA_HOME="$root"; break; fi
-  done
-fi
-if [ -z "${CUDA_HOME:-}" ]; then
-  echo "cuda_build_check.sh: no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)" >&2
+if [ -z "$cuda" ]; then
+  echo "cuda_build_check.sh: the torch of $PYTHON is a CPU build (set PYTHON; see the header)" >&2
   exit 2
 fi
-export PATH="$CUDA_HOME/bin:$PATH"
+# The toolkit: CUDA_HOME, else the one nvcc on PATH belongs to (its --dryrun names its root: nvcc may be a
+# wrapper script, from whose path torch would guess /usr/local, without the headers), else /usr/local/cuda.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  top="$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)"
+  if [ -n "$top" ] && [ -d "$top" ]; then CUDA_HOME="$(cd "$top" && pwd)"; export CUDA_HOME; fi
+fi
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+if [ -z "${CUDA_HOME:-}" ]; then
+  echo "cuda_build_check.sh: no CUDA toolkit found (put nvcc on PATH or set CUDA_HOME)" >&2
+  exit 2
+fi
+command -v nvcc >/dev/null 2>&1 || export PATH="$PATH:$CUDA_HOME/bin"
+echo "CUDA_HOME=$CUDA_HOME, nvcc $(command -v nvcc)"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/fastmaml_cuda_build_check}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -69,14 +74,26 @@ try:
 except _ext.ExtensionUnavailable as err:
     sys.exit(f"FAILED: the extension did not build or load: {err}")
 print(f"built or loaded in {time.time() - start:.0f} s")
-# Every kernel the bindings register under the CUDA key, read from their TORCH_LIBRARY_IMPL blocks.
+# Every kernel the bindings register under the CUDA key, read from their TORCH_LIBRARY_IMPL blocks (each
+# block up to its matching brace).
 ops = []
 for binding in sorted(Path("csrc/cuda").glob("*binding.cpp")):
-    for block in re.findall(r"TORCH_LIBRARY_IMPL\(fastmaml, CUDA, m\) \{(.*?)\n?\}", binding.read_text(), re.S):
-        ops += re.findall(r'm\.impl\("(\w+)"', block)
+    text = binding.read_text()
+    for start in re.finditer(r"TORCH_LIBRARY_IMPL\(\s*fastmaml\s*,\s*CUDA\s*,\s*(\w+)\s*\)\s*\{", text):
+        depth, end = 1, start.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        block = text[start.end():end]
+        names = re.findall(rf'\b{start.group(1)}\s*\.\s*impl\(\s*"(\w+)"', block)
+        if len(names) != len(re.findall(rf"\b{start.group(1)}\s*\.\s*impl\(", block)):
+            sys.exit(f"FAILED: an impl call of {binding.name} whose op name this script cannot read")
+        ops += names
 missing = [op for op in ops if not cuda_kernels_registered(op)]
 if not ops or missing:
-    sys.exit(f"FAILED: CUDA kernels not registered: {missing or 'none found in the bindings'}")
+    why = _ext.cuda_build_unavailable()
+    sys.exit(f"FAILED: CUDA kernels not registered: {missing or 'none found in the bindings'}"
+             + (f" (the build had no CUDA kernels: {why})" if why else ""))
 print(f"ok: the library has its {len(ops)} CUDA kernels ({', '.join(ops)})")
 EOF
 

@@ -33,6 +33,8 @@ struct OnestepPlan {
 // (task/config.h), `vec16` in the g++-compiled bindings and `scalar` in nvcc's host pass, so a launcher
 // declared with a task::Net parameter is mangled two ways and the extension does not link
 // (tests/test_cuda_compile.py checks that every launcher the bindings call is one the .cu files define).
+// The structs themselves hold a vec16::Net on one side and a scalar::Net on the other, as maml_cuda.h's Sizes
+// does: that holds because Net's layout does not depend on the loop variant (csrc/task/layout.h).
 struct OnestepShape {
   task::Net net;
   int ns, nq;
