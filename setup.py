@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -56,7 +57,10 @@ def prebuilt_extension():
     # found here, so the library is used as well on a machine without nvcc or any compiler.
     hash_flag = ext.source_hash_flag(CSRC)
     sources = [f"csrc/{s}" for s in ext._SOURCES]
-    with_cuda = ext.cuda_build_unavailable(CSRC) is None
+    why_not_cuda = ext.cuda_build_unavailable(CSRC)
+    with_cuda = why_not_cuda is None
+    if not with_cuda:
+        print(f"fastmaml: the prebuilt library has no CUDA kernels: {why_not_cuda}", file=sys.stderr)
     if with_cuda:
         module = CUDAExtension(
             "fastmaml._C", sources + [f"csrc/{s}" for s in ext._CUDA_SOURCES],

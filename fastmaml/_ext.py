@@ -112,13 +112,46 @@ def find_nvcc() -> Optional[str]:
     return str(nvcc) if nvcc.is_file() else None
 
 
+# Folders the C++ compiler searches without being told (gcc and clang on Linux).
+_SYSTEM_INCLUDE_DIRS = ("/usr/local/include", "/usr/include")
+
+
+def find_cuda_header() -> Optional[str]:
+    """The `cuda_runtime.h` the C++ half of a CUDA build would include, or None.
+
+    torch compiles the bindings with g++ and `-I $CUDA_HOME/include` (and `$CUDA_INC_PATH`). When
+    CUDA_HOME is unset and nvcc on PATH is a wrapper script (say /usr/local/bin/nvcc), torch guesses
+    CUDA_HOME from the script's folder (/usr/local): nvcc is found there, the header is not, and the
+    whole build, CPU kernels included, would fail on a missing header. Asking first lets the extension
+    be built without its CUDA kernels instead, with a reason that names CUDA_HOME."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    dirs = [os.path.join(CUDA_HOME, "include")] if CUDA_HOME is not None else []
+    for var in ("CUDA_INC_PATH", "CPATH", "CPLUS_INCLUDE_PATH"):
+        dirs += [d for d in os.environ.get(var, "").split(os.pathsep) if d]
+    for d in (*dirs, *_SYSTEM_INCLUDE_DIRS):
+        header = Path(d) / "cuda_runtime.h"
+        if header.is_file():
+            return str(header)
+    return None
+
+
 def cuda_build_unavailable(csrc: Optional[Path] = None) -> Optional[str]:
-    """Why the C++ extension is built without its CUDA kernels here (a CPU-only torch, no nvcc, no
-    csrc/cuda sources), or None when it is built with them."""
+    """Why the C++ extension is built without its CUDA kernels here (a CPU-only torch, no nvcc, no CUDA
+    headers where the compiler would look, no csrc/cuda sources), or None when it is built with them."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build (the CUDA kernels need a CUDA build of torch)"
-    if find_nvcc() is None:
+    nvcc = find_nvcc()
+    if nvcc is None:
         return "nvcc not found (set CUDA_HOME to the CUDA toolkit, or put nvcc on PATH) to build the CUDA kernels"
+    if find_cuda_header() is None:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        origin = ("as set in the environment" if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+                  else f"torch's guess from {nvcc}")
+        return (f"no cuda_runtime.h where the build would look: not in {os.path.join(CUDA_HOME, 'include')} "
+                f"(CUDA_HOME={CUDA_HOME}, {origin}) nor in CUDA_INC_PATH, CPATH or the system folders; set "
+                "CUDA_HOME to the CUDA toolkit (the folder holding bin/nvcc and include/) to build the CUDA kernels")
     csrc = csrc if csrc is not None else csrc_dir()
     if csrc is None or not all((csrc / s).is_file() for s in _CUDA_SOURCES):
         return "the CUDA kernel sources (csrc/cuda/) are not shipped with this installation"

@@ -56,6 +56,7 @@ def _fake_cuda_toolchain(monkeypatch) -> None:
     """As on a machine with a CUDA build of torch and nvcc (nothing is compiled by these tests)."""
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(_ext, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+    monkeypatch.setattr(_ext, "find_cuda_header", lambda: "/opt/cuda/include/cuda_runtime.h")
 
 
 def test_source_hash_does_not_depend_on_the_compilers(monkeypatch):
@@ -107,6 +108,45 @@ def test_build_directory_separates_builds_with_and_without_cuda(monkeypatch, tmp
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # other architectures: another CUDA build
     assert _ext.build_directory(CSRC) not in (cuda, cpu)
     assert _ext.build_directory(CSRC, with_cuda=False) == cpu
+
+
+def test_nvcc_without_the_cuda_headers_builds_without_cuda_kernels(monkeypatch, tmp_path):
+    """nvcc on PATH as a wrapper script (/usr/local/bin/nvcc) and CUDA_HOME unset: torch guesses
+    CUDA_HOME=/usr/local, where nvcc is but cuda_runtime.h is not. A CUDA build would fail on the header
+    and take the CPU kernels down with it; the extension is built without its CUDA kernels instead, and
+    the reason names CUDA_HOME."""
+    from torch.utils import cpp_extension
+
+    wrapper_home = tmp_path / "usr_local"
+    (wrapper_home / "bin").mkdir(parents=True)
+    (wrapper_home / "bin" / "nvcc").write_text("#!/bin/sh\nexec /opt/cuda/bin/nvcc \"$@\"\n")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_home))
+    for var in ("CUDA_HOME", "CUDA_PATH", "CUDA_INC_PATH", "CPATH", "CPLUS_INCLUDE_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_ext, "_SYSTEM_INCLUDE_DIRS", ())
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert _ext.find_nvcc() == str(wrapper_home / "bin" / "nvcc")
+    assert _ext.find_cuda_header() is None
+    why = _ext.cuda_build_unavailable(CSRC)
+    assert why is not None and "cuda_runtime.h" in why and f"CUDA_HOME={wrapper_home}" in why
+    assert "torch's guess" in why
+    assert _ext.build_directory(CSRC) == _ext.build_directory(CSRC, with_cuda=False)  # what the JIT builds
+    monkeypatch.setenv("CUDA_HOME", str(wrapper_home))
+    assert "as set in the environment" in _ext.cuda_build_unavailable(CSRC)
+
+    # The header where the compiler is told to look, by CPATH or in CUDA_HOME: built with CUDA kernels.
+    headers = tmp_path / "cuda_include"
+    headers.mkdir()
+    (headers / "cuda_runtime.h").write_text("")
+    monkeypatch.setenv("CPATH", f"/nonexistent{os.pathsep}{headers}")
+    assert _ext.find_cuda_header() == str(headers / "cuda_runtime.h")
+    assert _ext.cuda_build_unavailable(CSRC) is None
+    monkeypatch.delenv("CPATH")
+    (wrapper_home / "include").mkdir()
+    (wrapper_home / "include" / "cuda_runtime.h").write_text("")
+    assert _ext.cuda_build_unavailable(CSRC) is None
+    assert _ext.build_directory(CSRC) == _ext.build_directory(CSRC, with_cuda=True)
 
 
 # ---- unit tests: the cuda backend's availability ---------------------------------------------------------
