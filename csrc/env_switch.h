@@ -1,4 +1,4 @@
-// fastmaml: the value of an environment switch as the Python side checks it (fastmaml._validate.env_choice):
+// fastmaml: the value of an environment switch as the Python side checks it (fastmaml._switches.env_choice):
 // lowercase, spaces dropped; and the exact test of the kernels' A/B switches. Host code only, no torch
 // headers (the CUDA files include it too).
 #pragma once
