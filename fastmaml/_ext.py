@@ -79,9 +79,12 @@ LIB_NAME = "fastmaml_cpu"
 # Printed before a build: the time of a build on 2 idle cores (benchmarks/RESULTS.md; ninja builds the
 # files two at a time; the C++ autograd kernels' torch headers are the slowest).
 BUILD_SECONDS = 30
-# Added when the CUDA kernels are built: the H200 machine (16 cores) built them in 110-116 s when they
-# were one file (2026-11-30); the six files since compile in parallel (not yet timed on a GPU machine).
-CUDA_BUILD_SECONDS = 120
+# Added when the CUDA kernels are built: about CUDA_CORE_SECONDS of compiling spread over ninja's jobs, and
+# never under CUDA_BUILD_SECONDS, the slowest file's time alone. Measured on this project's 2-core machine
+# (benchmarks/RESULTS.md, 2026-12-03): the ten CUDA files 116-150 s each for the large ones, the whole build
+# with CUDA kernels 366-404 s. The H200 machine (16 cores) built them in 110-116 s when they were one file.
+CUDA_BUILD_SECONDS = 150
+CUDA_CORE_SECONDS = 750
 
 # The embedded source hash as it appears in a library's bytes: the literal "h<hash>" with its NUL.
 _EMBEDDED_HASH = re.compile(rb"h([0-9a-f]{16})\0")
@@ -294,11 +297,24 @@ def _build_lock(build_dir: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def build_seconds_estimate(with_cuda: bool) -> int:
+    """The time a first-use build is announced to take: ninja runs `MAX_JOBS` compiles at once (torch's
+    setting), else one a core this process may use."""
+    if not with_cuda:
+        return BUILD_SECONDS
+    jobs = os.environ.get("MAX_JOBS", "")
+    if jobs.isdigit() and int(jobs) > 0:
+        cores = int(jobs)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return BUILD_SECONDS + max(CUDA_BUILD_SECONDS, CUDA_CORE_SECONDS // cores)
+
+
 def _run_build(csrc: Path, build_dir: Path, stamp: Path, with_cuda: bool) -> Path:
     from torch.utils import cpp_extension
 
     sources = [*_SOURCES, *(_CUDA_SOURCES if with_cuda else ())]
-    seconds = BUILD_SECONDS + (CUDA_BUILD_SECONDS if with_cuda else 0)
+    seconds = build_seconds_estimate(with_cuda)
     print(f"fastmaml: building the C++ extension{' with its CUDA kernels' if with_cuda else ''} "
           f"(once, ~{seconds} s) in {build_dir} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()

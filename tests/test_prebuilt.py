@@ -149,6 +149,18 @@ def test_nvcc_without_the_cuda_headers_builds_without_cuda_kernels(monkeypatch, 
     assert _ext.build_directory(CSRC) == _ext.build_directory(CSRC, with_cuda=True)
 
 
+def test_the_announced_build_time_follows_the_compile_jobs(monkeypatch):
+    """A build with CUDA kernels took 366-404 s on 2 cores: the line printed before it must not promise the
+    many-core figure there."""
+    assert _ext.build_seconds_estimate(False) == _ext.BUILD_SECONDS
+    monkeypatch.setenv("MAX_JOBS", "2")
+    assert 300 <= _ext.build_seconds_estimate(True) <= 500
+    monkeypatch.setenv("MAX_JOBS", "16")
+    assert _ext.build_seconds_estimate(True) == _ext.BUILD_SECONDS + _ext.CUDA_BUILD_SECONDS
+    monkeypatch.setenv("MAX_JOBS", "not a number")  # torch would refuse it; the estimate counts cores
+    assert _ext.build_seconds_estimate(True) >= _ext.BUILD_SECONDS + _ext.CUDA_BUILD_SECONDS
+
+
 # ---- unit tests: the cuda backend's availability ---------------------------------------------------------
 
 
