@@ -5,6 +5,7 @@
     python benchmarks/kernel_registers.py --widths 40 128 --precisions ieee tf32x3
     python benchmarks/kernel_registers.py --skip-cuda --widths 128 --warps 16
     python benchmarks/kernel_registers.py --skip-triton --sass  # + the CUDA kernels' inner loops (cuobjdump)
+    python benchmarks/kernel_registers.py --skip-triton --sources  # + their code by source line (nvdisasm -gi)
     cuobjdump -sass k.o | python benchmarks/kernel_registers.py --sass-from -
     FASTMAML_TRITON_K_CHUNK=0 python benchmarks/kernel_registers.py --skip-cuda   # the kernels' switches apply
 
@@ -16,11 +17,16 @@ relu, second order with every gradient, float32; 2-60 s a variant). One line per
 thread, bytes of spill stores and loads, stack frame. On a GPU, `benchmarks/gpu_check.sh` prints the
 same for the kernels it launched.
 
-`--sass` also disassembles the CUDA kernels (`cuobjdump -sass`: from PATH, `$FASTMAML_CUOBJDUMP`, or the
-`nvidia-cuda-cuobjdump` wheel) and counts, per kernel, the instructions of its innermost loops that hold
-multiply-adds: how many of a product's instructions are the FFMAs it exists for, the rest being loads,
-address arithmetic and loop control. A static count (no trip counts), but the products' loops are where
-the reverse sweep spends its arithmetic.
+`--sass` also disassembles the CUDA kernels (`cuobjdump -sass`: from PATH, `$FASTMAML_CUOBJDUMP`, the
+`nvidia-cuda-cuobjdump` wheel or the triton wheel's copy) and counts, per kernel, the instructions of its
+innermost loops that hold multiply-adds: how many of a product's instructions are the FFMAs it exists for,
+the rest being loads, address arithmetic and loop control. A static count (no trip counts), but the
+products' loops are where the reverse sweep spends its arithmetic.
+
+`--sources` builds with `-lineinfo` and counts each kernel's instructions by the source line they come
+from (`nvdisasm -gi`, its inlining chain): by the innermost frame (a product's loop in team_tiles.h) and by
+the innermost caller outside the primitives (the layer pass of mlp.h it serves). Where the code is, not
+where the time goes: a kernel too large for the instruction cache is the question it answers.
 """
 
 from __future__ import annotations
@@ -131,15 +137,94 @@ def sass_lines(stats: dict[str, dict], top: int = 6) -> list[str]:
     return lines
 
 
-def find_cuobjdump() -> str | None:
-    found = os.environ.get("FASTMAML_CUOBJDUMP") or shutil.which("cuobjdump")
+# nvdisasm -gi (-g: line info, -i: the inlining chain) writes, before each run of instructions from one
+# place, one comment line a frame, innermost first: `//## File "path", line N inlined at "path2", line M`,
+# then the next frame out, the last without "inlined at".
+_SASS_FRAME = re.compile(r'//## File "([^"]+)", line (\d+)')
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?[A-Z]")
+_SASS_SECTION = re.compile(r"^\.text\.(\S+):\s*$")
+# The primitives of the per-task math (csrc/task/): a product's loops, the teams' loops and tiles. An
+# instruction's caller is the innermost frame outside them (and outside the toolkit's headers): the layer
+# pass or driver step (mlp.h, drivers.h, onestep.h, ...) whose product or loop it belongs to.
+_PRIMITIVES = {"products.h", "team.h", "team_tiles.h", "team_mma.h", "host_tiles.h", "config.h", "layout.h",
+               "onestep_loops.h"}
+
+
+def parse_sass_sources(text: str) -> dict[str, dict]:
+    """`nvdisasm -gi` of a cubin built with -lineinfo -> {function: {instructions, files, lines, callers}}:
+    its instructions counted by the innermost frame's file and file:line, and by the innermost frame
+    outside the primitives (`_PRIMITIVES`) and the CUDA headers, each a collections.Counter. A static
+    count: where the code is, not where the time goes (ncu's source page, benchmarks/ncu_source.py, says
+    that)."""
+    from collections import Counter
+
+    out: dict[str, dict] = {}
+    cur = None
+    chain: list[tuple[str, int]] = []
+    pending: list[tuple[str, int]] = []
+    for raw in text.splitlines():
+        m = _SASS_SECTION.match(raw)
+        if m:
+            cur = out.setdefault(m.group(1), dict(instructions=0, files=Counter(), lines=Counter(),
+                                                  callers=Counter()))
+            chain, pending = [], []
+            continue
+        if raw.lstrip().startswith(".section"):
+            cur = None  # a data section after the code (its `.dword`s are no instructions)
+            continue
+        m = _SASS_FRAME.search(raw)
+        if m:
+            pending.append((Path(m.group(1)).name, int(m.group(2))))
+            continue
+        if cur is None or not _SASS_OP.search(raw):
+            continue
+        if pending:
+            chain, pending = pending, []
+        cur["instructions"] += 1
+        if not chain:
+            cur["files"]["(no line)"] += 1
+            continue
+        name, ln = chain[0]
+        cur["files"][name] += 1
+        cur["lines"][f"{name}:{ln}"] += 1
+        caller = next((f"{f}:{n}" for f, n in chain if f not in _PRIMITIVES and not f.endswith(".hpp")),
+                      f"{name}:{ln}")
+        cur["callers"][caller] += 1
+    return out
+
+
+def source_lines(stats: dict[str, dict], top: int = 12) -> list[str]:
+    """Per kernel: its instructions by file, then the `top` source lines holding the most and, where the
+    kernel runs the per-task math's primitives, the `top` callers."""
+    lines = []
+    for mangled, st in stats.items():
+        n = st["instructions"]
+        if "_kernel" not in mangled or not n:
+            continue
+        files = ", ".join(f"{f} {c / n:.0%}" for f, c in st["files"].most_common(8))
+        lines.append(f"{short_name(mangled):<40} {n:>6} instructions: {files}")
+        lines.append("    lines: " + ", ".join(f"{k} {c}" for k, c in st["lines"].most_common(top)))
+        if st["callers"] != st["lines"]:  # some code of the per-task math's primitives: who calls it
+            lines.append("    callers: " + ", ".join(f"{k} {c}" for k, c in st["callers"].most_common(top)))
+    return lines
+
+
+def find_tool(name: str) -> str | None:
+    """A CUDA binary tool (cuobjdump, nvdisasm): `$FASTMAML_<NAME>`, PATH, the nvidia-cuda-* wheels, the
+    copy the triton wheel ships, or /usr/local/cuda/bin."""
+    found = os.environ.get(f"FASTMAML_{name.upper()}") or shutil.which(name)
     if found:
         return found
-    for base in map(Path, sys.path):  # the nvidia-cuda-cuobjdump wheel
-        for cand in sorted(base.glob("nvidia/cu*/bin/cuobjdump")):
-            return str(cand)
-    cand = Path("/usr/local/cuda/bin/cuobjdump")
+    for base in map(Path, sys.path):
+        for pattern in (f"nvidia/cu*/bin/{name}", f"triton/backends/nvidia/bin/{name}"):
+            for cand in sorted(base.glob(pattern)):
+                return str(cand)
+    cand = Path("/usr/local/cuda/bin") / name
     return str(cand) if cand.exists() else None
+
+
+def find_cuobjdump() -> str | None:
+    return find_tool("cuobjdump")
 
 
 def short_name(mangled: str) -> str:
@@ -155,6 +240,10 @@ def short_name(mangled: str) -> str:
     if m:  # the factored backend's CUDA lowrank_add, alone or as the sweep's pair: <dtype, elements a load in
         # its first and second pass>
         return f"{m.group(1)}<{'float' if m.group(4) == 'f' else 'double'}, loads {m.group(2)}/{m.group(3)}>"
+    m = re.search(r"\d+onestep_kernelI([df])Lb([01])ELb([01])E", mangled)
+    if m:  # the one-step kernel: <dtype, its shared-operand form, its tensor-core products> (onestep.cu)
+        return (f"onestep_kernel<{'float' if m.group(1) == 'f' else 'double'}"
+                f"{', shared' if m.group(2) == '1' else ''}{', mma' if m.group(3) == '1' else ''}>")
     m = re.search(r"\d+(team_tiles|task_backward|task_forward|block_sum)", mangled)
     return m.group(1) if m else mangled[:60]
 
@@ -164,14 +253,16 @@ def line(name: str, r: dict) -> str:
             f"loads {r.get('spill_loads', '?'):>5} B  stack {r.get('stack', '?'):>5} B")
 
 
-def cuda_report(arch: str, sass: bool = False) -> list[str]:
+def cuda_report(arch: str, sass: bool = False, sources: bool = False) -> list[str]:
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not Path(nvcc).exists():
         return ["cuda: nvcc not found"]
     start = time.perf_counter()
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
     with tempfile.TemporaryDirectory() as tmp:  # every file at once, as ninja builds them
-        procs = [subprocess.Popen([nvcc, f"-arch=sm_{arch}", "-O3", "-Xptxas", "-v", "-c", str(cu), "-I",
+        # -lineinfo (as the extension's build has) adds line tables only, for `sources`: the code is the same.
+        lineinfo = ["-lineinfo"] if sources else []
+        procs = [subprocess.Popen([nvcc, f"-arch=sm_{arch}", "-O3", *lineinfo, "-Xptxas", "-v", "-c", str(cu), "-I",
                                    str(ROOT / "csrc"), "-o", str(Path(tmp) / f"{cu.stem}.o")],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cu in sources]
         outputs = [(cu, *proc.communicate(), proc.returncode) for cu, proc in zip(sources, procs)]
@@ -183,6 +274,20 @@ def cuda_report(arch: str, sass: bool = False) -> list[str]:
                 if rc == 0 and obj.exists():
                     dump = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True)
                     sass_stats.update(parse_sass(dump.stdout))
+        source_stats: dict[str, dict] = {}
+        nvdisasm = find_tool("nvdisasm") if sources else None
+        cuobjdump_x = find_cuobjdump() if sources else None
+        if nvdisasm is not None and cuobjdump_x is not None:
+            for cu, _, _, rc in outputs:
+                obj = Path(tmp) / f"{cu.stem}.o"
+                if rc != 0 or not obj.exists():
+                    continue
+                elf = Path(tmp) / f"{cu.stem}.elf"
+                elf.mkdir()
+                subprocess.run([cuobjdump_x, "-xelf", "all", str(obj)], cwd=elf, capture_output=True)
+                for cubin in sorted(elf.glob("*.cubin")):
+                    dis = subprocess.run([nvdisasm, "-gi", str(cubin)], capture_output=True, text=True)
+                    source_stats.update(parse_sass_sources(dis.stdout))
     failed = [f"cuda: nvcc failed on {cu.name}:\n{err[-3000:]}" for cu, _, err, rc in outputs if rc != 0]
     if failed:
         return failed
@@ -205,6 +310,12 @@ def cuda_report(arch: str, sass: bool = False) -> list[str]:
         else:
             lines.append(f"== the kernels' innermost multiply-add loops (cuobjdump -sass, {cuobjdump})")
             lines.extend(sass_lines(sass_stats))
+    if sources:
+        if nvdisasm is None or cuobjdump_x is None:
+            lines.append("sources: no nvdisasm or cuobjdump (PATH, $FASTMAML_NVDISASM, $FASTMAML_CUOBJDUMP)")
+        else:
+            lines.append(f"== the kernels' code by source line, innermost frame and caller (nvdisasm -gi, {nvdisasm})")
+            lines.extend(source_lines(source_stats))
     return lines
 
 
@@ -301,6 +412,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-cuda", action="store_true")
     p.add_argument("--skip-triton", action="store_true")
     p.add_argument("--sass", action="store_true", help="count the CUDA kernels' inner-loop instructions")
+    p.add_argument("--sources", action="store_true",
+                   help="count the CUDA kernels' instructions by source line and caller (-lineinfo, nvdisasm)")
     p.add_argument("--sass-from", metavar="FILE",
                    help="only summarise a `cuobjdump -sass` listing already made ('-': standard input)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -314,7 +427,7 @@ def main(argv=None) -> int:
         _triton_child(json.loads(args.child))
         return 0
     if not args.skip_cuda:
-        print("\n".join(cuda_report(args.arch + ("a" if args.arch == "90" else ""), args.sass)), flush=True)
+        print("\n".join(cuda_report(args.arch + ("a" if args.arch == "90" else ""), args.sass, args.sources)), flush=True)
     if not args.skip_triton:
         print(f"== Triton kernels, sm_{args.arch}, float32, 1-W-W-1, 10 + 10 points", flush=True)
         print("\n".join(triton_report(args.widths, args.precisions, int(args.arch), args.warps)), flush=True)

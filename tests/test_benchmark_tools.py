@@ -55,6 +55,11 @@ def test_kernel_names_with_the_timeline_flag():
     lowrank = "_ZN8fastmaml4cuda53_GLOBAL__N__3e54c23e_15_lowrank_cuda_cu_42f71b2f_130718lowrank_add_kernelI{}EEvNS_7"
     assert kernel_registers.short_name(lowrank.format("Li4ELi1Ef")) == "lowrank_add_kernel<float, loads 4/1>"
     assert kernel_registers.short_name(lowrank.format("Li1ELi2Ed")) == "lowrank_add_kernel<double, loads 1/2>"
+    # the one-step kernel: <dtype, shared-operand form, tensor cores>; cut to 60 characters its six names were one
+    onestep = "_ZN8fastmaml4cuda49_GLOBAL__N__4d6d5c41_10_onestep_cu_105b93da_2748814onestep_kernelI{}EEEvNS0_11OnestepArgsIT_EEbbl"
+    assert kernel_registers.short_name(onestep.format("fLb0ELb0")) == "onestep_kernel<float>"
+    assert kernel_registers.short_name(onestep.format("fLb1ELb1")) == "onestep_kernel<float, shared, mma>"
+    assert kernel_registers.short_name(onestep.format("dLb1ELb0")) == "onestep_kernel<double, shared>"
     pairs = lowrank.replace("18lowrank_add_kernel", "20lowrank_pairs_kernel")
     assert kernel_registers.short_name(pairs.format("Li4ELi4Ef")) == "lowrank_pairs_kernel<float, loads 4/4>"
 
@@ -96,6 +101,50 @@ def test_sass_inner_loops_are_counted():
     assert "bwd_kernel<float>" in lines[0] and "0.50 FFMA an instruction" in lines[0] and "2 HMMA" in lines[0]
     assert "loop of    8 instructions:   4 FFMA,   2 loads (0.50)" in lines[1]
     assert "tensor-core loop of    4 instructions:  2 HMMA,   1 loads (2.0 instructions an HMMA)" in lines[2]
+
+
+
+# `nvdisasm -gi` of a cubin built with -lineinfo (nvcc 13.0's layout, shortened): each run of instructions
+# follows its frames, innermost first; data sections after the code hold `.dword`s, not instructions.
+DIS = """\
+\t.section\t.nv.info,"",@"SHT_CUDA_INFO"
+        /*00ac*/ \t.dword\t_ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfLi0ELb0EEEvNS_4task6scalar3NetEll
+\t.section\t.text._ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfLi0ELb0EEEvNS_4task6scalar3NetEll,"ax",@progbits
+.text._ZN8fastmaml4cuda45_GLOBAL__N__x10bwd_kernelIfLi0ELb0EEEvNS_4task6scalar3NetEll:
+\t//## File "/src/csrc/cuda/kernels.cuh", line 236
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+\t//## File "/src/csrc/task/team_tiles.h", line 69 inlined at "/src/csrc/task/team_tiles.h", line 99
+\t//## File "/src/csrc/task/team_tiles.h", line 99 inlined at "/src/csrc/task/products.h", line 68
+\t//## File "/src/csrc/task/products.h", line 68 inlined at "/src/csrc/task/mlp.h", line 279
+\t//## File "/src/csrc/task/mlp.h", line 279 inlined at "/src/csrc/cuda/kernels.cuh", line 259
+\t//## File "/src/csrc/cuda/kernels.cuh", line 259
+        /*0010*/                   FFMA R6, R4, R5, R6 ;
+        /*0020*/               @P0 FFMA R7, R4, R5, R7 ;
+\t//## File "/usr/local/cuda/include/crt/math_functions.hpp", line 924 inlined at "/src/csrc/task/mlp.h", line 107
+\t//## File "/src/csrc/task/mlp.h", line 107 inlined at "/src/csrc/cuda/kernels.cuh", line 259
+\t//## File "/src/csrc/cuda/kernels.cuh", line 259
+        /*0030*/                   MUFU.TANH R8, R8 ;
+        /*0040*/                   EXIT ;
+\t.section\t.nv.constant0,"a",@progbits
+        /*0000*/ \t.byte\t0x00, 0x00
+"""
+
+
+def test_sass_is_counted_by_source_line_and_caller():
+    """Each instruction goes to its innermost frame's line and to the innermost frame outside the
+    primitives (team_tiles.h, products.h) and the toolkit's headers; a run without a new comment keeps the
+    last frames; the data sections' lines are not instructions."""
+    stats = kernel_registers.parse_sass_sources(DIS)
+    (name, st), = stats.items()
+    assert kernel_registers.short_name(name) == "bwd_kernel<float>"
+    assert st["instructions"] == 5
+    assert st["lines"] == {"kernels.cuh:236": 1, "team_tiles.h:69": 2, "math_functions.hpp:924": 2}
+    assert st["callers"] == {"kernels.cuh:236": 1, "mlp.h:279": 2, "mlp.h:107": 2}
+    assert st["files"] == {"kernels.cuh": 1, "team_tiles.h": 2, "math_functions.hpp": 2}
+    lines = kernel_registers.source_lines(stats)
+    assert lines[0].startswith("bwd_kernel<float>") and "5 instructions: team_tiles.h 40%" in lines[0]
+    assert lines[1] == "    lines: team_tiles.h:69 2, math_functions.hpp:924 2, kernels.cuh:236 1"
+    assert lines[2] == "    callers: mlp.h:279 2, mlp.h:107 2, kernels.cuh:236 1"
 
 
 def test_profile_runs_on_the_cpu(capsys):
