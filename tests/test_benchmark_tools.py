@@ -103,7 +103,6 @@ def test_sass_inner_loops_are_counted():
     assert "tensor-core loop of    4 instructions:  2 HMMA,   1 loads (2.0 instructions an HMMA)" in lines[2]
 
 
-
 # `nvdisasm -gi` of a cubin built with -lineinfo (nvcc 13.0's layout, shortened): each run of instructions
 # follows its frames, innermost first; data sections after the code hold `.dword`s, not instructions.
 DIS = """\
