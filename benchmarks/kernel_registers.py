@@ -223,10 +223,6 @@ def find_tool(name: str) -> str | None:
     return str(cand) if cand.exists() else None
 
 
-def find_cuobjdump() -> str | None:
-    return find_tool("cuobjdump")
-
-
 def short_name(mangled: str) -> str:
     """`bwd_kernel<float>` from an Itanium-mangled CUDA kernel name; the name itself otherwise."""
     m = re.search(r"\d+([a-z_]+_kernel)I([df])(?:Li(\d+)E)?(?:Lb([01])E)?E", mangled)
@@ -258,40 +254,34 @@ def cuda_report(arch: str, sass: bool = False, sources: bool = False) -> list[st
     if not Path(nvcc).exists():
         return ["cuda: nvcc not found"]
     start = time.perf_counter()
-    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    cu_files = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    cuobjdump = find_tool("cuobjdump") if sass or sources else None
+    nvdisasm = find_tool("nvdisasm") if sources else None
+    sass_stats: dict[str, dict] = {}
+    source_stats: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:  # every file at once, as ninja builds them
         # -lineinfo (as the extension's build has) adds line tables only, for `sources`: the code is the same.
         lineinfo = ["-lineinfo"] if sources else []
         procs = [subprocess.Popen([nvcc, f"-arch=sm_{arch}", "-O3", *lineinfo, "-Xptxas", "-v", "-c", str(cu), "-I",
                                    str(ROOT / "csrc"), "-o", str(Path(tmp) / f"{cu.stem}.o")],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cu in sources]
-        outputs = [(cu, *proc.communicate(), proc.returncode) for cu, proc in zip(sources, procs)]
-        sass_stats: dict[str, dict] = {}
-        cuobjdump = find_cuobjdump() if sass else None
-        if cuobjdump is not None:
-            for cu, _, _, rc in outputs:
-                obj = Path(tmp) / f"{cu.stem}.o"
-                if rc == 0 and obj.exists():
-                    dump = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True)
-                    sass_stats.update(parse_sass(dump.stdout))
-        source_stats: dict[str, dict] = {}
-        nvdisasm = find_tool("nvdisasm") if sources else None
-        cuobjdump_x = find_cuobjdump() if sources else None
-        if nvdisasm is not None and cuobjdump_x is not None:
-            for cu, _, _, rc in outputs:
-                obj = Path(tmp) / f"{cu.stem}.o"
-                if rc != 0 or not obj.exists():
-                    continue
-                elf = Path(tmp) / f"{cu.stem}.elf"
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cu in cu_files]
+        outputs = [(cu, *proc.communicate(), proc.returncode) for cu, proc in zip(cu_files, procs)]
+        objects = [obj for obj in (Path(tmp) / f"{cu.stem}.o" for cu, _, _, rc in outputs if rc == 0) if obj.exists()]
+        for obj in objects if cuobjdump is not None else ():
+            if sass:
+                dump = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True)
+                sass_stats.update(parse_sass(dump.stdout))
+            if nvdisasm is not None:
+                elf = obj.with_suffix(".elf")
                 elf.mkdir()
-                subprocess.run([cuobjdump_x, "-xelf", "all", str(obj)], cwd=elf, capture_output=True)
+                subprocess.run([cuobjdump, "-xelf", "all", str(obj)], cwd=elf, capture_output=True)
                 for cubin in sorted(elf.glob("*.cubin")):
                     dis = subprocess.run([nvdisasm, "-gi", str(cubin)], capture_output=True, text=True)
                     source_stats.update(parse_sass_sources(dis.stdout))
     failed = [f"cuda: nvcc failed on {cu.name}:\n{err[-3000:]}" for cu, _, err, rc in outputs if rc != 0]
     if failed:
         return failed
-    lines = [f"== CUDA kernels, nvcc -O3 sm_{arch}, {len(sources)} files in parallel "
+    lines = [f"== CUDA kernels, nvcc -O3 sm_{arch}, {len(cu_files)} files in parallel "
              f"({time.perf_counter() - start:.0f} s)"]
     reports = {}
     for _, _, err, _ in outputs:
@@ -311,7 +301,7 @@ def cuda_report(arch: str, sass: bool = False, sources: bool = False) -> list[st
             lines.append(f"== the kernels' innermost multiply-add loops (cuobjdump -sass, {cuobjdump})")
             lines.extend(sass_lines(sass_stats))
     if sources:
-        if nvdisasm is None or cuobjdump_x is None:
+        if nvdisasm is None or cuobjdump is None:
             lines.append("sources: no nvdisasm or cuobjdump (PATH, $FASTMAML_NVDISASM, $FASTMAML_CUOBJDUMP)")
         else:
             lines.append(f"== the kernels' code by source line, innermost frame and caller (nvdisasm -gi, {nvdisasm})")

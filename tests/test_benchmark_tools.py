@@ -146,6 +146,31 @@ def test_sass_is_counted_by_source_line_and_caller():
     assert lines[2] == "    callers: mlp.h:279 2, mlp.h:107 2, kernels.cuh:236 1"
 
 
+
+def test_cuda_report_adds_line_tables_and_sources_only_when_asked(monkeypatch):
+    """`--sources` builds with -lineinfo and disassembles; without it the build and the report are as
+    before (nvcc stubbed: no object is written, so nothing is disassembled either way)."""
+    commands = []
+
+    class FakeNvcc:
+        returncode = 0
+
+        def __init__(self, cmd, **kwargs):
+            commands.append(cmd)
+
+        def communicate(self):
+            return "", ""
+
+    monkeypatch.setattr(kernel_registers.shutil, "which", lambda name: sys.executable)
+    monkeypatch.setattr(kernel_registers.subprocess, "Popen", FakeNvcc)
+    report = kernel_registers.cuda_report("90a")
+    assert commands and not any("-lineinfo" in cmd for cmd in commands)
+    assert not any("by source line" in line or line.startswith("sources:") for line in report)
+    commands.clear()
+    report = kernel_registers.cuda_report("90a", sources=True)
+    assert commands and all("-lineinfo" in cmd for cmd in commands)
+    assert any("by source line" in line or line.startswith("sources:") for line in report)
+
 def test_profile_runs_on_the_cpu(capsys):
     import profile_kernels
 
