@@ -28,6 +28,11 @@
 # shorter than the call's own limit (600 s), so that the pack is made even when a stage overruns:
 #   timeout 560 benchmarks/gpu_check.sh --quick /tmp/g; tar czf "$OUT/gpu_out.tgz" -C /tmp/g .
 #
+# The build stage compiles the CUDA kernels (about 2 minutes of 16 cores) unless the call carries a library
+# built ahead for the same sources, torch, Python and architectures (`benchmarks/cuda_build_check.sh --carry`
+# on a machine with the GPU machine's torch, then carry [".gpu_prebuilt"]): that one is installed where the
+# build looks (benchmarks/prebuilt.py; build.log says which), and removed again if it does not load there.
+#
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
 # nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
 # Every stage has a time limit and the whole run ends within about TOTAL_S (default 470 s). The output
@@ -176,10 +181,17 @@ if ! command -v python >/dev/null 2>&1 && command -v python3 >/dev/null 2>&1; th
   mkdir -p /tmp/fastmaml_shim && ln -sf "$(command -v python3)" /tmp/fastmaml_shim/python
   export PATH="/tmp/fastmaml_shim:$PATH"
 fi
-# The GPU build compiles for the visible card only (torch's default) unless told otherwise.
+# The GPU build compiles for the visible card only (torch's default) unless told otherwise. A carried
+# prebuilt library (.gpu_prebuilt, benchmarks/prebuilt.py) built for this card's capability names its own
+# list (9.0a for a 9.0 card), so that the build finds it instead of compiling the same kernels again.
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && command -v nvidia-smi >/dev/null 2>&1; then
   cap="$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')"
-  [ -n "$cap" ] && export TORCH_CUDA_ARCH_LIST="$cap"
+  packed="$(sed -n 's/.*"arch_list": *"\([^"]*\)".*/\1/p' "$REPO"/.gpu_prebuilt/*/prebuilt.json 2>/dev/null | head -1)"
+  if [ -n "$cap" ] && [ -n "$packed" ] && [ "${packed%a}" = "$cap" ]; then
+    export TORCH_CUDA_ARCH_LIST="$packed"
+  elif [ -n "$cap" ]; then
+    export TORCH_CUDA_ARCH_LIST="$cap"
+  fi
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -234,16 +246,9 @@ EOF
 grep -E "^(torch|gpu|triton|python)|MiB|not found" "$DIR/env.txt" | head -8
 
 # ---- build -------------------------------------------------------------------------------------
-stage "build (limit ${BUILD_S}s) -> $DIR/build.log"
-{
-  if [ "$DRY_RUN" = 1 ]; then
-    echo "dry run: no pip install (fastmaml runs from PYTHONPATH=$REPO)"
-  else
-    timeout 60 python -m pip install -e . --no-deps --no-build-isolation -q \
-      || echo "pip install -e . failed; running from PYTHONPATH=$REPO"
-  fi
-  # Asking every backend whether it can run builds what it needs (the C++ extension, the CUDA kernels).
-  timeout "$BUILD_S" python - <<'EOF' || { rc=$?; echo "build step failed or timed out"; check_rc build $rc; }
+# Asking every backend whether it can run builds what it needs (the C++ extension, the CUDA kernels).
+build_extension() {
+  timeout "$1" python - <<'EOF'
 import time
 import fastmaml
 from fastmaml.dispatch import get_backend
@@ -256,8 +261,29 @@ for name in fastmaml.list_backends():
     print(f"backend {name:<10} {'available' if why is None else 'unavailable: ' + why} "
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
 EOF
+}
+stage "build (limit ${BUILD_S}s) -> $DIR/build.log"
+{
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "dry run: no pip install (fastmaml runs from PYTHONPATH=$REPO)"
+  else
+    timeout 60 python -m pip install -e . --no-deps --no-build-isolation -q \
+      || echo "pip install -e . failed; running from PYTHONPATH=$REPO"
+  fi
+  # A library built ahead for this machine's torch, sources and architectures (benchmarks/prebuilt.py; the
+  # device call carries .gpu_prebuilt): put where the build looks, it spares the build its compile.
+  if [ -d "$REPO/.gpu_prebuilt" ]; then
+    timeout 60 python benchmarks/prebuilt.py install "$REPO/.gpu_prebuilt" || echo "prebuilt: install failed"
+  fi
+  build_extension "$BUILD_S" || { rc=$?; echo "build step failed or timed out"; check_rc build $rc; }
+  # A prebuilt library that does not load here (the GPU machine's system libraries differ from the builder's):
+  # removed, and the extension compiled here after all.
+  if grep -q "^prebuilt: installed" "$DIR/build.log" && grep -q "loading the C++ extension failed" "$DIR/build.log"; then
+    timeout 60 python benchmarks/prebuilt.py uninstall
+    build_extension "$BUILD_S" || { rc=$?; echo "build step failed or timed out"; check_rc build $rc; }
+  fi
 } > "$DIR/build.log" 2>&1
-grep -E "^backend|failed" "$DIR/build.log" | cut -c1-200
+grep -E "^backend|^prebuilt|failed" "$DIR/build.log" | cut -c1-200
 
 # ---- register and spill report (G2), in the background while the rest runs ----------------------
 if command -v nvcc >/dev/null 2>&1 && [ "${REPORTS:-1}" = 1 ]; then

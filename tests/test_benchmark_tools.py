@@ -524,3 +524,119 @@ def test_gpu_check_ncu_stage_with_a_stub_ncu(tmp_path, case):
         assert "warp instructions" not in profile and not (out / "ncu_k.ncu-rep").exists()
     else:
         assert run.returncode == 4 and "==ERROR== no source" in profile
+
+
+# ---- the prebuilt library carried to the GPU machine (benchmarks/prebuilt.py) -----------------------------
+
+def _fake_build(folder: Path, payload: bytes = b"\x7fELF library") -> None:
+    folder.mkdir(parents=True)
+    (folder / "fastmaml_cpu.so").write_bytes(payload)
+    (folder / "fastmaml.ok").write_text("built in 1.0 s\n")
+
+
+def test_prebuilt_is_packed_installed_and_removed(tmp_path, monkeypatch):
+    """A finished build is packed with its manifest; installed, it is where this machine's build looks, with
+    the same bytes; a second install leaves it; uninstall removes only a folder that install made."""
+    import json
+
+    import prebuilt
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    want = prebuilt.expected_folder()
+    _fake_build(want, b"\x7fELF the library")
+    target = prebuilt.pack(tmp_path / "packs")
+    assert target == tmp_path / "packs" / want.name
+    manifest = json.loads((target / prebuilt.MANIFEST).read_text())
+    assert manifest["folder"] == want.name and manifest["bytes"] == len(b"\x7fELF the library")
+
+    import shutil
+
+    shutil.rmtree(want)
+    line = prebuilt.install(tmp_path / "packs")
+    assert line.startswith("prebuilt: installed") and "cannot import" not in line, line
+    assert (want / "fastmaml_cpu.so").read_bytes() == b"\x7fELF the library"
+    assert (want / "fastmaml.ok").is_file() and (want / prebuilt.MANIFEST).is_file()
+    assert prebuilt.install(tmp_path / "packs").startswith("prebuilt: not needed")
+    assert prebuilt.uninstall().startswith("prebuilt: removed") and not want.exists()
+    # A build of this machine's own (no manifest) is never removed.
+    _fake_build(want)
+    assert prebuilt.uninstall().startswith("prebuilt: nothing to remove") and (want / "fastmaml_cpu.so").is_file()
+
+
+def test_prebuilt_for_other_sources_is_not_used(tmp_path, monkeypatch):
+    """A pack whose folder name differs (other sources, torch, Python, flags or architectures) is listed and
+    left alone, a pack without its stamp is not installed, and nothing is packed from an unfinished build."""
+    import prebuilt
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    want = prebuilt.expected_folder()
+    with pytest.raises(SystemExit, match="no finished build"):
+        prebuilt.pack(tmp_path / "packs")
+    _fake_build(want)
+    target = prebuilt.pack(tmp_path / "packs")
+    other = target.with_name(want.name.replace("fastmaml_", "fastmaml_0"))
+    target.rename(other)
+    import shutil
+
+    shutil.rmtree(want)
+    line = prebuilt.install(tmp_path / "packs")
+    assert line.startswith("prebuilt: none for this build") and other.name in line, line
+    assert not want.exists()
+    other.rename(target)
+    (target / "fastmaml.ok").unlink()
+    assert prebuilt.install(tmp_path / "packs").startswith("prebuilt: none") and not want.exists()
+
+
+_STUB_PYTHON = """#!/usr/bin/env bash
+# prebuilt.py as the build stage calls it: install and uninstall leave a line and a trace.
+case "$2" in
+  install) echo "install" >> "$TRACE"; echo "${STUB_INSTALL:-prebuilt: installed /cache/x (commit c)}" ;;
+  uninstall) echo "uninstall" >> "$TRACE"; echo "prebuilt: removed /cache/x" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("case", ["loads", "does not load", "no pack"])
+def test_gpu_check_build_stage_falls_back_from_a_prebuilt_library(tmp_path, case):
+    """gpu_check.sh's build stage: a carried pack is installed before the build; when the installed library
+    does not load, it is removed and the extension built once more; without a matching pack, one build."""
+    import os
+    import subprocess
+
+    script = (BENCH / "gpu_check.sh").read_text()
+    start = script.index("  # A library built ahead")
+    block = script[start:script.index('} > "$DIR/build.log"', start)]
+    repo, out, bin_dir = tmp_path / "repo", tmp_path / "out", tmp_path / "bin"
+    for d in (repo / ".gpu_prebuilt", out, bin_dir):
+        d.mkdir(parents=True)
+    (bin_dir / "python").write_text(_STUB_PYTHON)
+    (bin_dir / "python").chmod(0o755)
+    trace = tmp_path / "trace"
+    fails = "1" if case == "does not load" else ""
+    harness = f"""set -uo pipefail
+check_rc() {{ echo "check_rc $*"; }}
+build_extension() {{
+  echo "build $1" >> "$TRACE"
+  if [ -n "$FAILS" ] && [ "$(grep -c build "$TRACE")" = 1 ]; then
+    echo "backend cpu        unavailable: loading the C++ extension failed: undefined symbol"
+  else
+    echo "backend cpu        available (0.1 s)"
+  fi
+}}
+{{
+{block}}} > "$DIR/build.log" 2>&1
+"""
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DIR=str(out), REPO=str(repo), BUILD_S="150",
+               TRACE=str(trace), FAILS=fails)
+    if case == "no pack":
+        env["STUB_INSTALL"] = "prebuilt: none for this build (x); packs found: none; the extension is compiled here"
+    run = subprocess.run(["bash", "-c", harness], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    steps = trace.read_text().split("\n")[:-1]
+    log = (out / "build.log").read_text()
+    if case == "does not load":
+        assert steps == ["install", "build 150", "uninstall", "build 150"], steps
+        assert "prebuilt: removed" in log and log.rstrip().endswith("available (0.1 s)")
+    else:
+        assert steps == ["install", "build 150"], steps
+
