@@ -57,6 +57,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 CSV_COLUMNS = [
     "method", "device", "device_name", "T", "K", "width", "order", "tasks_per_s", "ms", "peak_mem_mb",
     "torch", "triton", "fastmaml", "commit", "date", "status", "rel_err", "repeats", "note", "load1",
+    "first_ms",  # the first call: compiling (Triton, torch.compile) and the check's call, not timed
 ]
 
 

@@ -150,7 +150,7 @@ def _measure(method, w, check, rtol, args, estimator) -> dict:
         status = "oom" if H.is_oom(err) else "failed"
         return dict(status=status, note=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
     err = H.rel_error(result if result is not None else timing.result, oracle)
-    out = dict(rel_err=f"{err:.2e}", repeats=timing.repeats, note=check_note)
+    out = dict(rel_err=f"{err:.2e}", repeats=timing.repeats, note=check_note, first_ms=f"{timing.first_ms:.4g}")
     estimator.add(method, w, timing.ms)
     if not err <= rtol:  # also catches NaN
         return dict(out, status="failed", note=f"meta-gradient differs from reference: rel err {err:.2e} > {rtol:g}")
@@ -180,7 +180,8 @@ def _progress(row: dict) -> None:
     if row["status"] == "ok":
         print(f"  {row['method']:<10} T={row['T']:<6} K={row['K']} W={row['width']:<4} "
               f"{float(row['tasks_per_s']):>12,.0f} tasks/s  {float(row['ms']):>10.3f} ms  "
-              f"(rel err {row['rel_err']}, {row['repeats']} runs)", flush=True)
+              f"(rel err {row['rel_err']}, {row['repeats']} runs, first call {float(row['first_ms']):,.0f} ms)",
+              flush=True)
         if row.get("launch"):
             print(f"    {row['launch']}", flush=True)
     else:

@@ -37,7 +37,7 @@
 # nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
 # Every stage has a time limit and the whole run ends within about TOTAL_S (default 470 s). The output
 # folder gets env.txt, build.log, ptxas.txt, tests.log, ab.txt, profile.txt, timeline.txt (and the folder
-# timeline/), overhead.txt, overhead.json, sweep.log, throughput.csv, throughput.png, summary.txt. The last
+# timeline/), overhead.txt, overhead.json, compile_ahead.log, sweep.log, throughput.csv, throughput.png, summary.txt. The last
 # thing printed is the compact summary table, then the stages that failed or ran out of time, if any: the
 # exit status is then 1 (0 when every stage that ran finished cleanly).
 #
@@ -47,7 +47,8 @@
 # tests/test_triton_maml.py, and once tests/test_same_function.py and tests/test_distributed.py (DDP over
 # NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed). The tests log to
 # tests.log. GPU_TEST_BACKENDS (default "cuda triton factored") picks the backends tested, SWEEP_ARGS
-# replaces the GPU sweep's settings, SKIP_SWEEP=1 skips it. AB_S (only when set; --quick adds it to
+# replaces the GPU sweep's settings, SKIP_SWEEP=1 skips it; before it, COMPILE_AHEAD_S=60 (0 skips it; at most
+# half the sweep's limit) compiles the Triton kernels its first calls need, in parallel (compile_ahead.log). AB_S (only when set; --quick adds it to
 # TOTAL_S) runs the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
 # of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); NCU_LOWRANK_S (0: only
@@ -319,6 +320,24 @@ if [ "${SKIP_SWEEP:-0}" = 1 ]; then
 elif [ "$budget" -lt 30 ]; then
   stage "sweep: skipped, only ${budget}s left"
 else
+  # The Triton kernels the sweep's first calls would compile one after another, compiled first on every core
+  # (benchmarks/compile_ahead.py: the same calls in parallel processes; Triton's disk cache keeps them), in
+  # at most COMPILE_AHEAD_S (60 s, 0 skips it; at most half the sweep's limit).
+  ahead="${COMPILE_AHEAD_S:-60}"
+  [ "$ahead" -gt $(( budget / 2 )) ] && ahead=$(( budget / 2 ))
+  if [ "$DRY_RUN" != 1 ] && [ "$ahead" -ge 15 ]; then
+    stage "compiling the sweep's Triton kernels ahead (limit ${ahead}s) -> $DIR/compile_ahead.log"
+    timeout -k 5 "$ahead" python benchmarks/compile_ahead.py --device "$DEVICE" --order second "${SWEEP[@]}" \
+      > "$DIR/compile_ahead.log" 2>&1
+    rc=$?
+    [ $rc = 124 ] && echo "compile ahead: stopped after ${ahead}s (the sweep compiles the rest)" >> "$DIR/compile_ahead.log"
+    grep -E "^compile ahead|failed" "$DIR/compile_ahead.log" | head -6 | cut -c1-200
+    # Its time comes from the later stages as the build's does (from the A/B with SWEEP_FIRST=1), else from
+    # the sweep's own.
+    cap=$(( $(left) - ( ${PROFILE_S:-60} + ${TIMELINE_S:-30} + ( ${SWEEP_FIRST:-0} == 1 ? 0 : ${AB_S:-0} ) ) ))
+    [ "$budget" -gt "$cap" ] && budget=$cap
+    [ "$budget" -lt 30 ] && budget=30  # the sweep is the run's main result: never under its minimum
+  fi
   stage "sweep on $DEVICE (limit ${budget}s) -> $DIR/throughput.csv, throughput.png, sweep.log"
   timeout "$budget" python benchmarks/bench_throughput.py --device "$DEVICE" --order second "${SWEEP[@]}" \
     --time-budget $(( budget - 25 )) --out "$DIR" > "$DIR/sweep.log" 2>&1

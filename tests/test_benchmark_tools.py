@@ -640,3 +640,25 @@ build_extension() {{
     else:
         assert steps == ["install", "build 150"], steps
 
+
+def test_compile_ahead_runs_the_sweeps_first_calls_in_parallel(tmp_path, capsys):
+    """compile_ahead.py keeps the sweep's settings of the methods that compile Triton kernels, in the sweep's
+    order, and runs each first call in a process of its own (here the factored backend on the CPU, which
+    compiles nothing: the pool, its workers' imports and their report are what run)."""
+    import bench_throughput
+    import compile_ahead
+
+    args = bench_throughput.parse_args(["--device", "cuda", "--tasks", "65536", "25", "--steps", "5", "1",
+                                        "--width", "40", "--methods", "cuda", "triton", "factored", "vmap"])
+    got = compile_ahead.cells(args)
+    assert got[:3] == [("triton", 25, 1, 40), ("factored", 25, 1, 40), ("triton", 65536, 1, 40)], got
+    assert len(got) == 8 and {m for m, *_ in got} == {"triton", "factored"}
+
+    assert compile_ahead.main(["--methods", "cuda", "vmap"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert compile_ahead.main(["--device", "cpu", "--methods", "factored", "--tasks", "5", "7", "--width", "6",
+                               "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 first calls in 2 processes" in out and "done in" in out, out
+    lines = [ln for ln in out.splitlines() if ln.startswith("  factored")]
+    assert len(lines) == 2 and all(re.search(r" \d+\.\d s$", ln) for ln in lines), out
