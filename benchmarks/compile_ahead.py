@@ -2,7 +2,7 @@
 in parallel processes before the sweep times anything.
 
     python benchmarks/compile_ahead.py --device cuda --tasks 25 1024 65536 --steps 1 5 --width 40 128 \\
-        --methods cuda triton factored vmap [--jobs 8]
+        --methods cuda triton factored vmap [--jobs 8] [--variant "ENV=VALUE ...|METHOD|T|STEPS|WIDTHS" ...]
 
 Takes the throughput benchmark's arguments (`bench_throughput.py`) and keeps what selects the settings. A
 Triton kernel is compiled for each set of its compile-time constants and each specialisation of its integer
@@ -13,6 +13,11 @@ wait. Here each (method, T, K, width) is one call in a process of its own, all c
 in Triton's on-disk cache, where the sweep's first calls then find them. The calls are made exactly as the
 sweep makes them (`_harness.make_workload` and `make_step`), so their arguments specialise alike. Nothing is
 timed or checked here: a call that fails is reported and the sweep reports it again.
+
+`--variant` adds the settings of an A/B variant of the GPU check (its switches, method, T, inner steps and
+widths, as `ab_variants.sh`'s `ab_resolve` gives them), whose kernels the switches change: the A/B gives each
+variant about 30 s, which two or four compiles would take whole. Every call runs in a fresh process, so the
+switches that are read once a process are read from that call's own environment.
 
 Prints one line a call (its time, which is mostly compiling) and the wall time of all of them.
 """
@@ -33,16 +38,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 COMPILING = ("triton", "factored")
 
 
-def cells(args) -> list[tuple[str, int, int, int]]:
-    """(method, T, K, width) of every setting the sweep will run for a method in COMPILING, in the sweep's
-    order (smallest first)."""
+Cell = tuple[str, int, int, int, tuple[tuple[str, str], ...]]  # method, T, K, width, switches
+
+
+def cells(args, variants: list[str] = ()) -> list[Cell]:
+    """(method, T, K, width, switches) of every setting the sweep will run for a method in COMPILING, in the
+    sweep's order (smallest first), then those of each variant (`--variant`) of such a method."""
     methods = [m for m in (args.methods or COMPILING) if m in COMPILING]
-    return [(m, T, K, width) for K in sorted(args.steps) for width in sorted(args.width) for T in sorted(args.tasks)
-            for m in methods]
+    out = [(m, T, K, width, ()) for K in sorted(args.steps) for width in sorted(args.width)
+           for T in sorted(args.tasks) for m in methods]
+    for spec in variants:
+        out += variant_cells(spec)
+    return out
 
 
-def _first_call(method: str, T: int, K: int, width: int, first_order: bool, device: str, dtype: str) -> str:
-    """One call of `method` at a setting, in a worker process: the status and its time."""
+def variant_cells(spec: str) -> list[Cell]:
+    """The cells of one A/B variant, "ENV=VALUE ...|METHOD|T|STEPS|WIDTHS" (steps and widths space-separated);
+    none when its method compiles no Triton kernel."""
+    try:
+        setting, method, tasks, steps, widths = spec.split("|")
+        env = tuple(tuple(item.split("=", 1)) for item in setting.split())
+        if any(len(pair) != 2 or not pair[0] for pair in env):
+            raise ValueError(setting)
+        T, Ks, Ws = int(tasks), [int(k) for k in steps.split()], [int(w) for w in widths.split()]
+    except ValueError:
+        raise SystemExit(f"compile_ahead.py: --variant {spec!r} is not 'ENV=VALUE ...|METHOD|T|STEPS|WIDTHS'")
+    if method not in COMPILING:
+        return []
+    return [(method, T, K, width, env) for K in sorted(Ks) for width in sorted(Ws)]
+
+
+def _first_call(method: str, T: int, K: int, width: int, env: tuple, first_order: bool, device: str,
+                dtype: str) -> str:
+    """One call of `method` at a setting, in a fresh worker process: the status and its time."""
+    os.environ.update(dict(env))  # before fastmaml is imported: its switches are read once a process
     import torch
 
     import _harness as H
@@ -67,13 +96,18 @@ def main(argv=None) -> int:
     import bench_throughput
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    jobs = None
-    if "--jobs" in argv:  # this script's own option; the rest are the sweep's
-        i = argv.index("--jobs")
-        jobs = int(argv[i + 1])
+    jobs, variants = None, []
+    while "--jobs" in argv or "--variant" in argv:  # this script's own options; the rest are the sweep's
+        i = argv.index("--jobs") if "--jobs" in argv else argv.index("--variant")
+        if i + 1 >= len(argv):
+            raise SystemExit(f"compile_ahead.py: {argv[i]} needs a value")
+        if argv[i] == "--jobs":
+            jobs = int(argv[i + 1])
+        else:
+            variants.append(argv[i + 1])
         del argv[i:i + 2]
     args = bench_throughput.parse_args(argv)
-    todo = cells(args)
+    todo = cells(args, variants)
     if not todo:
         print("compile ahead: no setting of a method that compiles Triton kernels (nothing to do)")
         return 0
@@ -85,16 +119,17 @@ def main(argv=None) -> int:
     # of the sweep would.
     context = multiprocessing.get_context("spawn")
     first_order = args.order == "first"
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {pool.submit(_first_call, m, T, K, width, first_order, args.device, args.dtype): (m, T, K, width)
-                   for m, T, K, width in todo}
+    # One call a process (max_tasks_per_child): a variant's switches must not meet another call's.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(_first_call, *cell[:5], first_order, args.device, args.dtype): cell for cell in todo}
         for future in as_completed(futures):
-            m, T, K, width = futures[future]
+            m, T, K, width, env = futures[future]
             try:
                 status = future.result()
             except Exception as err:  # a worker that died (out of memory, a crash in a kernel)
                 status = f"failed (worker: {type(err).__name__})"
-            print(f"  {m:<10} T={T:<6} K={K} W={width:<4} {status}", flush=True)
+            switches = f" [{' '.join('='.join(pair) for pair in env)}]" if env else ""
+            print(f"  {m:<10} T={T:<6} K={K} W={width:<4} {status}{switches}", flush=True)
     print(f"compile ahead: done in {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 

@@ -9,7 +9,7 @@
 #                                                # of test_backends.py and those new with G2/G3 (no
 #                                                # synchronisation, CUDA graphs, compile), the overhead
 #   benchmarks/gpu_check.sh --measure [OUT_DIR]  # under 300 s: the build, the quick sweep, the CUDA sweep's
-#                                                # timeline, the A/B of three switches (AB_S=80); no tests
+#                                                # timeline, the A/B of five switches (AB_S=150); no tests
 #   benchmarks/gpu_check.sh --tests [OUT_DIR]    # under 300 s, best on the machine --measure warmed (the
 #                                                # build cached): the quick tests and the switches' tests,
 #                                                # auto's choice, ncu of the CUDA and low-rank kernels, the
@@ -37,9 +37,9 @@
 # nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
 # Every stage has a time limit and the whole run ends within about TOTAL_S (default 470 s). The output
 # folder gets env.txt, build.log, ptxas.txt, tests.log, ab.txt, profile.txt, timeline.txt (and the folder
-# timeline/), overhead.txt, overhead.json, compile_ahead.log, sweep.log, throughput.csv, throughput.png, summary.txt. The last
-# thing printed is the compact summary table, then the stages that failed or ran out of time, if any: the
-# exit status is then 1 (0 when every stage that ran finished cleanly).
+# timeline/), overhead.txt, overhead.json, compile_ahead.log, sweep.log, throughput.csv, throughput.png,
+# summary.txt. The last thing printed is the compact summary table, then the stages that failed or ran out of
+# time, if any: the exit status is then 1 (0 when every stage that ran finished cleanly).
 #
 # Stage limits (seconds, override by environment): BUILD_S=180 (nvcc), SWEEP_S (75 with --quick, else no
 # cap: what is left of TOTAL_S after the profile's and the A/B's time and a reserve for the summary),
@@ -47,9 +47,10 @@
 # tests/test_triton_maml.py, and once tests/test_same_function.py and tests/test_distributed.py (DDP over
 # NCCL, a world of one); pytest-xdist spreads them over the cores when it is installed). The tests log to
 # tests.log. GPU_TEST_BACKENDS (default "cuda triton factored") picks the backends tested, SWEEP_ARGS
-# replaces the GPU sweep's settings, SKIP_SWEEP=1 skips it; before it, COMPILE_AHEAD_S=60 (0 skips it; at most
-# half the sweep's limit) compiles the Triton kernels its first calls need, in parallel (compile_ahead.log). AB_S (only when set; --quick adds it to
-# TOTAL_S) runs the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
+# replaces the GPU sweep's settings, SKIP_SWEEP=1 skips it; before it, COMPILE_AHEAD_S=60 (0 skips it; at
+# most half the sweep's limit) compiles the Triton kernels its first calls need, and those of the A/B's
+# Triton variants, in parallel (compile_ahead.log). AB_S (only when set; --quick adds it to TOTAL_S) runs
+# the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
 # of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); NCU_LOWRANK_S (0: only
 # when asked) ncu of four of the factored backend's low-rank launches at K=5, W=128, Triton's and the CUDA
@@ -90,16 +91,18 @@ exec > >(tee -a "$DIR/console.log") 2>&1
 TEE_PID=$!
 
 # The halves of --quick set their own defaults first (each still overridable from the environment).
-# --measure: build about 110 s at worst, the sweep 60 (30 s measured on the H200), the timeline 25, the A/B
-# 80 (three variants at 26 s), the summary: under 300 s. Its A/B: the one-step kernel (a warp a task,
+# --measure, under 300 s: the build (a few seconds with a carried prebuilt library, 110-150 s without),
+# the Triton kernels compiled ahead (at most 37 s), the sweep 75 (30 s measured on the H200 with warm
+# caches), the timeline 25, the A/B with what is left, up to 150 s (five variants at 30 s; without a prebuilt
+# library about the first one), the summary. Its A/B: the one-step kernels of CUDA and Triton (a warp a task,
 # theta_1 kept low-rank: G2's redesign for K=1), the test of whether the CUDA sweep's speed follows the
 # tasks in flight a multiprocessor (a75ae00: a task took about 390 us at K=5 alone or beside two others:
-# 25 one-warp teams with their workspaces in global memory), and the factored backend's CUDA lowrank_add
-# (the largest prediction, at W=128).
+# 25 one-warp teams with their workspaces in global memory), the factored backend's CUDA lowrank_add (the
+# largest prediction, at W=128) and the CUDA one-step kernel's products on tensor cores.
 if [ "$MODE" = measure ]; then
   : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=25}" "${NCU_S:=0}"
-  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=80}" "${RESERVE_S:=20}" "${AB_VARIANTS:=onestep blocks6+team32 fcuda}"
-  : "${TOTAL_S:=$(( 220 + AB_S ))}"
+  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=150}" "${RESERVE_S:=20}"
+  : "${AB_VARIANTS:=onestep tonestep blocks6+team32 fcuda omma}" "${TOTAL_S:=290}"
 elif [ "$MODE" = tests ]; then
   # The quick tests 120 s (a75ae00's took 114 s with warm caches), the Triton one-step kernel's 50, the CUDA
   # one-step switch's 20 (the mma and blocks6+states switches' tests only when asked: neither is in this
@@ -326,9 +329,19 @@ else
   ahead="${COMPILE_AHEAD_S:-60}"
   [ "$ahead" -gt $(( budget / 2 )) ] && ahead=$(( budget / 2 ))
   if [ "$DRY_RUN" != 1 ] && [ "$ahead" -ge 15 ]; then
+    # With them the A/B's Triton variants that can run (25 s each at least), whose slot of about 30 s two to
+    # four compiles would fill.
+    ahead_variants=()
+    if [ "${AB_S:-0}" -gt 0 ]; then
+      for v in $(echo ${AB_VARIANTS:-$AB_DEFAULT} | tr ' ' '\n' | head -n $(( AB_S / 25 ))); do
+        if ab_resolve "$v"; then
+          case "$method" in triton|factored) ahead_variants+=(--variant "$setting|$method|65536|$steps|$widths") ;; esac
+        fi
+      done
+    fi
     stage "compiling the sweep's Triton kernels ahead (limit ${ahead}s) -> $DIR/compile_ahead.log"
     timeout -k 5 "$ahead" python benchmarks/compile_ahead.py --device "$DEVICE" --order second "${SWEEP[@]}" \
-      > "$DIR/compile_ahead.log" 2>&1
+      ${ahead_variants[@]+"${ahead_variants[@]}"} > "$DIR/compile_ahead.log" 2>&1
     rc=$?
     [ $rc = 124 ] && echo "compile ahead: stopped after ${ahead}s (the sweep compiles the rest)" >> "$DIR/compile_ahead.log"
     grep -E "^compile ahead|failed" "$DIR/compile_ahead.log" | head -6 | cut -c1-200

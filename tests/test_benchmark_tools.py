@@ -651,14 +651,78 @@ def test_compile_ahead_runs_the_sweeps_first_calls_in_parallel(tmp_path, capsys)
     args = bench_throughput.parse_args(["--device", "cuda", "--tasks", "65536", "25", "--steps", "5", "1",
                                         "--width", "40", "--methods", "cuda", "triton", "factored", "vmap"])
     got = compile_ahead.cells(args)
-    assert got[:3] == [("triton", 25, 1, 40), ("factored", 25, 1, 40), ("triton", 65536, 1, 40)], got
+    assert got[:3] == [("triton", 25, 1, 40, ()), ("factored", 25, 1, 40, ()), ("triton", 65536, 1, 40, ())], got
     assert len(got) == 8 and {m for m, *_ in got} == {"triton", "factored"}
+    got = compile_ahead.cells(args, ["A=1 B=x=y|triton|65536|1|128 40", "C=1|cuda|65536|1 5|40"])
+    assert got[8:] == [("triton", 65536, 1, 40, (("A", "1"), ("B", "x=y"))),
+                       ("triton", 65536, 1, 128, (("A", "1"), ("B", "x=y")))], got[8:]
+    with pytest.raises(SystemExit, match="is not"):
+        compile_ahead.cells(args, ["A|triton|65536|1|40"])
 
     assert compile_ahead.main(["--methods", "cuda", "vmap"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+    # A variant's switch reaches its call's process only: FASTMAML_FACTORED_K_LOOP takes two values, and a
+    # wrong one fails the call when the factored backend reads it.
     assert compile_ahead.main(["--device", "cpu", "--methods", "factored", "--tasks", "5", "7", "--width", "6",
-                               "--jobs", "2"]) == 0
+                               "--jobs", "2", "--variant", "FASTMAML_FACTORED_K_LOOP=bogus|factored|5|1|6"]) == 0
     out = capsys.readouterr().out
-    assert "2 first calls in 2 processes" in out and "done in" in out, out
+    assert "3 first calls in 2 processes" in out and "done in" in out, out
     lines = [ln for ln in out.splitlines() if ln.startswith("  factored")]
-    assert len(lines) == 2 and all(re.search(r" \d+\.\d s$", ln) for ln in lines), out
+    plain = [ln for ln in lines if "[" not in ln]
+    assert len(plain) == 2 and all(re.search(r" \d+\.\d s$", ln) for ln in plain), out
+    assert [ln for ln in lines if ln.endswith("[FASTMAML_FACTORED_K_LOOP=bogus]") and " failed (" in ln], out
+
+
+def test_gpu_check_compiles_ahead_the_sweep_and_the_ab_triton_variants(tmp_path):
+    """gpu_check.sh's compile-ahead stage: the sweep's arguments, then one --variant for each A/B variant of a
+    Triton-compiling method among those the A/B has time for (AB_S / 25), under a limit of at most half the
+    sweep's; the sweep's limit is then cut to what the later stages leave."""
+    import os
+
+    script = (BENCH / "gpu_check.sh").read_text()
+    start = script.index("  # The Triton kernels the sweep's first calls would compile")
+    block = script[start:script.index('  stage "sweep on $DEVICE', start)]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS"\necho "compile ahead: done"\n')
+    (bin_dir / "python").chmod(0o755)
+    harness = f"""stage() {{ echo "stage $*"; }}
+left() {{ echo "$LEFT"; }}
+SWEEP=(--tasks 25 65536 --steps 1 5)
+{block}
+echo "budget $budget"
+"""
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ARGS=str(tmp_path / "args"), DIR=str(tmp_path),
+               DEVICE="cuda", DRY_RUN="0", budget="75", AB_S="100", AB_VARIANTS="tonestep onestep ftf32x3 pad1 scratch",
+               SWEEP_FIRST="1", PROFILE_S="0", TIMELINE_S="25", LEFT="200")
+    out = _bash_env(harness, env)
+    args = (tmp_path / "args").read_text().split("\n")[:-1]
+    assert args[:8] == ["benchmarks/compile_ahead.py", "--device", "cuda", "--order", "second", "--tasks", "25",
+                        "65536"], args
+    variants = [args[i + 1] for i, a in enumerate(args) if a == "--variant"]
+    # AB_S=100: the first four variants can run; onestep is the CUDA kernel's, scratch does not fit.
+    assert variants == ["FASTMAML_TRITON_ONESTEP=1|triton|65536|1|40 128",
+                        "FASTMAML_FACTORED_PRECISION=tf32x3|factored|65536|1 5|40 128",
+                        "FASTMAML_TRITON_WIDTH1=pad|triton|65536|1 5|40"], variants
+    assert "limit 37s" in out and "budget 75" in out, out
+    # Less left after it than the sweep's limit and the later stages: the sweep's limit is cut (not under 30).
+    env.update(LEFT="80")
+    assert "budget 55" in _bash_env(harness, env)
+    env.update(LEFT="40")
+    assert "budget 30" in _bash_env(harness, env)
+    # No A/B: the sweep alone; a sweep limit under 30 s: no compile ahead.
+    env.update(AB_S="0")
+    _bash_env(harness, env)
+    assert "--variant" not in (tmp_path / "args").read_text()
+    (tmp_path / "args").unlink()
+    env.update(budget="29")
+    assert "stage compiling" not in _bash_env(harness, env) and not (tmp_path / "args").exists()
+
+
+def _bash_env(script: str, env: dict) -> str:
+    import subprocess
+
+    proc = subprocess.run(["bash", "-c", f"set -uo pipefail\nsource benchmarks/ab_variants.sh\n{script}"],
+                          cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
