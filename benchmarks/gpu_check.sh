@@ -766,7 +766,8 @@ fi
 # (AB_DEFAULT in benchmarks/ab_variants.sh) is what no GPU has measured yet, the likeliest gains first,
 # too many for one call (scratch was measured with FMA products, equal to the register layout, and now runs
 # tf32x3); "shared tiles chunk4g factors" were measured on the H200 (2026-11-30, benchmarks/RESULTS.md).
-# AB_S is the time for all; each variant's CSV goes to ab/.
+# AB_S is the time for all; each variant's CSV goes to ab/, and the summary compares its rows with the sweep's
+# (AB_BASELINE=an earlier run's throughput.csv where this run has no sweep).
 # Variants joined with '+' (mma+blocks4, team64s+mma) combine their switches, one method's only.
 if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
   stop_prewarm
@@ -868,6 +869,13 @@ if [ -s "$DIR/throughput.csv" ]; then
 else
   [ "${SKIP_SWEEP:-0}" = 1 ] && echo "no sweep in this run (SKIP_SWEEP=1)" | tee "$DIR/summary.txt" \
     || echo "no throughput.csv: see $DIR/sweep.log" | tee "$DIR/summary.txt"
+fi
+# The A/B's rows against the sweep's (this run's, or AB_BASELINE: an earlier run's throughput.csv on the same
+# machine, for an A/B run without a sweep).
+ab_base="${AB_BASELINE:-$DIR/throughput.csv}"
+if [ -d "$DIR/ab" ] && [ -s "$ab_base" ]; then
+  echo "A/B against the sweep in $ab_base (ratio above 1: the variant is faster than the default)" | tee -a "$DIR/summary.txt"
+  timeout 60 python benchmarks/report.py "$ab_base" --ab "$DIR/ab" 2>&1 | tee -a "$DIR/summary.txt"
 fi
 FINISHED=1
 if [ ${#FAILED[@]} -gt 0 ]; then

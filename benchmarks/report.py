@@ -4,6 +4,7 @@
     python benchmarks/report.py DIR/throughput.csv --compact    # short: method, T, K, width, tasks/s, ratios
     python benchmarks/report.py DIR/throughput.csv --markdown   # the tables of benchmarks/RESULTS.md
     python benchmarks/report.py DIR/throughput.csv --plot DIR/throughput.png
+    python benchmarks/report.py DIR/throughput.csv --ab DIR/ab  # the GPU check's A/B against this sweep
 
 Ratios are tasks/s of a method over tasks/s of a peer in the same setting (device, T, K, width, order):
 above 1 means faster than the peer.
@@ -260,6 +261,36 @@ def plot(rows: list[dict], path, value: str = "tasks_per_s", ylabel: str = "task
     plt.close(fig)
 
 
+def ab_table(sweep: list[dict], variants: dict[str, list[dict]]) -> str:
+    """The GPU check's A/B (`variants`: a variant's name and the rows its run wrote) against the sweep's rows of
+    the same method and setting: each row's tasks/s, the default's, their ratio (above 1: the variant is
+    faster) and the variant against the sweep's vmap. A setting the sweep did not measure shows "-"."""
+    head = ["variant", "method", "T", "K", "width", "variant", "default", "ratio", "vs vmap"]
+    lines = [head]
+    for name, rows in variants.items():
+        for row in rows:
+            default = next((r for r in sweep if r["method"] == row["method"] and _key(r) == _key(row)), None)
+            mine = _rate(row)
+            base = _rate(default) if default is not None else None
+            vmap = next((r for r in sweep if r["method"] == "vmap" and _key(r) == _key(row)), None)
+            vmap_rate = _rate(vmap) if vmap is not None else None
+            lines.append([name, row["method"], row["T"], row["K"], row["width"],
+                          _fmt_rate(mine) if row.get("status") == "ok" else row.get("status", "?"), _fmt_rate(base),
+                          _fmt_ratio(mine / base if mine is not None and base else None),
+                          _fmt_ratio(mine / vmap_rate if mine is not None and vmap_rate else None)])
+    if len(lines) == 1:
+        return "no A/B row"
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     .rstrip() for line in lines)
+
+
+def load_ab(folder: Path) -> dict[str, list[dict]]:
+    """The A/B's runs under `folder` (the GPU check's ab/: one folder a variant with its throughput.csv)."""
+    return {d.name: load(d / "throughput.csv") for d in sorted(Path(folder).iterdir())
+            if (d / "throughput.csv").is_file()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("csv", type=Path)
@@ -269,11 +300,16 @@ def main(argv=None) -> int:
     ap.add_argument("--update", type=Path, metavar="MD", help="write the markdown tables into this file ...")
     ap.add_argument("--section", default="cpu", help="... between <!-- begin SECTION --> and <!-- end SECTION -->")
     ap.add_argument("--preamble", default="", help="text put before the tables in that section")
+    ap.add_argument("--ab", type=Path, metavar="DIR",
+                    help="the A/B's folder (the GPU check's ab/): its rows against this CSV's, instead of the table")
     args = ap.parse_args(argv)
     rows = load(args.csv)
     if not rows:
         print(f"{args.csv}: no rows")
         return 1
+    if args.ab:
+        print(ab_table(rows, load_ab(args.ab)))
+        return 0
     if args.plot:
         plot(rows, args.plot)
     if args.update:

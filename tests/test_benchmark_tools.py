@@ -726,3 +726,63 @@ def _bash_env(script: str, env: dict) -> str:
                           cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def test_ab_table_compares_each_variant_row_with_the_sweeps(tmp_path, capsys):
+    """report.py --ab: a variant's row against the sweep's row of the same method and setting (not another
+    method's, width's or K's), and against the sweep's vmap; what the sweep lacks shows "-", a failed row its
+    status."""
+    import csv
+
+    import report
+
+    cols = ["method", "device", "T", "K", "width", "order", "tasks_per_s", "status"]
+
+    def write(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as fh:
+            out = csv.DictWriter(fh, fieldnames=cols)
+            out.writeheader()
+            for r in rows:
+                out.writerow(dict(zip(cols, r)))
+
+    write(tmp_path / "throughput.csv", [
+        ["cuda", "cuda", 65536, 1, 40, "second", 4_000_000, "ok"], ["triton", "cuda", 65536, 1, 40, "second", 1e6, "ok"],
+        ["cuda", "cuda", 65536, 5, 40, "second", 1_000_000, "ok"], ["vmap", "cuda", 65536, 1, 40, "second", 5e6, "ok"]])
+    write(tmp_path / "ab" / "onestep" / "throughput.csv", [
+        ["cuda", "cuda", 65536, 1, 40, "second", 8_000_000, "ok"], ["cuda", "cuda", 65536, 1, 128, "second", 2e6, "ok"]])
+    write(tmp_path / "ab" / "mma" / "throughput.csv", [["cuda", "cuda", 65536, 5, 40, "second", "", "failed"]])
+    assert report.main([str(tmp_path / "throughput.csv"), "--ab", str(tmp_path / "ab")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["variant", "method", "T", "K", "width", "variant", "default", "ratio", "vs", "vmap"]
+    rows = {tuple(ln.split()[:5]): ln.split()[5:] for ln in lines[1:]}
+    assert rows[("onestep", "cuda", "65536", "1", "40")] == ["8,000,000", "4,000,000", "2.00x", "1.60x"]
+    assert rows[("onestep", "cuda", "65536", "1", "128")] == ["2,000,000", "-", "-", "-"]
+    assert rows[("mma", "cuda", "65536", "5", "40")] == ["failed", "1,000,000", "-", "-"]
+
+
+def test_gpu_check_summary_adds_the_ab_table(tmp_path):
+    """gpu_check.sh's summary appends the A/B table when the run has an ab/ folder and a sweep to compare
+    with: its own throughput.csv, or AB_BASELINE's where it ran no sweep; without either, nothing."""
+    import os
+    import shutil
+
+    script = (BENCH / "gpu_check.sh").read_text()
+    start = script.index("# The A/B's rows against the sweep's")
+    block = script[start:script.index("FINISHED=1", start)]
+    run_dir, earlier = tmp_path / "run", tmp_path / "earlier"
+    (run_dir / "ab" / "onestep").mkdir(parents=True)
+    earlier.mkdir()
+    header = "method,device,T,K,width,order,tasks_per_s,status\n"
+    (run_dir / "ab" / "onestep" / "throughput.csv").write_text(header + "cuda,cuda,65536,1,40,second,8000000,ok\n")
+    (earlier / "throughput.csv").write_text(header + "cuda,cuda,65536,1,40,second,4000000,ok\n")
+    env = dict(os.environ, DIR=str(run_dir), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    _bash_env(block, env)
+    assert not (run_dir / "summary.txt").exists()  # no sweep in this run and no baseline named
+    env["AB_BASELINE"] = str(earlier / "throughput.csv")
+    out = _bash_env(block, env)
+    assert "2.00x" in out and "2.00x" in (run_dir / "summary.txt").read_text()
+    del env["AB_BASELINE"]
+    shutil.copy(earlier / "throughput.csv", run_dir / "throughput.csv")
+    (run_dir / "summary.txt").unlink()
+    assert "2.00x" in _bash_env(block, env)
