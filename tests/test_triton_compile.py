@@ -332,6 +332,25 @@ def test_precision_switch_picks_tensor_cores_per_layout(tmp_path):
             assert (result["mma"] > 0) == tensor_cores, f"{name} with {value or 'auto'!r}: {result['mma']} mma.sync"
 
 
+def test_width_one_layers_are_not_turned_into_tf32_products(tmp_path):
+    """Under FASTMAML_TRITON_WIDTH1=keep the register layout leaves a layer of width 1 one wide and multiplies
+    by it as a broadcast. Written as a sum over a length-1 axis, Triton's combine pass turns such a sum into a
+    `tl.dot` with TF32 inputs wherever both other sides are 16 or more (the sinusoid net's input layer and
+    every product through its output layer), which float32 accuracy cannot afford and which the interpreter
+    never shows. Compiled for sm_90 at the sinusoid size (the training kernel with its outputs, the forward, a
+    first-order tanh backward) and with a hidden layer of width 1, both ways, the register layout's products
+    must stay FMAs: no mma.sync."""
+    variants = [_variant("bwd", "float32", [1, 40, 40, 1], 10, 10, 0, 0, outputs=True),
+                _variant("fwd", "float32", [1, 40, 40, 1], 10, 10, 0, 0),
+                _variant("bwd", "float32", [1, 40, 40, 1], 10, 10, 0, 1, first_order=True),
+                _variant("bwd", "float32", [3, 1, 5], 10, 19, 1, 1, need_lr_grad=True, need_x_grad=True)]
+    for value in ("keep", "pad"):
+        results = _compile_in_subprocess(variants, {"FASTMAML_TRITON_WIDTH1": value}, tmp_path / value)
+        for name, result in results.items():
+            assert result["ok"], f"{name} does not compile with {value}:\n{result['error']}"
+            assert result["mma"] == 0, f"{name} with {value}: {result['mma']} mma.sync in float32 products"
+
+
 def test_fewer_warps_compile(tmp_path):
     """FASTMAML_TRITON_WARPS=4 (the A/B's two programs a multiprocessor where 8 warps of 255 registers make
     one): the sinusoid net's scratch-layout backward compiles for sm_90 at 4 warps, within shared memory."""
