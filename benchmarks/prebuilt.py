@@ -76,7 +76,7 @@ def pack(dest: Path, with_cuda: bool | None = None) -> Path:
             if old.is_dir() and (old / MANIFEST).is_file():
                 shutil.rmtree(old)
     target = dest / build.name
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)  # a folder left without its manifest is written over
     for name in _FILES:
         shutil.copy2(build / name, target / name)
     manifest = {
