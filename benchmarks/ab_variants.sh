@@ -2,14 +2,14 @@
 # described there, at the A/B). Functions only, and the default list: tests/test_benchmark_tools.py runs
 # them in bash.
 
-AB_DEFAULT="onestep tonestep pad1 scratch tonestep_kc16 tonestep16 tonestep2_kc16 omma ogeneric ow16 oglobal okeep4g tonestep2 tonestep_tf ow4 fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2"
+AB_DEFAULT="onestep tonestep keep1 scratch tonestep_kc16 tonestep16 tonestep2_kc16 omma ogeneric ow16 oglobal okeep4g tonestep2 tonestep_tf ow4 fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2"
 # One variant's switches: sets `setting`, `method`, `widths` and `steps` (the widths and inner steps it is
 # measured at).
 ab_variant() {
   widths="40 128" steps="1 5"
   case "$1" in
     scratch) setting=FASTMAML_TRITON_LAYOUT=scratch; method=triton; widths=40 ;;
-    pad1) setting=FASTMAML_TRITON_WIDTH1=pad; method=triton; widths=40 ;;
+    keep1) setting=FASTMAML_TRITON_WIDTH1=keep; method=triton; widths=40 ;;
     warps4) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=4"; method=triton ;;
     warps2) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_WARPS=2"; method=triton; widths=40 ;;
     nreg128) setting="FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128"; method=triton ;;

@@ -749,9 +749,9 @@ fi
 #   scratch  FASTMAML_TRITON_LAYOUT=scratch at W=40 (`auto` takes it from W=128; the register layout at
 #            W=128 is left out: its backward alone compiles for 8 minutes on 2 cores). Level with the
 #            register layout on a75ae00; since e143a24 its loops stop at the real width (3 chunks of 16, not 4)
-#   pad1     FASTMAML_TRITON_WIDTH1=pad at W=40: the register layout pads the 1-wide input and output layers
-#            to 16 again (tl.dots, as before 2026-12-03) instead of broadcasts and row sums; the default's
-#            training kernel has 26% fewer FFMAs and fewer spills, but more barriers (sm_90 ptxas -v)
+#   keep1    FASTMAML_TRITON_WIDTH1=keep at W=40: the register layout leaves the 1-wide input and output
+#            layers 1 wide (broadcasts and row sums) instead of padding them to 16 (tl.dots); its training
+#            kernel has 24% fewer FFMAs but issues 25% more instructions (barriers, shuffles; sm_90 SASS)
 #   tf32x3   FASTMAML_TRITON_PRECISION=tf32x3 at W=40: the register layout's products on tensor cores
 #   shared   FASTMAML_CUDA_SHARED_KB=44: CUDA workspaces above 44 KiB in global memory (before the opt-in)
 #   tiles    FASTMAML_CUDA_TILES=0: CUDA products with one output per thread (before the register tiles)

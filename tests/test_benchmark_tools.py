@@ -693,7 +693,7 @@ SWEEP=(--tasks 25 65536 --steps 1 5)
 echo "budget $budget"
 """
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ARGS=str(tmp_path / "args"), DIR=str(tmp_path),
-               DEVICE="cuda", DRY_RUN="0", budget="75", AB_S="100", AB_VARIANTS="tonestep onestep ftf32x3 pad1 scratch",
+               DEVICE="cuda", DRY_RUN="0", budget="75", AB_S="100", AB_VARIANTS="tonestep onestep ftf32x3 keep1 scratch",
                SWEEP_FIRST="1", PROFILE_S="0", TIMELINE_S="25", LEFT="200")
     out = _bash_env(harness, env)
     args = (tmp_path / "args").read_text().split("\n")[:-1]
@@ -703,7 +703,7 @@ echo "budget $budget"
     # AB_S=100: the first four variants can run; onestep is the CUDA kernel's, scratch does not fit.
     assert variants == ["FASTMAML_TRITON_ONESTEP=1|triton|65536|1|40 128",
                         "FASTMAML_FACTORED_PRECISION=tf32x3|factored|65536|1 5|40 128",
-                        "FASTMAML_TRITON_WIDTH1=pad|triton|65536|1 5|40"], variants
+                        "FASTMAML_TRITON_WIDTH1=keep|triton|65536|1 5|40"], variants
     assert "limit 37s" in out and "budget 75" in out, out
     # Less left after it than the sweep's limit and the later stages: the sweep's limit is cut (not under 30).
     env.update(LEFT="80")

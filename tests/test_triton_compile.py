@@ -61,9 +61,10 @@ def covering_variants() -> list[dict]:
     for width in (40, 128):
         out.append(_variant("bwd", "float32", [1, width, width, 1], 10, 10, 0, 0, outputs=True))
         out.append(_variant("fwd", "float32", [1, width, width, 1], 10, 10, 0, 0))
-    # Layers 1 wide (kept 1 wide in the register layout, FASTMAML_TRITON_WIDTH1=keep: their products are
-    # broadcasts and sums, not tl.dot): a hidden one with input gradients, and the sinusoid net's shape at
-    # small widths, first order and forward without a query.
+    # Layers 1 wide (padded by default; under FASTMAML_TRITON_WIDTH1=keep, which
+    # test_width_one_layers_are_not_turned_into_tf32_products compiles, their products are broadcasts and
+    # sums): a hidden one with input gradients, and the sinusoid net's shape at small widths, first order and
+    # forward without a query.
     out.append(_variant("bwd", "float64", [3, 1, 5], 10, 19, 1, 1, need_lr_grad=True, need_x_grad=True))
     out.append(_variant("bwd", "float32", [1, 21, 1], 10, 19, 0, 1, first_order=True, need_x_grad=True))
     out.append(_variant("fwd", "float32", [1, 6, 1], 10, 19, 0, 0, query=False))

@@ -303,18 +303,20 @@ def test_scratch_layout_several_tasks_per_program(monkeypatch):
 
 
 def test_width_one_layers_kept_or_padded(monkeypatch):
-    """FASTMAML_TRITON_WIDTH1: the register layout keeps a 1-wide layer 1 wide by default and pads it to 16
-    under `pad` (the A/B's old way, which still matches the reference); the scratch layout always pads; a
+    """FASTMAML_TRITON_WIDTH1: the register layout pads a 1-wide layer to 16 by default and keeps it 1 wide
+    under `keep` (the A/B's other way, which matches the reference too); the scratch layout always pads; a
     value it does not know is refused by name."""
     tm = _backend()
     monkeypatch.setattr(tm, "WIDTH1", None)
     monkeypatch.delenv("FASTMAML_TRITON_WIDTH1", raising=False)
     consts = tm.kernel_constants("bwd", [1, 40, 40, 1], 10, 10, 0, 0)
+    assert (consts["BD0"], consts["BD1"], consts["BD3"]) == (16, 64, 16)
+    monkeypatch.setattr(tm, "WIDTH1", "keep")
+    consts = tm.kernel_constants("bwd", [1, 40, 40, 1], 10, 10, 0, 0)
     assert (consts["BD0"], consts["BD1"], consts["BD3"]) == (1, 64, 1)
     assert tm.kernel_constants("bwd", [1, 40, 40, 1], 10, 10, 0, 0, layout="scratch")["BD0"] == 16
-    monkeypatch.setattr(tm, "WIDTH1", "pad")
-    assert tm.kernel_constants("fwd", [1, 40, 40, 1], 10, 10, 0, 0)["BD0"] == 16
     run_both((1, 9, 7, 1), tasks=2, K=2, lr="per_parameter", loss="mse", activation="tanh", seed=403)
+    run_both((1, 9, 7, 1), tasks=2, K=1, lr="float", loss="mse", activation="relu", seed=404, first_order=True)
     monkeypatch.setattr(tm, "WIDTH1", None)
     monkeypatch.setenv("FASTMAML_TRITON_WIDTH1", "narrow")
     with pytest.raises(ValueError, match="FASTMAML_TRITON_WIDTH1"):

@@ -9,10 +9,11 @@ Layout. One program runs a group of tasks (`t = pid, pid + G, pid + 2G, ...`) on
 a task, the points are one padded block `[BN, BD0]` (rows past `N` masked), each layer's weights a
 padded block `[BD_l, BD_{l-1}]` loaded from the flat parameter vector, and the activations of every
 layer live in registers as a tuple indexed by the (unrolled, `tl.static_range`) layer number. Every
-padded size is a power of two >= 16 (the minimum side of `tl.dot`), but a layer of width 1 (the sinusoid
-net's input and output) stays 1 wide: its products are broadcasts and row sums (`_mm`); padded rows and columns
-of the weights are loaded as zero, so padded feature columns stay zero through the network, and the
-loss gradient is masked to the real points, so padded point rows never reach a parameter gradient.
+padded size is a power of two >= 16 (the minimum side of `tl.dot`); under FASTMAML_TRITON_WIDTH1=keep a layer
+of width 1 (the sinusoid net's input and output) stays 1 wide: its products are broadcasts and row sums
+(`_mm`). Padded rows and columns of the weights are loaded as zero, so padded feature columns stay zero
+through the network, and the loss gradient is masked to the real points, so padded point rows never reach
+a parameter gradient.
 
 Per-task state of size P (the parameters `theta_k` of each inner step, the adjoint `v`) lives in a
 per-program scratch buffer in global memory (`work`, `vbuf`): it is too large for registers at width

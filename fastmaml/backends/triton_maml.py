@@ -11,7 +11,7 @@ was set before first use (that is how the tests run without a GPU; it is far too
 Size limits (`reject` says which one a call exceeds): depth <= 4 layers; float32: widths <= 64 with
 up to 64 support and 64 query points per task, or widths <= 128 with up to 16; float64: widths <= 64
 with up to 32 points (shared memory bounds them, see `MAX_POINTS_BY_WIDTH`). Every padded block is a
-power of two >= 16, except that the register layout keeps a layer of width 1 one wide.
+power of two >= 16, except that the register layout can keep a layer of width 1 one wide (WIDTH1).
 """
 
 from __future__ import annotations
@@ -57,13 +57,15 @@ _COPY_BLOCK = 1024
 # FASTMAML_TRITON_LAYOUT on first use ("auto", "registers" or "scratch"); tests set it directly.
 LAYOUT: Optional[str] = None
 SCRATCH_FROM_WIDTH = 128
-# A layer of width 1 in the register layout (the sinusoid net's input and output): "keep" (the default)
-# leaves it 1 wide, its products broadcasts and row sums (`_triton_products._mm`); "pad" pads it to 16 like
-# every other width, its products `tl.dot`s over 15 zeros a term. Compiled for sm_90 (ptxas -v, 1-40-40-1,
-# 10 + 10 points, 8 warps), keep against pad: the training kernel 3,149 FFMA instructions against 4,258 and
-# 1,272 / 1,632 B of spill stores / loads a thread against 1,496 / 1,940, but 135 barriers against 117 (the
-# row sums' cross-warp step); the forward kernel no spills against 84 / 84 B. Not yet measured on a GPU: the
-# A/B's `pad1` is the old way. None: read FASTMAML_TRITON_WIDTH1 on first use; tests set it directly.
+# A layer of width 1 in the register layout (the sinusoid net's input and output): "pad" (the default) pads
+# it to 16 like every other width, its products `tl.dot`s over 15 zeros a term; "keep" leaves it 1 wide, its
+# products broadcasts and row sums (`_triton_products._mm`). Compiled for sm_90 (1-40-40-1, ReLU, mse, 10 + 10
+# points, 8 warps; cuobjdump, and ptxas -v of the PTX), the training kernel under keep against pad: 14,240
+# SASS instructions against 11,376, 3,408 FFMAs against 4,479, 152 barriers against 123, 255 shuffles
+# against 56, 2,112 / 2,576 B of spill stores / loads a thread against 1,948 / 2,424. keep was the default
+# for a day on counts that came from a miscompiled kernel (Triton had made its width-1 sums TF32 `tl.dot`s:
+# `_mm`'s docstring); counted again, it issues 25% more. Not yet measured on a GPU: the A/B's `keep1`.
+# None: read FASTMAML_TRITON_WIDTH1 on first use; tests set it directly.
 WIDTH1: Optional[str] = None
 # The scratch layout's chunks: the reduction of an activation-sized product (KC) and the rows of a
 # parameter-sized one (RC), each at most the padded size. 16 (tl.dot's least) because Triton's FMA
@@ -145,12 +147,12 @@ def layout_for(dims: list[int]) -> str:
 
 
 def width1() -> str:
-    """"keep" or "pad": how the register layout takes a layer of width 1 (see WIDTH1)."""
+    """"pad" or "keep": how the register layout takes a layer of width 1 (see WIDTH1)."""
     global WIDTH1
     if WIDTH1 is None:
         from .._switches import env_choice
 
-        WIDTH1 = env_choice("FASTMAML_TRITON_WIDTH1", ("keep", "pad"))
+        WIDTH1 = env_choice("FASTMAML_TRITON_WIDTH1", ("pad", "keep"))
     return WIDTH1
 
 
