@@ -42,11 +42,12 @@ Cell = tuple[str, int, int, int, tuple[tuple[str, str], ...]]  # method, T, K, w
 
 
 def cells(args, variants: list[str] = ()) -> list[Cell]:
-    """(method, T, K, width, switches) of every setting the sweep will run for a method in COMPILING, in the
-    sweep's order (smallest first), then those of each variant (`--variant`) of such a method."""
+    """(method, T, K, width, switches) of every setting the sweep will run for a method in COMPILING, the
+    largest T first (G2's cells; where the limit stops the pool, the calls not started are the small ones),
+    then those of each variant (`--variant`) of such a method."""
     methods = [m for m in (args.methods or COMPILING) if m in COMPILING]
-    out = [(m, T, K, width, ()) for K in sorted(args.steps) for width in sorted(args.width)
-           for T in sorted(args.tasks) for m in methods]
+    out = [(m, T, K, width, ()) for T in sorted(args.tasks, reverse=True) for K in sorted(args.steps)
+           for width in sorted(args.width) for m in methods]
     for spec in variants:
         out += variant_cells(spec)
     return out

@@ -642,8 +642,8 @@ build_extension() {{
 
 
 def test_compile_ahead_runs_the_sweeps_first_calls_in_parallel(tmp_path, capsys):
-    """compile_ahead.py keeps the sweep's settings of the methods that compile Triton kernels, in the sweep's
-    order, and runs each first call in a process of its own (here the factored backend on the CPU, which
+    """compile_ahead.py keeps the sweep's settings of the methods that compile Triton kernels, the largest T
+    first, and runs each first call in a process of its own (here the factored backend on the CPU, which
     compiles nothing: the pool, its workers' imports and their report are what run)."""
     import bench_throughput
     import compile_ahead
@@ -651,7 +651,8 @@ def test_compile_ahead_runs_the_sweeps_first_calls_in_parallel(tmp_path, capsys)
     args = bench_throughput.parse_args(["--device", "cuda", "--tasks", "65536", "25", "--steps", "5", "1",
                                         "--width", "40", "--methods", "cuda", "triton", "factored", "vmap"])
     got = compile_ahead.cells(args)
-    assert got[:3] == [("triton", 25, 1, 40, ()), ("factored", 25, 1, 40, ()), ("triton", 65536, 1, 40, ())], got
+    assert got[:3] == [("triton", 65536, 1, 40, ()), ("factored", 65536, 1, 40, ()), ("triton", 65536, 5, 40, ())], got
+    assert got[-1] == ("factored", 25, 5, 40, ()), got
     assert len(got) == 8 and {m for m, *_ in got} == {"triton", "factored"}
     got = compile_ahead.cells(args, ["A=1 B=x=y|triton|65536|1|128 40", "C=1|cuda|65536|1 5|40"])
     assert got[8:] == [("triton", 65536, 1, 40, (("A", "1"), ("B", "x=y"))),
