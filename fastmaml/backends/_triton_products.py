@@ -63,11 +63,12 @@ def _split_rows(x):
 def _mm(a, b):
     """`a [M, K] @ b [K, N]`; float32 with K_CHUNK > 0: K in chunks accumulated in K order (the sum's
     order is that of one product over all of K). A side under 16 (a layer of width 1, which the register
-    layout does not pad): the products broadcast and summed along K, since `tl.dot` takes sides of 16 or
-    more and padding a 1 to 16 would multiply 15 zeros for every term. K = 1 is the outer product itself:
-    written as a sum over K, Triton's combine pass makes it a `tl.dot` with TF32 inputs wherever M and N are
-    16 or more (the input layer's products, those through the output layer), whatever PRECISION says.
-    Widths are 1 or padded to 16 (`triton_maml._pad_feature`), so no other K under 16 meets M, N >= 16."""
+    layout leaves unpadded under FASTMAML_TRITON_WIDTH1=keep): the products broadcast and summed along K,
+    since `tl.dot` takes sides of 16 or more and padding a 1 to 16 would multiply 15 zeros for every term.
+    K = 1 is the outer product itself: written as a sum over K, Triton's combine pass makes it a `tl.dot`
+    with TF32 inputs wherever M and N are 16 or more (the input layer's products, those through the output
+    layer), whatever PRECISION says. Widths are 1 or padded to 16 (`triton_maml._pad_feature`), so no other
+    K under 16 meets M, N >= 16."""
     M: tl.constexpr = a.shape[0]
     K: tl.constexpr = a.shape[1]
     N: tl.constexpr = b.shape[1]
