@@ -24,6 +24,7 @@ Prints one line a call (its time, which is mostly compiling) and the wall time o
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import sys
@@ -96,19 +97,14 @@ def _first_call(method: str, T: int, K: int, width: int, env: tuple, first_order
 def main(argv=None) -> int:
     import bench_throughput
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    jobs, variants = None, []
-    while "--jobs" in argv or "--variant" in argv:  # this script's own options; the rest are the sweep's
-        i = argv.index("--jobs") if "--jobs" in argv else argv.index("--variant")
-        if i + 1 >= len(argv):
-            raise SystemExit(f"compile_ahead.py: {argv[i]} needs a value")
-        if argv[i] == "--jobs":
-            jobs = int(argv[i + 1])
-        else:
-            variants.append(argv[i + 1])
-        del argv[i:i + 2]
-    args = bench_throughput.parse_args(argv)
-    todo = cells(args, variants)
+    # This script's own options; the rest are the sweep's.
+    own = argparse.ArgumentParser(prog="compile_ahead.py", add_help=False, allow_abbrev=False)
+    own.add_argument("--jobs", type=int, default=None)
+    own.add_argument("--variant", action="append", default=[])
+    mine, rest = own.parse_known_args(argv)
+    args = bench_throughput.parse_args(rest)
+    jobs = mine.jobs
+    todo = cells(args, mine.variant)
     if not todo:
         print("compile ahead: no setting of a method that compiles Triton kernels (nothing to do)")
         return 0

@@ -316,7 +316,11 @@ fi
 # must not lose it to slow tests (the H200's first quick run did). At most SWEEP_S seconds (0: no cap),
 # and the profile and the A/B keep their time (PROFILE_S, 60 s by default, 0 skips it; AB_S when set).
 # With SWEEP_FIRST=1 (--measure) a slow build takes its time from the A/B, not from the sweep.
-budget=$(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${TIMELINE_S:-30} + ( ${SWEEP_FIRST:-0} == 1 ? 0 : ${AB_S:-0} ) ) ))
+# What the run leaves the sweep now: the time left less that of the later stages it must not take.
+sweep_room() {
+  echo $(( $(left) - ( DRY_RUN == 1 ? 0 : ${PROFILE_S:-60} + ${TIMELINE_S:-30} + ( ${SWEEP_FIRST:-0} == 1 ? 0 : ${AB_S:-0} ) ) ))
+}
+budget=$(sweep_room)
 if [ "${SWEEP_S:-0}" -gt 0 ] && [ "$budget" -gt "${SWEEP_S}" ]; then budget=$SWEEP_S; fi
 if [ "${SKIP_SWEEP:-0}" = 1 ]; then
   stage "sweep: skipped (SKIP_SWEEP=1)"
@@ -347,7 +351,7 @@ else
     grep -E "^compile ahead|failed" "$DIR/compile_ahead.log" | head -6 | cut -c1-200
     # Its time comes from the later stages as the build's does (from the A/B with SWEEP_FIRST=1), else from
     # the sweep's own.
-    cap=$(( $(left) - ( ${PROFILE_S:-60} + ${TIMELINE_S:-30} + ( ${SWEEP_FIRST:-0} == 1 ? 0 : ${AB_S:-0} ) ) ))
+    cap=$(sweep_room)
     [ "$budget" -gt "$cap" ] && budget=$cap
     [ "$budget" -lt 30 ] && budget=30  # the sweep is the run's main result: never under its minimum
   fi

@@ -108,13 +108,12 @@ def _packs(root: Path) -> list[dict]:
 def install(root: Path) -> str:
     """Put the pack for this machine's build folder where the build looks; a line saying what was done."""
     want = expected_folder()
-    packs = _packs(root)
     if (want / _FILES[0]).is_file() and (want / _FILES[1]).is_file():
         return f"prebuilt: not needed, {want} already holds a finished build"
     source = root / want.name
     if not all((source / name).is_file() for name in (*_FILES, MANIFEST)):
         have = ", ".join(f"{p['folder']} ({p['commit']}, torch {p['torch']}, arch {p['arch_list'] or 'unset'})"
-                         for p in packs) or "none"
+                         for p in _packs(root)) or "none"
         return (f"prebuilt: none for this build ({want.name}: sources, torch, Python, flags and "
                 f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '')!r}); packs found: {have}; "
                 "the extension is compiled here")

@@ -76,12 +76,14 @@ def text_table(rows: list[dict], compact: bool = False) -> str:
         lines.append([str(c) for c in line])
         note = row.get("note", "") or ""
         notes.append(_short(note) if compact else note)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = []
-    for line, note in zip(lines, notes):
-        cells = [c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
-        out.append(("  ".join(cells) + "  " + note).rstrip())
-    return "\n".join(out)
+    return "\n".join((row + "  " + note).rstrip() for row, note in zip(_aligned(lines, left=1), notes))
+
+
+def _aligned(lines: list[list[str]], left: int) -> list[str]:
+    """The rows of a table as fixed-width text: the first `left` columns flush left, the rest flush right."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            for line in lines]
 
 
 def compact_table(rows: list[dict]) -> str:
@@ -270,19 +272,13 @@ def ab_table(sweep: list[dict], variants: dict[str, list[dict]]) -> str:
     for name, rows in variants.items():
         for row in rows:
             default = next((r for r in sweep if r["method"] == row["method"] and _key(r) == _key(row)), None)
-            mine = _rate(row)
-            base = _rate(default) if default is not None else None
-            vmap = next((r for r in sweep if r["method"] == "vmap" and _key(r) == _key(row)), None)
-            vmap_rate = _rate(vmap) if vmap is not None else None
             lines.append([name, row["method"], row["T"], row["K"], row["width"],
-                          _fmt_rate(mine) if row.get("status") == "ok" else row.get("status", "?"), _fmt_rate(base),
-                          _fmt_ratio(mine / base if mine is not None and base else None),
-                          _fmt_ratio(mine / vmap_rate if mine is not None and vmap_rate else None)])
+                          _fmt_rate(_rate(row)) if row.get("status") == "ok" else row.get("status", "?"),
+                          _fmt_rate(_rate(default) if default is not None else None),
+                          _fmt_ratio(ratio(sweep, row, row["method"])), _fmt_ratio(ratio(sweep, row, "vmap"))])
     if len(lines) == 1:
         return "no A/B row"
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-                     .rstrip() for line in lines)
+    return "\n".join(line.rstrip() for line in _aligned([[str(c) for c in line] for line in lines], left=2))
 
 
 def load_ab(folder: Path) -> dict[str, list[dict]]:

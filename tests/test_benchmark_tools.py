@@ -333,14 +333,15 @@ def test_graph_method_keeps_what_its_replays_write(monkeypatch):
     call()
 
 
-def _bash(script: str) -> str:
+def _bash(script: str, env: dict | None = None) -> str:
+    """`script` run by bash in the repository with ab_variants.sh's functions (and `env`, else this one's)."""
     import shutil
     import subprocess
 
     if shutil.which("bash") is None:
         pytest.skip("bash is not installed (the GPU check is a bash script)")
     proc = subprocess.run(["bash", "-c", f"source benchmarks/ab_variants.sh\n{script}"], cwd=BENCH.parent,
-                          capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -683,12 +684,16 @@ def test_gpu_check_compiles_ahead_the_sweep_and_the_ab_triton_variants(tmp_path)
     script = (BENCH / "gpu_check.sh").read_text()
     start = script.index("  # The Triton kernels the sweep's first calls would compile")
     block = script[start:script.index('  stage "sweep on $DEVICE', start)]
+    room = script.index("sweep_room() {")
+    room = script[room:script.index("\n}\n", room) + 3]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS"\necho "compile ahead: done"\n')
     (bin_dir / "python").chmod(0o755)
-    harness = f"""stage() {{ echo "stage $*"; }}
+    harness = f"""set -uo pipefail
+stage() {{ echo "stage $*"; }}
 left() {{ echo "$LEFT"; }}
+{room}
 SWEEP=(--tasks 25 65536 --steps 1 5)
 {block}
 echo "budget $budget"
@@ -696,7 +701,7 @@ echo "budget $budget"
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", ARGS=str(tmp_path / "args"), DIR=str(tmp_path),
                DEVICE="cuda", DRY_RUN="0", budget="75", AB_S="100", AB_VARIANTS="tonestep onestep ftf32x3 keep1 scratch",
                SWEEP_FIRST="1", PROFILE_S="0", TIMELINE_S="25", LEFT="200")
-    out = _bash_env(harness, env)
+    out = _bash(harness, env)
     args = (tmp_path / "args").read_text().split("\n")[:-1]
     assert args[:8] == ["benchmarks/compile_ahead.py", "--device", "cuda", "--order", "second", "--tasks", "25",
                         "65536"], args
@@ -708,25 +713,16 @@ echo "budget $budget"
     assert "limit 37s" in out and "budget 75" in out, out
     # Less left after it than the sweep's limit and the later stages: the sweep's limit is cut (not under 30).
     env.update(LEFT="80")
-    assert "budget 55" in _bash_env(harness, env)
+    assert "budget 55" in _bash(harness, env)
     env.update(LEFT="40")
-    assert "budget 30" in _bash_env(harness, env)
+    assert "budget 30" in _bash(harness, env)
     # No A/B: the sweep alone; a sweep limit under 30 s: no compile ahead.
     env.update(AB_S="0")
-    _bash_env(harness, env)
+    _bash(harness, env)
     assert "--variant" not in (tmp_path / "args").read_text()
     (tmp_path / "args").unlink()
     env.update(budget="29")
-    assert "stage compiling" not in _bash_env(harness, env) and not (tmp_path / "args").exists()
-
-
-def _bash_env(script: str, env: dict) -> str:
-    import subprocess
-
-    proc = subprocess.run(["bash", "-c", f"set -uo pipefail\nsource benchmarks/ab_variants.sh\n{script}"],
-                          cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    assert "stage compiling" not in _bash(harness, env) and not (tmp_path / "args").exists()
 
 
 def test_ab_table_compares_each_variant_row_with_the_sweeps(tmp_path, capsys):
@@ -770,7 +766,7 @@ def test_gpu_check_summary_adds_the_ab_table(tmp_path):
 
     script = (BENCH / "gpu_check.sh").read_text()
     start = script.index("# The A/B's rows against the sweep's")
-    block = script[start:script.index("FINISHED=1", start)]
+    block = "set -uo pipefail\n" + script[start:script.index("FINISHED=1", start)]
     run_dir, earlier = tmp_path / "run", tmp_path / "earlier"
     (run_dir / "ab" / "onestep").mkdir(parents=True)
     earlier.mkdir()
@@ -778,12 +774,12 @@ def test_gpu_check_summary_adds_the_ab_table(tmp_path):
     (run_dir / "ab" / "onestep" / "throughput.csv").write_text(header + "cuda,cuda,65536,1,40,second,8000000,ok\n")
     (earlier / "throughput.csv").write_text(header + "cuda,cuda,65536,1,40,second,4000000,ok\n")
     env = dict(os.environ, DIR=str(run_dir), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    _bash_env(block, env)
+    _bash(block, env)
     assert not (run_dir / "summary.txt").exists()  # no sweep in this run and no baseline named
     env["AB_BASELINE"] = str(earlier / "throughput.csv")
-    out = _bash_env(block, env)
+    out = _bash(block, env)
     assert "2.00x" in out and "2.00x" in (run_dir / "summary.txt").read_text()
     del env["AB_BASELINE"]
     shutil.copy(earlier / "throughput.csv", run_dir / "throughput.csv")
     (run_dir / "summary.txt").unlink()
-    assert "2.00x" in _bash_env(block, env)
+    assert "2.00x" in _bash(block, env)
