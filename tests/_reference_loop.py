@@ -420,6 +420,17 @@ def assert_close_per_tensor(actual: dict, expected: dict, rtol: float, worst: fl
     assert not reports, "mismatch against the expected values:\n  " + "\n  ".join(reports)
 
 
+def assert_close_float32_batch(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str,
+                               tasks: int) -> None:
+    """One float32 output of `tasks` tasks against its float64 value: elementwise within `rtol` of its scale
+    for a few tasks (`assert_close`), per tensor (`assert_close_per_tensor`, no element beyond 1e-2 of the
+    scale) from 1,000 tasks on, where float32's own rounding at ReLU kinks moves single elements past 1e-4."""
+    if tasks >= 1000:
+        assert_close_per_tensor({name: actual}, {name: expected}, rtol, worst=1e-2)
+    else:
+        assert_close(actual, expected, rtol, name)
+
+
 def _scale(t: torch.Tensor) -> float:
     return t.detach().abs().max().item() if t.numel() else 0.0
 

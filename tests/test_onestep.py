@@ -20,7 +20,8 @@ import fastmaml
 from fastmaml._validate import make_problem
 from fastmaml.backends import _onestep
 from _host_checks import build_and_run
-from _reference_loop import DIMS_BY_DEPTH, assert_close, gradients, maml_loop, make_case, output_cotangents
+from _reference_loop import (DIMS_BY_DEPTH, assert_close, assert_close_float32_batch, gradients, maml_loop, make_case,
+                             output_cotangents)
 
 F64 = torch.float64
 CHECK = Path(__file__).resolve().parent / "onestep_team_check.cpp"
@@ -283,12 +284,17 @@ def _cuda_ready() -> str | None:
     from fastmaml import _ext
     from fastmaml.backends.cuda import cuda_kernels_registered
 
-    _ext.load()
+    # Not load(): an extension that fails here must skip these tests with its reason, not stop the collection
+    # of every other test in the same pytest run (the CUDA backend's own tests fail on it, loudly).
+    why = _ext.unavailable()
+    if why is not None:
+        return f"the extension is unavailable: {why}"
     return None if cuda_kernels_registered("maml_onestep") else "the loaded library has no CUDA maml_onestep"
 
 
-needs_cuda = pytest.mark.skipif(_cuda_ready() is not None if torch.cuda.is_available() else True,
-                                reason="needs a GPU and the CUDA maml_onestep")
+_CUDA_UNREADY = _cuda_ready()
+needs_cuda = pytest.mark.skipif(_CUDA_UNREADY is not None,
+                                reason=f"needs a GPU and the CUDA maml_onestep: {_CUDA_UNREADY}")
 
 
 @needs_cuda
@@ -299,8 +305,9 @@ needs_cuda = pytest.mark.skipif(_cuda_ready() is not None if torch.cuda.is_avail
 @pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "width128", "ce_5way"])
 def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     """The CUDA kernel's outputs, factor rows and rate gradients against the CPU op's on the same inputs: float64
-    within 1e-10, float32 within 1e-4 of the float64 CPU op; more tasks than resident warps (20,000); width
-    128; cross-entropy with 5 classes. The products on tensor cores (3xTF32) in float32 at every shape: in the
+    within 1e-10, float32 within 1e-4 of the float64 CPU op (per tensor from 1,000 tasks: the CPU op in float32
+    puts single elements of `U` 1.2e-4 to 4.1e-4 of the scale off at 20,000); more tasks than resident warps
+    (20,000); width 128; cross-entropy with 5 classes. The products on tensor cores (3xTF32) in float32 at every shape: in the
     generic form at width 128, the shared-operand form elsewhere; the launch report must say they ran."""
     if setting == "FASTMAML_ONESTEP_FORM=generic" and (shape == "width128" or dtype == torch.float64):
         pytest.skip("width 128 runs the generic form anyway; the float32 cases cover the generic form's loads")
@@ -317,8 +324,9 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
                  loss=loss)
     case = _rates_no_grad(case)
     _, p64 = _problem(case)
-    cot = torch.randn(tasks, dtype=F64)
-    gp = torch.randn(tasks, nq, dims[-1], dtype=F64)
+    g = torch.Generator().manual_seed(4)  # the same inputs whichever tests ran before in this process
+    cot = torch.randn(tasks, dtype=F64, generator=g)
+    gp = torch.randn(tasks, nq, dims[-1], dtype=F64, generator=g)
     from fastmaml.backends._fused import flat_theta
 
     def args(p, dev, dt):
@@ -334,9 +342,11 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
         assert report[-1] == 1, f"the plan did not take the tensor-core products: {list(report)}"
     expected = torch.ops.fastmaml.maml_onestep(*args(p64, "cpu", F64))
     actual = torch.ops.fastmaml.maml_onestep(*args(p64, "cuda", dtype))
-    tol = 1e-10 if dtype == F64 else 1e-4
     for name, a, e in zip(("losses", "preds", "U", "V", "rate_grads"), actual, expected):
-        assert_close(a.double().cpu(), e, tol, name)
+        if dtype == F64:
+            assert_close(a.double().cpu(), e, 1e-10, name)
+        else:
+            assert_close_float32_batch(a.double().cpu(), e, 1e-4, name, tasks)
 
 
 @needs_cuda

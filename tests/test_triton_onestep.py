@@ -18,7 +18,7 @@ import torch
 import fastmaml
 from fastmaml.backends import _onestep, triton_maml
 from fastmaml.backends import _triton_onestep_call as onestep_call
-from _reference_loop import assert_close, gradients, maml_loop, make_case, output_cotangents
+from _reference_loop import assert_close, assert_close_float32_batch, gradients, maml_loop, make_case, output_cotangents
 
 F64 = torch.float64
 DIMS = {1: [3, 9], 2: [3, 9, 4], 3: [3, 9, 6, 4], 4: [3, 9, 6, 5, 4]}
@@ -88,7 +88,10 @@ def _compare(dims, tasks, ns, nq, act, loss, first_order, cot, g_pred, tasks_per
                                     reload=reload, chunk=chunk, **({"num_stages": 1} if chunk else {}))
     for name, a, e in zip(("losses", "preds", "U", "V", "rate_grads"), actual, expected):
         assert a.shape == e.shape, name
-        assert_close(a.double().cpu(), e, tol, name)
+        if dtype == torch.float32:
+            assert_close_float32_batch(a.double().cpu(), e, tol, name, tasks)
+        else:
+            assert_close(a.double().cpu(), e, tol, name)
     if factors:
         assert expected[2].abs().max() > 0 and expected[4].abs().max() > 0  # the rows are not all zero
     return actual
@@ -392,8 +395,8 @@ def _gpu_reason():
 @pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "ce_5way"])
 def test_gpu_kernel_matches_the_cpu_op(dtype, tasks_per_program, shape):
     """The compiled kernel (8 warps, as the backend launches it) against the float64 CPU op: float64 within
-    1e-10, float32 within 1e-4; 20,000 tasks at the sinusoid size; one or two tasks a program (nine
-    compiles)."""
+    1e-10, float32 within 1e-4 (per tensor from 1,000 tasks); 20,000 tasks at the sinusoid size; one or two
+    tasks a program (nine compiles)."""
     dims, tasks, ns, nq, act, loss = {"depth4_tanh": ([5, 6, 3, 9, 3], 37, 13, 5, 1, 0),
                                       "sinusoid_20000": ([1, 40, 40, 1], 20000, 10, 10, 0, 0),
                                       "ce_5way": ([12, 33, 5], 301, 5, 15, 0, 1)}[shape]
@@ -431,7 +434,8 @@ def test_sizes_beyond_the_kernel_are_refused(monkeypatch, dims, ns, nq, first_or
 @pytest.mark.parametrize("act", [0, 1], ids=["relu", "tanh"])
 def test_gpu_chunked_kernel_matches_the_cpu_op(act):
     """The chunked form as the backend launches it at width 128 (chunks of 16, one stage, 8 warps): 20,000 tasks
-    of the 1-128-128-1 net in float32 within 1e-4 of the float64 CPU op."""
+    of the 1-128-128-1 net in float32 within 1e-4 of the float64 CPU op, per tensor (float32 alone puts single
+    elements past 1e-4 here: the CPU op in float32 has `preds` at 1.2e-4 and `V` at 2.4e-4 on these inputs)."""
     _compare([1, 128, 128, 1], 20000, 10, 10, act, 0, False, True, True, 1, seed=71, dtype=torch.float32,
              device="cuda", tol=1e-4, num_warps=8, chunk=onestep_call.chunk([1, 128, 128, 1], False))
 
@@ -439,8 +443,8 @@ def test_gpu_chunked_kernel_matches_the_cpu_op(act):
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
 def test_gpu_chunked_kernel_without_factors_matches_the_cpu_op():
     """A call without factors in the chunked form at width 128 (support and query passes only, rows as scratch):
-    2,000 tasks' losses and outputs in float32 within 1e-4 of the float64 CPU op. Not in the GPU check's quick
-    stage (each variant is a compile); the full GPU suite runs it."""
+    2,000 tasks' losses and outputs in float32 within 1e-4 of the float64 CPU op, per tensor. Not in the GPU
+    check's quick stage (each variant is a compile); the full GPU suite runs it."""
     dims = [1, 128, 128, 1]
     _compare(dims, 2000, 10, 10, 1, 0, False, True, False, 1, seed=72, factors=False, dtype=torch.float32,
              device="cuda", tol=1e-4, num_warps=8, chunk=onestep_call.chunk(dims, False))
