@@ -69,6 +69,7 @@ def run(args) -> list[dict]:
     explicit = set(args.methods or [])
     env = H.environment(device)
     writer = H.CsvWriter(args.out / "throughput.csv", H.CSV_COLUMNS)
+    reported: set[str] = set()
     estimator = H.Estimator()
     rows: list[dict] = []
     deadline = None if args.time_budget is None else time.perf_counter() + args.time_budget
@@ -94,6 +95,8 @@ def run(args) -> list[dict]:
             rows.append(row)
             writer.add(row)
             _progress(row)
+            if method == "triton" and row["status"] == "ok" and w.device.type == "cuda":
+                _print_new_triton_kernels(reported)
         del check, w
         H.release(torch.device(args.device))
     return rows
@@ -174,6 +177,18 @@ def _measure(method, w, check, rtol, args, estimator) -> dict:
                 out["peak_mem_mb"] = f"{peak:.4g}"
             out["note"] = "; ".join(n for n in (out["note"], note) if n)
     return out
+
+
+def _print_new_triton_kernels(reported: set[str]) -> None:
+    """The Triton kernels compiled since the last call (registers, spills, warps), printed at once: an A/B
+    run ends by its timeout more often than not, and the switches of a variant (FASTMAML_TRITON_WARPS,
+    _MAXNREG) show here."""
+    from fastmaml.backends import _triton_targets
+
+    for line in _triton_targets.compiled_report():
+        if line not in reported:
+            reported.add(line)
+            print(f"    triton kernel compiled: {line}", flush=True)
 
 
 def _progress(row: dict) -> None:

@@ -61,8 +61,8 @@
 # TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
-# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global, ONESTEP_TESTS_S=25 with FASTMAML_CUDA_ONESTEP=1,
-# and TONESTEP_TESTS_S=55 (50 in --tests) three GPU tests of the Triton one-step kernel (tests/test_triton_onestep.py).
+# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global, and TONESTEP_TESTS_S=55 (50 in --tests) three
+# GPU tests of the Triton one-step kernel (tests/test_triton_onestep.py).
 # EXPLAIN=0 skips auto's choice, OVERHEAD_S=0 the overhead run, REPORTS=0 the register reports (nvcc's of
 # the CUDA kernels takes minutes of the machine's CPUs). ncu runs after the tests and auto's choice. With AB_S, the A/B's Triton variants are compiled in the background from
 # the tests on (prewarm.log; PREWARM=0 skips it, PREWARM_WAIT_S=30 how long the A/B waits for it).
@@ -104,15 +104,15 @@ if [ "$MODE" = measure ]; then
   : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=150}" "${RESERVE_S:=20}"
   : "${AB_VARIANTS:=onestep tonestep blocks6+team32 fcuda omma}" "${TOTAL_S:=290}"
 elif [ "$MODE" = tests ]; then
-  # The quick tests 120 s (a75ae00's took 114 s with warm caches), the Triton one-step kernel's 50, the CUDA
-  # one-step switch's 20 (the mma and blocks6+states switches' tests only when asked: neither is in this
-  # plan's A/B), auto's choice, then ncu with what is left (the one-step kernel's 35, the CUDA backward's 40,
+  # The quick tests 120 s (a75ae00's took 114 s with warm caches), the Triton one-step kernel's 50 (the mma
+  # and blocks6+states switches' tests only when asked: neither is in this plan's A/B), auto's choice, then
+  # ncu with what is left (the one-step kernel's 35, the CUDA backward's 40,
   # Triton's training kernel's 35, each with its source page, which takes about 10 s of it; the factored
   # low-rank kernels' only when asked, NCU_LOWRANK_S=40), the register reports (nvcc's in the
   # background from the start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the
   # time left.
   : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=40}" "${NCU_LOWRANK_S:=0}"
-  : "${NCU_ONESTEP_S:=35}" "${NCU_TRITON_S:=35}" "${ONESTEP_TESTS_S:=20}" "${TONESTEP_TESTS_S:=50}"
+  : "${NCU_ONESTEP_S:=35}" "${NCU_TRITON_S:=35}" "${TONESTEP_TESTS_S:=50}"
   : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=0}" "${STATES_TESTS_S:=0}" "${TOTAL_S:=285}"
   : "${RESERVE_S:=35}"
 fi
@@ -175,9 +175,15 @@ on_exit() {
 trap on_exit EXIT
 # The background register report: its group (before its late write of ptxas.txt), and each of its
 # `timeout`s, which leads a group of its own and takes its nvcc's children down with it.
+# Found through /proc, not pkill: procps may be missing, and then the niced compiles would run on. Each
+# command line is read as one line (a `bash -c` script's own lines must not match).
 stop_report() {
   kill -- -"$PTXAS_PID" 2>/dev/null
-  pkill -f "timeout 300 nvcc .*fastmaml_ptxas_" 2>/dev/null
+  local f pid
+  for f in /proc/[0-9]*/cmdline; do
+    pid=${f%/cmdline}; pid=${pid#/proc/}
+    { tr '\0\n' '  ' < "$f"; } 2>/dev/null | grep -q "^timeout 300 nvcc .*fastmaml_ptxas_" && kill "$pid" 2>/dev/null
+  done
 }
 
 # Some images have only `python3`: give the stages a `python` that is it.
@@ -380,7 +386,7 @@ fi
 if [ "$DRY_RUN" != 1 ] && [ "${TIMELINE_S:-30}" -gt 0 ] && lim=$(capped "${TIMELINE_S:-30}") && ! too_late timeline "$lim"; then
   stage "the cuda reverse sweep's phases at T=25 and 65536 (limit ${lim}s) -> $DIR/timeline.txt, $DIR/timeline/"
   # shellcheck disable=SC2086
-  timeout "$lim" python benchmarks/phase_timeline.py ${TIMELINE_ARGS:---tasks 25 65536 --steps 1 5 --width 40 128} \
+  timeout "$lim" python benchmarks/phase_timeline.py ${TIMELINE_ARGS:---tasks 25 65536 --steps 5 1 --width 40 128} \
     --out "$DIR/timeline" > "$DIR/timeline.txt" 2>&1
   rc=$?
   echo "timeline exit code $rc"
@@ -467,10 +473,11 @@ else
     # kernel the tests have passed. float64 is left out: the switch is float's only.
     # The same for the 6-block sweep with the support states apart (FASTMAML_CUDA_MIN_BLOCKS=6,
     # FASTMAML_CUDA_STATES=global: the A/B's blocks6+states), STATES_TESTS_S.
-    # And the one-step kernel (FASTMAML_CUDA_ONESTEP=1, the A/B's onestep) on every one-step case it takes.
+    # Not the CUDA one-step switch (FASTMAML_CUDA_ONESTEP=1): these cases ask for input gradients or weight
+    # the query losses, which the one-step kernel refuses, so none would run it. The quick tests'
+    # `cuda_op_matches` and `onestep_kernel` run it, against the CPU op and through the backend under the switch.
     for switch in "FASTMAML_CUDA_MMA=1:${MMA_TESTS_S:-40}" \
-                  "FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global:${STATES_TESTS_S:-30}" \
-                  "FASTMAML_CUDA_ONESTEP=1:${ONESTEP_TESTS_S:-25}"; do
+                  "FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global:${STATES_TESTS_S:-30}"; do
       setting=${switch%:*} limit=${switch##*:}
       [ "$limit" -gt 0 ] || continue
       limit=$(capped "$limit")
@@ -831,10 +838,18 @@ fi
 if [ "$DRY_RUN" != 1 ] && [ "${REPORTS:-1}" = 1 ]; then
   stage "Triton kernel variants at the sweep's shapes: registers, spills (limit 30s) -> $DIR/ptxas.txt"
   lim=$(( $(left) + RESERVE_S - 5 )); [ "$lim" -gt 30 ] && lim=30; [ "$lim" -lt 1 ] && lim=1  # in the reserve
-  timeout "$lim" python - >> "$DIR/ptxas.txt" 2>&1 <<'EOF'
+  # Unbuffered, and each kernel's lines printed as soon as it has compiled: a timeout then loses only the
+  # kernel still compiling, not the report.
+  timeout "$lim" python -u - >> "$DIR/ptxas.txt" 2>&1 <<'EOF'
 import torch, fastmaml
 from fastmaml.backends import _lowrank, _triton_targets
 print("== Triton kernels (registers and spills per thread)")
+printed = set()
+def report_new():
+    for line in _triton_targets.compiled_report() + _lowrank.compiled_report():
+        if line not in printed:
+            printed.add(line)
+            print(line)
 for width in (40, 128):
     for K in (1, 5):
         dims, g = [1, width, width, 1], torch.Generator(device="cuda").manual_seed(0)
@@ -846,6 +861,7 @@ for width in (40, 128):
                 fastmaml.maml(params, xs, ys, xq, yq, inner_steps=K, backend=backend).loss.backward()
             except Exception as err:
                 print(f"{backend} width {width} K {K}: {type(err).__name__}: {err}")
+            report_new()
         if width == 40 and K == 1:
             sinusoid = (params, xs, ys, xq, yq)
 # Last (a compile of its own, where the stage's time may run out): the Triton one-step kernel, which only
@@ -858,8 +874,8 @@ try:
 except Exception as err:
     print(f"triton one-step width 40: {type(err).__name__}: {err}")
 _triton_onestep_call.ONESTEP = was
-report = _triton_targets.compiled_report() + _lowrank.compiled_report()
-print("\n".join(report) or "no compiled Triton kernels to report")
+report_new()
+print("" if printed else "no compiled Triton kernels to report")
 EOF
   grep -E "registers" "$DIR/ptxas.txt" | tail -4 | cut -c1-200
 fi

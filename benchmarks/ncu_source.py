@@ -59,6 +59,7 @@ class Profile:
     opcodes: Counter = field(default_factory=Counter)
     stalls: Counter = field(default_factory=Counter)
     by_file: Counter = field(default_factory=Counter)  # instructions executed, the `cuda,sass` view only
+    columns: list[str] = field(default_factory=list)  # the table's header, for what could not be read
 
     @property
     def inst(self) -> float:
@@ -129,12 +130,13 @@ def read(path: Path) -> Profile:
                     # whose inlined instructions it lists under each file they came from: counted once.)
                     seen.clear()
                 continue
-            if head == "File Path":
+            if head in ("File Path", "File Name"):  # the name differs between ncu releases
                 current_file = rec[1] if len(rec) > 1 else ""
                 current_line = None
                 continue
             if head in ("Line No", "Address") and "Source" in rec:
                 cols = _columns(rec)
+                prof.columns = list(rec)
                 continue
             if cols is None or head.startswith("=="):
                 continue  # ncu's own messages before the table
@@ -191,6 +193,9 @@ def report(prof: Profile, top: int = 20, tasks: int = 0) -> list[str]:
         total = sum(prof.stalls.values())
         out.append("samples by stall reason: " + ", ".join(
             f"{name} {100 * n / total:.1f}%" for name, n in prof.stalls.most_common(10)))
+    elif samples:  # said, not left out silently: another ncu release may name the columns otherwise
+        out.append("samples by stall reason: none read (no 'stall_*' columns); the table's columns: "
+                   + ", ".join(prof.columns))
     rows = prof.lines or prof.instructions
     what = "source lines" if prof.lines else "instructions"
     for key, label in (("inst", "instructions executed"), ("samples", "PC samples")):
@@ -213,7 +218,7 @@ def combined(lines: Profile, sass: Profile) -> Profile:
     """The source lines (and the files' shares) of the `cuda,sass` view with the totals, instruction mix and
     stalls of the `sass` view, which lists every launch's instructions once each."""
     return Profile(sass.kernels or lines.kernels, lines.lines, sass.instructions, sass.opcodes, sass.stalls,
-                   lines.by_file)
+                   lines.by_file, sass.columns)
 
 
 def write_lines(prof: Profile, path: Path) -> None:

@@ -362,32 +362,33 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
     found: dict[tuple[int, int, int], Timeline] = {}
-    for T in args.tasks:
-        for K in args.steps:
-            for W in args.width:
+    few, full = min(args.tasks), max(args.tasks)
+    # Setting by setting, each comparison printed as soon as both of its task counts ran: a stage cut short
+    # by its time limit keeps the comparisons of the settings it finished.
+    for K in args.steps:
+        for W in args.width:
+            for T in args.tasks:
                 title = f"T={T} K={K} W={W} ({_harness.device_name(device)})"
                 w = _harness.make_workload(T, K, W, device="cuda")
                 try:
                     tl = analyse(record_call(w, blocks, args.capacity), sites)
                 except Exception as err:  # one setting's failure does not hide the others
-                    print(f"== {title}: failed: {type(err).__name__}: {err}")
+                    print(f"== {title}: failed: {type(err).__name__}: {err}", flush=True)
                     failed += 1
                     continue
                 found[(T, K, W)] = tl
                 launch = _harness.cuda_launch_note(w)
                 print(report(tl, title, args.top))
-                print(launch)
+                print(launch, flush=True)
                 if args.out is not None:
                     meta = dict(T=T, K=K, width=W, device=_harness.device_name(device), commit=_harness.commit(),
                                 launch=launch)
                     write(tl, args.out / f"timeline-T{T}-K{K}-W{W}", meta)
                 del w
                 _harness.release(device)
-    few, full = min(args.tasks), max(args.tasks)
-    for K in args.steps:
-        for W in args.width:
             if few != full and (few, K, W) in found and (full, K, W) in found:
-                print(compare(found[(few, K, W)], found[(full, K, W)], f"K={K} W={W}: T={few} against T={full}"))
+                print(compare(found[(few, K, W)], found[(full, K, W)], f"K={K} W={W}: T={few} against T={full}"),
+                      flush=True)
     return 1 if failed else 0
 
 

@@ -375,6 +375,38 @@ def test_ab_variants_resolve_to_their_switches():
     assert got["mma"].startswith("1 5|") and got["base_cuda"] == "1 5|"
 
 
+def test_register_report_is_stopped_without_procps(tmp_path):
+    """gpu_check.sh's stop_report ends the register report's compiles (each `timeout 300 nvcc` leads a
+    process group of its own) by a look through /proc, so a machine without pkill stops them too, and it
+    leaves other compiles alone, and the shell whose script names the same command."""
+    import os
+
+    (tmp_path / "nvcc").write_text("#!/usr/bin/env bash\nsleep 60\n")
+    (tmp_path / "nvcc").chmod(0o755)
+    (tmp_path / "bin").mkdir()  # no pkill on this PATH
+    os.symlink((tmp_path / "nvcc"), tmp_path / "bin" / "nvcc")
+    for tool in ("bash", "sleep", "tr", "grep", "timeout", "cut"):
+        found = next((Path(d) / tool for d in os.environ["PATH"].split(os.pathsep) if (Path(d) / tool).exists()),
+                     None)
+        if found is not None:
+            os.symlink(found, tmp_path / "bin" / tool)
+    script = (BENCH / "gpu_check.sh").read_text()
+    function = script[script.index("stop_report() {"):]
+    function = function[:function.index("\n}\n") + 3]
+    out = _bash(f"""{function}
+PTXAS_PID=999999
+timeout 300 nvcc -c /tmp/fastmaml_ptxas_a.cu & mine=$!
+timeout 300 nvcc -c /tmp/another.cu & other=$!
+sleep 0.5
+stop_report
+sleep 0.5
+for p in $mine $other; do [ "$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null)" = S ] && echo "alive $p"; done
+echo "mine $mine other $other"
+kill $other $mine 2>/dev/null; true""", env={"PATH": str(tmp_path / "bin")})
+    mine, other = out.split("\n")[-2].split()[1::2]
+    assert f"alive {other}" in out and f"alive {mine}" not in out, out
+
+
 def test_prewarm_is_stopped_with_its_processes(tmp_path):
     """stop_prewarm waits up to PREWARM_WAIT_S for the background compile loop, then stops the loop and the
     processes it runs, so that nothing of it runs beside the A/B's timed calls."""
@@ -465,6 +497,38 @@ def test_ncu_totals_come_from_the_sass_view_and_add_up_over_launches(tmp_path, c
     out = capsys.readouterr().out
     assert "warp instructions executed: 10,500" in out and "a task: 3,500" in out
     assert "products.h:41" in out and "by file: products.h 85.7%" in out
+
+
+def test_sweep_prints_each_new_triton_kernel_once(monkeypatch, capsys):
+    """The sweep prints the Triton kernels compiled since its last row as it goes (an A/B run ends by its
+    timeout, which would lose a report printed only at the end), each kernel once."""
+    import bench_throughput
+
+    from fastmaml.backends import _triton_targets
+
+    compiled = ["registers: maml_bwd_kernel 255 registers"]
+    monkeypatch.setattr(_triton_targets, "compiled_report", lambda: list(compiled))
+    reported: set[str] = set()
+    bench_throughput._print_new_triton_kernels(reported)
+    compiled.append("scratch: maml_bwd_kernel 246 registers")
+    bench_throughput._print_new_triton_kernels(reported)
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["    triton kernel compiled: registers: maml_bwd_kernel 255 registers",
+                   "    triton kernel compiled: scratch: maml_bwd_kernel 246 registers"]
+
+
+def test_ncu_source_page_of_another_release(tmp_path):
+    """A release that names the file row "File Name" still places each line in its file, and one whose stall
+    columns are not `stall_*` says the stall reasons were not read, with the columns it found."""
+    path = tmp_path / "source.csv"
+    _ncu_csv(path)
+    renamed = path.read_text().replace('"File Path"', '"File Name"').replace('"stall_', '"smsp__pcsamp_')
+    path.write_text(renamed)
+    prof = ncu_source.read(path)
+    assert [r.file.split("/")[-1] for r in prof.lines] == ["products.h", "kernels.cuh"]
+    assert not prof.stalls
+    text = "\n".join(ncu_source.report(prof))
+    assert "none read (no 'stall_*' columns)" in text and "smsp__pcsamp_barrier" in text
 
 
 def test_ncu_source_page_without_the_counters_is_refused(tmp_path, capsys):

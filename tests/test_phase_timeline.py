@@ -210,14 +210,17 @@ def test_the_script_end_to_end_with_the_gpu_stubbed(monkeypatch, tmp_path, capsy
                          for _ in range(blocks)])
 
     monkeypatch.setattr(pt, "record_call", record_call)
-    rc = pt.main(["--tasks", "25", "300", "--steps", "1", "--width", "40", "--capacity", "16", "--out",
+    rc = pt.main(["--tasks", "25", "300", "--steps", "2", "1", "--width", "40", "--capacity", "16", "--out",
                   str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert calls == [(25, 1, 40, 6, 16), (300, 1, 40, 6, 16)]  # three blocks a multiprocessor record
+    # Three blocks a multiprocessor record; setting by setting, in the order asked.
+    assert calls == [(25, 2, 40, 6, 16), (300, 2, 40, 6, 16), (25, 1, 40, 6, 16), (300, 1, 40, 6, 16)]
     assert "== T=25 K=1 W=40 (stub GPU)" in out and "launch: stub" in out
     assert "== K=1 W=40: T=25 against T=300" in out
     lines = out.splitlines()
+    # Each comparison as soon as its setting's two runs are done: a run cut short by its limit keeps it.
+    assert lines.index("== K=2 W=40: T=25 against T=300") < lines.index("== T=25 K=1 W=40 (stub GPU)")
     line_a = next(line for line in lines[lines.index("== K=1 W=40: T=25 against T=300"):] if "drivers.h:38" in line)
     assert line_a.split()[1:4] == ["110", "310", "2.82"]
     for T in (25, 300):
