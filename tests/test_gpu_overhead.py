@@ -72,9 +72,10 @@ def test_training_call_never_synchronises(backend, loss, lr, checks_off):
 def test_class_out_of_range(backend, checks_off):
     _backend_or_skip(backend)
     params, (xs, ys, xq, yq) = make_call(T=4, dims=(1, 12, 3), loss="cross_entropy")
-    yq[2, 5] = 3
-    out = fastmaml.maml(params, xs, ys, xq, yq, inner_steps=1, loss="cross_entropy", backend=backend)
-    assert torch.isnan(out.task_losses[2]) and torch.isfinite(out.task_losses[[0, 1, 3]]).all()
+    for label in (-1, 2**32 + 1, 3):  # the last stays for the checks below; 2**32 + 1 is class 1 in int32
+        yq[2, 5] = label
+        out = fastmaml.maml(params, xs, ys, xq, yq, inner_steps=1, loss="cross_entropy", backend=backend)
+        assert torch.isnan(out.task_losses[2]) and torch.isfinite(out.task_losses[[0, 1, 3]]).all(), label
     fastmaml.set_check_inputs(True)
     with pytest.raises(ValueError, match=r"y_query holds class 3 but must be in \[0, 2\]"):
         fastmaml.maml(params, xs, ys, xq, yq, inner_steps=1, loss="cross_entropy", backend=backend)

@@ -152,18 +152,19 @@ def test_reference_backend_checks_values_in_python():
         fastmaml.maml(params, xs, ys, xq, yq, inner_lr=bad, loss="cross_entropy", backend="reference")
 
 
-def test_triton_poisons_a_class_out_of_range():
+@pytest.mark.parametrize("label", [3, -1, 2**32 + 1])
+def test_triton_poisons_a_class_out_of_range(label):
     """Where the data checks are off (GPU tensors by default), the kernels turn a task with a class out
-    of range into a nan loss and gradient instead of reading outside the logits. The Triton kernel is
-    checked here in the interpreter, called without the Python checks; the CUDA kernel in
-    tests/test_gpu_overhead.py."""
+    of range into a nan loss and gradient instead of reading outside the logits, also past int32 (where a
+    narrower type would wrap 2**32 + 1 into class 1). The Triton kernel is checked here in the interpreter,
+    called without the Python checks; the CUDA kernel in tests/test_gpu_overhead.py."""
     # The interpreter only: the call below gives the backend CPU tensors and skips its device checks, which
     # a compiled kernel cannot read (on a GPU, tests/test_gpu_overhead.py's case runs the compiled kernel).
     if dispatch.unavailable("triton") is not None or not _interpreter():
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1); the GPU case is in test_gpu_overhead.py")
     params, xs, ys, xq, yq = make_call(loss="cross_entropy", dtype=F32, T=3)
     yq = yq.clone()
-    yq[1, 2] = 3  # D_out = 3: out of range in task 1 only
+    yq[1, 2] = label  # D_out = 3: out of range in task 1 only
     problem = _validate.make_problem(params, xs, ys, xq, yq, inner_steps=1, loss="cross_entropy")
     task_losses = dispatch.get_backend("triton").maml(problem)[0]
     assert torch.isnan(task_losses[1]) and torch.isfinite(task_losses[[0, 2]]).all(), task_losses

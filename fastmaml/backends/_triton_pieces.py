@@ -125,12 +125,15 @@ def _store_points(base, N, D, val, BN: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _load_targets(base, N, DL, BN: tl.constexpr, BDL: tl.constexpr, LOSS: tl.constexpr):
-    """mse: `[BN, BDL]` float targets; cross-entropy: `[BN]` int32 classes."""
+    """mse: `[BN, BDL]` float targets; cross-entropy: `[BN]` int32 classes, -1 for a label out of range."""
     if LOSS == 0:
         y = _load_points(base, N, DL, BN, BDL)
     else:
         r = tl.arange(0, BN)
-        y = tl.load(base + r, mask=r < N, other=0).to(tl.int32)
+        y = tl.load(base + r, mask=r < N, other=0)
+        # Judged in int64, as given: narrowed first, a label past int32 (2**32 + 1) would wrap into a class in
+        # range and give a finite, wrong loss where `_ce_points` promises NaN.
+        y = tl.where((y >= 0) & (y < DL), y, -1).to(tl.int32)
     return y
 
 
