@@ -119,13 +119,16 @@ def test_resume_with_other_settings_is_one_error_line(tmp_path, capsys):
     assert "training on backend 'reference' (cpu); the checkpoint was written on 'cpu'" in logged, logged
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "edited", "fewer params", "other shape"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "edited", "fewer params", "other shape",
+                                    "cuda task stream"])
 def test_a_damaged_or_foreign_checkpoint_is_one_error_line(tmp_path, capsys, damage):
     """A checkpoint cut short, one with a byte of a tensor changed on disk (torch.load reads it without
     complaint: the run resumed from the damaged weight), one edited and saved without its digest changed,
     or one whose tensors are not this model's (fewer, or another shape: the copy into the model dropped
     extra tensors and broadcast a smaller one over a larger, so that a resume with another omniglot
-    --head-hidden ran on, its 64 rows copies of one), is refused in one line."""
+    --head-hidden ran on, its 64 rows copies of one), or one whose task stream was drawn on another kind of
+    device (a CUDA generator's 16-byte state, which a CPU generator cannot take, nor the reverse: the
+    sinusoid job draws its tasks on the training device), is refused in one line."""
     out = tmp_path / "run"
     base = ["train", "sinusoid", "--backend", "cpu", "--eval-tasks", "3", "--out", str(out), "--no-progress"]
     assert cli.main([*base, "--iterations", "20", "--checkpoint-every", "10"]) == 0
@@ -145,7 +148,9 @@ def test_a_damaged_or_foreign_checkpoint_is_one_error_line(tmp_path, capsys, dam
         state["params"][2][3, 4] += 1
         torch.save(state, path)
     else:  # foreign tensors, saved with their own digest
-        if damage == "fewer params":
+        if damage == "cuda task stream":
+            state["tasks_rng"] = [torch.zeros(16, dtype=torch.uint8)]
+        elif damage == "fewer params":
             state["params"] = state["params"][:-1]
         else:
             state["params"][0] = state["params"][0][:1]
@@ -154,7 +159,8 @@ def test_a_damaged_or_foreign_checkpoint_is_one_error_line(tmp_path, capsys, dam
     assert cli.main([*base, "--iterations", "30", "--resume"]) == 2
     err = capsys.readouterr().err
     want = {"truncated": "cannot be read", "flipped byte": "is damaged", "edited": "is damaged",
-            "fewer params": "holds 5 params", "other shape": "params[0] of shape [1, 1]"}
+            "fewer params": "holds 5 params", "other shape": "params[0] of shape [1, 1]",
+            "cuda task stream": "drew its tasks on another kind of device"}
     assert "Traceback" not in err and "error: --resume:" in err and want[damage] in err, err
 
 

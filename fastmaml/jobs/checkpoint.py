@@ -78,9 +78,10 @@ def save(path: str, state: dict[str, Any]) -> None:
 
 
 def check_resumable(path: str, state: dict[str, Any], settings: dict[str, Any], keys: Sequence[str],
-                    iterations: int, world: int) -> None:
-    """That a run with `settings` (of which `keys` must match), `iterations` and `world` processes can
-    continue the checkpoint `state` read from `path`; `JobError` saying what differs."""
+                    iterations: int, world: int, tasks: torch.Generator | None = None) -> None:
+    """That a run with `settings` (of which `keys` must match), `iterations` and `world` processes, drawing
+    its tasks from `tasks`, can continue the checkpoint `state` read from `path`; `JobError` saying what
+    differs."""
     from .checks import JobError
 
     saved = state["config"]
@@ -92,6 +93,16 @@ def check_resumable(path: str, state: dict[str, Any], settings: dict[str, Any], 
         raise JobError(f"--resume: {path} is at iteration {state['iteration']}, past --iterations {iterations}")
     if len(state["tasks_rng"]) != world:
         raise JobError(f"--resume: {path} was written by {len(state['tasks_rng'])} process(es), this run has {world}")
+    if tasks is not None:
+        # A task stream drawn on the training device (the sinusoid job's) has a CPU or a CUDA generator's
+        # state, which the other kind cannot take: without this, set_state raised a bare RuntimeError.
+        want = tasks.get_state().numel()
+        sizes = {int(s.numel()) for s in state["tasks_rng"]}
+        if sizes != {want}:
+            raise JobError(f"--resume: {path} drew its tasks on another kind of device (device "
+                           f"{saved.get('device')!r}; its task stream's state is {'/'.join(map(str, sorted(sizes)))} "
+                           f"bytes, this run's {tasks.device.type} generator takes {want}): resume on the kind of "
+                           "device it was written on")
 
 
 def check_tensors(path: str, state: dict[str, Any], params: Sequence[torch.Tensor],

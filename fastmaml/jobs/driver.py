@@ -109,7 +109,7 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
     saved_backend = None  # the checkpoint's: a resume with no step left to run reports it, not 'none'
     state = _resume_state(path, ranks) if resume and path else None
     if state is not None:
-        ckpt.check_resumable(path, state, config, resume_keys, iterations, ranks.world)
+        ckpt.check_resumable(path, state, config, resume_keys, iterations, ranks.world, tasks)
         ckpt.check_tensors(path, state, tensors, buffers)
         with torch.no_grad():
             for t, saved in zip(tensors + buffers, state["params"] + state.get("buffers", [])):
