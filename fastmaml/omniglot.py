@@ -161,8 +161,11 @@ class Network:
         self.model = model
         self.backbone = None
         if model == "anil":
-            with torch.random.fork_rng(devices=[]):  # the layers' own init, seeded, without touching torch's RNG
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            # The layers' own init (on the CPU), seeded, without touching torch's RNG: the CPU generator's state
+            # is restored after, and the CUDA generators are never seeded (torch.manual_seed would reseed them
+            # all, which fork_rng(devices=[]) does not restore).
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
                 self.backbone = backbone().to(device)
         dims = (CHANNELS, *head_hidden, ways) if model == "anil" else (data.SIZE * data.SIZE, *MLP_HIDDEN, ways)
         self.params = init_mlp(dims, generator, device)
@@ -404,12 +407,19 @@ def save(path: str, trained: Trained, config: OmniglotConfig) -> None:
 
 
 def load(path: str, map_location="cpu") -> Predictor:
-    """The predictor of a `model.pt` written by `fastmaml train omniglot`."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    """The predictor of a `model.pt` written by `fastmaml train omniglot`, on the device `map_location` (a
+    device or its name, such as "cuda:0"; not `torch.load`'s dict or function forms: the backbone is built
+    there)."""
+    try:
+        device = torch.device(map_location)
+    except (TypeError, RuntimeError, ValueError):
+        raise ValueError(f"map_location must be a device or its name (such as 'cpu' or 'cuda:0'), got "
+                         f"{map_location!r}") from None
+    state = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(state, dict) or state.get("kind") != "fastmaml-omniglot":
         raise ValueError(f"{path} is not a fastmaml Omniglot model")
     config = state["config"]
-    net = Network(config["model"], config["ways"], _generator(0), map_location, config.get("head_hidden", HEAD_HIDDEN))
+    net = Network(config["model"], config["ways"], _generator(0), device, config.get("head_hidden", HEAD_HIDDEN))
     net.params = list(state["params"])
     if net.backbone is not None:
         net.backbone.load_state_dict(state["backbone"])

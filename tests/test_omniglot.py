@@ -202,6 +202,8 @@ def test_predictor_refuses_bad_inputs(tiny, tmp_path):
     with pytest.raises(ValueError, match="not a fastmaml Omniglot model"):
         torch.save({"params": []}, tmp_path / "other.pt")
         omniglot.load(str(tmp_path / "other.pt"))
+    with pytest.raises(ValueError, match="map_location must be a device"):
+        omniglot.load(str(out / "model.pt"), map_location={"cuda:0": "cpu"})
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="the minimal Omniglot sets are not at ../shared/data/omniglot "
@@ -231,6 +233,20 @@ def test_task_batch_norm_normalises_each_task_over_its_own_images():
     changed = x.clone()
     changed[:4] *= 10
     torch.testing.assert_close(norm(changed, 3)[4:], out[4:], rtol=1e-12, atol=1e-12)
+
+
+def test_network_init_touches_no_global_generator(monkeypatch):
+    """The backbone's layers take their seed from the job's generator: the same weights from the same
+    generator, torch's CPU generator as it was, and no other device's generator seeded (torch.manual_seed
+    reseeded every CUDA generator of the process, which a user's program calling omniglot.load() would
+    then draw from)."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    before = torch.get_rng_state()
+    nets = [omniglot.Network("anil", 5, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), before) and seeded == []
+    for a, b in zip(nets[0].backbone.parameters(), nets[1].backbone.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_interrupted_training_resumes_to_the_uninterrupted_result(tiny, tmp_path, monkeypatch):
