@@ -37,15 +37,16 @@ def _rate(row: dict) -> Optional[float]:
     return float(row["tasks_per_s"])
 
 
+def peer_rate(rows: list[dict], row: dict, peer: str) -> Optional[float]:
+    """tasks/s of `peer` in the setting of `row` (its first row there with a rate; None if it has none)."""
+    return next((rate for other in rows if other["method"] == peer and _key(other) == _key(row)
+                 if (rate := _rate(other))), None)
+
+
 def ratio(rows: list[dict], row: dict, peer: str) -> Optional[float]:
     """tasks/s of `row` over tasks/s of `peer` in the same setting (None if either is missing)."""
-    mine = _rate(row)
-    for other in rows:
-        if other["method"] == peer and _key(other) == _key(row):
-            theirs = _rate(other)
-            if mine is not None and theirs:
-                return mine / theirs
-    return None
+    mine, theirs = _rate(row), peer_rate(rows, row, peer)
+    return mine / theirs if mine is not None and theirs else None
 
 
 def _fmt_rate(x: Optional[float]) -> str:
@@ -271,10 +272,9 @@ def ab_table(sweep: list[dict], variants: dict[str, list[dict]]) -> str:
     lines = [head]
     for name, rows in variants.items():
         for row in rows:
-            default = next((r for r in sweep if r["method"] == row["method"] and _key(r) == _key(row)), None)
             lines.append([name, row["method"], row["T"], row["K"], row["width"],
                           _fmt_rate(_rate(row)) if row.get("status") == "ok" else row.get("status", "?"),
-                          _fmt_rate(_rate(default) if default is not None else None),
+                          _fmt_rate(peer_rate(sweep, row, row["method"])),
                           _fmt_ratio(ratio(sweep, row, row["method"])), _fmt_ratio(ratio(sweep, row, "vmap"))])
     if len(lines) == 1:
         return "no A/B row"
