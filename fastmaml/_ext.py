@@ -10,10 +10,12 @@ dispatcher (`csrc/fastmaml.cpp`); it is not a Python module. It comes from one o
   is still used where it is not: nothing is compiled, and no compiler is needed;
 - otherwise a build on first use with `torch.utils.cpp_extension.load` (ninja) against the installed
   torch (with the CUDA kernels of csrc/cuda/ when torch is a CUDA build and nvcc is found: decided
-  from the compiler and torch, never from whether a GPU is visible; see `cuda_build_unavailable`),
-  into `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`), in a folder named by the source
-  hash and by whether the build has the CUDA kernels (`build_directory`). Later processes load that
-  library directly: nothing is rebuilt until one of those changes.
+  from the compiler and torch, and from the visible cards only where TORCH_CUDA_ARCH_LIST is unset;
+  see `cuda_build_unavailable`), into `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`),
+  in a folder named by the source hash, by whether the build has the CUDA kernels and by their
+  architectures (`build_directory`). Later processes load that library directly: nothing is rebuilt
+  until one of those changes. Where the CUDA kernels fail to build, the library is built without them
+  (`cuda_build_error` says why, and the cuda backend with it).
 
 Whether the loaded library has CUDA kernels is asked of the dispatcher after loading
 (fastmaml/backends/cuda.py, `cuda_kernels_registered`), not inferred from nvcc.
@@ -90,7 +92,7 @@ CUDA_CORE_SECONDS = 750
 _EMBEDDED_HASH = re.compile(rb"h([0-9a-f]{16})\0")
 
 _lock = threading.Lock()
-_state: dict = {"loaded": False, "error": None, "path": None}
+_state: dict = {"loaded": False, "error": None, "path": None, "cuda_error": None}
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -141,7 +143,8 @@ def find_cuda_header() -> Optional[str]:
 
 def cuda_build_unavailable(csrc: Optional[Path] = None) -> Optional[str]:
     """Why the C++ extension is built without its CUDA kernels here (a CPU-only torch, no nvcc, no CUDA
-    headers where the compiler would look, no csrc/cuda sources), or None when it is built with them."""
+    headers where the compiler would look, no csrc/cuda sources, no architecture to compile for), or None
+    when it is built with them (and `cuda_build_error` says whether that build failed)."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build (the CUDA kernels need a CUDA build of torch)"
     nvcc = find_nvcc()
@@ -158,7 +161,28 @@ def cuda_build_unavailable(csrc: Optional[Path] = None) -> Optional[str]:
     csrc = csrc if csrc is not None else csrc_dir()
     if csrc is None or not all((csrc / s).is_file() for s in _CUDA_SOURCES):
         return "the CUDA kernel sources (csrc/cuda/) are not shipped with this installation"
+    if cuda_architectures() is None:
+        # torch would compile for the visible cards, and with none its build stops on an IndexError: the
+        # usual CUDA wheel on a machine without a GPU (a login node with a CUDA toolkit) lost its CPU
+        # kernels with it.
+        return ("TORCH_CUDA_ARCH_LIST is unset and no GPU is visible, so there is no architecture to compile "
+                "the CUDA kernels for; set TORCH_CUDA_ARCH_LIST to the cards' (9.0a for an H100 or H200, 8.0 "
+                "for an A100) to build them here")
     return None
+
+
+def cuda_architectures() -> Optional[str]:
+    """What a CUDA build compiles for: TORCH_CUDA_ARCH_LIST where it names architectures, else (unset,
+    empty or "native", as torch reads it) the visible cards' capabilities, `"visible:8.0;9.0"`, or None
+    when there are none. Asking a card's capability initialises CUDA in this process."""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if listed and listed != "native":
+        return listed
+    count = torch.cuda.device_count()
+    if count == 0:
+        return None
+    found = sorted({tuple(torch.cuda.get_device_capability(i)) for i in range(count)})
+    return "visible:" + ";".join(f"{major}.{minor}" for major, minor in found)
 
 
 def source_hash(csrc: Path) -> str:
@@ -197,15 +221,18 @@ def _cache_root() -> Path:
 
 def build_directory(csrc: Path, with_cuda: Optional[bool] = None) -> Path:
     """Where the JIT build of these sources lives: `fastmaml_<source_hash>_cpu` for a build without the
-    CUDA kernels, `fastmaml_<source_hash>_cu<CUDA version>_<hash of TORCH_CUDA_ARCH_LIST>` for one with
-    them. `with_cuda` defaults to what this machine builds (`cuda_build_unavailable(csrc) is None`)."""
+    CUDA kernels, `fastmaml_<source_hash>_cu<CUDA version>_<hash of the architectures>` for one with
+    them (`cuda_architectures`). `with_cuda` defaults to what this machine builds
+    (`cuda_build_unavailable(csrc) is None`)."""
     if with_cuda is None:
         with_cuda = cuda_build_unavailable(csrc) is None
     name = f"fastmaml_{source_hash(csrc)}"
     if with_cuda:
         cuda = (torch.version.cuda or "unknown").replace(".", "")
-        # Empty TORCH_CUDA_ARCH_LIST: torch compiles for the visible GPUs; that is one more setting.
-        arch = hashlib.sha256(os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip().encode()).hexdigest()[:8]
+        # Without TORCH_CUDA_ARCH_LIST torch compiles for the visible cards: their capabilities name the
+        # folder, so a cache shared by an A100 and an H100 machine keeps one build for each (an sm_90
+        # build loaded on an A100 has no kernel image for it).
+        arch = hashlib.sha256((cuda_architectures() or "").encode()).hexdigest()[:8]
         return _cache_root() / f"{name}_cu{cuda}_{arch}"
     return _cache_root() / f"{name}_cpu"
 
@@ -254,18 +281,49 @@ def _short(err: BaseException, lines: int = 3, limit: int = 800) -> str:
     text = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     if not text:
         return type(err).__name__
-    errors = [ln for ln in text[1:] if "error" in ln.lower() and not ln.startswith(("c++ ", "g++ ", "FAILED"))]
+    # nvcc reports some failures (an architecture it does not know) as "nvcc fatal", without "error".
+    errors = [ln for ln in text[1:] if ("error" in ln.lower() or ln.startswith("nvcc fatal"))
+              and not ln.startswith(("c++ ", "g++ ", "FAILED"))]
     errors = list(dict.fromkeys(errors))  # the same header error arrives once per file that includes it
     out = " | ".join([text[0].split(": [1/")[0]] + errors[:lines])
     return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+# Written into a CUDA build's folder when its build fails: later processes of the same sources, torch and
+# architectures then build and load the library without CUDA kernels at once, instead of spending the
+# CUDA build's minutes on the same failure each time.
+CUDA_FAILED_FILE = "fastmaml.cuda_failed"
+
+
+def cuda_build_error() -> Optional[str]:
+    """Why this process's library has no CUDA kernels although they could be built here: their build
+    failed (in this process, or in an earlier one that left `CUDA_FAILED_FILE`), or None."""
+    return _state["cuda_error"]
 
 
 def _jit_build(csrc: Path) -> Path:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise ExtensionUnavailable(f"no C++ compiler found ({compiler!r} is not on PATH; set CXX or install g++)")
-    with_cuda = cuda_build_unavailable(csrc) is None
-    build_dir = build_directory(csrc, with_cuda)
+    if cuda_build_unavailable(csrc) is None:
+        cuda_dir = build_directory(csrc, with_cuda=True)
+        failed = cuda_dir / CUDA_FAILED_FILE
+        if not failed.is_file():
+            try:
+                return _build_in(csrc, cuda_dir, with_cuda=True)
+            except ExtensionUnavailable as err:
+                failed.write_text(f"{err}\n")
+        # The CPU kernels do not need the CUDA ones: a failed nvcc (too old for these kernels, out of
+        # memory) must not take them down. The cuda backend gives this reason as its own.
+        reason = failed.read_text().strip().removeprefix("building the C++ extension failed: ")
+        _state["cuda_error"] = f"{reason}; remove {failed} to try their build again"
+        warnings.warn(f"fastmaml: the CUDA kernels failed to build, so the C++ extension is built without "
+                      f"them: {_state['cuda_error']}", RuntimeWarning, stacklevel=4)
+    return _build_in(csrc, build_directory(csrc, with_cuda=False), with_cuda=False)
+
+
+def _build_in(csrc: Path, build_dir: Path, with_cuda: bool) -> Path:
+    """The library in `build_dir`, built there first unless a finished build is found."""
     lib = build_dir / f"{LIB_NAME}.so"
     stamp = build_dir / "fastmaml.ok"
     if lib.is_file() and stamp.is_file():

@@ -52,11 +52,19 @@ def _hide_nvcc(monkeypatch) -> None:
     monkeypatch.setattr(_ext, "find_nvcc", lambda: None)
 
 
-def _fake_cuda_toolchain(monkeypatch) -> None:
-    """As on a machine with a CUDA build of torch and nvcc (nothing is compiled by these tests)."""
+def _fake_cards(monkeypatch, capabilities: list[tuple[int, int]]) -> None:
+    """As if these cards were visible (no CUDA call is made)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capabilities[i])
+
+
+def _fake_cuda_toolchain(monkeypatch, capabilities=((9, 0),)) -> None:
+    """As on a machine with a CUDA build of torch, nvcc and the visible cards `capabilities` (nothing is
+    compiled by these tests)."""
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(_ext, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
     monkeypatch.setattr(_ext, "find_cuda_header", lambda: "/opt/cuda/include/cuda_runtime.h")
+    _fake_cards(monkeypatch, list(capabilities))
 
 
 def test_source_hash_does_not_depend_on_the_compilers(monkeypatch):
@@ -110,6 +118,118 @@ def test_build_directory_separates_builds_with_and_without_cuda(monkeypatch, tmp
     assert _ext.build_directory(CSRC, with_cuda=False) == cpu
 
 
+def test_build_directory_follows_the_visible_cards_without_an_architecture_list(monkeypatch, tmp_path):
+    """Without TORCH_CUDA_ARCH_LIST torch compiles for the visible cards: a cache shared by an A100 and an
+    H100 machine must keep a build for each (an sm_90 library has no kernel image for an A100)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    folders = {}
+    for cards in ([(8, 0)], [(9, 0)], [(9, 0), (8, 0)], [(8, 0), (9, 0), (9, 0)]):
+        _fake_cuda_toolchain(monkeypatch, cards)
+        assert _ext.cuda_build_unavailable(CSRC) is None
+        folders[tuple(cards)] = _ext.build_directory(CSRC)
+    assert len({folders[((8, 0),)], folders[((9, 0),)], folders[((9, 0), (8, 0))]}) == 3
+    assert folders[((9, 0), (8, 0))] == folders[((8, 0), (9, 0), (9, 0))]  # the set of cards, not their order
+    _fake_cuda_toolchain(monkeypatch, [(9, 0)])
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")  # torch reads it as unset
+    assert _ext.build_directory(CSRC) == folders[((9, 0),)]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")  # a list names the folder whatever the cards
+    listed = _ext.build_directory(CSRC)
+    assert listed not in folders.values()
+    _fake_cards(monkeypatch, [(8, 0)])
+    assert _ext.build_directory(CSRC) == listed
+    _fake_cards(monkeypatch, [])
+    assert _ext.cuda_build_unavailable(CSRC) is None and _ext.build_directory(CSRC) == listed
+
+
+@pytest.mark.parametrize("setting", [None, "", "native"], ids=["unset", "empty", "native"])
+def test_no_architecture_to_compile_for_builds_without_cuda_kernels(monkeypatch, tmp_path, setting):
+    """A CUDA build of torch and nvcc on a machine without a GPU (a login node) and no TORCH_CUDA_ARCH_LIST:
+    torch's build would stop on an IndexError (it compiles for the visible cards) and take the CPU kernels
+    with it. The extension is built without the CUDA kernels, and the reason says what to set."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    if setting is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", setting)
+    _fake_cuda_toolchain(monkeypatch, [])
+    why = _ext.cuda_build_unavailable(CSRC)
+    assert why is not None and "TORCH_CUDA_ARCH_LIST" in why and "no GPU is visible" in why
+    assert _ext.build_directory(CSRC) == _ext.build_directory(CSRC, with_cuda=False)
+    assert cuda_backend.build_unavailable() == _ext.cuda_build_unavailable()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    assert _ext.cuda_build_unavailable(CSRC) is None
+
+
+def _fake_builds(monkeypatch, tmp_path, cuda_error: str) -> list[bool]:
+    """`_run_build` as a build whose CUDA half fails with `cuda_error`; returns the list of the builds asked
+    for (True: with CUDA kernels). A build without them leaves a library and its stamp, as a real one."""
+    calls: list[bool] = []
+
+    def run_build(csrc, build_dir, stamp, with_cuda):
+        calls.append(with_cuda)
+        if with_cuda:
+            raise _ext.ExtensionUnavailable(f"building the C++ extension failed: {cuda_error}")
+        lib = build_dir / f"{_ext.LIB_NAME}.so"
+        lib.write_bytes(b"")
+        stamp.write_text("built\n")
+        return lib
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    _fake_cuda_toolchain(monkeypatch)
+    monkeypatch.setattr(_ext.shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}")
+    monkeypatch.setattr(_ext, "_run_build", run_build)
+    monkeypatch.setitem(_ext._state, "cuda_error", None)
+    return calls
+
+
+def test_a_failed_cuda_build_leaves_the_cpu_kernels(monkeypatch, tmp_path):
+    """nvcc failing (a toolkit too old for the kernels, a compiler killed for memory) used to make the whole
+    extension unavailable, the CPU kernels with it. The library is built without the CUDA kernels, the
+    failure is given as a warning and as the cuda backend's reason, and later processes do not spend the CUDA
+    build's minutes on it again until its marker is removed."""
+    calls = _fake_builds(monkeypatch, tmp_path, "nvcc fatal : Unsupported gpu architecture 'compute_90a'")
+    cpu_lib = _ext.build_directory(CSRC, with_cuda=False) / f"{_ext.LIB_NAME}.so"
+    marker = _ext.build_directory(CSRC, with_cuda=True) / _ext.CUDA_FAILED_FILE
+    with pytest.warns(RuntimeWarning, match="CUDA kernels failed to build"):
+        assert _ext._jit_build(CSRC) == cpu_lib
+    assert calls == [True, False]
+    assert "Unsupported gpu architecture" in marker.read_text()
+    why = _ext.cuda_build_error()
+    assert "Unsupported gpu architecture" in why and str(marker) in why and "building the C++" not in why
+
+    monkeypatch.setitem(_ext._state, "cuda_error", None)  # the next process: the marker is read, nothing built
+    with pytest.warns(RuntimeWarning, match="Unsupported gpu architecture"):
+        assert _ext._jit_build(CSRC) == cpu_lib
+    assert calls == [True, False]
+    assert "Unsupported gpu architecture" in _ext.cuda_build_error()
+
+    marker.unlink()  # as the message says: the CUDA build is tried again
+    monkeypatch.setitem(_ext._state, "cuda_error", None)
+    with pytest.warns(RuntimeWarning):
+        assert _ext._jit_build(CSRC) == cpu_lib
+    assert calls == [True, False, True] and marker.is_file()
+
+
+def test_the_build_errors_gist_keeps_nvccs_fatal_line():
+    """nvcc gives an architecture it does not know as "nvcc fatal", without the word error: the reason must
+    still carry it, not only torch's "Error building extension" (as seen with nvcc 13 and 5.0)."""
+    err = RuntimeError("Error building extension 'fastmaml_cpu': [1/14] /usr/local/cuda/bin/nvcc --generate-"
+                       "dependencies-with-compile -c a.cu -o a.cuda.o\nFAILED: a.cuda.o\n/usr/local/cuda/bin/nvcc "
+                       "-gencode=arch=compute_50,code=sm_50 -c a.cu\nnvcc fatal   : Unsupported gpu architecture "
+                       "'compute_50'\nninja: build stopped: subcommand failed.")
+    assert _ext._short(err) == ("Error building extension 'fastmaml_cpu' | nvcc fatal   : Unsupported gpu "
+                                "architecture 'compute_50'")
+
+
+def test_a_cpu_only_torch_never_tries_the_cuda_build(monkeypatch, tmp_path):
+    calls = _fake_builds(monkeypatch, tmp_path, "not reached")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert _ext._jit_build(CSRC) == _ext.build_directory(CSRC, with_cuda=False) / f"{_ext.LIB_NAME}.so"
+    assert calls == [False] and _ext.cuda_build_error() is None
+
+
 def test_nvcc_without_the_cuda_headers_builds_without_cuda_kernels(monkeypatch, tmp_path):
     """nvcc on PATH as a wrapper script (/usr/local/bin/nvcc) and CUDA_HOME unset: torch guesses
     CUDA_HOME=/usr/local, where nvcc is but cuda_runtime.h is not. A CUDA build would fail on the header
@@ -122,6 +242,7 @@ def test_nvcc_without_the_cuda_headers_builds_without_cuda_kernels(monkeypatch, 
     (wrapper_home / "bin" / "nvcc").write_text("#!/bin/sh\nexec /opt/cuda/bin/nvcc \"$@\"\n")
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_home))
+    _fake_cards(monkeypatch, [(9, 0)])
     for var in ("CUDA_HOME", "CUDA_PATH", "CUDA_INC_PATH", "CPATH", "CPLUS_INCLUDE_PATH"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(_ext, "_SYSTEM_INCLUDE_DIRS", ())
@@ -190,6 +311,16 @@ def test_cuda_backend_says_why_the_library_has_no_cuda_kernels(monkeypatch, preb
     assert "nvcc" in why  # the build's missing nvcc is the likely cause, and named
     if prebuilt:
         assert "FASTMAML_BUILD_EXT=1" in why
+
+
+def test_cuda_backend_gives_the_failed_cuda_build_as_its_reason(monkeypatch):
+    library = "/cache/fastmaml_0123456789abcdef_cpu/fastmaml_cpu.so"
+    _as_on_a_gpu_machine(monkeypatch, kernels=False, library=library, prebuilt=False)
+    failure = ("Error building extension 'fastmaml_cpu' | nvcc fatal : Unsupported gpu architecture 'compute_90a'; "
+               "remove /cache/x/fastmaml.cuda_failed to try their build again")
+    monkeypatch.setattr(_ext, "cuda_build_error", lambda: failure)
+    why = cuda_backend.CudaBackend().unavailable()
+    assert "their build failed" in why and failure in why
 
 
 def test_cuda_backend_checks_torch_then_the_gpu_first(monkeypatch):

@@ -166,6 +166,9 @@ class CudaBackend(ExtensionBackend):
                     "FASTMAML_BUILD_EXT=1 pip install --no-build-isolation on a machine with nvcc and a CUDA "
                     "build of torch, or delete it to have the extension built on first use"
                     + ("" if build_why is None else f" (here without CUDA kernels either: {build_why})"))
+        cuda_error = _ext.cuda_build_error()
+        if cuda_error is not None:
+            return f"the loaded library has no CUDA kernels: their build failed here: {cuda_error}"
         if build_why is not None:
             return (f"the loaded library has no CUDA kernels: {path} was built on first use without them: "
                     f"{build_why}. Once that is fixed, the next process builds them")
