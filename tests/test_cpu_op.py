@@ -740,5 +740,57 @@ def test_constants_are_not_kept_while_a_cuda_graph_is_captured(monkeypatch):
     cpu = torch.device("cpu")
     assert _fused._constant(("t", 1), make, cpu) is _fused._constant(("t", 1), make, cpu)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream(7))
     c = _fused._constant(("t", 2), make, cuda)
     assert _fused._constant(("t", 2), make, cuda) is c
+
+
+class _FakeStream:
+    def __init__(self, handle: int):
+        self.cuda_stream = handle
+
+
+def test_constants_are_kept_per_cuda_stream(monkeypatch):
+    """A constant is filled on the stream that made it: a call on another stream gets its own (faked streams
+    on a CUDA device object: no GPU needed; the GPU test below uses real ones). Shared, a call on the other
+    stream could read it before its fill has run."""
+    from fastmaml.backends import _fused
+
+    cuda = torch.device("cuda", 0)
+    current = [_FakeStream(1)]
+    made = []
+
+    def make():
+        made.append(torch.ones(2))
+        return made[-1]
+
+    monkeypatch.setattr(_fused, "_CONSTANTS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    a = _fused._constant(("t", 1), make, cuda)
+    assert _fused._constant(("t", 1), make, cuda) is a
+    current[0] = _FakeStream(2)
+    b = _fused._constant(("t", 1), make, cuda)
+    assert b is not a and _fused._constant(("t", 1), make, cuda) is b
+    current[0] = _FakeStream(1)
+    assert _fused._constant(("t", 1), make, cuda) is a and len(made) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (real streams)")
+def test_constants_are_kept_per_cuda_stream_on_the_gpu(monkeypatch):
+    from fastmaml.backends import _fused
+
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    monkeypatch.setattr(_fused, "_CONSTANTS", {})
+
+    def make():
+        return torch.full((3, 5), 0.25, device=cuda)
+
+    a = _fused._constant(("t", 1), make, cuda)
+    side = torch.cuda.Stream(cuda)
+    with torch.cuda.stream(side):
+        b = _fused._constant(("t", 1), make, cuda)
+        assert _fused._constant(("t", 1), make, cuda) is b
+    assert b is not a and _fused._constant(("t", 1), make, cuda) is a
+    side.synchronize()
+    assert torch.equal(a, b)

@@ -37,17 +37,20 @@ def flat_theta(problem: Problem) -> torch.Tensor:
 # captured on the current stream: there the graph gets its own, made by kernels it replays. A tensor made
 # under capture holds nothing until the first replay (an eager call reading it from here would read
 # garbage), and a graph that captured a kept one would read freed memory once the cache is cleared.
+# On CUDA they are kept per stream: a tensor is filled on the stream that made it, so a call on another
+# stream could read it before the fill has run, and once the cache drops it the allocator may hand its
+# memory out again on the making stream while the other one still reads it.
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 _MAX_CONSTANTS = 32
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _constant(key: tuple, make: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or _capturing(device):
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return make()
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return make()
+        key = (*key, torch.cuda.current_stream(device).cuda_stream)
     t = _CONSTANTS.get(key)
     if t is None:
         if len(_CONSTANTS) >= _MAX_CONSTANTS:
