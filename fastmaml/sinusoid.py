@@ -241,10 +241,13 @@ def held_out_tasks(config: SinusoidConfig, device) -> dict[str, torch.Tensor]:
     """The held-out tasks: `x_support [E, max_shot, 1]`, `y_support`, `x_query [E, Nq, 1]`, `y_query`,
     `amplitude [E]`, `phase [E]`. The n-shot support set is the first n support points, so the shot
     counts are compared on the same tasks; at least 20 support points are drawn whatever `eval_shots`
-    holds, so every run with shot counts up to 20 sees the same tasks."""
+    holds, so every run with shot counts up to 20 sees the same tasks. They are drawn on the CPU and then
+    moved to `device`: a CUDA generator of the same seed draws other numbers, and a GPU run must be scored
+    on the tasks its CPU figures were."""
     max_shot = max(*config.eval_shots, 20)
-    gen = _generator(config.eval_seed, torch.device(device))
-    x, y, amplitude, phase = sample_tasks(config.eval_tasks, max_shot + config.eval_query, gen, device)
+    cpu = torch.device("cpu")
+    x, y, amplitude, phase = (t.to(device) for t in sample_tasks(
+        config.eval_tasks, max_shot + config.eval_query, _generator(config.eval_seed, cpu), cpu))
     return {
         "x_support": x[:, :max_shot], "y_support": y[:, :max_shot],
         "x_query": x[:, max_shot:], "y_query": y[:, max_shot:],

@@ -198,6 +198,22 @@ def test_init_params_matches_nn_linear_bounds():
     assert params[2].std().item() == pytest.approx(1 / math.sqrt(40) / math.sqrt(3), rel=0.1)
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_held_out_tasks_are_the_cpus_on_every_device(device):
+    """A GPU run is scored on the tasks of the CPU figures: they are drawn on the CPU and moved (a CUDA
+    generator of the seed draws other numbers, and a meta one none). On the meta device only the shapes
+    and the device can be compared."""
+    config = sinusoid.SinusoidConfig(eval_tasks=7, eval_query=9, eval_shots=(3, 5))
+    cpu = sinusoid.held_out_tasks(config, "cpu")
+    there = sinusoid.held_out_tasks(config, device)
+    assert cpu.keys() == there.keys() and cpu["x_support"].shape == (7, 20, 1) and cpu["x_query"].shape == (7, 9, 1)
+    for key, t in there.items():
+        assert t.device.type == device and t.shape == cpu[key].shape and t.dtype == cpu[key].dtype
+        if device != "meta":
+            torch.testing.assert_close(t.cpu(), cpu[key], rtol=0, atol=0)
+
+
 def test_evaluate_matches_manual_sgd():
     """`evaluate` after k steps equals k plain SGD steps per task written with autograd, for k past
     the training K."""
