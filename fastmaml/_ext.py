@@ -308,34 +308,48 @@ def _jit_build(csrc: Path) -> Path:
     if cuda_build_unavailable(csrc) is None:
         cuda_dir = build_directory(csrc, with_cuda=True)
         failed = cuda_dir / CUDA_FAILED_FILE
-        if not failed.is_file():
-            try:
-                return _build_in(csrc, cuda_dir, with_cuda=True)
-            except ExtensionUnavailable as err:
-                failed.write_text(f"{err}\n")
+        try:
+            return _build_in(csrc, cuda_dir, with_cuda=True, failed=failed)
+        except ExtensionUnavailable as err:
+            reason = str(err).removeprefix("building the C++ extension failed: ")
         # The CPU kernels do not need the CUDA ones: a failed nvcc (too old for these kernels, out of
         # memory) must not take them down. The cuda backend gives this reason as its own.
-        reason = failed.read_text().strip().removeprefix("building the C++ extension failed: ")
         _state["cuda_error"] = f"{reason}; remove {failed} to try their build again"
         warnings.warn(f"fastmaml: the CUDA kernels failed to build, so the C++ extension is built without "
                       f"them: {_state['cuda_error']}", RuntimeWarning, stacklevel=4)
     return _build_in(csrc, build_directory(csrc, with_cuda=False), with_cuda=False)
 
 
-def _build_in(csrc: Path, build_dir: Path, with_cuda: bool) -> Path:
-    """The library in `build_dir`, built there first unless a finished build is found."""
+def _build_in(csrc: Path, build_dir: Path, with_cuda: bool, failed: Optional[Path] = None) -> Path:
+    """The library in `build_dir`, built there first unless a finished build is found. With `failed`, a
+    failed build leaves its error in that file, and while the file exists the build is not tried again:
+    ExtensionUnavailable with the error it holds (also for the processes that waited on the failed build:
+    the ranks of a torchrun job would otherwise fail the same build one after another)."""
     lib = build_dir / f"{LIB_NAME}.so"
     stamp = build_dir / "fastmaml.ok"
+
+    def failed_before() -> None:
+        if failed is not None and failed.is_file():
+            raise ExtensionUnavailable(failed.read_text().strip())
+
     if lib.is_file() and stamp.is_file():
         return lib
+    failed_before()
     build_dir.mkdir(parents=True, exist_ok=True)
     with _build_lock(build_dir):
         if lib.is_file() and stamp.is_file():  # another process built it while this one waited
             return lib
+        failed_before()  # or failed to
         # torch's own lock file: left behind when a build is killed, it would make every later process
         # wait forever. Under our lock no other process is building here, so any such file is stale.
         (build_dir / "lock").unlink(missing_ok=True)
-        return _run_build(csrc, build_dir, stamp, with_cuda)
+        try:
+            return _run_build(csrc, build_dir, stamp, with_cuda)
+        except ExtensionUnavailable as err:
+            if failed is not None:
+                with contextlib.suppress(OSError):  # a folder this process cannot write: the next one tries again
+                    failed.write_text(f"{err}\n")
+            raise
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ CC and CUDA_HOME unset, an empty TORCH_EXTENSIONS_DIR, a temporary working direc
 pointing at the installed copy (it comes before the editable install of the checkout: setuptools'
 editable finder is consulted after sys.path; the subprocess asserts which copy it imported).
 
-The other tests here are fast unit tests of `_ext.source_hash` / `_ext.build_directory` and of the cuda
+The other tests here are fast unit tests of `_ext.source_hash` / `_ext.build_directory`, of the build
+without CUDA kernels where they cannot be built or their build fails (compiles faked), and of the cuda
 backend's availability, which comes from the loaded library's registered CUDA kernels, not from nvcc.
 
 The wheel tests skip only when the build's own prerequisites are missing (a C++ compiler, ninja, pip,
@@ -21,6 +22,7 @@ architecture (the visible GPU's, else 8.0) unless it is set already, to keep the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -210,6 +212,27 @@ def test_a_failed_cuda_build_leaves_the_cpu_kernels(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning):
         assert _ext._jit_build(CSRC) == cpu_lib
     assert calls == [True, False, True] and marker.is_file()
+
+
+def test_a_cuda_build_that_failed_while_waiting_is_not_tried_again(monkeypatch, tmp_path):
+    """The ranks of a torchrun job wait on the first one's build: when it fails, each would try it again, one
+    after another, minutes each. The marker is read again once the lock is held."""
+    calls = _fake_builds(monkeypatch, tmp_path, "not reached")
+    marker = _ext.build_directory(CSRC, with_cuda=True) / _ext.CUDA_FAILED_FILE
+    real_lock = _ext._build_lock
+
+    @contextlib.contextmanager
+    def lock_after_the_others_failure(build_dir):
+        if build_dir == marker.parent:
+            marker.write_text("building the C++ extension failed: nvcc was killed (the other rank's build)\n")
+        with real_lock(build_dir):
+            yield
+
+    monkeypatch.setattr(_ext, "_build_lock", lock_after_the_others_failure)
+    with pytest.warns(RuntimeWarning, match="the other rank's build"):
+        _ext._jit_build(CSRC)
+    assert calls == [False]
+    assert _ext.cuda_build_error().startswith("nvcc was killed (the other rank's build); remove ")
 
 
 def test_the_build_errors_gist_keeps_nvccs_fatal_line():
