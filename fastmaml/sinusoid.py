@@ -243,7 +243,7 @@ def held_out_tasks(config: SinusoidConfig, device) -> dict[str, torch.Tensor]:
     counts are compared on the same tasks; at least 20 support points are drawn whatever `eval_shots`
     holds, so every run with shot counts up to 20 sees the same tasks. They are drawn on the CPU and then
     moved to `device`: a CUDA generator of the same seed draws other numbers, and a GPU run must be scored
-    on the tasks its CPU figures were."""
+    on the same tasks as a CPU run."""
     max_shot = max(*config.eval_shots, 20)
     cpu = torch.device("cpu")
     x, y, amplitude, phase = (t.to(device) for t in sample_tasks(
