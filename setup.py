@@ -58,6 +58,10 @@ def prebuilt_extension():
     hash_flag = ext.source_hash_flag(CSRC)
     sources = [f"csrc/{s}" for s in ext._SOURCES]
     why_not_cuda = ext.cuda_build_unavailable(CSRC)
+    if why_not_cuda is not None and why_not_cuda.startswith(ext.NO_ARCHITECTURE):
+        # A CUDA torch and nvcc, but no GPU here and no TORCH_CUDA_ARCH_LIST: the library a user asked to
+        # prebuild would lack its CUDA kernels, noticed only where it is used.
+        sys.exit(f"fastmaml: {why_not_cuda}")
     with_cuda = why_not_cuda is None
     if not with_cuda:
         print(f"fastmaml: the prebuilt library has no CUDA kernels: {why_not_cuda}", file=sys.stderr)

@@ -97,7 +97,7 @@ for binding in sorted(Path("csrc/cuda").glob("*binding.cpp")):
         ops += names
 missing = [op for op in ops if not cuda_kernels_registered(op)]
 if not ops or missing:
-    why = _ext.cuda_build_unavailable()
+    why = _ext.cuda_build_unavailable() or _ext.cuda_build_error()
     sys.exit(f"FAILED: CUDA kernels not registered: {missing or 'none found in the bindings'}"
              + (f" (the build had no CUDA kernels: {why})" if why else ""))
 print(f"ok: the library has its {len(ops)} CUDA kernels ({', '.join(ops)})")

@@ -161,28 +161,84 @@ def cuda_build_unavailable(csrc: Optional[Path] = None) -> Optional[str]:
     csrc = csrc if csrc is not None else csrc_dir()
     if csrc is None or not all((csrc / s).is_file() for s in _CUDA_SOURCES):
         return "the CUDA kernel sources (csrc/cuda/) are not shipped with this installation"
-    if cuda_architectures() is None:
-        # torch would compile for the visible cards, and with none its build stops on an IndexError: the
-        # usual CUDA wheel on a machine without a GPU (a login node with a CUDA toolkit) lost its CPU
-        # kernels with it.
-        return ("TORCH_CUDA_ARCH_LIST is unset and no GPU is visible, so there is no architecture to compile "
-                "the CUDA kernels for; set TORCH_CUDA_ARCH_LIST to the cards' (9.0a for an H100 or H200, 8.0 "
-                "for an A100) to build them here")
+    if _architecture_list() is None:
+        # torch compiles for the visible cards, and with none its build stops on an IndexError: the usual
+        # CUDA wheel on a machine without a GPU (a login node with a CUDA toolkit) lost its CPU kernels
+        # with it.
+        cards, error = visible_capabilities()
+        if error is not None:
+            return (f"{NO_ARCHITECTURE}: TORCH_CUDA_ARCH_LIST is unset and the visible cards' capabilities could "
+                    f"not be read ({error}); {_SET_THE_LIST}")
+        if not cards:
+            return f"{NO_ARCHITECTURE}: TORCH_CUDA_ARCH_LIST is unset and no GPU is visible; {_SET_THE_LIST}"
     return None
 
 
-def cuda_architectures() -> Optional[str]:
-    """What a CUDA build compiles for: TORCH_CUDA_ARCH_LIST where it names architectures, else (unset,
-    empty or "native", as torch reads it) the visible cards' capabilities, `"visible:8.0;9.0"`, or None
-    when there are none. Asking a card's capability initialises CUDA in this process."""
+# The start of `cuda_build_unavailable`'s reason when only the architectures are missing (setup.py stops on
+# it: a prebuilt library would silently lack the CUDA kernels).
+NO_ARCHITECTURE = "no architecture to compile the CUDA kernels for"
+_SET_THE_LIST = ("set TORCH_CUDA_ARCH_LIST to the cards' (9.0a for an H100 or H200, 8.0 for an A100) to build "
+                 "them here")
+
+
+def _architecture_list() -> Optional[str]:
+    """TORCH_CUDA_ARCH_LIST where it names architectures; None where torch reads it as unset (unset, empty
+    or "native": it then compiles for the visible cards)."""
     listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
-    if listed and listed != "native":
-        return listed
-    count = torch.cuda.device_count()
+    return listed if listed and listed != "native" else None
+
+
+def visible_capabilities() -> tuple[list[tuple[int, int]], Optional[str]]:
+    """The visible cards' compute capabilities and None, or what was read and why it could not be.
+
+    Read through NVML while CUDA is not initialised in this process (loading the library must not start
+    CUDA: a process that forks workers using CUDA would fail), with the device indices mapped as torch's
+    NVML-based queries map them; through torch otherwise, or where NVML does not answer."""
+    try:
+        count = torch.cuda.device_count()  # NVML first in torch: it starts no CUDA either
+    except Exception as err:  # noqa: BLE001 (a driver that cannot answer: no capabilities, and why)
+        return [], f"{type(err).__name__}: {err}"
     if count == 0:
+        return [], None
+    if not torch.cuda.is_initialized():
+        try:
+            found = _nvml_capabilities(count)
+        except Exception:  # noqa: BLE001 (no NVML library, an old torch without the index mapping)
+            found = None
+        if found is not None:
+            return found, None
+    try:
+        return [tuple(torch.cuda.get_device_capability(i)) for i in range(count)], None
+    except Exception as err:  # noqa: BLE001 (a forked child of a CUDA parent, a driver too old for torch)
+        return [], f"{type(err).__name__}: {err}"
+
+
+def _nvml_capabilities(count: int) -> Optional[list[tuple[int, int]]]:
+    """The first `count` visible cards' capabilities from NVML, or None where it does not answer."""
+    from ctypes import CDLL, byref, c_int, c_void_p
+
+    nvml = CDLL("libnvidia-ml.so.1")
+    if nvml.nvmlInit_v2() != 0:
         return None
-    found = sorted({tuple(torch.cuda.get_device_capability(i)) for i in range(count)})
-    return "visible:" + ";".join(f"{major}.{minor}" for major, minor in found)
+    found = []
+    for i in range(count):
+        handle, major, minor = c_void_p(), c_int(), c_int()
+        if nvml.nvmlDeviceGetHandleByIndex_v2(torch.cuda._get_nvml_device_index(i), byref(handle)) != 0:
+            return None
+        if nvml.nvmlDeviceGetCudaComputeCapability(handle, byref(major), byref(minor)) != 0:
+            return None
+        found.append((major.value, minor.value))
+    return found
+
+
+def cuda_architectures() -> Optional[str]:
+    """What a CUDA build compiles for: TORCH_CUDA_ARCH_LIST where it names architectures, else the visible
+    cards' capabilities (`visible_capabilities`), `"visible:8.0;9.0"`, or None when there are none."""
+    listed = _architecture_list()
+    if listed is not None:
+        return listed
+    cards, _ = visible_capabilities()
+    return "visible:" + ";".join(f"{major}.{minor}" for major, minor in sorted(set(cards))) if cards else None
 
 
 def source_hash(csrc: Path) -> str:
@@ -330,7 +386,11 @@ def _build_in(csrc: Path, build_dir: Path, with_cuda: bool, failed: Optional[Pat
 
     def failed_before() -> None:
         if failed is not None and failed.is_file():
-            raise ExtensionUnavailable(failed.read_text().strip())
+            try:
+                text = failed.read_text().strip()
+            except OSError as err:
+                text = f"(its error could not be read: {err})"
+            raise ExtensionUnavailable(text or "(no error recorded)")
 
     if lib.is_file() and stamp.is_file():
         return lib
@@ -348,7 +408,9 @@ def _build_in(csrc: Path, build_dir: Path, with_cuda: bool, failed: Optional[Pat
         except ExtensionUnavailable as err:
             if failed is not None:
                 with contextlib.suppress(OSError):  # a folder this process cannot write: the next one tries again
-                    failed.write_text(f"{err}\n")
+                    partial = failed.with_name(f"{failed.name}.{os.getpid()}")
+                    partial.write_text(f"{err}\n")
+                    os.replace(partial, failed)  # whole or absent for a reader outside the lock
             raise
 
 

@@ -719,7 +719,7 @@ def test_constant_inputs_kept_between_calls_are_safe():
 
 
 def test_constants_are_not_kept_while_a_cuda_graph_is_captured(monkeypatch):
-    """Under CUDA graph capture (_fused._capturing, faked here on a CUDA device object: no GPU needed) each
+    """Under CUDA graph capture (faked here on a CUDA device object: no GPU needed) each
     call makes its own constants and keeps none: a tensor made under capture holds nothing until the
     graph's first replay, and a graph that read a kept one would read freed memory once the cache is
     cleared. Outside capture the same key gives the kept tensor."""

@@ -55,9 +55,15 @@ def _hide_nvcc(monkeypatch) -> None:
 
 
 def _fake_cards(monkeypatch, capabilities: list[tuple[int, int]]) -> None:
-    """As if these cards were visible (no CUDA call is made)."""
+    """As if these cards were visible, CUDA not initialised and NVML answering (no CUDA call is made)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capabilities[i])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(_ext, "_nvml_capabilities", lambda count: list(capabilities[:count]))
+
+    def started_cuda(i=0):
+        raise AssertionError("the capabilities were asked of torch, which starts CUDA, although NVML answered")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", started_cuda)
 
 
 def _fake_cuda_toolchain(monkeypatch, capabilities=((9, 0),)) -> None:
@@ -144,6 +150,84 @@ def test_build_directory_follows_the_visible_cards_without_an_architecture_list(
     assert _ext.cuda_build_unavailable(CSRC) is None and _ext.build_directory(CSRC) == listed
 
 
+def test_the_cards_are_read_without_starting_cuda_where_it_is_not_started(monkeypatch):
+    """Loading the library looks at the cards (the build folder's name) and must not start CUDA: a process
+    that then forks workers using CUDA would fail. NVML answers while CUDA is not started; torch where NVML
+    does not answer or CUDA is started already; an error of both is a reason, not an exception."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    _fake_cuda_toolchain(monkeypatch, [(9, 0), (8, 0)])
+    assert _ext.visible_capabilities() == ([(9, 0), (8, 0)], None)  # get_device_capability would raise
+    assert _ext.cuda_architectures() == "visible:8.0;9.0"
+
+    asked = []
+
+    def from_torch(i=0):
+        asked.append(i)
+        return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", from_torch)
+    monkeypatch.setattr(_ext, "_nvml_capabilities", lambda count: None)  # NVML did not answer
+    assert _ext.visible_capabilities() == ([(9, 0), (9, 0)], None) and asked == [0, 1]
+    monkeypatch.setattr(_ext, "_nvml_capabilities", lambda count: [(8, 0), (8, 0)])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # started already: torch is asked
+    assert _ext.visible_capabilities() == ([(9, 0), (9, 0)], None) and asked == [0, 1, 0, 1]
+
+    def no_driver(i=0):
+        raise RuntimeError("The NVIDIA driver on your system is too old")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_driver)
+    cards, error = _ext.visible_capabilities()
+    assert cards == [] and "driver on your system is too old" in error
+    why = _ext.cuda_build_unavailable(CSRC)
+    assert why.startswith(_ext.NO_ARCHITECTURE) and "could not be read" in why and "too old" in why
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")  # a list needs no card
+    assert _ext.cuda_build_unavailable(CSRC) is None
+
+
+def test_nvml_is_asked_for_the_cards_torch_counts(monkeypatch):
+    """`_nvml_capabilities` against a fake NVML library: CUDA's device i is NVML's device torch maps it to
+    (CUDA_VISIBLE_DEVICES), and a call NVML fails makes the answer None (then torch is asked)."""
+    import ctypes
+
+    capability = {3: (9, 0), 1: (8, 6)}
+    failing = set()
+
+    class FakeNvml:
+        def __init__(self, name):
+            assert name == "libnvidia-ml.so.1"
+
+        def nvmlInit_v2(self):
+            return 1 if "init" in failing else 0
+
+        def nvmlDeviceGetHandleByIndex_v2(self, index, handle):
+            handle._obj.value = 1000 + index
+            return 0
+
+        def nvmlDeviceGetCudaComputeCapability(self, handle, major, minor):
+            if "capability" in failing:
+                return 999
+            major._obj.value, minor._obj.value = capability[handle.value - 1000]
+            return 0
+
+    monkeypatch.setattr(ctypes, "CDLL", FakeNvml)
+    monkeypatch.setattr(torch.cuda, "_get_nvml_device_index", lambda i: [3, 1][i])
+    assert _ext._nvml_capabilities(2) == [(9, 0), (8, 6)]
+    assert _ext._nvml_capabilities(1) == [(9, 0)]
+    for step in ("init", "capability"):
+        failing.add(step)
+        assert _ext._nvml_capabilities(2) is None
+        failing.clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NVML and torch compared)")
+def test_nvml_and_torch_agree_on_the_cards():
+    count = torch.cuda.device_count()
+    found = _ext._nvml_capabilities(count)
+    if found is None:
+        pytest.skip("NVML does not answer on this machine (torch is asked instead)")
+    assert found == [tuple(torch.cuda.get_device_capability(i)) for i in range(count)]
+
+
 @pytest.mark.parametrize("setting", [None, "", "native"], ids=["unset", "empty", "native"])
 def test_no_architecture_to_compile_for_builds_without_cuda_kernels(monkeypatch, tmp_path, setting):
     """A CUDA build of torch and nvcc on a machine without a GPU (a login node) and no TORCH_CUDA_ARCH_LIST:
@@ -156,7 +240,8 @@ def test_no_architecture_to_compile_for_builds_without_cuda_kernels(monkeypatch,
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", setting)
     _fake_cuda_toolchain(monkeypatch, [])
     why = _ext.cuda_build_unavailable(CSRC)
-    assert why is not None and "TORCH_CUDA_ARCH_LIST" in why and "no GPU is visible" in why
+    assert why is not None and why.startswith(_ext.NO_ARCHITECTURE) and "TORCH_CUDA_ARCH_LIST" in why
+    assert "no GPU is visible" in why
     assert _ext.build_directory(CSRC) == _ext.build_directory(CSRC, with_cuda=False)
     assert cuda_backend.build_unavailable() == _ext.cuda_build_unavailable()
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
@@ -314,6 +399,7 @@ def _as_on_a_gpu_machine(monkeypatch, kernels: bool, library: str, prebuilt: boo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     _hide_nvcc(monkeypatch)
     monkeypatch.setattr(_ext, "unavailable", lambda: None)
+    monkeypatch.setitem(_ext._state, "cuda_error", None)  # whatever this process's own build did
     monkeypatch.setattr(_ext, "library_path", lambda: library)
     monkeypatch.setattr(_ext, "library_is_prebuilt", lambda: prebuilt)
     monkeypatch.setattr(cuda_backend, "cuda_kernels_registered", lambda op="maml_fwd": kernels)
@@ -404,7 +490,9 @@ def prebuilt_site(tmp_path_factory) -> Path:
                         ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.pyd", "*.egg-info"))
     env = {**os.environ, "FASTMAML_BUILD_EXT": "1", "PATH": _build_path(), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("PYTHONPATH", None)
-    if _ext.cuda_build_unavailable(CSRC) is None and not env.get("TORCH_CUDA_ARCH_LIST"):
+    if torch.version.cuda and _ext.find_nvcc() and not env.get("TORCH_CUDA_ARCH_LIST"):
+        # Set before the build decides: without a GPU and without a list, setup.py stops on the missing
+        # architecture (it would otherwise ship a library without CUDA kernels).
         major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
         env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
     wheels = tmp / "wheels"

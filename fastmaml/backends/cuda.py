@@ -13,7 +13,8 @@ per thread block at a time, with the per-task math of csrc/task/ parallel over t
 Availability: a CUDA build of torch, a visible GPU, and a loaded C++ extension that registered CUDA
 kernels (asked of the dispatcher, `cuda_kernels_registered`). The kernels come either with a prebuilt
 `fastmaml/_C*.so` (no compiler needed where it is installed) or from the build on first use
-(fastmaml/_ext.py), which compiles them only when nvcc is found: nvcc matters only to explain why a
+(fastmaml/_ext.py), which compiles them only when nvcc is found and there is an architecture to build
+for, and builds the library without them when their build fails: those matter only to explain why a
 library has none. Nothing is built at import.
 
 Size limits (`reject` names the one exceeded; `auto` then takes the next backend):
@@ -66,7 +67,7 @@ def size_limit_reason(problem: Problem, op: str = "maml") -> Optional[str]:
 
 def build_unavailable() -> Optional[str]:
     """Why a build of the C++ extension on this machine would have no CUDA kernels (decided from torch
-    and the compiler, not from whether a GPU is visible), or None.
+    and the compiler, and from the visible cards only where TORCH_CUDA_ARCH_LIST is unset), or None.
 
     This is the build decision (fastmaml/_ext.py, `cuda_build_unavailable`), not the backend's
     availability: a prebuilt library with CUDA kernels runs where nvcc is absent (`CudaBackend.unavailable`
