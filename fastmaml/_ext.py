@@ -345,6 +345,8 @@ def _short(err: BaseException, lines: int = 3, limit: int = 800) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
+# How a failed build's error begins (`_run_build`); a failed CUDA build's reason is given without it.
+BUILD_FAILED = "building the C++ extension failed: "
 # Written into a CUDA build's folder when its build fails: later processes of the same sources, torch and
 # architectures then build and load the library without CUDA kernels at once, instead of spending the
 # CUDA build's minutes on the same failure each time.
@@ -367,7 +369,7 @@ def _jit_build(csrc: Path) -> Path:
         try:
             return _build_in(csrc, cuda_dir, with_cuda=True, failed=failed)
         except ExtensionUnavailable as err:
-            reason = str(err).removeprefix("building the C++ extension failed: ")
+            reason = str(err).removeprefix(BUILD_FAILED)
         # The CPU kernels do not need the CUDA ones: a failed nvcc (too old for these kernels, out of
         # memory) must not take them down. The cuda backend gives this reason as its own.
         _state["cuda_error"] = f"{reason}; remove {failed} to try their build again"
@@ -466,7 +468,7 @@ def _run_build(csrc: Path, build_dir: Path, stamp: Path, with_cuda: bool) -> Pat
             with_cuda=with_cuda,
         )
     except Exception as err:  # compiler or ninja errors arrive as RuntimeError/OSError/CalledProcessError
-        raise ExtensionUnavailable(f"building the C++ extension failed: {_short(err)}") from err
+        raise ExtensionUnavailable(f"{BUILD_FAILED}{_short(err)}") from err
     stamp.write_text(f"built in {time.perf_counter() - start:.1f} s\n")
     log.info("fastmaml: built the C++ extension in %.1f s", time.perf_counter() - start)
     return Path(path)

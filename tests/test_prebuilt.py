@@ -256,7 +256,7 @@ def _fake_builds(monkeypatch, tmp_path, cuda_error: str) -> list[bool]:
     def run_build(csrc, build_dir, stamp, with_cuda):
         calls.append(with_cuda)
         if with_cuda:
-            raise _ext.ExtensionUnavailable(f"building the C++ extension failed: {cuda_error}")
+            raise _ext.ExtensionUnavailable(f"{_ext.BUILD_FAILED}{cuda_error}")
         lib = build_dir / f"{_ext.LIB_NAME}.so"
         lib.write_bytes(b"")
         stamp.write_text("built\n")
@@ -309,7 +309,7 @@ def test_a_cuda_build_that_failed_while_waiting_is_not_tried_again(monkeypatch, 
     @contextlib.contextmanager
     def lock_after_the_others_failure(build_dir):
         if build_dir == marker.parent:
-            marker.write_text("building the C++ extension failed: nvcc was killed (the other rank's build)\n")
+            marker.write_text(f"{_ext.BUILD_FAILED}nvcc was killed (the other rank's build)\n")
         with real_lock(build_dir):
             yield
 
