@@ -351,6 +351,18 @@ BUILD_FAILED = "building the C++ extension failed: "
 # architectures then build and load the library without CUDA kernels at once, instead of spending the
 # CUDA build's minutes on the same failure each time.
 CUDA_FAILED_FILE = "fastmaml.cuda_failed"
+# A build that failed for the machine's state rather than for the sources or the toolkit (a compiler killed
+# for memory, a full disk) is not marked: the next process's build may well succeed. The texts are gcc's,
+# nvcc's and the kernel's for those causes.
+_TRANSIENT_FAILURES = ("killed signal", "died due to signal", "signal 9", "no space left on device",
+                       "cannot allocate memory", "out of memory", "virtual memory exhausted")
+
+
+def _transient_failure(err: BaseException) -> bool:
+    """Whether a failed build's error (the compiler's whole output, kept as its cause) reads as the machine's
+    state at the time: memory or disk, not a fault every later build would repeat."""
+    text = str(err.__cause__ if err.__cause__ is not None else err).lower()
+    return any(sign in text for sign in _TRANSIENT_FAILURES)
 
 
 def cuda_build_error() -> Optional[str]:
@@ -372,7 +384,9 @@ def _jit_build(csrc: Path) -> Path:
             reason = str(err).removeprefix(BUILD_FAILED)
         # The CPU kernels do not need the CUDA ones: a failed nvcc (too old for these kernels, out of
         # memory) must not take them down. The cuda backend gives this reason as its own.
-        _state["cuda_error"] = f"{reason}; remove {failed} to try their build again"
+        retry = (f"remove {failed} to try their build again" if failed.is_file()
+                 else "the next process tries their build again (memory or disk, not marked as failed)")
+        _state["cuda_error"] = f"{reason}; {retry}"
         warnings.warn(f"fastmaml: the CUDA kernels failed to build, so the C++ extension is built without "
                       f"them: {_state['cuda_error']}", RuntimeWarning, stacklevel=4)
     return _build_in(csrc, build_directory(csrc, with_cuda=False), with_cuda=False)
@@ -382,7 +396,8 @@ def _build_in(csrc: Path, build_dir: Path, with_cuda: bool, failed: Optional[Pat
     """The library in `build_dir`, built there first unless a finished build is found. With `failed`, a
     failed build leaves its error in that file, and while the file exists the build is not tried again:
     ExtensionUnavailable with the error it holds (also for the processes that waited on the failed build:
-    the ranks of a torchrun job would otherwise fail the same build one after another)."""
+    the ranks of a torchrun job would otherwise fail the same build one after another). A build that failed
+    for memory or disk (`_transient_failure`) leaves no file."""
     lib = build_dir / f"{LIB_NAME}.so"
     stamp = build_dir / "fastmaml.ok"
 
@@ -408,7 +423,7 @@ def _build_in(csrc: Path, build_dir: Path, with_cuda: bool, failed: Optional[Pat
         try:
             return _run_build(csrc, build_dir, stamp, with_cuda)
         except ExtensionUnavailable as err:
-            if failed is not None:
+            if failed is not None and not _transient_failure(err):
                 with contextlib.suppress(OSError):  # a folder this process cannot write: the next one tries again
                     partial = failed.with_name(f"{failed.name}.{os.getpid()}")
                     partial.write_text(f"{err}\n")

@@ -299,6 +299,39 @@ def test_a_failed_cuda_build_leaves_the_cpu_kernels(monkeypatch, tmp_path):
     assert calls == [True, False, True] and marker.is_file()
 
 
+@pytest.mark.parametrize("output", [
+    "c++: fatal error: Killed signal terminated program cc1plus",
+    "nvcc error   : 'cicc' died due to signal 9 (Kill signal)",
+    "fatal error: error writing to /tmp/ccAbc.s: No space left on device",
+])
+def test_a_cuda_build_killed_for_memory_or_disk_is_tried_again(monkeypatch, tmp_path, output):
+    """A compiler killed for memory or a full disk says nothing about the sources or the toolkit: marking it
+    failed would keep the CUDA kernels away until someone removed the marker. The CPU kernels are still
+    built this time, and the next process tries the CUDA build again."""
+    calls = _fake_builds(monkeypatch, tmp_path, "not used")
+    marker = _ext.build_directory(CSRC, with_cuda=True) / _ext.CUDA_FAILED_FILE
+    cpu_lib = _ext.build_directory(CSRC, with_cuda=False) / f"{_ext.LIB_NAME}.so"
+
+    def run_build(csrc, build_dir, stamp, with_cuda):
+        calls.append(with_cuda)
+        if with_cuda:  # as `_run_build` raises it: the gist, with torch's whole error as the cause
+            whole = RuntimeError(f"Error building extension 'fastmaml_cpu': [1/14] nvcc -c a.cu\nFAILED: a.cuda.o\n"
+                                 f"{output}\nninja: build stopped: subcommand failed.")
+            raise _ext.ExtensionUnavailable(f"{_ext.BUILD_FAILED}{_ext._short(whole)}") from whole
+        return cpu_lib if cpu_lib.is_file() else (cpu_lib.write_bytes(b""), stamp.write_text("ok"), cpu_lib)[2]
+
+    monkeypatch.setattr(_ext, "_run_build", run_build)
+    with pytest.warns(RuntimeWarning, match="CUDA kernels failed to build"):
+        assert _ext._jit_build(CSRC) == cpu_lib
+    assert not marker.exists()
+    assert _ext.cuda_build_error().endswith("the next process tries their build again (memory or disk, not "
+                                            "marked as failed)")
+    monkeypatch.setitem(_ext._state, "cuda_error", None)  # the next process builds it again
+    with pytest.warns(RuntimeWarning):
+        _ext._jit_build(CSRC)
+    assert calls == [True, False, True] and not marker.exists()
+
+
 def test_a_cuda_build_that_failed_while_waiting_is_not_tried_again(monkeypatch, tmp_path):
     """The ranks of a torchrun job wait on the first one's build: when it fails, each would try it again, one
     after another, minutes each. The marker is read again once the lock is held."""
