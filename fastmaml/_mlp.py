@@ -36,6 +36,10 @@ def task_loss(out: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tenso
     """Loss of one task. mse: `out, target [N, D]`, mean over points and dims; cross_entropy:
     `out [N, C]` logits, `target [N]` int64, mean over points."""
     if loss == "mse":
+        if out.shape != target.shape:  # F.mse_loss would broadcast them (an [N, 1] output and [N] targets: [N, N])
+            raise ValueError(f"loss='mse' needs the model's output and the targets in the same shape, got "
+                             f"{list(out.shape)} and {list(target.shape)} per task (give y_support and y_query "
+                             "as [T, N, D_out])")
         return F.mse_loss(out, target)
     # Same value as F.cross_entropy (mean over points), written with logsumexp and gather: under
     # torch.func.vmap, F.cross_entropy's batching rule makes it several times slower.

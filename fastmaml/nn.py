@@ -12,7 +12,8 @@ every backend: they get an inner rate of 0.
 from __future__ import annotations
 
 import math
-from typing import Optional
+import re
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -116,8 +117,6 @@ def mlp_structure_reason(model: nn.Module) -> tuple[Optional[str], Optional[str]
                               "nn.Tanh between the linear layers)")
             if activation is not None and name != activation:
                 return None, "the activations differ between layers (the fused kernels run one)"
-            if getattr(layer, "inplace", False):
-                return None, f"layer {i} is an in-place {type(layer).__name__}"
             if layer._parameters:
                 return None, f"layer {i} ({type(layer).__name__}) has parameters of its own"
             activation = name
@@ -159,6 +158,20 @@ def mlp_structure(model: nn.Module) -> Optional[str]:
 def _accept_state_without_rate_form(module, state_dict, prefix, *args) -> None:
     """A state_dict saved before the rates' form was saved with it loads as before (nothing to check)."""
     state_dict.setdefault(prefix + "_extra_state", module.get_extra_state())
+
+
+def _named(err: Exception, names: Sequence[str]) -> Exception:
+    """`err` of the checks, which name `fastmaml.maml`'s argument (`params[2]`, "the dtype of params") that a
+    module's user never passed, with the model's parameter names instead (`err` itself when it names none)."""
+    text = re.sub(r"params\[(\d+)\]", lambda m: f"parameter {names[int(m.group(1))]!r}"
+                  if int(m.group(1)) < len(names) else m.group(0), str(err))
+    text = text.replace("of params)", "of the model's parameters)")
+    if text == str(err):
+        return err
+    try:
+        return type(err)(text).with_traceback(err.__traceback__)
+    except Exception:  # an error type that takes other arguments: as it was
+        return err
 
 
 class MAML(nn.Module):
@@ -365,9 +378,15 @@ class MAML(nn.Module):
         common = dict(inner_steps=steps, inner_lr=self._rates(params, steps), first_order=self.first_order,
                       loss=self.loss, query_loss_weights=query_loss_weights, need_query=need_query)
         activation, why = mlp_structure_reason(self.model) if structure is None else structure
-        if activation is not None:
-            return make_problem(params, x_s, y_s, x_q, y_q, activation=activation, **common)
-        problem = make_problem(params, x_s, y_s, x_q, y_q, forward=self._forward_fn(), **common)
+        try:
+            if activation is not None:
+                return make_problem(params, x_s, y_s, x_q, y_q, activation=activation, **common)
+            problem = make_problem(params, x_s, y_s, x_q, y_q, forward=self._forward_fn(), **common)
+        except (TypeError, ValueError) as err:
+            renamed = _named(err, self._names)
+            if renamed is err:
+                raise
+            raise renamed from None
         problem.extras["not_fused"] = why
         problem.extras["vmap_untrusted"] = vmap_gradient_reason(self.model)
         problem.extras["said_untrusted"] = self._said_untrusted[self.model.training]
@@ -391,10 +410,16 @@ class MAML(nn.Module):
         activation = structure[0] if structure is not None else None
         if activation is not None:
             # An MLP: the functional call, which validates and dispatches once per call signature.
-            return api.maml(params, x_support, y_support, x_query, y_query, inner_steps=self.inner_steps,
-                            inner_lr=self._rates(params, self.inner_steps), first_order=self.first_order,
-                            activation=activation, loss=self.loss, query_loss_weights=query_loss_weights,
-                            backend=self.backend)
+            try:
+                return api.maml(params, x_support, y_support, x_query, y_query, inner_steps=self.inner_steps,
+                                inner_lr=self._rates(params, self.inner_steps), first_order=self.first_order,
+                                activation=activation, loss=self.loss, query_loss_weights=query_loss_weights,
+                                backend=self.backend)
+            except (TypeError, ValueError) as err:
+                renamed = _named(err, self._names)
+                if renamed is err:
+                    raise
+                raise renamed from None
         problem = self._problem(x_support, y_support, x_query, y_query, steps=self.inner_steps,
                                 need_query=True, query_loss_weights=query_loss_weights, params=params,
                                 structure=structure)

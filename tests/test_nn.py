@@ -63,7 +63,8 @@ def _leaves(module):
         (nn.Sequential(nn.Linear(3, 2)), "relu"),  # one layer: no activation to pick, any works
         (nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 2)), None),
         (nn.Sequential(nn.Linear(3, 7, bias=False), nn.ReLU(), nn.Linear(7, 2)), None),
-        (nn.Sequential(nn.Linear(3, 7), nn.ReLU(inplace=True), nn.Linear(7, 2)), None),
+        # In place on the linear layer's fresh output: the same function (the kernels never run the module).
+        (nn.Sequential(nn.Linear(3, 7), nn.ReLU(inplace=True), nn.Linear(7, 2)), "relu"),
         (nn.Sequential(nn.Linear(3, 7), nn.GELU(), nn.Linear(7, 2)), None),
         (nn.Sequential(nn.Linear(3, 7), nn.ReLU()), None),
         (nn.Sequential(nn.Linear(3, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 2)), None),

@@ -190,6 +190,30 @@ def test_altered_sequential_takes_reference(kind):
             handle.remove()
 
 
+@pytest.mark.parametrize("name", FUSED)
+def test_in_place_relu_runs_fused_with_the_models_result(name):
+    """`nn.ReLU(inplace=True)` acts on the linear layer's fresh output: the model computes the MLP, so the
+    fused kernels take it (they were refused it) and give the model's own result, checked against a loop
+    of autograd through the module itself."""
+    require_backend(name)
+    device = device_for(name)
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.ReLU(inplace=True),
+                          nn.Linear(5, 2)).double().to(device)
+    wrapped = fastmaml.MAML(model, inner_lr=0.1, inner_steps=2, backend=name)
+    assert wrapped.is_mlp
+    _, (xs, ys, xq, yq) = _mse_case(dims=(3, 6, 5, 2), seed=5, device=device)
+    out = run_or_skip(name, lambda: wrapped(xs, ys, xq, yq))
+    assert out.backend == name
+    names = [n for n, _ in model.named_parameters()]
+    leaves = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    own = lambda p, x: torch.func.functional_call(model, dict(zip(names, p)), (x,))  # noqa: E731
+    ref = maml_loop(leaves, xs, ys, xq, yq, inner_steps=2, inner_lr=0.1, forward=own)
+    assert_close(out.task_losses, ref.task_losses, RTOL, "task_losses")
+    assert_close(list(torch.autograd.grad(out.loss, list(model.parameters()))),
+                 list(torch.autograd.grad(ref.loss, leaves)), RTOL, "grad")
+
+
 def test_hook_added_after_construction():
     """Whether the model runs fused is decided on every call, not when the wrapper was made."""
     model = _net()
@@ -366,6 +390,53 @@ def test_nan_spreads_as_in_the_reference(monkeypatch, name, activation, where):
 
 
 # ---- frozen parameters --------------------------------------------------------------------------
+
+
+# The backends whose kernels work on padded tiles: an infinity there meets the padding's zeros (inf * 0 =
+# NaN), and the NaN reaches real outputs through the next product, where the reference's saturating tanh
+# gives a finite value. NaN is allowed there, a finite value other than the reference's is not.
+_PADDED_TILES = {"triton", "cuda"}
+
+
+@pytest.mark.parametrize("where", ["x_query", "weight"])
+@pytest.mark.parametrize("name", [*FUSED, "factored"])
+def test_an_infinity_gives_the_references_values_or_nan(name, where):
+    """An infinite query input or first-layer weight, tanh: the reference is finite where tanh saturates
+    (a task's loss, every gradient of the weight case). cpu and factored give its values exactly where it
+    does, NaN where it does; a kernel on padded tiles (docs/kernels.md) may give NaN instead of a value, never
+    another finite value."""
+    require_backend(name)
+    device = device_for(name)
+    params, (xs, ys, xq, yq) = _mse_case(dims=(3, 7, 5, 2), tasks=3, n_support=5, n_query=4, seed=11, device=device)
+    params = [p.detach() for p in params]
+    if where == "x_query":
+        xq = xq.clone()
+        xq[1, 2, 0] = float("inf")
+    else:
+        params[0] = params[0].clone()
+        params[0][0, 1] = float("inf")
+    got = {}
+    for b in ("reference", name):
+        leaves = [p.clone().requires_grad_() for p in params]
+        out = run_or_skip(b, lambda: fastmaml.maml(leaves, xs, ys, xq, yq, inner_steps=1, inner_lr=0.1,
+                                                   activation="tanh", backend=b))
+        assert out.backend == b
+        got[b] = {"task_losses": out.task_losses.detach(),
+                  **{f"grad[{i}]": g for i, g in enumerate(torch.autograd.grad(out.loss, leaves))}}
+    want = got["reference"]
+    assert want["task_losses"].isfinite().all(), "a test that cannot fail: the reference saturates"
+    for key, value in got[name].items():
+        if name in _PADDED_TILES:
+            kept = ~value.isnan()
+            assert torch.equal(value[kept].isinf(), want[key][kept].isinf()), key
+            value, reference = value[kept], want[key][kept]
+        else:
+            reference = want[key]
+            assert torch.equal(value.isnan(), reference.isnan()), f"{key}: NaN at other places than the reference's"
+            assert torch.equal(value.isinf(), reference.isinf()), f"{key}: inf at other places than the reference's"
+        infinite, finite = reference.isinf(), reference.isfinite()
+        assert torch.equal(value[infinite], reference[infinite]), f"{key}: another sign of infinity"
+        assert_close(value[finite], reference[finite], RTOL, key)
 
 
 @pytest.mark.parametrize("learn", [None, "per_step", "per_parameter"])

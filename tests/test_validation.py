@@ -318,3 +318,52 @@ def test_module_refuses_query_shape_of_generic_model():
     with pytest.raises(ValueError, match=r"x_query must be \[T, Nq, 2, 5, 5\]"):
         wrapped(xs, ys, xq[..., :4], yq)
     assert wrapped(xs, ys, xq, yq).task_losses.shape == (T,)
+
+
+def _gelu_net(d_out):
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(3, 6), nn.GELU(), nn.Linear(6, d_out)).double()
+
+
+@pytest.mark.parametrize("where,bad", [("y_support", 4), ("y_query", 4), ("y_query", -1)])
+@pytest.mark.parametrize("call", ["forward", "adapt"])
+def test_generic_model_names_a_class_out_of_range(where, bad, call):
+    """A generic module's width is known only once it runs: a class out of range used to surface as the
+    gather's "index 4 is out of bounds" from inside fastmaml; it is now said as for an MLP, naming the
+    argument (an MLP's check runs before the call)."""
+    wrapped = fastmaml.MAML(_gelu_net(4), inner_lr=0.1, loss="cross_entropy", backend="reference")
+    g = torch.Generator().manual_seed(3)
+    xs, xq = torch.randn(T, NS, 3, dtype=F64, generator=g), torch.randn(T, NQ, 3, dtype=F64, generator=g)
+    ys, yq = torch.randint(0, 4, (T, NS), generator=g), torch.randint(0, 4, (T, NQ), generator=g)
+    (ys if where == "y_support" else yq)[1, 2] = bad
+    if call == "adapt" and where == "y_query":
+        wrapped.adapt(xs, ys)  # the query is not read
+        return
+    with pytest.raises(ValueError, match=rf"{where} holds class {bad} but must be in \[0, 3\] \(the model gives 4"):
+        wrapped(xs, ys, xq, yq) if call == "forward" else wrapped.adapt(xs, ys)
+
+
+def test_generic_model_refuses_mse_targets_of_another_shape():
+    """torch's mse_loss broadcasts an `[N, 1]` output against `[N]` targets into `[N, N]` (with only a
+    UserWarning): a generic module's targets of another shape than its output are refused, as an MLP's are."""
+    wrapped = fastmaml.MAML(_gelu_net(1), inner_lr=0.1, backend="reference")
+    g = torch.Generator().manual_seed(4)
+    xs, xq = torch.randn(T, NS, 3, dtype=F64, generator=g), torch.randn(T, NQ, 3, dtype=F64, generator=g)
+    ys, yq = torch.randn(T, NS, 1, dtype=F64, generator=g), torch.randn(T, NQ, 1, dtype=F64, generator=g)
+    assert wrapped(xs, ys, xq, yq).task_losses.shape == (T,)
+    with pytest.raises(ValueError, match=r"same shape, got \[6, 1\] and \[6\] per task"):
+        wrapped(xs, ys, xq, yq[..., 0])
+
+
+def test_module_errors_name_the_models_parameters():
+    """The checks name `fastmaml.maml`'s argument (`params[2]`), which a `fastmaml.MAML` user never passed:
+    through the module they name its parameters."""
+    model = nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 2)).double()
+    model[2].float()
+    kwargs = valid_call()
+    with pytest.raises(TypeError, match=r"^parameter '2\.weight' has dtype torch\.float32 but parameter '0\.weight' "
+                                        r"has torch\.float64: all must match$"):
+        fastmaml.MAML(model)(kwargs["x_support"], kwargs["y_support"], kwargs["x_query"], kwargs["y_query"])
+    model.double()
+    with pytest.raises(TypeError, match=r"expected torch\.float64 \(the dtype of the model's parameters\)$"):
+        fastmaml.MAML(model).adapt(kwargs["x_support"].float(), kwargs["y_support"].float())

@@ -208,8 +208,9 @@ def register_fused_autograd(fwd_op, bwd_op) -> None:
 
     def no_double_backward(ctx, *grads):
         raise RuntimeError(
-            "fastmaml: the fused backends compute the meta-gradient once; differentiating it again "
-            "(create_graph=True through fastmaml.maml) needs backend='reference'"
+            "fastmaml: the cpu, cuda and triton kernels compute the meta-gradient once; differentiating it "
+            "again (create_graph=True through fastmaml.maml) needs backend='reference' or 'factored', which "
+            "differentiate through the inner loop"
         )
 
     torch.library.register_autograd(bwd_op, no_double_backward, setup_context=lambda ctx, inputs, output: None)

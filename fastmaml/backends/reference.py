@@ -13,7 +13,9 @@ from the functions its forward called in its first batched run (`_untrusted_call
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
 import warnings
 from typing import Callable, Optional, Sequence
@@ -255,6 +257,27 @@ def _stack(parts):
     return torch.stack(parts)
 
 
+_OUT_OF_BOUNDS = re.compile(r"index (-?\d+) is out of bounds for dimension \d+ with size (\d+)")
+
+
+@contextlib.contextmanager
+def _classes_named(problem: Problem):
+    """A class index out of range for a generic module's logits, said as `check_values` says it for an MLP
+    (whose width is known before the call) instead of as the gather's indexing error. On the CPU, where
+    the gather raises at once; a CUDA gather out of range is a device-side assertion."""
+    try:
+        yield
+    except RuntimeError as err:
+        found = _OUT_OF_BOUNDS.search(str(err)) if problem.loss == "cross_entropy" else None
+        if found is None:
+            raise
+        bad, logits = int(found.group(1)), int(found.group(2))
+        name = next((n for n, y in (("y_support", problem.y_support), ("y_query", problem.y_query))
+                     if y is not None and bool((y == bad).any())), "y_support or y_query")
+        raise ValueError(f"{name} holds class {bad} but must be in [0, {logits - 1}] (the model gives {logits} "
+                         "logits)") from err
+
+
 class ReferenceBackend:
     """Plain PyTorch with torch.func; supports every model, option, dtype and device."""
 
@@ -278,7 +301,8 @@ class ReferenceBackend:
         args = (problem.params, problem.inner_lr, problem.query_loss_weights,
                 problem.x_support, problem.y_support, problem.x_query, problem.y_query)
         in_dims = (None, None, None, 0, 0, 0, 0)
-        task_losses, preds = _run_batched(problem, vmap_task, loop_task, in_dims, args)
+        with _classes_named(problem):
+            task_losses, preds = _run_batched(problem, vmap_task, loop_task, in_dims, args)
         return task_losses, preds
 
     def adapt(self, problem: Problem) -> list[torch.Tensor]:
@@ -293,5 +317,6 @@ class ReferenceBackend:
             return lambda params, rates, xs, ys: inner(params, rates, xs, ys)[-1]
 
         args = (problem.params, problem.inner_lr, problem.x_support, problem.y_support)
-        out = _run_batched(problem, vmap_task, loop_task, (None, None, 0, 0), args)
+        with _classes_named(problem):
+            out = _run_batched(problem, vmap_task, loop_task, (None, None, 0, 0), args)
         return list(out)
