@@ -52,7 +52,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.job is None:
         parser.parse_args([args.command, "--help"])  # prints the list of jobs and exits
     module, _ = COMMANDS[args.command][1][args.job]
-    return importlib.import_module(module).main(args)
+    try:
+        return importlib.import_module(module).main(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT, no traceback
+        print(f"fastmaml {args.command} {args.job}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,6 @@ sampling fastmaml/omniglot_data.py.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -386,8 +385,7 @@ def run(config: OmniglotConfig, meta_train: data.Characters, held_out: data.Char
         "config": config.to_dict(),
     }
     log(format_results(results))
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    driver.write_json(os.path.join(out_dir, "results.json"), results)
     save(os.path.join(out_dir, "model.pt"), trained, config)
     plot(os.path.join(out_dir, "accuracy.png"), results)
     log(f"wrote {out_dir}/results.json, accuracy.png, model.pt")

@@ -11,6 +11,7 @@ skip the decoding. It never downloads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -172,10 +173,16 @@ def load_set(source: str, cache: Optional[str] = None) -> Characters:
         return Characters(state["images"], list(state["alphabets"]), list(state["names"]))
     chars = read_set(source)
     if path:
-        os.makedirs(cache, exist_ok=True)
         tmp = path + f".{os.getpid()}.tmp"
-        torch.save({"images": chars.images, "alphabets": chars.alphabets, "names": chars.names}, tmp)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(cache, exist_ok=True)
+            torch.save({"images": chars.images, "alphabets": chars.alphabets, "names": chars.names}, tmp)
+            os.replace(tmp, path)
+        except OSError as err:  # a file in the folder's place, no permission, a full disk
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OmniglotError(f"the cache folder {cache} cannot be written ({type(err).__name__}: {err}); "
+                                "give another with --cache, or --cache '' for none") from None
     return chars
 
 

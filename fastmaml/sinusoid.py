@@ -29,7 +29,6 @@ loop the jobs' shared driver (fastmaml/jobs/driver.py), `fastmaml compare sinuso
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -279,6 +278,10 @@ def task_errors(params: Sequence[torch.Tensor], config: SinusoidConfig, backend:
         data = {k: v[share] for k, v in data.items()}
     errors = {}
     for shot in config.eval_shots:
+        if data["x_support"].shape[0] == 0:  # fewer tasks than ranks: this one has none, the gather still runs
+            none = torch.empty(0, config.eval_steps + 1, dtype=params[0].dtype, device=device)
+            errors[str(shot)] = ranks.gather_rows(none).t().cpu()
+            continue
         xs, ys = data["x_support"][:, :shot], data["y_support"][:, :shot]
         rows = []
         # One adapt call per step count: the library runs the inner loop, the query points are scored
@@ -492,8 +495,7 @@ def _run(config: SinusoidConfig, out_dir: str, progress: bool, log, checkpoint_e
     }
     if not ranks.is_main:
         return summary
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    driver.write_json(os.path.join(out_dir, "results.json"), summary)
     save_model(os.path.join(out_dir, "model.pt"), trained.params, config, trained.rates)
     plot(os.path.join(out_dir, "adaptation.png"), trained.params, results, config, backend=config.backend,
          rates=trained.rates)

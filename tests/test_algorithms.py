@@ -281,6 +281,31 @@ def test_compare_writes_table_plot_and_json(tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_stopped_on_the_way_leaves_no_table_of_another_run(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a compare into a folder of an earlier one left the new run's models beside the earlier
+    run's compare.json, .md and .png, with nothing to tell them apart: those are removed at the start, and the
+    interrupt is one line with the shell's code for SIGINT."""
+    out = tmp_path / "cmp"
+    out.mkdir()
+    for name in ("compare.json", "compare.md", "compare.png"):
+        (out / name).write_text("an earlier run's")
+    (out / "keep.txt").write_text("not the job's")
+    real = sinusoid.train
+    trained = []
+
+    def train_then_interrupt(config, **kw):
+        if trained:
+            raise KeyboardInterrupt
+        trained.append(config.algorithm)
+        return real(config, **kw)
+
+    monkeypatch.setattr(sinusoid, "train", train_then_interrupt)
+    assert cli.main(["compare", "sinusoid", "--iterations", "4", "--eval-tasks", "2", "--out", str(out),
+                     "--no-progress", "--algorithms", "maml,fomaml"]) == 130
+    assert capsys.readouterr().err.strip() == "fastmaml compare sinusoid: interrupted"
+    assert sorted(os.listdir(out)) == ["keep.txt", "models"] and os.listdir(out / "models") == ["maml.pt"]
+
+
 def test_compare_refuses_unknown_algorithms(tmp_path, capsys):
     assert cli.main(["compare", "sinusoid", "--algorithms", "maml,sgd", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

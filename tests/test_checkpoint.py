@@ -76,7 +76,7 @@ def test_kill_during_the_write_keeps_the_previous_checkpoint(tmp_path, monkeypat
     """A process that dies while writing (here: torch.save writes half a file and raises) leaves the
     previous checkpoint whole and loadable, and no temporary file."""
     path = str(tmp_path / "checkpoint.pt")
-    first = {"iteration": 10, "params": [torch.arange(5.0)]}
+    first = {**{k: {} for k in jobs.checkpoint.STATE_KEYS}, "iteration": 10, "params": [torch.arange(5.0)]}
     jobs.checkpoint.save(path, first)
     real_save = torch.save
 
@@ -92,6 +92,17 @@ def test_kill_during_the_write_keeps_the_previous_checkpoint(tmp_path, monkeypat
     loaded = jobs.checkpoint.load(path)
     assert loaded["iteration"] == 10 and torch.equal(loaded["params"][0], first["params"][0])
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_killed_writes_leftover_is_removed_by_the_next_run(tmp_path):
+    """A SIGKILL during the write leaves `save`'s temporary file (never a torn checkpoint), which no later
+    run removed: the next run in the folder removes it before its first write, and keeps other files."""
+    leftover, other = tmp_path / ".checkpoint-k1ll3d.tmp", tmp_path / "notes.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    other.write_text("mine")
+    sinusoid.train(_config(iterations=10), progress=False, log=lambda *a: None, checkpoint_dir=str(tmp_path),
+                   checkpoint_every=5)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "notes.tmp"]
 
 
 def test_resume_with_other_settings_is_one_error_line(tmp_path, capsys):
@@ -120,7 +131,7 @@ def test_resume_with_other_settings_is_one_error_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte", "edited", "fewer params", "other shape",
-                                    "cuda task stream"])
+                                    "cuda task stream", "model.pt", "other job"])
 def test_a_damaged_or_foreign_checkpoint_is_one_error_line(tmp_path, capsys, damage):
     """A checkpoint cut short, one with a byte of a tensor changed on disk (torch.load reads it without
     complaint: the run resumed from the damaged weight), one edited and saved without its digest changed,
@@ -128,7 +139,9 @@ def test_a_damaged_or_foreign_checkpoint_is_one_error_line(tmp_path, capsys, dam
     extra tensors and broadcast a smaller one over a larger, so that a resume with another omniglot
     --head-hidden ran on, its 64 rows copies of one), or one whose task stream was drawn on another kind of
     device (a CUDA generator's 16-byte state, which a CPU generator cannot take, nor the reverse: the
-    sinusoid job draws its tasks on the training device), is refused in one line."""
+    sinusoid job draws its tasks on the training device), or a file that is not one (the job's own model.pt
+    copied over it: a KeyError), or another job's checkpoint (a dozen settings said to differ), is refused
+    in one line."""
     out = tmp_path / "run"
     base = ["train", "sinusoid", "--backend", "cpu", "--eval-tasks", "3", "--out", str(out), "--no-progress"]
     assert cli.main([*base, "--iterations", "20", "--checkpoint-every", "10"]) == 0
@@ -147,9 +160,14 @@ def test_a_damaged_or_foreign_checkpoint_is_one_error_line(tmp_path, capsys, dam
     elif damage == "edited":
         state["params"][2][3, 4] += 1
         torch.save(state, path)
+    elif damage == "model.pt":
+        path.write_bytes((out / "model.pt").read_bytes())
     else:  # foreign tensors, saved with their own digest
         if damage == "cuda task stream":
             state["tasks_rng"] = [torch.zeros(16, dtype=torch.uint8)]
+        elif damage == "other job":
+            assert state["job"] == "sinusoid"
+            state["job"] = "omniglot"
         elif damage == "fewer params":
             state["params"] = state["params"][:-1]
         else:
@@ -160,7 +178,9 @@ def test_a_damaged_or_foreign_checkpoint_is_one_error_line(tmp_path, capsys, dam
     err = capsys.readouterr().err
     want = {"truncated": "cannot be read", "flipped byte": "is damaged", "edited": "is damaged",
             "fewer params": "holds 5 params", "other shape": "params[0] of shape [1, 1]",
-            "cuda task stream": "drew its tasks on another kind of device"}
+            "cuda task stream": "drew its tasks on another kind of device",
+            "model.pt": "is not a training checkpoint (it has no 'iteration', 'optimizer', 'tasks_rng'",
+            "other job": "was written by the omniglot job, not by this sinusoid job"}
     assert "Traceback" not in err and "error: --resume:" in err and want[damage] in err, err
 
 
@@ -168,7 +188,8 @@ def test_a_checkpoint_without_a_digest_is_read_as_it_is(tmp_path):
     """A state saved by hand (torch.save, no digest) loads; the digest does not depend on where the state
     lives or whether it went through a file."""
     state = {"iteration": 3, "params": [torch.randn(4, 3)], "config": {"hidden": [40, 40], "seed": None},
-             "metrics": {"loss": [0.5, float("nan")]}, "optimizer": {"param_groups": [{"betas": (0.9, 0.999)}]}}
+             "metrics": {"loss": [0.5, float("nan")]}, "optimizer": {"param_groups": [{"betas": (0.9, 0.999)}]},
+             "tasks_rng": [torch.zeros(5, dtype=torch.uint8)], "guard": {}, "seconds": 1.5}
     torch.save(state, tmp_path / "plain.pt")
     assert jobs.checkpoint.load(str(tmp_path / "plain.pt"))["iteration"] == 3
     jobs.checkpoint.save(str(tmp_path / "c.pt"), state)

@@ -153,6 +153,41 @@ def _job_rank(rank: int, folder: str, phase: str) -> None:
         dist.destroy_process_group()
 
 
+def _eval_rank(rank: int, folder: str) -> None:
+    """One rank of a 2-rank evaluation of one held-out task: rank 1's share is empty."""
+    from fastmaml import sinusoid
+    from fastmaml.jobs.ranks import Ranks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-eval", rank=rank, world_size=WORLD)
+    try:
+        config = sinusoid.SinusoidConfig(eval_tasks=1, eval_steps=2, backend="cpu", seed=3)
+        params = sinusoid.init_params(torch.Generator().manual_seed(4), config.hidden, torch.device("cpu"))
+        torch.save(sinusoid.task_errors(params, config, "cpu", ranks=Ranks(rank, WORLD)),
+                   os.path.join(folder, f"eval{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_fewer_held_out_tasks_than_ranks(tmp_path):
+    """`--eval-tasks 1` under 2 processes: rank 1 scores no task. It used to fail on the empty share after
+    training (an IndexError on rank 1, rank 0 then stuck in the gather); every rank now gets the one task's
+    errors, those of a single process."""
+    from fastmaml import sinusoid
+
+    _spawn_or_fail(_eval_rank, (str(tmp_path),), 90)
+    config = sinusoid.SinusoidConfig(eval_tasks=1, eval_steps=2, backend="cpu", seed=3)
+    params = sinusoid.init_params(torch.Generator().manual_seed(4), config.hidden, torch.device("cpu"))
+    alone = sinusoid.task_errors(params, config, "cpu")
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"eval{rank}.pt")
+        assert got.keys() == alone.keys()
+        for shot, errors in alone.items():
+            assert errors.shape == (3, 1) and torch.equal(got[shot], errors), (rank, shot)
+
+
 def _spawn_or_fail(fn, args, seconds: float) -> None:
     """mp.spawn with a deadline: ranks that disagree block in a collective, which must fail the test, not
     hang it."""

@@ -150,6 +150,19 @@ def test_learned_rates_without_steps_are_one_error_line(tiny, tmp_path, capsys):
                                  "the support set to train), got 0"), err
 
 
+def test_a_cache_that_cannot_be_written_is_one_error_line(tiny, tmp_path, capsys):
+    """--cache naming a file (or a folder without permission, a full disk) raised FileExistsError from the
+    loader; it is one error line naming the cache and the way around it."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = cli.main(["train", "omniglot", "--data", tiny, "--cache", str(blocker), "--out", str(tmp_path / "out"),
+                     "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith(f"fastmaml train omniglot: error: the cache folder {blocker} cannot be written "
+                          "(FileExistsError") and err.endswith("or --cache '' for none"), err
+
+
 @pytest.mark.parametrize("model", ["anil", "mlp"])
 def test_job_end_to_end(tiny, tmp_path, model, capsys):
     out = tmp_path / model

@@ -20,6 +20,9 @@ import torch
 
 CHECKPOINT = "checkpoint.pt"
 DIGEST = "sha256"  # the key of the state's digest
+# What every checkpoint of the training driver holds (`driver.train` writes them, with "backend", "buffers"
+# and "job"; checkpoints from before those keys are still read).
+STATE_KEYS = ("iteration", "params", "optimizer", "tasks_rng", "guard", "seconds", "metrics", "config")
 
 
 def digest(state: dict[str, Any]) -> str:
@@ -48,11 +51,32 @@ def digest(state: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+TEMPORARY = (".checkpoint-", ".tmp")  # `save`'s temporary files: prefix, suffix
+
+
+def remove_leftovers(folder: str) -> list[str]:
+    """Remove the temporary files of `save`s that were killed during the write (a kill leaves them, never a
+    torn checkpoint); the names removed. For a job starting in `folder`, before its first write."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if name.startswith(TEMPORARY[0]) and name.endswith(TEMPORARY[1]):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
 def save(path: str, state: dict[str, Any]) -> None:
     """Write `state` (a dict of what `torch.save` takes) to `path` atomically, with its digest."""
     state = {**{k: v for k, v in state.items() if k != DIGEST}, DIGEST: digest(state)}
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMPORARY[0], suffix=TEMPORARY[1])
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -78,12 +102,16 @@ def save(path: str, state: dict[str, Any]) -> None:
 
 
 def check_resumable(path: str, state: dict[str, Any], settings: dict[str, Any], keys: Sequence[str],
-                    iterations: int, world: int, tasks: torch.Generator | None = None) -> None:
-    """That a run with `settings` (of which `keys` must match), `iterations` and `world` processes, drawing
-    its tasks from `tasks`, can continue the checkpoint `state` read from `path`; `JobError` saying what
-    differs."""
+                    iterations: int, world: int, tasks: torch.Generator | None = None,
+                    job: str | None = None) -> None:
+    """That a run of the job `job` with `settings` (of which `keys` must match), `iterations` and `world`
+    processes, drawing its tasks from `tasks`, can continue the checkpoint `state` read from `path`;
+    `JobError` saying what differs."""
     from .checks import JobError
 
+    written_by = state.get("job")
+    if job is not None and written_by is not None and written_by != job:
+        raise JobError(f"--resume: {path} was written by the {written_by} job, not by this {job} job")
     saved = state["config"]
     differ = [k for k in keys if saved.get(k) != settings.get(k)]
     if differ:
@@ -140,4 +168,8 @@ def load(path: str) -> Optional[dict[str, Any]]:
     if written is not None and written != digest(state):
         raise JobError(f"--resume: {path} is damaged (its contents no longer match the digest written with "
                        "them); resume from a copy or start again without --resume")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:  # a job's model.pt copied over it, say: the checks below would stop on a KeyError
+        raise JobError(f"--resume: {path} is not a training checkpoint (it has no {', '.join(map(repr, missing))}); "
+                       "the jobs write one with --checkpoint-every")
     return state

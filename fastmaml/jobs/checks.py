@@ -39,6 +39,29 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+# Seeds: torch's generators take 64 bits, and the jobs derive the task streams' seeds from the job's
+# (`ranks.task_stream_seed`, seed + 1 + 1,000,003 * rank), which must fit as well.
+SEED_LIMIT = 2 ** 62
+# Threads: a pool of 100,000 crashed the process (a segmentation fault, no message); 1,024 runs.
+MAX_THREADS = 1024
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a whole number of magnitude at most `SEED_LIMIT`."""
+    value = int(text)
+    if abs(value) > SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [-2**62, 2**62], got {text}")
+    return value
+
+
+def thread_count(text: str) -> int:
+    """An argparse type: an int in [0, MAX_THREADS]."""
+    value = int(text)
+    if not 0 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_THREADS}, got {text}")
+    return value
+
+
 def report(job: str, err: JobError, command: str = "train") -> int:
     """Print `fastmaml <command> <job>: error: <message>` to stderr and return exit code 2 (argparse's)."""
     print(f"fastmaml {command} {job}: error: {err}", file=sys.stderr)
@@ -49,9 +72,9 @@ def add_run_options(parser: argparse.ArgumentParser, *, backend: str, seed: int,
     """The options every job shares: --backend, --seed, --device, --threads, --no-progress."""
     parser.add_argument("--backend", default=backend,
                         help=f"fastmaml backend: auto, reference, cpu, triton, cuda, factored (default {backend})")
-    parser.add_argument("--seed", type=int, default=seed, help=f"seed of the init and training tasks (default {seed})")
+    parser.add_argument("--seed", type=seed_int, default=seed, help=f"seed of the init and training tasks (default {seed})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    parser.add_argument("--threads", type=non_negative_int, default=threads,
+    parser.add_argument("--threads", type=thread_count, default=threads,
                         help=f"torch CPU threads; 0: torch's default (default {threads}: {threads_why})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -12,13 +12,16 @@ learned rates). Outputs, in `--out DIR`:
 - `compare.png`: mean and median query MSE against test steps, one line per algorithm.
 - `compare.md`: the table, as printed.
 - `models/ALGORITHM.pt`: each trained model, as `fastmaml train sinusoid` writes it (`load_model`,
-  `load_inner_lr`).
+  `load_inner_lr`), written as soon as it is trained.
+
+The first three describe all the algorithms and are written at the end; an earlier run's are removed at
+the start, so that a run stopped on the way leaves its finished models and no table of another run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 import time
@@ -28,6 +31,7 @@ from . import algorithms, driver, ranks as ranks_mod
 from .checks import JobError, add_run_options, check_device, check_out_dir, non_negative_int, positive, report
 
 STEPS = (1, 5, 10)  # the table's columns
+OUTPUTS = ("compare.json", "compare.md", "compare.png")  # written once every algorithm is evaluated
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +84,9 @@ def compare(configs: dict[str, sinusoid.SinusoidConfig], out_dir: str, progress:
     """Train and evaluate each algorithm's config; write compare.json, compare.png, compare.md in
     `out_dir`; return the compare.json dict."""
     os.makedirs(out_dir, exist_ok=True)
+    for name in OUTPUTS:  # an earlier run's, which this one replaces: never left beside this run's models
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
     results = {}
     for name, config in configs.items():
         log(f"== {algorithms.get(name).title}: {algorithms.get(name).summary}")
@@ -101,8 +108,7 @@ def compare(configs: dict[str, sinusoid.SinusoidConfig], out_dir: str, progress:
             f"{time.perf_counter() - start:.1f} s; skipped steps: {trained.skipped}")
     table = format_table(results, next(iter(configs.values())))
     log(table)
-    with open(os.path.join(out_dir, "compare.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    driver.write_json(os.path.join(out_dir, "compare.json"), results)
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(table + "\n")
     plot(os.path.join(out_dir, "compare.png"), results, next(iter(configs.values())))

@@ -13,13 +13,18 @@ only when the meta-loss and every gradient are finite (`fastmaml.FiniteStep`: a 
 tensors and the optimizer's state as they were, and is counted), and the metrics are accumulated on the
 device and read every `log_every` iterations (reading them each step would synchronise a GPU; a skipped
 step's are left out). Rank 0
-shows the progress bar (the metrics' moving averages) and writes the checkpoint.
+shows the progress (the metrics' moving averages: a bar on a terminal, a plain line each tenth of the run
+in a log file) and writes the checkpoint. `write_json` writes the jobs' JSON files (strict: null for a
+value that is not finite).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -30,6 +35,31 @@ from ..training import FiniteStep
 from . import checkpoint as ckpt
 from .checks import JobError
 from .ranks import Ranks
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def write_json(path: str, obj) -> None:
+    """`obj` as indented JSON at `path`, with every float that is not finite (a mean over no task that
+    did not diverge, an interval from one task) written as null: Python's json would write NaN, which
+    strict parsers (jq, browsers) refuse."""
+
+    def strict(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return x
+
+    with open(path, "w") as f:
+        json.dump(strict(obj), f, indent=2, allow_nan=False)
 
 
 @contextlib.contextmanager
@@ -107,9 +137,11 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
     names = tuple(learner.metric_names)
     first, seconds_before, metrics = 0, 0.0, {n: [] for n in names}
     saved_backend = None  # the checkpoint's: a resume with no step left to run reports it, not 'none'
+    if path and checkpoint_every and ranks.is_main:
+        ckpt.remove_leftovers(checkpoint_dir)
     state = _resume_state(path, ranks) if resume and path else None
     if state is not None:
-        ckpt.check_resumable(path, state, config, resume_keys, iterations, ranks.world, tasks)
+        ckpt.check_resumable(path, state, config, resume_keys, iterations, ranks.world, tasks, job=name)
         ckpt.check_tensors(path, state, tensors, buffers)
         with torch.no_grad():
             for t, saved in zip(tensors + buffers, state["params"] + state.get("buffers", [])):
@@ -123,11 +155,15 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
     elif resume:
         log(f"fastmaml {name}: no checkpoint in {checkpoint_dir} yet; starting from iteration 0")
 
-    bar = None
+    bar, lines_every = None, 0
     if progress and iterations > first:
-        from tqdm import tqdm
+        if _is_terminal(sys.stderr):
+            from tqdm import tqdm
 
-        bar = tqdm(total=iterations, initial=first, desc="meta-train", unit="it", smoothing=0.1, dynamic_ncols=True)
+            bar = tqdm(total=iterations, initial=first, desc="meta-train", unit="it", smoothing=0.1,
+                       dynamic_ncols=True)
+        else:  # a log file: a bar's redrawn frames would pile up in one line; a plain line each tenth instead
+            lines_every = max(1, iterations // 10)
     if warm_batch is not None and iterations > first:
         prep = time.perf_counter()
         learner.set_iteration(first)
@@ -139,11 +175,11 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
             bar.write(message) if bar is not None else log(message)
 
     running = torch.zeros(len(names), device=device)
-    block, taken, ema, backend = 0, 0, None, None
+    block, taken, ema, backend, done = 0, 0, None, None, first
     start = time.perf_counter()
 
     def close_block() -> None:
-        nonlocal block, taken, ema
+        nonlocal block, taken, ema, done
         means = (running / taken).tolist() if taken else [float("nan")] * len(names)
         for n, v in zip(names, means):
             metrics[n].append(v)
@@ -153,18 +189,23 @@ def train(learner, sample: Callable[[torch.Generator], tuple], tasks: torch.Gene
             bar.update(block)
             if ema is not None:
                 bar.set_postfix({n: f"{v:.4g}" for n, v in zip(names, ema)}, refresh=False)
+        before, done = done, done + block
+        if lines_every and (done // lines_every > before // lines_every or done == iterations):
+            shown = "" if ema is None else ", " + ", ".join(f"{n} {v:.4g}" for n, v in zip(names, ema))
+            print(f"fastmaml {name}: meta-train {done}/{iterations} ({100 * done // iterations}%), "
+                  f"{seconds_before + time.perf_counter() - start:.0f} s{shown}", file=sys.stderr, flush=True)
         running.zero_()
         block = taken = 0
 
-    def save_checkpoint(done: int) -> None:
+    def save_checkpoint(count: int) -> None:
         streams = ranks.gather_objects(tasks.get_state().cpu())
         if ranks.is_main:
             ckpt.save(path, {
-                "iteration": done, "params": [t.detach().cpu() for t in tensors],
+                "iteration": count, "params": [t.detach().cpu() for t in tensors],
                 "buffers": [b.detach().cpu() for b in buffers],
                 "optimizer": optimizer.state_dict(), "tasks_rng": streams, "guard": guard.state_dict(),
                 "seconds": seconds_before + time.perf_counter() - start, "metrics": metrics, "config": config,
-                "backend": backend or saved_backend,
+                "backend": backend or saved_backend, "job": name,
             })
 
     if device.type == "cuda":

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Adam's state, the iteration, the task stream's RNG state (default 0: none)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/checkpoint.pt when it exists (same settings; --iterations may "
-                             "grow); the result is the uninterrupted run's")
+                             "grow, except for reptile and mamlpp, whose schedules it sizes); the result is the "
+                             "uninterrupted run's")
 
 
 def main(args: argparse.Namespace) -> int:
