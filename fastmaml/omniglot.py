@@ -382,7 +382,7 @@ def run(config: OmniglotConfig, meta_train: data.Characters, held_out: data.Char
                  "pixel_nn_ci95": interval95(nn_acc).item(), "pretrained": pre.mean().item(),
                  "pretrained_ci95": interval95(pre).item()},
         "train_seconds": trained.seconds, "backend": trained.backend, "skipped_steps": trained.skipped,
-        "config": config.to_dict(),
+        "processes": ranks.world, "config": config.to_dict(),
     }
     log(format_results(results))
     driver.write_json(os.path.join(out_dir, "results.json"), results)

@@ -181,6 +181,7 @@ def test_job_end_to_end(tiny, tmp_path, model, capsys):
     # The synthetic characters are easy for a nearest neighbour: a wrong label order would show here.
     assert ev["pixel_nn"] > 0.6
     assert results["train_seconds"] > 0 and results["backend"] in ("cpu", "reference")
+    assert results["processes"] == 1  # as the sinusoid job's results say
     assert results["config"]["iterations"] == 6 and results["config"]["train_set"] == "images_background_small1.zip"
     with open(out / "accuracy.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
