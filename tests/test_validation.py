@@ -343,6 +343,28 @@ def test_generic_model_names_a_class_out_of_range(where, bad, call):
         wrapped(xs, ys, xq, yq) if call == "forward" else wrapped.adapt(xs, ys)
 
 
+class _IndexesPastItsWidth(nn.Module):
+    """A model whose own forward indexes out of range: its error is its own, whatever the targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.layer(x)
+        return h.gather(-1, torch.tensor([0, 1, 2, 9]).expand(*h.shape[:-1], 4))  # the gather's error
+
+
+def test_a_models_own_indexing_error_is_not_called_a_class():
+    wrapped = fastmaml.MAML(_IndexesPastItsWidth().double(), inner_lr=0.1, loss="cross_entropy",
+                            backend="reference")
+    g = torch.Generator().manual_seed(3)
+    xs, xq = torch.randn(T, NS, 3, dtype=F64, generator=g), torch.randn(T, NQ, 3, dtype=F64, generator=g)
+    ys, yq = torch.randint(0, 4, (T, NS), generator=g), torch.randint(0, 4, (T, NQ), generator=g)
+    with pytest.raises(RuntimeError, match="index 9 is out of bounds for dimension 1 with size 4"):
+        wrapped(xs, ys, xq, yq)
+
+
 def test_generic_model_refuses_mse_targets_of_another_shape():
     """torch's mse_loss broadcasts an `[N, 1]` output against `[N]` targets into `[N, N]` (with only a
     UserWarning): a generic module's targets of another shape than its output are refused, as an MLP's are."""

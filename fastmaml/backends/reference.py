@@ -273,7 +273,9 @@ def _classes_named(problem: Problem):
             raise
         bad, logits = int(found.group(1)), int(found.group(2))
         name = next((n for n, y in (("y_support", problem.y_support), ("y_query", problem.y_query))
-                     if y is not None and bool((y == bad).any())), "y_support or y_query")
+                     if y is not None and bool((y == bad).any())), None)
+        if name is None:  # an indexing error of the model's own forward, not a class the targets hold
+            raise
         raise ValueError(f"{name} holds class {bad} but must be in [0, {logits - 1}] (the model gives {logits} "
                          "logits)") from err
 
