@@ -36,7 +36,8 @@
 # Needs what the GPU machine has (Python, a CUDA torch, triton, nvcc, ninja, pytest) and no network:
 # nothing is downloaded; fastmaml runs from this checkout (PYTHONPATH), installed editable when pip can.
 # Every stage has a time limit and the whole run ends within about TOTAL_S (default 470 s). The output
-# folder gets env.txt, build.log, ptxas.txt, tests.log, ab.txt, profile.txt, timeline.txt (and the folder
+# folder gets env.txt, build.log, ptxas.txt, tests.log, float32_errors.jsonl (every float32 comparison of the
+# tests: worst element and norm-wise error), ab.txt, profile.txt, timeline.txt (and the folder
 # timeline/), overhead.txt, overhead.json, compile_ahead.log, sweep.log, throughput.csv, throughput.png,
 # summary.txt. The last thing printed is the compact summary table, then the stages that failed or ran out of
 # time, if any: the exit status is then 1 (0 when every stage that ran finished cleanly).
@@ -205,6 +206,9 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && command -v nvidia-smi >/dev/null 2>&1; 
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# Every float32 comparison of the tests appends its errors here (tests/_reference_loop.py,
+# record_float32_error): the figures that the float32 bounds are to be set from.
+export FASTMAML_ERROR_LOG="$DIR/float32_errors.jsonl"
 if [ -z "${FASTMAML_COMMIT:-}" ]; then
   FASTMAML_COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 fi
@@ -896,6 +900,19 @@ ab_base="${AB_BASELINE:-$DIR/throughput.csv}"
 if [ -d "$DIR/ab" ] && [ -s "$ab_base" ]; then
   echo "A/B against the sweep in $ab_base (ratio above 1: the variant is faster than the default)" | tee -a "$DIR/summary.txt"
   timeout 60 python benchmarks/report.py "$ab_base" --ab "$DIR/ab" 2>&1 | tee -a "$DIR/summary.txt"
+fi
+# The float32 comparisons' largest errors on the card: what the tests' bounds (1e-4 norm-wise, 1e-2 for any
+# element of a large batch) are to be set from.
+if [ -s "${FASTMAML_ERROR_LOG:-}" ]; then
+  timeout 30 python - "$FASTMAML_ERROR_LOG" 2>&1 <<'EOF_ERRORS' | tee -a "$DIR/summary.txt"
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+gpu = [r for r in rows if r["device"] == "cuda"]
+print(f"float32 comparisons: {len(rows)}, {len(gpu)} of them on the GPU")
+for key in ("worst_over_scale", "norm_wise"):
+    for r in sorted(gpu, key=lambda r: -r[key])[:4]:
+        print(f"  {key} {r[key]:.2e} ({r['numel']} elements) {r['test'].split('::')[-1][:90]} [{r['tensor']}]")
+EOF_ERRORS
 fi
 FINISHED=1
 if [ ${#FAILED[@]} -gt 0 ]; then

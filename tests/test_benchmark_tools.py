@@ -822,6 +822,33 @@ def test_ab_table_compares_each_variant_row_with_the_sweeps(tmp_path, capsys):
     assert rows[("mma", "cuda", "65536", "5", "40")] == ["failed", "1,000,000", "-", "-"]
 
 
+def test_gpu_check_summary_gives_the_float32_errors(tmp_path):
+    """The summary lists the GPU's largest float32 errors from the tests' log (FASTMAML_ERROR_LOG), the
+    figures the tests' bounds are to be set from; the CPU's rows are counted, not listed."""
+    import json
+    import os
+
+    script = (BENCH / "gpu_check.sh").read_text()
+    start = script.index("# The float32 comparisons' largest errors on the card")
+    block = "set -uo pipefail\n" + script[start:script.index("FINISHED=1", start)]
+    log = tmp_path / "float32_errors.jsonl"
+    rows = [("t[cuda-a]", "grad", 3e-3, 2e-5, "cuda"), ("t[cuda-b]", "preds", 4e-4, 9e-5, "cuda"),
+            ("t[cpu]", "grad", 5e-2, 5e-2, "cpu")]
+    log.write_text("".join(json.dumps({"test": f"tests/x.py::{t}", "tensor": n, "worst_over_scale": w,
+                                       "norm_wise": nw, "numel": 7, "device": d}) + "\n"
+                           for t, n, w, nw, d in rows))
+    env = dict(os.environ, DIR=str(tmp_path), FASTMAML_ERROR_LOG=str(log),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    out = _bash(block, env)
+    lines = out.splitlines()
+    assert lines[0] == "float32 comparisons: 3, 2 of them on the GPU"
+    assert lines[1].split() == ["worst_over_scale", "3.00e-03", "(7", "elements)", "t[cuda-a]", "[grad]"]
+    assert lines[3].split()[:2] == ["norm_wise", "9.00e-05"] and "cpu" not in out
+    assert (tmp_path / "summary.txt").read_text() == out
+    env.pop("FASTMAML_ERROR_LOG")
+    assert _bash(block, env) == ""  # no log (a run without tests): nothing
+
+
 def test_gpu_check_summary_adds_the_ab_table(tmp_path):
     """gpu_check.sh's summary appends the A/B table when the run has an ab/ folder and a sweep to compare
     with: its own throughput.csv, or AB_BASELINE's where it ran no sweep; without either, nothing."""

@@ -18,6 +18,8 @@ Compared in float64 with `_reference_loop.maml_loop` (plain autograd, task by ta
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 
 import pytest
@@ -828,6 +830,26 @@ def test_a_failing_model_raises_its_own_error_without_blaming_vmap():
 
 
 # ---- the tests' own comparison ------------------------------------------------------------------
+
+
+def test_float32_comparisons_record_their_errors_when_asked(monkeypatch, tmp_path):
+    """With FASTMAML_ERROR_LOG set (the GPU check sets it), every float32 comparison appends its worst
+    element over the tensor's scale and its norm-wise error, passing or not: the figures the float32
+    bounds are to be set from. float64 comparisons and runs without the variable write nothing."""
+    log = tmp_path / "errors.jsonl"
+    want = torch.tensor([1.0, -2.0, 4.0], dtype=F64)
+    got = (want + torch.tensor([0.0, 4e-5, 0.0], dtype=F64)).float()
+    assert_close(got, want, 1e-4, "plain")  # no variable: nothing written
+    monkeypatch.setenv("FASTMAML_ERROR_LOG", str(log))
+    assert_close(got, want, 1e-4, "f32")
+    assert_close(want, want, 1e-9, "f64")
+    with pytest.raises(AssertionError):
+        assert_close_per_tensor({"t": got}, {"t": want}, 1e-7, worst=1e-2)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["tensor"] for r in rows] == ["f32", "t"]
+    assert rows[0]["test"].endswith("test_float32_comparisons_record_their_errors_when_asked")
+    assert rows[0]["worst_over_scale"] == pytest.approx(1e-5, rel=0.05) and rows[0]["numel"] == 3
+    assert rows[0]["norm_wise"] == pytest.approx(4e-5 / math.sqrt(21), rel=0.05)
 
 
 def test_assert_close_judges_each_tensor_by_its_own_scale():
