@@ -72,8 +72,9 @@ def maml(
     Returns:
         `MAMLOutput(loss, task_losses [T], query_preds [T, Nq, D_out], backend)`; `loss` is
         differentiable w.r.t. params, rate tensors, `x_support` and `x_query` (exact second order
-        unless `first_order`), and float (mse) targets that require grad: those calls run on the
-        `factored` or reference backend (the fused kernels compute no target gradient and refuse them). What the
+        unless `first_order`), and float (mse) targets and `query_loss_weights` that require grad:
+        those calls run on the `factored` or reference backend (the other fused kernels compute no
+        gradient for them and refuse them). What the
         result does not depend on gets no gradient (None, as through autograd): the rates at K = 0,
         the support set at K = 0 or with `first_order`.
 

@@ -79,7 +79,7 @@ def mlp_structure_reason(model: nn.Module) -> tuple[Optional[str], Optional[str]
 
     Exactly: a plain `nn.Sequential` (not a subclass, which may override `forward`) of `nn.Linear` layers
     with biases, each layer its own module with its own parameters, separated by one activation module
-    (`nn.ReLU` or `nn.Tanh`, not in place), with no hooks of any kind on it, its children or every module
+    (`nn.ReLU`, in place or not, or `nn.Tanh`), with no hooks of any kind on it, its children or every module
     (global hooks), and no `forward` replaced on an instance. Anything else would make the kernels compute
     a function the module does not.
     """

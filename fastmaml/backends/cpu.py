@@ -11,7 +11,8 @@ CPU tensors that call goes through `maml_train`, which takes the parameter list 
 Importing this module builds nothing: the extension is built or loaded on the first `unavailable()`
 (fastmaml/_ext.py).
 
-Size limits (`reject` names the one exceeded; `auto` then takes the reference backend):
+Size limits (`reject` names the one exceeded; `auto` then takes the next backend in its order, `factored`
+before the reference):
     MAX_LAYERS          8 linear layers (the kernel's network description is a fixed-size struct)
     MAX_WIDTH           4096 units in any layer, input or output
     MAX_POINTS          65536 support or query points per task
