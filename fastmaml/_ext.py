@@ -385,7 +385,8 @@ def _jit_build(csrc: Path) -> Path:
         # The CPU kernels do not need the CUDA ones: a failed nvcc (too old for these kernels, out of
         # memory) must not take them down. The cuda backend gives this reason as its own.
         retry = (f"remove {failed} to try their build again" if failed.is_file()
-                 else "the next process tries their build again (memory or disk, not marked as failed)")
+                 else "not marked as failed (memory, disk or a folder not writable): the next process tries "
+                      "their build again")
         _state["cuda_error"] = f"{reason}; {retry}"
         warnings.warn(f"fastmaml: the CUDA kernels failed to build, so the C++ extension is built without "
                       f"them: {_state['cuda_error']}", RuntimeWarning, stacklevel=4)

@@ -324,8 +324,8 @@ def test_a_cuda_build_killed_for_memory_or_disk_is_tried_again(monkeypatch, tmp_
     with pytest.warns(RuntimeWarning, match="CUDA kernels failed to build"):
         assert _ext._jit_build(CSRC) == cpu_lib
     assert not marker.exists()
-    assert _ext.cuda_build_error().endswith("the next process tries their build again (memory or disk, not "
-                                            "marked as failed)")
+    assert _ext.cuda_build_error().endswith("not marked as failed (memory, disk or a folder not writable): the "
+                                            "next process tries their build again")
     monkeypatch.setitem(_ext._state, "cuda_error", None)  # the next process builds it again
     with pytest.warns(RuntimeWarning):
         _ext._jit_build(CSRC)
