@@ -483,4 +483,10 @@ def check_values(problem: Problem) -> None:
             lo, hi = int(lo), int(hi)
             if lo < 0 or hi >= d_out:
                 bad = lo if lo < 0 else hi
-                raise ValueError(f"{name} holds class {bad} but must be in [0, {d_out - 1}] (D_out = {d_out} logits)")
+                raise class_out_of_range(name, bad, d_out)
+
+
+def class_out_of_range(name: str, bad: int, d_out: int) -> ValueError:
+    """The error for a class index `bad` in the targets `name` that `d_out` logits do not cover (the C++
+    operations' check says it in the same words, csrc/cpu/maml_cpu.cpp)."""
+    return ValueError(f"{name} holds class {bad} but must be in [0, {d_out - 1}] (D_out = {d_out} logits)")

@@ -339,7 +339,7 @@ def test_generic_model_names_a_class_out_of_range(where, bad, call):
     if call == "adapt" and where == "y_query":
         wrapped.adapt(xs, ys)  # the query is not read
         return
-    with pytest.raises(ValueError, match=rf"{where} holds class {bad} but must be in \[0, 3\] \(the model gives 4"):
+    with pytest.raises(ValueError, match=rf"{where} holds class {bad} but must be in \[0, 3\] \(D_out = 4 logits\)$"):
         wrapped(xs, ys, xq, yq) if call == "forward" else wrapped.adapt(xs, ys)
 
 

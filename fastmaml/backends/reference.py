@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .._mlp import mlp_forward, task_loss
-from .._validate import Problem
+from .._validate import Problem, class_out_of_range
 
 Params = list[torch.Tensor]
 
@@ -276,8 +276,7 @@ def _classes_named(problem: Problem):
                      if y is not None and bool((y == bad).any())), None)
         if name is None:  # an indexing error of the model's own forward, not a class the targets hold
             raise
-        raise ValueError(f"{name} holds class {bad} but must be in [0, {logits - 1}] (the model gives {logits} "
-                         "logits)") from err
+        raise class_out_of_range(name, bad, logits) from err
 
 
 class ReferenceBackend:
