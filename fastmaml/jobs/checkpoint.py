@@ -11,6 +11,7 @@ on from the damaged value) is refused. The file stays a plain `torch.save` dict.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -54,22 +55,17 @@ def digest(state: dict[str, Any]) -> str:
 TEMPORARY = (".checkpoint-", ".tmp")  # `save`'s temporary files: prefix, suffix
 
 
-def remove_leftovers(folder: str) -> list[str]:
+def remove_leftovers(folder: str) -> None:
     """Remove the temporary files of `save`s that were killed during the write (a kill leaves them, never a
-    torn checkpoint); the names removed. For a job starting in `folder`, before its first write."""
-    removed = []
+    torn checkpoint). For a job starting in `folder`, before its first write."""
     try:
         names = os.listdir(folder)
     except OSError:
-        return removed
+        return
     for name in names:
         if name.startswith(TEMPORARY[0]) and name.endswith(TEMPORARY[1]):
-            try:
+            with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
 
 
 def save(path: str, state: dict[str, Any]) -> None:
