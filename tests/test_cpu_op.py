@@ -745,6 +745,38 @@ def test_constants_are_not_kept_while_a_cuda_graph_is_captured(monkeypatch):
     assert _fused._constant(("t", 2), make, cuda) is c
 
 
+def test_constants_copy_nothing_from_the_host():
+    """The constants a fused call makes (the float rate's table, plain MAML's query weights) are made by
+    kernels alone: no tensor lifted from a Python number and copied in. On CUDA such a copy is a host-to-device
+    copy, which a CUDA graph's capture refuses (`w[-1] = 1` failed test_cuda_graph_of_a_meta_iteration on an
+    H200). The ops are recorded on CPU tensors, which dispatch the same ones."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastmaml.backends import _fused
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(25)
+    dims = [1, 12, 9, 1]
+    params = make_params(dims, F64, gen)
+    problem = make_problem(params, *make_data(dims, 4, 5, 6, "mse", F64, gen), inner_steps=3, inner_lr=0.03)
+    for make in (_fused.flat_lr, _fused.flat_query_weights):
+        _fused._CONSTANTS.clear()
+        with Record() as rec:
+            made = make(problem)
+        assert not {"aten.copy_.default", "aten.lift_fresh.default", "aten.index_put_.default"} & set(rec.ops), (
+            make.__name__, rec.ops)
+        assert torch.isfinite(made).all()
+    assert _fused.flat_query_weights(problem).tolist() == [0, 0, 0, 1]
+
+
 class _FakeStream:
     def __init__(self, handle: int):
         self.cuda_stream = handle

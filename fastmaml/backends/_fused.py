@@ -81,7 +81,9 @@ def flat_query_weights(problem: Problem) -> torch.Tensor:
 
     def make() -> torch.Tensor:
         w = torch.zeros(K + 1, dtype=dtype, device=device)
-        w[-1] = 1
+        # fill_ of a view, not `w[-1] = 1`: indexing assignment copies a CPU scalar tensor, which a CUDA
+        # graph's capture refuses (H200, torch 2.11: test_cuda_graph_of_a_meta_iteration failed on it).
+        w[K:].fill_(1)
         return w
 
     return _constant(("qw", K, dtype, device), make, device)
