@@ -301,19 +301,23 @@ needs_cuda = pytest.mark.skipif(_CUDA_UNREADY is not None,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("setting", ["", "FASTMAML_ONESTEP_WARPS=2", "FASTMAML_ONESTEP_WARPS=16",
                                      "FASTMAML_ONESTEP_SHARED=0", "FASTMAML_ONESTEP_FORM=generic",
-                                     "FASTMAML_ONESTEP_PRODUCTS=mma"])
+                                     "FASTMAML_ONESTEP_PRODUCTS=ffma"])
 @pytest.mark.parametrize("shape", ["depth4_tanh", "sinusoid_20000", "width128", "ce_5way"])
 def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     """The CUDA kernel's outputs, factor rows and rate gradients against the CPU op's on the same inputs: float64
     within 1e-10, float32 within 1e-4 of the float64 CPU op (per tensor from 1,000 tasks: at 20,000 the CPU op in
     float32 puts single elements of `U` 1.2e-4 to 4.1e-4 of the scale off, over nine draws of the cotangents);
-    more tasks than resident warps (20,000); width 128; cross-entropy with 5 classes. The products on tensor
-    cores (3xTF32) in float32 at every shape: in the generic form at width 128, the shared-operand form
-    elsewhere; the launch report must say they ran."""
+    more tasks than resident warps (20,000); width 128; cross-entropy with 5 classes. The launch report must
+    say which form ran: in float32 the products on tensor cores (3xTF32) unless FASTMAML_ONESTEP_PRODUCTS=ffma,
+    in the shared-operand form where it fits; the FFMA loop (float64, or asked) never in the shared-operand
+    form, which gave wrong losses on an H200 (2026-12-04). The FFMA loop's float32 U at 20,000 tasks: within
+    1e-3 norm-wise (2.35e-4 on that H200 at every plan of the FFMA loop, the tiles under 1e-4, the CPU op
+    2.9e-5): the same sums rounded in another order (FMA contractions), whose ReLU masks flip at points
+    near a kink; losses, outputs, V and the rates' gradients stay within 1e-4."""
     if setting == "FASTMAML_ONESTEP_FORM=generic" and (shape == "width128" or dtype == torch.float64):
-        pytest.skip("width 128 runs the generic form anyway; the float32 cases cover the generic form's loads")
-    if setting == "FASTMAML_ONESTEP_PRODUCTS=mma" and dtype == torch.float64:
-        pytest.skip("float64 has no tensor-core products: the plan keeps the FFMA loop (the default case)")
+        pytest.skip("width 128 and float64 run the generic form anyway")
+    if setting == "FASTMAML_ONESTEP_PRODUCTS=ffma" and dtype == torch.float64:
+        pytest.skip("float64 has no tensor-core products: the FFMA loop is its default case")
     if setting:
         name, value = setting.split("=")
         monkeypatch.setenv(name, value)
@@ -337,17 +341,20 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
                 cot.to(dev, dt), gp.to(dev, dt), dims, 1 if act == "tanh" else 0, 1 if loss == "cross_entropy" else 0,
                 False, True]
 
-    if setting == "FASTMAML_ONESTEP_PRODUCTS=mma":
-        like = torch.empty(1, device="cuda", dtype=dtype)
-        report = torch.ops.fastmaml_testing.cuda_onestep_launch(like, dims, ns, nq, tasks)
-        assert report[-1] == 1, f"the plan did not take the tensor-core products: {list(report)}"
+    like = torch.empty(1, device="cuda", dtype=dtype)
+    report = list(torch.ops.fastmaml_testing.cuda_onestep_launch(like, dims, ns, nq, tasks))
+    shared_form, mma = report[-2], report[-1]
+    tiles = dtype == torch.float32 and setting != "FASTMAML_ONESTEP_PRODUCTS=ffma"
+    assert mma == int(tiles), f"the plan's products are not the ones asked for: {report}"
+    assert mma or not shared_form, f"the FFMA loop in the shared-operand form: {report}"
     expected = torch.ops.fastmaml.maml_onestep(*args(p64, "cpu", F64))
     actual = torch.ops.fastmaml.maml_onestep(*args(p64, "cuda", dtype))
     for name, a, e in zip(("losses", "preds", "U", "V", "rate_grads"), actual, expected):
         if dtype == F64:
             assert_close(a.double().cpu(), e, 1e-10, name)
         else:
-            assert_close_float32_batch(a.double().cpu(), e, 1e-4, name, tasks)
+            rtol = 1e-3 if name == "U" and not tiles and tasks >= 1000 else 1e-4
+            assert_close_float32_batch(a.double().cpu(), e, rtol, name, tasks)
 
 
 @needs_cuda

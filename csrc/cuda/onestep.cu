@@ -187,9 +187,26 @@ cudaError_t plan_onestep(const OnestepShape& shape, OnestepPlan* plan) {
   p.stage = stage_bytes <= optin;
   const int64_t base = p.stage ? stage_bytes : 0;
   const bool shared_allowed = !env_is("FASTMAML_ONESTEP_SHARED", "0");
-  // The shared-operand form wherever every operand can be in shared memory; FASTMAML_ONESTEP_FORM=generic
-  // keeps the generic form there too (the A/B; the Python side refuses other values).
-  const bool form_allowed = p.stage && !env_is("FASTMAML_ONESTEP_FORM", "generic");
+  // The products on tensor cores (3xTF32) by default in float, the FFMA loop where FASTMAML_ONESTEP_PRODUCTS=ffma
+  // asks and in double: on an H200 the tensor-core form was correct at every shape of the GPU tests and 1.4x
+  // the FFMA loop's generic form at width 128 (the only one that was right). It needs a kernel compiled for a
+  // virtual architecture of 8.0 or later (team_mma.h's kMmaCapable follows the one it was compiled for: a
+  // build for an older one, run through the driver's JIT on a newer card, holds the FFMA loop under the mma
+  // kernel's name, so such a kernel runs as the FFMA loop and gets its generic form below).
+  p.mma = false;
+  if (kMmaKernels<T> && !env_is("FASTMAML_ONESTEP_PRODUCTS", "ffma")) {
+    cudaFuncAttributes attr{};
+    err = cudaFuncGetAttributes(&attr, &onestep_kernel<T, false, kMmaKernels<T>>);
+    if (err != cudaSuccess) return (void)cudaGetLastError(), err;
+    p.mma = attr.ptxVersion >= 80;
+  }
+  // The shared-operand form (the task's inputs copied beside its scratch) wherever every operand can be in
+  // shared memory, with the tensor-core products only: with the FFMA loop (its unpredicated loads by 32-bit
+  // shared addresses) that form gave wrong losses, in float and double, on an H200 (benchmarks/RESULTS.md,
+  // 2026-12-04), so the FFMA loop always runs the generic form until the cause is found.
+  // FASTMAML_ONESTEP_FORM=generic keeps the generic form for the tiles too (the A/B; the Python side refuses
+  // other values).
+  const bool form_allowed = p.stage && p.mma && !env_is("FASTMAML_ONESTEP_FORM", "generic");
   p.warps = warps_switch();
   if (p.warps == 0) {
     // As many warps as fit with their scratch beside theta_0 (with the input copies where 8 such fit: the
@@ -210,17 +227,6 @@ cudaError_t plan_onestep(const OnestepShape& shape, OnestepPlan* plan) {
   p.shared_form = shared_allowed && form_allowed && base + p.warps * scratch(true) <= optin;
   p.shared_work = p.shared_form || (shared_allowed && base + p.warps * scratch(false) <= optin);
   p.work_elems = elems(p.shared_form);
-  // The products on tensor cores where FASTMAML_ONESTEP_PRODUCTS=mma asks (the FFMA loop by default until a GPU
-  // run has measured both: the A/B's `omma`): float, and a kernel compiled for a virtual architecture of 8.0 or
-  // later (team_mma.h's kMmaCapable follows the one it was compiled for: a build for an older one, run through
-  // the driver's JIT on a newer card, holds the FFMA loop under the mma kernel's name).
-  p.mma = false;
-  if (kMmaKernels<T> && env_is("FASTMAML_ONESTEP_PRODUCTS", "mma")) {
-    cudaFuncAttributes attr{};
-    err = cudaFuncGetAttributes(&attr, &onestep_kernel<T, false, kMmaKernels<T>>);
-    if (err != cudaSuccess) return (void)cudaGetLastError(), err;
-    p.mma = attr.ptxVersion >= 80;
-  }
   const int64_t work_bytes = scratch(p.shared_form);
   p.shared_bytes = base + (p.shared_work ? p.warps * work_bytes : 0);
   if ((err = allow_shared<T>(static_cast<size_t>(p.shared_bytes))) != cudaSuccess) return err;
@@ -246,7 +252,9 @@ cudaError_t plan_onestep(const OnestepShape& shape, OnestepPlan* plan) {
 
 template <typename T>
 cudaError_t launch_onestep(const OnestepArgs<T>& a, const OnestepPlan& plan, cudaStream_t stream) {
-  if (plan.blocks < 1 || plan.blocks > 0x7fffffff || (!plan.shared_work && a.global_work == nullptr)) {
+  // The FFMA loop's shared-operand form is never launched (plan_onestep: wrong results on an H200).
+  if (plan.blocks < 1 || plan.blocks > 0x7fffffff || (!plan.shared_work && a.global_work == nullptr) ||
+      (plan.shared_form && !plan.mma)) {
     return cudaErrorInvalidValue;
   }
   if (const cudaError_t e = allow_shared<T>(static_cast<size_t>(plan.shared_bytes)); e != cudaSuccess) return e;

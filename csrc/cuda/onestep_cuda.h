@@ -23,8 +23,8 @@ struct OnestepPlan {
   int64_t blocks;
   int64_t shared_bytes;
   bool stage, shared_work;
-  bool shared_form;  // the kernel's shared-operand form (stage and shared_work, unless FASTMAML_ONESTEP_FORM=generic)
-  bool mma;          // the products on tensor cores (float, built for compute 8.0+, FASTMAML_ONESTEP_PRODUCTS=mma)
+  bool shared_form;  // the kernel's shared-operand form (stage, shared_work and mma, unless FASTMAML_ONESTEP_FORM=generic)
+  bool mma;          // the products on tensor cores (float, built for compute 8.0+, unless FASTMAML_ONESTEP_PRODUCTS=ffma)
   int64_t work_elems, global_work_elems;
 };
 
@@ -56,9 +56,9 @@ struct OnestepArgs {
 // The plan of a launch on the current device. FASTMAML_ONESTEP_WARPS (2, 4, 8 or 16) sets the warps of a
 // block (by default as many as fit with their scratch in shared memory beside theta_0, up to 16, where that
 // is 8 or more, else 16, and fewer where the tasks would not reach every multiprocessor),
-// FASTMAML_ONESTEP_SHARED=0 keeps the scratch in global memory, FASTMAML_ONESTEP_PRODUCTS=mma runs the float
-// products on tensor cores (the A/B switches). Global scratch is kept to 1 GiB a launch by running fewer
-// blocks.
+// FASTMAML_ONESTEP_SHARED=0 keeps the scratch in global memory, FASTMAML_ONESTEP_PRODUCTS=ffma runs the float
+// products in the FFMA loop instead of on tensor cores (the A/B switches). Global scratch is kept to 1 GiB a
+// launch by running fewer blocks.
 template <typename T>
 cudaError_t plan_onestep(const OnestepShape& shape, OnestepPlan* plan);
 
