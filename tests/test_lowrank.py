@@ -469,6 +469,39 @@ def test_where_the_cuda_kernel_runs(monkeypatch):
     assert "FASTMAML_FACTORED_TRITON=never" in _lowrank.add_kernel_reason(x, 3, 10)
 
 
+class _CudaLike:
+    """A stand-in for a CUDA tensor of shape [T, N, I] (only what `_lowrank_cuda.reason` reads), so that
+    `language`'s choice can be checked without a GPU."""
+
+    class device:
+        type = "cuda"
+
+    def __init__(self, shape, dtype=torch.float32):
+        self.shape, self.dtype = shape, dtype
+
+    def element_size(self):
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+
+def test_auto_takes_the_cuda_kernel_where_it_is_built_and_takes_the_call(monkeypatch):
+    """FASTMAML_FACTORED_KERNELS=auto (the default): the extension's CUDA kernel for CUDA tensors where the
+    extension has it and the call is within its bounds; Triton's where it is missing, past its bounds, and
+    for CPU tensors; "triton" and "cuda" as asked whatever the call."""
+    monkeypatch.setattr(_lowrank, "LANGUAGE", "auto")
+    x = _CudaLike((2, 10, 8))
+    monkeypatch.setattr(_lowrank_cuda, "kernel_missing", lambda: None)
+    assert _lowrank.language(x, 5, 10) == "cuda"
+    assert _lowrank.language(x, 17, 10) == "triton"  # past the CUDA kernel's 16 pairs
+    assert _lowrank.language(_CudaLike((2, 10, 8), torch.float16), 1, 10) == "triton"
+    assert _lowrank.language(torch.zeros(2, 10, 8), 5, 10) == "triton"
+    monkeypatch.setattr(_lowrank_cuda, "kernel_missing", lambda: "built without nvcc")
+    assert _lowrank.language(x, 5, 10) == "triton"
+    for asked in ("triton", "cuda"):
+        monkeypatch.setattr(_lowrank, "LANGUAGE", asked)
+        assert _lowrank.language(x, 5, 10) == asked
+        assert _lowrank.language(torch.zeros(2, 10, 8), 17, 10) == asked
+
+
 def test_cuda_kernel_block_on_the_cpu(tmp_path):
     """The CUDA kernel's block code (csrc/cuda/lowrank_add.cuh) with std::threads as its lanes
     (tests/lowrank_cuda_check.cpp), under AddressSanitizer: 70 cases against a long double sum."""
@@ -518,7 +551,8 @@ def test_stages_pairs_and_kernels_switches_from_the_environment():
     def run(**extra):
         return subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True)
 
-    assert run().stdout.split() == ["3", "False", "triton"]
+    assert run().stdout.split() == ["3", "False", "auto"]
+    assert run(FASTMAML_FACTORED_KERNELS="triton").stdout.split() == ["3", "False", "triton"]
     assert run(FASTMAML_FACTORED_STAGES="2", FASTMAML_FACTORED_PAIRS="Fused",
                FASTMAML_FACTORED_KERNELS="CUDA").stdout.split() == ["2", "True", "cuda"]
     for name, bad in (("FASTMAML_FACTORED_STAGES", "4"), ("FASTMAML_FACTORED_PAIRS", "one"),

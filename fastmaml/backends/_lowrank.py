@@ -28,9 +28,9 @@ kernel: each `[N, S]` product made once, the inputs read once or twice instead o
 Where the kernels run (KERNELS, from FASTMAML_FACTORED_TRITON): "auto" on CUDA tensors when Triton >= 3.6
 is installed and the factors' products fit in registers (`kernel_reason`); "never" keeps the batched
 PyTorch products everywhere (the GPU check's A/B). CPU tensors take the batched products, unless a test
-sends them through the Triton interpreter (`_INTERPRET_CPU`). With FASTMAML_FACTORED_KERNELS=cuda (LANGUAGE),
-lowrank_add runs the C++ extension's CUDA kernel instead of Triton's, within its own bounds
-(`add_kernel_reason`).
+sends them through the Triton interpreter (`_INTERPRET_CPU`). On CUDA tensors lowrank_add runs the C++
+extension's CUDA kernel where the extension has it and the call is within its bounds, else Triton's
+(FASTMAML_FACTORED_KERNELS, LANGUAGE: `language` picks; `add_kernel_reason` gives the chosen kernel's bounds).
 """
 
 from __future__ import annotations
@@ -132,18 +132,33 @@ WARPS = int(env_choice("FASTMAML_FACTORED_WARPS", ("4", "8")))
 STAGES = int(env_choice("FASTMAML_FACTORED_STAGES", ("3", "2")))
 
 
-# Which kernel makes lowrank_add on CUDA tensors (FASTMAML_FACTORED_KERNELS, read once at import):
-# "triton" (the default, `_triton_lowrank.py`, where `kernel_reason` allows) or "cuda" (the C++
-# extension's kernel, `_lowrank_cuda.py` says why and where). Not the default until a GPU has measured it
-# (the GPU check's A/B `fcuda`).
-LANGUAGE = env_choice("FASTMAML_FACTORED_KERNELS", ("triton", "cuda"))
+# Which kernel makes lowrank_add on CUDA tensors (FASTMAML_FACTORED_KERNELS, read once at import): "auto"
+# (the default) the C++ extension's CUDA kernel (`_lowrank_cuda.py` says why) where the extension loads
+# with it and the call is within its bounds, else Triton's (`_triton_lowrank.py`); "triton" or "cuda"
+# always that one ("cuda" raises where the extension lacks it). On an H200 (2026-12-04, T=65,536, second
+# order) the CUDA kernel made the whole factored call 1.38x / 1.31x faster at K=1 (W=40 / 128) and 1.19x /
+# 1.73x at K=5 (the GPU check's A/B `fcuda`, now `ftriton` the other way); its float64 gradients matched
+# the reference within 1e-10 there (tests/test_lowrank.py).
+LANGUAGE = env_choice("FASTMAML_FACTORED_KERNELS", ("auto", "triton", "cuda"))
+
+
+def language(x: torch.Tensor, factors: int, n_support: int) -> str:
+    """`"cuda"` or `"triton"`: whose kernel makes `lowrank_add(., x, hs, ds)` with `factors` pairs of
+    `n_support` rows (under "auto" the CUDA one where it is built and takes the call; the first CUDA call
+    loads the extension, building it if needed, as the `cuda` backend does)."""
+    if LANGUAGE != "auto":
+        return LANGUAGE
+    if (x.device.type == "cuda" and _lowrank_cuda.reason(x, factors, n_support) is None
+            and _lowrank_cuda.kernel_missing() is None):
+        return "cuda"
+    return "triton"
 
 
 def add_kernel_reason(x: torch.Tensor, factors: int, n_support: int) -> Optional[str]:
     """Why `lowrank_add(., x, hs, ds)` with `factors` pairs of `n_support` rows takes the batched PyTorch
-    products, or None: with FASTMAML_FACTORED_KERNELS=cuda the CUDA kernel's own bounds (Triton's do not
-    apply to it), else `kernel_reason`."""
-    if LANGUAGE != "cuda":
+    products, or None: the CUDA kernel's own bounds where `language` picks it (Triton's do not apply to it),
+    else `kernel_reason`."""
+    if language(x, factors, n_support) != "cuda":
         return kernel_reason(x, factors, n_support)
     if KERNELS == "never":
         return "FASTMAML_FACTORED_TRITON=never"
@@ -254,7 +269,7 @@ def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tens
     S, O = hs[0].shape[1], ds[0].shape[2]
     if add_kernel_reason(x, len(hs), S) is not None:
         return _add_batched(base, x, hs, ds, scales)  # at least one factor: never `base` itself
-    if LANGUAGE == "cuda":
+    if language(x, len(hs), S) == "cuda":
         return _lowrank_cuda.add(base, x, list(hs), list(ds), scales)
     x = x.contiguous()
     hs = tuple(h.contiguous() for h in hs)
@@ -457,4 +472,4 @@ def compile_for_target(kind: str, dtype: torch.dtype, n: int, s: int, i: int, o:
 
 
 __all__ = ["KERNELS", "LANGUAGE", "add_kernel_reason", "compile_for_target", "compiled_report", "kernel_reason",
-           "lowrank_add", "lowrank_grads", "products"]
+           "language", "lowrank_add", "lowrank_grads", "products"]
