@@ -95,15 +95,15 @@ TEE_PID=$!
 # --measure, under 300 s: the build (a few seconds with a carried prebuilt library, 110-150 s without),
 # the Triton kernels compiled ahead (at most 37 s), the sweep 75 (30 s measured on the H200 with warm
 # caches), the timeline 25, the A/B with what is left, up to 150 s (five variants at 30 s; without a prebuilt
-# library about the first one), the summary. Its A/B: the one-step kernels of CUDA and Triton (a warp a task,
-# theta_1 kept low-rank: G2's redesign for K=1), the test of whether the CUDA sweep's speed follows the
-# tasks in flight a multiprocessor (a75ae00: a task took about 390 us at K=5 alone or beside two others:
-# 25 one-warp teams with their workspaces in global memory), the factored backend's CUDA lowrank_add (the
-# largest prediction, at W=128) and the CUDA one-step kernel's products on tensor cores.
+# library about the first one), the summary. Its A/B, after the H200 run of 2026-12-04 (ea31a13): the CUDA
+# one-step kernel at K=1 with its tensor-core products (now its default: right at every GPU test's shape,
+# 1.9x / 3.7x the reverse sweep at T=65,536, W=40 / 128), with the FFMA loop's generic form, and with the
+# tiles' generic form; and the factored backend's Triton lowrank_add against the CUDA one it now takes by
+# default (1.2-1.7x).
 if [ "$MODE" = measure ]; then
   : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=25}" "${NCU_S:=0}"
   : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=150}" "${RESERVE_S:=20}"
-  : "${AB_VARIANTS:=onestep tonestep blocks6+team32 fcuda omma}" "${TOTAL_S:=290}"
+  : "${AB_VARIANTS:=onestep offma ogeneric ftriton}" "${TOTAL_S:=290}"
 elif [ "$MODE" = tests ]; then
   # The quick tests 120 s (a75ae00's took 114 s with warm caches), the Triton one-step kernel's 50 (the mma
   # and blocks6+states switches' tests only when asked: neither is in this plan's A/B), auto's choice, then
@@ -689,8 +689,10 @@ fi
 #   frevauto FASTMAML_FACTORED_REVERSE=autograd: the factored backend's meta-gradient by autograd through
 #            its inner loop (with the fused lowrank_backward), as before its written-out reverse sweep
 #   fcuda    FASTMAML_FACTORED_KERNELS=cuda: the factored backend's lowrank_add by the C++ extension's CUDA
-#            kernel (factors loaded into registers, sums over k by warp shuffles), not Triton's (whose
-#            products read an operand from shared memory a multiply-add); needs the extension built
+#            kernel (factors loaded into registers, sums over k by warp shuffles) wherever it can, not
+#            Triton's (whose products read an operand from shared memory a multiply-add); needs the
+#            extension built. The default (auto) since the H200 run of 2026-12-04 where the extension has it
+#   ftriton  FASTMAML_FACTORED_KERNELS=triton: the Triton lowrank_add, the default before that run
 #   fpairs   FASTMAML_FACTORED_PAIRS=fused: the sweep's two products of each weight cotangent with a step's
 #            factors in one kernel (each pair read once from memory; more registers)
 #   fstages2 FASTMAML_FACTORED_STAGES=2: the low-rank kernels' loops pipelined 2 deep, not 3 (fewer
@@ -706,15 +708,16 @@ fi
 #            before), not one loop for all factors (fewer rounds of dependent loads, more registers)
 #   onestep  FASTMAML_CUDA_ONESTEP=1 at K=1: training calls of one inner step on the one-step kernel
 #            (csrc/task/onestep.h: a warp a task, theta_0 shared by a block's warps in shared memory,
-#            theta_1 never formed, the meta-gradient as factor rows summed by one product a layer)
+#            theta_1 never formed, the meta-gradient as factor rows summed by one product a layer; its float
+#            products on tensor cores, 3xTF32, since the H200 run of 2026-12-04)
 #   ow4, ow16  the same with 4 or 16 warps a block (FASTMAML_ONESTEP_WARPS; by default as many as fit in
 #            shared memory where 8 or more do: 9 at W=40 with ReLU, else 16 with global scratch)
 #   oglobal  the same with every warp's scratch in global memory (FASTMAML_ONESTEP_SHARED=0)
-#   ogeneric the same at W=40 in the kernel's generic form (FASTMAML_ONESTEP_FORM=generic): its products'
-#            loads by generic addresses, predicated, not the shared-operand form's 32-bit shared loads
-#   omma     the same with its float products on tensor cores (FASTMAML_ONESTEP_PRODUCTS=mma: mma.sync,
-#            3xTF32, a warp's units of 16 x 16 outputs; by count about 1.6x fewer instructions a task than
-#            the FFMA loop at W=128, about 1.4x more at W=40, where the FFMA loop's 5-point build runs)
+#   ogeneric the same at W=40 in the kernel's generic form (FASTMAML_ONESTEP_FORM=generic): the task's
+#            inputs read where they lie, not copied into shared memory beside its scratch
+#   offma    the same with its float products in the FFMA loop (FASTMAML_ONESTEP_PRODUCTS=ffma), always in
+#            the generic form (the FFMA loop's shared-operand form gave wrong results on the H200: off);
+#            by count about 1.6x more instructions a task than the tiles at W=128, 1.4x fewer at W=40
 #   okeep4g  the same summing up to 4 GiB of factor rows a chunk (FASTMAML_ONESTEP_KEEP_MB=4096; 1 GiB by
 #            default: at T=65536 the forward runs the kernel in two chunks at W=40, more at W=128)
 #   tonestep FASTMAML_TRITON_ONESTEP=1 at K=1: the triton backend's one-step calls on its one-step kernel
