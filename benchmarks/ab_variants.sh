@@ -2,7 +2,7 @@
 # described there, at the A/B). Functions only, and the default list: tests/test_benchmark_tools.py runs
 # them in bash.
 
-AB_DEFAULT="onestep tonestep keep1 scratch tonestep_kc16 tonestep16 tonestep2_kc16 offma ogeneric ow16 oglobal okeep4g tonestep2 tonestep_tf ow4 ftriton fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2"
+AB_DEFAULT="onestep tonestep keep1 scratch tonestep_kc16 tonestep16 tonestep2_kc16 offma offmas ogeneric ow16 oglobal okeep4g tonestep2 tonestep_tf ow4 ftriton fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2"
 # One variant's switches: sets `setting`, `method`, `widths` and `steps` (the widths and inner steps it is
 # measured at).
 ab_variant() {
@@ -48,6 +48,8 @@ ab_variant() {
     oglobal) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_SHARED=0"; method=cuda; steps=1 ;;
     ogeneric) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_FORM=generic"; method=cuda; steps=1; widths=40 ;;
     offma) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_PRODUCTS=ffma"; method=cuda; steps=1 ;;
+    offmas) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_PRODUCTS=ffma FASTMAML_ONESTEP_FORM=shared"; method=cuda
+      steps=1; widths=40 ;;
     okeep4g) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_KEEP_MB=4096"; method=cuda; steps=1 ;;
     tonestep) setting=FASTMAML_TRITON_ONESTEP=1; method=triton; steps=1 ;;
     tonestep_kc16) setting="FASTMAML_TRITON_ONESTEP=1 FASTMAML_TRITON_ONESTEP_CHUNK=16"; method=triton; steps=1

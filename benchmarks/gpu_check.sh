@@ -11,9 +11,8 @@
 #   benchmarks/gpu_check.sh --measure [OUT_DIR]  # under 300 s: the build, the quick sweep, the CUDA sweep's
 #                                                # timeline, the A/B of five switches (AB_S=150); no tests
 #   benchmarks/gpu_check.sh --tests [OUT_DIR]    # under 300 s, best on the machine --measure warmed (the
-#                                                # build cached): the quick tests and the switches' tests,
-#                                                # auto's choice, ncu of the CUDA and low-rank kernels, the
-#                                                # register reports; no sweep
+#                                                # build cached): the quick tests, auto's choice, ncu of
+#                                                # the CUDA one-step kernel, the register reports; no sweep
 #   The two halves of --quick, each with room for a rerun in a session's 15 minutes of device time,
 #   less --quick's kernel profile (PROFILE_S) and overhead run (OVERHEAD_S): set those to add them. Every
 #   stage's limit is cut to the time left, and a stage with under 15 s is skipped and listed; on any
@@ -56,13 +55,13 @@
 # of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); NCU_LOWRANK_S (0: only
 # when asked) ncu of four of the factored backend's low-rank launches at K=5, W=128, Triton's and the CUDA
 # lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the limit each (profile.txt); NCU_ONESTEP_S (0; 35 in
-# --tests) ncu of one launch of the one-step kernel at T=8192, K=1, W=40 (profile.txt); NCU_TRITON_S (0; 35 in
-# --tests) ncu of one launch of Triton's training kernel at T=2048, K=5, W=NCU_TRITON_WIDTH (40). Every ncu stage
+# --tests) ncu of one launch of the one-step kernel at T=8192, K=1, W=40 (profile.txt); NCU_TRITON_S (0)
+# ncu of one launch of Triton's training kernel at T=2048, K=5, W=NCU_TRITON_WIDTH (40). Every ncu stage
 # also keeps its report's source page, summed by benchmarks/ncu_source.py (ncu_*_lines.csv, profile.txt);
 # TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
-# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global, and TONESTEP_TESTS_S=55 (50 in --tests) three
+# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global, and TONESTEP_TESTS_S=55 (0 in --tests) three
 # GPU tests of the Triton one-step kernel (tests/test_triton_onestep.py).
 # EXPLAIN=0 skips auto's choice, OVERHEAD_S=0 the overhead run, REPORTS=0 the register reports (nvcc's of
 # the CUDA kernels takes minutes of the machine's CPUs). ncu runs after the tests and auto's choice. With AB_S, the A/B's Triton variants are compiled in the background from
@@ -103,18 +102,17 @@ TEE_PID=$!
 if [ "$MODE" = measure ]; then
   : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=25}" "${NCU_S:=0}"
   : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=150}" "${RESERVE_S:=20}"
-  : "${AB_VARIANTS:=onestep offma ogeneric ftriton}" "${TOTAL_S:=290}"
+  : "${AB_VARIANTS:=onestep offmas offma ogeneric ftriton}" "${TOTAL_S:=290}"
 elif [ "$MODE" = tests ]; then
-  # The quick tests 120 s (a75ae00's took 114 s with warm caches), the Triton one-step kernel's 50 (the mma
-  # and blocks6+states switches' tests only when asked: neither is in this plan's A/B), auto's choice, then
-  # ncu with what is left (the one-step kernel's 35, the CUDA backward's 40,
-  # Triton's training kernel's 35, each with its source page, which takes about 10 s of it; the factored
-  # low-rank kernels' only when asked, NCU_LOWRANK_S=40), the register reports (nvcc's in the
-  # background from the start, Triton's 30 s in the reserve at the end). Every stage's limit is cut to the
-  # time left.
-  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=40}" "${NCU_LOWRANK_S:=0}"
-  : "${NCU_ONESTEP_S:=35}" "${NCU_TRITON_S:=35}" "${TONESTEP_TESTS_S:=50}"
-  : "${CUDA_TESTS_S:=75}" "${TRITON_TESTS_S:=45}" "${MMA_TESTS_S:=0}" "${STATES_TESTS_S:=0}" "${TOTAL_S:=285}"
+  # The quick tests 175 s (ea31a13's took 155 s with 16 workers and warm caches, and ran out of their 120 s
+  # with 12), auto's choice, ncu of the one-step kernel (35 s, with its source page), the register reports
+  # (nvcc's in the background from the start, Triton's 30 s in the reserve at the end). The Triton one-step
+  # tests, the CUDA backward's and Triton's ncu, the mma and blocks6+states switches' tests only when asked
+  # (TONESTEP_TESTS_S=50, NCU_S=40, NCU_TRITON_S=35, MMA_TESTS_S, STATES_TESTS_S): ea31a13's run left them no
+  # time. Every stage's limit is cut to the time left.
+  : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=0}" "${NCU_LOWRANK_S:=0}"
+  : "${NCU_ONESTEP_S:=35}" "${NCU_TRITON_S:=0}" "${TONESTEP_TESTS_S:=0}" "${TEST_WORKERS:=16}"
+  : "${CUDA_TESTS_S:=110}" "${TRITON_TESTS_S:=65}" "${MMA_TESTS_S:=0}" "${STATES_TESTS_S:=0}" "${TOTAL_S:=285}"
   : "${RESERVE_S:=35}"
 fi
 if [ "$QUICK" = 1 ]; then
@@ -715,9 +713,11 @@ fi
 #   oglobal  the same with every warp's scratch in global memory (FASTMAML_ONESTEP_SHARED=0)
 #   ogeneric the same at W=40 in the kernel's generic form (FASTMAML_ONESTEP_FORM=generic): the task's
 #            inputs read where they lie, not copied into shared memory beside its scratch
-#   offma    the same with its float products in the FFMA loop (FASTMAML_ONESTEP_PRODUCTS=ffma), always in
-#            the generic form (the FFMA loop's shared-operand form gave wrong results on the H200: off);
-#            by count about 1.6x more instructions a task than the tiles at W=128, 1.4x fewer at W=40
+#   offma    the same with its float products in the FFMA loop (FASTMAML_ONESTEP_PRODUCTS=ffma), in the
+#            generic form; by count about 1.6x more instructions a task than the tiles at W=128, 1.4x fewer
+#            at W=40
+#   offmas   the same at W=40 in the shared-operand form (FASTMAML_ONESTEP_FORM=shared): the mended build
+#            of the form nvcc had miscompiled (wrong results on the H200; off unless asked)
 #   okeep4g  the same summing up to 4 GiB of factor rows a chunk (FASTMAML_ONESTEP_KEEP_MB=4096; 1 GiB by
 #            default: at T=65536 the forward runs the kernel in two chunks at W=40, more at W=128)
 #   tonestep FASTMAML_TRITON_ONESTEP=1 at K=1: the triton backend's one-step calls on its one-step kernel

@@ -65,7 +65,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kShared ? 1 : 0)
   const task::Net& net = a.net;
   const T *theta = a.theta, *wt = a.theta_t, *rates = a.rates;
   int64_t staged = 0;
-  if (stage) {
+  // The shared-operand form always stages and always keeps its scratch in shared memory (plan_onestep: shared_form
+  // implies stage and shared_work), and says so at compile time, so that every operand of its products is in
+  // shared memory by construction. Its products once asserted that with __builtin_assume(__isShared) while
+  // `work` below was chosen at run time between shared and global memory; nvcc 13.0 then took the query pass
+  // onward for unreachable and the sm_90a kernel exited after the support backward pass, writing no loss,
+  // pred, U or V (wrong results on an H200, 2026-12-04; tests/test_onestep_ptx.py).
+  if (kShared || stage) {
     const int64_t P = net.P, Pp = (P + 15) & ~int64_t(15);
     T* st = smem;
     T* swt = smem + Pp;
@@ -80,8 +86,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, kShared ? 1 : 0)
     staged = 2 * Pp + 16;
   }
   const int warp = static_cast<int>(threadIdx.x >> 5), nw = static_cast<int>(blockDim.x >> 5);
-  T* work = shared_work ? smem + staged + warp * work_elems
-                        : a.global_work + (static_cast<int64_t>(blockIdx.x) * nw + warp) * work_elems;
+  T* work = kShared || shared_work ? smem + staged + warp * work_elems
+                                    : a.global_work + (static_cast<int64_t>(blockIdx.x) * nw + warp) * work_elems;
   using Team = std::conditional_t<kMma, MmaWarpTeam, std::conditional_t<kShared, SharedWarpTeam, WarpTeam>>;
   const Team tm;
   const int64_t din = net.dims[0], dout = net.dims[net.L];
@@ -201,12 +207,13 @@ cudaError_t plan_onestep(const OnestepShape& shape, OnestepPlan* plan) {
     p.mma = attr.ptxVersion >= 80;
   }
   // The shared-operand form (the task's inputs copied beside its scratch) wherever every operand can be in
-  // shared memory, with the tensor-core products only: with the FFMA loop (its unpredicated loads by 32-bit
-  // shared addresses) that form gave wrong losses, in float and double, on an H200 (benchmarks/RESULTS.md,
-  // 2026-12-04), so the FFMA loop always runs the generic form until the cause is found.
-  // FASTMAML_ONESTEP_FORM=generic keeps the generic form for the tiles too (the A/B; the Python side refuses
-  // other values).
-  const bool form_allowed = p.stage && p.mma && !env_is("FASTMAML_ONESTEP_FORM", "generic");
+  // shared memory: by default with the tensor-core products only. The FFMA loop's build of that form was
+  // miscompiled (see the kernel) and gave wrong results on an H200 (benchmarks/RESULTS.md, 2026-12-04); the
+  // mended build has not run on a GPU yet, so it runs only where FASTMAML_ONESTEP_FORM=shared asks (the GPU
+  // tests and the A/B), and the FFMA loop otherwise runs the generic form. FASTMAML_ONESTEP_FORM=generic keeps
+  // the generic form for the tiles too (the Python side refuses other values).
+  const bool form_allowed = p.stage && !env_is("FASTMAML_ONESTEP_FORM", "generic") &&
+                            (p.mma || env_is("FASTMAML_ONESTEP_FORM", "shared"));
   p.warps = warps_switch();
   if (p.warps == 0) {
     // As many warps as fit with their scratch beside theta_0 (with the input copies where 8 such fit: the
@@ -252,9 +259,9 @@ cudaError_t plan_onestep(const OnestepShape& shape, OnestepPlan* plan) {
 
 template <typename T>
 cudaError_t launch_onestep(const OnestepArgs<T>& a, const OnestepPlan& plan, cudaStream_t stream) {
-  // The FFMA loop's shared-operand form is never launched (plan_onestep: wrong results on an H200).
+  // The shared-operand form's kernels take their scratch in shared memory whatever shared_work says.
   if (plan.blocks < 1 || plan.blocks > 0x7fffffff || (!plan.shared_work && a.global_work == nullptr) ||
-      (plan.shared_form && !plan.mma)) {
+      (plan.shared_form && !(plan.stage && plan.shared_work))) {
     return cudaErrorInvalidValue;
   }
   if (const cudaError_t e = allow_shared<T>(static_cast<size_t>(plan.shared_bytes)); e != cudaSuccess) return e;

@@ -61,7 +61,7 @@ struct PredicatedLoop<Team, decltype(void(Team::kPredicatedLoop))> {
 // order. Two forms of one loop, the same sums in the same order:
 // - kClamp (shared operands on a GPU, and on the host unless the team asks for the other): points past the
 //   chunk read its last point's row, in bounds, into accumulators nobody stores, so the loop runs without
-//   predicates. Told that both operands are in shared memory, nvcc loads them with 32-bit shared addresses:
+//   predicates. With both operands in shared memory, nvcc loads them with 32-bit shared addresses:
 //   65-67 sm_90a instructions a step of 4 k for 8 points' 32 multiply-adds, against 96-112 predicated from
 //   generic addresses (8 points' predicates and the loop's outgrew the 7 predicate registers and were
 //   recomputed every step, each address rebuilt in 64 bits, and a point left out issued anyway);
@@ -103,12 +103,11 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void unit_sums(T (&acc)[C], int nn, int Kd, in
 template <int C, bool kClamp, typename T, typename Team, typename F>
 FASTMAML_HD inline void chunk_units(int N, int Kd, int M, const T* A, int an, int ak, const T* B, int bk, int bm,
                                     int nc, int per, int kv, const F& f, const Team& tm) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (kClamp) {  // on a GPU: the shared-operand form (cols_product)
-    __builtin_assume(__isShared(A));
-    __builtin_assume(__isShared(B));
-  }
-#endif
+  // On a GPU kClamp is the shared-operand form: the kernel's operands are then in shared memory by
+  // construction (csrc/cuda/onestep.cu), so nvcc loads them by 32-bit shared addresses without being told.
+  // No __builtin_assume(__isShared): where the kernel's scratch pointer could also be global, nvcc 13.0 took
+  // the query pass onward for unreachable under those assumptions and the kernel exited after its support
+  // pass (the H200 run of 2026-12-04; tests/test_onestep_ptx.py).
   const int dm = tm.size() / nc, dc = tm.size() % nc;  // a step of `size` units: dm columns and dc chunks
   for (int c = tm.rank() % nc, m = tm.rank() / nc; m < M; c += dc, m += dm, (c >= nc ? (c -= nc, ++m) : 0)) {
     const int n0 = c * per;
