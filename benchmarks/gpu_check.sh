@@ -438,7 +438,8 @@ else
     # One run for the GPU backends: every case of tests/test_backends.py (G2's first must-show: every
     # option, the sinusoid size, 20,000 tasks, width 128) and the tests new with G2/G3 (with the launch
     # report under the sweep's cuda rows; the factored backend's CUDA lowrank_add kernel; NaN spreading
-    # as in the reference through each GPU kernel's ReLU; an infinity under tanh; no gradient for the inputs a call does not read).
+    # as in the reference through each GPU kernel's ReLU; an infinity under tanh; no gradient for the
+    # inputs a call does not read).
     lim=$(capped "$TESTS_S")
     stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${lim}s) -> $DIR/tests.log"
     FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$lim" python -m pytest tests/test_backends.py \
