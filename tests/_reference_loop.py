@@ -486,3 +486,50 @@ def assert_close(actual, expected, rtol: float, name: str = "tensor") -> None:
         reports.append(mismatch(actual, expected, rtol, name))
     reports = [r for r in reports if r]
     assert not reports, "mismatch against the expected values:\n  " + "\n  ".join(reports)
+
+
+def relu_kink_margins(case, chunk: int = 2500) -> torch.Tensor:
+    """`[T]`: for each task of a ReLU `case`, the smallest |pre-activation| of a point in a hidden layer over
+    the largest of that layer and pass, over every pass the task's loss reads: the support passes of its inner
+    loop (every step but the last) and the query passes (the last step's, and every step's with query-loss
+    weights). The float64 run, on the case's device."""
+    from fastmaml._mlp import mlp_forward
+    from fastmaml._validate import make_problem
+    from fastmaml.backends.reference import _inner_loop_func
+
+    c = case.to(torch.float64, case.x_support.device)
+    problem = make_problem(c.params, c.x_support, c.y_support, c.x_query, c.y_query, **c.kwargs())
+    run = _inner_loop_func(lambda theta, x: mlp_forward(theta, x, "relu"), problem.loss, problem.inner_steps,
+                           problem.first_order)
+    params = [p.detach() for p in problem.params]
+    rates = [r.detach() for r in problem.inner_lr]
+
+    every_query = problem.query_loss_weights is not None
+
+    def margin(xs, ys, xq):
+        thetas = run(params, rates, xs, ys)
+        passes = [(theta, xs) for theta in thetas[:-1]]
+        passes += [(theta, xq) for theta in (thetas if every_query else thetas[-1:])]
+        ratios = []
+        for theta, x in passes:
+            h = x
+            for i in range(0, len(theta) - 2, 2):
+                z = h @ theta[i].T + theta[i + 1]
+                ratios.append(z.abs().min() / z.abs().max())
+                h = torch.relu(z)
+        return torch.stack(ratios).min() if ratios else xs.new_ones(())
+
+    xs, ys, xq = problem.x_support.detach(), problem.y_support, problem.x_query.detach()
+    with torch.no_grad():
+        return torch.cat([torch.func.vmap(margin)(xs[i:i + chunk], ys[i:i + chunk], xq[i:i + chunk])
+                          for i in range(0, xs.shape[0], chunk)])
+
+
+def near_relu_kinks(case, rel: float = 3e-7) -> torch.Tensor:
+    """`[T]` bool: the tasks whose `relu_kink_margins` are below `rel`. There float32 cannot be sure of the
+    ReLU's side: one such task whose float32 run took the other side moved the summed meta-gradient of a
+    20,000-task case by 5.7e-4 norm-wise in plain float32 PyTorch (a support pre-activation 6e-10 of its
+    layer's scale, task 9991 of the H200 run of 2026-12-04), past the 1e-4 that every float32-accurate
+    backend meets elsewhere, by luck of rounding alone. The 9 tasks of that case whose inner loop changed a
+    ReLU's side in float32 on the CPU had margins of 6e-10 to 3.5e-8."""
+    return relu_kink_margins(case) < rel

@@ -34,7 +34,7 @@ import torch
 import fastmaml
 from fastmaml import dispatch
 from _reference_loop import (DIMS_BY_DEPTH, LR_FORMS, assert_close, assert_close_per_tensor, gradients, make_case,
-                             objective, output_cotangents, task_objective)
+                             near_relu_kinks, objective, output_cotangents, task_objective)
 
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 # Backends that must take every call of this file when they can run here, but for the refusals named.
@@ -301,55 +301,19 @@ def test_reference_in_chunks_is_the_whole_batch(options):
                  1e-12)
 
 
-def relu_kink_margins(case, chunk: int = 2500) -> torch.Tensor:
-    """`[T]`: for each task of a ReLU `case`, the smallest |pre-activation| of a support point in a hidden
-    layer over the largest of that layer, at every step of its inner loop but the last (the float64 run, on
-    the case's device)."""
-    from fastmaml._mlp import mlp_forward
-    from fastmaml._validate import make_problem
-    from fastmaml.backends.reference import _inner_loop_func
-
-    c = case.to(F64, case.x_support.device)
-    problem = make_problem(c.params, c.x_support, c.y_support, c.x_query, c.y_query, **c.kwargs())
-    run = _inner_loop_func(lambda theta, x: mlp_forward(theta, x, "relu"), problem.loss, problem.inner_steps,
-                           problem.first_order)
-    params = [p.detach() for p in problem.params]
-    rates = [r.detach() for r in problem.inner_lr]
-
-    def margin(xs, ys):
-        ratios = []
-        for theta in run(params, rates, xs, ys)[:-1]:
-            h = xs
-            for i in range(0, len(theta) - 2, 2):
-                z = h @ theta[i].T + theta[i + 1]
-                ratios.append(z.abs().min() / z.abs().max())
-                h = torch.relu(z)
-        return torch.stack(ratios).min() if ratios else xs.new_ones(())
-
-    xs, ys = problem.x_support.detach(), problem.y_support
-    with torch.no_grad():
-        return torch.cat([torch.func.vmap(margin)(xs[i:i + chunk], ys[i:i + chunk])
-                          for i in range(0, xs.shape[0], chunk)])
-
-
-def near_relu_kinks(case, rel: float = 1e-6) -> torch.Tensor:
-    """`[T]` bool: the tasks whose `relu_kink_margins` are below `rel`. There float32 cannot be sure of the
-    ReLU's side: one such task whose float32 run took the other side moved the summed meta-gradient of a
-    20,000-task case by 5.7e-4 norm-wise in plain float32 PyTorch (a pre-activation 6e-10 of its layer's
-    scale, task 9991 of the H200 run of 2026-12-04), past the 1e-4 that every float32-accurate backend meets
-    elsewhere, by luck of rounding alone."""
-    return relu_kink_margins(case) < rel
-
-
 def test_near_relu_kinks_finds_a_task_on_a_kink():
     """`near_relu_kinks` (the GPU-size test's filter) flags a task with a support pre-activation exactly at 0
-    and no other, and follows its bound."""
-    case = make_case(dims=(2, 9, 7, 1), tasks=6, inner_steps=2, lr_form="per_step", seed=11).to(F64)
-    with torch.no_grad():
-        case.params[1][3] = 0.0  # the first layer's unit 3 has no bias ...
-        case.x_support[4] = 0.0  # ... so task 4's support points all sit on its kink at step 0
-    assert near_relu_kinks(case, rel=1e-12).tolist() == [False, False, False, False, True, False]
-    assert near_relu_kinks(case, rel=1.0 + 1e-9).all()
+    and no other, and follows its bound; a query point at 0 under theta_0 only where the loss reads that pass
+    (query-loss weights), not where it reads only theta_K's (whose bias has moved)."""
+    for qlw in (False, True):
+        case = make_case(dims=(2, 9, 7, 1), tasks=6, inner_steps=2, lr_form="per_step", query_loss_weights=qlw,
+                         seed=11).to(F64)
+        with torch.no_grad():
+            case.params[1][3] = 0.0  # the first layer's unit 3 has no bias ...
+            case.x_support[4] = 0.0  # ... so task 4's support points all sit on its kink at step 0
+            case.x_query[1] = 0.0  # ... and task 1's query points too
+        assert near_relu_kinks(case, rel=1e-12).tolist() == [False, qlw, False, False, True, False]
+        assert near_relu_kinks(case, rel=1.0 + 1e-9).all()
 
 
 @pytest.mark.parametrize("options", [dict(o, n_support=10, n_query=10, lr_scale=0.1, seed=100 + i)
@@ -365,8 +329,8 @@ def test_gpu_sizes_match_reference(name, options):
                                                   run.y_query, backend=name, **run.kwargs()))
     cot = tuple(c.to("cuda") for c in output_cotangents(got.task_losses, got.query_preds))
     if options["tasks"] >= 1000 and options.get("activation", "relu") == "relu":
-        # The tasks whose inner loop runs within float32's reach of a ReLU kink weigh nothing in the
-        # objective (near_relu_kinks says why): the bound is then one that float32 itself can meet.
+        # The tasks whose passes come within float32's reach of a ReLU kink get no cotangent (they stay in
+        # the mean loss at 1/T; near_relu_kinks says why): the bound is then one float32 itself can meet.
         keep = ~near_relu_kinks(ref)
         assert keep.float().mean() > 0.9, f"{int((~keep).sum())} tasks near a kink: not a test of the rest"
         cot = (cot[0] * keep, cot[1] * keep.view(-1, 1, 1))

@@ -21,7 +21,7 @@ from fastmaml._validate import make_problem
 from fastmaml.backends import _onestep
 from _host_checks import build_and_run
 from _reference_loop import (DIMS_BY_DEPTH, assert_close, assert_close_float32_batch, gradients, maml_loop, make_case,
-                             output_cotangents)
+                             near_relu_kinks, output_cotangents)
 
 F64 = torch.float64
 CHECK = Path(__file__).resolve().parent / "onestep_team_check.cpp"
@@ -312,14 +312,18 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     say which form ran: in float32 the products on tensor cores (3xTF32) unless FASTMAML_ONESTEP_PRODUCTS=ffma,
     in the shared-operand form where it fits; the FFMA loop (float64, or asked) in that form only where
     FASTMAML_ONESTEP_FORM=shared asks (its build was miscompiled and gave wrong losses on an H200,
-    2026-12-04; tests/test_onestep_ptx.py holds the mended build). The FFMA loop's float32 U at 20,000 tasks: within
-    1e-3 norm-wise (2.35e-4 on that H200 at every plan of the FFMA loop, the tiles under 1e-4, the CPU op
-    2.9e-5): the same sums rounded in another order (FMA contractions), whose ReLU masks flip at points
-    near a kink; losses, outputs, V and the rates' gradients stay within 1e-4."""
+    2026-12-04; tests/test_onestep_ptx.py holds the mended build). At 20,000 tasks in float32 the outputs of
+    the tasks within float32's reach of a ReLU kink are left out (`near_relu_kinks`, 59 of them): with them
+    the FFMA loop's U was 2.35e-4 norm-wise on that H200 and the CPU op's 2.9e-5; without them the CPU op's
+    is 1.4e-7."""
     if setting == "FASTMAML_ONESTEP_FORM=generic" and (shape == "width128" or dtype == torch.float64):
         pytest.skip("width 128 and float64 run the generic form anyway")
     if setting == "FASTMAML_ONESTEP_PRODUCTS=ffma" and dtype == torch.float64:
         pytest.skip("float64 has no tensor-core products: the FFMA loop is its default case")
+    ffma_shared = "FASTMAML_ONESTEP_FORM=shared" in setting
+    if ffma_shared and (shape == "width128" or (shape == "sinusoid_20000" and dtype == torch.float64)):
+        pytest.skip("the shared-operand form does not fit here (the plan runs the generic form): the "
+                    "FASTMAML_ONESTEP_PRODUCTS=ffma case")
     for pair in setting.split():
         name, value = pair.split("=")
         monkeypatch.setenv(name, value)
@@ -348,16 +352,42 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     shared_form, mma = report[-2], report[-1]
     tiles = dtype == torch.float32 and "FASTMAML_ONESTEP_PRODUCTS=ffma" not in setting
     assert mma == int(tiles), f"the plan's products are not the ones asked for: {report}"
-    assert mma or not shared_form or "FASTMAML_ONESTEP_FORM=shared" in setting, (
-        f"the FFMA loop in the shared-operand form unasked: {report}")
+    if ffma_shared:
+        assert shared_form == 1, f"the FFMA loop's shared-operand form was asked for and did not run: {report}"
+    else:
+        assert mma or not shared_form, f"the FFMA loop in the shared-operand form unasked: {report}"
     expected = torch.ops.fastmaml.maml_onestep(*args(p64, "cpu", F64))
     actual = torch.ops.fastmaml.maml_onestep(*args(p64, "cuda", dtype))
+    keep = ~near_relu_kinks(case) if dtype == torch.float32 and tasks >= 1000 and act == "relu" else None
+    rows = factor_rows(ns, nq, first_order=False)
     for name, a, e in zip(("losses", "preds", "U", "V", "rate_grads"), actual, expected):
+        a = a.double().cpu()
         if dtype == F64:
-            assert_close(a.double().cpu(), e, 1e-10, name)
-        else:
-            rtol = 1e-3 if name == "U" and not tiles and tasks >= 1000 else 1e-4
-            assert_close_float32_batch(a.double().cpu(), e, rtol, name, tasks)
+            assert_close(a, e, 1e-10, name)
+            continue
+        if keep is not None:
+            a, e = _of_tasks(a, name, keep, dims, rows), _of_tasks(e, name, keep, dims, rows)
+        assert_close_float32_batch(a, e, 1e-4, name, tasks)
+
+
+def factor_rows(ns: int, nq: int, first_order: bool) -> int:
+    """Factor rows a task (csrc/task/onestep.h): Nq at first order, Nq + 2 Ns at second."""
+    return nq if first_order else nq + 2 * ns
+
+
+def _of_tasks(x: torch.Tensor, name: str, keep: torch.Tensor, dims: list[int], rows: int) -> torch.Tensor:
+    """One output of maml_onestep restricted to the tasks `keep` marks: losses, preds and the rates' gradients
+    by their first dimension, U and V (flat, a block [T, rows, width] a layer) block by block."""
+    if name not in ("U", "V"):
+        return x[keep]
+    widths = dims[1:] if name == "U" else [d + 1 for d in dims[:-1]]
+    out, offset = [], 0
+    for w in widths:
+        n = keep.numel() * rows * w
+        out.append(x[offset:offset + n].view(keep.numel(), rows * w)[keep].reshape(-1))
+        offset += n
+    assert offset == x.numel(), (name, offset, x.numel())
+    return torch.cat(out)
 
 
 @needs_cuda
