@@ -23,8 +23,11 @@ struct OnestepPlan {
   int64_t blocks;
   int64_t shared_bytes;
   bool stage, shared_work;
-  bool shared_form;  // the kernel's shared-operand form (stage, shared_work and mma, unless FASTMAML_ONESTEP_FORM=generic)
-  bool mma;          // the products on tensor cores (float, built for compute 8.0+, unless FASTMAML_ONESTEP_PRODUCTS=ffma)
+  // The shared-operand form (implies stage and shared_work; for the FFMA loop only under
+  // FASTMAML_ONESTEP_FORM=shared), and the products on tensor cores (float, built for compute 8.0+, unless
+  // FASTMAML_ONESTEP_PRODUCTS=ffma).
+  bool shared_form;
+  bool mma;
   int64_t work_elems, global_work_elems;
 };
 

@@ -1,7 +1,8 @@
-"""The factored backend's low-rank products by the C++ extension's CUDA kernels (FASTMAML_FACTORED_KERNELS=cuda,
-`_lowrank.LANGUAGE`): fastmaml::lowrank_add_cuda for lowrank_add (`_lowrank.py`) and
-fastmaml::lowrank_pairs_cuda for the written-out sweep's two products of a weight cotangent
-(`_lowrank_pairs.py`); csrc/cuda/lowrank_add.cuh has the kernel.
+"""The factored backend's low-rank products by the C++ extension's CUDA kernels (by default where the extension
+has them and a call is within their bounds, always under FASTMAML_FACTORED_KERNELS=cuda; `_lowrank.language`):
+fastmaml::lowrank_add_cuda for lowrank_add (`_lowrank.py`) and fastmaml::lowrank_pairs_cuda for the
+written-out sweep's two products of a weight cotangent (`_lowrank_pairs.py`); csrc/cuda/lowrank_add.cuh has
+the kernel.
 
 Why: Triton's products of these shapes pad 10 points to 16 and read about one operand from shared memory a
 multiply-add (sm_90a SASS at five pairs of 10 x 128 factors: about 1.2 MB a task, 9 bytes a useful
