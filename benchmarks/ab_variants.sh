@@ -2,11 +2,11 @@
 # described there, at the A/B). Functions only, and the default list: tests/test_benchmark_tools.py runs
 # them in bash.
 
-AB_DEFAULT="onestep tonestep keep1 scratch tonestep_kc16 tonestep16 tonestep2_kc16 offma offmas ogeneric ow16 oglobal okeep4g tonestep2 tonestep_tf ow4 ftriton fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2"
-# One variant's switches: sets `setting`, `method`, `widths` and `steps` (the widths and inner steps it is
-# measured at).
+AB_DEFAULT="onestep onestep_small tonestep keep1 scratch tonestep_kc16 tonestep16 tonestep2_kc16 offma offmas ogeneric ow16 oglobal okeep4g tonestep2 tonestep_tf ow4 ftriton fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2"
+# One variant's switches: sets `setting`, `method`, `widths`, `steps` and `tasks` (the widths, inner steps
+# and batch sizes it is measured at; T=65,536 unless the variant says otherwise).
 ab_variant() {
-  widths="40 128" steps="1 5"
+  widths="40 128" steps="1 5" tasks=65536
   case "$1" in
     scratch) setting=FASTMAML_TRITON_LAYOUT=scratch; method=triton; widths=40 ;;
     keep1) setting=FASTMAML_TRITON_WIDTH1=keep; method=triton; widths=40 ;;
@@ -43,6 +43,7 @@ ab_variant() {
     ftriton) setting=FASTMAML_FACTORED_KERNELS=triton; method=factored ;;
     factors) setting=FASTMAML_FACTORED_DENSE=never; method=factored ;;
     onestep) setting=FASTMAML_CUDA_ONESTEP=1; method=cuda; steps=1 ;;
+    onestep_small) setting=FASTMAML_CUDA_ONESTEP=1; method=cuda; steps=1; tasks="25 1024" ;;
     ow4) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_WARPS=4"; method=cuda; steps=1 ;;
     ow16) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_WARPS=16"; method=cuda; steps=1 ;;
     oglobal) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_SHARED=0"; method=cuda; steps=1 ;;
@@ -70,10 +71,11 @@ ab_variant() {
   esac
 }
 # One variant, its parts joined with '+' (mma+blocks4): sets `setting` (all its parts' switches), `method`,
-# `widths` and `steps` (those its parts share); fails for an unknown part, parts of different methods, or
-# states without blocks4 or blocks6 (the default sweep does not stage the states, and the backend refuses it).
+# `widths`, `steps` and `tasks` (those its parts share); fails for an unknown part, parts of different
+# methods, or states without blocks4 or blocks6 (the default sweep does not stage the states, and the backend
+# refuses it).
 ab_resolve() {
-  local all_settings="" all_method="" all_widths="40 128" all_steps="1 5" part
+  local all_settings="" all_method="" all_widths="40 128" all_steps="1 5" all_tasks="25 1024 65536" part
   for part in ${1//+/ }; do
     ab_variant "$part" || return 1
     [ -n "$all_method" ] && [ "$all_method" != "$method" ] && return 1
@@ -81,10 +83,11 @@ ab_resolve() {
     all_settings="${all_settings:+$all_settings }$setting"
     all_widths=$(for w in $all_widths; do [[ " $widths " == *" $w "* ]] && echo "$w"; done | xargs)
     all_steps=$(for k in $all_steps; do [[ " $steps " == *" $k "* ]] && echo "$k"; done | xargs)
+    all_tasks=$(for t in $all_tasks; do [[ " $tasks " == *" $t "* ]] && echo "$t"; done | xargs)
   done
   [[ " ${1//+/ } " == *" states "* && " ${1//+/ } " != *" blocks"[46]" "* ]] && return 1
-  [ -n "$all_method" ] && [ -n "$all_widths" ] && [ -n "$all_steps" ] || return 1
-  setting=$all_settings method=$all_method widths=$all_widths steps=$all_steps
+  [ -n "$all_method" ] && [ -n "$all_widths" ] && [ -n "$all_steps" ] && [ -n "$all_tasks" ] || return 1
+  setting=$all_settings method=$all_method widths=$all_widths steps=$all_steps tasks=$all_tasks
 }
 
 # The direct children of process $1, from /proc (no procps needed).

@@ -102,7 +102,7 @@ TEE_PID=$!
 if [ "$MODE" = measure ]; then
   : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=25}" "${NCU_S:=0}"
   : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=150}" "${RESERVE_S:=20}"
-  : "${AB_VARIANTS:=onestep offmas offma ogeneric ftriton}" "${TOTAL_S:=290}"
+  : "${AB_VARIANTS:=onestep offmas onestep_small ftriton offma ogeneric}" "${TOTAL_S:=290}"
 elif [ "$MODE" = tests ]; then
   # The quick tests 175 s (ea31a13's took 155 s with 16 workers and warm caches, and ran out of their 120 s
   # with 12), auto's choice, ncu of the one-step kernel (35 s, with its source page), the register reports
@@ -705,6 +705,8 @@ fi
 #            programs a multiprocessor (their time was an eighth of what their bytes allow)
 #   floops   FASTMAML_FACTORED_K_LOOP=per_factor: those products' reduction in a loop per factor (as
 #            before), not one loop for all factors (fewer rounds of dependent loads, more registers)
+#   onestep_small  the same at T=25 and 1,024 (the sweep's rows there are the reverse sweep's): whether
+#            the one-step kernel can be the default at K=1 where a batch does not fill the card
 #   onestep  FASTMAML_CUDA_ONESTEP=1 at K=1: training calls of one inner step on the one-step kernel
 #            (csrc/task/onestep.h: a warp a task, theta_0 shared by a block's warps in shared memory,
 #            theta_1 never formed, the meta-gradient as factor rows summed by one product a layer; its float
@@ -801,7 +803,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
     variants=("${variants[@]:0:$fits}")
   fi
   per=$(( ab_total / (${#variants[@]} > 0 ? ${#variants[@]} : 1) ))
-  stage "A/B at T=65536: ${variants[*]} (${per}s each) -> $DIR/ab.txt, ab/"
+  stage "A/B (T=65536 unless a variant says otherwise): ${variants[*]} (${per}s each) -> $DIR/ab.txt, ab/"
   : > "$DIR/ab.txt"
   if [ "$per" -lt 25 ]; then  # a process's start, imports and the cells at two widths: 9 s measured nothing
     echo "warning: ${per}s a variant is too little for T=65536 at two widths; name fewer (AB_VARIANTS)" | tee -a "$DIR/ab.txt"
@@ -814,7 +816,7 @@ if [ "$DRY_RUN" != 1 ] && [ "${AB_S:-0}" -gt 0 ] && [ "$(left)" -ge 60 ]; then
     echo "== $setting ($method; compare with the sweep's $method rows)" >> "$DIR/ab.txt"
     # shellcheck disable=SC2086  # a variant may set several variables
     env $setting timeout "$per" python benchmarks/bench_throughput.py --device cuda --order second \
-      --methods "$method" --tasks 65536 --steps $steps --width $widths --warmup 1 --repeats 3 --max-seconds 3 \
+      --methods "$method" --tasks $tasks --steps $steps --width $widths --warmup 1 --repeats 3 --max-seconds 3 \
       --out "$DIR/ab/$v" >> "$DIR/ab.txt" 2>&1
     rc=$?
     echo "exit code $rc" >> "$DIR/ab.txt"

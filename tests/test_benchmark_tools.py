@@ -366,6 +366,11 @@ def test_ab_variants_resolve_to_their_switches():
         assert got[refused] == "refused", refused
     defaults = _bash('echo "$AB_DEFAULT"').split()
     assert len(defaults) > 10 and all(got[v] != "refused" for v in defaults), got
+    # the batch sizes: T=65,536 unless a variant names others; parts share theirs, or the join is refused
+    sizes = _bash('for v in onestep onestep_small onestep_small+ow16; do ab_resolve "$v" && echo "$v|$tasks" '
+                  '|| echo "$v|refused"; done')
+    assert dict(line.split("|") for line in sizes.splitlines()) == {
+        "onestep": "65536", "onestep_small": "25 1024", "onestep_small+ow16": "refused"}
     # The one-step kernel's variants measure K=1 only (at K=5 they would time the default sweep again); a
     # part joined with them keeps the steps they share.
     steps = _bash('for v in onestep ow16+mma mma base_cuda; do ab_resolve "$v"; echo "$v|$steps|$setting"; done')
