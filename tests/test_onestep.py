@@ -359,7 +359,7 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     expected = torch.ops.fastmaml.maml_onestep(*args(p64, "cpu", F64))
     actual = torch.ops.fastmaml.maml_onestep(*args(p64, "cuda", dtype))
     keep = ~near_relu_kinks(case) if dtype == torch.float32 and tasks >= 1000 and act == "relu" else None
-    rows = factor_rows(ns, nq, first_order=False)
+    rows = _onestep.factor_rows(ns, nq, first_order=False)
     for name, a, e in zip(("losses", "preds", "U", "V", "rate_grads"), actual, expected):
         a = a.double().cpu()
         if dtype == F64:
@@ -368,11 +368,6 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
         if keep is not None:
             a, e = _of_tasks(a, name, keep, dims, rows), _of_tasks(e, name, keep, dims, rows)
         assert_close_float32_batch(a, e, 1e-4, name, tasks)
-
-
-def factor_rows(ns: int, nq: int, first_order: bool) -> int:
-    """Factor rows a task (csrc/task/onestep.h): Nq at first order, Nq + 2 Ns at second."""
-    return nq if first_order else nq + 2 * ns
 
 
 def _of_tasks(x: torch.Tensor, name: str, keep: torch.Tensor, dims: list[int], rows: int) -> torch.Tensor:
