@@ -2,7 +2,7 @@
 # described there, at the A/B). Functions only, and the default list: tests/test_benchmark_tools.py runs
 # them in bash.
 
-AB_DEFAULT="onestep onestep_small tonestep keep1 scratch tonestep_kc16 tonestep16 tonestep2_kc16 offma offmas ogeneric ow16 oglobal okeep4g tonestep2 tonestep_tf ow4 ftriton fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2"
+AB_DEFAULT="onestep ow8 onestep_small tonestep keep1 scratch tonestep_kc16 tonestep16 tonestep2_kc16 offma offmas ogeneric ow16 oglobal okeep4g tonestep2 tonestep_tf ow4 ftriton fcuda mma blocks4 blocks6 blocks6+states frevauto fpairs fstages2 fbwd3 fwarps8 team64s lds thetas warps4 nreg128 floops fchunk16 team32 ftf32x3 team64 blocks6+team64 blocks4+states w4nreg128 ieee warps2"
 # One variant's switches: sets `setting`, `method`, `widths`, `steps` and `tasks` (the widths, inner steps
 # and batch sizes it is measured at; T=65,536 unless the variant says otherwise).
 ab_variant() {
@@ -46,6 +46,7 @@ ab_variant() {
     onestep_small) setting=FASTMAML_CUDA_ONESTEP=1; method=cuda; steps=1; tasks="25 1024" ;;
     ow4) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_WARPS=4"; method=cuda; steps=1 ;;
     ow16) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_WARPS=16"; method=cuda; steps=1 ;;
+    ow8) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_WARPS=8"; method=cuda; steps=1; widths=40 ;;
     oglobal) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_SHARED=0"; method=cuda; steps=1 ;;
     ogeneric) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_FORM=generic"; method=cuda; steps=1; widths=40 ;;
     offma) setting="FASTMAML_CUDA_ONESTEP=1 FASTMAML_ONESTEP_PRODUCTS=ffma"; method=cuda; steps=1 ;;

@@ -712,7 +712,9 @@ fi
 #            theta_1 never formed, the meta-gradient as factor rows summed by one product a layer; its float
 #            products on tensor cores, 3xTF32, since the H200 run of 2026-12-04)
 #   ow4, ow16  the same with 4 or 16 warps a block (FASTMAML_ONESTEP_WARPS; by default as many as fit in
-#            shared memory where 8 or more do: 9 at W=40 with ReLU, else 16 with global scratch)
+#            shared memory where 8 or more do: 13 at W=40 with ReLU, else 16 with global scratch)
+#   ow8      the same at W=40 with 8 warps a block: about the 9 the kernel ran before its scratch buffers
+#            shared places (22 KiB a task, now 15.6): whether 13 warps a multiprocessor are faster
 #   oglobal  the same with every warp's scratch in global memory (FASTMAML_ONESTEP_SHARED=0)
 #   ogeneric the same at W=40 in the kernel's generic form (FASTMAML_ONESTEP_FORM=generic): the task's
 #            inputs read where they lie, not copied into shared memory beside its scratch

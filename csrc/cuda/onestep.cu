@@ -187,7 +187,7 @@ cudaError_t plan_onestep(const OnestepShape& shape, OnestepPlan* plan) {
   const int64_t stage_bytes = (2 * Pp + 16) * static_cast<int64_t>(sizeof(T));
   // theta_0 in shared memory wherever it fits: the products read it most (a product with W reads all of W
   // for every 8 points, the scratch's left operand once). As many warps a block as fit with their scratch
-  // beside it where 8 or more do (the sinusoid net in float32 with ReLU: 14 + 9 x 22 KiB, one block a
+  // beside it where 8 or more do (the sinusoid net in float32 with ReLU: 14 + 13 x 15.6 KiB, one block a
   // multiprocessor), else 16 warps with the scratch in global memory, more tasks in flight to cover its
   // latency (the A/B measures both).
   p.stage = stage_bytes <= optin;

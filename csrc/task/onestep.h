@@ -59,11 +59,16 @@ FASTMAML_HD inline T ce_point(const T* z, int D, int64_t cls, T c, T* d) {
 // The team's layout of one task's scratch (elements; `width_sum` S, support and query points ns, nq).
 // Every [N, S] buffer holds each layer's [N, D_{l+1}] slice at N * act_off[l], as Acts does. `total` is the
 // scratch task() uses; past it, up to `with_inputs`, the task's inputs xs and xq where the CUDA kernel's
-// shared-operand form copies them (csrc/cuda/onestep.cu). The tangents' z_dot (rz) has a buffer of its own
-// only with tanh, whose s'' reads it after h_dot is made; otherwise z_dot is built where h_dot goes (rz = rh:
-// no other read of z_dot follows, and an output layer's h_dot is its z_dot), which at the sinusoid size
-// leaves 22.0 KiB a warp instead of 25.2 (float, with the input copies): 9 warps' scratch beside theta_0 in
-// a multiprocessor's shared memory, not 8.
+// shared-operand form copies them (csrc/cuda/onestep.cu). Buffers whose lives do not overlap share a place,
+// so that more warps' scratch fits in a multiprocessor's shared memory:
+// - Ddot (rd) takes D''s place (dq): the tangents' backward makes it after their forward has read D' for the
+//   last time, and U's D' rows are written out before the tangents begin.
+// - With ReLU, h_dot (rh) takes D's place (ds): only tanh's s'' reads D after the query pass, and U's D rows
+//   go out with D''s. The tangents' z_dot (rz) has a buffer of its own only with tanh, whose s'' reads it
+//   after h_dot is made; otherwise z_dot is built where h_dot goes (no other read of z_dot follows, and an
+//   output layer's h_dot is its z_dot).
+// At the sinusoid size (float, ReLU, with the input copies) that is 15.6 KiB a warp (22.0 before the first
+// sharing, 25.2 before z_dot's): 13 warps' scratch beside theta_0 in a multiprocessor's shared memory, not 9.
 struct Layout {
   int64_t hs, ds, hq, dq, rz, rh, rd, ga, gb, vb, total, xs, xq, with_inputs;
 };
@@ -77,13 +82,14 @@ FASTMAML_HD inline Layout layout(const Net& net, int ns, int nq) {
     o += (n + 15) & ~int64_t(15);  // 64-byte segments in float32
     return at;
   };
+  const bool own_rh = net.activation == kTanh;  // tanh's s'' reads D after h_dot is made
   w.hs = take(ns * S);
   w.ds = take(ns * S);
   w.hq = take(nq * S);
-  w.dq = take(nq * S);
-  w.rh = take(ns * S);
-  w.rz = net.activation == kTanh ? take(ns * S) : w.rh;
-  w.rd = take(ns * S);
+  w.dq = take((nq > ns ? nq : ns) * S);  // D', then Ddot [ns, S]
+  w.rd = w.dq;
+  w.rh = own_rh ? take(ns * S) : w.ds;
+  w.rz = own_rh ? take(ns * S) : w.rh;
   w.ga = take(L * nq * ns);
   w.gb = take(L * nq * ns);
   w.vb = take(S);
@@ -268,6 +274,17 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
       if (tm.rank() == 0) t.rate_grad[2 * l] = -w, t.rate_grad[2 * l + 1] = -b;
     }
   }
+  // U = [D' ; Ddot ; D] layer by layer: its D' and D rows go out now, before the tangents make Ddot in D''s
+  // place and (ReLU) h_dot in D's (layout()); the tangents' first sync orders these reads before those writes.
+  auto u_rows = [&](int l, int row, int rows, const T* src) {
+    const int dout = net.dims[l + 1], R = factor_rows(ns, nq, first_order);
+    T* U = t.U + t.n_tasks * R * off(l) + (t.index * R + row) * dout;
+    for_each(tm, int64_t(rows) * dout, [&](int64_t j) { U[j] = src[j]; });
+  };
+  for (int l = 0; l < L; ++l) {
+    u_rows(l, 0, nq, dq + nq * off(l));
+    if (!first_order) u_rows(l, nq + ns, ns, ds + ns * off(l));
+  }
   if (!first_order) {
     // The tangents along u = R v at theta_0: z_dot_l = Hdot_l W_l^T + rW_l gram_in_l^T D'_l + rb_l sum_q D'_l[q]
     // (Hdot_0 = 0), h_dot_l = s'(z_l) z_dot_l.
@@ -327,23 +344,16 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
       tm.sync();
     }
   }
-  // The factor rows, layer by layer: U_l = [D' ; Ddot ; D], V_l = [H' | 1 ; -H | -1 ; -Hdot | 0].
+  // The rest of the factor rows, layer by layer: U's Ddot, and V_l = [H' | 1 ; -H | -1 ; -Hdot | 0].
   const int R = factor_rows(ns, nq, first_order);
-  int64_t uo = 0, vo = 0;
+  int64_t vo = 0;
   for (int l = 0; l < L; ++l) {
-    const int din = net.dims[l], dout = net.dims[l + 1], vw = din + 1;
-    T* U = t.U + t.n_tasks * R * uo + t.index * R * dout;
+    const int din = net.dims[l], vw = din + 1;
+    if (!first_order) u_rows(l, nq, ns, rd + ns * off(l));
     T* V = t.V + t.n_tasks * R * vo + t.index * R * vw;
     const T* in_q = l == 0 ? t.xq : hq + nq * off(l - 1);
     const T* in_s = l == 0 ? t.xs : hs + ns * off(l - 1);
     const T* hd = l == 0 ? nullptr : rh + ns * off(l - 1);
-    const T* dql = dq + nq * off(l);
-    const T* rdl = rd + ns * off(l);
-    const T* dsl = ds + ns * off(l);
-    for_each(tm, int64_t(R) * dout, [&](int64_t j) {
-      const int64_t a = nq * dout, b = a + ns * dout;
-      U[j] = j < a ? dql[j] : j < b ? rdl[j - a] : dsl[j - b];
-    });
     for_owned(tm, R, vw, [&](int64_t r, int64_t c) {
       T v;
       if (r < nq) {
@@ -355,7 +365,6 @@ FASTMAML_HD FASTMAML_FORCE_INLINE void task(const Net& net, const T* theta, cons
       }
       V[r * vw + c] = v;
     });
-    uo += dout;
     vo += vw;
   }
   tm.sync();
