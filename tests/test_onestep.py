@@ -339,16 +339,16 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     cot = torch.randn(tasks, dtype=F64, generator=g)
     gp = torch.randn(tasks, nq, dims[-1], dtype=F64, generator=g)
     from fastmaml.backends._fused import flat_theta
+    act_id, loss_id = 1 if act == "tanh" else 0, 1 if loss == "cross_entropy" else 0
 
     def args(p, dev, dt):
         return [flat_theta(p).detach().to(dev, dt), _onestep.transposed(p).to(dev, dt), _onestep.rates(p).to(dev, dt),
                 *(t.detach().to(dev, dt if t.is_floating_point() else t.dtype).contiguous()
                   for t in (p.x_support, p.y_support, p.x_query, p.y_query)),
-                cot.to(dev, dt), gp.to(dev, dt), dims, 1 if act == "tanh" else 0, 1 if loss == "cross_entropy" else 0,
-                False, True]
+                cot.to(dev, dt), gp.to(dev, dt), dims, act_id, loss_id, False, True]
 
     like = torch.empty(1, device="cuda", dtype=dtype)
-    report = list(torch.ops.fastmaml_testing.cuda_onestep_launch(like, dims, ns, nq, tasks))
+    report = list(torch.ops.fastmaml_testing.cuda_onestep_launch(like, dims, ns, nq, tasks, act_id, loss_id))
     shared_form, mma = report[-2], report[-1]
     tiles = dtype == torch.float32 and "FASTMAML_ONESTEP_PRODUCTS=ffma" not in setting
     assert mma == int(tiles), f"the plan's products are not the ones asked for: {report}"

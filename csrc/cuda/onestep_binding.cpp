@@ -70,15 +70,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> maml_ones
   return {c.losses, c.preds, c.U, c.V, c.rate_grads};
 }
 
-// How a launch of `like`'s dtype on its device would be laid out for T tasks of the MLP `dims` (relu, mse):
+// How a launch of `like`'s dtype on its device would be laid out for T tasks of the MLP `dims` with the
+// activation and loss of maml_onestep's codes (relu or tanh: a task's scratch differs; mse or cross-entropy):
 // [warps a block, blocks, shared bytes a block, theta_0 staged (0/1), scratch in shared memory (0/1),
 // scratch bytes a task, registers and local bytes a thread, blocks a multiprocessor, the shared-operand form
 // (0/1), the products on tensor cores (0/1)]. For the benchmarks' notes under the cuda rows when
-// FASTMAML_CUDA_ONESTEP=1 (the plan reads the switches in force).
+// FASTMAML_CUDA_ONESTEP=1 and the GPU tests' check of the form that ran (the plan reads the switches in force).
 std::vector<int64_t> cuda_onestep_launch(const at::Tensor& like, c10::IntArrayRef dims, int64_t ns, int64_t nq,
-                                         int64_t T) {
+                                         int64_t T, int64_t activation, int64_t loss) {
+  TORCH_CHECK(activation == task::kRelu || activation == task::kTanh,
+              "fastmaml: cuda_onestep_launch: activation must be 0 (relu) or 1 (tanh), got ", activation);
+  TORCH_CHECK(loss == task::kMse || loss == task::kCrossEntropy,
+              "fastmaml: cuda_onestep_launch: loss must be 0 (mse) or 1 (cross-entropy), got ", loss);
   task::Net net;
-  TORCH_CHECK(task::make_net(net, dims.data(), static_cast<int>(dims.size()), task::kRelu, task::kMse),
+  TORCH_CHECK(task::make_net(net, dims.data(), static_cast<int>(dims.size()), static_cast<int>(activation),
+                             static_cast<int>(loss)),
               "fastmaml: cuda_onestep_launch: bad dims ", dims);
   TORCH_CHECK(like.is_cuda(), "fastmaml: cuda_onestep_launch needs a CUDA tensor");
   const c10::cuda::CUDAGuard guard(like.device());
@@ -100,7 +106,8 @@ std::vector<int64_t> cuda_onestep_launch(const at::Tensor& like, c10::IntArrayRe
 }  // namespace fastmaml
 
 TORCH_LIBRARY_FRAGMENT(fastmaml_testing, m) {
-  m.def("cuda_onestep_launch(Tensor like, int[] dims, int Ns, int Nq, int T) -> int[]",
+  m.def("cuda_onestep_launch(Tensor like, int[] dims, int Ns, int Nq, int T, int activation=0, int loss=0) "
+        "-> int[]",
         &fastmaml::cuda::cuda_onestep_launch);
 }
 
