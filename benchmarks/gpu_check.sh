@@ -95,14 +95,18 @@ TEE_PID=$!
 # the Triton kernels compiled ahead (at most 37 s), the sweep 75 (30 s measured on the H200 with warm
 # caches), the timeline 25, the A/B with what is left, up to 150 s (five variants at 30 s; without a prebuilt
 # library about the first one), the summary. Its A/B, after the H200 run of 2026-12-04 (ea31a13): the CUDA
-# one-step kernel at K=1 with its tensor-core products (now its default: right at every GPU test's shape,
-# 1.9x / 3.7x the reverse sweep at T=65,536, W=40 / 128), with the FFMA loop's generic form, and with the
-# tiles' generic form; and the factored backend's Triton lowrank_add against the CUDA one it now takes by
-# default (1.2-1.7x).
+# one-step kernel at K=1 with its tensor-core products (its default: right at every GPU test's shape, 1.9x /
+# 3.7x the reverse sweep at T=65,536, W=40 / 128), then with 8 warps a block (about the 9 it ran with before
+# its scratch buffers shared places; now 13 at W=40); then for K=5, W=40, the cell furthest from G2's
+# targets, the reverse sweep's products on tensor cores (FASTMAML_CUDA_MMA=1: fewer instructions a
+# multiply-add in a sweep that waits on its instructions' latency) and its 6-block build with the support
+# states in global memory (6 tasks a multiprocessor instead of 3), neither yet measured on an H200; then the
+# one-step kernel at T=25 and 1,024, the FFMA loop's mended shared-operand form, and the factored backend's
+# Triton lowrank_add against the CUDA one it takes by default.
 if [ "$MODE" = measure ]; then
   : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=25}" "${NCU_S:=0}"
   : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=150}" "${RESERVE_S:=20}"
-  : "${AB_VARIANTS:=onestep offmas onestep_small ftriton offma ogeneric}" "${TOTAL_S:=290}"
+  : "${AB_VARIANTS:=onestep ow8 mma blocks6+states onestep_small offmas ftriton}" "${TOTAL_S:=290}"
 elif [ "$MODE" = tests ]; then
   # The quick tests 175 s (ea31a13's took 155 s with 16 workers and warm caches, and ran out of their 120 s
   # with 12), auto's choice, ncu of the one-step kernel (35 s, with its source page), the register reports
@@ -440,18 +444,24 @@ else
     # report under the sweep's cuda rows; the factored backend's CUDA lowrank_add kernel; NaN spreading
     # as in the reference through each GPU kernel's ReLU; an infinity under tanh; no gradient for the
     # inputs a call does not read).
-    lim=$(capped "$TESTS_S")
-    stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${lim}s) -> $DIR/tests.log"
-    FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$lim" python -m pytest tests/test_backends.py \
-      tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py \
-      tests/test_benchmark_tools.py tests/test_same_function.py tests/test_onestep.py -q -rfE "${XDIST[@]}" \
-      -p no:cacheprovider \
-      -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or an_infinity or unused_inputs or cuda_op_matches or onestep_kernel" \
-      >> "$DIR/tests.log" 2>&1
-    rc=$?
-    echo "quick tests exit code $rc"
-    check_rc "quick tests" $rc
-    tail -n 4 "$DIR/tests.log" | cut -c1-300
+    # CUDA_TESTS_S=0 TRITON_TESTS_S=0 skip them (a call for the switches' tests or ncu alone; `timeout 0`
+    # would not limit them at all).
+    if [ "$TESTS_S" -le 0 ]; then
+      stage "quick tests: skipped (CUDA_TESTS_S + TRITON_TESTS_S = 0)"
+    else
+      lim=$(capped "$TESTS_S")
+      stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${lim}s) -> $DIR/tests.log"
+      FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$lim" python -m pytest tests/test_backends.py \
+        tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py \
+        tests/test_benchmark_tools.py tests/test_same_function.py tests/test_onestep.py -q -rfE "${XDIST[@]}" \
+        -p no:cacheprovider \
+        -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or an_infinity or unused_inputs or cuda_op_matches or onestep_kernel" \
+        >> "$DIR/tests.log" 2>&1
+      rc=$?
+      echo "quick tests exit code $rc"
+      check_rc "quick tests" $rc
+      tail -n 4 "$DIR/tests.log" | cut -c1-300
+    fi
     # The Triton one-step kernel (FASTMAML_TRITON_ONESTEP=1, the A/B's tonestep), a stage of its own: each of
     # its GPU tests compiles a kernel variant (10-20 s without pytest-xdist), which would push the quick tests
     # past their limit. The compiled kernel against the CPU op at the sinusoid size with 20,000 tasks, its
