@@ -203,11 +203,23 @@ int main() {
       {{4, 6, 9, 7, 3}, 13, 5, ft::kTanh, false, false},  // four layers, more points than a chunk
       {{3, 7, 5}, 6, 9, ft::kTanh, false, true, ft::kCrossEntropy},
       {{12, 33, 5}, 5, 15, ft::kRelu, true, false, ft::kCrossEntropy},
+      // Second order with ReLU and more support points than query points: Ddot fills D''s whole place and
+      // h_dot D's (onestep.h's layout).
+      {{3, 7, 5, 2}, 9, 4, ft::kRelu, false, true},
+      {{3, 7, 5}, 9, 4, ft::kRelu, false, false, ft::kCrossEntropy},
   };
   int failures = 0, runs = 0;
   double worst_ffma = 0, worst_mma = 0;
   unsigned seed = 1;
   for (const Case& c : cases) {
+    // The scratch layout's size, which fastmaml/backends/_onestep.py's workspace_bytes mirrors (the test
+    // compares them).
+    ft::Net net;
+    ft::make_net(net, c.dims.data(), static_cast<int>(c.dims.size()), c.activation, c.loss);
+    std::printf("layout");
+    for (int d : c.dims) std::printf(" %d", d);
+    std::printf(" | %d %d %d %lld\n", c.ns, c.nq, c.activation,
+                static_cast<long long>(ft::onestep::layout(net, c.ns, c.nq).total));
     const Outputs one = run(c, 0, 3, seed);
     // cols_product's two loops at 4 team sizes; the tensor-core tiles at one warp, a warp and a rank that
     // owns nothing, two warps, and a team too small for a warp (which runs cols_product).

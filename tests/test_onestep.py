@@ -267,7 +267,15 @@ def test_team_loops_match_the_team_of_one(tmp_path):
     emulated) within 1e-4 of each tensor's scale of the double result, as the GPU tests ask (about 5e-7 and
     9e-7 measured; plain TF32 products would be about 2e-3)."""
     out = build_and_run(tmp_path, CHECK, ["-O1"])
-    assert "ok: 8 cases x 12 teams and loops (96 runs: cols_product's two loops, tensor cores)" in out
+    assert "ok: 10 cases x 12 teams and loops (120 runs: cols_product's two loops, tensor cores)" in out
+    # The Python side's size of a task's scratch (the kernels' bound on it) is the layout's.
+    layouts = [line.split()[1:] for line in out.splitlines() if line.startswith("layout ")]
+    assert len(layouts) == 10, out
+    for fields in layouts:
+        bar = fields.index("|")
+        dims = [int(d) for d in fields[:bar]]
+        ns, nq, act, total = (int(f) for f in fields[bar + 1:])
+        assert _onestep.workspace_bytes(dims, ns, nq, 1, ["relu", "tanh"][act]) == total, fields
 
 
 @pytest.mark.skipif(os.environ.get("FASTMAML_TSAN") == "0", reason="FASTMAML_TSAN=0 skips the ThreadSanitizer run")
@@ -350,6 +358,9 @@ def test_cuda_op_matches_the_cpu_op(monkeypatch, dtype, setting, shape):
     like = torch.empty(1, device="cuda", dtype=dtype)
     report = list(torch.ops.fastmaml_testing.cuda_onestep_launch(like, dims, ns, nq, tasks, act_id, loss_id))
     shared_form, mma = report[-2], report[-1]
+    copies = like.element_size() * sum((n * dims[0] + 15) // 16 * 16 for n in (ns, nq))  # the inputs' copies
+    assert report[5] == _onestep.workspace_bytes(dims, ns, nq, like.element_size(), act) + shared_form * copies, \
+        f"the plan's scratch a task is not the size the Python side bounds: {report}"
     tiles = dtype == torch.float32 and "FASTMAML_ONESTEP_PRODUCTS=ffma" not in setting
     assert mma == int(tiles), f"the plan's products are not the ones asked for: {report}"
     if ffma_shared:

@@ -63,10 +63,10 @@ FASTMAML_HD inline T ce_point(const T* z, int D, int64_t cls, T c, T* d) {
 // so that more warps' scratch fits in a multiprocessor's shared memory:
 // - Ddot (rd) takes D''s place (dq): the tangents' backward makes it after their forward has read D' for the
 //   last time, and U's D' rows are written out before the tangents begin.
-// - With ReLU, h_dot (rh) takes D's place (ds): only tanh's s'' reads D after the query pass, and U's D rows
-//   go out with D''s. The tangents' z_dot (rz) has a buffer of its own only with tanh, whose s'' reads it
-//   after h_dot is made; otherwise z_dot is built where h_dot goes (no other read of z_dot follows, and an
-//   output layer's h_dot is its z_dot).
+// - With ReLU, h_dot (rh) takes D's place (ds): once the tangents begin only tanh's s'' reads D, and U's D
+//   rows go out with D''s before them. The tangents' z_dot (rz) has a buffer of its own only with tanh,
+//   whose s'' reads it after h_dot is made; otherwise z_dot is built where h_dot goes (no other read of
+//   z_dot follows, and an output layer's h_dot is its z_dot).
 // At the sinusoid size (float, ReLU, with the input copies) that is 15.6 KiB a warp (22.0 before the first
 // sharing, 25.2 before z_dot's): 13 warps' scratch beside theta_0 in a multiprocessor's shared memory, not 9.
 struct Layout {

@@ -45,14 +45,15 @@ MAX_WORKSPACE_BYTES = 16 << 20  # a task's scratch (a warp's, global memory wher
 
 
 def workspace_bytes(dims: list[int], ns: int, nq: int, itemsize: int, activation: str = "tanh") -> int:
-    """A task's scratch: csrc/task/onestep.h's `layout` (segments rounded up to 16 elements; the tangents'
-    z_dot has a buffer of its own with tanh only)."""
+    """A task's scratch: csrc/task/onestep.h's `layout` (segments rounded up to 16 elements): H, D, H', and
+    D' in a place of max(Ns, Nq) points that Ddot takes after it; with tanh also h_dot and z_dot (with ReLU
+    they take D's place). tests/test_onestep.py compares it with the layout's."""
     def padded(n: int) -> int:
         return (n + 15) // 16 * 16
 
     S, L = sum(dims[1:]), len(dims) - 1
-    support = 5 if activation == "tanh" else 4
-    return itemsize * (support * padded(ns * S) + 2 * padded(nq * S) + 2 * padded(L * nq * ns) + padded(S))
+    points = [ns, ns, nq, max(ns, nq)] + ([ns, ns] if activation == "tanh" else [])
+    return itemsize * (sum(padded(n * S) for n in points) + 2 * padded(L * nq * ns) + padded(S))
 
 
 def reason(problem: Problem, need_lr: bool, need_x: bool) -> Optional[str]:
