@@ -52,10 +52,11 @@
 # Triton variants, in parallel (compile_ahead.log). AB_S (only when set; --quick adds it to TOTAL_S) runs
 # the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
-# of one backward launch at W=NCU_WIDTH (40), with its stall reasons (profile.txt); NCU_LOWRANK_S (0: only
-# when asked) ncu of four of the factored backend's low-rank launches at K=5, W=128, Triton's and the CUDA
-# lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the limit each (profile.txt); NCU_ONESTEP_S (0; 35 in
-# --tests) ncu of one launch of the one-step kernel at T=8192, K=1, W=40 (profile.txt); NCU_TRITON_S (0)
+# of one backward launch at K=5, W=NCU_WIDTH (40), under the switches NCU_SETTING (none), with its stall
+# reasons (profile.txt); NCU_LOWRANK_S (0: only when asked) ncu of four of the factored backend's low-rank
+# launches at K=5, W=128, Triton's and the CUDA lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the
+# limit each (profile.txt); NCU_ONESTEP_S (0; 35 in --tests) ncu of one launch of the one-step kernel at
+# T=8192, K=1, W=40 (profile.txt); NCU_TRITON_S (0)
 # ncu of one launch of Triton's training kernel at T=2048, K=5, W=NCU_TRITON_WIDTH (40). Every ncu stage
 # also keeps its report's source page, summed by benchmarks/ncu_source.py (ncu_*_lines.csv, profile.txt);
 # TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
@@ -623,10 +624,12 @@ fi
 if [ "$DRY_RUN" != 1 ] && command -v ncu >/dev/null 2>&1 && [ "${NCU_S:-60}" -gt 0 ] \
    && lim=$(capped "${NCU_S:-60}") && ! too_late ncu "$lim"; then
   # Width 40 (NCU_WIDTH): the workspace in shared memory, the products' LDS loop; the 2026-11-30 run
-  # profiled W=128.
-  stage "ncu of one cuda backward launch at T=8192, W=${NCU_WIDTH:-40} (limit ${lim}s) -> $DIR/profile.txt"
-  ncu_launches "$lim" "bwd_w${NCU_WIDTH:-40}" "" bwd_kernel "--launch-count 1" --methods cuda --tasks 8192 --steps 5 \
-    --width "${NCU_WIDTH:-40}"
+  # profiled W=128. NCU_SETTING (none by default) profiles the sweep under switches, e.g. the A/B's winner:
+  # NCU_SETTING="FASTMAML_CUDA_MMA=1".
+  stage "ncu of one cuda backward launch at T=8192, K=5, W=${NCU_WIDTH:-40} ${NCU_SETTING:-} (limit ${lim}s)"
+  echo "===== ncu, cuda backward, K=5, W=${NCU_WIDTH:-40} ${NCU_SETTING:-(defaults)}" >> "$DIR/profile.txt"
+  ncu_launches "$lim" "bwd_w${NCU_WIDTH:-40}" "${NCU_SETTING:-}" bwd_kernel "--launch-count 1" --methods cuda \
+    --tasks 8192 --steps 5 --width "${NCU_WIDTH:-40}"
   rc=$?
   echo "ncu exit code $rc"
   check_rc ncu $rc
