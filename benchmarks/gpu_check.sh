@@ -51,7 +51,8 @@
 # most half the sweep's limit) compiles the Triton kernels its first calls need, and those of the A/B's
 # Triton variants, in parallel (compile_ahead.log). AB_S (only when set; --quick adds it to TOTAL_S) runs
 # the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
-# PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler and NCU_S=60 (0) ncu
+# PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler (PROFILE_ARGS other
+# cells and methods, PROFILE_SETTING switches for it) and NCU_S=60 (0) ncu
 # of one backward launch at K=5, W=NCU_WIDTH (40), under the switches NCU_SETTING (none), with its stall
 # reasons (profile.txt); NCU_LOWRANK_S (0: only when asked) ncu of four of the factored backend's low-rank
 # launches at K=5, W=128, Triton's and the CUDA lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the
@@ -380,12 +381,17 @@ fi
 
 # ---- where the time goes (G2) ------------------------------------------------------------------
 if [ "$DRY_RUN" != 1 ] && [ "${PROFILE_S:-60}" -gt 0 ] && lim=$(capped "${PROFILE_S:-60}") && ! too_late profile "$lim"; then
-  stage "kernels by GPU time at T=65536, K=5, W=128 (limit ${lim}s) -> $DIR/profile.txt"
-  # triton last: at this width it is the slowest by far, and the limit may end it.
-  ( cd benchmarks && timeout "$lim" python profile_kernels.py --methods cuda factored vmap triton \
-      --tasks 65536 --steps 5 --width 128 --warmup 1 --iters 2 ) > "$DIR/profile.txt" 2>&1
+  # PROFILE_ARGS replaces the cell and methods (profile_kernels.py's options; --steps and --width take
+  # lists), PROFILE_SETTING sets switches for it, as NCU_SETTING does for ncu. By default G2's W=128 cell,
+  # triton last: at that width it is the slowest by far, and the limit may end it.
+  : "${PROFILE_ARGS:=--methods cuda factored vmap triton --tasks 65536 --steps 5 --width 128}"
+  stage "kernels by GPU time: ${PROFILE_ARGS} ${PROFILE_SETTING:-} (limit ${lim}s) -> $DIR/profile.txt"
+  echo "===== torch.profiler: ${PROFILE_ARGS} ${PROFILE_SETTING:-(defaults)}" > "$DIR/profile.txt"
+  # shellcheck disable=SC2086  # the options and a setting of several variables are words
+  ( cd benchmarks && env ${PROFILE_SETTING:-} timeout "$lim" python profile_kernels.py $PROFILE_ARGS \
+      --warmup 1 --iters 2 ) >> "$DIR/profile.txt" 2>&1
   check_rc profile $?
-  grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -6
+  grep -E "per iteration|failed|skipped" "$DIR/profile.txt" | head -12
 fi
 # The CUDA reverse sweep's time by phase: one training call's barrier timeline (csrc/cuda/timeline.h),
 # each phase named by the barrier that ends it, at T=25 (a task alone on a multiprocessor) and T=65,536

@@ -2,17 +2,18 @@
 
     python benchmarks/profile_kernels.py --methods cuda triton vmap --tasks 65536 --steps 5 --width 128
 
-For each method: one meta-iteration (forward and `torch.autograd.grad`) of the benchmark workload
-(sinusoid tasks, 1-W-W-1 MLP, second order unless `--order first`), run `--warmup` times, then
-`--iters` times under torch.profiler; prints each method's wall time per iteration and its kernels by
-total GPU time (calls, total, share). The figures are per iteration. Under Nsight Compute, run it with
+For each cell of `--steps` x `--width` and each method: one meta-iteration (forward and
+`torch.autograd.grad`) of the benchmark workload (sinusoid tasks, 1-W-W-1 MLP, second order unless
+`--order first`), run `--warmup` times, then `--iters` times under torch.profiler; prints each method's
+wall time per iteration and its kernels by total GPU time (calls, total, share). The figures are per
+iteration. The kernels' total against the wall time says how long the GPU waited on the host. Under Nsight Compute, run it with
 `--no-profiler --iters 1` and a kernel filter, e.g.
 
     ncu --kernel-name regex:"bwd_kernel|maml_bwd" --launch-count 1 --section SpeedOfLight \\
         --section Occupancy --section MemoryWorkloadAnalysis \\
         python benchmarks/profile_kernels.py --methods cuda --tasks 8192 --no-profiler --iters 1
 
-`benchmarks/gpu_check.sh` runs it on the target cell of G2 (T=65,536, K=5, W=128).
+`benchmarks/gpu_check.sh` runs it on G2's cell T=65,536, K=5, W=128 (PROFILE_ARGS picks others).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=["cuda", "triton", "vmap"])
     p.add_argument("--tasks", type=int, default=65536)
-    p.add_argument("--steps", type=int, default=5, help="inner steps K")
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--steps", type=int, nargs="+", default=[5], help="inner steps K (one cell each)")
+    p.add_argument("--width", type=int, nargs="+", default=[128], help="hidden widths (one cell each)")
     p.add_argument("--order", choices=["first", "second"], default="second")
     p.add_argument("--device", default="cuda")
     p.add_argument("--warmup", type=int, default=2)
@@ -61,10 +62,18 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch (--device cpu profiles on the CPU)")
-    w = H.make_workload(args.tasks, args.steps, args.width, first_order=H.parse_order(args.order),
-                        device=args.device)
-    print(f"# {H.device_name(device)} | torch {torch.__version__} | T={args.tasks} K={args.steps} "
-          f"W={args.width} {w.order} order | commit {H.commit()}", flush=True)
+    failed = 0
+    for steps in args.steps:
+        for width in args.width:
+            failed += profile_cell(args, device, steps, width)
+    return 1 if failed else 0
+
+
+def profile_cell(args, device: torch.device, steps: int, width: int) -> int:
+    """Profiles every method at one (K, W); returns how many methods failed."""
+    w = H.make_workload(args.tasks, steps, width, first_order=H.parse_order(args.order), device=args.device)
+    print(f"# {H.device_name(device)} | torch {torch.__version__} | T={args.tasks} K={steps} "
+          f"W={width} {w.order} order | commit {H.commit()}", flush=True)
     failed = 0
     for method in args.methods:
         why = H.why_not(method, w, explicit=True)
@@ -98,7 +107,7 @@ def main(argv=None) -> int:
             print(f"{method}: failed: {type(err).__name__}: {str(err)[:300]}")
         finally:
             H.release(device)
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":

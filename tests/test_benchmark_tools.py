@@ -181,6 +181,17 @@ def test_profile_runs_on_the_cpu(capsys):
     assert "no GPU kernels recorded" in out
 
 
+def test_profile_takes_a_grid_of_cells(capsys):
+    """--steps and --width take lists: every cell is profiled under its own header, in order."""
+    import profile_kernels
+
+    assert profile_kernels.main(["--device", "cpu", "--methods", "cpu", "--tasks", "3", "--steps", "1", "2",
+                                 "--width", "5", "7", "--warmup", "0", "--iters", "1"]) == 0
+    headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# ")]
+    cells = [tuple(part for part in line.split(" | ")[2].split() if part[0] in "KW") for line in headers]
+    assert cells == [("K=1", "W=5"), ("K=1", "W=7"), ("K=2", "W=5"), ("K=2", "W=7")]
+
+
 def test_harness_measures_what_auto_has_not_placed():
     """The benchmarks pass over a backend on a device `auto` keeps it off (Triton's interpreter on CPU
     tensors) unless it is named, and measure one `auto` places on no device yet (factored) everywhere."""

@@ -154,11 +154,12 @@ def language(x: torch.Tensor, factors: int, n_support: int) -> str:
     return "triton"
 
 
-def add_kernel_reason(x: torch.Tensor, factors: int, n_support: int) -> Optional[str]:
+def add_kernel_reason(x: torch.Tensor, factors: int, n_support: int,
+                      lang: Optional[str] = None) -> Optional[str]:
     """Why `lowrank_add(., x, hs, ds)` with `factors` pairs of `n_support` rows takes the batched PyTorch
     products, or None: the CUDA kernel's own bounds where `language` picks it (Triton's do not apply to it),
-    else `kernel_reason`."""
-    if language(x, factors, n_support) != "cuda":
+    else `kernel_reason`. `lang`: `language`'s answer for the same call where the caller has it."""
+    if (lang or language(x, factors, n_support)) != "cuda":
         return kernel_reason(x, factors, n_support)
     if KERNELS == "never":
         return "FASTMAML_FACTORED_TRITON=never"
@@ -267,9 +268,10 @@ def _add_impl(base: Optional[torch.Tensor], x: torch.Tensor, hs: list[torch.Tens
               scales: Optional[torch.Tensor]) -> torch.Tensor:
     T, N, I = x.shape
     S, O = hs[0].shape[1], ds[0].shape[2]
-    if add_kernel_reason(x, len(hs), S) is not None:
+    lang = language(x, len(hs), S)  # once a call: under "auto" it asks the extension's bounds
+    if add_kernel_reason(x, len(hs), S, lang) is not None:
         return _add_batched(base, x, hs, ds, scales)  # at least one factor: never `base` itself
-    if language(x, len(hs), S) == "cuda":
+    if lang == "cuda":
         return _lowrank_cuda.add(base, x, list(hs), list(ds), scales)
     x = x.contiguous()
     hs = tuple(h.contiguous() for h in hs)

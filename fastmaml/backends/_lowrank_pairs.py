@@ -57,7 +57,7 @@ def pair_products(base_u: Optional[torch.Tensor], base_v: Optional[torch.Tensor]
     T, N, I = h.shape
     O, S, J = d.shape[2], fa[0].shape[1], len(fa)
     if not FUSED:
-        if want_v and lr.language(h, J, S) == "cuda" and lr.add_kernel_reason(h, J, S) is None:
+        if want_v and lr.language(h, J, S) == "cuda" and lr.add_kernel_reason(h, J, S, "cuda") is None:
             # both in one launch of the extension's CUDA kernel: a task's u and v by neighbouring blocks, the
             # pairs read from memory once
             return _lowrank_cuda.pairs(base_u, base_v, h, d, list(fa), list(fb), scales)
