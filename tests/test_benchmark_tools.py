@@ -391,6 +391,37 @@ def test_ab_variants_resolve_to_their_switches():
     assert got["mma"].startswith("1 5|") and got["base_cuda"] == "1 5|"
 
 
+def _mode_defaults(mode: str, env: str = "") -> dict:
+    """The variables gpu_check.sh's `--measure` / `--tests` defaults leave set, for MODE `mode` with the
+    assignments `env` made first."""
+    script = (BENCH / "gpu_check.sh").read_text()
+    block = script[script.index('if [ "$MODE" = measure ]; then'):]
+    block = block[:block.index("\nfi\n") + 4]
+    out = _bash(f"""MODE={mode}
+{env}
+{block}
+for v in EXPLAIN REPORTS NCU_ONESTEP_S AB_S AB_VARIANTS CUDA_TESTS_S; do echo "$v=${{!v:-}}"; done""")
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_gpu_check_modes_fit_their_time():
+    """--measure's default A/B list fits its AB_S at the 25 s a variant the A/B needs (a variant past that is
+    not run, and the run fails), and every one resolves; a --tests call with the quick tests off (the
+    session's third call, for a switch's tests or an ncu) leaves out auto's choice and the register
+    reports, which the first call gave (the nvcc report alone takes minutes, and the run waits for it)."""
+    measure = _mode_defaults("measure")
+    variants = measure["AB_VARIANTS"].split()
+    assert variants and len(variants) <= int(measure["AB_S"]) // 25, measure
+    out = _bash(f'for v in {" ".join(variants)}; do ab_resolve "$v" || echo "refused $v"; done')
+    assert "refused" not in out, out
+    first = _mode_defaults("tests")
+    assert first["EXPLAIN"] == "" and first["REPORTS"] == "" and first["CUDA_TESTS_S"] == "110", first
+    later = _mode_defaults("tests", "CUDA_TESTS_S=0 TRITON_TESTS_S=0")
+    assert later["EXPLAIN"] == "0" and later["REPORTS"] == "0" and later["CUDA_TESTS_S"] == "0", later
+    asked = _mode_defaults("tests", "CUDA_TESTS_S=0 TRITON_TESTS_S=0 REPORTS=1")
+    assert asked["REPORTS"] == "1", asked  # what the call sets stays
+
+
 def test_register_report_is_stopped_without_procps(tmp_path):
     """gpu_check.sh's stop_report ends the register report's compiles (each `timeout 300 nvcc` leads a
     process group of its own) by a look through /proc, so a machine without pkill stops them too, and it
