@@ -6,8 +6,7 @@ For each cell of `--steps` x `--width` and each method: one meta-iteration (forw
 `torch.autograd.grad`) of the benchmark workload (sinusoid tasks, 1-W-W-1 MLP, second order unless
 `--order first`), run `--warmup` times, then `--iters` times under torch.profiler; prints each method's
 wall time per iteration and its kernels by total GPU time (calls, total, share). The figures are per
-iteration. The kernels' total against the wall time says how long the GPU waited on the host. Under Nsight Compute, run it with
-`--no-profiler --iters 1` and a kernel filter, e.g.
+iteration. Under Nsight Compute, run it with `--no-profiler --iters 1` and a kernel filter, e.g.
 
     ncu --kernel-name regex:"bwd_kernel|maml_bwd" --launch-count 1 --section SpeedOfLight \\
         --section Occupancy --section MemoryWorkloadAnalysis \\
