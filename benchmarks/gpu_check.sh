@@ -459,6 +459,8 @@ else
     # inputs a call does not read).
     # CUDA_TESTS_S=0 TRITON_TESTS_S=0 skip them (a call for the switches' tests or ncu alone; `timeout 0`
     # would not limit them at all).
+    # Verbose: a run its limit ends prints no summary, and at ea31a13 its failures were counted but not named
+    # (a rerun without a limit cost 155 s); each test's line names them as they happen.
     if [ "$TESTS_S" -le 0 ]; then
       stage "quick tests: skipped (CUDA_TESTS_S + TRITON_TESTS_S = 0)"
     else
@@ -466,14 +468,19 @@ else
       stage "quick tests: test_backends, sync-free calls, CUDA graphs, compile (limit ${lim}s) -> $DIR/tests.log"
       FASTMAML_TEST_BACKENDS=cuda,triton,factored timeout "$lim" python -m pytest tests/test_backends.py \
         tests/test_gpu_overhead.py tests/test_overhead.py tests/test_lowrank.py tests/test_triton_maml.py \
-        tests/test_benchmark_tools.py tests/test_same_function.py tests/test_onestep.py -q -rfE "${XDIST[@]}" \
+        tests/test_benchmark_tools.py tests/test_same_function.py tests/test_onestep.py -v -rfE "${XDIST[@]}" \
         -p no:cacheprovider \
         -k "test_backends or gpu_overhead or compile or on_the_gpu or wide_nets or launch_report or cuda_kernel or cuda_lowrank or nan_spreads or an_infinity or unused_inputs or cuda_op_matches or onestep_kernel" \
         >> "$DIR/tests.log" 2>&1
       rc=$?
       echo "quick tests exit code $rc"
       check_rc "quick tests" $rc
-      tail -n 4 "$DIR/tests.log" | cut -c1-300
+      if [ "$rc" = 124 ]; then
+        echo "quick tests: out of time after ${lim}s; the failures so far:"
+        grep -E "(FAILED|ERROR) tests/" "$DIR/tests.log" | sed 's/^\[gw[0-9]*\] *\[ *[0-9]*%\] *//' | head -20 | cut -c1-300
+      else
+        tail -n 4 "$DIR/tests.log" | cut -c1-300
+      fi
     fi
     # The Triton one-step kernel (FASTMAML_TRITON_ONESTEP=1, the A/B's tonestep), a stage of its own: each of
     # its GPU tests compiles a kernel variant (10-20 s without pytest-xdist), which would push the quick tests
