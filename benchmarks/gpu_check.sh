@@ -52,14 +52,14 @@
 # Triton variants, in parallel (compile_ahead.log). AB_S (only when set; --quick adds it to TOTAL_S) runs
 # the A/B of the kernels' switches (ab.txt) last, with what is left of the run up to AB_S;
 # PROFILE_S=60 (45) the kernels' GPU time at T=65,536, K=5, W=128 by torch.profiler (PROFILE_ARGS other
-# cells and methods, PROFILE_SETTING switches for it) and NCU_S=60 (0) ncu
-# of one backward launch at K=5, W=NCU_WIDTH (40), under the switches NCU_SETTING (none), with its stall
-# reasons (profile.txt); NCU_LOWRANK_S (0: only when asked) ncu of four of the factored backend's low-rank
-# launches at K=5, W=128, Triton's and the CUDA lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the
-# limit each (profile.txt); NCU_ONESTEP_S (0; 35 in --tests) ncu of one launch of the one-step kernel at
-# T=8192, K=1, W=40 (profile.txt); NCU_TRITON_S (0)
-# ncu of one launch of Triton's training kernel at T=2048, K=5, W=NCU_TRITON_WIDTH (40). Every ncu stage
-# also keeps its report's source page, summed by benchmarks/ncu_source.py (ncu_*_lines.csv, profile.txt);
+# cells and methods, PROFILE_SETTING switches for it) and NCU_S=60 (0) ncu of one backward launch at K=5,
+# W=NCU_WIDTH (40), under the switches NCU_SETTING (none), with its stall reasons (profile.txt);
+# NCU_LOWRANK_S (0: only when asked) ncu of four of the factored backend's low-rank launches at K=5, W=128,
+# Triton's and the CUDA lowrank_add's (FASTMAML_FACTORED_KERNELS=cuda), half the limit each (profile.txt);
+# NCU_ONESTEP_S (0; 45 in --tests) ncu of one launch of the one-step kernel at T=8192, K=1, W=40
+# (profile.txt); NCU_TRITON_S (0) ncu of one launch of Triton's training kernel at T=2048, K=5,
+# W=NCU_TRITON_WIDTH (40). Every ncu stage also keeps its report's source page, summed by
+# benchmarks/ncu_source.py (ncu_*_lines.csv, profile.txt);
 # TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
