@@ -921,3 +921,43 @@ def test_gpu_check_summary_adds_the_ab_table(tmp_path):
     shutil.copy(earlier / "throughput.csv", run_dir / "throughput.csv")
     (run_dir / "summary.txt").unlink()
     assert "2.00x" in _bash(block, env)
+
+
+def test_traffic_charges_reads_and_writes_not_views():
+    """benchmarks/traffic.py: a product is charged its two operands and its output; a view, a
+    transpose and an allocation nothing; a broadcast operand its distinct elements once."""
+    import torch
+    import traffic
+
+    a, b = torch.randn(3, 5, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    counter = traffic.TrafficCount()
+    with counter:
+        c = a @ b
+        c.t(), c.reshape(-1)[:4]  # views: nothing moves (c.t().reshape(-1) would copy, and be charged)
+        torch.empty(100)
+        d = c + torch.ones(7, dtype=torch.float64)  # the row broadcast over 3 rows: read once
+    assert d.shape == (3, 7)
+    assert dict(counter.bytes) == {"aten::mm": 8 * (15 + 35 + 21), "aten::ones": 8 * 7,
+                                   "aten::add": 8 * (21 + 7 + 21)}
+    assert counter.calls["aten::mm"] == 1 and "aten::t" not in counter.calls
+
+
+def test_traffic_runs_on_the_cpu_and_reads_a_measured_csv(tmp_path, capsys):
+    """A cell of vmap and the cpu kernel, with a measured time from a throughput CSV: the share of the
+    bandwidth is the floor over the measured time, and the fused kernel moves far fewer bytes."""
+    import csv
+
+    import traffic
+
+    path = tmp_path / "throughput.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["method", "T", "K", "width", "order", "ms", "status"])
+        writer.writeheader()
+        writer.writerow(dict(method="vmap", T=64, K=1, width=24, order="second", ms=1000, status="ok"))
+    assert traffic.main(["--methods", "vmap", "cpu", "--steps", "1", "--width", "24", "--tasks", "8",
+                         "--scale-tasks", "64", "--bandwidth", "0.001", "--measured", str(path)]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    vmap_kb, vmap_floor = float(rows["vmap"][4]), float(rows["vmap"][5])
+    assert vmap_floor == pytest.approx(vmap_kb * 1e3 * 64 / 1e9 * 1e3, rel=1e-3)
+    assert rows["vmap"][7] == f"{100 * vmap_floor / 1000:.0f}%"
+    assert rows["cpu"][6] == "-" and float(rows["cpu"][4]) < vmap_kb / 5
