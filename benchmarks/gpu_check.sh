@@ -8,8 +8,8 @@
 #                                                # sweep at T in {25, 1024, 65536}, the profile, the GPU tests
 #                                                # of test_backends.py and those new with G2/G3 (no
 #                                                # synchronisation, CUDA graphs, compile), the overhead
-#   benchmarks/gpu_check.sh --measure [OUT_DIR]  # under 300 s: the build, the quick sweep, the CUDA sweep's
-#                                                # timeline, the A/B of six variants (AB_S=150); no tests
+#   benchmarks/gpu_check.sh --measure [OUT_DIR]  # under 300 s: the build, the quick sweep, the A/B of
+#                                                # seven variants (AB_S=175); no tests
 #   benchmarks/gpu_check.sh --tests [OUT_DIR]    # under 300 s, best on the machine --measure warmed (the
 #                                                # build cached): the quick tests, auto's choice, ncu of
 #                                                # the CUDA one-step kernel, the register reports; no sweep
@@ -95,20 +95,23 @@ TEE_PID=$!
 # The halves of --quick set their own defaults first (each still overridable from the environment).
 # --measure, under 300 s: the build (a few seconds with a carried prebuilt library, 110-150 s without),
 # the Triton kernels compiled ahead (at most 37 s), the sweep 75 (30 s measured on the H200 with warm
-# caches), the timeline 25, the A/B with what is left, up to 150 s (six variants at 25 s; without a prebuilt
-# library about the first one), the summary. Its A/B, after the H200 run of 2026-12-04 (ea31a13): the CUDA
-# one-step kernel at K=1 with its tensor-core products (its default: right at every GPU test's shape, 1.9x /
-# 3.7x the reverse sweep at T=65,536, W=40 / 128), then with 8 warps a block (about the 9 it ran with before
-# its scratch buffers shared places; now 13 at W=40); then for K=5, W=40, the cell furthest from G2's
-# targets, the reverse sweep's products on tensor cores (FASTMAML_CUDA_MMA=1: fewer instructions a
-# multiply-add in a sweep that waits on its instructions' latency) and its 6-block build with the support
-# states in global memory (6 tasks a multiprocessor instead of 3), neither yet measured on an H200; then the
-# one-step kernel at T=25 and 1,024, and the FFMA loop's mended shared-operand form. (The factored backend's
-# Triton lowrank_add, ftriton, is left out: 150 s hold six variants, and it was measured as fcuda.)
+# caches), the A/B with what is left, up to 175 s (seven variants at 25 s; without a prebuilt library about
+# the first one), the summary. No timeline by default (TIMELINE_S=25 adds it): the default reverse sweep's
+# kernels are those whose timeline the H200 run of ea31a13 recorded (benchmarks/results/gpu-h200), and
+# its 25 s measure one more variant. Its A/B, after that run: the CUDA one-step kernel at K=1 with its
+# tensor-core products (its default: right at every GPU test's shape, 1.9x / 3.7x the reverse sweep at
+# T=65,536, W=40 / 128), then with 8 warps a block (about the 9 it ran with before its scratch buffers
+# shared places; now 13 at W=40); then for K=5, W=40, the cell furthest from G2's targets, the reverse
+# sweep's products on tensor cores (FASTMAML_CUDA_MMA=1: fewer instructions a multiply-add in a sweep that
+# waits on its instructions' latency), its 6-block build with the support states in global memory (6 tasks
+# a multiprocessor instead of 3), neither yet measured on an H200, and the two together (GPU runs are
+# rare: a combination measured in the same run needs no other); then the one-step kernel at T=25 and
+# 1,024, and the FFMA loop's mended shared-operand form. (The factored backend's Triton lowrank_add,
+# ftriton, is left out: it was measured as fcuda.)
 if [ "$MODE" = measure ]; then
-  : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=25}" "${NCU_S:=0}"
-  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=150}" "${RESERVE_S:=20}"
-  : "${AB_VARIANTS:=onestep ow8 mma blocks6+states onestep_small offmas}" "${TOTAL_S:=290}"
+  : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=0}" "${NCU_S:=0}"
+  : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=175}" "${RESERVE_S:=20}"
+  : "${AB_VARIANTS:=onestep ow8 mma blocks6+states mma+blocks6+states onestep_small offmas}" "${TOTAL_S:=290}"
 elif [ "$MODE" = tests ]; then
   # The quick tests 175 s (ea31a13's took 155 s with 16 workers and warm caches, and ran out of their 120 s
   # with 12), auto's choice, ncu of the one-step kernel (45 s, with its source page: ncu collects for two
