@@ -935,7 +935,7 @@ def test_traffic_charges_reads_and_writes_not_views():
         c = a @ b
         c.t(), c.reshape(-1)[:4]  # views: nothing moves (c.t().reshape(-1) would copy, and be charged)
         torch.empty(100)
-        d = c + torch.ones(7, dtype=torch.float64)  # the row broadcast over 3 rows: read once
+        d = c + torch.ones(7, dtype=torch.float64).expand(3, 7)  # a row broadcast over 3 rows: read once
     assert d.shape == (3, 7)
     assert dict(counter.bytes) == {"aten::mm": 8 * (15 + 35 + 21), "aten::ones": 8 * 7,
                                    "aten::add": 8 * (21 + 7 + 21)}
