@@ -104,9 +104,9 @@ TEE_PID=$!
 # shared places; now 13 at W=40); then for K=5, W=40, the cell furthest from G2's targets, the reverse
 # sweep's products on tensor cores (FASTMAML_CUDA_MMA=1: fewer instructions a multiply-add in a sweep that
 # waits on its instructions' latency), its 6-block build with the support states in global memory (6 tasks
-# a multiprocessor instead of 3), neither yet measured on an H200, and the two together (GPU runs are
-# rare: a combination measured in the same run needs no other); then the one-step kernel at T=25 and
-# 1,024, and the FFMA loop's mended shared-operand form. (The factored backend's Triton lowrank_add,
+# a multiprocessor instead of 3), neither yet measured on an H200, and the two together (measured with its
+# parts, so that no later run is needed for it); then the one-step kernel at T=25 and 1,024, and the FFMA
+# loop's mended shared-operand form. (The factored backend's Triton lowrank_add,
 # ftriton, is left out: it was measured as fcuda.)
 if [ "$MODE" = measure ]; then
   : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=0}" "${NCU_S:=0}"
