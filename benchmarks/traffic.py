@@ -6,8 +6,9 @@
 Runs one meta-iteration of the benchmark workload (sinusoid tasks, 1-W-W-1 MLP, second order) per
 method and cell, on the CPU, under a dispatch mode that sees every ATen operation (and fastmaml's own
 ops, as one operation each). Each operation that moves data is charged the bytes of its tensor inputs
-(read) and outputs (written); views and aliases move nothing and are not charged, and a broadcast
-input is charged its distinct elements only. The sum per task, times `--scale-tasks` (65,536) and over
+(read) and outputs (written); views, aliases and allocations move nothing and are not charged, a
+broadcast input is charged its distinct elements only, and `zeros_like` and its kind only their output
+(they read their input's shape alone). The sum per task, times `--scale-tasks` (65,536) and over
 `--bandwidth` (TB/s), is the time the method would take if each operation went to memory once at full
 bandwidth: a floor for an unfused method at a batch whose arrays do not fit in the cache (at T=65,536
 every array of a task's worth of rows is tens of MB or more).
@@ -73,7 +74,9 @@ class TrafficCount(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if moves_data(func):
             name = f"{func.namespace}::{func.overloadpacket.__name__}"
-            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            # zeros_like and its kind read only their input's shape: their output is all they move.
+            charged = out if name.endswith("_like") else (args, kwargs, out)
+            tensors = [t for t in tree_flatten(charged)[0] if isinstance(t, torch.Tensor)]
             self.calls[name] += 1
             self.bytes[name] += sum(distinct_bytes(t) for t in tensors)
         return out

@@ -925,7 +925,8 @@ def test_gpu_check_summary_adds_the_ab_table(tmp_path):
 
 def test_traffic_charges_reads_and_writes_not_views():
     """benchmarks/traffic.py: a product is charged its two operands and its output; a view, a
-    transpose and an allocation nothing; a broadcast operand its distinct elements once."""
+    transpose and an allocation nothing; a broadcast operand its distinct elements once; zeros_like its
+    output alone."""
     import torch
     import traffic
 
@@ -936,9 +937,10 @@ def test_traffic_charges_reads_and_writes_not_views():
         c.t(), c.reshape(-1)[:4]  # views: nothing moves (c.t().reshape(-1) would copy, and be charged)
         torch.empty(100)
         d = c + torch.ones(7, dtype=torch.float64).expand(3, 7)  # a row broadcast over 3 rows: read once
+        torch.zeros_like(d)  # reads d's shape only: charged its output
     assert d.shape == (3, 7)
     assert dict(counter.bytes) == {"aten::mm": 8 * (15 + 35 + 21), "aten::ones": 8 * 7,
-                                   "aten::add": 8 * (21 + 7 + 21)}
+                                   "aten::add": 8 * (21 + 7 + 21), "aten::zeros_like": 8 * 21}
     assert counter.calls["aten::mm"] == 1 and "aten::t" not in counter.calls
 
 
