@@ -819,7 +819,7 @@ fi
 #   factors  FASTMAML_FACTORED_DENSE=never: factored layers kept in factors at every step
 #   base_cuda, base_triton, base_factored: the method with no switch, the controls of the variants
 #            beside them (same arguments, same process conditions, minutes apart)
-# AB_VARIANTS picks some: name at most AB_S / 30 of them, a control with them (a variant at T=65536 and two
+# AB_VARIANTS picks some: name at most AB_S / 25 of them, a control with them (a variant at T=65536 and two
 # widths needs about 25 s with the process's start; 9 s measured nothing on the H200). The default
 # (AB_DEFAULT in benchmarks/ab_variants.sh) is what no GPU has measured yet, the likeliest gains first,
 # too many for one call (scratch was measured with FMA products, equal to the register layout, and now runs

@@ -925,8 +925,9 @@ def test_gpu_check_summary_adds_the_ab_table(tmp_path):
 
 def test_traffic_charges_reads_and_writes_not_views():
     """benchmarks/traffic.py: a product is charged its two operands and its output; a view, a
-    transpose and an allocation nothing; a broadcast operand its distinct elements once; zeros_like its
-    output alone."""
+    transpose, a matmul's reshape and an allocation nothing; a broadcast operand its distinct elements
+    once, an overlapping view no more than its storage; zeros_like its output alone; an in-place product its target read and written; an `out=` and a
+    copy_ their target written only."""
     import torch
     import traffic
 
@@ -938,17 +939,27 @@ def test_traffic_charges_reads_and_writes_not_views():
         torch.empty(100)
         d = c + torch.ones(7, dtype=torch.float64).expand(3, 7)  # a row broadcast over 3 rows: read once
         torch.zeros_like(d)  # reads d's shape only: charged its output
+        d.addmm_(a, b)  # d read and written, a and b read
+        torch.mul(c, 2.0, out=d)  # c read, d written
+        d.copy_(c)  # c read, d written
+        torch.randn(2, 3, 5, dtype=torch.float64) @ b  # mm of [6, 5] and [5, 7], then an _unsafe_view
+        torch.arange(100, dtype=torch.float64).unfold(0, 50, 1).sum()  # 51 overlapping windows: 100 read
     assert d.shape == (3, 7)
-    assert dict(counter.bytes) == {"aten::mm": 8 * (15 + 35 + 21), "aten::ones": 8 * 7,
-                                   "aten::add": 8 * (21 + 7 + 21), "aten::zeros_like": 8 * 21}
-    assert counter.calls["aten::mm"] == 1 and "aten::t" not in counter.calls
+    assert dict(counter.bytes) == {"aten::mm": 8 * (15 + 35 + 21 + 30 + 35 + 42), "aten::ones": 8 * 7,
+                                   "aten::add": 8 * (21 + 7 + 21), "aten::zeros_like": 8 * 21,
+                                   "aten::addmm_": 8 * (2 * 21 + 15 + 35), "aten::mul": 8 * (21 + 21),
+                                   "aten::copy_": 8 * (21 + 21), "aten::randn": 8 * 30,
+                                   "aten::arange": 8 * 100, "aten::sum": 8 * (100 + 1)}
+    assert counter.calls["aten::mm"] == 2 and "aten::t" not in counter.calls
 
 
 def test_traffic_runs_on_the_cpu_and_reads_a_measured_csv(tmp_path, capsys):
-    """A cell of vmap and the cpu kernel, with a measured time from a throughput CSV: the share of the
-    bandwidth is the floor over the measured time, and the fused kernel moves far fewer bytes."""
+    """A cell of vmap and the cpu kernel, with a measured time from a throughput CSV: the bytes a task are
+    those of one meta-iteration counted here apart, the floor is them at the given batch and bandwidth,
+    its share of the measured time is printed, and the fused kernel moves far fewer bytes."""
     import csv
 
+    import _harness
     import traffic
 
     path = tmp_path / "throughput.csv"
@@ -959,7 +970,13 @@ def test_traffic_runs_on_the_cpu_and_reads_a_measured_csv(tmp_path, capsys):
     assert traffic.main(["--methods", "vmap", "cpu", "--steps", "1", "--width", "24", "--tasks", "8",
                          "--scale-tasks", "64", "--bandwidth", "0.001", "--measured", str(path)]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    step = _harness.make_step("vmap", _harness.make_workload(8, 1, 24))
+    step()
+    counter = traffic.TrafficCount()
+    with counter:
+        step()
     vmap_kb, vmap_floor = float(rows["vmap"][4]), float(rows["vmap"][5])
+    assert vmap_kb == pytest.approx(sum(counter.bytes.values()) / 8 / 1e3, abs=0.051)
     assert vmap_floor == pytest.approx(vmap_kb * 1e3 * 64 / 1e9 * 1e3, rel=1e-3)
     assert rows["vmap"][7] == f"{100 * vmap_floor / 1000:.0f}%"
     assert rows["cpu"][6] == "-" and float(rows["cpu"][4]) < vmap_kb / 5
