@@ -105,13 +105,15 @@ TEE_PID=$!
 # sweep's products on tensor cores (FASTMAML_CUDA_MMA=1: fewer instructions a multiply-add in a sweep that
 # waits on its instructions' latency), its 6-block build with the support states in global memory (6 tasks
 # a multiprocessor instead of 3), neither yet measured on an H200, and the two together (measured with its
-# parts, so that no later run is needed for it); then the one-step kernel at T=25 and 1,024, and the FFMA
-# loop's mended shared-operand form. (The factored backend's Triton lowrank_add,
-# ftriton, is left out: it was measured as fcuda.)
+# parts, so that no later run is needed for it); then the one-step kernel at T=25 and 1,024; then Triton's
+# scratch layout capped at 128 registers (two programs a multiprocessor instead of one: predicted up to
+# 1.8x triton's row at K=5, W=128, where triton is 0.73x vmap). Left out: the FFMA loop's mended
+# shared-operand form (offmas: an opt-in engine, whose mend the --tests call's test checks) and the factored
+# backend's Triton lowrank_add (ftriton: measured as fcuda).
 if [ "$MODE" = measure ]; then
   : "${SKIP_TESTS:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${REPORTS:=0}" "${TIMELINE_S:=0}" "${NCU_S:=0}"
   : "${EXPLAIN:=0}" "${PREWARM:=0}" "${SWEEP_FIRST:=1}" "${AB_S:=175}" "${RESERVE_S:=20}"
-  : "${AB_VARIANTS:=onestep ow8 mma blocks6+states mma+blocks6+states onestep_small offmas}" "${TOTAL_S:=290}"
+  : "${AB_VARIANTS:=onestep ow8 mma blocks6+states mma+blocks6+states onestep_small nreg128}" "${TOTAL_S:=290}"
 elif [ "$MODE" = tests ]; then
   # The quick tests 175 s (ea31a13's took 155 s with 16 workers and warm caches, and ran out of their 120 s
   # with 12), auto's choice, ncu of the one-step kernel (45 s, with its source page: ncu collects for two
