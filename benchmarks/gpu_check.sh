@@ -63,8 +63,9 @@
 # TIMELINE_S=30 the CUDA reverse sweep's phases by their barriers (timeline.txt and timeline/; TIMELINE_ARGS
 # its settings). With --quick, MMA_TESTS_S=40 (0 skips it) runs test_backends.py's float32 comparisons
 # of cuda (every option, the GPU sizes) with FASTMAML_CUDA_MMA=1, STATES_TESTS_S=30 with
-# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global, and TONESTEP_TESTS_S=55 (0 in --tests) three
-# GPU tests of the Triton one-step kernel (tests/test_triton_onestep.py).
+# FASTMAML_CUDA_MIN_BLOCKS=6 and FASTMAML_CUDA_STATES=global, NREG_TESTS_S=0 (only when asked) those of
+# triton with its scratch layout capped at 128 registers (the A/B's nreg128), and TONESTEP_TESTS_S=55 (0 in
+# --tests) three GPU tests of the Triton one-step kernel (tests/test_triton_onestep.py).
 # EXPLAIN=0 skips auto's choice, OVERHEAD_S=0 the overhead run, REPORTS=0 the register reports (nvcc's of
 # the CUDA kernels takes minutes of the machine's CPUs). ncu runs after the tests and auto's choice. With AB_S, the A/B's Triton variants are compiled in the background from
 # the tests on (prewarm.log; PREWARM=0 skips it, PREWARM_WAIT_S=30 how long the A/B waits for it).
@@ -120,9 +121,9 @@ elif [ "$MODE" = tests ]; then
   # thirds of a limit, and the mended kernel runs the whole task, where the 35 s of ea31a13's run profiled
   # a build that stopped after the support pass), the register reports
   # (nvcc's in the background from the start, Triton's 30 s in the reserve at the end). The Triton one-step
-  # tests, the CUDA backward's and Triton's ncu, the mma and blocks6+states switches' tests only when asked
-  # (TONESTEP_TESTS_S=50, NCU_S=40, NCU_TRITON_S=35, MMA_TESTS_S, STATES_TESTS_S): ea31a13's run left them no
-  # time. Every stage's limit is cut to the time left. A call with the quick tests off (CUDA_TESTS_S=0
+  # tests, the CUDA backward's and Triton's ncu, the mma, blocks6+states and nreg128 switches' tests only
+  # when asked (TONESTEP_TESTS_S=50, NCU_S=40, NCU_TRITON_S=35, MMA_TESTS_S, STATES_TESTS_S, NREG_TESTS_S):
+  # ea31a13's run left them no time. Every stage's limit is cut to the time left. A call with the quick tests off (CUDA_TESTS_S=0
   # TRITON_TESTS_S=0: a later call for a switch's tests or an ncu alone) also leaves out what the first call
   # gave, auto's choice and the register reports: the nvcc report alone takes about 3 minutes, and the run
   # waits for it until its end.
@@ -167,6 +168,29 @@ capped() { local l=$1 r; r=$(left); [ "$r" -lt "$l" ] && l=$r; [ "$l" -lt 0 ] &&
 too_late() {  # a stage that cannot start in time: said, and listed
   if [ "$2" -lt 15 ]; then stage "$1: skipped, ${2}s for it"; fail "$1 (not run: ${2}s for it)"; return 0; fi
   return 1
+}
+
+# test_backends.py's float32 comparisons with the reference (every option, the GPU sizes) of one backend
+# under a switch, for each "backend|setting|limit" given (a limit of 0 skips it; float64 is left out: the
+# switches are float's). Stage by stage, as the other tests: into tests.log, each failure listed.
+switch_tests() {
+  local entry backend setting limit rc
+  for entry in "$@"; do
+    IFS='|' read -r backend setting limit <<< "$entry"
+    [ "$limit" -gt 0 ] || continue
+    limit=$(capped "$limit")
+    too_late "tests of $backend with $setting" "$limit" && continue
+    stage "tests of $backend with $setting: test_backends' float32 comparisons (limit ${limit}s) -> $DIR/tests.log"
+    echo "===== $backend, $setting: tests/test_backends.py" >> "$DIR/tests.log"
+    # shellcheck disable=SC2086  # a setting may set several variables
+    env $setting FASTMAML_TEST_BACKENDS="$backend" timeout "$limit" python -m pytest \
+      tests/test_backends.py -q -rfE ${XDIST[@]+"${XDIST[@]}"} -p no:cacheprovider \
+      -k "gpu_sizes or (maml_matches_reference and f32)" >> "$DIR/tests.log" 2>&1
+    rc=$?
+    echo "tests of $backend with $setting: exit code $rc"
+    check_rc "tests of $backend with $setting" $rc
+    tail -n 2 "$DIR/tests.log" | cut -c1-300
+  done
 }
 
 # shellcheck source=benchmarks/ab_variants.sh
@@ -506,31 +530,16 @@ else
         tail -n 2 "$DIR/tests.log" | cut -c1-300
       fi
     fi
-    # The tensor-core products (FASTMAML_CUDA_MMA=1, off by default) on test_backends.py's float32
-    # comparisons with the reference (every option, the GPU sizes), so that the A/B's `mma` row is a
-    # kernel the tests have passed. float64 is left out: the switch is float's only.
-    # The same for the 6-block sweep with the support states apart (FASTMAML_CUDA_MIN_BLOCKS=6,
-    # FASTMAML_CUDA_STATES=global: the A/B's blocks6+states), STATES_TESTS_S.
+    # The switches' own tests, so that an A/B row is a kernel the tests have passed: the tensor-core
+    # products (FASTMAML_CUDA_MMA=1: the A/B's `mma`), MMA_TESTS_S; the 6-block sweep with the support states
+    # apart (FASTMAML_CUDA_MIN_BLOCKS=6, FASTMAML_CUDA_STATES=global: `blocks6+states`), STATES_TESTS_S;
+    # Triton's scratch layout capped at 128 registers (`nreg128`), NREG_TESTS_S (0 unless asked).
     # Not the CUDA one-step switch (FASTMAML_CUDA_ONESTEP=1): these cases ask for input gradients or weight
     # the query losses, which the one-step kernel refuses, so none would run it. The quick tests'
     # `cuda_op_matches` and `onestep_kernel` run it, against the CPU op and through the backend under the switch.
-    for switch in "FASTMAML_CUDA_MMA=1:${MMA_TESTS_S:-40}" \
-                  "FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global:${STATES_TESTS_S:-30}"; do
-      setting=${switch%:*} limit=${switch##*:}
-      [ "$limit" -gt 0 ] || continue
-      limit=$(capped "$limit")
-      too_late "tests with $setting" "$limit" && continue
-      stage "tests of cuda with $setting: test_backends' float32 comparisons (limit ${limit}s) -> $DIR/tests.log"
-      echo "===== cuda, $setting: tests/test_backends.py" >> "$DIR/tests.log"
-      # shellcheck disable=SC2086  # a setting may set several variables
-      env $setting FASTMAML_TEST_BACKENDS=cuda timeout "$limit" python -m pytest \
-        tests/test_backends.py -q -rfE "${XDIST[@]}" -p no:cacheprovider \
-        -k "gpu_sizes or (maml_matches_reference and f32)" >> "$DIR/tests.log" 2>&1
-      rc=$?
-      echo "tests with $setting: exit code $rc"
-      check_rc "tests with $setting" $rc
-      tail -n 2 "$DIR/tests.log" | cut -c1-300
-    done
+    switch_tests "cuda|FASTMAML_CUDA_MMA=1|${MMA_TESTS_S:-40}" \
+      "cuda|FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global|${STATES_TESTS_S:-30}" \
+      "triton|FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128|${NREG_TESTS_S:-0}"
   fi
   for backend in $( [ "$QUICK" = 1 ] || echo "${GPU_TEST_BACKENDS:-cuda triton factored}" ); do
     files=(tests/test_backends.py)

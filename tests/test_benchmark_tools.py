@@ -586,6 +586,22 @@ def test_ncu_source_page_without_the_counters_is_refused(tmp_path, capsys):
     assert "SourceCounters" in capsys.readouterr().err
 
 
+def _gpu_check_function(name: str) -> str:
+    """The definition of the shell function `name` in gpu_check.sh (its text up to its closing brace)."""
+    script = (BENCH / "gpu_check.sh").read_text()
+    start = script.index(f"{name}() {{")
+    return script[start:script.index("\n}\n", start) + 3]
+
+
+def _stub_tool(tmp_path: Path, name: str, text: str) -> Path:
+    """A folder tmp_path/bin holding an executable stub `name` with the script `text` (for PATH)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
 _STUB_NCU = """#!/usr/bin/env bash
 # ncu as the GPU check calls it: -o NAME writes NAME.ncu-rep (unless STUB_NO_REPORT), -i REP --page source
 # --print-source VIEW prints that view's CSV (fails under STUB_NO_SOURCE), --page details a line.
@@ -608,14 +624,9 @@ def test_gpu_check_ncu_stage_with_a_stub_ncu(tmp_path, case):
     import os
     import subprocess
 
-    script = (BENCH / "gpu_check.sh").read_text()
-    start = script.index("ncu_launches() {")
-    function = script[start:script.index("\n}\n", start) + 3]
-    bin_dir, out = tmp_path / "bin", tmp_path / "out"
-    bin_dir.mkdir()
+    function = _gpu_check_function("ncu_launches")
+    bin_dir, out = _stub_tool(tmp_path, "ncu", _STUB_NCU), tmp_path / "out"
     out.mkdir()
-    (bin_dir / "ncu").write_text(_STUB_NCU)
-    (bin_dir / "ncu").chmod(0o755)
     _ncu_csv(tmp_path / "cuda,sass.csv")
     _ncu_sass_csv(tmp_path / "sass.csv", launches=1)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DIR=str(out), STUB_DIR=str(tmp_path))
@@ -980,3 +991,43 @@ def test_traffic_runs_on_the_cpu_and_reads_a_measured_csv(tmp_path, capsys):
     assert vmap_floor == pytest.approx(vmap_kb * 1e3 * 64 / 1e9 * 1e3, rel=1e-3)
     assert rows["vmap"][7] == f"{100 * vmap_floor / 1000:.0f}%"
     assert rows["cpu"][6] == "-" and float(rows["cpu"][4]) < vmap_kb / 5
+
+
+_STUB_SWITCH_PYTHON = """#!/usr/bin/env bash
+# python as switch_tests calls it (-m pytest ...): records the backend, the switches and the arguments, and
+# fails where the backend is STUB_FAIL.
+echo "backend=$FASTMAML_TEST_BACKENDS mma=${FASTMAML_CUDA_MMA:-} blocks=${FASTMAML_CUDA_MIN_BLOCKS:-} \\
+states=${FASTMAML_CUDA_STATES:-} layout=${FASTMAML_TRITON_LAYOUT:-} nreg=${FASTMAML_TRITON_MAXNREG:-} args=$*" \\
+  >> "$STUB_LOG"
+[ "$FASTMAML_TEST_BACKENDS" != "${STUB_FAIL:-}" ]
+"""
+
+
+def test_gpu_check_switch_tests_run_each_backend_under_its_switch(tmp_path):
+    """gpu_check.sh's `switch_tests` (the --tests call's tests of the A/B's switches) against a stub python:
+    each entry with a limit runs test_backends.py's float32 comparisons for its own backend with its own
+    switches only, a limit of 0 skips its entry, and a failing run is listed as that entry's failure."""
+    import os
+    import subprocess
+
+    function = _gpu_check_function("switch_tests")
+    bin_dir, out = _stub_tool(tmp_path, "python", _STUB_SWITCH_PYTHON), tmp_path / "out"
+    out.mkdir()
+    stubs = ('capped() { echo "$1"; }\ntoo_late() { return 1; }\nstage() { echo "== $*"; }\n'
+             'check_rc() { [ "$2" = 0 ] || echo "FAILED: $1"; }\n')
+    call = ('switch_tests "cuda|FASTMAML_CUDA_MMA=1|30" '
+            '"cuda|FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global|0" '
+            '"triton|FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128|20"')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DIR=str(out), STUB_LOG=str(tmp_path / "log"),
+               STUB_FAIL="triton")
+    run = subprocess.run(["bash", "-c", f"set -uo pipefail\n{stubs}{function}\n{call}"], cwd=BENCH.parent, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "log").read_text().splitlines()
+    assert len(calls) == 2, calls
+    assert calls[0].startswith("backend=cuda mma=1 blocks= states= layout= nreg= args=-m pytest tests/test_backends.py")
+    assert calls[1].startswith("backend=triton mma= blocks= states= layout=scratch nreg=128 args=-m pytest")
+    assert all("-k gpu_sizes or (maml_matches_reference and f32)" in c for c in calls)
+    failures = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
+    assert failures == ["FAILED: tests of triton with FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128"], \
+        run.stdout
