@@ -123,10 +123,10 @@ elif [ "$MODE" = tests ]; then
   # (nvcc's in the background from the start, Triton's 30 s in the reserve at the end). The Triton one-step
   # tests, the CUDA backward's and Triton's ncu, the mma, blocks6+states and nreg128 switches' tests only
   # when asked (TONESTEP_TESTS_S=50, NCU_S=40, NCU_TRITON_S=35, MMA_TESTS_S, STATES_TESTS_S, NREG_TESTS_S):
-  # ea31a13's run left them no time. Every stage's limit is cut to the time left. A call with the quick tests off (CUDA_TESTS_S=0
-  # TRITON_TESTS_S=0: a later call for a switch's tests or an ncu alone) also leaves out what the first call
-  # gave, auto's choice and the register reports: the nvcc report alone takes about 3 minutes, and the run
-  # waits for it until its end.
+  # ea31a13's run left them no time. Every stage's limit is cut to the time left. A call with the quick
+  # tests off (CUDA_TESTS_S=0 TRITON_TESTS_S=0: a later call for a switch's tests or an ncu alone) also
+  # leaves out what the first call gave, auto's choice and the register reports: the nvcc report alone takes
+  # about 3 minutes, and the run waits for it until its end.
   if [ "${CUDA_TESTS_S:-}" = 0 ] && [ "${TRITON_TESTS_S:-}" = 0 ]; then : "${EXPLAIN:=0}" "${REPORTS:=0}"; fi
   : "${SKIP_SWEEP:=1}" "${PROFILE_S:=0}" "${OVERHEAD_S:=0}" "${TIMELINE_S:=0}" "${NCU_S:=0}" "${NCU_LOWRANK_S:=0}"
   : "${NCU_ONESTEP_S:=45}" "${NCU_TRITON_S:=0}" "${TONESTEP_TESTS_S:=0}" "${TEST_WORKERS:=16}"
