@@ -729,11 +729,9 @@ def test_gpu_check_build_stage_falls_back_from_a_prebuilt_library(tmp_path, case
     script = (BENCH / "gpu_check.sh").read_text()
     start = script.index("  # A library built ahead")
     block = script[start:script.index('} > "$DIR/build.log"', start)]
-    repo, out, bin_dir = tmp_path / "repo", tmp_path / "out", tmp_path / "bin"
-    for d in (repo / ".gpu_prebuilt", out, bin_dir):
+    repo, out, bin_dir = tmp_path / "repo", tmp_path / "out", _stub_tool(tmp_path, "python", _STUB_PYTHON)
+    for d in (repo / ".gpu_prebuilt", out):
         d.mkdir(parents=True)
-    (bin_dir / "python").write_text(_STUB_PYTHON)
-    (bin_dir / "python").chmod(0o755)
     trace = tmp_path / "trace"
     fails = "1" if case == "does not load" else ""
     harness = f"""set -uo pipefail
@@ -806,12 +804,9 @@ def test_gpu_check_compiles_ahead_the_sweep_and_the_ab_triton_variants(tmp_path)
     script = (BENCH / "gpu_check.sh").read_text()
     start = script.index("  # The Triton kernels the sweep's first calls would compile")
     block = script[start:script.index('  stage "sweep on $DEVICE', start)]
-    room = script.index("sweep_room() {")
-    room = script[room:script.index("\n}\n", room) + 3]
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS"\necho "compile ahead: done"\n')
-    (bin_dir / "python").chmod(0o755)
+    room = _gpu_check_function("sweep_room")
+    bin_dir = _stub_tool(tmp_path, "python",
+                         '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS"\necho "compile ahead: done"\n')
     harness = f"""set -uo pipefail
 stage() {{ echo "stage $*"; }}
 left() {{ echo "$LEFT"; }}
