@@ -171,24 +171,27 @@ too_late() {  # a stage that cannot start in time: said, and listed
 }
 
 # test_backends.py's float32 comparisons with the reference (every option, the GPU sizes) of one backend
-# under a switch, for each "backend|setting|limit" given (a limit of 0 skips it; float64 is left out: the
-# switches are float's). Stage by stage, as the other tests: into tests.log, each failure listed.
+# under a switch, for each "variant|limit" given (a limit of 0 skips it; float64 is left out: the switches
+# are float's). The variant is the A/B's name (ab_variants.sh's ab_resolve gives its backend and switches),
+# so the tests run the very kernel the A/B's row measures. Stage by stage, as the other tests: into
+# tests.log, each failure listed. Its locals take ab_resolve's answers, so the A/B's own are left alone.
 switch_tests() {
-  local entry backend setting limit rc
+  local entry variant limit rc setting method widths steps tasks
   for entry in "$@"; do
-    IFS='|' read -r backend setting limit <<< "$entry"
+    IFS='|' read -r variant limit <<< "$entry"
     [ "$limit" -gt 0 ] || continue
+    ab_resolve "$variant" || { fail "tests of $variant (no such A/B variant)"; continue; }
     limit=$(capped "$limit")
-    too_late "tests of $backend with $setting" "$limit" && continue
-    stage "tests of $backend with $setting: test_backends' float32 comparisons (limit ${limit}s) -> $DIR/tests.log"
-    echo "===== $backend, $setting: tests/test_backends.py" >> "$DIR/tests.log"
+    too_late "tests of $method with $setting" "$limit" && continue
+    stage "tests of $method with $setting: test_backends' float32 comparisons (limit ${limit}s) -> $DIR/tests.log"
+    echo "===== $method, $setting: tests/test_backends.py" >> "$DIR/tests.log"
     # shellcheck disable=SC2086  # a setting may set several variables
-    env $setting FASTMAML_TEST_BACKENDS="$backend" timeout "$limit" python -m pytest \
+    env $setting FASTMAML_TEST_BACKENDS="$method" timeout "$limit" python -m pytest \
       tests/test_backends.py -q -rfE ${XDIST[@]+"${XDIST[@]}"} -p no:cacheprovider \
       -k "gpu_sizes or (maml_matches_reference and f32)" >> "$DIR/tests.log" 2>&1
     rc=$?
-    echo "tests of $backend with $setting: exit code $rc"
-    check_rc "tests of $backend with $setting" $rc
+    echo "tests of $method with $setting: exit code $rc"
+    check_rc "tests of $method with $setting" $rc
     tail -n 2 "$DIR/tests.log" | cut -c1-300
   done
 }
@@ -537,9 +540,7 @@ else
     # Not the CUDA one-step switch (FASTMAML_CUDA_ONESTEP=1): these cases ask for input gradients or weight
     # the query losses, which the one-step kernel refuses, so none would run it. The quick tests'
     # `cuda_op_matches` and `onestep_kernel` run it, against the CPU op and through the backend under the switch.
-    switch_tests "cuda|FASTMAML_CUDA_MMA=1|${MMA_TESTS_S:-40}" \
-      "cuda|FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global|${STATES_TESTS_S:-30}" \
-      "triton|FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128|${NREG_TESTS_S:-0}"
+    switch_tests "mma|${MMA_TESTS_S:-40}" "blocks6+states|${STATES_TESTS_S:-30}" "nreg128|${NREG_TESTS_S:-0}"
   fi
   for backend in $( [ "$QUICK" = 1 ] || echo "${GPU_TEST_BACKENDS:-cuda triton factored}" ); do
     files=(tests/test_backends.py)

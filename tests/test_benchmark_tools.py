@@ -1000,8 +1000,9 @@ states=${FASTMAML_CUDA_STATES:-} layout=${FASTMAML_TRITON_LAYOUT:-} nreg=${FASTM
 
 def test_gpu_check_switch_tests_run_each_backend_under_its_switch(tmp_path):
     """gpu_check.sh's `switch_tests` (the --tests call's tests of the A/B's switches) against a stub python:
-    each entry with a limit runs test_backends.py's float32 comparisons for its own backend with its own
-    switches only, a limit of 0 skips its entry, and a failing run is listed as that entry's failure."""
+    each entry, an A/B variant's name with a limit, runs test_backends.py's float32 comparisons for that
+    variant's backend with its switches only, a limit of 0 skips its entry, and a failing run, or a name the
+    A/B does not know, is listed as that entry's failure."""
     import os
     import subprocess
 
@@ -1009,10 +1010,8 @@ def test_gpu_check_switch_tests_run_each_backend_under_its_switch(tmp_path):
     bin_dir, out = _stub_tool(tmp_path, "python", _STUB_SWITCH_PYTHON), tmp_path / "out"
     out.mkdir()
     stubs = ('capped() { echo "$1"; }\ntoo_late() { return 1; }\nstage() { echo "== $*"; }\n'
-             'check_rc() { [ "$2" = 0 ] || echo "FAILED: $1"; }\n')
-    call = ('switch_tests "cuda|FASTMAML_CUDA_MMA=1|30" '
-            '"cuda|FASTMAML_CUDA_MIN_BLOCKS=6 FASTMAML_CUDA_STATES=global|0" '
-            '"triton|FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128|20"')
+             'check_rc() { [ "$2" = 0 ] || echo "FAILED: $1"; }\nfail() { echo "LISTED: $1"; }\n')
+    call = 'source benchmarks/ab_variants.sh\nswitch_tests "mma|30" "blocks6+states|0" "nosuch|10" "nreg128|20"'
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DIR=str(out), STUB_LOG=str(tmp_path / "log"),
                STUB_FAIL="triton")
     run = subprocess.run(["bash", "-c", f"set -uo pipefail\n{stubs}{function}\n{call}"], cwd=BENCH.parent, env=env,
@@ -1026,3 +1025,4 @@ def test_gpu_check_switch_tests_run_each_backend_under_its_switch(tmp_path):
     failures = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
     assert failures == ["FAILED: tests of triton with FASTMAML_TRITON_LAYOUT=scratch FASTMAML_TRITON_MAXNREG=128"], \
         run.stdout
+    assert "LISTED: tests of nosuch (no such A/B variant)" in run.stdout.splitlines(), run.stdout
