@@ -155,7 +155,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    first_order = args.order == "first"
+    first_order = H.parse_order(args.order)
     measured = measured_ms(args.measured, args.scale_tasks) if args.measured else {}
     print(f"one meta-iteration, {args.order} order, counted at T={args.tasks} on the CPU; floor = bytes at "
           f"T={args.scale_tasks} / {args.bandwidth:g} TB/s")
